@@ -1,0 +1,290 @@
+//! The load generator behind `halfmq bench`, and the raw-disk baseline it is compared with.
+//!
+//! Figures on shared machines are noisy, so the useful output is a ratio measured in one
+//! run: `--baseline` first measures what the disk itself can do on the same directory
+//! (`fdatasync` one small write at a time, and large writes), then the broker.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::config::{BrokerConfig, FlushPolicy, StoreConfig};
+use crate::error::{Error, Result};
+use crate::store::io::{FsStorage, Storage};
+use crate::{Broker, Message};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Directory for the data (created; removed afterwards if `cleanup`).
+    pub data_dir: PathBuf,
+    /// Remove `data_dir` when done.
+    pub cleanup: bool,
+    /// Concurrent producer threads.
+    pub producers: usize,
+    /// Body bytes per message.
+    pub size: usize,
+    /// Stop after this many messages...
+    pub messages: Option<u64>,
+    /// ...or after this long (default 10 s when neither is given).
+    pub seconds: Option<f64>,
+    /// Flush policy of the broker under test.
+    pub flush: FlushPolicy,
+    /// Measure the raw disk first.
+    pub baseline: bool,
+}
+
+/// The result; printed as one JSON object.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BenchReport {
+    /// `"embedded"` (or `"broker"`, `"txn"` for other modes).
+    pub mode: String,
+    /// Producer threads.
+    pub producers: usize,
+    /// Body bytes per message.
+    pub msg_bytes: usize,
+    /// `"sync"` or `"async"`.
+    pub flush: String,
+    /// Messages acknowledged.
+    pub messages: u64,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// Acknowledged messages per second.
+    pub msgs_per_s: f64,
+    /// Body megabytes (2^20) per second.
+    pub mib_per_s: f64,
+    /// Send latency percentiles, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest.
+    pub max_us: u64,
+    /// The raw disk's one-at-a-time 1 KiB write + fdatasync rate (with `--baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_serial_fsync_ops_per_s: Option<f64>,
+    /// p99 latency of one 1 KiB write + fdatasync, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_serial_fsync_p99_us: Option<u64>,
+    /// Sequential 256 KiB write + fdatasync throughput, MiB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_group_mib_per_s: Option<f64>,
+    /// That throughput in messages of `msg_bytes`: the disk's limit for this message size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_group_msgs_per_s: Option<f64>,
+    /// `msgs_per_s / raw_group_msgs_per_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_raw: Option<f64>,
+    /// `p99_us / raw_serial_fsync_p99_us`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ratio_to_raw_fsync: Option<f64>,
+}
+
+/// The raw disk's limits, measured on the bench directory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Baseline {
+    /// One-at-a-time 1 KiB write + fdatasync per second.
+    pub serial_fsync_ops_per_s: f64,
+    /// p99 of one such write + fdatasync, microseconds.
+    pub serial_fsync_p99_us: u64,
+    /// 256 KiB write + fdatasync, MiB/s.
+    pub group_mib_per_s: f64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Three significant figures from 1 µs to 1 hour: the constructor only fails for
+    // bounds outside what hdrhistogram supports, and these are inside.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Measure the raw disk in `dir` for about `seconds` per test, through the same file layer
+/// and preallocation the store uses.
+pub fn measure_baseline(dir: &Path, seconds: f64) -> Result<Baseline> {
+    let storage = FsStorage;
+    storage.create_dir_all(dir)?;
+    let path = dir.join("baseline.raw");
+    let file = storage.open(&path, true)?;
+    let file_bytes: u64 = 256 * 1024 * 1024;
+    file.allocate(file_bytes)?;
+    file.sync_data()?;
+    let limit = Duration::from_secs_f64(seconds);
+
+    let mut hist = histogram();
+    let small = vec![0xA5u8; 1024];
+    let start = Instant::now();
+    let mut pos = 0u64;
+    let mut ops = 0u64;
+    while start.elapsed() < limit && pos + 1024 <= file_bytes {
+        let t = Instant::now();
+        file.write_all_at(&small, pos)?;
+        file.sync_data()?;
+        hist.saturating_record(t.elapsed().as_micros() as u64);
+        pos += 1024;
+        ops += 1;
+    }
+    let serial_secs = start.elapsed().as_secs_f64();
+
+    let big = vec![0x5Au8; 256 * 1024];
+    let start = Instant::now();
+    let mut pos = 0u64;
+    let mut bytes = 0u64;
+    while start.elapsed() < limit {
+        if pos + big.len() as u64 > file_bytes {
+            pos = 0;
+        }
+        file.write_all_at(&big, pos)?;
+        file.sync_data()?;
+        pos += big.len() as u64;
+        bytes += big.len() as u64;
+    }
+    let group_secs = start.elapsed().as_secs_f64();
+    drop(file);
+    storage.remove_file(&path)?;
+    Ok(Baseline {
+        serial_fsync_ops_per_s: ops as f64 / serial_secs,
+        serial_fsync_p99_us: hist.value_at_quantile(0.99),
+        group_mib_per_s: bytes as f64 / (1024.0 * 1024.0) / group_secs,
+    })
+}
+
+/// Run producers against an embedded broker. `progress` receives a line about once a second.
+pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    if opts.producers == 0 || opts.producers > 4096 {
+        return Err(Error::Config {
+            setting: "producers",
+            reason: format!("{} is outside 1 ..= 4096", opts.producers),
+        });
+    }
+    let baseline = if opts.baseline {
+        progress("measuring the raw disk (write + fdatasync) ...");
+        Some(measure_baseline(&opts.data_dir, 3.0)?)
+    } else {
+        None
+    };
+    let result = run_producers(opts, progress);
+    if opts.cleanup {
+        let _ = std::fs::remove_dir_all(&opts.data_dir);
+    }
+    let mut report = result?;
+    if let Some(b) = baseline {
+        let raw_msgs = b.group_mib_per_s * 1024.0 * 1024.0 / opts.size.max(1) as f64;
+        report.raw_serial_fsync_ops_per_s = Some(round2(b.serial_fsync_ops_per_s));
+        report.raw_serial_fsync_p99_us = Some(b.serial_fsync_p99_us);
+        report.raw_group_mib_per_s = Some(round2(b.group_mib_per_s));
+        report.raw_group_msgs_per_s = Some(round2(raw_msgs));
+        report.ratio_to_raw = Some(round3(report.msgs_per_s / raw_msgs));
+        report.p99_ratio_to_raw_fsync = Some(round3(
+            report.p99_us as f64 / b.serial_fsync_p99_us.max(1) as f64,
+        ));
+    }
+    Ok(report)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
+    let mut config = BrokerConfig::new(opts.data_dir.join("broker"));
+    config.store = StoreConfig {
+        flush: opts.flush,
+        ..StoreConfig::default()
+    };
+    let broker = Arc::new(Broker::open(config)?);
+    broker.create_topic("bench", 8)?;
+    let limit_msgs = opts.messages.unwrap_or(u64::MAX);
+    let limit_time = match (opts.messages, opts.seconds) {
+        (_, Some(s)) => Some(Duration::from_secs_f64(s)),
+        (None, None) => Some(Duration::from_secs(10)),
+        (Some(_), None) => None,
+    };
+    let issued = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for p in 0..opts.producers {
+        let broker = broker.clone();
+        let issued = issued.clone();
+        let done = done.clone();
+        let stop = stop.clone();
+        let body = vec![b'x'; opts.size];
+        let handle = std::thread::Builder::new()
+            .name(format!("bench-producer-{p}"))
+            .spawn(move || -> Result<Histogram<u64>> {
+                let mut hist = histogram();
+                let msg = Message::new(body);
+                while !stop.load(Ordering::Relaxed)
+                    && issued.fetch_add(1, Ordering::Relaxed) < limit_msgs
+                {
+                    let t = Instant::now();
+                    broker.send("bench", &msg)?;
+                    hist.saturating_record(t.elapsed().as_micros() as u64);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(hist)
+            })
+            .map_err(|e| Error::io(&opts.data_dir, "start producer thread", e))?;
+        handles.push(handle);
+    }
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let finished = handles.iter().all(|h| h.is_finished());
+        if let Some(l) = limit_time {
+            if start.elapsed() >= l {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        if last.0.elapsed() >= Duration::from_secs(1) || finished {
+            let n = done.load(Ordering::Relaxed);
+            let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            progress(&format!(
+                "{:>6.1} s  {n:>10} msgs  {rate:>10.0} msg/s",
+                start.elapsed().as_secs_f64()
+            ));
+            last = (Instant::now(), n);
+        }
+        if finished {
+            break;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mut hist = histogram();
+    for h in handles {
+        let h = h
+            .join()
+            .map_err(|_| Error::Poisoned("a bench producer panicked".into()))??;
+        hist.add(&h).map_err(|e| Error::Invalid {
+            what: "histogram",
+            reason: e.to_string(),
+        })?;
+    }
+    broker.close()?;
+    let messages = done.load(Ordering::Relaxed);
+    Ok(BenchReport {
+        mode: "embedded".into(),
+        producers: opts.producers,
+        msg_bytes: opts.size,
+        flush: match opts.flush {
+            FlushPolicy::Sync => "sync".into(),
+            FlushPolicy::Async { .. } => "async".into(),
+        },
+        messages,
+        seconds: round3(seconds),
+        msgs_per_s: round2(messages as f64 / seconds),
+        mib_per_s: round2(messages as f64 * opts.size as f64 / (1024.0 * 1024.0) / seconds),
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+        ..BenchReport::default()
+    })
+}

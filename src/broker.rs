@@ -1,0 +1,577 @@
+//! The embedded broker: topics, sends, consumer groups with durable offsets.
+//!
+//! `Broker` ties the storage engine ([`crate::store::Store`]) to the metadata in sled
+//! ([`crate::meta::Meta`]). It is what an application embeds, and what the network broker
+//! serves.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{BrokerConfig, QUEUES_MAX};
+use crate::error::{Error, Result};
+use crate::meta::{Meta, TopicConfig};
+use crate::record::{self, Properties, RecordKind};
+use crate::store::consume_queue::{key_hash, ConsumeQueue};
+use crate::store::io::{FsStorage, Storage};
+use crate::store::{validate_topic_name, Append, RecoveryReport, Store};
+
+/// A message to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    /// Key: messages with the same key go to the same queue, in order. Also what `trace`
+    /// looks up. Empty means no key.
+    pub key: String,
+    /// Payload.
+    pub body: Vec<u8>,
+    /// User properties.
+    pub properties: Properties,
+}
+
+impl Message {
+    /// A message with this body and no key.
+    pub fn new(body: impl Into<Vec<u8>>) -> Message {
+        Message {
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Set the key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = key.into();
+        self
+    }
+
+    /// Add a property.
+    pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Message {
+        self.properties.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// Where a sent message was stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SendReceipt {
+    /// The topic.
+    pub topic: String,
+    /// The queue within the topic.
+    pub queue: u32,
+    /// Its offset in that queue.
+    pub offset: u64,
+    /// Its position in the commit log.
+    pub log_offset: u64,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The topic.
+    pub topic: String,
+    /// The queue within the topic.
+    pub queue: u32,
+    /// Offset in the queue: what to ack.
+    pub offset: u64,
+    /// Position in the commit log.
+    pub log_offset: u64,
+    /// Key ("" for none).
+    pub key: String,
+    /// Payload.
+    pub body: Vec<u8>,
+    /// User properties.
+    pub properties: Properties,
+    /// When it was stored, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+/// A topic and its queues.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicInfo {
+    /// Name.
+    pub name: String,
+    /// Number of queues.
+    pub queues: u32,
+}
+
+/// Per-queue figures for [`Broker::stats`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    /// Topic.
+    pub topic: String,
+    /// Queue id.
+    pub queue: u32,
+    /// Messages stored (the queue's end offset).
+    pub messages: u64,
+    /// Per consumer group: (group, committed offset, backlog = messages not yet acked).
+    pub groups: Vec<GroupLag>,
+}
+
+/// One consumer group's position in one queue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupLag {
+    /// Group name.
+    pub group: String,
+    /// Every message before this offset is acked.
+    pub committed: u64,
+    /// Messages of the queue the group has not acked.
+    pub backlog: u64,
+}
+
+/// Figures for people and monitoring.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// The commit log.
+    pub log: crate::store::LogStats,
+    /// Every queue of every topic.
+    pub queues: Vec<QueueStats>,
+}
+
+struct Topic {
+    name: String,
+    queues: Vec<Arc<ConsumeQueue>>,
+    round_robin: AtomicU32,
+}
+
+/// In-memory state of one group in one queue.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Durable: every message before this is acked.
+    committed: u64,
+    /// Durable: acked messages at or after `committed`.
+    acked_above: BTreeSet<u64>,
+    /// Next message to hand out (in memory only: after a restart, delivery resumes at
+    /// `committed`, so un-acked messages are delivered again).
+    next: u64,
+}
+
+/// (group, topic).
+type GroupKey = (String, String);
+
+struct GroupTopic {
+    cursors: Vec<Cursor>,
+    /// Queue to start the next poll at, so no queue starves.
+    start: usize,
+}
+
+/// The embedded broker. All methods take `&self`; share it with an `Arc`.
+pub struct Broker {
+    config: BrokerConfig,
+    store: Store,
+    meta: Meta,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
+    recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("data_dir", &self.config.data_dir)
+            .finish()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Check a consumer-group name (same rules as topic names).
+fn validate_group_name(group: &str) -> Result<()> {
+    validate_topic_name(group).map_err(|_| Error::Invalid {
+        what: "group name",
+        reason: format!(
+            "{group:?}: use 1 to 127 characters of A-Z a-z 0-9 . _ - not starting with '.'"
+        ),
+    })
+}
+
+impl Broker {
+    /// Open (or create) a broker on the real file system.
+    pub fn open(config: BrokerConfig) -> Result<Broker> {
+        Broker::open_with(Arc::new(FsStorage), config)
+    }
+
+    /// Open a broker whose log and indexes go through `storage` (a [`crate::store::io::SimStorage`]
+    /// in tests). The metadata database always lives on the real file system under
+    /// `config.data_dir/meta`.
+    pub fn open_with(storage: Arc<dyn Storage>, config: BrokerConfig) -> Result<Broker> {
+        config.validate()?;
+        let (store, recovery) =
+            Store::open(storage, &config.data_dir, config.store.clone(), &mut |_| {})?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io(&config.data_dir, "create directory", e))?;
+        let meta = Meta::open(&config.data_dir.join("meta"))?;
+        let broker = Broker {
+            config,
+            store,
+            meta,
+            topics: RwLock::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            recovery,
+        };
+        broker.load_topics()?;
+        Ok(broker)
+    }
+
+    /// Make sure every topic the log knows about has a configuration, and load them all.
+    fn load_topics(&self) -> Result<()> {
+        let mut by_topic: BTreeMap<String, u32> = BTreeMap::new();
+        for q in self.store.queues() {
+            let e = by_topic.entry(q.topic().to_owned()).or_default();
+            *e = (*e).max(q.queue_id() + 1);
+        }
+        for (name, max_queue) in by_topic {
+            if self.meta.topic(&name)?.is_none() {
+                // The log has messages of a topic the metadata lost: keep them reachable.
+                tracing::warn!(topic = %name, "topic found in the log but not in metadata; restoring it");
+                let queues = max_queue.max(self.config.default_queues);
+                self.meta.create_topic(
+                    &name,
+                    TopicConfig {
+                        queues,
+                        created_ms: now_ms(),
+                    },
+                )?;
+            }
+        }
+        for (name, cfg) in self.meta.topics()? {
+            self.install_topic(&name, cfg)?;
+        }
+        Ok(())
+    }
+
+    fn install_topic(&self, name: &str, cfg: TopicConfig) -> Result<Arc<Topic>> {
+        let mut queues = Vec::with_capacity(cfg.queues as usize);
+        for q in 0..cfg.queues {
+            queues.push(self.store.queue(name, q)?);
+        }
+        let topic = Arc::new(Topic {
+            name: name.to_owned(),
+            queues,
+            round_robin: AtomicU32::new(0),
+        });
+        self.topics.write().insert(name.to_owned(), topic.clone());
+        Ok(topic)
+    }
+
+    /// What recovery found when this broker was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// Create a topic with `queues` queues. Creating an existing topic with the same number
+    /// of queues is a no-op; with another number it is an error.
+    pub fn create_topic(&self, name: &str, queues: u32) -> Result<TopicInfo> {
+        validate_topic_name(name)?;
+        if queues == 0 || queues > QUEUES_MAX {
+            return Err(Error::Invalid {
+                what: "queue count",
+                reason: format!("{queues} is outside 1 ..= {QUEUES_MAX}"),
+            });
+        }
+        let cfg = self.meta.create_topic(
+            name,
+            TopicConfig {
+                queues,
+                created_ms: now_ms(),
+            },
+        )?;
+        if cfg.queues != queues {
+            return Err(Error::TopicExists {
+                topic: name.to_owned(),
+                existing: cfg.queues,
+                requested: queues,
+            });
+        }
+        if !self.topics.read().contains_key(name) {
+            self.install_topic(name, cfg)?;
+        }
+        Ok(TopicInfo {
+            name: name.to_owned(),
+            queues,
+        })
+    }
+
+    /// Every topic, by name.
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        let mut out: Vec<TopicInfo> = self
+            .topics
+            .read()
+            .values()
+            .map(|t| TopicInfo {
+                name: t.name.clone(),
+                queues: t.queues.len() as u32,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        if let Some(t) = self.topics.read().get(name) {
+            return Ok(t.clone());
+        }
+        if !self.config.auto_create_topics {
+            validate_topic_name(name)?;
+            return Err(Error::UnknownTopic(name.to_owned()));
+        }
+        self.create_topic(name, self.config.default_queues)?;
+        self.topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownTopic(name.to_owned()))
+    }
+
+    /// The queue a message goes to: by a stable hash of its key, or round robin without one.
+    fn pick_queue(topic: &Topic, key: &str) -> usize {
+        let n = topic.queues.len() as u32;
+        if key.is_empty() {
+            (topic.round_robin.fetch_add(1, Ordering::Relaxed) % n) as usize
+        } else {
+            (key_hash(key) % n) as usize
+        }
+    }
+
+    /// Store a message. Returns once it is acknowledged under the flush policy (by default:
+    /// durable on disk).
+    pub fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        let t = self.topic(topic)?;
+        let q = &t.queues[Self::pick_queue(&t, &msg.key)];
+        let props = record::encode_properties(&msg.properties)?;
+        let a = self.store.append(Append {
+            kind: RecordKind::Message,
+            topic,
+            queue_id: q.queue_id(),
+            key: &msg.key,
+            props: &props,
+            body: &msg.body,
+            timestamp_ms: now_ms(),
+            dispatch_to: Some(q),
+        })?;
+        Ok(SendReceipt {
+            topic: topic.to_owned(),
+            queue: q.queue_id(),
+            // The store hands out a queue offset for every dispatched append.
+            offset: a.queue_offset.unwrap_or_default(),
+            log_offset: a.log_offset,
+        })
+    }
+
+    fn group_topic(&self, group: &str, topic: &Topic) -> Result<Arc<Mutex<GroupTopic>>> {
+        let key = (group.to_owned(), topic.name.clone());
+        let mut groups = self.groups.lock();
+        if let Some(g) = groups.get(&key) {
+            return Ok(g.clone());
+        }
+        let mut cursors = Vec::with_capacity(topic.queues.len());
+        for q in &topic.queues {
+            let acks = self.meta.queue_acks(group, &topic.name, q.queue_id())?;
+            cursors.push(Cursor {
+                committed: acks.committed,
+                next: acks.committed,
+                acked_above: acks.acked_above,
+            });
+        }
+        let g = Arc::new(Mutex::new(GroupTopic { cursors, start: 0 }));
+        groups.insert(key, g.clone());
+        Ok(g)
+    }
+
+    /// Hand out up to `max` messages of `topic` that `group` has not been given yet, from all
+    /// queues. Each message goes to one consumer of the group. Messages not acked are
+    /// delivered again after a restart (at-least-once).
+    pub fn poll(&self, group: &str, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+        validate_group_name(group)?;
+        let t = self.topic(topic)?;
+        let g = self.group_topic(group, &t)?;
+        let mut g = g.lock();
+        let n = t.queues.len();
+        let mut out = Vec::new();
+        let start = g.start;
+        g.start = (start + 1) % n;
+        for i in 0..n {
+            if out.len() >= max {
+                break;
+            }
+            let qi = (start + i) % n;
+            let q = &t.queues[qi];
+            let c = &mut g.cursors[qi];
+            while out.len() < max && c.next < q.len() {
+                let want = max - out.len();
+                let batch = self.store.read_messages(q, c.next, want)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for (offset, rec) in batch {
+                    c.next = offset + 1;
+                    if c.acked_above.contains(&offset) {
+                        continue;
+                    }
+                    out.push(Delivery {
+                        topic: t.name.clone(),
+                        queue: q.queue_id(),
+                        offset,
+                        log_offset: rec.header.log_offset,
+                        key: rec.key,
+                        body: rec.body,
+                        properties: rec.properties,
+                        timestamp_ms: rec.header.timestamp_ms,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`Broker::poll`], but waits up to `timeout` for a message when there is none.
+    pub fn poll_wait(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let got = self.poll(group, topic, max)?;
+            let now = std::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let t = self.topic(topic)?;
+            let g = self.group_topic(group, &t)?;
+            let from: Vec<u64> = g.lock().cursors.iter().map(|c| c.next).collect();
+            self.store
+                .wait_for_messages(&t.queues, &from, deadline - now);
+        }
+    }
+
+    /// Acknowledge one message; durable when this returns.
+    pub fn ack(&self, group: &str, topic: &str, queue: u32, offset: u64) -> Result<()> {
+        self.ack_many(group, topic, &[(queue, offset)])
+    }
+
+    /// Acknowledge several messages of one topic with one durable write.
+    pub fn ack_many(&self, group: &str, topic: &str, acks: &[(u32, u64)]) -> Result<()> {
+        validate_group_name(group)?;
+        let t = self.topic(topic)?;
+        let g = self.group_topic(group, &t)?;
+        let mut g = g.lock();
+        let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for &(queue, offset) in acks {
+            let bad = |reason: String| Error::BadAck {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                queue,
+                offset,
+                reason,
+            };
+            let Some(q) = t.queues.get(queue as usize) else {
+                return Err(bad(format!("the topic has {} queues", t.queues.len())));
+            };
+            if offset >= q.len() {
+                return Err(bad(format!("the queue has {} messages", q.len())));
+            }
+            by_queue.entry(queue).or_default().push(offset);
+        }
+        for (queue, offsets) in by_queue {
+            let c = &mut g.cursors[queue as usize];
+            let mut added = Vec::new();
+            let mut acked = c.acked_above.clone();
+            for off in offsets {
+                if off >= c.committed && acked.insert(off) {
+                    added.push(off);
+                }
+            }
+            if added.is_empty() {
+                continue; // all acked before: acks are idempotent
+            }
+            let mut committed = c.committed;
+            let mut removed = Vec::new();
+            while acked.remove(&committed) {
+                removed.push(committed);
+                committed += 1;
+            }
+            added.retain(|o| *o >= committed);
+            removed.retain(|o| c.acked_above.contains(o));
+            self.meta
+                .store_acks(group, topic, queue, committed, &added, &removed)?;
+            c.committed = committed;
+            c.acked_above = acked;
+            c.next = c.next.max(committed);
+        }
+        Ok(())
+    }
+
+    /// Figures per queue and consumer group.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut groups_of: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
+        for (g, t, q) in self.meta.consumer_queues()? {
+            groups_of.entry((t, q)).or_default().push(g);
+        }
+        let mut queues = Vec::new();
+        for info in self.topics() {
+            let Some(t) = self.topics.read().get(&info.name).cloned() else {
+                continue;
+            };
+            for q in &t.queues {
+                let messages = q.len();
+                let mut groups = Vec::new();
+                for g in groups_of
+                    .get(&(t.name.clone(), q.queue_id()))
+                    .into_iter()
+                    .flatten()
+                {
+                    let acks = self.meta.queue_acks(g, &t.name, q.queue_id())?;
+                    let acked = acks.committed + acks.acked_above.len() as u64;
+                    groups.push(GroupLag {
+                        group: g.clone(),
+                        committed: acks.committed,
+                        backlog: messages.saturating_sub(acked),
+                    });
+                }
+                queues.push(QueueStats {
+                    topic: t.name.clone(),
+                    queue: q.queue_id(),
+                    messages,
+                    groups,
+                });
+            }
+        }
+        Ok(Stats {
+            log: self.store.log_stats(),
+            queues,
+        })
+    }
+
+    /// The storage engine, for tools and tests.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Flush and stop. Later calls fail with [`Error::Closed`]. Dropping the broker does the
+    /// same, but can only log errors.
+    pub fn close(&self) -> Result<()> {
+        self.store.close()?;
+        self.meta.flush()
+    }
+}

@@ -1,0 +1,154 @@
+//! Configuration, with each default documented next to its field.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::record::{HEADER_BYTES, RECORD_BYTES_MAX};
+use crate::store::segment::SEGMENT_HEADER_BYTES;
+
+/// When a write counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FlushPolicy {
+    /// `send` returns only after the record is on disk (`fdatasync`). Concurrent senders share
+    /// one fsync (group commit). Nothing acknowledged is lost on `kill -9` or power loss.
+    Sync,
+    /// `send` returns once the record is written to the operating system; a background flush
+    /// makes it durable at least every `interval`. Survives `kill -9` of the process, but a
+    /// power loss or kernel crash can lose what was acknowledged in the last `interval`.
+    Async {
+        /// Longest time an acknowledged record may stay unsynced.
+        interval: Duration,
+    },
+}
+
+/// Storage engine settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Size of one commit-log segment file. Default 256 MiB; at least 64 KiB.
+    pub segment_bytes: u64,
+    /// When `send` returns. Default [`FlushPolicy::Sync`].
+    pub flush: FlushPolicy,
+    /// Largest record accepted (header, topic, key, properties and body). Default 4 MiB; at
+    /// most a quarter of a segment.
+    pub record_bytes_max: u32,
+    /// Bytes that may wait for the flusher before senders are made to wait (back-pressure).
+    /// Default 8 MiB. This also bounds how much an unclean stop can leave half-written at the
+    /// end of the log.
+    pub pending_bytes_max: u64,
+    /// How often consume-queue indexes are synced and a recovery checkpoint is written, in
+    /// log bytes. Default 64 MiB. Recovery re-reads at most about this much of the log.
+    pub checkpoint_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            segment_bytes: 256 * 1024 * 1024,
+            flush: FlushPolicy::Sync,
+            record_bytes_max: 4 * 1024 * 1024,
+            pending_bytes_max: 8 * 1024 * 1024,
+            checkpoint_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Check every setting, naming the first that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.segment_bytes < 64 * 1024 || self.segment_bytes > (1 << 40) {
+            return Err(Error::Config {
+                setting: "segment_bytes",
+                reason: format!("{} is outside 64 KiB ..= 1 TiB", self.segment_bytes),
+            });
+        }
+        let room = (self.segment_bytes - SEGMENT_HEADER_BYTES - HEADER_BYTES as u64) / 4;
+        if (self.record_bytes_max as usize) < HEADER_BYTES + 1
+            || u64::from(self.record_bytes_max) > room
+            || self.record_bytes_max > RECORD_BYTES_MAX
+        {
+            return Err(Error::Config {
+                setting: "record_bytes_max",
+                reason: format!(
+                    "{} must be between {} and min({room}, {RECORD_BYTES_MAX}) for segments of {} bytes",
+                    self.record_bytes_max,
+                    HEADER_BYTES + 1,
+                    self.segment_bytes
+                ),
+            });
+        }
+        if self.pending_bytes_max < u64::from(self.record_bytes_max) {
+            return Err(Error::Config {
+                setting: "pending_bytes_max",
+                reason: format!(
+                    "{} is smaller than record_bytes_max ({})",
+                    self.pending_bytes_max, self.record_bytes_max
+                ),
+            });
+        }
+        if self.checkpoint_bytes == 0 {
+            return Err(Error::Config {
+                setting: "checkpoint_bytes",
+                reason: "must be > 0".into(),
+            });
+        }
+        if let FlushPolicy::Async { interval } = self.flush {
+            if interval.is_zero() || interval > Duration::from_secs(60) {
+                return Err(Error::Config {
+                    setting: "flush_interval",
+                    reason: format!("{interval:?} is outside 1 ns ..= 60 s"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settings of an embedded [`crate::Broker`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Data directory. Default `./halfmq-data`.
+    pub data_dir: PathBuf,
+    /// Storage engine settings.
+    pub store: StoreConfig,
+    /// Queues of a topic created on first use. Default 4; 1 ..= 1024.
+    pub default_queues: u32,
+    /// Create a topic on first send or poll. Default true.
+    pub auto_create_topics: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            data_dir: PathBuf::from("halfmq-data"),
+            store: StoreConfig::default(),
+            default_queues: 4,
+            auto_create_topics: true,
+        }
+    }
+}
+
+/// Most queues one topic may have.
+pub const QUEUES_MAX: u32 = 1024;
+
+impl BrokerConfig {
+    /// A configuration for `data_dir` with every other setting at its default.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BrokerConfig {
+            data_dir: data_dir.into(),
+            ..BrokerConfig::default()
+        }
+    }
+
+    /// Check every setting, naming the first that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        self.store.validate()?;
+        if self.default_queues == 0 || self.default_queues > QUEUES_MAX {
+            return Err(Error::Config {
+                setting: "default_queues",
+                reason: format!("{} is outside 1 ..= {QUEUES_MAX}", self.default_queues),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,42 @@
+//! # halfmq
+//!
+//! A transactional message queue with an embedded, durable commit log.
+//!
+//! ## Guarantees, in plain words
+//! - With the default flush policy ([`FlushPolicy::Sync`]), `send` returns only after the
+//!   message is on disk (`fdatasync`). It survives `kill -9` and power loss. Many concurrent
+//!   senders share one fsync (group commit).
+//! - A message is visible to consumers only after it is acknowledged to its producer.
+//! - On open, a torn tail (the unsynced end of the log after a crash) is detected by CRC and
+//!   cut off; damage anywhere else is reported as [`Error::Corrupt`] naming the file and
+//!   byte offset, never skipped.
+//! - A consumer's `ack` is durable when it returns; after a restart the group resumes after
+//!   its acked messages. Delivery is at-least-once: what was handed out but not acked is
+//!   delivered again.
+//!
+//! ## Map of the crate
+//! - [`broker`]: the embedded [`Broker`]: topics, `send`, consumer groups (`poll`, `ack`).
+//! - [`store`]: the storage engine: commit-log segments, group commit, consume-queue
+//!   indexes, recovery; [`store::io`] is the file layer, with a simulated disk for tests.
+//! - [`record`]: the on-disk record format, encode and decode.
+//! - [`meta`]: sled-backed topic configuration and consumer offsets.
+//! - [`config`]: settings with their defaults.
+//! - [`error`]: the one typed [`Error`].
+//! - [`bench`]: the load generator behind `halfmq bench`.
+//! - `codec` (private): the one place bincode is used, always with a size limit.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod broker;
+mod codec;
+pub mod config;
+pub mod error;
+pub mod meta;
+pub mod record;
+pub mod store;
+
+pub use broker::{Broker, Delivery, Message, SendReceipt, Stats, TopicInfo};
+pub use config::{BrokerConfig, FlushPolicy, StoreConfig};
+pub use error::{Error, Result};

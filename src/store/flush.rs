@@ -1,0 +1,218 @@
+//! Group commit: the one thread that writes and syncs the log.
+//!
+//! Each round takes the whole pending batch, writes it (syncing a segment before anything is
+//! written to the next one, so that every segment but the newest is complete on disk), syncs
+//! the newest segment, appends the consume-queue entries of the batch's messages, and only
+//! then advances the acknowledged offset and wakes the writers: a message is never visible to
+//! a consumer before it is acknowledged to its producer.
+//!
+//! An I/O error is never retried: after a failed write or fsync the kernel may have dropped
+//! the dirty pages, so nothing unsynced can be trusted. The store is poisoned, every waiting
+//! writer gets the error, and only reopening (recovery) makes it writable again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::checkpoint::{self, Checkpoint};
+use super::consume_queue::ConsumeQueue;
+use super::{Batch, Dispatch, Shared};
+use crate::config::FlushPolicy;
+use crate::error::Result;
+
+/// Appends consume-queue entries grouped per queue, one write per queue per batch.
+#[derive(Default)]
+pub(crate) struct DispatchBuf {
+    runs: HashMap<*const ConsumeQueue, (Arc<ConsumeQueue>, u64, Vec<u8>)>,
+}
+
+impl DispatchBuf {
+    pub(crate) fn push(&mut self, d: &Dispatch) {
+        let key = Arc::as_ptr(&d.queue);
+        let run = self
+            .runs
+            .entry(key)
+            .or_insert_with(|| (d.queue.clone(), d.queue_offset, Vec::new()));
+        run.2.extend_from_slice(&d.entry.encode());
+    }
+
+    pub(crate) fn apply(&mut self) -> Result<()> {
+        for (_, (queue, first, bytes)) in self.runs.drain() {
+            queue.append_encoded(first, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+struct FlusherState {
+    batch: Batch,
+    dispatch: DispatchBuf,
+    last_sync: Instant,
+    /// Log bytes written but not yet synced (async flush).
+    unsynced_bytes: u64,
+    /// Log bytes since the last checkpoint.
+    since_checkpoint: u64,
+    checkpoint_seq: u64,
+    written: u64,
+    durable: u64,
+}
+
+pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
+    let start = shared.progress.lock().durable;
+    let mut st = FlusherState {
+        batch: Batch::default(),
+        dispatch: DispatchBuf::default(),
+        last_sync: Instant::now(),
+        unsynced_bytes: 0,
+        since_checkpoint: 0,
+        checkpoint_seq,
+        written: start,
+        durable: start,
+    };
+    loop {
+        let (closing, sync_requested) = {
+            let mut w = shared.writer.lock();
+            loop {
+                if !w.batch.is_empty() || w.closed || w.sync_requested || w.poisoned.is_some() {
+                    break;
+                }
+                match shared.config.flush {
+                    FlushPolicy::Async { interval } if st.written > st.durable => {
+                        if shared
+                            .work
+                            .wait_until(&mut w, st.last_sync + interval)
+                            .timed_out()
+                        {
+                            break;
+                        }
+                    }
+                    _ => shared.work.wait(&mut w),
+                }
+            }
+            if w.poisoned.is_some() {
+                break;
+            }
+            std::mem::swap(&mut w.batch, &mut st.batch);
+            w.batch.end = st.batch.end;
+            let requested = std::mem::take(&mut w.sync_requested);
+            shared.space.notify_all();
+            (w.closed && w.batch.is_empty(), requested)
+        };
+        if let Err(e) = round(&shared, &mut st, closing || sync_requested) {
+            poison(&shared, &e.to_string());
+            break;
+        }
+        if closing {
+            let done = if st.written > st.durable {
+                Err(crate::Error::Closed)
+            } else {
+                Ok(())
+            };
+            let cp = done.and_then(|()| write_checkpoint(&shared, &mut st));
+            if let Err(e) = cp {
+                // The log itself is durable; a missing checkpoint only makes the next
+                // recovery read more of it.
+                tracing::warn!(error = %e, "could not write the closing checkpoint");
+            }
+            break;
+        }
+    }
+    let mut p = shared.progress.lock();
+    p.stopped = true;
+    shared.progress_cv.notify_all();
+}
+
+/// One group-commit round.
+fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()> {
+    let batch = &mut st.batch;
+    let had_data = !batch.is_empty();
+    let mut last_segment = None;
+    for c in &batch.chunks {
+        c.segment
+            .file
+            .write_all_at(&batch.bytes[c.start..c.end], c.file_pos)?;
+        if c.seal {
+            c.segment.file.sync_data()?;
+            last_segment = None;
+        } else {
+            last_segment = Some(c.segment.clone());
+        }
+    }
+    let bytes = batch.bytes.len() as u64;
+    if had_data {
+        st.written = batch.end;
+        st.unsynced_bytes += bytes;
+        st.since_checkpoint += bytes;
+    }
+    let must_sync = match shared.config.flush {
+        FlushPolicy::Sync => true,
+        FlushPolicy::Async { interval } => {
+            force_sync
+                || st.unsynced_bytes >= shared.config.pending_bytes_max
+                || st.last_sync.elapsed() >= interval
+        }
+    };
+    if must_sync && st.written > st.durable {
+        let seg = match last_segment {
+            Some(s) => s,
+            None => shared.writer.lock().active.clone(),
+        };
+        seg.file.sync_data()?;
+        st.durable = st.written;
+        st.unsynced_bytes = 0;
+        st.last_sync = Instant::now();
+    }
+    // Index the batch's messages before anyone is told they are stored.
+    for d in &batch.dispatch {
+        st.dispatch.push(d);
+    }
+    st.dispatch.apply()?;
+    batch.clear();
+    {
+        let mut p = shared.progress.lock();
+        p.written = st.written;
+        p.durable = st.durable;
+    }
+    shared.progress_cv.notify_all();
+    if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
+        write_checkpoint(shared, st)?;
+    }
+    Ok(())
+}
+
+/// Sync every consume queue, then record their lengths at the (durable) end of the log.
+fn write_checkpoint(shared: &Shared, st: &mut FlusherState) -> Result<()> {
+    let queues: Vec<Arc<ConsumeQueue>> = shared
+        .queues
+        .read()
+        .values()
+        .flat_map(|m| m.values().cloned())
+        .collect();
+    let mut lens = Vec::with_capacity(queues.len());
+    for q in &queues {
+        q.sync_if_dirty()?;
+        lens.push((q.topic().to_owned(), q.queue_id(), q.len()));
+    }
+    st.checkpoint_seq += 1;
+    let cp = Checkpoint {
+        seq: st.checkpoint_seq,
+        log_offset: st.durable,
+        queues: lens,
+    };
+    checkpoint::store(&*shared.storage, &shared.dir, &cp)?;
+    st.since_checkpoint = 0;
+    Ok(())
+}
+
+fn poison(shared: &Shared, msg: &str) {
+    tracing::error!(error = %msg, "storage failure: the store stops accepting writes");
+    {
+        let mut w = shared.writer.lock();
+        w.poisoned = Some(msg.to_owned());
+        w.batch.clear();
+        shared.space.notify_all();
+    }
+    let mut p = shared.progress.lock();
+    p.error = Some(msg.to_owned());
+    shared.progress_cv.notify_all();
+}

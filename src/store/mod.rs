@@ -1,0 +1,678 @@
+//! The storage engine: a segmented commit log with group commit, and the consume-queue
+//! indexes derived from it.
+//!
+//! Writers encode records into one shared batch under a short lock; one flusher thread writes
+//! the batch, `fdatasync`s it, appends the consume-queue entries of its messages, and then
+//! releases every writer whose record is covered (group commit). See `ARCHITECTURE.md` for
+//! the file formats and the recovery rules.
+
+pub mod checkpoint;
+pub mod consume_queue;
+mod flush;
+pub mod io;
+mod recovery;
+pub mod segment;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::config::{FlushPolicy, StoreConfig};
+use crate::error::{Error, Result};
+use crate::record::{self, Header, Record, RecordKind, RecordView, HEADER_BYTES};
+use consume_queue::{ConsumeQueue, Entry};
+use io::Storage;
+use segment::{Segment, SEGMENT_HEADER_BYTES};
+
+/// Bytes of the SegmentEnd record that closes every full segment; always kept free.
+const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
+
+/// What to append.
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    /// Record kind.
+    pub kind: RecordKind,
+    /// Topic name.
+    pub topic: &'a str,
+    /// Queue within the topic.
+    pub queue_id: u32,
+    /// Key ("" for none).
+    pub key: &'a str,
+    /// Encoded properties ([`record::encode_properties`]).
+    pub props: &'a [u8],
+    /// Payload.
+    pub body: &'a [u8],
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Where to index the record for consumers; `None` keeps it out of every consume queue
+    /// (half messages, transaction ends).
+    pub dispatch_to: Option<&'a Arc<ConsumeQueue>>,
+}
+
+/// Where an appended record went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Position in the log.
+    pub log_offset: u64,
+    /// Encoded size.
+    pub size: u32,
+    /// Index in the consume queue, if dispatched.
+    pub queue_offset: Option<u64>,
+}
+
+/// A position in the batch: which bytes go to which segment at which file position.
+struct Chunk {
+    segment: Arc<Segment>,
+    file_pos: u64,
+    start: usize,
+    end: usize,
+    /// The segment is full after this chunk: sync it before writing anything later.
+    seal: bool,
+}
+
+struct Dispatch {
+    queue: Arc<ConsumeQueue>,
+    queue_offset: u64,
+    entry: Entry,
+}
+
+/// Records encoded but not yet written.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    chunks: Vec<Chunk>,
+    dispatch: Vec<Dispatch>,
+    /// Log offset just past the last record in the batch.
+    end: u64,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.chunks.clear();
+        self.dispatch.clear();
+    }
+}
+
+struct Writer {
+    active: Arc<Segment>,
+    /// Next write position in `active`.
+    pos: u64,
+    batch: Batch,
+    poisoned: Option<String>,
+    closed: bool,
+    /// Someone (close, `flush`) wants the flusher to sync now, even under async flush.
+    sync_requested: bool,
+}
+
+/// Flush progress, watched by waiting writers and pollers.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Everything before this log offset is written to the OS.
+    written: u64,
+    /// Everything before this log offset is durable.
+    durable: u64,
+    /// Set when the flusher failed; every later wait returns it.
+    error: Option<String>,
+    /// The flusher has exited.
+    stopped: bool,
+}
+
+pub(crate) struct Shared {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    log_dir: PathBuf,
+    cq_dir: PathBuf,
+    config: StoreConfig,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    queues: RwLock<HashMap<String, BTreeMap<u32, Arc<ConsumeQueue>>>>,
+    writer: Mutex<Writer>,
+    /// The flusher waits here for work (on `writer`).
+    work: Condvar,
+    /// Writers wait here for room in the batch (on `writer`).
+    space: Condvar,
+    progress: Mutex<Progress>,
+    progress_cv: Condvar,
+}
+
+/// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct Store {
+    shared: Arc<Shared>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+    _lock: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+/// A summary of what recovery found and did on open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment files in the log.
+    pub segments: usize,
+    /// Log offset where recovery started reading (the checkpoint).
+    pub scanned_from: u64,
+    /// Log offset of the end of the log after recovery.
+    pub log_end: u64,
+    /// Records read during recovery.
+    pub records_scanned: u64,
+    /// Bytes of torn tail cut off (zeroed) at the end of the log.
+    pub torn_bytes_cut: u64,
+    /// Consume queues were rebuilt from the start of the log (missing or short index).
+    pub full_rebuild: bool,
+}
+
+/// Statistics of the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogStats {
+    /// Segment files.
+    pub segments: usize,
+    /// Log offset of the first record.
+    pub first_offset: u64,
+    /// Everything before this offset is durable.
+    pub durable_offset: u64,
+    /// Everything before this offset is written to the OS.
+    pub written_offset: u64,
+}
+
+/// Check a topic name: 1 to 127 bytes of `[A-Za-z0-9._-]`, not starting with a dot, so
+/// that it is safe as a directory name.
+pub fn validate_topic_name(topic: &str) -> Result<()> {
+    let ok = !topic.is_empty()
+        && topic.len() <= record::TOPIC_BYTES_MAX
+        && !topic.starts_with('.')
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what: "topic name",
+            reason: format!(
+                "{topic:?}: use 1 to {} characters of A-Z a-z 0-9 . _ - not starting with '.'",
+                record::TOPIC_BYTES_MAX
+            ),
+        })
+    }
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`, recovering from whatever an earlier run left:
+    /// the torn tail of the log is cut, indexes are re-derived past their checkpoint.
+    /// `on_record` sees every record read during recovery (in log order), so that
+    /// higher layers can rebuild their own derived state.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        config: StoreConfig,
+        on_record: &mut dyn FnMut(&RecordView<'_>),
+    ) -> Result<(Store, RecoveryReport)> {
+        config.validate()?;
+        storage.create_dir_all(dir)?;
+        let lock = storage.lock_dir(dir)?;
+        let log_dir = dir.join("log");
+        let cq_dir = dir.join("cq");
+        let rec = recovery::recover(&*storage, &log_dir, &cq_dir, dir, &config, on_record)?;
+        let end = rec.active.base + rec.pos;
+        let shared = Arc::new(Shared {
+            storage,
+            dir: dir.to_path_buf(),
+            log_dir,
+            cq_dir,
+            config,
+            segments: RwLock::new(rec.segments),
+            queues: RwLock::new(rec.queues),
+            writer: Mutex::new(Writer {
+                active: rec.active,
+                pos: rec.pos,
+                batch: Batch {
+                    end,
+                    ..Batch::default()
+                },
+                poisoned: None,
+                closed: false,
+                sync_requested: false,
+            }),
+            work: Condvar::new(),
+            space: Condvar::new(),
+            progress: Mutex::new(Progress {
+                written: end,
+                durable: end,
+                ..Progress::default()
+            }),
+            progress_cv: Condvar::new(),
+        });
+        let s = shared.clone();
+        let flusher = std::thread::Builder::new()
+            .name("halfmq-flusher".into())
+            .spawn(move || flush::run(s, rec.checkpoint_seq))
+            .map_err(|e| Error::io(dir, "start flusher thread", e))?;
+        let store = Store {
+            shared,
+            flusher: Mutex::new(Some(flusher)),
+            _lock: lock,
+        };
+        Ok((store, rec.report))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.shared.config
+    }
+
+    /// The consume queue of (topic, queue), created if it does not exist yet.
+    pub fn queue(&self, topic: &str, queue_id: u32) -> Result<Arc<ConsumeQueue>> {
+        if let Some(q) = self
+            .shared
+            .queues
+            .read()
+            .get(topic)
+            .and_then(|m| m.get(&queue_id))
+        {
+            return Ok(q.clone());
+        }
+        validate_topic_name(topic)?;
+        let mut queues = self.shared.queues.write();
+        if let Some(q) = queues.get(topic).and_then(|m| m.get(&queue_id)) {
+            return Ok(q.clone());
+        }
+        let (cq, _) = ConsumeQueue::open(
+            &*self.shared.storage,
+            &self.shared.cq_dir,
+            topic,
+            queue_id,
+            0,
+        )?;
+        let cq = Arc::new(cq);
+        queues
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(queue_id, cq.clone());
+        Ok(cq)
+    }
+
+    /// Every consume queue, by topic and queue id.
+    pub fn queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        let queues = self.shared.queues.read();
+        let mut out: Vec<_> = queues.values().flat_map(|m| m.values().cloned()).collect();
+        out.sort_by(|a, b| (a.topic(), a.queue_id()).cmp(&(b.topic(), b.queue_id())));
+        out
+    }
+
+    /// Append one record. Returns when the record is acknowledged under the flush policy:
+    /// durable (`Sync`) or written to the OS (`Async`).
+    pub fn append(&self, a: Append<'_>) -> Result<Appended> {
+        let size = record::encoded_len(a.topic, a.key, a.props, a.body).map_err(|reason| {
+            Error::Invalid {
+                what: "message",
+                reason,
+            }
+        })?;
+        if size > self.shared.config.record_bytes_max {
+            return Err(Error::Invalid {
+                what: "message",
+                reason: format!(
+                    "record of {size} bytes is over record_bytes_max ({})",
+                    self.shared.config.record_bytes_max
+                ),
+            });
+        }
+        if let Some(q) = a.dispatch_to {
+            if q.topic() != a.topic || q.queue_id() != a.queue_id {
+                return Err(Error::Invalid {
+                    what: "append",
+                    reason: "dispatch queue does not match topic and queue id".into(),
+                });
+            }
+        }
+        let appended = self.shared.append_to_batch(&a, size)?;
+        self.shared
+            .wait_acked(appended.log_offset + u64::from(size))?;
+        Ok(appended)
+    }
+
+    /// Make everything appended so far durable (useful under async flush).
+    pub fn sync(&self) -> Result<()> {
+        let target = {
+            let mut w = self.shared.writer.lock();
+            if let Some(p) = &w.poisoned {
+                return Err(Error::Poisoned(p.clone()));
+            }
+            w.sync_requested = true;
+            self.shared.work.notify_one();
+            w.batch.end
+        };
+        self.shared.wait_progress(target, true)
+    }
+
+    /// Read the message at `queue_offset` of `queue`, checking that the log holds what the
+    /// index says. `Ok(None)` past the end of the queue.
+    pub fn read_message(&self, queue: &ConsumeQueue, queue_offset: u64) -> Result<Option<Record>> {
+        let Some(entry) = queue.read(queue_offset, 1)?.into_iter().next() else {
+            return Ok(None);
+        };
+        self.read_indexed(queue, queue_offset, &entry).map(Some)
+    }
+
+    /// Read up to `max` messages of `queue` from `from`, in order.
+    pub fn read_messages(
+        &self,
+        queue: &ConsumeQueue,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        let entries = queue.read(from, max)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let qo = from + i as u64;
+            out.push((qo, self.read_indexed(queue, qo, entry)?));
+        }
+        Ok(out)
+    }
+
+    fn read_indexed(
+        &self,
+        queue: &ConsumeQueue,
+        queue_offset: u64,
+        entry: &Entry,
+    ) -> Result<Record> {
+        let rec = self.read_at(entry.log_offset, entry.size)?;
+        let h = &rec.header;
+        if h.kind != RecordKind::Message
+            || h.queue_offset != queue_offset
+            || h.queue_id != queue.queue_id()
+            || rec.topic != queue.topic()
+        {
+            return Err(Error::Corrupt {
+                path: queue.path().to_path_buf(),
+                offset: consume_queue::CQ_HEADER_BYTES
+                    + queue_offset * consume_queue::ENTRY_BYTES as u64,
+                reason: format!(
+                    "index entry {queue_offset} points at log offset {} which holds {:?} {}/{}@{}",
+                    entry.log_offset, h.kind, rec.topic, h.queue_id, h.queue_offset
+                ),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Read the record at `log_offset` whose encoded size is `size`, verifying its CRC and
+    /// that it is where it says it is.
+    pub fn read_at(&self, log_offset: u64, size: u32) -> Result<Record> {
+        let seg = self.shared.segment_for(log_offset)?;
+        let pos = log_offset - seg.base;
+        let corrupt = |reason: String| Error::Corrupt {
+            path: seg.path().to_path_buf(),
+            offset: pos,
+            reason,
+        };
+        if pos < SEGMENT_HEADER_BYTES || pos + u64::from(size) > seg.size {
+            return Err(corrupt(format!(
+                "record of {size} bytes does not fit the segment"
+            )));
+        }
+        let mut buf = vec![0u8; size as usize];
+        seg.file.read_exact_at(&mut buf, pos)?;
+        let (view, len) = record::decode(&buf).map_err(|e| corrupt(e.to_string()))?;
+        if len != size as usize || view.header.log_offset != log_offset {
+            return Err(corrupt(format!(
+                "expected a record of {size} bytes at log offset {log_offset}, found {len} bytes claiming offset {}",
+                view.header.log_offset
+            )));
+        }
+        view.to_record()
+    }
+
+    /// Wait until `queue` has more than `from` entries or `timeout` passes. Returns whether
+    /// there is something to read.
+    pub fn wait_for_messages(
+        &self,
+        queues: &[Arc<ConsumeQueue>],
+        from: &[u64],
+        timeout: std::time::Duration,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
+        let mut p = self.shared.progress.lock();
+        loop {
+            if ready() {
+                return true;
+            }
+            if p.stopped
+                || self
+                    .shared
+                    .progress_cv
+                    .wait_until(&mut p, deadline)
+                    .timed_out()
+            {
+                return ready();
+            }
+        }
+    }
+
+    /// Log statistics.
+    pub fn log_stats(&self) -> LogStats {
+        let segs = self.shared.segments.read();
+        let p = self.shared.progress.lock();
+        LogStats {
+            segments: segs.len(),
+            first_offset: segs
+                .values()
+                .next()
+                .map(|s| s.base + SEGMENT_HEADER_BYTES)
+                .unwrap_or(0),
+            durable_offset: p.durable,
+            written_offset: p.written,
+        }
+    }
+
+    /// Stop accepting writes, flush and sync everything, write a checkpoint, and stop the
+    /// flusher. Called by `Drop` too, but then errors can only be logged.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut w = self.shared.writer.lock();
+            w.closed = true;
+            self.shared.work.notify_one();
+            self.shared.space.notify_all();
+        }
+        if let Some(handle) = self.flusher.lock().take() {
+            if handle.join().is_err() {
+                return Err(Error::Poisoned("the flusher thread panicked".into()));
+            }
+        }
+        let p = self.shared.progress.lock();
+        match &p.error {
+            Some(e) => Err(Error::Poisoned(e.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(dir = %self.shared.dir.display(), error = %e, "store closed with an error");
+        }
+    }
+}
+
+impl Shared {
+    fn segment_for(&self, log_offset: u64) -> Result<Arc<Segment>> {
+        let segs = self.segments.read();
+        match segs.range(..=log_offset).next_back() {
+            Some((_, s)) if log_offset < s.base + s.size => Ok(s.clone()),
+            _ => Err(Error::Corrupt {
+                path: self.log_dir.clone(),
+                offset: log_offset,
+                reason: "no segment holds this log offset".into(),
+            }),
+        }
+    }
+
+    /// Encode a record into the shared batch and return where it will be.
+    fn append_to_batch(&self, a: &Append<'_>, size: u32) -> Result<Appended> {
+        let mut w = self.writer.lock();
+        loop {
+            if let Some(p) = &w.poisoned {
+                return Err(Error::Poisoned(p.clone()));
+            }
+            if w.closed {
+                return Err(Error::Closed);
+            }
+            // Back-pressure: wait while the batch is full (but never for an empty batch, so a
+            // record up to record_bytes_max always gets in).
+            if !w.batch.is_empty()
+                && w.batch.bytes.len() as u64 + u64::from(size) > self.config.pending_bytes_max
+            {
+                self.space.wait(&mut w);
+                continue;
+            }
+            break;
+        }
+        if w.pos + u64::from(size) + SEGMENT_END_BYTES > w.active.size {
+            self.roll(&mut w)?;
+        }
+        let log_offset = w.active.base + w.pos;
+        let queue_offset = a.dispatch_to.map(|q| {
+            // Queue offsets are handed out under the writer lock, in log order.
+            q.assigned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        });
+        let header = Header {
+            kind: a.kind,
+            flags: 0,
+            queue_id: a.queue_id,
+            log_offset,
+            queue_offset: queue_offset.unwrap_or(0),
+            timestamp_ms: a.timestamp_ms,
+        };
+        self.put(&mut w, &header, a.topic, a.key, a.props, a.body, size)?;
+        if let (Some(q), Some(qo)) = (a.dispatch_to, queue_offset) {
+            w.batch.dispatch.push(Dispatch {
+                queue: q.clone(),
+                queue_offset: qo,
+                entry: Entry {
+                    log_offset,
+                    size,
+                    key_hash: consume_queue::key_hash(a.key),
+                },
+            });
+        }
+        self.work.notify_one();
+        Ok(Appended {
+            log_offset,
+            size,
+            queue_offset,
+        })
+    }
+
+    /// Encode one record at the writer's position into the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        w: &mut Writer,
+        header: &Header,
+        topic: &str,
+        key: &str,
+        props: &[u8],
+        body: &[u8],
+        size: u32,
+    ) -> Result<()> {
+        let start = w.batch.bytes.len();
+        let written = record::encode_into(&mut w.batch.bytes, header, topic, key, props, body)
+            .map_err(|reason| Error::Invalid {
+                what: "message",
+                reason,
+            })?;
+        debug_assert_eq!(written, size);
+        let end = w.batch.bytes.len();
+        let same_chunk = matches!(w.batch.chunks.last(), Some(c) if !c.seal && Arc::ptr_eq(&c.segment, &w.active));
+        if same_chunk {
+            if let Some(c) = w.batch.chunks.last_mut() {
+                c.end = end;
+            }
+        } else {
+            let chunk = Chunk {
+                segment: w.active.clone(),
+                file_pos: w.pos,
+                start,
+                end,
+                seal: false,
+            };
+            w.batch.chunks.push(chunk);
+        }
+        w.pos += u64::from(size);
+        w.batch.end = w.active.base + w.pos;
+        Ok(())
+    }
+
+    /// Close the active segment with a SegmentEnd record and start the next one. The new
+    /// file is created first, so a failure (a full disk) changes nothing.
+    fn roll(&self, w: &mut Writer) -> Result<()> {
+        let next_base = w.active.base + w.active.size;
+        let next = Arc::new(Segment::create(
+            &*self.storage,
+            &self.log_dir,
+            next_base,
+            self.config.segment_bytes,
+        )?);
+        let header = Header {
+            kind: RecordKind::SegmentEnd,
+            flags: 0,
+            queue_id: 0,
+            log_offset: w.active.base + w.pos,
+            queue_offset: 0,
+            timestamp_ms: 0,
+        };
+        self.put(w, &header, "", "", &[], &[], SEGMENT_END_BYTES as u32)?;
+        if let Some(c) = w.batch.chunks.last_mut() {
+            c.seal = true;
+        }
+        self.segments.write().insert(next_base, next.clone());
+        w.active = next;
+        w.pos = SEGMENT_HEADER_BYTES;
+        w.batch.end = next_base + SEGMENT_HEADER_BYTES;
+        Ok(())
+    }
+
+    /// Wait until the record ending at `end` is acknowledged under the flush policy.
+    fn wait_acked(&self, end: u64) -> Result<()> {
+        let durable = matches!(self.config.flush, FlushPolicy::Sync);
+        self.wait_progress(end, durable)
+    }
+
+    fn wait_progress(&self, end: u64, durable: bool) -> Result<()> {
+        let mut p = self.progress.lock();
+        loop {
+            let mark = if durable { p.durable } else { p.written };
+            if mark >= end {
+                return Ok(());
+            }
+            if let Some(e) = &p.error {
+                return Err(Error::Poisoned(e.clone()));
+            }
+            if p.stopped {
+                return Err(Error::Closed);
+            }
+            self.progress_cv.wait(&mut p);
+        }
+    }
+}

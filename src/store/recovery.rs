@@ -1,0 +1,508 @@
+//! Recovery: make the directory consistent again after any kind of stop.
+//!
+//! 1. Segments: every segment but the newest must be complete (end in a SegmentEnd record)
+//!    and contiguous with the next. Blank newest segments (creation never finished) are
+//!    removed.
+//! 2. Consume queues are trimmed to the lengths in the newest checkpoint (or to zero, with
+//!    the log read from its start, when there is no usable checkpoint or an index is
+//!    missing or short).
+//! 3. The log is read from the checkpoint: each message is indexed again. In an older
+//!    segment, a record that fails its checks is corruption: open fails, naming the file and
+//!    offset. In the newest segment it is the torn tail of an unclean stop: it and everything
+//!    after it is zeroed, provided the damage is no longer than an unsynced batch can be.
+//! 4. Indexes are synced and a new checkpoint is written.
+//!
+//! Every step either changes nothing or converges, so running recovery twice, or crashing
+//! during it, gives the same result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::checkpoint::{self, Checkpoint};
+use super::consume_queue::{self, ConsumeQueue, Entry};
+use super::flush::DispatchBuf;
+use super::io::{Storage, StorageFile};
+use super::segment::{self, HeaderCheck, Segment, SEGMENT_HEADER_BYTES};
+use super::{Dispatch, RecoveryReport};
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::record::{self, DecodeError, RecordKind, RecordView};
+
+type QueueMap = HashMap<String, BTreeMap<u32, Arc<ConsumeQueue>>>;
+
+pub(crate) struct Recovered {
+    pub segments: BTreeMap<u64, Arc<Segment>>,
+    pub active: Arc<Segment>,
+    pub pos: u64,
+    pub queues: QueueMap,
+    pub checkpoint_seq: u64,
+    pub report: RecoveryReport,
+}
+
+/// Most bytes past the last valid record that an unclean stop can leave non-zero: one batch
+/// being written plus what async flush may hold unsynced.
+fn torn_tail_bytes_max(config: &StoreConfig) -> u64 {
+    2 * (config.pending_bytes_max + u64::from(config.record_bytes_max))
+}
+
+pub(crate) fn recover(
+    storage: &dyn Storage,
+    log_dir: &Path,
+    cq_dir: &Path,
+    dir: &Path,
+    config: &StoreConfig,
+    on_record: &mut dyn FnMut(&RecordView<'_>),
+) -> Result<Recovered> {
+    storage.create_dir_all(log_dir)?;
+    storage.create_dir_all(cq_dir)?;
+    let mut segments = open_segments(storage, log_dir, config)?;
+    let mut report = RecoveryReport {
+        segments: segments.len(),
+        ..RecoveryReport::default()
+    };
+    let first_record = segments
+        .first()
+        .map(|s| s.base + SEGMENT_HEADER_BYTES)
+        .unwrap_or(0);
+    let last_end = segments.last().map(|s| s.base + s.size).unwrap_or(0);
+
+    let cp = checkpoint::load(storage, dir)?;
+    let checkpoint_seq = cp.as_ref().map(|c| c.seq).unwrap_or(0);
+    let cp = cp.filter(|c| {
+        let ok = c.log_offset >= first_record && c.log_offset <= last_end;
+        if !ok {
+            tracing::warn!(
+                offset = c.log_offset,
+                "checkpoint is outside the log; ignoring it"
+            );
+        }
+        ok
+    });
+
+    let (mut queues, full) = open_queues(storage, cq_dir, cp.as_ref())?;
+    let start = match (&cp, full) {
+        (Some(c), false) => c.log_offset,
+        _ => {
+            if cp.is_some() {
+                tracing::warn!(
+                    "a consume-queue index is missing or short; rebuilding all from the log"
+                );
+                for m in queues.values_mut() {
+                    for q in m.values_mut() {
+                        let (fresh, _) =
+                            ConsumeQueue::open(storage, cq_dir, q.topic(), q.queue_id(), 0)?;
+                        *q = Arc::new(fresh);
+                    }
+                }
+            }
+            report.full_rebuild = cp.is_some();
+            first_record
+        }
+    };
+    report.scanned_from = start;
+
+    if segments.is_empty() {
+        let seg = Segment::create(storage, log_dir, 0, config.segment_bytes)?;
+        segments.push(seg);
+    }
+    let segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
+
+    // Read the log from `start`.
+    let mut dispatch = DispatchBuf::default();
+    let mut active_idx = segments.len() - 1;
+    let mut pos = SEGMENT_HEADER_BYTES;
+    let first_idx = segments
+        .iter()
+        .rposition(|s| s.base <= start && start < s.base + s.size)
+        .unwrap_or(0);
+    let mut need_new_segment = false;
+    for (idx, seg) in segments.iter().enumerate().skip(first_idx) {
+        let newest = idx + 1 == segments.len();
+        let from = if idx == first_idx {
+            start.max(seg.base + SEGMENT_HEADER_BYTES) - seg.base
+        } else {
+            SEGMENT_HEADER_BYTES
+        };
+        let mut scan = Scanner::new(&*seg.file, seg.size, from);
+        loop {
+            let step = match scan.next()? {
+                Ok(()) => scan.current().map_err(|e| e.to_string()),
+                Err(reason) => Err(reason),
+            };
+            let view = match step {
+                Ok(view) if view.header.log_offset == seg.base + scan.pos => view,
+                Ok(view) => {
+                    let reason = format!(
+                        "record claims log offset {}, found at {}",
+                        view.header.log_offset,
+                        seg.base + scan.pos
+                    );
+                    if newest {
+                        break;
+                    }
+                    return Err(corrupt(seg, scan.pos, reason));
+                }
+                Err(reason) => {
+                    if newest {
+                        break;
+                    }
+                    return Err(corrupt(
+                        seg,
+                        scan.pos,
+                        format!("{reason}, before the end of a full segment"),
+                    ));
+                }
+            };
+            report.records_scanned += 1;
+            match view.header.kind {
+                RecordKind::SegmentEnd => {
+                    scan.advance();
+                    if newest {
+                        need_new_segment = true;
+                    }
+                    break;
+                }
+                RecordKind::Message => {
+                    let q = queue_for(
+                        storage,
+                        cq_dir,
+                        &mut queues,
+                        view.topic,
+                        view.header.queue_id,
+                    )?;
+                    let expected = q.assigned.load(Ordering::Relaxed);
+                    if view.header.queue_offset != expected {
+                        return Err(corrupt(
+                            seg,
+                            scan.pos,
+                            format!(
+                                "message has queue offset {} but {}/{} expects {expected}",
+                                view.header.queue_offset, view.topic, view.header.queue_id
+                            ),
+                        ));
+                    }
+                    q.assigned.store(expected + 1, Ordering::Relaxed);
+                    dispatch.push(&Dispatch {
+                        queue: q,
+                        queue_offset: expected,
+                        entry: Entry {
+                            log_offset: view.header.log_offset,
+                            size: scan.len as u32,
+                            key_hash: consume_queue::key_hash(view.key),
+                        },
+                    });
+                }
+                RecordKind::Half | RecordKind::TxnEnd => {}
+            }
+            on_record(&view);
+            scan.advance();
+            if report.records_scanned.is_multiple_of(4096) {
+                dispatch.apply()?;
+            }
+        }
+        if newest {
+            active_idx = idx;
+            pos = scan.pos;
+            if !need_new_segment {
+                report.torn_bytes_cut =
+                    cut_tail(&*seg.file, seg.size, pos, config).map_err(|e| match e {
+                        Error::Corrupt { offset, reason, .. } => corrupt(seg, offset, reason),
+                        other => other,
+                    })?;
+            }
+        }
+    }
+    dispatch.apply()?;
+
+    let mut map: BTreeMap<u64, Arc<Segment>> =
+        segments.iter().map(|s| (s.base, s.clone())).collect();
+    let mut active = segments[active_idx].clone();
+    if need_new_segment {
+        let base = active.base + active.size;
+        let seg = Arc::new(Segment::create(
+            storage,
+            log_dir,
+            base,
+            config.segment_bytes,
+        )?);
+        map.insert(base, seg.clone());
+        active = seg;
+        pos = SEGMENT_HEADER_BYTES;
+    }
+    report.segments = map.len();
+    report.log_end = active.base + pos;
+
+    // The re-derived indexes are durable; record that so the next open starts here.
+    let mut lens = Vec::new();
+    for m in queues.values() {
+        for q in m.values() {
+            q.sync_if_dirty()?;
+            lens.push((q.topic().to_owned(), q.queue_id(), q.len()));
+        }
+    }
+    let seq = checkpoint_seq + 1;
+    checkpoint::store(
+        storage,
+        dir,
+        &Checkpoint {
+            seq,
+            log_offset: report.log_end,
+            queues: lens,
+        },
+    )?;
+    if report.torn_bytes_cut > 0 {
+        tracing::warn!(
+            bytes = report.torn_bytes_cut,
+            at = report.log_end,
+            "cut the torn tail of the log (records that were never acknowledged)"
+        );
+    }
+    Ok(Recovered {
+        segments: map,
+        active,
+        pos,
+        queues,
+        checkpoint_seq: seq,
+        report,
+    })
+}
+
+fn corrupt(seg: &Segment, pos: u64, reason: String) -> Error {
+    Error::Corrupt {
+        path: seg.path().to_path_buf(),
+        offset: pos,
+        reason,
+    }
+}
+
+/// Open every segment, check that they are contiguous, and drop blank newest ones.
+fn open_segments(
+    storage: &dyn Storage,
+    log_dir: &Path,
+    config: &StoreConfig,
+) -> Result<Vec<Segment>> {
+    let mut out: Vec<Segment> = Vec::new();
+    let mut blanks: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    for (base, path) in segment::list(storage, log_dir)? {
+        match Segment::open(storage, &path, base)? {
+            HeaderCheck::Blank(_) => blanks.push((base, path)),
+            HeaderCheck::Valid(seg) => {
+                if let Some((b, p)) = blanks.first() {
+                    return Err(Error::Corrupt {
+                        path: p.clone(),
+                        offset: 0,
+                        reason: format!("blank segment {b} is followed by segment {base}"),
+                    });
+                }
+                if let Some(prev) = out.last() {
+                    if prev.base + prev.size != base {
+                        return Err(Error::Corrupt {
+                            path: path.clone(),
+                            offset: 0,
+                            reason: format!(
+                                "segment does not follow the previous one (it ends at {}); a segment file is missing",
+                                prev.base + prev.size
+                            ),
+                        });
+                    }
+                }
+                out.push(seg);
+            }
+        }
+    }
+    if !blanks.is_empty() {
+        for (_, p) in &blanks {
+            tracing::warn!(file = %p.display(), "removing a segment whose creation never finished");
+            storage.remove_file(p)?;
+        }
+        storage.sync_dir(log_dir)?;
+    }
+    let _ = config;
+    Ok(out)
+}
+
+/// Open every index under `cq_dir`, trimmed to its checkpointed length. Returns whether an
+/// index was missing or short, so the log must be read from its start.
+fn open_queues(
+    storage: &dyn Storage,
+    cq_dir: &Path,
+    cp: Option<&Checkpoint>,
+) -> Result<(QueueMap, bool)> {
+    let mut want: HashMap<(String, u32), u64> = HashMap::new();
+    if let Some(c) = cp {
+        for (t, q, n) in &c.queues {
+            want.insert((t.clone(), *q), *n);
+        }
+    }
+    let mut queues: QueueMap = HashMap::new();
+    let mut full = false;
+    for topic in storage.list_dir(cq_dir)? {
+        if super::validate_topic_name(&topic).is_err() {
+            tracing::warn!(dir = %cq_dir.join(&topic).display(), "ignoring unknown entry in the index directory");
+            continue;
+        }
+        for name in storage.list_dir(&cq_dir.join(&topic))? {
+            let Some(qid) = consume_queue::parse_file_name(&name) else {
+                continue;
+            };
+            let len = want.remove(&(topic.clone(), qid)).unwrap_or(0);
+            let (cq, have) = ConsumeQueue::open(storage, cq_dir, &topic, qid, len)?;
+            if have < len {
+                full = true;
+            }
+            queues
+                .entry(topic.clone())
+                .or_default()
+                .insert(qid, Arc::new(cq));
+        }
+    }
+    if want.values().any(|&n| n > 0) {
+        full = true;
+    }
+    Ok((queues, full))
+}
+
+fn queue_for(
+    storage: &dyn Storage,
+    cq_dir: &Path,
+    queues: &mut QueueMap,
+    topic: &str,
+    queue_id: u32,
+) -> Result<Arc<ConsumeQueue>> {
+    if let Some(q) = queues.get(topic).and_then(|m| m.get(&queue_id)) {
+        return Ok(q.clone());
+    }
+    super::validate_topic_name(topic)?;
+    let (cq, _) = ConsumeQueue::open(storage, cq_dir, topic, queue_id, 0)?;
+    let cq = Arc::new(cq);
+    queues
+        .entry(topic.to_owned())
+        .or_default()
+        .insert(queue_id, cq.clone());
+    Ok(cq)
+}
+
+/// Zero everything after `pos` in the newest segment. Returns the bytes that were not zero.
+/// Damage longer than an unclean stop can leave is corruption, not a torn tail.
+fn cut_tail(file: &dyn StorageFile, size: u64, pos: u64, config: &StoreConfig) -> Result<u64> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut last_nonzero: Option<u64> = None;
+    let mut at = pos;
+    while at < size {
+        let n = ((size - at) as usize).min(CHUNK);
+        let got = file.read_at(&mut buf[..n], at)?;
+        if let Some(i) = buf[..got].iter().rposition(|&b| b != 0) {
+            last_nonzero = Some(at + i as u64);
+        }
+        if got < n {
+            break;
+        }
+        at += n as u64;
+    }
+    let Some(last) = last_nonzero else {
+        return Ok(0);
+    };
+    let damaged = last + 1 - pos;
+    if damaged > torn_tail_bytes_max(config) {
+        return Err(Error::Corrupt {
+            path: file.path().to_path_buf(),
+            offset: pos,
+            reason: format!(
+                "invalid record followed by {damaged} bytes of data; an unclean stop leaves at most {} \
+                 (pending_bytes_max and record_bytes_max), so this is damage to acknowledged data, \
+                 not a torn tail",
+                torn_tail_bytes_max(config)
+            ),
+        });
+    }
+    let zeros = vec![0u8; CHUNK];
+    let mut at = pos;
+    while at <= last {
+        let n = ((last + 1 - at) as usize).min(CHUNK);
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_data()?;
+    Ok(damaged)
+}
+
+/// Reads records from a segment through a buffer.
+struct Scanner<'f> {
+    file: &'f dyn StorageFile,
+    size: u64,
+    /// Position of the current record in the file.
+    pos: u64,
+    /// Length of the record last returned.
+    len: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+const SCAN_BUF_BYTES: usize = 1 << 20;
+
+impl<'f> Scanner<'f> {
+    fn new(file: &'f dyn StorageFile, size: u64, pos: u64) -> Scanner<'f> {
+        Scanner {
+            file,
+            size,
+            pos,
+            len: 0,
+            buf: Vec::new(),
+            buf_start: pos,
+        }
+    }
+
+    fn advance(&mut self) {
+        self.pos += self.len;
+        self.len = 0;
+    }
+
+    /// Make bytes [pos, pos + want) available in the buffer (fewer at the end of the file).
+    fn fill(&mut self, want: u64) -> Result<()> {
+        let have_end = self.buf_start + self.buf.len() as u64;
+        if self.pos >= self.buf_start && self.pos + want <= have_end {
+            return Ok(());
+        }
+        let n = want
+            .max(SCAN_BUF_BYTES as u64)
+            .min(self.size.saturating_sub(self.pos)) as usize;
+        self.buf.resize(n, 0);
+        let got = self.file.read_at(&mut self.buf, self.pos)?;
+        self.buf.truncate(got);
+        self.buf_start = self.pos;
+        Ok(())
+    }
+
+    /// Buffer the record at `pos` and learn its length; `Err(reason)` when there is no
+    /// plausible record there (zeros, a bad length, the end of the file).
+    fn next(&mut self) -> Result<Result<(), String>> {
+        if self.pos + record::HEADER_BYTES as u64 > self.size {
+            return Ok(Err("end of file".into()));
+        }
+        self.fill(record::HEADER_BYTES as u64)?;
+        let at = (self.pos - self.buf_start) as usize;
+        let total = match record::check_len(&self.buf[at..]) {
+            Ok(t) => u64::from(t),
+            Err(DecodeError::Empty) => return Ok(Err("no record (zeros)".into())),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        if self.pos + total > self.size {
+            return Ok(Err(format!(
+                "record of {total} bytes runs past the end of the segment"
+            )));
+        }
+        self.fill(total)?;
+        self.len = total;
+        Ok(Ok(()))
+    }
+
+    /// Decode and verify the record buffered by `next`.
+    fn current(&self) -> std::result::Result<RecordView<'_>, DecodeError> {
+        let at = (self.pos - self.buf_start) as usize;
+        let end = (at + self.len as usize).min(self.buf.len());
+        record::decode(&self.buf[at..end]).map(|(view, _)| view)
+    }
+}
