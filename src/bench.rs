@@ -64,6 +64,10 @@ pub struct BenchReport {
     pub p999_us: u64,
     /// Largest.
     pub max_us: u64,
+    /// Log fsyncs per second during the run (group commits).
+    pub fsyncs_per_s: f64,
+    /// Mean messages made durable by one fsync.
+    pub msgs_per_fsync: f64,
     /// The raw disk's one-at-a-time 1 KiB write + fdatasync rate (with `--baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_serial_fsync_ops_per_s: Option<f64>,
@@ -267,6 +271,7 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
             reason: e.to_string(),
         })?;
     }
+    let log = broker.store().log_stats();
     broker.close()?;
     let messages = done.load(Ordering::Relaxed);
     Ok(BenchReport {
@@ -285,6 +290,8 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         p99_us: hist.value_at_quantile(0.99),
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
+        fsyncs_per_s: round2(log.syncs as f64 / seconds),
+        msgs_per_fsync: round2(log.records as f64 / log.syncs.max(1) as f64),
         ..BenchReport::default()
     })
 }

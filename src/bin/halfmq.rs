@@ -183,6 +183,10 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
         "{} msgs in {:.2} s: {:.0} msg/s, {:.1} MiB/s; latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
         r.messages, r.seconds, r.msgs_per_s, r.mib_per_s, r.p50_us, r.p99_us, r.p999_us, r.max_us
     );
+    println!(
+        "group commit: {:.0} fsyncs/s, {:.1} messages per fsync",
+        r.fsyncs_per_s, r.msgs_per_fsync
+    );
     if let (Some(raw), Some(ratio), Some(p99), Some(pr)) = (
         r.raw_group_msgs_per_s,
         r.ratio_to_raw,

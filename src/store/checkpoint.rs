@@ -34,6 +34,9 @@ pub struct Checkpoint {
     pub log_offset: u64,
     /// Length of every consume queue at `log_offset`: (topic, queue id, entries).
     pub queues: Vec<(String, u32, u64)>,
+    /// Written by a clean close: `log_offset` is the end of the log and nothing was written
+    /// after it, so recovery need not look for a torn tail.
+    pub clean: bool,
 }
 
 fn file_path(dir: &Path, seq: u64) -> PathBuf {

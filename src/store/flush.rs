@@ -11,6 +11,7 @@
 //! writer gets the error, and only reopening (recovery) makes it writable again.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,7 +59,7 @@ struct FlusherState {
 }
 
 pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
-    let start = shared.progress.lock().durable;
+    let start = shared.progress.durable.load(Ordering::Acquire);
     let mut st = FlusherState {
         batch: Batch::default(),
         dispatch: DispatchBuf::default(),
@@ -108,7 +109,7 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             } else {
                 Ok(())
             };
-            let cp = done.and_then(|()| write_checkpoint(&shared, &mut st));
+            let cp = done.and_then(|()| write_checkpoint(&shared, &mut st, true));
             if let Err(e) = cp {
                 // The log itself is durable; a missing checkpoint only makes the next
                 // recovery read more of it.
@@ -117,9 +118,8 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             break;
         }
     }
-    let mut p = shared.progress.lock();
-    p.stopped = true;
-    shared.progress_cv.notify_all();
+    shared.progress.stopped.store(true, Ordering::Release);
+    shared.progress.epoch.advance();
 }
 
 /// One group-commit round.
@@ -139,6 +139,8 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         }
     }
     let bytes = batch.bytes.len() as u64;
+    let records = batch.records;
+    let mut synced = false;
     if had_data {
         st.written = batch.end;
         st.unsynced_bytes += bytes;
@@ -161,6 +163,7 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         st.durable = st.written;
         st.unsynced_bytes = 0;
         st.last_sync = Instant::now();
+        synced = true;
     }
     // Index the batch's messages before anyone is told they are stored.
     for d in &batch.dispatch {
@@ -168,20 +171,20 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
     }
     st.dispatch.apply()?;
     batch.clear();
-    {
-        let mut p = shared.progress.lock();
-        p.written = st.written;
-        p.durable = st.durable;
-    }
-    shared.progress_cv.notify_all();
+    let p = &shared.progress;
+    p.records.fetch_add(records, Ordering::Relaxed);
+    p.syncs.fetch_add(u64::from(synced), Ordering::Relaxed);
+    p.written.store(st.written, Ordering::Release);
+    p.durable.store(st.durable, Ordering::Release);
+    p.epoch.advance();
     if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
-        write_checkpoint(shared, st)?;
+        write_checkpoint(shared, st, false)?;
     }
     Ok(())
 }
 
 /// Sync every consume queue, then record their lengths at the (durable) end of the log.
-fn write_checkpoint(shared: &Shared, st: &mut FlusherState) -> Result<()> {
+fn write_checkpoint(shared: &Shared, st: &mut FlusherState, clean: bool) -> Result<()> {
     let queues: Vec<Arc<ConsumeQueue>> = shared
         .queues
         .read()
@@ -198,6 +201,7 @@ fn write_checkpoint(shared: &Shared, st: &mut FlusherState) -> Result<()> {
         seq: st.checkpoint_seq,
         log_offset: st.durable,
         queues: lens,
+        clean,
     };
     checkpoint::store(&*shared.storage, &shared.dir, &cp)?;
     st.since_checkpoint = 0;
@@ -212,7 +216,5 @@ fn poison(shared: &Shared, msg: &str) {
         w.batch.clear();
         shared.space.notify_all();
     }
-    let mut p = shared.progress.lock();
-    p.error = Some(msg.to_owned());
-    shared.progress_cv.notify_all();
+    shared.progress.fail(msg);
 }

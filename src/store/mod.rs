@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod consume_queue;
+mod epoch;
 mod flush;
 pub mod io;
 mod recovery;
@@ -15,6 +16,7 @@ pub mod segment;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -85,6 +87,8 @@ struct Batch {
     bytes: Vec<u8>,
     chunks: Vec<Chunk>,
     dispatch: Vec<Dispatch>,
+    /// Records in the batch.
+    records: u64,
     /// Log offset just past the last record in the batch.
     end: u64,
 }
@@ -98,6 +102,7 @@ impl Batch {
         self.bytes.clear();
         self.chunks.clear();
         self.dispatch.clear();
+        self.records = 0;
     }
 }
 
@@ -112,17 +117,40 @@ struct Writer {
     sync_requested: bool,
 }
 
-/// Flush progress, watched by waiting writers and pollers.
+/// Flush progress, watched by waiting writers and pollers without a lock.
 #[derive(Debug, Default)]
 struct Progress {
     /// Everything before this log offset is written to the OS.
-    written: u64,
+    written: AtomicU64,
     /// Everything before this log offset is durable.
-    durable: u64,
-    /// Set when the flusher failed; every later wait returns it.
-    error: Option<String>,
+    durable: AtomicU64,
+    /// Group commits (log fsyncs) so far.
+    syncs: AtomicU64,
+    /// Records appended so far (SegmentEnd markers included).
+    records: AtomicU64,
     /// The flusher has exited.
-    stopped: bool,
+    stopped: AtomicBool,
+    /// Set once when the flusher failed; every later wait returns it.
+    failed: AtomicBool,
+    error: Mutex<Option<String>>,
+    /// Advanced after every change above.
+    epoch: epoch::Epoch,
+}
+
+impl Progress {
+    fn error(&self) -> Option<String> {
+        if self.failed.load(Ordering::Acquire) {
+            self.error.lock().clone()
+        } else {
+            None
+        }
+    }
+
+    fn fail(&self, msg: &str) {
+        *self.error.lock() = Some(msg.to_owned());
+        self.failed.store(true, Ordering::Release);
+        self.epoch.advance();
+    }
 }
 
 pub(crate) struct Shared {
@@ -138,8 +166,7 @@ pub(crate) struct Shared {
     work: Condvar,
     /// Writers wait here for room in the batch (on `writer`).
     space: Condvar,
-    progress: Mutex<Progress>,
-    progress_cv: Condvar,
+    progress: Progress,
 }
 
 /// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -185,6 +212,10 @@ pub struct LogStats {
     pub durable_offset: u64,
     /// Everything before this offset is written to the OS.
     pub written_offset: u64,
+    /// Log fsyncs (group commits) since open.
+    pub syncs: u64,
+    /// Records written since open.
+    pub records: u64,
 }
 
 /// Check a topic name: 1 to 127 bytes of `[A-Za-z0-9._-]`, not starting with a dot, so
@@ -248,12 +279,11 @@ impl Store {
             }),
             work: Condvar::new(),
             space: Condvar::new(),
-            progress: Mutex::new(Progress {
-                written: end,
-                durable: end,
+            progress: Progress {
+                written: AtomicU64::new(end),
+                durable: AtomicU64::new(end),
                 ..Progress::default()
-            }),
-            progress_cv: Condvar::new(),
+            },
         });
         let s = shared.clone();
         let flusher = std::thread::Builder::new()
@@ -451,27 +481,23 @@ impl Store {
     ) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
-        let mut p = self.shared.progress.lock();
+        let p = &self.shared.progress;
         loop {
+            let seen = p.epoch.current();
             if ready() {
                 return true;
             }
-            if p.stopped
-                || self
-                    .shared
-                    .progress_cv
-                    .wait_until(&mut p, deadline)
-                    .timed_out()
-            {
+            if p.stopped.load(Ordering::Acquire) || std::time::Instant::now() >= deadline {
                 return ready();
             }
+            p.epoch.wait(seen, Some(deadline));
         }
     }
 
     /// Log statistics.
     pub fn log_stats(&self) -> LogStats {
         let segs = self.shared.segments.read();
-        let p = self.shared.progress.lock();
+        let p = &self.shared.progress;
         LogStats {
             segments: segs.len(),
             first_offset: segs
@@ -479,8 +505,10 @@ impl Store {
                 .next()
                 .map(|s| s.base + SEGMENT_HEADER_BYTES)
                 .unwrap_or(0),
-            durable_offset: p.durable,
-            written_offset: p.written,
+            durable_offset: p.durable.load(Ordering::Acquire),
+            written_offset: p.written.load(Ordering::Acquire),
+            syncs: p.syncs.load(Ordering::Relaxed),
+            records: p.records.load(Ordering::Relaxed),
         }
     }
 
@@ -498,9 +526,8 @@ impl Store {
                 return Err(Error::Poisoned("the flusher thread panicked".into()));
             }
         }
-        let p = self.shared.progress.lock();
-        match &p.error {
-            Some(e) => Err(Error::Poisoned(e.clone())),
+        match self.shared.progress.error() {
+            Some(e) => Err(Error::Poisoned(e)),
             None => Ok(()),
         }
     }
@@ -620,6 +647,7 @@ impl Shared {
             w.batch.chunks.push(chunk);
         }
         w.pos += u64::from(size);
+        w.batch.records += 1;
         w.batch.end = w.active.base + w.pos;
         Ok(())
     }
@@ -660,19 +688,20 @@ impl Shared {
     }
 
     fn wait_progress(&self, end: u64, durable: bool) -> Result<()> {
-        let mut p = self.progress.lock();
+        let p = &self.progress;
+        let mark = if durable { &p.durable } else { &p.written };
         loop {
-            let mark = if durable { p.durable } else { p.written };
-            if mark >= end {
+            let seen = p.epoch.current();
+            if mark.load(Ordering::Acquire) >= end {
                 return Ok(());
             }
-            if let Some(e) = &p.error {
-                return Err(Error::Poisoned(e.clone()));
+            if let Some(e) = p.error() {
+                return Err(Error::Poisoned(e));
             }
-            if p.stopped {
+            if p.stopped.load(Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            self.progress_cv.wait(&mut p);
+            p.epoch.wait(seen, None);
         }
     }
 }

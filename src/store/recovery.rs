@@ -205,7 +205,10 @@ pub(crate) fn recover(
         if newest {
             active_idx = idx;
             pos = scan.pos;
-            if !need_new_segment {
+            let clean_end = cp
+                .as_ref()
+                .is_some_and(|c| c.clean && c.log_offset == seg.base + scan.pos);
+            if !need_new_segment && !clean_end {
                 report.torn_bytes_cut =
                     cut_tail(&*seg.file, seg.size, pos, config).map_err(|e| match e {
                         Error::Corrupt { offset, reason, .. } => corrupt(seg, offset, reason),
@@ -250,6 +253,7 @@ pub(crate) fn recover(
             seq,
             log_offset: report.log_end,
             queues: lens,
+            clean: false,
         },
     )?;
     if report.torn_bytes_cut > 0 {
