@@ -23,8 +23,11 @@ pub struct BenchOptions {
     pub data_dir: PathBuf,
     /// Remove `data_dir` when done.
     pub cleanup: bool,
-    /// Concurrent producer threads.
+    /// Concurrent producers.
     pub producers: usize,
+    /// One OS thread per producer calling the blocking `send`, instead of async tasks on a
+    /// tokio runtime with one worker per core.
+    pub threads: bool,
     /// Body bytes per message.
     pub size: usize,
     /// Stop after this many messages...
@@ -42,8 +45,11 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// `"embedded"` (or `"broker"`, `"txn"` for other modes).
     pub mode: String,
-    /// Producer threads.
+    /// Concurrent producers.
     pub producers: usize,
+    /// `"tasks"` (async sends on a tokio runtime) or `"threads"` (one OS thread per producer,
+    /// blocking sends).
+    pub producer_kind: String,
     /// Body bytes per message.
     pub msg_bytes: usize,
     /// `"sync"` or `"async"`.
@@ -209,46 +215,66 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         (None, None) => Some(Duration::from_secs(10)),
         (Some(_), None) => None,
     };
-    let issued = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load {
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        limit: limit_msgs,
+    });
     let start = Instant::now();
-    let mut handles = Vec::new();
-    for p in 0..opts.producers {
-        let broker = broker.clone();
-        let issued = issued.clone();
-        let done = done.clone();
-        let stop = stop.clone();
-        let body = vec![b'x'; opts.size];
-        let handle = std::thread::Builder::new()
-            .name(format!("bench-producer-{p}"))
-            .spawn(move || -> Result<Histogram<u64>> {
-                let mut hist = histogram();
-                let msg = Message::new(body);
-                while !stop.load(Ordering::Relaxed)
-                    && issued.fetch_add(1, Ordering::Relaxed) < limit_msgs
-                {
-                    let t = Instant::now();
-                    broker.send("bench", &msg)?;
-                    hist.saturating_record(t.elapsed().as_micros() as u64);
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(hist)
+    let producers = if opts.threads {
+        let mut handles = Vec::new();
+        for p in 0..opts.producers {
+            let (broker, load) = (broker.clone(), load.clone());
+            let msg = Message::new(vec![b'x'; opts.size]);
+            let handle = std::thread::Builder::new()
+                .name(format!("bench-producer-{p}"))
+                .spawn(move || -> Result<Histogram<u64>> {
+                    let mut hist = histogram();
+                    while load.next() {
+                        let t = Instant::now();
+                        broker.send("bench", &msg)?;
+                        load.record(&mut hist, t);
+                    }
+                    Ok(hist)
+                })
+                .map_err(|e| Error::io(&opts.data_dir, "start producer thread", e))?;
+            handles.push(handle);
+        }
+        Producers::Threads(handles)
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io(&opts.data_dir, "start runtime", e))?;
+        let handles = (0..opts.producers)
+            .map(|_| {
+                let (broker, load) = (broker.clone(), load.clone());
+                let msg = Message::new(vec![b'x'; opts.size]);
+                rt.spawn(async move {
+                    let mut hist = histogram();
+                    while load.next() {
+                        let t = Instant::now();
+                        broker.send_async("bench", &msg).await?;
+                        load.record(&mut hist, t);
+                    }
+                    Ok(hist)
+                })
             })
-            .map_err(|e| Error::io(&opts.data_dir, "start producer thread", e))?;
-        handles.push(handle);
-    }
+            .collect();
+        Producers::Tasks(rt, handles)
+    };
     let mut last = (Instant::now(), 0u64);
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let finished = handles.iter().all(|h| h.is_finished());
+        let finished = producers.finished();
         if let Some(l) = limit_time {
             if start.elapsed() >= l {
-                stop.store(true, Ordering::Relaxed);
+                load.stop.store(true, Ordering::Relaxed);
             }
         }
         if last.0.elapsed() >= Duration::from_secs(1) || finished {
-            let n = done.load(Ordering::Relaxed);
+            let n = load.done.load(Ordering::Relaxed);
             let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
             progress(&format!(
                 "{:>6.1} s  {n:>10} msgs  {rate:>10.0} msg/s",
@@ -262,10 +288,7 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     }
     let seconds = start.elapsed().as_secs_f64();
     let mut hist = histogram();
-    for h in handles {
-        let h = h
-            .join()
-            .map_err(|_| Error::Poisoned("a bench producer panicked".into()))??;
+    for h in producers.join()? {
         hist.add(&h).map_err(|e| Error::Invalid {
             what: "histogram",
             reason: e.to_string(),
@@ -273,9 +296,10 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     }
     let log = broker.store().log_stats();
     broker.close()?;
-    let messages = done.load(Ordering::Relaxed);
+    let messages = load.done.load(Ordering::Relaxed);
     Ok(BenchReport {
         mode: "embedded".into(),
+        producer_kind: if opts.threads { "threads" } else { "tasks" }.into(),
         producers: opts.producers,
         msg_bytes: opts.size,
         flush: match opts.flush {
@@ -294,4 +318,61 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
         msgs_per_fsync: round2(log.records as f64 / log.syncs.max(1) as f64),
         ..BenchReport::default()
     })
+}
+
+/// Shared counters of one run.
+struct Load {
+    issued: AtomicU64,
+    done: AtomicU64,
+    stop: AtomicBool,
+    limit: u64,
+}
+
+impl Load {
+    /// Claim the next message to send, if the run is not over.
+    fn next(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+            && self.issued.fetch_add(1, Ordering::Relaxed) < self.limit
+    }
+
+    fn record(&self, hist: &mut Histogram<u64>, started: Instant) {
+        hist.saturating_record(started.elapsed().as_micros() as u64);
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type ProducerResult = Result<Histogram<u64>>;
+
+enum Producers {
+    Threads(Vec<std::thread::JoinHandle<ProducerResult>>),
+    Tasks(
+        tokio::runtime::Runtime,
+        Vec<tokio::task::JoinHandle<ProducerResult>>,
+    ),
+}
+
+impl Producers {
+    fn finished(&self) -> bool {
+        match self {
+            Producers::Threads(h) => h.iter().all(|h| h.is_finished()),
+            Producers::Tasks(_, h) => h.iter().all(|h| h.is_finished()),
+        }
+    }
+
+    fn join(self) -> Result<Vec<Histogram<u64>>> {
+        let panicked = || Error::Poisoned("a bench producer panicked".into());
+        match self {
+            Producers::Threads(hs) => hs
+                .into_iter()
+                .map(|h| h.join().map_err(|_| panicked())?)
+                .collect(),
+            Producers::Tasks(rt, hs) => rt.block_on(async {
+                let mut out = Vec::new();
+                for h in hs {
+                    out.push(h.await.map_err(|_| panicked())??);
+                }
+                Ok(out)
+            }),
+        }
+    }
 }

@@ -352,28 +352,52 @@ impl Broker {
     }
 
     /// Store a message. Returns once it is acknowledged under the flush policy (by default:
-    /// durable on disk).
+    /// durable on disk). Blocks the calling thread; async code uses [`Broker::send_async`].
     pub fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        let (t, qi, props) = self.prepare_send(topic, msg)?;
+        let a = self.store.append(Self::append_of(&t, qi, msg, &props))?;
+        Ok(Self::receipt(&t, qi, a))
+    }
+
+    /// [`Broker::send`] without blocking the executor while the fsync happens.
+    pub async fn send_async(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        let (t, qi, props) = self.prepare_send(topic, msg)?;
+        let a = self
+            .store
+            .append_async(Self::append_of(&t, qi, msg, &props))
+            .await?;
+        Ok(Self::receipt(&t, qi, a))
+    }
+
+    fn prepare_send(&self, topic: &str, msg: &Message) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
         let t = self.topic(topic)?;
-        let q = &t.queues[Self::pick_queue(&t, &msg.key)];
+        let qi = Self::pick_queue(&t, &msg.key);
         let props = record::encode_properties(&msg.properties)?;
-        let a = self.store.append(Append {
+        Ok((t, qi, props))
+    }
+
+    fn append_of<'a>(t: &'a Topic, qi: usize, msg: &'a Message, props: &'a [u8]) -> Append<'a> {
+        let q = &t.queues[qi];
+        Append {
             kind: RecordKind::Message,
-            topic,
+            topic: &t.name,
             queue_id: q.queue_id(),
             key: &msg.key,
-            props: &props,
+            props,
             body: &msg.body,
             timestamp_ms: now_ms(),
             dispatch_to: Some(q),
-        })?;
-        Ok(SendReceipt {
-            topic: topic.to_owned(),
-            queue: q.queue_id(),
+        }
+    }
+
+    fn receipt(t: &Topic, qi: usize, a: crate::store::Appended) -> SendReceipt {
+        SendReceipt {
+            topic: t.name.clone(),
+            queue: t.queues[qi].queue_id(),
             // The store hands out a queue offset for every dispatched append.
             offset: a.queue_offset.unwrap_or_default(),
             log_offset: a.log_offset,
-        })
+        }
     }
 
     fn group_topic(&self, group: &str, topic: &Topic) -> Result<Arc<Mutex<GroupTopic>>> {

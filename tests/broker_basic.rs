@@ -163,3 +163,44 @@ fn poll_wait_returns_when_a_message_arrives() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"late");
 }
+
+#[test]
+fn send_async_is_durable_and_visible_like_send() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = std::sync::Arc::new(open(tmp.path()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let receipts = rt.block_on(async {
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move {
+                    b.send_async(
+                        "t",
+                        &Message::new(format!("m{i}")).with_key(format!("k{i}")),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    });
+    assert_eq!(receipts.len(), 32);
+    let got = b.poll("g", "t", 100).unwrap();
+    assert_eq!(got.len(), 32);
+    b.close().unwrap();
+    drop(b);
+    let b = open(tmp.path());
+    assert_eq!(
+        b.poll("g", "t", 100).unwrap().len(),
+        32,
+        "all async sends survive a reopen"
+    );
+}

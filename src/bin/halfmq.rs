@@ -104,6 +104,10 @@ enum Command {
         /// First measure the raw disk (write + fdatasync) on the same directory.
         #[arg(long)]
         baseline: bool,
+        /// One OS thread per producer calling the blocking send (default: async tasks on a
+        /// tokio runtime with one worker per core).
+        #[arg(long)]
+        threads: bool,
         /// Print one JSON object as the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -140,6 +144,7 @@ fn run(cli: Cli) -> halfmq::Result<()> {
             seconds,
             flush,
             baseline,
+            threads,
             json,
         } => {
             let (data_dir, cleanup) = match data_dir {
@@ -156,6 +161,7 @@ fn run(cli: Cli) -> halfmq::Result<()> {
                 },
             };
             let opts = BenchOptions {
+                threads,
                 data_dir,
                 cleanup,
                 producers,

@@ -97,6 +97,7 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             w.batch.end = st.batch.end;
             let requested = std::mem::take(&mut w.sync_requested);
             shared.space.notify_all();
+            shared.async_notify.notify_waiters();
             (w.closed && w.batch.is_empty(), requested)
         };
         if let Err(e) = round(&shared, &mut st, closing || sync_requested) {
@@ -120,6 +121,7 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
     }
     shared.progress.stopped.store(true, Ordering::Release);
     shared.progress.epoch.advance();
+    shared.async_notify.notify_waiters();
 }
 
 /// One group-commit round.
@@ -177,6 +179,7 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
     p.written.store(st.written, Ordering::Release);
     p.durable.store(st.durable, Ordering::Release);
     p.epoch.advance();
+    shared.async_notify.notify_waiters();
     if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
         write_checkpoint(shared, st, false)?;
     }
@@ -217,4 +220,5 @@ fn poison(shared: &Shared, msg: &str) {
         shared.space.notify_all();
     }
     shared.progress.fail(msg);
+    shared.async_notify.notify_waiters();
 }

@@ -167,6 +167,8 @@ pub(crate) struct Shared {
     /// Writers wait here for room in the batch (on `writer`).
     space: Condvar,
     progress: Progress,
+    /// Wakes async writers on every change of `progress` and of room in the batch.
+    async_notify: tokio::sync::Notify,
 }
 
 /// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -284,6 +286,7 @@ impl Store {
                 durable: AtomicU64::new(end),
                 ..Progress::default()
             },
+            async_notify: tokio::sync::Notify::new(),
         });
         let s = shared.clone();
         let flusher = std::thread::Builder::new()
@@ -348,8 +351,49 @@ impl Store {
     }
 
     /// Append one record. Returns when the record is acknowledged under the flush policy:
-    /// durable (`Sync`) or written to the OS (`Async`).
+    /// durable (`Sync`) or written to the OS (`Async`). Blocks the calling thread; async code
+    /// uses [`Store::append_async`].
     pub fn append(&self, a: Append<'_>) -> Result<Appended> {
+        let size = self.check_append(&a)?;
+        let appended = match self.shared.append_to_batch(&a, size, true)? {
+            Some(x) => x,
+            // With wait_for_space the writer waits for room instead of returning None.
+            None => return Err(Error::Closed),
+        };
+        self.shared
+            .wait_acked(appended.log_offset + u64::from(size))?;
+        Ok(appended)
+    }
+
+    /// [`Store::append`] for async code: waiting for room in the batch and for the flush
+    /// happens without blocking the executor's thread.
+    pub async fn append_async(&self, a: Append<'_>) -> Result<Appended> {
+        let size = self.check_append(&a)?;
+        let notify = &self.shared.async_notify;
+        let appended = loop {
+            let changed = notify.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.shared.append_to_batch(&a, size, false)? {
+                Some(x) => break x,
+                None => changed.await,
+            }
+        };
+        let end = appended.log_offset + u64::from(size);
+        let durable = matches!(self.shared.config.flush, FlushPolicy::Sync);
+        loop {
+            let changed = notify.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.shared.check_progress(end, durable)? {
+                return Ok(appended);
+            }
+            changed.await;
+        }
+    }
+
+    /// Validate an append and return the record's encoded size.
+    fn check_append(&self, a: &Append<'_>) -> Result<u32> {
         let size = record::encoded_len(a.topic, a.key, a.props, a.body).map_err(|reason| {
             Error::Invalid {
                 what: "message",
@@ -373,10 +417,7 @@ impl Store {
                 });
             }
         }
-        let appended = self.shared.append_to_batch(&a, size)?;
-        self.shared
-            .wait_acked(appended.log_offset + u64::from(size))?;
-        Ok(appended)
+        Ok(size)
     }
 
     /// Make everything appended so far durable (useful under async flush).
@@ -520,6 +561,7 @@ impl Store {
             w.closed = true;
             self.shared.work.notify_one();
             self.shared.space.notify_all();
+            self.shared.async_notify.notify_waiters();
         }
         if let Some(handle) = self.flusher.lock().take() {
             if handle.join().is_err() {
@@ -554,8 +596,14 @@ impl Shared {
         }
     }
 
-    /// Encode a record into the shared batch and return where it will be.
-    fn append_to_batch(&self, a: &Append<'_>, size: u32) -> Result<Appended> {
+    /// Encode a record into the shared batch and return where it will be. When the batch is
+    /// full, wait for room if `wait_for_space`, else return `None`.
+    fn append_to_batch(
+        &self,
+        a: &Append<'_>,
+        size: u32,
+        wait_for_space: bool,
+    ) -> Result<Option<Appended>> {
         let mut w = self.writer.lock();
         loop {
             if let Some(p) = &w.poisoned {
@@ -569,6 +617,9 @@ impl Shared {
             if !w.batch.is_empty()
                 && w.batch.bytes.len() as u64 + u64::from(size) > self.config.pending_bytes_max
             {
+                if !wait_for_space {
+                    return Ok(None);
+                }
                 self.space.wait(&mut w);
                 continue;
             }
@@ -604,11 +655,11 @@ impl Shared {
             });
         }
         self.work.notify_one();
-        Ok(Appended {
+        Ok(Some(Appended {
             log_offset,
             size,
             queue_offset,
-        })
+        }))
     }
 
     /// Encode one record at the writer's position into the batch.
@@ -687,21 +738,29 @@ impl Shared {
         self.wait_progress(end, durable)
     }
 
-    fn wait_progress(&self, end: u64, durable: bool) -> Result<()> {
+    /// Whether the record ending at `end` is written (or durable); an error if it never will be.
+    fn check_progress(&self, end: u64, durable: bool) -> Result<bool> {
         let p = &self.progress;
         let mark = if durable { &p.durable } else { &p.written };
+        if mark.load(Ordering::Acquire) >= end {
+            return Ok(true);
+        }
+        if let Some(e) = p.error() {
+            return Err(Error::Poisoned(e));
+        }
+        if p.stopped.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        Ok(false)
+    }
+
+    fn wait_progress(&self, end: u64, durable: bool) -> Result<()> {
         loop {
-            let seen = p.epoch.current();
-            if mark.load(Ordering::Acquire) >= end {
+            let seen = self.progress.epoch.current();
+            if self.check_progress(end, durable)? {
                 return Ok(());
             }
-            if let Some(e) = p.error() {
-                return Err(Error::Poisoned(e));
-            }
-            if p.stopped.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            p.epoch.wait(seen, None);
+            self.progress.epoch.wait(seen, None);
         }
     }
 }
