@@ -6,19 +6,24 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::config::{BrokerConfig, QUEUES_MAX};
+use crate::config::{BrokerConfig, TxnConfig, QUEUES_MAX};
 use crate::error::{Error, Result};
 use crate::meta::{Meta, TopicConfig};
-use crate::record::{self, Properties, RecordKind};
+use crate::record::{self, Properties, RecordKind, RecordView, FLAG_TXN_COMMIT};
 use crate::store::consume_queue::{key_hash, ConsumeQueue};
 use crate::store::io::{FsStorage, Storage};
-use crate::store::{validate_topic_name, Append, RecoveryReport, Store};
+use crate::store::{validate_topic_name, Append, RecoveryReport, Store, StoreHooks};
+use crate::txn::checker::CheckerThread;
+use crate::txn::{
+    HalfMessage, HalfOptions, Outcome, TransactionChecker, TxnId, TxnIndex, TxnInfo, TxnState,
+    PROP_CHECK_IMMUNITY_MS, PROP_PRODUCER_GROUP, PROP_TXN, RESERVED_PREFIX,
+};
 
 /// A message to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -128,6 +133,10 @@ pub struct Stats {
     pub log: crate::store::LogStats,
     /// Every queue of every topic.
     pub queues: Vec<QueueStats>,
+    /// Transactions waiting for an outcome.
+    pub txn_pending: u64,
+    /// Transactions checked `check_max` times without an answer (need a person).
+    pub txn_unresolved: u64,
 }
 
 struct Topic {
@@ -161,10 +170,69 @@ struct GroupTopic {
 pub struct Broker {
     config: BrokerConfig,
     store: Store,
-    meta: Meta,
+    meta: Arc<Meta>,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
     recovery: RecoveryReport,
+    txns: Arc<TxnIndex>,
+    /// Transaction checkers by producer group: (registration id, checker).
+    checkers: RwLock<HashMap<String, Vec<Registered>>>,
+    checker_ids: AtomicU64,
+    checker_rr: AtomicUsize,
+    check_thread: Mutex<Option<CheckerThread>>,
+}
+
+/// A registered checker: (registration id, checker).
+type Registered = (u64, Arc<dyn TransactionChecker>);
+
+/// Persists the transaction index before every checkpoint.
+struct TxnHooks {
+    txns: Arc<TxnIndex>,
+    meta: Arc<Meta>,
+    retention: Duration,
+}
+
+impl StoreHooks for TxnHooks {
+    fn before_checkpoint(&self) -> Result<()> {
+        self.txns.persist(&self.meta, self.retention, now_ms())
+    }
+}
+
+/// Turn a half record into the index entry of its transaction.
+fn txn_info_of(view: &RecordView<'_>, cfg: &TxnConfig) -> Result<TxnInfo> {
+    let props = view.properties()?;
+    let immunity_ms = props
+        .get(PROP_CHECK_IMMUNITY_MS)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let first_check = (cfg.timeout.as_millis() as u64).max(immunity_ms);
+    Ok(TxnInfo {
+        txn_id: view.header.log_offset,
+        state: TxnState::Pending,
+        topic: view.topic.to_owned(),
+        queue: view.header.queue_id,
+        key: view.key.to_owned(),
+        producer_group: props.get(PROP_PRODUCER_GROUP).cloned().unwrap_or_default(),
+        size: 0,
+        created_ms: view.header.timestamp_ms,
+        checks: 0,
+        next_check_ms: view.header.timestamp_ms + first_check,
+        last_check_ms: 0,
+        last_answer: None,
+    })
+}
+
+/// The transaction a commit or rollback record ends, from its properties.
+fn txn_of(view: &RecordView<'_>) -> Result<u64> {
+    let props = view.properties()?;
+    props
+        .get(PROP_TXN)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Corrupt {
+            path: std::path::PathBuf::from("log"),
+            offset: view.header.log_offset,
+            reason: "transaction outcome record without a transaction id".into(),
+        })
 }
 
 impl std::fmt::Debug for Broker {
@@ -195,29 +263,73 @@ fn validate_group_name(group: &str) -> Result<()> {
 
 impl Broker {
     /// Open (or create) a broker on the real file system.
-    pub fn open(config: BrokerConfig) -> Result<Broker> {
+    pub fn open(config: BrokerConfig) -> Result<Arc<Broker>> {
         Broker::open_with(Arc::new(FsStorage), config)
     }
 
     /// Open a broker whose log and indexes go through `storage` (a [`crate::store::io::SimStorage`]
     /// in tests). The metadata database always lives on the real file system under
     /// `config.data_dir/meta`.
-    pub fn open_with(storage: Arc<dyn Storage>, config: BrokerConfig) -> Result<Broker> {
+    pub fn open_with(storage: Arc<dyn Storage>, config: BrokerConfig) -> Result<Arc<Broker>> {
         config.validate()?;
-        let (store, recovery) =
-            Store::open(storage, &config.data_dir, config.store.clone(), &mut |_| {})?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| Error::io(&config.data_dir, "create directory", e))?;
-        let meta = Meta::open(&config.data_dir.join("meta"))?;
-        let broker = Broker {
+        let dir = &config.data_dir;
+        storage.create_dir_all(dir)?;
+        let lock = storage.lock_dir(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
+        let meta = Arc::new(Meta::open(&dir.join("meta"))?);
+        let txns = Arc::new(TxnIndex::new());
+        txns.load(&meta)?;
+        let hooks = Arc::new(TxnHooks {
+            txns: txns.clone(),
+            meta: meta.clone(),
+            retention: config.txn.outcome_retention,
+        });
+        // Replay the transaction records after the checkpoint over the persisted index.
+        let mut replay_error = None;
+        let mut on_record = |view: &RecordView<'_>| {
+            let r = match view.header.kind {
+                RecordKind::Half => txn_info_of(view, &config.txn).map(|mut info| {
+                    info.size =
+                        crate::record::encoded_len(view.topic, view.key, view.props, view.body)
+                            .unwrap_or_default();
+                    txns.insert_half(info);
+                }),
+                RecordKind::Message if view.header.flags & FLAG_TXN_COMMIT != 0 => txn_of(view)
+                    .map(|txn| txns.resolve(txn, Outcome::Committed, view.header.timestamp_ms)),
+                RecordKind::TxnEnd => txn_of(view)
+                    .map(|txn| txns.resolve(txn, Outcome::RolledBack, view.header.timestamp_ms)),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                replay_error.get_or_insert(e);
+            }
+        };
+        let (store, recovery) = Store::open_locked(
+            storage,
+            dir,
+            config.store.clone(),
+            lock,
+            &mut on_record,
+            Some(hooks as Arc<dyn StoreHooks>),
+        )?;
+        if let Some(e) = replay_error {
+            return Err(e);
+        }
+        let broker = Arc::new(Broker {
             config,
             store,
             meta,
             topics: RwLock::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             recovery,
-        };
+            txns,
+            checkers: RwLock::new(HashMap::new()),
+            checker_ids: AtomicU64::new(1),
+            checker_rr: AtomicUsize::new(0),
+            check_thread: Mutex::new(None),
+        });
         broker.load_topics()?;
+        *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
         Ok(broker)
     }
 
@@ -380,6 +492,7 @@ impl Broker {
         let q = &t.queues[qi];
         Append {
             kind: RecordKind::Message,
+            flags: 0,
             topic: &t.name,
             queue_id: q.queue_id(),
             key: &msg.key,
@@ -581,9 +694,12 @@ impl Broker {
                 });
             }
         }
+        let (txn_pending, txn_unresolved) = self.txns.counts();
         Ok(Stats {
             log: self.store.log_stats(),
             queues,
+            txn_pending,
+            txn_unresolved,
         })
     }
 
@@ -595,7 +711,332 @@ impl Broker {
     /// Flush and stop. Later calls fail with [`Error::Closed`]. Dropping the broker does the
     /// same, but can only log errors.
     pub fn close(&self) -> Result<()> {
+        if let Some(mut t) = self.check_thread.lock().take() {
+            t.stop();
+        }
         self.store.close()?;
         self.meta.flush()
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Transactions
+    // ---------------------------------------------------------------------------------------
+
+    pub(crate) fn txn_index(&self) -> &TxnIndex {
+        &self.txns
+    }
+
+    pub(crate) fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    fn check_user_properties(props: &Properties) -> Result<()> {
+        match props.keys().find(|k| k.starts_with(RESERVED_PREFIX)) {
+            Some(k) => Err(Error::Invalid {
+                what: "property name",
+                reason: format!("{k:?}: names starting with {RESERVED_PREFIX:?} are reserved"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn prepare_half(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: &HalfOptions,
+    ) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
+        validate_group_name(producer_group)?;
+        Self::check_user_properties(&msg.properties)?;
+        let t = self.topic(topic)?;
+        let qi = Self::pick_queue(&t, &msg.key);
+        let mut props = msg.properties.clone();
+        props.insert(PROP_PRODUCER_GROUP.into(), producer_group.into());
+        if let Some(d) = opts.check_immunity {
+            props.insert(PROP_CHECK_IMMUNITY_MS.into(), d.as_millis().to_string());
+        }
+        Ok((t, qi, record::encode_properties(&props)?))
+    }
+
+    fn half_hook(
+        &self,
+        t: &Topic,
+        qi: usize,
+        msg: &Message,
+        group: &str,
+        opts: &HalfOptions,
+        size_hint: u32,
+    ) -> crate::store::DurableHook {
+        let txns = self.txns.clone();
+        let first_check = (self.config.txn.timeout.as_millis() as u64)
+            .max(opts.check_immunity.map_or(0, |d| d.as_millis() as u64));
+        let created_ms = now_ms();
+        let mut info = TxnInfo {
+            txn_id: 0,
+            state: TxnState::Pending,
+            topic: t.name.clone(),
+            queue: t.queues[qi].queue_id(),
+            key: msg.key.clone(),
+            producer_group: group.to_owned(),
+            size: size_hint,
+            created_ms,
+            checks: 0,
+            next_check_ms: created_ms + first_check,
+            last_check_ms: 0,
+            last_answer: None,
+        };
+        Box::new(move |log_offset| {
+            info.txn_id = log_offset;
+            txns.insert_half(info);
+        })
+    }
+
+    fn half_append<'a>(
+        t: &'a Topic,
+        qi: usize,
+        msg: &'a Message,
+        props: &'a [u8],
+        ts: u64,
+    ) -> Append<'a> {
+        Append {
+            kind: RecordKind::Half,
+            flags: 0,
+            topic: &t.name,
+            queue_id: t.queues[qi].queue_id(),
+            key: &msg.key,
+            props,
+            body: &msg.body,
+            timestamp_ms: ts,
+            dispatch_to: None,
+        }
+    }
+
+    /// Write a half message: durable (under the flush policy) when this returns, invisible to
+    /// every consumer until [`Broker::commit`]. If neither commit nor rollback comes within
+    /// the transaction time-out, a checker of `producer_group` is asked.
+    pub fn send_half(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: HalfOptions,
+    ) -> Result<TxnId> {
+        let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
+        let a = Self::half_append(&t, qi, msg, &props, now_ms());
+        let size = record::encoded_len(a.topic, a.key, a.props, a.body).unwrap_or_default();
+        let hook = self.half_hook(&t, qi, msg, producer_group, &opts, size);
+        let appended = self.store.append_hooked(a, Some(hook))?;
+        Ok(TxnId(appended.log_offset))
+    }
+
+    /// [`Broker::send_half`] for async code.
+    pub async fn send_half_async(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: HalfOptions,
+    ) -> Result<TxnId> {
+        let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
+        let a = Self::half_append(&t, qi, msg, &props, now_ms());
+        let size = record::encoded_len(a.topic, a.key, a.props, a.body).unwrap_or_default();
+        let hook = self.half_hook(&t, qi, msg, producer_group, &opts, size);
+        let appended = self.store.append_async_hooked(a, Some(hook)).await?;
+        Ok(TxnId(appended.log_offset))
+    }
+
+    /// Read a pending half message back from the log.
+    pub(crate) fn read_half(&self, info: &TxnInfo) -> Result<HalfMessage> {
+        let rec = self.store.read_at(info.txn_id, info.size)?;
+        if rec.header.kind != RecordKind::Half {
+            return Err(Error::Corrupt {
+                path: std::path::PathBuf::from("log"),
+                offset: info.txn_id,
+                reason: format!(
+                    "transaction {} points at a {:?} record",
+                    info.txn_id, rec.header.kind
+                ),
+            });
+        }
+        let mut properties = rec.properties;
+        properties.retain(|k, _| !k.starts_with(RESERVED_PREFIX));
+        Ok(HalfMessage {
+            txn_id: TxnId(info.txn_id),
+            topic: rec.topic,
+            key: rec.key,
+            body: rec.body,
+            properties,
+            producer_group: info.producer_group.clone(),
+            created_ms: info.created_ms,
+            checks: info.checks,
+        })
+    }
+
+    /// Commit: the message becomes visible, exactly once, in its topic and key's queue.
+    /// Durable when this returns. Committing again is a no-op; committing a rolled-back
+    /// transaction is [`Error::TxnConflict`]; an unknown id is [`Error::UnknownTxn`].
+    pub fn commit(&self, txn: TxnId) -> Result<()> {
+        let info = match self
+            .txns
+            .begin_resolve(txn.0, Outcome::Committed, &self.meta)?
+        {
+            crate::txn::Begin::Done => return Ok(()),
+            crate::txn::Begin::Write(info) => info,
+        };
+        let r = self.write_commit(&info);
+        if r.is_err() {
+            self.txns.abort_resolve(txn.0);
+        }
+        r
+    }
+
+    fn write_commit(&self, info: &TxnInfo) -> Result<()> {
+        let half = self.read_half(info)?;
+        let mut props = half.properties;
+        props.insert(PROP_TXN.into(), info.txn_id.to_string());
+        let props = record::encode_properties(&props)?;
+        let queue = self.store.queue(&info.topic, info.queue)?;
+        let txns = self.txns.clone();
+        let txn = info.txn_id;
+        let hook: crate::store::DurableHook =
+            Box::new(move |_| txns.resolve(txn, Outcome::Committed, now_ms()));
+        self.store.append_hooked(
+            Append {
+                kind: RecordKind::Message,
+                flags: FLAG_TXN_COMMIT,
+                topic: &info.topic,
+                queue_id: info.queue,
+                key: &info.key,
+                props: &props,
+                body: &half.body,
+                timestamp_ms: now_ms(),
+                dispatch_to: Some(&queue),
+            },
+            Some(hook),
+        )?;
+        Ok(())
+    }
+
+    /// Roll back: the message is discarded and never visible. Durable when this returns.
+    /// Rolling back again is a no-op; rolling back a committed transaction is
+    /// [`Error::TxnConflict`]; an unknown id is [`Error::UnknownTxn`].
+    pub fn rollback(&self, txn: TxnId) -> Result<()> {
+        let info = match self
+            .txns
+            .begin_resolve(txn.0, Outcome::RolledBack, &self.meta)?
+        {
+            crate::txn::Begin::Done => return Ok(()),
+            crate::txn::Begin::Write(info) => info,
+        };
+        let mut props = Properties::new();
+        props.insert(PROP_TXN.into(), txn.0.to_string());
+        let r = record::encode_properties(&props).and_then(|props| {
+            let txns = self.txns.clone();
+            let hook: crate::store::DurableHook =
+                Box::new(move |_| txns.resolve(txn.0, Outcome::RolledBack, now_ms()));
+            self.store.append_hooked(
+                Append {
+                    kind: RecordKind::TxnEnd,
+                    flags: 0,
+                    topic: &info.topic,
+                    queue_id: info.queue,
+                    key: &info.key,
+                    props: &props,
+                    body: &[],
+                    timestamp_ms: now_ms(),
+                    dispatch_to: None,
+                },
+                Some(hook),
+            )
+        });
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.txns.abort_resolve(txn.0);
+                Err(e)
+            }
+        }
+    }
+
+    /// Register the checker asked about unfinished transactions of `producer_group`. Several
+    /// may be registered per group (one per producer); each check asks one of them, in turn.
+    /// Returns an id for [`Broker::unregister_checker`].
+    pub fn register_checker(
+        &self,
+        producer_group: &str,
+        checker: Arc<dyn TransactionChecker>,
+    ) -> Result<u64> {
+        validate_group_name(producer_group)?;
+        let id = self.checker_ids.fetch_add(1, Ordering::Relaxed);
+        self.checkers
+            .write()
+            .entry(producer_group.to_owned())
+            .or_default()
+            .push((id, checker));
+        Ok(id)
+    }
+
+    /// Remove a checker registered with [`Broker::register_checker`].
+    pub fn unregister_checker(&self, producer_group: &str, id: u64) {
+        let mut all = self.checkers.write();
+        if let Some(v) = all.get_mut(producer_group) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                all.remove(producer_group);
+            }
+        }
+    }
+
+    pub(crate) fn checker_for(&self, producer_group: &str) -> Option<Arc<dyn TransactionChecker>> {
+        let all = self.checkers.read();
+        let v = all.get(producer_group)?;
+        let i = self.checker_rr.fetch_add(1, Ordering::Relaxed) % v.len();
+        Some(v[i].1.clone())
+    }
+
+    /// Unfinished transactions, oldest first: all, or those in `state`.
+    pub fn transactions(&self, state: Option<TxnState>) -> Vec<TxnInfo> {
+        self.txns.list(state)
+    }
+
+    /// Transactions that were checked `check_max` times without an answer. They stay stored
+    /// and can be committed, rolled back or re-armed.
+    pub fn unresolved_transactions(&self) -> Vec<TxnInfo> {
+        self.txns.list(Some(TxnState::Unresolved))
+    }
+
+    /// Where a transaction is. Finished ones are known for `outcome_retention`.
+    pub fn transaction_state(&self, txn: TxnId) -> Result<TxnState> {
+        if let Some(info) = self.txns.get(txn.0) {
+            return Ok(info.state);
+        }
+        match self.txns.finished(txn.0, &self.meta)? {
+            Some(Outcome::Committed) => Ok(TxnState::Committed),
+            Some(Outcome::RolledBack) => Ok(TxnState::RolledBack),
+            None => Err(Error::UnknownTxn(txn.0)),
+        }
+    }
+
+    /// Check an unfinished transaction again now, with its check count reset (for
+    /// unresolved ones once the producer is back).
+    pub fn rearm(&self, txn: TxnId) -> Result<()> {
+        let info = self
+            .txns
+            .rearm(txn.0, now_ms())
+            .ok_or(Error::UnknownTxn(txn.0))?;
+        self.txns.persist_checks(&self.meta, &[info])?;
+        if let Some(t) = self.check_thread.lock().as_ref() {
+            let _ = t.tx.send(crate::txn::checker::Msg::Wake);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut t) = self.check_thread.lock().take() {
+            t.stop();
+        }
     }
 }

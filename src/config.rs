@@ -104,6 +104,85 @@ impl StoreConfig {
     }
 }
 
+/// Transaction check-back settings. RocketMQ's defaults are the starting point: a 6 s
+/// time-out and at most 15 checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnConfig {
+    /// A half with no outcome is first checked this long after it was written (a per-message
+    /// check-immunity time may push that later). Default 6 s.
+    pub timeout: Duration,
+    /// Wait after the first check that did not resolve the transaction; doubles after each
+    /// further one up to `check_backoff_max`. Default 30 s.
+    pub check_interval: Duration,
+    /// Longest wait between two checks. Default 5 min.
+    pub check_backoff_max: Duration,
+    /// Checks before a transaction becomes *unresolved* (listed, counted, logged, still
+    /// resolvable by hand; never dropped). Default 15.
+    pub check_max: u32,
+    /// How long one check may take before it counts as "no answer". Default 5 s.
+    pub check_answer_timeout: Duration,
+    /// Checks running at once; further due halves wait for a free slot. Default 64.
+    pub checks_in_flight_max: u32,
+    /// How long the outcome of a finished transaction is remembered, so that a repeated
+    /// commit or rollback is answered exactly. Default 24 h.
+    pub outcome_retention: Duration,
+}
+
+impl Default for TxnConfig {
+    fn default() -> Self {
+        TxnConfig {
+            timeout: Duration::from_secs(6),
+            check_interval: Duration::from_secs(30),
+            check_backoff_max: Duration::from_secs(300),
+            check_max: 15,
+            check_answer_timeout: Duration::from_secs(5),
+            checks_in_flight_max: 64,
+            outcome_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl TxnConfig {
+    /// Check every setting, naming the first that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let ms = |d: Duration| d.as_millis();
+        let nonzero = [
+            ("txn_timeout_ms", self.timeout),
+            ("txn_check_interval_ms", self.check_interval),
+            ("txn_check_backoff_max_ms", self.check_backoff_max),
+            ("txn_check_answer_timeout_ms", self.check_answer_timeout),
+            ("txn_outcome_retention_ms", self.outcome_retention),
+        ];
+        for (setting, d) in nonzero {
+            if d.is_zero() || ms(d) > u128::from(u32::MAX) * 1000 {
+                return Err(Error::Config {
+                    setting,
+                    reason: format!("{d:?} is out of range"),
+                });
+            }
+        }
+        if self.check_backoff_max < self.check_interval {
+            return Err(Error::Config {
+                setting: "txn_check_backoff_max_ms",
+                reason: "must be at least txn_check_interval_ms".into(),
+            });
+        }
+        if self.check_max == 0 || self.check_max > 10_000 {
+            return Err(Error::Config {
+                setting: "txn_check_max",
+                reason: format!("{} is outside 1 ..= 10000", self.check_max),
+            });
+        }
+        if self.checks_in_flight_max == 0 || self.checks_in_flight_max > 4096 {
+            return Err(Error::Config {
+                setting: "txn_checks_in_flight_max",
+                reason: format!("{} is outside 1 ..= 4096", self.checks_in_flight_max),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Settings of an embedded [`crate::Broker`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -115,6 +194,8 @@ pub struct BrokerConfig {
     pub default_queues: u32,
     /// Create a topic on first send or poll. Default true.
     pub auto_create_topics: bool,
+    /// Transaction check-back.
+    pub txn: TxnConfig,
 }
 
 impl Default for BrokerConfig {
@@ -124,6 +205,7 @@ impl Default for BrokerConfig {
             store: StoreConfig::default(),
             default_queues: 4,
             auto_create_topics: true,
+            txn: TxnConfig::default(),
         }
     }
 }
@@ -143,6 +225,7 @@ impl BrokerConfig {
     /// Check every setting, naming the first that is wrong.
     pub fn validate(&self) -> Result<()> {
         self.store.validate()?;
+        self.txn.validate()?;
         if self.default_queues == 0 || self.default_queues > QUEUES_MAX {
             return Err(Error::Config {
                 setting: "default_queues",

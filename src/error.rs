@@ -130,6 +130,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// No transaction with this id is pending, unresolved, or remembered as finished.
+    #[error("unknown transaction {0} (never written, or finished longer ago than the outcome retention)")]
+    UnknownTxn(u64),
+
+    /// The transaction already has the opposite outcome; the first outcome stands.
+    #[error("transaction {txn} is already {stands}; the first outcome stands")]
+    TxnConflict {
+        /// The transaction id.
+        txn: u64,
+        /// The outcome that stands (`"committed"` or `"rolled back"`).
+        stands: &'static str,
+    },
+
     /// The metadata store (sled) failed.
     #[error("metadata store error: {0}")]
     Meta(String),
@@ -168,6 +181,8 @@ impl Error {
             Error::BadAck { .. } => 12,
             Error::Meta(_) => 13,
             Error::Closed => 14,
+            Error::UnknownTxn(_) => 15,
+            Error::TxnConflict { .. } => 16,
         }
     }
 }

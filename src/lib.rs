@@ -36,7 +36,11 @@ pub mod error;
 pub mod meta;
 pub mod record;
 pub mod store;
+pub mod txn;
 
 pub use broker::{Broker, Delivery, Message, SendReceipt, Stats, TopicInfo};
-pub use config::{BrokerConfig, FlushPolicy, StoreConfig};
+pub use config::{BrokerConfig, FlushPolicy, StoreConfig, TxnConfig};
 pub use error::{Error, Result};
+pub use txn::{
+    CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,
+};

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::txn::{Outcome, TxnInfo};
 
 /// Configuration of a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -30,6 +31,12 @@ pub struct Meta {
     db: sled::Db,
     topics: sled::Tree,
     consumers: sled::Tree,
+    /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
+    txn_halves: sled::Tree,
+    /// txn id (u64 BE) → bincode (Outcome, at_ms) of finished ones, for the retention time.
+    txn_outcomes: sled::Tree,
+    /// at_ms (u64 BE) txn id (u64 BE) → (): the same, in time order, for pruning.
+    txn_outcomes_by_time: sled::Tree,
 }
 
 impl std::fmt::Debug for Meta {
@@ -58,6 +65,13 @@ fn prefix(kind: u8, group: &str, topic: &str, queue: u32) -> Vec<u8> {
     k
 }
 
+fn time_key(at_ms: u64, txn: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&at_ms.to_be_bytes());
+    k[8..].copy_from_slice(&txn.to_be_bytes());
+    k
+}
+
 fn u64_be(bytes: &[u8]) -> Option<u64> {
     let a: [u8; 8] = bytes.try_into().ok()?;
     Some(u64::from_be_bytes(a))
@@ -73,10 +87,16 @@ impl Meta {
             .map_err(|e| Error::Meta(format!("opening {}: {e}", dir.display())))?;
         let topics = db.open_tree("topics")?;
         let consumers = db.open_tree("consumers")?;
+        let txn_halves = db.open_tree("txn_halves")?;
+        let txn_outcomes = db.open_tree("txn_outcomes")?;
+        let txn_outcomes_by_time = db.open_tree("txn_outcomes_by_time")?;
         Ok(Meta {
             db,
             topics,
             consumers,
+            txn_halves,
+            txn_outcomes,
+            txn_outcomes_by_time,
         })
     }
 
@@ -189,6 +209,73 @@ impl Meta {
             ));
         }
         Ok(out)
+    }
+
+    /// Every persisted unfinished transaction.
+    pub fn txn_halves(&self) -> Result<Vec<TxnInfo>> {
+        let mut out = Vec::new();
+        for kv in self.txn_halves.iter() {
+            let (_, v) = kv?;
+            out.push(codec::decode(&v, "transaction state")?);
+        }
+        Ok(out)
+    }
+
+    /// The remembered outcome of a finished transaction and when it finished.
+    pub fn txn_outcome(&self, txn: u64) -> Result<Option<(Outcome, u64)>> {
+        match self.txn_outcomes.get(txn.to_be_bytes())? {
+            Some(v) => Ok(Some(codec::decode(&v, "transaction outcome")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Durably apply changes to transaction state: unfinished ones to write or remove,
+    /// outcomes to remember, and outcomes older than `prune_before_ms` to forget.
+    pub fn apply_txn_changes(
+        &self,
+        puts: &[TxnInfo],
+        removes: &[u64],
+        outcomes: &[(u64, Outcome, u64)],
+        prune_before_ms: u64,
+    ) -> Result<()> {
+        let mut halves = sled::Batch::default();
+        for info in puts {
+            halves.insert(
+                &info.txn_id.to_be_bytes(),
+                codec::encode(info, "transaction state")?,
+            );
+        }
+        for txn in removes {
+            halves.remove(&txn.to_be_bytes());
+        }
+        let mut by_id = sled::Batch::default();
+        let mut by_time = sled::Batch::default();
+        for &(txn, outcome, at) in outcomes {
+            by_id.insert(
+                &txn.to_be_bytes(),
+                codec::encode(&(outcome, at), "transaction outcome")?,
+            );
+            by_time.insert(&time_key(at, txn), &[]);
+        }
+        if prune_before_ms > 0 {
+            for kv in self
+                .txn_outcomes_by_time
+                .range(..time_key(prune_before_ms, 0))
+            {
+                let (k, _) = kv?;
+                if let Some(txn) = k.get(8..16).and_then(u64_be) {
+                    by_id.remove(&txn.to_be_bytes());
+                }
+                by_time.remove(k);
+            }
+        }
+        // Outcomes first: a crash in between leaves a finished transaction also listed as
+        // unfinished, which loading resolves; never an unfinished one that is forgotten.
+        self.txn_outcomes.apply_batch(by_id)?;
+        self.txn_outcomes_by_time.apply_batch(by_time)?;
+        self.txn_halves.apply_batch(halves)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Flush everything to disk.

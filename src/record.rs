@@ -40,6 +40,10 @@ pub const KEY_BYTES_MAX: usize = u16::MAX as usize;
 
 const _: () = assert!(HEADER_BYTES == 52);
 
+/// Flag of a Message record that commits a transaction: its properties hold the
+/// transaction id (`halfmq.txn`), and it is both the outcome and the visible message.
+pub const FLAG_TXN_COMMIT: u16 = 1;
+
 /// User properties of a message: small string pairs, kept in key order.
 pub type Properties = BTreeMap<String, String>;
 

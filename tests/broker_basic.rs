@@ -3,7 +3,7 @@
 
 use halfmq::{Broker, BrokerConfig, Error, Message};
 
-fn open(dir: &std::path::Path) -> Broker {
+fn open(dir: &std::path::Path) -> std::sync::Arc<Broker> {
     Broker::open(BrokerConfig::new(dir)).expect("open broker")
 }
 
@@ -150,7 +150,7 @@ fn user_errors_are_typed() {
 #[test]
 fn poll_wait_returns_when_a_message_arrives() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = std::sync::Arc::new(open(tmp.path()));
+    let b = open(tmp.path());
     b.create_topic("t", 4).unwrap();
     let b2 = b.clone();
     let h = std::thread::spawn(move || {
@@ -167,7 +167,7 @@ fn poll_wait_returns_when_a_message_arrives() {
 #[test]
 fn send_async_is_durable_and_visible_like_send() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = std::sync::Arc::new(open(tmp.path()));
+    let b = open(tmp.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

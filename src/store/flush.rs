@@ -172,6 +172,14 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         st.dispatch.push(d);
     }
     st.dispatch.apply()?;
+    for (hook, offset) in batch.hooks.drain(..) {
+        // A panicking hook must not kill the flusher silently and leave writers waiting.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(offset))).map_err(|_| {
+            crate::Error::Poisoned(format!(
+                "a durable-hook panicked for the record at {offset}"
+            ))
+        })?;
+    }
     batch.clear();
     let p = &shared.progress;
     p.records.fetch_add(records, Ordering::Relaxed);
@@ -188,6 +196,9 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
 
 /// Sync every consume queue, then record their lengths at the (durable) end of the log.
 fn write_checkpoint(shared: &Shared, st: &mut FlusherState, clean: bool) -> Result<()> {
+    if let Some(h) = &shared.hooks {
+        h.before_checkpoint()?;
+    }
     let queues: Vec<Arc<ConsumeQueue>> = shared
         .queues
         .read()

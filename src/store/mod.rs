@@ -32,11 +32,26 @@ use segment::{Segment, SEGMENT_HEADER_BYTES};
 /// Bytes of the SegmentEnd record that closes every full segment; always kept free.
 const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
 
+/// Run by the flusher once the record is durable (acknowledged), in log order, before any
+/// writer is released; gets the record's log offset. Higher layers use it to keep derived
+/// state (the pending-transaction index) exactly in step with the log.
+pub type DurableHook = Box<dyn FnOnce(u64) + Send>;
+
+/// Callbacks from the storage engine to the layer above it.
+pub trait StoreHooks: Send + Sync {
+    /// Called before every checkpoint (on the flusher thread, and at the end of recovery):
+    /// persist any state derived from the log up to the current durable end, because
+    /// recovery will only replay the log after the checkpoint.
+    fn before_checkpoint(&self) -> Result<()>;
+}
+
 /// What to append.
 #[derive(Debug, Clone, Copy)]
 pub struct Append<'a> {
     /// Record kind.
     pub kind: RecordKind,
+    /// Record flags (see [`record::FLAG_TXN_COMMIT`]).
+    pub flags: u16,
     /// Topic name.
     pub topic: &'a str,
     /// Queue within the topic.
@@ -87,6 +102,8 @@ struct Batch {
     bytes: Vec<u8>,
     chunks: Vec<Chunk>,
     dispatch: Vec<Dispatch>,
+    /// Hooks to run once the batch is durable, with their records' log offsets.
+    hooks: Vec<(DurableHook, u64)>,
     /// Records in the batch.
     records: u64,
     /// Log offset just past the last record in the batch.
@@ -102,6 +119,7 @@ impl Batch {
         self.bytes.clear();
         self.chunks.clear();
         self.dispatch.clear();
+        self.hooks.clear();
         self.records = 0;
     }
 }
@@ -167,6 +185,7 @@ pub(crate) struct Shared {
     /// Writers wait here for room in the batch (on `writer`).
     space: Condvar,
     progress: Progress,
+    hooks: Option<Arc<dyn StoreHooks>>,
     /// Wakes async writers on every change of `progress` and of room in the batch.
     async_notify: tokio::sync::Notify,
 }
@@ -256,9 +275,31 @@ impl Store {
         config.validate()?;
         storage.create_dir_all(dir)?;
         let lock = storage.lock_dir(dir)?;
+        Store::open_locked(storage, dir, config, lock, on_record, None)
+    }
+
+    /// [`Store::open`] for a caller that already holds the directory lock (from
+    /// [`Storage::lock_dir`]) and wants [`StoreHooks`].
+    pub fn open_locked(
+        storage: Arc<dyn Storage>,
+        dir: &Path,
+        config: StoreConfig,
+        lock: Box<dyn std::any::Any + Send + Sync>,
+        on_record: &mut dyn FnMut(&RecordView<'_>),
+        hooks: Option<Arc<dyn StoreHooks>>,
+    ) -> Result<(Store, RecoveryReport)> {
+        config.validate()?;
         let log_dir = dir.join("log");
         let cq_dir = dir.join("cq");
-        let rec = recovery::recover(&*storage, &log_dir, &cq_dir, dir, &config, on_record)?;
+        let rec = recovery::recover(
+            &*storage,
+            &log_dir,
+            &cq_dir,
+            dir,
+            &config,
+            on_record,
+            hooks.as_deref(),
+        )?;
         let end = rec.active.base + rec.pos;
         let shared = Arc::new(Shared {
             storage,
@@ -286,6 +327,7 @@ impl Store {
                 durable: AtomicU64::new(end),
                 ..Progress::default()
             },
+            hooks,
             async_notify: tokio::sync::Notify::new(),
         });
         let s = shared.clone();
@@ -354,8 +396,14 @@ impl Store {
     /// durable (`Sync`) or written to the OS (`Async`). Blocks the calling thread; async code
     /// uses [`Store::append_async`].
     pub fn append(&self, a: Append<'_>) -> Result<Appended> {
+        self.append_hooked(a, None)
+    }
+
+    /// [`Store::append`] with a hook the flusher runs once the record is durable.
+    pub fn append_hooked(&self, a: Append<'_>, hook: Option<DurableHook>) -> Result<Appended> {
         let size = self.check_append(&a)?;
-        let appended = match self.shared.append_to_batch(&a, size, true)? {
+        let mut hook = hook;
+        let appended = match self.shared.append_to_batch(&a, size, true, &mut hook)? {
             Some(x) => x,
             // With wait_for_space the writer waits for room instead of returning None.
             None => return Err(Error::Closed),
@@ -368,13 +416,23 @@ impl Store {
     /// [`Store::append`] for async code: waiting for room in the batch and for the flush
     /// happens without blocking the executor's thread.
     pub async fn append_async(&self, a: Append<'_>) -> Result<Appended> {
+        self.append_async_hooked(a, None).await
+    }
+
+    /// [`Store::append_async`] with a hook the flusher runs once the record is durable.
+    pub async fn append_async_hooked(
+        &self,
+        a: Append<'_>,
+        hook: Option<DurableHook>,
+    ) -> Result<Appended> {
         let size = self.check_append(&a)?;
+        let mut hook = hook;
         let notify = &self.shared.async_notify;
         let appended = loop {
             let changed = notify.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.shared.append_to_batch(&a, size, false)? {
+            match self.shared.append_to_batch(&a, size, false, &mut hook)? {
                 Some(x) => break x,
                 None => changed.await,
             }
@@ -603,6 +661,7 @@ impl Shared {
         a: &Append<'_>,
         size: u32,
         wait_for_space: bool,
+        hook: &mut Option<DurableHook>,
     ) -> Result<Option<Appended>> {
         let mut w = self.writer.lock();
         loop {
@@ -636,7 +695,7 @@ impl Shared {
         });
         let header = Header {
             kind: a.kind,
-            flags: 0,
+            flags: a.flags,
             queue_id: a.queue_id,
             log_offset,
             queue_offset: queue_offset.unwrap_or(0),
@@ -653,6 +712,9 @@ impl Shared {
                     key_hash: consume_queue::key_hash(a.key),
                 },
             });
+        }
+        if let Some(h) = hook.take() {
+            w.batch.hooks.push((h, log_offset));
         }
         self.work.notify_one();
         Ok(Some(Appended {

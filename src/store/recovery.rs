@@ -54,6 +54,7 @@ pub(crate) fn recover(
     dir: &Path,
     config: &StoreConfig,
     on_record: &mut dyn FnMut(&RecordView<'_>),
+    hooks: Option<&dyn super::StoreHooks>,
 ) -> Result<Recovered> {
     storage.create_dir_all(log_dir)?;
     storage.create_dir_all(cq_dir)?;
@@ -244,6 +245,9 @@ pub(crate) fn recover(
             q.sync_if_dirty()?;
             lens.push((q.topic().to_owned(), q.queue_id(), q.len()));
         }
+    }
+    if let Some(h) = hooks {
+        h.before_checkpoint()?;
     }
     let seq = checkpoint_seq + 1;
     checkpoint::store(

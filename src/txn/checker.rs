@@ -1,0 +1,206 @@
+//! The check-back loop: one thread, owned by the broker, that asks producers about halves
+//! whose outcome is overdue.
+//!
+//! Each round takes only the halves that are due (from the index ordered by next check), so
+//! its cost follows the number of due halves, not the number pending. Every check runs on a
+//! thread of its own with a time-out: a checker that hangs or panics costs one check, never
+//! the broker. At most `checks_in_flight_max` checks run at once.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{CheckAnswer, HalfMessage, TransactionChecker};
+use crate::broker::{now_ms, Broker};
+use crate::error::{Error, Result};
+
+/// Messages to the check-back thread.
+pub(crate) enum Msg {
+    /// A check finished: the answer, or why there is none.
+    Answer {
+        txn: u64,
+        answer: std::result::Result<CheckAnswer, &'static str>,
+    },
+    /// Something became due earlier than planned (a re-arm): look again now.
+    Wake,
+    /// Shut down.
+    Stop,
+}
+
+/// The running check-back thread.
+pub(crate) struct CheckerThread {
+    pub(crate) tx: Sender<Msg>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl CheckerThread {
+    pub(crate) fn spawn(broker: Weak<Broker>) -> Result<CheckerThread> {
+        let (tx, rx) = mpsc::channel();
+        let tx2 = tx.clone();
+        let handle = std::thread::Builder::new()
+            .name("halfmq-txn-check".into())
+            .spawn(move || run(broker, rx, tx2))
+            .map_err(|e| Error::io("halfmq-txn-check", "start check-back thread", e))?;
+        Ok(CheckerThread {
+            tx,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stop the thread and wait for it, unless called from the thread itself.
+    pub(crate) fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(h) = self.handle.take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The longest the loop sleeps, so that it notices a dropped broker promptly.
+const IDLE_MAX: Duration = Duration::from_millis(500);
+
+fn run(broker: Weak<Broker>, rx: Receiver<Msg>, tx: Sender<Msg>) {
+    // Checks running now: txn id → when their answer is overdue.
+    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    let mut answers = Vec::new();
+    loop {
+        let sleep = match broker.upgrade() {
+            Some(b) => next_wake(&b, &in_flight),
+            None => return,
+        };
+        match rx.recv_timeout(sleep) {
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Msg::Answer { txn, answer }) => answers.push((txn, answer)),
+            Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {}
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Stop) => return,
+                Ok(Msg::Answer { txn, answer }) => answers.push((txn, answer)),
+                Ok(Msg::Wake) => {}
+                Err(_) => break,
+            }
+        }
+        let Some(b) = broker.upgrade() else { return };
+        b.check_round(&mut in_flight, std::mem::take(&mut answers), &tx);
+    }
+}
+
+fn next_wake(b: &Broker, in_flight: &HashMap<u64, Instant>) -> Duration {
+    let now = Instant::now();
+    let mut sleep = IDLE_MAX;
+    if let Some(due) = b.txn_index().next_due_ms() {
+        sleep = sleep.min(Duration::from_millis(due.saturating_sub(now_ms())));
+    }
+    if let Some(&first) = in_flight.values().min() {
+        sleep = sleep.min(first.saturating_duration_since(now));
+    }
+    sleep
+}
+
+impl Broker {
+    /// One round of the check-back loop: apply the answers that came in, give up on checks
+    /// that took too long, and start checks for the halves that are due.
+    pub(crate) fn check_round(
+        &self,
+        in_flight: &mut HashMap<u64, Instant>,
+        answers: Vec<(u64, std::result::Result<CheckAnswer, &'static str>)>,
+        tx: &Sender<Msg>,
+    ) {
+        let cfg = &self.config().txn;
+        let mut failed: Vec<(u64, &'static str)> = Vec::new();
+        for (txn, answer) in answers {
+            if in_flight.remove(&txn).is_none() {
+                continue; // answered after its time-out: already counted as no answer
+            }
+            match answer {
+                Ok(CheckAnswer::Commit) => self.apply_check_answer(txn, super::Outcome::Committed),
+                Ok(CheckAnswer::Rollback) => {
+                    self.apply_check_answer(txn, super::Outcome::RolledBack)
+                }
+                Ok(CheckAnswer::Unknown) => failed.push((txn, "unknown")),
+                Err(why) => failed.push((txn, why)),
+            }
+        }
+        let now = Instant::now();
+        in_flight.retain(|&txn, deadline| {
+            let keep = *deadline > now;
+            if !keep {
+                failed.push((txn, "no answer within check_answer_timeout"));
+            }
+            keep
+        });
+        let room = (cfg.checks_in_flight_max as usize).saturating_sub(in_flight.len());
+        for info in self.txn_index().take_due(now_ms(), room) {
+            let txn = info.txn_id;
+            let Some(checker) = self.checker_for(&info.producer_group) else {
+                failed.push((txn, "no live producer of the group"));
+                continue;
+            };
+            let half = match self.read_half(&info) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(txn, error = %e, "cannot read the half message to check it");
+                    failed.push((txn, "half message unreadable"));
+                    continue;
+                }
+            };
+            in_flight.insert(txn, now + cfg.check_answer_timeout);
+            spawn_check(checker, half, tx.clone());
+        }
+        if failed.is_empty() {
+            return;
+        }
+        let ms = now_ms();
+        let updates: Vec<_> = failed
+            .iter()
+            .filter_map(|&(txn, why)| self.txn_index().check_failed(txn, why, ms, cfg))
+            .collect();
+        if let Err(e) = self.txn_index().persist_checks(self.meta(), &updates) {
+            tracing::error!(error = %e, "cannot persist check-back bookkeeping; counts may repeat after a restart");
+        }
+    }
+
+    fn apply_check_answer(&self, txn: u64, outcome: super::Outcome) {
+        self.txn_index().check_answered(txn);
+        let r = match outcome {
+            super::Outcome::Committed => self.commit(super::TxnId(txn)),
+            super::Outcome::RolledBack => self.rollback(super::TxnId(txn)),
+        };
+        match r {
+            Ok(()) => tracing::info!(
+                txn,
+                outcome = outcome.as_str(),
+                "check-back resolved the transaction"
+            ),
+            // The producer (or an operator) resolved it differently in the meantime: the first
+            // outcome stands.
+            Err(e) => tracing::warn!(txn, error = %e, "check-back answer not applied"),
+        }
+    }
+}
+
+fn spawn_check(checker: Arc<dyn TransactionChecker>, half: HalfMessage, tx: Sender<Msg>) {
+    let txn = half.txn_id.0;
+    let started = std::thread::Builder::new()
+        .name("halfmq-check".into())
+        .spawn({
+            let tx = tx.clone();
+            move || {
+                let answer =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checker.check(&half)))
+                        .map_err(|_| "the checker panicked");
+                let _ = tx.send(Msg::Answer { txn, answer });
+            }
+        });
+    if started.is_err() {
+        let _ = tx.send(Msg::Answer {
+            txn,
+            answer: Err("could not start a check thread"),
+        });
+    }
+}

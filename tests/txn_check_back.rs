@@ -1,0 +1,419 @@
+//! Transactions on the embedded broker: half messages stay invisible until committed, the
+//! first outcome stands, check-back asks the producer group when the producer goes quiet,
+//! and a transaction nobody can answer for becomes *unresolved* — kept, listed, counted,
+//! surviving restarts and resolvable by hand — instead of being dropped.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halfmq::{
+    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, Message, TxnConfig, TxnId,
+    TxnState,
+};
+
+fn config(dir: &std::path::Path) -> BrokerConfig {
+    let mut c = BrokerConfig::new(dir);
+    c.txn = TxnConfig {
+        timeout: Duration::from_millis(150),
+        check_interval: Duration::from_millis(50),
+        check_backoff_max: Duration::from_millis(100),
+        check_max: 3,
+        check_answer_timeout: Duration::from_millis(300),
+        ..TxnConfig::default()
+    };
+    c
+}
+
+fn visible(b: &Broker, topic: &str) -> Vec<halfmq::Delivery> {
+    b.poll(&format!("check-{}", fastrand::u64(..)), topic, 10_000)
+        .unwrap()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn half_is_invisible_until_commit_and_visible_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let msg = Message::new("paid")
+        .with_key("order-7")
+        .with_property("amount", "12.50");
+    let txn = b
+        .send_half("payments", &msg, "pay-svc", HalfOptions::default())
+        .unwrap();
+    assert!(
+        visible(&b, "payments").is_empty(),
+        "a half message is invisible"
+    );
+    assert_eq!(b.transaction_state(txn).unwrap(), TxnState::Pending);
+    assert_eq!(b.stats().unwrap().txn_pending, 1);
+
+    b.commit(txn).unwrap();
+    let got = visible(&b, "payments");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key, "order-7");
+    assert_eq!(got[0].body, b"paid");
+    assert_eq!(
+        got[0].properties.get("amount").map(String::as_str),
+        Some("12.50")
+    );
+    assert_eq!(
+        got[0].properties.get("halfmq.txn"),
+        Some(&txn.0.to_string())
+    );
+    assert!(!got[0].properties.contains_key("halfmq.producer_group"));
+
+    // The same outcome again is a no-op; the opposite is refused and says what stands.
+    b.commit(txn).unwrap();
+    assert_eq!(
+        visible(&b, "payments").len(),
+        1,
+        "a second commit stores nothing"
+    );
+    match b.rollback(txn) {
+        Err(Error::TxnConflict {
+            stands: "committed",
+            ..
+        }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(b.transaction_state(txn).unwrap(), TxnState::Committed);
+    assert_eq!(b.stats().unwrap().txn_pending, 0);
+    assert!(matches!(
+        b.commit(TxnId(12345)),
+        Err(Error::UnknownTxn(12345))
+    ));
+
+    // All of it holds after a restart.
+    b.close().unwrap();
+    drop(b);
+    let b = Broker::open(config(tmp.path())).unwrap();
+    assert_eq!(visible(&b, "payments").len(), 1);
+    b.commit(txn).unwrap();
+    assert!(matches!(b.rollback(txn), Err(Error::TxnConflict { .. })));
+    assert_eq!(b.transaction_state(txn).unwrap(), TxnState::Committed);
+}
+
+#[test]
+fn rollback_is_never_visible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let txn = b
+        .send_half("t", &Message::new("x"), "g", HalfOptions::default())
+        .unwrap();
+    b.rollback(txn).unwrap();
+    b.rollback(txn).unwrap();
+    assert!(matches!(
+        b.commit(txn),
+        Err(Error::TxnConflict {
+            stands: "rolled back",
+            ..
+        })
+    ));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(visible(&b, "t").is_empty());
+    b.close().unwrap();
+    drop(b);
+    let b = Broker::open(config(tmp.path())).unwrap();
+    assert!(visible(&b, "t").is_empty());
+    assert_eq!(b.transaction_state(txn).unwrap(), TxnState::RolledBack);
+}
+
+#[test]
+fn reserved_property_names_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let msg = Message::new("x").with_property("halfmq.txn", "1");
+    assert!(matches!(
+        b.send_half("t", &msg, "g", HalfOptions::default()),
+        Err(Error::Invalid {
+            what: "property name",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn check_back_commit_and_rollback_answers_resolve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let asked = Arc::new(AtomicU32::new(0));
+    let a = asked.clone();
+    b.register_checker(
+        "pay-svc",
+        Arc::new(move |h: &HalfMessage| {
+            a.fetch_add(1, Ordering::SeqCst);
+            if h.key.starts_with("ok") {
+                CheckAnswer::Commit
+            } else {
+                CheckAnswer::Rollback
+            }
+        }),
+    )
+    .unwrap();
+    let ok = b.send_half(
+        "t",
+        &Message::new("1").with_key("ok-1"),
+        "pay-svc",
+        HalfOptions::default(),
+    );
+    let bad = b.send_half(
+        "t",
+        &Message::new("2").with_key("bad-1"),
+        "pay-svc",
+        HalfOptions::default(),
+    );
+    let (ok, bad) = (ok.unwrap(), bad.unwrap());
+    wait_until(
+        "both resolved by check-back",
+        Duration::from_secs(10),
+        || {
+            b.transaction_state(ok).unwrap() == TxnState::Committed
+                && b.transaction_state(bad).unwrap() == TxnState::RolledBack
+        },
+    );
+    let got = visible(&b, "t");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].key, "ok-1");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "each half was checked once"
+    );
+}
+
+#[test]
+fn not_checked_before_the_timeout_or_the_immunity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let asked = Arc::new(AtomicU32::new(0));
+    let a = asked.clone();
+    b.register_checker(
+        "g",
+        Arc::new(move |_: &HalfMessage| {
+            a.fetch_add(1, Ordering::SeqCst);
+            CheckAnswer::Unknown
+        }),
+    )
+    .unwrap();
+    let opts = HalfOptions {
+        check_immunity: Some(Duration::from_millis(700)),
+    };
+    let txn = b.send_half("t", &Message::new("x"), "g", opts).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        0,
+        "checked inside the immunity window"
+    );
+    let info = b
+        .transactions(None)
+        .into_iter()
+        .find(|i| i.txn_id == txn.0)
+        .unwrap();
+    assert_eq!(info.checks, 0, "the immunity window uses up no checks");
+    wait_until(
+        "first check after immunity",
+        Duration::from_secs(10),
+        || asked.load(Ordering::SeqCst) >= 1,
+    );
+}
+
+#[test]
+fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_hand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    b.register_checker("g", Arc::new(|_: &HalfMessage| CheckAnswer::Unknown))
+        .unwrap();
+    let txn = b.send_half(
+        "t",
+        &Message::new("x").with_key("k"),
+        "g",
+        HalfOptions::default(),
+    );
+    let txn = txn.unwrap();
+    wait_until(
+        "unresolved after check_max",
+        Duration::from_secs(10),
+        || b.transaction_state(txn).unwrap() == TxnState::Unresolved,
+    );
+    let u = b.unresolved_transactions();
+    assert_eq!(u.len(), 1);
+    assert_eq!(u[0].checks, 3, "exactly check_max checks");
+    assert_eq!(u[0].last_answer.as_deref(), Some("unknown"));
+    assert_eq!(b.stats().unwrap().txn_unresolved, 1);
+    // Unresolved is not checked any more.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(b.unresolved_transactions()[0].checks, 3);
+    assert!(visible(&b, "t").is_empty());
+
+    b.close().unwrap();
+    drop(b);
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let u = b.unresolved_transactions();
+    assert_eq!(u.len(), 1, "unresolved survives a restart");
+    assert_eq!((u[0].txn_id, u[0].checks), (txn.0, 3));
+    b.commit(txn).unwrap();
+    assert_eq!(visible(&b, "t").len(), 1);
+    assert!(b.unresolved_transactions().is_empty());
+}
+
+#[test]
+fn no_live_producer_counts_and_rearm_checks_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let txn = b
+        .send_half("t", &Message::new("x"), "gone", HalfOptions::default())
+        .unwrap();
+    wait_until(
+        "unresolved without producers",
+        Duration::from_secs(10),
+        || b.transaction_state(txn).unwrap() == TxnState::Unresolved,
+    );
+    assert_eq!(
+        b.unresolved_transactions()[0].last_answer.as_deref(),
+        Some("no live producer of the group")
+    );
+    // The producer comes back; an operator re-arms the transaction.
+    b.register_checker("gone", Arc::new(|_: &HalfMessage| CheckAnswer::Commit))
+        .unwrap();
+    b.rearm(txn).unwrap();
+    wait_until("committed after re-arm", Duration::from_secs(10), || {
+        b.transaction_state(txn).unwrap() == TxnState::Committed
+    });
+    assert_eq!(visible(&b, "t").len(), 1);
+}
+
+#[test]
+fn panicking_and_hanging_checkers_cost_one_check_each_and_the_broker_keeps_going() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    b.register_checker(
+        "panics",
+        Arc::new(|_: &HalfMessage| -> CheckAnswer { panic!("boom") }),
+    )
+    .unwrap();
+    b.register_checker(
+        "hangs",
+        Arc::new(|_: &HalfMessage| {
+            std::thread::sleep(Duration::from_secs(3));
+            CheckAnswer::Commit
+        }),
+    )
+    .unwrap();
+    let p = b
+        .send_half("t", &Message::new("p"), "panics", HalfOptions::default())
+        .unwrap();
+    let h = b
+        .send_half("t", &Message::new("h"), "hangs", HalfOptions::default())
+        .unwrap();
+    // Meanwhile ordinary traffic and other transactions flow.
+    for i in 0..20 {
+        b.send("t", &Message::new(format!("plain-{i}"))).unwrap();
+    }
+    let other = b
+        .send_half("t", &Message::new("o"), "nobody", HalfOptions::default())
+        .unwrap();
+    b.commit(other).unwrap();
+    wait_until("both unresolved", Duration::from_secs(15), || {
+        b.transaction_state(p).unwrap() == TxnState::Unresolved
+            && b.transaction_state(h).unwrap() == TxnState::Unresolved
+    });
+    let u = b.unresolved_transactions();
+    let why = |t: TxnId| {
+        u.iter()
+            .find(|i| i.txn_id == t.0)
+            .unwrap()
+            .last_answer
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(why(p), "the checker panicked");
+    assert_eq!(why(h), "no answer within check_answer_timeout");
+    assert_eq!(visible(&b, "t").len(), 21);
+}
+
+#[test]
+fn pending_halves_are_checked_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let txns: Vec<TxnId> = {
+        let b = Broker::open(config(tmp.path())).unwrap();
+        let t = (0..10)
+            .map(|i| {
+                let msg = Message::new(format!("m{i}")).with_key(format!("k{i}"));
+                b.send_half("t", &msg, "g", HalfOptions::default()).unwrap()
+            })
+            .collect();
+        b.close().unwrap();
+        t
+    };
+    let b = Broker::open(config(tmp.path())).unwrap();
+    assert_eq!(
+        b.stats().unwrap().txn_pending,
+        10,
+        "pending halves rebuilt on open"
+    );
+    b.register_checker(
+        "g",
+        Arc::new(|h: &HalfMessage| {
+            let n: u32 = h.key[1..].parse().unwrap();
+            if n % 2 == 0 {
+                CheckAnswer::Commit
+            } else {
+                CheckAnswer::Rollback
+            }
+        }),
+    )
+    .unwrap();
+    wait_until("all resolved", Duration::from_secs(10), || {
+        b.transactions(None).is_empty()
+    });
+    let mut keys: Vec<String> = visible(&b, "t").into_iter().map(|d| d.key).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["k0", "k2", "k4", "k6", "k8"]);
+    for (i, t) in txns.iter().enumerate() {
+        let want = if i % 2 == 0 {
+            TxnState::Committed
+        } else {
+            TxnState::RolledBack
+        };
+        assert_eq!(b.transaction_state(*t).unwrap(), want);
+    }
+}
+
+#[test]
+fn many_producer_groups_are_asked_separately() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let mut txns = Vec::new();
+    for g in 0..8 {
+        let group = format!("group-{g}");
+        let want = g;
+        b.register_checker(
+            &group,
+            Arc::new(move |h: &HalfMessage| {
+                assert_eq!(h.producer_group, format!("group-{want}"));
+                CheckAnswer::Commit
+            }),
+        )
+        .unwrap();
+        for i in 0..5 {
+            let msg = Message::new(format!("{g}-{i}"));
+            txns.push(
+                b.send_half("t", &msg, &group, HalfOptions::default())
+                    .unwrap(),
+            );
+        }
+    }
+    wait_until("all committed", Duration::from_secs(10), || {
+        b.transactions(None).is_empty()
+    });
+    assert_eq!(visible(&b, "t").len(), 40);
+}
