@@ -364,7 +364,7 @@ fn pending_halves_are_checked_after_a_restart() {
         "g",
         Arc::new(|h: &HalfMessage| {
             let n: u32 = h.key[1..].parse().unwrap();
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 CheckAnswer::Commit
             } else {
                 CheckAnswer::Rollback
