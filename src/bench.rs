@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use crate::config::{BrokerConfig, FlushPolicy, StoreConfig};
 use crate::error::{Error, Result};
 use crate::store::io::{FsStorage, Storage};
+use crate::txn::HalfOptions;
 use crate::{Broker, Message};
 
 /// What to run.
@@ -38,6 +39,17 @@ pub struct BenchOptions {
     pub flush: FlushPolicy,
     /// Measure the raw disk first.
     pub baseline: bool,
+    /// Transactions instead of plain sends: each producer writes a half message and commits
+    /// it (two durable records per message). Plain sends are measured first in the same run
+    /// for `ratio_to_plain`.
+    pub txn: bool,
+}
+
+/// What each producer does per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    Plain,
+    Txn,
 }
 
 /// The result; printed as one JSON object.
@@ -92,6 +104,12 @@ pub struct BenchReport {
     /// `p99_us / raw_serial_fsync_p99_us`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_ratio_to_raw_fsync: Option<f64>,
+    /// With `--txn`: plain durable sends per second, measured first in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plain_msgs_per_s: Option<f64>,
+    /// With `--txn`: committed transactions per second / plain sends per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_plain: Option<f64>,
 }
 
 /// The raw disk's limits, measured on the bench directory.
@@ -175,7 +193,20 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
     } else {
         None
     };
-    let result = run_producers(opts, progress);
+    let result = if opts.txn {
+        progress("plain durable sends first, for ratio_to_plain ...");
+        run_producers(opts, Workload::Plain, "plain", progress).and_then(|plain| {
+            progress("transactions: send_half + commit ...");
+            let mut r = run_producers(opts, Workload::Txn, "txn", progress)?;
+            r.plain_msgs_per_s = Some(plain.msgs_per_s);
+            r.ratio_to_plain = Some(round3(
+                r.msgs_per_s / plain.msgs_per_s.max(f64::MIN_POSITIVE),
+            ));
+            Ok(r)
+        })
+    } else {
+        run_producers(opts, Workload::Plain, "plain", progress)
+    };
     if opts.cleanup {
         let _ = std::fs::remove_dir_all(&opts.data_dir);
     }
@@ -201,8 +232,13 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
-    let mut config = BrokerConfig::new(opts.data_dir.join("broker"));
+fn run_producers(
+    opts: &BenchOptions,
+    work: Workload,
+    name: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    let mut config = BrokerConfig::new(opts.data_dir.join(name));
     config.store = StoreConfig {
         flush: opts.flush,
         ..StoreConfig::default()
@@ -233,7 +269,18 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
                     let mut hist = histogram();
                     while load.next() {
                         let t = Instant::now();
-                        broker.send("bench", &msg)?;
+                        match work {
+                            Workload::Plain => drop(broker.send("bench", &msg)?),
+                            Workload::Txn => {
+                                let txn = broker.send_half(
+                                    "bench",
+                                    &msg,
+                                    "bench",
+                                    HalfOptions::default(),
+                                )?;
+                                broker.commit(txn)?;
+                            }
+                        }
                         load.record(&mut hist, t);
                     }
                     Ok(hist)
@@ -255,7 +302,15 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
                     let mut hist = histogram();
                     while load.next() {
                         let t = Instant::now();
-                        broker.send_async("bench", &msg).await?;
+                        match work {
+                            Workload::Plain => drop(broker.send_async("bench", &msg).await?),
+                            Workload::Txn => {
+                                let txn = broker
+                                    .send_half_async("bench", &msg, "bench", HalfOptions::default())
+                                    .await?;
+                                broker.commit_async(txn).await?;
+                            }
+                        }
                         load.record(&mut hist, t);
                     }
                     Ok(hist)
@@ -298,7 +353,10 @@ fn run_producers(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<
     broker.close()?;
     let messages = load.done.load(Ordering::Relaxed);
     Ok(BenchReport {
-        mode: "embedded".into(),
+        mode: match work {
+            Workload::Plain => "embedded".into(),
+            Workload::Txn => "txn".into(),
+        },
         producer_kind: if opts.threads { "threads" } else { "tasks" }.into(),
         producers: opts.producers,
         msg_bytes: opts.size,
@@ -375,4 +433,160 @@ impl Producers {
             }),
         }
     }
+}
+
+/// Result of [`run_check_tick`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TickReport {
+    /// `"txn_tick"`.
+    pub mode: String,
+    /// Unfinished transactions in the index.
+    pub pending: u64,
+    /// How many of them were due in the measured round.
+    pub due: u64,
+    /// Time to write the pending halves (setup, not the measurement).
+    pub fill_seconds: f64,
+    /// The round that found the due halves and started their checks, µs.
+    pub dispatch_us: u64,
+    /// The round that applied their answers (counted, rescheduled, persisted to sled), µs.
+    pub apply_us: u64,
+    /// `dispatch_us + apply_us`: one check-back tick's own cost.
+    pub tick_us: u64,
+}
+
+/// Measure one check-back tick with `pending` unfinished transactions of which `due` are
+/// due: the cost must follow `due`, not `pending`.
+pub fn run_check_tick(
+    data_dir: &Path,
+    pending: u64,
+    due: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TickReport> {
+    use crate::txn::checker::Msg;
+    use crate::txn::{CheckAnswer, TxnId};
+
+    if due > pending || due == 0 {
+        return Err(Error::Config {
+            setting: "due",
+            reason: format!("{due} must be in 1 ..= pending ({pending})"),
+        });
+    }
+    let mut config = BrokerConfig::new(data_dir.join("tick"));
+    // The measured rounds are driven here, not by the broker's own check-back thread, and
+    // nothing becomes due by itself during the run.
+    config.txn.check_back = false;
+    config.txn.timeout = Duration::from_secs(3600);
+    config.txn.checks_in_flight_max = due.min(4096) as u32;
+    let broker = Broker::open(config)?;
+    broker.create_topic("tick", 8)?;
+    let fill_start = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(data_dir, "start runtime", e))?;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut first: Vec<TxnId> = Vec::new();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (broker, next) = (broker.clone(), next.clone());
+            rt.spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= pending {
+                        return Ok::<_, Error>(mine);
+                    }
+                    let msg = Message::new(format!("half {i}")).with_key(format!("k{i}"));
+                    let txn = broker
+                        .send_half_async("tick", &msg, "tick", HalfOptions::default())
+                        .await?;
+                    if i < due {
+                        mine.push(txn);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut last = Instant::now();
+    while tasks.iter().any(|t| !t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(200));
+        if last.elapsed() >= Duration::from_secs(2) {
+            progress(&format!(
+                "writing halves: {} of {pending}",
+                next.load(Ordering::Relaxed).min(pending)
+            ));
+            last = Instant::now();
+        }
+    }
+    for t in tasks {
+        let mine = rt
+            .block_on(t)
+            .map_err(|_| Error::Poisoned("a bench task panicked".into()))??;
+        first.extend(mine);
+    }
+    let fill_seconds = fill_start.elapsed().as_secs_f64();
+    let counts = broker.stats()?;
+    if counts.txn_pending != pending {
+        return Err(Error::Invalid {
+            what: "bench",
+            reason: format!("{} pending, {pending} written", counts.txn_pending),
+        });
+    }
+    for &txn in &first {
+        broker.rearm(txn)?;
+    }
+    broker.register_checker(
+        "tick",
+        Arc::new(|_: &crate::txn::HalfMessage| CheckAnswer::Unknown),
+    )?;
+    progress(&format!("{pending} pending, {due} due: measuring one tick"));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut in_flight = std::collections::HashMap::new();
+    let t = Instant::now();
+    broker.check_round(&mut in_flight, Vec::new(), &tx);
+    let dispatch_us = t.elapsed().as_micros() as u64;
+    if in_flight.len() as u64 != due {
+        return Err(Error::Invalid {
+            what: "bench",
+            reason: format!("{} checks started, {due} due", in_flight.len()),
+        });
+    }
+    let mut answers = Vec::new();
+    while (answers.len() as u64) < due {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Msg::Answer { txn, answer }) => answers.push((txn, answer)),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(Error::Invalid {
+                    what: "bench",
+                    reason: "checks did not answer".into(),
+                })
+            }
+        }
+    }
+    let t = Instant::now();
+    broker.check_round(&mut in_flight, answers, &tx);
+    let apply_us = t.elapsed().as_micros() as u64;
+    let checked = broker
+        .transactions(None)
+        .iter()
+        .filter(|i| i.checks == 1)
+        .count() as u64;
+    if checked != due {
+        return Err(Error::Invalid {
+            what: "bench",
+            reason: format!("{checked} transactions checked, {due} due"),
+        });
+    }
+    broker.close()?;
+    Ok(TickReport {
+        mode: "txn_tick".into(),
+        pending,
+        due,
+        fill_seconds: round2(fill_seconds),
+        dispatch_us,
+        apply_us,
+        tick_us: dispatch_us + apply_us,
+    })
 }

@@ -19,7 +19,7 @@ use crate::record::{self, Properties, RecordKind, RecordView, FLAG_TXN_COMMIT};
 use crate::store::consume_queue::{key_hash, ConsumeQueue};
 use crate::store::io::{FsStorage, Storage};
 use crate::store::{validate_topic_name, Append, RecoveryReport, Store, StoreHooks};
-use crate::txn::checker::CheckerThread;
+use crate::txn::checker::{CheckPool, CheckerThread};
 use crate::txn::{
     HalfMessage, HalfOptions, Outcome, TransactionChecker, TxnId, TxnIndex, TxnInfo, TxnState,
     PROP_CHECK_IMMUNITY_MS, PROP_PRODUCER_GROUP, PROP_TXN, RESERVED_PREFIX,
@@ -180,6 +180,44 @@ pub struct Broker {
     checker_ids: AtomicU64,
     checker_rr: AtomicUsize,
     check_thread: Mutex<Option<CheckerThread>>,
+    check_pool: CheckPool,
+}
+
+/// The record that ends a transaction, ready to append.
+struct EndRecord {
+    info: TxnInfo,
+    outcome: Outcome,
+    props: Vec<u8>,
+    body: Vec<u8>,
+    /// The consume queue a commit is indexed in.
+    queue: Option<Arc<ConsumeQueue>>,
+}
+
+impl EndRecord {
+    fn append(&self) -> Append<'_> {
+        let committed = self.outcome == Outcome::Committed;
+        Append {
+            kind: if committed {
+                RecordKind::Message
+            } else {
+                RecordKind::TxnEnd
+            },
+            flags: if committed { FLAG_TXN_COMMIT } else { 0 },
+            topic: &self.info.topic,
+            queue_id: self.info.queue,
+            key: &self.info.key,
+            props: &self.props,
+            body: &self.body,
+            timestamp_ms: now_ms(),
+            dispatch_to: self.queue.as_ref(),
+        }
+    }
+
+    /// Mark the transaction finished in the index once the record is durable.
+    fn hook(&self, txns: &Arc<TxnIndex>) -> crate::store::DurableHook {
+        let (txns, txn, outcome) = (txns.clone(), self.info.txn_id, self.outcome);
+        Box::new(move |_| txns.resolve(txn, outcome, now_ms()))
+    }
 }
 
 /// A registered checker: (registration id, checker).
@@ -315,6 +353,7 @@ impl Broker {
         if let Some(e) = replay_error {
             return Err(e);
         }
+        let config_checks_max = config.txn.checks_in_flight_max as usize;
         let broker = Arc::new(Broker {
             config,
             store,
@@ -327,9 +366,12 @@ impl Broker {
             checker_ids: AtomicU64::new(1),
             checker_rr: AtomicUsize::new(0),
             check_thread: Mutex::new(None),
+            check_pool: CheckPool::new(config_checks_max),
         });
         broker.load_topics()?;
-        *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
+        if broker.config.txn.check_back {
+            *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
+        }
         Ok(broker)
     }
 
@@ -714,6 +756,7 @@ impl Broker {
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }
+        self.check_pool.shut_down();
         self.store.close()?;
         self.meta.flush()
     }
@@ -724,6 +767,10 @@ impl Broker {
 
     pub(crate) fn txn_index(&self) -> &TxnIndex {
         &self.txns
+    }
+
+    pub(crate) fn check_pool(&self) -> &CheckPool {
+        &self.check_pool
     }
 
     pub(crate) fn meta(&self) -> &Meta {
@@ -877,86 +924,91 @@ impl Broker {
     /// Durable when this returns. Committing again is a no-op; committing a rolled-back
     /// transaction is [`Error::TxnConflict`]; an unknown id is [`Error::UnknownTxn`].
     pub fn commit(&self, txn: TxnId) -> Result<()> {
-        let info = match self
-            .txns
-            .begin_resolve(txn.0, Outcome::Committed, &self.meta)?
-        {
-            crate::txn::Begin::Done => return Ok(()),
-            crate::txn::Begin::Write(info) => info,
-        };
-        let r = self.write_commit(&info);
-        if r.is_err() {
-            self.txns.abort_resolve(txn.0);
-        }
-        r
-    }
-
-    fn write_commit(&self, info: &TxnInfo) -> Result<()> {
-        let half = self.read_half(info)?;
-        let mut props = half.properties;
-        props.insert(PROP_TXN.into(), info.txn_id.to_string());
-        let props = record::encode_properties(&props)?;
-        let queue = self.store.queue(&info.topic, info.queue)?;
-        let txns = self.txns.clone();
-        let txn = info.txn_id;
-        let hook: crate::store::DurableHook =
-            Box::new(move |_| txns.resolve(txn, Outcome::Committed, now_ms()));
-        self.store.append_hooked(
-            Append {
-                kind: RecordKind::Message,
-                flags: FLAG_TXN_COMMIT,
-                topic: &info.topic,
-                queue_id: info.queue,
-                key: &info.key,
-                props: &props,
-                body: &half.body,
-                timestamp_ms: now_ms(),
-                dispatch_to: Some(&queue),
-            },
-            Some(hook),
-        )?;
-        Ok(())
+        self.finish(txn, Outcome::Committed)
     }
 
     /// Roll back: the message is discarded and never visible. Durable when this returns.
     /// Rolling back again is a no-op; rolling back a committed transaction is
     /// [`Error::TxnConflict`]; an unknown id is [`Error::UnknownTxn`].
     pub fn rollback(&self, txn: TxnId) -> Result<()> {
-        let info = match self
-            .txns
-            .begin_resolve(txn.0, Outcome::RolledBack, &self.meta)?
-        {
-            crate::txn::Begin::Done => return Ok(()),
+        self.finish(txn, Outcome::RolledBack)
+    }
+
+    /// [`Broker::commit`] for async code.
+    pub async fn commit_async(&self, txn: TxnId) -> Result<()> {
+        self.finish_async(txn, Outcome::Committed).await
+    }
+
+    /// [`Broker::rollback`] for async code.
+    pub async fn rollback_async(&self, txn: TxnId) -> Result<()> {
+        self.finish_async(txn, Outcome::RolledBack).await
+    }
+
+    fn finish(&self, txn: TxnId, outcome: Outcome) -> Result<()> {
+        let Some(end) = self.begin_finish(txn, outcome)? else {
+            return Ok(());
+        };
+        let r = self
+            .store
+            .append_hooked(end.append(), Some(end.hook(&self.txns)));
+        self.end_finish(txn, r)
+    }
+
+    async fn finish_async(&self, txn: TxnId, outcome: Outcome) -> Result<()> {
+        let Some(end) = self.begin_finish(txn, outcome)? else {
+            return Ok(());
+        };
+        let r = self
+            .store
+            .append_async_hooked(end.append(), Some(end.hook(&self.txns)))
+            .await;
+        self.end_finish(txn, r)
+    }
+
+    /// Claim the transaction and build the record that ends it; `None` when the same
+    /// outcome is already recorded.
+    fn begin_finish(&self, txn: TxnId, outcome: Outcome) -> Result<Option<EndRecord>> {
+        let info = match self.txns.begin_resolve(txn.0, outcome, &self.meta)? {
+            crate::txn::Begin::Done => return Ok(None),
             crate::txn::Begin::Write(info) => info,
         };
-        let mut props = Properties::new();
-        props.insert(PROP_TXN.into(), txn.0.to_string());
-        let r = record::encode_properties(&props).and_then(|props| {
-            let txns = self.txns.clone();
-            let hook: crate::store::DurableHook =
-                Box::new(move |_| txns.resolve(txn.0, Outcome::RolledBack, now_ms()));
-            self.store.append_hooked(
-                Append {
-                    kind: RecordKind::TxnEnd,
-                    flags: 0,
-                    topic: &info.topic,
-                    queue_id: info.queue,
-                    key: &info.key,
-                    props: &props,
-                    body: &[],
-                    timestamp_ms: now_ms(),
-                    dispatch_to: None,
-                },
-                Some(hook),
-            )
-        });
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                self.txns.abort_resolve(txn.0);
-                Err(e)
-            }
+        let end = self.end_record(info, outcome);
+        if end.is_err() {
+            self.txns.abort_resolve(txn.0);
         }
+        end.map(Some)
+    }
+
+    fn end_finish(&self, txn: TxnId, r: Result<crate::store::Appended>) -> Result<()> {
+        if r.is_err() {
+            self.txns.abort_resolve(txn.0);
+        }
+        r.map(|_| ())
+    }
+
+    /// A commit is the half's message (its user properties plus the transaction id) as one
+    /// Message record; a rollback is a TxnEnd record with just the transaction id.
+    fn end_record(&self, info: TxnInfo, outcome: Outcome) -> Result<EndRecord> {
+        let (body, mut props, queue) = match outcome {
+            Outcome::Committed => {
+                let half = self.read_half(&info)?;
+                (
+                    half.body,
+                    half.properties,
+                    Some(self.store.queue(&info.topic, info.queue)?),
+                )
+            }
+            Outcome::RolledBack => (Vec::new(), Properties::new(), None),
+        };
+        props.insert(PROP_TXN.into(), info.txn_id.to_string());
+        let props = record::encode_properties(&props)?;
+        Ok(EndRecord {
+            info,
+            outcome,
+            props,
+            body,
+            queue,
+        })
     }
 
     /// Register the checker asked about unfinished transactions of `producer_group`. Several
@@ -1038,5 +1090,6 @@ impl Drop for Broker {
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }
+        self.check_pool.shut_down();
     }
 }

@@ -126,6 +126,9 @@ pub struct TxnConfig {
     /// How long the outcome of a finished transaction is remembered, so that a repeated
     /// commit or rollback is answered exactly. Default 24 h.
     pub outcome_retention: Duration,
+    /// Run the check-back thread. Default true; tools that only read (`halfmq stats`) turn
+    /// it off so that opening a data directory never resolves anything.
+    pub check_back: bool,
 }
 
 impl Default for TxnConfig {
@@ -138,6 +141,7 @@ impl Default for TxnConfig {
             check_answer_timeout: Duration::from_secs(5),
             checks_in_flight_max: 64,
             outcome_retention: Duration::from_secs(24 * 3600),
+            check_back: true,
         }
     }
 }

@@ -108,6 +108,20 @@ enum Command {
         /// tokio runtime with one worker per core).
         #[arg(long)]
         threads: bool,
+        /// Transactions: each message is a half message plus a commit. Plain sends are
+        /// measured first in the same run, for ratio_to_plain.
+        #[arg(long)]
+        txn: bool,
+        /// Instead of throughput: the cost of one check-back tick with --pending unfinished
+        /// transactions of which --due are due.
+        #[arg(long, conflicts_with = "txn")]
+        txn_tick: bool,
+        /// Unfinished transactions for --txn-tick.
+        #[arg(long, default_value_t = 1_000_000)]
+        pending: u64,
+        /// Due transactions for --txn-tick.
+        #[arg(long, default_value_t = 100)]
+        due: u64,
         /// Print one JSON object as the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -145,6 +159,10 @@ fn run(cli: Cli) -> halfmq::Result<()> {
             flush,
             baseline,
             threads,
+            txn,
+            txn_tick,
+            pending,
+            due,
             json,
         } => {
             let (data_dir, cleanup) = match data_dir {
@@ -160,7 +178,31 @@ fn run(cli: Cli) -> halfmq::Result<()> {
                     interval: Duration::from_millis(100),
                 },
             };
+            if txn_tick {
+                let dir = data_dir.clone();
+                eprintln!(
+                    "halfmq bench: mode=txn_tick pending={pending} due={due} dir={}",
+                    dir.display()
+                );
+                let r = bench::run_check_tick(&dir, pending, due, &mut |line| eprintln!("{line}"));
+                if cleanup {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                let r = r?;
+                println!(
+                    "one check-back tick with {} pending, {} due: {} µs (start checks {} µs + apply answers {} µs); setup wrote the halves in {:.1} s",
+                    r.pending, r.due, r.tick_us, r.dispatch_us, r.apply_us, r.fill_seconds
+                );
+                if json {
+                    match serde_json::to_string(&r) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => eprintln!("halfmq: cannot encode the report as JSON: {e}"),
+                    }
+                }
+                return Ok(());
+            }
             let opts = BenchOptions {
+                txn,
                 threads,
                 data_dir,
                 cleanup,
@@ -205,6 +247,9 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
             r.raw_group_mib_per_s.unwrap_or_default()
         );
         println!("ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}");
+    }
+    if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
+        println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");
     }
     if json {
         match serde_json::to_string(r) {
@@ -268,7 +313,9 @@ fn print_stats_table(s: &halfmq::Stats) {
 }
 
 fn stats(args: &StoreArgs, json: bool) -> halfmq::Result<()> {
-    let b = Broker::open(args.config())?;
+    let mut config = args.config();
+    config.txn.check_back = false;
+    let b = Broker::open(config)?;
     let s = b.stats()?;
     if json {
         match serde_json::to_string(&s) {

@@ -7,8 +7,11 @@
 //! the broker. At most `checks_in_flight_max` checks run at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -150,7 +153,7 @@ impl Broker {
                 }
             };
             in_flight.insert(txn, now + cfg.check_answer_timeout);
-            spawn_check(checker, half, tx.clone());
+            self.check_pool().run(checker, half, tx.clone());
         }
         if failed.is_empty() {
             return;
@@ -184,23 +187,95 @@ impl Broker {
     }
 }
 
-fn spawn_check(checker: Arc<dyn TransactionChecker>, half: HalfMessage, tx: Sender<Msg>) {
-    let txn = half.txn_id.0;
-    let started = std::thread::Builder::new()
-        .name("halfmq-check".into())
-        .spawn({
-            let tx = tx.clone();
-            move || {
-                let answer =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| checker.check(&half)))
-                        .map_err(|_| "the checker panicked");
-                let _ = tx.send(Msg::Answer { txn, answer });
-            }
-        });
-    if started.is_err() {
-        let _ = tx.send(Msg::Answer {
-            txn,
-            answer: Err("could not start a check thread"),
-        });
+/// One check to run: ask `checker` about `half`, send the answer to `reply`.
+struct Job {
+    checker: Arc<dyn TransactionChecker>,
+    half: HalfMessage,
+    reply: Sender<Msg>,
+}
+
+/// Threads that run checks. A worker stuck in a checker that never returns is simply not
+/// idle: the pool starts another one while fewer than `max` exist, so a hung checker costs
+/// one thread and one check, never the check-back loop.
+pub(crate) struct CheckPool {
+    jobs: Mutex<Option<Sender<Job>>>,
+    queue: Arc<Mutex<Receiver<Job>>>,
+    idle: Arc<AtomicUsize>,
+    workers: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl CheckPool {
+    pub(crate) fn new(max: usize) -> CheckPool {
+        let (tx, rx) = mpsc::channel();
+        CheckPool {
+            jobs: Mutex::new(Some(tx)),
+            queue: Arc::new(Mutex::new(rx)),
+            idle: Arc::new(AtomicUsize::new(0)),
+            workers: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    fn run(&self, checker: Arc<dyn TransactionChecker>, half: HalfMessage, reply: Sender<Msg>) {
+        let txn = half.txn_id.0;
+        if self.idle.load(Ordering::Acquire) == 0 && self.workers.load(Ordering::Acquire) < self.max
+        {
+            self.start_worker();
+        }
+        let sent = match self.jobs.lock().as_ref() {
+            Some(tx) => tx
+                .send(Job {
+                    checker,
+                    half,
+                    reply: reply.clone(),
+                })
+                .is_ok(),
+            None => false,
+        };
+        if !sent {
+            let _ = reply.send(Msg::Answer {
+                txn,
+                answer: Err("the check pool is shut down"),
+            });
+        }
+    }
+
+    fn start_worker(&self) {
+        let (queue, idle, workers) = (self.queue.clone(), self.idle.clone(), self.workers.clone());
+        workers.fetch_add(1, Ordering::AcqRel);
+        let started = std::thread::Builder::new()
+            .name("halfmq-check".into())
+            .spawn(move || {
+                loop {
+                    idle.fetch_add(1, Ordering::AcqRel);
+                    let job = queue.lock().recv();
+                    idle.fetch_sub(1, Ordering::AcqRel);
+                    let Ok(Job {
+                        checker,
+                        half,
+                        reply,
+                    }) = job
+                    else {
+                        break;
+                    };
+                    let txn = half.txn_id.0;
+                    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        checker.check(&half)
+                    }))
+                    .map_err(|_| "the checker panicked");
+                    let _ = reply.send(Msg::Answer { txn, answer });
+                }
+                workers.fetch_sub(1, Ordering::AcqRel);
+            });
+        if started.is_err() {
+            self.workers.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!("could not start a check thread");
+        }
+    }
+
+    /// Stop handing out work; idle workers exit, busy ones after their check.
+    pub(crate) fn shut_down(&self) {
+        self.jobs.lock().take();
     }
 }
