@@ -27,6 +27,8 @@ pub const ENTRY_BYTES: usize = 16;
 /// Bytes of the file header.
 pub const CQ_HEADER_BYTES: u64 = 16;
 const MAGIC: &[u8; 8] = b"HALFMQCQ";
+/// Entries reserved at a time (1 MiB of index).
+const ALLOC_ENTRIES: u64 = 65_536;
 const FORMAT_VERSION: u32 = 1;
 
 const _: () = assert!(ENTRY_BYTES == 8 + 4 + 4);
@@ -80,6 +82,8 @@ pub struct ConsumeQueue {
     file: Arc<dyn StorageFile>,
     /// Next queue offset to hand out; changed only under the commit log's writer lock.
     pub(crate) assigned: AtomicU64,
+    /// Entries the file has space reserved for; grown only under the writer lock.
+    capacity: AtomicU64,
     /// Entries that are written and readable (records durable, or written under async flush).
     visible: AtomicU64,
     /// Appended to since the last checkpoint sync.
@@ -159,7 +163,19 @@ impl ConsumeQueue {
                     reason: format!("unknown consume-queue format version {version}"),
                 });
             }
-            (file.len()?.saturating_sub(CQ_HEADER_BYTES)) / ENTRY_BYTES as u64
+            // The file may be preallocated past its last entry, so its length only bounds the
+            // entries; the last one we are asked to keep must really be there (a log offset
+            // is never 0, the segment header is).
+            let slots = (file.len()?.saturating_sub(CQ_HEADER_BYTES)) / ENTRY_BYTES as u64;
+            let mut have = slots.min(len);
+            if have > 0 {
+                let mut last = [0u8; ENTRY_BYTES];
+                file.read_exact_at(&mut last, CQ_HEADER_BYTES + (have - 1) * ENTRY_BYTES as u64)?;
+                if Entry::decode(&last).log_offset == 0 {
+                    have -= 1;
+                }
+            }
+            have
         };
         let keep = have.min(len);
         file.set_len(CQ_HEADER_BYTES + keep * ENTRY_BYTES as u64)?;
@@ -168,8 +184,9 @@ impl ConsumeQueue {
             queue_id,
             file,
             assigned: AtomicU64::new(keep),
+            capacity: AtomicU64::new(keep),
             visible: AtomicU64::new(keep),
-            dirty: AtomicBool::new(keep != have),
+            dirty: AtomicBool::new(true),
         };
         Ok((cq, have))
     }
@@ -212,6 +229,20 @@ impl ConsumeQueue {
             first + (bytes.len() / ENTRY_BYTES) as u64,
             Ordering::Release,
         );
+        Ok(())
+    }
+
+    /// Reserve space for at least `entries` entries, in chunks. Called by writers before an
+    /// entry is promised, so a full disk is a clear error for that writer and the flusher
+    /// never has to grow the file (where a failure would stop the whole store).
+    pub(crate) fn reserve(&self, entries: u64) -> Result<()> {
+        if entries <= self.capacity.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let cap = entries + ALLOC_ENTRIES;
+        self.file
+            .allocate(CQ_HEADER_BYTES + cap * ENTRY_BYTES as u64)?;
+        self.capacity.store(cap, Ordering::Release);
         Ok(())
     }
 

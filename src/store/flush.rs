@@ -110,7 +110,8 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             } else {
                 Ok(())
             };
-            let cp = done.and_then(|()| write_checkpoint(&shared, &mut st, true));
+            let cp =
+                done.and_then(|()| write_checkpoint(&shared, &mut st, true).map_err(Into::into));
             if let Err(e) = cp {
                 // The log itself is durable; a missing checkpoint only makes the next
                 // recovery read more of it.
@@ -189,15 +190,53 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
     p.epoch.advance();
     shared.async_notify.notify_waiters();
     if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
-        write_checkpoint(shared, st, false)?;
+        if let Err(e) = write_checkpoint(shared, st, false) {
+            if matches!(e, CheckpointError::Index(_)) {
+                return Err(e.into());
+            }
+            // Only the checkpoint is missing: the log and indexes are fine, the next
+            // recovery reads a little more of the log. Try again after as many bytes.
+            tracing::warn!(error = %e, "could not write a checkpoint; will retry");
+            st.since_checkpoint = 0;
+        }
     }
     Ok(())
 }
 
 /// Sync every consume queue, then record their lengths at the (durable) end of the log.
-fn write_checkpoint(shared: &Shared, st: &mut FlusherState, clean: bool) -> Result<()> {
+/// Why a checkpoint was not written.
+#[derive(Debug)]
+enum CheckpointError {
+    /// Syncing an index failed: its unsynced entries may be gone, which only a reopen can
+    /// repair (the store is poisoned).
+    Index(crate::Error),
+    /// The layer above, or writing the checkpoint file, failed: nothing is lost.
+    Other(crate::Error),
+}
+
+impl std::fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointError::Index(e) | CheckpointError::Other(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<CheckpointError> for crate::Error {
+    fn from(e: CheckpointError) -> Self {
+        match e {
+            CheckpointError::Index(e) | CheckpointError::Other(e) => e,
+        }
+    }
+}
+
+fn write_checkpoint(
+    shared: &Shared,
+    st: &mut FlusherState,
+    clean: bool,
+) -> std::result::Result<(), CheckpointError> {
     if let Some(h) = &shared.hooks {
-        h.before_checkpoint()?;
+        h.before_checkpoint().map_err(CheckpointError::Other)?;
     }
     let queues: Vec<Arc<ConsumeQueue>> = shared
         .queues
@@ -207,7 +246,7 @@ fn write_checkpoint(shared: &Shared, st: &mut FlusherState, clean: bool) -> Resu
         .collect();
     let mut lens = Vec::with_capacity(queues.len());
     for q in &queues {
-        q.sync_if_dirty()?;
+        q.sync_if_dirty().map_err(CheckpointError::Index)?;
         lens.push((q.topic().to_owned(), q.queue_id(), q.len()));
     }
     st.checkpoint_seq += 1;
@@ -217,7 +256,7 @@ fn write_checkpoint(shared: &Shared, st: &mut FlusherState, clean: bool) -> Resu
         queues: lens,
         clean,
     };
-    checkpoint::store(&*shared.storage, &shared.dir, &cp)?;
+    checkpoint::store(&*shared.storage, &shared.dir, &cp).map_err(CheckpointError::Other)?;
     st.since_checkpoint = 0;
     Ok(())
 }

@@ -687,6 +687,9 @@ impl Shared {
         if w.pos + u64::from(size) + SEGMENT_END_BYTES > w.active.size {
             self.roll(&mut w)?;
         }
+        if let Some(q) = a.dispatch_to {
+            q.reserve(q.assigned.load(std::sync::atomic::Ordering::Relaxed) + 1)?;
+        }
         let log_offset = w.active.base + w.pos;
         let queue_offset = a.dispatch_to.map(|q| {
             // Queue offsets are handed out under the writer lock, in log order.

@@ -1,0 +1,131 @@
+//! Storage faults: a failed fsync is never retried and ignored (the PostgreSQL "fsyncgate"
+//! lesson). The store stops accepting writes, every waiting sender gets the error, nothing
+//! acknowledged before is lost, and reopening recovers from what is really on disk. A full
+//! disk refuses the write that needs space with a clear error and loses nothing.
+
+use std::sync::Arc;
+
+use halfmq::store::io::{CrashMode, Faults, SimStorage};
+use halfmq::{Broker, BrokerConfig, Error, Message};
+
+fn config(dir: &std::path::Path) -> BrokerConfig {
+    let mut c = BrokerConfig::new(dir);
+    c.store.segment_bytes = 64 * 1024;
+    c.store.record_bytes_max = 8 * 1024;
+    c
+}
+
+fn all_bodies(b: &Broker, topic: &str) -> Vec<Vec<u8>> {
+    let mut got: Vec<_> = b.poll("check", topic, 100_000).unwrap();
+    got.sort_by_key(|d| d.log_offset);
+    got.into_iter().map(|d| d.body).collect()
+}
+
+#[test]
+fn failed_fsync_poisons_the_store_and_nothing_acknowledged_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
+    b.create_topic("t", 1).unwrap();
+    for i in 0..10 {
+        b.send("t", &Message::new(format!("ok-{i}"))).unwrap();
+    }
+    disk.set_faults(Faults {
+        fail_syncs: 1,
+        ..Faults::default()
+    });
+    match b.send("t", &Message::new("lost")) {
+        Err(Error::Poisoned(msg)) => assert!(msg.contains("EIO"), "{msg}"),
+        other => panic!("expected Poisoned, got {other:?}"),
+    }
+    // The fault is gone, but the store does not pretend: it refuses writes until reopened.
+    disk.set_faults(Faults::default());
+    assert!(matches!(
+        b.send("t", &Message::new("after")),
+        Err(Error::Poisoned(_))
+    ));
+    // Reads keep working.
+    assert_eq!(all_bodies(&b, "t").len(), 10);
+
+    let disk2 = disk.crash(CrashMode::DropUnsynced);
+    drop(b);
+    let b = Broker::open_with(Arc::new(disk2), config(tmp.path())).unwrap();
+    let want: Vec<Vec<u8>> = (0..10).map(|i| format!("ok-{i}").into_bytes()).collect();
+    assert_eq!(
+        all_bodies(&b, "t"),
+        want,
+        "exactly the acknowledged messages survive"
+    );
+    b.send("t", &Message::new("again")).unwrap();
+}
+
+#[test]
+fn concurrent_senders_all_get_the_fsync_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
+    b.create_topic("t", 4).unwrap();
+    disk.set_faults(Faults {
+        fail_syncs: 1,
+        ..Faults::default()
+    });
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let b = b.clone();
+            std::thread::spawn(move || b.send("t", &Message::new(format!("m{i}"))))
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // Every sender either got the error or (if its batch was synced before the failure)
+    // an acknowledgement; every acknowledgement survives.
+    assert!(results.iter().any(|r| matches!(r, Err(Error::Poisoned(_)))));
+    let acked: Vec<Vec<u8>> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(i, _)| format!("m{i}").into_bytes())
+        .collect();
+    let disk2 = disk.crash(CrashMode::DropUnsynced);
+    drop(b);
+    let b = Broker::open_with(Arc::new(disk2), config(tmp.path())).unwrap();
+    let have = all_bodies(&b, "t");
+    for body in &acked {
+        assert!(have.contains(body), "acknowledged {body:?} lost");
+    }
+}
+
+#[test]
+fn full_disk_refuses_the_write_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
+    b.create_topic("t", 1).unwrap();
+    // Fill the first 64 KiB segment nearly full, then run out of space: the next segment
+    // cannot be created.
+    let body = vec![7u8; 1000];
+    let mut sent = 0;
+    disk.set_faults(Faults {
+        disk_full: true,
+        ..Faults::default()
+    });
+    let err = loop {
+        match b.send("t", &Message::new(body.clone())) {
+            Ok(_) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            sent < 100,
+            "a 64 KiB segment holds fewer than 100 such messages"
+        );
+    };
+    assert!(matches!(err, Error::DiskFull { .. }), "got {err:?}");
+    assert!(err.to_string().contains("nothing acknowledged is lost"));
+    // Space comes back: writes resume without a reopen.
+    disk.set_faults(Faults::default());
+    b.send("t", &Message::new(body.clone())).unwrap();
+    assert_eq!(all_bodies(&b, "t").len(), sent + 1);
+    let disk2 = disk.crash(CrashMode::DropUnsynced);
+    drop(b);
+    let b = Broker::open_with(Arc::new(disk2), config(tmp.path())).unwrap();
+    assert_eq!(all_bodies(&b, "t").len(), sent + 1);
+}
