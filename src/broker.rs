@@ -579,15 +579,28 @@ impl Broker {
     /// queues. Each message goes to one consumer of the group. Messages not acked are
     /// delivered again after a restart (at-least-once).
     pub fn poll(&self, group: &str, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+        self.poll_limited(group, topic, max, usize::MAX)
+    }
+
+    /// [`Broker::poll`] that also stops before the messages' bytes (key, body, properties)
+    /// would pass `max_bytes`; at least one message is returned when any is there.
+    pub fn poll_limited(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>> {
         validate_group_name(group)?;
         let t = self.topic(topic)?;
         let g = self.group_topic(group, &t)?;
         let mut g = g.lock();
         let n = t.queues.len();
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         let start = g.start;
         g.start = (start + 1) % n;
-        for i in 0..n {
+        'queues: for i in 0..n {
             if out.len() >= max {
                 break;
             }
@@ -601,10 +614,23 @@ impl Broker {
                     break;
                 }
                 for (offset, rec) in batch {
-                    c.next = offset + 1;
                     if c.acked_above.contains(&offset) {
+                        c.next = offset + 1;
                         continue;
                     }
+                    let size = rec.key.len()
+                        + rec.body.len()
+                        + rec
+                            .properties
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len() + 16)
+                            .sum::<usize>()
+                        + 64;
+                    if !out.is_empty() && bytes + size > max_bytes {
+                        break 'queues;
+                    }
+                    bytes += size;
+                    c.next = offset + 1;
                     out.push(Delivery {
                         topic: t.name.clone(),
                         queue: q.queue_id(),
@@ -641,6 +667,31 @@ impl Broker {
             let from: Vec<u64> = g.lock().cursors.iter().map(|c| c.next).collect();
             self.store
                 .wait_for_messages(&t.queues, &from, deadline - now);
+        }
+    }
+
+    /// [`Broker::poll_limited`] that waits up to `timeout` for a message without blocking
+    /// the executor.
+    pub async fn poll_wait_async(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let got = self.poll_limited(group, topic, max, max_bytes)?;
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            let t = self.topic(topic)?;
+            let g = self.group_topic(group, &t)?;
+            let from: Vec<u64> = g.lock().cursors.iter().map(|c| c.next).collect();
+            self.store
+                .wait_for_messages_async(&t.queues, &from, deadline)
+                .await;
         }
     }
 

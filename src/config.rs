@@ -29,8 +29,9 @@ pub struct StoreConfig {
     pub segment_bytes: u64,
     /// When `send` returns. Default [`FlushPolicy::Sync`].
     pub flush: FlushPolicy,
-    /// Largest record accepted (header, topic, key, properties and body). Default 4 MiB; at
-    /// most a quarter of a segment.
+    /// Largest record accepted (header, topic, key, properties and body). Default 1 MiB, so
+    /// that any message fits in one network frame (4 MiB by default); at most a quarter of a
+    /// segment.
     pub record_bytes_max: u32,
     /// Bytes that may wait for the flusher before senders are made to wait (back-pressure).
     /// Default 8 MiB. This also bounds how much an unclean stop can leave half-written at the
@@ -46,7 +47,7 @@ impl Default for StoreConfig {
         StoreConfig {
             segment_bytes: 256 * 1024 * 1024,
             flush: FlushPolicy::Sync,
-            record_bytes_max: 4 * 1024 * 1024,
+            record_bytes_max: 1024 * 1024,
             pending_bytes_max: 8 * 1024 * 1024,
             checkpoint_bytes: 64 * 1024 * 1024,
         }

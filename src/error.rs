@@ -143,6 +143,35 @@ pub enum Error {
         stands: &'static str,
     },
 
+    /// The broker answered a request with an error.
+    #[error("broker error {code}: {message}")]
+    Remote {
+        /// Stable error code ([`Error::code`] on the broker; 100+ for protocol errors).
+        code: u16,
+        /// The broker's message.
+        message: String,
+    },
+
+    /// No answer in time. For a write, the outcome is unknown: it may or may not have been
+    /// stored (retry with the same key, or check with `trace`).
+    #[error("{what}: no answer within {after_ms} ms")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after_ms: u64,
+    },
+
+    /// The connection to the broker is gone (or could not be made). For a write in flight,
+    /// the outcome is unknown.
+    #[error("not connected to the broker at {addr}: {reason}")]
+    Disconnected {
+        /// The broker address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+
     /// The metadata store (sled) failed.
     #[error("metadata store error: {0}")]
     Meta(String),
@@ -183,6 +212,9 @@ impl Error {
             Error::Closed => 14,
             Error::UnknownTxn(_) => 15,
             Error::TxnConflict { .. } => 16,
+            Error::Remote { code, .. } => *code,
+            Error::Timeout { .. } => 17,
+            Error::Disconnected { .. } => 18,
         }
     }
 }

@@ -19,7 +19,9 @@
 //! - [`store`]: the storage engine: commit-log segments, group commit, consume-queue
 //!   indexes, recovery; [`store::io`] is the file layer, with a simulated disk for tests.
 //! - [`record`]: the on-disk record format, encode and decode.
-//! - [`meta`]: sled-backed topic configuration and consumer offsets.
+//! - [`meta`]: sled-backed topic configuration, consumer offsets and transaction state.
+//! - [`net`]: the network broker: frames, protocol, server, client.
+//! - [`txn`]: half messages, commit / rollback, check-back.
 //! - [`config`]: settings with their defaults.
 //! - [`error`]: the one typed [`Error`].
 //! - [`bench`]: the load generator behind `halfmq bench`.
@@ -34,6 +36,7 @@ mod codec;
 pub mod config;
 pub mod error;
 pub mod meta;
+pub mod net;
 pub mod record;
 pub mod store;
 pub mod txn;

@@ -49,6 +49,8 @@ struct FlusherState {
     batch: Batch,
     dispatch: DispatchBuf,
     last_sync: Instant,
+    /// How long the last fsync of the log took.
+    last_sync_time: std::time::Duration,
     /// Log bytes written but not yet synced (async flush).
     unsynced_bytes: u64,
     /// Log bytes since the last checkpoint.
@@ -64,6 +66,7 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
         batch: Batch::default(),
         dispatch: DispatchBuf::default(),
         last_sync: Instant::now(),
+        last_sync_time: std::time::Duration::ZERO,
         unsynced_bytes: 0,
         since_checkpoint: 0,
         checkpoint_seq,
@@ -74,8 +77,20 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
         let (closing, sync_requested) = {
             let mut w = shared.writer.lock();
             loop {
-                if !w.batch.is_empty() || w.closed || w.sync_requested || w.poisoned.is_some() {
+                if w.closed || w.sync_requested || w.poisoned.is_some() {
                     break;
+                }
+                if !w.batch.is_empty() {
+                    // Gather: give the writers released by the last round a moment to come
+                    // back, so that one fsync covers them all (sync flush only).
+                    let deadline = w.batch.first_at.map(|t| t + w.gather_wait);
+                    match deadline {
+                        Some(d) if w.batch.records < w.gather_target && Instant::now() < d => {
+                            shared.work.wait_until(&mut w, d);
+                            continue;
+                        }
+                        _ => break,
+                    }
                 }
                 match shared.config.flush {
                     FlushPolicy::Async { interval } if st.written > st.durable => {
@@ -95,6 +110,10 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             }
             std::mem::swap(&mut w.batch, &mut st.batch);
             w.batch.end = st.batch.end;
+            if matches!(shared.config.flush, FlushPolicy::Sync) {
+                w.gather_target = st.batch.records.max(1);
+                w.gather_wait = st.last_sync_time / 2;
+            }
             let requested = std::mem::take(&mut w.sync_requested);
             shared.space.notify_all();
             shared.async_notify.notify_waiters();
@@ -162,7 +181,9 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
             Some(s) => s,
             None => shared.writer.lock().active.clone(),
         };
+        let t = Instant::now();
         seg.file.sync_data()?;
+        st.last_sync_time = t.elapsed().min(std::time::Duration::from_millis(1));
         st.durable = st.written;
         st.unsynced_bytes = 0;
         st.last_sync = Instant::now();

@@ -106,6 +106,8 @@ struct Batch {
     hooks: Vec<(DurableHook, u64)>,
     /// Records in the batch.
     records: u64,
+    /// When the first record entered the (empty) batch.
+    first_at: Option<std::time::Instant>,
     /// Log offset just past the last record in the batch.
     end: u64,
 }
@@ -121,6 +123,7 @@ impl Batch {
         self.dispatch.clear();
         self.hooks.clear();
         self.records = 0;
+        self.first_at = None;
     }
 }
 
@@ -133,6 +136,11 @@ struct Writer {
     closed: bool,
     /// Someone (close, `flush`) wants the flusher to sync now, even under async flush.
     sync_requested: bool,
+    /// Group-commit gathering (sync flush only): how many records the flusher waits for
+    /// before it syncs — as many as the last round released, since those writers are likely
+    /// to come back at once — and for how long at most (half the last fsync's time).
+    gather_target: u64,
+    gather_wait: std::time::Duration,
 }
 
 /// Flush progress, watched by waiting writers and pollers without a lock.
@@ -319,6 +327,8 @@ impl Store {
                 poisoned: None,
                 closed: false,
                 sync_requested: false,
+                gather_target: 1,
+                gather_wait: std::time::Duration::ZERO,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -593,6 +603,29 @@ impl Store {
         }
     }
 
+    /// [`Store::wait_for_messages`] for async code.
+    pub async fn wait_for_messages_async(
+        &self,
+        queues: &[Arc<ConsumeQueue>],
+        from: &[u64],
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
+        loop {
+            let changed = self.shared.async_notify.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if ready() {
+                return true;
+            }
+            if self.shared.progress.stopped.load(Ordering::Acquire)
+                || tokio::time::timeout_at(deadline, changed).await.is_err()
+            {
+                return ready();
+            }
+        }
+    }
+
     /// Log statistics.
     pub fn log_stats(&self) -> LogStats {
         let segs = self.shared.segments.read();
@@ -719,7 +752,11 @@ impl Shared {
         if let Some(h) = hook.take() {
             w.batch.hooks.push((h, log_offset));
         }
-        self.work.notify_one();
+        // Wake the flusher for the first record, and when the batch is as large as it
+        // waits for; in between it is waiting on a deadline anyway.
+        if w.batch.records == 1 || w.batch.records >= w.gather_target {
+            self.work.notify_one();
+        }
         Ok(Some(Appended {
             log_offset,
             size,
@@ -763,6 +800,9 @@ impl Shared {
             w.batch.chunks.push(chunk);
         }
         w.pos += u64::from(size);
+        if w.batch.records == 0 {
+            w.batch.first_at = Some(std::time::Instant::now());
+        }
         w.batch.records += 1;
         w.batch.end = w.active.base + w.pos;
         Ok(())

@@ -1,0 +1,623 @@
+//! The async client: one pipelined connection to a broker, with time-outs and reconnects.
+//!
+//! [`Client`] has every operation; [`Producer`], [`TransactionalProducer`], [`Consumer`] and
+//! [`Admin`] are thin views of it for the usual roles. Requests carry correlation ids, so
+//! many can be in flight on the one connection. When the connection breaks, requests in
+//! flight fail with [`Error::Disconnected`] (for a write: outcome unknown) and the next
+//! request reconnects, with backoff, re-registering transaction checkers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
+use super::protocol::{self, Push, Request, Response, WireDelivery, WireMessage};
+use crate::broker::SendReceipt;
+use crate::error::{Error, Result};
+use crate::txn::{
+    CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,
+};
+use crate::Message;
+
+/// Client settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Broker address. Default `127.0.0.1:10911`.
+    pub addr: String,
+    /// Shared secret, if the broker requires one.
+    pub token: Option<String>,
+    /// Name sent in the handshake, for the broker's logs.
+    pub name: String,
+    /// Time-out of each request. Default 30 s.
+    pub request_timeout: Duration,
+    /// Time-out of connecting (and the handshake). Default 5 s.
+    pub connect_timeout: Duration,
+    /// Largest frame. Default 4 MiB.
+    pub frame_bytes_max: u32,
+    /// Longest wait between reconnect attempts. Default 5 s.
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            addr: "127.0.0.1:10911".into(),
+            token: None,
+            name: "halfmq-client".into(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            reconnect_backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Connection {
+    out: mpsc::Sender<Vec<u8>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
+    closed: AtomicBool,
+    closed_notify: tokio::sync::Notify,
+}
+
+struct Inner {
+    config: ClientConfig,
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    checkers: Mutex<Vec<(String, Arc<dyn TransactionChecker>)>>,
+    next_id: AtomicU64,
+    /// Consecutive failed connects, for the backoff.
+    failures: AtomicU64,
+}
+
+/// A connection to a broker; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.inner.config.addr)
+            .finish()
+    }
+}
+
+fn disconnected(addr: &str, reason: impl Into<String>) -> Error {
+    Error::Disconnected {
+        addr: addr.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl Client {
+    /// Connect (and handshake) now, so that a wrong address or token fails here.
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                conn: tokio::sync::Mutex::new(None),
+                checkers: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(1),
+                failures: AtomicU64::new(0),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The live connection, connecting first if there is none.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.closed.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        let failures = self.inner.failures.load(Ordering::Relaxed);
+        if failures > 0 {
+            let wait = Duration::from_millis(50u64.saturating_mul(1 << failures.min(10)))
+                .min(self.inner.config.reconnect_backoff_max);
+            tokio::time::sleep(wait).await;
+        }
+        match self.open().await {
+            Ok(c) => {
+                self.inner.failures.store(0, Ordering::Relaxed);
+                *slot = Some(c.clone());
+                drop(slot);
+                // Checkers registered before a reconnect are registered again.
+                let groups: Vec<String> = self
+                    .inner
+                    .checkers
+                    .lock()
+                    .iter()
+                    .map(|(g, _)| g.clone())
+                    .collect();
+                for producer_group in groups {
+                    self.call_on(&c, Request::RegisterChecker { producer_group })
+                        .await?;
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                self.inner.failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Arc<Connection>> {
+        let cfg = &self.inner.config;
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr))
+            .await
+            .map_err(|_| disconnected(&cfg.addr, "connect timed out"))?
+            .map_err(|e| disconnected(&cfg.addr, e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
+        let conn = Arc::new(Connection {
+            out,
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            closed_notify: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(async move {
+            while let Some(bytes) = out_rx.recv().await {
+                if wr.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(read_loop(rd, conn.clone(), self.clone()));
+        let hello = Request::Hello {
+            client: cfg.name.clone(),
+            token: cfg.token.clone(),
+        };
+        match tokio::time::timeout(cfg.connect_timeout, self.call_on(&conn, hello)).await {
+            Ok(Ok(Response::Hello { .. })) => Ok(conn),
+            Ok(Ok(other)) => Err(disconnected(
+                &cfg.addr,
+                format!("unexpected handshake answer {other:?}"),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(disconnected(&cfg.addr, "handshake timed out")),
+        }
+    }
+
+    async fn call_on(&self, conn: &Connection, req: Request) -> Result<Response> {
+        let cfg = &self.inner.config;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = protocol::encode(&req)?;
+        let mut bytes = Vec::with_capacity(frame::FRAME_HEADER_BYTES + body.len());
+        frame::encode_into(
+            &mut bytes,
+            FrameKind::Request,
+            id,
+            &body,
+            cfg.frame_bytes_max,
+        )?;
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().insert(id, tx);
+        if conn.closed.load(Ordering::Acquire) || conn.out.send(bytes).await.is_err() {
+            conn.pending.lock().remove(&id);
+            return Err(disconnected(&cfg.addr, "connection closed"));
+        }
+        match tokio::time::timeout(cfg.request_timeout, rx).await {
+            Ok(Ok(Response::Error { code, message })) => Err(Error::Remote { code, message }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(disconnected(&cfg.addr, "connection lost before the answer")),
+            Err(_) => {
+                conn.pending.lock().remove(&id);
+                Err(Error::Timeout {
+                    what: format!("request {id} to {}", cfg.addr),
+                    after_ms: cfg.request_timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+
+    /// Send a request and wait for its answer (connecting if needed).
+    pub async fn call(&self, req: Request) -> Result<Response> {
+        let conn = self.connection().await?;
+        self.call_on(&conn, req).await
+    }
+
+    /// Wait until the current connection is lost (returns at once if there is none).
+    pub async fn closed(&self) {
+        let conn = self.inner.conn.lock().await.clone();
+        let Some(conn) = conn else { return };
+        loop {
+            let n = conn.closed_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if conn.closed.load(Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Store a message durably.
+    pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        let req = Request::Send {
+            topic: topic.into(),
+            message: wire(msg),
+        };
+        match self.call(req).await? {
+            Response::Sent {
+                topic,
+                queue,
+                offset,
+                log_offset,
+            } => Ok(SendReceipt {
+                topic,
+                queue,
+                offset,
+                log_offset,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Write a half message.
+    pub async fn send_half(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: HalfOptions,
+    ) -> Result<TxnId> {
+        let req = Request::SendHalf {
+            topic: topic.into(),
+            message: wire(msg),
+            producer_group: producer_group.into(),
+            check_immunity_ms: opts.check_immunity.map_or(0, |d| d.as_millis() as u64),
+        };
+        match self.call(req).await? {
+            Response::HalfSent { txn } => Ok(TxnId(txn)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Commit a transaction.
+    pub async fn commit(&self, txn: TxnId) -> Result<()> {
+        expect_ok(self.call(Request::Commit { txn: txn.0 }).await?)
+    }
+
+    /// Roll back a transaction.
+    pub async fn rollback(&self, txn: TxnId) -> Result<()> {
+        expect_ok(self.call(Request::Rollback { txn: txn.0 }).await?)
+    }
+
+    /// Messages for `group`, waiting up to `wait` for one.
+    pub async fn poll(
+        &self,
+        group: &str,
+        topic: &str,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<WireDelivery>> {
+        let req = Request::Poll {
+            group: group.into(),
+            topic: topic.into(),
+            max,
+            wait_ms: wait.as_millis() as u64,
+        };
+        match self.call(req).await? {
+            Response::Messages(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Acknowledge messages: (queue, offset) pairs of one topic.
+    pub async fn ack(&self, group: &str, topic: &str, acks: Vec<(u32, u64)>) -> Result<()> {
+        expect_ok(
+            self.call(Request::Ack {
+                group: group.into(),
+                topic: topic.into(),
+                acks,
+            })
+            .await?,
+        )
+    }
+
+    /// Create a topic.
+    pub async fn create_topic(&self, name: &str, queues: u32) -> Result<()> {
+        expect_ok(
+            self.call(Request::CreateTopic {
+                name: name.into(),
+                queues,
+            })
+            .await?,
+        )
+    }
+
+    /// Topics: (name, queues).
+    pub async fn topics(&self) -> Result<Vec<(String, u32)>> {
+        match self.call(Request::ListTopics).await? {
+            Response::Topics(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Statistics as JSON (the document `halfmq stats --json` prints).
+    pub async fn stats_json(&self) -> Result<String> {
+        match self.call(Request::Stats).await? {
+            Response::Stats(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Unfinished transactions.
+    pub async fn transactions(&self, state: Option<TxnState>) -> Result<Vec<TxnInfo>> {
+        match self.call(Request::ListTxns { state }).await? {
+            Response::Txns(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Where a transaction is.
+    pub async fn transaction_state(&self, txn: TxnId) -> Result<TxnState> {
+        match self.call(Request::TxnState { txn: txn.0 }).await? {
+            Response::TxnState(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Check an unfinished transaction again now.
+    pub async fn rearm(&self, txn: TxnId) -> Result<()> {
+        expect_ok(self.call(Request::Rearm { txn: txn.0 }).await?)
+    }
+
+    /// Answer check-backs of `producer_group` with `checker` (kept across reconnects).
+    pub async fn register_checker(
+        &self,
+        producer_group: &str,
+        checker: Arc<dyn TransactionChecker>,
+    ) -> Result<()> {
+        self.inner
+            .checkers
+            .lock()
+            .push((producer_group.to_owned(), checker));
+        expect_ok(
+            self.call(Request::RegisterChecker {
+                producer_group: producer_group.into(),
+            })
+            .await?,
+        )
+    }
+
+    fn checker_for(&self, group: &str) -> Option<Arc<dyn TransactionChecker>> {
+        self.inner
+            .checkers
+            .lock()
+            .iter()
+            .find(|(g, _)| g == group)
+            .map(|(_, c)| c.clone())
+    }
+}
+
+fn wire(msg: &Message) -> WireMessage {
+    WireMessage {
+        key: msg.key.clone(),
+        body: msg.body.clone(),
+        properties: msg.properties.clone(),
+    }
+}
+
+fn unexpected(r: Response) -> Error {
+    Error::Decode {
+        what: "response",
+        reason: format!("unexpected answer {r:?}"),
+    }
+}
+
+fn expect_ok(r: Response) -> Result<()> {
+    match r {
+        Response::Ok => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>, client: Client) {
+    let max = client.inner.config.frame_bytes_max;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    'read: loop {
+        loop {
+            let len = match frame::check(&buf, max) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(_) => break 'read,
+            };
+            let f = frame::parse(&buf[..len]);
+            buf.drain(..len);
+            let Ok(f) = f else { break 'read };
+            match f.kind {
+                FrameKind::Response => {
+                    let Ok(resp) = protocol::decode::<Response>(&f.body) else {
+                        break 'read;
+                    };
+                    if let Some(tx) = conn.pending.lock().remove(&f.correlation) {
+                        let _ = tx.send(resp);
+                    }
+                }
+                FrameKind::Push => {
+                    let Ok(Push::Check {
+                        txn,
+                        topic,
+                        producer_group,
+                        message,
+                        created_ms,
+                        checks,
+                    }) = protocol::decode::<Push>(&f.body)
+                    else {
+                        break 'read;
+                    };
+                    let half = HalfMessage {
+                        txn_id: TxnId(txn),
+                        topic,
+                        key: message.key,
+                        body: message.body,
+                        properties: message.properties,
+                        producer_group,
+                        created_ms,
+                        checks,
+                    };
+                    tokio::spawn(answer_check(
+                        client.clone(),
+                        conn.clone(),
+                        f.correlation,
+                        half,
+                    ));
+                }
+                FrameKind::Request => break 'read,
+            }
+        }
+        match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    conn.closed.store(true, Ordering::Release);
+    conn.pending.lock().clear();
+    conn.closed_notify.notify_waiters();
+}
+
+async fn answer_check(client: Client, conn: Arc<Connection>, check: u64, half: HalfMessage) {
+    let answer = match client.checker_for(&half.producer_group) {
+        Some(checker) => tokio::task::spawn_blocking(move || checker.check(&half))
+            .await
+            .unwrap_or(CheckAnswer::Unknown),
+        None => CheckAnswer::Unknown,
+    };
+    let id = client.inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let Ok(body) = protocol::encode(&Request::CheckAnswer { check, answer }) else {
+        return;
+    };
+    let mut bytes = Vec::new();
+    if frame::encode_into(
+        &mut bytes,
+        FrameKind::Request,
+        id,
+        &body,
+        client.inner.config.frame_bytes_max,
+    )
+    .is_ok()
+    {
+        let _ = conn.out.send(bytes).await;
+    }
+}
+
+/// Sends messages.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    client: Client,
+}
+
+impl Producer {
+    /// A producer on `client`.
+    pub fn new(client: Client) -> Producer {
+        Producer { client }
+    }
+
+    /// Store a message durably; the receipt says where.
+    pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        self.client.send(topic, msg).await
+    }
+}
+
+/// Writes half messages, commits or rolls them back, and answers check-backs for its group.
+#[derive(Debug, Clone)]
+pub struct TransactionalProducer {
+    client: Client,
+    group: String,
+}
+
+impl TransactionalProducer {
+    /// A transactional producer of `group`, answering its check-backs with `checker`.
+    pub async fn new(
+        client: Client,
+        group: &str,
+        checker: Arc<dyn TransactionChecker>,
+    ) -> Result<Self> {
+        client.register_checker(group, checker).await?;
+        Ok(TransactionalProducer {
+            client,
+            group: group.to_owned(),
+        })
+    }
+
+    /// Write a half message.
+    pub async fn send_half(&self, topic: &str, msg: &Message, opts: HalfOptions) -> Result<TxnId> {
+        self.client.send_half(topic, msg, &self.group, opts).await
+    }
+
+    /// Commit.
+    pub async fn commit(&self, txn: TxnId) -> Result<()> {
+        self.client.commit(txn).await
+    }
+
+    /// Roll back.
+    pub async fn rollback(&self, txn: TxnId) -> Result<()> {
+        self.client.rollback(txn).await
+    }
+}
+
+/// Receives messages of a topic for a consumer group.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    client: Client,
+    group: String,
+    topic: String,
+}
+
+impl Consumer {
+    /// A consumer of `topic` in `group`.
+    pub fn new(client: Client, group: &str, topic: &str) -> Consumer {
+        Consumer {
+            client,
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+        }
+    }
+
+    /// Up to `max` messages, waiting up to `wait` for the first.
+    pub async fn poll(&self, max: u32, wait: Duration) -> Result<Vec<WireDelivery>> {
+        self.client.poll(&self.group, &self.topic, max, wait).await
+    }
+
+    /// Acknowledge delivered messages.
+    pub async fn ack(&self, deliveries: &[WireDelivery]) -> Result<()> {
+        let acks = deliveries.iter().map(|d| (d.queue, d.offset)).collect();
+        self.client.ack(&self.group, &self.topic, acks).await
+    }
+}
+
+/// Topics, statistics and transactions.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    /// An admin view of `client`.
+    pub fn new(client: Client) -> Admin {
+        Admin { client }
+    }
+
+    /// The client, for every operation.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}

@@ -1,0 +1,243 @@
+//! Requests, responses and pushes: one definition shared by the server and the client.
+//!
+//! Every frame body is the bincode encoding (with a size limit) of one of the enums here:
+//! a [`FrameKind::Request`] carries a [`Request`], a [`FrameKind::Response`] the
+//! [`Response`] with the request's correlation id, and a [`FrameKind::Push`] a [`Push`]
+//! the broker sends on its own (a check-back question), answered by a
+//! [`Request::CheckAnswer`].
+//!
+//! [`FrameKind::Request`]: super::frame::FrameKind::Request
+//! [`FrameKind::Response`]: super::frame::FrameKind::Response
+//! [`FrameKind::Push`]: super::frame::FrameKind::Push
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::record::Properties;
+use crate::txn::{CheckAnswer, TxnInfo, TxnState};
+
+/// A message on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireMessage {
+    /// Key ("" for none).
+    pub key: String,
+    /// Payload.
+    pub body: Vec<u8>,
+    /// User properties.
+    pub properties: Properties,
+}
+
+/// A delivered message on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDelivery {
+    /// Topic.
+    pub topic: String,
+    /// Queue.
+    pub queue: u32,
+    /// Offset in the queue (what to ack).
+    pub offset: u64,
+    /// Position in the commit log.
+    pub log_offset: u64,
+    /// When it was stored, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The message.
+    pub message: WireMessage,
+}
+
+/// Client → broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First request on every connection.
+    Hello {
+        /// Client name, for logs.
+        client: String,
+        /// The shared secret, when the broker requires one.
+        token: Option<String>,
+    },
+    /// Store a message durably.
+    Send {
+        /// Topic.
+        topic: String,
+        /// The message.
+        message: WireMessage,
+    },
+    /// Write a half message.
+    SendHalf {
+        /// Topic.
+        topic: String,
+        /// The message.
+        message: WireMessage,
+        /// Producer group asked at check-back.
+        producer_group: String,
+        /// Check-immunity time in ms (0: none).
+        check_immunity_ms: u64,
+    },
+    /// Commit a transaction.
+    Commit {
+        /// Transaction id.
+        txn: u64,
+    },
+    /// Roll back a transaction.
+    Rollback {
+        /// Transaction id.
+        txn: u64,
+    },
+    /// Hand out messages to a consumer group, waiting up to `wait_ms` for one.
+    Poll {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// At most this many.
+        max: u32,
+        /// Long-poll wait in ms (0: answer at once).
+        wait_ms: u64,
+    },
+    /// Acknowledge messages.
+    Ack {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// (queue, offset) pairs.
+        acks: Vec<(u32, u64)>,
+    },
+    /// Create a topic.
+    CreateTopic {
+        /// Name.
+        name: String,
+        /// Queues.
+        queues: u32,
+    },
+    /// List topics.
+    ListTopics,
+    /// Broker statistics.
+    Stats,
+    /// List unfinished transactions (all, or in one state).
+    ListTxns {
+        /// Filter.
+        state: Option<TxnState>,
+    },
+    /// Where one transaction is.
+    TxnState {
+        /// Transaction id.
+        txn: u64,
+    },
+    /// Check an unfinished transaction again now.
+    Rearm {
+        /// Transaction id.
+        txn: u64,
+    },
+    /// This connection answers check-backs for `producer_group` from now on.
+    RegisterChecker {
+        /// Producer group.
+        producer_group: String,
+    },
+    /// The answer to a [`Push::Check`].
+    CheckAnswer {
+        /// The push's correlation id.
+        check: u64,
+        /// The answer.
+        answer: CheckAnswer,
+    },
+}
+
+/// Broker → client, answering the request with the same correlation id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `Hello`.
+    Hello {
+        /// Broker version string.
+        server: String,
+    },
+    /// The request succeeded and has nothing to return.
+    Ok,
+    /// A message was stored.
+    Sent {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// Offset in the queue.
+        offset: u64,
+        /// Position in the log.
+        log_offset: u64,
+    },
+    /// A half message was written.
+    HalfSent {
+        /// Its transaction id.
+        txn: u64,
+    },
+    /// Messages for a poll (possibly none).
+    Messages(Vec<WireDelivery>),
+    /// Topics: (name, queues).
+    Topics(Vec<(String, u32)>),
+    /// Statistics as JSON text (the same document `halfmq stats --json` prints).
+    Stats(String),
+    /// Unfinished transactions.
+    Txns(Vec<TxnInfo>),
+    /// A transaction's state.
+    TxnState(TxnState),
+    /// The request failed.
+    Error {
+        /// Stable error code ([`crate::Error::code`]; 100+ for protocol errors).
+        code: u16,
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+/// Broker → client, unasked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Push {
+    /// Check-back: what happened to this transaction?
+    Check {
+        /// Transaction id.
+        txn: u64,
+        /// Topic.
+        topic: String,
+        /// Producer group.
+        producer_group: String,
+        /// The half message.
+        message: WireMessage,
+        /// When the half was written.
+        created_ms: u64,
+        /// Checks before this one.
+        checks: u32,
+    },
+}
+
+/// Protocol error codes (beyond [`crate::Error::code`]).
+pub mod codes {
+    /// The first request was not `Hello`, or the token is wrong.
+    pub const UNAUTHORIZED: u16 = 100;
+    /// The frame could not be decoded.
+    pub const BAD_FRAME: u16 = 101;
+    /// The broker has too many connections.
+    pub const TOO_MANY_CONNECTIONS: u16 = 102;
+    /// The broker is shutting down.
+    pub const SHUTTING_DOWN: u16 = 103;
+    /// A request type this connection may not send (a `CheckAnswer` for no check, ...).
+    pub const BAD_REQUEST: u16 = 104;
+}
+
+/// Encode a protocol value.
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    codec::encode(v, "protocol message")
+}
+
+/// Decode a protocol value (bounded by the codec's size limit).
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    codec::decode(bytes, "protocol message")
+}
+
+impl Response {
+    /// The response for a failed request.
+    pub fn from_error(e: &Error) -> Response {
+        Response::Error {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
