@@ -110,6 +110,12 @@ pub struct BenchReport {
     /// With `--txn`: committed transactions per second / plain sends per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_plain: Option<f64>,
+    /// With `--addr --compare-embedded`: the same load on an embedded broker, msgs/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded_msgs_per_s: Option<f64>,
+    /// `msgs_per_s / embedded_msgs_per_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_embedded: Option<f64>,
 }
 
 /// The raw disk's limits, measured on the bench directory.
@@ -246,11 +252,7 @@ fn run_producers(
     let broker = Arc::new(Broker::open(config)?);
     broker.create_topic("bench", 8)?;
     let limit_msgs = opts.messages.unwrap_or(u64::MAX);
-    let limit_time = match (opts.messages, opts.seconds) {
-        (_, Some(s)) => Some(Duration::from_secs_f64(s)),
-        (None, None) => Some(Duration::from_secs(10)),
-        (Some(_), None) => None,
-    };
+    let limit_time = limit_time(opts);
     let load = Arc::new(Load {
         issued: AtomicU64::new(0),
         done: AtomicU64::new(0),
@@ -319,28 +321,7 @@ fn run_producers(
             .collect();
         Producers::Tasks(rt, handles)
     };
-    let mut last = (Instant::now(), 0u64);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let finished = producers.finished();
-        if let Some(l) = limit_time {
-            if start.elapsed() >= l {
-                load.stop.store(true, Ordering::Relaxed);
-            }
-        }
-        if last.0.elapsed() >= Duration::from_secs(1) || finished {
-            let n = load.done.load(Ordering::Relaxed);
-            let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            progress(&format!(
-                "{:>6.1} s  {n:>10} msgs  {rate:>10.0} msg/s",
-                start.elapsed().as_secs_f64()
-            ));
-            last = (Instant::now(), n);
-        }
-        if finished {
-            break;
-        }
-    }
+    monitor(&load, start, limit_time, || producers.finished(), progress);
     let seconds = start.elapsed().as_secs_f64();
     let mut hist = histogram();
     for h in producers.join()? {
@@ -376,6 +357,171 @@ fn run_producers(
         msgs_per_fsync: round2(log.records as f64 / log.syncs.max(1) as f64),
         ..BenchReport::default()
     })
+}
+
+/// Print progress about once a second until `finished`, stopping the load at `limit_time`.
+fn monitor(
+    load: &Load,
+    start: Instant,
+    limit_time: Option<Duration>,
+    finished: impl Fn() -> bool,
+    progress: &mut dyn FnMut(&str),
+) {
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let done = finished();
+        if limit_time.is_some_and(|l| start.elapsed() >= l) {
+            load.stop.store(true, Ordering::Relaxed);
+        }
+        if last.0.elapsed() >= Duration::from_secs(1) || done {
+            let n = load.done.load(Ordering::Relaxed);
+            let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            progress(&format!(
+                "{:>6.1} s  {n:>10} msgs  {rate:>10.0} msg/s",
+                start.elapsed().as_secs_f64()
+            ));
+            last = (Instant::now(), n);
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+fn limit_time(opts: &BenchOptions) -> Option<Duration> {
+    match (opts.messages, opts.seconds) {
+        (_, Some(s)) => Some(Duration::from_secs_f64(s)),
+        (None, None) => Some(Duration::from_secs(10)),
+        (Some(_), None) => None,
+    }
+}
+
+/// Run producers (async tasks) against the broker at `addr` over `connections` connections,
+/// and, with `compare_embedded`, the same load on an embedded broker afterwards.
+pub fn run_network(
+    opts: &BenchOptions,
+    addr: &str,
+    token: Option<String>,
+    connections: usize,
+    compare_embedded: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    use crate::net::client::{Client, ClientConfig};
+    if connections == 0 || connections > 1024 || opts.producers == 0 {
+        return Err(Error::Config {
+            setting: "connections",
+            reason: "connections and producers must be 1 ..= 1024".into(),
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(addr, "start runtime", e))?;
+    let config = ClientConfig {
+        addr: addr.to_owned(),
+        token,
+        name: "halfmq-bench".into(),
+        ..ClientConfig::default()
+    };
+    let clients = rt.block_on(async {
+        let mut out = Vec::new();
+        for _ in 0..connections {
+            out.push(Client::connect(config.clone()).await?);
+        }
+        match out[0].create_topic("bench", 8).await {
+            Ok(()) | Err(Error::Remote { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok::<_, Error>(out)
+    })?;
+    let syncs_before = rt.block_on(remote_log_counters(&clients[0]));
+    let load = Arc::new(Load {
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        limit: opts.messages.unwrap_or(u64::MAX),
+    });
+    let start = Instant::now();
+    let handles: Vec<_> = (0..opts.producers)
+        .map(|p| {
+            let (client, load) = (clients[p % connections].clone(), load.clone());
+            let msg = Message::new(vec![b'x'; opts.size]);
+            rt.spawn(async move {
+                let mut hist = histogram();
+                while load.next() {
+                    let t = Instant::now();
+                    client.send("bench", &msg).await?;
+                    load.record(&mut hist, t);
+                }
+                Ok(hist)
+            })
+        })
+        .collect();
+    let producers = Producers::Tasks(rt, handles);
+    monitor(
+        &load,
+        start,
+        limit_time(opts),
+        || producers.finished(),
+        progress,
+    );
+    let seconds = start.elapsed().as_secs_f64();
+    let hists = producers.join_keep()?;
+    let (rt, hists) = hists;
+    let syncs_after = rt.block_on(remote_log_counters(&clients[0]));
+    drop(clients);
+    drop(rt);
+    let mut hist = histogram();
+    for h in hists {
+        hist.add(&h).map_err(|e| Error::Invalid {
+            what: "histogram",
+            reason: e.to_string(),
+        })?;
+    }
+    let messages = load.done.load(Ordering::Relaxed);
+    let (syncs, records) = match (syncs_before, syncs_after) {
+        (Some(a), Some(b)) => (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)),
+        _ => (0, 0),
+    };
+    let mut report = BenchReport {
+        mode: "broker".into(),
+        producers: opts.producers,
+        producer_kind: format!("tasks over {connections} connections"),
+        msg_bytes: opts.size,
+        flush: "broker's".into(),
+        messages,
+        seconds: round3(seconds),
+        msgs_per_s: round2(messages as f64 / seconds),
+        mib_per_s: round2(messages as f64 * opts.size as f64 / (1024.0 * 1024.0) / seconds),
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+        fsyncs_per_s: round2(syncs as f64 / seconds),
+        msgs_per_fsync: round2(records as f64 / syncs.max(1) as f64),
+        ..BenchReport::default()
+    };
+    if compare_embedded {
+        progress("the same load on an embedded broker, for ratio_to_embedded ...");
+        let emb = run_producers(opts, Workload::Plain, "embedded-compare", progress);
+        if opts.cleanup {
+            let _ = std::fs::remove_dir_all(&opts.data_dir);
+        }
+        let emb = emb?;
+        report.embedded_msgs_per_s = Some(emb.msgs_per_s);
+        report.ratio_to_embedded = Some(round3(
+            report.msgs_per_s / emb.msgs_per_s.max(f64::MIN_POSITIVE),
+        ));
+    }
+    Ok(report)
+}
+
+/// (log fsyncs, records) of a remote broker, from its stats.
+async fn remote_log_counters(client: &crate::net::client::Client) -> Option<(u64, u64)> {
+    let text = client.stats_json().await.ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((v["log"]["syncs"].as_u64()?, v["log"]["records"].as_u64()?))
 }
 
 /// Shared counters of one run.
@@ -414,6 +560,29 @@ impl Producers {
         match self {
             Producers::Threads(h) => h.iter().all(|h| h.is_finished()),
             Producers::Tasks(_, h) => h.iter().all(|h| h.is_finished()),
+        }
+    }
+
+    /// Join tasks but keep their runtime alive (for requests after the run).
+    fn join_keep(self) -> Result<(tokio::runtime::Runtime, Vec<Histogram<u64>>)> {
+        match self {
+            Producers::Tasks(rt, hs) => {
+                let out =
+                    rt.block_on(async {
+                        let mut out = Vec::new();
+                        for h in hs {
+                            out.push(h.await.map_err(|_| {
+                                Error::Poisoned("a bench producer panicked".into())
+                            })??);
+                        }
+                        Ok::<_, Error>(out)
+                    })?;
+                Ok((rt, out))
+            }
+            Producers::Threads(_) => Err(Error::Invalid {
+                what: "bench",
+                reason: "join_keep needs tasks".into(),
+            }),
         }
     }
 

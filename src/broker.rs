@@ -103,7 +103,7 @@ pub struct TopicInfo {
 }
 
 /// Per-queue figures for [`Broker::stats`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueStats {
     /// Topic.
     pub topic: String,
@@ -116,7 +116,7 @@ pub struct QueueStats {
 }
 
 /// One consumer group's position in one queue.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupLag {
     /// Group name.
     pub group: String,
@@ -127,7 +127,7 @@ pub struct GroupLag {
 }
 
 /// Figures for people and monitoring.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// The commit log.
     pub log: crate::store::LogStats,

@@ -38,6 +38,7 @@ pub mod error;
 pub mod meta;
 pub mod net;
 pub mod record;
+pub mod settings;
 pub mod store;
 pub mod txn;
 

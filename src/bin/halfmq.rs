@@ -1,12 +1,21 @@
 //! The `halfmq` command line: parse arguments, set up logging, call the library.
+//!
+//! Exit codes: 0 ok; 1 an error (one line on stderr, `halfmq: error: ...`); 2 bad arguments.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use halfmq::bench::{self, BenchOptions};
-use halfmq::{Broker, BrokerConfig, FlushPolicy, StoreConfig};
+use halfmq::net::client::{Client, ClientConfig};
+use halfmq::net::server::Server;
+use halfmq::settings::Settings;
+use halfmq::{
+    Broker, CheckAnswer, FlushPolicy, HalfMessage, HalfOptions, Message, TxnId, TxnState,
+};
 
 #[derive(Parser)]
 #[command(
@@ -27,105 +36,352 @@ enum Flush {
     Async,
 }
 
-#[derive(clap::Args, Clone)]
-struct StoreArgs {
-    /// Data directory.
-    #[arg(long, env = "HALFMQ_DATA_DIR", default_value = "halfmq-data")]
-    data_dir: PathBuf,
-    /// When a send is acknowledged.
-    #[arg(long, value_enum, env = "HALFMQ_FLUSH", default_value = "sync")]
-    flush: Flush,
-    /// Longest time an acknowledged message may stay unsynced with --flush async.
-    #[arg(long, env = "HALFMQ_FLUSH_INTERVAL_MS", default_value_t = 100)]
-    flush_interval_ms: u64,
-}
-
-impl StoreArgs {
-    fn policy(&self) -> FlushPolicy {
-        match self.flush {
-            Flush::Sync => FlushPolicy::Sync,
-            Flush::Async => FlushPolicy::Async {
-                interval: Duration::from_millis(self.flush_interval_ms),
-            },
+impl Flush {
+    fn name(self) -> &'static str {
+        match self {
+            Flush::Sync => "sync",
+            Flush::Async => "async",
         }
     }
+}
 
-    fn config(&self) -> BrokerConfig {
-        let mut c = BrokerConfig::new(&self.data_dir);
-        c.store = StoreConfig {
-            flush: self.policy(),
-            ..StoreConfig::default()
+/// Broker settings; each also comes from the environment and the TOML file (flags win).
+#[derive(Args, Clone)]
+struct BrokerArgs {
+    /// TOML file with settings (see --print-config for every key).
+    #[arg(long, env = "HALFMQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: halfmq-data].
+    #[arg(long, env = "HALFMQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:10911].
+    #[arg(long, env = "HALFMQ_LISTEN")]
+    listen: Option<String>,
+    /// Shared secret clients must present (required off loopback).
+    #[arg(long, env = "HALFMQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// When a write is acknowledged [default: sync].
+    #[arg(long, value_enum, env = "HALFMQ_FLUSH")]
+    flush: Option<Flush>,
+    /// Sync interval with --flush async, ms [default: 100].
+    #[arg(long, env = "HALFMQ_FLUSH_INTERVAL_MS")]
+    flush_interval_ms: Option<u64>,
+    /// Create topics on first use [default: true].
+    #[arg(long, env = "HALFMQ_AUTO_CREATE_TOPICS")]
+    auto_create_topics: Option<bool>,
+    /// Queues of auto-created topics [default: 4].
+    #[arg(long, env = "HALFMQ_DEFAULT_QUEUES")]
+    default_queues: Option<u32>,
+    /// First check-back this long after a half message, ms [default: 6000].
+    #[arg(long, env = "HALFMQ_TXN_TIMEOUT_MS")]
+    txn_timeout_ms: Option<u64>,
+    /// Wait after the first failed check, ms; doubles up to the maximum [default: 30000].
+    #[arg(long, env = "HALFMQ_TXN_CHECK_INTERVAL_MS")]
+    txn_check_interval_ms: Option<u64>,
+    /// Longest wait between checks, ms [default: 300000].
+    #[arg(long, env = "HALFMQ_TXN_CHECK_BACKOFF_MAX_MS")]
+    txn_check_backoff_max_ms: Option<u64>,
+    /// Checks before a transaction is unresolved [default: 15].
+    #[arg(long, env = "HALFMQ_TXN_CHECK_MAX")]
+    txn_check_max: Option<u32>,
+}
+
+impl BrokerArgs {
+    fn settings(&self) -> halfmq::Result<Settings> {
+        let file = match &self.config {
+            Some(p) => Settings::from_file(p)?,
+            None => Settings::default(),
         };
-        c
+        let flags = Settings {
+            data_dir: self.data_dir.clone(),
+            listen: self.listen.clone(),
+            token: self.token.clone(),
+            flush: self.flush.map(|f| f.name().to_owned()),
+            flush_interval_ms: self.flush_interval_ms,
+            auto_create_topics: self.auto_create_topics,
+            default_queues: self.default_queues,
+            txn_timeout_ms: self.txn_timeout_ms,
+            txn_check_interval_ms: self.txn_check_interval_ms,
+            txn_check_backoff_max_ms: self.txn_check_backoff_max_ms,
+            txn_check_max: self.txn_check_max,
+            ..Settings::default()
+        };
+        Ok(file.overlay(flags))
+    }
+}
+
+/// Where the broker is.
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Broker address.
+    #[arg(long, env = "HALFMQ_ADDR", default_value = "127.0.0.1:10911")]
+    addr: String,
+    /// Shared secret, if the broker requires one.
+    #[arg(long, env = "HALFMQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Time-out of each request, ms.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+}
+
+impl ConnArgs {
+    async fn connect(&self) -> halfmq::Result<Client> {
+        Client::connect(ClientConfig {
+            addr: self.addr.clone(),
+            token: self.token.clone(),
+            name: "halfmq-cli".into(),
+            request_timeout: Duration::from_millis(self.timeout_ms),
+            ..ClientConfig::default()
+        })
+        .await
     }
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the broker on a data directory (embedded engine; runs until Ctrl-C or SIGTERM).
+    /// Run the broker (Ctrl-C or SIGTERM stops it cleanly).
     Broker {
         #[command(flatten)]
-        store: StoreArgs,
-        /// Open, recover, print the status and exit instead of running.
+        args: BrokerArgs,
+        /// Print the effective configuration (defaults filled in) and exit.
+        #[arg(long)]
+        print_config: bool,
+        /// Open the data directory, recover, print its status and exit, without serving.
         #[arg(long)]
         check: bool,
     },
-    /// Print topics, queues, consumer-group backlog and log figures of a data directory.
-    Stats {
+    /// Send messages; with --json one line per message once the broker stored it durably.
+    Produce {
         #[command(flatten)]
-        store: StoreArgs,
-        /// One JSON object instead of a table.
+        conn: ConnArgs,
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// The key of every message.
+        #[arg(long, conflicts_with = "key_prefix")]
+        key: Option<String>,
+        /// Keys are PREFIX-0, PREFIX-1, ... (default: a random prefix, so keys are unique).
+        #[arg(long)]
+        key_prefix: Option<String>,
+        /// Body text.
+        #[arg(long, conflicts_with = "size")]
+        body: Option<String>,
+        /// Random body of this many bytes.
+        #[arg(long)]
+        size: Option<usize>,
+        /// Messages to send.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// One JSON object per message.
         #[arg(long)]
         json: bool,
     },
-    /// Measure durable send throughput and latency.
-    Bench {
-        /// Run against an embedded broker (the only mode so far).
-        #[arg(long, required = true)]
-        embedded: bool,
-        /// Data directory for the run (default: a fresh directory here, removed afterwards).
+    /// Receive messages of a topic for a consumer group; each is acked after it is printed.
+    Consume {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Topic.
         #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Concurrent producers.
-        #[arg(long, default_value_t = 64)]
-        producers: usize,
-        /// Body bytes per message.
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
+        topic: String,
+        /// Consumer group.
+        #[arg(long)]
+        group: String,
         /// Stop after this many messages.
         #[arg(long)]
-        messages: Option<u64>,
-        /// Stop after this many seconds (default 10 when --messages is not given).
+        max: Option<u64>,
+        /// Stop after this long without a message, ms.
         #[arg(long)]
-        seconds: Option<f64>,
-        /// When a send is acknowledged.
-        #[arg(long, value_enum, default_value = "sync")]
-        flush: Flush,
-        /// First measure the raw disk (write + fdatasync) on the same directory.
-        #[arg(long)]
-        baseline: bool,
-        /// One OS thread per producer calling the blocking send (default: async tasks on a
-        /// tokio runtime with one worker per core).
-        #[arg(long)]
-        threads: bool,
-        /// Transactions: each message is a half message plus a commit. Plain sends are
-        /// measured first in the same run, for ratio_to_plain.
-        #[arg(long)]
-        txn: bool,
-        /// Instead of throughput: the cost of one check-back tick with --pending unfinished
-        /// transactions of which --due are due.
-        #[arg(long, conflicts_with = "txn")]
-        txn_tick: bool,
-        /// Unfinished transactions for --txn-tick.
-        #[arg(long, default_value_t = 1_000_000)]
-        pending: u64,
-        /// Due transactions for --txn-tick.
-        #[arg(long, default_value_t = 100)]
-        due: u64,
-        /// Print one JSON object as the last line of stdout.
+        idle_exit_ms: Option<u64>,
+        /// One JSON object per message.
         #[arg(long)]
         json: bool,
     },
+    /// Transactions.
+    Txn {
+        #[command(subcommand)]
+        command: TxnCommand,
+    },
+    /// Topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Per topic and queue: messages, backlog per group; pending and unresolved transactions.
+    Stats {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Read a data directory directly instead (the broker must not be running on it).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure durable throughput and latency.
+    Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TxnCommand {
+    /// Write a half message and exit without an outcome, as a crashed payment service would.
+    Begin {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Topic.
+        #[arg(long)]
+        topic: String,
+        /// Key.
+        #[arg(long)]
+        key: String,
+        /// Producer group asked at check-back.
+        #[arg(long)]
+        group: String,
+        /// Body text.
+        #[arg(long, default_value = "")]
+        body: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Commit a transaction.
+    Commit {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Transaction id.
+        id: u64,
+    },
+    /// Roll back a transaction.
+    Rollback {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Transaction id.
+        id: u64,
+    },
+    /// Check an unfinished transaction again now, with its check count reset.
+    Rearm {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Transaction id.
+        id: u64,
+    },
+    /// Unfinished transactions.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// One JSON object per transaction.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stay connected as a producer of GROUP and answer every check-back with ANSWER.
+    Checker {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Producer group.
+        #[arg(long)]
+        group: String,
+        /// The answer to give.
+        #[arg(long, value_enum)]
+        answer: AnswerArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    Pending,
+    Unresolved,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AnswerArg {
+    Commit,
+    Rollback,
+    Unknown,
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create a topic.
+    Create {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Name.
+        name: String,
+        /// Queues.
+        #[arg(long, default_value_t = 4)]
+        queues: u32,
+    },
+    /// List topics.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// One JSON object per topic.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Against an embedded broker in this process.
+    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
+    embedded: bool,
+    /// Against the broker at this address (mode "broker").
+    #[arg(long)]
+    addr: Option<String>,
+    /// Shared secret for --addr.
+    #[arg(long, env = "HALFMQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Connections for --addr; producers share them, many requests in flight on each.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// With --addr: afterwards, the same load on an embedded broker in this process, for
+    /// ratio_to_embedded.
+    #[arg(long, requires = "addr")]
+    compare_embedded: bool,
+    /// Data directory for embedded runs (default: a fresh directory here, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 64)]
+    producers: usize,
+    /// Body bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Stop after this many messages.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Stop after this many seconds (default 10 when --messages is not given).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// When a send is acknowledged (embedded).
+    #[arg(long, value_enum, default_value = "sync")]
+    flush: Flush,
+    /// First measure the raw disk (write + fdatasync) on the same directory.
+    #[arg(long)]
+    baseline: bool,
+    /// One OS thread per producer calling the blocking send (default: async tasks).
+    #[arg(long)]
+    threads: bool,
+    /// Transactions: each message is a half message plus a commit; plain sends are measured
+    /// first in the same run, for ratio_to_plain.
+    #[arg(long)]
+    txn: bool,
+    /// Instead: the cost of one check-back tick with --pending unfinished transactions of
+    /// which --due are due.
+    #[arg(long, conflicts_with = "txn")]
+    txn_tick: bool,
+    /// Unfinished transactions for --txn-tick.
+    #[arg(long, default_value_t = 1_000_000)]
+    pending: u64,
+    /// Due transactions for --txn-tick.
+    #[arg(long, default_value_t = 100)]
+    due: u64,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -136,7 +392,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("halfmq: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("halfmq: error: {e}");
@@ -145,118 +412,87 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> halfmq::Result<()> {
+async fn run(cli: Cli) -> halfmq::Result<()> {
     match cli.command {
-        Command::Broker { store, check } => broker(&store, check),
-        Command::Stats { store, json } => stats(&store, json),
-        Command::Bench {
-            embedded: _,
-            data_dir,
-            producers,
+        Command::Broker {
+            args,
+            print_config,
+            check,
+        } => broker(args, print_config, check).await,
+        Command::Produce {
+            conn,
+            topic,
+            key,
+            key_prefix,
+            body,
             size,
-            messages,
-            seconds,
-            flush,
-            baseline,
-            threads,
-            txn,
-            txn_tick,
-            pending,
-            due,
+            count,
             json,
-        } => {
-            let (data_dir, cleanup) = match data_dir {
-                Some(d) => (d, false),
-                None => (
-                    PathBuf::from(format!("halfmq-bench-{}", std::process::id())),
-                    true,
-                ),
-            };
-            let policy = match flush {
-                Flush::Sync => FlushPolicy::Sync,
-                Flush::Async => FlushPolicy::Async {
-                    interval: Duration::from_millis(100),
-                },
-            };
-            if txn_tick {
-                let dir = data_dir.clone();
-                eprintln!(
-                    "halfmq bench: mode=txn_tick pending={pending} due={due} dir={}",
-                    dir.display()
-                );
-                let r = bench::run_check_tick(&dir, pending, due, &mut |line| eprintln!("{line}"));
-                if cleanup {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-                let r = r?;
-                println!(
-                    "one check-back tick with {} pending, {} due: {} µs (start checks {} µs + apply answers {} µs); setup wrote the halves in {:.1} s",
-                    r.pending, r.due, r.tick_us, r.dispatch_us, r.apply_us, r.fill_seconds
-                );
-                if json {
-                    match serde_json::to_string(&r) {
-                        Ok(s) => println!("{s}"),
-                        Err(e) => eprintln!("halfmq: cannot encode the report as JSON: {e}"),
-                    }
-                }
-                return Ok(());
-            }
-            let opts = BenchOptions {
-                txn,
-                threads,
-                data_dir,
-                cleanup,
-                producers,
-                size,
-                messages,
-                seconds,
-                flush: policy,
-                baseline,
-            };
-            eprintln!(
-                "halfmq bench: mode=embedded producers={producers} size={size} flush={} messages={messages:?} seconds={seconds:?} dir={} cores={}",
-                if matches!(policy, FlushPolicy::Sync) { "sync" } else { "async" },
-                opts.data_dir.display(),
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            );
-            let report = bench::run_embedded(&opts, &mut |line| eprintln!("{line}"))?;
-            print_bench(&report, json);
-            Ok(())
-        }
+        } => produce(conn, topic, key, key_prefix, body, size, count, json).await,
+        Command::Consume {
+            conn,
+            topic,
+            group,
+            max,
+            idle_exit_ms,
+            json,
+        } => consume(conn, topic, group, max, idle_exit_ms, json).await,
+        Command::Txn { command } => txn(command).await,
+        Command::Topics { command } => topics(command).await,
+        Command::Stats {
+            conn,
+            data_dir,
+            json,
+        } => stats(conn, data_dir, json).await,
+        Command::Bench(args) => tokio::task::spawn_blocking(move || bench_cmd(args))
+            .await
+            .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("the bench panicked".into()))),
     }
 }
 
-fn print_bench(r: &bench::BenchReport, json: bool) {
-    println!(
-        "{} msgs in {:.2} s: {:.0} msg/s, {:.1} MiB/s; latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
-        r.messages, r.seconds, r.msgs_per_s, r.mib_per_s, r.p50_us, r.p99_us, r.p999_us, r.max_us
-    );
-    println!(
-        "group commit: {:.0} fsyncs/s, {:.1} messages per fsync",
-        r.fsyncs_per_s, r.msgs_per_fsync
-    );
-    if let (Some(raw), Some(ratio), Some(p99), Some(pr)) = (
-        r.raw_group_msgs_per_s,
-        r.ratio_to_raw,
-        r.raw_serial_fsync_p99_us,
-        r.p99_ratio_to_raw_fsync,
-    ) {
-        println!(
-            "raw disk: {:.0} msg/s of this size in 256 KiB fsynced writes ({:.1} MiB/s); one 1 KiB write+fdatasync p99 {p99} µs",
-            raw,
-            r.raw_group_mib_per_s.unwrap_or_default()
-        );
-        println!("ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}");
+fn println_flush(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn json_line(v: &serde_json::Value) {
+    println_flush(&v.to_string());
+}
+
+async fn broker(args: BrokerArgs, print_config: bool, check: bool) -> halfmq::Result<()> {
+    let settings = args.settings()?;
+    if print_config {
+        print!("{}", settings.effective()?.to_toml()?);
+        return Ok(());
     }
-    if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
-        println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");
+    let (config, server_config) = settings.resolve()?;
+    let broker = tokio::task::spawn_blocking(move || Broker::open(config))
+        .await
+        .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("opening panicked".into())))?;
+    print_status(&broker)?;
+    if check {
+        return broker.close();
     }
-    if json {
-        match serde_json::to_string(r) {
-            Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("halfmq: cannot encode the report as JSON: {e}"),
-        }
+    let server = Server::start(broker.clone(), server_config).await?;
+    println_flush(&format!(
+        "halfmq broker listening on {} (data directory {}); Ctrl-C or SIGTERM stops it cleanly",
+        server.local_addr(),
+        broker.data_dir().display()
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| halfmq::Error::io("signal", "install signal handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+    eprintln!("halfmq: stopping: finishing requests in flight, then flushing");
+    server.shutdown().await;
+    tokio::task::spawn_blocking(move || broker.close())
+        .await
+        .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("closing panicked".into())))?;
+    eprintln!("halfmq: stopped cleanly");
+    Ok(())
 }
 
 fn print_status(b: &Broker) -> halfmq::Result<()> {
@@ -269,7 +505,10 @@ fn print_status(b: &Broker) -> halfmq::Result<()> {
         r.scanned_from,
         r.log_end,
         if r.torn_bytes_cut > 0 {
-            format!(", cut a torn tail of {} bytes", r.torn_bytes_cut)
+            format!(
+                ", cut a torn tail of {} bytes (never acknowledged)",
+                r.torn_bytes_cut
+            )
         } else {
             String::new()
         },
@@ -285,8 +524,16 @@ fn print_status(b: &Broker) -> halfmq::Result<()> {
 
 fn print_stats_table(s: &halfmq::Stats) {
     println!(
-        "log: {} segment(s), durable up to offset {}",
-        s.log.segments, s.log.durable_offset
+        "log: {} segment(s), durable up to offset {}; transactions: {} pending, {} unresolved{}",
+        s.log.segments,
+        s.log.durable_offset,
+        s.txn_pending,
+        s.txn_unresolved,
+        if s.txn_unresolved > 0 {
+            " (see `halfmq txn list --state unresolved`)"
+        } else {
+            ""
+        }
     );
     if s.queues.is_empty() {
         println!("topics: none yet");
@@ -312,43 +559,376 @@ fn print_stats_table(s: &halfmq::Stats) {
     }
 }
 
-fn stats(args: &StoreArgs, json: bool) -> halfmq::Result<()> {
-    let mut config = args.config();
-    config.txn.check_back = false;
-    let b = Broker::open(config)?;
-    let s = b.stats()?;
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    conn: ConnArgs,
+    topic: String,
+    key: Option<String>,
+    key_prefix: Option<String>,
+    body: Option<String>,
+    size: Option<usize>,
+    count: u64,
+    json: bool,
+) -> halfmq::Result<()> {
+    let client = conn.connect().await?;
+    let prefix = key_prefix.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
+    for i in 0..count {
+        let k = key.clone().unwrap_or_else(|| format!("{prefix}-{i}"));
+        let b = match (&body, size) {
+            (Some(t), _) => t.clone().into_bytes(),
+            (None, Some(n)) => (0..n).map(|_| fastrand::u8(..)).collect(),
+            (None, None) => format!("message {i}").into_bytes(),
+        };
+        let r = match client.send(&topic, &Message::new(b).with_key(&k)).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("halfmq: {i} of {count} messages were acknowledged before this error");
+                return Err(e);
+            }
+        };
+        if json {
+            json_line(
+                &serde_json::json!({"key": k, "topic": r.topic, "queue": r.queue, "offset": r.offset}),
+            );
+        } else {
+            println_flush(&format!(
+                "stored {k} in {}/{} at offset {}",
+                r.topic, r.queue, r.offset
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn consume(
+    conn: ConnArgs,
+    topic: String,
+    group: String,
+    max: Option<u64>,
+    idle_exit_ms: Option<u64>,
+    json: bool,
+) -> halfmq::Result<()> {
+    let client = conn.connect().await?;
+    let mut got = 0u64;
+    let mut last = Instant::now();
+    loop {
+        if max.is_some_and(|m| got >= m) {
+            return Ok(());
+        }
+        let left = max.map_or(256, |m| (m - got).min(256)) as u32;
+        let wait = match idle_exit_ms {
+            Some(ms) => Duration::from_millis(ms)
+                .saturating_sub(last.elapsed())
+                .min(Duration::from_secs(1)),
+            None => Duration::from_secs(1),
+        };
+        let batch = client.poll(&group, &topic, left, wait).await?;
+        if batch.is_empty() {
+            if idle_exit_ms.is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms)) {
+                return Ok(());
+            }
+            continue;
+        }
+        for d in &batch {
+            if json {
+                json_line(&serde_json::json!({
+                    "key": d.message.key, "topic": d.topic, "queue": d.queue, "offset": d.offset,
+                    "body_len": d.message.body.len(), "body_crc32": crc32fast::hash(&d.message.body),
+                }));
+            } else {
+                println_flush(&format!(
+                    "{}/{}@{} key={} {}",
+                    d.topic,
+                    d.queue,
+                    d.offset,
+                    d.message.key,
+                    String::from_utf8_lossy(&d.message.body)
+                ));
+            }
+        }
+        client
+            .ack(
+                &group,
+                &topic,
+                batch.iter().map(|d| (d.queue, d.offset)).collect(),
+            )
+            .await?;
+        got += batch.len() as u64;
+        last = Instant::now();
+    }
+}
+
+async fn txn(command: TxnCommand) -> halfmq::Result<()> {
+    match command {
+        TxnCommand::Begin {
+            conn,
+            topic,
+            key,
+            group,
+            body,
+            json,
+        } => {
+            let client = conn.connect().await?;
+            let msg = Message::new(body).with_key(&key);
+            let t = client
+                .send_half(&topic, &msg, &group, HalfOptions::default())
+                .await?;
+            if json {
+                json_line(&serde_json::json!({"txn_id": t.0, "topic": topic, "key": key}));
+            } else {
+                println_flush(&format!("half message written: transaction {t} (pending)"));
+            }
+            Ok(())
+        }
+        TxnCommand::Commit { conn, id } => {
+            conn.connect().await?.commit(TxnId(id)).await?;
+            println_flush(&format!("transaction {id} committed"));
+            Ok(())
+        }
+        TxnCommand::Rollback { conn, id } => {
+            conn.connect().await?.rollback(TxnId(id)).await?;
+            println_flush(&format!("transaction {id} rolled back"));
+            Ok(())
+        }
+        TxnCommand::Rearm { conn, id } => {
+            conn.connect().await?.rearm(TxnId(id)).await?;
+            println_flush(&format!("transaction {id} will be checked again now"));
+            Ok(())
+        }
+        TxnCommand::List { conn, state, json } => {
+            let state = state.map(|s| match s {
+                StateArg::Pending => TxnState::Pending,
+                StateArg::Unresolved => TxnState::Unresolved,
+            });
+            let list = conn.connect().await?.transactions(state).await?;
+            for t in &list {
+                if json {
+                    match serde_json::to_value(t) {
+                        Ok(v) => json_line(&v),
+                        Err(e) => eprintln!("halfmq: cannot encode: {e}"),
+                    }
+                } else {
+                    println_flush(&format!(
+                        "{} {} topic={} key={} group={} checks={} last_answer={}",
+                        t.txn_id,
+                        t.state.as_str(),
+                        t.topic,
+                        t.key,
+                        t.producer_group,
+                        t.checks,
+                        t.last_answer.as_deref().unwrap_or("-")
+                    ));
+                }
+            }
+            if !json && list.is_empty() {
+                println_flush("no unfinished transactions");
+            }
+            Ok(())
+        }
+        TxnCommand::Checker {
+            conn,
+            group,
+            answer,
+        } => {
+            let answer = match answer {
+                AnswerArg::Commit => CheckAnswer::Commit,
+                AnswerArg::Rollback => CheckAnswer::Rollback,
+                AnswerArg::Unknown => CheckAnswer::Unknown,
+            };
+            let client = conn.connect().await?;
+            client
+                .register_checker(
+                    &group,
+                    Arc::new(move |h: &HalfMessage| {
+                        eprintln!(
+                            "check-back for transaction {} (key {}): answering {answer:?}",
+                            h.txn_id, h.key
+                        );
+                        answer
+                    }),
+                )
+                .await?;
+            println_flush(&format!(
+                "answering check-backs of group {group} with {answer:?}; Ctrl-C stops"
+            ));
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = client.closed() => {
+                        eprintln!("halfmq: connection lost; reconnecting");
+                        // Any request reconnects (with backoff) and registers the checker again.
+                        while let Err(e) = client.topics().await {
+                            eprintln!("halfmq: still not connected: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn topics(command: TopicsCommand) -> halfmq::Result<()> {
+    match command {
+        TopicsCommand::Create { conn, name, queues } => {
+            conn.connect().await?.create_topic(&name, queues).await?;
+            println_flush(&format!("topic {name} with {queues} queues"));
+        }
+        TopicsCommand::List { conn, json } => {
+            for (name, queues) in conn.connect().await?.topics().await? {
+                if json {
+                    json_line(&serde_json::json!({"name": name, "queues": queues}));
+                } else {
+                    println_flush(&format!("{name} ({queues} queues)"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn stats(conn: ConnArgs, data_dir: Option<PathBuf>, json: bool) -> halfmq::Result<()> {
+    let s: halfmq::Stats = match data_dir {
+        Some(dir) => {
+            let mut config = halfmq::BrokerConfig::new(dir);
+            config.txn.check_back = false;
+            tokio::task::spawn_blocking(move || {
+                let b = Broker::open(config)?;
+                let s = b.stats();
+                b.close()?;
+                s
+            })
+            .await
+            .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("stats panicked".into())))?
+        }
+        None => {
+            let text = conn.connect().await?.stats_json().await?;
+            serde_json::from_str(&text).map_err(|e| halfmq::Error::Decode {
+                what: "stats",
+                reason: e.to_string(),
+            })?
+        }
+    };
     if json {
         match serde_json::to_string(&s) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => println_flush(&j),
             Err(e) => eprintln!("halfmq: cannot encode stats as JSON: {e}"),
         }
     } else {
         print_stats_table(&s);
     }
-    b.close()
+    Ok(())
 }
 
-fn broker(args: &StoreArgs, check: bool) -> halfmq::Result<()> {
-    let b = Broker::open(args.config())?;
-    print_status(&b)?;
-    if check {
-        return b.close();
-    }
-    println!("running the embedded engine (network serving is not built yet); Ctrl-C or SIGTERM stops it cleanly");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| halfmq::Error::io(&args.data_dir, "start runtime", e))?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| halfmq::Error::io(&args.data_dir, "install signal handler", e))?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
+    let (data_dir, cleanup) = match a.data_dir {
+        Some(d) => (d, false),
+        None => (
+            PathBuf::from(format!("halfmq-bench-{}", std::process::id())),
+            true,
+        ),
+    };
+    if a.txn_tick {
+        eprintln!(
+            "halfmq bench: mode=txn_tick pending={} due={} dir={}",
+            a.pending,
+            a.due,
+            data_dir.display()
+        );
+        let r = bench::run_check_tick(&data_dir, a.pending, a.due, &mut |line| eprintln!("{line}"));
+        if cleanup {
+            let _ = std::fs::remove_dir_all(&data_dir);
         }
-        Ok::<(), halfmq::Error>(())
-    })?;
-    b.close()?;
-    println!("stopped cleanly");
+        let r = r?;
+        println!(
+            "one check-back tick with {} pending, {} due: {} µs (start checks {} µs + apply answers {} µs); setup wrote the halves in {:.1} s",
+            r.pending, r.due, r.tick_us, r.dispatch_us, r.apply_us, r.fill_seconds
+        );
+        if a.json {
+            print_json(&r);
+        }
+        return Ok(());
+    }
+    let flush = match a.flush {
+        Flush::Sync => FlushPolicy::Sync,
+        Flush::Async => FlushPolicy::Async {
+            interval: Duration::from_millis(100),
+        },
+    };
+    let opts = BenchOptions {
+        data_dir,
+        cleanup,
+        producers: a.producers,
+        threads: a.threads,
+        size: a.size,
+        messages: a.messages,
+        seconds: a.seconds,
+        flush,
+        baseline: a.baseline,
+        txn: a.txn,
+    };
+    eprintln!(
+        "halfmq bench: mode={} producers={} size={} flush={} messages={:?} seconds={:?} dir={} cores={}",
+        if a.addr.is_some() { "broker" } else if a.txn { "txn" } else { "embedded" },
+        a.producers,
+        a.size,
+        a.flush.name(),
+        a.messages,
+        a.seconds,
+        opts.data_dir.display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
+    let report = match &a.addr {
+        Some(addr) => bench::run_network(
+            &opts,
+            addr,
+            a.token.clone(),
+            a.connections,
+            a.compare_embedded,
+            &mut |l| eprintln!("{l}"),
+        )?,
+        None => bench::run_embedded(&opts, &mut |line| eprintln!("{line}"))?,
+    };
+    print_bench(&report, a.json);
     Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("halfmq: cannot encode the report as JSON: {e}"),
+    }
+}
+
+fn print_bench(r: &bench::BenchReport, json: bool) {
+    println!(
+        "{} msgs in {:.2} s: {:.0} msg/s, {:.1} MiB/s; latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+        r.messages, r.seconds, r.msgs_per_s, r.mib_per_s, r.p50_us, r.p99_us, r.p999_us, r.max_us
+    );
+    if r.fsyncs_per_s > 0.0 {
+        println!(
+            "group commit: {:.0} fsyncs/s, {:.1} messages per fsync",
+            r.fsyncs_per_s, r.msgs_per_fsync
+        );
+    }
+    if let (Some(raw), Some(ratio), Some(p99), Some(pr)) = (
+        r.raw_group_msgs_per_s,
+        r.ratio_to_raw,
+        r.raw_serial_fsync_p99_us,
+        r.p99_ratio_to_raw_fsync,
+    ) {
+        println!(
+            "raw disk: {raw:.0} msg/s of this size in 256 KiB fsynced writes ({:.1} MiB/s); one 1 KiB write+fdatasync p99 {p99} µs",
+            r.raw_group_mib_per_s.unwrap_or_default()
+        );
+        println!("ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}");
+    }
+    if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
+        println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");
+    }
+    if let (Some(emb), Some(ratio)) = (r.embedded_msgs_per_s, r.ratio_to_embedded) {
+        println!("embedded broker in the same run: {emb:.0} msg/s; network / embedded: {ratio:.3}");
+    }
+    if json {
+        print_json(r);
+    }
 }

@@ -231,7 +231,7 @@ pub struct RecoveryReport {
 }
 
 /// Statistics of the log.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LogStats {
     /// Segment files.
     pub segments: usize,
