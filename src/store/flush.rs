@@ -116,7 +116,7 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             }
             let requested = std::mem::take(&mut w.sync_requested);
             shared.space.notify_all();
-            shared.async_notify.notify_waiters();
+            shared.async_space.notify_waiters();
             (w.closed && w.batch.is_empty(), requested)
         };
         if let Err(e) = round(&shared, &mut st, closing || sync_requested) {
@@ -142,6 +142,7 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
     shared.progress.stopped.store(true, Ordering::Release);
     shared.progress.epoch.advance();
     shared.async_notify.notify_waiters();
+    shared.async_space.notify_waiters();
 }
 
 /// One group-commit round.
@@ -292,4 +293,5 @@ fn poison(shared: &Shared, msg: &str) {
     }
     shared.progress.fail(msg);
     shared.async_notify.notify_waiters();
+    shared.async_space.notify_waiters();
 }

@@ -194,8 +194,10 @@ pub(crate) struct Shared {
     space: Condvar,
     progress: Progress,
     hooks: Option<Arc<dyn StoreHooks>>,
-    /// Wakes async writers on every change of `progress` and of room in the batch.
+    /// Wakes async writers and pollers on every change of `progress`.
     async_notify: tokio::sync::Notify,
+    /// Wakes async writers waiting for room in the batch.
+    async_space: tokio::sync::Notify,
 }
 
 /// The storage engine. Cheap to share behind an `Arc`; all methods take `&self`.
@@ -339,6 +341,7 @@ impl Store {
             },
             hooks,
             async_notify: tokio::sync::Notify::new(),
+            async_space: tokio::sync::Notify::new(),
         });
         let s = shared.clone();
         let flusher = std::thread::Builder::new()
@@ -437,9 +440,8 @@ impl Store {
     ) -> Result<Appended> {
         let size = self.check_append(&a)?;
         let mut hook = hook;
-        let notify = &self.shared.async_notify;
         let appended = loop {
-            let changed = notify.notified();
+            let changed = self.shared.async_space.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.shared.append_to_batch(&a, size, false, &mut hook)? {
@@ -450,7 +452,7 @@ impl Store {
         let end = appended.log_offset + u64::from(size);
         let durable = matches!(self.shared.config.flush, FlushPolicy::Sync);
         loop {
-            let changed = notify.notified();
+            let changed = self.shared.async_notify.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if self.shared.check_progress(end, durable)? {
@@ -653,6 +655,7 @@ impl Store {
             self.shared.work.notify_one();
             self.shared.space.notify_all();
             self.shared.async_notify.notify_waiters();
+            self.shared.async_space.notify_waiters();
         }
         if let Some(handle) = self.flusher.lock().take() {
             if handle.join().is_err() {
