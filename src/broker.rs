@@ -169,8 +169,12 @@ struct GroupTopic {
 /// The embedded broker. All methods take `&self`; share it with an `Arc`.
 pub struct Broker {
     config: BrokerConfig,
-    store: Store,
+    // Field order matters on drop: `meta` before `store`, so that the last handle on sled
+    // (held by the store's checkpoint hooks) goes away inside the store's drop, before it
+    // releases the directory lock. Otherwise a new opener could take the lock while sled
+    // is still open.
     meta: Arc<Meta>,
+    store: Store,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
     recovery: RecoveryReport,

@@ -294,7 +294,7 @@ fn open_segments(
     let mut out: Vec<Segment> = Vec::new();
     let mut blanks: Vec<(u64, std::path::PathBuf)> = Vec::new();
     for (base, path) in segment::list(storage, log_dir)? {
-        match Segment::open(storage, &path, base)? {
+        match Segment::open(storage, &path, base, config.segment_bytes)? {
             HeaderCheck::Blank(_) => blanks.push((base, path)),
             HeaderCheck::Valid(seg) => {
                 if let Some((b, p)) = blanks.first() {
@@ -320,15 +320,38 @@ fn open_segments(
             }
         }
     }
-    if !blanks.is_empty() {
-        for (_, p) in &blanks {
+    let mut remove: Vec<std::path::PathBuf> = blanks.into_iter().map(|(_, p)| p).collect();
+    // A newest segment without a valid first record (after an older one) was started by a
+    // roll whose records never became durable: the flusher syncs the old segment, SegmentEnd
+    // included, before it writes anything to the new one. Power loss can still leave the new
+    // file's header behind. It holds nothing acknowledged; the older segment is the newest.
+    if out.len() > 1 {
+        if let Some(last) = out.last() {
+            if !first_record_valid(last)? {
+                remove.push(last.path().to_path_buf());
+                out.pop();
+            }
+        }
+    }
+    if !remove.is_empty() {
+        for p in &remove {
             tracing::warn!(file = %p.display(), "removing a segment whose creation never finished");
             storage.remove_file(p)?;
         }
         storage.sync_dir(log_dir)?;
     }
-    let _ = config;
     Ok(out)
+}
+
+/// Whether the first record slot of a segment holds a valid record.
+fn first_record_valid(seg: &Segment) -> Result<bool> {
+    let mut scan = Scanner::new(&*seg.file, seg.size, SEGMENT_HEADER_BYTES);
+    Ok(match scan.next()? {
+        Ok(()) => scan
+            .current()
+            .is_ok_and(|v| v.header.log_offset == seg.base + SEGMENT_HEADER_BYTES),
+        Err(_) => false,
+    })
 }
 
 /// Open every index under `cq_dir`, trimmed to its checkpointed length. Returns whether an

@@ -101,8 +101,13 @@ impl Segment {
         Ok(Segment { base, size, file })
     }
 
-    /// Open an existing segment file and check its header against its name.
-    pub fn open(storage: &dyn Storage, path: &Path, base: u64) -> Result<HeaderCheck> {
+    /// Open an existing segment file and check its header against its name and size.
+    pub fn open(
+        storage: &dyn Storage,
+        path: &Path,
+        base: u64,
+        configured_size: u64,
+    ) -> Result<HeaderCheck> {
         let file = storage.open(path, false)?;
         let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
         let n = file.read_at(&mut h, 0)?;
@@ -145,8 +150,14 @@ impl Segment {
         }
         let len = file.len()?;
         if len < size {
-            // The allocation did not survive in full (or the file system is sparse); the
-            // missing part reads as zeros either way.
+            // The allocation did not survive in full; the missing part reads as zeros. Only
+            // for a segment of the configured size: a header that claims any other size the
+            // file does not have is damage (and extending to it could mean terabytes).
+            if size != configured_size {
+                return Err(corrupt(format!(
+                    "header says {size} bytes, the file has {len} and segments are {configured_size}"
+                )));
+            }
             file.set_len(size)?;
         }
         Ok(HeaderCheck::Valid(Segment { base, size, file }))
