@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use halfmq::record::HEADER_BYTES;
 use halfmq::store::io::{CrashMode, Faults, SimStorage};
-use halfmq::store::segment::SEGMENT_HEADER_BYTES;
 use halfmq::{Broker, BrokerConfig, Delivery, Message, SendReceipt};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -807,7 +806,7 @@ fn run_concurrent(case: &ConcurrentCase) -> Result<(), String> {
                             d.offset,
                             d.body.len()
                         )
-                        .into());
+                        );
                     };
                     let (t, k, body) = concurrent_message(id);
                     ensure!(
