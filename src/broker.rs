@@ -357,6 +357,7 @@ impl Broker {
         if let Some(e) = replay_error {
             return Err(e);
         }
+        txns.forget_beyond(recovery.log_end);
         let config_checks_max = config.txn.checks_in_flight_max as usize;
         let broker = Arc::new(Broker {
             config,

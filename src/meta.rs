@@ -79,12 +79,30 @@ fn u64_be(bytes: &[u8]) -> Option<u64> {
 
 impl Meta {
     /// Open (or create) the database in `dir`.
+    ///
+    /// The caller holds the data directory's lock, so a sled lock held by someone else can
+    /// only be an earlier handle of this process that sled has not released yet (it does so
+    /// lazily, from a background thread): that is waited out for up to 5 s.
     pub fn open(dir: &Path) -> Result<Meta> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| Error::Meta(format!("opening {}: {e}", dir.display())))?;
+        let started = std::time::Instant::now();
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                // sled reports its lock as an I/O error whose text says so.
+                Err(sled::Error::Io(e))
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock"))
+                        && started.elapsed() < std::time::Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(Error::Meta(format!("opening {}: {e}", dir.display()))),
+            }
+        };
         let topics = db.open_tree("topics")?;
         let consumers = db.open_tree("consumers")?;
         let txn_halves = db.open_tree("txn_halves")?;

@@ -135,7 +135,14 @@ impl ConsumeQueue {
         let file = storage.open(&p, true)?;
         let mut head = [0u8; CQ_HEADER_BYTES as usize];
         let n = file.read_at(&mut head, 0)?;
-        let have = if n == 0 || head.iter().all(|&b| b == 0) {
+        let valid_head = n == head.len()
+            && &head[0..8] == MAGIC
+            && u32::from_le_bytes([head[8], head[9], head[10], head[11]]) == FORMAT_VERSION;
+        let have = if !valid_head {
+            if n > 0 && !head.iter().all(|&b| b == 0) {
+                // Derived data: a damaged header means the index is rebuilt from the log.
+                tracing::warn!(file = %p.display(), "consume-queue index header damaged; rebuilding it");
+            }
             let mut h = [0u8; CQ_HEADER_BYTES as usize];
             h[0..8].copy_from_slice(MAGIC);
             h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -148,21 +155,6 @@ impl ConsumeQueue {
             }
             0
         } else {
-            if n < head.len() || &head[0..8] != MAGIC {
-                return Err(Error::Corrupt {
-                    path: p,
-                    offset: 0,
-                    reason: "not a halfmq consume-queue file (bad magic)".into(),
-                });
-            }
-            let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-            if version != FORMAT_VERSION {
-                return Err(Error::Corrupt {
-                    path: p,
-                    offset: 8,
-                    reason: format!("unknown consume-queue format version {version}"),
-                });
-            }
             // The file may be preallocated past its last entry, so its length only bounds the
             // entries; the last one we are asked to keep must really be there (a log offset
             // is never 0, the segment header is).

@@ -415,14 +415,17 @@ impl Store {
     /// [`Store::append`] with a hook the flusher runs once the record is durable.
     pub fn append_hooked(&self, a: Append<'_>, hook: Option<DurableHook>) -> Result<Appended> {
         let size = self.check_append(&a)?;
+        let had_hook = hook.is_some();
         let mut hook = hook;
         let appended = match self.shared.append_to_batch(&a, size, true, &mut hook)? {
             Some(x) => x,
             // With wait_for_space the writer waits for room instead of returning None.
             None => return Err(Error::Closed),
         };
+        let end = appended.log_offset + u64::from(size);
+        // A hooked record is synced in the round that writes it, whatever the policy.
         self.shared
-            .wait_acked(appended.log_offset + u64::from(size))?;
+            .wait_progress(end, had_hook || self.shared.sync_policy())?;
         Ok(appended)
     }
 
@@ -439,6 +442,7 @@ impl Store {
         hook: Option<DurableHook>,
     ) -> Result<Appended> {
         let size = self.check_append(&a)?;
+        let had_hook = hook.is_some();
         let mut hook = hook;
         let appended = loop {
             let changed = self.shared.async_space.notified();
@@ -450,7 +454,7 @@ impl Store {
             }
         };
         let end = appended.log_offset + u64::from(size);
-        let durable = matches!(self.shared.config.flush, FlushPolicy::Sync);
+        let durable = had_hook || self.shared.sync_policy();
         loop {
             let changed = self.shared.async_notify.notified();
             tokio::pin!(changed);
@@ -840,10 +844,9 @@ impl Shared {
         Ok(())
     }
 
-    /// Wait until the record ending at `end` is acknowledged under the flush policy.
-    fn wait_acked(&self, end: u64) -> Result<()> {
-        let durable = matches!(self.config.flush, FlushPolicy::Sync);
-        self.wait_progress(end, durable)
+    /// Whether writes are acknowledged only once durable.
+    fn sync_policy(&self) -> bool {
+        matches!(self.config.flush, FlushPolicy::Sync)
     }
 
     /// Whether the record ending at `end` is written (or durable); an error if it never will be.

@@ -321,13 +321,19 @@ fn open_segments(
         }
     }
     let mut remove: Vec<std::path::PathBuf> = blanks.into_iter().map(|(_, p)| p).collect();
-    // A newest segment without a valid first record (after an older one) was started by a
-    // roll whose records never became durable: the flusher syncs the old segment, SegmentEnd
-    // included, before it writes anything to the new one. Power loss can still leave the new
-    // file's header behind. It holds nothing acknowledged; the older segment is the newest.
+    // A roll creates the next segment (header included) before the old one's SegmentEnd is
+    // durable, and the flusher syncs the old segment before it writes anything to the new
+    // one. So power loss can leave a newest segment whose records never became durable.
+    // Such a segment has an invalid first record and no more non-zero bytes than an unclean
+    // stop can leave: it holds nothing acknowledged, and the older segment is the newest.
+    // Anything longer stays, and the torn-tail rule below reports it as corruption.
     if out.len() > 1 {
         if let Some(last) = out.last() {
-            if !first_record_valid(last)? {
+            let extent = match last_nonzero(&*last.file, last.size, SEGMENT_HEADER_BYTES)? {
+                Some(at) => at + 1 - SEGMENT_HEADER_BYTES,
+                None => 0,
+            };
+            if !first_record_valid(last)? && extent <= torn_tail_bytes_max(config) {
                 remove.push(last.path().to_path_buf());
                 out.pop();
             }
@@ -341,6 +347,26 @@ fn open_segments(
         storage.sync_dir(log_dir)?;
     }
     Ok(out)
+}
+
+/// Position of the last non-zero byte in [pos, size) of a file.
+fn last_nonzero(file: &dyn StorageFile, size: u64, pos: u64) -> Result<Option<u64>> {
+    const CHUNK: usize = 1 << 20;
+    let mut buf = vec![0u8; CHUNK];
+    let mut last = None;
+    let mut at = pos;
+    while at < size {
+        let n = ((size - at) as usize).min(CHUNK);
+        let got = file.read_at(&mut buf[..n], at)?;
+        if let Some(i) = buf[..got].iter().rposition(|&b| b != 0) {
+            last = Some(at + i as u64);
+        }
+        if got < n {
+            break;
+        }
+        at += n as u64;
+    }
+    Ok(last)
 }
 
 /// Whether the first record slot of a segment holds a valid record.
@@ -419,21 +445,7 @@ fn queue_for(
 /// Damage longer than an unclean stop can leave is corruption, not a torn tail.
 fn cut_tail(file: &dyn StorageFile, size: u64, pos: u64, config: &StoreConfig) -> Result<u64> {
     const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK];
-    let mut last_nonzero: Option<u64> = None;
-    let mut at = pos;
-    while at < size {
-        let n = ((size - at) as usize).min(CHUNK);
-        let got = file.read_at(&mut buf[..n], at)?;
-        if let Some(i) = buf[..got].iter().rposition(|&b| b != 0) {
-            last_nonzero = Some(at + i as u64);
-        }
-        if got < n {
-            break;
-        }
-        at += n as u64;
-    }
-    let Some(last) = last_nonzero else {
+    let Some(last) = last_nonzero(file, size, pos)? else {
         return Ok(0);
     };
     let damaged = last + 1 - pos;

@@ -244,11 +244,45 @@ impl TxnIndex {
         Ok(())
     }
 
+    /// Forget persisted transactions at or past `log_end`: the log does not have them.
+    pub(crate) fn forget_beyond(&self, log_end: u64) {
+        let mut g = self.inner.lock();
+        let gone: Vec<u64> = g.live.keys().copied().filter(|&t| t >= log_end).collect();
+        for txn in gone {
+            if let Some(e) = g.live.remove(&txn) {
+                g.due.remove(&(e.info.next_check_ms, txn));
+                g.dirty.insert(txn);
+                tracing::warn!(
+                    txn,
+                    "persisted transaction is not in the log (lost before it was durable); dropped"
+                );
+            }
+        }
+    }
+
     /// A half record is durable (live path or recovery replay).
     pub(crate) fn insert_half(&self, info: TxnInfo) {
         let mut g = self.inner.lock();
-        if g.live.contains_key(&info.txn_id) || g.outcomes.contains_key(&info.txn_id) {
-            return; // replayed over state that already has it
+        if g.outcomes.contains_key(&info.txn_id) {
+            return; // replayed, and finished later in the replay
+        }
+        if let Some(e) = g.live.get(&info.txn_id) {
+            let same = (
+                &e.info.topic,
+                &e.info.key,
+                &e.info.producer_group,
+                e.info.size,
+            ) == (&info.topic, &info.key, &info.producer_group, info.size);
+            if same {
+                return; // replayed over persisted state that already has it (with its checks)
+            }
+            // The log is the truth: persisted state for this id describes another record.
+            tracing::warn!(
+                txn = info.txn_id,
+                "persisted transaction state did not match the log; replaced"
+            );
+            let old = (e.info.next_check_ms, info.txn_id);
+            g.due.remove(&old);
         }
         g.due.insert((info.next_check_ms, info.txn_id));
         g.dirty.insert(info.txn_id);
