@@ -529,6 +529,7 @@ impl Broker {
     }
 
     fn prepare_send(&self, topic: &str, msg: &Message) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
+        Self::check_user_properties(&msg.properties)?;
         let t = self.topic(topic)?;
         let qi = Self::pick_queue(&t, &msg.key);
         let props = record::encode_properties(&msg.properties)?;
@@ -623,7 +624,8 @@ impl Broker {
                         c.next = offset + 1;
                         continue;
                     }
-                    let size = rec.key.len()
+                    let size = t.name.len()
+                        + rec.key.len()
                         + rec.body.len()
                         + rec
                             .properties

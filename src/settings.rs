@@ -55,6 +55,10 @@ pub struct Settings {
     pub frame_bytes_max: Option<u32>,
     /// Most connections.
     pub connections_max: Option<usize>,
+    /// A started frame must be complete within this, ms.
+    pub frame_timeout_ms: Option<u64>,
+    /// A connection must send its Hello within this, ms.
+    pub hello_timeout_ms: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -95,7 +99,9 @@ impl Settings {
             txn_check_max,
             txn_check_answer_timeout_ms,
             frame_bytes_max,
-            connections_max
+            connections_max,
+            frame_timeout_ms,
+            hello_timeout_ms
         )
     }
 
@@ -160,6 +166,12 @@ impl Settings {
         if let Some(v) = self.connections_max {
             s.connections_max = v;
         }
+        if let Some(v) = self.frame_timeout_ms {
+            s.frame_timeout = ms(v);
+        }
+        if let Some(v) = self.hello_timeout_ms {
+            s.hello_timeout = ms(v);
+        }
         b.validate()?;
         s.validate()?;
         if u64::from(b.store.record_bytes_max) + 64 * 1024 > u64::from(s.frame_bytes_max) {
@@ -199,6 +211,8 @@ impl Settings {
             txn_check_answer_timeout_ms: ms(b.txn.check_answer_timeout),
             frame_bytes_max: Some(s.frame_bytes_max),
             connections_max: Some(s.connections_max),
+            frame_timeout_ms: ms(s.frame_timeout),
+            hello_timeout_ms: ms(s.hello_timeout),
         })
     }
 

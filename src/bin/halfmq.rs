@@ -84,6 +84,12 @@ struct BrokerArgs {
     /// Checks before a transaction is unresolved [default: 15].
     #[arg(long, env = "HALFMQ_TXN_CHECK_MAX")]
     txn_check_max: Option<u32>,
+    /// A started frame must be complete within this, ms [default: 30000].
+    #[arg(long, env = "HALFMQ_FRAME_TIMEOUT_MS")]
+    frame_timeout_ms: Option<u64>,
+    /// A connection must send its Hello within this, ms [default: 10000].
+    #[arg(long, env = "HALFMQ_HELLO_TIMEOUT_MS")]
+    hello_timeout_ms: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -104,6 +110,8 @@ impl BrokerArgs {
             txn_check_interval_ms: self.txn_check_interval_ms,
             txn_check_backoff_max_ms: self.txn_check_backoff_max_ms,
             txn_check_max: self.txn_check_max,
+            frame_timeout_ms: self.frame_timeout_ms,
+            hello_timeout_ms: self.hello_timeout_ms,
             ..Settings::default()
         };
         Ok(file.overlay(flags))
@@ -391,6 +399,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

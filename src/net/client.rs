@@ -63,6 +63,8 @@ struct Connection {
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     closed: AtomicBool,
     closed_notify: tokio::sync::Notify,
+    /// What the broker said when it closed the connection, if anything.
+    close_reason: Mutex<Option<String>>,
 }
 
 struct Inner {
@@ -170,6 +172,7 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             closed_notify: tokio::sync::Notify::new(),
+            close_reason: Mutex::new(None),
         });
         tokio::spawn(async move {
             while let Some(bytes) = out_rx.recv().await {
@@ -215,7 +218,13 @@ impl Client {
         match tokio::time::timeout(cfg.request_timeout, rx).await {
             Ok(Ok(Response::Error { code, message })) => Err(Error::Remote { code, message }),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(_)) => Err(disconnected(&cfg.addr, "connection lost before the answer")),
+            Ok(Err(_)) => Err(disconnected(
+                &cfg.addr,
+                conn.close_reason
+                    .lock()
+                    .clone()
+                    .unwrap_or_else(|| "connection lost before the answer".into()),
+            )),
             Err(_) => {
                 conn.pending.lock().remove(&id);
                 Err(Error::Timeout {
@@ -360,9 +369,24 @@ impl Client {
 
     /// Unfinished transactions.
     pub async fn transactions(&self, state: Option<TxnState>) -> Result<Vec<TxnInfo>> {
-        match self.call(Request::ListTxns { state }).await? {
-            Response::Txns(t) => Ok(t),
-            other => Err(unexpected(other)),
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            match self
+                .call(Request::ListTxns {
+                    state,
+                    after,
+                    max: 1000,
+                })
+                .await?
+            {
+                Response::Txns(page) if page.is_empty() => return Ok(all),
+                Response::Txns(page) => {
+                    after = page.last().map_or(u64::MAX, |t| t.txn_id.saturating_add(1));
+                    all.extend(page);
+                }
+                other => return Err(unexpected(other)),
+            }
         }
     }
 
@@ -448,8 +472,17 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                     let Ok(resp) = protocol::decode::<Response>(&f.body) else {
                         break 'read;
                     };
-                    if let Some(tx) = conn.pending.lock().remove(&f.correlation) {
-                        let _ = tx.send(resp);
+                    let waiting = conn.pending.lock().remove(&f.correlation);
+                    match (waiting, resp) {
+                        (Some(tx), resp) => {
+                            let _ = tx.send(resp);
+                        }
+                        // Not an answer to a request: the broker says why it closes.
+                        (None, Response::Error { code, message }) => {
+                            *conn.close_reason.lock() =
+                                Some(format!("broker error {code}: {message}"));
+                        }
+                        (None, _) => {}
                     }
                 }
                 FrameKind::Push => {

@@ -118,6 +118,11 @@ pub enum Request {
     ListTxns {
         /// Filter.
         state: Option<TxnState>,
+        /// First transaction id of the page (0: from the start).
+        after: u64,
+        /// Most transactions in the page (the broker may return fewer so that the answer
+        /// fits a frame; an empty page means there are no more).
+        max: u32,
     },
     /// Where one transaction is.
     TxnState {

@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub in_flight_max: usize,
     /// A frame that has started must be complete within this. Default 30 s.
     pub frame_timeout: Duration,
+    /// A connection must have sent its Hello within this. Default 10 s.
+    pub hello_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             connections_max: 1024,
             in_flight_max: 64,
             frame_timeout: Duration::from_secs(30),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -73,6 +76,12 @@ impl ServerConfig {
             return Err(Error::Config {
                 setting: "frame_bytes_max",
                 reason: format!("{} is outside 64 KiB ..= 64 MiB", self.frame_bytes_max),
+            });
+        }
+        if self.frame_timeout.is_zero() || self.hello_timeout.is_zero() {
+            return Err(Error::Config {
+                setting: "frame_timeout_ms",
+                reason: "frame_timeout_ms and hello_timeout_ms must be > 0".into(),
             });
         }
         if self.connections_max == 0 || self.in_flight_max == 0 {
@@ -223,6 +232,8 @@ async fn serve_connection(
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut authed = false;
+    let connected = tokio::time::Instant::now();
+    let mut frame_started: Option<tokio::time::Instant> = None;
     let result = loop {
         // Every complete frame in the buffer first.
         let next = match frame::check(&buf, config.frame_bytes_max) {
@@ -282,22 +293,40 @@ async fn serve_connection(
                 _ = shutdown.changed() => break Ok(()),
             };
             let conn = conn.clone();
+            let stop = shutdown.clone();
             tokio::spawn(async move {
-                let resp = handle(&conn, req).await;
+                let work = tokio::spawn({
+                    let conn = conn.clone();
+                    async move { handle(&conn, req, stop).await }
+                });
+                // A handler that panics still gets its request an answer.
+                let resp = work.await.unwrap_or_else(|_| Response::Error {
+                    code: Error::Poisoned(String::new()).code(),
+                    message: "the broker failed while handling this request".into(),
+                });
                 send_response(&conn, f.correlation, &resp).await;
                 drop(permit);
             });
             continue;
         }
-        // Need more bytes. A started frame must finish within frame_timeout; between
-        // frames a connection may idle as long as it likes.
-        let mid_frame = !buf.is_empty();
+        // Need more bytes. A started frame must be complete within frame_timeout of its
+        // first byte, and the handshake within hello_timeout of the connection; between
+        // frames an authenticated connection may idle as long as it likes.
+        if buf.is_empty() {
+            frame_started = None;
+        } else if frame_started.is_none() {
+            frame_started = Some(tokio::time::Instant::now());
+        }
+        let deadline = match (frame_started, authed) {
+            (Some(t), _) => Some(t + config.frame_timeout),
+            (None, false) => Some(connected + config.hello_timeout),
+            (None, true) => None,
+        };
         let read = rd.read(&mut chunk);
         let timed = async {
-            if mid_frame {
-                tokio::time::timeout(config.frame_timeout, read).await
-            } else {
-                Ok(read.await)
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, read).await,
+                None => Ok(read.await),
             }
         };
         let r = tokio::select! {
@@ -320,7 +349,11 @@ async fn serve_connection(
             Err(_) => {
                 break Err(Error::Decode {
                     what: "frame",
-                    reason: format!("frame not completed within {:?}", config.frame_timeout),
+                    reason: if frame_started.is_some() {
+                        format!("frame not completed within {:?}", config.frame_timeout)
+                    } else {
+                        format!("no Hello within {:?}", config.hello_timeout)
+                    },
                 })
             }
         }
@@ -403,7 +436,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .unwrap_or_else(|_| Err(Error::Poisoned("a request handler panicked".into())))
 }
 
-async fn handle(conn: &Arc<Conn>, req: Request) -> Response {
+async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bool>) -> Response {
     let b = conn.broker.clone();
     match req {
         Request::Hello { .. } => Response::Hello {
@@ -446,15 +479,23 @@ async fn handle(conn: &Arc<Conn>, req: Request) -> Response {
             wait_ms,
         } => {
             let max_bytes = conn.config.frame_bytes_max as usize - 64 * 1024;
-            let r = b
-                .poll_wait_async(
-                    &group,
-                    &topic,
-                    max as usize,
-                    max_bytes,
-                    Duration::from_millis(wait_ms.min(60_000)),
-                )
-                .await;
+            let poll = b.poll_wait_async(
+                &group,
+                &topic,
+                (max as usize).min(POLL_MESSAGES_MAX),
+                max_bytes,
+                Duration::from_millis(wait_ms.min(60_000)),
+            );
+            // A long poll ends early (empty) when the broker stops. Waiting is the only await
+            // point in it, so nothing has been handed out when it is cut short.
+            let r = if *shutdown.borrow() {
+                Ok(Vec::new())
+            } else {
+                tokio::select! {
+                    r = poll => r,
+                    _ = shutdown.changed() => Ok(Vec::new()),
+                }
+            };
             result_response(r, |ds| {
                 Response::Messages(
                     ds.into_iter()
@@ -494,7 +535,31 @@ async fn handle(conn: &Arc<Conn>, req: Request) -> Response {
             });
             result_response(r, Response::Stats)
         }
-        Request::ListTxns { state } => Response::Txns(b.transactions(state)),
+        Request::ListTxns { state, after, max } => {
+            // One page: ids from `after` on, as many as fit in a frame.
+            let room = conn.config.frame_bytes_max as usize - 64 * 1024;
+            let mut bytes = 0;
+            let mut page = Vec::new();
+            for t in b
+                .transactions(state)
+                .into_iter()
+                .filter(|t| t.txn_id >= after)
+            {
+                let size = t.topic.len()
+                    + t.key.len()
+                    + t.producer_group.len()
+                    + t.last_answer.as_ref().map_or(0, String::len)
+                    + 96;
+                if page.len() >= max.clamp(1, 10_000) as usize
+                    || (!page.is_empty() && bytes + size > room)
+                {
+                    break;
+                }
+                bytes += size;
+                page.push(t);
+            }
+            Response::Txns(page)
+        }
         Request::TxnState { txn } => result_response(
             blocking(move || b.transaction_state(TxnId(txn))).await,
             Response::TxnState,
@@ -522,6 +587,9 @@ async fn handle(conn: &Arc<Conn>, req: Request) -> Response {
         },
     }
 }
+
+/// Most messages one poll answer carries.
+const POLL_MESSAGES_MAX: usize = 10_000;
 
 /// Asks a connected producer about a transaction of its group.
 struct NetChecker {
