@@ -25,7 +25,7 @@ pub enum FlushPolicy {
 /// Storage engine settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
-    /// Size of one commit-log segment file. Default 256 MiB; at least 64 KiB.
+    /// Size of one commit-log segment file (preallocated). Default 64 MiB; at least 64 KiB.
     pub segment_bytes: u64,
     /// When `send` returns. Default [`FlushPolicy::Sync`].
     pub flush: FlushPolicy,
@@ -45,7 +45,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            segment_bytes: 256 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
             flush: FlushPolicy::Sync,
             record_bytes_max: 1024 * 1024,
             pending_bytes_max: 8 * 1024 * 1024,
