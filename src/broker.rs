@@ -917,7 +917,25 @@ impl Broker {
         }
     }
 
-    /// Write a half message: durable (under the flush policy) when this returns, invisible to
+    /// The half record to append and the hook that indexes it once durable.
+    fn half_parts<'a>(
+        &self,
+        t: &'a Topic,
+        qi: usize,
+        msg: &'a Message,
+        props: &'a [u8],
+        producer_group: &str,
+        opts: &HalfOptions,
+    ) -> (Append<'a>, crate::store::DurableHook) {
+        let a = Self::half_append(t, qi, msg, props, now_ms());
+        // The record was sized when it was prepared; a size that does not fit is refused by
+        // the append itself, so 0 here never reaches the index.
+        let size = record::encoded_len(a.topic, a.key, a.props, a.body).unwrap_or_default();
+        let hook = self.half_hook(t, qi, msg, producer_group, opts, size);
+        (a, hook)
+    }
+
+    /// Write a half message: durable when this returns (under any flush policy), invisible to
     /// every consumer until [`Broker::commit`]. If neither commit nor rollback comes within
     /// the transaction time-out, a checker of `producer_group` is asked.
     pub fn send_half(
@@ -928,9 +946,7 @@ impl Broker {
         opts: HalfOptions,
     ) -> Result<TxnId> {
         let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
-        let a = Self::half_append(&t, qi, msg, &props, now_ms());
-        let size = record::encoded_len(a.topic, a.key, a.props, a.body).unwrap_or_default();
-        let hook = self.half_hook(&t, qi, msg, producer_group, &opts, size);
+        let (a, hook) = self.half_parts(&t, qi, msg, &props, producer_group, &opts);
         let appended = self.store.append_hooked(a, Some(hook))?;
         Ok(TxnId(appended.log_offset))
     }
@@ -944,9 +960,7 @@ impl Broker {
         opts: HalfOptions,
     ) -> Result<TxnId> {
         let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
-        let a = Self::half_append(&t, qi, msg, &props, now_ms());
-        let size = record::encoded_len(a.topic, a.key, a.props, a.body).unwrap_or_default();
-        let hook = self.half_hook(&t, qi, msg, producer_group, &opts, size);
+        let (a, hook) = self.half_parts(&t, qi, msg, &props, producer_group, &opts);
         let appended = self.store.append_async_hooked(a, Some(hook)).await?;
         Ok(TxnId(appended.log_offset))
     }

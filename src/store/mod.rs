@@ -186,7 +186,7 @@ pub(crate) struct Shared {
     cq_dir: PathBuf,
     config: StoreConfig,
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
-    queues: RwLock<HashMap<String, BTreeMap<u32, Arc<ConsumeQueue>>>>,
+    queues: RwLock<QueueMap>,
     writer: Mutex<Writer>,
     /// The flusher waits here for work (on `writer`).
     work: Condvar,
@@ -247,6 +247,30 @@ pub struct LogStats {
     pub syncs: u64,
     /// Records written since open.
     pub records: u64,
+}
+
+/// Consume queues by topic and queue id.
+pub(crate) type QueueMap = HashMap<String, BTreeMap<u32, Arc<ConsumeQueue>>>;
+
+/// The index of (topic, queue) in `queues`, opened (created empty) if it is not there yet.
+pub(crate) fn queue_in(
+    queues: &mut QueueMap,
+    storage: &dyn Storage,
+    cq_dir: &Path,
+    topic: &str,
+    queue_id: u32,
+) -> Result<Arc<ConsumeQueue>> {
+    if let Some(q) = queues.get(topic).and_then(|m| m.get(&queue_id)) {
+        return Ok(q.clone());
+    }
+    validate_topic_name(topic)?;
+    let (cq, _) = ConsumeQueue::open(storage, cq_dir, topic, queue_id, 0)?;
+    let cq = Arc::new(cq);
+    queues
+        .entry(topic.to_owned())
+        .or_default()
+        .insert(queue_id, cq.clone());
+    Ok(cq)
 }
 
 /// Check a topic name: 1 to 127 bytes of `[A-Za-z0-9._-]`, not starting with a dot, so
@@ -377,24 +401,14 @@ impl Store {
         {
             return Ok(q.clone());
         }
-        validate_topic_name(topic)?;
         let mut queues = self.shared.queues.write();
-        if let Some(q) = queues.get(topic).and_then(|m| m.get(&queue_id)) {
-            return Ok(q.clone());
-        }
-        let (cq, _) = ConsumeQueue::open(
+        queue_in(
+            &mut queues,
             &*self.shared.storage,
             &self.shared.cq_dir,
             topic,
             queue_id,
-            0,
-        )?;
-        let cq = Arc::new(cq);
-        queues
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(queue_id, cq.clone());
-        Ok(cq)
+        )
     }
 
     /// Every consume queue, by topic and queue id.

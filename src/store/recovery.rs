@@ -30,7 +30,7 @@ use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::record::{self, DecodeError, RecordKind, RecordView};
 
-type QueueMap = HashMap<String, BTreeMap<u32, Arc<ConsumeQueue>>>;
+use super::{queue_in, QueueMap};
 
 pub(crate) struct Recovered {
     pub segments: BTreeMap<u64, Arc<Segment>>,
@@ -166,10 +166,10 @@ pub(crate) fn recover(
                     break;
                 }
                 RecordKind::Message => {
-                    let q = queue_for(
+                    let q = queue_in(
+                        &mut queues,
                         storage,
                         cq_dir,
-                        &mut queues,
                         view.topic,
                         view.header.queue_id,
                     )?;
@@ -419,26 +419,6 @@ fn open_queues(
         full = true;
     }
     Ok((queues, full))
-}
-
-fn queue_for(
-    storage: &dyn Storage,
-    cq_dir: &Path,
-    queues: &mut QueueMap,
-    topic: &str,
-    queue_id: u32,
-) -> Result<Arc<ConsumeQueue>> {
-    if let Some(q) = queues.get(topic).and_then(|m| m.get(&queue_id)) {
-        return Ok(q.clone());
-    }
-    super::validate_topic_name(topic)?;
-    let (cq, _) = ConsumeQueue::open(storage, cq_dir, topic, queue_id, 0)?;
-    let cq = Arc::new(cq);
-    queues
-        .entry(topic.to_owned())
-        .or_default()
-        .insert(queue_id, cq.clone());
-    Ok(cq)
 }
 
 /// Zero everything after `pos` in the newest segment. Returns the bytes that were not zero.

@@ -187,6 +187,16 @@ struct Entry {
     resolving: Option<Outcome>,
 }
 
+impl Entry {
+    fn new(info: TxnInfo) -> Entry {
+        Entry {
+            info,
+            in_flight: false,
+            resolving: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     live: HashMap<u64, Entry>,
@@ -232,14 +242,7 @@ impl TxnIndex {
             if info.state == TxnState::Pending {
                 g.due.insert((info.next_check_ms, info.txn_id));
             }
-            g.live.insert(
-                info.txn_id,
-                Entry {
-                    info,
-                    in_flight: false,
-                    resolving: None,
-                },
-            );
+            g.live.insert(info.txn_id, Entry::new(info));
         }
         Ok(())
     }
@@ -286,14 +289,7 @@ impl TxnIndex {
         }
         g.due.insert((info.next_check_ms, info.txn_id));
         g.dirty.insert(info.txn_id);
-        g.live.insert(
-            info.txn_id,
-            Entry {
-                info,
-                in_flight: false,
-                resolving: None,
-            },
-        );
+        g.live.insert(info.txn_id, Entry::new(info));
     }
 
     /// An outcome record is durable (live path or recovery replay).
