@@ -10,7 +10,7 @@
 //!
 //! One ack writes both kinds in one atomic batch and is flushed (fsync) before it returns.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::codec;
@@ -33,10 +33,9 @@ pub struct Meta {
     consumers: sled::Tree,
     /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
     txn_halves: sled::Tree,
-    /// txn id (u64 BE) → bincode (Outcome, at_ms) of finished ones, for the retention time.
+    /// (txn id >> 16) (u64 BE) → bincode sorted Vec<(txn id, Outcome, at_ms)> of finished
+    /// ones, for at least the retention time.
     txn_outcomes: sled::Tree,
-    /// at_ms (u64 BE) txn id (u64 BE) → (): the same, in time order, for pruning.
-    txn_outcomes_by_time: sled::Tree,
 }
 
 impl std::fmt::Debug for Meta {
@@ -65,12 +64,8 @@ fn prefix(kind: u8, group: &str, topic: &str, queue: u32) -> Vec<u8> {
     k
 }
 
-fn time_key(at_ms: u64, txn: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&at_ms.to_be_bytes());
-    k[8..].copy_from_slice(&txn.to_be_bytes());
-    k
-}
+/// Transactions whose ids (log offsets) share the bits above this share an outcome bucket.
+const OUTCOME_BUCKET_SHIFT: u32 = 16;
 
 fn u64_be(bytes: &[u8]) -> Option<u64> {
     let a: [u8; 8] = bytes.try_into().ok()?;
@@ -106,15 +101,13 @@ impl Meta {
         let topics = db.open_tree("topics")?;
         let consumers = db.open_tree("consumers")?;
         let txn_halves = db.open_tree("txn_halves")?;
-        let txn_outcomes = db.open_tree("txn_outcomes")?;
-        let txn_outcomes_by_time = db.open_tree("txn_outcomes_by_time")?;
+        let txn_outcomes = db.open_tree("txn_outcome_buckets")?;
         Ok(Meta {
             db,
             topics,
             consumers,
             txn_halves,
             txn_outcomes,
-            txn_outcomes_by_time,
         })
     }
 
@@ -241,14 +234,28 @@ impl Meta {
 
     /// The remembered outcome of a finished transaction and when it finished.
     pub fn txn_outcome(&self, txn: u64) -> Result<Option<(Outcome, u64)>> {
-        match self.txn_outcomes.get(txn.to_be_bytes())? {
-            Some(v) => Ok(Some(codec::decode(&v, "transaction outcome")?)),
-            None => Ok(None),
+        let bucket = self.outcome_bucket(txn >> OUTCOME_BUCKET_SHIFT)?;
+        Ok(bucket
+            .binary_search_by_key(&txn, |e| e.0)
+            .ok()
+            .map(|i| (bucket[i].1, bucket[i].2)))
+    }
+
+    fn outcome_bucket(&self, bucket: u64) -> Result<Vec<(u64, Outcome, u64)>> {
+        match self.txn_outcomes.get(bucket.to_be_bytes())? {
+            Some(v) => codec::decode(&v, "transaction outcomes"),
+            None => Ok(Vec::new()),
         }
     }
 
     /// Durably apply changes to transaction state: unfinished ones to write or remove,
     /// outcomes to remember, and outcomes older than `prune_before_ms` to forget.
+    ///
+    /// Outcomes are kept in buckets of transaction ids (ids are log offsets, so a bucket holds
+    /// the transactions of 64 KiB of log, written at about the same time): one
+    /// read-modify-write per bucket instead of a sled insert per transaction. Pruning drops
+    /// whole buckets from the oldest while all their outcomes are older than the cut, so an
+    /// outcome is kept at least as long as promised.
     pub fn apply_txn_changes(
         &self,
         puts: &[TxnInfo],
@@ -266,31 +273,37 @@ impl Meta {
         for txn in removes {
             halves.remove(&txn.to_be_bytes());
         }
-        let mut by_id = sled::Batch::default();
-        let mut by_time = sled::Batch::default();
-        for &(txn, outcome, at) in outcomes {
-            by_id.insert(
-                &txn.to_be_bytes(),
-                codec::encode(&(outcome, at), "transaction outcome")?,
+        let mut by_bucket: BTreeMap<u64, Vec<(u64, Outcome, u64)>> = BTreeMap::new();
+        for &o in outcomes {
+            by_bucket
+                .entry(o.0 >> OUTCOME_BUCKET_SHIFT)
+                .or_default()
+                .push(o);
+        }
+        let mut buckets = sled::Batch::default();
+        for (bucket, new) in by_bucket {
+            let mut all = self.outcome_bucket(bucket)?;
+            all.extend(new);
+            all.sort_by_key(|e| e.0);
+            all.dedup_by_key(|e| e.0);
+            buckets.insert(
+                &bucket.to_be_bytes(),
+                codec::encode(&all, "transaction outcomes")?,
             );
-            by_time.insert(&time_key(at, txn), &[]);
         }
         if prune_before_ms > 0 {
-            for kv in self
-                .txn_outcomes_by_time
-                .range(..time_key(prune_before_ms, 0))
-            {
-                let (k, _) = kv?;
-                if let Some(txn) = k.get(8..16).and_then(u64_be) {
-                    by_id.remove(&txn.to_be_bytes());
+            for kv in self.txn_outcomes.iter() {
+                let (k, v) = kv?;
+                let bucket: Vec<(u64, Outcome, u64)> = codec::decode(&v, "transaction outcomes")?;
+                if bucket.iter().any(|e| e.2 >= prune_before_ms) {
+                    break;
                 }
-                by_time.remove(k);
+                buckets.remove(k);
             }
         }
         // Outcomes first: a crash in between leaves a finished transaction also listed as
         // unfinished, which loading resolves; never an unfinished one that is forgotten.
-        self.txn_outcomes.apply_batch(by_id)?;
-        self.txn_outcomes_by_time.apply_batch(by_time)?;
+        self.txn_outcomes.apply_batch(buckets)?;
         self.txn_halves.apply_batch(halves)?;
         self.db.flush()?;
         Ok(())
@@ -300,5 +313,65 @@ impl Meta {
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_found_after_merges_and_pruned_by_whole_old_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        let b = 1u64 << OUTCOME_BUCKET_SHIFT;
+        // Two in bucket 0, one in bucket 1, one in bucket 5; the second batch merges.
+        meta.apply_txn_changes(
+            &[],
+            &[],
+            &[
+                (40, Outcome::Committed, 100),
+                (b + 1, Outcome::RolledBack, 100),
+            ],
+            0,
+        )
+        .unwrap();
+        meta.apply_txn_changes(
+            &[],
+            &[],
+            &[
+                (90, Outcome::RolledBack, 200),
+                (5 * b, Outcome::Committed, 900),
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            meta.txn_outcome(40).unwrap(),
+            Some((Outcome::Committed, 100))
+        );
+        assert_eq!(
+            meta.txn_outcome(90).unwrap(),
+            Some((Outcome::RolledBack, 200))
+        );
+        assert_eq!(
+            meta.txn_outcome(b + 1).unwrap(),
+            Some((Outcome::RolledBack, 100))
+        );
+        assert_eq!(meta.txn_outcome(41).unwrap(), None);
+        // Bucket 0 holds an outcome at 200: pruning before 150 keeps it (and all after it).
+        meta.apply_txn_changes(&[], &[], &[], 150).unwrap();
+        assert_eq!(
+            meta.txn_outcome(40).unwrap(),
+            Some((Outcome::Committed, 100))
+        );
+        // Before 300: buckets 0 and 1 go, bucket 5 (at 900) stays.
+        meta.apply_txn_changes(&[], &[], &[], 300).unwrap();
+        assert_eq!(meta.txn_outcome(40).unwrap(), None);
+        assert_eq!(meta.txn_outcome(b + 1).unwrap(), None);
+        assert_eq!(
+            meta.txn_outcome(5 * b).unwrap(),
+            Some((Outcome::Committed, 900))
+        );
     }
 }

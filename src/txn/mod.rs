@@ -22,7 +22,7 @@
 
 pub mod checker;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -206,6 +206,8 @@ struct Inner {
     outcomes: HashMap<u64, (Outcome, u64)>,
     /// Transactions whose sled entry must be rewritten or removed at the next persist.
     dirty: BTreeSet<u64>,
+    /// Transactions that have an entry in sled (so finishing them must remove it).
+    in_sled: HashSet<u64>,
 }
 
 /// What `begin_resolve` decided.
@@ -234,6 +236,7 @@ impl TxnIndex {
     pub(crate) fn load(&self, meta: &Meta) -> Result<()> {
         let mut g = self.inner.lock();
         for info in meta.txn_halves()? {
+            g.in_sled.insert(info.txn_id);
             if meta.txn_outcome(info.txn_id)?.is_some() {
                 // Resolved but the cleanup did not reach sled before a crash.
                 g.dirty.insert(info.txn_id);
@@ -495,13 +498,22 @@ impl TxnIndex {
         for &txn in &g.dirty {
             match g.live.get(&txn) {
                 Some(e) => puts.push(e.info.clone()),
-                None => removes.push(txn),
+                // Only what reached sled needs removing: most transactions start and finish
+                // between two checkpoints and never get there.
+                None if g.in_sled.contains(&txn) => removes.push(txn),
+                None => {}
             }
         }
         let outcomes: Vec<(u64, Outcome, u64)> =
             g.outcomes.iter().map(|(&t, &(o, at))| (t, o, at)).collect();
         let prune_before = now_ms.saturating_sub(retention.as_millis() as u64);
         meta.apply_txn_changes(&puts, &removes, &outcomes, prune_before)?;
+        for p in &puts {
+            g.in_sled.insert(p.txn_id);
+        }
+        for r in &removes {
+            g.in_sled.remove(r);
+        }
         g.dirty.clear();
         g.outcomes.clear();
         Ok(())
@@ -511,7 +523,7 @@ impl TxnIndex {
     /// (checked under the same lock that `resolve` takes, so a finished transaction is
     /// never written back).
     pub(crate) fn persist_checks(&self, meta: &Meta, infos: &[TxnInfo]) -> Result<()> {
-        let g = self.inner.lock();
+        let mut g = self.inner.lock();
         let still: Vec<TxnInfo> = infos
             .iter()
             .filter(|i| g.live.contains_key(&i.txn_id))
@@ -520,7 +532,11 @@ impl TxnIndex {
         if still.is_empty() {
             return Ok(());
         }
-        meta.apply_txn_changes(&still, &[], &[], 0)
+        meta.apply_txn_changes(&still, &[], &[], 0)?;
+        for i in &still {
+            g.in_sled.insert(i.txn_id);
+        }
+        Ok(())
     }
 }
 
