@@ -14,6 +14,31 @@
 //!   its acked messages. Delivery is at-least-once: what was handed out but not acked is
 //!   delivered again.
 //!
+//! ## Example: the payment confirmation
+//!
+//! ```
+//! use halfmq::{Broker, BrokerConfig, HalfOptions, Message};
+//! # fn main() -> halfmq::Result<()> {
+//! # let dir = tempfile::tempdir().expect("a temporary directory");
+//! let broker = Broker::open(BrokerConfig::new(dir.path()))?;
+//!
+//! // The payment service writes the confirmation as a half message: stored, invisible.
+//! let msg = Message::new("paid 12.50").with_key("order-42");
+//! let txn = broker.send_half("payments", &msg, "payment-service", HalfOptions::default())?;
+//! assert!(broker.poll("order-service", "payments", 10)?.is_empty());
+//!
+//! // The card is charged: commit makes it visible, exactly once.
+//! broker.commit(txn)?;
+//! let got = broker.poll("order-service", "payments", 10)?;
+//! assert_eq!((got.len(), got[0].key.as_str()), (1, "order-42"));
+//!
+//! // The order service applies it (idempotently, by key) and acks: durable progress.
+//! broker.ack("order-service", "payments", got[0].queue, got[0].offset)?;
+//! broker.close()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Map of the crate
 //! - [`broker`]: the embedded [`Broker`]: topics, `send`, consumer groups (`poll`, `ack`).
 //! - [`store`]: the storage engine: commit-log segments, group commit, consume-queue
