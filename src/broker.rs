@@ -2,9 +2,18 @@
 //!
 //! `Broker` ties the storage engine ([`crate::store::Store`]) to the metadata in sled
 //! ([`crate::meta::Meta`]). It is what an application embeds, and what the network broker
-//! serves.
+//! serves. The consumer side (poll, ack, nack, redelivery, dead letters) is in `consume`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod consume;
+
+pub use consume::{
+    dead_letter_topic, DeadLetter, NackOutcome, Replayed, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX,
+    PROP_DLQ_FAILURES, PROP_DLQ_LOG_OFFSET, PROP_DLQ_OFFSET, PROP_DLQ_QUEUE, PROP_DLQ_REASON,
+    PROP_DLQ_TOPIC, PROP_REPLAYED_FROM,
+};
+use consume::{GroupKey, GroupTopic};
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,7 +69,7 @@ impl Message {
 }
 
 /// Where a sent message was stored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SendReceipt {
     /// The topic.
     pub topic: String,
@@ -91,6 +100,9 @@ pub struct Delivery {
     pub properties: Properties,
     /// When it was stored, ms since the Unix epoch.
     pub timestamp_ms: u64,
+    /// Which delivery of this message to this group it is: 1 the first, n after n - 1
+    /// failed ones (time-outs and nacks).
+    pub attempt: u32,
 }
 
 /// A topic and its queues.
@@ -124,6 +136,21 @@ pub struct GroupLag {
     pub committed: u64,
     /// Messages of the queue the group has not acked.
     pub backlog: u64,
+    /// Of those, delivered and not acked yet (leased to a consumer).
+    pub in_flight: u64,
+    /// Of those, waiting for redelivery after a failed delivery.
+    pub retrying: u64,
+}
+
+/// The dead-letter queue of one group.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetterStats {
+    /// Group name.
+    pub group: String,
+    /// Dead letters ever written.
+    pub messages: u64,
+    /// Of those, replayed to their topics.
+    pub replayed: u64,
 }
 
 /// Figures for people and monitoring.
@@ -137,33 +164,14 @@ pub struct Stats {
     pub txn_pending: u64,
     /// Transactions checked `check_max` times without an answer (need a person).
     pub txn_unresolved: u64,
+    /// Dead-letter queues, by group.
+    pub dead_letters: Vec<DeadLetterStats>,
 }
 
 struct Topic {
     name: String,
     queues: Vec<Arc<ConsumeQueue>>,
     round_robin: AtomicU32,
-}
-
-/// In-memory state of one group in one queue.
-#[derive(Debug, Default)]
-struct Cursor {
-    /// Durable: every message before this is acked.
-    committed: u64,
-    /// Durable: acked messages at or after `committed`.
-    acked_above: BTreeSet<u64>,
-    /// Next message to hand out (in memory only: after a restart, delivery resumes at
-    /// `committed`, so un-acked messages are delivered again).
-    next: u64,
-}
-
-/// (group, topic).
-type GroupKey = (String, String);
-
-struct GroupTopic {
-    cursors: Vec<Cursor>,
-    /// Queue to start the next poll at, so no queue starves.
-    start: usize,
 }
 
 /// The embedded broker. All methods take `&self`; share it with an `Arc`.
@@ -293,12 +301,34 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Check a consumer-group name (same rules as topic names).
+/// Check the name of a user topic: a valid topic name not starting with `%`, which the
+/// broker keeps for its own topics (dead-letter queues).
+fn validate_user_topic_name(topic: &str) -> Result<()> {
+    validate_topic_name(topic)?;
+    if topic.starts_with(INTERNAL_TOPIC_PREFIX) {
+        return Err(Error::Invalid {
+            what: "topic name",
+            reason: format!(
+                "{topic:?}: names starting with {INTERNAL_TOPIC_PREFIX:?} are the broker's own"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Check a consumer-group name (same rules as user topic names, and short enough for its
+/// dead-letter topic name).
 fn validate_group_name(group: &str) -> Result<()> {
-    validate_topic_name(group).map_err(|_| Error::Invalid {
+    let ok = validate_user_topic_name(group).is_ok()
+        && group.len() + DLQ_TOPIC_PREFIX.len() <= record::TOPIC_BYTES_MAX;
+    if ok {
+        return Ok(());
+    }
+    Err(Error::Invalid {
         what: "group name",
         reason: format!(
-            "{group:?}: use 1 to 127 characters of A-Z a-z 0-9 . _ - not starting with '.'"
+            "{group:?}: use 1 to {} characters of A-Z a-z 0-9 . _ - not starting with '.'",
+            record::TOPIC_BYTES_MAX - DLQ_TOPIC_PREFIX.len()
         ),
     })
 }
@@ -439,6 +469,12 @@ impl Broker {
     /// Create a topic with `queues` queues. Creating an existing topic with the same number
     /// of queues is a no-op; with another number it is an error.
     pub fn create_topic(&self, name: &str, queues: u32) -> Result<TopicInfo> {
+        validate_user_topic_name(name)?;
+        self.create_topic_unchecked(name, queues)
+    }
+
+    /// [`Broker::create_topic`] that also takes the broker's own topic names.
+    fn create_topic_unchecked(&self, name: &str, queues: u32) -> Result<TopicInfo> {
         validate_topic_name(name)?;
         if queues == 0 || queues > QUEUES_MAX {
             return Err(Error::Invalid {
@@ -530,6 +566,7 @@ impl Broker {
 
     fn prepare_send(&self, topic: &str, msg: &Message) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
         Self::check_user_properties(&msg.properties)?;
+        validate_user_topic_name(topic)?;
         let t = self.topic(topic)?;
         let qi = Self::pick_queue(&t, &msg.key);
         let props = record::encode_properties(&msg.properties)?;
@@ -561,209 +598,35 @@ impl Broker {
         }
     }
 
-    fn group_topic(&self, group: &str, topic: &Topic) -> Result<Arc<Mutex<GroupTopic>>> {
-        let key = (group.to_owned(), topic.name.clone());
-        let mut groups = self.groups.lock();
-        if let Some(g) = groups.get(&key) {
-            return Ok(g.clone());
-        }
-        let mut cursors = Vec::with_capacity(topic.queues.len());
-        for q in &topic.queues {
-            let acks = self.meta.queue_acks(group, &topic.name, q.queue_id())?;
-            cursors.push(Cursor {
-                committed: acks.committed,
-                next: acks.committed,
-                acked_above: acks.acked_above,
-            });
-        }
-        let g = Arc::new(Mutex::new(GroupTopic { cursors, start: 0 }));
-        groups.insert(key, g.clone());
-        Ok(g)
-    }
-
-    /// Hand out up to `max` messages of `topic` that `group` has not been given yet, from all
-    /// queues. Each message goes to one consumer of the group. Messages not acked are
-    /// delivered again after a restart (at-least-once).
-    pub fn poll(&self, group: &str, topic: &str, max: usize) -> Result<Vec<Delivery>> {
-        self.poll_limited(group, topic, max, usize::MAX)
-    }
-
-    /// [`Broker::poll`] that also stops before the messages' bytes (key, body, properties)
-    /// would pass `max_bytes`; at least one message is returned when any is there.
-    pub fn poll_limited(
-        &self,
-        group: &str,
-        topic: &str,
-        max: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Delivery>> {
-        validate_group_name(group)?;
-        let t = self.topic(topic)?;
-        let g = self.group_topic(group, &t)?;
-        let mut g = g.lock();
-        let n = t.queues.len();
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let start = g.start;
-        g.start = (start + 1) % n;
-        'queues: for i in 0..n {
-            if out.len() >= max {
-                break;
-            }
-            let qi = (start + i) % n;
-            let q = &t.queues[qi];
-            let c = &mut g.cursors[qi];
-            while out.len() < max && c.next < q.len() {
-                let want = max - out.len();
-                let batch = self.store.read_messages(q, c.next, want)?;
-                if batch.is_empty() {
-                    break;
-                }
-                for (offset, rec) in batch {
-                    if c.acked_above.contains(&offset) {
-                        c.next = offset + 1;
-                        continue;
-                    }
-                    let size = t.name.len()
-                        + rec.key.len()
-                        + rec.body.len()
-                        + rec
-                            .properties
-                            .iter()
-                            .map(|(k, v)| k.len() + v.len() + 16)
-                            .sum::<usize>()
-                        + 64;
-                    if !out.is_empty() && bytes + size > max_bytes {
-                        break 'queues;
-                    }
-                    bytes += size;
-                    c.next = offset + 1;
-                    out.push(Delivery {
-                        topic: t.name.clone(),
-                        queue: q.queue_id(),
-                        offset,
-                        log_offset: rec.header.log_offset,
-                        key: rec.key,
-                        body: rec.body,
-                        properties: rec.properties,
-                        timestamp_ms: rec.header.timestamp_ms,
-                    });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Like [`Broker::poll`], but waits up to `timeout` for a message when there is none.
-    pub fn poll_wait(
-        &self,
-        group: &str,
-        topic: &str,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Delivery>> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let got = self.poll(group, topic, max)?;
-            let now = std::time::Instant::now();
-            if !got.is_empty() || now >= deadline {
-                return Ok(got);
-            }
-            let t = self.topic(topic)?;
-            let g = self.group_topic(group, &t)?;
-            let from: Vec<u64> = g.lock().cursors.iter().map(|c| c.next).collect();
-            self.store
-                .wait_for_messages(&t.queues, &from, deadline - now);
-        }
-    }
-
-    /// [`Broker::poll_limited`] that waits up to `timeout` for a message without blocking
-    /// the executor.
-    pub async fn poll_wait_async(
-        &self,
-        group: &str,
-        topic: &str,
-        max: usize,
-        max_bytes: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Delivery>> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let got = self.poll_limited(group, topic, max, max_bytes)?;
-            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(got);
-            }
-            let t = self.topic(topic)?;
-            let g = self.group_topic(group, &t)?;
-            let from: Vec<u64> = g.lock().cursors.iter().map(|c| c.next).collect();
-            self.store
-                .wait_for_messages_async(&t.queues, &from, deadline)
-                .await;
-        }
-    }
-
-    /// Acknowledge one message; durable when this returns.
-    pub fn ack(&self, group: &str, topic: &str, queue: u32, offset: u64) -> Result<()> {
-        self.ack_many(group, topic, &[(queue, offset)])
-    }
-
-    /// Acknowledge several messages of one topic with one durable write.
-    pub fn ack_many(&self, group: &str, topic: &str, acks: &[(u32, u64)]) -> Result<()> {
-        validate_group_name(group)?;
-        let t = self.topic(topic)?;
-        let g = self.group_topic(group, &t)?;
-        let mut g = g.lock();
-        let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for &(queue, offset) in acks {
-            let bad = |reason: String| Error::BadAck {
-                group: group.to_owned(),
-                topic: topic.to_owned(),
-                queue,
-                offset,
-                reason,
-            };
-            let Some(q) = t.queues.get(queue as usize) else {
-                return Err(bad(format!("the topic has {} queues", t.queues.len())));
-            };
-            if offset >= q.len() {
-                return Err(bad(format!("the queue has {} messages", q.len())));
-            }
-            by_queue.entry(queue).or_default().push(offset);
-        }
-        for (queue, offsets) in by_queue {
-            let c = &mut g.cursors[queue as usize];
-            let mut added = Vec::new();
-            let mut acked = c.acked_above.clone();
-            for off in offsets {
-                if off >= c.committed && acked.insert(off) {
-                    added.push(off);
-                }
-            }
-            if added.is_empty() {
-                continue; // all acked before: acks are idempotent
-            }
-            let mut committed = c.committed;
-            let mut removed = Vec::new();
-            while acked.remove(&committed) {
-                removed.push(committed);
-                committed += 1;
-            }
-            added.retain(|o| *o >= committed);
-            removed.retain(|o| c.acked_above.contains(o));
-            self.meta
-                .store_acks(group, topic, queue, committed, &added, &removed)?;
-            c.committed = committed;
-            c.acked_above = acked;
-            c.next = c.next.max(committed);
-        }
-        Ok(())
-    }
-
     /// Figures per queue and consumer group.
     pub fn stats(&self) -> Result<Stats> {
-        let mut groups_of: BTreeMap<(String, u32), Vec<String>> = BTreeMap::new();
-        for (g, t, q) in self.meta.consumer_queues()? {
-            groups_of.entry((t, q)).or_default().push(g);
+        // Groups with stored acks, and groups that polled since the start but acked nothing
+        // yet (their backlog counts too).
+        let mut groups_of: BTreeMap<(String, u32), std::collections::BTreeSet<String>> =
+            BTreeMap::new();
+        let mut replayed: BTreeMap<String, u64> = BTreeMap::new();
+        let mut all = self.meta.consumer_queues()?;
+        let loaded: Vec<GroupKey> = self.groups.lock().keys().cloned().collect();
+        for (g, t) in &loaded {
+            if let Some(topic) = self.topics.read().get(t) {
+                for q in &topic.queues {
+                    all.push((g.clone(), t.clone(), q.queue_id()));
+                }
+            }
+        }
+        for (g, t, q) in all {
+            if g.starts_with(INTERNAL_TOPIC_PREFIX) {
+                // The broker's own group that remembers replayed dead letters.
+                if let Some(group) = t.strip_prefix(DLQ_TOPIC_PREFIX) {
+                    let acks = self.meta.queue_acks(&g, &t, q)?;
+                    replayed.insert(
+                        group.to_owned(),
+                        acks.committed + acks.acked_above.len() as u64,
+                    );
+                }
+                continue;
+            }
+            groups_of.entry((t, q)).or_default().insert(g);
         }
         let mut queues = Vec::new();
         for info in self.topics() {
@@ -780,10 +643,13 @@ impl Broker {
                 {
                     let acks = self.meta.queue_acks(g, &t.name, q.queue_id())?;
                     let acked = acks.committed + acks.acked_above.len() as u64;
+                    let (in_flight, retrying) = self.leases_of(g, &t.name, q.queue_id());
                     groups.push(GroupLag {
                         group: g.clone(),
                         committed: acks.committed,
                         backlog: messages.saturating_sub(acked),
+                        in_flight,
+                        retrying,
                     });
                 }
                 queues.push(QueueStats {
@@ -795,11 +661,23 @@ impl Broker {
             }
         }
         let (txn_pending, txn_unresolved) = self.txns.counts();
+        let dead_letters = queues
+            .iter()
+            .filter_map(|q| {
+                let group = q.topic.strip_prefix(DLQ_TOPIC_PREFIX)?;
+                Some(DeadLetterStats {
+                    group: group.to_owned(),
+                    messages: q.messages,
+                    replayed: replayed.get(group).copied().unwrap_or(0),
+                })
+            })
+            .collect();
         Ok(Stats {
             log: self.store.log_stats(),
             queues,
             txn_pending,
             txn_unresolved,
+            dead_letters,
         })
     }
 
@@ -854,6 +732,7 @@ impl Broker {
     ) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
         validate_group_name(producer_group)?;
         Self::check_user_properties(&msg.properties)?;
+        validate_user_topic_name(topic)?;
         let t = self.topic(topic)?;
         let qi = Self::pick_queue(&t, &msg.key);
         let mut props = msg.properties.clone();

@@ -188,6 +188,80 @@ impl TxnConfig {
     }
 }
 
+/// How a consumer group gets a message again that it did not ack, and when it gives up.
+/// These are the defaults of every group; one group can override them with
+/// [`crate::Broker::set_group_settings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// A delivered message not acked (or nacked) within this time is delivered again, and the
+    /// attempt counts as failed. Default 30 s.
+    pub visibility_timeout: Duration,
+    /// Failed deliveries (time-outs and nacks) after which the message is redelivered no more
+    /// but moved to the group's dead-letter queue: with the default 16, a message is
+    /// delivered at most 17 times. 0 ..= 1000.
+    pub max_retries: u32,
+    /// Wait before redelivery n after a nack without a delay: `retry_backoff[n - 1]`, the last
+    /// entry for every later one. Default: RocketMQ's levels 1 s, 5 s, 10 s, 30 s, 1 min,
+    /// 2 min, ..., 10 min, 20 min, 30 min, 1 h, 2 h.
+    pub retry_backoff: Vec<Duration>,
+}
+
+/// RocketMQ's delay levels, in seconds.
+const RETRY_BACKOFF_S: [u64; 18] = [
+    1, 5, 10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200,
+];
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            visibility_timeout: Duration::from_secs(30),
+            max_retries: 16,
+            retry_backoff: RETRY_BACKOFF_S
+                .iter()
+                .map(|&s| Duration::from_secs(s))
+                .collect(),
+        }
+    }
+}
+
+/// Longest visibility time-out or retry wait: one day.
+const DELIVERY_WAIT_MAX: Duration = Duration::from_secs(24 * 3600);
+
+impl DeliveryConfig {
+    /// Check every setting, naming the first that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let vt = self.visibility_timeout;
+        if vt < Duration::from_millis(10) || vt > DELIVERY_WAIT_MAX {
+            return Err(Error::Config {
+                setting: "visibility_timeout_ms",
+                reason: format!("{vt:?} is outside 10 ms ..= 24 h"),
+            });
+        }
+        if self.max_retries > 1000 {
+            return Err(Error::Config {
+                setting: "max_retries",
+                reason: format!("{} is outside 0 ..= 1000", self.max_retries),
+            });
+        }
+        if self.retry_backoff.is_empty()
+            || self.retry_backoff.len() > 1000
+            || self.retry_backoff.iter().any(|d| *d > DELIVERY_WAIT_MAX)
+        {
+            return Err(Error::Config {
+                setting: "retry_backoff_ms",
+                reason: "give 1 to 1000 waits, each at most 24 h".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The wait before redelivering after failure number `failures` (1-based).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let i = (failures.max(1) as usize - 1).min(self.retry_backoff.len().saturating_sub(1));
+        self.retry_backoff.get(i).copied().unwrap_or_default()
+    }
+}
+
 /// Settings of an embedded [`crate::Broker`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -201,6 +275,8 @@ pub struct BrokerConfig {
     pub auto_create_topics: bool,
     /// Transaction check-back.
     pub txn: TxnConfig,
+    /// Redelivery, retries and dead letters: the defaults of every consumer group.
+    pub delivery: DeliveryConfig,
 }
 
 impl Default for BrokerConfig {
@@ -211,6 +287,7 @@ impl Default for BrokerConfig {
             default_queues: 4,
             auto_create_topics: true,
             txn: TxnConfig::default(),
+            delivery: DeliveryConfig::default(),
         }
     }
 }
@@ -231,6 +308,7 @@ impl BrokerConfig {
     pub fn validate(&self) -> Result<()> {
         self.store.validate()?;
         self.txn.validate()?;
+        self.delivery.validate()?;
         if self.default_queues == 0 || self.default_queues > QUEUES_MAX {
             return Err(Error::Config {
                 setting: "default_queues",

@@ -59,6 +59,7 @@ pub mod bench;
 pub mod broker;
 mod codec;
 pub mod config;
+mod delivery;
 pub mod error;
 pub mod meta;
 pub mod net;
@@ -68,7 +69,7 @@ pub mod store;
 pub mod txn;
 
 pub use broker::{Broker, Delivery, Message, SendReceipt, Stats, TopicInfo};
-pub use config::{BrokerConfig, FlushPolicy, StoreConfig, TxnConfig};
+pub use config::{BrokerConfig, DeliveryConfig, FlushPolicy, StoreConfig, TxnConfig};
 pub use error::{Error, Result};
 pub use txn::{
     CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,

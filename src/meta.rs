@@ -6,7 +6,14 @@
 //! - `c` group `\0` topic `\0` queue:u32 → committed offset u64: every message before it is
 //!   acked;
 //! - `a` group `\0` topic `\0` queue:u32 offset:u64 → (empty): acked although an earlier
-//!   message is not yet.
+//!   message is not yet;
+//! - `r` group `\0` topic `\0` queue:u32 offset:u64 → bincode [`RetryState`]: a message whose
+//!   delivery failed (time-out or nack), with its failure count and when it may be delivered
+//!   again. Removed after the ack; one left behind by a crash in between is ignored (the
+//!   message is acked) and removed on the next load.
+//!
+//! The `groups` tree holds per-group overrides of the delivery settings
+//! (group → bincode [`GroupSettings`]).
 //!
 //! One ack writes both kinds in one atomic batch and is flushed (fsync) before it returns.
 
@@ -26,11 +33,34 @@ pub struct TopicConfig {
     pub created_ms: u64,
 }
 
+/// Why and how often the delivery of one message to one group failed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetryState {
+    /// Failed deliveries so far (time-outs and nacks).
+    pub failures: u32,
+    /// Not to be delivered again before this, ms since the Unix epoch.
+    pub due_ms: u64,
+    /// Why the last delivery failed.
+    pub reason: String,
+}
+
+/// Per-group overrides of [`crate::config::DeliveryConfig`]; `None` keeps the broker default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupSettings {
+    /// Visibility time-out in ms.
+    pub visibility_timeout_ms: Option<u64>,
+    /// Failed deliveries before dead-lettering.
+    pub max_retries: Option<u32>,
+    /// Waits before redelivery after a nack without a delay, in ms.
+    pub retry_backoff_ms: Option<Vec<u64>>,
+}
+
 /// The sled database.
 pub struct Meta {
     db: sled::Db,
     topics: sled::Tree,
     consumers: sled::Tree,
+    groups: sled::Tree,
     /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
     txn_halves: sled::Tree,
     /// (txn id >> 16) (u64 BE) → bincode sorted Vec<(txn id, Outcome, at_ms)> of finished
@@ -100,12 +130,14 @@ impl Meta {
         };
         let topics = db.open_tree("topics")?;
         let consumers = db.open_tree("consumers")?;
+        let groups = db.open_tree("groups")?;
         let txn_halves = db.open_tree("txn_halves")?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets")?;
         Ok(Meta {
             db,
             topics,
             consumers,
+            groups,
             txn_halves,
             txn_outcomes,
         })
@@ -196,6 +228,69 @@ impl Meta {
             batch.insert(key(off), &[]);
         }
         self.consumers.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The failed deliveries of (group, topic, queue), by queue offset.
+    pub fn retry_states(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+    ) -> Result<BTreeMap<u64, RetryState>> {
+        let p = prefix(b'r', group, topic, queue);
+        let mut out = BTreeMap::new();
+        for kv in self.consumers.scan_prefix(&p) {
+            let (k, v) = kv?;
+            let off = u64_be(&k[p.len()..]).ok_or_else(|| Error::Meta("bad retry key".into()))?;
+            out.insert(off, codec::decode(&v, "retry state")?);
+        }
+        Ok(out)
+    }
+
+    /// Write (`Some`) or remove (`None`) retry states of (group, topic, queue) in one batch;
+    /// flushed to disk before returning when `durable`.
+    pub fn store_retries(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        changes: &[(u64, Option<RetryState>)],
+        durable: bool,
+    ) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let p = prefix(b'r', group, topic, queue);
+        let mut batch = sled::Batch::default();
+        for (off, state) in changes {
+            let mut k = p.clone();
+            k.extend_from_slice(&off.to_be_bytes());
+            match state {
+                Some(st) => batch.insert(k, codec::encode(st, "retry state")?),
+                None => batch.remove(k),
+            }
+        }
+        self.consumers.apply_batch(batch)?;
+        if durable {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The delivery overrides of a group (default: none).
+    pub fn group_settings(&self, group: &str) -> Result<GroupSettings> {
+        match self.groups.get(group.as_bytes())? {
+            Some(v) => codec::decode(&v, "group settings"),
+            None => Ok(GroupSettings::default()),
+        }
+    }
+
+    /// Durably store the delivery overrides of a group.
+    pub fn set_group_settings(&self, group: &str, settings: &GroupSettings) -> Result<()> {
+        self.groups
+            .insert(group.as_bytes(), codec::encode(settings, "group settings")?)?;
         self.db.flush()?;
         Ok(())
     }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use halfmq::bench::{self, BenchOptions};
+use halfmq::broker::NackOutcome;
+use halfmq::meta::GroupSettings;
 use halfmq::net::client::{Client, ClientConfig};
 use halfmq::net::server::Server;
 use halfmq::settings::Settings;
@@ -184,25 +186,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Receive messages of a topic for a consumer group; each is acked after it is printed.
+    /// Receive messages of a topic for a consumer group; each is acked after it is printed
+    /// (or, with --nack, given back for redelivery).
     Consume {
         #[command(flatten)]
         conn: ConnArgs,
-        /// Topic.
-        #[arg(long)]
-        topic: String,
-        /// Consumer group.
-        #[arg(long)]
-        group: String,
-        /// Stop after this many messages.
-        #[arg(long)]
-        max: Option<u64>,
-        /// Stop after this long without a message, ms.
-        #[arg(long)]
-        idle_exit_ms: Option<u64>,
-        /// One JSON object per message.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: ConsumeArgs,
+    },
+    /// Dead-letter queues: messages a group failed to process too often.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Delivery settings of a consumer group (visibility time-out, retries, backoff).
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
     },
     /// Transactions.
     Txn {
@@ -227,6 +227,96 @@ enum Command {
     },
     /// Measure durable throughput and latency.
     Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ConsumeArgs {
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// Consumer group.
+    #[arg(long)]
+    group: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Stop after this long without a message, ms.
+    #[arg(long)]
+    idle_exit_ms: Option<u64>,
+    /// One JSON object per message.
+    #[arg(long)]
+    json: bool,
+    /// Nack every message instead of acking it (a consumer that fails: for drills).
+    #[arg(long)]
+    nack: bool,
+    /// With --nack: redeliver after this long, ms [default: the group's retry backoff].
+    #[arg(long, requires = "nack")]
+    nack_delay_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters of a group: where each came from, why, after how many failures.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Consumer group.
+        #[arg(long)]
+        group: String,
+        /// First dead-letter offset.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        max: u32,
+        /// One JSON object per dead letter.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a group's dead letters (not replayed yet) back to their topics.
+    Replay {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Consumer group.
+        #[arg(long)]
+        group: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        max: u32,
+        /// One JSON object per replayed message.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupsCommand {
+    /// Override a group's delivery settings (others keep the broker default).
+    Set {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Consumer group.
+        group: String,
+        /// Not acked within this, a delivery fails and the message is delivered again, ms.
+        #[arg(long)]
+        visibility_timeout_ms: Option<u64>,
+        /// Failed deliveries before the message moves to the dead-letter queue.
+        #[arg(long)]
+        max_retries: Option<u32>,
+        /// Waits before redelivery 1, 2, ... after a nack, ms, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        retry_backoff_ms: Option<Vec<u64>>,
+    },
+    /// A group's delivery settings in force.
+    Show {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Consumer group.
+        group: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -438,14 +528,9 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             count,
             json,
         } => produce(conn, topic, key, key_prefix, body, size, count, json).await,
-        Command::Consume {
-            conn,
-            topic,
-            group,
-            max,
-            idle_exit_ms,
-            json,
-        } => consume(conn, topic, group, max, idle_exit_ms, json).await,
+        Command::Consume { conn, args } => consume(conn, args).await,
+        Command::Dlq { command } => dlq(command).await,
+        Command::Groups { command } => groups(command).await,
         Command::Txn { command } => txn(command).await,
         Command::Topics { command } => topics(command).await,
         Command::Stats {
@@ -609,14 +694,16 @@ async fn produce(
     Ok(())
 }
 
-async fn consume(
-    conn: ConnArgs,
-    topic: String,
-    group: String,
-    max: Option<u64>,
-    idle_exit_ms: Option<u64>,
-    json: bool,
-) -> halfmq::Result<()> {
+async fn consume(conn: ConnArgs, args: ConsumeArgs) -> halfmq::Result<()> {
+    let ConsumeArgs {
+        topic,
+        group,
+        max,
+        idle_exit_ms,
+        json,
+        nack,
+        nack_delay_ms,
+    } = args;
     let client = conn.connect().await?;
     let mut got = 0u64;
     let mut last = Instant::now();
@@ -639,32 +726,188 @@ async fn consume(
             continue;
         }
         for d in &batch {
+            let outcome = if nack {
+                let o = client
+                    .nack(
+                        &group,
+                        &topic,
+                        d.queue,
+                        d.offset,
+                        nack_delay_ms.map(Duration::from_millis),
+                    )
+                    .await?;
+                Some(match o {
+                    NackOutcome::Redeliver { attempt, at_ms } => {
+                        serde_json::json!({"redeliver": {"attempt": attempt, "at_ms": at_ms}})
+                    }
+                    NackOutcome::DeadLettered { dead_letter } => {
+                        serde_json::json!({"dead_letter": dead_letter})
+                    }
+                })
+            } else {
+                None
+            };
             if json {
-                json_line(&serde_json::json!({
+                let mut v = serde_json::json!({
                     "key": d.message.key, "topic": d.topic, "queue": d.queue, "offset": d.offset,
                     "body_len": d.message.body.len(), "body_crc32": crc32fast::hash(&d.message.body),
-                }));
+                    "attempt": d.attempt,
+                });
+                if let Some(o) = outcome {
+                    v["nacked"] = o;
+                }
+                json_line(&v);
             } else {
                 println_flush(&format!(
-                    "{}/{}@{} key={} {}",
+                    "{}/{}@{} key={} attempt={}{} {}",
                     d.topic,
                     d.queue,
                     d.offset,
                     d.message.key,
+                    d.attempt,
+                    outcome.map_or(String::new(), |o| format!(" nacked={o}")),
                     String::from_utf8_lossy(&d.message.body)
                 ));
             }
         }
-        client
-            .ack(
-                &group,
-                &topic,
-                batch.iter().map(|d| (d.queue, d.offset)).collect(),
-            )
-            .await?;
+        if !nack {
+            client
+                .ack(
+                    &group,
+                    &topic,
+                    batch.iter().map(|d| (d.queue, d.offset)).collect(),
+                )
+                .await?;
+        }
         got += batch.len() as u64;
         last = Instant::now();
     }
+}
+
+/// A time in ms since the Unix epoch, as RFC 3339 UTC with milliseconds.
+fn ms_time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+async fn dlq(command: DlqCommand) -> halfmq::Result<()> {
+    match command {
+        DlqCommand::List {
+            conn,
+            group,
+            from,
+            max,
+            json,
+        } => {
+            let client = conn.connect().await?;
+            let letters = client.dead_letters(&group, from, max).await?;
+            if !json {
+                println_flush(&format!(
+                    "{} dead letter(s) of group {group}{}",
+                    letters.len(),
+                    if letters.len() as u32 >= max {
+                        " (more with --from)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            for d in &letters {
+                if json {
+                    json_line(&serde_json::json!(d));
+                } else {
+                    println_flush(&format!(
+                        "#{} {} key={} from {}/{}@{} after {} failed deliveries: {}{}",
+                        d.dlq_offset,
+                        ms_time(d.at_ms),
+                        d.key,
+                        d.topic,
+                        d.queue,
+                        d.offset,
+                        d.failures,
+                        d.reason,
+                        if d.replayed { " [replayed]" } else { "" }
+                    ));
+                }
+            }
+            Ok(())
+        }
+        DlqCommand::Replay {
+            conn,
+            group,
+            max,
+            json,
+        } => {
+            let client = conn.connect().await?;
+            let done = client.replay_dead_letters(&group, max).await?;
+            for r in &done {
+                if json {
+                    json_line(&serde_json::json!(r));
+                } else {
+                    println_flush(&format!(
+                        "#{} key={} -> {}/{}@{}",
+                        r.dlq_offset, r.key, r.receipt.topic, r.receipt.queue, r.receipt.offset
+                    ));
+                }
+            }
+            if !json {
+                println_flush(&format!("{} dead letter(s) replayed", done.len()));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn groups(command: GroupsCommand) -> halfmq::Result<()> {
+    let (conn, group, set, json) = match command {
+        GroupsCommand::Set {
+            conn,
+            group,
+            visibility_timeout_ms,
+            max_retries,
+            retry_backoff_ms,
+        } => (
+            conn,
+            group,
+            Some(GroupSettings {
+                visibility_timeout_ms,
+                max_retries,
+                retry_backoff_ms,
+            }),
+            false,
+        ),
+        GroupsCommand::Show { conn, group, json } => (conn, group, None, json),
+    };
+    let client = conn.connect().await?;
+    let g = match set {
+        Some(s) => client.set_group(&group, s).await?,
+        None => client.group(&group).await?,
+    };
+    if json {
+        json_line(&serde_json::json!(g));
+    } else {
+        println_flush(&format!(
+            "group {group}: visibility time-out {} ms{}, max retries {}{}, retry backoff {:?} ms{}",
+            g.visibility_timeout_ms,
+            if g.overrides.visibility_timeout_ms.is_some() {
+                " (set)"
+            } else {
+                ""
+            },
+            g.max_retries,
+            if g.overrides.max_retries.is_some() {
+                " (set)"
+            } else {
+                ""
+            },
+            g.retry_backoff_ms,
+            if g.overrides.retry_backoff_ms.is_some() {
+                " (set)"
+            } else {
+                ""
+            },
+        ));
+    }
+    Ok(())
 }
 
 async fn txn(command: TxnCommand) -> halfmq::Result<()> {

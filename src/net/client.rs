@@ -17,9 +17,11 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
-use super::protocol::{self, Push, Request, Response, WireDelivery, WireMessage};
+use super::protocol::{self, Push, Request, Response, WireDelivery, WireGroup, WireMessage};
 use crate::broker::SendReceipt;
+use crate::broker::{DeadLetter, NackOutcome, Replayed};
 use crate::error::{Error, Result};
+use crate::meta::GroupSettings;
 use crate::txn::{
     CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,
 };
@@ -340,6 +342,79 @@ impl Client {
         )
     }
 
+    /// Give back a delivered message: it is delivered again after `delay` (or the group's
+    /// retry backoff), or moves to the dead-letter queue past the group's maximum.
+    pub async fn nack(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+        delay: Option<Duration>,
+    ) -> Result<NackOutcome> {
+        let req = Request::Nack {
+            group: group.into(),
+            topic: topic.into(),
+            queue,
+            offset,
+            delay_ms: delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        match self.call(req).await? {
+            Response::Nacked(o) => Ok(o),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Up to `max` dead letters of `group` from dead-letter offset `from`.
+    pub async fn dead_letters(&self, group: &str, from: u64, max: u32) -> Result<Vec<DeadLetter>> {
+        let req = Request::DeadLetters {
+            group: group.into(),
+            from,
+            max,
+        };
+        match self.call(req).await? {
+            Response::DeadLetters(d) => Ok(d),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Send up to `max` not yet replayed dead letters of `group` back to their topics.
+    pub async fn replay_dead_letters(&self, group: &str, max: u32) -> Result<Vec<Replayed>> {
+        let req = Request::ReplayDeadLetters {
+            group: group.into(),
+            max,
+        };
+        match self.call(req).await? {
+            Response::Replayed(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Override a group's delivery settings; returns the settings in force.
+    pub async fn set_group(&self, group: &str, settings: GroupSettings) -> Result<WireGroup> {
+        let req = Request::SetGroup {
+            group: group.into(),
+            settings,
+        };
+        match self.call(req).await? {
+            Response::Group(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A group's delivery settings.
+    pub async fn group(&self, group: &str) -> Result<WireGroup> {
+        match self
+            .call(Request::GetGroup {
+                group: group.into(),
+            })
+            .await?
+        {
+            Response::Group(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Create a topic.
     pub async fn create_topic(&self, name: &str, queues: u32) -> Result<()> {
         expect_ok(
@@ -634,6 +709,14 @@ impl Consumer {
     pub async fn ack(&self, deliveries: &[WireDelivery]) -> Result<()> {
         let acks = deliveries.iter().map(|d| (d.queue, d.offset)).collect();
         self.client.ack(&self.group, &self.topic, acks).await
+    }
+
+    /// Give back a delivered message: delivered again after `delay` (or the group's retry
+    /// backoff when `None`); past the group's maximum it moves to the dead-letter queue.
+    pub async fn nack(&self, d: &WireDelivery, delay: Option<Duration>) -> Result<NackOutcome> {
+        self.client
+            .nack(&self.group, &self.topic, d.queue, d.offset, delay)
+            .await
     }
 }
 

@@ -10,10 +10,14 @@
 //! [`FrameKind::Response`]: super::frame::FrameKind::Response
 //! [`FrameKind::Push`]: super::frame::FrameKind::Push
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
+use crate::broker::{DeadLetter, NackOutcome, Replayed};
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::meta::GroupSettings;
 use crate::record::Properties;
 use crate::txn::{CheckAnswer, TxnInfo, TxnState};
 
@@ -43,6 +47,8 @@ pub struct WireDelivery {
     pub timestamp_ms: u64,
     /// The message.
     pub message: WireMessage,
+    /// Which delivery to this group it is (1 the first).
+    pub attempt: u32,
 }
 
 /// Client → broker.
@@ -146,6 +152,73 @@ pub enum Request {
         /// The answer.
         answer: CheckAnswer,
     },
+    /// Give back a delivered message: redeliver after `delay_ms` (or the group's backoff).
+    Nack {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// Offset in the queue.
+        offset: u64,
+        /// Wait before redelivery in ms; `None`: the group's retry backoff.
+        delay_ms: Option<u64>,
+    },
+    /// List a group's dead letters.
+    DeadLetters {
+        /// Consumer group.
+        group: String,
+        /// First dead-letter offset.
+        from: u64,
+        /// At most this many.
+        max: u32,
+    },
+    /// Send a group's not yet replayed dead letters back to their topics.
+    ReplayDeadLetters {
+        /// Consumer group.
+        group: String,
+        /// At most this many.
+        max: u32,
+    },
+    /// Override a group's delivery settings (`None` fields: the broker default).
+    SetGroup {
+        /// Consumer group.
+        group: String,
+        /// The overrides.
+        settings: GroupSettings,
+    },
+    /// A group's delivery settings.
+    GetGroup {
+        /// Consumer group.
+        group: String,
+    },
+}
+
+/// A group's delivery settings on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGroup {
+    /// Visibility time-out in force, ms.
+    pub visibility_timeout_ms: u64,
+    /// Failed deliveries before dead-lettering, in force.
+    pub max_retries: u32,
+    /// Retry backoff in force, ms.
+    pub retry_backoff_ms: Vec<u64>,
+    /// The group's own overrides.
+    pub overrides: GroupSettings,
+}
+
+impl WireGroup {
+    /// The wire form of a group's settings.
+    pub fn new(d: &crate::config::DeliveryConfig, overrides: GroupSettings) -> WireGroup {
+        let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        WireGroup {
+            visibility_timeout_ms: ms(&d.visibility_timeout),
+            max_retries: d.max_retries,
+            retry_backoff_ms: d.retry_backoff.iter().map(ms).collect(),
+            overrides,
+        }
+    }
 }
 
 /// Broker → client, answering the request with the same correlation id.
@@ -191,6 +264,14 @@ pub enum Response {
         /// What went wrong, for people.
         message: String,
     },
+    /// What a nack did.
+    Nacked(NackOutcome),
+    /// Dead letters.
+    DeadLetters(Vec<DeadLetter>),
+    /// Dead letters sent back to their topics.
+    Replayed(Vec<Replayed>),
+    /// A group's delivery settings.
+    Group(WireGroup),
 }
 
 /// Broker → client, unasked.

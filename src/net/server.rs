@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
-use super::protocol::{self, codes, Push, Request, Response, WireDelivery, WireMessage};
+use super::protocol::{self, codes, Push, Request, Response, WireDelivery, WireGroup, WireMessage};
 use crate::error::{Error, Result};
 use crate::txn::{CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId};
 use crate::{Broker, Message};
@@ -510,6 +510,7 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
                                 body: d.body,
                                 properties: d.properties,
                             },
+                            attempt: d.attempt,
                         })
                         .collect(),
                 )
@@ -518,6 +519,52 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
         Request::Ack { group, topic, acks } => result_response(
             blocking(move || b.ack_many(&group, &topic, &acks)).await,
             |()| Response::Ok,
+        ),
+        Request::Nack {
+            group,
+            topic,
+            queue,
+            offset,
+            delay_ms,
+        } => result_response(
+            blocking(move || {
+                b.nack(
+                    &group,
+                    &topic,
+                    queue,
+                    offset,
+                    delay_ms.map(Duration::from_millis),
+                )
+            })
+            .await,
+            Response::Nacked,
+        ),
+        Request::DeadLetters { group, from, max } => {
+            // As many as fit in a frame: a dead letter's listing is small (no body).
+            let max = (max as usize).clamp(1, 10_000);
+            result_response(
+                blocking(move || b.dead_letters(&group, from, max)).await,
+                Response::DeadLetters,
+            )
+        }
+        Request::ReplayDeadLetters { group, max } => {
+            let max = (max as usize).clamp(1, 10_000);
+            result_response(
+                blocking(move || b.replay_dead_letters(&group, max)).await,
+                Response::Replayed,
+            )
+        }
+        Request::SetGroup { group, settings } => result_response(
+            blocking(move || {
+                b.set_group_settings(&group, &settings)
+                    .map(|d| WireGroup::new(&d, settings))
+            })
+            .await,
+            Response::Group,
+        ),
+        Request::GetGroup { group } => result_response(
+            blocking(move || b.group_settings(&group).map(|(d, s)| WireGroup::new(&d, s))).await,
+            Response::Group,
         ),
         Request::CreateTopic { name, queues } => result_response(
             blocking(move || b.create_topic(&name, queues)).await,

@@ -281,14 +281,14 @@ pub fn validate_topic_name(topic: &str) -> Result<()> {
         && !topic.starts_with('.')
         && topic
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+            .all(|b| b.is_ascii_alphanumeric() || b"._-%".contains(&b));
     if ok {
         Ok(())
     } else {
         Err(Error::Invalid {
             what: "topic name",
             reason: format!(
-                "{topic:?}: use 1 to {} characters of A-Z a-z 0-9 . _ - not starting with '.'",
+                "{topic:?}: use 1 to {} characters of A-Z a-z 0-9 . _ - % not starting with '.'",
                 record::TOPIC_BYTES_MAX
             ),
         })
