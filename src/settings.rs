@@ -59,6 +59,12 @@ pub struct Settings {
     pub frame_timeout_ms: Option<u64>,
     /// A connection must send its Hello within this, ms.
     pub hello_timeout_ms: Option<u64>,
+    /// Default visibility time-out of consumer groups, ms.
+    pub visibility_timeout_ms: Option<u64>,
+    /// Default failed deliveries before dead-lettering.
+    pub max_retries: Option<u32>,
+    /// Default waits before redelivery after a nack, ms.
+    pub retry_backoff_ms: Option<Vec<u64>>,
 }
 
 macro_rules! overlay_fields {
@@ -101,7 +107,10 @@ impl Settings {
             frame_bytes_max,
             connections_max,
             frame_timeout_ms,
-            hello_timeout_ms
+            hello_timeout_ms,
+            visibility_timeout_ms,
+            max_retries,
+            retry_backoff_ms
         )
     }
 
@@ -172,6 +181,15 @@ impl Settings {
         if let Some(v) = self.hello_timeout_ms {
             s.hello_timeout = ms(v);
         }
+        if let Some(v) = self.visibility_timeout_ms {
+            b.delivery.visibility_timeout = ms(v);
+        }
+        if let Some(v) = self.max_retries {
+            b.delivery.max_retries = v;
+        }
+        if let Some(v) = &self.retry_backoff_ms {
+            b.delivery.retry_backoff = v.iter().map(|&m| ms(m)).collect();
+        }
         b.validate()?;
         s.validate()?;
         if u64::from(b.store.record_bytes_max) + 64 * 1024 > u64::from(s.frame_bytes_max) {
@@ -213,6 +231,15 @@ impl Settings {
             connections_max: Some(s.connections_max),
             frame_timeout_ms: ms(s.frame_timeout),
             hello_timeout_ms: ms(s.hello_timeout),
+            visibility_timeout_ms: ms(b.delivery.visibility_timeout),
+            max_retries: Some(b.delivery.max_retries),
+            retry_backoff_ms: Some(
+                b.delivery
+                    .retry_backoff
+                    .iter()
+                    .map(|d| d.as_millis() as u64)
+                    .collect(),
+            ),
         })
     }
 

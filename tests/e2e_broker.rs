@@ -1733,3 +1733,104 @@ fn sigterm_ends_a_long_poll() {
     );
     assert!(st.unwrap().success());
 }
+
+/// The failing consumer of the outage, through the real binary: a message nacked until the
+/// group's maximum lands in the dead-letter queue (never dropped), is listed with its reason
+/// and counted in stats, and one command replays it.
+#[test]
+fn failing_consumer_dead_letters_and_replay_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(
+        dir.path(),
+        &["--max-retries", "2", "--retry-backoff-ms", "10,20"],
+    );
+    let a = broker.addr.clone();
+    let a = a.as_str();
+    assert_eq!(produce(a, "pay", "confirm", 1).len(), 1);
+    // Three deliveries (1 + max_retries), each nacked; the third nack moves it.
+    let lines = consume(
+        a,
+        "pay",
+        "orders",
+        &["--nack", "--nack-delay-ms", "0", "--max", "3"],
+    );
+    let attempts: Vec<u64> = lines.iter().map(|v| n(v, "attempt")).collect();
+    assert_eq!(attempts, vec![1, 2, 3], "{lines:?}");
+    assert!(
+        lines[2]["nacked"]["dead_letter"]["topic"] == "%DLQ%orders",
+        "{}",
+        lines[2]
+    );
+    assert!(
+        consume(a, "pay", "orders", &["--idle-exit-ms", "300"]).is_empty(),
+        "a dead letter is not delivered again"
+    );
+    let dl = run(&["dlq", "list", "--addr", a, "--group", "orders", "--json"])
+        .ok()
+        .json_lines();
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert_eq!(
+        (
+            s(&dl[0], "key"),
+            n(&dl[0], "failures"),
+            dl[0]["replayed"].clone()
+        ),
+        ("confirm-0".to_owned(), 3, Value::Bool(false))
+    );
+    assert!(s(&dl[0], "reason").contains("nack"), "{}", dl[0]);
+    let human = run(&["dlq", "list", "--addr", a, "--group", "orders"]).ok();
+    assert!(
+        human.stdout.contains("key=confirm-0") && human.stdout.contains("after 3 failed"),
+        "{}",
+        human.stdout
+    );
+    // Counted in stats, and it survives a restart.
+    broker.terminate();
+    let broker = broker.restart();
+    let a = broker.addr.as_str();
+    let stats: Value =
+        serde_json::from_str(&run(&["stats", "--addr", a, "--json"]).ok().stdout).unwrap();
+    assert_eq!(
+        stats["dead_letters"],
+        serde_json::json!([{"group": "orders", "messages": 1, "replayed": 0}]),
+        "{stats}"
+    );
+    let replayed = run(&["dlq", "replay", "--addr", a, "--group", "orders", "--json"])
+        .ok()
+        .json_lines();
+    assert_eq!(replayed.len(), 1);
+    let again = consume(a, "pay", "orders", &["--max", "1"]);
+    assert_eq!(
+        (s(&again[0], "key"), n(&again[0], "attempt")),
+        ("confirm-0".to_owned(), 1)
+    );
+    // Group settings: set, shown, and bad ones refused with the setting named.
+    let g = run(&[
+        "groups",
+        "set",
+        "--addr",
+        a,
+        "orders",
+        "--visibility-timeout-ms",
+        "5000",
+    ])
+    .ok();
+    assert!(g.stdout.contains("5000 ms (set)"), "{}", g.stdout);
+    let shown = run(&["groups", "show", "--addr", a, "orders", "--json"])
+        .ok()
+        .json_lines();
+    assert_eq!(n(&shown[0], "visibility_timeout_ms"), 5000);
+    assert_eq!(n(&shown[0], "max_retries"), 2);
+    let bad = run(&[
+        "groups",
+        "set",
+        "--addr",
+        a,
+        "orders",
+        "--max-retries",
+        "5000",
+    ])
+    .fails();
+    assert!(bad.stderr.contains("max_retries"), "{}", bad.stderr);
+    drop(broker);
+}

@@ -92,6 +92,18 @@ struct BrokerArgs {
     /// A connection must send its Hello within this, ms [default: 10000].
     #[arg(long, env = "HALFMQ_HELLO_TIMEOUT_MS")]
     hello_timeout_ms: Option<u64>,
+    /// A delivery not acked within this is delivered again, ms; per group with
+    /// `halfmq groups set` [default: 30000].
+    #[arg(long, env = "HALFMQ_VISIBILITY_TIMEOUT_MS")]
+    visibility_timeout_ms: Option<u64>,
+    /// Failed deliveries before a message moves to the group's dead-letter queue
+    /// [default: 16].
+    #[arg(long, env = "HALFMQ_MAX_RETRIES")]
+    max_retries: Option<u32>,
+    /// Waits before redelivery 1, 2, ... after a nack, ms, comma-separated
+    /// [default: 1000,5000,10000,30000,60000,...,3600000,7200000].
+    #[arg(long, env = "HALFMQ_RETRY_BACKOFF_MS", value_delimiter = ',')]
+    retry_backoff_ms: Option<Vec<u64>>,
 }
 
 impl BrokerArgs {
@@ -114,6 +126,9 @@ impl BrokerArgs {
             txn_check_max: self.txn_check_max,
             frame_timeout_ms: self.frame_timeout_ms,
             hello_timeout_ms: self.hello_timeout_ms,
+            visibility_timeout_ms: self.visibility_timeout_ms,
+            max_retries: self.max_retries,
+            retry_backoff_ms: self.retry_backoff_ms.clone(),
             ..Settings::default()
         };
         Ok(file.overlay(flags))
