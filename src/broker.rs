@@ -22,9 +22,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{BrokerConfig, TxnConfig, QUEUES_MAX};
+use crate::delayed::{DelayThread, DelayedIndex, DelayedInfo, PROP_DELAYED};
 use crate::error::{Error, Result};
 use crate::meta::{Meta, TopicConfig};
-use crate::record::{self, Properties, RecordKind, RecordView, FLAG_TXN_COMMIT};
+use crate::record::{self, Properties, RecordKind, RecordView, FLAG_DELAYED_FIRE, FLAG_TXN_COMMIT};
 use crate::store::consume_queue::{key_hash, ConsumeQueue};
 use crate::store::io::{FsStorage, Storage};
 use crate::store::{validate_topic_name, Append, RecoveryReport, Store, StoreHooks};
@@ -166,6 +167,8 @@ pub struct Stats {
     pub txn_unresolved: u64,
     /// Dead-letter queues, by group.
     pub dead_letters: Vec<DeadLetterStats>,
+    /// Delayed messages not delivered yet.
+    pub delayed_pending: u64,
 }
 
 struct Topic {
@@ -192,6 +195,8 @@ pub struct Broker {
     checker_ids: AtomicU64,
     checker_rr: AtomicUsize,
     check_thread: Mutex<Option<CheckerThread>>,
+    delayed: Arc<DelayedIndex>,
+    delay_thread: Mutex<Option<DelayThread>>,
     check_pool: CheckPool,
 }
 
@@ -235,16 +240,18 @@ impl EndRecord {
 /// A registered checker: (registration id, checker).
 type Registered = (u64, Arc<dyn TransactionChecker>);
 
-/// Persists the transaction index before every checkpoint.
+/// Persists the transaction and delayed-message indexes before every checkpoint.
 struct TxnHooks {
     txns: Arc<TxnIndex>,
+    delayed: Arc<DelayedIndex>,
     meta: Arc<Meta>,
     retention: Duration,
 }
 
 impl StoreHooks for TxnHooks {
     fn before_checkpoint(&self) -> Result<()> {
-        self.txns.persist(&self.meta, self.retention, now_ms())
+        self.txns.persist(&self.meta, self.retention, now_ms())?;
+        self.delayed.persist(&self.meta)
     }
 }
 
@@ -270,6 +277,59 @@ fn txn_info_of(view: &RecordView<'_>, cfg: &TxnConfig) -> Result<TxnInfo> {
         last_check_ms: 0,
         last_answer: None,
     })
+}
+
+/// The index entry of a `Delayed` record.
+fn delayed_info_of(view: &RecordView<'_>) -> Result<DelayedInfo> {
+    let props = view.properties()?;
+    let deliver_at_ms = props
+        .get(PROP_DELIVER_AT_MS)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Corrupt {
+            path: std::path::PathBuf::from("log"),
+            offset: view.header.log_offset,
+            reason: "delayed message without a delivery time".into(),
+        })?;
+    Ok(DelayedInfo {
+        id: view.header.log_offset,
+        size: record::encoded_len(view.topic, view.key, view.props, view.body).unwrap_or_default(),
+        topic: view.topic.to_owned(),
+        queue: view.header.queue_id,
+        key: view.key.to_owned(),
+        deliver_at_ms,
+    })
+}
+
+/// The delayed message a fire record delivers, from its properties.
+fn delayed_of(view: &RecordView<'_>) -> Result<u64> {
+    let props = view.properties()?;
+    props
+        .get(PROP_DELAYED)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Corrupt {
+            path: std::path::PathBuf::from("log"),
+            offset: view.header.log_offset,
+            reason: "delayed delivery record without the delayed message's id".into(),
+        })
+}
+
+/// Property of a `Delayed` record: when to deliver it, ms since the Unix epoch.
+pub const PROP_DELIVER_AT_MS: &str = "halfmq.deliver_at_ms";
+
+/// Farthest a message can be delayed: 90 days.
+pub const DELAY_MAX: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Where a delayed message was stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DelayedReceipt {
+    /// Its id (the log offset of the stored message).
+    pub id: u64,
+    /// The topic it will be delivered to.
+    pub topic: String,
+    /// The queue.
+    pub queue: u32,
+    /// When, ms since the Unix epoch.
+    pub deliver_at_ms: u64,
 }
 
 /// The transaction a commit or rollback record ends, from its properties.
@@ -351,8 +411,11 @@ impl Broker {
         let meta = Arc::new(Meta::open(&dir.join("meta"))?);
         let txns = Arc::new(TxnIndex::new());
         txns.load(&meta)?;
+        let delayed = Arc::new(DelayedIndex::default());
+        delayed.load(&meta)?;
         let hooks = Arc::new(TxnHooks {
             txns: txns.clone(),
+            delayed: delayed.clone(),
             meta: meta.clone(),
             retention: config.txn.outcome_retention,
         });
@@ -368,6 +431,10 @@ impl Broker {
                 }),
                 RecordKind::Message if view.header.flags & FLAG_TXN_COMMIT != 0 => txn_of(view)
                     .map(|txn| txns.resolve(txn, Outcome::Committed, view.header.timestamp_ms)),
+                RecordKind::Message if view.header.flags & FLAG_DELAYED_FIRE != 0 => {
+                    delayed_of(view).map(|id| delayed.fired(id))
+                }
+                RecordKind::Delayed => delayed_info_of(view).map(|d| delayed.insert(d)),
                 RecordKind::TxnEnd => txn_of(view)
                     .map(|txn| txns.resolve(txn, Outcome::RolledBack, view.header.timestamp_ms)),
                 _ => Ok(()),
@@ -388,6 +455,7 @@ impl Broker {
             return Err(e);
         }
         txns.forget_beyond(recovery.log_end);
+        delayed.forget_beyond(recovery.log_end);
         let config_checks_max = config.txn.checks_in_flight_max as usize;
         let broker = Arc::new(Broker {
             config,
@@ -401,12 +469,15 @@ impl Broker {
             checker_ids: AtomicU64::new(1),
             checker_rr: AtomicUsize::new(0),
             check_thread: Mutex::new(None),
+            delayed,
+            delay_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
             *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
         }
+        *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
         Ok(broker)
     }
 
@@ -564,6 +635,163 @@ impl Broker {
         Ok(Self::receipt(&t, qi, a))
     }
 
+    /// Store a message durably now and deliver it to its topic at `deliver_at_ms` (ms since
+    /// the Unix epoch; a time in the past means at once), at most [`DELAY_MAX`] ahead.
+    /// Until then no consumer sees it; it is delivered also after a restart or a crash.
+    pub fn send_delayed(
+        &self,
+        topic: &str,
+        msg: &Message,
+        deliver_at_ms: u64,
+    ) -> Result<DelayedReceipt> {
+        let (t, qi, props, size) = self.prepare_delayed(topic, msg, deliver_at_ms)?;
+        let hook = self.delayed_hook(&t, qi, msg, deliver_at_ms, size);
+        let a = self
+            .store
+            .append_hooked(Self::delayed_append(&t, qi, msg, &props), Some(hook))?;
+        Ok(self.delayed_receipt(&t, qi, a.log_offset, deliver_at_ms))
+    }
+
+    /// [`Broker::send_delayed`] for async code.
+    pub async fn send_delayed_async(
+        &self,
+        topic: &str,
+        msg: &Message,
+        deliver_at_ms: u64,
+    ) -> Result<DelayedReceipt> {
+        let (t, qi, props, size) = self.prepare_delayed(topic, msg, deliver_at_ms)?;
+        let hook = self.delayed_hook(&t, qi, msg, deliver_at_ms, size);
+        let a = self
+            .store
+            .append_async_hooked(Self::delayed_append(&t, qi, msg, &props), Some(hook))
+            .await?;
+        Ok(self.delayed_receipt(&t, qi, a.log_offset, deliver_at_ms))
+    }
+
+    fn prepare_delayed(
+        &self,
+        topic: &str,
+        msg: &Message,
+        deliver_at_ms: u64,
+    ) -> Result<(Arc<Topic>, usize, Vec<u8>, u32)> {
+        let max = now_ms() + DELAY_MAX.as_millis() as u64;
+        if deliver_at_ms > max {
+            return Err(Error::Invalid {
+                what: "delivery time",
+                reason: format!(
+                    "{deliver_at_ms} is more than {} days ahead",
+                    DELAY_MAX.as_secs() / 86_400
+                ),
+            });
+        }
+        let (t, qi, _) = self.prepare_send(topic, msg)?;
+        let mut props = msg.properties.clone();
+        props.insert(PROP_DELIVER_AT_MS.into(), deliver_at_ms.to_string());
+        let props = record::encode_properties(&props)?;
+        let size = record::encoded_len(&t.name, &msg.key, &props, &msg.body).map_err(|reason| {
+            Error::Invalid {
+                what: "message",
+                reason,
+            }
+        })?;
+        Ok((t, qi, props, size))
+    }
+
+    fn delayed_append<'a>(
+        t: &'a Topic,
+        qi: usize,
+        msg: &'a Message,
+        props: &'a [u8],
+    ) -> Append<'a> {
+        Append {
+            kind: RecordKind::Delayed,
+            flags: 0,
+            topic: &t.name,
+            queue_id: t.queues[qi].queue_id(),
+            key: &msg.key,
+            props,
+            body: &msg.body,
+            timestamp_ms: now_ms(),
+            dispatch_to: None,
+        }
+    }
+
+    /// Index the delayed message once its record is durable, and wake the timer.
+    fn delayed_hook(
+        &self,
+        t: &Topic,
+        qi: usize,
+        msg: &Message,
+        deliver_at_ms: u64,
+        size: u32,
+    ) -> crate::store::DurableHook {
+        let index = self.delayed.clone();
+        let wake = self.delay_thread.lock().as_ref().map(|d| d.tx.clone());
+        let mut info = DelayedInfo {
+            id: 0,
+            size,
+            topic: t.name.clone(),
+            queue: t.queues[qi].queue_id(),
+            key: msg.key.clone(),
+            deliver_at_ms,
+        };
+        Box::new(move |log_offset| {
+            info.id = log_offset;
+            index.insert(info);
+            if let Some(tx) = wake {
+                let _ = tx.send(crate::delayed::Msg::Wake);
+            }
+        })
+    }
+
+    fn delayed_receipt(&self, t: &Topic, qi: usize, id: u64, deliver_at_ms: u64) -> DelayedReceipt {
+        DelayedReceipt {
+            id,
+            topic: t.name.clone(),
+            queue: t.queues[qi].queue_id(),
+            deliver_at_ms,
+        }
+    }
+
+    pub(crate) fn delayed_index(&self) -> &DelayedIndex {
+        &self.delayed
+    }
+
+    /// Deliver a delayed message that is due: a `Message` record in its queue, durable,
+    /// after which it is no longer pending.
+    pub(crate) fn deliver_delayed(&self, d: &DelayedInfo) -> Result<()> {
+        let rec = self.store.read_at(d.id, d.size)?;
+        let t = self.topic(&d.topic)?;
+        let qi = (d.queue as usize).min(t.queues.len() - 1);
+        let mut props = rec.properties;
+        props.remove(PROP_DELIVER_AT_MS);
+        props.insert(PROP_DELAYED.into(), d.id.to_string());
+        let props = record::encode_properties(&props)?;
+        let q = &t.queues[qi];
+        let index = self.delayed.clone();
+        let id = d.id;
+        self.store.append_hooked(
+            Append {
+                kind: RecordKind::Message,
+                flags: FLAG_DELAYED_FIRE,
+                topic: &t.name,
+                queue_id: q.queue_id(),
+                key: &rec.key,
+                props: &props,
+                body: &rec.body,
+                timestamp_ms: now_ms(),
+                dispatch_to: Some(q),
+            },
+            Some(Box::new(move |_| index.fired(id))),
+        )?;
+        Ok(())
+    }
+
+    /// Delayed messages not delivered yet.
+    pub fn delayed_pending(&self) -> u64 {
+        self.delayed.pending()
+    }
+
     fn prepare_send(&self, topic: &str, msg: &Message) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
         Self::check_user_properties(&msg.properties)?;
         validate_user_topic_name(topic)?;
@@ -678,6 +906,7 @@ impl Broker {
             txn_pending,
             txn_unresolved,
             dead_letters,
+            delayed_pending: self.delayed.pending(),
         })
     }
 
@@ -690,6 +919,9 @@ impl Broker {
     /// same, but can only log errors.
     pub fn close(&self) -> Result<()> {
         if let Some(mut t) = self.check_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.delay_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();
@@ -1039,6 +1271,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(mut t) = self.check_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.delay_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();

@@ -59,6 +59,7 @@ pub mod bench;
 pub mod broker;
 mod codec;
 pub mod config;
+pub mod delayed;
 mod delivery;
 pub mod error;
 pub mod meta;

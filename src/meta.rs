@@ -61,6 +61,8 @@ pub struct Meta {
     topics: sled::Tree,
     consumers: sled::Tree,
     groups: sled::Tree,
+    /// delayed message id (u64 BE) → bincode DelayedInfo of ones not delivered yet.
+    delayed: sled::Tree,
     /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
     txn_halves: sled::Tree,
     /// (txn id >> 16) (u64 BE) → bincode sorted Vec<(txn id, Outcome, at_ms)> of finished
@@ -131,6 +133,7 @@ impl Meta {
         let topics = db.open_tree("topics")?;
         let consumers = db.open_tree("consumers")?;
         let groups = db.open_tree("groups")?;
+        let delayed = db.open_tree("delayed")?;
         let txn_halves = db.open_tree("txn_halves")?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets")?;
         Ok(Meta {
@@ -138,6 +141,7 @@ impl Meta {
             topics,
             consumers,
             groups,
+            delayed,
             txn_halves,
             txn_outcomes,
         })
@@ -400,6 +404,34 @@ impl Meta {
         // unfinished, which loading resolves; never an unfinished one that is forgotten.
         self.txn_outcomes.apply_batch(buckets)?;
         self.txn_halves.apply_batch(halves)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every persisted delayed message not delivered yet.
+    pub fn delayed(&self) -> Result<Vec<crate::delayed::DelayedInfo>> {
+        let mut out = Vec::new();
+        for kv in self.delayed.iter() {
+            let (_, v) = kv?;
+            out.push(codec::decode(&v, "delayed message")?);
+        }
+        Ok(out)
+    }
+
+    /// Durably write and remove delayed messages.
+    pub fn apply_delayed_changes(
+        &self,
+        puts: &[crate::delayed::DelayedInfo],
+        removes: &[u64],
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for d in puts {
+            batch.insert(&d.id.to_be_bytes(), codec::encode(d, "delayed message")?);
+        }
+        for id in removes {
+            batch.remove(&id.to_be_bytes());
+        }
+        self.delayed.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
     }

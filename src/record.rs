@@ -43,6 +43,9 @@ const _: () = assert!(HEADER_BYTES == 52);
 /// Flag of a Message record that commits a transaction: its properties hold the
 /// transaction id (`halfmq.txn`), and it is both the outcome and the visible message.
 pub const FLAG_TXN_COMMIT: u16 = 1;
+/// Flag of a `Message` record that delivers a delayed message (property `halfmq.delayed`
+/// holds the log offset of its `Delayed` record).
+pub const FLAG_DELAYED_FIRE: u16 = 2;
 
 /// User properties of a message: small string pairs, kept in key order.
 pub type Properties = BTreeMap<String, String>;
@@ -57,6 +60,9 @@ pub enum RecordKind {
     Half = 2,
     /// The end of a transaction that made nothing visible (rollback).
     TxnEnd = 3,
+    /// A message to deliver later: invisible until a `Message` record with
+    /// [`FLAG_DELAYED_FIRE`] copies it into its queue at its time.
+    Delayed = 4,
     /// Marks the clean end of a segment: the next record is in the next segment.
     SegmentEnd = 127,
 }
@@ -67,6 +73,7 @@ impl RecordKind {
             1 => Some(RecordKind::Message),
             2 => Some(RecordKind::Half),
             3 => Some(RecordKind::TxnEnd),
+            4 => Some(RecordKind::Delayed),
             127 => Some(RecordKind::SegmentEnd),
             _ => None,
         }

@@ -200,6 +200,10 @@ enum Command {
         /// One JSON object per message.
         #[arg(long)]
         json: bool,
+        /// Deliver each message this long from now, ms (stored durably now, invisible until
+        /// then).
+        #[arg(long)]
+        delay_ms: Option<u64>,
     },
     /// Receive messages of a topic for a consumer group; each is acked after it is printed
     /// (or, with --nack, given back for redelivery).
@@ -542,7 +546,13 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             size,
             count,
             json,
-        } => produce(conn, topic, key, key_prefix, body, size, count, json).await,
+            delay_ms,
+        } => {
+            produce(
+                conn, topic, key, key_prefix, body, size, count, json, delay_ms,
+            )
+            .await
+        }
         Command::Consume { conn, args } => consume(conn, args).await,
         Command::Dlq { command } => dlq(command).await,
         Command::Groups { command } => groups(command).await,
@@ -678,6 +688,7 @@ async fn produce(
     size: Option<usize>,
     count: u64,
     json: bool,
+    delay_ms: Option<u64>,
 ) -> halfmq::Result<()> {
     let client = conn.connect().await?;
     let prefix = key_prefix.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
@@ -688,7 +699,34 @@ async fn produce(
             (None, Some(n)) => (0..n).map(|_| fastrand::u8(..)).collect(),
             (None, None) => format!("message {i}").into_bytes(),
         };
-        let r = match client.send(&topic, &Message::new(b).with_key(&k)).await {
+        let msg = Message::new(b).with_key(&k);
+        if let Some(ms) = delay_ms {
+            let at = halfmq::broker::now_ms() + ms;
+            let r = match client.send_delayed(&topic, &msg, at).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!(
+                        "halfmq: {i} of {count} messages were acknowledged before this error"
+                    );
+                    return Err(e);
+                }
+            };
+            if json {
+                json_line(&serde_json::json!({
+                    "key": k, "topic": r.topic, "queue": r.queue, "delayed_id": r.id,
+                    "deliver_at_ms": r.deliver_at_ms,
+                }));
+            } else {
+                println_flush(&format!(
+                    "stored {k} for {}/{}, to be delivered at {}",
+                    r.topic,
+                    r.queue,
+                    ms_time(r.deliver_at_ms)
+                ));
+            }
+            continue;
+        }
+        let r = match client.send(&topic, &msg).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("halfmq: {i} of {count} messages were acknowledged before this error");

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
 use super::protocol::{self, Push, Request, Response, WireDelivery, WireGroup, WireMessage};
 use crate::broker::SendReceipt;
-use crate::broker::{DeadLetter, NackOutcome, Replayed};
+use crate::broker::{DeadLetter, DelayedReceipt, NackOutcome, Replayed};
 use crate::error::{Error, Result};
 use crate::meta::GroupSettings;
 use crate::txn::{
@@ -342,6 +342,25 @@ impl Client {
         )
     }
 
+    /// Store a message durably now, to be delivered to its topic at `deliver_at_ms` (ms
+    /// since the Unix epoch).
+    pub async fn send_delayed(
+        &self,
+        topic: &str,
+        msg: &Message,
+        deliver_at_ms: u64,
+    ) -> Result<DelayedReceipt> {
+        let req = Request::SendDelayed {
+            topic: topic.into(),
+            message: wire(msg),
+            deliver_at_ms,
+        };
+        match self.call(req).await? {
+            Response::Delayed(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Give back a delivered message: it is delivered again after `delay` (or the group's
     /// retry backoff), or moves to the dead-letter queue past the group's maximum.
     pub async fn nack(
@@ -642,6 +661,16 @@ impl Producer {
     /// Store a message durably; the receipt says where.
     pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         self.client.send(topic, msg).await
+    }
+
+    /// Store a message durably now, to be delivered at `deliver_at_ms`.
+    pub async fn send_delayed(
+        &self,
+        topic: &str,
+        msg: &Message,
+        deliver_at_ms: u64,
+    ) -> Result<DelayedReceipt> {
+        self.client.send_delayed(topic, msg, deliver_at_ms).await
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{DeadLetter, NackOutcome, Replayed};
+use crate::broker::{DeadLetter, DelayedReceipt, NackOutcome, Replayed};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::meta::GroupSettings;
@@ -193,6 +193,15 @@ pub enum Request {
         /// Consumer group.
         group: String,
     },
+    /// Store a message durably now; deliver it to its topic at `deliver_at_ms`.
+    SendDelayed {
+        /// Topic.
+        topic: String,
+        /// The message.
+        message: WireMessage,
+        /// When, ms since the Unix epoch.
+        deliver_at_ms: u64,
+    },
 }
 
 /// A group's delivery settings on the wire.
@@ -272,6 +281,8 @@ pub enum Response {
     Replayed(Vec<Replayed>),
     /// A group's delivery settings.
     Group(WireGroup),
+    /// A delayed message was stored.
+    Delayed(DelayedReceipt),
 }
 
 /// Broker → client, unasked.

@@ -451,6 +451,15 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
                 log_offset: s.log_offset,
             })
         }
+        Request::SendDelayed {
+            topic,
+            message,
+            deliver_at_ms,
+        } => result_response(
+            b.send_delayed_async(&topic, &to_message(message), deliver_at_ms)
+                .await,
+            Response::Delayed,
+        ),
         Request::SendHalf {
             topic,
             message,

@@ -195,7 +195,7 @@ pub(crate) fn recover(
                         },
                     });
                 }
-                RecordKind::Half | RecordKind::TxnEnd => {}
+                RecordKind::Half | RecordKind::TxnEnd | RecordKind::Delayed => {}
             }
             on_record(&view);
             scan.advance();
