@@ -1,0 +1,877 @@
+//! `kill -9` of the real broker binary under a mixed load, round after round on one data
+//! directory (issue #6).
+//!
+//! Each round starts (or restarts) `halfmq broker` with check-back in fractions of a second
+//! and runs, concurrently, through the client library:
+//! - plain producers that record every message the broker acknowledged (and the one send
+//!   each had in flight when the broker died);
+//! - transactional producers that write a half, then commit or roll back at random, or leave
+//!   the half with no outcome (a payment service that crashed). Each transaction's intended
+//!   outcome is recorded before its half is sent; what the broker acknowledged is recorded
+//!   after;
+//! - consumers of one group on both topics that poll and ack, recording what they saw.
+//!
+//! At a random moment (from the seed: 0.3-2 s after the first acknowledgements of the round)
+//! the broker gets SIGKILL. It is restarted, a checker of
+//! the producer group answers the check-backs from the recorded intents, and the test waits
+//! until no transaction is pending. Then a fresh consumer group reads both topics and the
+//! test asserts: no acknowledged message lost, and each at the queue and offset it was
+//! acknowledged at; every transaction whose half was acknowledged and meant to commit is
+//! visible exactly once (whether its commit was acknowledged, in flight, or never sent);
+//! no rolled-back transaction is visible, nor was one seen by the consumers during the load;
+//! every half left without an outcome was pending after the restart and was resolved by
+//! check-back; everything the consumers saw before the kill is still there; what they acked
+//! is not delivered to their group again; no message is there twice, and at most the one
+//! send each producer had in flight is there without having been acknowledged. Earlier
+//! rounds' topics keep their message counts.
+//!
+//! `HALFMQ_CRASH_ROUNDS=N` runs N rounds (default 5); `HALFMQ_CRASH_SEED=S` replays the
+//! random choices (kill moments, outcomes) of a run, which prints its seed first. Timing on
+//! a loaded machine still differs between runs, so a replay repeats the plan, not the
+//! interleaving. `scripts/kill9-drill` runs the long version.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use halfmq::net::client::{Client, ClientConfig, Consumer};
+use halfmq::net::protocol::WireDelivery;
+use halfmq::{CheckAnswer, HalfMessage, HalfOptions, Message, TxnState};
+use serde_json::Value;
+
+/// Check-back fast enough for a test, and never "unresolved" within one.
+const BROKER_ARGS: [&str; 8] = [
+    "--txn-timeout-ms",
+    "300",
+    "--txn-check-interval-ms",
+    "100",
+    "--txn-check-backoff-max-ms",
+    "200",
+    "--txn-check-max",
+    "10000",
+];
+const PRODUCER_GROUP: &str = "pay-svc";
+const WORKERS: &str = "workers";
+const QUEUES: u32 = 4;
+const PLAIN_PRODUCERS: usize = 4;
+const TXN_PRODUCERS: usize = 3;
+/// Consumers per topic.
+const CONSUMERS: usize = 2;
+/// The kill comes this long after the load's first acknowledgements (uniform).
+const KILL_MS: std::ops::Range<u64> = 300..2000;
+/// Longest wait for check-back to resolve every pending transaction after a restart.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+    })
+}
+
+/// The body every message with `key` carries: a few hundred bytes derived from the key.
+fn body_of(key: &str) -> Vec<u8> {
+    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 24) as usize;
+    format!("{key};").repeat(reps).into_bytes()
+}
+
+/// A runtime per phase: dropping it at the end of the phase closes every connection of the
+/// phase. (The checker of one round's verification must not answer during the next round's
+/// load, where abandoned halves must stay pending.)
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn topics(round: u64) -> (String, String) {
+    (format!("plain-{round}"), format!("pay-{round}"))
+}
+
+fn client_config(addr: &str, name: &str) -> ClientConfig {
+    ClientConfig {
+        addr: addr.to_owned(),
+        name: name.to_owned(),
+        request_timeout: Duration::from_secs(20),
+        ..ClientConfig::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the load did, as the clients saw it
+// ---------------------------------------------------------------------------------------
+
+/// How a load task ended: its first error, and when.
+struct Ended {
+    error: String,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct PlainLog {
+    /// (key, queue, offset) the broker acknowledged.
+    acked: Vec<(String, u32, u64)>,
+    /// The send without an answer when the broker died.
+    in_flight: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    Commit,
+    Rollback,
+    /// Send the half, then nothing: check-back must settle it. `true`: the producer's
+    /// local transaction succeeded (check-back answers commit).
+    Abandon(bool),
+}
+
+impl Plan {
+    fn commits(self) -> bool {
+        matches!(self, Plan::Commit | Plan::Abandon(true))
+    }
+}
+
+struct TxnRec {
+    key: String,
+    plan: Plan,
+    /// The half was acknowledged with this id.
+    txn: Option<u64>,
+    /// The commit or rollback was acknowledged.
+    outcome_acked: bool,
+}
+
+#[derive(Default)]
+struct TxnLog {
+    txns: Vec<TxnRec>,
+}
+
+#[derive(Default)]
+struct ConsumerLog {
+    /// Every delivery, in order.
+    seen: Vec<WireDelivery>,
+    /// (topic, queue, offset) whose ack the broker acknowledged.
+    acked: Vec<(String, u32, u64)>,
+}
+
+/// Acknowledged plain sends and transaction outcomes of the current round, so that the kill
+/// timer starts once the load flows.
+#[derive(Default)]
+struct Progress {
+    plain: AtomicU64,
+    txn: AtomicU64,
+}
+
+async fn plain_producer(
+    client: Client,
+    topic: String,
+    prefix: String,
+    progress: Arc<Progress>,
+) -> (PlainLog, Ended) {
+    let mut log = PlainLog::default();
+    for i in 0u64.. {
+        let key = format!("{prefix}.{i}");
+        let msg = Message::new(body_of(&key)).with_key(key.clone());
+        log.in_flight = Some(key.clone());
+        match client.send(&topic, &msg).await {
+            Ok(r) => {
+                assert_eq!(r.topic, topic);
+                log.acked.push((key, r.queue, r.offset));
+                log.in_flight = None;
+                progress.plain.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let at = Instant::now();
+                return (
+                    log,
+                    Ended {
+                        error: e.to_string(),
+                        at,
+                    },
+                );
+            }
+        }
+    }
+    unreachable!("the loop ends only by returning")
+}
+
+async fn txn_producer(
+    client: Client,
+    topic: String,
+    prefix: String,
+    seed: u64,
+    intents: Arc<Mutex<HashMap<String, bool>>>,
+    progress: Arc<Progress>,
+) -> (TxnLog, Ended) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut log = TxnLog::default();
+    let ended = |e: halfmq::Error| Ended {
+        error: e.to_string(),
+        at: Instant::now(),
+    };
+    for i in 0u64.. {
+        let key = format!("{prefix}.{i}");
+        let plan = match rng.u32(0..100) {
+            0..45 => Plan::Commit,
+            45..80 => Plan::Rollback,
+            _ => Plan::Abandon(rng.bool()),
+        };
+        // The intent is known before the half leaves, as a payment service knows whether it
+        // charged the card before it could be asked.
+        intents.lock().unwrap().insert(key.clone(), plan.commits());
+        log.txns.push(TxnRec {
+            key: key.clone(),
+            plan,
+            txn: None,
+            outcome_acked: false,
+        });
+        let msg = Message::new(body_of(&key)).with_key(key.clone());
+        let txn = match client
+            .send_half(&topic, &msg, PRODUCER_GROUP, HalfOptions::default())
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => return (log, ended(e)),
+        };
+        let rec = log.txns.last_mut().expect("pushed above");
+        rec.txn = Some(txn.0);
+        let outcome = match plan {
+            Plan::Commit => client.commit(txn).await,
+            Plan::Rollback => client.rollback(txn).await,
+            Plan::Abandon(_) => continue,
+        };
+        match outcome {
+            Ok(()) => {
+                rec.outcome_acked = true;
+                progress.txn.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => return (log, ended(e)),
+        }
+    }
+    unreachable!("the loop ends only by returning")
+}
+
+async fn consumer(client: Client, topic: String) -> (ConsumerLog, Ended) {
+    let c = Consumer::new(client, WORKERS, &topic);
+    let mut log = ConsumerLog::default();
+    loop {
+        let got = match c.poll(32, Duration::from_millis(200)).await {
+            Ok(g) => g,
+            Err(e) => {
+                let at = Instant::now();
+                return (
+                    log,
+                    Ended {
+                        error: e.to_string(),
+                        at,
+                    },
+                );
+            }
+        };
+        log.seen.extend(got.iter().cloned());
+        if got.is_empty() {
+            continue;
+        }
+        if let Err(e) = c.ack(&got).await {
+            let at = Instant::now();
+            return (
+                log,
+                Ended {
+                    error: e.to_string(),
+                    at,
+                },
+            );
+        }
+        log.acked
+            .extend(got.iter().map(|d| (d.topic.clone(), d.queue, d.offset)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading back
+// ---------------------------------------------------------------------------------------
+
+/// Everything a group gets from `topic` until a poll waits in vain.
+async fn drain(client: &Client, group: &str, topic: &str) -> Vec<WireDelivery> {
+    let c = Consumer::new(client.clone(), group, topic);
+    let mut all = Vec::new();
+    loop {
+        let got = c
+            .poll(512, Duration::from_millis(300))
+            .await
+            .unwrap_or_else(|e| panic!("poll {group}/{topic} after the restart: {e}"));
+        if got.is_empty() {
+            return all;
+        }
+        c.ack(&got)
+            .await
+            .unwrap_or_else(|e| panic!("ack {group}/{topic} after the restart: {e}"));
+        all.extend(got);
+    }
+}
+
+/// Messages per topic, from `stats`.
+async fn message_counts(client: &Client) -> BTreeMap<String, u64> {
+    let stats: Value =
+        serde_json::from_str(&client.stats_json().await.expect("stats")).expect("stats is JSON");
+    let mut out = BTreeMap::new();
+    for q in stats["queues"].as_array().expect("stats has queues") {
+        let topic = q["topic"].as_str().expect("queue topic").to_owned();
+        *out.entry(topic).or_default() += q["messages"].as_u64().expect("queue messages");
+    }
+    out
+}
+
+fn check_body(d: &WireDelivery, what: &str) {
+    assert_eq!(
+        d.message.body,
+        body_of(&d.message.key),
+        "{what}: {} at {}/{} has the wrong body",
+        d.message.key,
+        d.queue,
+        d.offset
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Counts {
+    /// Plain messages acknowledged.
+    acked: u64,
+    /// Plain sends in flight at the kill that were stored (at most one per producer).
+    in_flight_stored: u64,
+    /// Commits acknowledged.
+    committed: u64,
+    /// Rollbacks acknowledged.
+    rolled_back: u64,
+    /// Halves acknowledged and deliberately left without an outcome.
+    abandoned: u64,
+    /// Halves, commits and rollbacks without an answer at the kill.
+    txn_in_flight: u64,
+    /// Transactions pending right after the restart.
+    pending_at_restart: u64,
+    /// Transactions the checker answered after the restart.
+    resolved_by_check_back: u64,
+    /// Transaction messages visible in the end.
+    txn_visible: u64,
+    /// Deliveries to the consumers during the load.
+    consumed: u64,
+    /// Messages there twice: must stay 0.
+    duplicates: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.acked += o.acked;
+        self.in_flight_stored += o.in_flight_stored;
+        self.committed += o.committed;
+        self.rolled_back += o.rolled_back;
+        self.abandoned += o.abandoned;
+        self.txn_in_flight += o.txn_in_flight;
+        self.pending_at_restart += o.pending_at_restart;
+        self.resolved_by_check_back += o.resolved_by_check_back;
+        self.txn_visible += o.txn_visible;
+        self.consumed += o.consumed;
+        self.duplicates += o.duplicates;
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "acknowledged {}, in-flight stored {}, committed {}, rolled back {}, abandoned {}, \
+             txn in flight {}, pending at restart {}, resolved by check-back {}, \
+             txn visible {}, consumed during load {}, duplicates {}",
+            self.acked,
+            self.in_flight_stored,
+            self.committed,
+            self.rolled_back,
+            self.abandoned,
+            self.txn_in_flight,
+            self.pending_at_restart,
+            self.resolved_by_check_back,
+            self.txn_visible,
+            self.consumed,
+            self.duplicates
+        )
+    }
+}
+
+/// The check-back answers of the restarted broker's producer group.
+#[derive(Default)]
+struct Answered {
+    /// txn id → key, for every check answered from an intent.
+    by_txn: HashMap<u64, String>,
+    /// Checks for keys nobody sent, or with the wrong body.
+    wrong: Vec<String>,
+}
+
+#[test]
+fn kill_9_under_load_with_transactions_and_consumers() {
+    let rounds = env_u64("HALFMQ_CRASH_ROUNDS").unwrap_or(5);
+    let seed = env_u64("HALFMQ_CRASH_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    eprintln!("kill9: seed {seed}, {rounds} rounds (replay: HALFMQ_CRASH_SEED={seed})");
+    let started = Instant::now();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(dir.path(), &BROKER_ARGS);
+    let intents: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
+    // Message counts of the topics of finished rounds.
+    let mut settled: BTreeMap<String, u64> = BTreeMap::new();
+    let mut totals = Counts::default();
+
+    for round in 0..rounds {
+        let mut rng = fastrand::Rng::with_seed(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let kill_after = Duration::from_millis(rng.u64(KILL_MS));
+        let (plain_topic, pay_topic) = topics(round);
+        let addr = broker.addr.clone();
+
+        // ----- load, then kill -9 -----
+        let (plain_logs, txn_logs, consumer_logs, killed_at) = runtime().block_on(async {
+            let admin = Client::connect(client_config(&addr, "admin"))
+                .await
+                .unwrap();
+            admin.create_topic(&plain_topic, QUEUES).await.unwrap();
+            admin.create_topic(&pay_topic, QUEUES).await.unwrap();
+            let progress = Arc::new(Progress::default());
+            let mut plain = Vec::new();
+            for p in 0..PLAIN_PRODUCERS {
+                let c = Client::connect(client_config(&addr, "plain"))
+                    .await
+                    .unwrap();
+                plain.push(tokio::spawn(plain_producer(
+                    c,
+                    plain_topic.clone(),
+                    format!("p{round}.{p}"),
+                    progress.clone(),
+                )));
+            }
+            let mut txn = Vec::new();
+            for p in 0..TXN_PRODUCERS {
+                let c = Client::connect(client_config(&addr, "txn")).await.unwrap();
+                txn.push(tokio::spawn(txn_producer(
+                    c,
+                    pay_topic.clone(),
+                    format!("t{round}.{p}"),
+                    rng.u64(..),
+                    intents.clone(),
+                    progress.clone(),
+                )));
+            }
+            let mut consumers = Vec::new();
+            for topic in [&plain_topic, &pay_topic] {
+                for _ in 0..CONSUMERS {
+                    let c = Client::connect(client_config(&addr, "consumer"))
+                        .await
+                        .unwrap();
+                    consumers.push(tokio::spawn(consumer(c, topic.clone())));
+                }
+            }
+            // The kill timer starts once plain sends and transactions are acknowledged.
+            let flowing = Instant::now();
+            while progress.plain.load(Ordering::Relaxed) == 0
+                || progress.txn.load(Ordering::Relaxed) == 0
+            {
+                assert!(
+                    flowing.elapsed() < Duration::from_secs(60),
+                    "round {round}: no acknowledgement within 60 s of the load's start"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(kill_after).await;
+            let killed_at = Instant::now();
+            broker.kill9();
+            let join_all = async {
+                let mut p = Vec::new();
+                for h in plain {
+                    p.push(h.await.expect("plain producer task"));
+                }
+                let mut t = Vec::new();
+                for h in txn {
+                    t.push(h.await.expect("transactional producer task"));
+                }
+                let mut c = Vec::new();
+                for h in consumers {
+                    c.push(h.await.expect("consumer task"));
+                }
+                (p, t, c)
+            };
+            let (p, t, c) = tokio::time::timeout(Duration::from_secs(60), join_all)
+                .await
+                .expect("the load did not stop within 60 s of the kill");
+            (p, t, c, killed_at)
+        });
+        // Every load task must have run until the kill: an error before it is a bug.
+        let ends = plain_logs
+            .iter()
+            .map(|(_, e)| e)
+            .chain(txn_logs.iter().map(|(_, e)| e))
+            .chain(consumer_logs.iter().map(|(_, e)| e));
+        for e in ends {
+            assert!(
+                e.at >= killed_at,
+                "round {round}: a load task failed {:?} before the kill: {} (seed {seed})",
+                killed_at - e.at,
+                e.error
+            );
+        }
+
+        // ----- restart; check-back resolves what is pending -----
+        let old_stderr = broker.stderr();
+        broker = broker.restart();
+        let addr = broker.addr.clone();
+        let mut counts = Counts::default();
+        let answered: Arc<Mutex<Answered>> = Arc::default();
+        let (fresh_plain, fresh_pay, workers_plain, workers_pay, counts_now) =
+            runtime().block_on(async {
+                let client = Client::connect(client_config(&addr, "verify"))
+                    .await
+                    .unwrap();
+                let pending = client.transactions(None).await.unwrap();
+                for t in &pending {
+                    assert_eq!(
+                        t.state,
+                        TxnState::Pending,
+                        "round {round}: {t:?} (seed {seed})"
+                    );
+                }
+                let pending: BTreeMap<u64, String> =
+                    pending.into_iter().map(|t| (t.txn_id, t.key)).collect();
+                counts.pending_at_restart = pending.len() as u64;
+                for (log, _) in &txn_logs {
+                    for t in &log.txns {
+                        match (t.txn, t.plan, t.outcome_acked) {
+                            (Some(id), Plan::Abandon(_), _) => assert_eq!(
+                                pending.get(&id),
+                                Some(&t.key),
+                                "round {round}: half {id} ({}) was acknowledged and left without \
+                             an outcome, so it must be pending after the restart (seed {seed})",
+                                t.key
+                            ),
+                            (Some(id), _, true) => assert!(
+                            !pending.contains_key(&id),
+                            "round {round}: {id} ({}) had its {:?} acknowledged but is pending \
+                             after the restart (seed {seed})",
+                            t.key,
+                            t.plan
+                        ),
+                            _ => {}
+                        }
+                    }
+                }
+                for (id, key) in &pending {
+                    assert!(
+                        key.starts_with(&format!("t{round}.")),
+                        "round {round}: transaction {id} ({key}) of an earlier round is pending \
+                     (seed {seed})"
+                    );
+                }
+
+                let intents_c = intents.clone();
+                let answered_c = answered.clone();
+                let checker = move |h: &HalfMessage| -> CheckAnswer {
+                    let intent = intents_c.lock().unwrap().get(&h.key).copied();
+                    let mut a = answered_c.lock().unwrap();
+                    if h.body != body_of(&h.key) {
+                        a.wrong
+                            .push(format!("{} ({}) has the wrong body", h.txn_id.0, h.key));
+                    }
+                    match intent {
+                        Some(commit) => {
+                            a.by_txn.insert(h.txn_id.0, h.key.clone());
+                            if commit {
+                                CheckAnswer::Commit
+                            } else {
+                                CheckAnswer::Rollback
+                            }
+                        }
+                        None => {
+                            a.wrong
+                                .push(format!("{} ({}) was never sent", h.txn_id.0, h.key));
+                            CheckAnswer::Unknown
+                        }
+                    }
+                };
+                client
+                    .register_checker(PRODUCER_GROUP, Arc::new(checker))
+                    .await
+                    .unwrap();
+                let deadline = Instant::now() + RESOLVE_TIMEOUT;
+                loop {
+                    let left = client.transactions(None).await.unwrap();
+                    if left.is_empty() {
+                        break;
+                    }
+                    assert!(
+                    Instant::now() < deadline,
+                    "round {round}: {} transactions still unfinished {RESOLVE_TIMEOUT:?} after \
+                     the restart, e.g. {:?} (seed {seed})",
+                    left.len(),
+                    left[0]
+                );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                {
+                    let a = answered.lock().unwrap();
+                    assert!(
+                        a.wrong.is_empty(),
+                        "round {round}: wrong check-backs: {:?}",
+                        a.wrong
+                    );
+                    for (id, key) in &pending {
+                        assert_eq!(
+                            a.by_txn.get(id),
+                            Some(key),
+                            "round {round}: pending transaction {id} was resolved, but not by \
+                         check-back (seed {seed})"
+                        );
+                    }
+                    assert_eq!(
+                        a.by_txn.len(),
+                        pending.len(),
+                        "round {round}: check-backs for transactions that were not pending at the \
+                     restart (seed {seed})"
+                    );
+                    counts.resolved_by_check_back = a.by_txn.len() as u64;
+                }
+
+                let group = format!("fresh-{round}");
+                let fresh_plain = drain(&client, &group, &plain_topic).await;
+                let fresh_pay = drain(&client, &group, &pay_topic).await;
+                let workers_plain = drain(&client, WORKERS, &plain_topic).await;
+                let workers_pay = drain(&client, WORKERS, &pay_topic).await;
+                let counts_now = message_counts(&client).await;
+                (
+                    fresh_plain,
+                    fresh_pay,
+                    workers_plain,
+                    workers_pay,
+                    counts_now,
+                )
+            });
+
+        // ----- plain messages: nothing acknowledged lost, nothing twice -----
+        let mut at: HashMap<String, (u32, u64)> = HashMap::new();
+        for d in &fresh_plain {
+            check_body(d, "after the restart");
+            if at
+                .insert(d.message.key.clone(), (d.queue, d.offset))
+                .is_some()
+            {
+                counts.duplicates += 1;
+            }
+        }
+        let mut in_flight: HashSet<&str> = HashSet::new();
+        for (log, _) in &plain_logs {
+            for (key, q, o) in &log.acked {
+                counts.acked += 1;
+                assert_eq!(
+                    at.get(key),
+                    Some(&(*q, *o)),
+                    "round {round}: {key}, acknowledged at {q}/{o}, is lost after kill -9 \
+                     (seed {seed}); broker before the kill:\n{old_stderr}"
+                );
+            }
+            if let Some(k) = &log.in_flight {
+                in_flight.insert(k.as_str());
+            }
+        }
+        let acked_keys: HashSet<&str> = plain_logs
+            .iter()
+            .flat_map(|(l, _)| l.acked.iter().map(|(k, _, _)| k.as_str()))
+            .collect();
+        for key in at.keys() {
+            if !acked_keys.contains(key.as_str()) {
+                assert!(
+                    in_flight.contains(key.as_str()),
+                    "round {round}: {key} is stored but was neither acknowledged nor in flight \
+                     (seed {seed})"
+                );
+                counts.in_flight_stored += 1;
+            }
+        }
+
+        // ----- transactions: committed once, rolled back never -----
+        let mut visible: HashMap<String, Vec<&WireDelivery>> = HashMap::new();
+        for d in &fresh_pay {
+            check_body(d, "after the restart");
+            visible.entry(d.message.key.clone()).or_default().push(d);
+        }
+        let mut recs: HashMap<&str, &TxnRec> = HashMap::new();
+        for (log, _) in &txn_logs {
+            for t in &log.txns {
+                recs.insert(t.key.as_str(), t);
+                match (t.plan, t.outcome_acked) {
+                    (Plan::Commit, true) => counts.committed += 1,
+                    (Plan::Rollback, true) => counts.rolled_back += 1,
+                    (Plan::Abandon(_), _) if t.txn.is_some() => counts.abandoned += 1,
+                    _ => counts.txn_in_flight += 1,
+                }
+                let got = visible.get(&t.key).map_or(0, Vec::len);
+                if got > 1 {
+                    counts.duplicates += got as u64 - 1;
+                }
+                if t.plan.commits() {
+                    if t.txn.is_some() {
+                        assert_eq!(
+                            got,
+                            1,
+                            "round {round}: transaction {} ({}, {:?}, outcome acknowledged: \
+                             {}) must be visible exactly once (seed {seed})",
+                            t.txn.unwrap_or_default(),
+                            t.key,
+                            t.plan,
+                            t.outcome_acked
+                        );
+                    } else {
+                        // The half was in flight at the kill: stored and committed by
+                        // check-back, or never stored.
+                        assert!(got <= 1, "round {round}: {} visible {got} times", t.key);
+                    }
+                } else {
+                    assert_eq!(
+                        got, 0,
+                        "round {round}: {} ({:?}, txn {:?}) was rolled back but is visible \
+                         (seed {seed})",
+                        t.key, t.plan, t.txn
+                    );
+                }
+                if let (Some(id), Some(ds)) = (t.txn, visible.get(&t.key)) {
+                    for d in ds {
+                        assert_eq!(
+                            d.message.properties.get("halfmq.txn"),
+                            Some(&id.to_string()),
+                            "round {round}: {} should carry its transaction id",
+                            t.key
+                        );
+                    }
+                }
+            }
+        }
+        for key in visible.keys() {
+            assert!(
+                recs.contains_key(key.as_str()),
+                "round {round}: {key} is visible but was never sent (seed {seed})"
+            );
+        }
+        counts.txn_visible = visible.values().map(|v| v.len() as u64).sum();
+
+        // ----- the consumers of the load -----
+        let durable: HashMap<(&str, u32, u64), &str> = fresh_plain
+            .iter()
+            .chain(&fresh_pay)
+            .map(|d| {
+                (
+                    (d.topic.as_str(), d.queue, d.offset),
+                    d.message.key.as_str(),
+                )
+            })
+            .collect();
+        let mut seen_by_workers: HashSet<(&str, u32, u64)> = HashSet::new();
+        let mut acked_by_workers: HashSet<(&str, u32, u64)> = HashSet::new();
+        for (log, _) in &consumer_logs {
+            for d in &log.seen {
+                counts.consumed += 1;
+                check_body(d, "during the load");
+                let p = (d.topic.as_str(), d.queue, d.offset);
+                assert_eq!(
+                    durable.get(&p),
+                    Some(&d.message.key.as_str()),
+                    "round {round}: {} was delivered at {}/{}/{} during the load but is not \
+                     there after the restart (seed {seed})",
+                    d.message.key,
+                    d.topic,
+                    d.queue,
+                    d.offset
+                );
+                if d.topic == pay_topic {
+                    let commits = intents.lock().unwrap().get(&d.message.key).copied();
+                    assert_eq!(
+                        commits,
+                        Some(true),
+                        "round {round}: {} was delivered during the load, but its transaction \
+                         was not to commit (seed {seed})",
+                        d.message.key
+                    );
+                }
+                seen_by_workers.insert(p);
+            }
+            for (t, q, o) in &log.acked {
+                acked_by_workers.insert((t.as_str(), *q, *o));
+            }
+        }
+        for d in workers_plain.iter().chain(&workers_pay) {
+            let p = (d.topic.as_str(), d.queue, d.offset);
+            assert!(
+                !acked_by_workers.contains(&p),
+                "round {round}: {} at {}/{}/{} was acked by {WORKERS} before the kill and is \
+                 delivered to it again (seed {seed})",
+                d.message.key,
+                d.topic,
+                d.queue,
+                d.offset
+            );
+            seen_by_workers.insert(p);
+        }
+        for (p, key) in &durable {
+            assert!(
+                seen_by_workers.contains(p),
+                "round {round}: {key} at {p:?} was never delivered to {WORKERS} (seed {seed})"
+            );
+        }
+
+        // ----- earlier rounds keep what they had -----
+        for (topic, n) in &settled {
+            assert_eq!(
+                counts_now.get(topic),
+                Some(n),
+                "round {round}: topic {topic} of an earlier round changed (seed {seed})"
+            );
+        }
+        for t in [&plain_topic, &pay_topic] {
+            let expect = if *t == plain_topic {
+                fresh_plain.len() as u64
+            } else {
+                fresh_pay.len() as u64
+            };
+            assert_eq!(counts_now.get(t.as_str()), Some(&expect), "stats of {t}");
+            settled.insert(t.clone(), expect);
+        }
+
+        assert_eq!(
+            counts.duplicates, 0,
+            "round {round}: duplicates (seed {seed})"
+        );
+        assert!(
+            counts.in_flight_stored <= PLAIN_PRODUCERS as u64,
+            "at most one in-flight send per producer"
+        );
+        assert!(
+            counts.acked > 0 && counts.committed + counts.rolled_back > 0,
+            "round {round}: the load did nothing before the kill at {kill_after:?}: {counts}"
+        );
+        eprintln!(
+            "kill9 round {round}: kill -9 after {} ms: {counts}",
+            kill_after.as_millis()
+        );
+        totals += counts;
+    }
+    broker.terminate();
+    eprintln!(
+        "kill9 totals: {rounds} rounds in {:.1} s, seed {seed}: {totals}",
+        started.elapsed().as_secs_f64()
+    );
+}
