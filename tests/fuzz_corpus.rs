@@ -273,6 +273,56 @@ fn requests() -> Vec<(&'static str, Request)> {
                 answer: CheckAnswer::Commit,
             },
         ),
+        (
+            "nack",
+            Request::Nack {
+                group: "orders".into(),
+                topic: "payments".into(),
+                queue: 1,
+                offset: 7,
+                delay_ms: Some(1000),
+            },
+        ),
+        (
+            "dead-letters",
+            Request::DeadLetters {
+                group: "orders".into(),
+                from: 0,
+                max: 100,
+            },
+        ),
+        (
+            "replay-dead-letters",
+            Request::ReplayDeadLetters {
+                group: "orders".into(),
+                max: 100,
+            },
+        ),
+        (
+            "set-group",
+            Request::SetGroup {
+                group: "orders".into(),
+                settings: halfmq::meta::GroupSettings {
+                    visibility_timeout_ms: Some(5000),
+                    max_retries: Some(3),
+                    retry_backoff_ms: Some(vec![1000, 5000]),
+                },
+            },
+        ),
+        (
+            "get-group",
+            Request::GetGroup {
+                group: "orders".into(),
+            },
+        ),
+        (
+            "send-delayed",
+            Request::SendDelayed {
+                topic: "payments".into(),
+                message: wire("order-2", b"later"),
+                deliver_at_ms: 1_790_000_000_000,
+            },
+        ),
     ]
 }
 
@@ -304,6 +354,7 @@ fn responses() -> Vec<(&'static str, Response)> {
                 log_offset: 4096,
                 timestamp_ms: 1_790_000_000_000,
                 message: wire("order-1", b"created"),
+                attempt: 1,
             }]),
         ),
         ("topics", Response::Topics(vec![("orders".into(), 2)])),
