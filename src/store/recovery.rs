@@ -10,6 +10,8 @@
 //!    segment, a record that fails its checks is corruption: open fails, naming the file and
 //!    offset. In the newest segment it is the torn tail of an unclean stop: it and everything
 //!    after it is zeroed, provided the damage is no longer than an unsynced batch can be.
+//!    Everything read after the checkpoint is written again and synced before it is trusted
+//!    (a failed fsync can leave readable pages that never reach the disk).
 //! 4. Indexes are synced and a new checkpoint is written.
 //!
 //! Every step either changes nothing or converges, so running recovery twice, or crashing
@@ -203,6 +205,14 @@ pub(crate) fn recover(
                 dispatch.apply()?;
             }
         }
+        // Trust nothing read here before it is durable (see `make_durable`). A scan from the
+        // start of a segment covers its header too.
+        let rewrite_from = if from <= SEGMENT_HEADER_BYTES {
+            0
+        } else {
+            from
+        };
+        make_durable(&*seg.file, rewrite_from, scan.pos)?;
         if newest {
             active_idx = idx;
             pos = scan.pos;
@@ -419,6 +429,34 @@ fn open_queues(
         full = true;
     }
     Ok((queues, full))
+}
+
+/// Write bytes `[from, to)` of a file again, unchanged, and sync them.
+///
+/// Recovery does this for everything it read after the checkpoint before it derives anything
+/// from it (indexes, the checkpoint it writes, transactions, what consumers are given). After
+/// a failed fsync the kernel may keep the written pages readable in the page cache while
+/// marking them clean, so they never reach the disk ("fsyncgate"). A reopen without a reboot
+/// reads them back as valid records; without this, the store would index them, hand them to
+/// consumers and acknowledge later records after them, and the next power loss would take
+/// them away: a hole of zeros before acknowledged records, or a lost segment header. Written
+/// again, the pages are dirty again and this sync makes them durable, or fails and open fails.
+/// The cost is one write and sync of what recovery read (at most about `checkpoint_bytes`
+/// plus the tail), and only on an unclean open.
+fn make_durable(file: &dyn StorageFile, from: u64, to: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    if from >= to {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; (to - from).min(CHUNK) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        file.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_data()
 }
 
 /// Zero everything after `pos` in the newest segment. Returns the bytes that were not zero.
