@@ -60,9 +60,11 @@ pub(crate) fn recover(
 ) -> Result<Recovered> {
     storage.create_dir_all(log_dir)?;
     storage.create_dir_all(cq_dir)?;
-    let mut segments = open_segments(storage, log_dir, config)?;
+    let (mut segments, removed_bytes) = open_segments(storage, log_dir, config)?;
     let mut report = RecoveryReport {
         segments: segments.len(),
+        // A removed newest segment is a torn tail too: whatever it held is cut.
+        torn_bytes_cut: removed_bytes,
         ..RecoveryReport::default()
     };
     let first_record = segments
@@ -220,7 +222,7 @@ pub(crate) fn recover(
                 .as_ref()
                 .is_some_and(|c| c.clean && c.log_offset == seg.base + scan.pos);
             if !need_new_segment && !clean_end {
-                report.torn_bytes_cut =
+                report.torn_bytes_cut +=
                     cut_tail(&*seg.file, seg.size, pos, config).map_err(|e| match e {
                         Error::Corrupt { offset, reason, .. } => corrupt(seg, offset, reason),
                         other => other,
@@ -295,12 +297,13 @@ fn corrupt(seg: &Segment, pos: u64, reason: String) -> Error {
     }
 }
 
-/// Open every segment, check that they are contiguous, and drop blank newest ones.
+/// Open every segment, check that they are contiguous, and drop blank newest ones. Also
+/// returns how many non-zero bytes (after the header) the dropped segments held.
 fn open_segments(
     storage: &dyn Storage,
     log_dir: &Path,
     config: &StoreConfig,
-) -> Result<Vec<Segment>> {
+) -> Result<(Vec<Segment>, u64)> {
     let mut out: Vec<Segment> = Vec::new();
     let mut blanks: Vec<(u64, std::path::PathBuf)> = Vec::new();
     for (base, path) in segment::list(storage, log_dir)? {
@@ -336,7 +339,10 @@ fn open_segments(
     // one. So power loss can leave a newest segment whose records never became durable.
     // Such a segment has an invalid first record and no more non-zero bytes than an unclean
     // stop can leave: it holds nothing acknowledged, and the older segment is the newest.
-    // Anything longer stays, and the torn-tail rule below reports it as corruption.
+    // Anything longer stays, and the torn-tail rule below reports it as corruption. Like any
+    // torn tail, the removed bytes are reported (a bit flip in the first record looks the
+    // same, and then they held acknowledged records).
+    let mut removed_bytes = 0;
     if out.len() > 1 {
         if let Some(last) = out.last() {
             let extent = match last_nonzero(&*last.file, last.size, SEGMENT_HEADER_BYTES)? {
@@ -344,6 +350,14 @@ fn open_segments(
                 None => 0,
             };
             if !first_record_valid(last)? && extent <= torn_tail_bytes_max(config) {
+                if extent > 0 {
+                    tracing::warn!(
+                        file = %last.path().display(),
+                        bytes = extent,
+                        "the newest segment has no valid first record: cutting it as a torn tail"
+                    );
+                }
+                removed_bytes = extent;
                 remove.push(last.path().to_path_buf());
                 out.pop();
             }
@@ -356,7 +370,7 @@ fn open_segments(
         }
         storage.sync_dir(log_dir)?;
     }
-    Ok(out)
+    Ok((out, removed_bytes))
 }
 
 /// Position of the last non-zero byte in [pos, size) of a file.
