@@ -69,7 +69,7 @@ const RECORD_BYTES_MAX: u32 = 8 * 1024;
 const POLL_ALL: usize = 1 << 20;
 /// Property of a committed message naming its transaction.
 const PROP_TXN: &str = "halfmq.txn";
-/// Seeds run by default (CI): about 18 s in a debug build on the project's busy machine.
+/// Seeds run by default (CI): 11-18 s in a debug build on the project's busy machine.
 const DEFAULT_SEEDS: u64 = 32;
 /// How long to wait out sled's lazily released lock of the broker closed just before.
 const OPEN_RETRY_LIMIT: Duration = Duration::from_secs(15);
@@ -406,11 +406,16 @@ impl Sim {
         Ok(!matches!(e, Error::DiskFull { .. }))
     }
 
-    /// A write returned `Ok`: it must not have, if the store was known to be poisoned.
-    fn judge_ok(&self, what: &str) -> Check {
+    /// A write that needed the disk returned `Ok`: it must not have while the store was known
+    /// to be poisoned, nor while every write fails short (its own write failed).
+    fn judge_ok(&self, what: &str, fault: Fault) -> Check {
         ensure!(
             !self.poisoned,
             "{what} returned Ok although an earlier write failed with Poisoned: a poisoned store must refuse writes until reopened"
+        );
+        ensure!(
+            fault != Fault::ShortWrites,
+            "{what} returned Ok although every write to the disk failed short"
         );
         Ok(())
     }
@@ -453,7 +458,7 @@ impl Sim {
                     "{what} -> {}@{} log {}",
                     rc.queue, rc.offset, rc.log_offset
                 ));
-                self.judge_ok(&what)?;
+                self.judge_ok(&what, fault)?;
                 self.counters.acked_writes += 1;
                 let queues = self.queues_of[topic];
                 ensure!(
@@ -516,7 +521,7 @@ impl Sim {
         match r {
             Ok(txn) => {
                 self.note(format!("{what} -> txn {txn}"));
-                self.judge_ok(&what)?;
+                self.judge_ok(&what, fault)?;
                 self.counters.acked_writes += 1;
                 ensure!(
                     self.txns.iter().all(|t| t.id != txn.0),
@@ -608,7 +613,7 @@ impl Sim {
         }
         match r {
             Ok(()) => {
-                self.judge_ok(&what)?;
+                self.judge_ok(&what, fault)?;
                 self.counters.acked_writes += 1;
                 self.txns[i].state = want;
                 if commit {
