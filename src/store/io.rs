@@ -404,6 +404,44 @@ impl SimStorage {
     pub fn files(&self) -> Vec<PathBuf> {
         self.state.lock().files.keys().cloned().collect()
     }
+
+    /// The faults in force now (a failing sync counts down as it is used up).
+    pub fn faults(&self) -> Faults {
+        self.state.lock().faults
+    }
+
+    /// Damage data at rest: flip bit `bit` (0 = least significant) of the byte at `offset`
+    /// of `path`, in the durable image and in what reads return alike, as a medium error
+    /// would. Only bytes that are at rest can be flipped: the byte must lie inside the
+    /// durable image and no unsynced write or length change of the file may be pending
+    /// (such a write would later put its own bytes there). Returns whether a bit was
+    /// flipped; `false` for a missing file, a byte that is not at rest, or `bit > 7`.
+    pub fn flip_bit(&self, path: &Path, offset: u64, bit: u8) -> bool {
+        if bit > 7 {
+            return false;
+        }
+        let mut st = self.state.lock();
+        let Some(f) = st.files.get_mut(path) else {
+            return false;
+        };
+        let Ok(at) = usize::try_from(offset) else {
+            return false;
+        };
+        let in_flight = f.unsynced.iter().any(|op| match op {
+            Op::Write(off, data) => {
+                let start = *off as usize;
+                at >= start && at < start + data.len()
+            }
+            Op::SetLen(_) => true,
+        });
+        if in_flight || at >= f.durable.len() || at >= f.live.len() {
+            return false;
+        }
+        let mask = 1u8 << bit;
+        f.durable[at] ^= mask;
+        f.live[at] ^= mask;
+        true
+    }
 }
 
 impl Storage for SimStorage {
@@ -659,6 +697,66 @@ mod tests {
             !after.exists(&dir.join("b")),
             "file whose directory was never synced is gone"
         );
+    }
+
+    #[test]
+    fn flip_bit_damages_data_at_rest_in_reads_and_after_a_crash() {
+        let disk = SimStorage::new();
+        let dir = Path::new("/d");
+        disk.create_dir_all(dir).unwrap();
+        let path = dir.join("a");
+        let f = disk.open(&path, true).unwrap();
+        f.write_all_at(&[0u8; 8], 0).unwrap();
+        f.sync_data().unwrap();
+        disk.sync_dir(dir).unwrap();
+
+        assert!(disk.flip_bit(&path, 3, 0));
+        assert!(disk.flip_bit(&path, 5, 7));
+        let mut buf = [0u8; 8];
+        assert_eq!(f.read_at(&mut buf, 0).unwrap(), 8);
+        assert_eq!(buf, [0, 0, 0, 1, 0, 0x80, 0, 0], "reads see the damage");
+        assert_eq!(
+            disk.durable_bytes(&path).unwrap(),
+            vec![0, 0, 0, 1, 0, 0x80, 0, 0],
+            "the durable image holds it"
+        );
+        // Flipping the same bit again restores the byte.
+        assert!(disk.flip_bit(&path, 5, 7));
+        let after = disk.crash(CrashMode::DropUnsynced);
+        assert_eq!(
+            after.durable_bytes(&path).unwrap(),
+            vec![0, 0, 0, 1, 0, 0, 0, 0],
+            "the damage survives power loss"
+        );
+        let g = after.open(&path, false).unwrap();
+        assert_eq!(g.read_at(&mut buf, 0).unwrap(), 8);
+        assert_eq!(buf, [0, 0, 0, 1, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn flip_bit_refuses_what_is_not_at_rest() {
+        let disk = SimStorage::new();
+        let dir = Path::new("/d");
+        disk.create_dir_all(dir).unwrap();
+        let path = dir.join("a");
+        let f = disk.open(&path, true).unwrap();
+        f.write_all_at(b"abcd", 0).unwrap();
+        f.sync_data().unwrap();
+        assert!(!disk.flip_bit(&dir.join("missing"), 0, 0), "no such file");
+        assert!(!disk.flip_bit(&path, 4, 0), "past the durable image");
+        assert!(!disk.flip_bit(&path, 0, 8), "no ninth bit");
+        // An unsynced write over byte 1 would put its own bytes there.
+        f.write_all_at(b"X", 1).unwrap();
+        assert!(!disk.flip_bit(&path, 1, 0));
+        // Byte 3 is outside that write: still at rest.
+        assert!(disk.flip_bit(&path, 3, 1));
+        f.sync_data().unwrap();
+        assert_eq!(disk.durable_bytes(&path).unwrap(), b"aXcf".to_vec());
+        f.set_len(2).unwrap();
+        assert!(!disk.flip_bit(&path, 0, 0), "a pending length change");
+        let mut buf = [0u8; 4];
+        assert_eq!(f.read_at(&mut buf, 0).unwrap(), 2);
+        assert_eq!(&buf[..2], b"aX");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!    segment, a record that fails its checks is corruption: open fails, naming the file and
 //!    offset. In the newest segment it is the torn tail of an unclean stop: it and everything
 //!    after it is zeroed, provided the damage is no longer than an unsynced batch can be.
+//!    Everything read after the checkpoint is written again and synced before it is trusted
+//!    (a failed fsync can leave readable pages that never reach the disk).
 //! 4. Indexes are synced and a new checkpoint is written.
 //!
 //! Every step either changes nothing or converges, so running recovery twice, or crashing
@@ -58,9 +60,11 @@ pub(crate) fn recover(
 ) -> Result<Recovered> {
     storage.create_dir_all(log_dir)?;
     storage.create_dir_all(cq_dir)?;
-    let mut segments = open_segments(storage, log_dir, config)?;
+    let (mut segments, removed_bytes) = open_segments(storage, log_dir, config)?;
     let mut report = RecoveryReport {
         segments: segments.len(),
+        // A removed newest segment is a torn tail too: whatever it held is cut.
+        torn_bytes_cut: removed_bytes,
         ..RecoveryReport::default()
     };
     let first_record = segments
@@ -203,6 +207,14 @@ pub(crate) fn recover(
                 dispatch.apply()?;
             }
         }
+        // Trust nothing read here before it is durable (see `make_durable`). A scan from the
+        // start of a segment covers its header too.
+        let rewrite_from = if from <= SEGMENT_HEADER_BYTES {
+            0
+        } else {
+            from
+        };
+        make_durable(&*seg.file, rewrite_from, scan.pos)?;
         if newest {
             active_idx = idx;
             pos = scan.pos;
@@ -210,7 +222,7 @@ pub(crate) fn recover(
                 .as_ref()
                 .is_some_and(|c| c.clean && c.log_offset == seg.base + scan.pos);
             if !need_new_segment && !clean_end {
-                report.torn_bytes_cut =
+                report.torn_bytes_cut +=
                     cut_tail(&*seg.file, seg.size, pos, config).map_err(|e| match e {
                         Error::Corrupt { offset, reason, .. } => corrupt(seg, offset, reason),
                         other => other,
@@ -285,12 +297,13 @@ fn corrupt(seg: &Segment, pos: u64, reason: String) -> Error {
     }
 }
 
-/// Open every segment, check that they are contiguous, and drop blank newest ones.
+/// Open every segment, check that they are contiguous, and drop blank newest ones. Also
+/// returns how many non-zero bytes (after the header) the dropped segments held.
 fn open_segments(
     storage: &dyn Storage,
     log_dir: &Path,
     config: &StoreConfig,
-) -> Result<Vec<Segment>> {
+) -> Result<(Vec<Segment>, u64)> {
     let mut out: Vec<Segment> = Vec::new();
     let mut blanks: Vec<(u64, std::path::PathBuf)> = Vec::new();
     for (base, path) in segment::list(storage, log_dir)? {
@@ -326,7 +339,10 @@ fn open_segments(
     // one. So power loss can leave a newest segment whose records never became durable.
     // Such a segment has an invalid first record and no more non-zero bytes than an unclean
     // stop can leave: it holds nothing acknowledged, and the older segment is the newest.
-    // Anything longer stays, and the torn-tail rule below reports it as corruption.
+    // Anything longer stays, and the torn-tail rule below reports it as corruption. Like any
+    // torn tail, the removed bytes are reported (a bit flip in the first record looks the
+    // same, and then they held acknowledged records).
+    let mut removed_bytes = 0;
     if out.len() > 1 {
         if let Some(last) = out.last() {
             let extent = match last_nonzero(&*last.file, last.size, SEGMENT_HEADER_BYTES)? {
@@ -334,6 +350,14 @@ fn open_segments(
                 None => 0,
             };
             if !first_record_valid(last)? && extent <= torn_tail_bytes_max(config) {
+                if extent > 0 {
+                    tracing::warn!(
+                        file = %last.path().display(),
+                        bytes = extent,
+                        "the newest segment has no valid first record: cutting it as a torn tail"
+                    );
+                }
+                removed_bytes = extent;
                 remove.push(last.path().to_path_buf());
                 out.pop();
             }
@@ -346,7 +370,7 @@ fn open_segments(
         }
         storage.sync_dir(log_dir)?;
     }
-    Ok(out)
+    Ok((out, removed_bytes))
 }
 
 /// Position of the last non-zero byte in [pos, size) of a file.
@@ -419,6 +443,34 @@ fn open_queues(
         full = true;
     }
     Ok((queues, full))
+}
+
+/// Write bytes `[from, to)` of a file again, unchanged, and sync them.
+///
+/// Recovery does this for everything it read after the checkpoint before it derives anything
+/// from it (indexes, the checkpoint it writes, transactions, what consumers are given). After
+/// a failed fsync the kernel may keep the written pages readable in the page cache while
+/// marking them clean, so they never reach the disk ("fsyncgate"). A reopen without a reboot
+/// reads them back as valid records; without this, the store would index them, hand them to
+/// consumers and acknowledge later records after them, and the next power loss would take
+/// them away: a hole of zeros before acknowledged records, or a lost segment header. Written
+/// again, the pages are dirty again and this sync makes them durable, or fails and open fails.
+/// The cost is one write and sync of what recovery read (at most about `checkpoint_bytes`
+/// plus the tail), and only on an unclean open.
+fn make_durable(file: &dyn StorageFile, from: u64, to: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    if from >= to {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; (to - from).min(CHUNK) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        file.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_data()
 }
 
 /// Zero everything after `pos` in the newest segment. Returns the bytes that were not zero.
