@@ -59,6 +59,12 @@ pub struct Settings {
     pub frame_timeout_ms: Option<u64>,
     /// A connection must send its Hello within this, ms.
     pub hello_timeout_ms: Option<u64>,
+    /// How long idempotency keys are remembered, ms.
+    pub dedup_window_ms: Option<u64>,
+    /// Most idempotency keys remembered.
+    pub dedup_keys_max: Option<u64>,
+    /// Most memory remembered idempotency keys may take, bytes.
+    pub dedup_bytes_max: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -101,7 +107,10 @@ impl Settings {
             frame_bytes_max,
             connections_max,
             frame_timeout_ms,
-            hello_timeout_ms
+            hello_timeout_ms,
+            dedup_window_ms,
+            dedup_keys_max,
+            dedup_bytes_max
         )
     }
 
@@ -160,6 +169,15 @@ impl Settings {
         if let Some(v) = self.txn_check_answer_timeout_ms {
             b.txn.check_answer_timeout = ms(v);
         }
+        if let Some(v) = self.dedup_window_ms {
+            b.dedup_window = ms(v);
+        }
+        if let Some(v) = self.dedup_keys_max {
+            b.dedup_keys_max = v;
+        }
+        if let Some(v) = self.dedup_bytes_max {
+            b.dedup_bytes_max = v;
+        }
         if let Some(v) = self.frame_bytes_max {
             s.frame_bytes_max = v;
         }
@@ -213,6 +231,9 @@ impl Settings {
             connections_max: Some(s.connections_max),
             frame_timeout_ms: ms(s.frame_timeout),
             hello_timeout_ms: ms(s.hello_timeout),
+            dedup_window_ms: ms(b.dedup_window),
+            dedup_keys_max: Some(b.dedup_keys_max),
+            dedup_bytes_max: Some(b.dedup_bytes_max),
         })
     }
 
@@ -240,6 +261,20 @@ mod tests {
         let (b, s) = file.overlay(flags).resolve().unwrap();
         assert_eq!(s.listen.port(), 2);
         assert_eq!(b.txn.check_max, 3);
+        let s: Settings = toml::from_str("dedup_window_ms = 0").unwrap();
+        assert!(matches!(
+            s.resolve(),
+            Err(Error::Config {
+                setting: "dedup_window_ms",
+                ..
+            })
+        ));
+        let s: Settings = toml::from_str("dedup_keys_max = 10\ndedup_window_ms = 5000").unwrap();
+        let (b, _) = s.resolve().unwrap();
+        assert_eq!(
+            (b.dedup_keys_max, b.dedup_window),
+            (10, Duration::from_secs(5))
+        );
         let err = toml::from_str::<Settings>("lisen = \"x\"")
             .unwrap_err()
             .to_string();

@@ -90,6 +90,15 @@ struct BrokerArgs {
     /// A connection must send its Hello within this, ms [default: 10000].
     #[arg(long, env = "HALFMQ_HELLO_TIMEOUT_MS")]
     hello_timeout_ms: Option<u64>,
+    /// How long idempotency keys are remembered, ms [default: 86400000 = 24 h].
+    #[arg(long, env = "HALFMQ_DEDUP_WINDOW_MS")]
+    dedup_window_ms: Option<u64>,
+    /// Most idempotency keys remembered (oldest forgotten first) [default: 1000000].
+    #[arg(long, env = "HALFMQ_DEDUP_KEYS_MAX")]
+    dedup_keys_max: Option<u64>,
+    /// Most memory remembered idempotency keys may take, bytes [default: 268435456].
+    #[arg(long, env = "HALFMQ_DEDUP_BYTES_MAX")]
+    dedup_bytes_max: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -112,6 +121,9 @@ impl BrokerArgs {
             txn_check_max: self.txn_check_max,
             frame_timeout_ms: self.frame_timeout_ms,
             hello_timeout_ms: self.hello_timeout_ms,
+            dedup_window_ms: self.dedup_window_ms,
+            dedup_keys_max: self.dedup_keys_max,
+            dedup_bytes_max: self.dedup_bytes_max,
             ..Settings::default()
         };
         Ok(file.overlay(flags))
@@ -180,6 +192,11 @@ enum Command {
         /// Messages to send.
         #[arg(long, default_value_t = 1)]
         count: u64,
+        /// Idempotency key: a message whose key the broker already stored is not stored
+        /// again (the original is reported, "duplicate"). With --count N the keys are K-0 ..
+        /// K-(N-1).
+        #[arg(long)]
+        idempotency_key: Option<String>,
         /// One JSON object per message.
         #[arg(long)]
         json: bool,
@@ -381,6 +398,10 @@ struct BenchArgs {
     /// which --due are due.
     #[arg(long, conflicts_with = "txn")]
     txn_tick: bool,
+    /// Every message with a unique idempotency key; sends without keys are measured first
+    /// in the same run, for ratio_to_without_keys.
+    #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
+    idempotency_keys: bool,
     /// Unfinished transactions for --txn-tick.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
@@ -436,8 +457,22 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             body,
             size,
             count,
+            idempotency_key,
             json,
-        } => produce(conn, topic, key, key_prefix, body, size, count, json).await,
+        } => {
+            produce(
+                conn,
+                topic,
+                key,
+                key_prefix,
+                body,
+                size,
+                count,
+                idempotency_key,
+                json,
+            )
+            .await
+        }
         Command::Consume {
             conn,
             topic,
@@ -577,6 +612,7 @@ async fn produce(
     body: Option<String>,
     size: Option<usize>,
     count: u64,
+    idempotency_key: Option<String>,
     json: bool,
 ) -> halfmq::Result<()> {
     let client = conn.connect().await?;
@@ -588,7 +624,15 @@ async fn produce(
             (None, Some(n)) => (0..n).map(|_| fastrand::u8(..)).collect(),
             (None, None) => format!("message {i}").into_bytes(),
         };
-        let r = match client.send(&topic, &Message::new(b).with_key(&k)).await {
+        let mut msg = Message::new(b).with_key(&k);
+        if let Some(ik) = &idempotency_key {
+            msg = msg.with_idempotency_key(if count > 1 {
+                format!("{ik}-{i}")
+            } else {
+                ik.clone()
+            });
+        }
+        let r = match client.send(&topic, &msg).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("halfmq: {i} of {count} messages were acknowledged before this error");
@@ -597,8 +641,13 @@ async fn produce(
         };
         if json {
             json_line(
-                &serde_json::json!({"key": k, "topic": r.topic, "queue": r.queue, "offset": r.offset}),
+                &serde_json::json!({"key": k, "topic": r.topic, "queue": r.queue, "offset": r.offset, "duplicate": r.duplicate}),
             );
+        } else if r.duplicate {
+            println_flush(&format!(
+                "duplicate of {k}: already stored in {}/{} at offset {}",
+                r.topic, r.queue, r.offset
+            ));
         } else {
             println_flush(&format!(
                 "stored {k} in {}/{} at offset {}",
@@ -874,10 +923,19 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         flush,
         baseline: a.baseline,
         txn: a.txn,
+        idempotency_keys: a.idempotency_keys,
     };
     eprintln!(
         "halfmq bench: mode={} producers={} size={} flush={} messages={:?} seconds={:?} dir={} cores={}",
-        if a.addr.is_some() { "broker" } else if a.txn { "txn" } else { "embedded" },
+        if a.addr.is_some() {
+            "broker"
+        } else if a.txn {
+            "txn"
+        } else if a.idempotency_keys {
+            "idempotency_keys"
+        } else {
+            "embedded"
+        },
         a.producers,
         a.size,
         a.flush.name(),
@@ -933,6 +991,9 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
     }
     if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
         println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");
+    }
+    if let (Some(plain), Some(ratio)) = (r.without_keys_msgs_per_s, r.ratio_to_without_keys) {
+        println!("sends without idempotency keys in the same run: {plain:.0} msg/s; with keys / without: {ratio:.3}");
     }
     if let (Some(emb), Some(ratio)) = (r.embedded_msgs_per_s, r.ratio_to_embedded) {
         println!("embedded broker in the same run: {emb:.0} msg/s; network / embedded: {ratio:.3}");
