@@ -612,16 +612,18 @@ mod tests {
 
     #[test]
     fn a_dropped_reservation_frees_the_key_and_expiry_ends_a_duplicate() {
-        let ix = Arc::new(DedupIndex::new(limits(1000, 10)));
+        // A long window, so that completing (which also evicts by the real clock) keeps it.
+        let ix = Arc::new(DedupIndex::new(limits(60_000, 10)));
+        let t0 = crate::broker::now_ms();
         let k = index_key(Space::Half, "t", "k");
-        match ix.claim(&k, || 5) {
-            Claim::Owner(r) => drop(r.into_hook(10, 5)),
+        match ix.claim(&k, || t0) {
+            Claim::Owner(r) => drop(r.into_hook(10, t0)),
             Claim::Duplicate(_) => panic!("empty index"),
         }
-        store(&ix, &k, 64, 10);
-        assert!(matches!(ix.claim(&k, || 1009), Claim::Duplicate(_)));
-        // 1000 ms after it was stored, the key is free again.
-        assert!(matches!(ix.claim(&k, || 1010), Claim::Owner(_)));
+        store(&ix, &k, 64, t0);
+        assert!(matches!(ix.claim(&k, || t0 + 59_999), Claim::Duplicate(_)));
+        // A window after it was stored, the key is free again.
+        assert!(matches!(ix.claim(&k, || t0 + 60_000), Claim::Owner(_)));
         assert_eq!(ix.len(), 0);
     }
 
