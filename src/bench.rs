@@ -43,6 +43,9 @@ pub struct BenchOptions {
     /// it (two durable records per message). Plain sends are measured first in the same run
     /// for `ratio_to_plain`.
     pub txn: bool,
+    /// Plain sends each with a unique idempotency key. Plain sends without keys are measured
+    /// first in the same run, for `ratio_to_without_keys`.
+    pub idempotency_keys: bool,
 }
 
 /// What each producer does per message.
@@ -50,6 +53,8 @@ pub struct BenchOptions {
 enum Workload {
     Plain,
     Txn,
+    /// Plain sends with a unique idempotency key each.
+    Keyed,
 }
 
 /// The result; printed as one JSON object.
@@ -107,6 +112,13 @@ pub struct BenchReport {
     /// With `--txn`: plain durable sends per second, measured first in the same run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plain_msgs_per_s: Option<f64>,
+    /// With `--idempotency-keys`: sends without keys per second, measured first in the
+    /// same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub without_keys_msgs_per_s: Option<f64>,
+    /// With `--idempotency-keys`: keyed sends per second / sends without keys per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_without_keys: Option<f64>,
     /// With `--txn`: committed transactions per second / plain sends per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_plain: Option<f64>,
@@ -210,6 +222,17 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
             ));
             Ok(r)
         })
+    } else if opts.idempotency_keys {
+        progress("durable sends without idempotency keys first, for ratio_to_without_keys ...");
+        run_producers(opts, Workload::Plain, "plain", progress).and_then(|plain| {
+            progress("durable sends with a unique idempotency key each ...");
+            let mut r = run_producers(opts, Workload::Keyed, "keyed", progress)?;
+            r.without_keys_msgs_per_s = Some(plain.msgs_per_s);
+            r.ratio_to_without_keys = Some(round3(
+                r.msgs_per_s / plain.msgs_per_s.max(f64::MIN_POSITIVE),
+            ));
+            Ok(r)
+        })
     } else {
         run_producers(opts, Workload::Plain, "plain", progress)
     };
@@ -264,7 +287,8 @@ fn run_producers(
         let mut handles = Vec::new();
         for p in 0..opts.producers {
             let (broker, load) = (broker.clone(), load.clone());
-            let msg = Message::new(vec![b'x'; opts.size]);
+            let mut msg = Message::new(vec![b'x'; opts.size]);
+            let mut sent = 0u64;
             let handle = std::thread::Builder::new()
                 .name(format!("bench-producer-{p}"))
                 .spawn(move || -> Result<Histogram<u64>> {
@@ -273,6 +297,11 @@ fn run_producers(
                         let t = Instant::now();
                         match work {
                             Workload::Plain => drop(broker.send("bench", &msg)?),
+                            Workload::Keyed => {
+                                msg = msg.with_idempotency_key(format!("{p}-{sent}"));
+                                sent += 1;
+                                drop(broker.send("bench", &msg)?);
+                            }
                             Workload::Txn => {
                                 let txn = broker.send_half(
                                     "bench",
@@ -297,15 +326,21 @@ fn run_producers(
             .build()
             .map_err(|e| Error::io(&opts.data_dir, "start runtime", e))?;
         let handles = (0..opts.producers)
-            .map(|_| {
+            .map(|p| {
                 let (broker, load) = (broker.clone(), load.clone());
-                let msg = Message::new(vec![b'x'; opts.size]);
+                let mut msg = Message::new(vec![b'x'; opts.size]);
+                let mut sent = 0u64;
                 rt.spawn(async move {
                     let mut hist = histogram();
                     while load.next() {
                         let t = Instant::now();
                         match work {
                             Workload::Plain => drop(broker.send_async("bench", &msg).await?),
+                            Workload::Keyed => {
+                                msg = msg.with_idempotency_key(format!("{p}-{sent}"));
+                                sent += 1;
+                                drop(broker.send_async("bench", &msg).await?);
+                            }
                             Workload::Txn => {
                                 let txn = broker
                                     .send_half_async("bench", &msg, "bench", HalfOptions::default())
@@ -337,6 +372,7 @@ fn run_producers(
         mode: match work {
             Workload::Plain => "embedded".into(),
             Workload::Txn => "txn".into(),
+            Workload::Keyed => "idempotency_keys".into(),
         },
         producer_kind: if opts.threads { "threads" } else { "tasks" }.into(),
         producers: opts.producers,

@@ -24,6 +24,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::{BrokerConfig, TxnConfig, QUEUES_MAX};
 use crate::delayed::{DelayThread, DelayedIndex, DelayedInfo, PROP_DELAYED};
 use crate::error::{Error, Result};
+use crate::idem::{self, Claim, DedupIndex, Space, PROP_IDEMPOTENCY_KEY};
 use crate::meta::{Meta, TopicConfig};
 use crate::record::{self, Properties, RecordKind, RecordView, FLAG_DELAYED_FIRE, FLAG_TXN_COMMIT};
 use crate::store::consume_queue::{key_hash, ConsumeQueue};
@@ -67,6 +68,23 @@ impl Message {
         self.properties.insert(name.into(), value.into());
         self
     }
+
+    /// Set the idempotency key (1 to [`idem::IDEMPOTENCY_KEY_BYTES_MAX`] bytes): a second
+    /// send of a message with the same key to the same topic within the dedup window is not
+    /// stored again and returns the original's receipt. It is kept as the property
+    /// [`PROP_IDEMPOTENCY_KEY`], which consumers see too.
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Message {
+        self.properties
+            .insert(PROP_IDEMPOTENCY_KEY.to_owned(), key.into());
+        self
+    }
+
+    /// The idempotency key, if set.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.properties
+            .get(PROP_IDEMPOTENCY_KEY)
+            .map(String::as_str)
+    }
 }
 
 /// Where a sent message was stored.
@@ -80,6 +98,19 @@ pub struct SendReceipt {
     pub offset: u64,
     /// Its position in the commit log.
     pub log_offset: u64,
+    /// True when the message carried an idempotency key that was already stored: nothing
+    /// was stored now, and this is the original's receipt.
+    pub duplicate: bool,
+}
+
+/// What [`Broker::send_half_receipt`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct HalfReceipt {
+    /// The transaction.
+    pub txn: TxnId,
+    /// True when the half carried an idempotency key that was already stored: nothing was
+    /// written now, and `txn` is the original transaction (in whatever state it is now).
+    pub duplicate: bool,
 }
 
 /// A message handed to a consumer.
@@ -198,6 +229,8 @@ pub struct Broker {
     delayed: Arc<DelayedIndex>,
     delay_thread: Mutex<Option<DelayThread>>,
     check_pool: CheckPool,
+    /// Remembered idempotency keys.
+    dedup: Arc<DedupIndex>,
 }
 
 /// The record that ends a transaction, ready to append.
@@ -246,12 +279,14 @@ struct TxnHooks {
     delayed: Arc<DelayedIndex>,
     meta: Arc<Meta>,
     retention: Duration,
+    dedup: Arc<DedupIndex>,
 }
 
 impl StoreHooks for TxnHooks {
     fn before_checkpoint(&self) -> Result<()> {
         self.txns.persist(&self.meta, self.retention, now_ms())?;
-        self.delayed.persist(&self.meta)
+        self.delayed.persist(&self.meta)?;
+        self.dedup.persist(&self.meta, now_ms())
     }
 }
 
@@ -413,12 +448,16 @@ impl Broker {
         txns.load(&meta)?;
         let delayed = Arc::new(DelayedIndex::default());
         delayed.load(&meta)?;
+        let dedup = Arc::new(DedupIndex::new(idem::Limits::of(&config)));
+        dedup.load(&meta, now_ms())?;
         let hooks = Arc::new(TxnHooks {
             txns: txns.clone(),
             delayed: delayed.clone(),
             meta: meta.clone(),
             retention: config.txn.outcome_retention,
+            dedup: dedup.clone(),
         });
+        let opened_ms = now_ms();
         // Replay the transaction records after the checkpoint over the persisted index.
         let mut replay_error = None;
         let mut on_record = |view: &RecordView<'_>| {
@@ -439,6 +478,7 @@ impl Broker {
                     .map(|txn| txns.resolve(txn, Outcome::RolledBack, view.header.timestamp_ms)),
                 _ => Ok(()),
             };
+            let r = r.and_then(|()| dedup.replay(view, opened_ms));
             if let Err(e) = r {
                 replay_error.get_or_insert(e);
             }
@@ -456,6 +496,7 @@ impl Broker {
         }
         txns.forget_beyond(recovery.log_end);
         delayed.forget_beyond(recovery.log_end);
+        dedup.forget_beyond(recovery.log_end);
         let config_checks_max = config.txn.checks_in_flight_max as usize;
         let broker = Arc::new(Broker {
             config,
@@ -472,6 +513,7 @@ impl Broker {
             delayed,
             delay_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
+            dedup,
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
@@ -621,6 +663,9 @@ impl Broker {
     /// durable on disk). Blocks the calling thread; async code uses [`Broker::send_async`].
     pub fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         let (t, qi, props) = self.prepare_send(topic, msg)?;
+        if let Some(key) = idem::key_of(&msg.properties)? {
+            return self.send_keyed(&t, qi, msg, &props, key);
+        }
         let a = self.store.append(Self::append_of(&t, qi, msg, &props))?;
         Ok(Self::receipt(&t, qi, a))
     }
@@ -628,6 +673,9 @@ impl Broker {
     /// [`Broker::send`] without blocking the executor while the fsync happens.
     pub async fn send_async(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         let (t, qi, props) = self.prepare_send(topic, msg)?;
+        if let Some(key) = idem::key_of(&msg.properties)? {
+            return self.send_keyed_async(&t, qi, msg, &props, key).await;
+        }
         let a = self
             .store
             .append_async(Self::append_of(&t, qi, msg, &props))
@@ -682,6 +730,12 @@ impl Broker {
                     "{deliver_at_ms} is more than {} days ahead",
                     DELAY_MAX.as_secs() / 86_400
                 ),
+            });
+        }
+        if msg.idempotency_key().is_some() {
+            return Err(Error::Invalid {
+                what: "idempotency key",
+                reason: "delayed messages do not take idempotency keys (yet)".into(),
             });
         }
         let (t, qi, _) = self.prepare_send(topic, msg)?;
@@ -823,6 +877,7 @@ impl Broker {
             // The store hands out a queue offset for every dispatched append.
             offset: a.queue_offset.unwrap_or_default(),
             log_offset: a.log_offset,
+            duplicate: false,
         }
     }
 
@@ -946,7 +1001,11 @@ impl Broker {
     }
 
     fn check_user_properties(props: &Properties) -> Result<()> {
-        match props.keys().find(|k| k.starts_with(RESERVED_PREFIX)) {
+        idem::key_of(props)?;
+        match props
+            .keys()
+            .find(|k| k.starts_with(RESERVED_PREFIX) && k.as_str() != PROP_IDEMPOTENCY_KEY)
+        {
             Some(k) => Err(Error::Invalid {
                 what: "property name",
                 reason: format!("{k:?}: names starting with {RESERVED_PREFIX:?} are reserved"),
@@ -1056,10 +1115,8 @@ impl Broker {
         producer_group: &str,
         opts: HalfOptions,
     ) -> Result<TxnId> {
-        let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
-        let (a, hook) = self.half_parts(&t, qi, msg, &props, producer_group, &opts);
-        let appended = self.store.append_hooked(a, Some(hook))?;
-        Ok(TxnId(appended.log_offset))
+        self.send_half_receipt(topic, msg, producer_group, opts)
+            .map(|r| r.txn)
     }
 
     /// [`Broker::send_half`] for async code.
@@ -1070,10 +1127,233 @@ impl Broker {
         producer_group: &str,
         opts: HalfOptions,
     ) -> Result<TxnId> {
+        self.send_half_receipt_async(topic, msg, producer_group, opts)
+            .await
+            .map(|r| r.txn)
+    }
+
+    /// [`Broker::send_half`] that also says whether the half was a duplicate of an
+    /// idempotency key already stored (then nothing was written and the original
+    /// transaction is returned).
+    pub fn send_half_receipt(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: HalfOptions,
+    ) -> Result<HalfReceipt> {
         let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
+        let mut reservation = None;
+        if let Some(key) = idem::key_of(&msg.properties)? {
+            let ikey = idem::index_key(Space::Half, &t.name, key);
+            loop {
+                match self.dedup.claim(&ikey, now_ms) {
+                    Claim::Duplicate(at) => {
+                        if let Some(r) = self.original_half(&t, key, &ikey, at)? {
+                            return Ok(r);
+                        }
+                    }
+                    Claim::Owner(r) => {
+                        reservation = Some(r);
+                        break;
+                    }
+                }
+            }
+        }
         let (a, hook) = self.half_parts(&t, qi, msg, &props, producer_group, &opts);
+        let hook = Self::with_reservation(&a, hook, reservation);
+        let appended = self.store.append_hooked(a, Some(hook))?;
+        Ok(HalfReceipt {
+            txn: TxnId(appended.log_offset),
+            duplicate: false,
+        })
+    }
+
+    /// [`Broker::send_half_receipt`] for async code.
+    pub async fn send_half_receipt_async(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: HalfOptions,
+    ) -> Result<HalfReceipt> {
+        let (t, qi, props) = self.prepare_half(topic, msg, producer_group, &opts)?;
+        let mut reservation = None;
+        if let Some(key) = idem::key_of(&msg.properties)? {
+            let ikey = idem::index_key(Space::Half, &t.name, key);
+            loop {
+                match self.dedup.claim_async(&ikey, now_ms).await {
+                    Claim::Duplicate(at) => {
+                        if let Some(r) = self.original_half(&t, key, &ikey, at)? {
+                            return Ok(r);
+                        }
+                    }
+                    Claim::Owner(r) => {
+                        reservation = Some(r);
+                        break;
+                    }
+                }
+            }
+        }
+        let (a, hook) = self.half_parts(&t, qi, msg, &props, producer_group, &opts);
+        let hook = Self::with_reservation(&a, hook, reservation);
         let appended = self.store.append_async_hooked(a, Some(hook)).await?;
-        Ok(TxnId(appended.log_offset))
+        Ok(HalfReceipt {
+            txn: TxnId(appended.log_offset),
+            duplicate: false,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Idempotency keys (see `crate::idem`)
+    // ---------------------------------------------------------------------------------------
+
+    /// The encoded size of an append (0 if it cannot be encoded: then the append itself
+    /// fails and a hook built with this size is dropped unrun).
+    fn size_of(a: &Append<'_>) -> u32 {
+        record::encoded_len(a.topic, a.key, a.props, a.body).unwrap_or_default()
+    }
+
+    /// `hook`, also completing `reservation` (if any) when the record is durable.
+    fn with_reservation(
+        a: &Append<'_>,
+        hook: crate::store::DurableHook,
+        reservation: Option<idem::Reservation>,
+    ) -> crate::store::DurableHook {
+        match reservation {
+            None => hook,
+            Some(r) => {
+                let done = r.into_hook(Self::size_of(a), a.timestamp_ms);
+                Box::new(move |log_offset| {
+                    hook(log_offset);
+                    done(log_offset);
+                })
+            }
+        }
+    }
+
+    fn send_keyed(
+        &self,
+        t: &Topic,
+        qi: usize,
+        msg: &Message,
+        props: &[u8],
+        key: &str,
+    ) -> Result<SendReceipt> {
+        let ikey = idem::index_key(Space::Message, &t.name, key);
+        loop {
+            match self.dedup.claim(&ikey, now_ms) {
+                Claim::Duplicate(at) => {
+                    if let Some(r) = self.original_receipt(t, key, &ikey, at)? {
+                        return Ok(r);
+                    }
+                }
+                Claim::Owner(res) => {
+                    let a = Self::append_of(t, qi, msg, props);
+                    let hook = res.into_hook(Self::size_of(&a), a.timestamp_ms);
+                    let appended = self.store.append_observed(a, hook)?;
+                    return Ok(Self::receipt(t, qi, appended));
+                }
+            }
+        }
+    }
+
+    async fn send_keyed_async(
+        &self,
+        t: &Topic,
+        qi: usize,
+        msg: &Message,
+        props: &[u8],
+        key: &str,
+    ) -> Result<SendReceipt> {
+        let ikey = idem::index_key(Space::Message, &t.name, key);
+        loop {
+            match self.dedup.claim_async(&ikey, now_ms).await {
+                Claim::Duplicate(at) => {
+                    if let Some(r) = self.original_receipt(t, key, &ikey, at)? {
+                        return Ok(r);
+                    }
+                }
+                Claim::Owner(res) => {
+                    let a = Self::append_of(t, qi, msg, props);
+                    let hook = res.into_hook(Self::size_of(&a), a.timestamp_ms);
+                    let appended = self.store.append_async_observed(a, hook).await?;
+                    return Ok(Self::receipt(t, qi, appended));
+                }
+            }
+        }
+    }
+
+    /// Read the record remembered for an idempotency key back from the log, and check that
+    /// it is the key's: `None` (and the entry is forgotten) if it is not.
+    fn original_record(
+        &self,
+        kind: RecordKind,
+        topic: &str,
+        key: &str,
+        ikey: &str,
+        at: idem::Stored,
+    ) -> Result<Option<record::Record>> {
+        let rec = self.store.read_at(at.log_offset, at.size)?;
+        let ok = rec.header.kind == kind
+            && rec.header.flags & FLAG_TXN_COMMIT == 0
+            && rec.topic == topic
+            && rec.properties.get(PROP_IDEMPOTENCY_KEY).map(String::as_str) == Some(key);
+        if ok {
+            return Ok(Some(rec));
+        }
+        tracing::warn!(
+            topic,
+            key,
+            log_offset = at.log_offset,
+            "the record remembered for an idempotency key is not that key's; forgotten"
+        );
+        self.dedup.forget(ikey, at.log_offset);
+        Ok(None)
+    }
+
+    fn original_receipt(
+        &self,
+        t: &Topic,
+        key: &str,
+        ikey: &str,
+        at: idem::Stored,
+    ) -> Result<Option<SendReceipt>> {
+        let rec = self.original_record(RecordKind::Message, &t.name, key, ikey, at)?;
+        Ok(rec.map(|rec| SendReceipt {
+            topic: rec.topic,
+            queue: rec.header.queue_id,
+            offset: rec.header.queue_offset,
+            log_offset: rec.header.log_offset,
+            duplicate: true,
+        }))
+    }
+
+    fn original_half(
+        &self,
+        t: &Topic,
+        key: &str,
+        ikey: &str,
+        at: idem::Stored,
+    ) -> Result<Option<HalfReceipt>> {
+        let rec = self.original_record(RecordKind::Half, &t.name, key, ikey, at)?;
+        Ok(rec.map(|rec| HalfReceipt {
+            txn: TxnId(rec.header.log_offset),
+            duplicate: true,
+        }))
+    }
+
+    /// Idempotency keys remembered now.
+    pub fn idempotency_keys(&self) -> u64 {
+        self.dedup.len()
+    }
+
+    /// Whether an idempotency key of a plain send to `topic` is remembered (within the
+    /// window or not yet pruned), and at which log offset.
+    pub fn idempotency_key_stored(&self, topic: &str, key: &str) -> Option<u64> {
+        self.dedup
+            .lookup(&idem::index_key(Space::Message, topic, key))
+            .map(|s| s.log_offset)
     }
 
     /// Read a pending half message back from the log.

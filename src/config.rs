@@ -277,6 +277,15 @@ pub struct BrokerConfig {
     pub txn: TxnConfig,
     /// Redelivery, retries and dead letters: the defaults of every consumer group.
     pub delivery: DeliveryConfig,
+    /// How long an idempotency key is remembered after its message was stored: a second send
+    /// with the same key within this window returns the original instead of storing again.
+    /// Default 24 h. The count and byte bounds below may make it shorter under load.
+    pub dedup_window: Duration,
+    /// Most idempotency keys remembered; the oldest is forgotten first. Default 1,000,000.
+    pub dedup_keys_max: u64,
+    /// Most memory the remembered keys may take, counted as key bytes plus 96 per key; the
+    /// oldest is forgotten first. Default 256 MiB.
+    pub dedup_bytes_max: u64,
 }
 
 impl Default for BrokerConfig {
@@ -288,6 +297,9 @@ impl Default for BrokerConfig {
             auto_create_topics: true,
             txn: TxnConfig::default(),
             delivery: DeliveryConfig::default(),
+            dedup_window: Duration::from_secs(24 * 3600),
+            dedup_keys_max: 1_000_000,
+            dedup_bytes_max: 256 * 1024 * 1024,
         }
     }
 }
@@ -313,6 +325,24 @@ impl BrokerConfig {
             return Err(Error::Config {
                 setting: "default_queues",
                 reason: format!("{} is outside 1 ..= {QUEUES_MAX}", self.default_queues),
+            });
+        }
+        if self.dedup_window.is_zero() || self.dedup_window > Duration::from_secs(366 * 86_400) {
+            return Err(Error::Config {
+                setting: "dedup_window_ms",
+                reason: format!("{:?} is outside 1 ms ..= 366 days", self.dedup_window),
+            });
+        }
+        if self.dedup_keys_max == 0 || self.dedup_keys_max > 1 << 32 {
+            return Err(Error::Config {
+                setting: "dedup_keys_max",
+                reason: format!("{} is outside 1 ..= 2^32", self.dedup_keys_max),
+            });
+        }
+        if self.dedup_bytes_max < 4096 || self.dedup_bytes_max > 1 << 40 {
+            return Err(Error::Config {
+                setting: "dedup_bytes_max",
+                reason: format!("{} is outside 4096 ..= 1 TiB", self.dedup_bytes_max),
             });
         }
         Ok(())

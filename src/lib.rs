@@ -47,6 +47,7 @@
 //! - [`meta`]: sled-backed topic configuration, consumer offsets and transaction state.
 //! - [`net`]: the network broker: frames, protocol, server, client.
 //! - [`txn`]: half messages, commit / rollback, check-back.
+//! - [`idem`]: idempotency keys: a retried send with the same key is stored once.
 //! - [`config`]: settings with their defaults.
 //! - [`error`]: the one typed [`Error`].
 //! - [`bench`]: the load generator behind `halfmq bench`.
@@ -62,6 +63,7 @@ pub mod config;
 pub mod delayed;
 mod delivery;
 pub mod error;
+pub mod idem;
 pub mod meta;
 pub mod net;
 pub mod record;
@@ -69,7 +71,7 @@ pub mod settings;
 pub mod store;
 pub mod txn;
 
-pub use broker::{Broker, Delivery, Message, SendReceipt, Stats, TopicInfo};
+pub use broker::{Broker, Delivery, HalfReceipt, Message, SendReceipt, Stats, TopicInfo};
 pub use config::{BrokerConfig, DeliveryConfig, FlushPolicy, StoreConfig, TxnConfig};
 pub use error::{Error, Result};
 pub use txn::{

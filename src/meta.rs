@@ -441,6 +441,45 @@ impl Meta {
         self.db.flush()?;
         Ok(())
     }
+
+    /// Tree `idem_chunks`: chunk id (u64 BE) → encoded idempotency-key entries (see
+    /// `crate::idem`), written once per checkpoint and removed whole once every entry in
+    /// them is forgotten.
+    fn idem_tree(&self) -> Result<sled::Tree> {
+        Ok(self.db.open_tree("idem_chunks")?)
+    }
+
+    /// Every persisted chunk of idempotency-key entries, by id (oldest first).
+    pub fn idem_chunks(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kv in self.idem_tree()?.iter() {
+            let (k, v) = kv?;
+            let id = u64_be(&k).ok_or_else(|| Error::Decode {
+                what: "idempotency chunk id",
+                reason: format!("{} bytes, not 8", k.len()),
+            })?;
+            out.push((id, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Durably write new chunks of idempotency-key entries and remove forgotten ones, in one
+    /// atomic batch, flushed before this returns.
+    pub fn apply_idem_changes(&self, puts: &[(u64, Vec<u8>)], removes: &[u64]) -> Result<()> {
+        if puts.is_empty() && removes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (id, v) in puts {
+            batch.insert(&id.to_be_bytes(), v.as_slice());
+        }
+        for id in removes {
+            batch.remove(&id.to_be_bytes());
+        }
+        self.idem_tree()?.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

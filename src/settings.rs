@@ -65,6 +65,12 @@ pub struct Settings {
     pub max_retries: Option<u32>,
     /// Default waits before redelivery after a nack, ms.
     pub retry_backoff_ms: Option<Vec<u64>>,
+    /// How long idempotency keys are remembered, ms.
+    pub dedup_window_ms: Option<u64>,
+    /// Most idempotency keys remembered.
+    pub dedup_keys_max: Option<u64>,
+    /// Most memory remembered idempotency keys may take, bytes.
+    pub dedup_bytes_max: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -110,7 +116,10 @@ impl Settings {
             hello_timeout_ms,
             visibility_timeout_ms,
             max_retries,
-            retry_backoff_ms
+            retry_backoff_ms,
+            dedup_window_ms,
+            dedup_keys_max,
+            dedup_bytes_max
         )
     }
 
@@ -168,6 +177,15 @@ impl Settings {
         }
         if let Some(v) = self.txn_check_answer_timeout_ms {
             b.txn.check_answer_timeout = ms(v);
+        }
+        if let Some(v) = self.dedup_window_ms {
+            b.dedup_window = ms(v);
+        }
+        if let Some(v) = self.dedup_keys_max {
+            b.dedup_keys_max = v;
+        }
+        if let Some(v) = self.dedup_bytes_max {
+            b.dedup_bytes_max = v;
         }
         if let Some(v) = self.frame_bytes_max {
             s.frame_bytes_max = v;
@@ -240,6 +258,9 @@ impl Settings {
                     .map(|d| d.as_millis() as u64)
                     .collect(),
             ),
+            dedup_window_ms: ms(b.dedup_window),
+            dedup_keys_max: Some(b.dedup_keys_max),
+            dedup_bytes_max: Some(b.dedup_bytes_max),
         })
     }
 
@@ -267,6 +288,20 @@ mod tests {
         let (b, s) = file.overlay(flags).resolve().unwrap();
         assert_eq!(s.listen.port(), 2);
         assert_eq!(b.txn.check_max, 3);
+        let s: Settings = toml::from_str("dedup_window_ms = 0").unwrap();
+        assert!(matches!(
+            s.resolve(),
+            Err(Error::Config {
+                setting: "dedup_window_ms",
+                ..
+            })
+        ));
+        let s: Settings = toml::from_str("dedup_keys_max = 10\ndedup_window_ms = 5000").unwrap();
+        let (b, _) = s.resolve().unwrap();
+        assert_eq!(
+            (b.dedup_keys_max, b.dedup_window),
+            (10, Duration::from_secs(5))
+        );
         let err = toml::from_str::<Settings>("lisen = \"x\"")
             .unwrap_err()
             .to_string();

@@ -842,7 +842,7 @@ fn raw_protocol_pipelining_errors_and_check_back() {
         producer_group: "raw-svc".into(),
         check_immunity_ms: 0,
     }) {
-        Response::HalfSent { txn } => txn,
+        Response::HalfSent { txn, .. } => txn,
         r => panic!("{r:?}"),
     };
     assert_eq!(

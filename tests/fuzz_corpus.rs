@@ -342,9 +342,16 @@ fn responses() -> Vec<(&'static str, Response)> {
                 queue: 1,
                 offset: 7,
                 log_offset: 4096,
+                duplicate: true,
             },
         ),
-        ("half-sent", Response::HalfSent { txn: 1024 }),
+        (
+            "half-sent",
+            Response::HalfSent {
+                txn: 1024,
+                duplicate: false,
+            },
+        ),
         (
             "messages",
             Response::Messages(vec![WireDelivery {

@@ -104,6 +104,15 @@ struct BrokerArgs {
     /// [default: 1000,5000,10000,30000,60000,...,3600000,7200000].
     #[arg(long, env = "HALFMQ_RETRY_BACKOFF_MS", value_delimiter = ',')]
     retry_backoff_ms: Option<Vec<u64>>,
+    /// How long idempotency keys are remembered, ms [default: 86400000 = 24 h].
+    #[arg(long, env = "HALFMQ_DEDUP_WINDOW_MS")]
+    dedup_window_ms: Option<u64>,
+    /// Most idempotency keys remembered (oldest forgotten first) [default: 1000000].
+    #[arg(long, env = "HALFMQ_DEDUP_KEYS_MAX")]
+    dedup_keys_max: Option<u64>,
+    /// Most memory remembered idempotency keys may take, bytes [default: 268435456].
+    #[arg(long, env = "HALFMQ_DEDUP_BYTES_MAX")]
+    dedup_bytes_max: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -129,6 +138,9 @@ impl BrokerArgs {
             visibility_timeout_ms: self.visibility_timeout_ms,
             max_retries: self.max_retries,
             retry_backoff_ms: self.retry_backoff_ms.clone(),
+            dedup_window_ms: self.dedup_window_ms,
+            dedup_keys_max: self.dedup_keys_max,
+            dedup_bytes_max: self.dedup_bytes_max,
             ..Settings::default()
         };
         Ok(file.overlay(flags))
@@ -197,6 +209,11 @@ enum Command {
         /// Messages to send.
         #[arg(long, default_value_t = 1)]
         count: u64,
+        /// Idempotency key: a message whose key the broker already stored is not stored
+        /// again (the original is reported, "duplicate"). With --count N the keys are K-0 ..
+        /// K-(N-1).
+        #[arg(long)]
+        idempotency_key: Option<String>,
         /// One JSON object per message.
         #[arg(long)]
         json: bool,
@@ -490,6 +507,10 @@ struct BenchArgs {
     /// which --due are due.
     #[arg(long, conflicts_with = "txn")]
     txn_tick: bool,
+    /// Every message with a unique idempotency key; sends without keys are measured first
+    /// in the same run, for ratio_to_without_keys.
+    #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
+    idempotency_keys: bool,
     /// Unfinished transactions for --txn-tick.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
@@ -545,11 +566,21 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             body,
             size,
             count,
+            idempotency_key,
             json,
             delay_ms,
         } => {
             produce(
-                conn, topic, key, key_prefix, body, size, count, json, delay_ms,
+                conn,
+                topic,
+                key,
+                key_prefix,
+                body,
+                size,
+                count,
+                idempotency_key,
+                json,
+                delay_ms,
             )
             .await
         }
@@ -687,6 +718,7 @@ async fn produce(
     body: Option<String>,
     size: Option<usize>,
     count: u64,
+    idempotency_key: Option<String>,
     json: bool,
     delay_ms: Option<u64>,
 ) -> halfmq::Result<()> {
@@ -699,7 +731,14 @@ async fn produce(
             (None, Some(n)) => (0..n).map(|_| fastrand::u8(..)).collect(),
             (None, None) => format!("message {i}").into_bytes(),
         };
-        let msg = Message::new(b).with_key(&k);
+        let mut msg = Message::new(b).with_key(&k);
+        if let Some(ik) = &idempotency_key {
+            msg = msg.with_idempotency_key(if count > 1 {
+                format!("{ik}-{i}")
+            } else {
+                ik.clone()
+            });
+        }
         if let Some(ms) = delay_ms {
             let at = halfmq::broker::now_ms() + ms;
             let r = match client.send_delayed(&topic, &msg, at).await {
@@ -735,8 +774,13 @@ async fn produce(
         };
         if json {
             json_line(
-                &serde_json::json!({"key": k, "topic": r.topic, "queue": r.queue, "offset": r.offset}),
+                &serde_json::json!({"key": k, "topic": r.topic, "queue": r.queue, "offset": r.offset, "duplicate": r.duplicate}),
             );
+        } else if r.duplicate {
+            println_flush(&format!(
+                "duplicate of {k}: already stored in {}/{} at offset {}",
+                r.topic, r.queue, r.offset
+            ));
         } else {
             println_flush(&format!(
                 "stored {k} in {}/{} at offset {}",
@@ -1170,10 +1214,19 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         flush,
         baseline: a.baseline,
         txn: a.txn,
+        idempotency_keys: a.idempotency_keys,
     };
     eprintln!(
         "halfmq bench: mode={} producers={} size={} flush={} messages={:?} seconds={:?} dir={} cores={}",
-        if a.addr.is_some() { "broker" } else if a.txn { "txn" } else { "embedded" },
+        if a.addr.is_some() {
+            "broker"
+        } else if a.txn {
+            "txn"
+        } else if a.idempotency_keys {
+            "idempotency_keys"
+        } else {
+            "embedded"
+        },
         a.producers,
         a.size,
         a.flush.name(),
@@ -1229,6 +1282,9 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
     }
     if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
         println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");
+    }
+    if let (Some(plain), Some(ratio)) = (r.without_keys_msgs_per_s, r.ratio_to_without_keys) {
+        println!("sends without idempotency keys in the same run: {plain:.0} msg/s; with keys / without: {ratio:.3}");
     }
     if let (Some(emb), Some(ratio)) = (r.embedded_msgs_per_s, r.ratio_to_embedded) {
         println!("embedded broker in the same run: {emb:.0} msg/s; network / embedded: {ratio:.3}");

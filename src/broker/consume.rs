@@ -806,6 +806,7 @@ impl Broker {
             queue: dq.queue_id(),
             offset: a.queue_offset.unwrap_or_default(),
             log_offset: a.log_offset,
+            duplicate: false,
         })
     }
 

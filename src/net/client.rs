@@ -18,8 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
 use super::protocol::{self, Push, Request, Response, WireDelivery, WireGroup, WireMessage};
-use crate::broker::SendReceipt;
-use crate::broker::{DeadLetter, DelayedReceipt, NackOutcome, Replayed};
+use crate::broker::{DeadLetter, DelayedReceipt, HalfReceipt, NackOutcome, Replayed, SendReceipt};
 use crate::error::{Error, Result};
 use crate::meta::GroupSettings;
 use crate::txn::{
@@ -270,11 +269,13 @@ impl Client {
                 queue,
                 offset,
                 log_offset,
+                duplicate,
             } => Ok(SendReceipt {
                 topic,
                 queue,
                 offset,
                 log_offset,
+                duplicate,
             }),
             other => Err(unexpected(other)),
         }
@@ -288,6 +289,20 @@ impl Client {
         producer_group: &str,
         opts: HalfOptions,
     ) -> Result<TxnId> {
+        self.send_half_receipt(topic, msg, producer_group, opts)
+            .await
+            .map(|r| r.txn)
+    }
+
+    /// Write a half message; the receipt says whether its idempotency key was already
+    /// stored (then `txn` is the original transaction and nothing was written).
+    pub async fn send_half_receipt(
+        &self,
+        topic: &str,
+        msg: &Message,
+        producer_group: &str,
+        opts: HalfOptions,
+    ) -> Result<HalfReceipt> {
         let req = Request::SendHalf {
             topic: topic.into(),
             message: wire(msg),
@@ -295,7 +310,10 @@ impl Client {
             check_immunity_ms: opts.check_immunity.map_or(0, |d| d.as_millis() as u64),
         };
         match self.call(req).await? {
-            Response::HalfSent { txn } => Ok(TxnId(txn)),
+            Response::HalfSent { txn, duplicate } => Ok(HalfReceipt {
+                txn: TxnId(txn),
+                duplicate,
+            }),
             other => Err(unexpected(other)),
         }
     }
@@ -698,6 +716,18 @@ impl TransactionalProducer {
     /// Write a half message.
     pub async fn send_half(&self, topic: &str, msg: &Message, opts: HalfOptions) -> Result<TxnId> {
         self.client.send_half(topic, msg, &self.group, opts).await
+    }
+
+    /// Write a half message; says whether it was a duplicate of an idempotency key.
+    pub async fn send_half_receipt(
+        &self,
+        topic: &str,
+        msg: &Message,
+        opts: HalfOptions,
+    ) -> Result<HalfReceipt> {
+        self.client
+            .send_half_receipt(topic, msg, &self.group, opts)
+            .await
     }
 
     /// Commit.

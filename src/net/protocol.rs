@@ -250,11 +250,15 @@ pub enum Response {
         offset: u64,
         /// Position in the log.
         log_offset: u64,
+        /// The message's idempotency key was already stored: this is the original.
+        duplicate: bool,
     },
     /// A half message was written.
     HalfSent {
         /// Its transaction id.
         txn: u64,
+        /// The half's idempotency key was already stored: this is the original transaction.
+        duplicate: bool,
     },
     /// Messages for a poll (possibly none).
     Messages(Vec<WireDelivery>),

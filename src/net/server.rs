@@ -449,6 +449,7 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
                 queue: s.queue,
                 offset: s.offset,
                 log_offset: s.log_offset,
+                duplicate: s.duplicate,
             })
         }
         Request::SendDelayed {
@@ -471,9 +472,12 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
                     .then(|| Duration::from_millis(check_immunity_ms)),
             };
             let r = b
-                .send_half_async(&topic, &to_message(message), &producer_group, opts)
+                .send_half_receipt_async(&topic, &to_message(message), &producer_group, opts)
                 .await;
-            result_response(r, |t| Response::HalfSent { txn: t.0 })
+            result_response(r, |h| Response::HalfSent {
+                txn: h.txn.0,
+                duplicate: h.duplicate,
+            })
         }
         Request::Commit { txn } => {
             result_response(b.commit_async(TxnId(txn)).await, |()| Response::Ok)

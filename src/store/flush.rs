@@ -169,12 +169,13 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         st.unsynced_bytes += bytes;
         st.since_checkpoint += bytes;
     }
-    // Records with durable-hooks (transaction records) are always synced before their hooks
-    // run, under any flush policy: derived state must never learn of a record a power loss
-    // could still take back.
+    // Records with sync-forcing hooks (transaction records) are always synced before their
+    // hooks run, under any flush policy: derived state must never learn of a record a power
+    // loss could still take back. (Observing hooks, see `Store::append_observed`, follow the
+    // policy like their writers.)
     let must_sync = match shared.config.flush {
         FlushPolicy::Sync => true,
-        FlushPolicy::Async { .. } if !batch.hooks.is_empty() => true,
+        FlushPolicy::Async { .. } if batch.sync_hooks => true,
         FlushPolicy::Async { interval } => {
             force_sync
                 || st.unsynced_bytes >= shared.config.pending_bytes_max

@@ -34,7 +34,13 @@ const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
 
 /// Run by the flusher once the record is durable (acknowledged), in log order, before any
 /// writer is released; gets the record's log offset. Higher layers use it to keep derived
-/// state (the pending-transaction index) exactly in step with the log.
+/// state (the pending-transaction index) exactly in step with the log. A hook whose record
+/// never becomes acknowledged (the store is poisoned or closed first, or an async append is
+/// cancelled before its record entered the batch) is dropped without being called.
+///
+/// Hooks given to [`Store::append_hooked`] force a sync under any flush policy; hooks given
+/// to [`Store::append_observed`] run when the record is acknowledged under the policy (after
+/// the write under [`FlushPolicy::Async`]).
 pub type DurableHook = Box<dyn FnOnce(u64) + Send>;
 
 /// Callbacks from the storage engine to the layer above it.
@@ -102,8 +108,10 @@ struct Batch {
     bytes: Vec<u8>,
     chunks: Vec<Chunk>,
     dispatch: Vec<Dispatch>,
-    /// Hooks to run once the batch is durable, with their records' log offsets.
+    /// Hooks to run once the batch is acknowledged, with their records' log offsets.
     hooks: Vec<(DurableHook, u64)>,
+    /// A hook in the batch needs the batch synced whatever the flush policy.
+    sync_hooks: bool,
     /// Records in the batch.
     records: u64,
     /// When the first record entered the (empty) batch.
@@ -122,6 +130,7 @@ impl Batch {
         self.chunks.clear();
         self.dispatch.clear();
         self.hooks.clear();
+        self.sync_hooks = false;
         self.records = 0;
         self.first_at = None;
     }
@@ -426,20 +435,38 @@ impl Store {
         self.append_hooked(a, None)
     }
 
-    /// [`Store::append`] with a hook the flusher runs once the record is durable.
+    /// [`Store::append`] with a hook the flusher runs once the record is durable. The record
+    /// is synced in the round that writes it, whatever the flush policy.
     pub fn append_hooked(&self, a: Append<'_>, hook: Option<DurableHook>) -> Result<Appended> {
+        let force_sync = hook.is_some();
+        self.append_with(a, hook, force_sync)
+    }
+
+    /// [`Store::append`] with a hook the flusher runs once the record is acknowledged under
+    /// the flush policy (durable under `Sync`, written under `Async`), without forcing a sync.
+    pub fn append_observed(&self, a: Append<'_>, hook: DurableHook) -> Result<Appended> {
+        self.append_with(a, Some(hook), false)
+    }
+
+    fn append_with(
+        &self,
+        a: Append<'_>,
+        hook: Option<DurableHook>,
+        force_sync: bool,
+    ) -> Result<Appended> {
         let size = self.check_append(&a)?;
-        let had_hook = hook.is_some();
         let mut hook = hook;
-        let appended = match self.shared.append_to_batch(&a, size, true, &mut hook)? {
+        let appended = match self
+            .shared
+            .append_to_batch(&a, size, true, &mut hook, force_sync)?
+        {
             Some(x) => x,
             // With wait_for_space the writer waits for room instead of returning None.
             None => return Err(Error::Closed),
         };
         let end = appended.log_offset + u64::from(size);
-        // A hooked record is synced in the round that writes it, whatever the policy.
         self.shared
-            .wait_progress(end, had_hook || self.shared.sync_policy())?;
+            .wait_progress(end, force_sync || self.shared.sync_policy())?;
         Ok(appended)
     }
 
@@ -449,26 +476,48 @@ impl Store {
         self.append_async_hooked(a, None).await
     }
 
-    /// [`Store::append_async`] with a hook the flusher runs once the record is durable.
+    /// [`Store::append_async`] with a hook the flusher runs once the record is durable (the
+    /// record is synced whatever the flush policy).
     pub async fn append_async_hooked(
         &self,
         a: Append<'_>,
         hook: Option<DurableHook>,
     ) -> Result<Appended> {
+        let force_sync = hook.is_some();
+        self.append_async_with(a, hook, force_sync).await
+    }
+
+    /// [`Store::append_observed`] for async code.
+    pub async fn append_async_observed(
+        &self,
+        a: Append<'_>,
+        hook: DurableHook,
+    ) -> Result<Appended> {
+        self.append_async_with(a, Some(hook), false).await
+    }
+
+    async fn append_async_with(
+        &self,
+        a: Append<'_>,
+        hook: Option<DurableHook>,
+        force_sync: bool,
+    ) -> Result<Appended> {
         let size = self.check_append(&a)?;
-        let had_hook = hook.is_some();
         let mut hook = hook;
         let appended = loop {
             let changed = self.shared.async_space.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.shared.append_to_batch(&a, size, false, &mut hook)? {
+            match self
+                .shared
+                .append_to_batch(&a, size, false, &mut hook, force_sync)?
+            {
                 Some(x) => break x,
                 None => changed.await,
             }
         };
         let end = appended.log_offset + u64::from(size);
-        let durable = had_hook || self.shared.sync_policy();
+        let durable = force_sync || self.shared.sync_policy();
         loop {
             let changed = self.shared.async_notify.notified();
             tokio::pin!(changed);
@@ -716,6 +765,7 @@ impl Shared {
         size: u32,
         wait_for_space: bool,
         hook: &mut Option<DurableHook>,
+        hook_forces_sync: bool,
     ) -> Result<Option<Appended>> {
         let mut w = self.writer.lock();
         loop {
@@ -772,6 +822,7 @@ impl Shared {
         }
         if let Some(h) = hook.take() {
             w.batch.hooks.push((h, log_offset));
+            w.batch.sync_hooks |= hook_forces_sync;
         }
         // Wake the flusher for the first record, and when the batch is as large as it
         // waits for; in between it is waiting on a deadline anyway.

@@ -1,0 +1,641 @@
+//! Idempotency keys: a producer names a send, and a retried send with the same name is not
+//! stored again.
+//!
+//! A message (or half message) carries its key as the reserved property
+//! [`PROP_IDEMPOTENCY_KEY`], so the key is in its log record and travels over the wire inside
+//! the ordinary message encoding. Keys are scoped to a topic, and plain sends and half
+//! messages have separate scopes.
+//!
+//! The index here maps each remembered key to the record that was stored for it (log offset
+//! and size); the receipt a duplicate gets is read back from that record.
+//!
+//! - **One store per key.** A sender *reserves* the key before it appends. A second sender
+//!   with the same key waits for the first one's outcome: once the first record is
+//!   acknowledged it gets the original; if the first append fails (or an async send is
+//!   cancelled before its record reached the log), the reservation is released and the
+//!   waiter tries as the new owner. The reservation lives inside the store's hook for the
+//!   record, so it ends exactly when the record's fate is known: the hook runs (stored) or is
+//!   dropped unrun (never acknowledged).
+//! - **In step with the log.** The hook runs on the flusher, in log order, before the sender
+//!   is released. Before every checkpoint, the entries added since the last one are written to
+//!   sled as one chunk (`idem_chunks`); on open, the chunks are loaded and the log after the
+//!   checkpoint is replayed. A checkpoint is only written once everything before it is
+//!   acknowledged and its hooks have run, so every acknowledged keyed record is either before
+//!   the checkpoint (then its entry is in sled) or after it (then replay finds it).
+//! - **Bounded.** An entry is forgotten `window` after it was stored, or earlier when more
+//!   than `keys_max` keys or `bytes_max` bytes are remembered (oldest first). A chunk is
+//!   removed from sled once every entry in it is forgotten.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::Notify;
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::meta::Meta;
+use crate::record::{Properties, RecordKind, RecordView, FLAG_TXN_COMMIT};
+
+/// Property holding a message's idempotency key.
+pub const PROP_IDEMPOTENCY_KEY: &str = "halfmq.idempotency_key";
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+/// What one remembered key costs beyond its bytes, for `dedup_bytes_max`.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
+/// Most entries in one sled value (keeps every value far below the codec's 16 MiB limit).
+const CHUNK_ENTRIES_MAX: usize = 8192;
+
+/// The idempotency key a message carries, checked; `None` when it has none.
+pub fn key_of(props: &Properties) -> Result<Option<&str>> {
+    let Some(k) = props.get(PROP_IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    if k.is_empty() || k.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+        return Err(Error::Invalid {
+            what: "idempotency key",
+            reason: format!(
+                "{} bytes: use 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes",
+                k.len()
+            ),
+        });
+    }
+    Ok(Some(k))
+}
+
+/// Which scope a key lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Space {
+    /// Plain sends.
+    Message,
+    /// Half messages.
+    Half,
+}
+
+/// The index's name for `key` in `topic` and `space`.
+pub(crate) fn index_key(space: Space, topic: &str, key: &str) -> Arc<str> {
+    let tag = match space {
+        Space::Message => 'm',
+        Space::Half => 'h',
+    };
+    let mut s = String::with_capacity(2 + topic.len() + key.len());
+    s.push(tag);
+    s.push_str(topic);
+    s.push('\0');
+    s.push_str(key);
+    Arc::from(s)
+}
+
+/// The record stored for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Stored {
+    /// Log offset of the record (for a half: its transaction id).
+    pub log_offset: u64,
+    /// Encoded size of the record.
+    pub size: u32,
+    /// When it was stored (the record's timestamp), ms since the Unix epoch.
+    pub stored_ms: u64,
+}
+
+enum Slot {
+    /// A sender is appending a record for this key.
+    Reserved {
+        owner: u64,
+        /// Someone waits for the outcome.
+        waiters: bool,
+    },
+    /// Remembered: `seq` is its place in the eviction order.
+    Stored { at: Stored, seq: u64 },
+}
+
+/// One entry in the eviction order. Entries whose key now maps to something else are stale
+/// and skipped.
+struct Item {
+    seq: u64,
+    key: Arc<str>,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<Arc<str>, Slot>,
+    /// Stored entries, oldest first (by `seq`).
+    order: VecDeque<Item>,
+    next_seq: u64,
+    /// Stored entries and their accounted bytes.
+    live: u64,
+    bytes: u64,
+    /// Stored since the last persist: (seq, key, record).
+    unpersisted: Vec<(u64, Arc<str>, Stored)>,
+    /// Chunks in sled, oldest first: (id, seq just past their last entry).
+    chunks: VecDeque<(u64, u64)>,
+    next_chunk: u64,
+    next_owner: u64,
+}
+
+/// One persisted entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    key: String,
+    at: Stored,
+}
+
+/// Window and bounds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// ms an entry is remembered.
+    pub window_ms: u64,
+    /// Most entries.
+    pub keys_max: u64,
+    /// Most accounted bytes.
+    pub bytes_max: u64,
+}
+
+impl Limits {
+    pub(crate) fn of(cfg: &crate::config::BrokerConfig) -> Limits {
+        Limits {
+            window_ms: u64::try_from(cfg.dedup_window.as_millis()).unwrap_or(u64::MAX),
+            keys_max: cfg.dedup_keys_max,
+            bytes_max: cfg.dedup_bytes_max,
+        }
+    }
+}
+
+fn cost(key: &str) -> u64 {
+    key.len() as u64 + ENTRY_OVERHEAD_BYTES
+}
+
+/// What a claim found.
+pub(crate) enum Claim {
+    /// The key is remembered: this record was stored for it.
+    Duplicate(Stored),
+    /// The caller owns the key until the reservation is completed or dropped.
+    Owner(Reservation),
+}
+
+enum Step {
+    Duplicate(Stored),
+    Owner(u64),
+    Wait,
+}
+
+/// The index of remembered idempotency keys. See the module docs.
+pub(crate) struct DedupIndex {
+    inner: Mutex<Inner>,
+    /// Sync senders waiting for another sender's outcome.
+    changed: Condvar,
+    /// Async senders waiting for the same.
+    changed_async: Notify,
+    limits: Limits,
+}
+
+impl DedupIndex {
+    pub(crate) fn new(limits: Limits) -> DedupIndex {
+        DedupIndex {
+            inner: Mutex::new(Inner::default()),
+            changed: Condvar::new(),
+            changed_async: Notify::new(),
+            limits,
+        }
+    }
+
+    fn expired(&self, at: &Stored, now_ms: u64) -> bool {
+        now_ms.saturating_sub(at.stored_ms) >= self.limits.window_ms
+    }
+
+    fn step(&self, g: &mut Inner, key: &Arc<str>, now_ms: u64) -> Step {
+        match g.map.get_mut(key) {
+            Some(Slot::Stored { at, .. }) if !self.expired(at, now_ms) => {
+                return Step::Duplicate(*at)
+            }
+            Some(Slot::Reserved { waiters, .. }) => {
+                *waiters = true;
+                return Step::Wait;
+            }
+            Some(Slot::Stored { .. }) => {
+                // Expired: forget it now (its place in the order becomes stale).
+                if let Some(Slot::Stored { .. }) = g.map.remove(key) {
+                    g.live -= 1;
+                    g.bytes -= cost(key);
+                }
+            }
+            None => {}
+        }
+        g.next_owner += 1;
+        let owner = g.next_owner;
+        g.map.insert(
+            key.clone(),
+            Slot::Reserved {
+                owner,
+                waiters: false,
+            },
+        );
+        Step::Owner(owner)
+    }
+
+    /// Find `key`, or reserve it; waits (blocking) while another sender holds it.
+    pub(crate) fn claim(self: &Arc<Self>, key: &Arc<str>, now_ms: impl Fn() -> u64) -> Claim {
+        let mut g = self.inner.lock();
+        loop {
+            match self.step(&mut g, key, now_ms()) {
+                Step::Duplicate(at) => return Claim::Duplicate(at),
+                Step::Owner(owner) => return Claim::Owner(self.reservation(key, owner)),
+                Step::Wait => self.changed.wait(&mut g),
+            }
+        }
+    }
+
+    /// [`DedupIndex::claim`] for async code.
+    pub(crate) async fn claim_async(
+        self: &Arc<Self>,
+        key: &Arc<str>,
+        now_ms: impl Fn() -> u64,
+    ) -> Claim {
+        loop {
+            let changed = self.changed_async.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let step = self.step(&mut self.inner.lock(), key, now_ms());
+            match step {
+                Step::Duplicate(at) => return Claim::Duplicate(at),
+                Step::Owner(owner) => return Claim::Owner(self.reservation(key, owner)),
+                Step::Wait => changed.await,
+            }
+        }
+    }
+
+    fn reservation(self: &Arc<Self>, key: &Arc<str>, owner: u64) -> Reservation {
+        Reservation {
+            index: self.clone(),
+            key: key.clone(),
+            owner,
+            done: false,
+        }
+    }
+
+    fn wake(&self) {
+        self.changed.notify_all();
+        self.changed_async.notify_waiters();
+    }
+
+    /// The owner's record is acknowledged.
+    fn complete(&self, key: &Arc<str>, owner: u64, at: Stored) {
+        let mut g = self.inner.lock();
+        let waiters = match g.map.get(key) {
+            Some(Slot::Reserved { owner: o, waiters }) if *o == owner => *waiters,
+            // Not reserved by this owner any more: cannot happen (only the owner's
+            // completion or release ends a reservation); keep the log's truth anyway.
+            _ => false,
+        };
+        self.insert_stored(&mut g, key.clone(), at, true);
+        self.evict(&mut g, crate::broker::now_ms());
+        drop(g);
+        if waiters {
+            self.wake();
+        }
+    }
+
+    /// The owner's record will not be acknowledged: free the key.
+    fn release(&self, key: &Arc<str>, owner: u64) {
+        let mut g = self.inner.lock();
+        let waiters = match g.map.get(key) {
+            Some(Slot::Reserved { owner: o, waiters }) if *o == owner => {
+                let w = *waiters;
+                g.map.remove(key);
+                w
+            }
+            _ => false,
+        };
+        drop(g);
+        if waiters {
+            self.wake();
+        }
+    }
+
+    /// Remember `at` for `key` (replacing whatever was there).
+    fn insert_stored(&self, g: &mut Inner, key: Arc<str>, at: Stored, persist: bool) {
+        let c = cost(&key);
+        match g.map.get(&key) {
+            Some(Slot::Stored { at: old, .. }) if old.log_offset == at.log_offset => return,
+            Some(Slot::Stored { .. }) => {
+                g.live -= 1;
+                g.bytes -= c;
+            }
+            _ => {}
+        }
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        g.live += 1;
+        g.bytes += c;
+        g.order.push_back(Item {
+            seq,
+            key: key.clone(),
+        });
+        if persist {
+            g.unpersisted.push((seq, key.clone(), at));
+        }
+        g.map.insert(key, Slot::Stored { at, seq });
+    }
+
+    /// Forget entries from the oldest while over a bound or expired.
+    fn evict(&self, g: &mut Inner, now_ms: u64) {
+        while let Some(front) = g.order.front() {
+            let live = match g.map.get(&front.key) {
+                Some(Slot::Stored { at, seq }) if *seq == front.seq => Some(*at),
+                _ => None,
+            };
+            if let Some(at) = live {
+                let over = g.live > self.limits.keys_max || g.bytes > self.limits.bytes_max;
+                if !over && !self.expired(&at, now_ms) {
+                    break;
+                }
+                let key = front.key.clone();
+                g.map.remove(&key);
+                g.live -= 1;
+                g.bytes -= cost(&key);
+            }
+            g.order.pop_front();
+        }
+    }
+
+    /// What is remembered for `key` (ignoring the window), for tests and tools.
+    pub(crate) fn lookup(&self, key: &str) -> Option<Stored> {
+        match self.inner.lock().map.get(key) {
+            Some(Slot::Stored { at, .. }) => Some(*at),
+            _ => None,
+        }
+    }
+
+    /// Remembered keys.
+    pub(crate) fn len(&self) -> u64 {
+        self.inner.lock().live
+    }
+
+    /// Forget `key` if it still maps to the record at `log_offset` (that record turned out
+    /// not to be the key's).
+    pub(crate) fn forget(&self, key: &str, log_offset: u64) {
+        let mut g = self.inner.lock();
+        if let Some(Slot::Stored { at, .. }) = g.map.get(key) {
+            if at.log_offset == log_offset {
+                g.map.remove(key);
+                g.live -= 1;
+                g.bytes -= cost(key);
+            }
+        }
+    }
+
+    /// Load the persisted chunks (before recovery replays the log).
+    pub(crate) fn load(&self, meta: &Meta, now_ms: u64) -> Result<()> {
+        let mut g = self.inner.lock();
+        for (id, bytes) in meta.idem_chunks()? {
+            let entries: Vec<Persisted> = codec::decode(&bytes, "idempotency keys")?;
+            for e in entries {
+                if !self.expired(&e.at, now_ms) {
+                    self.insert_stored(&mut g, Arc::from(e.key), e.at, false);
+                }
+            }
+            let end = g.next_seq;
+            g.chunks.push_back((id, end));
+            g.next_chunk = g.next_chunk.max(id + 1);
+        }
+        self.evict(&mut g, now_ms);
+        Ok(())
+    }
+
+    /// Recovery found this record after the checkpoint.
+    pub(crate) fn replay(&self, view: &RecordView<'_>, now_ms: u64) -> Result<()> {
+        let space = match view.header.kind {
+            RecordKind::Message if view.header.flags & FLAG_TXN_COMMIT == 0 => Space::Message,
+            RecordKind::Half => Space::Half,
+            _ => return Ok(()),
+        };
+        if view.props.is_empty() {
+            return Ok(());
+        }
+        let props = view.properties()?;
+        let Some(key) = props.get(PROP_IDEMPOTENCY_KEY) else {
+            return Ok(());
+        };
+        let size = crate::record::encoded_len(view.topic, view.key, view.props, view.body)
+            .map_err(|reason| Error::Corrupt {
+                path: std::path::PathBuf::from("log"),
+                offset: view.header.log_offset,
+                reason,
+            })?;
+        let at = Stored {
+            log_offset: view.header.log_offset,
+            size,
+            stored_ms: view.header.timestamp_ms,
+        };
+        if self.expired(&at, now_ms) {
+            return Ok(());
+        }
+        let mut g = self.inner.lock();
+        self.insert_stored(&mut g, index_key(space, view.topic, key), at, true);
+        self.evict(&mut g, now_ms);
+        Ok(())
+    }
+
+    /// Forget entries for records at or past `log_end`: the log does not have them.
+    pub(crate) fn forget_beyond(&self, log_end: u64) {
+        let mut g = self.inner.lock();
+        let gone: Vec<Arc<str>> = g
+            .map
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Stored { at, .. } if at.log_offset >= log_end => Some(k.clone()),
+                _ => None,
+            })
+            .collect();
+        for k in gone {
+            tracing::warn!(
+                key = %k.escape_debug(),
+                "persisted idempotency key points past the end of the log; forgotten"
+            );
+            g.map.remove(&k);
+            g.live -= 1;
+            g.bytes -= cost(&k);
+        }
+    }
+
+    /// Write the entries stored since the last call to sled and remove chunks whose entries
+    /// are all forgotten. Runs before every checkpoint, on the flusher thread (or during
+    /// recovery), which is also the only thread that adds entries.
+    pub(crate) fn persist(&self, meta: &Meta, now_ms: u64) -> Result<()> {
+        let (taken, puts, removes, new_chunks) = {
+            let mut g = self.inner.lock();
+            self.evict(&mut g, now_ms);
+            if g.unpersisted.is_empty() && g.chunks.is_empty() {
+                return Ok(());
+            }
+            let taken = std::mem::take(&mut g.unpersisted);
+            let still: Vec<&(u64, Arc<str>, Stored)> = taken
+                .iter()
+                .filter(|(seq, key, _)| {
+                    matches!(g.map.get(key), Some(Slot::Stored { seq: s, .. }) if s == seq)
+                })
+                .collect();
+            let mut puts = Vec::new();
+            let mut new_chunks = Vec::new();
+            let mut encoded = Ok(());
+            for (id, part) in (g.next_chunk..).zip(still.chunks(CHUNK_ENTRIES_MAX)) {
+                let entries: Vec<Persisted> = part
+                    .iter()
+                    .map(|(_, k, at)| Persisted {
+                        key: k.to_string(),
+                        at: *at,
+                    })
+                    .collect();
+                let end = part.last().map_or(0, |(seq, _, _)| seq + 1);
+                match codec::encode(&entries, "idempotency keys") {
+                    Ok(v) => puts.push((id, v)),
+                    Err(e) => {
+                        encoded = Err(e);
+                        break;
+                    }
+                }
+                new_chunks.push((id, end));
+            }
+            drop(still);
+            if let Err(e) = encoded {
+                g.unpersisted = taken;
+                return Err(e);
+            }
+            let first_live = g.order.front().map_or(g.next_seq, |i| i.seq);
+            let removes: Vec<u64> = g
+                .chunks
+                .iter()
+                .take_while(|(_, end)| *end <= first_live)
+                .map(|(id, _)| *id)
+                .collect();
+            (taken, puts, removes, new_chunks)
+        };
+        if let Err(e) = meta.apply_idem_changes(&puts, &removes) {
+            // Nothing changed in sled: try again at the next checkpoint.
+            let mut g = self.inner.lock();
+            let newer = std::mem::replace(&mut g.unpersisted, taken);
+            g.unpersisted.extend(newer);
+            return Err(e);
+        }
+        let mut g = self.inner.lock();
+        for _ in &removes {
+            g.chunks.pop_front();
+        }
+        for c in new_chunks {
+            g.next_chunk = c.0 + 1;
+            g.chunks.push_back(c);
+        }
+        Ok(())
+    }
+}
+
+/// The right to store the one record of a key. Completing it remembers the record; dropping
+/// it uncompleted frees the key for the next sender.
+pub(crate) struct Reservation {
+    index: Arc<DedupIndex>,
+    key: Arc<str>,
+    owner: u64,
+    done: bool,
+}
+
+impl Reservation {
+    /// A store hook that completes the reservation when the record is acknowledged, and
+    /// releases it if the hook is dropped unrun.
+    pub(crate) fn into_hook(self, size: u32, stored_ms: u64) -> crate::store::DurableHook {
+        Box::new(move |log_offset| self.complete(log_offset, size, stored_ms))
+    }
+
+    /// The record is acknowledged at `log_offset`.
+    pub(crate) fn complete(mut self, log_offset: u64, size: u32, stored_ms: u64) {
+        self.done = true;
+        self.index.complete(
+            &self.key,
+            self.owner,
+            Stored {
+                log_offset,
+                size,
+                stored_ms,
+            },
+        );
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.index.release(&self.key, self.owner);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(window_ms: u64, keys_max: u64) -> Limits {
+        Limits {
+            window_ms,
+            keys_max,
+            bytes_max: u64::MAX,
+        }
+    }
+
+    fn at(log_offset: u64, stored_ms: u64) -> Stored {
+        Stored {
+            log_offset,
+            size: 100,
+            stored_ms,
+        }
+    }
+
+    fn store(ix: &Arc<DedupIndex>, key: &Arc<str>, log_offset: u64, now: u64) {
+        match ix.claim(key, || now) {
+            Claim::Owner(r) => r.complete(log_offset, 100, now),
+            Claim::Duplicate(s) => panic!("{key} already stored at {}", s.log_offset),
+        }
+    }
+
+    #[test]
+    fn count_bound_forgets_the_oldest_first() {
+        let ix = Arc::new(DedupIndex::new(limits(u64::MAX, 2)));
+        let now = crate::broker::now_ms();
+        let keys: Vec<Arc<str>> = (0..3)
+            .map(|i| index_key(Space::Message, "t", &format!("k{i}")))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            store(&ix, k, i as u64 * 100, now);
+        }
+        assert_eq!(ix.len(), 2);
+        assert_eq!(ix.lookup(&keys[0]), None);
+        assert_eq!(ix.lookup(&keys[2]), Some(at(200, now)));
+        assert!(matches!(ix.claim(&keys[1], || now), Claim::Duplicate(s) if s.log_offset == 100));
+    }
+
+    #[test]
+    fn a_dropped_reservation_frees_the_key_and_expiry_ends_a_duplicate() {
+        // A long window, so that completing (which also evicts by the real clock) keeps it.
+        let ix = Arc::new(DedupIndex::new(limits(60_000, 10)));
+        let t0 = crate::broker::now_ms();
+        let k = index_key(Space::Half, "t", "k");
+        match ix.claim(&k, || t0) {
+            Claim::Owner(r) => drop(r.into_hook(10, t0)),
+            Claim::Duplicate(_) => panic!("empty index"),
+        }
+        store(&ix, &k, 64, t0);
+        assert!(matches!(ix.claim(&k, || t0 + 59_999), Claim::Duplicate(_)));
+        // A window after it was stored, the key is free again.
+        assert!(matches!(ix.claim(&k, || t0 + 60_000), Claim::Owner(_)));
+        assert_eq!(ix.len(), 0);
+    }
+
+    #[test]
+    fn keys_are_scoped_by_topic_and_kind() {
+        assert_ne!(
+            index_key(Space::Message, "a", "k"),
+            index_key(Space::Half, "a", "k")
+        );
+        assert_ne!(
+            index_key(Space::Message, "a", "bk"),
+            index_key(Space::Message, "ab", "k")
+        );
+    }
+}
