@@ -124,6 +124,14 @@ pub struct GroupLag {
     pub committed: u64,
     /// Messages of the queue the group has not acked.
     pub backlog: u64,
+    /// Messages from the committed offset to the end of the queue: at least the backlog,
+    /// more when later messages were acked before an earlier one.
+    #[serde(default)]
+    pub lag: u64,
+    /// Age of the oldest message the group has not acked (now minus its store timestamp),
+    /// ms; `None` when everything is acked.
+    #[serde(default)]
+    pub oldest_unacked_age_ms: Option<u64>,
 }
 
 /// Figures for people and monitoring.
@@ -515,6 +523,7 @@ impl Broker {
     pub fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         let (t, qi, props) = self.prepare_send(topic, msg)?;
         let a = self.store.append(Self::append_of(&t, qi, msg, &props))?;
+        crate::metrics::message_in(&t.name, msg.body.len());
         Ok(Self::receipt(&t, qi, a))
     }
 
@@ -525,6 +534,7 @@ impl Broker {
             .store
             .append_async(Self::append_of(&t, qi, msg, &props))
             .await?;
+        crate::metrics::message_in(&t.name, msg.body.len());
         Ok(Self::receipt(&t, qi, a))
     }
 
@@ -651,6 +661,7 @@ impl Broker {
                 }
             }
         }
+        crate::metrics::delivered(group, &t.name, out.len());
         Ok(out)
     }
 
@@ -756,6 +767,7 @@ impl Broker {
             c.acked_above = acked;
             c.next = c.next.max(committed);
         }
+        crate::metrics::acked(group, &t.name, acks.len());
         Ok(())
     }
 
@@ -784,6 +796,8 @@ impl Broker {
                         group: g.clone(),
                         committed: acks.committed,
                         backlog: messages.saturating_sub(acked),
+                        lag: messages.saturating_sub(acks.committed),
+                        oldest_unacked_age_ms: self.oldest_unacked_age_ms(q, acks.committed)?,
                     });
                 }
                 queues.push(QueueStats {
@@ -801,6 +815,16 @@ impl Broker {
             txn_pending,
             txn_unresolved,
         })
+    }
+
+    /// How long ago the message at `committed`, the first one a group has not acked, was
+    /// stored; `None` past the end of the queue (everything acked).
+    fn oldest_unacked_age_ms(&self, q: &ConsumeQueue, committed: u64) -> Result<Option<u64>> {
+        if committed >= q.len() {
+            return Ok(None);
+        }
+        let rec = self.store.read_message(q, committed)?;
+        Ok(rec.map(|r| now_ms().saturating_sub(r.header.timestamp_ms)))
     }
 
     /// The storage engine, for tools and tests.
@@ -1023,7 +1047,7 @@ impl Broker {
         let r = self
             .store
             .append_hooked(end.append(), Some(end.hook(&self.txns)));
-        self.end_finish(txn, r)
+        self.end_finish(&end, r)
     }
 
     async fn finish_async(&self, txn: TxnId, outcome: Outcome) -> Result<()> {
@@ -1034,7 +1058,7 @@ impl Broker {
             .store
             .append_async_hooked(end.append(), Some(end.hook(&self.txns)))
             .await;
-        self.end_finish(txn, r)
+        self.end_finish(&end, r)
     }
 
     /// Claim the transaction and build the record that ends it; `None` when the same
@@ -1051,11 +1075,19 @@ impl Broker {
         end.map(Some)
     }
 
-    fn end_finish(&self, txn: TxnId, r: Result<crate::store::Appended>) -> Result<()> {
-        if r.is_err() {
-            self.txns.abort_resolve(txn.0);
+    fn end_finish(&self, end: &EndRecord, r: Result<crate::store::Appended>) -> Result<()> {
+        match r {
+            Err(e) => {
+                self.txns.abort_resolve(end.info.txn_id);
+                Err(e)
+            }
+            Ok(_) => {
+                if end.outcome == Outcome::Committed {
+                    crate::metrics::message_in(&end.info.topic, end.body.len());
+                }
+                Ok(())
+            }
         }
-        r.map(|_| ())
     }
 
     /// A commit is the half's message (its user properties plus the transaction id) as one

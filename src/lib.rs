@@ -47,6 +47,7 @@
 //! - [`meta`]: sled-backed topic configuration, consumer offsets and transaction state.
 //! - [`net`]: the network broker: frames, protocol, server, client.
 //! - [`txn`]: half messages, commit / rollback, check-back.
+//! - [`metrics`]: Prometheus metric names and recording helpers (no-ops without a recorder).
 //! - [`config`]: settings with their defaults.
 //! - [`error`]: the one typed [`Error`].
 //! - [`bench`]: the load generator behind `halfmq bench`.
@@ -61,6 +62,7 @@ mod codec;
 pub mod config;
 pub mod error;
 pub mod meta;
+pub mod metrics;
 pub mod net;
 pub mod record;
 pub mod settings;
