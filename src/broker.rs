@@ -151,6 +151,7 @@ struct Topic {
     name: String,
     queues: Vec<Arc<ConsumeQueue>>,
     round_robin: AtomicU32,
+    counters: crate::metrics::TopicCounters,
 }
 
 /// In-memory state of one group in one queue.
@@ -424,6 +425,7 @@ impl Broker {
             name: name.to_owned(),
             queues,
             round_robin: AtomicU32::new(0),
+            counters: crate::metrics::TopicCounters::new(name),
         });
         self.topics.write().insert(name.to_owned(), topic.clone());
         Ok(topic)
@@ -523,7 +525,7 @@ impl Broker {
     pub fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         let (t, qi, props) = self.prepare_send(topic, msg)?;
         let a = self.store.append(Self::append_of(&t, qi, msg, &props))?;
-        crate::metrics::message_in(&t.name, msg.body.len());
+        t.counters.message_in(msg.body.len());
         Ok(Self::receipt(&t, qi, a))
     }
 
@@ -534,7 +536,7 @@ impl Broker {
             .store
             .append_async(Self::append_of(&t, qi, msg, &props))
             .await?;
-        crate::metrics::message_in(&t.name, msg.body.len());
+        t.counters.message_in(msg.body.len());
         Ok(Self::receipt(&t, qi, a))
     }
 

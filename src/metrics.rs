@@ -139,7 +139,41 @@ impl CheckOutcome {
     }
 }
 
-/// A message of `topic` with a body of `body_bytes` was stored (send or commit).
+/// The counters of a topic's incoming messages, registered once (when the broker loads or
+/// creates the topic) so that a send costs two atomic adds instead of two registry
+/// look-ups. They belong to the recorder installed when they were made: install it before
+/// [`Broker::open`](crate::Broker::open).
+#[derive(Clone)]
+pub struct TopicCounters {
+    messages_in: metrics::Counter,
+    bytes_in: metrics::Counter,
+}
+
+impl TopicCounters {
+    /// Register the counters of `topic`.
+    pub fn new(topic: &str) -> TopicCounters {
+        let labels = [("topic", topic.to_owned())];
+        TopicCounters {
+            messages_in: counter!(MESSAGES_IN, &labels),
+            bytes_in: counter!(BYTES_IN, &labels),
+        }
+    }
+
+    /// A message with a body of `body_bytes` was stored.
+    pub fn message_in(&self, body_bytes: usize) {
+        self.messages_in.increment(1);
+        self.bytes_in.increment(body_bytes as u64);
+    }
+}
+
+impl std::fmt::Debug for TopicCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopicCounters")
+    }
+}
+
+/// A message of `topic` with a body of `body_bytes` was stored (a commit; sends use the
+/// topic's [`TopicCounters`]).
 pub fn message_in(topic: &str, body_bytes: usize) {
     let labels = [("topic", topic.to_owned())];
     counter!(MESSAGES_IN, &labels).increment(1);
@@ -392,6 +426,9 @@ mod tests {
             message_in("orders", 10);
             message_in("orders", 5);
             message_in("pay", 1);
+            let c = TopicCounters::new("pay");
+            c.message_in(7);
+            c.message_in(3);
             delivered("shipping", "orders", 3);
             delivered("shipping", "orders", 0);
             acked("shipping", "orders", 2);
@@ -408,7 +445,8 @@ mod tests {
         });
         has(&t, "halfmq_messages_in_total{topic=\"orders\"} 2");
         has(&t, "halfmq_bytes_in_total{topic=\"orders\"} 15");
-        has(&t, "halfmq_messages_in_total{topic=\"pay\"} 1");
+        has(&t, "halfmq_messages_in_total{topic=\"pay\"} 3");
+        has(&t, "halfmq_bytes_in_total{topic=\"pay\"} 11");
         has(
             &t,
             "halfmq_messages_out_total{topic=\"orders\",group=\"shipping\"} 3",
@@ -572,6 +610,7 @@ mod tests {
         // No global recorder is installed in unit tests: every helper ends in the no-op
         // recorder (an embedded broker without metrics) and must simply return.
         message_in("t", 1);
+        TopicCounters::new("t").message_in(1);
         delivered("g", "t", 1);
         acked("g", "t", 1);
         dead_lettered("g", "t");
