@@ -46,6 +46,11 @@ pub struct BenchOptions {
     /// Plain sends each with a unique idempotency key. Plain sends without keys are measured
     /// first in the same run, for `ratio_to_without_keys`.
     pub idempotency_keys: bool,
+    /// The handle of an installed metrics recorder ([`crate::metrics::install`]): during the
+    /// run a thread scrapes it every second as the `/metrics` endpoint would (gauges
+    /// refreshed from `Broker::stats`, then rendered), and the report says what it counted.
+    /// `None`: no recorder, every metrics call is a no-op.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// What each producer does per message.
@@ -128,6 +133,55 @@ pub struct BenchReport {
     /// `msgs_per_s / embedded_msgs_per_s`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_embedded: Option<f64>,
+    /// Whether a metrics recorder was installed and scraped every second during the run.
+    pub metrics_recorder: bool,
+    /// With a recorder: how much `halfmq_messages_in_total` grew during the measured run
+    /// (it should equal `messages` for plain sends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_messages_in: Option<u64>,
+    /// With a recorder: scrapes made during the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_scrapes: Option<u64>,
+}
+
+/// Scrapes a recorder every second on a thread, as the `/metrics` endpoint would.
+struct Scraper {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Scraper {
+    fn start(
+        broker: Arc<Broker>,
+        handle: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> Result<Scraper> {
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-scraper".into())
+            .spawn(move || {
+                let mut scrapes = 0u64;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(Duration::from_secs(1))
+                {
+                    match broker.stats() {
+                        Ok(s) => crate::metrics::record_stats(&s),
+                        Err(_) => crate::metrics::stats_failed(),
+                    }
+                    std::hint::black_box(handle.render());
+                    handle.run_upkeep();
+                    scrapes += 1;
+                }
+                scrapes
+            })
+            .map_err(|e| Error::io("bench-scraper", "start scraper thread", e))?;
+        Ok(Scraper { stop, thread })
+    }
+
+    /// Stop and return the number of scrapes.
+    fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// The raw disk's limits, measured on the bench directory.
@@ -274,6 +328,14 @@ fn run_producers(
     };
     let broker = Arc::new(Broker::open(config)?);
     broker.create_topic("bench", 8)?;
+    let messages_in = |h: &metrics_exporter_prometheus::PrometheusHandle| {
+        crate::metrics::sample_sum(&h.render(), crate::metrics::MESSAGES_IN) as u64
+    };
+    let in_before = opts.metrics.as_ref().map(messages_in);
+    let scraper = match &opts.metrics {
+        Some(h) => Some(Scraper::start(Arc::clone(&*broker), h.clone())?),
+        None => None,
+    };
     let limit_msgs = opts.messages.unwrap_or(u64::MAX);
     let limit_time = limit_time(opts);
     let load = Arc::new(Load {
@@ -366,6 +428,8 @@ fn run_producers(
         })?;
     }
     let log = broker.store().log_stats();
+    let scrapes = scraper.map(Scraper::stop);
+    let in_after = opts.metrics.as_ref().map(messages_in);
     broker.close()?;
     let messages = load.done.load(Ordering::Relaxed);
     Ok(BenchReport {
@@ -391,6 +455,9 @@ fn run_producers(
         max_us: hist.max(),
         fsyncs_per_s: round2(log.syncs as f64 / seconds),
         msgs_per_fsync: round2(log.records as f64 / log.syncs.max(1) as f64),
+        metrics_recorder: opts.metrics.is_some(),
+        metrics_messages_in: in_after.zip(in_before).map(|(a, b)| a.saturating_sub(b)),
+        metrics_scrapes: scrapes,
         ..BenchReport::default()
     })
 }

@@ -169,9 +169,19 @@ pub struct GroupLag {
     /// Messages of the queue the group has not acked.
     pub backlog: u64,
     /// Of those, delivered and not acked yet (leased to a consumer).
+    #[serde(default)]
     pub in_flight: u64,
     /// Of those, waiting for redelivery after a failed delivery.
+    #[serde(default)]
     pub retrying: u64,
+    /// Messages from the committed offset to the end of the queue: at least the backlog,
+    /// more when later messages were acked before an earlier one.
+    #[serde(default)]
+    pub lag: u64,
+    /// Age of the oldest message the group has not acked (now minus its store timestamp),
+    /// ms; `None` when everything is acked.
+    #[serde(default)]
+    pub oldest_unacked_age_ms: Option<u64>,
 }
 
 /// The dead-letter queue of one group.
@@ -197,8 +207,10 @@ pub struct Stats {
     /// Transactions checked `check_max` times without an answer (need a person).
     pub txn_unresolved: u64,
     /// Dead-letter queues, by group.
+    #[serde(default)]
     pub dead_letters: Vec<DeadLetterStats>,
     /// Delayed messages not delivered yet.
+    #[serde(default)]
     pub delayed_pending: u64,
 }
 
@@ -206,6 +218,7 @@ struct Topic {
     name: String,
     queues: Vec<Arc<ConsumeQueue>>,
     round_robin: AtomicU32,
+    counters: crate::metrics::TopicCounters,
 }
 
 /// The embedded broker. All methods take `&self`; share it with an `Arc`.
@@ -559,6 +572,7 @@ impl Broker {
             name: name.to_owned(),
             queues,
             round_robin: AtomicU32::new(0),
+            counters: crate::metrics::TopicCounters::new(name),
         });
         self.topics.write().insert(name.to_owned(), topic.clone());
         Ok(topic)
@@ -667,6 +681,7 @@ impl Broker {
             return self.send_keyed(&t, qi, msg, &props, key);
         }
         let a = self.store.append(Self::append_of(&t, qi, msg, &props))?;
+        t.counters.message_in(msg.body.len());
         Ok(Self::receipt(&t, qi, a))
     }
 
@@ -680,6 +695,7 @@ impl Broker {
             .store
             .append_async(Self::append_of(&t, qi, msg, &props))
             .await?;
+        t.counters.message_in(msg.body.len());
         Ok(Self::receipt(&t, qi, a))
     }
 
@@ -933,6 +949,8 @@ impl Broker {
                         backlog: messages.saturating_sub(acked),
                         in_flight,
                         retrying,
+                        lag: messages.saturating_sub(acks.committed),
+                        oldest_unacked_age_ms: self.oldest_unacked_age_ms(q, acks.committed)?,
                     });
                 }
                 queues.push(QueueStats {
@@ -963,6 +981,16 @@ impl Broker {
             dead_letters,
             delayed_pending: self.delayed.pending(),
         })
+    }
+
+    /// How long ago the message at `committed`, the first one a group has not acked, was
+    /// stored; `None` past the end of the queue (everything acked).
+    fn oldest_unacked_age_ms(&self, q: &ConsumeQueue, committed: u64) -> Result<Option<u64>> {
+        if committed >= q.len() {
+            return Ok(None);
+        }
+        let rec = self.store.read_message(q, committed)?;
+        Ok(rec.map(|r| now_ms().saturating_sub(r.header.timestamp_ms)))
     }
 
     /// The storage engine, for tools and tests.
@@ -1414,7 +1442,7 @@ impl Broker {
         let r = self
             .store
             .append_hooked(end.append(), Some(end.hook(&self.txns)));
-        self.end_finish(txn, r)
+        self.end_finish(&end, r)
     }
 
     async fn finish_async(&self, txn: TxnId, outcome: Outcome) -> Result<()> {
@@ -1425,7 +1453,7 @@ impl Broker {
             .store
             .append_async_hooked(end.append(), Some(end.hook(&self.txns)))
             .await;
-        self.end_finish(txn, r)
+        self.end_finish(&end, r)
     }
 
     /// Claim the transaction and build the record that ends it; `None` when the same
@@ -1442,11 +1470,19 @@ impl Broker {
         end.map(Some)
     }
 
-    fn end_finish(&self, txn: TxnId, r: Result<crate::store::Appended>) -> Result<()> {
-        if r.is_err() {
-            self.txns.abort_resolve(txn.0);
+    fn end_finish(&self, end: &EndRecord, r: Result<crate::store::Appended>) -> Result<()> {
+        match r {
+            Err(e) => {
+                self.txns.abort_resolve(end.info.txn_id);
+                Err(e)
+            }
+            Ok(_) => {
+                if end.outcome == Outcome::Committed {
+                    crate::metrics::message_in(&end.info.topic, end.body.len());
+                }
+                Ok(())
+            }
         }
-        r.map(|_| ())
     }
 
     /// A commit is the half's message (its user properties plus the transaction id) as one

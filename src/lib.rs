@@ -48,6 +48,7 @@
 //! - [`net`]: the network broker: frames, protocol, server, client.
 //! - [`txn`]: half messages, commit / rollback, check-back.
 //! - [`idem`]: idempotency keys: a retried send with the same key is stored once.
+//! - [`metrics`]: Prometheus metric names and recording helpers (no-ops without a recorder).
 //! - [`config`]: settings with their defaults.
 //! - [`error`]: the one typed [`Error`].
 //! - [`bench`]: the load generator behind `halfmq bench`.
@@ -65,6 +66,7 @@ mod delivery;
 pub mod error;
 pub mod idem;
 pub mod meta;
+pub mod metrics;
 pub mod net;
 pub mod record;
 pub mod settings;

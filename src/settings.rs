@@ -7,6 +7,7 @@
 //! listen = "127.0.0.1:10911"
 //! flush = "sync"              # or "async"
 //! txn_timeout_ms = 6000
+//! metrics = "127.0.0.1:9100"  # Prometheus endpoint http://ADDR/metrics; "off" by default
 //! ```
 
 use std::net::SocketAddr;
@@ -18,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{BrokerConfig, FlushPolicy};
 use crate::error::{Error, Result};
 use crate::net::server::ServerConfig;
+
+/// The value of the `metrics` setting that turns the endpoint off.
+pub const METRICS_OFF: &str = "off";
 
 /// Every broker setting; `None` means "not given here".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +75,8 @@ pub struct Settings {
     pub dedup_keys_max: Option<u64>,
     /// Most memory remembered idempotency keys may take, bytes.
     pub dedup_bytes_max: Option<u64>,
+    /// Address of the Prometheus endpoint (`http://ADDR/metrics`), or `"off"` (the default).
+    pub metrics: Option<String>,
 }
 
 macro_rules! overlay_fields {
@@ -119,7 +125,8 @@ impl Settings {
             retry_backoff_ms,
             dedup_window_ms,
             dedup_keys_max,
-            dedup_bytes_max
+            dedup_bytes_max,
+            metrics
         )
     }
 
@@ -261,7 +268,27 @@ impl Settings {
             dedup_window_ms: ms(b.dedup_window),
             dedup_keys_max: Some(b.dedup_keys_max),
             dedup_bytes_max: Some(b.dedup_bytes_max),
+            metrics: Some(
+                self.metrics_addr()?
+                    .map_or_else(|| METRICS_OFF.to_owned(), |a| a.to_string()),
+            ),
         })
+    }
+
+    /// Where to serve Prometheus metrics: `None` when off (not set, empty, or `"off"`).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>> {
+        match self.metrics.as_deref().map(str::trim) {
+            None | Some("") | Some(METRICS_OFF) => Ok(None),
+            Some(a) => a
+                .parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|e| Error::Config {
+                    setting: "metrics",
+                    reason: format!(
+                        "{a:?} is not an address like 127.0.0.1:9100 (or \"off\"): {e}"
+                    ),
+                }),
+        }
     }
 
     /// As TOML text.
@@ -306,6 +333,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn metrics_is_off_by_default_and_an_address_when_set() {
+        let s = Settings::default();
+        assert_eq!(s.metrics_addr().unwrap(), None);
+        assert_eq!(s.effective().unwrap().metrics.as_deref(), Some("off"));
+        let file: Settings = toml::from_str("metrics = \"127.0.0.1:9100\"\n").unwrap();
+        let s = file.overlay(Settings::default());
+        assert_eq!(
+            s.metrics_addr().unwrap(),
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        let text = s.effective().unwrap().to_toml().unwrap();
+        assert!(text.contains("metrics = \"127.0.0.1:9100\""), "{text}");
+        let flags = Settings {
+            metrics: Some("off".into()),
+            ..Settings::default()
+        };
+        assert_eq!(s.overlay(flags).metrics_addr().unwrap(), None);
+        let bad = Settings {
+            metrics: Some("localhost".into()),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            bad.metrics_addr(),
+            Err(Error::Config {
+                setting: "metrics",
+                ..
+            })
+        ));
+        assert!(matches!(
+            bad.effective(),
+            Err(Error::Config {
+                setting: "metrics",
+                ..
+            })
+        ));
     }
 
     #[test]

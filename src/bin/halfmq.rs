@@ -13,6 +13,7 @@ use halfmq::bench::{self, BenchOptions};
 use halfmq::broker::NackOutcome;
 use halfmq::meta::GroupSettings;
 use halfmq::net::client::{Client, ClientConfig};
+use halfmq::net::metrics_http::MetricsServer;
 use halfmq::net::server::Server;
 use halfmq::settings::Settings;
 use halfmq::{
@@ -113,6 +114,9 @@ struct BrokerArgs {
     /// Most memory remembered idempotency keys may take, bytes [default: 268435456].
     #[arg(long, env = "HALFMQ_DEDUP_BYTES_MAX")]
     dedup_bytes_max: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("off" turns it off) [default: off].
+    #[arg(long, env = "HALFMQ_METRICS", value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 impl BrokerArgs {
@@ -141,6 +145,7 @@ impl BrokerArgs {
             dedup_window_ms: self.dedup_window_ms,
             dedup_keys_max: self.dedup_keys_max,
             dedup_bytes_max: self.dedup_bytes_max,
+            metrics: self.metrics.clone(),
             ..Settings::default()
         };
         Ok(file.overlay(flags))
@@ -520,6 +525,10 @@ struct BenchArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Install the Prometheus recorder (as `broker --metrics` does) and scrape it every
+    /// second during the run, to measure what metrics cost (embedded runs).
+    #[arg(long, conflicts_with = "addr")]
+    metrics: bool,
 }
 
 fn main() -> ExitCode {
@@ -617,6 +626,12 @@ async fn broker(args: BrokerArgs, print_config: bool, check: bool) -> halfmq::Re
         return Ok(());
     }
     let (config, server_config) = settings.resolve()?;
+    let metrics_addr = settings.metrics_addr()?;
+    // Installed before the broker opens, so that everything it records is counted.
+    let metrics_handle = match metrics_addr {
+        Some(_) if !check => Some(halfmq::metrics::install()?),
+        _ => None,
+    };
     let broker = tokio::task::spawn_blocking(move || Broker::open(config))
         .await
         .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("opening panicked".into())))?;
@@ -625,6 +640,14 @@ async fn broker(args: BrokerArgs, print_config: bool, check: bool) -> halfmq::Re
         return broker.close();
     }
     let server = Server::start(broker.clone(), server_config).await?;
+    let metrics_server = match (metrics_addr, metrics_handle) {
+        (Some(addr), Some(handle)) => {
+            let m = MetricsServer::start(addr, broker.clone(), handle).await?;
+            println_flush(&format!("metrics at http://{}/metrics", m.local_addr()));
+            Some(m)
+        }
+        _ => None,
+    };
     println_flush(&format!(
         "halfmq broker listening on {} (data directory {}); Ctrl-C or SIGTERM stops it cleanly",
         server.local_addr(),
@@ -637,6 +660,9 @@ async fn broker(args: BrokerArgs, print_config: bool, check: bool) -> halfmq::Re
         _ = term.recv() => {}
     }
     eprintln!("halfmq: stopping: finishing requests in flight, then flushing");
+    if let Some(m) = metrics_server {
+        m.shutdown().await;
+    }
     server.shutdown().await;
     tokio::task::spawn_blocking(move || broker.close())
         .await
@@ -673,7 +699,16 @@ fn print_status(b: &Broker) -> halfmq::Result<()> {
 }
 
 fn print_stats_table(s: &halfmq::Stats) {
-    println!(
+    print!("{}", stats_table(s));
+}
+
+/// `halfmq stats` for people: the log and transactions, then one row per queue and
+/// consumer group.
+fn stats_table(s: &halfmq::Stats) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "log: {} segment(s), durable up to offset {}; transactions: {} pending, {} unresolved{}",
         s.log.segments,
         s.log.durable_offset,
@@ -685,27 +720,87 @@ fn print_stats_table(s: &halfmq::Stats) {
             ""
         }
     );
-    if s.queues.is_empty() {
-        println!("topics: none yet");
-        return;
+    if s.delayed_pending > 0 {
+        let _ = writeln!(out, "delayed: {} pending", s.delayed_pending);
     }
-    println!(
-        "{:<24} {:>5} {:>12}  groups (committed / backlog)",
-        "topic", "queue", "messages"
+    for d in &s.dead_letters {
+        let _ = writeln!(
+            out,
+            "dead letters of {}: {} waiting, {} replayed (see `halfmq dlq list --group {}`)",
+            d.group,
+            d.messages.saturating_sub(d.replayed),
+            d.replayed,
+            d.group
+        );
+    }
+    if s.queues.is_empty() {
+        out.push_str("topics: none yet\n");
+        return out;
+    }
+    let row = |out: &mut String, cells: [&str; 10]| {
+        let [topic, queue, messages, group, committed, backlog, lag, in_flight, retrying, oldest] =
+            cells;
+        let _ = writeln!(
+            out,
+            "{topic:<24} {queue:>5} {messages:>10}  {group:<20} {committed:>10} {backlog:>10} {lag:>10} {in_flight:>9} {retrying:>8}  {oldest}"
+        );
+    };
+    row(
+        &mut out,
+        [
+            "topic",
+            "queue",
+            "messages",
+            "group",
+            "committed",
+            "backlog",
+            "lag",
+            "in-flight",
+            "retrying",
+            "oldest-un-acked",
+        ],
     );
     for q in &s.queues {
-        let groups: Vec<String> = q
-            .groups
-            .iter()
-            .map(|g| format!("{} {}/{}", g.group, g.committed, g.backlog))
-            .collect();
-        println!(
-            "{:<24} {:>5} {:>12}  {}",
-            q.topic,
-            q.queue,
-            q.messages,
-            groups.join(", ")
-        );
+        let (queue, messages) = (q.queue.to_string(), q.messages.to_string());
+        if q.groups.is_empty() {
+            row(
+                &mut out,
+                [&q.topic, &queue, &messages, "-", "", "", "", "", "", ""],
+            );
+        }
+        for g in &q.groups {
+            let oldest = g
+                .oldest_unacked_age_ms
+                .map_or_else(|| "-".to_owned(), human_age);
+            row(
+                &mut out,
+                [
+                    &q.topic,
+                    &queue,
+                    &messages,
+                    &g.group,
+                    &g.committed.to_string(),
+                    &g.backlog.to_string(),
+                    &g.lag.to_string(),
+                    &g.in_flight.to_string(),
+                    &g.retrying.to_string(),
+                    &oldest,
+                ],
+            );
+        }
+    }
+    out
+}
+
+/// An age for people: "850 ms", "12.3 s", "4m 05s", "3h 02m", "2d 04h".
+fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..60_000 => format!("{s}.{} s", ms % 1000 / 100),
+        60_000..3_600_000 => format!("{}m {:02}s", s / 60, s % 60),
+        3_600_000..86_400_000 => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {:02}h", s / 86_400, s % 86_400 / 3600),
     }
 }
 
@@ -1215,9 +1310,14 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         baseline: a.baseline,
         txn: a.txn,
         idempotency_keys: a.idempotency_keys,
+        metrics: if a.metrics {
+            Some(halfmq::metrics::install()?)
+        } else {
+            None
+        },
     };
     eprintln!(
-        "halfmq bench: mode={} producers={} size={} flush={} messages={:?} seconds={:?} dir={} cores={}",
+        "halfmq bench: mode={} producers={} size={} flush={} metrics={} messages={:?} seconds={:?} dir={} cores={}",
         if a.addr.is_some() {
             "broker"
         } else if a.txn {
@@ -1230,6 +1330,7 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         a.producers,
         a.size,
         a.flush.name(),
+        if a.metrics { "recorder" } else { "none" },
         a.messages,
         a.seconds,
         opts.data_dir.display(),
@@ -1289,7 +1390,79 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
     if let (Some(emb), Some(ratio)) = (r.embedded_msgs_per_s, r.ratio_to_embedded) {
         println!("embedded broker in the same run: {emb:.0} msg/s; network / embedded: {ratio:.3}");
     }
+    if r.metrics_recorder {
+        println!(
+            "metrics recorder: {} scrapes; halfmq_messages_in_total grew by {}",
+            r.metrics_scrapes.unwrap_or_default(),
+            r.metrics_messages_in.unwrap_or_default()
+        );
+    }
     if json {
         print_json(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_for_people() {
+        assert_eq!(human_age(0), "0 ms");
+        assert_eq!(human_age(999), "999 ms");
+        assert_eq!(human_age(1_000), "1.0 s");
+        assert_eq!(human_age(59_999), "59.9 s");
+        assert_eq!(human_age(60_000), "1m 00s");
+        assert_eq!(human_age(245_000), "4m 05s");
+        assert_eq!(human_age(3_600_000 * 3 + 120_000), "3h 02m");
+        assert_eq!(human_age(86_400_000 * 2 + 3_600_000 * 4 + 1), "2d 04h");
+    }
+
+    #[test]
+    fn stats_table_has_a_row_per_queue_and_group() {
+        let stats: halfmq::Stats = serde_json::from_value(serde_json::json!({
+            "log": {"segments": 1, "first_offset": 32, "durable_offset": 500,
+                    "written_offset": 500, "syncs": 3, "records": 4},
+            "queues": [
+                {"topic": "payments", "queue": 0, "messages": 3, "groups": [
+                    {"group": "orders", "committed": 1, "backlog": 1, "lag": 2,
+                     "in_flight": 1, "retrying": 0, "oldest_unacked_age_ms": 65_000},
+                    {"group": "audit", "committed": 3, "backlog": 0, "lag": 0,
+                     "oldest_unacked_age_ms": null}]},
+                {"topic": "payments", "queue": 1, "messages": 0, "groups": []}
+            ],
+            "txn_pending": 2,
+            "txn_unresolved": 1
+        }))
+        .unwrap();
+        let t = stats_table(&stats);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert!(t.starts_with("log: 1 segment(s), durable up to offset 500; transactions: 2 pending, 1 unresolved (see"), "{t}");
+        assert_eq!(lines.len(), 5, "{t}");
+        assert_eq!(
+            lines[2],
+            ["payments", "0", "3", "orders", "1", "1", "2", "1", "0", "1m", "05s"]
+        );
+        assert_eq!(
+            lines[3],
+            ["payments", "0", "3", "audit", "3", "0", "0", "0", "0", "-"]
+        );
+        assert_eq!(lines[4], ["payments", "1", "0", "-"]);
+    }
+
+    #[test]
+    fn stats_json_from_an_older_broker_still_reads() {
+        // A broker without lag and oldest un-acked age: the fields default.
+        let stats: halfmq::Stats = serde_json::from_value(serde_json::json!({
+            "log": {"segments": 1, "first_offset": 32, "durable_offset": 32,
+                    "written_offset": 32, "syncs": 0, "records": 0},
+            "queues": [{"topic": "t", "queue": 0, "messages": 1, "groups": [
+                {"group": "g", "committed": 0, "backlog": 1}]}],
+            "txn_pending": 0,
+            "txn_unresolved": 0
+        }))
+        .unwrap();
+        let g = &stats.queues[0].groups[0];
+        assert_eq!((g.lag, g.oldest_unacked_age_ms), (0, None));
     }
 }

@@ -336,6 +336,7 @@ impl Broker {
                 }
             }
         }
+        crate::metrics::delivered(group, &t.name, st.out.len());
         result.map(|()| st.out)
     }
 
@@ -526,7 +527,9 @@ impl Broker {
         let t = self.topic_to_read(topic)?;
         let g = self.group_topic(group, &t)?;
         let mut g = g.lock();
-        self.ack_locked(group, &t, &mut g, acks)
+        self.ack_locked(group, &t, &mut g, acks)?;
+        crate::metrics::acked(group, &t.name, acks.len());
+        Ok(())
     }
 
     fn ack_locked(
@@ -801,6 +804,7 @@ impl Broker {
         );
         // 3. Ack the original (which also drops its retry state).
         self.ack_locked(group, t, g, &[(queue, offset)])?;
+        crate::metrics::dead_lettered(group, &t.name);
         Ok(SendReceipt {
             topic: dlq.name.clone(),
             queue: dq.queue_id(),

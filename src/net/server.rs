@@ -155,10 +155,12 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 if open.load(Ordering::Acquire) >= config.connections_max {
                     tracing::warn!(%peer, "refusing a connection: connections_max reached");
+                    crate::metrics::connection_refused();
                     conns.spawn(refuse(stream, config.frame_bytes_max));
                     continue;
                 }
                 open.fetch_add(1, Ordering::AcqRel);
+                crate::metrics::connection_opened();
                 let (broker, config, open, shutdown) =
                     (broker.clone(), config.clone(), open.clone(), shutdown.clone());
                 conns.spawn(async move {
@@ -166,6 +168,7 @@ async fn accept_loop(
                         tracing::debug!(%peer, error = %e, "connection ended");
                     }
                     open.fetch_sub(1, Ordering::AcqRel);
+                    crate::metrics::connection_closed();
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}

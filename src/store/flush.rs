@@ -155,7 +155,9 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
             .file
             .write_all_at(&batch.bytes[c.start..c.end], c.file_pos)?;
         if c.seal {
+            let t = Instant::now();
             c.segment.file.sync_data()?;
+            crate::metrics::fsync(t.elapsed());
             last_segment = None;
         } else {
             last_segment = Some(c.segment.clone());
@@ -165,6 +167,7 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
     let records = batch.records;
     let mut synced = false;
     if had_data {
+        crate::metrics::group_commit(records, bytes);
         st.written = batch.end;
         st.unsynced_bytes += bytes;
         st.since_checkpoint += bytes;
@@ -189,6 +192,7 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         };
         let t = Instant::now();
         seg.file.sync_data()?;
+        crate::metrics::fsync(t.elapsed());
         st.last_sync_time = t.elapsed().min(std::time::Duration::from_millis(1));
         st.durable = st.written;
         st.unsynced_bytes = 0;

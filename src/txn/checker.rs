@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::{CheckAnswer, HalfMessage, TransactionChecker};
 use crate::broker::{now_ms, Broker};
 use crate::error::{Error, Result};
+use crate::metrics::CheckOutcome;
 
 /// Messages to the check-back thread.
 pub(crate) enum Msg {
@@ -120,6 +121,7 @@ impl Broker {
             if in_flight.remove(&txn).is_none() {
                 continue; // answered after its time-out: already counted as no answer
             }
+            crate::metrics::check_back(CheckOutcome::of(&answer));
             match answer {
                 Ok(CheckAnswer::Commit) => self.apply_check_answer(txn, super::Outcome::Committed),
                 Ok(CheckAnswer::Rollback) => {
@@ -133,6 +135,7 @@ impl Broker {
         in_flight.retain(|&txn, deadline| {
             let keep = *deadline > now;
             if !keep {
+                crate::metrics::check_back(CheckOutcome::NoAnswer);
                 failed.push((txn, "no answer within check_answer_timeout"));
             }
             keep
@@ -141,6 +144,7 @@ impl Broker {
         for info in self.txn_index().take_due(now_ms(), room) {
             let txn = info.txn_id;
             let Some(checker) = self.checker_for(&info.producer_group) else {
+                crate::metrics::check_back(CheckOutcome::NoProducer);
                 failed.push((txn, "no live producer of the group"));
                 continue;
             };
@@ -148,6 +152,7 @@ impl Broker {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(txn, error = %e, "cannot read the half message to check it");
+                    crate::metrics::check_back(CheckOutcome::Error);
                     failed.push((txn, "half message unreadable"));
                     continue;
                 }
