@@ -434,12 +434,11 @@ impl Harness {
                 self.open("after a clean close")?;
             }
         }
-        for gi in 0..GROUPS.len() {
+        for (gi, group) in GROUPS.iter().enumerate() {
             let new = self.new_dead_letters(gi)?;
             ensure!(
                 new.is_empty(),
-                "{} has dead letters the model does not expect: {new:?}",
-                GROUPS[gi]
+                "{group} has dead letters the model does not expect: {new:?}"
             );
         }
         Ok(())
@@ -835,8 +834,7 @@ impl Harness {
     fn drain(&mut self) -> Check {
         // Every nack wait is at most a few ms.
         thread::sleep(Duration::from_millis(20));
-        for gi in 0..GROUPS.len() {
-            let group = GROUPS[gi];
+        for (gi, group) in GROUPS.iter().enumerate() {
             let want: BTreeSet<Id> = self
                 .ids()
                 .into_iter()
@@ -859,19 +857,17 @@ impl Harness {
             }
         }
         thread::sleep(self.vt(0).max(self.vt(1)) + Duration::from_millis(3));
-        for gi in 0..GROUPS.len() {
+        for (gi, group) in GROUPS.iter().enumerate() {
             let got = self.poll(gi, POLL_ALL)?;
             ensure!(
                 got.is_empty(),
-                "drain {}: everything was acked, yet {} came back",
-                GROUPS[gi],
+                "drain {group}: everything was acked, yet {} came back",
                 got.len()
             );
             let new = self.new_dead_letters(gi)?;
             ensure!(
                 new.is_empty(),
-                "drain {}: unexpected dead letters {new:?}",
-                GROUPS[gi]
+                "drain {group}: unexpected dead letters {new:?}"
             );
         }
         Ok(())
