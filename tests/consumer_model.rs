@@ -39,7 +39,8 @@
 //! and the numbered operation list; it replays up to timing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -210,10 +211,21 @@ fn case_strategy() -> impl Strategy<Value = Case> {
 type Id = (u32, u64);
 
 /// When something happened: somewhere between these two instants.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 struct Window {
     before: Instant,
     after: Instant,
+}
+
+/// The origin of the times in failure messages.
+static T0: OnceLock<Instant> = OnceLock::new();
+
+impl fmt::Debug for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t0 = *T0.get_or_init(Instant::now);
+        let ms = |t: Instant| t.saturating_duration_since(t0).as_secs_f64() * 1000.0;
+        write!(f, "{:.2}..{:.2} ms", ms(self.before), ms(self.after))
+    }
 }
 
 /// Whether a deadline `delay` after an event in `at` has passed at a moment in `now`, on
@@ -897,6 +909,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
             format_ops(&case.ops, at)
         ))
     };
+    T0.get_or_init(Instant::now);
     let mut h = Harness::new(case).map_err(|m| fail(None, "setup", m))?;
     for (i, op) in case.ops.iter().enumerate() {
         h.step(op)
