@@ -340,6 +340,9 @@ struct Harness {
     /// queue → (key, body) by queue offset.
     queues: Vec<Vec<(String, Vec<u8>)>>,
     model: [GroupModel; 2],
+    /// Whether the group's state was loaded since the last open (by a poll, ack or nack of
+    /// it): before that, stats count none of its leases.
+    loaded: [bool; 2],
     sent: u64,
 }
 
@@ -369,6 +372,7 @@ impl Harness {
             broker: Some(broker),
             queues: vec![Vec::new(); case.queues as usize],
             model: [GroupModel::default(), GroupModel::default()],
+            loaded: [false; 2],
             sent: 0,
         })
     }
@@ -453,6 +457,58 @@ impl Harness {
                 "{group} has dead letters the model does not expect: {new:?}"
             );
         }
+        self.check_stats()
+    }
+
+    /// Per queue and group: committed offset, backlog, in flight and retrying, exactly.
+    fn check_stats(&self) -> Check {
+        let stats = self.broker().stats().map_err(|e| format!("stats: {e}"))?;
+        for (q, msgs) in self.queues.iter().enumerate() {
+            let q = q as u32;
+            let len = msgs.len() as u64;
+            let qs = stats
+                .queues
+                .iter()
+                .find(|s| s.topic == TOPIC && s.queue == q);
+            if len == 0 && qs.is_none() {
+                continue; // the topic is created by the first send
+            }
+            let qs = qs.ok_or_else(|| format!("stats do not list {TOPIC}/{q}"))?;
+            ensure!(
+                qs.messages == len,
+                "stats: {TOPIC}/{q} holds {} messages; {len} were sent",
+                qs.messages
+            );
+            for (gi, group) in GROUPS.iter().enumerate() {
+                let m = &self.model[gi];
+                let st = |o: u64| m.state((q, o));
+                let acked = |o: u64| matches!(st(o), St::Acked | St::Dead);
+                let committed = (0..len).find(|&o| !acked(o)).unwrap_or(len);
+                let backlog = (0..len).filter(|&o| !acked(o)).count() as u64;
+                let in_flight = (0..len)
+                    .filter(|&o| matches!(st(o), St::Leased { .. }))
+                    .count() as u64;
+                let retrying = if self.loaded[gi] {
+                    (0..len)
+                        .filter(|&o| matches!(st(o), St::Waiting { failures, .. } if failures > 0))
+                        .count() as u64
+                } else {
+                    0
+                };
+                let Some(lag) = qs.groups.iter().find(|l| l.group == *group) else {
+                    ensure!(
+                        committed == 0 && backlog == len && in_flight == 0,
+                        "stats do not list {group} in {TOPIC}/{q}; the model has committed {committed} backlog {backlog} in flight {in_flight}"
+                    );
+                    continue;
+                };
+                ensure!(
+                    (lag.committed, lag.backlog, lag.in_flight, lag.retrying)
+                        == (committed, backlog, in_flight, retrying),
+                    "stats of {group} in {TOPIC}/{q}: {lag:?}; the model says committed {committed} backlog {backlog} in flight {in_flight} retrying {retrying}"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -520,6 +576,7 @@ impl Harness {
     /// Poll and check the answer against the model; returns the deliveries.
     fn poll(&mut self, gi: usize, max: usize) -> Result<Vec<Delivery>, String> {
         let group = GROUPS[gi];
+        self.loaded[gi] = true;
         let before = Instant::now();
         let got = self
             .broker()
@@ -680,6 +737,7 @@ impl Harness {
 
     fn ack(&mut self, gi: usize, id: Id) -> Check {
         let group = GROUPS[gi];
+        self.loaded[gi] = true;
         let st = self.model[gi].state(id);
         self.broker()
             .ack(group, TOPIC, id.0, id.1)
@@ -692,6 +750,7 @@ impl Harness {
 
     fn nack(&mut self, gi: usize, id: Id, delay: NackDelay) -> Check {
         let group = GROUPS[gi];
+        self.loaded[gi] = true;
         let st = self.model[gi].state(id);
         let cfg = self.groups[gi];
         let delay_arg = match delay {
@@ -826,6 +885,7 @@ impl Harness {
             );
         }
         self.broker = Some(b);
+        self.loaded = [false; 2];
         // A delivery in flight does not count as failed: it is deliverable again at once,
         // with the failures it had.
         for m in &mut self.model {
