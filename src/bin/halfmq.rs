@@ -196,36 +196,8 @@ enum Command {
     Produce {
         #[command(flatten)]
         conn: ConnArgs,
-        /// Topic.
-        #[arg(long)]
-        topic: String,
-        /// The key of every message.
-        #[arg(long, conflicts_with = "key_prefix")]
-        key: Option<String>,
-        /// Keys are PREFIX-0, PREFIX-1, ... (default: a random prefix, so keys are unique).
-        #[arg(long)]
-        key_prefix: Option<String>,
-        /// Body text.
-        #[arg(long, conflicts_with = "size")]
-        body: Option<String>,
-        /// Random body of this many bytes.
-        #[arg(long)]
-        size: Option<usize>,
-        /// Messages to send.
-        #[arg(long, default_value_t = 1)]
-        count: u64,
-        /// Idempotency key: a message whose key the broker already stored is not stored
-        /// again (the original is reported, "duplicate"). With --count N the keys are K-0 ..
-        /// K-(N-1).
-        #[arg(long)]
-        idempotency_key: Option<String>,
-        /// One JSON object per message.
-        #[arg(long)]
-        json: bool,
-        /// Deliver each message this long from now, ms (stored durably now, invisible until
-        /// then).
-        #[arg(long)]
-        delay_ms: Option<u64>,
+        #[command(flatten)]
+        args: ProduceArgs,
     },
     /// Receive messages of a topic for a consumer group; each is acked after it is printed
     /// (or, with --nack, given back for redelivery).
@@ -268,6 +240,40 @@ enum Command {
     },
     /// Measure durable throughput and latency.
     Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ProduceArgs {
+    /// Topic.
+    #[arg(long)]
+    topic: String,
+    /// The key of every message.
+    #[arg(long, conflicts_with = "key_prefix")]
+    key: Option<String>,
+    /// Keys are PREFIX-0, PREFIX-1, ... (default: a random prefix, so keys are unique).
+    #[arg(long)]
+    key_prefix: Option<String>,
+    /// Body text.
+    #[arg(long, conflicts_with = "size")]
+    body: Option<String>,
+    /// Random body of this many bytes.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Messages to send.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Idempotency key: a message whose key the broker already stored is not stored
+    /// again (the original is reported, "duplicate"). With --count N the keys are K-0 ..
+    /// K-(N-1).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// One JSON object per message.
+    #[arg(long)]
+    json: bool,
+    /// Deliver each message this long from now, ms (stored durably now, invisible until
+    /// then).
+    #[arg(long)]
+    delay_ms: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -567,32 +573,7 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             print_config,
             check,
         } => broker(args, print_config, check).await,
-        Command::Produce {
-            conn,
-            topic,
-            key,
-            key_prefix,
-            body,
-            size,
-            count,
-            idempotency_key,
-            json,
-            delay_ms,
-        } => {
-            produce(
-                conn,
-                topic,
-                key,
-                key_prefix,
-                body,
-                size,
-                count,
-                idempotency_key,
-                json,
-                delay_ms,
-            )
-            .await
-        }
+        Command::Produce { conn, args } => produce(conn, args).await,
         Command::Consume { conn, args } => consume(conn, args).await,
         Command::Dlq { command } => dlq(command).await,
         Command::Groups { command } => groups(command).await,
@@ -804,19 +785,18 @@ fn human_age(ms: u64) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn produce(
-    conn: ConnArgs,
-    topic: String,
-    key: Option<String>,
-    key_prefix: Option<String>,
-    body: Option<String>,
-    size: Option<usize>,
-    count: u64,
-    idempotency_key: Option<String>,
-    json: bool,
-    delay_ms: Option<u64>,
-) -> halfmq::Result<()> {
+async fn produce(conn: ConnArgs, args: ProduceArgs) -> halfmq::Result<()> {
+    let ProduceArgs {
+        topic,
+        key,
+        key_prefix,
+        body,
+        size,
+        count,
+        idempotency_key,
+        json,
+        delay_ms,
+    } = args;
     let client = conn.connect().await?;
     let prefix = key_prefix.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
     for i in 0..count {

@@ -55,6 +55,9 @@ pub fn dead_letter_topic(group: &str) -> String {
 /// (group, topic).
 pub(super) type GroupKey = (String, String);
 
+/// A group's dead-letter topic and the state of what was replayed from it.
+type DeadLetterQueue = (Arc<Topic>, Arc<Mutex<GroupTopic>>);
+
 /// One consumer group's state in one topic.
 pub(super) struct GroupTopic {
     cursors: Vec<Cursor>,
@@ -814,13 +817,22 @@ impl Broker {
         })
     }
 
+    /// The dead-letter topic of `group` and the state of what was replayed from it, if the
+    /// group has dead letters.
+    fn dead_letter_queue(&self, group: &str) -> Result<Option<DeadLetterQueue>> {
+        let Some(dlq) = self.topics.read().get(&dead_letter_topic(group)).cloned() else {
+            return Ok(None);
+        };
+        let replay = self.group_topic(REPLAY_GROUP, &dlq)?;
+        Ok(Some((dlq, replay)))
+    }
+
     /// Dead letters of `group` from dead-letter offset `from`, at most `max`.
     pub fn dead_letters(&self, group: &str, from: u64, max: usize) -> Result<Vec<DeadLetter>> {
         validate_group_name(group)?;
-        let Some(dlq) = self.topics.read().get(&dead_letter_topic(group)).cloned() else {
+        let Some((dlq, replay)) = self.dead_letter_queue(group)? else {
             return Ok(Vec::new());
         };
-        let replay = self.group_topic(REPLAY_GROUP, &dlq)?;
         let replay = replay.lock();
         let c = &replay.cursors[0];
         let mut out = Vec::new();
@@ -860,10 +872,9 @@ impl Broker {
     /// can replay one twice.
     pub fn replay_dead_letters(&self, group: &str, max: usize) -> Result<Vec<Replayed>> {
         validate_group_name(group)?;
-        let Some(dlq) = self.topics.read().get(&dead_letter_topic(group)).cloned() else {
+        let Some((dlq, replay)) = self.dead_letter_queue(group)? else {
             return Ok(Vec::new());
         };
-        let replay = self.group_topic(REPLAY_GROUP, &dlq)?;
         let mut replay = replay.lock();
         let q = &dlq.queues[0];
         let mut out = Vec::new();
