@@ -5,6 +5,7 @@
 //! serves. The consumer side (poll, ack, nack, redelivery, dead letters) is in `consume`.
 
 mod consume;
+mod retention;
 
 pub use consume::{
     dead_letter_topic, DeadLetter, NackOutcome, Replayed, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX,
@@ -12,6 +13,8 @@ pub use consume::{
     PROP_DLQ_TOPIC, PROP_REPLAYED_FROM,
 };
 use consume::{GroupKey, GroupTopic};
+use retention::RetentionThread;
+pub use retention::{Pin, RetentionFloor, RetentionReport};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -212,6 +215,20 @@ pub struct Stats {
     /// Delayed messages not delivered yet.
     #[serde(default)]
     pub delayed_pending: u64,
+    /// Retention: the floor now and what pins it, the last pass, expired messages skipped.
+    #[serde(default)]
+    pub retention: Option<RetentionStats>,
+}
+
+/// Retention figures for [`Stats`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetentionStats {
+    /// The lowest log offset still needed now, and what pins it.
+    pub floor: RetentionFloor,
+    /// Messages polls skipped because retention had deleted them (since the start).
+    pub expired_skipped: u64,
+    /// The last pass since the start, if any.
+    pub last_pass: Option<RetentionReport>,
 }
 
 struct Topic {
@@ -244,6 +261,12 @@ pub struct Broker {
     check_pool: CheckPool,
     /// Remembered idempotency keys.
     dedup: Arc<DedupIndex>,
+    /// Held during a retention pass (the background one or [`Broker::enforce_retention`]).
+    retention_pass: Mutex<()>,
+    last_retention: Mutex<Option<RetentionReport>>,
+    retention_thread: Mutex<Option<RetentionThread>>,
+    /// Messages polls skipped because retention had deleted them.
+    expired_skipped: AtomicU64,
 }
 
 /// The record that ends a transaction, ready to append.
@@ -527,12 +550,22 @@ impl Broker {
             delay_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
+            retention_pass: Mutex::new(()),
+            last_retention: Mutex::new(None),
+            retention_thread: Mutex::new(None),
+            expired_skipped: AtomicU64::new(0),
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
             *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
         }
         *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
+        if broker.config.retention.enabled() {
+            *broker.retention_thread.lock() = Some(RetentionThread::spawn(
+                Arc::downgrade(&broker),
+                broker.config.retention.interval,
+            )?);
+        }
         Ok(broker)
     }
 
@@ -980,12 +1013,19 @@ impl Broker {
             txn_unresolved,
             dead_letters,
             delayed_pending: self.delayed.pending(),
+            retention: Some(RetentionStats {
+                floor: self.retention_floor()?,
+                expired_skipped: self.expired_skipped(),
+                last_pass: self.last_retention(),
+            }),
         })
     }
 
     /// How long ago the message at `committed`, the first one a group has not acked, was
     /// stored; `None` past the end of the queue (everything acked).
     fn oldest_unacked_age_ms(&self, q: &ConsumeQueue, committed: u64) -> Result<Option<u64>> {
+        // Messages below the queue's start were deleted by retention: never delivered again.
+        let committed = committed.max(q.start());
         if committed >= q.len() {
             return Ok(None);
         }
@@ -1001,6 +1041,9 @@ impl Broker {
     /// Flush and stop. Later calls fail with [`Error::Closed`]. Dropping the broker does the
     /// same, but can only log errors.
     pub fn close(&self) -> Result<()> {
+        if let Some(mut t) = self.retention_thread.lock().take() {
+            t.stop();
+        }
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }

@@ -93,6 +93,12 @@ impl DelayedIndex {
         g.dirty.insert(id);
     }
 
+    /// The oldest pending delayed message (its id is its record's log offset): retention
+    /// must keep its record until it fired.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        self.inner.lock().live.keys().min().copied()
+    }
+
     /// Persisted ones that recovery found past the end of the log (lost before they were
     /// durable) are dropped.
     pub(crate) fn forget_beyond(&self, log_end: u64) {

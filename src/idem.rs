@@ -365,6 +365,22 @@ impl DedupIndex {
         }
     }
 
+    /// Log offset of the oldest remembered key's record, skipping keys past the window:
+    /// retention keeps that record, because a duplicate send reads it back to answer with
+    /// the original's receipt. Keys are stored in log order, so this walks only the
+    /// forgotten or replaced entries at the front of the eviction order.
+    pub(crate) fn oldest_log_offset(&self, now_ms: u64) -> Option<u64> {
+        let g = self.inner.lock();
+        for item in &g.order {
+            if let Some(Slot::Stored { at, seq }) = g.map.get(&item.key) {
+                if *seq == item.seq && !self.expired(at, now_ms) {
+                    return Some(at.log_offset);
+                }
+            }
+        }
+        None
+    }
+
     /// Remembered keys.
     pub(crate) fn len(&self) -> u64 {
         self.inner.lock().live

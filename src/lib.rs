@@ -74,7 +74,10 @@ pub mod store;
 pub mod txn;
 
 pub use broker::{Broker, Delivery, HalfReceipt, Message, SendReceipt, Stats, TopicInfo};
-pub use config::{BrokerConfig, DeliveryConfig, FlushPolicy, StoreConfig, TxnConfig};
+pub use broker::{Pin, RetentionFloor, RetentionReport};
+pub use config::{
+    BrokerConfig, DeliveryConfig, FlushPolicy, RetentionConfig, StoreConfig, TxnConfig,
+};
 pub use error::{Error, Result};
 pub use txn::{
     CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,

@@ -206,6 +206,15 @@ impl Meta {
         })
     }
 
+    /// The committed offset of (group, topic, queue): every message before it is acked (0
+    /// when the group never acked there).
+    pub fn committed(&self, group: &str, topic: &str, queue: u32) -> Result<u64> {
+        match self.consumers.get(prefix(b'c', group, topic, queue))? {
+            Some(v) => u64_be(&v).ok_or_else(|| Error::Meta("bad committed offset".into())),
+            None => Ok(0),
+        }
+    }
+
     /// Durably record a change of ack state: the new committed offset, acks above it that
     /// were added, and ones that are now below it and can go.
     pub fn store_acks(

@@ -117,6 +117,18 @@ struct BrokerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics ("off" turns it off) [default: off].
     #[arg(long, env = "HALFMQ_METRICS", value_name = "ADDR")]
     metrics: Option<String>,
+    /// Retention: delete the oldest log segments while the log is larger than this, bytes;
+    /// only segments every consumer group has acked past and nothing pending needs
+    /// [default: no size limit, keep everything].
+    #[arg(long, env = "HALFMQ_RETENTION_BYTES")]
+    retention_bytes: Option<u64>,
+    /// Retention: delete log segments whose newest message is older than this, ms; same
+    /// conditions [default: no age limit, keep everything].
+    #[arg(long, env = "HALFMQ_RETENTION_AGE_MS")]
+    retention_age_ms: Option<u64>,
+    /// How often retention runs when a limit is set, ms [default: 60000].
+    #[arg(long, env = "HALFMQ_RETENTION_INTERVAL_MS")]
+    retention_interval_ms: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -146,6 +158,9 @@ impl BrokerArgs {
             dedup_keys_max: self.dedup_keys_max,
             dedup_bytes_max: self.dedup_bytes_max,
             metrics: self.metrics.clone(),
+            retention_bytes: self.retention_bytes,
+            retention_age_ms: self.retention_age_ms,
+            retention_interval_ms: self.retention_interval_ms,
             ..Settings::default()
         };
         Ok(file.overlay(flags))

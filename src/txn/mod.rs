@@ -250,6 +250,12 @@ impl TxnIndex {
         Ok(())
     }
 
+    /// The oldest unfinished transaction (its id is its half's log offset): retention must
+    /// keep its half.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        self.inner.lock().live.keys().min().copied()
+    }
+
     /// Forget persisted transactions at or past `log_end`: the log does not have them.
     pub(crate) fn forget_beyond(&self, log_end: u64) {
         let mut g = self.inner.lock();
