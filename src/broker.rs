@@ -1029,7 +1029,11 @@ impl Broker {
         if committed >= q.len() {
             return Ok(None);
         }
-        let rec = self.store.read_message(q, committed)?;
+        let rec = match self.store.read_message(q, committed) {
+            // Retention deleted it just now: the age of what is left shows next time.
+            Err(Error::Expired { .. }) => return Ok(None),
+            other => other?,
+        };
         Ok(rec.map(|r| now_ms().saturating_sub(r.header.timestamp_ms)))
     }
 

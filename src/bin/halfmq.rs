@@ -253,6 +253,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one retention pass now: delete the old log segments the configured limits allow
+    /// and nothing still needs; print what was deleted and what pins the rest.
+    Retention {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure durable throughput and latency.
     Bench(BenchArgs),
 }
@@ -599,6 +608,7 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             data_dir,
             json,
         } => stats(conn, data_dir, json).await,
+        Command::Retention { conn, json } => retention(conn, json).await,
         Command::Bench(args) => tokio::task::spawn_blocking(move || bench_cmd(args))
             .await
             .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("the bench panicked".into()))),
@@ -694,6 +704,45 @@ fn print_status(b: &Broker) -> halfmq::Result<()> {
     Ok(())
 }
 
+async fn retention(conn: ConnArgs, json: bool) -> halfmq::Result<()> {
+    let r = conn.connect().await?.retention().await?;
+    if json {
+        match serde_json::to_string(&r) {
+            Ok(j) => println_flush(&j),
+            Err(e) => eprintln!("halfmq: cannot encode the report as JSON: {e}"),
+        }
+        return Ok(());
+    }
+    if r.disabled {
+        println_flush("retention: no limit configured (--retention-bytes / --retention-age-ms): nothing is deleted");
+    }
+    println_flush(&format!(
+        "retention: deleted {} segment(s), {} bytes; log now starts at {} and takes {} bytes; pass took {} µs (floor {} µs)",
+        r.segments_deleted, r.bytes_deleted, r.log_start, r.log_bytes, r.pass_us, r.floor_us
+    ));
+    println_flush(&retention_line(&r.floor, r.held_by_floor));
+    Ok(())
+}
+
+/// "what pins retention" for people.
+fn retention_line(f: &halfmq::RetentionFloor, held: bool) -> String {
+    match &f.pinned_by {
+        Some(p) => format!(
+            "retention floor: log offset {}{}, pinned by {p}",
+            f.floor,
+            if held {
+                " (a limit is exceeded but this is still needed)"
+            } else {
+                ""
+            }
+        ),
+        None => format!(
+            "retention floor: log offset {} (nothing older is needed)",
+            f.floor
+        ),
+    }
+}
+
 fn print_stats_table(s: &halfmq::Stats) {
     print!("{}", stats_table(s));
 }
@@ -718,6 +767,25 @@ fn stats_table(s: &halfmq::Stats) -> String {
     );
     if s.delayed_pending > 0 {
         let _ = writeln!(out, "delayed: {} pending", s.delayed_pending);
+    }
+    if let Some(r) = &s.retention {
+        let _ = writeln!(
+            out,
+            "log start: offset {}, log size {} bytes; {}",
+            s.log.log_start,
+            s.log.log_bytes,
+            retention_line(
+                &r.floor,
+                r.last_pass.as_ref().is_some_and(|p| p.held_by_floor)
+            )
+        );
+        if r.expired_skipped > 0 {
+            let _ = writeln!(
+                out,
+                "expired: {} message(s) skipped by polls because retention had deleted them",
+                r.expired_skipped
+            );
+        }
     }
     for d in &s.dead_letters {
         let _ = writeln!(

@@ -202,6 +202,8 @@ pub enum Request {
         /// When, ms since the Unix epoch.
         deliver_at_ms: u64,
     },
+    /// Run one retention pass now; answered with its report as JSON.
+    Retention,
 }
 
 /// A group's delivery settings on the wire.
@@ -287,6 +289,8 @@ pub enum Response {
     Group(WireGroup),
     /// A delayed message was stored.
     Delayed(DelayedReceipt),
+    /// The report of a retention pass as JSON text (what `halfmq retention --json` prints).
+    Retention(String),
 }
 
 /// Broker → client, unasked.
