@@ -744,6 +744,7 @@ mod tests {
             txn_unresolved: 0,
             dead_letters: Vec::new(),
             delayed_pending: 0,
+            retention: None,
         });
     }
 }

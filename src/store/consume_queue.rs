@@ -214,7 +214,7 @@ impl ConsumeQueue {
     /// Make an empty index start at queue offset `first` (a rebuild of a queue whose earlier
     /// messages were deleted by retention): the entries below are zeros (expired).
     pub(crate) fn start_empty_at(&self, first: u64) -> Result<()> {
-        if self.len() != 0 || self.assigned.load(Ordering::Relaxed) != 0 {
+        if !self.is_empty() || self.assigned.load(Ordering::Relaxed) != 0 {
             return Err(Error::Corrupt {
                 path: self.file.path().to_path_buf(),
                 offset: 0,

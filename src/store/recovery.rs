@@ -145,7 +145,7 @@ pub(crate) fn recover(
             // log-start file says, so no queue offset is ever handed out twice.
             for ((topic, qid), &first) in &starts {
                 let q = queue_in(&mut queues, storage, cq_dir, topic, *qid)?;
-                if q.len() == 0 && first > 0 {
+                if q.is_empty() && first > 0 {
                     q.start_empty_at(first)?;
                 }
             }
