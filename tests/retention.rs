@@ -625,3 +625,78 @@ fn seeded_model_retention_never_loses_an_unacked_message() {
         "no schedule deleted anything: the model checks nothing"
     );
 }
+
+/// The measurement behind README "Retention, measured" (not run by default):
+/// `cargo test --release --test retention -- --ignored --nocapture measure`.
+/// Part 1: the cost of a pass with 100 groups × 8 queues. Part 2: disk usage under a steady
+/// send + ack load with a size limit stays bounded.
+#[test]
+#[ignore]
+fn measure_retention_pass_cost_and_bounded_disk() {
+    const MIB: u64 = 1024 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = BrokerConfig::new(tmp.path());
+    cfg.store.segment_bytes = MIB;
+    cfg.store.record_bytes_max = 64 * 1024;
+    cfg.store.checkpoint_bytes = MIB;
+    cfg.default_queues = 8;
+    cfg.txn.check_back = false;
+    cfg.retention.bytes_max = Some(4 * MIB);
+    cfg.retention.interval = Duration::from_secs(86_400);
+    let b = Broker::open(cfg).unwrap();
+    let groups: Vec<String> = (0..100).map(|i| format!("group-{i:03}")).collect();
+    let ack_all = |b: &Broker, g: &str| loop {
+        let got = b.poll(g, "t", 1024).unwrap();
+        if got.is_empty() {
+            break;
+        }
+        let acks: Vec<(u32, u64)> = got.iter().map(|d| (d.queue, d.offset)).collect();
+        b.ack_many(g, "t", &acks).unwrap();
+    };
+    // Part 1.
+    fill(&b, "t", 0, 8000);
+    for g in &groups {
+        ack_all(&b, g);
+    }
+    let t = std::time::Instant::now();
+    let rounds = 20;
+    for _ in 0..rounds {
+        b.retention_floor().unwrap();
+    }
+    let floor_avg = t.elapsed() / rounds;
+    let r = b.enforce_retention().unwrap();
+    println!(
+        "pass, 100 groups x 8 queues, {} segments of 1 MiB: floor {floor_avg:?} (mean of {rounds}), \
+         one pass {} us (floor {} us), deleted {} segments",
+        r.segments_deleted + b.store().log_stats().segments as u64,
+        r.pass_us,
+        r.floor_us,
+        r.segments_deleted
+    );
+    // Part 2: 50 rounds of 1000 sends of 1 KiB acked by two groups, a pass after each.
+    let mut max_bytes = 0;
+    let mut sent = 8000;
+    let t = std::time::Instant::now();
+    for _ in 0..50 {
+        fill(&b, "t", sent, 1000);
+        sent += 1000;
+        for g in &groups[..2] {
+            ack_all(&b, g);
+        }
+        // The other 98 groups keep up too (acked in bulk, as a busy deployment would).
+        for g in &groups[2..] {
+            ack_all(&b, g);
+        }
+        let r = b.enforce_retention().unwrap();
+        max_bytes = max_bytes.max(r.log_bytes);
+    }
+    let written = b.store().log_stats().durable_offset;
+    println!(
+        "steady load: {} MiB written in {:?}, largest log after a pass {} MiB (limit 4 MiB), log start {} MiB",
+        written / MIB,
+        t.elapsed(),
+        max_bytes / MIB,
+        b.store().log_start() / MIB
+    );
+    assert!(max_bytes <= 5 * MIB, "log grew to {max_bytes} bytes");
+}
