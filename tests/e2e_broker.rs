@@ -1106,7 +1106,50 @@ fn topics_and_stats_as_json() {
         .collect();
     assert_eq!(orders.len(), 3, "{v}");
     assert_eq!(orders.iter().map(|q| n(q, "messages")).sum::<u64>(), 5);
+    // Retention: off by default; a pass deletes nothing and says what pins the log (here
+    // the checkpoint written at open, the oldest of the pending half, the un-consumed topic
+    // and itself).
+    let r: Value = serde_json::from_str(&run(&["retention", "--addr", a, "--json"]).ok().stdout)
+        .expect("retention --json is one JSON value");
+    assert_eq!(r["disabled"], true, "{r}");
+    assert_eq!(n(&r, "segments_deleted"), 0, "{r}");
+    assert!(!r["floor"]["pinned_by"].is_null(), "{r}");
+    let text = run(&["retention", "--addr", a]).ok().stdout;
+    assert!(text.contains("no limit configured"), "{text}");
+    assert!(text.contains("pinned by"), "{text}");
+    let table = run(&["stats", "--addr", a]).ok().stdout;
+    assert!(table.contains("retention floor"), "{table}");
     drop(broker);
+}
+
+#[test]
+fn retention_flags_are_checked_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let r = run(&[
+        "broker",
+        "--data-dir",
+        d,
+        "--retention-bytes",
+        "1000",
+        "--print-config",
+    ])
+    .fails();
+    assert!(r.stderr.contains("retention_bytes"), "{}", r.stderr);
+    let ok = run(&[
+        "broker",
+        "--data-dir",
+        d,
+        "--retention-bytes",
+        "1073741824",
+        "--retention-age-ms",
+        "86400000",
+        "--print-config",
+    ])
+    .ok()
+    .stdout;
+    assert!(ok.contains("retention_bytes = 1073741824"), "{ok}");
+    assert!(ok.contains("retention_age_ms = 86400000"), "{ok}");
 }
 
 // ---------------------------------------------------------------------------------------
