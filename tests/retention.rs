@@ -700,3 +700,53 @@ fn measure_retention_pass_cost_and_bounded_disk() {
     );
     assert!(max_bytes <= 5 * MIB, "log grew to {max_bytes} bytes");
 }
+
+#[test]
+fn dead_letters_acked_by_a_group_polling_the_dead_letter_queue_are_released() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Broker::open(config(tmp.path())).unwrap();
+    b.set_group_settings(
+        "g",
+        &GroupSettings {
+            max_retries: Some(0),
+            ..GroupSettings::default()
+        },
+    )
+    .unwrap();
+    fill(&b, "t", 0, 1);
+    let d = b.poll("g", "t", 1).unwrap();
+    b.nack("g", "t", d[0].queue, d[0].offset, None).unwrap();
+    fill(&b, "t", 1, 300);
+    drain(&b, "g", "t");
+    // An operator's group reads and acks the dead letters instead of replaying them.
+    let dlq = halfmq::broker::dead_letter_topic("g");
+    assert_eq!(drain(&b, "ops", &dlq), vec![0]);
+    let r = b.enforce_retention().unwrap();
+    assert!(r.log_bytes <= 2 * SEGMENT_BYTES, "{r:?}");
+    // The dead letter is gone; listing and replay start at what is kept, without errors.
+    assert!(b.dead_letters("g", 0, 10).unwrap().is_empty());
+    assert!(b.replay_dead_letters("g", 10).unwrap().is_empty());
+}
+
+/// The background pass: with a short interval it deletes without being asked. Waits for
+/// the outcome (at most 20 s), not for a fixed time.
+#[test]
+fn the_background_pass_deletes_on_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.retention.interval = Duration::from_millis(10);
+    let b = Broker::open(cfg).unwrap();
+    fill(&b, "t", 0, 300);
+    drain(&b, "g", "t");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while b.store().log_start() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background pass deleted anything"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let last = b.last_retention().expect("a pass ran");
+    assert!(last.log_start > 0);
+    b.close().unwrap();
+}

@@ -865,6 +865,9 @@ impl Broker {
         let replay = replay.lock();
         let c = &replay.cursors[0];
         let mut out = Vec::new();
+        // Dead letters below the queue's start were deleted by retention after some group
+        // acked them: the listing starts at the first one kept.
+        let from = from.max(dlq.queues[0].start());
         for (dlq_offset, rec) in self.store.read_messages(&dlq.queues[0], from, max)? {
             out.push(Self::dead_letter_of(
                 group,
@@ -909,6 +912,9 @@ impl Broker {
         let mut out = Vec::new();
         let mut at = replay.cursors[0].committed;
         while out.len() < max && at < q.len() {
+            // Deleted by retention after a group polling the dead-letter queue acked them:
+            // handled there, nothing to replay.
+            at = at.max(q.start());
             let batch = self.store.read_messages(q, at, max - out.len())?;
             if batch.is_empty() {
                 break;
