@@ -215,6 +215,19 @@ impl Meta {
         }
     }
 
+    /// Remember that `group` consumes (topic, queue), with committed offset 0, unless it
+    /// has a committed offset already. Retention then keeps what the group has not acked
+    /// even across a restart before its first ack. Not flushed: lost in a crash only if the
+    /// group never acked, which leaves it as unknown as before.
+    pub fn note_consumer(&self, group: &str, topic: &str, queue: u32) -> Result<()> {
+        let _ = self.consumers.compare_and_swap(
+            prefix(b'c', group, topic, queue),
+            None as Option<&[u8]>,
+            Some(&0u64.to_be_bytes()[..]),
+        )?;
+        Ok(())
+    }
+
     /// Durably record a change of ack state: the new committed offset, acks above it that
     /// were added, and ones that are now below it and can go.
     pub fn store_acks(

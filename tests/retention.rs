@@ -749,3 +749,24 @@ fn the_background_pass_deletes_on_its_own() {
     assert!(b.store().log_start() > 0);
     b.close().unwrap();
 }
+
+#[test]
+fn a_group_that_polled_but_never_acked_pins_the_log_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let b = Broker::open(config(tmp.path())).unwrap();
+        fill(&b, "t", 0, 300);
+        drain(&b, "fast", "t");
+        // "slow" takes messages and crashes before its first ack.
+        assert!(!b.poll("slow", "t", 10).unwrap().is_empty());
+        b.close().unwrap();
+    }
+    let b = Broker::open(config(tmp.path())).unwrap();
+    let r = b.enforce_retention().unwrap();
+    assert_eq!(r.segments_deleted, 0, "{r:?}");
+    match &r.floor.pinned_by {
+        Some(Pin::Group { group, .. }) => assert_eq!(group, "slow"),
+        other => panic!("pinned by {other:?}"),
+    }
+    assert_eq!(drain(&b, "slow", "t"), (0..300).collect::<Vec<_>>());
+}

@@ -230,6 +230,9 @@ impl Broker {
         for q in &topic.queues {
             let queue = q.queue_id();
             let acks = self.meta.queue_acks(group, &topic.name, queue)?;
+            if acks.committed == 0 {
+                self.meta.note_consumer(group, &topic.name, queue)?;
+            }
             let retries = self.meta.retry_states(group, &topic.name, queue)?;
             let (c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
             let stale: Vec<_> = stale.into_iter().map(|o| (o, None)).collect();
