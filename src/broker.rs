@@ -1633,6 +1633,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(mut t) = self.retention_thread.lock().take() {
+            t.stop();
+        }
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }

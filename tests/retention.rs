@@ -606,7 +606,12 @@ fn seeded_model_retention_never_loses_an_unacked_message() {
                 }
                 _ => {
                     deleted_total += b.enforce_retention().unwrap().segments_deleted;
-                    let after = disk.crash(CrashMode::DropUnsynced);
+                    let mode = if rng.bool() {
+                        CrashMode::DropUnsynced
+                    } else {
+                        CrashMode::KeepRandomPrefix { seed: rng.u64(..) }
+                    };
+                    let after = disk.crash(mode);
                     drop(b);
                     disk = after;
                     b = open_sim(&disk, &cfg);
