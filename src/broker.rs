@@ -241,6 +241,8 @@ pub struct Broker {
     check_thread: Mutex<Option<CheckerThread>>,
     delayed: Arc<DelayedIndex>,
     delay_thread: Mutex<Option<DelayThread>>,
+    /// Writes idempotency keys to sled between checkpoints.
+    dedup_thread: Mutex<Option<crate::worker::Worker<()>>>,
     check_pool: CheckPool,
     /// Remembered idempotency keys.
     dedup: Arc<DedupIndex>,
@@ -525,14 +527,17 @@ impl Broker {
             check_thread: Mutex::new(None),
             delayed,
             delay_thread: Mutex::new(None),
+            dedup_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
-            *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
+            *broker.check_thread.lock() =
+                Some(crate::txn::checker::spawn(Arc::downgrade(&broker))?);
         }
-        *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
+        *broker.delay_thread.lock() = Some(crate::delayed::spawn(Arc::downgrade(&broker))?);
+        *broker.dedup_thread.lock() = Some(idem::spawn_persister(Arc::downgrade(&broker))?);
         Ok(broker)
     }
 
@@ -796,7 +801,7 @@ impl Broker {
         size: u32,
     ) -> crate::store::DurableHook {
         let index = self.delayed.clone();
-        let wake = self.delay_thread.lock().as_ref().map(|d| d.tx.clone());
+        let wake = self.delay_thread.lock().as_ref().map(|d| d.sender());
         let mut info = DelayedInfo {
             id: 0,
             size,
@@ -820,6 +825,15 @@ impl Broker {
             topic: t.name.clone(),
             queue: t.queues[qi].queue_id(),
             deliver_at_ms,
+        }
+    }
+
+    /// Write the idempotency keys of durable records to sled (the background persister's
+    /// round). A failure is only logged: the next round, or the next checkpoint, writes them.
+    pub(crate) fn persist_idempotency_keys(&self) {
+        let durable = self.store.log_stats().durable_offset;
+        if let Err(e) = self.dedup.persist_below(&self.meta, now_ms(), durable) {
+            tracing::warn!(error = %e, "could not write idempotency keys to sled; will retry");
         }
     }
 
@@ -1005,6 +1019,9 @@ impl Broker {
             t.stop();
         }
         if let Some(mut t) = self.delay_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.dedup_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();
@@ -1578,7 +1595,7 @@ impl Broker {
             .ok_or(Error::UnknownTxn(txn.0))?;
         self.txns.persist_checks(&self.meta, &[info])?;
         if let Some(t) = self.check_thread.lock().as_ref() {
-            let _ = t.tx.send(crate::txn::checker::Msg::Wake);
+            t.send(crate::txn::checker::Msg::Wake);
         }
         Ok(())
     }
@@ -1590,6 +1607,9 @@ impl Drop for Broker {
             t.stop();
         }
         if let Some(mut t) = self.delay_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.dedup_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();

@@ -72,6 +72,7 @@ pub mod record;
 pub mod settings;
 pub mod store;
 pub mod txn;
+mod worker;
 
 pub use broker::{Broker, Delivery, HalfReceipt, Message, SendReceipt, Stats, TopicInfo};
 pub use config::{BrokerConfig, DeliveryConfig, FlushPolicy, StoreConfig, TxnConfig};
