@@ -22,7 +22,7 @@
 //!   thread every writer waits for, so it does no hashing or bookkeeping here). A sender
 //!   waiting for another's key counts itself before its last look, so a hand-over it missed
 //!   wakes it. A background thread writes the entries of durable records to sled every
-//!   [`PERSIST_EVERY`] (`idem_chunks`), and before every checkpoint the rest is written, so
+//!   `PERSIST_EVERY` (200 ms) (`idem_chunks`), and before every checkpoint the rest is written, so
 //!   the checkpoint (which stalls writers) has little left to do. On open, the chunks are
 //!   loaded and the log after the checkpoint is replayed (an entry found in both is one
 //!   entry). A checkpoint is only written once everything before it is acknowledged and its
