@@ -46,8 +46,8 @@ pub struct BenchOptions {
     /// Plain sends each with a unique idempotency key. Plain sends without keys are measured
     /// first in the same run, for `ratio_to_without_keys`.
     pub idempotency_keys: bool,
-    /// With `txn` or `idempotency_keys`: how many times to run the pair (without, then
-    /// with), alternating, each on a fresh data directory. The ratio reported is the median
+    /// With `txn`, `idempotency_keys` or a network run compared with an embedded one: how
+    /// many times to run the pair (baseline and measured), alternating, each on a fresh data directory. The ratio reported is the median
     /// of the rounds' ratios, so that a burst of load from another process on a shared
     /// machine skews one round, not the result. At least 1.
     pub rounds: u32,
@@ -150,7 +150,8 @@ pub struct BenchReport {
     /// With `--txn`: committed transactions per second / plain sends per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_plain: Option<f64>,
-    /// With `--txn` or `--idempotency-keys`: each round's ratio, in the order run. The
+    /// With `--txn`, `--idempotency-keys` or `--compare-embedded`: each round's ratio, in
+    /// the order run. The
     /// ratio above is their median, and the other figures are from the median round.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_ratios: Vec<f64>,
@@ -356,12 +357,21 @@ fn compare_rounds(
         progress(&format!("round {round}: ratio {ratio:.3}"));
         done.push((ratio, plain.msgs_per_s, r));
     }
+    let (ratio, plain, r) = median_round(done);
+    Ok((r, plain, ratio))
+}
+
+/// The round with the median ratio (the lower one for an even count) of `(ratio, baseline
+/// msgs/s, report)` rounds, its report listing every round's ratio in the order run.
+fn median_round(mut done: Vec<(f64, f64, BenchReport)>) -> (f64, f64, BenchReport) {
     let ratios: Vec<f64> = done.iter().map(|(ratio, _, _)| *ratio).collect();
     done.sort_by(|a, b| a.0.total_cmp(&b.0));
-    // The lower median for an even count. `rounds >= 1`, so `done` is not empty.
-    let (ratio, plain, mut r) = done.swap_remove((done.len() - 1) / 2);
+    if done.is_empty() {
+        return (0.0, 0.0, BenchReport::default());
+    }
+    let (ratio, base, mut r) = done.swap_remove((done.len() - 1) / 2);
     r.round_ratios = ratios;
-    Ok((r, plain, ratio))
+    (ratio, base, r)
 }
 
 fn round2(x: f64) -> f64 {
@@ -566,6 +576,42 @@ pub fn run_network(
     compare_embedded: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
+    if !compare_embedded {
+        return run_network_once(opts, addr, token, connections, progress);
+    }
+    // Alternate network and embedded runs `opts.rounds` times; report the median round.
+    let rounds = opts.rounds.max(1);
+    let mut done: Vec<(f64, f64, BenchReport)> = Vec::new();
+    for round in 1..=rounds {
+        progress(&format!("over the network (round {round} of {rounds}) ..."));
+        let net = run_network_once(opts, addr, token.clone(), connections, progress)?;
+        progress(&format!(
+            "the same load on an embedded broker, for ratio_to_embedded (round {round} of {rounds}) ..."
+        ));
+        let dir = format!("embedded-compare-{round}");
+        let emb = run_producers(opts, Workload::Plain, &dir, progress);
+        if opts.cleanup {
+            let _ = std::fs::remove_dir_all(opts.data_dir.join(&dir));
+        }
+        let emb = emb?;
+        let ratio = round3(net.msgs_per_s / emb.msgs_per_s.max(f64::MIN_POSITIVE));
+        progress(&format!("round {round}: ratio {ratio:.3}"));
+        done.push((ratio, emb.msgs_per_s, net));
+    }
+    let (ratio, emb, mut report) = median_round(done);
+    report.embedded_msgs_per_s = Some(emb);
+    report.ratio_to_embedded = Some(ratio);
+    Ok(report)
+}
+
+/// One run against the broker at `addr`.
+fn run_network_once(
+    opts: &BenchOptions,
+    addr: &str,
+    token: Option<String>,
+    connections: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
     use crate::net::client::{Client, ClientConfig};
     if connections == 0 || connections > 1024 || opts.producers == 0 {
         return Err(Error::Config {
@@ -643,7 +689,7 @@ pub fn run_network(
         (Some(a), Some(b)) => (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)),
         _ => (0, 0),
     };
-    let mut report = BenchReport {
+    Ok(BenchReport {
         mode: "broker".into(),
         producers: opts.producers,
         producer_kind: format!("tasks over {connections} connections"),
@@ -660,20 +706,7 @@ pub fn run_network(
         fsyncs_per_s: round2(syncs as f64 / seconds),
         msgs_per_fsync: round2(records as f64 / syncs.max(1) as f64),
         ..BenchReport::default()
-    };
-    if compare_embedded {
-        progress("the same load on an embedded broker, for ratio_to_embedded ...");
-        let emb = run_producers(opts, Workload::Plain, "embedded-compare", progress);
-        if opts.cleanup {
-            let _ = std::fs::remove_dir_all(&opts.data_dir);
-        }
-        let emb = emb?;
-        report.embedded_msgs_per_s = Some(emb.msgs_per_s);
-        report.ratio_to_embedded = Some(round3(
-            report.msgs_per_s / emb.msgs_per_s.max(f64::MIN_POSITIVE),
-        ));
-    }
-    Ok(report)
+    })
 }
 
 /// (log fsyncs, records) of a remote broker, from its stats.

@@ -522,9 +522,9 @@ struct BenchArgs {
     /// in the same run, for ratio_to_without_keys.
     #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
     idempotency_keys: bool,
-    /// With --txn or --idempotency-keys: run the pair (without, with) this many times,
-    /// alternating; the ratio is the median of the rounds' ratios (robust to a burst of
-    /// load from other processes on a shared machine).
+    /// With --txn, --idempotency-keys or --compare-embedded: run the pair (without, with)
+    /// this many times, alternating; the ratio is the median of the rounds' ratios (robust
+    /// to a burst of load from other processes on a shared machine).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
     /// Unfinished transactions for --txn-tick.
