@@ -13,7 +13,6 @@ pub use consume::{
     PROP_DLQ_TOPIC, PROP_REPLAYED_FROM,
 };
 use consume::{GroupKey, GroupTopic};
-use retention::RetentionThread;
 pub use retention::{Pin, RetentionFloor, RetentionReport};
 
 use std::collections::{BTreeMap, HashMap};
@@ -258,13 +257,15 @@ pub struct Broker {
     check_thread: Mutex<Option<CheckerThread>>,
     delayed: Arc<DelayedIndex>,
     delay_thread: Mutex<Option<DelayThread>>,
+    /// Writes idempotency keys to sled between checkpoints.
+    dedup_thread: Mutex<Option<crate::worker::Worker<()>>>,
     check_pool: CheckPool,
     /// Remembered idempotency keys.
     dedup: Arc<DedupIndex>,
     /// Held during a retention pass (the background one or [`Broker::enforce_retention`]).
     retention_pass: Mutex<()>,
     last_retention: Mutex<Option<RetentionReport>>,
-    retention_thread: Mutex<Option<RetentionThread>>,
+    retention_thread: Mutex<Option<crate::worker::Worker<()>>>,
     /// Messages polls skipped because retention had deleted them.
     expired_skipped: AtomicU64,
 }
@@ -548,6 +549,7 @@ impl Broker {
             check_thread: Mutex::new(None),
             delayed,
             delay_thread: Mutex::new(None),
+            dedup_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
             retention_pass: Mutex::new(()),
@@ -557,11 +559,13 @@ impl Broker {
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
-            *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
+            *broker.check_thread.lock() =
+                Some(crate::txn::checker::spawn(Arc::downgrade(&broker))?);
         }
-        *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
+        *broker.delay_thread.lock() = Some(crate::delayed::spawn(Arc::downgrade(&broker))?);
+        *broker.dedup_thread.lock() = Some(idem::spawn_persister(Arc::downgrade(&broker))?);
         if broker.config.retention.enabled() {
-            *broker.retention_thread.lock() = Some(RetentionThread::spawn(
+            *broker.retention_thread.lock() = Some(retention::spawn(
                 Arc::downgrade(&broker),
                 broker.config.retention.interval,
             )?);
@@ -829,7 +833,7 @@ impl Broker {
         size: u32,
     ) -> crate::store::DurableHook {
         let index = self.delayed.clone();
-        let wake = self.delay_thread.lock().as_ref().map(|d| d.tx.clone());
+        let wake = self.delay_thread.lock().as_ref().map(|d| d.sender());
         let mut info = DelayedInfo {
             id: 0,
             size,
@@ -853,6 +857,15 @@ impl Broker {
             topic: t.name.clone(),
             queue: t.queues[qi].queue_id(),
             deliver_at_ms,
+        }
+    }
+
+    /// Write the idempotency keys of durable records to sled (the background persister's
+    /// round). A failure is only logged: the next round, or the next checkpoint, writes them.
+    pub(crate) fn persist_idempotency_keys(&self) {
+        let durable = self.store.log_stats().durable_offset;
+        if let Err(e) = self.dedup.persist_below(&self.meta, now_ms(), durable) {
+            tracing::warn!(error = %e, "could not write idempotency keys to sled; will retry");
         }
     }
 
@@ -1052,6 +1065,9 @@ impl Broker {
             t.stop();
         }
         if let Some(mut t) = self.delay_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.dedup_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();
@@ -1625,7 +1641,7 @@ impl Broker {
             .ok_or(Error::UnknownTxn(txn.0))?;
         self.txns.persist_checks(&self.meta, &[info])?;
         if let Some(t) = self.check_thread.lock().as_ref() {
-            let _ = t.tx.send(crate::txn::checker::Msg::Wake);
+            t.send(crate::txn::checker::Msg::Wake);
         }
         Ok(())
     }
@@ -1640,6 +1656,9 @@ impl Drop for Broker {
             t.stop();
         }
         if let Some(mut t) = self.delay_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.dedup_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();

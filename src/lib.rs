@@ -77,6 +77,7 @@ pub mod record;
 pub mod settings;
 pub mod store;
 pub mod txn;
+mod worker;
 
 pub use broker::{Broker, Delivery, HalfReceipt, Message, SendReceipt, Stats, TopicInfo};
 pub use broker::{Pin, RetentionFloor, RetentionReport};

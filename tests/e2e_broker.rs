@@ -1418,3 +1418,53 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
     assert!(bad.stderr.contains("max_retries"), "{}", bad.stderr);
     drop(broker);
 }
+
+/// The comparing benches run their pair `--rounds` times, alternating, and report the median
+/// round: every round's ratio is listed, and the reported ratio is one of them.
+#[test]
+fn comparing_benches_report_the_median_of_their_rounds() {
+    fn check(r: &Value, ratio_field: &str) {
+        let rounds: Vec<f64> = r["round_ratios"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no round_ratios in {r}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(rounds.len(), 3, "{r}");
+        let ratio = r[ratio_field].as_f64().unwrap();
+        let mut sorted = rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(
+            ratio, sorted[1],
+            "{ratio_field} is the median of {rounds:?}"
+        );
+        assert_eq!(r["messages"].as_u64(), Some(150), "{r}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = ["--producers", "4", "--messages", "150", "--size", "64"];
+    let data = dir.path().join("bench");
+    let mut args = vec!["bench", "--embedded", "--idempotency-keys", "--rounds", "3"];
+    args.extend(small);
+    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
+    let out = run(&args).ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    check(&r, "ratio_to_without_keys");
+
+    let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
+    let data = dir.path().join("bench-net");
+    let mut args = vec![
+        "bench",
+        "--addr",
+        &broker.addr,
+        "--compare-embedded",
+        "--rounds",
+        "3",
+    ];
+    args.extend(small);
+    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
+    let out = run(&args).ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    check(&r, "ratio_to_embedded");
+    assert_eq!(r["mode"], "broker");
+    broker.terminate();
+}

@@ -546,6 +546,11 @@ struct BenchArgs {
     /// in the same run, for ratio_to_without_keys.
     #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
     idempotency_keys: bool,
+    /// With --txn, --idempotency-keys or --compare-embedded: run the pair (without, with)
+    /// this many times, alternating; the ratio is the median of the rounds' ratios (robust
+    /// to a burst of load from other processes on a shared machine).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Unfinished transactions for --txn-tick.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
@@ -1373,6 +1378,7 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         baseline: a.baseline,
         txn: a.txn,
         idempotency_keys: a.idempotency_keys,
+        rounds: a.rounds,
         metrics: if a.metrics {
             Some(halfmq::metrics::install()?)
         } else {
@@ -1443,6 +1449,13 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
             r.raw_group_mib_per_s.unwrap_or_default()
         );
         println!("ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}");
+    }
+    if !r.round_ratios.is_empty() {
+        println!(
+            "ratios of the {} rounds: {:?} (the median is reported)",
+            r.round_ratios.len(),
+            r.round_ratios
+        );
     }
     if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
         println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");

@@ -18,14 +18,14 @@
 //! the log is over `retention.bytes_max` or the segment is older than `retention.age_max`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Weak;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{now_ms, Broker, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::store::TruncateLimits;
+use crate::worker::Worker;
 
 /// What holds the retention floor where it is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -304,34 +304,13 @@ impl Broker {
     }
 }
 
-/// The background thread that runs a retention pass every `retention.interval`.
-pub(crate) struct RetentionThread {
-    tx: Sender<()>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl RetentionThread {
-    pub(crate) fn spawn(broker: Weak<Broker>, interval: Duration) -> Result<RetentionThread> {
-        let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("halfmq-retention".into())
-            .spawn(move || run(broker, rx, interval))
-            .map_err(|e| Error::io("halfmq-retention", "start the retention thread", e))?;
-        Ok(RetentionThread {
-            tx,
-            handle: Some(handle),
-        })
-    }
-
-    /// Stop the thread and wait for it, unless called from the thread itself.
-    pub(crate) fn stop(&mut self) {
-        let _ = self.tx.send(());
-        if let Some(h) = self.handle.take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
-    }
+/// Start the thread that runs a retention pass every `interval` (stopped by a message).
+pub(crate) fn spawn(broker: Weak<Broker>, interval: Duration) -> Result<Worker<()>> {
+    Worker::spawn(
+        "halfmq-retention",
+        || (),
+        move |rx, _own| run(broker, rx, interval),
+    )
 }
 
 fn run(broker: Weak<Broker>, rx: Receiver<()>, interval: Duration) {
