@@ -8,9 +8,9 @@ mod consume;
 mod retention;
 
 pub use consume::{
-    dead_letter_topic, DeadLetter, NackOutcome, Replayed, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX,
-    PROP_DLQ_FAILURES, PROP_DLQ_LOG_OFFSET, PROP_DLQ_OFFSET, PROP_DLQ_QUEUE, PROP_DLQ_REASON,
-    PROP_DLQ_TOPIC, PROP_REPLAYED_FROM,
+    dead_letter_topic, DeadLetter, GroupDeleted, NackOutcome, Replayed, DLQ_TOPIC_PREFIX,
+    INTERNAL_TOPIC_PREFIX, PROP_DLQ_FAILURES, PROP_DLQ_LOG_OFFSET, PROP_DLQ_OFFSET, PROP_DLQ_QUEUE,
+    PROP_DLQ_REASON, PROP_DLQ_TOPIC, PROP_REPLAYED_FROM,
 };
 use consume::{GroupKey, GroupTopic};
 pub use retention::{Pin, RetentionFloor, RetentionReport};

@@ -131,6 +131,15 @@ impl Cursor {
         self.leases.values().filter(|l| l.delivered).count()
     }
 
+    /// Messages with a consumer whose lease has not run out at `now_ms`: a consumer that is
+    /// (or may still be) working on them.
+    pub fn held(&self, now_ms: u64) -> usize {
+        self.leases
+            .values()
+            .filter(|l| l.delivered && l.due_ms > now_ms)
+            .count()
+    }
+
     /// Messages waiting for redelivery.
     pub fn waiting(&self) -> usize {
         self.leases.values().filter(|l| !l.delivered).count()

@@ -130,6 +130,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// No consumer group of this name has any state in the broker.
+    #[error("unknown consumer group `{0}` (it has no offsets, settings or deliveries)")]
+    UnknownGroup(String),
+
     /// No transaction with this id is pending, unresolved, or remembered as finished.
     #[error("unknown transaction {0} (never written, or finished longer ago than the outcome retention)")]
     UnknownTxn(u64),
@@ -230,6 +234,7 @@ impl Error {
             Error::Timeout { .. } => 17,
             Error::Disconnected { .. } => 18,
             Error::Expired { .. } => 19,
+            Error::UnknownGroup(_) => 20,
         }
     }
 }

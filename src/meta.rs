@@ -96,6 +96,22 @@ fn prefix(kind: u8, group: &str, topic: &str, queue: u32) -> Vec<u8> {
     k
 }
 
+/// (group, topic, queue) of a committed-offset key (`c group \0 topic \0 queue`).
+fn parse_committed_key(k: &[u8]) -> Result<(String, String, u32)> {
+    let bad = || Error::Meta("bad consumer key".into());
+    let rest = k.get(1..).ok_or_else(bad)?;
+    let mut parts = rest.splitn(3, |&b| b == 0);
+    let (Some(g), Some(t), Some(q)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let q: [u8; 4] = q.try_into().map_err(|_| bad())?;
+    Ok((
+        String::from_utf8_lossy(g).into_owned(),
+        String::from_utf8_lossy(t).into_owned(),
+        u32::from_be_bytes(q),
+    ))
+}
+
 /// Transactions whose ids (log offsets) share the bits above this share an outcome bucket.
 const OUTCOME_BUCKET_SHIFT: u32 = 16;
 
@@ -326,21 +342,38 @@ impl Meta {
         let mut out = Vec::new();
         for kv in self.consumers.scan_prefix([b'c']) {
             let (k, _) = kv?;
-            let rest = &k[1..];
-            let mut parts = rest.splitn(3, |&b| b == 0);
-            let (Some(g), Some(t), Some(q)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(Error::Meta("bad consumer key".into()));
-            };
-            let q: [u8; 4] = q
-                .try_into()
-                .map_err(|_| Error::Meta("bad consumer key".into()))?;
-            out.push((
-                String::from_utf8_lossy(g).into_owned(),
-                String::from_utf8_lossy(t).into_owned(),
-                u32::from_be_bytes(q),
-            ));
+            out.push(parse_committed_key(&k)?);
         }
         Ok(out)
+    }
+
+    /// Remove everything stored for `group`: committed offsets, acks above them, retry
+    /// states and its settings, in one flushed batch. Returns the (topic, queue) pairs it
+    /// had offsets for, and whether it had anything at all.
+    pub fn delete_group(&self, group: &str) -> Result<(Vec<(String, u32)>, bool)> {
+        let mut batch = sled::Batch::default();
+        let mut queues = Vec::new();
+        let mut any = false;
+        for kind in [b'c', b'a', b'r'] {
+            let mut p = Vec::with_capacity(group.len() + 2);
+            p.push(kind);
+            p.extend_from_slice(group.as_bytes());
+            p.push(0);
+            for kv in self.consumers.scan_prefix(&p) {
+                let (k, _) = kv?;
+                if kind == b'c' {
+                    let (_, topic, queue) = parse_committed_key(&k)?;
+                    queues.push((topic, queue));
+                }
+                batch.remove(k);
+                any = true;
+            }
+        }
+        any |= self.groups.contains_key(group.as_bytes())?;
+        self.consumers.apply_batch(batch)?;
+        self.groups.remove(group.as_bytes())?;
+        self.db.flush()?;
+        Ok((queues, any))
     }
 
     /// Every persisted unfinished transaction.

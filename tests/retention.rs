@@ -775,3 +775,88 @@ fn a_group_that_polled_but_never_acked_pins_the_log_across_a_restart() {
     }
     assert_eq!(drain(&b, "slow", "t"), (0..300).collect::<Vec<_>>());
 }
+
+/// A group that is no longer used pins the log until it is deleted; deleting it is refused
+/// while one of its consumers holds a message, keeps its dead letters, survives a restart,
+/// and a later consumer under the same name starts over.
+#[test]
+fn deleting_an_abandoned_group_releases_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let b = Broker::open(cfg.clone()).unwrap();
+    fill(&b, "t", 0, 300);
+    drain(&b, "live", "t");
+    // "old" took two messages, failed one (dead-lettered at once: no retries), and went
+    // away still holding the other.
+    b.set_group_settings(
+        "old",
+        &GroupSettings {
+            max_retries: Some(0),
+            ..GroupSettings::default()
+        },
+    )
+    .unwrap();
+    let got = b.poll("old", "t", 2).unwrap();
+    b.nack("old", "t", got[1].queue, got[1].offset, None)
+        .unwrap();
+    let r = b.enforce_retention().unwrap();
+    assert_eq!(r.segments_deleted, 0, "{r:?}");
+    assert!(
+        matches!(&r.floor.pinned_by, Some(Pin::Group { group, .. }) if group == "old"),
+        "{r:?}"
+    );
+
+    // Its consumer still holds the first message: refused, nothing changes.
+    let e = b.delete_group("old").unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+    assert!(e.to_string().contains("1 message"), "{e}");
+    assert!(b.enforce_retention().unwrap().held_by_floor);
+
+    // Once the consumer lets go of it (a nack; here it is dead-lettered too), deletion works.
+    b.nack("old", "t", got[0].queue, got[0].offset, None)
+        .unwrap();
+    let d = b.delete_group("old").unwrap();
+    assert_eq!(d.group, "old");
+    assert_eq!(d.queues, 2, "{d:?}");
+    assert_eq!(d.dead_letter_queue.as_deref(), Some("%DLQ%old"));
+    assert!(matches!(
+        b.delete_group("old").unwrap_err(),
+        Error::UnknownGroup(_)
+    ));
+    assert!(matches!(
+        b.delete_group("%replay").unwrap_err(),
+        Error::Invalid { .. }
+    ));
+    assert!(matches!(
+        b.delete_group("never-seen").unwrap_err(),
+        Error::UnknownGroup(_)
+    ));
+
+    // The log is released (the dead letters were written after the old messages)...
+    let r = b.enforce_retention().unwrap();
+    assert!(r.segments_deleted >= 3, "{r:?}");
+    assert!(
+        !matches!(&r.floor.pinned_by, Some(Pin::Group { group, .. }) if group == "old"),
+        "{r:?}"
+    );
+    // ...and its dead letters are kept, replayable to the topic.
+    assert_eq!(b.dead_letters("old", 0, 10).unwrap().len(), 2);
+    assert_eq!(b.replay_dead_letters("old", 10).unwrap().len(), 2);
+    assert_eq!(drain(&b, "live", "t").len(), 2);
+
+    // Gone across a restart too; the name starts over at the log's first message.
+    b.close().unwrap();
+    drop(b);
+    let b = Broker::open(cfg).unwrap();
+    assert!(matches!(
+        b.delete_group("old").unwrap_err(),
+        Error::UnknownGroup(_)
+    ));
+    let again = drain(&b, "old", "t");
+    assert!(!again.is_empty());
+    assert!(
+        again.len() < 300,
+        "deleted segments are not delivered again"
+    );
+    b.close().unwrap();
+}

@@ -124,6 +124,17 @@ pub struct Replayed {
     pub receipt: SendReceipt,
 }
 
+/// What [`Broker::delete_group`] removed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupDeleted {
+    /// The group.
+    pub group: String,
+    /// (topic, queue) pairs it had offsets for.
+    pub queues: u64,
+    /// Its dead-letter topic, kept, if it has one.
+    pub dead_letter_queue: Option<String>,
+}
+
 /// Bytes a delivery counts against a poll's byte limit.
 fn delivery_size(topic: &str, rec: &Record) -> usize {
     topic.len()
@@ -210,6 +221,56 @@ impl Broker {
             }
         }
         Ok((*d).clone())
+    }
+
+    /// Forget consumer group `group`: its committed offsets, acks, retry states and settings.
+    /// A group that is no longer used otherwise keeps its first un-acked message, and
+    /// everything after it, from retention forever. Refused (nothing changes) while a
+    /// consumer of the group holds a message whose visibility time-out has not run out:
+    /// stop the group's consumers first. Its dead-letter queue (`%DLQ%<group>`) is kept:
+    /// dead letters are never dropped silently; replay or consume them. A consumer that
+    /// polls or acks under the name afterwards starts a new group from the beginning of each
+    /// queue.
+    pub fn delete_group(&self, group: &str) -> Result<GroupDeleted> {
+        validate_group_name(group)?;
+        if group.starts_with(INTERNAL_TOPIC_PREFIX) {
+            return Err(Error::Invalid {
+                what: "consumer group",
+                reason: format!("`{group}` is internal to the broker"),
+            });
+        }
+        // Held across the whole deletion: no poll can load the group's state meanwhile.
+        let mut groups = self.groups.lock();
+        let now = now_ms();
+        let mut held = 0;
+        let mut in_memory = false;
+        for ((g, _), gt) in groups.iter() {
+            if g == group {
+                in_memory = true;
+                held += gt.lock().cursors.iter().map(|c| c.held(now)).sum::<usize>();
+            }
+        }
+        if held > 0 {
+            return Err(Error::Invalid {
+                what: "consumer group deletion",
+                reason: format!(
+                    "group `{group}` has {held} message(s) with a consumer now; stop its consumers (or wait for the visibility time-out) first"
+                ),
+            });
+        }
+        let (queues, stored) = self.meta.delete_group(group)?;
+        if !stored && !in_memory {
+            return Err(Error::UnknownGroup(group.to_owned()));
+        }
+        groups.retain(|(g, _), _| g != group);
+        drop(groups);
+        let dlq = dead_letter_topic(group);
+        let dead_letter_queue = self.topics.read().contains_key(&dlq).then_some(dlq);
+        Ok(GroupDeleted {
+            group: group.to_owned(),
+            queues: queues.len() as u64,
+            dead_letter_queue,
+        })
     }
 
     /// The delivery settings in force for `group`, and its overrides.
