@@ -5,6 +5,9 @@
 //! serves. The consumer side (poll, ack, nack, redelivery, dead letters) is in `consume`.
 
 mod consume;
+mod trace;
+
+pub(crate) use consume::REPLAY_GROUP;
 
 pub use consume::{
     dead_letter_topic, DeadLetter, NackOutcome, Replayed, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX,
@@ -244,6 +247,13 @@ pub struct Broker {
     check_pool: CheckPool,
     /// Remembered idempotency keys.
     dedup: Arc<DedupIndex>,
+    /// The key index of `trace` (derived from the log, kept by `index_thread`).
+    key_index: Arc<crate::key_index::KeyIndex>,
+    /// The event journal of `trace`.
+    journal: Arc<crate::trace::Journal>,
+    index_thread: Mutex<Option<trace::IndexerThread>>,
+    /// The key index was dropped and rebuilt once already in this process.
+    index_rebuilt: std::sync::atomic::AtomicBool,
 }
 
 /// The record that ends a transaction, ready to append.
@@ -496,6 +506,13 @@ impl Broker {
                 replay_error.get_or_insert(e);
             }
         };
+        let (key_index, index_report) = crate::key_index::KeyIndex::open(
+            storage.clone(),
+            &dir.join("index"),
+            config.store.key_index_slots,
+            config.store.key_index_entries,
+        )?;
+        let journal = Arc::new(crate::trace::Journal::open(meta.clone())?);
         let (store, recovery) = Store::open_locked(
             storage,
             dir,
@@ -510,6 +527,15 @@ impl Broker {
         txns.forget_beyond(recovery.log_end);
         delayed.forget_beyond(recovery.log_end);
         dedup.forget_beyond(recovery.log_end);
+        if index_report.indexed_upto > recovery.log_end {
+            // An index of a longer (other) log: useless here.
+            tracing::warn!(
+                indexed_upto = index_report.indexed_upto,
+                log_end = recovery.log_end,
+                "the key index is ahead of the log; rebuilding it"
+            );
+            key_index.rebuild_from(0)?;
+        }
         let config_checks_max = config.txn.checks_in_flight_max as usize;
         let broker = Arc::new(Broker {
             config,
@@ -527,12 +553,17 @@ impl Broker {
             delay_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
+            key_index: Arc::new(key_index),
+            journal,
+            index_thread: Mutex::new(None),
+            index_rebuilt: trace::rebuilt_flag(),
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
             *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
         }
         *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
+        *broker.index_thread.lock() = Some(trace::IndexerThread::spawn(Arc::downgrade(&broker))?);
         Ok(broker)
     }
 
@@ -1008,7 +1039,14 @@ impl Broker {
             t.stop();
         }
         self.check_pool.shut_down();
+        if let Some(mut t) = self.index_thread.lock().take() {
+            t.stop();
+        }
         self.store.close()?;
+        // Index what the close flushed, and make the index durable, so that the next open
+        // has nothing to re-index.
+        self.index_catch_up()?;
+        self.key_index.persist()?;
         self.meta.flush()
     }
 
@@ -1328,6 +1366,12 @@ impl Broker {
             && rec.topic == topic
             && rec.properties.get(PROP_IDEMPOTENCY_KEY).map(String::as_str) == Some(key);
         if ok {
+            if !rec.key.is_empty() {
+                let event = crate::trace::Event::Duplicate {
+                    idempotency_key: key.to_owned(),
+                };
+                self.trace_events(vec![(at.log_offset, event)]);
+            }
             return Ok(Some(rec));
         }
         tracing::warn!(
@@ -1586,6 +1630,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(mut t) = self.index_thread.lock().take() {
+            t.stop();
+        }
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }

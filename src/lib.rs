@@ -65,12 +65,14 @@ pub mod delayed;
 mod delivery;
 pub mod error;
 pub mod idem;
+pub mod key_index;
 pub mod meta;
 pub mod metrics;
 pub mod net;
 pub mod record;
 pub mod settings;
 pub mod store;
+pub mod trace;
 pub mod txn;
 
 pub use broker::{Broker, Delivery, HalfReceipt, Message, SendReceipt, Stats, TopicInfo};

@@ -29,6 +29,9 @@ use consume_queue::{ConsumeQueue, Entry};
 use io::Storage;
 use segment::{Segment, SEGMENT_HEADER_BYTES};
 
+/// Largest read of [`Store::scan_records`] (a bigger record is read whole).
+pub const SCAN_CHUNK_BYTES: u64 = 1024 * 1024;
+
 /// Bytes of the SegmentEnd record that closes every full segment; always kept free.
 const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
 
@@ -649,6 +652,93 @@ impl Store {
         view.to_record()
     }
 
+    /// The file abstraction the store writes through (for derived files kept next to it,
+    /// such as the key index).
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.shared.storage
+    }
+
+    /// Call `f` with every record (and its encoded size) from `from` up to `to` (exclusive),
+    /// in log order, reading the log in chunks of at most [`SCAN_CHUNK_BYTES`] (so memory
+    /// stays bounded whatever the range). `from` must be a record boundary or a segment
+    /// start, `to` a record boundary the log has written (the durable or written end); a
+    /// `from` inside a deleted segment starts at the first segment after it. Returns the
+    /// offset reached (`to`, or the end of the log's data when that comes first). A damaged
+    /// record inside the range is an error: the range was validated by recovery or written
+    /// by this process, so damage there is real.
+    pub fn scan_records(
+        &self,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
+    ) -> Result<u64> {
+        let mut off = from;
+        let mut buf: Vec<u8> = Vec::new();
+        while off < to {
+            let Some(seg) = self.shared.segment_at_or_after(off) else {
+                return Ok(off);
+            };
+            let seg_end = seg.base + seg.size;
+            let mut pos = off.max(seg.base + SEGMENT_HEADER_BYTES);
+            let stop = to.min(seg_end);
+            let mut segment_done = false;
+            while pos < stop && !segment_done {
+                let want = (stop - pos).min(SCAN_CHUNK_BYTES) as usize;
+                buf.resize(want, 0);
+                seg.file.read_exact_at(&mut buf, pos - seg.base)?;
+                let mut i = 0usize;
+                loop {
+                    match record::decode(&buf[i..]) {
+                        Ok((view, len)) => {
+                            if view.header.kind == RecordKind::SegmentEnd {
+                                segment_done = true;
+                                break;
+                            }
+                            // `len` is at most RECORD_BYTES_MAX, which fits a u32.
+                            f(&view, len as u32)?;
+                            i += len;
+                        }
+                        Err(record::DecodeError::Incomplete { needed }) => {
+                            if i > 0 {
+                                break; // read again from this record's start
+                            }
+                            if pos + needed as u64 > stop {
+                                // The range ends inside a record: not a boundary.
+                                return Ok(pos);
+                            }
+                            buf.resize(needed, 0);
+                            seg.file.read_exact_at(&mut buf, pos - seg.base)?;
+                        }
+                        Err(record::DecodeError::Empty) => {
+                            segment_done = true;
+                            break;
+                        }
+                        Err(record::DecodeError::Invalid(reason)) => {
+                            return Err(Error::Corrupt {
+                                path: seg.path().to_path_buf(),
+                                offset: pos - seg.base + i as u64,
+                                reason,
+                            })
+                        }
+                    }
+                    if i == buf.len() {
+                        break;
+                    }
+                }
+                pos += i as u64;
+            }
+            if pos < stop && !segment_done {
+                return Ok(pos);
+            }
+            off = if segment_done || stop == seg_end {
+                seg_end
+            } else {
+                stop
+            };
+        }
+        Ok(to.max(from))
+    }
+
     /// Wait until `queue` has more than `from` entries or `timeout` passes. Returns whether
     /// there is something to read.
     pub fn wait_for_messages(
@@ -745,6 +835,17 @@ impl Drop for Store {
 }
 
 impl Shared {
+    /// The segment holding `log_offset`, or else the first one after it.
+    fn segment_at_or_after(&self, log_offset: u64) -> Option<Arc<Segment>> {
+        let segs = self.segments.read();
+        if let Some((_, s)) = segs.range(..=log_offset).next_back() {
+            if log_offset < s.base + s.size {
+                return Some(s.clone());
+            }
+        }
+        segs.range(log_offset..).next().map(|(_, s)| s.clone())
+    }
+
     fn segment_for(&self, log_offset: u64) -> Result<Arc<Segment>> {
         let segs = self.segments.read();
         match segs.range(..=log_offset).next_back() {
