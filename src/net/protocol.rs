@@ -202,6 +202,12 @@ pub enum Request {
         /// When, ms since the Unix epoch.
         deliver_at_ms: u64,
     },
+    /// Every event of every message with this key ([`crate::Broker::trace`]). Answered with
+    /// [`Response::Trace`].
+    Trace {
+        /// The key (exact).
+        key: String,
+    },
 }
 
 /// A group's delivery settings on the wire.
@@ -287,6 +293,8 @@ pub enum Response {
     Group(WireGroup),
     /// A delayed message was stored.
     Delayed(DelayedReceipt),
+    /// A trace as JSON text (the document `halfmq trace KEY --json` prints).
+    Trace(String),
 }
 
 /// Broker → client, unasked.
