@@ -64,7 +64,12 @@ const PAGE_BYTES: usize = 4096;
 const PENDING_BYTES_MAX: usize = 1024 * 1024;
 
 const _: () = assert!(HEADER_BYTES == 64 && ENTRY_BYTES == 40);
-const _: () = assert!(PAGE_BYTES % 4 == 0);
+const _: () = assert!(PAGE_BYTES.is_multiple_of(4));
+
+/// Reads the log from `from` to `to`, calling the visitor with every record and its size;
+/// returns the offset reached ([`crate::store::Store::scan_records`]).
+pub type LogScan<'a> =
+    dyn Fn(u64, u64, &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>) -> Result<u64> + 'a;
 
 /// The file name of the index file whose first record is at `first`.
 pub fn file_name(first: u64) -> String {
@@ -179,9 +184,7 @@ impl Header {
     }
 
     fn entry_pos(&self, number: u32) -> u64 {
-        HEADER_BYTES as u64
-            + u64::from(self.slots) * 4
-            + u64::from(number - 1) * ENTRY_BYTES as u64
+        HEADER_BYTES as u64 + u64::from(self.slots) * 4 + u64::from(number - 1) * ENTRY_BYTES as u64
     }
 
     fn slot_of(&self, hash: u64) -> u32 {
@@ -473,12 +476,7 @@ impl KeyIndex {
     /// below the log's durable end), reading it with `scan(from, to, f)`
     /// ([`crate::store::Store::scan_records`]). Holds the index lock meanwhile, so lookups
     /// wait for it. `log_start` is the first offset the log still has.
-    pub fn catch_up(
-        &self,
-        log_start: u64,
-        to: u64,
-        scan: &dyn Fn(u64, u64, &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>) -> Result<u64>,
-    ) -> Result<()> {
+    pub fn catch_up(&self, log_start: u64, to: u64, scan: &LogScan<'_>) -> Result<()> {
         let mut inner = self.inner.lock();
         let from = inner.indexed_upto.max(log_start);
         if from >= to {
@@ -735,7 +733,11 @@ impl KeyIndex {
         let upto = inner.sealed.last().map_or(0, |f| f.header.indexed_upto);
         inner.indexed_upto = upto;
         inner.persisted_upto = upto;
-        tracing::warn!(files = doomed.len(), from = upto, "key index files dropped; re-indexing the log");
+        tracing::warn!(
+            files = doomed.len(),
+            from = upto,
+            "key index files dropped; re-indexing the log"
+        );
         Ok(())
     }
 
@@ -831,7 +833,10 @@ mod tests {
             prev: 1,
         };
         assert_eq!(Entry::decode(&e.encode(), 2, &h), Ok(e));
-        assert!(Entry::decode(&e.encode(), 1, &h).is_err(), "prev must be older");
+        assert!(
+            Entry::decode(&e.encode(), 1, &h).is_err(),
+            "prev must be older"
+        );
         let mut bad = e.encode();
         bad[9] ^= 1;
         assert!(Entry::decode(&bad, 2, &h).is_err());

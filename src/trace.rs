@@ -589,12 +589,8 @@ impl Found {
 
     fn is_dead_letter(&self) -> bool {
         self.kind == RecKind::Message
-            && self
-                .topic
-                .starts_with(crate::broker::DLQ_TOPIC_PREFIX)
-            && self
-                .props
-                .contains_key(crate::broker::PROP_DLQ_LOG_OFFSET)
+            && self.topic.starts_with(crate::broker::DLQ_TOPIC_PREFIX)
+            && self.props.contains_key(crate::broker::PROP_DLQ_LOG_OFFSET)
     }
 
     /// The log offset of the first record of the story it belongs to (before dead-letter
@@ -642,11 +638,7 @@ pub(crate) fn story(
         .iter()
         .any(|f| matches!(f.kind, RecKind::Half | RecKind::Commit | RecKind::Rollback))
         .then_some(root);
-    let replayed_from = first.and_then(|f| {
-        f.props
-            .get(crate::broker::PROP_REPLAYED_FROM)
-            .cloned()
-    });
+    let replayed_from = first.and_then(|f| f.props.get(crate::broker::PROP_REPLAYED_FROM).cloned());
     let mut lines = Vec::new();
     let mut journal_events: Vec<(u64, Recorded)> = Vec::new();
     let mut stored: Option<&Found> = None;
@@ -917,7 +909,10 @@ fn now_unstored(
         None => {
             let outcome = b.txn_index().finished(txn, b.meta()).ok().flatten();
             now.line = match outcome {
-                Some(o) => format!("{} (its outcome record is no longer in the log)", o.as_str()),
+                Some(o) => format!(
+                    "{} (its outcome record is no longer in the log)",
+                    o.as_str()
+                ),
                 None => "finished; its outcome is no longer known".into(),
             };
         }

@@ -121,7 +121,11 @@ fn kind_of(e: &Event) -> String {
 /// The event kinds of the one message of a trace, as the JSON names them.
 fn kinds(t: &Trace) -> Vec<String> {
     assert_eq!(t.messages.len(), 1, "{t}");
-    t.messages[0].events.iter().map(|l| kind_of(&l.event)).collect()
+    t.messages[0]
+        .events
+        .iter()
+        .map(|l| kind_of(&l.event))
+        .collect()
 }
 
 /// The log offsets of the first records of the messages of a trace.
@@ -351,7 +355,10 @@ fn nack_retry_dead_letter_and_replay_show_up() {
     let t = b.trace("order-1").unwrap();
     assert_eq!(kinds(&t), ["stored", "delivered", "retried"], "{t}");
     assert!(
-        t.messages[0].now.line.contains("group ship: delivery failed (attempt 1)"),
+        t.messages[0]
+            .now
+            .line
+            .contains("group ship: delivery failed (attempt 1)"),
         "{t}"
     );
     let d = b.poll("ship", "orders", 10).unwrap().remove(0);
@@ -396,13 +403,19 @@ fn nack_retry_dead_letter_and_replay_show_up() {
         "{t}"
     );
     assert!(
-        t.messages[0].now.line.contains("then replayed as a new message"),
+        t.messages[0]
+            .now
+            .line
+            .contains("then replayed as a new message"),
         "{t}"
     );
     assert_eq!(t.messages[1].log_offset, replayed[0].receipt.log_offset);
     assert_eq!(t.messages[1].replayed_from.as_deref(), Some("ship/0"));
     assert!(
-        t.messages[1].now.line.contains("group ship: not delivered yet"),
+        t.messages[1]
+            .now
+            .line
+            .contains("group ship: not delivered yet"),
         "{t}"
     );
     let text = t.to_string();
@@ -435,7 +448,11 @@ fn delayed_messages_and_idempotency_duplicates_show_up() {
         "{t}"
     );
     assert_eq!(t.messages[0].log_offset, r.id);
-    assert!(t.to_string().contains("now: delivered on time, stored at t"), "{t}");
+    assert!(
+        t.to_string()
+            .contains("now: delivered on time, stored at t"),
+        "{t}"
+    );
 
     let m = Message::new("once")
         .with_key("pay-9")
@@ -556,6 +573,9 @@ fn index_files(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// Something done to a data directory's index files.
+type Damage = Box<dyn Fn(&Path)>;
+
 fn flip(path: &Path, at: u64) {
     let mut bytes = std::fs::read(path).unwrap();
     bytes[at as usize] ^= 0x5a;
@@ -571,7 +591,7 @@ fn the_index_is_rebuilt_after_its_files_are_deleted_or_damaged() {
     assert!(files.len() >= 6, "{files:?}");
     // Geometry of the tiny files: 64-byte header, 4 slots, 16 entries of 40 bytes.
     let (slots_at, entries_at) = (64u64, 64u64 + 4 * 4);
-    let damage: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let damage: Vec<(&str, Damage)> = vec![
         ("nothing", Box::new(|_: &Path| {})),
         (
             "all files deleted",
@@ -587,11 +607,11 @@ fn the_index_is_rebuilt_after_its_files_are_deleted_or_damaged() {
         ),
         (
             "slot byte flipped",
-            Box::new(|d: &Path| flip(&index_files(d)[1], slots_at + 5)),
+            Box::new(move |d: &Path| flip(&index_files(d)[1], slots_at + 5)),
         ),
         (
             "entry byte flipped (found at lookup)",
-            Box::new(|d: &Path| flip(&index_files(d)[3], entries_at + 40 * 2 + 9)),
+            Box::new(move |d: &Path| flip(&index_files(d)[3], entries_at + 40 * 2 + 9)),
         ),
         (
             "file truncated",

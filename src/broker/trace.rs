@@ -88,11 +88,12 @@ impl Broker {
     /// dropped and rebuilt from the log, once per process.
     pub(crate) fn index_catch_up(&self) -> Result<()> {
         let stats = self.store.log_stats();
-        let scan = |from: u64,
-                    to: u64,
-                    f: &mut dyn FnMut(&crate::record::RecordView<'_>, u32) -> Result<()>| {
-            self.store.scan_records(from, to, f)
-        };
+        let scan =
+            |from: u64,
+             to: u64,
+             f: &mut dyn FnMut(&crate::record::RecordView<'_>, u32) -> Result<()>| {
+                self.store.scan_records(from, to, f)
+            };
         match self
             .key_index
             .catch_up(stats.first_offset, stats.durable_offset, &scan)
@@ -155,7 +156,10 @@ impl Broker {
                         return Err(Error::Corrupt {
                             path: self.key_index.dir().to_path_buf(),
                             offset: d.first,
-                            reason: format!("key index still damaged after a rebuild: {}", d.reason),
+                            reason: format!(
+                                "key index still damaged after a rebuild: {}",
+                                d.reason
+                            ),
                         })
                     }
                 }

@@ -183,7 +183,10 @@ impl Broker {
             let event = crate::trace::Event::CheckAnswered { check, answer };
             events.push((info.txn_id, event));
             if info.state == super::TxnState::Unresolved {
-                events.push((info.txn_id, crate::trace::Event::Unresolved { checks: check }));
+                events.push((
+                    info.txn_id,
+                    crate::trace::Event::Unresolved { checks: check },
+                ));
             }
         }
         self.trace_events(events);
