@@ -251,9 +251,9 @@ pub struct Broker {
     key_index: Arc<crate::key_index::KeyIndex>,
     /// The event journal of `trace`.
     journal: Arc<crate::trace::Journal>,
+    /// Keeps `key_index` in step with the log (shared with `index_thread`).
+    indexer: Arc<trace::Indexer>,
     index_thread: Mutex<Option<trace::IndexerThread>>,
-    /// The key index was dropped and rebuilt once already in this process.
-    index_rebuilt: std::sync::atomic::AtomicBool,
 }
 
 /// The record that ends a transaction, ready to append.
@@ -537,6 +537,8 @@ impl Broker {
             key_index.rebuild_from(0)?;
         }
         let config_checks_max = config.txn.checks_in_flight_max as usize;
+        let key_index = Arc::new(key_index);
+        let indexer = Arc::new(trace::Indexer::new(key_index.clone(), store.log_reader()));
         let broker = Arc::new(Broker {
             config,
             store,
@@ -553,17 +555,16 @@ impl Broker {
             delay_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
-            key_index: Arc::new(key_index),
+            key_index,
             journal,
-            index_thread: Mutex::new(None),
-            index_rebuilt: trace::rebuilt_flag(),
+            indexer: indexer.clone(),
+            index_thread: Mutex::new(Some(trace::IndexerThread::spawn(indexer)?)),
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
             *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
         }
         *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
-        *broker.index_thread.lock() = Some(trace::IndexerThread::spawn(Arc::downgrade(&broker))?);
         Ok(broker)
     }
 

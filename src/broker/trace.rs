@@ -2,7 +2,7 @@
 //! ([`crate::key_index`]) in step with the log on its own thread, and [`Broker::trace`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -10,12 +10,60 @@ use parking_lot::{Condvar, Mutex};
 
 use super::Broker;
 use crate::error::{Error, Result};
+use crate::key_index::KeyIndex;
+use crate::store::LogReader;
 use crate::trace::{stories, story, Event, Found, Trace};
 
 /// How often the indexer looks for newly durable records.
 const INDEX_EVERY: Duration = Duration::from_millis(20);
 /// How often the indexer makes the index durable (writes, fdatasync, header).
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the key index in step with the log: owned jointly by the broker and the indexer
+/// thread, so the thread never keeps the broker itself alive.
+pub(crate) struct Indexer {
+    index: Arc<KeyIndex>,
+    log: LogReader,
+    /// The index was dropped and rebuilt once already in this process.
+    rebuilt: AtomicBool,
+}
+
+impl Indexer {
+    pub(crate) fn new(index: Arc<KeyIndex>, log: LogReader) -> Indexer {
+        Indexer {
+            index,
+            log,
+            rebuilt: AtomicBool::new(false),
+        }
+    }
+
+    /// Index the log up to its durable end (the indexer thread, every trace and the close
+    /// call this). An index that cannot be continued (its mark is not a record boundary of
+    /// this log) is dropped and rebuilt from the log, once per process.
+    pub(crate) fn catch_up(&self) -> Result<()> {
+        let stats = self.log.log_stats();
+        let scan =
+            |from: u64,
+             to: u64,
+             f: &mut dyn FnMut(&crate::record::RecordView<'_>, u32) -> Result<()>| {
+                self.log.scan_records(from, to, f)
+            };
+        match self
+            .index
+            .catch_up(stats.first_offset, stats.durable_offset, &scan)
+        {
+            Err(Error::Corrupt { path, reason, .. })
+                if !self.rebuilt.swap(true, Ordering::AcqRel) =>
+            {
+                tracing::warn!(path = %path.display(), %reason, "the key index does not continue this log; rebuilding it from the log");
+                self.index.rebuild_from(0)?;
+                self.index
+                    .catch_up(stats.first_offset, stats.durable_offset, &scan)
+            }
+            r => r,
+        }
+    }
+}
 
 /// The thread that follows the durable end of the log and indexes keyed records: see
 /// [`crate::key_index`]. It never runs on the group-commit thread.
@@ -25,12 +73,12 @@ pub(crate) struct IndexerThread {
 }
 
 impl IndexerThread {
-    pub(crate) fn spawn(broker: Weak<Broker>) -> Result<IndexerThread> {
+    pub(crate) fn spawn(indexer: Arc<Indexer>) -> Result<IndexerThread> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s = stop.clone();
         let handle = std::thread::Builder::new()
             .name("halfmq-key-index".into())
-            .spawn(move || run(broker, s))
+            .spawn(move || run(&indexer, &s))
             .map_err(|e| Error::io("halfmq-key-index", "start key index thread", e))?;
         Ok(IndexerThread {
             stop,
@@ -38,24 +86,21 @@ impl IndexerThread {
         })
     }
 
-    /// Stop the thread and wait for it, unless called from the thread itself.
+    /// Stop the thread and wait for it.
     pub(crate) fn stop(&mut self) {
         *self.stop.0.lock() = true;
         self.stop.1.notify_all();
         if let Some(h) = self.handle.take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+            let _ = h.join();
         }
     }
 }
 
-fn run(broker: Weak<Broker>, stop: Arc<(Mutex<bool>, Condvar)>) {
+fn run(indexer: &Indexer, stop: &(Mutex<bool>, Condvar)) {
     let mut last_persist = Instant::now();
     let mut failing = false;
     loop {
         {
-            // Waits without holding the broker alive.
             let mut stopped = stop.0.lock();
             if !*stopped {
                 stop.1.wait_for(&mut stopped, INDEX_EVERY);
@@ -64,11 +109,10 @@ fn run(broker: Weak<Broker>, stop: Arc<(Mutex<bool>, Condvar)>) {
                 return;
             }
         }
-        let Some(b) = broker.upgrade() else { return };
-        let mut r = b.index_catch_up();
+        let mut r = indexer.catch_up();
         if r.is_ok() && last_persist.elapsed() >= PERSIST_EVERY {
             last_persist = Instant::now();
-            r = b.key_index.persist();
+            r = indexer.index.persist();
         }
         match r {
             Ok(()) => failing = false,
@@ -83,31 +127,9 @@ fn run(broker: Weak<Broker>, stop: Arc<(Mutex<bool>, Condvar)>) {
 }
 
 impl Broker {
-    /// Index the log up to its durable end (the indexer thread, and every trace, call this).
-    /// An index that cannot be continued (its mark is not a record boundary of this log) is
-    /// dropped and rebuilt from the log, once per process.
+    /// [`Indexer::catch_up`].
     pub(crate) fn index_catch_up(&self) -> Result<()> {
-        let stats = self.store.log_stats();
-        let scan =
-            |from: u64,
-             to: u64,
-             f: &mut dyn FnMut(&crate::record::RecordView<'_>, u32) -> Result<()>| {
-                self.store.scan_records(from, to, f)
-            };
-        match self
-            .key_index
-            .catch_up(stats.first_offset, stats.durable_offset, &scan)
-        {
-            Err(Error::Corrupt { path, reason, .. })
-                if !self.index_rebuilt.swap(true, Ordering::AcqRel) =>
-            {
-                tracing::warn!(path = %path.display(), %reason, "the key index does not continue this log; rebuilding it from the log");
-                self.key_index.rebuild_from(0)?;
-                self.key_index
-                    .catch_up(stats.first_offset, stats.durable_offset, &scan)
-            }
-            r => r,
-        }
+        self.indexer.catch_up()
     }
 
     /// The key index behind [`Broker::trace`] (for retention: [`crate::key_index::KeyIndex::drop_below`]).
@@ -221,9 +243,4 @@ impl Broker {
             .map(|(g, _)| g.clone())
             .collect()
     }
-}
-
-/// Whether an index rebuild was already tried in this process.
-pub(crate) fn rebuilt_flag() -> AtomicBool {
-    AtomicBool::new(false)
 }

@@ -672,10 +672,158 @@ impl Store {
         to: u64,
         f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
     ) -> Result<u64> {
+        self.shared.scan_records(from, to, f)
+    }
+
+    /// A handle that reads the log ([`LogReader::scan_records`], [`LogReader::log_stats`])
+    /// without keeping the [`Store`] (or whoever owns it) alive: for background threads.
+    pub fn log_reader(&self) -> LogReader {
+        LogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Wait until `queue` has more than `from` entries or `timeout` passes. Returns whether
+    /// there is something to read.
+    pub fn wait_for_messages(
+        &self,
+        queues: &[Arc<ConsumeQueue>],
+        from: &[u64],
+        timeout: std::time::Duration,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
+        let p = &self.shared.progress;
+        loop {
+            let seen = p.epoch.current();
+            if ready() {
+                return true;
+            }
+            if p.stopped.load(Ordering::Acquire) || std::time::Instant::now() >= deadline {
+                return ready();
+            }
+            p.epoch.wait(seen, Some(deadline));
+        }
+    }
+
+    /// [`Store::wait_for_messages`] for async code.
+    pub async fn wait_for_messages_async(
+        &self,
+        queues: &[Arc<ConsumeQueue>],
+        from: &[u64],
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
+        loop {
+            let changed = self.shared.async_notify.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if ready() {
+                return true;
+            }
+            if self.shared.progress.stopped.load(Ordering::Acquire)
+                || tokio::time::timeout_at(deadline, changed).await.is_err()
+            {
+                return ready();
+            }
+        }
+    }
+
+    /// Log statistics.
+    pub fn log_stats(&self) -> LogStats {
+        self.shared.log_stats()
+    }
+
+    /// Stop accepting writes, flush and sync everything, write a checkpoint, and stop the
+    /// flusher. Called by `Drop` too, but then errors can only be logged.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut w = self.shared.writer.lock();
+            w.closed = true;
+            self.shared.work.notify_one();
+            self.shared.space.notify_all();
+            self.shared.async_notify.notify_waiters();
+            self.shared.async_space.notify_waiters();
+        }
+        if let Some(handle) = self.flusher.lock().take() {
+            if handle.join().is_err() {
+                return Err(Error::Poisoned("the flusher thread panicked".into()));
+            }
+        }
+        match self.shared.progress.error() {
+            Some(e) => Err(Error::Poisoned(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(dir = %self.shared.dir.display(), error = %e, "store closed with an error");
+        }
+    }
+}
+
+/// Reads the log of a [`Store`] without owning it ([`Store::log_reader`]).
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+impl LogReader {
+    /// [`Store::scan_records`].
+    pub fn scan_records(
+        &self,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
+    ) -> Result<u64> {
+        self.shared.scan_records(from, to, f)
+    }
+
+    /// [`Store::log_stats`].
+    pub fn log_stats(&self) -> LogStats {
+        self.shared.log_stats()
+    }
+}
+
+impl Shared {
+    fn log_stats(&self) -> LogStats {
+        let segs = self.segments.read();
+        let p = &self.progress;
+        LogStats {
+            segments: segs.len(),
+            first_offset: segs
+                .values()
+                .next()
+                .map(|s| s.base + SEGMENT_HEADER_BYTES)
+                .unwrap_or(0),
+            durable_offset: p.durable.load(Ordering::Acquire),
+            written_offset: p.written.load(Ordering::Acquire),
+            syncs: p.syncs.load(Ordering::Relaxed),
+            records: p.records.load(Ordering::Relaxed),
+        }
+    }
+
+    fn scan_records(
+        &self,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
+    ) -> Result<u64> {
         let mut off = from;
         let mut buf: Vec<u8> = Vec::new();
         while off < to {
-            let Some(seg) = self.shared.segment_at_or_after(off) else {
+            let Some(seg) = self.segment_at_or_after(off) else {
                 return Ok(off);
             };
             let seg_end = seg.base + seg.size;
@@ -739,102 +887,6 @@ impl Store {
         Ok(to.max(from))
     }
 
-    /// Wait until `queue` has more than `from` entries or `timeout` passes. Returns whether
-    /// there is something to read.
-    pub fn wait_for_messages(
-        &self,
-        queues: &[Arc<ConsumeQueue>],
-        from: &[u64],
-        timeout: std::time::Duration,
-    ) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
-        let p = &self.shared.progress;
-        loop {
-            let seen = p.epoch.current();
-            if ready() {
-                return true;
-            }
-            if p.stopped.load(Ordering::Acquire) || std::time::Instant::now() >= deadline {
-                return ready();
-            }
-            p.epoch.wait(seen, Some(deadline));
-        }
-    }
-
-    /// [`Store::wait_for_messages`] for async code.
-    pub async fn wait_for_messages_async(
-        &self,
-        queues: &[Arc<ConsumeQueue>],
-        from: &[u64],
-        deadline: tokio::time::Instant,
-    ) -> bool {
-        let ready = || queues.iter().zip(from).any(|(q, &f)| q.len() > f);
-        loop {
-            let changed = self.shared.async_notify.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if ready() {
-                return true;
-            }
-            if self.shared.progress.stopped.load(Ordering::Acquire)
-                || tokio::time::timeout_at(deadline, changed).await.is_err()
-            {
-                return ready();
-            }
-        }
-    }
-
-    /// Log statistics.
-    pub fn log_stats(&self) -> LogStats {
-        let segs = self.shared.segments.read();
-        let p = &self.shared.progress;
-        LogStats {
-            segments: segs.len(),
-            first_offset: segs
-                .values()
-                .next()
-                .map(|s| s.base + SEGMENT_HEADER_BYTES)
-                .unwrap_or(0),
-            durable_offset: p.durable.load(Ordering::Acquire),
-            written_offset: p.written.load(Ordering::Acquire),
-            syncs: p.syncs.load(Ordering::Relaxed),
-            records: p.records.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Stop accepting writes, flush and sync everything, write a checkpoint, and stop the
-    /// flusher. Called by `Drop` too, but then errors can only be logged.
-    pub fn close(&self) -> Result<()> {
-        {
-            let mut w = self.shared.writer.lock();
-            w.closed = true;
-            self.shared.work.notify_one();
-            self.shared.space.notify_all();
-            self.shared.async_notify.notify_waiters();
-            self.shared.async_space.notify_waiters();
-        }
-        if let Some(handle) = self.flusher.lock().take() {
-            if handle.join().is_err() {
-                return Err(Error::Poisoned("the flusher thread panicked".into()));
-            }
-        }
-        match self.shared.progress.error() {
-            Some(e) => Err(Error::Poisoned(e)),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Err(e) = self.close() {
-            tracing::error!(dir = %self.shared.dir.display(), error = %e, "store closed with an error");
-        }
-    }
-}
-
-impl Shared {
     /// The segment holding `log_offset`, or else the first one after it.
     fn segment_at_or_after(&self, log_offset: u64) -> Option<Arc<Segment>> {
         let segs = self.segments.read();
