@@ -399,9 +399,14 @@ impl KeyIndex {
         if header.first != first {
             return Err(format!("header says first offset {}", header.first));
         }
+        // Entries are appended as they are written: the file holds at least the counted ones.
         let len = file.len().map_err(|e| e.to_string())?;
-        if len != header.file_len() {
-            return Err(format!("{len} bytes, expected {}", header.file_len()));
+        let needed = header.entry_pos(header.count + 1);
+        if len < needed || len > header.file_len() {
+            return Err(format!(
+                "{len} bytes, expected {needed} ..= {}",
+                header.file_len()
+            ));
         }
         let mut f = IndexFile {
             header,
@@ -575,10 +580,13 @@ impl KeyIndex {
         }
         a.f.file.sync_data()?;
         let h = &mut a.f.header;
-        h.indexed_upto = upto.max(h.first);
-        if h.count > 0 && h.indexed_upto <= h.last {
-            h.indexed_upto = h.last + 1;
+        if h.count > 0 && upto <= h.last {
+            return Err(Error::Invalid {
+                what: "key index",
+                reason: format!("mark {upto} is not past the last entry ({})", h.last),
+            });
         }
+        h.indexed_upto = upto.max(h.first);
         h.slots_crc = crc32fast::hash(&a.slots);
         h.sealed = sealed;
         a.f.file.write_all_at(&h.encode(), 0)?;
@@ -607,8 +615,10 @@ impl KeyIndex {
             self.storage.remove_file(&path)?;
         }
         let file = self.storage.open(&path, true)?;
+        // The slot table starts as zeros (a sparse extent on real files); entries are
+        // appended as they come, so a file is only as long as what it holds.
         file.set_len(0)?;
-        file.allocate(header.file_len())?;
+        file.set_len(header.entry_pos(1))?;
         file.write_all_at(&header.encode(), 0)?;
         file.sync_data()?;
         self.storage.sync_dir(&self.dir)?;
@@ -704,15 +714,14 @@ impl KeyIndex {
     pub fn rebuild_from(&self, first: u64) -> Result<()> {
         let mut inner = self.inner.lock();
         let mut doomed: Vec<PathBuf> = Vec::new();
-        if let Some(a) = inner.active.take() {
-            if a.f.header.first >= first {
-                doomed.push(a.f.path.clone());
-            } else {
-                // Seal it where it is: later entries are re-added to a new file.
-                let upto = a.f.header.last + 1;
-                let f = self.seal(a, upto)?;
-                inner.sealed.push(f);
+        // The active file is the newest: it goes whenever anything goes.
+        match inner.active.take() {
+            Some(a) if a.f.header.first >= first => doomed.push(a.f.path.clone()),
+            Some(a) => {
+                inner.active = Some(a);
+                return Ok(());
             }
+            None => {}
         }
         let keep: Vec<IndexFile> = std::mem::take(&mut inner.sealed)
             .into_iter()
