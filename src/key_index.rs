@@ -633,6 +633,12 @@ impl KeyIndex {
         if upto <= inner.persisted_upto {
             return Ok(());
         }
+        if inner.active.is_none() {
+            // No keyed record since the last file (or ever): an empty file carries the mark,
+            // so that the next open does not read the keyless log again.
+            let first = inner.persisted_upto;
+            inner.active = Some(self.create(first)?);
+        }
         if let Some(a) = inner.active.as_mut() {
             Self::persist_active(a, upto, false)?;
         }
@@ -766,6 +772,18 @@ impl KeyIndex {
             self.storage.sync_dir(&self.dir)?;
         }
         Ok(gone.len())
+    }
+
+    /// Entries in all files.
+    pub fn entries(&self) -> u64 {
+        let inner = self.inner.lock();
+        inner
+            .sealed
+            .iter()
+            .map(|f| &f.header)
+            .chain(inner.active.iter().map(|a| &a.f.header))
+            .map(|h| u64::from(h.count))
+            .sum()
     }
 
     /// Index files (sealed and active).
