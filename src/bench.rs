@@ -46,6 +46,11 @@ pub struct BenchOptions {
     /// Plain sends each with a unique idempotency key. Plain sends without keys are measured
     /// first in the same run, for `ratio_to_without_keys`.
     pub idempotency_keys: bool,
+    /// With `txn`, `idempotency_keys` or a network run compared with an embedded one: how
+    /// many times to run the pair (baseline and measured), alternating, each on a fresh data directory. The ratio reported is the median
+    /// of the rounds' ratios, so that a burst of load from another process on a shared
+    /// machine skews one round, not the result. At least 1.
+    pub rounds: u32,
     /// The handle of an installed metrics recorder ([`crate::metrics::install`]): during the
     /// run a thread scrapes it every second as the `/metrics` endpoint would (gauges
     /// refreshed from `Broker::stats`, then rendered), and the report says what it counted.
@@ -60,6 +65,24 @@ enum Workload {
     Txn,
     /// Plain sends with a unique idempotency key each.
     Keyed,
+}
+
+impl Workload {
+    fn describe(self) -> &'static str {
+        match self {
+            Workload::Plain => "plain durable sends",
+            Workload::Txn => "transactions: send_half + commit",
+            Workload::Keyed => "durable sends with a unique idempotency key each",
+        }
+    }
+
+    fn dir_name(self) -> &'static str {
+        match self {
+            Workload::Plain => "plain",
+            Workload::Txn => "txn",
+            Workload::Keyed => "keyed",
+        }
+    }
 }
 
 /// The result; printed as one JSON object.
@@ -127,6 +150,11 @@ pub struct BenchReport {
     /// With `--txn`: committed transactions per second / plain sends per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_plain: Option<f64>,
+    /// With `--txn`, `--idempotency-keys` or `--compare-embedded`: each round's ratio, in
+    /// the order run. The
+    /// ratio above is their median, and the other figures are from the median round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_ratios: Vec<f64>,
     /// With `--addr --compare-embedded`: the same load on an embedded broker, msgs/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedded_msgs_per_s: Option<f64>,
@@ -266,26 +294,16 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
         None
     };
     let result = if opts.txn {
-        progress("plain durable sends first, for ratio_to_plain ...");
-        run_producers(opts, Workload::Plain, "plain", progress).and_then(|plain| {
-            progress("transactions: send_half + commit ...");
-            let mut r = run_producers(opts, Workload::Txn, "txn", progress)?;
-            r.plain_msgs_per_s = Some(plain.msgs_per_s);
-            r.ratio_to_plain = Some(round3(
-                r.msgs_per_s / plain.msgs_per_s.max(f64::MIN_POSITIVE),
-            ));
-            Ok(r)
+        compare_rounds(opts, Workload::Txn, progress).map(|(mut r, plain, ratio)| {
+            r.plain_msgs_per_s = Some(plain);
+            r.ratio_to_plain = Some(ratio);
+            r
         })
     } else if opts.idempotency_keys {
-        progress("durable sends without idempotency keys first, for ratio_to_without_keys ...");
-        run_producers(opts, Workload::Plain, "plain", progress).and_then(|plain| {
-            progress("durable sends with a unique idempotency key each ...");
-            let mut r = run_producers(opts, Workload::Keyed, "keyed", progress)?;
-            r.without_keys_msgs_per_s = Some(plain.msgs_per_s);
-            r.ratio_to_without_keys = Some(round3(
-                r.msgs_per_s / plain.msgs_per_s.max(f64::MIN_POSITIVE),
-            ));
-            Ok(r)
+        compare_rounds(opts, Workload::Keyed, progress).map(|(mut r, plain, ratio)| {
+            r.without_keys_msgs_per_s = Some(plain);
+            r.ratio_to_without_keys = Some(ratio);
+            r
         })
     } else {
         run_producers(opts, Workload::Plain, "plain", progress)
@@ -306,6 +324,54 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
         ));
     }
     Ok(report)
+}
+
+/// Run plain sends, then `variant`, `opts.rounds` times. Returns the variant's report from
+/// the median round, that round's plain msgs/s, and the median ratio; the report lists every
+/// round's ratio.
+fn compare_rounds(
+    opts: &BenchOptions,
+    variant: Workload,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(BenchReport, f64, f64)> {
+    let rounds = opts.rounds.max(1);
+    let mut done: Vec<(f64, f64, BenchReport)> = Vec::new();
+    for round in 1..=rounds {
+        let tag = if rounds > 1 {
+            format!(" (round {round} of {rounds})")
+        } else {
+            String::new()
+        };
+        progress(&format!("plain durable sends{tag} ..."));
+        let plain_dir = format!("plain-{round}");
+        let plain = run_producers(opts, Workload::Plain, &plain_dir, progress)?;
+        progress(&format!("{}{tag} ...", variant.describe()));
+        let variant_dir = format!("{}-{round}", variant.dir_name());
+        let r = run_producers(opts, variant, &variant_dir, progress)?;
+        if opts.cleanup {
+            // Rounds write gigabytes on fast disks: keep only what is being measured.
+            let _ = std::fs::remove_dir_all(opts.data_dir.join(&plain_dir));
+            let _ = std::fs::remove_dir_all(opts.data_dir.join(&variant_dir));
+        }
+        let ratio = round3(r.msgs_per_s / plain.msgs_per_s.max(f64::MIN_POSITIVE));
+        progress(&format!("round {round}: ratio {ratio:.3}"));
+        done.push((ratio, plain.msgs_per_s, r));
+    }
+    let (ratio, plain, r) = median_round(done);
+    Ok((r, plain, ratio))
+}
+
+/// The round with the median ratio (the lower one for an even count) of `(ratio, baseline
+/// msgs/s, report)` rounds, its report listing every round's ratio in the order run.
+fn median_round(mut done: Vec<(f64, f64, BenchReport)>) -> (f64, f64, BenchReport) {
+    let ratios: Vec<f64> = done.iter().map(|(ratio, _, _)| *ratio).collect();
+    done.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if done.is_empty() {
+        return (0.0, 0.0, BenchReport::default());
+    }
+    let (ratio, base, mut r) = done.swap_remove((done.len() - 1) / 2);
+    r.round_ratios = ratios;
+    (ratio, base, r)
 }
 
 fn round2(x: f64) -> f64 {
@@ -510,6 +576,42 @@ pub fn run_network(
     compare_embedded: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
+    if !compare_embedded {
+        return run_network_once(opts, addr, token, connections, progress);
+    }
+    // Alternate network and embedded runs `opts.rounds` times; report the median round.
+    let rounds = opts.rounds.max(1);
+    let mut done: Vec<(f64, f64, BenchReport)> = Vec::new();
+    for round in 1..=rounds {
+        progress(&format!("over the network (round {round} of {rounds}) ..."));
+        let net = run_network_once(opts, addr, token.clone(), connections, progress)?;
+        progress(&format!(
+            "the same load on an embedded broker, for ratio_to_embedded (round {round} of {rounds}) ..."
+        ));
+        let dir = format!("embedded-compare-{round}");
+        let emb = run_producers(opts, Workload::Plain, &dir, progress);
+        if opts.cleanup {
+            let _ = std::fs::remove_dir_all(opts.data_dir.join(&dir));
+        }
+        let emb = emb?;
+        let ratio = round3(net.msgs_per_s / emb.msgs_per_s.max(f64::MIN_POSITIVE));
+        progress(&format!("round {round}: ratio {ratio:.3}"));
+        done.push((ratio, emb.msgs_per_s, net));
+    }
+    let (ratio, emb, mut report) = median_round(done);
+    report.embedded_msgs_per_s = Some(emb);
+    report.ratio_to_embedded = Some(ratio);
+    Ok(report)
+}
+
+/// One run against the broker at `addr`.
+fn run_network_once(
+    opts: &BenchOptions,
+    addr: &str,
+    token: Option<String>,
+    connections: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
     use crate::net::client::{Client, ClientConfig};
     if connections == 0 || connections > 1024 || opts.producers == 0 {
         return Err(Error::Config {
@@ -587,7 +689,7 @@ pub fn run_network(
         (Some(a), Some(b)) => (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)),
         _ => (0, 0),
     };
-    let mut report = BenchReport {
+    Ok(BenchReport {
         mode: "broker".into(),
         producers: opts.producers,
         producer_kind: format!("tasks over {connections} connections"),
@@ -604,20 +706,7 @@ pub fn run_network(
         fsyncs_per_s: round2(syncs as f64 / seconds),
         msgs_per_fsync: round2(records as f64 / syncs.max(1) as f64),
         ..BenchReport::default()
-    };
-    if compare_embedded {
-        progress("the same load on an embedded broker, for ratio_to_embedded ...");
-        let emb = run_producers(opts, Workload::Plain, "embedded-compare", progress);
-        if opts.cleanup {
-            let _ = std::fs::remove_dir_all(&opts.data_dir);
-        }
-        let emb = emb?;
-        report.embedded_msgs_per_s = Some(emb.msgs_per_s);
-        report.ratio_to_embedded = Some(round3(
-            report.msgs_per_s / emb.msgs_per_s.max(f64::MIN_POSITIVE),
-        ));
-    }
-    Ok(report)
+    })
 }
 
 /// (log fsyncs, records) of a remote broker, from its stats.

@@ -8,6 +8,7 @@ mod consume;
 mod trace;
 
 pub(crate) use consume::REPLAY_GROUP;
+mod retention;
 
 pub use consume::{
     dead_letter_topic, DeadLetter, NackOutcome, Replayed, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX,
@@ -15,6 +16,7 @@ pub use consume::{
     PROP_DLQ_TOPIC, PROP_REPLAYED_FROM,
 };
 use consume::{GroupKey, GroupTopic};
+pub use retention::{Pin, RetentionFloor, RetentionReport};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -215,6 +217,20 @@ pub struct Stats {
     /// Delayed messages not delivered yet.
     #[serde(default)]
     pub delayed_pending: u64,
+    /// Retention: the floor now and what pins it, the last pass, expired messages skipped.
+    #[serde(default)]
+    pub retention: Option<RetentionStats>,
+}
+
+/// Retention figures for [`Stats`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetentionStats {
+    /// The lowest log offset still needed now, and what pins it.
+    pub floor: RetentionFloor,
+    /// Messages polls skipped because retention had deleted them (since the start).
+    pub expired_skipped: u64,
+    /// The last pass since the start, if any.
+    pub last_pass: Option<RetentionReport>,
 }
 
 struct Topic {
@@ -244,6 +260,8 @@ pub struct Broker {
     check_thread: Mutex<Option<CheckerThread>>,
     delayed: Arc<DelayedIndex>,
     delay_thread: Mutex<Option<DelayThread>>,
+    /// Writes idempotency keys to sled between checkpoints.
+    dedup_thread: Mutex<Option<crate::worker::Worker<()>>>,
     check_pool: CheckPool,
     /// Remembered idempotency keys.
     dedup: Arc<DedupIndex>,
@@ -254,6 +272,12 @@ pub struct Broker {
     /// Keeps `key_index` in step with the log (shared with `index_thread`).
     indexer: Arc<trace::Indexer>,
     index_thread: Mutex<Option<trace::IndexerThread>>,
+    /// Held during a retention pass (the background one or [`Broker::enforce_retention`]).
+    retention_pass: Mutex<()>,
+    last_retention: Mutex<Option<RetentionReport>>,
+    retention_thread: Mutex<Option<crate::worker::Worker<()>>>,
+    /// Messages polls skipped because retention had deleted them.
+    expired_skipped: AtomicU64,
 }
 
 /// The record that ends a transaction, ready to append.
@@ -542,6 +566,19 @@ impl Broker {
         let config_checks_max = config.txn.checks_in_flight_max as usize;
         let key_index = Arc::new(key_index);
         let indexer = Arc::new(trace::Indexer::new(key_index.clone(), store.log_reader()));
+        {
+            // Retention deleted segments: index files and journal events wholly below the new
+            // log start go too (entries left below it are reported as expired).
+            let (ki, j) = (key_index.clone(), journal.clone());
+            store.on_log_start(Box::new(move |start| {
+                if let Err(e) = ki.drop_below(start) {
+                    tracing::warn!(error = %e, "cannot delete key index files below the log start");
+                }
+                if let Err(e) = j.drop_below(start) {
+                    tracing::warn!(error = %e, "cannot delete trace events below the log start");
+                }
+            }));
+        }
         let broker = Arc::new(Broker {
             config,
             store,
@@ -556,18 +593,31 @@ impl Broker {
             check_thread: Mutex::new(None),
             delayed,
             delay_thread: Mutex::new(None),
+            dedup_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
             key_index,
             journal,
             indexer: indexer.clone(),
             index_thread: Mutex::new(Some(trace::IndexerThread::spawn(indexer)?)),
+            retention_pass: Mutex::new(()),
+            last_retention: Mutex::new(None),
+            retention_thread: Mutex::new(None),
+            expired_skipped: AtomicU64::new(0),
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {
-            *broker.check_thread.lock() = Some(CheckerThread::spawn(Arc::downgrade(&broker))?);
+            *broker.check_thread.lock() =
+                Some(crate::txn::checker::spawn(Arc::downgrade(&broker))?);
         }
-        *broker.delay_thread.lock() = Some(DelayThread::spawn(Arc::downgrade(&broker))?);
+        *broker.delay_thread.lock() = Some(crate::delayed::spawn(Arc::downgrade(&broker))?);
+        *broker.dedup_thread.lock() = Some(idem::spawn_persister(Arc::downgrade(&broker))?);
+        if broker.config.retention.enabled() {
+            *broker.retention_thread.lock() = Some(retention::spawn(
+                Arc::downgrade(&broker),
+                broker.config.retention.interval,
+            )?);
+        }
         Ok(broker)
     }
 
@@ -831,7 +881,7 @@ impl Broker {
         size: u32,
     ) -> crate::store::DurableHook {
         let index = self.delayed.clone();
-        let wake = self.delay_thread.lock().as_ref().map(|d| d.tx.clone());
+        let wake = self.delay_thread.lock().as_ref().map(|d| d.sender());
         let mut info = DelayedInfo {
             id: 0,
             size,
@@ -855,6 +905,15 @@ impl Broker {
             topic: t.name.clone(),
             queue: t.queues[qi].queue_id(),
             deliver_at_ms,
+        }
+    }
+
+    /// Write the idempotency keys of durable records to sled (the background persister's
+    /// round). A failure is only logged: the next round, or the next checkpoint, writes them.
+    pub(crate) fn persist_idempotency_keys(&self) {
+        let durable = self.store.log_stats().durable_offset;
+        if let Err(e) = self.dedup.persist_below(&self.meta, now_ms(), durable) {
+            tracing::warn!(error = %e, "could not write idempotency keys to sled; will retry");
         }
     }
 
@@ -1015,16 +1074,27 @@ impl Broker {
             txn_unresolved,
             dead_letters,
             delayed_pending: self.delayed.pending(),
+            retention: Some(RetentionStats {
+                floor: self.retention_floor()?,
+                expired_skipped: self.expired_skipped(),
+                last_pass: self.last_retention(),
+            }),
         })
     }
 
     /// How long ago the message at `committed`, the first one a group has not acked, was
     /// stored; `None` past the end of the queue (everything acked).
     fn oldest_unacked_age_ms(&self, q: &ConsumeQueue, committed: u64) -> Result<Option<u64>> {
+        // Messages below the queue's start were deleted by retention: never delivered again.
+        let committed = committed.max(q.start());
         if committed >= q.len() {
             return Ok(None);
         }
-        let rec = self.store.read_message(q, committed)?;
+        let rec = match self.store.read_message(q, committed) {
+            // Retention deleted it just now: the age of what is left shows next time.
+            Err(Error::Expired { .. }) => return Ok(None),
+            other => other?,
+        };
         Ok(rec.map(|r| now_ms().saturating_sub(r.header.timestamp_ms)))
     }
 
@@ -1036,10 +1106,16 @@ impl Broker {
     /// Flush and stop. Later calls fail with [`Error::Closed`]. Dropping the broker does the
     /// same, but can only log errors.
     pub fn close(&self) -> Result<()> {
+        if let Some(mut t) = self.retention_thread.lock().take() {
+            t.stop();
+        }
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }
         if let Some(mut t) = self.delay_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.dedup_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();
@@ -1626,7 +1702,7 @@ impl Broker {
             .ok_or(Error::UnknownTxn(txn.0))?;
         self.txns.persist_checks(&self.meta, &[info])?;
         if let Some(t) = self.check_thread.lock().as_ref() {
-            let _ = t.tx.send(crate::txn::checker::Msg::Wake);
+            t.send(crate::txn::checker::Msg::Wake);
         }
         Ok(())
     }
@@ -1637,10 +1713,16 @@ impl Drop for Broker {
         if let Some(mut t) = self.index_thread.lock().take() {
             t.stop();
         }
+        if let Some(mut t) = self.retention_thread.lock().take() {
+            t.stop();
+        }
         if let Some(mut t) = self.check_thread.lock().take() {
             t.stop();
         }
         if let Some(mut t) = self.delay_thread.lock().take() {
+            t.stop();
+        }
+        if let Some(mut t) = self.dedup_thread.lock().take() {
             t.stop();
         }
         self.check_pool.shut_down();

@@ -306,6 +306,74 @@ pub struct BrokerConfig {
     /// Most memory the remembered keys may take, counted as key bytes plus 96 per key; the
     /// oldest is forgotten first. Default 256 MiB.
     pub dedup_bytes_max: u64,
+    /// Retention: when old log segments are deleted. Default: never (keep everything).
+    pub retention: RetentionConfig,
+}
+
+/// Retention: which old log segments to delete. A segment is deleted only when a limit is
+/// exceeded *and* nothing still needs any record in it (see `README.md`, "Retention"): every
+/// consumer group has acked past it, no pending half, delayed message, un-replayed dead
+/// letter or remembered idempotency key is in it, and the recovery checkpoint is after it.
+/// With neither limit set (the default) nothing is ever deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Delete the oldest segments while all segment files together are larger than this.
+    /// Default `None` (no size limit). At least 2 segments' worth.
+    pub bytes_max: Option<u64>,
+    /// Delete segments whose newest record is older than this. Default `None` (no age
+    /// limit). At least 1 s.
+    pub age_max: Option<Duration>,
+    /// How often the background retention pass runs when a limit is set. Default 60 s;
+    /// 10 ms ..= 1 day.
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            bytes_max: None,
+            age_max: None,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// Whether a limit is set (otherwise retention never deletes anything).
+    pub fn enabled(&self) -> bool {
+        self.bytes_max.is_some() || self.age_max.is_some()
+    }
+
+    /// Check every setting against the segment size, naming the first that is wrong.
+    pub fn validate(&self, segment_bytes: u64) -> Result<()> {
+        if let Some(b) = self.bytes_max {
+            if b < 2 * segment_bytes {
+                return Err(Error::Config {
+                    setting: "retention_bytes",
+                    reason: format!(
+                        "{b} is less than two segments ({} bytes): the newest segment is never deleted",
+                        2 * segment_bytes
+                    ),
+                });
+            }
+        }
+        if let Some(a) = self.age_max {
+            if a < Duration::from_secs(1) || a > Duration::from_secs(100 * 366 * 86_400) {
+                return Err(Error::Config {
+                    setting: "retention_age",
+                    reason: format!("{a:?} is outside 1 s ..= 100 years"),
+                });
+            }
+        }
+        if self.interval < Duration::from_millis(10) || self.interval > Duration::from_secs(86_400)
+        {
+            return Err(Error::Config {
+                setting: "retention_interval",
+                reason: format!("{:?} is outside 10 ms ..= 1 day", self.interval),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for BrokerConfig {
@@ -320,6 +388,7 @@ impl Default for BrokerConfig {
             dedup_window: Duration::from_secs(24 * 3600),
             dedup_keys_max: 1_000_000,
             dedup_bytes_max: 256 * 1024 * 1024,
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -341,6 +410,7 @@ impl BrokerConfig {
         self.store.validate()?;
         self.txn.validate()?;
         self.delivery.validate()?;
+        self.retention.validate(self.store.segment_bytes)?;
         if self.default_queues == 0 || self.default_queues > QUEUES_MAX {
             return Err(Error::Config {
                 setting: "default_queues",

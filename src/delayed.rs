@@ -10,9 +10,8 @@
 //! index (only what changed since the last one).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Weak;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -20,6 +19,7 @@ use parking_lot::Mutex;
 use crate::broker::{now_ms, Broker};
 use crate::error::{Error, Result};
 use crate::meta::Meta;
+use crate::worker::Worker;
 
 /// Property of a fire record: the log offset of the `Delayed` record it delivers.
 pub const PROP_DELAYED: &str = "halfmq.delayed";
@@ -91,6 +91,12 @@ impl DelayedIndex {
         }
         g.fired.insert(id);
         g.dirty.insert(id);
+    }
+
+    /// The oldest pending delayed message (its id is its record's log offset): retention
+    /// must keep its record until it fired.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        self.inner.lock().live.keys().min().copied()
     }
 
     /// Persisted ones that recovery found past the end of the log (lost before they were
@@ -181,10 +187,7 @@ pub(crate) enum Msg {
 }
 
 /// The running timer thread.
-pub(crate) struct DelayThread {
-    pub(crate) tx: Sender<Msg>,
-    handle: Option<JoinHandle<()>>,
-}
+pub(crate) type DelayThread = Worker<Msg>;
 
 /// The longest the timer sleeps, so that it notices a dropped broker promptly.
 const IDLE_MAX: Duration = Duration::from_millis(500);
@@ -193,28 +196,9 @@ const RETRY_AFTER_MS: u64 = 1000;
 /// Deliveries per round, so that a stop request is noticed between rounds.
 const ROUND_MAX: usize = 1024;
 
-impl DelayThread {
-    pub(crate) fn spawn(broker: Weak<Broker>) -> Result<DelayThread> {
-        let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new()
-            .name("halfmq-delayed".into())
-            .spawn(move || run(broker, rx))
-            .map_err(|e| Error::io("halfmq-delayed", "start the delayed-delivery thread", e))?;
-        Ok(DelayThread {
-            tx,
-            handle: Some(handle),
-        })
-    }
-
-    /// Stop the thread and wait for it, unless called from the thread itself.
-    pub(crate) fn stop(&mut self) {
-        let _ = self.tx.send(Msg::Stop);
-        if let Some(h) = self.handle.take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
-    }
+/// Start the timer thread of `broker`.
+pub(crate) fn spawn(broker: Weak<Broker>) -> Result<DelayThread> {
+    Worker::spawn("halfmq-delayed", || Msg::Stop, move |rx, _| run(broker, rx))
 }
 
 fn run(broker: Weak<Broker>, rx: Receiver<Msg>) {

@@ -179,6 +179,20 @@ pub enum Error {
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
+
+    /// The message was deleted by retention: its log segment is gone. A poll skips such
+    /// messages (and counts them); a direct read gets this error.
+    #[error("{topic}/{queue}@{offset} was deleted by retention (the queue now starts at {first})")]
+    Expired {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// The queue offset asked for.
+        offset: u64,
+        /// The first queue offset whose message is still in the log.
+        first: u64,
+    },
 }
 
 impl Error {
@@ -215,6 +229,7 @@ impl Error {
             Error::Remote { code, .. } => *code,
             Error::Timeout { .. } => 17,
             Error::Disconnected { .. } => 18,
+            Error::Expired { .. } => 19,
         }
     }
 }

@@ -16,17 +16,24 @@
 //!   waiter tries as the new owner. The reservation lives inside the store's hook for the
 //!   record, so it ends exactly when the record's fate is known: the hook runs (stored) or is
 //!   dropped unrun (never acknowledged).
-//! - **In step with the log.** The hook runs on the flusher, in log order, before the sender
-//!   is released. Before every checkpoint, the entries added since the last one are written to
-//!   sled as one chunk (`idem_chunks`); on open, the chunks are loaded and the log after the
-//!   checkpoint is replayed. A checkpoint is only written once everything before it is
-//!   acknowledged and its hooks have run, so every acknowledged keyed record is either before
-//!   the checkpoint (then its entry is in sled) or after it (then replay finds it).
+//! - **In step with the log, off the flusher.** The hook runs on the flusher, in log order,
+//!   before the sender is released; it only hands the record over (a push onto a list), and
+//!   whoever locks the index next applies the list in order (the flusher is the group-commit
+//!   thread every writer waits for, so it does no hashing or bookkeeping here). A sender
+//!   waiting for another's key counts itself before its last look, so a hand-over it missed
+//!   wakes it. A background thread writes the entries of durable records to sled every
+//!   `PERSIST_EVERY` (200 ms) (`idem_chunks`), and before every checkpoint the rest is written, so
+//!   the checkpoint (which stalls writers) has little left to do. On open, the chunks are
+//!   loaded and the log after the checkpoint is replayed (an entry found in both is one
+//!   entry). A checkpoint is only written once everything before it is acknowledged and its
+//!   hooks have run, so every acknowledged keyed record is either before the checkpoint
+//!   (then its entry is in sled) or after it (then replay finds it).
 //! - **Bounded.** An entry is forgotten `window` after it was stored, or earlier when more
 //!   than `keys_max` keys or `bytes_max` bytes are remembered (oldest first). A chunk is
 //!   removed from sled once every entry in it is forgotten.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -36,6 +43,30 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::meta::Meta;
 use crate::record::{Properties, RecordKind, RecordView, FLAG_TXN_COMMIT};
+use crate::worker::Worker;
+
+/// How often the background thread writes the keys of durable records to sled.
+pub(crate) const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Start the thread that writes remembered keys to sled between checkpoints, so that a
+/// checkpoint (on the flusher, which every writer waits for) has little left to write.
+pub(crate) fn spawn_persister(
+    broker: std::sync::Weak<crate::broker::Broker>,
+) -> Result<Worker<()>> {
+    Worker::spawn(
+        "halfmq-idem",
+        || (),
+        move |rx, _| loop {
+            match rx.recv_timeout(PERSIST_EVERY) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                // Stopped, or the broker is gone.
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            let Some(b) = broker.upgrade() else { return };
+            b.persist_idempotency_keys();
+        },
+    )
+}
 
 /// Property holding a message's idempotency key.
 pub const PROP_IDEMPOTENCY_KEY: &str = "halfmq.idempotency_key";
@@ -117,19 +148,39 @@ struct Item {
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<Arc<str>, Slot>,
+    /// foldhash: several times faster than the default SipHash for short keys, and seeded
+    /// per process, so keys chosen by clients cannot be aimed at one bucket in advance.
+    map: HashMap<Arc<str>, Slot, foldhash::fast::RandomState>,
     /// Stored entries, oldest first (by `seq`).
     order: VecDeque<Item>,
     next_seq: u64,
     /// Stored entries and their accounted bytes.
     live: u64,
     bytes: u64,
+    /// The buffer [`DedupIndex::settle`] swaps with `completed` (kept for its allocation).
+    settling: Vec<(Arc<str>, Stored)>,
     /// Stored since the last persist: (seq, key, record).
     unpersisted: Vec<(u64, Arc<str>, Stored)>,
     /// Chunks in sled, oldest first: (id, seq just past their last entry).
     chunks: VecDeque<(u64, u64)>,
     next_chunk: u64,
     next_owner: u64,
+}
+
+/// A sender counted in [`DedupIndex::waiting`] while it lives.
+struct Asleep<'a>(&'a AtomicUsize);
+
+impl<'a> Asleep<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Asleep<'a> {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Asleep(waiting)
+    }
+}
+
+impl Drop for Asleep<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One persisted entry.
@@ -181,6 +232,14 @@ enum Step {
 /// The index of remembered idempotency keys. See the module docs.
 pub(crate) struct DedupIndex {
     inner: Mutex<Inner>,
+    /// Records acknowledged by the flusher and not yet applied to `inner`, in log order.
+    /// The flusher (which every writer waits for) only pushes here; whoever locks the index
+    /// next applies them ([`DedupIndex::settle`]).
+    completed: Mutex<Vec<(Arc<str>, Stored)>>,
+    /// Senders asleep (or about to sleep) until another sender's outcome is known.
+    waiting: AtomicUsize,
+    /// Held by the one [`DedupIndex::persist_below`] running.
+    persisting: Mutex<()>,
     /// Sync senders waiting for another sender's outcome.
     changed: Condvar,
     /// Async senders waiting for the same.
@@ -192,6 +251,9 @@ impl DedupIndex {
     pub(crate) fn new(limits: Limits) -> DedupIndex {
         DedupIndex {
             inner: Mutex::new(Inner::default()),
+            completed: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
+            persisting: Mutex::new(()),
             changed: Condvar::new(),
             changed_async: Notify::new(),
             limits,
@@ -232,13 +294,40 @@ impl DedupIndex {
         Step::Owner(owner)
     }
 
+    /// Apply the completions the flusher handed over, in log order.
+    fn settle(&self, g: &mut Inner) {
+        std::mem::swap(&mut g.settling, &mut *self.completed.lock());
+        if g.settling.is_empty() {
+            return;
+        }
+        let mut done = std::mem::take(&mut g.settling);
+        for (key, at) in done.drain(..) {
+            self.insert_stored(g, key, at, true);
+        }
+        // Keep the (now empty) buffer's allocation for the next swap.
+        g.settling = done;
+        self.evict(g, crate::broker::now_ms());
+    }
+
+    /// The index, locked, with every acknowledged record applied.
+    fn locked(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        let mut g = self.inner.lock();
+        self.settle(&mut g);
+        g
+    }
+
     /// Find `key`, or reserve it; waits (blocking) while another sender holds it.
     pub(crate) fn claim(self: &Arc<Self>, key: &Arc<str>, now_ms: impl Fn() -> u64) -> Claim {
         let mut g = self.inner.lock();
+        let mut asleep = None;
         loop {
+            self.settle(&mut g);
             match self.step(&mut g, key, now_ms()) {
                 Step::Duplicate(at) => return Claim::Duplicate(at),
                 Step::Owner(owner) => return Claim::Owner(self.reservation(key, owner)),
+                // Counted as waiting before the last look, so a completion pushed after that
+                // look wakes us (see `complete`): look once more, then sleep.
+                Step::Wait if asleep.is_none() => asleep = Some(Asleep::new(&self.waiting)),
                 Step::Wait => self.changed.wait(&mut g),
             }
         }
@@ -250,14 +339,18 @@ impl DedupIndex {
         key: &Arc<str>,
         now_ms: impl Fn() -> u64,
     ) -> Claim {
+        let mut asleep = None;
         loop {
             let changed = self.changed_async.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let step = self.step(&mut self.inner.lock(), key, now_ms());
+            let step = self.step(&mut self.locked(), key, now_ms());
             match step {
                 Step::Duplicate(at) => return Claim::Duplicate(at),
                 Step::Owner(owner) => return Claim::Owner(self.reservation(key, owner)),
+                // As in `claim`: counted before the last look. The count ends when this
+                // future does, also when it is dropped while waiting.
+                Step::Wait if asleep.is_none() => asleep = Some(Asleep::new(&self.waiting)),
                 Step::Wait => changed.await,
             }
         }
@@ -277,19 +370,16 @@ impl DedupIndex {
         self.changed_async.notify_waiters();
     }
 
-    /// The owner's record is acknowledged.
-    fn complete(&self, key: &Arc<str>, owner: u64, at: Stored) {
-        let mut g = self.inner.lock();
-        let waiters = match g.map.get(key) {
-            Some(Slot::Reserved { owner: o, waiters }) if *o == owner => *waiters,
-            // Not reserved by this owner any more: cannot happen (only the owner's
-            // completion or release ends a reservation); keep the log's truth anyway.
-            _ => false,
-        };
-        self.insert_stored(&mut g, key.clone(), at, true);
-        self.evict(&mut g, crate::broker::now_ms());
-        drop(g);
-        if waiters {
+    /// The owner's record is acknowledged: runs on the flusher, so it only hands the record
+    /// over (the next lock of the index applies it).
+    fn complete(&self, key: Arc<str>, at: Stored) {
+        self.completed.lock().push((key, at));
+        // A waiter counts itself, then looks (locking `completed`), then sleeps, all under
+        // the index lock. So either its look saw this push, or its count is visible here
+        // (the `completed` lock orders the two). Taking the index lock before waking means a
+        // sync waiter that counted is already asleep on the condvar.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            drop(self.inner.lock());
             self.wake();
         }
     }
@@ -359,21 +449,39 @@ impl DedupIndex {
 
     /// What is remembered for `key` (ignoring the window), for tests and tools.
     pub(crate) fn lookup(&self, key: &str) -> Option<Stored> {
-        match self.inner.lock().map.get(key) {
+        match self.locked().map.get(key) {
             Some(Slot::Stored { at, .. }) => Some(*at),
             _ => None,
         }
     }
 
+    /// Log offset of the oldest remembered key's record, skipping keys past the window:
+    /// retention keeps that record, because a duplicate send reads it back to answer with
+    /// the original's receipt. Keys are stored in log order, so this walks only the
+    /// forgotten or replaced entries at the front of the eviction order.
+    pub(crate) fn oldest_log_offset(&self, now_ms: u64) -> Option<u64> {
+        // Settled first: a key whose record became durable is applied before it is looked
+        // for, so one handed over but not applied yet is never missed.
+        let g = self.locked();
+        for item in &g.order {
+            if let Some(Slot::Stored { at, seq }) = g.map.get(&item.key) {
+                if *seq == item.seq && !self.expired(at, now_ms) {
+                    return Some(at.log_offset);
+                }
+            }
+        }
+        None
+    }
+
     /// Remembered keys.
     pub(crate) fn len(&self) -> u64 {
-        self.inner.lock().live
+        self.locked().live
     }
 
     /// Forget `key` if it still maps to the record at `log_offset` (that record turned out
     /// not to be the key's).
     pub(crate) fn forget(&self, key: &str, log_offset: u64) {
-        let mut g = self.inner.lock();
+        let mut g = self.locked();
         if let Some(Slot::Stored { at, .. }) = g.map.get(key) {
             if at.log_offset == log_offset {
                 g.map.remove(key);
@@ -437,7 +545,7 @@ impl DedupIndex {
 
     /// Forget entries for records at or past `log_end`: the log does not have them.
     pub(crate) fn forget_beyond(&self, log_end: u64) {
-        let mut g = self.inner.lock();
+        let mut g = self.locked();
         let gone: Vec<Arc<str>> = g
             .map
             .iter()
@@ -459,47 +567,39 @@ impl DedupIndex {
 
     /// Write the entries stored since the last call to sled and remove chunks whose entries
     /// are all forgotten. Runs before every checkpoint, on the flusher thread (or during
-    /// recovery), which is also the only thread that adds entries.
+    /// recovery), which is also the only thread that adds entries: everything remembered then
+    /// is for a record before the checkpoint, and must be in sled before the checkpoint is.
     pub(crate) fn persist(&self, meta: &Meta, now_ms: u64) -> Result<()> {
-        let (taken, puts, removes, new_chunks) = {
-            let mut g = self.inner.lock();
+        self.persist_below(meta, now_ms, u64::MAX)
+    }
+
+    /// [`DedupIndex::persist`] for the entries of records before `durable_end` only: what
+    /// the background persister runs between checkpoints, so that the checkpoint (which
+    /// stalls every writer) has little left to write. Entries are added in log order, so
+    /// these are a prefix of the unpersisted ones. Writing an entry early is always safe: its
+    /// record is durable, and recovery takes an entry from sled and the same entry from the
+    /// log as one.
+    pub(crate) fn persist_below(&self, meta: &Meta, now_ms: u64, durable_end: u64) -> Result<()> {
+        // One persist at a time: chunk ids and the chunk list are updated after the write.
+        let _one = self.persisting.lock();
+        let (taken, still, removes, first_chunk) = {
+            let mut g = self.locked();
             self.evict(&mut g, now_ms);
-            if g.unpersisted.is_empty() && g.chunks.is_empty() {
+            let n = g
+                .unpersisted
+                .partition_point(|(_, _, at)| at.log_offset < durable_end);
+            if n == 0 && g.chunks.is_empty() {
                 return Ok(());
             }
-            let taken = std::mem::take(&mut g.unpersisted);
-            let still: Vec<&(u64, Arc<str>, Stored)> = taken
+            let taken: Vec<(u64, Arc<str>, Stored)> = g.unpersisted.drain(..n).collect();
+            // Entries already forgotten again are not worth writing.
+            let still: Vec<(u64, Arc<str>, Stored)> = taken
                 .iter()
                 .filter(|(seq, key, _)| {
                     matches!(g.map.get(key), Some(Slot::Stored { seq: s, .. }) if s == seq)
                 })
+                .cloned()
                 .collect();
-            let mut puts = Vec::new();
-            let mut new_chunks = Vec::new();
-            let mut encoded = Ok(());
-            for (id, part) in (g.next_chunk..).zip(still.chunks(CHUNK_ENTRIES_MAX)) {
-                let entries: Vec<Persisted> = part
-                    .iter()
-                    .map(|(_, k, at)| Persisted {
-                        key: k.to_string(),
-                        at: *at,
-                    })
-                    .collect();
-                let end = part.last().map_or(0, |(seq, _, _)| seq + 1);
-                match codec::encode(&entries, "idempotency keys") {
-                    Ok(v) => puts.push((id, v)),
-                    Err(e) => {
-                        encoded = Err(e);
-                        break;
-                    }
-                }
-                new_chunks.push((id, end));
-            }
-            drop(still);
-            if let Err(e) = encoded {
-                g.unpersisted = taken;
-                return Err(e);
-            }
             let first_live = g.order.front().map_or(g.next_seq, |i| i.seq);
             let removes: Vec<u64> = g
                 .chunks
@@ -507,10 +607,33 @@ impl DedupIndex {
                 .take_while(|(_, end)| *end <= first_live)
                 .map(|(id, _)| *id)
                 .collect();
-            (taken, puts, removes, new_chunks)
+            (taken, still, removes, g.next_chunk)
         };
-        if let Err(e) = meta.apply_idem_changes(&puts, &removes) {
-            // Nothing changed in sled: try again at the next checkpoint.
+        // Encode without holding the index: senders claim keys meanwhile.
+        let mut puts = Vec::new();
+        let mut new_chunks = Vec::new();
+        let mut encoded = Ok(());
+        for (id, part) in (first_chunk..).zip(still.chunks(CHUNK_ENTRIES_MAX)) {
+            let entries: Vec<Persisted> = part
+                .iter()
+                .map(|(_, k, at)| Persisted {
+                    key: k.to_string(),
+                    at: *at,
+                })
+                .collect();
+            let end = part.last().map_or(0, |(seq, _, _)| seq + 1);
+            match codec::encode(&entries, "idempotency keys") {
+                Ok(v) => puts.push((id, v)),
+                Err(e) => {
+                    encoded = Err(e);
+                    break;
+                }
+            }
+            new_chunks.push((id, end));
+        }
+        let result = encoded.and_then(|()| meta.apply_idem_changes(&puts, &removes));
+        if let Err(e) = result {
+            // Nothing changed in sled: put them back in front, to try again next time.
             let mut g = self.inner.lock();
             let newer = std::mem::replace(&mut g.unpersisted, taken);
             g.unpersisted.extend(newer);
@@ -548,8 +671,7 @@ impl Reservation {
     pub(crate) fn complete(mut self, log_offset: u64, size: u32, stored_ms: u64) {
         self.done = true;
         self.index.complete(
-            &self.key,
-            self.owner,
+            self.key.clone(),
             Stored {
                 log_offset,
                 size,
@@ -625,6 +747,93 @@ mod tests {
         // A window after it was stored, the key is free again.
         assert!(matches!(ix.claim(&k, || t0 + 60_000), Claim::Owner(_)));
         assert_eq!(ix.len(), 0);
+    }
+
+    /// Keys of the persisted chunks, in order.
+    fn persisted(meta: &Meta) -> Vec<String> {
+        let mut out = Vec::new();
+        for (_, bytes) in meta.idem_chunks().unwrap() {
+            let entries: Vec<Persisted> = codec::decode(&bytes, "idempotency keys").unwrap();
+            out.extend(entries.into_iter().map(|e| e.key));
+        }
+        out
+    }
+
+    #[test]
+    fn background_rounds_write_only_durable_records_and_a_reload_counts_each_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        let t0 = crate::broker::now_ms();
+        let ix = Arc::new(DedupIndex::new(limits(3_600_000, 100)));
+        let keys: Vec<Arc<str>> = (0..4)
+            .map(|i| index_key(Space::Message, "t", &format!("k{i}")))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            store(&ix, k, 100 * (i as u64 + 1), t0);
+        }
+        // Records at 100 and 200 are durable, 300 and 400 not yet.
+        ix.persist_below(&meta, t0, 300).unwrap();
+        let names = |ks: &[Arc<str>]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(persisted(&meta), names(&keys[..2]));
+        // Nothing new below 300: nothing written again.
+        ix.persist_below(&meta, t0, 300).unwrap();
+        assert_eq!(persisted(&meta), names(&keys[..2]));
+        // The checkpoint writes the rest.
+        ix.persist(&meta, t0).unwrap();
+        assert_eq!(persisted(&meta), names(&keys));
+
+        // Reopen: the chunks load, and recovery's replay of a record that is also in sled
+        // (written early by a background round) is the same entry, not a second one.
+        let again = Arc::new(DedupIndex::new(limits(3_600_000, 100)));
+        again.load(&meta, t0).unwrap();
+        assert_eq!(again.len(), 4);
+        let mut g = again.inner.lock();
+        again.insert_stored(&mut g, keys[3].clone(), at(400, t0), true);
+        drop(g);
+        assert_eq!(again.len(), 4);
+        assert_eq!(again.lookup(&keys[3]).map(|s| s.log_offset), Some(400));
+    }
+
+    #[test]
+    fn waiters_for_a_key_all_see_the_owner_completed_on_another_thread() {
+        // Many rounds, to hit the window between a waiter's last look and its sleep.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        for round in 0..200u64 {
+            let ix = Arc::new(DedupIndex::new(limits(3_600_000, 1_000)));
+            let k = index_key(Space::Message, "t", &format!("k{round}"));
+            let t0 = crate::broker::now_ms();
+            let Claim::Owner(owner) = ix.claim(&k, || t0) else {
+                panic!("empty index");
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            for _ in 0..3 {
+                let (ix1, k1, tx1) = (ix.clone(), k.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let _ = tx1.send(matches!(ix1.claim(&k1, || t0), Claim::Duplicate(_)));
+                });
+                let (ix, k, tx) = (ix.clone(), k.clone(), tx.clone());
+                rt.spawn(async move {
+                    let dup = matches!(ix.claim_async(&k, || t0).await, Claim::Duplicate(_));
+                    let _ = tx.send(dup);
+                });
+            }
+            // The "flusher": completes from yet another thread, at a random-ish moment.
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_micros(round % 7 * 50));
+                owner.complete(round + 1, 100, t0);
+            });
+            for _ in 0..6 {
+                let dup = rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("a waiter was never woken");
+                assert!(dup, "round {round}: a waiter became owner of a stored key");
+            }
+            assert_eq!(ix.len(), 1);
+            assert_eq!(ix.waiting.load(Ordering::SeqCst), 0);
+        }
     }
 
     #[test]

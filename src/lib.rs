@@ -13,6 +13,10 @@
 //! - A consumer's `ack` is durable when it returns; after a restart the group resumes after
 //!   its acked messages. Delivery is at-least-once: what was handed out but not acked is
 //!   delivered again.
+//! - Retention is off by default. With a size or age limit
+//!   ([`RetentionConfig`]), whole old segments are deleted only once every consumer group
+//!   that polled the topic acked past them and no pending half, delayed message, un-replayed
+//!   dead letter or remembered idempotency key needs them ([`Broker::enforce_retention`]).
 //!
 //! ## Example: the payment confirmation
 //!
@@ -40,7 +44,8 @@
 //! ```
 //!
 //! ## Map of the crate
-//! - [`broker`]: the embedded [`Broker`]: topics, `send`, consumer groups (`poll`, `ack`).
+//! - [`broker`]: the embedded [`Broker`]: topics, `send`, consumer groups (`poll`, `ack`),
+//!   retention (the floor of what is still needed, and the pass that deletes below it).
 //! - [`store`]: the storage engine: commit-log segments, group commit, consume-queue
 //!   indexes, recovery; [`store::io`] is the file layer, with a simulated disk for tests.
 //! - [`record`]: the on-disk record format, encode and decode.
@@ -78,9 +83,13 @@ pub mod settings;
 pub mod store;
 pub mod trace;
 pub mod txn;
+mod worker;
 
 pub use broker::{Broker, Delivery, HalfReceipt, Message, SendReceipt, Stats, TopicInfo};
-pub use config::{BrokerConfig, DeliveryConfig, FlushPolicy, StoreConfig, TxnConfig};
+pub use broker::{Pin, RetentionFloor, RetentionReport};
+pub use config::{
+    BrokerConfig, DeliveryConfig, FlushPolicy, RetentionConfig, StoreConfig, TxnConfig,
+};
 pub use error::{Error, Result};
 pub use txn::{
     CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,

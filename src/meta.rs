@@ -206,6 +206,28 @@ impl Meta {
         })
     }
 
+    /// The committed offset of (group, topic, queue): every message before it is acked (0
+    /// when the group never acked there).
+    pub fn committed(&self, group: &str, topic: &str, queue: u32) -> Result<u64> {
+        match self.consumers.get(prefix(b'c', group, topic, queue))? {
+            Some(v) => u64_be(&v).ok_or_else(|| Error::Meta("bad committed offset".into())),
+            None => Ok(0),
+        }
+    }
+
+    /// Remember that `group` consumes (topic, queue), with committed offset 0, unless it
+    /// has a committed offset already. Retention then keeps what the group has not acked
+    /// even across a restart before its first ack. Not flushed: lost in a crash only if the
+    /// group never acked, which leaves it as unknown as before.
+    pub fn note_consumer(&self, group: &str, topic: &str, queue: u32) -> Result<()> {
+        let _ = self.consumers.compare_and_swap(
+            prefix(b'c', group, topic, queue),
+            None as Option<&[u8]>,
+            Some(&0u64.to_be_bytes()[..]),
+        )?;
+        Ok(())
+    }
+
     /// Durably record a change of ack state: the new committed offset, acks above it that
     /// were added, and ones that are now below it and can go.
     pub fn store_acks(

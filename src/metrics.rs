@@ -79,6 +79,18 @@ pub const TXN_UNRESOLVED: &str = "halfmq_transactions_unresolved";
 pub const LOG_SEGMENTS: &str = "halfmq_log_segments";
 /// Gauge: the log offset everything before which is durable.
 pub const LOG_DURABLE_BYTES: &str = "halfmq_log_durable_offset_bytes";
+/// Gauge: the log start (base offset of the first segment; retention deleted what is below).
+pub const LOG_START_BYTES: &str = "halfmq_log_start_offset_bytes";
+/// Gauge: bytes of all segment files of the commit log.
+pub const LOG_BYTES: &str = "halfmq_log_size_bytes";
+/// Gauge: the retention floor (lowest log offset still needed).
+pub const RETENTION_FLOOR_BYTES: &str = "halfmq_retention_floor_offset_bytes";
+/// Counter: segment files deleted by retention.
+pub const RETENTION_SEGMENTS_DELETED: &str = "halfmq_retention_deleted_segments_total";
+/// Counter: bytes of segment files deleted by retention.
+pub const RETENTION_BYTES_DELETED: &str = "halfmq_retention_deleted_bytes_total";
+/// Counter `{topic, group}`: messages a poll skipped because retention had deleted them.
+pub const EXPIRED_SKIPPED: &str = "halfmq_expired_skipped_messages_total";
 /// Counter: scrapes whose refresh from `Broker::stats` failed (the gauges kept their last
 /// values; the error is logged).
 pub const STATS_ERRORS: &str = "halfmq_stats_errors_total";
@@ -226,6 +238,18 @@ pub fn group_commit(records: u64, bytes: u64) {
     histogram!(GROUP_COMMIT_BYTES).record(bytes as f64);
 }
 
+/// A retention pass finished.
+pub fn retention_pass(r: &crate::broker::RetentionReport) {
+    counter!(RETENTION_SEGMENTS_DELETED).increment(r.segments_deleted);
+    counter!(RETENTION_BYTES_DELETED).increment(r.bytes_deleted);
+}
+
+/// A poll of `group` skipped `n` messages of `topic` that retention had deleted.
+pub fn expired_skipped(group: &str, topic: &str, n: u64) {
+    counter!(EXPIRED_SKIPPED, "topic" => topic.to_owned(), "group" => group.to_owned())
+        .increment(n);
+}
+
 /// A network connection was accepted.
 pub fn connection_opened() {
     counter!(CONNECTIONS).increment(1);
@@ -253,6 +277,11 @@ pub fn record_stats(stats: &Stats) {
     gauge!(TXN_UNRESOLVED).set(stats.txn_unresolved as f64);
     gauge!(LOG_SEGMENTS).set(stats.log.segments as f64);
     gauge!(LOG_DURABLE_BYTES).set(stats.log.durable_offset as f64);
+    gauge!(LOG_START_BYTES).set(stats.log.log_start as f64);
+    gauge!(LOG_BYTES).set(stats.log.log_bytes as f64);
+    if let Some(r) = &stats.retention {
+        gauge!(RETENTION_FLOOR_BYTES).set(r.floor.floor as f64);
+    }
     for q in &stats.queues {
         let queue = q.queue.to_string();
         gauge!(QUEUE_MESSAGES, "topic" => q.topic.clone(), "queue" => queue.clone())
@@ -431,6 +460,32 @@ fn describe() {
         Unit::Bytes,
         "Log offset up to which everything is durable"
     );
+    describe_gauge!(
+        LOG_START_BYTES,
+        Unit::Bytes,
+        "Log start: retention deleted everything below this log offset"
+    );
+    describe_gauge!(LOG_BYTES, Unit::Bytes, "Bytes of all segment files");
+    describe_gauge!(
+        RETENTION_FLOOR_BYTES,
+        Unit::Bytes,
+        "Lowest log offset still needed (retention deletes nothing at or above it)"
+    );
+    describe_counter!(
+        RETENTION_SEGMENTS_DELETED,
+        Unit::Count,
+        "Segment files deleted by retention"
+    );
+    describe_counter!(
+        RETENTION_BYTES_DELETED,
+        Unit::Bytes,
+        "Bytes of segment files deleted by retention"
+    );
+    describe_counter!(
+        EXPIRED_SKIPPED,
+        Unit::Count,
+        "Messages polls skipped because retention had deleted them"
+    );
     describe_counter!(
         STATS_ERRORS,
         Unit::Count,
@@ -543,6 +598,12 @@ mod tests {
             TXN_UNRESOLVED,
             LOG_SEGMENTS,
             LOG_DURABLE_BYTES,
+            LOG_START_BYTES,
+            LOG_BYTES,
+            RETENTION_FLOOR_BYTES,
+            RETENTION_SEGMENTS_DELETED,
+            RETENTION_BYTES_DELETED,
+            EXPIRED_SKIPPED,
             STATS_ERRORS,
         ];
         let units = [
@@ -612,6 +673,7 @@ mod tests {
                 replayed: 1,
             }],
             delayed_pending: 9,
+            retention: None,
         };
         let t = rendered(|| record_stats(&stats));
         has(&t, "halfmq_transactions_pending 3");
@@ -682,6 +744,7 @@ mod tests {
             txn_unresolved: 0,
             dead_letters: Vec::new(),
             delayed_pending: 0,
+            retention: None,
         });
     }
 }

@@ -81,6 +81,14 @@ pub struct Settings {
     pub dedup_bytes_max: Option<u64>,
     /// Address of the Prometheus endpoint (`http://ADDR/metrics`), or `"off"` (the default).
     pub metrics: Option<String>,
+    /// Retention: delete old segments while the log is larger than this, bytes (default: no
+    /// size limit).
+    pub retention_bytes: Option<u64>,
+    /// Retention: delete segments whose newest record is older than this, ms (default: no
+    /// age limit).
+    pub retention_age_ms: Option<u64>,
+    /// How often retention runs, ms (default 60000).
+    pub retention_interval_ms: Option<u64>,
 }
 
 macro_rules! overlay_fields {
@@ -132,7 +140,10 @@ impl Settings {
             dedup_window_ms,
             dedup_keys_max,
             dedup_bytes_max,
-            metrics
+            metrics,
+            retention_bytes,
+            retention_age_ms,
+            retention_interval_ms
         )
     }
 
@@ -205,6 +216,15 @@ impl Settings {
         }
         if let Some(v) = self.dedup_bytes_max {
             b.dedup_bytes_max = v;
+        }
+        if let Some(v) = self.retention_bytes {
+            b.retention.bytes_max = Some(v);
+        }
+        if let Some(v) = self.retention_age_ms {
+            b.retention.age_max = Some(ms(v));
+        }
+        if let Some(v) = self.retention_interval_ms {
+            b.retention.interval = ms(v);
         }
         if let Some(v) = self.frame_bytes_max {
             s.frame_bytes_max = v;
@@ -286,6 +306,9 @@ impl Settings {
                 self.metrics_addr()?
                     .map_or_else(|| METRICS_OFF.to_owned(), |a| a.to_string()),
             ),
+            retention_bytes: b.retention.bytes_max,
+            retention_age_ms: b.retention.age_max.and_then(ms),
+            retention_interval_ms: ms(b.retention.interval),
         })
     }
 
@@ -329,6 +352,27 @@ mod tests {
         let (b, s) = file.overlay(flags).resolve().unwrap();
         assert_eq!(s.listen.port(), 2);
         assert_eq!(b.txn.check_max, 3);
+        let s: Settings = toml::from_str("retention_bytes = 1000").unwrap();
+        assert!(matches!(
+            s.resolve(),
+            Err(Error::Config {
+                setting: "retention_bytes",
+                ..
+            })
+        ));
+        let s: Settings = toml::from_str("retention_age_ms = 10").unwrap();
+        assert!(matches!(
+            s.resolve(),
+            Err(Error::Config {
+                setting: "retention_age",
+                ..
+            })
+        ));
+        let s: Settings =
+            toml::from_str("retention_bytes = 1073741824\nretention_age_ms = 3600000").unwrap();
+        let (b, _) = s.resolve().unwrap();
+        assert_eq!(b.retention.bytes_max, Some(1 << 30));
+        assert_eq!(b.retention.age_max, Some(Duration::from_secs(3600)));
         let s: Settings = toml::from_str("dedup_window_ms = 0").unwrap();
         assert!(matches!(
             s.resolve(),

@@ -1106,7 +1106,50 @@ fn topics_and_stats_as_json() {
         .collect();
     assert_eq!(orders.len(), 3, "{v}");
     assert_eq!(orders.iter().map(|q| n(q, "messages")).sum::<u64>(), 5);
+    // Retention: off by default; a pass deletes nothing and says what pins the log (here
+    // the checkpoint written at open, the oldest of the pending half, the un-consumed topic
+    // and itself).
+    let r: Value = serde_json::from_str(&run(&["retention", "--addr", a, "--json"]).ok().stdout)
+        .expect("retention --json is one JSON value");
+    assert_eq!(r["disabled"], true, "{r}");
+    assert_eq!(n(&r, "segments_deleted"), 0, "{r}");
+    assert!(!r["floor"]["pinned_by"].is_null(), "{r}");
+    let text = run(&["retention", "--addr", a]).ok().stdout;
+    assert!(text.contains("no limit configured"), "{text}");
+    assert!(text.contains("pinned by"), "{text}");
+    let table = run(&["stats", "--addr", a]).ok().stdout;
+    assert!(table.contains("retention floor"), "{table}");
     drop(broker);
+}
+
+#[test]
+fn retention_flags_are_checked_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let r = run(&[
+        "broker",
+        "--data-dir",
+        d,
+        "--retention-bytes",
+        "1000",
+        "--print-config",
+    ])
+    .fails();
+    assert!(r.stderr.contains("retention_bytes"), "{}", r.stderr);
+    let ok = run(&[
+        "broker",
+        "--data-dir",
+        d,
+        "--retention-bytes",
+        "1073741824",
+        "--retention-age-ms",
+        "86400000",
+        "--print-config",
+    ])
+    .ok()
+    .stdout;
+    assert!(ok.contains("retention_bytes = 1073741824"), "{ok}");
+    assert!(ok.contains("retention_age_ms = 86400000"), "{ok}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1374,4 +1417,54 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
     .fails();
     assert!(bad.stderr.contains("max_retries"), "{}", bad.stderr);
     drop(broker);
+}
+
+/// The comparing benches run their pair `--rounds` times, alternating, and report the median
+/// round: every round's ratio is listed, and the reported ratio is one of them.
+#[test]
+fn comparing_benches_report_the_median_of_their_rounds() {
+    fn check(r: &Value, ratio_field: &str) {
+        let rounds: Vec<f64> = r["round_ratios"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no round_ratios in {r}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(rounds.len(), 3, "{r}");
+        let ratio = r[ratio_field].as_f64().unwrap();
+        let mut sorted = rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(
+            ratio, sorted[1],
+            "{ratio_field} is the median of {rounds:?}"
+        );
+        assert_eq!(r["messages"].as_u64(), Some(150), "{r}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = ["--producers", "4", "--messages", "150", "--size", "64"];
+    let data = dir.path().join("bench");
+    let mut args = vec!["bench", "--embedded", "--idempotency-keys", "--rounds", "3"];
+    args.extend(small);
+    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
+    let out = run(&args).ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    check(&r, "ratio_to_without_keys");
+
+    let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
+    let data = dir.path().join("bench-net");
+    let mut args = vec![
+        "bench",
+        "--addr",
+        &broker.addr,
+        "--compare-embedded",
+        "--rounds",
+        "3",
+    ];
+    args.extend(small);
+    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
+    let out = run(&args).ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    check(&r, "ratio_to_embedded");
+    assert_eq!(r["mode"], "broker");
+    broker.terminate();
 }

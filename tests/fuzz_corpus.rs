@@ -323,6 +323,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 deliver_at_ms: 1_790_000_000_000,
             },
         ),
+        ("retention", Request::Retention),
     ]
 }
 
@@ -390,6 +391,10 @@ fn responses() -> Vec<(&'static str, Response)> {
                 code: protocol::codes::BAD_REQUEST,
                 message: "no such check".into(),
             },
+        ),
+        (
+            "retention",
+            Response::Retention(r#"{"segments_deleted":2}"#.into()),
         ),
     ]
 }

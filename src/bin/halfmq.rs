@@ -117,6 +117,18 @@ struct BrokerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics ("off" turns it off) [default: off].
     #[arg(long, env = "HALFMQ_METRICS", value_name = "ADDR")]
     metrics: Option<String>,
+    /// Retention: delete the oldest log segments while the log is larger than this, bytes;
+    /// only segments every consumer group has acked past and nothing pending needs
+    /// [default: no size limit, keep everything].
+    #[arg(long, env = "HALFMQ_RETENTION_BYTES")]
+    retention_bytes: Option<u64>,
+    /// Retention: delete log segments whose newest message is older than this, ms; same
+    /// conditions [default: no age limit, keep everything].
+    #[arg(long, env = "HALFMQ_RETENTION_AGE_MS")]
+    retention_age_ms: Option<u64>,
+    /// How often retention runs when a limit is set, ms [default: 60000].
+    #[arg(long, env = "HALFMQ_RETENTION_INTERVAL_MS")]
+    retention_interval_ms: Option<u64>,
 }
 
 impl BrokerArgs {
@@ -146,6 +158,9 @@ impl BrokerArgs {
             dedup_keys_max: self.dedup_keys_max,
             dedup_bytes_max: self.dedup_bytes_max,
             metrics: self.metrics.clone(),
+            retention_bytes: self.retention_bytes,
+            retention_age_ms: self.retention_age_ms,
+            retention_interval_ms: self.retention_interval_ms,
             ..Settings::default()
         };
         Ok(file.overlay(flags))
@@ -250,6 +265,15 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// One JSON object (the `Trace` document), for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one retention pass now: delete the old log segments the configured limits allow
+    /// and nothing still needs; print what was deleted and what pins the rest.
+    Retention {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -537,9 +561,14 @@ struct BenchArgs {
     /// in the same run, for ratio_to_without_keys.
     #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
     idempotency_keys: bool,
-    /// Instead: fill a store with --messages keyed messages (default 10 000 000) in batches,
-    /// reopen it, and time `trace` of --samples random keys (also run without the key index,
-    /// for the fill's ratio_to_unindexed, unless --messages is above 2 000 000).
+    /// With --txn, --idempotency-keys or --compare-embedded: run the pair (without, with)
+    /// this many times, alternating; the ratio is the median of the rounds' ratios (robust
+    /// to a burst of load from other processes on a shared machine).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Instead: fill a store with --messages keyed messages (default 10 000 000), time
+    /// `trace` of --samples random keys, reopen it and time them again; a keyless fill of up
+    /// to 2 000 000 messages first gives the fill's ratio_to_unindexed.
     #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr", "idempotency_keys"])]
     trace: bool,
     /// Traces to time for --trace.
@@ -613,6 +642,7 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             data_dir,
             json,
         } => trace(key, conn, data_dir, json).await,
+        Command::Retention { conn, json } => retention(conn, json).await,
         Command::Bench(args) => tokio::task::spawn_blocking(move || bench_cmd(args))
             .await
             .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("the bench panicked".into()))),
@@ -708,6 +738,45 @@ fn print_status(b: &Broker) -> halfmq::Result<()> {
     Ok(())
 }
 
+async fn retention(conn: ConnArgs, json: bool) -> halfmq::Result<()> {
+    let r = conn.connect().await?.retention().await?;
+    if json {
+        match serde_json::to_string(&r) {
+            Ok(j) => println_flush(&j),
+            Err(e) => eprintln!("halfmq: cannot encode the report as JSON: {e}"),
+        }
+        return Ok(());
+    }
+    if r.disabled {
+        println_flush("retention: no limit configured (--retention-bytes / --retention-age-ms): nothing is deleted");
+    }
+    println_flush(&format!(
+        "retention: deleted {} segment(s), {} bytes; log now starts at {} and takes {} bytes; pass took {} µs (floor {} µs)",
+        r.segments_deleted, r.bytes_deleted, r.log_start, r.log_bytes, r.pass_us, r.floor_us
+    ));
+    println_flush(&retention_line(&r.floor, r.held_by_floor));
+    Ok(())
+}
+
+/// "what pins retention" for people.
+fn retention_line(f: &halfmq::RetentionFloor, held: bool) -> String {
+    match &f.pinned_by {
+        Some(p) => format!(
+            "retention floor: log offset {}{}, pinned by {p}",
+            f.floor,
+            if held {
+                " (a limit is exceeded but this is still needed)"
+            } else {
+                ""
+            }
+        ),
+        None => format!(
+            "retention floor: log offset {} (nothing older is needed)",
+            f.floor
+        ),
+    }
+}
+
 fn print_stats_table(s: &halfmq::Stats) {
     print!("{}", stats_table(s));
 }
@@ -732,6 +801,25 @@ fn stats_table(s: &halfmq::Stats) -> String {
     );
     if s.delayed_pending > 0 {
         let _ = writeln!(out, "delayed: {} pending", s.delayed_pending);
+    }
+    if let Some(r) = &s.retention {
+        let _ = writeln!(
+            out,
+            "log start: offset {}, log size {} bytes; {}",
+            s.log.log_start,
+            s.log.log_bytes,
+            retention_line(
+                &r.floor,
+                r.last_pass.as_ref().is_some_and(|p| p.held_by_floor)
+            )
+        );
+        if r.expired_skipped > 0 {
+            let _ = writeln!(
+                out,
+                "expired: {} message(s) skipped by polls because retention had deleted them",
+                r.expired_skipped
+            );
+        }
     }
     for d in &s.dead_letters {
         let _ = writeln!(
@@ -1369,6 +1457,7 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         baseline: a.baseline,
         txn: a.txn,
         idempotency_keys: a.idempotency_keys,
+        rounds: a.rounds,
         metrics: if a.metrics {
             Some(halfmq::metrics::install()?)
         } else {
@@ -1439,6 +1528,13 @@ fn print_bench(r: &bench::BenchReport, json: bool) {
             r.raw_group_mib_per_s.unwrap_or_default()
         );
         println!("ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}");
+    }
+    if !r.round_ratios.is_empty() {
+        println!(
+            "ratios of the {} rounds: {:?} (the median is reported)",
+            r.round_ratios.len(),
+            r.round_ratios
+        );
     }
     if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
         println!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}");

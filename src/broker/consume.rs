@@ -232,6 +232,9 @@ impl Broker {
         for q in &topic.queues {
             let queue = q.queue_id();
             let acks = self.meta.queue_acks(group, &topic.name, queue)?;
+            if acks.committed == 0 {
+                self.meta.note_consumer(group, &topic.name, queue)?;
+            }
             let retries = self.meta.retry_states(group, &topic.name, queue)?;
             let (c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
             let stale: Vec<_> = stale.into_iter().map(|o| (o, None)).collect();
@@ -370,11 +373,18 @@ impl Broker {
         let vt = ms(delivery_cfg.visibility_timeout);
         let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
         let mut stopped = false;
+        let mut expired = 0u64;
         // 1. Redeliveries that are due.
         while !st.full() {
             let Some((offset, mut lease)) = c.pop_due(now) else {
                 break;
             };
+            if offset < q.start() {
+                // Retention deleted it (possible only where the group did not pin it, as in
+                // a dead-letter queue someone else replayed): the lease ends, counted.
+                expired += 1;
+                continue;
+            }
             let timed_out = lease.delivered;
             if timed_out {
                 lease.failures += 1;
@@ -440,8 +450,24 @@ impl Broker {
         }
         // 2. Messages never delivered.
         'scan: while !stopped && !st.full() && c.next < q.len() {
+            let start = q.start();
+            if c.next < start {
+                // Deleted by retention before this group got them (a group that first polls
+                // after retention ran, or one that did not pin them): skipped, counted.
+                let from = c.next.max(c.committed);
+                if from < start {
+                    let acked = c.acked_above.range(from..start).count() as u64;
+                    expired += (start - from).saturating_sub(acked);
+                }
+                c.next = start;
+                continue;
+            }
             let want = st.max - st.out.len();
-            let batch = self.store.read_messages(q, c.next, want)?;
+            let batch = match self.store.read_messages(q, c.next, want) {
+                // Retention raced with this poll: go round and skip to the new start.
+                Err(Error::Expired { .. }) if q.start() > c.next => continue,
+                other => other?,
+            };
             if batch.is_empty() {
                 break;
             }
@@ -468,6 +494,12 @@ impl Broker {
                 );
                 st.out.push(delivery(t, q, offset, rec, 1));
             }
+        }
+        if expired > 0 {
+            tracing::warn!(group, topic = %t.name, queue = q.queue_id(), messages = expired, first_kept = q.start(), "poll skipped messages that retention had deleted");
+            self.expired_skipped
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::expired_skipped(group, &t.name, expired);
         }
         // Failure counts are durable before the redeliveries are handed out.
         self.meta
@@ -904,6 +936,9 @@ impl Broker {
         let replay = replay.lock();
         let c = &replay.cursors[0];
         let mut out = Vec::new();
+        // Dead letters below the queue's start were deleted by retention after some group
+        // acked them: the listing starts at the first one kept.
+        let from = from.max(dlq.queues[0].start());
         for (dlq_offset, rec) in self.store.read_messages(&dlq.queues[0], from, max)? {
             out.push(Self::dead_letter_of(
                 group,
@@ -948,6 +983,9 @@ impl Broker {
         let mut out = Vec::new();
         let mut at = replay.cursors[0].committed;
         while out.len() < max && at < q.len() {
+            // Deleted by retention after a group polling the dead-letter queue acked them:
+            // handled there, nothing to replay.
+            at = at.max(q.start());
             let batch = self.store.read_messages(q, at, max - out.len())?;
             if batch.is_empty() {
                 break;

@@ -471,6 +471,17 @@ impl Client {
         }
     }
 
+    /// Run one retention pass on the broker now; its report.
+    pub async fn retention(&self) -> Result<crate::RetentionReport> {
+        match self.call(Request::Retention).await? {
+            Response::Retention(s) => serde_json::from_str(&s).map_err(|e| Error::Decode {
+                what: "retention report",
+                reason: e.to_string(),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Statistics as JSON (the document `halfmq stats --json` prints).
     pub async fn stats_json(&self) -> Result<String> {
         match self.call(Request::Stats).await? {

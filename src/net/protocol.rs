@@ -202,6 +202,8 @@ pub enum Request {
         /// When, ms since the Unix epoch.
         deliver_at_ms: u64,
     },
+    /// Run one retention pass now; answered with its report as JSON.
+    Retention,
     /// Every event of every message with this key ([`crate::Broker::trace`]). Answered with
     /// [`Response::Trace`].
     Trace {
@@ -293,6 +295,8 @@ pub enum Response {
     Group(WireGroup),
     /// A delayed message was stored.
     Delayed(DelayedReceipt),
+    /// The report of a retention pass as JSON text (what `halfmq retention --json` prints).
+    Retention(String),
     /// A trace as JSON text (the document `halfmq trace KEY --json` prints).
     Trace(String),
 }

@@ -589,6 +589,17 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
         Request::ListTopics => {
             Response::Topics(b.topics().into_iter().map(|t| (t.name, t.queues)).collect())
         }
+        Request::Retention => {
+            let r = blocking(move || b.enforce_retention())
+                .await
+                .and_then(|rep| {
+                    serde_json::to_string(&rep).map_err(|e| Error::Invalid {
+                        what: "retention report",
+                        reason: e.to_string(),
+                    })
+                });
+            result_response(r, Response::Retention)
+        }
         Request::Stats => {
             let r = blocking(move || b.stats()).await.and_then(|s| {
                 serde_json::to_string(&s).map_err(|e| Error::Invalid {

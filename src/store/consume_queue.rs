@@ -88,6 +88,9 @@ pub struct ConsumeQueue {
     visible: AtomicU64,
     /// Appended to since the last checkpoint sync.
     dirty: AtomicBool,
+    /// First queue offset whose message is still in the log; entries below it are expired
+    /// (retention deleted their records, or a rebuild never had them: then they are zeros).
+    start: AtomicU64,
 }
 
 impl std::fmt::Debug for ConsumeQueue {
@@ -118,13 +121,16 @@ impl ConsumeQueue {
     /// Open (or create) the index of (topic, queue) and trim it to `len` entries: entries past
     /// `len` are not trusted and will be re-derived from the log. Returns the queue and the
     /// number of entries the file really had, which is less than `len` when the file is
-    /// missing or short (then the caller must rebuild from the log).
+    /// missing or short (then the caller must rebuild from the log). `start` is the first
+    /// queue offset still in the log (see [`ConsumeQueue::start`]); entries below it may be
+    /// zeros.
     pub fn open(
         storage: &dyn Storage,
         cq_dir: &Path,
         topic: &str,
         queue_id: u32,
         len: u64,
+        start: u64,
     ) -> Result<(ConsumeQueue, u64)> {
         let dir = cq_dir.join(topic);
         let p = path(cq_dir, topic, queue_id);
@@ -160,7 +166,7 @@ impl ConsumeQueue {
             // is never 0, the segment header is).
             let slots = (file.len()?.saturating_sub(CQ_HEADER_BYTES)) / ENTRY_BYTES as u64;
             let mut have = slots.min(len);
-            if have > 0 {
+            if have > start {
                 let mut last = [0u8; ENTRY_BYTES];
                 file.read_exact_at(&mut last, CQ_HEADER_BYTES + (have - 1) * ENTRY_BYTES as u64)?;
                 if Entry::decode(&last).log_offset == 0 {
@@ -179,6 +185,7 @@ impl ConsumeQueue {
             capacity: AtomicU64::new(keep),
             visible: AtomicU64::new(keep),
             dirty: AtomicBool::new(true),
+            start: AtomicU64::new(start.min(keep)),
         };
         Ok((cq, have))
     }
@@ -191,6 +198,58 @@ impl ConsumeQueue {
     /// The queue id within the topic.
     pub fn queue_id(&self) -> u32 {
         self.queue_id
+    }
+
+    /// First queue offset whose message is still in the log. Offsets below it were deleted
+    /// by retention.
+    pub fn start(&self) -> u64 {
+        self.start.load(Ordering::Acquire)
+    }
+
+    /// Raise the start (retention deleted the records below it). Never lowers it.
+    pub(crate) fn raise_start(&self, start: u64) {
+        self.start.fetch_max(start, Ordering::AcqRel);
+    }
+
+    /// Make an empty index start at queue offset `first` (a rebuild of a queue whose earlier
+    /// messages were deleted by retention): the entries below are zeros (expired).
+    pub(crate) fn start_empty_at(&self, first: u64) -> Result<()> {
+        if !self.is_empty() || self.assigned.load(Ordering::Relaxed) != 0 {
+            return Err(Error::Corrupt {
+                path: self.file.path().to_path_buf(),
+                offset: 0,
+                reason: format!("cannot start a non-empty index at entry {first}"),
+            });
+        }
+        self.file
+            .set_len(CQ_HEADER_BYTES + first * ENTRY_BYTES as u64)?;
+        self.assigned.store(first, Ordering::Relaxed);
+        self.capacity.store(first, Ordering::Release);
+        self.visible.store(first, Ordering::Release);
+        self.start.store(first, Ordering::Release);
+        self.dirty.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The number of entries whose record starts before `log_offset` (expired entries,
+    /// which are zeros or point below the log start, count too): the queue offset of the
+    /// first message at or after `log_offset`. Entries are in log order, so this is a binary
+    /// search over the readable entries.
+    pub fn first_at_or_after(&self, log_offset: u64) -> Result<u64> {
+        let (mut lo, mut hi) = (0u64, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let below = match self.read(mid, 1)?.first() {
+                Some(e) => e.log_offset < log_offset,
+                None => false,
+            };
+            if below {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 
     /// Number of readable entries (the next queue offset a consumer can wait for).

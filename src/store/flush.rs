@@ -288,6 +288,9 @@ fn write_checkpoint(
         clean,
     };
     checkpoint::store(&*shared.storage, &shared.dir, &cp).map_err(CheckpointError::Other)?;
+    shared
+        .checkpoint_offset
+        .store(cp.log_offset, Ordering::Release);
     st.since_checkpoint = 0;
     Ok(())
 }

@@ -26,6 +26,7 @@ use super::checkpoint::{self, Checkpoint};
 use super::consume_queue::{self, ConsumeQueue, Entry};
 use super::flush::DispatchBuf;
 use super::io::{Storage, StorageFile};
+use super::log_start;
 use super::segment::{self, HeaderCheck, Segment, SEGMENT_HEADER_BYTES};
 use super::{Dispatch, RecoveryReport};
 use crate::config::StoreConfig;
@@ -40,6 +41,8 @@ pub(crate) struct Recovered {
     pub pos: u64,
     pub queues: QueueMap,
     pub checkpoint_seq: u64,
+    /// Sequence number of the newest log-start file (0: none).
+    pub log_start_seq: u64,
     pub report: RecoveryReport,
 }
 
@@ -60,11 +63,47 @@ pub(crate) fn recover(
 ) -> Result<Recovered> {
     storage.create_dir_all(log_dir)?;
     storage.create_dir_all(cq_dir)?;
+    // Where retention cut the log. Segments below it are orphans of a delete that a crash
+    // interrupted; the first segment kept must start exactly there.
+    let ls = log_start::load(storage, dir)?;
+    let log_base = ls.as_ref().map(|l| l.base).unwrap_or(0);
+    let orphans = remove_orphans(storage, log_dir, log_base)?;
     let (mut segments, removed_bytes) = open_segments(storage, log_dir, config)?;
+    if let Some(first) = segments.first() {
+        if first.base > log_base && ls.is_some() {
+            return Err(Error::Corrupt {
+                path: first.path().to_path_buf(),
+                offset: 0,
+                reason: format!(
+                    "the log starts at {log_base} (retention) but its first segment starts at {}; a segment file is missing",
+                    first.base
+                ),
+            });
+        }
+    }
+    // No log-start file although the log does not start at 0: it was lost. Queues rebuilt
+    // from the log then start at the first message found for them (see below).
+    let lenient = ls.is_none() && segments.first().is_some_and(|s| s.base > 0);
+    if lenient {
+        tracing::warn!(
+            "the log does not start at 0 and no log-start file says why; queue starts are taken from the log"
+        );
+    }
+    let starts: HashMap<(String, u32), u64> = ls
+        .as_ref()
+        .map(|l| {
+            l.queues
+                .iter()
+                .map(|(t, q, f)| ((t.clone(), *q), *f))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut report = RecoveryReport {
         segments: segments.len(),
         // A removed newest segment is a torn tail too: whatever it held is cut.
         torn_bytes_cut: removed_bytes,
+        log_start: log_base,
+        orphans_removed: orphans,
         ..RecoveryReport::default()
     };
     let first_record = segments
@@ -86,7 +125,7 @@ pub(crate) fn recover(
         ok
     });
 
-    let (mut queues, full) = open_queues(storage, cq_dir, cp.as_ref())?;
+    let (mut queues, full) = open_queues(storage, cq_dir, cp.as_ref(), &starts)?;
     let start = match (&cp, full) {
         (Some(c), false) => c.log_offset,
         _ => {
@@ -97,19 +136,27 @@ pub(crate) fn recover(
                 for m in queues.values_mut() {
                     for q in m.values_mut() {
                         let (fresh, _) =
-                            ConsumeQueue::open(storage, cq_dir, q.topic(), q.queue_id(), 0)?;
+                            ConsumeQueue::open(storage, cq_dir, q.topic(), q.queue_id(), 0, 0)?;
                         *q = Arc::new(fresh);
                     }
                 }
             }
-            report.full_rebuild = cp.is_some();
+            // Queues whose first messages were deleted by retention resume where the
+            // log-start file says, so no queue offset is ever handed out twice.
+            for ((topic, qid), &first) in &starts {
+                let q = queue_in(&mut queues, storage, cq_dir, topic, *qid)?;
+                if q.is_empty() && first > 0 {
+                    q.start_empty_at(first)?;
+                }
+            }
+            report.full_rebuild = cp.is_some() || log_base > 0 || lenient;
             first_record
         }
     };
     report.scanned_from = start;
 
     if segments.is_empty() {
-        let seg = Segment::create(storage, log_dir, 0, config.segment_bytes)?;
+        let seg = Segment::create(storage, log_dir, log_base, config.segment_bytes)?;
         segments.push(seg);
     }
     let segments: Vec<Arc<Segment>> = segments.into_iter().map(Arc::new).collect();
@@ -177,6 +224,9 @@ pub(crate) fn recover(
                         view.topic,
                         view.header.queue_id,
                     )?;
+                    if lenient && q.assigned.load(Ordering::Relaxed) == 0 {
+                        q.start_empty_at(view.header.queue_offset)?;
+                    }
                     let expected = q.assigned.load(Ordering::Relaxed);
                     if view.header.queue_offset != expected {
                         return Err(corrupt(
@@ -285,6 +335,7 @@ pub(crate) fn recover(
         pos,
         queues,
         checkpoint_seq: seq,
+        log_start_seq: ls.map(|l| l.seq).unwrap_or(0),
         report,
     })
 }
@@ -295,6 +346,23 @@ fn corrupt(seg: &Segment, pos: u64, reason: String) -> Error {
         offset: pos,
         reason,
     }
+}
+
+/// Remove segment files entirely below `log_base`: retention persisted the new log start
+/// and a crash stopped it before (or while) it deleted them. Returns how many were removed.
+fn remove_orphans(storage: &dyn Storage, log_dir: &Path, log_base: u64) -> Result<usize> {
+    let mut n = 0;
+    for (base, path) in segment::list(storage, log_dir)? {
+        if base < log_base {
+            tracing::info!(file = %path.display(), "removing a segment below the log start (an interrupted retention delete)");
+            storage.remove_file(&path)?;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        storage.sync_dir(log_dir)?;
+    }
+    Ok(n)
 }
 
 /// Open every segment, check that they are contiguous, and drop blank newest ones. Also
@@ -410,6 +478,7 @@ fn open_queues(
     storage: &dyn Storage,
     cq_dir: &Path,
     cp: Option<&Checkpoint>,
+    starts: &HashMap<(String, u32), u64>,
 ) -> Result<(QueueMap, bool)> {
     let mut want: HashMap<(String, u32), u64> = HashMap::new();
     if let Some(c) = cp {
@@ -429,7 +498,8 @@ fn open_queues(
                 continue;
             };
             let len = want.remove(&(topic.clone(), qid)).unwrap_or(0);
-            let (cq, have) = ConsumeQueue::open(storage, cq_dir, &topic, qid, len)?;
+            let start = starts.get(&(topic.clone(), qid)).copied().unwrap_or(0);
+            let (cq, have) = ConsumeQueue::open(storage, cq_dir, &topic, qid, len, start)?;
             if have < len {
                 full = true;
             }

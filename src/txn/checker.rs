@@ -8,17 +8,17 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{CheckAnswer, HalfMessage, TransactionChecker};
 use crate::broker::{now_ms, Broker};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics::CheckOutcome;
+use crate::worker::Worker;
 
 /// Messages to the check-back thread.
 pub(crate) enum Msg {
@@ -34,34 +34,15 @@ pub(crate) enum Msg {
 }
 
 /// The running check-back thread.
-pub(crate) struct CheckerThread {
-    pub(crate) tx: Sender<Msg>,
-    handle: Option<JoinHandle<()>>,
-}
+pub(crate) type CheckerThread = Worker<Msg>;
 
-impl CheckerThread {
-    pub(crate) fn spawn(broker: Weak<Broker>) -> Result<CheckerThread> {
-        let (tx, rx) = mpsc::channel();
-        let tx2 = tx.clone();
-        let handle = std::thread::Builder::new()
-            .name("halfmq-txn-check".into())
-            .spawn(move || run(broker, rx, tx2))
-            .map_err(|e| Error::io("halfmq-txn-check", "start check-back thread", e))?;
-        Ok(CheckerThread {
-            tx,
-            handle: Some(handle),
-        })
-    }
-
-    /// Stop the thread and wait for it, unless called from the thread itself.
-    pub(crate) fn stop(&mut self) {
-        let _ = self.tx.send(Msg::Stop);
-        if let Some(h) = self.handle.take() {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
-    }
+/// Start the check-back thread of `broker`.
+pub(crate) fn spawn(broker: Weak<Broker>) -> Result<CheckerThread> {
+    Worker::spawn(
+        "halfmq-txn-check",
+        || Msg::Stop,
+        move |rx, own| run(broker, rx, own),
+    )
 }
 
 /// The longest the loop sleeps, so that it notices a dropped broker promptly.
@@ -245,7 +226,7 @@ pub(crate) struct CheckPool {
 
 impl CheckPool {
     pub(crate) fn new(max: usize) -> CheckPool {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         CheckPool {
             jobs: Mutex::new(Some(tx)),
             queue: Arc::new(Mutex::new(rx)),

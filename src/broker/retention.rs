@@ -1,0 +1,331 @@
+//! Retention, broker side: the lowest log offset anything still needs (the *floor*), what
+//! sets it, and the pass that deletes whole segments below it when a limit is exceeded.
+//!
+//! The floor is the minimum of:
+//! - for every queue of every topic, the first message a consumer group has not acked
+//!   (its committed offset; leases and retries are at or above it). A topic that no group
+//!   has consumed yet keeps everything: its first message pins the log.
+//! - dead-letter topics (`%DLQ%<group>`) are the exception: a dead letter is done once it
+//!   was replayed (the internal `%replay` group acked it) *or* some group that polls the
+//!   dead-letter queue acked it, so there the furthest group counts. A dead-letter queue
+//!   nobody replayed or consumed pins the log: dead letters are never deleted silently.
+//! - every pending (unresolved) half message: its transaction id is its log offset;
+//! - every pending delayed message;
+//! - the record of every remembered idempotency key (a duplicate send reads it back);
+//! - the newest recovery checkpoint (enforced by the store).
+//!
+//! The store then deletes whole segments, oldest first, that end at or below the floor, while
+//! the log is over `retention.bytes_max` or the segment is older than `retention.age_max`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use super::{now_ms, Broker, DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX};
+use crate::error::Result;
+use crate::store::TruncateLimits;
+use crate::worker::Worker;
+
+/// What holds the retention floor where it is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Pin {
+    /// A consumer group has not acked this message yet.
+    Group {
+        /// Group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// Its first un-acked queue offset.
+        offset: u64,
+    },
+    /// No consumer group has consumed this topic yet: its messages are kept.
+    Unconsumed {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// Its first message still in the log.
+        offset: u64,
+    },
+    /// Dead letters of this group that were neither replayed nor acked by anyone.
+    DeadLetters {
+        /// The group whose dead letters they are.
+        group: String,
+        /// The first such dead letter (offset in `%DLQ%<group>`).
+        offset: u64,
+    },
+    /// A transaction waiting for its outcome.
+    Half {
+        /// Transaction id (the half's log offset).
+        txn: u64,
+    },
+    /// A delayed message not delivered yet.
+    Delayed {
+        /// Its id (log offset).
+        id: u64,
+    },
+    /// The record of a remembered idempotency key (see `dedup_window`).
+    IdempotencyKey,
+    /// The newest recovery checkpoint (moves every `checkpoint_bytes` of log).
+    Checkpoint,
+}
+
+impl std::fmt::Display for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pin::Group {
+                group,
+                topic,
+                queue,
+                offset,
+            } => write!(
+                f,
+                "group {group}, topic {topic}, queue {queue}, offset {offset}"
+            ),
+            Pin::Unconsumed {
+                topic,
+                queue,
+                offset,
+            } => write!(
+                f,
+                "topic {topic}, queue {queue}, offset {offset}: no consumer group has consumed it"
+            ),
+            Pin::DeadLetters { group, offset } => write!(
+                f,
+                "dead letters of group {group} from offset {offset}: not replayed or acked"
+            ),
+            Pin::Half { txn } => write!(f, "pending half, transaction {txn}"),
+            Pin::Delayed { id } => write!(f, "pending delayed message {id}"),
+            Pin::IdempotencyKey => write!(f, "an idempotency key within dedup_window"),
+            Pin::Checkpoint => write!(f, "the recovery checkpoint"),
+        }
+    }
+}
+
+/// The lowest log offset still needed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetentionFloor {
+    /// Nothing at or above this log offset may be deleted.
+    pub floor: u64,
+    /// What sets it; `None` when nothing below the durable end of the log is needed.
+    pub pinned_by: Option<Pin>,
+}
+
+/// What one retention pass found and did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetentionReport {
+    /// The floor and what set it.
+    pub floor: RetentionFloor,
+    /// Log start before the pass.
+    pub log_start_before: u64,
+    /// Log start after the pass.
+    pub log_start: u64,
+    /// Segment files deleted.
+    pub segments_deleted: u64,
+    /// Their bytes.
+    pub bytes_deleted: u64,
+    /// Bytes of all segment files after the pass.
+    pub log_bytes: u64,
+    /// A limit is exceeded but the oldest segment is still needed (see `floor.pinned_by`).
+    pub held_by_floor: bool,
+    /// No limit is configured: nothing is ever deleted.
+    pub disabled: bool,
+    /// Time to compute the floor, µs.
+    pub floor_us: u64,
+    /// Time of the whole pass, µs.
+    pub pass_us: u64,
+}
+
+impl Broker {
+    /// The lowest log offset something still needs, and what sets it. See the module docs.
+    pub fn retention_floor(&self) -> Result<RetentionFloor> {
+        // Read the durable end first: every half, delayed message and key below it has been
+        // indexed by its hook before the end was published, so nothing below it is missed.
+        let end = self.store.log_stats().durable_offset;
+        let log_start = self.store.log_start();
+        let mut out = RetentionFloor {
+            floor: end,
+            pinned_by: None,
+        };
+        let mut consider = |offset: u64, pin: Pin| {
+            if offset < out.floor {
+                out.floor = offset.max(log_start);
+                out.pinned_by = Some(pin);
+            }
+        };
+        consider(self.store.checkpoint_offset(), Pin::Checkpoint);
+        if let Some(txn) = self.txns.oldest_pending() {
+            consider(txn, Pin::Half { txn });
+        }
+        if let Some(id) = self.delayed.oldest_pending() {
+            consider(id, Pin::Delayed { id });
+        }
+        if let Some(at) = self.dedup.oldest_log_offset(now_ms()) {
+            consider(at, Pin::IdempotencyKey);
+        }
+        // Groups by topic: those with stored acks, and those that polled since the start.
+        let mut groups_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (g, t, _) in self.meta.consumer_queues()? {
+            groups_of.entry(t).or_default().insert(g);
+        }
+        for (g, t) in self.groups.lock().keys() {
+            groups_of.entry(t.clone()).or_default().insert(g.clone());
+        }
+        let topics: Vec<_> = self.topics.read().values().cloned().collect();
+        for t in topics {
+            let dlq_of = t.name.strip_prefix(DLQ_TOPIC_PREFIX);
+            let groups = groups_of.get(&t.name);
+            for q in &t.queues {
+                let len = q.len();
+                let start = q.start();
+                if start >= len {
+                    continue;
+                }
+                // (first un-acked offset, what it stands for)
+                let (offset, pin) = match groups {
+                    None => (start, None),
+                    Some(gs) => {
+                        let mut pos: Option<(u64, &String)> = None;
+                        for g in gs {
+                            let c = self.meta.committed(g, &t.name, q.queue_id())?;
+                            let better = match pos {
+                                None => true,
+                                // A dead letter is done when any group is past it.
+                                Some((p, _)) if dlq_of.is_some() => c > p,
+                                Some((p, _)) => c < p,
+                            };
+                            if better {
+                                pos = Some((c, g));
+                            }
+                        }
+                        match pos {
+                            Some((c, g)) => (c.max(start), Some(g.clone())),
+                            None => (start, None),
+                        }
+                    }
+                };
+                if offset >= len {
+                    continue;
+                }
+                let pin = match (dlq_of, pin) {
+                    (Some(group), _) => Pin::DeadLetters {
+                        group: group.to_owned(),
+                        offset,
+                    },
+                    (None, Some(group)) if !group.starts_with(INTERNAL_TOPIC_PREFIX) => {
+                        Pin::Group {
+                            group,
+                            topic: t.name.clone(),
+                            queue: q.queue_id(),
+                            offset,
+                        }
+                    }
+                    _ => Pin::Unconsumed {
+                        topic: t.name.clone(),
+                        queue: q.queue_id(),
+                        offset,
+                    },
+                };
+                if let Some(e) = q.read(offset, 1)?.first() {
+                    consider(e.log_offset, pin);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run one retention pass now: compute the floor and delete the segments the limits
+    /// allow (see [`crate::config::RetentionConfig`]). With no limit configured it deletes
+    /// nothing and says so (`disabled`), but still reports the floor.
+    pub fn enforce_retention(&self) -> Result<RetentionReport> {
+        let _one = self.retention_pass.lock();
+        let t0 = Instant::now();
+        let floor = self.retention_floor()?;
+        let floor_us = t0.elapsed().as_micros() as u64;
+        let cfg = self.config.retention;
+        let log_start_before = self.store.log_start();
+        let truncated = if cfg.enabled() {
+            self.store.truncate_front(
+                floor.floor,
+                TruncateLimits {
+                    bytes_max: cfg.bytes_max,
+                    age_max_ms: cfg.age_max.map(|a| a.as_millis() as u64),
+                    now_ms: now_ms(),
+                },
+            )?
+        } else {
+            crate::store::Truncated {
+                log_start: log_start_before,
+                log_bytes: self.store.log_bytes(),
+                ..Default::default()
+            }
+        };
+        let report = RetentionReport {
+            floor,
+            log_start_before,
+            log_start: truncated.log_start,
+            segments_deleted: truncated.segments_deleted,
+            bytes_deleted: truncated.bytes_deleted,
+            log_bytes: truncated.log_bytes,
+            held_by_floor: truncated.held_by_floor,
+            disabled: !cfg.enabled(),
+            floor_us,
+            pass_us: t0.elapsed().as_micros() as u64,
+        };
+        crate::metrics::retention_pass(&report);
+        if report.segments_deleted > 0 {
+            tracing::info!(
+                segments = report.segments_deleted,
+                bytes = report.bytes_deleted,
+                log_start = report.log_start,
+                "retention deleted old log segments"
+            );
+        } else if report.held_by_floor {
+            if let Some(p) = &report.floor.pinned_by {
+                tracing::info!(pinned_by = %p, "retention limit exceeded but the oldest segment is still needed");
+            }
+        }
+        *self.last_retention.lock() = Some(report.clone());
+        Ok(report)
+    }
+
+    /// The report of the last retention pass since the broker started.
+    pub fn last_retention(&self) -> Option<RetentionReport> {
+        self.last_retention.lock().clone()
+    }
+
+    /// Messages polls skipped because retention had deleted them (since the start).
+    pub fn expired_skipped(&self) -> u64 {
+        self.expired_skipped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Start the thread that runs a retention pass every `interval` (stopped by a message).
+pub(crate) fn spawn(broker: Weak<Broker>, interval: Duration) -> Result<Worker<()>> {
+    Worker::spawn(
+        "halfmq-retention",
+        || (),
+        move |rx, _own| run(broker, rx, interval),
+    )
+}
+
+fn run(broker: Weak<Broker>, rx: Receiver<()>, interval: Duration) {
+    loop {
+        match rx.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(b) = broker.upgrade() else {
+            return;
+        };
+        if let Err(e) = b.enforce_retention() {
+            // The next pass tries again; nothing is deleted by a failed pass that was not
+            // first recorded in the log-start file.
+            tracing::warn!(error = %e, "retention pass failed");
+        }
+    }
+}
