@@ -887,3 +887,51 @@ fn cli_trace_on_a_data_dir_and_against_a_broker() {
     assert!(none.status.success());
     assert!(String::from_utf8_lossy(&none.stdout).contains("no message with key \"order-9\""));
 }
+
+#[test]
+fn retention_drops_index_files_and_reports_expired_records() {
+    let dir = tempfile::tempdir().unwrap();
+    // Frequent checkpoints: recovery's start does not pin the log.
+    let mut cfg = config(dir.path(), 1000, 16 * 1024);
+    cfg.retention.bytes_max = Some(2 * cfg.store.segment_bytes);
+    cfg.retention.interval = Duration::from_secs(24 * 3600);
+    let b = open_fs(&cfg);
+    b.create_topic("t", 1).unwrap();
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        let r = b
+            .send(
+                "t",
+                &Message::new(vec![b'b'; 1000]).with_key(format!("m{i}")),
+            )
+            .unwrap();
+        sent.push(r.log_offset);
+    }
+    // Everything acked, so nothing pins the log.
+    let got = b.poll("g", "t", 1000).unwrap();
+    assert_eq!(got.len(), 300);
+    let acks: Vec<(u32, u64)> = got.iter().map(|d| (d.queue, d.offset)).collect();
+    b.ack_many("g", "t", &acks).unwrap();
+    assert_eq!(b.trace("m0").unwrap().messages.len(), 1);
+    let files_before = b.key_index().files();
+    let report = b.enforce_retention().unwrap();
+    assert!(report.segments_deleted > 0, "{report:?}");
+    let start = b.store().log_start();
+    assert!(b.key_index().files() < files_before);
+    let mut expired = 0;
+    for (i, off) in sent.iter().enumerate() {
+        let t = b.trace(&format!("m{i}")).unwrap();
+        if *off < start {
+            assert!(t.messages.is_empty(), "m{i} below the log start: {t}");
+            expired += t.expired;
+            if t.expired > 0 {
+                assert!(t.to_string().contains("deleted by retention"), "{t}");
+            }
+        } else {
+            assert_eq!(offsets(&t), vec![*off], "m{i}: {t}");
+        }
+    }
+    // The index file that straddles the new start still has entries below it.
+    assert!(expired > 0);
+    close(b);
+}
