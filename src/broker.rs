@@ -5,6 +5,9 @@
 //! serves. The consumer side (poll, ack, nack, redelivery, dead letters) is in `consume`.
 
 mod consume;
+mod trace;
+
+pub(crate) use consume::REPLAY_GROUP;
 mod retention;
 
 pub use consume::{
@@ -262,6 +265,13 @@ pub struct Broker {
     check_pool: CheckPool,
     /// Remembered idempotency keys.
     dedup: Arc<DedupIndex>,
+    /// The key index of `trace` (derived from the log, kept by `index_thread`).
+    key_index: Arc<crate::key_index::KeyIndex>,
+    /// The event journal of `trace`.
+    journal: Arc<crate::trace::Journal>,
+    /// Keeps `key_index` in step with the log (shared with `index_thread`).
+    indexer: Arc<trace::Indexer>,
+    index_thread: Mutex<Option<trace::IndexerThread>>,
     /// Held during a retention pass (the background one or [`Broker::enforce_retention`]).
     retention_pass: Mutex<()>,
     last_retention: Mutex<Option<RetentionReport>>,
@@ -472,8 +482,8 @@ impl Broker {
     }
 
     /// Open a broker whose log and indexes go through `storage` (a [`crate::store::io::SimStorage`]
-    /// in tests). The metadata database always lives on the real file system under
-    /// `config.data_dir/meta`.
+    /// in tests). The metadata database and the key index of `trace` always live on the real
+    /// file system under `config.data_dir/meta` and `config.data_dir/index`.
     pub fn open_with(storage: Arc<dyn Storage>, config: BrokerConfig) -> Result<Arc<Broker>> {
         config.validate()?;
         let dir = &config.data_dir;
@@ -520,6 +530,16 @@ impl Broker {
                 replay_error.get_or_insert(e);
             }
         };
+        // Like sled, the key index lives on the real file system: it is derived data, and a
+        // simulated disk's injected faults (a failing fsync) must hit the log they are aimed
+        // at, not an index write that happens to run at the same moment.
+        let (key_index, index_report) = crate::key_index::KeyIndex::open(
+            Arc::new(FsStorage),
+            &dir.join("index"),
+            config.store.key_index_slots,
+            config.store.key_index_entries,
+        )?;
+        let journal = Arc::new(crate::trace::Journal::open(meta.clone())?);
         let (store, recovery) = Store::open_locked(
             storage,
             dir,
@@ -534,7 +554,31 @@ impl Broker {
         txns.forget_beyond(recovery.log_end);
         delayed.forget_beyond(recovery.log_end);
         dedup.forget_beyond(recovery.log_end);
+        if index_report.indexed_upto > recovery.log_end {
+            // An index of a longer (other) log: useless here.
+            tracing::warn!(
+                indexed_upto = index_report.indexed_upto,
+                log_end = recovery.log_end,
+                "the key index is ahead of the log; rebuilding it"
+            );
+            key_index.rebuild_from(0)?;
+        }
         let config_checks_max = config.txn.checks_in_flight_max as usize;
+        let key_index = Arc::new(key_index);
+        let indexer = Arc::new(trace::Indexer::new(key_index.clone(), store.log_reader()));
+        {
+            // Retention deleted segments: index files and journal events wholly below the new
+            // log start go too (entries left below it are reported as expired).
+            let (ki, j) = (key_index.clone(), journal.clone());
+            store.on_log_start(Box::new(move |start| {
+                if let Err(e) = ki.drop_below(start) {
+                    tracing::warn!(error = %e, "cannot delete key index files below the log start");
+                }
+                if let Err(e) = j.drop_below(start) {
+                    tracing::warn!(error = %e, "cannot delete trace events below the log start");
+                }
+            }));
+        }
         let broker = Arc::new(Broker {
             config,
             store,
@@ -552,6 +596,10 @@ impl Broker {
             dedup_thread: Mutex::new(None),
             check_pool: CheckPool::new(config_checks_max),
             dedup,
+            key_index,
+            journal,
+            indexer: indexer.clone(),
+            index_thread: Mutex::new(Some(trace::IndexerThread::spawn(indexer)?)),
             retention_pass: Mutex::new(()),
             last_retention: Mutex::new(None),
             retention_thread: Mutex::new(None),
@@ -1071,7 +1119,14 @@ impl Broker {
             t.stop();
         }
         self.check_pool.shut_down();
+        if let Some(mut t) = self.index_thread.lock().take() {
+            t.stop();
+        }
         self.store.close()?;
+        // Index what the close flushed, and make the index durable, so that the next open
+        // has nothing to re-index.
+        self.index_catch_up()?;
+        self.key_index.persist()?;
         self.meta.flush()
     }
 
@@ -1391,6 +1446,12 @@ impl Broker {
             && rec.topic == topic
             && rec.properties.get(PROP_IDEMPOTENCY_KEY).map(String::as_str) == Some(key);
         if ok {
+            if !rec.key.is_empty() {
+                let event = crate::trace::Event::Duplicate {
+                    idempotency_key: key.to_owned(),
+                };
+                self.trace_events(vec![(at.log_offset, event)]);
+            }
             return Ok(Some(rec));
         }
         tracing::warn!(
@@ -1649,6 +1710,9 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(mut t) = self.index_thread.lock().take() {
+            t.stop();
+        }
         if let Some(mut t) = self.retention_thread.lock().take() {
             t.stop();
         }

@@ -40,6 +40,13 @@ pub struct StoreConfig {
     /// How often consume-queue indexes are synced and a recovery checkpoint is written, in
     /// log bytes. Default 64 MiB. Recovery re-reads at most about this much of the log.
     pub checkpoint_bytes: u64,
+    /// Hash slots per key-index file (`index/*.idx`, see [`crate::key_index`]). Default
+    /// 4 Mi (16 MiB of slot table, the only part of the index held in memory). Tests use
+    /// tiny values to force collisions.
+    pub key_index_slots: u32,
+    /// Entries per key-index file before a new file is started. Default 4 Mi (a 176 MiB
+    /// file with the default slots), so 10 M keyed records need three files.
+    pub key_index_entries: u32,
 }
 
 impl Default for StoreConfig {
@@ -50,6 +57,8 @@ impl Default for StoreConfig {
             record_bytes_max: 1024 * 1024,
             pending_bytes_max: 8 * 1024 * 1024,
             checkpoint_bytes: 64 * 1024 * 1024,
+            key_index_slots: 4 * 1024 * 1024,
+            key_index_entries: 4 * 1024 * 1024,
         }
     }
 }
@@ -92,6 +101,17 @@ impl StoreConfig {
                 setting: "checkpoint_bytes",
                 reason: "must be > 0".into(),
             });
+        }
+        for (setting, v) in [
+            ("key_index_slots", self.key_index_slots),
+            ("key_index_entries", self.key_index_entries),
+        ] {
+            if v == 0 || v > crate::key_index::FILE_ITEMS_MAX {
+                return Err(Error::Config {
+                    setting,
+                    reason: format!("{v} is outside 1 ..= {}", crate::key_index::FILE_ITEMS_MAX),
+                });
+            }
         }
         if let FlushPolicy::Async { interval } = self.flush {
             if interval.is_zero() || interval > Duration::from_secs(60) {

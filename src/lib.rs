@@ -53,6 +53,10 @@
 //! - [`net`]: the network broker: frames, protocol, server, client.
 //! - [`txn`]: half messages, commit / rollback, check-back.
 //! - [`idem`]: idempotency keys: a retried send with the same key is stored once.
+//! - [`key_index`]: the on-disk hash index of message keys behind `trace`, derived from the
+//!   log and kept by its own thread.
+//! - [`trace`]: "where is my confirmation?": the event journal and the [`trace::Trace`]
+//!   document of [`Broker::trace`].
 //! - [`metrics`]: Prometheus metric names and recording helpers (no-ops without a recorder).
 //! - [`config`]: settings with their defaults.
 //! - [`error`]: the one typed [`Error`].
@@ -70,12 +74,14 @@ pub mod delayed;
 mod delivery;
 pub mod error;
 pub mod idem;
+pub mod key_index;
 pub mod meta;
 pub mod metrics;
 pub mod net;
 pub mod record;
 pub mod settings;
 pub mod store;
+pub mod trace;
 pub mod txn;
 mod worker;
 

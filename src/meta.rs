@@ -491,6 +491,16 @@ impl Meta {
         Ok(())
     }
 
+    /// Open (or create) a tree of the database (for modules that own their own trees).
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// A number larger than every one returned before, also across restarts.
+    pub(crate) fn generate_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
     /// Flush everything to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;

@@ -41,6 +41,10 @@ pub struct Settings {
     pub segment_bytes: Option<u64>,
     /// Largest record.
     pub record_bytes_max: Option<u32>,
+    /// Hash slots per key-index file (`trace`).
+    pub key_index_slots: Option<u32>,
+    /// Entries per key-index file (`trace`).
+    pub key_index_entries: Option<u32>,
     /// Queues of auto-created topics.
     pub default_queues: Option<u32>,
     /// Create topics on first use.
@@ -117,6 +121,8 @@ impl Settings {
             flush_interval_ms,
             segment_bytes,
             record_bytes_max,
+            key_index_slots,
+            key_index_entries,
             default_queues,
             auto_create_topics,
             txn_timeout_ms,
@@ -172,6 +178,12 @@ impl Settings {
         }
         if let Some(v) = self.record_bytes_max {
             b.store.record_bytes_max = v;
+        }
+        if let Some(v) = self.key_index_slots {
+            b.store.key_index_slots = v;
+        }
+        if let Some(v) = self.key_index_entries {
+            b.store.key_index_entries = v;
         }
         if let Some(v) = self.default_queues {
             b.default_queues = v;
@@ -265,6 +277,8 @@ impl Settings {
             flush_interval_ms: interval.or(self.flush_interval_ms).or(Some(100)),
             segment_bytes: Some(b.store.segment_bytes),
             record_bytes_max: Some(b.store.record_bytes_max),
+            key_index_slots: Some(b.store.key_index_slots),
+            key_index_entries: Some(b.store.key_index_entries),
             default_queues: Some(b.default_queues),
             auto_create_topics: Some(b.auto_create_topics),
             txn_timeout_ms: ms(b.txn.timeout),

@@ -253,6 +253,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Where is my message? Every event of every message with this key (half, check-backs,
+    /// commit or rollback, stored, deliveries, acks, retries, dead letters, replays), and
+    /// where each is now.
+    Trace {
+        /// The key (exact, case-sensitive).
+        key: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Read a data directory directly instead (the broker must not be running on it).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// One JSON object (the `Trace` document), for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one retention pass now: delete the old log segments the configured limits allow
     /// and nothing still needs; print what was deleted and what pins the rest.
     Retention {
@@ -495,7 +510,7 @@ enum TopicsCommand {
 #[derive(Args)]
 struct BenchArgs {
     /// Against an embedded broker in this process.
-    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
+    #[arg(long, conflicts_with = "addr", required_unless_present_any = ["addr", "trace"])]
     embedded: bool,
     /// Against the broker at this address (mode "broker").
     #[arg(long)]
@@ -551,6 +566,14 @@ struct BenchArgs {
     /// to a burst of load from other processes on a shared machine).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
+    /// Instead: fill a store with --messages keyed messages (default 10 000 000), time
+    /// `trace` of --samples random keys, reopen it and time them again; a keyless fill of up
+    /// to 2 000 000 messages first gives the fill's ratio_to_unindexed.
+    #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr", "idempotency_keys"])]
+    trace: bool,
+    /// Traces to time for --trace.
+    #[arg(long, default_value_t = 1000)]
+    samples: u64,
     /// Unfinished transactions for --txn-tick.
     #[arg(long, default_value_t = 1_000_000)]
     pending: u64,
@@ -613,6 +636,12 @@ async fn run(cli: Cli) -> halfmq::Result<()> {
             data_dir,
             json,
         } => stats(conn, data_dir, json).await,
+        Command::Trace {
+            key,
+            conn,
+            data_dir,
+            json,
+        } => trace(key, conn, data_dir, json).await,
         Command::Retention { conn, json } => retention(conn, json).await,
         Command::Bench(args) => tokio::task::spawn_blocking(move || bench_cmd(args))
             .await
@@ -1331,6 +1360,38 @@ async fn stats(conn: ConnArgs, data_dir: Option<PathBuf>, json: bool) -> halfmq:
     Ok(())
 }
 
+async fn trace(
+    key: String,
+    conn: ConnArgs,
+    data_dir: Option<PathBuf>,
+    json: bool,
+) -> halfmq::Result<()> {
+    let t = match data_dir {
+        Some(dir) => {
+            let mut config = halfmq::BrokerConfig::new(dir);
+            config.txn.check_back = false;
+            tokio::task::spawn_blocking(move || {
+                let b = Broker::open(config)?;
+                let t = b.trace(&key);
+                b.close()?;
+                t
+            })
+            .await
+            .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("trace panicked".into())))?
+        }
+        None => conn.connect().await?.trace(&key).await?,
+    };
+    if json {
+        match serde_json::to_string(&t) {
+            Ok(j) => println_flush(&j),
+            Err(e) => eprintln!("halfmq: cannot encode the trace as JSON: {e}"),
+        }
+    } else {
+        print!("{t}");
+    }
+    Ok(())
+}
+
 fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
     let (data_dir, cleanup) = match a.data_dir {
         Some(d) => (d, false),
@@ -1339,6 +1400,24 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
             true,
         ),
     };
+    if a.trace {
+        let messages = a.messages.unwrap_or(10_000_000);
+        eprintln!(
+            "halfmq bench: mode=trace messages={messages} samples={} dir={}",
+            a.samples,
+            data_dir.display()
+        );
+        let r = bench::run_trace(&data_dir, messages, a.samples, &mut |l| eprintln!("{l}"));
+        if cleanup {
+            let _ = std::fs::remove_dir_all(&data_dir);
+        }
+        let r = r?;
+        println!("{r}");
+        if a.json {
+            print_json(&r);
+        }
+        return Ok(());
+    }
     if a.txn_tick {
         eprintln!(
             "halfmq bench: mode=txn_tick pending={} due={} dir={}",

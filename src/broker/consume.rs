@@ -30,7 +30,7 @@ pub const INTERNAL_TOPIC_PREFIX: &str = "%";
 /// Dead letters of group `G` are in topic `%DLQ%G`.
 pub const DLQ_TOPIC_PREFIX: &str = "%DLQ%";
 /// The group that remembers which dead letters were replayed.
-const REPLAY_GROUP: &str = "%replay";
+pub(crate) const REPLAY_GROUP: &str = "%replay";
 
 /// Property of a dead letter: the topic it came from.
 pub const PROP_DLQ_TOPIC: &str = "halfmq.dlq.topic";
@@ -174,6 +174,8 @@ struct PollState {
     max_bytes: usize,
     /// (queue index, queue offset, lease) of messages to dead-letter.
     dead: Vec<(usize, u64, Lease)>,
+    /// Trace events of keyed messages: (log offset, event).
+    events: Vec<(u64, crate::trace::Event)>,
 }
 
 impl PollState {
@@ -367,6 +369,7 @@ impl Broker {
             max,
             max_bytes,
             dead: Vec::new(),
+            events: Vec::new(),
         };
         let mut result = Ok(());
         for i in 0..n {
@@ -404,6 +407,14 @@ impl Broker {
             }
         }
         crate::metrics::delivered(group, &t.name, st.out.len());
+        for d in st.out.iter().filter(|d| !d.key.is_empty()) {
+            let event = crate::trace::Event::Delivered {
+                group: group.to_owned(),
+                attempt: d.attempt,
+            };
+            st.events.push((d.log_offset, event));
+        }
+        self.trace_events(std::mem::take(&mut st.events));
         result.map(|()| st.out)
     }
 
@@ -468,6 +479,15 @@ impl Broker {
                 tracing::warn!(topic = %t.name, queue = q.queue_id(), offset, "lease of a message past the end of its queue dropped");
                 continue;
             };
+            if timed_out && !rec.key.is_empty() {
+                let event = crate::trace::Event::Retried {
+                    group: group.to_owned(),
+                    attempt: lease.failures,
+                    reason: lease.reason.clone(),
+                    next_at_ms: now,
+                };
+                st.events.push((rec.header.log_offset, event));
+            }
             let size = delivery_size(&t.name, &rec);
             if !st.fits(size) {
                 // Deliver it on the next poll; the failure (if any) is already counted.
@@ -623,17 +643,20 @@ impl Broker {
         let t = self.topic_to_read(topic)?;
         let g = self.group_topic(group, &t)?;
         let mut g = g.lock();
-        self.ack_locked(group, &t, &mut g, acks)?;
+        self.ack_locked(group, &t, &mut g, acks, true)?;
         crate::metrics::acked(group, &t.name, acks.len());
         Ok(())
     }
 
+    /// Ack under the group's lock. `trace`: record an `acked` trace event for each keyed
+    /// message (not for the acks that end a dead-letter move or a replay).
     fn ack_locked(
         &self,
         group: &str,
         t: &Topic,
         g: &mut GroupTopic,
         acks: &[(u32, u64)],
+        trace: bool,
     ) -> Result<()> {
         let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for &(queue, offset) in acks {
@@ -670,6 +693,11 @@ impl Broker {
             let newly: Vec<u64> = added.clone();
             added.retain(|o| *o >= committed);
             removed.retain(|o| c.acked_above.contains(o));
+            if trace {
+                // Inserted before the ack's flushed sled write, so a durable ack always keeps
+                // its event (sled writes its log in order).
+                self.trace_events(Self::ack_events(group, &t.queues[queue as usize], &newly)?);
+            }
             self.meta
                 .store_acks(group, &t.name, queue, committed, &added, &removed)?;
             c.committed = committed;
@@ -689,6 +717,27 @@ impl Broker {
                 .store_retries(group, &t.name, queue, &cleared, false)?;
         }
         Ok(())
+    }
+
+    /// The `acked` trace events of the keyed messages at these offsets of `q`.
+    fn ack_events(
+        group: &str,
+        q: &ConsumeQueue,
+        offsets: &[u64],
+    ) -> Result<Vec<(u64, crate::trace::Event)>> {
+        let mut out = Vec::new();
+        for &off in offsets {
+            for e in q.read(off, 1)? {
+                // key_hash 0 means "no key" (a key whose CRC is 0 is not traced as acked).
+                if e.key_hash != 0 {
+                    let event = crate::trace::Event::Acked {
+                        group: group.to_owned(),
+                    };
+                    out.push((e.log_offset, event));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn bad_ack(group: &str, t: &Topic, queue: u32, offset: u64, reason: String) -> Error {
@@ -808,6 +857,15 @@ impl Broker {
             )],
             true,
         )?;
+        if let Some(e) = q.read(offset, 1)?.into_iter().find(|e| e.key_hash != 0) {
+            let event = crate::trace::Event::Retried {
+                group: group.to_owned(),
+                attempt: failures,
+                reason: reason.clone(),
+                next_at_ms: at_ms,
+            };
+            self.trace_events(vec![(e.log_offset, event)]);
+        }
         g.cursors[queue as usize].insert(
             offset,
             Lease {
@@ -898,8 +956,18 @@ impl Broker {
             group, topic = %t.name, queue, offset, key = %rec.key, failures = lease.failures,
             reason = %lease.reason, "message moved to the dead-letter queue"
         );
+        if !rec.key.is_empty() {
+            let event = crate::trace::Event::DeadLettered {
+                group: group.to_owned(),
+                attempts: lease.failures,
+                reason: lease.reason.clone(),
+                dlq_topic: dlq.name.clone(),
+                dlq_log_offset: a.log_offset,
+            };
+            self.trace_events(vec![(rec.header.log_offset, event)]);
+        }
         // 3. Ack the original (which also drops its retry state).
-        self.ack_locked(group, t, g, &[(queue, offset)])?;
+        self.ack_locked(group, t, g, &[(queue, offset)], false)?;
         crate::metrics::dead_lettered(group, &t.name);
         Ok(SendReceipt {
             topic: dlq.name.clone(),
@@ -1007,7 +1075,15 @@ impl Broker {
                     timestamp_ms: now_ms(),
                     dispatch_to: Some(&t.queues[qi]),
                 })?;
-                self.ack_locked(REPLAY_GROUP, &dlq, &mut replay, &[(0, dlq_offset)])?;
+                if !msg_key.is_empty() {
+                    let event = crate::trace::Event::Replayed {
+                        group: group.to_owned(),
+                        new_topic: t.name.clone(),
+                        new_log_offset: a.log_offset,
+                    };
+                    self.trace_events(vec![(rec.header.log_offset, event)]);
+                }
+                self.ack_locked(REPLAY_GROUP, &dlq, &mut replay, &[(0, dlq_offset)], false)?;
                 out.push(Replayed {
                     dlq_offset,
                     key: msg_key,
@@ -1016,6 +1092,36 @@ impl Broker {
             }
         }
         Ok(out)
+    }
+
+    /// What this process knows of `group`'s delivery of one message (None: the group has not
+    /// polled the topic since the broker opened).
+    pub(crate) fn lease_of(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Option<LeaseView> {
+        let key = (group.to_owned(), topic.to_owned());
+        let g = self.groups.lock().get(&key)?.clone();
+        let g = g.lock();
+        let c = g.cursors.get(queue as usize)?;
+        let handed_out = c.next > offset;
+        Some(match c.lease(offset) {
+            Some(l) => LeaseView {
+                delivered: l.delivered,
+                due_ms: l.due_ms,
+                failures: l.failures,
+                handed_out,
+            },
+            None => LeaseView {
+                delivered: false,
+                due_ms: 0,
+                failures: 0,
+                handed_out,
+            },
+        })
     }
 
     /// Messages with a consumer now and messages waiting for redelivery, of a group in one
@@ -1031,4 +1137,17 @@ impl Broker {
             None => (0, 0),
         }
     }
+}
+
+/// A group's live delivery state of one message ([`Broker::lease_of`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseView {
+    /// With a consumer now.
+    pub(crate) delivered: bool,
+    /// Lease end (with a consumer) or redelivery time (waiting).
+    pub(crate) due_ms: u64,
+    /// Failed deliveries so far.
+    pub(crate) failures: u32,
+    /// The group's scan has passed it (it was handed out at least once).
+    pub(crate) handed_out: bool,
 }

@@ -490,6 +490,18 @@ impl Client {
         }
     }
 
+    /// Every event of every message with this key ([`crate::Broker::trace`]).
+    pub async fn trace(&self, key: &str) -> Result<crate::trace::Trace> {
+        let key = key.to_owned();
+        match self.call(Request::Trace { key }).await? {
+            Response::Trace(text) => serde_json::from_str(&text).map_err(|e| Error::Decode {
+                what: "trace",
+                reason: e.to_string(),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Unfinished transactions.
     pub async fn transactions(&self, state: Option<TxnState>) -> Result<Vec<TxnInfo>> {
         let mut all = Vec::new();

@@ -204,6 +204,12 @@ pub enum Request {
     },
     /// Run one retention pass now; answered with its report as JSON.
     Retention,
+    /// Every event of every message with this key ([`crate::Broker::trace`]). Answered with
+    /// [`Response::Trace`].
+    Trace {
+        /// The key (exact).
+        key: String,
+    },
 }
 
 /// A group's delivery settings on the wire.
@@ -291,6 +297,8 @@ pub enum Response {
     Delayed(DelayedReceipt),
     /// The report of a retention pass as JSON text (what `halfmq retention --json` prints).
     Retention(String),
+    /// A trace as JSON text (the document `halfmq trace KEY --json` prints).
+    Trace(String),
 }
 
 /// Broker → client, unasked.

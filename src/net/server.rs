@@ -659,6 +659,29 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
             code: codes::BAD_REQUEST,
             message: "CheckAnswer is handled by the connection".into(),
         },
+        Request::Trace { key } => {
+            // Room for the frame's own header and the response envelope.
+            let room = (conn.config.frame_bytes_max as usize).saturating_sub(64 * 1024);
+            let r = blocking(move || b.trace(&key)).await.and_then(|t| {
+                let text = serde_json::to_string(&t).map_err(|e| Error::Invalid {
+                    what: "trace",
+                    reason: e.to_string(),
+                })?;
+                if text.len() > room {
+                    return Err(Error::Invalid {
+                        what: "trace",
+                        reason: format!(
+                            "{} messages with this key do not fit in one answer ({} bytes); \
+                             use `halfmq trace KEY --data-dir` on a stopped broker",
+                            t.messages.len(),
+                            text.len()
+                        ),
+                    });
+                }
+                Ok(text)
+            });
+            result_response(r, Response::Trace)
+        }
     }
 }
 

@@ -30,6 +30,9 @@ use consume_queue::{ConsumeQueue, Entry};
 use io::Storage;
 use segment::{Segment, SEGMENT_HEADER_BYTES};
 
+/// Largest read of [`Store::scan_records`] (a bigger record is read whole).
+pub const SCAN_CHUNK_BYTES: u64 = 1024 * 1024;
+
 /// Bytes of the SegmentEnd record that closes every full segment; always kept free.
 const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
 
@@ -723,6 +726,37 @@ impl Store {
         view.to_record()
     }
 
+    /// The file abstraction the store writes through (for derived files kept next to it,
+    /// such as the key index).
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.shared.storage
+    }
+
+    /// Call `f` with every record (and its encoded size) from `from` up to `to` (exclusive),
+    /// in log order, reading the log in chunks of at most [`SCAN_CHUNK_BYTES`] (so memory
+    /// stays bounded whatever the range). `from` must be a record boundary or a segment
+    /// start, `to` a record boundary the log has written (the durable or written end); a
+    /// `from` inside a deleted segment starts at the first segment after it. Returns the
+    /// offset reached (`to`, or the end of the log's data when that comes first). A damaged
+    /// record inside the range is an error: the range was validated by recovery or written
+    /// by this process, so damage there is real.
+    pub fn scan_records(
+        &self,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
+    ) -> Result<u64> {
+        self.shared.scan_records(from, to, f)
+    }
+
+    /// A handle that reads the log ([`LogReader::scan_records`], [`LogReader::log_stats`])
+    /// without keeping the [`Store`] (or whoever owns it) alive: for background threads.
+    pub fn log_reader(&self) -> LogReader {
+        LogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Wait until `queue` has more than `from` entries or `timeout` passes. Returns whether
     /// there is something to read.
     pub fn wait_for_messages(
@@ -771,22 +805,7 @@ impl Store {
 
     /// Log statistics.
     pub fn log_stats(&self) -> LogStats {
-        let segs = self.shared.segments.read();
-        let p = &self.shared.progress;
-        LogStats {
-            segments: segs.len(),
-            first_offset: segs
-                .values()
-                .next()
-                .map(|s| s.base + SEGMENT_HEADER_BYTES)
-                .unwrap_or(0),
-            log_start: self.log_start(),
-            log_bytes: segs.values().map(|s| s.size).sum(),
-            durable_offset: p.durable.load(Ordering::Acquire),
-            written_offset: p.written.load(Ordering::Acquire),
-            syncs: p.syncs.load(Ordering::Relaxed),
-            records: p.records.load(Ordering::Relaxed),
-        }
+        self.shared.log_stats()
     }
 
     /// The first log offset still in the log: the base offset of the first segment.
@@ -944,7 +963,141 @@ impl Drop for Store {
     }
 }
 
+/// Reads the log of a [`Store`] without owning it ([`Store::log_reader`]).
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+impl LogReader {
+    /// [`Store::scan_records`].
+    pub fn scan_records(
+        &self,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
+    ) -> Result<u64> {
+        self.shared.scan_records(from, to, f)
+    }
+
+    /// [`Store::log_stats`].
+    pub fn log_stats(&self) -> LogStats {
+        self.shared.log_stats()
+    }
+}
+
 impl Shared {
+    fn log_stats(&self) -> LogStats {
+        let segs = self.segments.read();
+        let p = &self.progress;
+        LogStats {
+            segments: segs.len(),
+            first_offset: segs
+                .values()
+                .next()
+                .map(|s| s.base + SEGMENT_HEADER_BYTES)
+                .unwrap_or(0),
+            log_start: self.log_start.load(Ordering::Acquire),
+            log_bytes: segs.values().map(|s| s.size).sum(),
+            durable_offset: p.durable.load(Ordering::Acquire),
+            written_offset: p.written.load(Ordering::Acquire),
+            syncs: p.syncs.load(Ordering::Relaxed),
+            records: p.records.load(Ordering::Relaxed),
+        }
+    }
+
+    fn scan_records(
+        &self,
+        from: u64,
+        to: u64,
+        f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>,
+    ) -> Result<u64> {
+        let mut off = from;
+        let mut buf: Vec<u8> = Vec::new();
+        while off < to {
+            let Some(seg) = self.segment_at_or_after(off) else {
+                return Ok(off);
+            };
+            let seg_end = seg.base + seg.size;
+            let mut pos = off.max(seg.base + SEGMENT_HEADER_BYTES);
+            let stop = to.min(seg_end);
+            let mut segment_done = false;
+            while pos < stop && !segment_done {
+                let want = (stop - pos).min(SCAN_CHUNK_BYTES) as usize;
+                buf.resize(want, 0);
+                seg.file.read_exact_at(&mut buf, pos - seg.base)?;
+                let mut i = 0usize;
+                loop {
+                    match record::decode(&buf[i..]) {
+                        Ok((view, len)) => {
+                            if view.header.kind == RecordKind::SegmentEnd {
+                                segment_done = true;
+                                break;
+                            }
+                            // `len` is at most RECORD_BYTES_MAX, which fits a u32.
+                            f(&view, len as u32)?;
+                            i += len;
+                        }
+                        Err(record::DecodeError::Incomplete { needed }) => {
+                            if i > 0 {
+                                break; // read again from this record's start
+                            }
+                            if pos + needed as u64 > stop {
+                                // The range ends inside a record: not a boundary.
+                                return Ok(pos);
+                            }
+                            buf.resize(needed, 0);
+                            seg.file.read_exact_at(&mut buf, pos - seg.base)?;
+                        }
+                        Err(record::DecodeError::Empty) => {
+                            segment_done = true;
+                            break;
+                        }
+                        Err(record::DecodeError::Invalid(reason)) => {
+                            return Err(Error::Corrupt {
+                                path: seg.path().to_path_buf(),
+                                offset: pos - seg.base + i as u64,
+                                reason,
+                            })
+                        }
+                    }
+                    if i == buf.len() {
+                        break;
+                    }
+                }
+                pos += i as u64;
+            }
+            if pos < stop && !segment_done {
+                return Ok(pos);
+            }
+            off = if segment_done || stop == seg_end {
+                seg_end
+            } else {
+                stop
+            };
+        }
+        Ok(to.max(from))
+    }
+
+    /// The segment holding `log_offset`, or else the first one after it.
+    fn segment_at_or_after(&self, log_offset: u64) -> Option<Arc<Segment>> {
+        let segs = self.segments.read();
+        if let Some((_, s)) = segs.range(..=log_offset).next_back() {
+            if log_offset < s.base + s.size {
+                return Some(s.clone());
+            }
+        }
+        segs.range(log_offset..).next().map(|(_, s)| s.clone())
+    }
+
     fn segment_for(&self, log_offset: u64) -> Result<Arc<Segment>> {
         let segs = self.segments.read();
         match segs.range(..=log_offset).next_back() {

@@ -139,6 +139,13 @@ impl Broker {
                 }
             };
             in_flight.insert(txn, now + cfg.check_answer_timeout);
+            if !info.key.is_empty() {
+                let event = crate::trace::Event::CheckAsked {
+                    producer_group: info.producer_group.clone(),
+                    check: info.checks + 1,
+                };
+                self.trace_events(vec![(txn, event)]);
+            }
             self.check_pool().run(checker, half, tx.clone());
         }
         if failed.is_empty() {
@@ -149,12 +156,38 @@ impl Broker {
             .iter()
             .filter_map(|&(txn, why)| self.txn_index().check_failed(txn, why, ms, cfg))
             .collect();
+        let mut events = Vec::new();
+        for info in updates.iter().filter(|i| !i.key.is_empty()) {
+            // check_failed just stored this check's answer in last_answer.
+            let answer = info.last_answer.clone().unwrap_or_default();
+            let check = info.checks;
+            let event = crate::trace::Event::CheckAnswered { check, answer };
+            events.push((info.txn_id, event));
+            if info.state == super::TxnState::Unresolved {
+                events.push((
+                    info.txn_id,
+                    crate::trace::Event::Unresolved { checks: check },
+                ));
+            }
+        }
+        self.trace_events(events);
         if let Err(e) = self.txn_index().persist_checks(self.meta(), &updates) {
             tracing::error!(error = %e, "cannot persist check-back bookkeeping; counts may repeat after a restart");
         }
     }
 
     fn apply_check_answer(&self, txn: u64, outcome: super::Outcome) {
+        if let Some(info) = self.txn_index().get(txn).filter(|i| !i.key.is_empty()) {
+            let answer = match outcome {
+                super::Outcome::Committed => "commit",
+                super::Outcome::RolledBack => "rollback",
+            };
+            let event = crate::trace::Event::CheckAnswered {
+                check: info.checks + 1,
+                answer: answer.into(),
+            };
+            self.trace_events(vec![(txn, event)]);
+        }
         self.txn_index().check_answered(txn);
         let r = match outcome {
             super::Outcome::Committed => self.commit(super::TxnId(txn)),

@@ -1,0 +1,937 @@
+//! `Broker::trace` and `halfmq trace`: every event of every message with a key, in order,
+//! with where it is now; across clean restarts and crashes (simulated disk); the on-disk key
+//! index rebuilt after its files are deleted or damaged; hash collisions and file rollover
+//! (tiny index files); keyless messages not indexed; the CLI through the real binary.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halfmq::meta::GroupSettings;
+use halfmq::store::io::{CrashMode, SimStorage};
+use halfmq::trace::{Event, Trace};
+use halfmq::{
+    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, Message, TxnConfig,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_halfmq");
+
+fn txn_config(check_max: u32) -> TxnConfig {
+    TxnConfig {
+        timeout: Duration::from_millis(100),
+        check_interval: Duration::from_millis(50),
+        check_backoff_max: Duration::from_millis(100),
+        check_max,
+        check_answer_timeout: Duration::from_millis(500),
+        ..TxnConfig::default()
+    }
+}
+
+/// Small segments, and a tiny key index (4 slots, 16 entries per file): every lookup walks
+/// chains shared by many keys, and files roll over every 16 keyed records.
+fn config(dir: &Path, check_max: u32, checkpoint_bytes: u64) -> BrokerConfig {
+    let mut cfg = BrokerConfig::new(dir);
+    cfg.store.segment_bytes = 64 * 1024;
+    cfg.store.record_bytes_max = 16 * 1024 - 64;
+    cfg.store.checkpoint_bytes = checkpoint_bytes;
+    cfg.store.key_index_slots = 4;
+    cfg.store.key_index_entries = 16;
+    cfg.txn = txn_config(check_max);
+    cfg
+}
+
+fn open_sim(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
+    let start = Instant::now();
+    loop {
+        match Broker::open_with(Arc::new(disk.clone()), cfg.clone()) {
+            Err(Error::Meta(m))
+                if m.contains("could not acquire lock")
+                    && start.elapsed() < Duration::from_secs(15) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.unwrap_or_else(|e| panic!("open failed: {e}")),
+        }
+    }
+}
+
+fn open_fs(cfg: &BrokerConfig) -> Arc<Broker> {
+    let start = Instant::now();
+    loop {
+        match Broker::open(cfg.clone()) {
+            Err(Error::Meta(m))
+                if m.contains("could not acquire lock")
+                    && start.elapsed() < Duration::from_secs(15) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.unwrap_or_else(|e| panic!("open failed: {e}")),
+        }
+    }
+}
+
+fn close(b: Arc<Broker>) {
+    b.close().unwrap();
+    assert_eq!(Arc::strong_count(&b), 1);
+    drop(b);
+}
+
+fn restart_sim(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
+    close(b);
+    open_sim(disk, cfg)
+}
+
+/// Power loss: the disk keeps what `mode` says; the old broker is poisoned first so it cannot
+/// write sled on the way down (see tests/txn_crash.rs).
+fn crash_sim(disk: &SimStorage, b: Arc<Broker>, mode: CrashMode, topic: &str) -> SimStorage {
+    let after = disk.crash(mode);
+    let r = b.send_half(
+        topic,
+        &Message::new("probe"),
+        "probe",
+        HalfOptions::default(),
+    );
+    assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
+    let _ = b.close();
+    assert_eq!(Arc::strong_count(&b), 1);
+    drop(b);
+    after
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kind_of(e: &Event) -> String {
+    serde_json::to_value(e).unwrap()["kind"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The event kinds of the one message of a trace, as the JSON names them.
+fn kinds(t: &Trace) -> Vec<String> {
+    assert_eq!(t.messages.len(), 1, "{t}");
+    t.messages[0]
+        .events
+        .iter()
+        .map(|l| kind_of(&l.event))
+        .collect()
+}
+
+/// The log offsets of the first records of the messages of a trace.
+fn offsets(t: &Trace) -> Vec<u64> {
+    t.messages.iter().map(|m| m.log_offset).collect()
+}
+
+#[test]
+fn a_transaction_shows_half_checks_commit_store_delivery_and_ack_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic("payments", 4).unwrap();
+    // The first check says "unknown", the second "commit".
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    b.register_checker(
+        "pay",
+        Arc::new(move |_: &HalfMessage| {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                CheckAnswer::Unknown
+            } else {
+                CheckAnswer::Commit
+            }
+        }),
+    )
+    .unwrap();
+    let msg = Message::new("paid 42").with_key("order-42");
+    let txn = b
+        .send_half("payments", &msg, "pay", HalfOptions::default())
+        .unwrap();
+    // Noise with other keys (sharing the 4 slots).
+    for i in 0..20 {
+        b.send(
+            "payments",
+            &Message::new("x").with_key(format!("order-{i}x")),
+        )
+        .unwrap();
+    }
+    let pending = b.trace("order-42").unwrap();
+    assert_eq!(pending.messages[0].now.state, "pending", "{pending}");
+    wait_until("commit by check-back", || {
+        b.trace("order-42").unwrap().messages[0].now.state == "stored"
+    });
+    let got = b.poll("billing", "payments", 1000).unwrap();
+    let d = got.iter().find(|d| d.key == "order-42").unwrap();
+    let t = b.trace("order-42").unwrap();
+    assert!(
+        t.messages[0]
+            .now
+            .line
+            .contains("group billing: delivered (attempt 1), not acked"),
+        "{t}"
+    );
+    b.ack("billing", "payments", d.queue, d.offset).unwrap();
+    let t = b.trace("order-42").unwrap();
+    assert_eq!(
+        kinds(&t),
+        [
+            "half",
+            "check_asked",
+            "check_answered",
+            "check_asked",
+            "check_answered",
+            "committed",
+            "stored",
+            "delivered",
+            "acked"
+        ],
+        "{t}"
+    );
+    let m = &t.messages[0];
+    assert_eq!(m.txn, Some(txn.0));
+    assert_eq!(m.topic, "payments");
+    let ev: Vec<&Event> = m.events.iter().map(|l| &l.event).collect();
+    assert_eq!(
+        ev[0],
+        &Event::Half {
+            txn: txn.0,
+            topic: "payments".into(),
+            queue: d.queue,
+            producer_group: "pay".into()
+        }
+    );
+    assert_eq!(
+        ev[2],
+        &Event::CheckAnswered {
+            check: 1,
+            answer: "unknown".into()
+        }
+    );
+    assert_eq!(
+        ev[4],
+        &Event::CheckAnswered {
+            check: 2,
+            answer: "commit".into()
+        }
+    );
+    assert_eq!(
+        ev[6],
+        &Event::Stored {
+            topic: "payments".into(),
+            queue: d.queue,
+            offset: d.offset
+        }
+    );
+    assert_eq!(m.events[6].log_offset, d.log_offset);
+    assert_eq!(
+        ev[7],
+        &Event::Delivered {
+            group: "billing".into(),
+            attempt: 1
+        }
+    );
+    assert!(m.events.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    assert_eq!(
+        m.now.stored_at,
+        Some(("payments".to_owned(), d.queue, d.offset))
+    );
+    assert_eq!(m.now.groups.len(), 1);
+    assert!(m.now.groups[0].acked);
+    let text = t.to_string();
+    assert!(
+        text.contains("now: committed, stored at payments queue"),
+        "{text}"
+    );
+    assert!(text.contains("group billing: acked"), "{text}");
+
+    // A clean restart keeps all of it (the key index from its files, the journal from sled).
+    let b = restart_sim(&disk, b, &cfg);
+    let again = b.trace("order-42").unwrap();
+    assert_eq!(again.messages[0].events, t.messages[0].events);
+    assert!(again.messages[0].now.groups[0].acked);
+    close(b);
+}
+
+#[test]
+fn rollback_unresolved_and_redelivery_show_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), 2, 64 * 1024 * 1024);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic("t", 2).unwrap();
+    let r = b
+        .send_half(
+            "t",
+            &Message::new("r").with_key("rb"),
+            "nobody",
+            HalfOptions::default(),
+        )
+        .unwrap();
+    b.rollback(r).unwrap();
+    let t = b.trace("rb").unwrap();
+    assert_eq!(kinds(&t), ["half", "rolled_back"], "{t}");
+    assert_eq!(t.messages[0].now.state, "rolled_back");
+    assert!(t.to_string().contains("now: rolled back at"), "{t}");
+
+    // No producer of the group is connected: two failed checks, then unresolved.
+    let u = b
+        .send_half(
+            "t",
+            &Message::new("u").with_key("un"),
+            "gone",
+            HalfOptions::default(),
+        )
+        .unwrap();
+    wait_until("unresolved", || {
+        b.trace("un").unwrap().messages[0].now.state == "unresolved"
+    });
+    let t = b.trace("un").unwrap();
+    assert_eq!(
+        kinds(&t),
+        ["half", "check_answered", "check_answered", "unresolved"],
+        "{t}"
+    );
+    assert_eq!(
+        t.messages[0].events[3].event,
+        Event::Unresolved { checks: 2 }
+    );
+    assert!(
+        t.to_string()
+            .contains(&format!("halfmq txn commit {}", u.0)),
+        "{t}"
+    );
+
+    // Delivered, not acked, restart: the history says so, and it is delivered again.
+    b.send("t", &Message::new("p").with_key("plain")).unwrap();
+    assert_eq!(b.poll("g", "t", 100).unwrap().len(), 1);
+    let b = restart_sim(&disk, b, &cfg);
+    let t = b.trace("plain").unwrap();
+    assert!(
+        t.messages[0]
+            .now
+            .line
+            .contains("group g: delivered (attempt 1), not acked"),
+        "{t}"
+    );
+    assert_eq!(b.poll("g", "t", 100).unwrap().len(), 1);
+    let t = b.trace("plain").unwrap();
+    assert_eq!(kinds(&t), ["stored", "delivered", "delivered"], "{t}");
+    // Still unresolved after the restart, from the live transaction index.
+    assert_eq!(b.trace("un").unwrap().messages[0].now.state, "unresolved");
+    close(b);
+}
+
+#[test]
+fn nack_retry_dead_letter_and_replay_show_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic("orders", 1).unwrap();
+    b.set_group_settings(
+        "ship",
+        &GroupSettings {
+            max_retries: Some(1),
+            retry_backoff_ms: Some(vec![0]),
+            ..GroupSettings::default()
+        },
+    )
+    .unwrap();
+    b.send("orders", &Message::new("o").with_key("order-1"))
+        .unwrap();
+    let d = b.poll("ship", "orders", 10).unwrap().remove(0);
+    b.nack("ship", "orders", d.queue, d.offset, None).unwrap();
+    let t = b.trace("order-1").unwrap();
+    assert_eq!(kinds(&t), ["stored", "delivered", "retried"], "{t}");
+    assert!(
+        t.messages[0]
+            .now
+            .line
+            .contains("group ship: delivery failed (attempt 1)"),
+        "{t}"
+    );
+    let d = b.poll("ship", "orders", 10).unwrap().remove(0);
+    assert_eq!(d.attempt, 2);
+    b.nack("ship", "orders", d.queue, d.offset, None).unwrap();
+    let t = b.trace("order-1").unwrap();
+    let mut k = kinds(&t);
+    // The copy's record and the move's event can carry the same millisecond: either order.
+    k[4..].sort();
+    assert_eq!(
+        k,
+        [
+            "stored",
+            "delivered",
+            "retried",
+            "delivered",
+            "dead_letter_stored",
+            "dead_lettered"
+        ],
+        "{t}"
+    );
+    assert_eq!(
+        t.messages[0].events[3].event,
+        Event::Delivered {
+            group: "ship".into(),
+            attempt: 2
+        }
+    );
+    let line = &t.messages[0].now.line;
+    assert!(
+        line.contains("group ship: parked in dead-letter queue %DLQ%ship"),
+        "{t}"
+    );
+    // Replayed: a new message with the key, and the old story says so.
+    let replayed = b.replay_dead_letters("ship", 10).unwrap();
+    assert_eq!(replayed.len(), 1);
+    let t = b.trace("order-1").unwrap();
+    assert_eq!(t.messages.len(), 2, "{t}");
+    assert_eq!(
+        kind_of(&t.messages[0].events.last().unwrap().event),
+        "replayed",
+        "{t}"
+    );
+    assert!(
+        t.messages[0]
+            .now
+            .line
+            .contains("then replayed as a new message"),
+        "{t}"
+    );
+    assert_eq!(t.messages[1].log_offset, replayed[0].receipt.log_offset);
+    assert_eq!(t.messages[1].replayed_from.as_deref(), Some("ship/0"));
+    assert!(
+        t.messages[1]
+            .now
+            .line
+            .contains("group ship: not delivered yet"),
+        "{t}"
+    );
+    let text = t.to_string();
+    assert!(text.contains("replayed from dead letter ship/0"), "{text}");
+    close(b);
+}
+
+#[test]
+fn delayed_messages_and_idempotency_duplicates_show_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic("t", 2).unwrap();
+    let at = halfmq::broker::now_ms() + 300;
+    let r = b
+        .send_delayed("t", &Message::new("later").with_key("late"), at)
+        .unwrap();
+    let t = b.trace("late").unwrap();
+    assert_eq!(kinds(&t), ["delayed_stored"], "{t}");
+    assert_eq!(t.messages[0].now.state, "delayed");
+    assert_eq!(t.messages[0].now.next_at_ms, Some(at));
+    wait_until("the delayed message fires", || {
+        b.trace("late").unwrap().messages[0].now.state == "stored"
+    });
+    let t = b.trace("late").unwrap();
+    assert_eq!(
+        kinds(&t),
+        ["delayed_stored", "delayed_fired", "stored"],
+        "{t}"
+    );
+    assert_eq!(t.messages[0].log_offset, r.id);
+    assert!(
+        t.to_string()
+            .contains("now: delivered on time, stored at t"),
+        "{t}"
+    );
+
+    let m = Message::new("once")
+        .with_key("pay-9")
+        .with_idempotency_key("idem-9");
+    let first = b.send("t", &m).unwrap();
+    let second = b.send("t", &m).unwrap();
+    assert!(second.duplicate);
+    let t = b.trace("pay-9").unwrap();
+    assert_eq!(kinds(&t), ["stored", "duplicate"], "{t}");
+    assert_eq!(t.messages[0].log_offset, first.log_offset);
+    close(b);
+}
+
+#[test]
+fn a_key_among_many_rolled_over_files_collisions_and_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), 1000, 16 * 1024);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic("t", 4).unwrap();
+    let mut needles = Vec::new();
+    for i in 0..600 {
+        b.send("t", &Message::new("x").with_key(format!("k{i}")))
+            .unwrap();
+        if i % 200 == 7 {
+            needles.push(
+                b.send("t", &Message::new("n").with_key("needle"))
+                    .unwrap()
+                    .log_offset,
+            );
+        }
+        if i == 300 {
+            // Keys that start like the needle must not be mixed in.
+            b.send("t", &Message::new("y").with_key("needle\0tail"))
+                .unwrap();
+            b.send("t", &Message::new("y").with_key("needle2")).unwrap();
+        }
+    }
+    // 600+ keyed records in files of 16 entries.
+    wait_until("indexed", || b.key_index().files() > 30);
+    let t = b.trace("needle").unwrap();
+    assert_eq!(offsets(&t), needles, "{t}");
+    assert!(t.messages.iter().all(|m| m.now.state == "stored"));
+    let unknown = b.trace("no-such-key").unwrap();
+    assert!(unknown.messages.is_empty());
+    assert!(unknown
+        .to_string()
+        .contains("no message with key \"no-such-key\""));
+    assert!(b.trace("").unwrap().messages.is_empty());
+    assert_eq!(b.trace("needle\0tail").unwrap().messages.len(), 1);
+    for i in (0..600).step_by(37) {
+        let t = b.trace(&format!("k{i}")).unwrap();
+        assert_eq!(t.messages.len(), 1, "k{i}: {t}");
+    }
+    let b = restart_sim(&disk, b, &cfg);
+    assert_eq!(offsets(&b.trace("needle").unwrap()), needles);
+    close(b);
+}
+
+#[test]
+fn keyless_messages_are_not_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_fs(&cfg);
+    b.create_topic("t", 1).unwrap();
+    for _ in 0..100 {
+        b.send("t", &Message::new("no key")).unwrap();
+    }
+    let before = b.store().log_stats().durable_offset;
+    wait_until("indexer passed the keyless records", || {
+        b.key_index().indexed_upto() >= before
+    });
+    assert_eq!(b.key_index().entries(), 0);
+    close(b);
+    // The mark survives without entries: nothing to read again on open.
+    let b = open_fs(&cfg);
+    assert!(b.key_index().indexed_upto() >= before);
+    assert_eq!(b.key_index().entries(), 0);
+    b.send("t", &Message::new("k").with_key("one")).unwrap();
+    assert_eq!(b.trace("one").unwrap().messages.len(), 1);
+    assert_eq!(b.key_index().entries(), 1);
+    assert_eq!(b.key_index().files(), 1);
+    close(b);
+}
+
+/// Fill a real directory with keyed messages (tiny index files), close it cleanly, and
+/// return each key's log offset.
+fn fill_fs(cfg: &BrokerConfig, n: usize) -> Vec<(String, u64)> {
+    let b = open_fs(cfg);
+    b.create_topic("t", 2).unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let key = format!("key-{}", i % (n / 2));
+        let r = b.send("t", &Message::new("v").with_key(&key)).unwrap();
+        out.push((key, r.log_offset));
+    }
+    close(b);
+    out
+}
+
+fn check_all(b: &Broker, sent: &[(String, u64)], what: &str) {
+    let mut keys: Vec<&String> = sent.iter().map(|(k, _)| k).collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        let want: Vec<u64> = sent
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, o)| *o)
+            .collect();
+        let t = b.trace(key).unwrap();
+        assert_eq!(offsets(&t), want, "{what}: {key}: {t}");
+    }
+}
+
+fn index_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Something done to a data directory's index files.
+type Damage = Box<dyn Fn(&Path)>;
+
+fn flip(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn the_index_is_rebuilt_after_its_files_are_deleted_or_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let sent = fill_fs(&cfg, 100);
+    let files = index_files(dir.path());
+    assert!(files.len() >= 6, "{files:?}");
+    // Geometry of the tiny files: 64-byte header, 4 slots, 16 entries of 40 bytes.
+    let (slots_at, entries_at) = (64u64, 64u64 + 4 * 4);
+    let damage: Vec<(&str, Damage)> = vec![
+        ("nothing", Box::new(|_: &Path| {})),
+        (
+            "all files deleted",
+            Box::new(|d: &Path| {
+                for f in index_files(d) {
+                    std::fs::remove_file(f).unwrap();
+                }
+            }),
+        ),
+        (
+            "header byte flipped",
+            Box::new(|d: &Path| flip(&index_files(d)[2], 30)),
+        ),
+        (
+            "slot byte flipped",
+            Box::new(move |d: &Path| flip(&index_files(d)[1], slots_at + 5)),
+        ),
+        (
+            "entry byte flipped (found at lookup)",
+            Box::new(move |d: &Path| flip(&index_files(d)[3], entries_at + 40 * 2 + 9)),
+        ),
+        (
+            "file truncated",
+            Box::new(|d: &Path| {
+                let f = &index_files(d)[4];
+                let len = std::fs::metadata(f).unwrap().len();
+                let file = std::fs::OpenOptions::new().write(true).open(f).unwrap();
+                file.set_len(len - 100).unwrap();
+            }),
+        ),
+        (
+            "newest file emptied",
+            Box::new(|d: &Path| {
+                let f = index_files(d).pop().unwrap();
+                std::fs::write(f, b"").unwrap();
+            }),
+        ),
+        (
+            "garbage file",
+            Box::new(|d: &Path| {
+                std::fs::write(
+                    d.join("index").join("00000000000000000001.idx"),
+                    vec![7u8; 700],
+                )
+                .unwrap();
+            }),
+        ),
+    ];
+    for (what, hurt) in damage {
+        hurt(dir.path());
+        let b = open_fs(&cfg);
+        check_all(&b, &sent, what);
+        close(b);
+    }
+}
+
+/// After a power loss at any point, every acknowledged keyed send is traced, exactly once,
+/// at its log offset; nothing that is not in the log is shown; and a second crash during
+/// the next run changes none of that. The log is on the simulated disk; the key index (like
+/// sled) on real files, so it comes back with entries for records the crash took, and for
+/// offsets that the next run fills with other records: the read-back check must hide them.
+#[test]
+fn crashes_keep_the_key_index_complete() {
+    for seed in 0..4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = SimStorage::new();
+        let cfg = config(dir.path(), 1000, 8 * 1024);
+        let mut acked: Vec<(String, u64)> = Vec::new();
+        let mut rng = fastrand::Rng::with_seed(seed);
+        for round in 0..3 {
+            let b = open_sim(&disk, &cfg);
+            b.create_topic("c", 3).unwrap();
+            for (key, off) in &acked {
+                let t = b.trace(key).unwrap();
+                assert_eq!(
+                    offsets(&t),
+                    vec![*off],
+                    "seed {seed} round {round} key {key}: {t}"
+                );
+            }
+            let n = rng.usize(50..300);
+            for i in 0..n {
+                let key = format!("s{seed}-r{round}-{i}");
+                let r = b.send(
+                    "c",
+                    &Message::new(vec![b'z'; rng.usize(1..300)]).with_key(&key),
+                );
+                acked.push((key, r.unwrap().log_offset));
+                if i % 97 == 0 {
+                    // Let the indexer persist now and then.
+                    std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
+                }
+            }
+            // Some unacknowledged writes in flight at the crash.
+            let b2 = b.clone();
+            let inflight = std::thread::spawn(move || {
+                for i in 0..50 {
+                    if b2
+                        .send(
+                            "c",
+                            &Message::new("late").with_key(format!("late-{round}-{i}")),
+                        )
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_micros(rng.u64(0..2000)));
+            let mode = if rng.bool() {
+                CrashMode::DropUnsynced
+            } else {
+                CrashMode::KeepRandomPrefix { seed }
+            };
+            let after = disk.crash(mode);
+            inflight.join().unwrap();
+            let r = b.send_half("c", &Message::new("probe"), "probe", HalfOptions::default());
+            assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
+            let _ = b.close();
+            drop(b);
+            disk = after;
+        }
+        let b = open_sim(&disk, &cfg);
+        for (key, off) in &acked {
+            let t = b.trace(key).unwrap();
+            assert_eq!(offsets(&t), vec![*off], "seed {seed} final, key {key}: {t}");
+        }
+        // Late sends that survived are traced at most once, and only if really stored.
+        for round in 0..3 {
+            for i in 0..50 {
+                let t = b.trace(&format!("late-{round}-{i}")).unwrap();
+                assert!(t.messages.len() <= 1, "{t}");
+            }
+        }
+        close(b);
+    }
+}
+
+#[test]
+fn a_crash_after_commit_keeps_the_story() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic("p", 2).unwrap();
+    let txn = b
+        .send_half(
+            "p",
+            &Message::new("a").with_key("k"),
+            "pay",
+            HalfOptions::default(),
+        )
+        .unwrap();
+    b.commit(txn).unwrap();
+    let disk = crash_sim(&disk, b, CrashMode::DropUnsynced, "p");
+    let b = open_sim(&disk, &cfg);
+    let t = b.trace("k").unwrap();
+    assert_eq!(kinds(&t), ["half", "committed", "stored"], "{t}");
+    assert_eq!(t.messages[0].txn, Some(txn.0));
+    close(b);
+}
+
+#[test]
+fn index_files_below_the_log_start_can_be_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_fs(&cfg);
+    b.create_topic("t", 1).unwrap();
+    let mut last = 0;
+    for i in 0..100 {
+        last = b
+            .send("t", &Message::new("v").with_key(format!("r{i}")))
+            .unwrap()
+            .log_offset;
+    }
+    assert_eq!(b.trace("r99").unwrap().messages.len(), 1);
+    let files = b.key_index().files();
+    // As retention would after deleting every segment before `last`.
+    let dropped = b.key_index().drop_below(last).unwrap();
+    assert_eq!(dropped, files - 1);
+    assert!(b.trace("r0").unwrap().messages.is_empty());
+    assert_eq!(b.trace("r99").unwrap().messages.len(), 1);
+    close(b);
+}
+
+fn fill_dir(dir: &Path) {
+    let b = open_fs(&BrokerConfig::new(dir));
+    b.create_topic("orders", 2).unwrap();
+    let txn = b
+        .send_half(
+            "orders",
+            &Message::new("paid").with_key("order-7"),
+            "pay",
+            HalfOptions::default(),
+        )
+        .unwrap();
+    b.commit(txn).unwrap();
+    b.send("orders", &Message::new("other").with_key("order-8"))
+        .unwrap();
+    let d = b.poll("billing", "orders", 10).unwrap();
+    for d in d.iter().filter(|d| d.key == "order-7") {
+        b.ack("billing", "orders", d.queue, d.offset).unwrap();
+    }
+    close(b);
+}
+
+fn run_bin(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("HALFMQ_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "halfmq {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn cli_trace_on_a_data_dir_and_against_a_broker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    fill_dir(&dir);
+    let d = dir.to_str().unwrap();
+    let text = run_bin(&["trace", "order-7", "--data-dir", d]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("key \"order-7\": 1 message"), "{text}");
+    for what in ["half ", "committed ", "stored ", "delivered ", "acked "] {
+        assert!(
+            lines.iter().any(|l| l.contains(what)),
+            "no {what:?} line:\n{text}"
+        );
+    }
+    let last = lines.last().unwrap();
+    assert!(
+        last.starts_with("  now: committed, stored at orders queue")
+            && last.ends_with("group billing: acked"),
+        "{text}"
+    );
+    let json = run_bin(&["trace", "order-7", "--data-dir", d, "--json"]);
+    let t: Trace = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(
+        kinds(&t),
+        ["half", "committed", "stored", "delivered", "acked"]
+    );
+    // An unknown key is an answer, not a failure.
+    let none = run_bin(&["trace", "order-9", "--data-dir", d]);
+    assert!(none.contains("no message with key \"order-9\""), "{none}");
+
+    // The same through a running broker (--addr).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut broker = Command::new(BIN)
+        .args(["broker", "--data-dir", d, "--listen", &addr])
+        .env("HALFMQ_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let json = loop {
+        let out = Command::new(BIN)
+            .args(["trace", "order-7", "--addr", &addr, "--json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "broker did not answer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let none = Command::new(BIN)
+        .args(["trace", "order-9", "--addr", &addr])
+        .output()
+        .unwrap();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let over_net: Trace = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(over_net.messages[0].events, t.messages[0].events);
+    assert!(none.status.success());
+    assert!(String::from_utf8_lossy(&none.stdout).contains("no message with key \"order-9\""));
+}
+
+#[test]
+fn retention_drops_index_files_and_reports_expired_records() {
+    let dir = tempfile::tempdir().unwrap();
+    // Frequent checkpoints: recovery's start does not pin the log.
+    let mut cfg = config(dir.path(), 1000, 16 * 1024);
+    cfg.retention.bytes_max = Some(2 * cfg.store.segment_bytes);
+    cfg.retention.interval = Duration::from_secs(24 * 3600);
+    let b = open_fs(&cfg);
+    b.create_topic("t", 1).unwrap();
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        let r = b
+            .send(
+                "t",
+                &Message::new(vec![b'b'; 1000]).with_key(format!("m{i}")),
+            )
+            .unwrap();
+        sent.push(r.log_offset);
+    }
+    // Everything acked, so nothing pins the log.
+    let got = b.poll("g", "t", 1000).unwrap();
+    assert_eq!(got.len(), 300);
+    let acks: Vec<(u32, u64)> = got.iter().map(|d| (d.queue, d.offset)).collect();
+    b.ack_many("g", "t", &acks).unwrap();
+    assert_eq!(b.trace("m0").unwrap().messages.len(), 1);
+    let files_before = b.key_index().files();
+    let report = b.enforce_retention().unwrap();
+    assert!(report.segments_deleted > 0, "{report:?}");
+    let start = b.store().log_start();
+    assert!(b.key_index().files() < files_before);
+    let mut expired = 0;
+    for (i, off) in sent.iter().enumerate() {
+        let t = b.trace(&format!("m{i}")).unwrap();
+        if *off < start {
+            assert!(t.messages.is_empty(), "m{i} below the log start: {t}");
+            expired += t.expired;
+            if t.expired > 0 {
+                assert!(t.to_string().contains("deleted by retention"), "{t}");
+            }
+        } else {
+            assert_eq!(offsets(&t), vec![*off], "m{i}: {t}");
+        }
+    }
+    // The index file that straddles the new start still has entries below it.
+    assert!(expired > 0);
+    close(b);
+}
