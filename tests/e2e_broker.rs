@@ -1416,6 +1416,30 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
     ])
     .fails();
     assert!(bad.stderr.contains("max_retries"), "{}", bad.stderr);
+    // Deleting the group forgets it (its dead-letter queue stays); a second delete and a
+    // group that never existed are clear errors.
+    let del = run(&["groups", "delete", "--addr", a, "orders"]).ok();
+    assert!(
+        del.stdout.contains("group orders deleted") && del.stdout.contains("%DLQ%orders"),
+        "{}",
+        del.stdout
+    );
+    let shown = run(&["groups", "show", "--addr", a, "orders", "--json"])
+        .ok()
+        .json_lines();
+    assert_eq!(
+        n(&shown[0], "visibility_timeout_ms"),
+        30_000,
+        "settings gone"
+    );
+    for g in ["orders", "nobody"] {
+        let e = run(&["groups", "delete", "--addr", a, g]).fails();
+        assert!(
+            e.stderr.contains(&format!("unknown consumer group `{g}`")),
+            "{}",
+            e.stderr
+        );
+    }
     drop(broker);
 }
 

@@ -403,6 +403,18 @@ enum GroupsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Forget a group that is no longer used: its offsets, acks, retries and settings, so
+    /// that it stops holding old messages from retention. Refused while one of its
+    /// consumers holds a message. Its dead letters are kept.
+    Delete {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Consumer group.
+        group: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1148,6 +1160,24 @@ async fn dlq(command: DlqCommand) -> halfmq::Result<()> {
 
 async fn groups(command: GroupsCommand) -> halfmq::Result<()> {
     let (conn, group, set, json) = match command {
+        GroupsCommand::Delete { conn, group, json } => {
+            let d = conn.connect().await?.delete_group(&group).await?;
+            if json {
+                json_line(&serde_json::json!(d));
+            } else {
+                let dlq = match &d.dead_letter_queue {
+                    Some(t) => {
+                        format!("; its dead letters are kept in {t} (halfmq dlq list {group})")
+                    }
+                    None => String::new(),
+                };
+                println_flush(&format!(
+                    "group {group} deleted: offsets of {} queue(s) forgotten{dlq}",
+                    d.queues
+                ));
+            }
+            return Ok(());
+        }
         GroupsCommand::Set {
             conn,
             group,

@@ -439,6 +439,19 @@ impl Client {
         }
     }
 
+    /// Forget a consumer group ([`crate::Broker::delete_group`]).
+    pub async fn delete_group(&self, group: &str) -> Result<crate::broker::GroupDeleted> {
+        match self
+            .call(Request::DeleteGroup {
+                group: group.into(),
+            })
+            .await?
+        {
+            Response::GroupDeleted(d) => Ok(d),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// A group's delivery settings.
     pub async fn group(&self, group: &str) -> Result<WireGroup> {
         match self

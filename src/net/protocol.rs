@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{DeadLetter, DelayedReceipt, NackOutcome, Replayed};
+use crate::broker::{DeadLetter, DelayedReceipt, GroupDeleted, NackOutcome, Replayed};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::meta::GroupSettings;
@@ -210,6 +210,12 @@ pub enum Request {
         /// The key (exact).
         key: String,
     },
+    /// Forget a consumer group ([`crate::Broker::delete_group`]). Answered with
+    /// [`Response::GroupDeleted`].
+    DeleteGroup {
+        /// Consumer group.
+        group: String,
+    },
 }
 
 /// A group's delivery settings on the wire.
@@ -299,6 +305,8 @@ pub enum Response {
     Retention(String),
     /// A trace as JSON text (the document `halfmq trace KEY --json` prints).
     Trace(String),
+    /// What deleting a group removed.
+    GroupDeleted(GroupDeleted),
 }
 
 /// Broker → client, unasked.

@@ -578,6 +578,10 @@ async fn handle(conn: &Arc<Conn>, req: Request, mut shutdown: watch::Receiver<bo
             .await,
             Response::Group,
         ),
+        Request::DeleteGroup { group } => result_response(
+            blocking(move || b.delete_group(&group)).await,
+            Response::GroupDeleted,
+        ),
         Request::GetGroup { group } => result_response(
             blocking(move || b.group_settings(&group).map(|(d, s)| WireGroup::new(&d, s))).await,
             Response::Group,
