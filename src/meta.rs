@@ -496,11 +496,6 @@ impl Meta {
         Ok(self.db.open_tree(name)?)
     }
 
-    /// A number larger than every one returned before, also across restarts.
-    pub(crate) fn generate_id(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
-    }
-
     /// Flush everything to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;

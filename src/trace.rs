@@ -200,8 +200,9 @@ pub struct Recorded {
 
 /// The event journal: see the module docs.
 pub struct Journal {
-    meta: Arc<Meta>,
     events: sled::Tree,
+    /// Orders the events of one record: see [`Journal::open`].
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Journal {
@@ -212,13 +213,24 @@ impl std::fmt::Debug for Journal {
 
 impl Journal {
     /// Open the journal's tree in `meta`.
+    ///
+    /// Events of one record are ordered by a sequence number in their key. It starts at the
+    /// opening time in µs, so events recorded after a restart sort after earlier ones (unless
+    /// the clock went back), and counts up in memory. (sled's `generate_id` did this durably,
+    /// but a call could stall for milliseconds behind sled's own work.)
     pub fn open(meta: Arc<Meta>) -> Result<Journal> {
         let events = meta.tree("trace_events")?;
-        Ok(Journal { meta, events })
+        let start_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        Ok(Journal {
+            events,
+            seq: std::sync::atomic::AtomicU64::new(start_us),
+        })
     }
 
     fn encode(&self, log_offset: u64, at_ms: u64, event: Event) -> Result<(Vec<u8>, Vec<u8>)> {
-        let seq = self.meta.generate_id()?;
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut k = Vec::with_capacity(16);
         k.extend_from_slice(&log_offset.to_be_bytes());
         k.extend_from_slice(&seq.to_be_bytes());
@@ -237,18 +249,18 @@ impl Journal {
         Ok(())
     }
 
-    /// Record several events, now, in one sled batch (not flushed).
+    /// Record several events, now (not flushed).
     pub fn record_many(&self, events: Vec<(u64, Event)>) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
         let at = crate::broker::now_ms();
-        let mut batch = sled::Batch::default();
+        // Plain inserts, not one atomic `apply_batch`: events need no atomicity, and a sled
+        // batch takes sled's global write lock, which waits for sled's own flushes.
         for (log_offset, event) in events {
             let (k, v) = self.encode(log_offset, at, event)?;
-            batch.insert(k, v);
+            self.events.insert(k, v)?;
         }
-        self.events.apply_batch(batch)?;
         Ok(())
     }
 

@@ -142,6 +142,11 @@ impl Broker {
         &self.journal
     }
 
+    /// The event journal, shared (for threads that record events themselves).
+    pub(crate) fn journal_handle(&self) -> Arc<crate::trace::Journal> {
+        self.journal.clone()
+    }
+
     /// Record trace events; a failure only loses history, so it is logged, not returned.
     pub(crate) fn trace_events(&self, events: Vec<(u64, Event)>) {
         self.journal.record_or_log(events);

@@ -139,14 +139,16 @@ impl Broker {
                 }
             };
             in_flight.insert(txn, now + cfg.check_answer_timeout);
-            if !info.key.is_empty() {
+            // Recorded by the check's own thread, as it asks: a sled write here would cost
+            // the whole round its latency (sled inserts can wait behind sled's flushes).
+            let asked = (!info.key.is_empty()).then(|| {
                 let event = crate::trace::Event::CheckAsked {
                     producer_group: info.producer_group.clone(),
                     check: info.checks + 1,
                 };
-                self.trace_events(vec![(txn, event)]);
-            }
-            self.check_pool().run(checker, half, tx.clone());
+                (self.journal_handle(), event)
+            });
+            self.check_pool().run(checker, half, asked, tx.clone());
         }
         if failed.is_empty() {
             return;
@@ -206,10 +208,14 @@ impl Broker {
     }
 }
 
-/// One check to run: ask `checker` about `half`, send the answer to `reply`.
+/// The trace event of a check, recorded by the thread that asks.
+type Asked = (Arc<crate::trace::Journal>, crate::trace::Event);
+
+/// One check to run: record `asked`, ask `checker` about `half`, send the answer to `reply`.
 struct Job {
     checker: Arc<dyn TransactionChecker>,
     half: HalfMessage,
+    asked: Option<Asked>,
     reply: Sender<Msg>,
 }
 
@@ -236,7 +242,13 @@ impl CheckPool {
         }
     }
 
-    fn run(&self, checker: Arc<dyn TransactionChecker>, half: HalfMessage, reply: Sender<Msg>) {
+    fn run(
+        &self,
+        checker: Arc<dyn TransactionChecker>,
+        half: HalfMessage,
+        asked: Option<Asked>,
+        reply: Sender<Msg>,
+    ) {
         let txn = half.txn_id.0;
         if self.idle.load(Ordering::Acquire) == 0 && self.workers.load(Ordering::Acquire) < self.max
         {
@@ -247,6 +259,7 @@ impl CheckPool {
                 .send(Job {
                     checker,
                     half,
+                    asked,
                     reply: reply.clone(),
                 })
                 .is_ok(),
@@ -273,12 +286,16 @@ impl CheckPool {
                     let Ok(Job {
                         checker,
                         half,
+                        asked,
                         reply,
                     }) = job
                     else {
                         break;
                     };
                     let txn = half.txn_id.0;
+                    if let Some((journal, event)) = asked {
+                        journal.record_or_log(vec![(txn, event)]);
+                    }
                     let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         checker.check(&half)
                     }))
