@@ -14,6 +14,7 @@ pub mod io;
 pub mod log_start;
 mod recovery;
 pub mod segment;
+mod seqfile;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
