@@ -540,6 +540,7 @@ impl Broker {
             config.store.key_index_entries,
         )?;
         let journal = Arc::new(crate::trace::Journal::open(meta.clone())?);
+        journal.start_writer()?;
         let (store, recovery) = Store::open_locked(
             storage,
             dir,
@@ -1127,6 +1128,8 @@ impl Broker {
         // has nothing to re-index.
         self.index_catch_up()?;
         self.key_index.persist()?;
+        // Check-back events handed to the journal's writer are written before the flush.
+        self.journal.write_later()?;
         self.meta.flush()
     }
 

@@ -203,7 +203,14 @@ pub struct Journal {
     events: sled::Tree,
     /// Orders the events of one record: see [`Journal::open`].
     seq: std::sync::atomic::AtomicU64,
+    /// Encoded events handed over by [`Journal::record_later`], not yet in sled.
+    later: parking_lot::Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// The thread that writes `later` (see [`Journal::start_writer`]).
+    writer: parking_lot::Mutex<Option<crate::worker::Worker<bool>>>,
 }
+
+/// How often the writer thread moves handed-over events to sled.
+const WRITE_LATER_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,7 +233,59 @@ impl Journal {
         Ok(Journal {
             events,
             seq: std::sync::atomic::AtomicU64::new(start_us),
+            later: parking_lot::Mutex::new(Vec::new()),
+            writer: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Start the thread that writes events handed over by [`Journal::record_later`] (every
+    /// 100 ms). It stops when the journal is dropped.
+    pub(crate) fn start_writer(self: &Arc<Self>) -> Result<()> {
+        let me = Arc::downgrade(self);
+        let w = crate::worker::Worker::spawn(
+            "halfmq-journal",
+            || false,
+            move |rx, _| loop {
+                match rx.recv_timeout(WRITE_LATER_EVERY) {
+                    Ok(true) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(false) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                let Some(j) = me.upgrade() else { return };
+                if let Err(e) = j.write_later() {
+                    tracing::warn!(error = %e, "cannot record trace events");
+                }
+            },
+        )?;
+        *self.writer.lock() = Some(w);
+        Ok(())
+    }
+
+    /// Hand events over to the writer thread: for callers whose latency matters more than
+    /// the event being in sled at once (the check-back loop). Readers see them at once
+    /// ([`Journal::events`] writes them first); a crash can lose them, like any event not
+    /// flushed yet.
+    pub(crate) fn record_later(&self, events: Vec<(u64, Event)>) {
+        if events.is_empty() {
+            return;
+        }
+        let at = crate::broker::now_ms();
+        let mut encoded = Vec::with_capacity(events.len());
+        for (log_offset, event) in events {
+            match self.encode(log_offset, at, event) {
+                Ok(kv) => encoded.push(kv),
+                Err(e) => tracing::warn!(error = %e, "cannot record a trace event"),
+            }
+        }
+        self.later.lock().extend(encoded);
+    }
+
+    /// Move the handed-over events to sled (in the order they were handed over).
+    pub(crate) fn write_later(&self) -> Result<()> {
+        let batch = std::mem::take(&mut *self.later.lock());
+        for (k, v) in batch {
+            self.events.insert(k, v)?;
+        }
+        Ok(())
     }
 
     fn encode(&self, log_offset: u64, at_ms: u64, event: Event) -> Result<(Vec<u8>, Vec<u8>)> {
@@ -274,6 +333,7 @@ impl Journal {
 
     /// Every event of the record at `log_offset`, in the order they were recorded.
     pub fn events(&self, log_offset: u64) -> Result<Vec<Recorded>> {
+        self.write_later()?;
         let mut out = Vec::new();
         for kv in self.events.scan_prefix(log_offset.to_be_bytes()) {
             let (k, v) = kv?;

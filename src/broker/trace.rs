@@ -147,6 +147,12 @@ impl Broker {
         self.journal.clone()
     }
 
+    /// Record trace events from the check-back loop: handed to the journal's writer thread,
+    /// so that sled never adds to a check-back round's latency.
+    pub(crate) fn trace_events_later(&self, events: Vec<(u64, Event)>) {
+        self.journal.record_later(events);
+    }
+
     /// Record trace events; a failure only loses history, so it is logged, not returned.
     pub(crate) fn trace_events(&self, events: Vec<(u64, Event)>) {
         self.journal.record_or_log(events);

@@ -172,7 +172,7 @@ impl Broker {
                 ));
             }
         }
-        self.trace_events(events);
+        self.trace_events_later(events);
         if let Err(e) = self.txn_index().persist_checks(self.meta(), &updates) {
             tracing::error!(error = %e, "cannot persist check-back bookkeeping; counts may repeat after a restart");
         }
@@ -188,7 +188,7 @@ impl Broker {
                 check: info.checks + 1,
                 answer: answer.into(),
             };
-            self.trace_events(vec![(txn, event)]);
+            self.trace_events_later(vec![(txn, event)]);
         }
         self.txn_index().check_answered(txn);
         let r = match outcome {
@@ -294,7 +294,7 @@ impl CheckPool {
                     };
                     let txn = half.txn_id.0;
                     if let Some((journal, event)) = asked {
-                        journal.record_or_log(vec![(txn, event)]);
+                        journal.record_later(vec![(txn, event)]);
                     }
                     let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         checker.check(&half)
