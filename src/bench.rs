@@ -334,14 +334,7 @@ fn compare_rounds(
     variant: Workload,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(BenchReport, f64, f64)> {
-    let rounds = opts.rounds.max(1);
-    let mut done: Vec<(f64, f64, BenchReport)> = Vec::new();
-    for round in 1..=rounds {
-        let tag = if rounds > 1 {
-            format!(" (round {round} of {rounds})")
-        } else {
-            String::new()
-        };
+    let (ratio, plain, r) = alternate_rounds(opts, progress, |round, tag, progress| {
         progress(&format!("plain durable sends{tag} ..."));
         let plain_dir = format!("plain-{round}");
         let plain = run_producers(opts, Workload::Plain, &plain_dir, progress)?;
@@ -353,25 +346,40 @@ fn compare_rounds(
             let _ = std::fs::remove_dir_all(opts.data_dir.join(&plain_dir));
             let _ = std::fs::remove_dir_all(opts.data_dir.join(&variant_dir));
         }
-        let ratio = round3(r.msgs_per_s / plain.msgs_per_s.max(f64::MIN_POSITIVE));
-        progress(&format!("round {round}: ratio {ratio:.3}"));
-        done.push((ratio, plain.msgs_per_s, r));
-    }
-    let (ratio, plain, r) = median_round(done);
+        Ok((plain.msgs_per_s, r))
+    })?;
     Ok((r, plain, ratio))
 }
 
-/// The round with the median ratio (the lower one for an even count) of `(ratio, baseline
-/// msgs/s, report)` rounds, its report listing every round's ratio in the order run.
-fn median_round(mut done: Vec<(f64, f64, BenchReport)>) -> (f64, f64, BenchReport) {
+/// Run `one_round` (which measures a baseline, then the thing measured, and returns the
+/// baseline's msgs/s and the measured report) `opts.rounds` times. Returns the median
+/// round's ratio (the lower one for an even count), its baseline msgs/s and its report,
+/// which lists every round's ratio in the order run. `one_round` gets the round number and
+/// a tag for progress lines.
+fn alternate_rounds(
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(&str),
+    mut one_round: impl FnMut(u32, &str, &mut dyn FnMut(&str)) -> Result<(f64, BenchReport)>,
+) -> Result<(f64, f64, BenchReport)> {
+    let rounds = opts.rounds.max(1);
+    let mut done: Vec<(f64, f64, BenchReport)> = Vec::new();
+    for round in 1..=rounds {
+        let tag = if rounds > 1 {
+            format!(" (round {round} of {rounds})")
+        } else {
+            String::new()
+        };
+        let (base, r) = one_round(round, &tag, progress)?;
+        let ratio = round3(r.msgs_per_s / base.max(f64::MIN_POSITIVE));
+        progress(&format!("round {round}: ratio {ratio:.3}"));
+        done.push((ratio, base, r));
+    }
     let ratios: Vec<f64> = done.iter().map(|(ratio, _, _)| *ratio).collect();
     done.sort_by(|a, b| a.0.total_cmp(&b.0));
-    if done.is_empty() {
-        return (0.0, 0.0, BenchReport::default());
-    }
+    // `rounds >= 1`, so `done` has at least one round.
     let (ratio, base, mut r) = done.swap_remove((done.len() - 1) / 2);
     r.round_ratios = ratios;
-    (ratio, base, r)
+    Ok((ratio, base, r))
 }
 
 fn round2(x: f64) -> f64 {
@@ -580,25 +588,19 @@ pub fn run_network(
         return run_network_once(opts, addr, token, connections, progress);
     }
     // Alternate network and embedded runs `opts.rounds` times; report the median round.
-    let rounds = opts.rounds.max(1);
-    let mut done: Vec<(f64, f64, BenchReport)> = Vec::new();
-    for round in 1..=rounds {
-        progress(&format!("over the network (round {round} of {rounds}) ..."));
+    let (ratio, emb, mut report) = alternate_rounds(opts, progress, |round, tag, progress| {
+        progress(&format!("over the network{tag} ..."));
         let net = run_network_once(opts, addr, token.clone(), connections, progress)?;
         progress(&format!(
-            "the same load on an embedded broker, for ratio_to_embedded (round {round} of {rounds}) ..."
+            "the same load on an embedded broker, for ratio_to_embedded{tag} ..."
         ));
         let dir = format!("embedded-compare-{round}");
         let emb = run_producers(opts, Workload::Plain, &dir, progress);
         if opts.cleanup {
             let _ = std::fs::remove_dir_all(opts.data_dir.join(&dir));
         }
-        let emb = emb?;
-        let ratio = round3(net.msgs_per_s / emb.msgs_per_s.max(f64::MIN_POSITIVE));
-        progress(&format!("round {round}: ratio {ratio:.3}"));
-        done.push((ratio, emb.msgs_per_s, net));
-    }
-    let (ratio, emb, mut report) = median_round(done);
+        Ok((emb?.msgs_per_s, net))
+    })?;
     report.embedded_msgs_per_s = Some(emb);
     report.ratio_to_embedded = Some(ratio);
     Ok(report)
