@@ -480,11 +480,24 @@ impl KeyIndex {
     /// Index the log from [`KeyIndex::indexed_upto`] up to `to` (a record boundary at or
     /// below the log's durable end), reading it with `scan(from, to, f)`
     /// ([`crate::store::Store::scan_records`]). Holds the index lock meanwhile, so lookups
-    /// wait for it. `log_start` is the first offset the log still has.
-    pub fn catch_up(&self, log_start: u64, to: u64, scan: &LogScan<'_>) -> Result<()> {
+    /// wait for it. `log_start` is the first offset the log still has; no record with a key
+    /// ends after `keyed_end` ([`crate::store::Store::keyed_end`]), so the log from there to
+    /// `to` is passed over unread (a keyless workload costs the indexer nothing).
+    pub fn catch_up(
+        &self,
+        log_start: u64,
+        to: u64,
+        keyed_end: u64,
+        scan: &LogScan<'_>,
+    ) -> Result<()> {
         let mut inner = self.inner.lock();
         let from = inner.indexed_upto.max(log_start);
         if from >= to {
+            return Ok(());
+        }
+        let scan_to = to.min(keyed_end);
+        if scan_to <= from {
+            inner.indexed_upto = to;
             return Ok(());
         }
         let inner = &mut *inner;
@@ -494,7 +507,10 @@ impl KeyIndex {
             }
             self.add(inner, key_hash(view.key.as_bytes()), &view.header, size)
         };
-        let reached = scan(from, to, &mut add)?;
+        let reached = scan(from, scan_to, &mut add)?;
+        // `keyed_end` is a record boundary (the end of a keyed record), so a scan that got
+        // there has seen every keyed record below `to`.
+        let reached = if reached >= scan_to { to } else { reached };
         inner.indexed_upto = inner.indexed_upto.max(reached);
         Ok(())
     }
@@ -869,6 +885,43 @@ mod tests {
         assert!(Entry::decode(&bad, 2, &h).is_err());
         assert_eq!(parse_file_name(&file_name(4096)), Some(4096));
         assert_eq!(parse_file_name("4096.idx"), None);
+    }
+
+    #[test]
+    fn catch_up_reads_the_log_only_up_to_the_last_keyed_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let st: Arc<dyn Storage> = Arc::new(FsStorage);
+        let (ix, _) = KeyIndex::open(st, dir.path(), 64, 64).unwrap();
+        let asked = Mutex::new(Vec::new());
+        // A log whose scan reports reaching the end it was asked for, reading nothing.
+        let scan = |from: u64,
+                    to: u64,
+                    _f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>|
+         -> Result<u64> {
+            asked.lock().push((from, to));
+            Ok(to)
+        };
+        // The last keyed record ends at 100: read to there, the rest up to 500 passed over.
+        ix.catch_up(0, 500, 100, &scan).unwrap();
+        assert_eq!(ix.indexed_upto(), 500);
+        // No keyed record since: nothing is read at all.
+        ix.catch_up(0, 500, 100, &scan).unwrap();
+        ix.catch_up(0, 600, 100, &scan).unwrap();
+        assert_eq!(ix.indexed_upto(), 600);
+        // A keyed record ends at 700: read to there, mark the rest as indexed.
+        ix.catch_up(0, 900, 700, &scan).unwrap();
+        assert_eq!(ix.indexed_upto(), 900);
+        // The keyed record ends past the durable end: read to the durable end only.
+        ix.catch_up(0, 1000, 1200, &scan).unwrap();
+        assert_eq!(ix.indexed_upto(), 1000);
+        assert_eq!(*asked.lock(), vec![(0, 100), (600, 700), (900, 1000)]);
+        // A scan that stops short (a record not yet readable) marks only what it read.
+        let short = |from: u64,
+                     _to: u64,
+                     _f: &mut dyn FnMut(&RecordView<'_>, u32) -> Result<()>|
+         -> Result<u64> { Ok(from + 10) };
+        ix.catch_up(0, 2000, 1500, &short).unwrap();
+        assert_eq!(ix.indexed_upto(), 1010);
     }
 
     #[test]

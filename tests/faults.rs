@@ -94,6 +94,66 @@ fn concurrent_senders_all_get_the_fsync_error() {
     }
 }
 
+/// The async path: writers wait on the signal of their own group-commit round. When an
+/// fsync fails, every one of many pipelined async sends (in the failed round and in the
+/// batch gathered behind it) must get the error, never hang; what was acknowledged before
+/// survives a crash.
+#[test]
+fn pipelined_async_senders_all_get_the_fsync_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
+    b.create_topic("t", 4).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let send_all = |range: std::ops::Range<usize>| {
+        rt.block_on(async {
+            let tasks: Vec<_> = range
+                .map(|i| {
+                    let b = b.clone();
+                    tokio::spawn(
+                        async move { b.send_async("t", &Message::new(format!("m{i}"))).await },
+                    )
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                let r = tokio::time::timeout(std::time::Duration::from_secs(30), t)
+                    .await
+                    .expect("an async send hung");
+                out.push(r.unwrap());
+            }
+            out
+        })
+    };
+    let before = send_all(0..300);
+    assert!(before.iter().all(|r| r.is_ok()));
+    // A slow failing fsync: the writers of the failing round and of the batch gathered
+    // behind it are all parked when it fails.
+    disk.set_faults(Faults {
+        fail_syncs: 1,
+        sync_delay_ms: 50,
+        ..Faults::default()
+    });
+    let after = send_all(300..700);
+    assert!(
+        after.iter().all(|r| matches!(r, Err(Error::Poisoned(_)))),
+        "{:?}",
+        after.iter().find(|r| !matches!(r, Err(Error::Poisoned(_))))
+    );
+    let disk2 = disk.crash(CrashMode::DropUnsynced);
+    drop(b);
+    let b = Broker::open_with(Arc::new(disk2), config(tmp.path())).unwrap();
+    let have = all_bodies(&b, "t");
+    for i in 0..300 {
+        let body = format!("m{i}").into_bytes();
+        assert!(have.contains(&body), "acknowledged m{i} lost");
+    }
+}
+
 #[test]
 fn full_disk_refuses_the_write_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();

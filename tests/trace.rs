@@ -538,6 +538,63 @@ fn keyless_messages_are_not_indexed() {
     close(b);
 }
 
+/// The indexer reads the log only up to the newest keyed record and passes over keyless
+/// stretches unread: with senders mixing keyed and keyless messages concurrently (and the
+/// indexer catching up in between), no keyed message may fall into a stretch passed over.
+#[test]
+fn keyed_messages_among_concurrent_keyless_ones_are_all_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    cfg.store.key_index_slots = 1024;
+    cfg.store.key_index_entries = 4096;
+    let b = open_fs(&cfg);
+    b.create_topic("t", 4).unwrap();
+    let senders: Vec<_> = (0..4u64)
+        .map(|t| {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                let mut rng = t * 7 + 1;
+                let mut keyed = Vec::new();
+                for i in 0..400u64 {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    if (rng >> 33) % 5 == 0 {
+                        let key = format!("t{t}-{i}");
+                        let r = b.send("t", &Message::new("v").with_key(&key)).unwrap();
+                        keyed.push((key, r.log_offset));
+                    } else {
+                        b.send("t", &Message::new("no key")).unwrap();
+                    }
+                    if i % 50 == 0 {
+                        // A trace catches the index up at once, between sends.
+                        b.trace("t0-0").unwrap();
+                    }
+                }
+                keyed
+            })
+        })
+        .collect();
+    let keyed: Vec<(String, u64)> = senders
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(keyed.len() > 100, "{} keyed", keyed.len());
+    for (key, off) in &keyed {
+        assert_eq!(offsets(&b.trace(key).unwrap()), vec![*off], "{key}");
+    }
+    assert_eq!(b.key_index().entries(), keyed.len() as u64);
+    close(b);
+    // And after a reopen, from the persisted index.
+    let b = open_fs(&cfg);
+    for (key, off) in keyed.iter().step_by(7) {
+        assert_eq!(
+            offsets(&b.trace(key).unwrap()),
+            vec![*off],
+            "{key} after reopen"
+        );
+    }
+    close(b);
+}
+
 /// Fill a real directory with keyed messages (tiny index files), close it cleanly, and
 /// return each key's log offset.
 fn fill_fs(cfg: &BrokerConfig, n: usize) -> Vec<(String, u64)> {

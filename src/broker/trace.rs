@@ -42,6 +42,8 @@ impl Indexer {
     /// this log) is dropped and rebuilt from the log, once per process.
     pub(crate) fn catch_up(&self) -> Result<()> {
         let stats = self.log.log_stats();
+        // After the durable end, so every keyed record below that end is below this.
+        let keyed_end = self.log.keyed_end();
         let scan =
             |from: u64,
              to: u64,
@@ -50,7 +52,7 @@ impl Indexer {
             };
         match self
             .index
-            .catch_up(stats.first_offset, stats.durable_offset, &scan)
+            .catch_up(stats.first_offset, stats.durable_offset, keyed_end, &scan)
         {
             Err(Error::Corrupt { path, reason, .. })
                 if !self.rebuilt.swap(true, Ordering::AcqRel) =>
@@ -58,7 +60,7 @@ impl Indexer {
                 tracing::warn!(path = %path.display(), %reason, "the key index does not continue this log; rebuilding it from the log");
                 self.index.rebuild_from(0)?;
                 self.index
-                    .catch_up(stats.first_offset, stats.durable_offset, &scan)
+                    .catch_up(stats.first_offset, stats.durable_offset, keyed_end, &scan)
             }
             r => r,
         }

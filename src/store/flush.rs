@@ -110,6 +110,8 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
             }
             std::mem::swap(&mut w.batch, &mut st.batch);
             w.batch.end = st.batch.end;
+            // The swapped-in batch's signal belonged to the last round and has fired.
+            w.batch.signal = Arc::new(super::RoundSignal::default());
             if matches!(shared.config.flush, FlushPolicy::Sync) {
                 w.gather_target = st.batch.records.max(1);
                 w.gather_wait = st.last_sync_time / 2;
@@ -141,6 +143,10 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
     }
     shared.progress.stopped.store(true, Ordering::Release);
     shared.progress.epoch.advance();
+    // Writers still waiting on a round learn that there is none (their progress check
+    // then returns the failure or `Closed`).
+    st.batch.signal.fire();
+    shared.writer.lock().batch.signal.fire();
     shared.async_notify.notify_waiters();
     shared.async_space.notify_waiters();
 }
@@ -219,6 +225,7 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
     p.written.store(st.written, Ordering::Release);
     p.durable.store(st.durable, Ordering::Release);
     p.epoch.advance();
+    batch.signal.fire();
     shared.async_notify.notify_waiters();
     if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
         if let Err(e) = write_checkpoint(shared, st, false) {

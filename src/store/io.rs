@@ -238,6 +238,8 @@ pub struct Faults {
     pub disk_full: bool,
     /// Writes of more than one byte persist only their first half and then fail with EIO.
     pub short_writes: bool,
+    /// Every `sync_data` takes this long (a slow disk) before it happens or fails.
+    pub sync_delay_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -646,6 +648,10 @@ impl StorageFile for SimHandle {
     }
 
     fn sync_data(&self) -> Result<()> {
+        let delay = self.state.lock().faults.sync_delay_ms;
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         self.with("sync", |st, p| {
             if st.faults.fail_syncs > 0 {
                 st.faults.fail_syncs -= 1;
