@@ -26,6 +26,11 @@ pub struct BenchOptions {
     pub cleanup: bool,
     /// Concurrent producers.
     pub producers: usize,
+    /// Sends each producer keeps in flight (async tasks only): a producer issues the next
+    /// send without waiting for the previous acknowledgement, up to this many outstanding,
+    /// as a pipelining client (Kafka's `max.in.flight`, RocketMQ's async send) does. 1: one
+    /// send at a time.
+    pub in_flight: usize,
     /// One OS thread per producer calling the blocking `send`, instead of async tasks on a
     /// tokio runtime with one worker per core.
     pub threads: bool,
@@ -92,6 +97,8 @@ pub struct BenchReport {
     pub mode: String,
     /// Concurrent producers.
     pub producers: usize,
+    /// Sends each producer keeps in flight.
+    pub in_flight: usize,
     /// `"tasks"` (async sends on a tokio runtime) or `"threads"` (one OS thread per producer,
     /// blocking sends).
     pub producer_kind: String,
@@ -287,6 +294,7 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
             reason: format!("{} is outside 1 ..= 4096", opts.producers),
         });
     }
+    check_in_flight(opts)?;
     let baseline = if opts.baseline {
         progress("measuring the raw disk (write + fdatasync) ...");
         Some(measure_baseline(&opts.data_dir, 3.0)?)
@@ -464,29 +472,35 @@ fn run_producers(
         let handles = (0..opts.producers)
             .map(|p| {
                 let (broker, load) = (broker.clone(), load.clone());
-                let mut msg = Message::new(vec![b'x'; opts.size]);
-                let mut sent = 0u64;
+                let msg = Arc::new(Message::new(vec![b'x'; opts.size]));
+                let in_flight = opts.in_flight;
                 rt.spawn(async move {
-                    let mut hist = histogram();
-                    while load.next() {
-                        let t = Instant::now();
-                        match work {
-                            Workload::Plain => drop(broker.send_async("bench", &msg).await?),
-                            Workload::Keyed => {
-                                msg = msg.with_idempotency_key(format!("{p}-{sent}"));
-                                sent += 1;
-                                drop(broker.send_async("bench", &msg).await?);
+                    produce_windowed(&load, in_flight, |n| {
+                        let (broker, msg) = (broker.clone(), msg.clone());
+                        async move {
+                            match work {
+                                Workload::Plain => drop(broker.send_async("bench", &msg).await?),
+                                Workload::Keyed => {
+                                    let keyed = Message::clone(&msg)
+                                        .with_idempotency_key(format!("{p}-{n}"));
+                                    drop(broker.send_async("bench", &keyed).await?);
+                                }
+                                Workload::Txn => {
+                                    let txn = broker
+                                        .send_half_async(
+                                            "bench",
+                                            &msg,
+                                            "bench",
+                                            HalfOptions::default(),
+                                        )
+                                        .await?;
+                                    broker.commit_async(txn).await?;
+                                }
                             }
-                            Workload::Txn => {
-                                let txn = broker
-                                    .send_half_async("bench", &msg, "bench", HalfOptions::default())
-                                    .await?;
-                                broker.commit_async(txn).await?;
-                            }
+                            Ok(())
                         }
-                        load.record(&mut hist, t);
-                    }
-                    Ok(hist)
+                    })
+                    .await
                 })
             })
             .collect();
@@ -514,6 +528,7 @@ fn run_producers(
         },
         producer_kind: if opts.threads { "threads" } else { "tasks" }.into(),
         producers: opts.producers,
+        in_flight: opts.in_flight,
         msg_bytes: opts.size,
         flush: match opts.flush {
             FlushPolicy::Sync => "sync".into(),
@@ -534,6 +549,50 @@ fn run_producers(
         metrics_scrapes: scrapes,
         ..BenchReport::default()
     })
+}
+
+/// `--in-flight` is 1 ..= 1024, and more than 1 only for async producers (a thread calling
+/// the blocking `send` has one send at a time).
+fn check_in_flight(opts: &BenchOptions) -> Result<()> {
+    let reason = if opts.in_flight == 0 || opts.in_flight > 1024 {
+        format!("{} is outside 1 ..= 1024", opts.in_flight)
+    } else if opts.threads && opts.in_flight > 1 {
+        "a producer thread makes one blocking send at a time: use tasks (no --threads) for \
+         more than 1 in flight"
+            .into()
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config {
+        setting: "in-flight",
+        reason,
+    })
+}
+
+/// One producer: keeps up to `in_flight` sends outstanding (issuing the next as soon as one
+/// is acknowledged) until the load is over; `send(n)` makes this producer's n-th send.
+/// Returns the producer's latency histogram (from issuing a send to its acknowledgement).
+async fn produce_windowed<F, Fut>(load: &Load, in_flight: usize, mut send: F) -> ProducerResult
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut hist = histogram();
+    let mut window = FuturesUnordered::new();
+    let mut n = 0u64;
+    loop {
+        while window.len() < in_flight.max(1) && load.next() {
+            let started = Instant::now();
+            let sent = send(n);
+            n += 1;
+            window.push(async move { sent.await.map(|()| started) });
+        }
+        match window.next().await {
+            Some(done) => load.record(&mut hist, done?),
+            None => return Ok(hist),
+        }
+    }
 }
 
 /// Print progress about once a second until `finished`, stopping the load at `limit_time`.
@@ -621,6 +680,7 @@ fn run_network_once(
             reason: "connections and producers must be 1 ..= 1024".into(),
         });
     }
+    check_in_flight(opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -653,15 +713,14 @@ fn run_network_once(
     let handles: Vec<_> = (0..opts.producers)
         .map(|p| {
             let (client, load) = (clients[p % connections].clone(), load.clone());
-            let msg = Message::new(vec![b'x'; opts.size]);
+            let msg = Arc::new(Message::new(vec![b'x'; opts.size]));
+            let in_flight = opts.in_flight;
             rt.spawn(async move {
-                let mut hist = histogram();
-                while load.next() {
-                    let t = Instant::now();
-                    client.send("bench", &msg).await?;
-                    load.record(&mut hist, t);
-                }
-                Ok(hist)
+                produce_windowed(&load, in_flight, |_| {
+                    let (client, msg) = (client.clone(), msg.clone());
+                    async move { client.send("bench", &msg).await.map(drop) }
+                })
+                .await
             })
         })
         .collect();
@@ -694,6 +753,7 @@ fn run_network_once(
     Ok(BenchReport {
         mode: "broker".into(),
         producers: opts.producers,
+        in_flight: opts.in_flight,
         producer_kind: format!("tasks over {connections} connections"),
         msg_bytes: opts.size,
         flush: "broker's".into(),

@@ -1443,6 +1443,66 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
     drop(broker);
 }
 
+/// `--in-flight N`: each producer keeps N sends outstanding (embedded and over the
+/// network); every issued send is counted once, and blocking producer threads refuse it.
+#[test]
+fn bench_producers_can_keep_several_sends_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = [
+        "--producers",
+        "3",
+        "--in-flight",
+        "8",
+        "--messages",
+        "500",
+        "--size",
+        "64",
+    ];
+    let data = dir.path().join("bench");
+    let mut args = vec!["bench", "--embedded"];
+    args.extend(small);
+    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
+    let out = run(&args).ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["messages"].as_u64(), Some(500), "{r}");
+    assert_eq!(r["in_flight"].as_u64(), Some(8), "{r}");
+    // 24 sends outstanding against one flusher: group commits carry more than one each.
+    assert!(r["msgs_per_fsync"].as_f64().unwrap() > 1.0, "{r}");
+
+    let err = run(&[
+        "bench",
+        "--embedded",
+        "--threads",
+        "--in-flight",
+        "2",
+        "--messages",
+        "10",
+    ])
+    .fails();
+    assert!(err.stderr.contains("in-flight"), "{}", err.stderr);
+    let err = run(&[
+        "bench",
+        "--embedded",
+        "--in-flight",
+        "0",
+        "--messages",
+        "10",
+    ])
+    .fails();
+    assert!(err.stderr.contains("in-flight"), "{}", err.stderr);
+
+    let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
+    let mut args = vec!["bench", "--addr", &broker.addr, "--connections", "2"];
+    args.extend(small);
+    args.push("--json");
+    let out = run(&args).ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["messages"].as_u64(), Some(500), "{r}");
+    assert_eq!(r["in_flight"].as_u64(), Some(8), "{r}");
+    assert_eq!(r["mode"], "broker");
+    broker.terminate();
+}
+
 /// The comparing benches run their pair `--rounds` times, alternating, and report the median
 /// round: every round's ratio is listed, and the reported ratio is one of them.
 #[test]

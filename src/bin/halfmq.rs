@@ -543,6 +543,10 @@ struct BenchArgs {
     /// Concurrent producers.
     #[arg(long, default_value_t = 64)]
     producers: usize,
+    /// Sends each producer keeps in flight: it issues the next without waiting for the
+    /// previous acknowledgement, up to this many outstanding (async producers only).
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
     /// Body bytes per message.
     #[arg(long, default_value_t = 1024)]
     size: usize,
@@ -1479,6 +1483,7 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         data_dir,
         cleanup,
         producers: a.producers,
+        in_flight: a.in_flight,
         threads: a.threads,
         size: a.size,
         messages: a.messages,
@@ -1495,7 +1500,7 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
         },
     };
     eprintln!(
-        "halfmq bench: mode={} producers={} size={} flush={} metrics={} messages={:?} seconds={:?} dir={} cores={}",
+        "halfmq bench: mode={} producers={} in_flight={} size={} flush={} metrics={} messages={:?} seconds={:?} dir={} cores={}",
         if a.addr.is_some() {
             "broker"
         } else if a.txn {
@@ -1506,6 +1511,7 @@ fn bench_cmd(a: BenchArgs) -> halfmq::Result<()> {
             "embedded"
         },
         a.producers,
+        a.in_flight,
         a.size,
         a.flush.name(),
         if a.metrics { "recorder" } else { "none" },
