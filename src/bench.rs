@@ -51,10 +51,11 @@ pub struct BenchOptions {
     /// Plain sends each with a unique idempotency key. Plain sends without keys are measured
     /// first in the same run, for `ratio_to_without_keys`.
     pub idempotency_keys: bool,
-    /// With `txn`, `idempotency_keys` or a network run compared with an embedded one: how
-    /// many times to run the pair (baseline and measured), alternating, each on a fresh data directory. The ratio reported is the median
-    /// of the rounds' ratios, so that a burst of load from another process on a shared
-    /// machine skews one round, not the result. At least 1.
+    /// With `txn`, `idempotency_keys`, a network run compared with an embedded one, or plain
+    /// sends with `baseline` (the raw disk): how many times to run the pair (baseline and
+    /// measured), alternating, each on a fresh data directory. The ratio reported is the
+    /// median of the rounds' ratios, so that a burst of load from another process on a
+    /// shared machine skews one round, not the result. At least 1.
     pub rounds: u32,
     /// The handle of an installed metrics recorder ([`crate::metrics::install`]): during the
     /// run a thread scrapes it every second as the `/metrics` endpoint would (gauges
@@ -295,7 +296,8 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
         });
     }
     check_in_flight(opts)?;
-    let baseline = if opts.baseline {
+    let plain_with_baseline = opts.baseline && !opts.txn && !opts.idempotency_keys;
+    let baseline = if opts.baseline && !plain_with_baseline {
         progress("measuring the raw disk (write + fdatasync) ...");
         Some(measure_baseline(&opts.data_dir, 3.0)?)
     } else {
@@ -313,6 +315,24 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
             r.ratio_to_without_keys = Some(ratio);
             r
         })
+    } else if plain_with_baseline {
+        // The raw disk and the store, alternating `rounds` times: the disk's own rate moves
+        // by 2x and more within minutes on a shared virtual disk, so each round's ratio
+        // compares figures taken seconds apart, and the median round is reported.
+        alternate_rounds(opts, progress, |round, tag, progress| {
+            progress(&format!(
+                "measuring the raw disk (write + fdatasync){tag} ..."
+            ));
+            let raw = measure_baseline(&opts.data_dir, 3.0)?;
+            progress(&format!("plain durable sends{tag} ..."));
+            let dir = format!("plain-{round}");
+            let mut r = run_producers(opts, Workload::Plain, &dir, progress)?;
+            if opts.cleanup {
+                let _ = std::fs::remove_dir_all(opts.data_dir.join(&dir));
+            }
+            Ok((with_baseline(&mut r, &raw, opts.size), r))
+        })
+        .map(|(_, _, r)| r)
     } else {
         run_producers(opts, Workload::Plain, "plain", progress)
     };
@@ -321,17 +341,24 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
     }
     let mut report = result?;
     if let Some(b) = baseline {
-        let raw_msgs = b.group_mib_per_s * 1024.0 * 1024.0 / opts.size.max(1) as f64;
-        report.raw_serial_fsync_ops_per_s = Some(round2(b.serial_fsync_ops_per_s));
-        report.raw_serial_fsync_p99_us = Some(b.serial_fsync_p99_us);
-        report.raw_group_mib_per_s = Some(round2(b.group_mib_per_s));
-        report.raw_group_msgs_per_s = Some(round2(raw_msgs));
-        report.ratio_to_raw = Some(round3(report.msgs_per_s / raw_msgs));
-        report.p99_ratio_to_raw_fsync = Some(round3(
-            report.p99_us as f64 / b.serial_fsync_p99_us.max(1) as f64,
-        ));
+        with_baseline(&mut report, &b, opts.size);
     }
     Ok(report)
+}
+
+/// Add the raw disk's figures and the ratios to them to `report`; returns the raw disk's
+/// rate in messages of `msg_bytes`.
+fn with_baseline(report: &mut BenchReport, b: &Baseline, msg_bytes: usize) -> f64 {
+    let raw_msgs = b.group_mib_per_s * 1024.0 * 1024.0 / msg_bytes.max(1) as f64;
+    report.raw_serial_fsync_ops_per_s = Some(round2(b.serial_fsync_ops_per_s));
+    report.raw_serial_fsync_p99_us = Some(b.serial_fsync_p99_us);
+    report.raw_group_mib_per_s = Some(round2(b.group_mib_per_s));
+    report.raw_group_msgs_per_s = Some(round2(raw_msgs));
+    report.ratio_to_raw = Some(round3(report.msgs_per_s / raw_msgs));
+    report.p99_ratio_to_raw_fsync = Some(round3(
+        report.p99_us as f64 / b.serial_fsync_p99_us.max(1) as f64,
+    ));
+    raw_msgs
 }
 
 /// Run plain sends, then `variant`, `opts.rounds` times. Returns the variant's report from

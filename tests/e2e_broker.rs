@@ -1443,6 +1443,55 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
     drop(broker);
 }
 
+/// `--baseline` alternates the raw disk and the store `--rounds` times and reports the
+/// median round, with that round's raw figures and every round's ratio.
+#[test]
+fn bench_baseline_alternates_raw_disk_and_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bench");
+    let out = run(&[
+        "bench",
+        "--embedded",
+        "--baseline",
+        "--rounds",
+        "2",
+        "--producers",
+        "2",
+        "--messages",
+        "200",
+        "--size",
+        "64",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--json",
+    ])
+    .ok();
+    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["messages"].as_u64(), Some(200), "{r}");
+    let rounds: Vec<f64> = r["round_ratios"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no round_ratios in {r}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(rounds.len(), 2, "{r}");
+    let ratio = r["ratio_to_raw"].as_f64().unwrap();
+    assert_eq!(
+        ratio,
+        rounds.iter().copied().fold(f64::MAX, f64::min),
+        "{r}"
+    );
+    // The reported ratio is that round's own msgs/s over its own raw figure.
+    let own = r["msgs_per_s"].as_f64().unwrap() / r["raw_group_msgs_per_s"].as_f64().unwrap();
+    assert!((own - ratio).abs() < 0.002, "{own} vs {ratio} in {r}");
+    assert!(r["raw_serial_fsync_p99_us"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        out.stderr.contains("measuring the raw disk"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// `--in-flight N`: each producer keeps N sends outstanding (embedded and over the
 /// network); every issued send is counted once, and blocking producer threads refuse it.
 #[test]

@@ -577,9 +577,10 @@ struct BenchArgs {
     /// in the same run, for ratio_to_without_keys.
     #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
     idempotency_keys: bool,
-    /// With --txn, --idempotency-keys or --compare-embedded: run the pair (without, with)
-    /// this many times, alternating; the ratio is the median of the rounds' ratios (robust
-    /// to a burst of load from other processes on a shared machine).
+    /// With --txn, --idempotency-keys, --compare-embedded or --baseline (plain sends): run
+    /// the pair (without, with; or raw disk, store) this many times, alternating; the ratio
+    /// is the median of the rounds' ratios (robust to a burst of load from other processes
+    /// on a shared machine, and to the disk's own rate moving between minutes).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
     /// Instead: fill a store with --messages keyed messages (default 10 000 000), time
