@@ -1438,3 +1438,95 @@ fn random_prefix_crashes_during_concurrent_sends_across_roll_overs() {
         burst_and_crash(seed, &cfg);
     }
 }
+
+/// Files in the log directory of a real data directory that hold no segment yet: an all-zero
+/// header (the next segment, zero-filled ahead of the roll by the preparer thread).
+fn blank_segment_files(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("log")).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        let head = &bytes[..bytes.len().min(SEGMENT_HEADER_BYTES as usize)];
+        if head.iter().all(|&b| b == 0) {
+            out.push((p, bytes.len() as u64));
+        }
+    }
+    out
+}
+
+/// On real files the segment after the active one is zero-filled ahead by a background
+/// thread: rolls adopt it (at most one such file exists at a time), every message survives
+/// reopen, a clean close removes the unused one, and one left behind by a crash (a blank
+/// newest segment) is removed by recovery and prepared again.
+#[test]
+fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let b = Broker::open(cfg.clone()).unwrap();
+    b.create_topic("t", 2).unwrap();
+    let wait_prepared = |what: &str| {
+        let t = Instant::now();
+        loop {
+            let blank = blank_segment_files(tmp.path());
+            assert!(blank.len() <= 1, "{what}: {blank:?}");
+            if blank.len() == 1 && blank[0].1 == SEGMENT_BYTES {
+                return blank[0].0.clone();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{what}: never prepared"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let mut sent = Vec::new();
+    for round in 0..5 {
+        let prepared = wait_prepared(&format!("round {round}"));
+        let segments_before = b.store().log_stats().segments;
+        // 70 records of ~1 KiB: past the end of a 64 KiB segment.
+        for i in 0..70 {
+            sent.push(send(
+                &b,
+                "t",
+                &format!("k{round}-{i}"),
+                &body(&format!("r{round}-{i}"), 1000),
+            ));
+        }
+        assert!(b.store().log_stats().segments > segments_before);
+        // The prepared file is a segment now: it has a header.
+        let head = std::fs::read(&prepared).unwrap();
+        assert!(head[..SEGMENT_HEADER_BYTES as usize]
+            .iter()
+            .any(|&x| x != 0));
+    }
+    assert_holds(&b, "t", &sent, "after rolls onto prepared segments");
+    wait_prepared("before close");
+    drop_broker(b);
+    assert!(
+        blank_segment_files(tmp.path()).is_empty(),
+        "a clean close removes it"
+    );
+
+    // What a crash leaves: the next segment, zero-filled, no header.
+    let b = Broker::open(cfg.clone()).unwrap();
+    assert_holds(&b, "t", &sent, "after reopen");
+    let stats = b.store().log_stats();
+    drop_broker(b);
+    let last_base = (stats.log_bytes / SEGMENT_BYTES - 1) * SEGMENT_BYTES;
+    let next = segment_path(tmp.path(), last_base + SEGMENT_BYTES);
+    std::fs::write(&next, vec![0u8; SEGMENT_BYTES as usize]).unwrap();
+    let b = Broker::open(cfg.clone()).unwrap();
+    assert_holds(&b, "t", &sent, "after a crash left a prepared segment");
+    for i in 0..140 {
+        sent.push(send(
+            &b,
+            "t",
+            &format!("after-{i}"),
+            &body(&format!("a{i}"), 1000),
+        ));
+    }
+    drop_broker(b);
+    let b = Broker::open(cfg).unwrap();
+    assert_holds(&b, "t", &sent, "after rolls past it");
+    drop_broker(b);
+}

@@ -69,10 +69,18 @@ fn number(body: &[u8]) -> u64 {
     s.parse().unwrap()
 }
 
+/// Segment files holding a segment (a header): the next segment, zero-filled ahead of the
+/// roll with an all-zero header, is not one yet.
 fn segment_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("log"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let mut head = [0u8; 32];
+            let n = std::io::Read::read(&mut std::fs::File::open(p).unwrap(), &mut head).unwrap();
+            head[..n].iter().any(|&b| b != 0)
+        })
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     v.sort();
     v

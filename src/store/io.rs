@@ -32,6 +32,11 @@ pub trait Storage: Send + Sync + 'static {
     fn sync_dir(&self, dir: &Path) -> Result<()>;
     /// Take an exclusive lock on a data directory, held until the guard is dropped.
     fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>>;
+    /// Whether writing zeros over the next segment ahead of time makes later writes into it
+    /// cheaper (real file systems with extents: see `store::prepare`). Default: no.
+    fn zero_fill_ahead(&self) -> bool {
+        false
+    }
 }
 
 /// One open file.
@@ -84,6 +89,10 @@ struct FsFile {
 }
 
 impl Storage for FsStorage {
+    fn zero_fill_ahead(&self) -> bool {
+        true
+    }
+
     fn create_dir_all(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))
     }

@@ -12,6 +12,7 @@ mod epoch;
 mod flush;
 pub mod io;
 pub mod log_start;
+mod prepare;
 mod recovery;
 pub mod segment;
 mod seqfile;
@@ -245,6 +246,8 @@ pub(crate) struct Shared {
     /// Log offset just past the newest record with a key (set under the writer lock, before
     /// the record can become durable); at open, the end of the recovered log.
     keyed_end: AtomicU64,
+    /// Zero-fills the next segment in the background (`None` on the simulated disk).
+    preparer: Option<prepare::Preparer>,
 }
 
 /// Called with the new log start (see [`Store::log_start`]) after retention deleted the
@@ -425,6 +428,12 @@ impl Store {
             hooks.as_deref(),
         )?;
         let end = rec.active.base + rec.pos;
+        let next_base = rec.active.base + rec.active.size;
+        let preparer =
+            prepare::Preparer::start(storage.clone(), log_dir.clone(), config.segment_bytes)?;
+        if let Some(p) = &preparer {
+            p.prepare(next_base);
+        }
         let first_base = rec.segments.keys().next().copied().unwrap_or(0);
         let log_end = rec.report.log_end;
         let shared = Arc::new(Shared {
@@ -461,6 +470,7 @@ impl Store {
             log_start: AtomicU64::new(first_base),
             checkpoint_offset: AtomicU64::new(log_end),
             keyed_end: AtomicU64::new(log_end),
+            preparer,
             log_start_seq: Mutex::new(rec.log_start_seq),
             log_start_listeners: Mutex::new(Vec::new()),
         });
@@ -992,7 +1002,12 @@ impl Store {
             self.shared.async_space.notify_waiters();
         }
         if let Some(handle) = self.flusher.lock().take() {
-            if handle.join().is_err() {
+            let joined = handle.join();
+            // No roll after the flusher: the prepared segment (unused) can go.
+            if let Some(p) = &self.shared.preparer {
+                p.stop();
+            }
+            if joined.is_err() {
                 return Err(Error::Poisoned("the flusher thread panicked".into()));
             }
         }
@@ -1295,12 +1310,12 @@ impl Shared {
     /// file is created first, so a failure (a full disk) changes nothing.
     fn roll(&self, w: &mut Writer) -> Result<()> {
         let next_base = w.active.base + w.active.size;
-        let next = Arc::new(Segment::create(
-            &*self.storage,
-            &self.log_dir,
-            next_base,
-            self.config.segment_bytes,
-        )?);
+        let size = self.config.segment_bytes;
+        let prepared = self.preparer.as_ref().and_then(|p| p.take(next_base));
+        let next = Arc::new(match prepared {
+            Some(file) => Segment::adopt(file, next_base, size)?,
+            None => Segment::create(&*self.storage, &self.log_dir, next_base, size)?,
+        });
         let header = Header {
             kind: RecordKind::SegmentEnd,
             flags: 0,
@@ -1317,6 +1332,9 @@ impl Shared {
         w.active = next;
         w.pos = SEGMENT_HEADER_BYTES;
         w.batch.end = next_base + SEGMENT_HEADER_BYTES;
+        if let Some(p) = &self.preparer {
+            p.prepare(next_base + size);
+        }
         Ok(())
     }
 

@@ -433,7 +433,7 @@ fn open_segments(
     }
     if !remove.is_empty() {
         for p in &remove {
-            tracing::warn!(file = %p.display(), "removing a segment whose creation never finished");
+            tracing::warn!(file = %p.display(), "removing a segment that holds no record (prepared ahead, or its creation never finished)");
             storage.remove_file(p)?;
         }
         storage.sync_dir(log_dir)?;

@@ -105,6 +105,14 @@ impl Segment {
         Ok(Segment { base, size, file })
     }
 
+    /// Make a prepared file (zero-filled and synced, its directory entry durable: see
+    /// `store::prepare`) the segment starting at `base` by writing its header. Like
+    /// [`Segment::create`], the header becomes durable with the first sync of its data.
+    pub fn adopt(file: Arc<dyn StorageFile>, base: u64, size: u64) -> Result<Segment> {
+        file.write_all_at(&header_bytes(base, size), 0)?;
+        Ok(Segment { base, size, file })
+    }
+
     /// Open an existing segment file and check its header against its name and size.
     pub fn open(
         storage: &dyn Storage,
