@@ -395,6 +395,11 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     codec::encode(v, "protocol message")
 }
 
+/// Encode a protocol value at the end of `out` (see [`codec::encode_append`]).
+pub fn encode_append<T: Serialize>(v: &T, out: &mut Vec<u8>) -> Result<()> {
+    codec::encode_append(v, out, "protocol message")
+}
+
 /// Decode a protocol value (bounded by the codec's size limit).
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     codec::decode(bytes, "protocol message")
