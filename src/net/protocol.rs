@@ -33,6 +33,50 @@ pub struct WireMessage {
     pub properties: Properties,
 }
 
+/// `Request::Send` borrowing its topic and message, for a client sending a message it
+/// keeps: it encodes to exactly the bytes of the owned request (a test checks), without
+/// copying the message first.
+pub(crate) struct SendRef<'a> {
+    pub topic: &'a str,
+    pub message: &'a crate::Message,
+}
+
+/// `Request::Send`'s position among `Request`'s variants.
+const SEND_VARIANT: u32 = 1;
+
+impl Serialize for SendRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStructVariant;
+        let mut v = s.serialize_struct_variant("Request", SEND_VARIANT, "Send", 2)?;
+        v.serialize_field("topic", self.topic)?;
+        v.serialize_field("message", &MessageRef(self.message))?;
+        v.end()
+    }
+}
+
+/// A `Message` serialized as a `WireMessage`.
+struct MessageRef<'a>(&'a crate::Message);
+
+impl Serialize for MessageRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Body<'a>(&'a [u8]);
+        impl Serialize for Body<'_> {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                body_bytes::serialize(self.0, s)
+            }
+        }
+        let mut m = s.serialize_struct("WireMessage", 3)?;
+        m.serialize_field("key", &self.0.key)?;
+        m.serialize_field("body", &Body(&self.0.body))?;
+        m.serialize_field("properties", &self.0.properties)?;
+        m.end()
+    }
+}
+
 /// A body as serde bytes. In bincode these are the very bytes a `Vec<u8>` sequence gives (a
 /// varint length, then the bytes: a `u8` is always one byte), so the protocol is unchanged;
 /// but they are copied at once instead of element by element through the sequence visitor
@@ -456,6 +500,30 @@ mod tests {
             let back: WireMessage = serde_json::from_str(&json).unwrap();
             assert_eq!(back, wire);
         }
+    }
+
+    #[test]
+    fn a_borrowed_send_encodes_as_the_owned_one() {
+        let mut msg = crate::Message::new(vec![5u8; 1500]);
+        msg.key = "key-1".into();
+        msg.properties.insert("p".into(), "q".into());
+        let owned = Request::Send {
+            topic: "orders".into(),
+            message: WireMessage {
+                key: msg.key.clone(),
+                body: msg.body.clone(),
+                properties: msg.properties.clone(),
+            },
+        };
+        let borrowed = SendRef {
+            topic: "orders",
+            message: &msg,
+        };
+        assert_eq!(encode(&borrowed).unwrap(), encode(&owned).unwrap());
+        assert_eq!(
+            serde_json::to_string(&borrowed).unwrap(),
+            serde_json::to_string(&owned).unwrap()
+        );
     }
 
     #[test]
