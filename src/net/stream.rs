@@ -74,9 +74,10 @@ impl ReadBuf {
 }
 
 /// Write the frames `rx` yields to `wr` until the channel closes or a write fails. After
-/// each wait for a frame, the frames already queued behind it go out in the same write (up
-/// to [`WRITE_BATCH_BYTES`]), so a burst of answers costs one system call, not one each.
-/// A frame with nothing queued behind it is written as it is, without a copy.
+/// each wait for a frame, the writer yields once to the tasks that are ready to run, then
+/// the frames queued behind the first go out in the same write (up to
+/// [`WRITE_BATCH_BYTES`]), so a burst of answers costs one system call, not one each. A
+/// frame with nothing queued behind it is written as it is, without a copy.
 pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
     wr: &mut W,
     rx: &mut mpsc::Receiver<Vec<u8>>,
@@ -92,7 +93,16 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             },
         };
         let second = if first.len() < WRITE_BATCH_BYTES {
-            rx.try_recv().ok()
+            match rx.try_recv().ok() {
+                Some(f) => Some(f),
+                None => {
+                    // The task that queued `first` woke this one, and tokio runs a task woken
+                    // this way next: the other answers (or requests) made ready by the same
+                    // event have not run yet. Let them run first and join this write.
+                    tokio::task::yield_now().await;
+                    rx.try_recv().ok()
+                }
+            }
         } else {
             None
         };
