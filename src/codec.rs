@@ -20,6 +20,21 @@ pub fn encode<T: serde::Serialize>(value: &T, what: &'static str) -> Result<Vec<
     })
 }
 
+/// Encode a value at the end of `out` (no buffer of its own). On error `out` may hold part
+/// of the value: the caller truncates it.
+pub fn encode_append<T: serde::Serialize>(
+    value: &T,
+    out: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<()> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| Error::Decode {
+            what,
+            reason: format!("encode: {e}"),
+        })
+}
+
 /// Decode a value that must fill `bytes` exactly.
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T> {
     let (value, used) =

@@ -12,15 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
 use super::protocol::{self, Push, Request, Response, WireDelivery, WireGroup, WireMessage};
+use super::stream::{self, ReadBuf};
 use crate::broker::{DeadLetter, DelayedReceipt, HalfReceipt, NackOutcome, Replayed, SendReceipt};
 use crate::error::{Error, Result};
 use crate::meta::GroupSettings;
+use crate::record::Properties;
 use crate::txn::{
     CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId, TxnInfo, TxnState,
 };
@@ -176,11 +177,7 @@ impl Client {
             close_reason: Mutex::new(None),
         });
         tokio::spawn(async move {
-            while let Some(bytes) = out_rx.recv().await {
-                if wr.write_all(&bytes).await.is_err() {
-                    break;
-                }
-            }
+            let _ = stream::write_frames(&mut wr, &mut out_rx).await;
         });
         tokio::spawn(read_loop(rd, conn.clone(), self.clone()));
         let hello = Request::Hello {
@@ -199,16 +196,26 @@ impl Client {
     }
 
     async fn call_on(&self, conn: &Connection, req: Request) -> Result<Response> {
+        self.call_on_ref(conn, &req, encoded_len_hint(&req)).await
+    }
+
+    /// Send `req` (a `Request`, or a borrowed form of one encoding to the same bytes) and
+    /// wait for its answer. `len_hint`: about its encoded size.
+    async fn call_on_ref<T: serde::Serialize>(
+        &self,
+        conn: &Connection,
+        req: &T,
+        len_hint: usize,
+    ) -> Result<Response> {
         let cfg = &self.inner.config;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let body = protocol::encode(&req)?;
-        let mut bytes = Vec::with_capacity(frame::FRAME_HEADER_BYTES + body.len());
-        frame::encode_into(
+        let mut bytes = Vec::with_capacity(frame::FRAME_HEADER_BYTES + len_hint);
+        frame::encode_with(
             &mut bytes,
             FrameKind::Request,
             id,
-            &body,
             cfg.frame_bytes_max,
+            |out| protocol::encode_append(req, out),
         )?;
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().insert(id, tx);
@@ -259,11 +266,14 @@ impl Client {
 
     /// Store a message durably.
     pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
-        let req = Request::Send {
-            topic: topic.into(),
-            message: wire(msg),
+        // `Request::Send` without copying the message into one.
+        let req = protocol::SendRef {
+            topic,
+            message: msg,
         };
-        match self.call(req).await? {
+        let conn = self.connection().await?;
+        let hint = message_len_hint(topic, &msg.key, &msg.body, &msg.properties);
+        match self.call_on_ref(&conn, &req, hint).await? {
             Response::Sent {
                 topic,
                 queue,
@@ -579,6 +589,31 @@ impl Client {
     }
 }
 
+/// About the encoded size of `req`, so that its frame is allocated once.
+fn encoded_len_hint(req: &Request) -> usize {
+    match req {
+        Request::Send { topic, message: m }
+        | Request::SendHalf {
+            topic, message: m, ..
+        }
+        | Request::SendDelayed {
+            topic, message: m, ..
+        } => message_len_hint(topic, &m.key, &m.body, &m.properties) + 64,
+        _ => 128,
+    }
+}
+
+/// About the encoded size of a request carrying this message.
+fn message_len_hint(topic: &str, key: &str, body: &[u8], properties: &Properties) -> usize {
+    64 + topic.len()
+        + key.len()
+        + body.len()
+        + properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+}
+
 fn wire(msg: &Message) -> WireMessage {
     WireMessage {
         key: msg.key.clone(),
@@ -603,21 +638,20 @@ fn expect_ok(r: Response) -> Result<()> {
 
 async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>, client: Client) {
     let max = client.inner.config.frame_bytes_max;
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut buf = ReadBuf::new();
     'read: loop {
         loop {
-            let len = match frame::check(&buf, max) {
+            let len = match buf.next_frame(max) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(_) => break 'read,
             };
-            let f = frame::parse(&buf[..len]);
-            buf.drain(..len);
-            let Ok(f) = f else { break 'read };
+            let Ok(f) = frame::parse_ref(&buf.pending()[..len]) else {
+                break 'read;
+            };
             match f.kind {
                 FrameKind::Response => {
-                    let Ok(resp) = protocol::decode::<Response>(&f.body) else {
+                    let Ok(resp) = protocol::decode::<Response>(f.body) else {
                         break 'read;
                     };
                     let waiting = conn.pending.lock().remove(&f.correlation);
@@ -641,7 +675,7 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                         message,
                         created_ms,
                         checks,
-                    }) = protocol::decode::<Push>(&f.body)
+                    }) = protocol::decode::<Push>(f.body)
                     else {
                         break 'read;
                     };
@@ -664,10 +698,11 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                 }
                 FrameKind::Request => break 'read,
             }
+            buf.consume(len);
         }
-        match rd.read(&mut chunk).await {
+        match buf.read_from(&mut rd).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
     conn.closed.store(true, Ordering::Release);

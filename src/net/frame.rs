@@ -86,9 +86,29 @@ pub fn check(buf: &[u8], frame_bytes_max: u32) -> Result<Option<usize>> {
     Ok(Some(len as usize))
 }
 
+/// A frame checked by [`parse_ref`], its body still in the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    /// What the body is.
+    pub kind: FrameKind,
+    /// Correlation id.
+    pub correlation: u64,
+    /// The bincode body.
+    pub body: &'a [u8],
+}
+
 /// Phase two: verify and split the frame that fills `buf` exactly (as measured by
 /// [`check`]). Never panics, whatever the bytes.
 pub fn parse(buf: &[u8]) -> Result<Frame> {
+    parse_ref(buf).map(|f| Frame {
+        kind: f.kind,
+        correlation: f.correlation,
+        body: f.body.to_vec(),
+    })
+}
+
+/// [`parse`] without copying the body out of `buf`.
+pub fn parse_ref(buf: &[u8]) -> Result<FrameRef<'_>> {
     if buf.len() < FRAME_HEADER_BYTES {
         return Err(bad("shorter than a frame header"));
     }
@@ -113,10 +133,10 @@ pub fn parse(buf: &[u8]) -> Result<Frame> {
         FrameKind::from_u8(buf[9]).ok_or_else(|| bad(format!("unknown frame kind {}", buf[9])))?;
     let mut c = [0u8; 8];
     c.copy_from_slice(&buf[12..20]);
-    Ok(Frame {
+    Ok(FrameRef {
         kind,
         correlation: u64::from_le_bytes(c),
-        body: buf[FRAME_HEADER_BYTES..].to_vec(),
+        body: &buf[FRAME_HEADER_BYTES..],
     })
 }
 
@@ -130,22 +150,51 @@ pub fn encode_into(
 ) -> Result<()> {
     let len = FRAME_HEADER_BYTES + body.len();
     if len > frame_bytes_max as usize {
-        return Err(Error::Invalid {
-            what: "frame",
-            reason: format!("{len} bytes, more than the maximum frame size {frame_bytes_max}"),
-        });
+        return Err(too_large(len, frame_bytes_max));
     }
+    out.reserve(len);
+    encode_with(out, kind, correlation, frame_bytes_max, |out| {
+        out.extend_from_slice(body);
+        Ok(())
+    })
+}
+
+/// Encode a frame whose body `write_body` appends to `out`, after the header: the body
+/// needs no buffer of its own and is not copied. On any error `out` is as it was.
+pub fn encode_with(
+    out: &mut Vec<u8>,
+    kind: FrameKind,
+    correlation: u64,
+    frame_bytes_max: u32,
+    write_body: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
     let start = out.len();
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&[0u8; 8]); // length and CRC, written below
     out.push(PROTOCOL_VERSION);
     out.push(kind as u8);
     out.extend_from_slice(&[0u8; 2]);
     out.extend_from_slice(&correlation.to_le_bytes());
-    out.extend_from_slice(body);
+    if let Err(e) = write_body(out) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let len = out.len() - start;
+    if len > frame_bytes_max as usize {
+        out.truncate(start);
+        return Err(too_large(len, frame_bytes_max));
+    }
+    // `len <= frame_bytes_max`, a u32.
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     let crc = crc32fast::hash(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+fn too_large(len: usize, frame_bytes_max: u32) -> Error {
+    Error::Invalid {
+        what: "frame",
+        reason: format!("{len} bytes, more than the maximum frame size {frame_bytes_max}"),
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +238,38 @@ mod tests {
                 assert!(!ok, "flip of bit {bit} in byte {i} accepted");
             }
         }
+    }
+
+    #[test]
+    fn encode_with_writes_what_encode_into_writes() {
+        let mut a = b"before".to_vec();
+        let mut b = a.clone();
+        encode_into(&mut a, FrameKind::Push, 9, b"the body", 1024).unwrap();
+        encode_with(&mut b, FrameKind::Push, 9, 1024, |out| {
+            out.extend_from_slice(b"the body");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(a, b);
+        let f = parse_ref(&a[6..]).unwrap();
+        assert_eq!(
+            (f.kind, f.correlation, f.body),
+            (FrameKind::Push, 9, &b"the body"[..])
+        );
+        // Too large, or a failing body: nothing is left behind.
+        let big = encode_with(&mut b, FrameKind::Push, 9, 30, |out| {
+            out.extend_from_slice(&[1; 11]);
+            Ok(())
+        });
+        assert!(big.is_err());
+        let failed = encode_with(&mut b, FrameKind::Push, 9, 1024, |out| {
+            out.push(1);
+            Err(Error::Invalid {
+                what: "test",
+                reason: "no".into(),
+            })
+        });
+        assert!(failed.is_err());
+        assert_eq!(a, b);
     }
 }

@@ -6,3 +6,4 @@ pub mod frame;
 pub mod metrics_http;
 pub mod protocol;
 pub mod server;
+mod stream;

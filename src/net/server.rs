@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
 use super::protocol::{self, codes, Push, Request, Response, WireDelivery, WireGroup, WireMessage};
+use super::stream::{self, ReadBuf};
 use crate::error::{Error, Result};
 use crate::txn::{CheckAnswer, HalfMessage, HalfOptions, TransactionChecker, TxnId};
 use crate::{Broker, Message};
@@ -188,9 +189,11 @@ async fn refuse(mut stream: TcpStream, frame_bytes_max: u32) {
 }
 
 fn encode_frame<T: serde::Serialize>(kind: FrameKind, id: u64, v: &T, max: u32) -> Result<Vec<u8>> {
-    let body = protocol::encode(v)?;
-    let mut out = Vec::with_capacity(frame::FRAME_HEADER_BYTES + body.len());
-    frame::encode_into(&mut out, kind, id, &body, max)?;
+    // Most answers are small (a `Sent` is about 40 bytes): one allocation, body in place.
+    let mut out = Vec::with_capacity(128);
+    frame::encode_with(&mut out, kind, id, max, |out| {
+        protocol::encode_append(v, out)
+    })?;
     Ok(out)
 }
 
@@ -216,11 +219,7 @@ async fn serve_connection(
     let (mut rd, mut wr) = stream.into_split();
     let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(config.in_flight_max * 2 + 8);
     let writer = tokio::spawn(async move {
-        while let Some(bytes) = out_rx.recv().await {
-            if wr.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
+        let _ = stream::write_frames(&mut wr, &mut out_rx).await;
         let _ = wr.shutdown().await;
     });
     let conn = Arc::new(Conn {
@@ -232,32 +231,31 @@ async fn serve_connection(
         registered: Mutex::new(Vec::new()),
     });
     let in_flight = Arc::new(Semaphore::new(config.in_flight_max));
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut buf = ReadBuf::new();
     let mut authed = false;
     let connected = tokio::time::Instant::now();
     let mut frame_started: Option<tokio::time::Instant> = None;
     let result = loop {
         // Every complete frame in the buffer first.
-        let next = match frame::check(&buf, config.frame_bytes_max) {
+        let next = match buf.next_frame(config.frame_bytes_max) {
             Ok(n) => n,
             Err(e) => break Err(e),
         };
         if let Some(len) = next {
-            let parsed = frame::parse(&buf[..len]);
-            buf.drain(..len);
-            let f = match parsed {
-                Ok(f) if f.kind == FrameKind::Request => f,
-                Ok(f) => {
-                    break Err(Error::Decode {
-                        what: "frame",
-                        reason: format!("a client may not send {:?} frames", f.kind),
-                    })
+            // Decoded straight from the read buffer: the body is copied once, into the request.
+            let decoded = match frame::parse_ref(&buf.pending()[..len]) {
+                Ok(f) if f.kind == FrameKind::Request => {
+                    protocol::decode::<Request>(f.body).map(|req| (f.correlation, req))
                 }
-                Err(e) => break Err(e),
+                Ok(f) => Err(Error::Decode {
+                    what: "frame",
+                    reason: format!("a client may not send {:?} frames", f.kind),
+                }),
+                Err(e) => Err(e),
             };
-            let req: Request = match protocol::decode(&f.body) {
-                Ok(r) => r,
+            buf.consume(len);
+            let (correlation, req) = match decoded {
+                Ok(x) => x,
                 Err(e) => break Err(e),
             };
             if !authed {
@@ -268,7 +266,7 @@ async fn serve_connection(
                         let resp = Response::Hello {
                             server: format!("halfmq {}", env!("CARGO_PKG_VERSION")),
                         };
-                        send_response(&conn, f.correlation, &resp).await;
+                        send_response(&conn, correlation, &resp).await;
                         continue;
                     }
                     _ => {
@@ -276,7 +274,7 @@ async fn serve_connection(
                             code: codes::UNAUTHORIZED,
                             message: "the first request must be Hello with the right token".into(),
                         };
-                        send_response(&conn, f.correlation, &resp).await;
+                        send_response(&conn, correlation, &resp).await;
                         break Ok(());
                     }
                 }
@@ -297,18 +295,17 @@ async fn serve_connection(
             };
             let conn = conn.clone();
             let stop = shutdown.clone();
+            // One task per request. A handler that panics still gets its request an answer:
+            // the guard, dropped unanswered as the task unwinds, sends the error.
+            let answer = Answer::new(
+                conn.out.clone(),
+                correlation,
+                config.frame_bytes_max,
+                permit,
+            );
             tokio::spawn(async move {
-                let work = tokio::spawn({
-                    let conn = conn.clone();
-                    async move { handle(&conn, req, stop).await }
-                });
-                // A handler that panics still gets its request an answer.
-                let resp = work.await.unwrap_or_else(|_| Response::Error {
-                    code: Error::Poisoned(String::new()).code(),
-                    message: "the broker failed while handling this request".into(),
-                });
-                send_response(&conn, f.correlation, &resp).await;
-                drop(permit);
+                let resp = handle(&conn, req, stop).await;
+                answer.send(&resp).await;
             });
             continue;
         }
@@ -325,7 +322,7 @@ async fn serve_connection(
             (None, false) => Some(connected + config.hello_timeout),
             (None, true) => None,
         };
-        let read = rd.read(&mut chunk);
+        let read = buf.read_from(&mut rd);
         let timed = async {
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, read).await,
@@ -347,7 +344,7 @@ async fn serve_connection(
                     })
                 };
             }
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => break Err(Error::io(peer.to_string(), "read", e)),
             Err(_) => {
                 break Err(Error::Decode {
@@ -395,26 +392,89 @@ fn token_ok(want: &Option<String>, got: &Option<String>) -> bool {
     }
 }
 
+/// The answer a request owes, and its place among the connection's requests in flight
+/// (the permit). Dropped without [`Answer::send`] (its handler panicked and the task
+/// unwinds), it sends the error answer itself: at once if the outgoing queue has room,
+/// otherwise from a task of its own that waits for room, holding the permit until then.
+struct Answer {
+    out: mpsc::Sender<Vec<u8>>,
+    id: u64,
+    frame_bytes_max: u32,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    fn new(
+        out: mpsc::Sender<Vec<u8>>,
+        id: u64,
+        frame_bytes_max: u32,
+        permit: OwnedSemaphorePermit,
+    ) -> Answer {
+        Answer {
+            out,
+            id,
+            frame_bytes_max,
+            permit: Some(permit),
+        }
+    }
+
+    async fn send(mut self, resp: &Response) {
+        let bytes = response_frame(self.id, resp, self.frame_bytes_max);
+        if let Some(bytes) = bytes {
+            let _ = self.out.send(bytes).await;
+        }
+        // Answered: the permit goes back now and `drop` has nothing left to do.
+        self.permit = None;
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let resp = Response::Error {
+            code: Error::Poisoned(String::new()).code(),
+            message: "the broker failed while handling this request".into(),
+        };
+        let Some(bytes) = response_frame(self.id, &resp, self.frame_bytes_max) else {
+            return;
+        };
+        match self.out.try_send(bytes) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(bytes)) => {
+                let out = self.out.clone();
+                // The guard lives in a task on the runtime, so there is one to spawn on.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = out.send(bytes).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+}
+
 async fn send_response(conn: &Conn, id: u64, resp: &Response) {
-    let bytes = match encode_frame(FrameKind::Response, id, resp, conn.config.frame_bytes_max) {
+    if let Some(bytes) = response_frame(id, resp, conn.config.frame_bytes_max) {
+        let _ = conn.out.send(bytes).await;
+    }
+}
+
+/// `resp` as a frame; if it cannot be encoded (too large), the error saying so instead.
+fn response_frame(id: u64, resp: &Response, frame_bytes_max: u32) -> Option<Vec<u8>> {
+    let bytes = match encode_frame(FrameKind::Response, id, resp, frame_bytes_max) {
         Ok(b) => b,
         Err(e) => {
             let fallback = Response::Error {
                 code: e.code(),
                 message: e.to_string(),
             };
-            match encode_frame(
-                FrameKind::Response,
-                id,
-                &fallback,
-                conn.config.frame_bytes_max,
-            ) {
-                Ok(b) => b,
-                Err(_) => return,
-            }
+            encode_frame(FrameKind::Response, id, &fallback, frame_bytes_max).ok()?
         }
     };
-    let _ = conn.out.send(bytes).await;
+    Some(bytes)
 }
 
 fn to_message(m: WireMessage) -> Message {
@@ -733,5 +793,60 @@ impl TransactionChecker for NetChecker {
             conn.checks.lock().remove(&id);
         }
         answer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer_of(bytes: &[u8]) -> (u64, Response) {
+        let f = frame::parse_ref(bytes).unwrap();
+        (f.correlation, protocol::decode(f.body).unwrap())
+    }
+
+    async fn panicking_handler(answer: Answer) {
+        let _answer = answer;
+        panic!("handler bug");
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_still_answers() {
+        for queue_full in [false, true] {
+            let (out, mut rx) = mpsc::channel(1);
+            if queue_full {
+                out.send(b"earlier frame".to_vec()).await.unwrap();
+            }
+            let in_flight = Arc::new(Semaphore::new(1));
+            let permit = in_flight.clone().acquire_owned().await.unwrap();
+            let answer = Answer::new(out, 42, FRAME_BYTES_MAX_DEFAULT, permit);
+            assert!(tokio::spawn(panicking_handler(answer)).await.is_err());
+            if queue_full {
+                // The answer waits for room, and so does the request's permit.
+                assert_eq!(in_flight.available_permits(), 0);
+                assert_eq!(rx.recv().await.unwrap(), b"earlier frame");
+            }
+            let (id, resp) = answer_of(&rx.recv().await.unwrap());
+            assert_eq!(id, 42);
+            assert!(
+                matches!(resp, Response::Error { code, .. } if code == Error::Poisoned(String::new()).code()),
+                "{resp:?}"
+            );
+            // The permit comes back once the answer is queued.
+            let _ = in_flight.acquire().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answered_request_sends_one_frame_and_frees_its_permit() {
+        let (out, mut rx) = mpsc::channel(4);
+        let in_flight = Arc::new(Semaphore::new(1));
+        let permit = in_flight.clone().acquire_owned().await.unwrap();
+        Answer::new(out, 7, FRAME_BYTES_MAX_DEFAULT, permit)
+            .send(&Response::Ok)
+            .await;
+        assert_eq!(in_flight.available_permits(), 1);
+        assert_eq!(answer_of(&rx.recv().await.unwrap()), (7, Response::Ok));
+        assert!(rx.recv().await.is_none());
     }
 }
