@@ -280,6 +280,7 @@ pub fn measure_baseline(dir: &Path, seconds: f64) -> Result<Baseline> {
     let group_secs = start.elapsed().as_secs_f64();
     drop(file);
     storage.remove_file(&path)?;
+    settle_deletes(dir);
     Ok(Baseline {
         serial_fsync_ops_per_s: ops as f64 / serial_secs,
         serial_fsync_p99_us: hist.value_at_quantile(0.99),
@@ -328,7 +329,7 @@ pub fn run_embedded(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Resu
             let dir = format!("plain-{round}");
             let mut r = run_producers(opts, Workload::Plain, &dir, progress)?;
             if opts.cleanup {
-                let _ = std::fs::remove_dir_all(opts.data_dir.join(&dir));
+                remove_between_runs(&opts.data_dir, &dir);
             }
             Ok((with_baseline(&mut r, &raw, opts.size), r))
         })
@@ -378,8 +379,8 @@ fn compare_rounds(
         let r = run_producers(opts, variant, &variant_dir, progress)?;
         if opts.cleanup {
             // Rounds write gigabytes on fast disks: keep only what is being measured.
-            let _ = std::fs::remove_dir_all(opts.data_dir.join(&plain_dir));
-            let _ = std::fs::remove_dir_all(opts.data_dir.join(&variant_dir));
+            remove_between_runs(&opts.data_dir, &plain_dir);
+            remove_between_runs(&opts.data_dir, &variant_dir);
         }
         Ok((plain.msgs_per_s, r))
     })?;
@@ -415,6 +416,23 @@ fn alternate_rounds(
     let (ratio, base, mut r) = done.swap_remove((done.len() - 1) / 2);
     r.round_ratios = ratios;
     Ok((ratio, base, r))
+}
+
+/// Remove `data_dir/name` (a finished run's data) and wait until the deletion reached the
+/// disk, so that it is not paid for during the next run: on a file system mounted with
+/// `discard` (this project's machine), freeing gigabytes sends discards to the disk at the
+/// next journal commit, and back-to-back rounds ran up to 2x slower behind them.
+fn remove_between_runs(data_dir: &Path, name: &str) {
+    let _ = std::fs::remove_dir_all(data_dir.join(name));
+    settle_deletes(data_dir);
+}
+
+/// `syncfs` of the file system holding `dir`: commits (and discards) what deletes freed.
+/// Only a measurement aid; failing it changes nothing but the next run's noise.
+fn settle_deletes(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = rustix::fs::syncfs(&d);
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -683,7 +701,7 @@ pub fn run_network(
         let dir = format!("embedded-compare-{round}");
         let emb = run_producers(opts, Workload::Plain, &dir, progress);
         if opts.cleanup {
-            let _ = std::fs::remove_dir_all(opts.data_dir.join(&dir));
+            remove_between_runs(&opts.data_dir, &dir);
         }
         Ok((emb?.msgs_per_s, net))
     })?;

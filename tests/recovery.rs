@@ -1454,8 +1454,8 @@ fn blank_segment_files(dir: &Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
-/// On real files the segment after the active one is zero-filled ahead by a background
-/// thread: rolls adopt it (at most one such file exists at a time), every message survives
+/// On real files, with small group commits, the segment after the active one is zero-filled
+/// ahead by a background thread: rolls adopt it (at most one such file exists at a time), every message survives
 /// reopen, a clean close removes the unused one, and one left behind by a crash (a blank
 /// newest segment) is removed by recovery and prepared again.
 #[test]
@@ -1480,6 +1480,16 @@ fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
         }
     };
     let mut sent = Vec::new();
+    // Nothing is prepared before the first roll shows how small the group commits are (here
+    // one record each: small enough).
+    for i in 0..70 {
+        sent.push(send(
+            &b,
+            "t",
+            &format!("first-{i}"),
+            &body(&format!("f{i}"), 1000),
+        ));
+    }
     for round in 0..5 {
         let prepared = wait_prepared(&format!("round {round}"));
         let segments_before = b.store().log_stats().segments;

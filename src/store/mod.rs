@@ -176,6 +176,9 @@ struct Writer {
     /// to come back at once — and for how long at most (half the last fsync's time).
     gather_target: u64,
     gather_wait: std::time::Duration,
+    /// Log fsyncs counted at the last roll (or at open): how many syncs filled the active
+    /// segment decides whether the next one is zero-filled ahead (see `store::prepare`).
+    syncs_at_roll: u64,
 }
 
 /// Flush progress, watched by waiting writers and pollers without a lock.
@@ -456,6 +459,7 @@ impl Store {
                 sync_requested: false,
                 gather_target: 1,
                 gather_wait: std::time::Duration::ZERO,
+                syncs_at_roll: 0,
             }),
             work: Condvar::new(),
             space: Condvar::new(),
@@ -1332,8 +1336,13 @@ impl Shared {
         w.active = next;
         w.pos = SEGMENT_HEADER_BYTES;
         w.batch.end = next_base + SEGMENT_HEADER_BYTES;
+        let syncs = self.progress.syncs.load(Ordering::Relaxed);
+        let filled_by = syncs.saturating_sub(w.syncs_at_roll).max(1);
+        w.syncs_at_roll = syncs;
         if let Some(p) = &self.preparer {
-            p.prepare(next_base + size);
+            if prepare::worth_it(size / filled_by) {
+                p.prepare(next_base + size);
+            }
         }
         Ok(())
     }
