@@ -1480,8 +1480,8 @@ fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
         }
     };
     let mut sent = Vec::new();
-    // Nothing is prepared before the first roll shows how small the group commits are (here
-    // one record each: small enough).
+    // The segment after the active one is prepared at open; after a roll, when the group
+    // commits that filled the segment were small (here one record each).
     for i in 0..70 {
         sent.push(send(
             &b,

@@ -435,6 +435,7 @@ impl Store {
         let preparer =
             prepare::Preparer::start(storage.clone(), log_dir.clone(), config.segment_bytes)?;
         if let Some(p) = &preparer {
+            // Nothing is known yet of the group commits' size: prepare one.
             p.prepare(next_base);
         }
         let first_base = rec.segments.keys().next().copied().unwrap_or(0);

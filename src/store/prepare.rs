@@ -17,8 +17,9 @@
 //! producers, 1 KiB messages, alternating runs on a quiet machine: one send in flight each
 //! (~33 records, ~36 KiB per fsync): 127k–129k msg/s without, 154k–156k with (+20%);
 //! 16 sends in flight each (~500 KiB per fsync): 751k–783k msg/s without, 456k–464k with,
-//! and p99 4.8 ms against 11 ms. So the roll prepares the next segment only when the one
-//! just filled took fsyncs of less than 128 KiB on average.
+//! and p99 4.8 ms against 11 ms. So the store prepares the segment after the active one
+//! when it opens, and after a roll only when the segment just filled took fsyncs of less
+//! than 128 KiB on average.
 //!
 //! A prepared file has the next segment's final name and an all-zero header: until the roll
 //! writes its header it is a *blank* segment, which recovery removes (like a segment whose
