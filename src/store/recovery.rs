@@ -433,7 +433,10 @@ fn open_segments(
     }
     if !remove.is_empty() {
         for p in &remove {
-            tracing::warn!(file = %p.display(), "removing a segment that holds no record (prepared ahead, or its creation never finished)");
+            // Blank (prepared ahead by `store::prepare`, or its creation never finished), or
+            // its first record never became durable (reported above): it held nothing
+            // acknowledged.
+            tracing::info!(file = %p.display(), "removing a segment file that holds no record");
             storage.remove_file(p)?;
         }
         storage.sync_dir(log_dir)?;
