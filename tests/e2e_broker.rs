@@ -1443,6 +1443,16 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
     drop(broker);
 }
 
+/// The `round_ratios` of a comparing bench's JSON report.
+fn round_ratios(r: &Value) -> Vec<f64> {
+    r["round_ratios"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no round_ratios in {r}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 /// `--baseline` alternates the raw disk and the store `--rounds` times and reports the
 /// median round, with that round's raw figures and every round's ratio.
 #[test]
@@ -1468,12 +1478,7 @@ fn bench_baseline_alternates_raw_disk_and_store() {
     .ok();
     let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(r["messages"].as_u64(), Some(200), "{r}");
-    let rounds: Vec<f64> = r["round_ratios"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no round_ratios in {r}"))
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let rounds = round_ratios(&r);
     assert_eq!(rounds.len(), 2, "{r}");
     let ratio = r["ratio_to_raw"].as_f64().unwrap();
     assert_eq!(
@@ -1518,27 +1523,15 @@ fn bench_producers_can_keep_several_sends_in_flight() {
     // 24 sends outstanding against one flusher: group commits carry more than one each.
     assert!(r["msgs_per_fsync"].as_f64().unwrap() > 1.0, "{r}");
 
-    let err = run(&[
-        "bench",
-        "--embedded",
-        "--threads",
-        "--in-flight",
-        "2",
-        "--messages",
-        "10",
-    ])
-    .fails();
-    assert!(err.stderr.contains("in-flight"), "{}", err.stderr);
-    let err = run(&[
-        "bench",
-        "--embedded",
-        "--in-flight",
-        "0",
-        "--messages",
-        "10",
-    ])
-    .fails();
-    assert!(err.stderr.contains("in-flight"), "{}", err.stderr);
+    for bad in [
+        &["--threads", "--in-flight", "2"][..],
+        &["--in-flight", "0"],
+    ] {
+        let mut args = vec!["bench", "--embedded", "--messages", "10"];
+        args.extend(bad);
+        let err = run(&args).fails();
+        assert!(err.stderr.contains("in-flight"), "{}", err.stderr);
+    }
 
     let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
     let mut args = vec!["bench", "--addr", &broker.addr, "--connections", "2"];
@@ -1557,12 +1550,7 @@ fn bench_producers_can_keep_several_sends_in_flight() {
 #[test]
 fn comparing_benches_report_the_median_of_their_rounds() {
     fn check(r: &Value, ratio_field: &str) {
-        let rounds: Vec<f64> = r["round_ratios"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no round_ratios in {r}"))
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let rounds = round_ratios(r);
         assert_eq!(rounds.len(), 3, "{r}");
         let ratio = r[ratio_field].as_f64().unwrap();
         let mut sorted = rounds.clone();
