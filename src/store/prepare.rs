@@ -108,10 +108,11 @@ impl Preparer {
                     let ran =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| i.run(base)));
                     if ran.is_err() {
-                        // Never leave a roll waiting for a preparation that died.
+                        // Never leave a roll waiting for a preparation that died; the thread
+                        // goes on taking requests (a later one is answered, not lost).
                         *i.state.lock() = State::Idle;
+                        i.cancel.store(false, Ordering::Release);
                         i.settled.notify_all();
-                        return;
                     }
                 }
             },
