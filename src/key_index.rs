@@ -481,7 +481,7 @@ impl KeyIndex {
     /// below the log's durable end), reading it with `scan(from, to, f)`
     /// ([`crate::store::Store::scan_records`]). Holds the index lock meanwhile, so lookups
     /// wait for it. `log_start` is the first offset the log still has; no record with a key
-    /// ends after `keyed_end` ([`crate::store::Store::keyed_end`]), so the log from there to
+    /// ends after `keyed_end` ([`crate::store::LogReader::keyed_end`]), so the log from there to
     /// `to` is passed over unread (a keyless workload costs the indexer nothing).
     pub fn catch_up(
         &self,

@@ -439,7 +439,8 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     codec::encode(v, "protocol message")
 }
 
-/// Encode a protocol value at the end of `out` (see [`codec::encode_append`]).
+/// Encode a protocol value at the end of `out` (the same bytes as [`encode`], without a new
+/// buffer).
 pub fn encode_append<T: Serialize>(v: &T, out: &mut Vec<u8>) -> Result<()> {
     codec::encode_append(v, out, "protocol message")
 }

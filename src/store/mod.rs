@@ -858,14 +858,6 @@ impl Store {
         }
     }
 
-    /// Log offset just past the newest record appended with a key since open (the end of
-    /// the recovered log right after open, since what recovery found is not looked at).
-    /// Read after [`Store::log_stats`], every record with a key below its `durable_offset`
-    /// is below this: the key index skips the rest of the log unread.
-    pub fn keyed_end(&self) -> u64 {
-        self.shared.keyed_end.load(Ordering::Acquire)
-    }
-
     /// Log statistics.
     pub fn log_stats(&self) -> LogStats {
         self.shared.log_stats()
@@ -1056,7 +1048,10 @@ impl LogReader {
         self.shared.scan_records(from, to, f)
     }
 
-    /// [`Store::keyed_end`].
+    /// Log offset just past the newest record appended with a key since open (the end of
+    /// the recovered log right after open, since what recovery found is not looked at).
+    /// Read after [`LogReader::log_stats`], every record with a key below its
+    /// `durable_offset` is below this: the key index skips the rest of the log unread.
     pub fn keyed_end(&self) -> u64 {
         self.shared.keyed_end.load(Ordering::Acquire)
     }
