@@ -440,7 +440,7 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 /// Encode a protocol value at the end of `out` (the same bytes as [`encode`], without a new
-/// buffer).
+/// buffer). On error `out` may hold part of the value: the caller truncates it.
 pub fn encode_append<T: Serialize>(v: &T, out: &mut Vec<u8>) -> Result<()> {
     codec::encode_append(v, out, "protocol message")
 }
