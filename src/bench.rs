@@ -553,18 +553,18 @@ fn run_producers(
     };
     monitor(&load, start, limit_time, || producers.finished(), progress);
     let seconds = start.elapsed().as_secs_f64();
-    let mut hist = histogram();
-    for h in producers.join()? {
-        hist.add(&h).map_err(|e| Error::Invalid {
-            what: "histogram",
-            reason: e.to_string(),
-        })?;
-    }
+    let hist = merged(producers.join()?)?;
     let log = broker.store().log_stats();
     let scrapes = scraper.map(Scraper::stop);
     let in_after = opts.metrics.as_ref().map(messages_in);
     broker.close()?;
-    let messages = load.done.load(Ordering::Relaxed);
+    let run = Measured {
+        messages: load.done.load(Ordering::Relaxed),
+        seconds,
+        hist,
+        syncs: log.syncs,
+        records: log.records,
+    };
     Ok(BenchReport {
         mode: match work {
             Workload::Plain => "embedded".into(),
@@ -572,28 +572,66 @@ fn run_producers(
             Workload::Keyed => "idempotency_keys".into(),
         },
         producer_kind: if opts.threads { "threads" } else { "tasks" }.into(),
-        producers: opts.producers,
-        in_flight: opts.in_flight,
-        msg_bytes: opts.size,
         flush: match opts.flush {
             FlushPolicy::Sync => "sync".into(),
             FlushPolicy::Async { .. } => "async".into(),
         },
-        messages,
-        seconds: round3(seconds),
-        msgs_per_s: round2(messages as f64 / seconds),
-        mib_per_s: round2(messages as f64 * opts.size as f64 / (1024.0 * 1024.0) / seconds),
-        p50_us: hist.value_at_quantile(0.50),
-        p99_us: hist.value_at_quantile(0.99),
-        p999_us: hist.value_at_quantile(0.999),
-        max_us: hist.max(),
-        fsyncs_per_s: round2(log.syncs as f64 / seconds),
-        msgs_per_fsync: round2(log.records as f64 / log.syncs.max(1) as f64),
         metrics_recorder: opts.metrics.is_some(),
         metrics_messages_in: in_after.zip(in_before).map(|(a, b)| a.saturating_sub(b)),
         metrics_scrapes: scrapes,
-        ..BenchReport::default()
+        ..run.report(opts)
     })
+}
+
+/// What one run of producers measured.
+struct Measured {
+    messages: u64,
+    seconds: f64,
+    hist: Histogram<u64>,
+    /// Log fsyncs and records appended during the run.
+    syncs: u64,
+    records: u64,
+}
+
+impl Measured {
+    /// The report's figures of this run (mode, producer kind and flush left to the caller).
+    fn report(self, opts: &BenchOptions) -> BenchReport {
+        let Measured {
+            messages,
+            seconds,
+            hist,
+            syncs,
+            records,
+        } = self;
+        BenchReport {
+            producers: opts.producers,
+            in_flight: opts.in_flight,
+            msg_bytes: opts.size,
+            messages,
+            seconds: round3(seconds),
+            msgs_per_s: round2(messages as f64 / seconds),
+            mib_per_s: round2(messages as f64 * opts.size as f64 / (1024.0 * 1024.0) / seconds),
+            p50_us: hist.value_at_quantile(0.50),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+            fsyncs_per_s: round2(syncs as f64 / seconds),
+            msgs_per_fsync: round2(records as f64 / syncs.max(1) as f64),
+            ..BenchReport::default()
+        }
+    }
+}
+
+/// The producers' latency histograms as one.
+fn merged(hists: Vec<Histogram<u64>>) -> Result<Histogram<u64>> {
+    let mut all = histogram();
+    for h in hists {
+        all.add(&h).map_err(|e| Error::Invalid {
+            what: "histogram",
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(all)
 }
 
 /// `--in-flight` is 1 ..= 1024, and more than 1 only for async producers (a thread calling
@@ -783,36 +821,22 @@ fn run_network_once(
     let syncs_after = rt.block_on(remote_log_counters(&clients[0]));
     drop(clients);
     drop(rt);
-    let mut hist = histogram();
-    for h in hists {
-        hist.add(&h).map_err(|e| Error::Invalid {
-            what: "histogram",
-            reason: e.to_string(),
-        })?;
-    }
-    let messages = load.done.load(Ordering::Relaxed);
     let (syncs, records) = match (syncs_before, syncs_after) {
         (Some(a), Some(b)) => (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)),
         _ => (0, 0),
     };
+    let run = Measured {
+        messages: load.done.load(Ordering::Relaxed),
+        seconds,
+        hist: merged(hists)?,
+        syncs,
+        records,
+    };
     Ok(BenchReport {
         mode: "broker".into(),
-        producers: opts.producers,
-        in_flight: opts.in_flight,
         producer_kind: format!("tasks over {connections} connections"),
-        msg_bytes: opts.size,
         flush: "broker's".into(),
-        messages,
-        seconds: round3(seconds),
-        msgs_per_s: round2(messages as f64 / seconds),
-        mib_per_s: round2(messages as f64 * opts.size as f64 / (1024.0 * 1024.0) / seconds),
-        p50_us: hist.value_at_quantile(0.50),
-        p99_us: hist.value_at_quantile(0.99),
-        p999_us: hist.value_at_quantile(0.999),
-        max_us: hist.max(),
-        fsyncs_per_s: round2(syncs as f64 / seconds),
-        msgs_per_fsync: round2(records as f64 / syncs.max(1) as f64),
-        ..BenchReport::default()
+        ..run.report(opts)
     })
 }
 
