@@ -16,11 +16,14 @@
 //!
 //! `HALFMQ_MODEL_CASES=N` sets the number of cases of the model test (default 32).
 
+mod common;
+
+use common::open_waiting_for_lock;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use halfmq::idem::{IDEMPOTENCY_KEY_BYTES_MAX, PROP_IDEMPOTENCY_KEY};
 use halfmq::store::io::{CrashMode, Faults, SimStorage};
@@ -47,24 +50,11 @@ fn config(dir: &Path, checkpoint_bytes: u64) -> BrokerConfig {
 }
 
 fn open(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
-    let start = Instant::now();
-    loop {
-        match Broker::open_with(Arc::new(disk.clone()), cfg.clone()) {
-            // sled releases its lock lazily after the previous handle is dropped.
-            Err(Error::Meta(m))
-                if m.contains("could not acquire lock")
-                    && start.elapsed() < Duration::from_secs(15) =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(b) => {
-                b.create_topic(TOPIC, 4).expect("create topic");
-                b.create_topic(PROBE, 1).expect("create probe topic");
-                return b;
-            }
-            Err(e) => panic!("open failed: {e}"),
-        }
-    }
+    let b = open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
+        .unwrap_or_else(|e| panic!("open failed: {e}"));
+    b.create_topic(TOPIC, 4).expect("create topic");
+    b.create_topic(PROBE, 1).expect("create probe topic");
+    b
 }
 
 fn restart(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {

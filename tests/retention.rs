@@ -4,6 +4,9 @@
 //! each step of a delete, polls of deleted offsets, and index rebuilds of a log that no
 //! longer starts at 0.
 
+mod common;
+
+use common::open_waiting_for_lock;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -508,18 +511,7 @@ fn retention_settings_are_checked() {
 /// Open on a simulated disk, waiting out sled's lazily released lock of the broker closed
 /// just before.
 fn open_sim(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
-    let start = std::time::Instant::now();
-    loop {
-        match Broker::open_with(Arc::new(disk.clone()), cfg.clone()) {
-            Err(Error::Meta(m))
-                if m.contains("could not acquire lock")
-                    && start.elapsed() < Duration::from_secs(15) =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            r => return r.unwrap(),
-        }
-    }
+    open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone())).unwrap()
 }
 
 /// After an open every group's leases are gone: a poll of everything must return exactly

@@ -46,11 +46,14 @@
 //! the background, so in rare cases a replay sees a fault land on a checkpoint instead of a
 //! record (the checks accept both).
 
+mod common;
+
+use common::open_waiting_for_lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use halfmq::record::{encode_properties, encoded_len, Properties};
 use halfmq::store::io::{CrashMode, Faults, SimStorage};
@@ -71,8 +74,6 @@ const POLL_ALL: usize = 1 << 20;
 const PROP_TXN: &str = "halfmq.txn";
 /// Seeds run by default (CI): 11-18 s in a debug build on the project's busy machine.
 const DEFAULT_SEEDS: u64 = 32;
-/// How long to wait out sled's lazily released lock of the broker closed just before.
-const OPEN_RETRY_LIMIT: Duration = Duration::from_secs(15);
 /// Every body starts with its message id: 16 hex digits and a colon.
 const ID_BYTES: usize = 17;
 
@@ -343,18 +344,7 @@ impl Sim {
 
     /// Open, waiting out sled's lazily released lock of the broker closed just before.
     fn try_open(&self) -> halfmq::Result<Arc<Broker>> {
-        let start = Instant::now();
-        loop {
-            match Broker::open_with(Arc::new(self.disk.clone()), self.cfg.clone()) {
-                Err(Error::Meta(m))
-                    if m.contains("could not acquire lock")
-                        && start.elapsed() < OPEN_RETRY_LIMIT =>
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                r => return r,
-            }
-        }
+        open_waiting_for_lock(|| Broker::open_with(Arc::new(self.disk.clone()), self.cfg.clone()))
     }
 
     fn new_body(&mut self) -> (u64, Vec<u8>) {

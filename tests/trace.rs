@@ -3,6 +3,9 @@
 //! index rebuilt after its files are deleted or damaged; hash collisions and file rollover
 //! (tiny index files); keyless messages not indexed; the CLI through the real binary.
 
+mod common;
+
+use common::open_waiting_for_lock;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -43,33 +46,13 @@ fn config(dir: &Path, check_max: u32, checkpoint_bytes: u64) -> BrokerConfig {
 }
 
 fn open_sim(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
-    let start = Instant::now();
-    loop {
-        match Broker::open_with(Arc::new(disk.clone()), cfg.clone()) {
-            Err(Error::Meta(m))
-                if m.contains("could not acquire lock")
-                    && start.elapsed() < Duration::from_secs(15) =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            r => return r.unwrap_or_else(|e| panic!("open failed: {e}")),
-        }
-    }
+    open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
+        .unwrap_or_else(|e| panic!("open failed: {e}"))
 }
 
 fn open_fs(cfg: &BrokerConfig) -> Arc<Broker> {
-    let start = Instant::now();
-    loop {
-        match Broker::open(cfg.clone()) {
-            Err(Error::Meta(m))
-                if m.contains("could not acquire lock")
-                    && start.elapsed() < Duration::from_secs(15) =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            r => return r.unwrap_or_else(|e| panic!("open failed: {e}")),
-        }
-    }
+    open_waiting_for_lock(|| Broker::open(cfg.clone()))
+        .unwrap_or_else(|e| panic!("open failed: {e}"))
 }
 
 fn close(b: Arc<Broker>) {

@@ -33,6 +33,9 @@
 //! `HALFMQ_MODEL_CASES=N` sets the number of cases of the model test (default 48). A failing
 //! case prints its operations, the step that failed, and what differed.
 
+mod common;
+
+use common::open_waiting_for_lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -110,17 +113,7 @@ fn open(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
 /// Open, waiting out sled's lazily released lock of the broker closed just before (see
 /// `reopen_right_after_close_never_fails_on_the_metadata_lock`); any other error is returned.
 fn try_open(disk: &SimStorage, cfg: &BrokerConfig) -> halfmq::Result<Arc<Broker>> {
-    let start = Instant::now();
-    loop {
-        match Broker::open_with(Arc::new(disk.clone()), cfg.clone()) {
-            Err(Error::Meta(m))
-                if m.contains("could not acquire lock") && start.elapsed() < WAIT_LIMIT =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            r => return r,
-        }
-    }
+    open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
 }
 
 /// Whether the old process may still write sled after its disk died.

@@ -1,6 +1,7 @@
-//! Helpers shared by the tests that run the real `halfmq` binary: child processes whose
-//! output is read line by line, finished CLI commands, and a broker on a free loopback port
-//! that can be stopped with SIGTERM or SIGKILL and restarted on the same data directory.
+//! Helpers shared by the tests: for those that run the real `halfmq` binary, child
+//! processes whose output is read line by line, finished CLI commands, and a broker on a
+//! free loopback port that can be stopped with SIGTERM or SIGKILL and restarted on the same
+//! data directory; for the embedded ones, reopening a broker right after closing one.
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
@@ -359,5 +360,30 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         }
         assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Embedded brokers
+// ---------------------------------------------------------------------------------------
+
+/// How long a reopen waits for the metadata lock of the broker closed just before.
+pub const OPEN_WAIT: Duration = Duration::from_secs(15);
+
+/// Run `open` again while it fails on sled's metadata lock, which sled releases lazily after
+/// the previous handle is dropped, for up to [`OPEN_WAIT`]; any other outcome is returned.
+pub fn open_waiting_for_lock(
+    mut open: impl FnMut() -> halfmq::Result<Arc<halfmq::Broker>>,
+) -> halfmq::Result<Arc<halfmq::Broker>> {
+    let start = Instant::now();
+    loop {
+        match open() {
+            Err(halfmq::Error::Meta(m))
+                if m.contains("could not acquire lock") && start.elapsed() < OPEN_WAIT =>
+            {
+                thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
     }
 }
