@@ -217,10 +217,9 @@ fn a_pending_delayed_message_pins_the_log() {
     assert!(r.log_start <= d.id);
 }
 
-#[test]
-fn an_unreplayed_dead_letter_pins_the_log_until_replayed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+/// A broker whose group "g" has dead-lettered message 0 of topic "t" (no retries).
+fn with_one_dead_letter(dir: &Path) -> Arc<Broker> {
+    let b = Broker::open(config(dir)).unwrap();
     b.set_group_settings(
         "g",
         &GroupSettings {
@@ -232,6 +231,13 @@ fn an_unreplayed_dead_letter_pins_the_log_until_replayed() {
     fill(&b, "t", 0, 1);
     let d = b.poll("g", "t", 1).unwrap();
     b.nack("g", "t", d[0].queue, d[0].offset, None).unwrap();
+    b
+}
+
+#[test]
+fn an_unreplayed_dead_letter_pins_the_log_until_replayed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = with_one_dead_letter(tmp.path());
     fill(&b, "t", 1, 300);
     assert_eq!(drain(&b, "g", "t").len(), 300);
     let r = b.enforce_retention().unwrap();
@@ -709,18 +715,7 @@ fn measure_retention_pass_cost_and_bounded_disk() {
 #[test]
 fn dead_letters_acked_by_a_group_polling_the_dead_letter_queue_are_released() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
-    b.set_group_settings(
-        "g",
-        &GroupSettings {
-            max_retries: Some(0),
-            ..GroupSettings::default()
-        },
-    )
-    .unwrap();
-    fill(&b, "t", 0, 1);
-    let d = b.poll("g", "t", 1).unwrap();
-    b.nack("g", "t", d[0].queue, d[0].offset, None).unwrap();
+    let b = with_one_dead_letter(tmp.path());
     fill(&b, "t", 1, 300);
     drain(&b, "g", "t");
     // An operator's group reads and acks the dead letters instead of replaying them.
