@@ -21,8 +21,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use halfmq::record::{self, Header, RecordKind};
 use halfmq::{Broker, BrokerConfig, FlushPolicy, Message, StoreConfig};
+use halfmq_store::record::{self, Header, RecordKind};
 use tempfile::TempDir;
 
 /// Body bytes of every message and record.
@@ -54,10 +54,7 @@ impl Fixture {
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("create a data directory under the target dir");
         let mut config = BrokerConfig::new(dir.path().join("broker"));
-        config.store = StoreConfig {
-            flush,
-            ..StoreConfig::default()
-        };
+        config.store = StoreConfig::default().with_flush(flush);
         let broker = Broker::open(config).expect("open the broker");
         Fixture {
             broker,

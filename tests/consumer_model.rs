@@ -44,13 +44,18 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use halfmq::broker::{now_ms, NackOutcome};
-use halfmq::meta::GroupSettings;
-use halfmq::store::io::{CrashMode, SimStorage};
+use halfmq::clock::now_ms;
+use halfmq::GroupSettings;
+use halfmq::NackOutcome;
 use halfmq::{Broker, BrokerConfig, Delivery, Error, Message};
+use halfmq_store::sim::{CrashMode, SimStorage};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
+
+mod common;
+
+use common::{crash_mode, model_config, run_ops, SimHarness, SimParts};
 
 const TOPIC: &str = "jobs";
 const GROUPS: [&str; 2] = ["billing", "shipping"];
@@ -62,14 +67,6 @@ const POLL_ALL: usize = 1 << 20;
 const BACKOFF_MS: [u64; 2] = [2, 5];
 /// Extra slack when comparing `Instant`s with the broker's millisecond wall clock.
 const MARGIN: Duration = Duration::from_millis(1);
-
-/// Cases: `HALFMQ_MODEL_CASES`, or 24.
-fn cases() -> u32 {
-    std::env::var("HALFMQ_MODEL_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(24)
-}
 
 // =============================================================================================
 // Cases
@@ -144,13 +141,6 @@ struct Case {
     ops: Vec<Op>,
     /// The case ends with this crash, a reopen and a drain of every group.
     final_crash: CrashMode,
-}
-
-fn crash_mode() -> impl Strategy<Value = CrashMode> {
-    prop_oneof![
-        Just(CrashMode::DropUnsynced),
-        any::<u64>().prop_map(|seed| CrashMode::KeepRandomPrefix { seed }),
-    ]
 }
 
 fn nack_delay() -> impl Strategy<Value = NackDelay> {
@@ -322,15 +312,6 @@ macro_rules! ensure {
     };
 }
 
-/// Drop the last handle of a broker, so that its metadata database is closed before the next
-/// open; fail if anything else still holds it.
-fn release(broker: Option<Arc<Broker>>) -> Check {
-    match broker.map(Arc::try_unwrap) {
-        None | Some(Ok(_)) => Ok(()),
-        Some(Err(_)) => Err("the broker is still shared".into()),
-    }
-}
-
 struct Harness {
     _dir: tempfile::TempDir,
     cfg: BrokerConfig,
@@ -344,6 +325,39 @@ struct Harness {
     /// it): before that, stats count none of its leases.
     loaded: [bool; 2],
     sent: u64,
+}
+
+impl SimHarness for Harness {
+    fn parts(&mut self) -> SimParts<'_> {
+        (&mut self.disk, &self.cfg, &mut self.broker)
+    }
+
+    fn opened(&mut self, when: &str) -> Check {
+        for (name, g) in GROUPS.iter().zip(&self.groups) {
+            let (_, s) = self
+                .broker()
+                .group_settings(name)
+                .map_err(|e| format!("group settings of {name} {when}: {e}"))?;
+            ensure!(
+                s == Self::settings(g),
+                "{when}: {name} has settings {s:?}; set were {g:?}"
+            );
+        }
+        self.loaded = [false; 2];
+        // A delivery in flight does not count as failed: it is deliverable again at once,
+        // with the failures it had.
+        for m in &mut self.model {
+            for st in m.states.values_mut() {
+                if let St::Leased { failures, .. } = *st {
+                    *st = St::Waiting {
+                        failures,
+                        wait: None,
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Harness {
@@ -442,13 +456,7 @@ impl Harness {
             Op::Sleep { ms } => thread::sleep(Duration::from_millis(ms)),
             Op::Replay { group } => self.replay(group)?,
             Op::Crash(mode) => self.crash(mode)?,
-            Op::Reopen => {
-                self.broker()
-                    .close()
-                    .map_err(|e| format!("clean close: {e}"))?;
-                release(self.broker.take())?;
-                self.open("after a clean close")?;
-            }
+            Op::Reopen => self.clean_restart()?,
         }
         for (gi, group) in GROUPS.iter().enumerate() {
             let new = self.new_dead_letters(gi)?;
@@ -700,7 +708,7 @@ impl Harness {
 
     /// The group's dead letters past those in the model; the ones in the model must be
     /// listed exactly as the model has them.
-    fn new_dead_letters(&self, gi: usize) -> Result<Vec<halfmq::broker::DeadLetter>, String> {
+    fn new_dead_letters(&self, gi: usize) -> Result<Vec<halfmq::DeadLetter>, String> {
         let group = GROUPS[gi];
         let mut all = self
             .broker()
@@ -863,44 +871,6 @@ impl Harness {
         Ok(())
     }
 
-    fn crash(&mut self, mode: CrashMode) -> Check {
-        // Crash first, so the old broker can change nothing on the disk that survives; only
-        // then let it go.
-        let survivor = self.disk.crash(mode);
-        release(self.broker.take())?;
-        self.disk = survivor;
-        self.open(&format!("after crash {mode:?}"))
-    }
-
-    fn open(&mut self, when: &str) -> Check {
-        let b = Broker::open_with(Arc::new(self.disk.clone()), self.cfg.clone())
-            .map_err(|e| format!("open {when}: {e}"))?;
-        for (name, g) in GROUPS.iter().zip(&self.groups) {
-            let (_, s) = b
-                .group_settings(name)
-                .map_err(|e| format!("group settings of {name} {when}: {e}"))?;
-            ensure!(
-                s == Self::settings(g),
-                "{when}: {name} has settings {s:?}; set were {g:?}"
-            );
-        }
-        self.broker = Some(b);
-        self.loaded = [false; 2];
-        // A delivery in flight does not count as failed: it is deliverable again at once,
-        // with the failures it had.
-        for m in &mut self.model {
-            for st in m.states.values_mut() {
-                if let St::Leased { failures, .. } = *st {
-                    *st = St::Waiting {
-                        failures,
-                        wait: None,
-                    };
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// After the final crash: each group gets exactly its messages neither acked nor
     /// dead-lettered, in one poll; acked, they never come back.
     fn drain(&mut self) -> Check {
@@ -946,49 +916,26 @@ impl Harness {
     }
 }
 
-fn format_ops(ops: &[Op], failed_at: Option<usize>) -> String {
-    let mut s = String::new();
-    for (i, op) in ops.iter().enumerate() {
-        let mark = if Some(i) == failed_at {
-            "  <== failed here"
-        } else {
-            ""
-        };
-        s.push_str(&format!("  {i:3}: {op:?}{mark}\n"));
-    }
-    s
-}
-
 fn run_case(case: &Case) -> Result<(), TestCaseError> {
-    let fail = |at: Option<usize>, what: &str, msg: String| {
-        TestCaseError::fail(format!(
-            "{what}: {msg}\ncase: queues {} groups {:?} final crash {:?}\nops:\n{}",
-            case.queues,
-            case.groups,
-            case.final_crash,
-            format_ops(&case.ops, at)
-        ))
-    };
     T0.get_or_init(Instant::now);
-    let mut h = Harness::new(case).map_err(|m| fail(None, "setup", m))?;
-    for (i, op) in case.ops.iter().enumerate() {
-        h.step(op)
-            .map_err(|m| fail(Some(i), &format!("step {i} {op:?}"), m))?;
-    }
-    h.crash(case.final_crash)
-        .and_then(|()| h.drain())
-        .map_err(|m| fail(None, &format!("final crash {:?}", case.final_crash), m))?;
-    h.broker()
-        .close()
-        .map_err(|e| fail(None, "final close", e.to_string()))?;
-    Ok(())
+    run_ops(
+        &format!(
+            "queues {} groups {:?} final crash {:?}",
+            case.queues, case.groups, case.final_crash
+        ),
+        &case.ops,
+        || Harness::new(case),
+        Harness::step,
+        (&format!("final crash {:?}", case.final_crash), |mut h| {
+            h.crash(case.final_crash)?;
+            h.drain()?;
+            h.broker().close().map_err(|e| format!("final close: {e}"))
+        }),
+    )
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        max_shrink_iters: 512,
-        ..ProptestConfig::with_cases(cases())
-    })]
+    #![proptest_config(model_config(24, 512))]
 
     #[test]
     fn consumers_that_ack_nack_time_out_and_crash_lose_nothing(case in case_strategy()) {

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use halfmq::broker::now_ms;
-use halfmq::delayed::PROP_DELAYED;
-use halfmq::store::io::{CrashMode, SimStorage};
-use halfmq::{Broker, BrokerConfig, Error, Message};
+use halfmq::clock::now_ms;
+use halfmq::props::PROP_DELAYED;
+use halfmq::{Broker, BrokerConfig, Clock, Error, ManualClock, Message};
+use halfmq_store::sim::{CrashMode, SimStorage};
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     let mut c = BrokerConfig::new(dir);
@@ -37,15 +37,13 @@ fn drain(b: &Broker, group: &str, timeout: Duration) -> Vec<(Vec<u8>, Instant)> 
 
 #[test]
 fn a_delayed_message_is_invisible_until_its_time_then_delivered_once() {
+    // The broker's clock moves only when the test moves it, so "not yet" and "now" are exact.
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
-    let sent = Instant::now();
+    let clock = ManualClock::starting_now();
+    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let at = clock.now_ms() + 700;
     let r = b
-        .send_delayed(
-            "t",
-            &Message::new("later").with_key("order-1"),
-            now_ms() + 700,
-        )
+        .send_delayed("t", &Message::new("later").with_key("order-1"), at)
         .unwrap();
     b.send("t", &Message::new("now")).unwrap();
     assert_eq!(b.stats().unwrap().delayed_pending, 1);
@@ -53,13 +51,17 @@ fn a_delayed_message_is_invisible_until_its_time_then_delivered_once() {
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].body, b"now");
     b.ack("g", "t", first[0].queue, first[0].offset).unwrap();
-    let got = drain(&b, "g", Duration::from_millis(2500));
+    // One millisecond before its time: not delivered.
+    clock.advance_ms(699);
+    b.run_due_now();
+    assert!(b.poll("g", "t", 10).unwrap().is_empty());
+    assert_eq!(b.stats().unwrap().delayed_pending, 1);
+    // At its time: delivered, exactly once.
+    clock.advance_ms(1);
+    b.run_due_now();
+    let got = drain(&b, "g", Duration::from_millis(500));
     assert_eq!(got.len(), 1, "delivered exactly once");
-    let waited = got[0].1.duration_since(sent);
-    assert!(
-        waited >= Duration::from_millis(690) && waited < Duration::from_millis(1700),
-        "delivered {waited:?} after the send, due at 700 ms"
-    );
+    assert_eq!(got[0].0, b"later");
     assert_eq!(b.stats().unwrap().delayed_pending, 0);
     let again = b.poll("other", "t", 10).unwrap();
     let later = again.iter().find(|d| d.body == b"later").unwrap();
@@ -86,15 +88,21 @@ fn past_times_go_at_once_and_far_ones_are_refused() {
 #[test]
 fn delayed_messages_are_delivered_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::starting_now();
+    let cfg = config(tmp.path()).with_clock(clock.clone());
     {
-        let b = Broker::open(config(tmp.path())).unwrap();
-        b.send_delayed("t", &Message::new("after-restart"), now_ms() + 600)
+        let b = Broker::open(cfg.clone()).unwrap();
+        let at = clock.now_ms() + 600;
+        b.send_delayed("t", &Message::new("after-restart"), at)
             .unwrap();
         b.close().unwrap();
     }
-    let b = Broker::open(config(tmp.path())).unwrap();
+    // Its time passes while the broker is down.
+    clock.advance_ms(600);
+    let b = Broker::open(cfg).unwrap();
     assert_eq!(b.stats().unwrap().delayed_pending, 1);
-    let got = drain(&b, "g", Duration::from_millis(2000));
+    b.run_due_now();
+    let got = drain(&b, "g", Duration::from_millis(500));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, b"after-restart");
 }

@@ -16,9 +16,9 @@ use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use halfmq::net::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
-use halfmq::net::protocol::{self, codes, Push, Request, Response, WireMessage};
 use halfmq::{CheckAnswer, TxnState};
+use halfmq_client::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES};
+use halfmq_client::protocol::{self, codes, Push, Request, Response, WireMessage};
 use serde_json::Value;
 
 mod common;
@@ -88,25 +88,18 @@ fn pos(v: &Value) -> (u64, u64) {
 // Raw protocol connections
 // ---------------------------------------------------------------------------------------
 
-fn frame_of(kind: FrameKind, correlation: u64, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    frame::encode_into(&mut out, kind, correlation, body, FRAME_BYTES_MAX_DEFAULT).unwrap();
-    out
-}
-
-fn request_frame(correlation: u64, req: &Request) -> Vec<u8> {
-    frame_of(
-        FrameKind::Request,
-        correlation,
-        &protocol::encode(req).unwrap(),
-    )
-}
-
 /// Recompute the CRC after editing a frame's bytes, so that only the edit is wrong.
 fn reseal(mut f: Vec<u8>) -> Vec<u8> {
     let crc = crc32fast::hash(&f[8..]);
     f[4..8].copy_from_slice(&crc.to_le_bytes());
     f
+}
+
+/// `f` with byte `at` set to `v`, resealed.
+fn edited(f: &[u8], at: usize, v: u8) -> Vec<u8> {
+    let mut f = f.to_vec();
+    f[at] = v;
+    reseal(f)
 }
 
 fn hello(token: Option<&str>) -> Request {
@@ -338,15 +331,6 @@ fn produce_consume_ack_and_restart() {
     assert!(consume(&broker.addr, "t", "g", &["--idle-exit-ms", "300"]).is_empty());
 }
 
-const FAST_TXN: [&str; 6] = [
-    "--txn-timeout-ms",
-    "300",
-    "--txn-check-interval-ms",
-    "100",
-    "--txn-check-backoff-max-ms",
-    "200",
-];
-
 fn txn_begin(addr: &str, key: &str) -> u64 {
     let out = run(&[
         "txn", "begin", "--addr", addr, "--topic", "pay", "--key", key, "--group", "pay-svc",
@@ -364,9 +348,7 @@ fn txn_begin(addr: &str, key: &str) -> u64 {
 #[test]
 fn crashed_producer_is_resolved_by_the_checker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = FAST_TXN.to_vec();
-    args.extend(["--txn-check-max", "50"]);
-    let broker = BrokerProc::start(dir.path(), &args);
+    let broker = BrokerProc::start(dir.path(), &fast_check_back("50"));
     let a = broker.addr.as_str();
 
     let txn = txn_begin(a, "order-1");
@@ -428,9 +410,7 @@ fn crashed_producer_is_resolved_by_the_checker() {
 #[test]
 fn unanswered_transaction_becomes_unresolved_and_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = FAST_TXN.to_vec();
-    args.extend(["--txn-check-max", "2"]);
-    let mut broker = BrokerProc::start(dir.path(), &args);
+    let mut broker = BrokerProc::start(dir.path(), &fast_check_back("2"));
 
     let txn = txn_begin(&broker.addr, "order-2");
     let unresolved = |addr: &str| {
@@ -568,21 +548,13 @@ fn malformed_input_closes_only_that_connection() {
         ),
         case(
             "unknown protocol version",
-            reseal({
-                let mut f = list.clone();
-                f[8] = 2;
-                f
-            }),
+            edited(&list, 8, 2),
             false,
             "protocol version 2",
         ),
         case(
             "unknown frame kind",
-            reseal({
-                let mut f = list.clone();
-                f[9] = 9;
-                f
-            }),
+            edited(&list, 9, 9),
             false,
             "unknown frame kind 9",
         ),
@@ -736,9 +708,7 @@ fn a_stalled_client_does_not_block_others() {
 #[test]
 fn raw_protocol_pipelining_errors_and_check_back() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = FAST_TXN.to_vec();
-    args.extend(["--txn-check-max", "50"]);
-    let broker = BrokerProc::start(dir.path(), &args);
+    let broker = BrokerProc::start(dir.path(), &fast_check_back("50"));
     let a = broker.addr.as_str();
 
     let mut c = Raw::connect(a);
@@ -1024,6 +994,47 @@ fn print_config_merges_flags_env_and_file() {
     assert_eq!(v["listen"].as_str(), Some("127.0.0.1:10911"), "default");
     assert!(!r.stdout.contains("do-not-print-me"), "{}", r.stdout);
     assert_eq!(v["token"].as_str(), Some("(set)"));
+    // Each line says where its value came from; settings that had no flag or variable
+    // before have both now.
+    let line = |k: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{k} = ")))
+            .unwrap_or_else(|| panic!("no {k} in\n{}", r.stdout))
+    };
+    assert!(line("txn_check_max").ends_with("# file"), "{}", r.stdout);
+    assert!(
+        line("txn_timeout_ms").ends_with("# env HALFMQ_TXN_TIMEOUT_MS"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        line("txn_check_interval_ms").ends_with("# flag --txn-check-interval-ms"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        line("frame_bytes_max").ends_with("# default"),
+        "{}",
+        r.stdout
+    );
+    let r = run_env(
+        &["broker", "--print-config", "--checkpoint-bytes", "1048576"],
+        &[
+            ("HALFMQ_IN_FLIGHT_MAX", "7"),
+            ("HALFMQ_TXN_OUTCOME_RETENTION_MS", "60000"),
+        ],
+    )
+    .ok();
+    for expected in [
+        "checkpoint_bytes = 1048576",
+        "in_flight_max = 7",
+        "txn_outcome_retention_ms = 60000",
+        "pending_bytes_max = 8388608",
+        "txn_checks_in_flight_max = 64",
+    ] {
+        assert!(r.stdout.contains(expected), "{expected} in\n{}", r.stdout);
+    }
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "txn_check_max = 7\ntxn_check_maxx = 3\n").unwrap();
@@ -1083,7 +1094,13 @@ fn topics_and_stats_as_json() {
     run(&["topics", "create", "--addr", a, "orders", "--queues", "3"]).ok();
     run(&["topics", "create", "--addr", a, "orders", "--queues", "3"]).ok();
     let r = run(&["topics", "create", "--addr", a, "orders", "--queues", "5"]).fails();
-    assert!(r.stderr.contains("broker error 9"), "{}", r.stderr);
+    // A broker error is its own variant on the client: printed as the broker prints it.
+    assert!(
+        r.stderr
+            .contains("topic `orders` exists with 3 queues, not 5"),
+        "{}",
+        r.stderr
+    );
     let topics = run(&["topics", "list", "--addr", a, "--json"])
         .ok()
         .json_lines();
@@ -1458,25 +1475,18 @@ fn round_ratios(r: &Value) -> Vec<f64> {
 #[test]
 fn bench_baseline_alternates_raw_disk_and_store() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("bench");
-    let out = run(&[
-        "bench",
-        "--embedded",
-        "--baseline",
-        "--rounds",
-        "2",
-        "--producers",
-        "2",
-        "--messages",
-        "200",
-        "--size",
-        "64",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--json",
-    ])
-    .ok();
-    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    let (r, out) = embedded_bench(
+        dir.path(),
+        &[
+            "--baseline",
+            "--rounds",
+            "2",
+            "--producers",
+            "2",
+            "--messages",
+            "200",
+        ],
+    );
     assert_eq!(r["messages"].as_u64(), Some(200), "{r}");
     let rounds = round_ratios(&r);
     assert_eq!(rounds.len(), 2, "{r}");
@@ -1513,11 +1523,10 @@ fn bench_producers_can_keep_several_sends_in_flight() {
         "64",
     ];
     let data = dir.path().join("bench");
-    let mut args = vec!["bench", "--embedded"];
+    let mut args = vec!["--embedded"];
     args.extend(small);
-    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
-    let out = run(&args).ok();
-    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    args.extend(["--data-dir", data.to_str().unwrap()]);
+    let (r, _) = bench_json(&args);
     assert_eq!(r["messages"].as_u64(), Some(500), "{r}");
     assert_eq!(r["in_flight"].as_u64(), Some(8), "{r}");
     // 24 sends outstanding against one flusher: group commits carry more than one each.
@@ -1534,11 +1543,9 @@ fn bench_producers_can_keep_several_sends_in_flight() {
     }
 
     let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
-    let mut args = vec!["bench", "--addr", &broker.addr, "--connections", "2"];
+    let mut args = vec!["--addr", &broker.addr, "--connections", "2"];
     args.extend(small);
-    args.push("--json");
-    let out = run(&args).ok();
-    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    let (r, _) = bench_json(&args);
     assert_eq!(r["messages"].as_u64(), Some(500), "{r}");
     assert_eq!(r["in_flight"].as_u64(), Some(8), "{r}");
     assert_eq!(r["mode"], "broker");
@@ -1564,17 +1571,15 @@ fn comparing_benches_report_the_median_of_their_rounds() {
     let dir = tempfile::tempdir().unwrap();
     let small = ["--producers", "4", "--messages", "150", "--size", "64"];
     let data = dir.path().join("bench");
-    let mut args = vec!["bench", "--embedded", "--idempotency-keys", "--rounds", "3"];
+    let mut args = vec!["--embedded", "--idempotency-keys", "--rounds", "3"];
     args.extend(small);
-    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
-    let out = run(&args).ok();
-    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    args.extend(["--data-dir", data.to_str().unwrap()]);
+    let (r, _) = bench_json(&args);
     check(&r, "ratio_to_without_keys");
 
     let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
     let data = dir.path().join("bench-net");
     let mut args = vec![
-        "bench",
         "--addr",
         &broker.addr,
         "--compare-embedded",
@@ -1582,9 +1587,8 @@ fn comparing_benches_report_the_median_of_their_rounds() {
         "3",
     ];
     args.extend(small);
-    args.extend(["--data-dir", data.to_str().unwrap(), "--json"]);
-    let out = run(&args).ok();
-    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    args.extend(["--data-dir", data.to_str().unwrap()]);
+    let (r, _) = bench_json(&args);
     check(&r, "ratio_to_embedded");
     assert_eq!(r["mode"], "broker");
     broker.terminate();

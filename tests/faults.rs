@@ -5,14 +5,24 @@
 
 use std::sync::Arc;
 
-use halfmq::store::io::{CrashMode, Faults, SimStorage};
 use halfmq::{Broker, BrokerConfig, Error, Message};
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     let mut c = BrokerConfig::new(dir);
     c.store.segment_bytes = 64 * 1024;
     c.store.record_bytes_max = 8 * 1024;
     c
+}
+
+/// A fresh simulated disk (sled in a new temporary directory) and a broker on it with topic
+/// "t" of `queues` queues.
+fn fresh(queues: u32) -> (tempfile::TempDir, SimStorage, Arc<Broker>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
+    b.create_topic("t", queues).unwrap();
+    (tmp, disk, b)
 }
 
 fn all_bodies(b: &Broker, topic: &str) -> Vec<Vec<u8>> {
@@ -23,10 +33,7 @@ fn all_bodies(b: &Broker, topic: &str) -> Vec<Vec<u8>> {
 
 #[test]
 fn failed_fsync_poisons_the_store_and_nothing_acknowledged_is_lost() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
-    b.create_topic("t", 1).unwrap();
+    let (tmp, disk, b) = fresh(1);
     for i in 0..10 {
         b.send("t", &Message::new(format!("ok-{i}"))).unwrap();
     }
@@ -61,10 +68,7 @@ fn failed_fsync_poisons_the_store_and_nothing_acknowledged_is_lost() {
 
 #[test]
 fn concurrent_senders_all_get_the_fsync_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
-    b.create_topic("t", 4).unwrap();
+    let (tmp, disk, b) = fresh(4);
     disk.set_faults(Faults {
         fail_syncs: 1,
         ..Faults::default()
@@ -100,10 +104,7 @@ fn concurrent_senders_all_get_the_fsync_error() {
 /// survives a crash.
 #[test]
 fn pipelined_async_senders_all_get_the_fsync_error() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
-    b.create_topic("t", 4).unwrap();
+    let (tmp, disk, b) = fresh(4);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -156,10 +157,7 @@ fn pipelined_async_senders_all_get_the_fsync_error() {
 
 #[test]
 fn full_disk_refuses_the_write_and_loses_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
-    b.create_topic("t", 1).unwrap();
+    let (tmp, disk, b) = fresh(1);
     // Fill the first 64 KiB segment nearly full, then run out of space: the next segment
     // cannot be created.
     let body = vec![7u8; 1000];
@@ -201,10 +199,7 @@ fn full_disk_refuses_the_write_and_loses_nothing() {
 #[test]
 fn what_a_reopen_after_a_failed_fsync_shows_survives_the_next_power_loss() {
     for acked_before in [0, 5] {
-        let tmp = tempfile::tempdir().unwrap();
-        let disk = SimStorage::new();
-        let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
-        b.create_topic("t", 1).unwrap();
+        let (tmp, disk, b) = fresh(1);
         for i in 0..acked_before {
             b.send("t", &Message::new(format!("ok-{i}"))).unwrap();
         }

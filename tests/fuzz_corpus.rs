@@ -23,13 +23,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use halfmq::net::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
-use halfmq::net::protocol::{self, Push, Request, Response, WireDelivery, WireMessage};
-use halfmq::record::{self, Header, RecordKind, FLAG_TXN_COMMIT};
-use halfmq::store::checkpoint::{self, Checkpoint};
-use halfmq::store::io::{SimStorage, Storage};
-use halfmq::store::{Append, Store};
-use halfmq::{CheckAnswer, StoreConfig, TxnInfo, TxnState};
+use halfmq::{CheckAnswer, TxnInfo, TxnState};
+use halfmq_client::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
+use halfmq_client::protocol::{self, Push, Request, Response, WireDelivery, WireMessage};
+use halfmq_store::checkpoint::{self, Checkpoint};
+use halfmq_store::io::Storage;
+use halfmq_store::record::{self, Header, RecordKind, FLAG_TXN_COMMIT};
+use halfmq_store::sim::SimStorage;
+use halfmq_store::{Append, Store};
+
+mod common;
+#[path = "../fuzz/recovery_setup.rs"]
+mod recovery_setup;
+
+use common::{frame_of, request_frame};
+use recovery_setup::{CHECKPOINT, DIR, SEGMENT};
 
 /// Whether an input is meant to be accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +63,32 @@ fn damaged(bytes: &[u8], at: isize) -> Vec<u8> {
     };
     b[i] ^= 0xff;
     b
+}
+
+/// For each `(suffix, at)` of `damage`, `name.suffix`: `bytes` with the byte at `at`
+/// flipped (see [`damaged`]); then `name`: `bytes` as they are.
+fn valid_and_damaged(
+    target: &'static str,
+    name: &str,
+    bytes: Vec<u8>,
+    damage: &[(&str, isize)],
+) -> Vec<Seed> {
+    let mut out: Vec<Seed> = damage
+        .iter()
+        .map(|&(suffix, at)| Seed {
+            target,
+            name: format!("{name}.{suffix}"),
+            kind: Kind::Damaged,
+            bytes: damaged(&bytes, at),
+        })
+        .collect();
+    out.push(Seed {
+        target,
+        name: name.to_owned(),
+        kind: Kind::Valid,
+        bytes,
+    });
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -142,24 +176,8 @@ fn record_seeds() -> Vec<Seed> {
     for (name, bytes) in records {
         // A flipped byte in the body (or the last header byte when there is no body) and a
         // flipped kind byte (caught by the CRC, which covers it).
-        out.push(Seed {
-            target: "record_decode",
-            name: format!("{name}.damaged"),
-            kind: Kind::Damaged,
-            bytes: damaged(&bytes, -1),
-        });
-        out.push(Seed {
-            target: "record_decode",
-            name: format!("{name}.damaged-kind"),
-            kind: Kind::Damaged,
-            bytes: damaged(&bytes, 9),
-        });
-        out.push(Seed {
-            target: "record_decode",
-            name: name.to_owned(),
-            kind: Kind::Valid,
-            bytes,
-        });
+        let damage = [("damaged", -1), ("damaged-kind", 9)];
+        out.extend(valid_and_damaged("record_decode", name, bytes, &damage));
     }
     out
 }
@@ -250,6 +268,8 @@ fn requests() -> Vec<(&'static str, Request)> {
         ),
         ("list-topics", Request::ListTopics),
         ("stats", Request::Stats),
+        ("txn-state", Request::TxnState { txn: 1024 }),
+        ("rearm", Request::Rearm { txn: 1024 }),
         (
             "list-txns",
             Request::ListTxns {
@@ -258,8 +278,6 @@ fn requests() -> Vec<(&'static str, Request)> {
                 max: 100,
             },
         ),
-        ("txn-state", Request::TxnState { txn: 1024 }),
-        ("rearm", Request::Rearm { txn: 1024 }),
         (
             "register-checker",
             Request::RegisterChecker {
@@ -302,7 +320,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             "set-group",
             Request::SetGroup {
                 group: "orders".into(),
-                settings: halfmq::meta::GroupSettings {
+                settings: halfmq::GroupSettings {
                     visibility_timeout_ms: Some(5000),
                     max_retries: Some(3),
                     retry_backoff_ms: Some(vec![1000, 5000]),
@@ -410,20 +428,6 @@ fn push() -> Push {
     }
 }
 
-fn frame_bytes(kind: FrameKind, correlation: u64, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    frame::encode_into(&mut out, kind, correlation, body, FRAME_BYTES_MAX_DEFAULT).unwrap();
-    out
-}
-
-fn request_frame(correlation: u64, r: &Request) -> Vec<u8> {
-    frame_bytes(
-        FrameKind::Request,
-        correlation,
-        &protocol::encode(r).unwrap(),
-    )
-}
-
 fn frame_seeds() -> Vec<Seed> {
     let mut frames = Vec::new();
     for (i, (name, r)) in requests().into_iter().enumerate() {
@@ -433,12 +437,12 @@ fn frame_seeds() -> Vec<Seed> {
         let body = protocol::encode(&r).unwrap();
         frames.push((
             format!("response-{name}"),
-            frame_bytes(FrameKind::Response, i as u64 + 1, &body),
+            frame_of(FrameKind::Response, i as u64 + 1, &body),
         ));
     }
     frames.push((
         "push-check".to_owned(),
-        frame_bytes(FrameKind::Push, 77, &protocol::encode(&push()).unwrap()),
+        frame_of(FrameKind::Push, 77, &protocol::encode(&push()).unwrap()),
     ));
     let stream: Vec<u8> = frames
         .iter()
@@ -449,18 +453,12 @@ fn frame_seeds() -> Vec<Seed> {
     frames.push(("stream-of-requests".to_owned(), stream));
     let mut out = Vec::new();
     for (name, bytes) in frames {
-        out.push(Seed {
-            target: "frame_decode",
-            name: format!("{name}.damaged"),
-            kind: Kind::Damaged,
-            bytes: damaged(&bytes, -1),
-        });
-        out.push(Seed {
-            target: "frame_decode",
-            name,
-            kind: Kind::Valid,
+        out.extend(valid_and_damaged(
+            "frame_decode",
+            &name,
             bytes,
-        });
+            &[("damaged", -1)],
+        ));
     }
     out
 }
@@ -526,18 +524,12 @@ fn protocol_seeds() -> Vec<Seed> {
         ("every-request", with(1, &all)),
         ("own-hello", own_hello),
     ] {
-        out.push(Seed {
-            target: "protocol",
-            name: format!("{name}.damaged"),
-            kind: Kind::Damaged,
-            bytes: damaged(&bytes, -1),
-        });
-        out.push(Seed {
-            target: "protocol",
-            name: name.to_owned(),
-            kind: Kind::Valid,
+        out.extend(valid_and_damaged(
+            "protocol",
+            name,
             bytes,
-        });
+            &[("damaged", -1)],
+        ));
     }
     out
 }
@@ -546,21 +538,6 @@ fn protocol_seeds() -> Vec<Seed> {
 // recovery
 // ---------------------------------------------------------------------------------------
 
-/// What `fuzz/fuzz_targets/recovery.rs` opens with: keep in step with it.
-const DIR: &str = "/fuzz";
-const SEGMENT: &str = "/fuzz/log/00000000000000000000.log";
-const CHECKPOINT: &str = "/fuzz/checkpoint.00000000000000000001";
-
-fn recovery_config() -> StoreConfig {
-    StoreConfig {
-        segment_bytes: 64 * 1024,
-        record_bytes_max: 4 * 1024,
-        pending_bytes_max: 16 * 1024,
-        checkpoint_bytes: 8 * 1024,
-        ..StoreConfig::default()
-    }
-}
-
 /// A segment (trailing zeros cut: recovery extends a short newest segment) holding
 /// `messages` messages of `topic`, then a half and its rollback end.
 fn tiny_segment(topic: &str, messages: u32, with_txn: bool) -> (Vec<u8>, u64) {
@@ -568,7 +545,7 @@ fn tiny_segment(topic: &str, messages: u32, with_txn: bool) -> (Vec<u8>, u64) {
     let (store, _) = Store::open(
         Arc::new(disk.clone()),
         Path::new(DIR),
-        recovery_config(),
+        recovery_setup::config(),
         &mut |_| {},
     )
     .unwrap();
@@ -661,7 +638,7 @@ fn recovery_open(data: &[u8]) -> Option<usize> {
     let (store, _) = Store::open(
         Arc::new(disk),
         Path::new(DIR),
-        recovery_config(),
+        recovery_setup::config(),
         &mut |_| {},
     )
     .ok()?;
@@ -798,7 +775,7 @@ fn fuzz_seed_inputs_are_what_they_claim() {
 #[test]
 #[ignore = "writes fuzz/corpus; run by .ci/run before fuzzing"]
 fn write_fuzz_corpora() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
     let seeds = all_seeds();
     let mut per_target: BTreeMap<&str, usize> = BTreeMap::new();
     for s in &seeds {

@@ -25,9 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use halfmq::idem::{IDEMPOTENCY_KEY_BYTES_MAX, PROP_IDEMPOTENCY_KEY};
-use halfmq::store::io::{CrashMode, Faults, SimStorage};
-use halfmq::{Broker, BrokerConfig, Delivery, Error, HalfOptions, Message, SendReceipt, TxnState};
+use halfmq::props::PROP_IDEMPOTENCY_KEY;
+use halfmq::IDEMPOTENCY_KEY_BYTES_MAX;
+use halfmq::{
+    Broker, BrokerConfig, Delivery, Error, HalfOptions, ManualClock, Message, SendReceipt, TxnState,
+};
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -385,12 +388,16 @@ fn many_threads_sending_one_key_store_it_once() {
 fn keys_expire_after_the_window_also_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let disk = SimStorage::new();
-    let mut cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL);
-    cfg.dedup_window = Duration::from_millis(300);
+    // The broker's clock moves only when the test moves it; the restarted broker shares it.
+    let clock = ManualClock::starting_now();
+    let cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL)
+        .with_dedup_window(Duration::from_millis(300))
+        .with_clock(clock.clone());
     let mut b = open(&disk, &cfg);
     let first = send(&b, "w");
-    assert!(send(&b, "w").duplicate);
-    std::thread::sleep(Duration::from_millis(350));
+    clock.advance_ms(299);
+    assert!(send(&b, "w").duplicate, "inside the window: the original");
+    clock.advance_ms(1);
     let second = send(&b, "w");
     assert!(!second.duplicate, "the window is over: stored again");
     assert_ne!(second.log_offset, first.log_offset);
@@ -399,7 +406,7 @@ fn keys_expire_after_the_window_also_across_restarts() {
     filler(&b, 2 * CHECKPOINT_BYTES_SMALL as usize);
     b.close().unwrap();
     drop(b);
-    std::thread::sleep(Duration::from_millis(350));
+    clock.advance_ms(300);
     b = open(&disk, &cfg);
     assert_eq!(b.idempotency_keys(), 0);
     assert!(!send(&b, "w").duplicate);

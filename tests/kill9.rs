@@ -38,22 +38,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use halfmq::net::client::{Client, ClientConfig, Consumer};
-use halfmq::net::protocol::WireDelivery;
 use halfmq::{CheckAnswer, HalfMessage, HalfOptions, Message, TxnState};
-use serde_json::Value;
+use halfmq_client::{Client, ClientConfig, Consumer, Delivery};
 
-/// Check-back fast enough for a test, and never "unresolved" within one.
-const BROKER_ARGS: [&str; 8] = [
-    "--txn-timeout-ms",
-    "300",
-    "--txn-check-interval-ms",
-    "100",
-    "--txn-check-backoff-max-ms",
-    "200",
-    "--txn-check-max",
-    "10000",
-];
 const PRODUCER_GROUP: &str = "pay-svc";
 const WORKERS: &str = "workers";
 const QUEUES: u32 = 4;
@@ -95,12 +82,9 @@ fn topics(round: u64) -> (String, String) {
 }
 
 fn client_config(addr: &str, name: &str) -> ClientConfig {
-    ClientConfig {
-        addr: addr.to_owned(),
-        name: name.to_owned(),
-        request_timeout: Duration::from_secs(20),
-        ..ClientConfig::default()
-    }
+    ClientConfig::new(addr)
+        .with_name(name.to_owned())
+        .with_request_timeout(Duration::from_secs(20))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -153,7 +137,7 @@ struct TxnLog {
 #[derive(Default)]
 struct ConsumerLog {
     /// Every delivery, in order.
-    seen: Vec<WireDelivery>,
+    seen: Vec<Delivery>,
     /// (topic, queue, offset) whose ack the broker acknowledged.
     acked: Vec<(String, u32, u64)>,
 }
@@ -276,7 +260,7 @@ async fn consumer(client: Client, topic: String) -> (ConsumerLog, Ended) {
         if got.is_empty() {
             continue;
         }
-        if let Err(e) = c.ack(&got).await {
+        if let Err(e) = c.ack_many(&got).await {
             let at = Instant::now();
             return (
                 log,
@@ -296,7 +280,7 @@ async fn consumer(client: Client, topic: String) -> (ConsumerLog, Ended) {
 // ---------------------------------------------------------------------------------------
 
 /// Everything a group gets from `topic` until a poll waits in vain.
-async fn drain(client: &Client, group: &str, topic: &str) -> Vec<WireDelivery> {
+async fn drain(client: &Client, group: &str, topic: &str) -> Vec<Delivery> {
     let c = Consumer::new(client.clone(), group, topic);
     let mut all = Vec::new();
     loop {
@@ -307,7 +291,7 @@ async fn drain(client: &Client, group: &str, topic: &str) -> Vec<WireDelivery> {
         if got.is_empty() {
             return all;
         }
-        c.ack(&got)
+        c.ack_many(&got)
             .await
             .unwrap_or_else(|e| panic!("ack {group}/{topic} after the restart: {e}"));
         all.extend(got);
@@ -316,22 +300,20 @@ async fn drain(client: &Client, group: &str, topic: &str) -> Vec<WireDelivery> {
 
 /// Messages per topic, from `stats`.
 async fn message_counts(client: &Client) -> BTreeMap<String, u64> {
-    let stats: Value =
-        serde_json::from_str(&client.stats_json().await.expect("stats")).expect("stats is JSON");
+    let stats = client.stats().await.expect("stats");
     let mut out = BTreeMap::new();
-    for q in stats["queues"].as_array().expect("stats has queues") {
-        let topic = q["topic"].as_str().expect("queue topic").to_owned();
-        *out.entry(topic).or_default() += q["messages"].as_u64().expect("queue messages");
+    for q in stats.queues {
+        *out.entry(q.topic).or_default() += q.messages;
     }
     out
 }
 
-fn check_body(d: &WireDelivery, what: &str) {
+fn check_body(d: &Delivery, what: &str) {
     assert_eq!(
-        d.message.body,
-        body_of(&d.message.key),
+        d.body,
+        body_of(&d.key),
         "{what}: {} at {}/{} has the wrong body",
-        d.message.key,
+        d.key,
         d.queue,
         d.offset
     );
@@ -427,7 +409,8 @@ fn kill_9_under_load_with_transactions_and_consumers() {
     let started = Instant::now();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProc::start(dir.path(), &BROKER_ARGS);
+    // Check-back fast enough for a test, and never "unresolved" within one.
+    let mut broker = BrokerProc::start(dir.path(), &fast_check_back("10000"));
     let intents: Arc<Mutex<HashMap<String, bool>>> = Arc::default();
     // Message counts of the topics of finished rounds.
     let mut settled: BTreeMap<String, u64> = BTreeMap::new();
@@ -667,10 +650,7 @@ fn kill_9_under_load_with_transactions_and_consumers() {
         let mut at: HashMap<String, (u32, u64)> = HashMap::new();
         for d in &fresh_plain {
             check_body(d, "after the restart");
-            if at
-                .insert(d.message.key.clone(), (d.queue, d.offset))
-                .is_some()
-            {
+            if at.insert(d.key.clone(), (d.queue, d.offset)).is_some() {
                 counts.duplicates += 1;
             }
         }
@@ -705,10 +685,10 @@ fn kill_9_under_load_with_transactions_and_consumers() {
         }
 
         // ----- transactions: committed once, rolled back never -----
-        let mut visible: HashMap<String, Vec<&WireDelivery>> = HashMap::new();
+        let mut visible: HashMap<String, Vec<&Delivery>> = HashMap::new();
         for d in &fresh_pay {
             check_body(d, "after the restart");
-            visible.entry(d.message.key.clone()).or_default().push(d);
+            visible.entry(d.key.clone()).or_default().push(d);
         }
         let mut recs: HashMap<&str, &TxnRec> = HashMap::new();
         for (log, _) in &txn_logs {
@@ -752,7 +732,7 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                 if let (Some(id), Some(ds)) = (t.txn, visible.get(&t.key)) {
                     for d in ds {
                         assert_eq!(
-                            d.message.properties.get("halfmq.txn"),
+                            d.properties.get("halfmq.txn"),
                             Some(&id.to_string()),
                             "round {round}: {} should carry its transaction id",
                             t.key
@@ -773,12 +753,7 @@ fn kill_9_under_load_with_transactions_and_consumers() {
         let durable: HashMap<(&str, u32, u64), &str> = fresh_plain
             .iter()
             .chain(&fresh_pay)
-            .map(|d| {
-                (
-                    (d.topic.as_str(), d.queue, d.offset),
-                    d.message.key.as_str(),
-                )
-            })
+            .map(|d| ((d.topic.as_str(), d.queue, d.offset), d.key.as_str()))
             .collect();
         let mut seen_by_workers: HashSet<(&str, u32, u64)> = HashSet::new();
         let mut acked_by_workers: HashSet<(&str, u32, u64)> = HashSet::new();
@@ -789,22 +764,22 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                 let p = (d.topic.as_str(), d.queue, d.offset);
                 assert_eq!(
                     durable.get(&p),
-                    Some(&d.message.key.as_str()),
+                    Some(&d.key.as_str()),
                     "round {round}: {} was delivered at {}/{}/{} during the load but is not \
                      there after the restart (seed {seed})",
-                    d.message.key,
+                    d.key,
                     d.topic,
                     d.queue,
                     d.offset
                 );
                 if d.topic == pay_topic {
-                    let commits = intents.lock().unwrap().get(&d.message.key).copied();
+                    let commits = intents.lock().unwrap().get(&d.key).copied();
                     assert_eq!(
                         commits,
                         Some(true),
                         "round {round}: {} was delivered during the load, but its transaction \
                          was not to commit (seed {seed})",
-                        d.message.key
+                        d.key
                     );
                 }
                 seen_by_workers.insert(p);
@@ -819,7 +794,7 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                 !acked_by_workers.contains(&p),
                 "round {round}: {} at {}/{}/{} was acked by {WORKERS} before the kill and is \
                  delivered to it again (seed {seed})",
-                d.message.key,
+                d.key,
                 d.topic,
                 d.queue,
                 d.offset

@@ -5,241 +5,20 @@
 //! behind the gauges on an embedded broker, `bench --metrics`, and a metrics port that is
 //! taken.
 //!
-//! The child-process helpers are a trimmed copy of those in `tests/e2e_broker.rs`.
+//! The child-process helpers are in `tests/common/mod.rs`.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use halfmq::{Broker, BrokerConfig, Message};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_halfmq");
+mod common;
 
-// ---------------------------------------------------------------------------------------
-// Child processes (from tests/e2e_broker.rs)
-// ---------------------------------------------------------------------------------------
-
-fn halfmq_cmd<S: AsRef<OsStr>>(args: &[S]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("HALFMQ_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// A child whose stdout lines and stderr are collected by threads; killed when dropped.
-struct Proc {
-    child: Child,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start halfmq");
-        let out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let se = stderr.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                se.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Proc {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    fn wait_line(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if pred(&l) => return Some(l),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "halfmq did not exit in time");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        // Give the reader thread a moment to catch the last bytes after an exit.
-        thread::sleep(Duration::from_millis(50));
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-fn run<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let what: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
-    let mut p = Proc::spawn(halfmq_cmd(args));
-    let status = p.wait_exit(Duration::from_secs(60));
-    let mut stdout = Vec::new();
-    while let Ok(l) = p.lines.recv_timeout(Duration::from_secs(5)) {
-        stdout.push(l);
-    }
-    let r = Run {
-        status,
-        stdout: stdout.join("\n"),
-        stderr: p.stderr(),
-    };
-    assert!(
-        r.status.success(),
-        "`halfmq {}` failed ({}):\n{}\n{}",
-        what.join(" "),
-        r.status,
-        r.stdout,
-        r.stderr
-    );
-    r
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `halfmq broker --metrics` on two free loopback ports; retried when a port was taken
-/// between choosing it and binding it.
-struct BrokerProc {
-    proc: Proc,
-    addr: String,
-    metrics: String,
-}
-
-impl BrokerProc {
-    fn start(dir: &Path, extra: &[&str]) -> BrokerProc {
-        for attempt in 1.. {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let metrics = format!("127.0.0.1:{}", free_port());
-            let mut args = vec![
-                "broker",
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "--listen",
-                &addr,
-                "--metrics",
-                &metrics,
-            ];
-            args.extend_from_slice(extra);
-            let proc = Proc::spawn(halfmq_cmd(&args));
-            let announced =
-                proc.wait_line(|l| l.starts_with("metrics at"), Duration::from_secs(60));
-            let listening = proc.wait_line(|l| l.contains("listening on"), Duration::from_secs(5));
-            if let (Some(m), Some(_)) = (&announced, &listening) {
-                assert_eq!(m, &format!("metrics at http://{metrics}/metrics"));
-                return BrokerProc {
-                    proc,
-                    addr,
-                    metrics,
-                };
-            }
-            let err = proc.stderr();
-            assert!(
-                attempt < 10 && err.contains("listen"),
-                "the broker did not start: {err}"
-            );
-        }
-        unreachable!()
-    }
-}
-
-impl BrokerProc {
-    /// SIGTERM: the broker (metrics endpoint included) must stop cleanly.
-    fn terminate(mut self) {
-        let pid = self.proc.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let st = self.proc.wait_exit(Duration::from_secs(30));
-        assert!(st.success(), "{st}: {}", self.proc.stderr());
-        assert!(
-            self.proc.stderr().contains("stopped cleanly"),
-            "{}",
-            self.proc.stderr()
-        );
-    }
-}
-
-/// Poll `f` until it gives `Some`, or fail after `timeout`.
-fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(100));
-    }
-}
+use common::*;
 
 // ---------------------------------------------------------------------------------------
 // HTTP and the Prometheus text format
@@ -335,22 +114,11 @@ impl Scrape {
 // Tests
 // ---------------------------------------------------------------------------------------
 
-const FAST_TXN: [&str; 8] = [
-    "--txn-timeout-ms",
-    "300",
-    "--txn-check-interval-ms",
-    "100",
-    "--txn-check-backoff-max-ms",
-    "200",
-    "--txn-check-max",
-    "1000",
-];
-
 #[test]
 fn metrics_endpoint_counts_what_the_broker_did() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &FAST_TXN);
-    let (a, m) = (broker.addr.clone(), broker.metrics.clone());
+    let mut broker = BrokerProc::start_with_metrics(dir.path(), &fast_check_back("1000"));
+    let (a, m) = (broker.addr.clone(), broker.metrics.clone().unwrap());
     let (a, m) = (a.as_str(), m.as_str());
 
     // Before any traffic: the gauges set by the scrape, no per-topic series yet.
@@ -363,14 +131,15 @@ fn metrics_endpoint_counts_what_the_broker_did() {
     assert_eq!(s0.sum("halfmq_messages_in_total"), 0.0);
 
     // Produce 3, consume and ack them, produce 2 more that stay un-acked.
-    run(&["topics", "create", "--addr", a, "orders", "--queues", "1"]);
+    run(&["topics", "create", "--addr", a, "orders", "--queues", "1"]).ok();
     let produce = |count: &str| {
         run(&[
             "produce", "--addr", a, "--topic", "orders", "--body", "12345678", "--count", count,
             "--json",
         ])
+        .ok()
     };
-    assert_eq!(json_lines(&produce("3").stdout).len(), 3);
+    assert_eq!(produce("3").json_lines().len(), 3);
     let got = run(&[
         "consume",
         "--addr",
@@ -382,9 +151,10 @@ fn metrics_endpoint_counts_what_the_broker_did() {
         "--idle-exit-ms",
         "300",
         "--json",
-    ]);
-    assert_eq!(json_lines(&got.stdout).len(), 3);
-    assert_eq!(json_lines(&produce("2").stdout).len(), 2);
+    ])
+    .ok();
+    assert_eq!(got.json_lines().len(), 3);
+    assert_eq!(produce("2").json_lines().len(), 2);
     thread::sleep(Duration::from_millis(300));
 
     let s1 = Scrape::fetch(m);
@@ -430,7 +200,8 @@ fn metrics_endpoint_counts_what_the_broker_did() {
     assert_eq!(s1.value("halfmq_connections_open", &[]), 0.0);
 
     // `halfmq stats` shows the same figures.
-    let st: Value = serde_json::from_str(&run(&["stats", "--addr", a, "--json"]).stdout).unwrap();
+    let st: Value =
+        serde_json::from_str(&run(&["stats", "--addr", a, "--json"]).ok().stdout).unwrap();
     let g = &st["queues"][0]["groups"][0];
     assert_eq!(g["group"], "shipping");
     assert_eq!(
@@ -439,7 +210,7 @@ fn metrics_endpoint_counts_what_the_broker_did() {
     );
     assert_eq!(g["committed"].as_u64(), Some(3));
     assert!(g["oldest_unacked_age_ms"].as_u64().unwrap() >= 300);
-    let table = run(&["stats", "--addr", a]).stdout;
+    let table = run(&["stats", "--addr", a]).ok().stdout;
     assert!(table.contains("oldest-un-acked"), "{table}");
     let row: Vec<&str> = table
         .lines()
@@ -458,8 +229,9 @@ fn metrics_endpoint_counts_what_the_broker_did() {
         let out = run(&[
             "txn", "begin", "--addr", a, "--topic", "pay", "--key", key, "--group", "pay-svc",
             "--body", "paid", "--json",
-        ]);
-        json_lines(&out.stdout)[0]["txn_id"].as_u64().unwrap()
+        ])
+        .ok();
+        out.json_lines()[0]["txn_id"].as_u64().unwrap()
     };
     let t1 = begin("k1");
     let s2 = Scrape::fetch(m);
@@ -469,7 +241,7 @@ fn metrics_endpoint_counts_what_the_broker_did() {
         s2.get("halfmq_messages_in_total", &[("topic", "pay")]),
         Some(0.0)
     );
-    run(&["txn", "commit", "--addr", a, &t1.to_string()]);
+    run(&["txn", "commit", "--addr", a, &t1.to_string()]).ok();
     let s3 = Scrape::fetch(m);
     assert_eq!(s3.value("halfmq_transactions_pending", &[]), 0.0);
     assert_eq!(
@@ -485,9 +257,12 @@ fn metrics_endpoint_counts_what_the_broker_did() {
         let s = Scrape::fetch(m);
         (s.get("halfmq_check_backs_total", &[("answer", "no_producer")])? >= 1.0).then_some(())
     });
-    let checker = Proc::spawn(halfmq_cmd(&[
-        "txn", "checker", "--addr", a, "--group", "pay-svc", "--answer", "commit",
-    ]));
+    let checker = Proc::spawn(
+        "txn checker",
+        halfmq_cmd(&[
+            "txn", "checker", "--addr", a, "--group", "pay-svc", "--answer", "commit",
+        ]),
+    );
     assert!(checker
         .wait_line(|l| l.contains("answering"), Duration::from_secs(30))
         .is_some());
@@ -519,15 +294,18 @@ fn metrics_endpoint_counts_what_the_broker_did() {
 
     // A second broker whose metrics port is taken fails with the address in the error.
     let dir2 = tempfile::tempdir().unwrap();
-    let mut p = Proc::spawn(halfmq_cmd(&[
-        "broker",
-        "--data-dir",
-        dir2.path().to_str().unwrap(),
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--metrics",
-        m,
-    ]));
+    let mut p = Proc::spawn(
+        "second broker",
+        halfmq_cmd(&[
+            "broker",
+            "--data-dir",
+            dir2.path().to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--metrics",
+            m,
+        ]),
+    );
     let st = p.wait_exit(Duration::from_secs(60));
     let err = p.stderr();
     assert!(!st.success());
@@ -561,30 +339,33 @@ fn dead_letter_helper_records_topic_and_group() {
 
 #[test]
 fn metrics_setting_is_off_by_default_and_printed() {
-    let off = run(&["broker", "--print-config"]).stdout;
+    let off = run(&["broker", "--print-config"]).ok().stdout;
     assert!(off.contains("metrics = \"off\""), "{off}");
-    let on = run(&["broker", "--print-config", "--metrics", "127.0.0.1:9191"]).stdout;
+    let on = run(&["broker", "--print-config", "--metrics", "127.0.0.1:9191"])
+        .ok()
+        .stdout;
     assert!(on.contains("metrics = \"127.0.0.1:9191\""), "{on}");
-    let mut p = Proc::spawn({
-        let mut c = halfmq_cmd(&["broker", "--print-config"]);
-        c.env("HALFMQ_METRICS", "nonsense");
-        c
-    });
-    assert!(!p.wait_exit(Duration::from_secs(60)).success());
-    assert!(p.stderr().contains("`metrics`"), "{}", p.stderr());
+    let p = run_env(
+        &["broker", "--print-config"],
+        &[("HALFMQ_METRICS", "nonsense")],
+    )
+    .fails();
+    assert!(p.stderr.contains("`metrics`"), "{}", p.stderr);
 }
 
 /// The figures behind the backlog, lag and oldest-age gauges, on an embedded broker.
 #[test]
 fn stats_give_lag_and_oldest_unacked_age() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    // Ages are read from the broker's clock, which moves only when the test moves it.
+    let clock = halfmq::ManualClock::starting_now();
+    let b = Broker::open(BrokerConfig::new(dir.path()).with_clock(clock.clone())).unwrap();
     b.create_topic("t", 1).unwrap();
     for i in 0..3 {
         b.send("t", &Message::new(format!("m{i}"))).unwrap();
     }
     assert_eq!(b.poll("g", "t", 10).unwrap().len(), 3);
-    thread::sleep(Duration::from_millis(120));
+    clock.advance_ms(120);
     let group = |b: &Broker| b.stats().unwrap().queues[0].groups.clone();
     // Nothing acked yet: the group has a row (it polled), everything is its backlog and in
     // flight.
@@ -596,8 +377,7 @@ fn stats_give_lag_and_oldest_unacked_age() {
     b.ack("g", "t", 0, 1).unwrap();
     let g = &group(&b)[0];
     assert_eq!((g.committed, g.backlog, g.lag), (0, 2, 3));
-    let age = g.oldest_unacked_age_ms.unwrap();
-    assert!((120..60_000).contains(&age), "{age}");
+    assert_eq!(g.oldest_unacked_age_ms, Some(120));
 
     // Ack offset 0: committed moves past 1, offset 2 is the oldest.
     b.ack("g", "t", 0, 0).unwrap();
@@ -617,22 +397,10 @@ fn stats_give_lag_and_oldest_unacked_age() {
 #[test]
 fn bench_with_a_recorder_counts_every_message() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("bench");
-    let out = run(&[
-        "bench",
-        "--embedded",
-        "--metrics",
-        "--producers",
-        "4",
-        "--messages",
-        "300",
-        "--size",
-        "64",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--json",
-    ]);
-    let r: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    let (r, _) = embedded_bench(
+        dir.path(),
+        &["--metrics", "--producers", "4", "--messages", "300"],
+    );
     assert_eq!(r["metrics_recorder"], true);
     assert_eq!(r["messages"].as_u64(), Some(300));
     assert_eq!(r["metrics_messages_in"].as_u64(), Some(300), "{r}");

@@ -26,12 +26,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use halfmq::record::HEADER_BYTES;
-use halfmq::store::io::{CrashMode, Faults, SimStorage};
 use halfmq::{Broker, BrokerConfig, Delivery, Message, SendReceipt};
+use halfmq_store::record::HEADER_BYTES;
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
+
+mod common;
+
+use common::{
+    check_due_order, crash_mode, mark_delivered, model_config, poll_by_queue, release, run_ops,
+    SimHarness, SimParts,
+};
 
 const TOPICS: [&str; 3] = ["orders", "payments", "audit"];
 /// Keys a message may have; "" is no key (round robin over the queues).
@@ -41,14 +48,6 @@ const GROUPS: [&str; 2] = ["billing", "shipping"];
 const SEGMENT_BYTES: u64 = 64 * 1024;
 /// Larger than any poll in these tests: "everything there is".
 const POLL_ALL: usize = 1 << 20;
-
-/// Cases per property: `HALFMQ_MODEL_CASES`, or 64.
-fn cases() -> u32 {
-    std::env::var("HALFMQ_MODEL_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64)
-}
 
 /// splitmix64: a tiny deterministic generator, so bodies are reproducible from a seed.
 fn splitmix(state: &mut u64) -> u64 {
@@ -81,22 +80,6 @@ fn fresh_disk_and_config(queues: u32, checkpoint_bytes: u64) -> (tempfile::TempD
     // broker, so dropping it releases the metadata database before the next open.
     cfg.txn.check_back = false;
     (dir, cfg)
-}
-
-/// Drop the last handle of a broker, so that its metadata database is closed before the next
-/// open; fail if anything else still holds it.
-fn release(broker: Option<Arc<Broker>>) -> Result<(), String> {
-    match broker.map(Arc::try_unwrap) {
-        None | Some(Ok(_)) => Ok(()),
-        Some(Err(_)) => Err("the broker is still shared after its users stopped".into()),
-    }
-}
-
-fn crash_mode() -> impl Strategy<Value = CrashMode> {
-    prop_oneof![
-        Just(CrashMode::DropUnsynced),
-        any::<u64>().prop_map(|seed| CrashMode::KeepRandomPrefix { seed }),
-    ]
 }
 
 // =============================================================================================
@@ -313,13 +296,7 @@ impl Harness {
             }
             Op::Ack { group, pick } => self.ack(GROUPS[*group], pick)?,
             Op::Crash(mode) => self.crash(*mode)?,
-            Op::Reopen => {
-                self.broker()
-                    .close()
-                    .map_err(|e| format!("clean close failed: {e}"))?;
-                release(self.broker.take())?;
-                self.open("after a clean close")?;
-            }
+            Op::Reopen => self.clean_restart()?,
         }
         self.check_stats()
     }
@@ -424,20 +401,9 @@ impl Harness {
             );
             per_queue.entry(d.queue).or_default().push(d.offset);
         }
-        for (queue, offsets) in &per_queue {
-            let due = &pending[queue];
-            ensure!(
-                offsets.len() <= due.len() && offsets[..] == due[..offsets.len()],
-                "poll {group} {topic} gave queue {queue} offsets {offsets:?}; the next due were {due:?} (duplicate, acked, or out of order)"
-            );
-        }
-        for d in &got {
-            let id = (topic.to_owned(), d.queue, d.offset);
-            g.delivered.insert(id.clone());
-            if !g.outstanding.contains(&id) {
-                g.outstanding.push(id);
-            }
-        }
+        check_due_order(group, topic, &per_queue, &pending)?;
+        let ids = got.iter().map(|d| (topic.to_owned(), d.queue, d.offset));
+        mark_delivered(&mut g.delivered, &mut g.outstanding, ids);
         Ok(got.len())
     }
 
@@ -454,43 +420,13 @@ impl Harness {
         Ok(())
     }
 
-    fn crash(&mut self, mode: CrashMode) -> Check {
-        // Crash first, so the old broker can change nothing on the disk that survives; only
-        // then let it go.
-        let survivor = self.disk.crash(mode);
-        release(self.broker.take())?;
-        self.disk = survivor;
-        self.open(&format!("after crash {mode:?}"))
-    }
-
-    fn open(&mut self, when: &str) -> Check {
-        let b = Broker::open_with(Arc::new(self.disk.clone()), self.cfg.clone())
-            .map_err(|e| format!("open {when} failed: {e}"))?;
-        self.broker = Some(b);
-        for g in self.model.groups.values_mut() {
-            g.delivered.clear();
-        }
-        self.check_contents(when)
-    }
-
     /// A group that never existed sees, per queue, exactly what the model holds.
     fn check_contents(&mut self, when: &str) -> Check {
         self.checks += 1;
         let group = format!("check-{}", self.checks);
         for &topic in &self.topics.clone() {
-            let mut got: BTreeMap<u32, Vec<Delivery>> = BTreeMap::new();
-            loop {
-                let batch = self
-                    .broker()
-                    .poll(&group, topic, POLL_ALL)
-                    .map_err(|e| format!("poll {group} {topic} {when} failed: {e}"))?;
-                if batch.is_empty() {
-                    break;
-                }
-                for d in batch {
-                    got.entry(d.queue).or_default().push(d);
-                }
-            }
+            let mut got = poll_by_queue(self.broker(), &group, topic)
+                .map_err(|e| format!("poll {group} {topic} {when} failed: {e}"))?;
             for queue in 0..self.cfg.default_queues {
                 let have = got.remove(&queue).unwrap_or_default();
                 let want = self
@@ -596,47 +532,38 @@ impl Harness {
     }
 }
 
-fn format_ops(ops: &[Op], failed_at: Option<usize>) -> String {
-    let mut s = String::new();
-    for (i, op) in ops.iter().enumerate() {
-        let mark = if Some(i) == failed_at {
-            "  <== failed here"
-        } else {
-            ""
-        };
-        s.push_str(&format!("  {i:3}: {op:?}{mark}\n"));
+impl SimHarness for Harness {
+    fn parts(&mut self) -> SimParts<'_> {
+        (&mut self.disk, &self.cfg, &mut self.broker)
     }
-    s
+
+    fn opened(&mut self, when: &str) -> Check {
+        for g in self.model.groups.values_mut() {
+            g.delivered.clear();
+        }
+        self.check_contents(when)
+    }
 }
 
 fn run_case(case: &Case) -> Result<(), TestCaseError> {
-    let fail = |at: Option<usize>, what: &str, msg: String| {
-        TestCaseError::fail(format!(
-            "{what}: {msg}\ncase: topics {} queues {} checkpoint_bytes {} final crash {:?}\nops:\n{}",
-            case.topics,
-            case.queues,
-            case.checkpoint_bytes,
-            case.final_crash,
-            format_ops(&case.ops, at)
-        ))
-    };
-    let mut h = Harness::new(case).map_err(|m| fail(None, "setup", m))?;
-    for (i, op) in case.ops.iter().enumerate() {
-        h.step(op)
-            .map_err(|m| fail(Some(i), &format!("step {i} {op:?}"), m))?;
-    }
-    h.crash(case.final_crash)
-        .and_then(|()| h.check_stats())
-        .and_then(|()| h.drain_groups())
-        .map_err(|m| fail(None, &format!("final crash {:?}", case.final_crash), m))?;
-    Ok(())
+    run_ops(
+        &format!(
+            "topics {} queues {} checkpoint_bytes {} final crash {:?}",
+            case.topics, case.queues, case.checkpoint_bytes, case.final_crash
+        ),
+        &case.ops,
+        || Harness::new(case),
+        Harness::step,
+        (&format!("final crash {:?}", case.final_crash), |mut h| {
+            h.crash(case.final_crash)?;
+            h.check_stats()?;
+            h.drain_groups()
+        }),
+    )
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        max_shrink_iters: 2048,
-        ..ProptestConfig::with_cases(cases())
-    })]
+    #![proptest_config(model_config(64, 2048))]
 
     #[test]
     fn sends_and_acks_survive_crashes(case in case_strategy()) {
@@ -867,10 +794,7 @@ fn run_concurrent(case: &ConcurrentCase) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        max_shrink_iters: 256,
-        ..ProptestConfig::with_cases(cases())
-    })]
+    #![proptest_config(model_config(64, 256))]
 
     #[test]
     fn concurrent_sends_acknowledged_before_a_crash_survive_it(case in concurrent_strategy()) {

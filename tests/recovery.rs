@@ -23,12 +23,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use halfmq::record::{self, RecordKind};
-use halfmq::store::checkpoint::{self, Checkpoint};
-use halfmq::store::consume_queue::{self, CQ_HEADER_BYTES, ENTRY_BYTES};
-use halfmq::store::io::{CrashMode, Faults, FsStorage, SimStorage, Storage};
-use halfmq::store::segment::{self, SEGMENT_HEADER_BYTES};
 use halfmq::{Broker, BrokerConfig, Error, Message};
+use halfmq_store::checkpoint::{self, Checkpoint};
+use halfmq_store::consume_queue::{self, CQ_HEADER_BYTES, ENTRY_BYTES};
+use halfmq_store::io::{FsStorage, Storage};
+use halfmq_store::record::{self, RecordKind};
+use halfmq_store::segment::{self, SEGMENT_HEADER_BYTES};
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
+
+mod common;
+
+use common::poll_until;
 
 /// The smallest segment the configuration allows, so that tests roll over quickly.
 const SEGMENT_BYTES: u64 = 64 * 1024;
@@ -68,6 +73,61 @@ fn try_open(disk: &SimStorage, cfg: &BrokerConfig) -> halfmq::Result<Arc<Broker>
 
 fn open(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
     try_open(disk, cfg).unwrap_or_else(|e| panic!("open failed: {e}"))
+}
+
+/// A fresh simulated disk (sled in a new temporary directory) and a broker on it with
+/// `topic` of `queues` queues.
+fn fresh(topic: &str, queues: u32) -> (tempfile::TempDir, BrokerConfig, SimStorage, Arc<Broker>) {
+    fresh_tuned(|_| {}, topic, queues)
+}
+
+/// [`fresh`], with `tune` applied to the configuration first.
+fn fresh_tuned(
+    tune: impl FnOnce(&mut BrokerConfig),
+    topic: &str,
+    queues: u32,
+) -> (tempfile::TempDir, BrokerConfig, SimStorage, Arc<Broker>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    tune(&mut cfg);
+    let disk = SimStorage::new();
+    let b = open(&disk, &cfg);
+    b.create_topic(topic, queues).unwrap();
+    (tmp, cfg, disk, b)
+}
+
+/// Segment size and the two settings that bound a torn tail (what a crash can leave unsynced:
+/// 2 × (pending_bytes_max + record_bytes_max)).
+fn tail_limits(
+    segment_bytes: u64,
+    pending_bytes_max: u64,
+    record_bytes_max: u32,
+) -> impl FnOnce(&mut BrokerConfig) {
+    move |cfg| {
+        cfg.store.segment_bytes = segment_bytes;
+        cfg.store.pending_bytes_max = pending_bytes_max;
+        cfg.store.record_bytes_max = record_bytes_max;
+    }
+}
+
+/// Messages `range` to `topic`, keys `k0` to `k{keys - 1}` in turn, bodies of `len` bytes.
+fn send_many(
+    b: &Broker,
+    topic: &str,
+    range: std::ops::Range<usize>,
+    keys: usize,
+    len: usize,
+) -> Vec<Sent> {
+    range
+        .map(|i| {
+            send(
+                b,
+                topic,
+                &format!("k{}", i % keys),
+                &body(&format!("m{i}-"), len),
+            )
+        })
+        .collect()
 }
 
 /// Power loss under a running broker: returns the disk as it comes back.
@@ -257,21 +317,8 @@ struct TornFixture {
 }
 
 fn torn_fixture(n: usize) -> TornFixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path());
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("torn", 3).unwrap();
-    let sent: Vec<Sent> = (0..n)
-        .map(|i| {
-            send(
-                &b,
-                "torn",
-                &format!("k{}", i % 4),
-                &body(&format!("m{i}-"), 12),
-            )
-        })
-        .collect();
+    let (tmp, cfg, disk, b) = fresh("torn", 3);
+    let sent: Vec<Sent> = send_many(&b, "torn", 0..n, 4, 12);
     let image = crash(&disk, b, CrashMode::DropUnsynced);
     let log = segment_path(tmp.path(), 0);
     let bytes = image.durable_bytes(&log).unwrap();
@@ -409,21 +456,8 @@ fn valid_record_in_the_wrong_place_at_the_tail_is_cut_not_indexed() {
 /// the record's position in it; nothing is cut.
 #[test]
 fn flipped_bit_in_an_older_segment_fails_open_naming_file_and_offset() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path());
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("old", 2).unwrap();
-    let sent: Vec<Sent> = (0..160)
-        .map(|i| {
-            send(
-                &b,
-                "old",
-                &format!("k{}", i % 3),
-                &body(&format!("m{i}-"), 900),
-            )
-        })
-        .collect();
+    let (tmp, cfg, disk, b) = fresh("old", 2);
+    let sent: Vec<Sent> = send_many(&b, "old", 0..160, 3, 900);
     let image = crash(&disk, b, CrashMode::DropUnsynced);
     assert!(
         sent.last().unwrap().log_offset >= 2 * SEGMENT_BYTES,
@@ -473,11 +507,7 @@ fn flipped_bit_in_an_older_segment_fails_open_naming_file_and_offset() {
 /// and is never skipped or returned as data.
 #[test]
 fn flipped_bit_in_an_older_segment_after_a_clean_close_fails_the_read() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path());
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("old", 1).unwrap();
+    let (tmp, cfg, disk, b) = fresh("old", 1);
     let sent: Vec<Sent> = (0..100)
         .map(|i| send(&b, "old", "k", &body(&format!("m{i}-"), 900)))
         .collect();
@@ -515,12 +545,8 @@ fn flipped_bit_in_an_older_segment_after_a_clean_close_fails_the_read() {
 /// crash.
 #[test]
 fn roll_over_across_many_segments_survives_reopen_and_crash() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path());
+    let (tmp, cfg, disk, b) = fresh("roll", 4);
     let dir = tmp.path();
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("roll", 4).unwrap();
     let mut sent: Vec<Sent> = (0..420)
         .map(|i| {
             // Sizes vary so that segments end at different distances from their end.
@@ -619,12 +645,8 @@ fn roll_over_across_many_segments_survives_reopen_and_crash() {
 /// message. (Open failed with `Error::Corrupt` before commit d195ecd.)
 #[test]
 fn crash_between_roll_over_and_sealing_the_full_segment_is_a_torn_tail() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, cfg, disk, b) = fresh("roll", 1);
     let dir = tmp.path();
-    let cfg = config(dir);
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("roll", 1).unwrap();
     let msg = body("m-", 1000);
     let size = record_bytes("roll", "k", &msg);
     let mut sent = Vec::new();
@@ -896,22 +918,9 @@ fn snapshot(disk: &SimStorage, dir: &Path) -> Snapshot {
 /// the same result; and a recovery interrupted by a failed fsync and a crash is simply done again.
 #[test]
 fn recovery_is_idempotent() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, cfg, disk, b) = fresh("idem", 3);
     let dir = tmp.path();
-    let cfg = config(dir);
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("idem", 3).unwrap();
-    let mut sent: Vec<Sent> = (0..140)
-        .map(|i| {
-            send(
-                &b,
-                "idem",
-                &format!("k{}", i % 5),
-                &body(&format!("m{i}-"), 700),
-            )
-        })
-        .collect();
+    let mut sent: Vec<Sent> = send_many(&b, "idem", 0..140, 5, 700);
     let image = crash(&disk, b, CrashMode::DropUnsynced);
     // Tear the last record in its middle, in the second segment.
     let last = sent.pop().unwrap();
@@ -983,12 +992,8 @@ fn recovery_is_idempotent() {
 /// readable, and the rebuilt file is byte for byte the one that was lost.
 #[test]
 fn missing_or_short_index_is_rebuilt_from_the_log() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, cfg, disk, b) = fresh("idx", 4);
     let dir = tmp.path();
-    let cfg = config(dir);
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("idx", 4).unwrap();
     b.create_topic("other", 2).unwrap();
     let mut sent: Vec<Sent> = Vec::new();
     for i in 0..150 {
@@ -1091,12 +1096,8 @@ fn missing_or_short_index_is_rebuilt_from_the_log() {
 /// others instead of stopping open: it is derived data and the log is intact.
 #[test]
 fn index_cut_inside_its_header_is_rebuilt() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, cfg, disk, b) = fresh("idx", 2);
     let dir = tmp.path();
-    let cfg = config(dir);
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("idx", 2).unwrap();
     let sent: Vec<Sent> = (0..20)
         .map(|i| send(&b, "idx", &format!("k{i}"), format!("m{i}").as_bytes()))
         .collect();
@@ -1129,26 +1130,11 @@ fn index_cut_inside_its_header_is_rebuilt() {
 /// the record. One record later, where the damage just fits, it is a torn tail.
 #[test]
 fn damage_longer_than_a_torn_tail_in_the_newest_segment_fails_open() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tune = tail_limits(4 * 1024 * 1024, 64 * 1024, 16 * 1024);
+    let (tmp, cfg, disk, b) = fresh_tuned(tune, "long", 2);
     let dir = tmp.path();
-    let mut cfg = config(dir);
-    cfg.store.segment_bytes = 4 * 1024 * 1024;
-    cfg.store.pending_bytes_max = 64 * 1024;
-    cfg.store.record_bytes_max = 16 * 1024;
     let limit = 2 * (64 * 1024 + 16 * 1024);
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("long", 2).unwrap();
-    let sent: Vec<Sent> = (0..400)
-        .map(|i| {
-            send(
-                &b,
-                "long",
-                &format!("k{}", i % 3),
-                &body(&format!("m{i}-"), 1000),
-            )
-        })
-        .collect();
+    let sent: Vec<Sent> = send_many(&b, "long", 0..400, 3, 1000);
     let image = crash(&disk, b, CrashMode::DropUnsynced);
     let path = segment_path(dir, 0);
     let bytes = image.durable_bytes(&path).unwrap();
@@ -1205,26 +1191,11 @@ fn damage_longer_than_a_torn_tail_in_the_newest_segment_fails_open() {
 #[test]
 fn damaged_first_record_of_a_newest_segment_full_of_data_is_corruption() {
     for clean_close in [false, true] {
-        let tmp = tempfile::tempdir().unwrap();
+        let tune = tail_limits(256 * 1024, 16 * 1024, 4 * 1024);
+        let (tmp, cfg, disk, b) = fresh_tuned(tune, "first", 2);
         let dir = tmp.path();
-        let mut cfg = config(dir);
-        cfg.store.segment_bytes = 256 * 1024;
-        cfg.store.pending_bytes_max = 16 * 1024;
-        cfg.store.record_bytes_max = 4 * 1024;
         let limit = 2 * (16 * 1024 + 4 * 1024);
-        let disk = SimStorage::new();
-        let b = open(&disk, &cfg);
-        b.create_topic("first", 2).unwrap();
-        let sent: Vec<Sent> = (0..360)
-            .map(|i| {
-                send(
-                    &b,
-                    "first",
-                    &format!("k{}", i % 3),
-                    &body(&format!("m{i}-"), 1000),
-                )
-            })
-            .collect();
+        let sent: Vec<Sent> = send_many(&b, "first", 0..360, 3, 1000);
         let image = if clean_close {
             b.close().unwrap();
             drop_broker(b);
@@ -1465,42 +1436,31 @@ fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
     let b = Broker::open(cfg.clone()).unwrap();
     b.create_topic("t", 2).unwrap();
     let wait_prepared = |what: &str| {
-        let t = Instant::now();
-        loop {
-            let blank = blank_segment_files(tmp.path());
-            assert!(blank.len() <= 1, "{what}: {blank:?}");
-            if blank.len() == 1 && blank[0].1 == SEGMENT_BYTES {
-                return blank[0].0.clone();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "{what}: never prepared"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let prepared = format!("{what}: a segment prepared");
+        poll_until(
+            Duration::from_millis(2),
+            Duration::from_secs(20),
+            &prepared,
+            || {
+                let blank = blank_segment_files(tmp.path());
+                assert!(blank.len() <= 1, "{what}: {blank:?}");
+                (blank.len() == 1 && blank[0].1 == SEGMENT_BYTES).then(|| blank[0].0.clone())
+            },
+        )
     };
+    let send_kb = |key: String, tag: String| send(&b, "t", &key, &body(&tag, 1000));
     let mut sent = Vec::new();
     // The segment after the active one is prepared at open; after a roll, when the group
     // commits that filled the segment were small (here one record each).
     for i in 0..70 {
-        sent.push(send(
-            &b,
-            "t",
-            &format!("first-{i}"),
-            &body(&format!("f{i}"), 1000),
-        ));
+        sent.push(send_kb(format!("first-{i}"), format!("f{i}")));
     }
     for round in 0..5 {
         let prepared = wait_prepared(&format!("round {round}"));
         let segments_before = b.store().log_stats().segments;
         // 70 records of ~1 KiB: past the end of a 64 KiB segment.
         for i in 0..70 {
-            sent.push(send(
-                &b,
-                "t",
-                &format!("k{round}-{i}"),
-                &body(&format!("r{round}-{i}"), 1000),
-            ));
+            sent.push(send_kb(format!("k{round}-{i}"), format!("r{round}-{i}")));
         }
         assert!(b.store().log_stats().segments > segments_before);
         // The prepared file is a segment now: it has a header.

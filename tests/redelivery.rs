@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use halfmq::broker::{NackOutcome, PROP_REPLAYED_FROM};
-use halfmq::meta::GroupSettings;
-use halfmq::store::io::{CrashMode, Faults, SimStorage};
-use halfmq::{Broker, BrokerConfig, Error, Message};
+use halfmq::props::PROP_REPLAYED_FROM;
+use halfmq::GroupSettings;
+use halfmq::NackOutcome;
+use halfmq::{Broker, BrokerConfig, Clock, Error, ManualClock, Message};
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     let mut c = BrokerConfig::new(dir);
@@ -41,10 +42,17 @@ fn poll_for(
     b.poll_wait(group, topic, max, timeout).unwrap()
 }
 
+/// A broker whose clock moves only when the test moves it, so that "not yet" is exact.
+fn open_with_clock(dir: &std::path::Path) -> (Arc<Broker>, ManualClock) {
+    let clock = ManualClock::starting_now();
+    let b = Broker::open(config(dir).with_clock(clock.clone())).unwrap();
+    (b, clock)
+}
+
 #[test]
 fn an_unacked_message_is_delivered_again_after_the_visibility_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = open(tmp.path());
+    let (b, clock) = open_with_clock(tmp.path());
     b.set_group_settings("g", &settings(300, 16, &[1000]))
         .unwrap();
     b.send("t", &Message::new("pay-1").with_key("order-1"))
@@ -52,18 +60,16 @@ fn an_unacked_message_is_delivered_again_after_the_visibility_timeout() {
     let first = b.poll("g", "t", 10).unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].attempt, 1);
-    let leased_at = Instant::now();
     // Leased: not handed to anyone else in the group meanwhile.
     assert!(b.poll("g", "t", 10).unwrap().is_empty());
     // Another group has its own lease.
     assert_eq!(b.poll("other", "t", 10).unwrap().len(), 1);
-
-    let again = poll_for(&b, "g", "t", 10, Duration::from_secs(5));
-    assert!(
-        leased_at.elapsed() >= Duration::from_millis(290),
-        "redelivered before the time-out: {:?}",
-        leased_at.elapsed()
-    );
+    // Still leased one millisecond before the time-out...
+    clock.advance_ms(299);
+    assert!(b.poll("g", "t", 10).unwrap().is_empty());
+    // ...and delivered again at it.
+    clock.advance_ms(1);
+    let again = b.poll("g", "t", 10).unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].offset, again[0].attempt), (first[0].offset, 2));
     assert_eq!(again[0].body, b"pay-1");
@@ -82,7 +88,7 @@ fn an_unacked_message_is_delivered_again_after_the_visibility_timeout() {
     );
 
     b.ack("g", "t", again[0].queue, again[0].offset).unwrap();
-    thread::sleep(Duration::from_millis(400));
+    clock.advance_ms(3_600_000);
     assert!(
         b.poll("g", "t", 10).unwrap().is_empty(),
         "acked: never delivered again"
@@ -127,7 +133,7 @@ fn a_consumer_that_dies_mid_batch_loses_nothing() {
 #[test]
 fn nack_redelivers_at_once_or_after_the_backoff() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = open(tmp.path());
+    let (b, clock) = open_with_clock(tmp.path());
     b.set_group_settings("g", &settings(60_000, 16, &[400, 800]))
         .unwrap();
     b.send("t", &Message::new("x")).unwrap();
@@ -143,7 +149,7 @@ fn nack_redelivers_at_once_or_after_the_backoff() {
     let d2 = b.poll("g", "t", 1).unwrap().remove(0);
     assert_eq!((d2.offset, d2.attempt), (d.offset, 2));
     // Nacking it again while it waits is refused: it is not with a consumer.
-    let nacked_at = Instant::now();
+    let nacked_at = clock.now_ms();
     let at = match b.nack("g", "t", d.queue, d.offset, None).unwrap() {
         NackOutcome::Redeliver { attempt, at_ms } => {
             assert_eq!(attempt, 3);
@@ -156,13 +162,11 @@ fn nack_redelivers_at_once_or_after_the_backoff() {
         Err(Error::BadAck { .. })
     ));
     // Second failure: the second backoff level (800 ms).
-    assert!(
-        at >= halfmq::broker::now_ms() + 500,
-        "backoff level 2 applies"
-    );
+    assert_eq!(at, nacked_at + 800, "backoff level 2 applies");
+    clock.advance_ms(799);
     assert!(b.poll("g", "t", 1).unwrap().is_empty());
-    let d3 = poll_for(&b, "g", "t", 1, Duration::from_secs(5)).remove(0);
-    assert!(nacked_at.elapsed() >= Duration::from_millis(750));
+    clock.advance_ms(1);
+    let d3 = b.poll("g", "t", 1).unwrap().remove(0);
     assert_eq!(d3.attempt, 3);
     // Never delivered: nack is refused.
     b.send("t", &Message::new("y")).unwrap();

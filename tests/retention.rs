@@ -6,18 +6,18 @@
 
 mod common;
 
-use common::open_waiting_for_lock;
+use common::{open_waiting_for_lock, wait_until};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::broker::now_ms;
-use halfmq::meta::GroupSettings;
-use halfmq::store::io::{CrashMode, Faults, SimStorage};
-use halfmq::store::TruncateLimits;
-use halfmq::txn::HalfOptions;
+use halfmq::clock::now_ms;
+use halfmq::GroupSettings;
+use halfmq::HalfOptions;
 use halfmq::{Broker, BrokerConfig, Error, Message, Pin};
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
+use halfmq_store::TruncateLimits;
 
 const SEGMENT_BYTES: u64 = 64 * 1024;
 const BODY_BYTES: usize = 1000;
@@ -35,6 +35,49 @@ fn config(dir: &Path) -> BrokerConfig {
     c.retention.bytes_max = Some(2 * SEGMENT_BYTES);
     c.retention.interval = Duration::from_secs(86_400);
     c
+}
+
+fn open(dir: &Path) -> Arc<Broker> {
+    Broker::open(config(dir)).unwrap()
+}
+
+/// A broker on `dir` with messages 0 to 299 in "t", all consumed and acked by `group`.
+fn consumed_by(dir: &Path, group: &str) -> Arc<Broker> {
+    let b = open(dir);
+    fill(&b, "t", 0, 300);
+    drain(&b, group, "t");
+    b
+}
+
+/// [`consumed_by`] "g", on a simulated disk (sled in the returned temporary directory).
+fn consumed_on_sim() -> (tempfile::TempDir, SimStorage, BrokerConfig, Arc<Broker>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(tmp.path());
+    let b = Broker::open_with(Arc::new(disk.clone()), cfg.clone()).unwrap();
+    fill(&b, "t", 0, 300);
+    drain(&b, "g", "t");
+    (tmp, disk, cfg, b)
+}
+
+/// Power loss (unsynced writes lost), then open again.
+fn crash_and_reopen(disk: &SimStorage, b: Arc<Broker>, cfg: BrokerConfig) -> Arc<Broker> {
+    let after = disk.crash(CrashMode::DropUnsynced);
+    drop(b);
+    Broker::open_with(Arc::new(after), cfg).unwrap()
+}
+
+/// Delete the files of `dir` whose names start with one of `prefixes`, and every
+/// consume-queue index.
+fn lose_files(dir: &Path, prefixes: &[&str]) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if prefixes.iter().any(|p| name.starts_with(p)) {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(dir.join("cq")).unwrap();
 }
 
 fn body(i: u64) -> Vec<u8> {
@@ -92,7 +135,7 @@ fn segment_files(dir: &Path) -> Vec<String> {
 #[test]
 fn deletes_when_every_group_passed_and_the_size_limit_is_exceeded() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     fill(&b, "t", 0, 300);
     assert!(segment_files(tmp.path()).len() >= 5);
     assert_eq!(drain(&b, "g1", "t").len(), 300);
@@ -138,9 +181,7 @@ fn nothing_is_deleted_without_a_limit() {
 #[test]
 fn a_lagging_group_pins_the_log_until_it_acks() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
-    fill(&b, "t", 0, 300);
-    drain(&b, "fast", "t");
+    let b = consumed_by(tmp.path(), "fast");
     // The slow group acked only the first message of queue 0.
     let first = b.poll("slow", "t", 1).unwrap();
     b.ack("slow", "t", first[0].queue, first[0].offset).unwrap();
@@ -165,7 +206,7 @@ fn a_lagging_group_pins_the_log_until_it_acks() {
 #[test]
 fn a_topic_no_group_consumed_is_kept() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     fill(&b, "consumed", 0, 150);
     fill(&b, "nobody", 1000, 5);
     fill(&b, "consumed", 150, 150);
@@ -185,7 +226,7 @@ fn a_topic_no_group_consumed_is_kept() {
 #[test]
 fn a_pending_half_pins_the_log_until_it_is_resolved() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     fill(&b, "t", 0, 20);
     let txn = b
         .send_half("t", &Message::new(body(7777)), "pg", HalfOptions::default())
@@ -205,7 +246,7 @@ fn a_pending_half_pins_the_log_until_it_is_resolved() {
 #[test]
 fn a_pending_delayed_message_pins_the_log() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     let d = b
         .send_delayed("t", &Message::new(body(5555)), now_ms() + 3_600_000)
         .unwrap();
@@ -257,9 +298,7 @@ fn an_unreplayed_dead_letter_pins_the_log_until_replayed() {
 #[test]
 fn a_poll_of_deleted_offsets_skips_them_and_counts() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
-    fill(&b, "t", 0, 300);
-    drain(&b, "g", "t");
+    let b = consumed_by(tmp.path(), "g");
     let r = b.enforce_retention().unwrap();
     assert!(r.segments_deleted > 0);
     let q0 = b.store().queue("t", 0).unwrap();
@@ -283,9 +322,7 @@ fn a_poll_of_deleted_offsets_skips_them_and_counts() {
 fn restart_after_retention_keeps_queue_offsets_and_unacked_messages() {
     let tmp = tempfile::tempdir().unwrap();
     let (start, lens) = {
-        let b = Broker::open(config(tmp.path())).unwrap();
-        fill(&b, "t", 0, 300);
-        drain(&b, "g", "t");
+        let b = consumed_by(tmp.path(), "g");
         fill(&b, "t", 300, 10);
         let r = b.enforce_retention().unwrap();
         assert!(r.segments_deleted > 0);
@@ -295,7 +332,7 @@ fn restart_after_retention_keeps_queue_offsets_and_unacked_messages() {
         b.close().unwrap();
         (r.log_start, lens)
     };
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     assert_eq!(b.recovery_report().log_start, start);
     assert_eq!(b.store().log_start(), start);
     assert_eq!(drain(&b, "g", "t"), (300..310).collect::<Vec<_>>());
@@ -309,12 +346,7 @@ fn restart_after_retention_keeps_queue_offsets_and_unacked_messages() {
 /// first) come back: all of them = crash right after the log start was persisted; a suffix
 /// = crash in the middle of the deletes (they go oldest first).
 fn crash_during_delete(restore: fn(usize) -> std::ops::Range<usize>) {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(tmp.path());
-    let b = Broker::open_with(Arc::new(disk.clone()), cfg.clone()).unwrap();
-    fill(&b, "t", 0, 300);
-    drain(&b, "g", "t");
+    let (tmp, disk, cfg, b) = consumed_on_sim();
     fill(&b, "t", 300, 20);
     let log_dir = tmp.path().join("log");
     let before: Vec<_> = disk
@@ -337,9 +369,7 @@ fn crash_during_delete(restore: fn(usize) -> std::ops::Range<usize>) {
     for (p, bytes) in &deleted[back.clone()] {
         disk.put_bytes(p, bytes.clone());
     }
-    let after = disk.crash(CrashMode::DropUnsynced);
-    drop(b);
-    let b = Broker::open_with(Arc::new(after), cfg).unwrap();
+    let b = crash_and_reopen(&disk, b, cfg);
     let rep = b.recovery_report().clone();
     assert_eq!(rep.orphans_removed, back.len(), "{rep:?}");
     assert_eq!(rep.log_start, r.log_start);
@@ -358,12 +388,7 @@ fn crash_after_some_files_are_deleted() {
 
 #[test]
 fn a_failed_log_start_write_deletes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(tmp.path());
-    let b = Broker::open_with(Arc::new(disk.clone()), cfg.clone()).unwrap();
-    fill(&b, "t", 0, 300);
-    drain(&b, "g", "t");
+    let (_tmp, disk, cfg, b) = consumed_on_sim();
     fill(&b, "t", 300, 5);
     let segments = b.store().log_stats().segments;
     disk.set_faults(Faults {
@@ -373,9 +398,7 @@ fn a_failed_log_start_write_deletes_nothing() {
     assert!(b.enforce_retention().is_err());
     assert_eq!(b.store().log_stats().segments, segments);
     assert_eq!(b.store().log_start(), 0);
-    let after = disk.crash(CrashMode::DropUnsynced);
-    drop(b);
-    let b = Broker::open_with(Arc::new(after), cfg).unwrap();
+    let b = crash_and_reopen(&disk, b, cfg);
     assert_eq!(b.recovery_report().log_start, 0);
     assert_eq!(drain(&b, "g", "t"), (300..305).collect::<Vec<_>>());
 }
@@ -384,9 +407,7 @@ fn a_failed_log_start_write_deletes_nothing() {
 fn full_index_rebuild_of_a_log_that_starts_above_zero() {
     let tmp = tempfile::tempdir().unwrap();
     let lens: Vec<u64> = {
-        let b = Broker::open(config(tmp.path())).unwrap();
-        fill(&b, "t", 0, 300);
-        drain(&b, "g", "t");
+        let b = consumed_by(tmp.path(), "g");
         fill(&b, "t", 300, 10);
         assert!(b.enforce_retention().unwrap().segments_deleted > 0);
         let lens = (0..2)
@@ -396,14 +417,8 @@ fn full_index_rebuild_of_a_log_that_starts_above_zero() {
         lens
     };
     // Lose every checkpoint and every index.
-    for e in std::fs::read_dir(tmp.path()).unwrap() {
-        let e = e.unwrap();
-        if e.file_name().to_string_lossy().starts_with("checkpoint.") {
-            std::fs::remove_file(e.path()).unwrap();
-        }
-    }
-    std::fs::remove_dir_all(tmp.path().join("cq")).unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    lose_files(tmp.path(), &["checkpoint."]);
+    let b = open(tmp.path());
     assert!(b.recovery_report().full_rebuild);
     for (q, len) in lens.iter().enumerate() {
         assert_eq!(b.store().queue("t", q as u32).unwrap().len(), *len);
@@ -413,7 +428,7 @@ fn full_index_rebuild_of_a_log_that_starts_above_zero() {
     assert_eq!(rec.offset, lens[rec.queue as usize]);
     drop(b);
     // And once more, now from the rebuilt (sparse) indexes and a fresh checkpoint.
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     assert!(!b.recovery_report().full_rebuild);
     assert_eq!(drain(&b, "g", "t"), vec![999]);
 }
@@ -422,22 +437,13 @@ fn full_index_rebuild_of_a_log_that_starts_above_zero() {
 fn a_lost_log_start_file_still_rebuilds_from_the_log() {
     let tmp = tempfile::tempdir().unwrap();
     {
-        let b = Broker::open(config(tmp.path())).unwrap();
-        fill(&b, "t", 0, 300);
-        drain(&b, "g", "t");
+        let b = consumed_by(tmp.path(), "g");
         fill(&b, "t", 300, 10);
         assert!(b.enforce_retention().unwrap().segments_deleted > 0);
         b.close().unwrap();
     }
-    for e in std::fs::read_dir(tmp.path()).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("checkpoint.") || name.starts_with("logstart.") {
-            std::fs::remove_file(e.path()).unwrap();
-        }
-    }
-    std::fs::remove_dir_all(tmp.path().join("cq")).unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    lose_files(tmp.path(), &["checkpoint.", "logstart."]);
+    let b = open(tmp.path());
     assert_eq!(drain(&b, "g", "t"), (300..310).collect::<Vec<_>>());
 }
 
@@ -445,9 +451,7 @@ fn a_lost_log_start_file_still_rebuilds_from_the_log() {
 fn a_missing_segment_above_the_log_start_is_corruption() {
     let tmp = tempfile::tempdir().unwrap();
     let start = {
-        let b = Broker::open(config(tmp.path())).unwrap();
-        fill(&b, "t", 0, 300);
-        drain(&b, "g", "t");
+        let b = consumed_by(tmp.path(), "g");
         fill(&b, "t", 300, 200);
         let r = b.enforce_retention().unwrap();
         b.close().unwrap();
@@ -719,7 +723,7 @@ fn dead_letters_acked_by_a_group_polling_the_dead_letter_queue_are_released() {
     fill(&b, "t", 1, 300);
     drain(&b, "g", "t");
     // An operator's group reads and acks the dead letters instead of replaying them.
-    let dlq = halfmq::broker::dead_letter_topic("g");
+    let dlq = halfmq::dead_letter_topic("g");
     assert_eq!(drain(&b, "ops", &dlq), vec![0]);
     let r = b.enforce_retention().unwrap();
     assert!(r.log_bytes <= 2 * SEGMENT_BYTES, "{r:?}");
@@ -738,14 +742,11 @@ fn the_background_pass_deletes_on_its_own() {
     let b = Broker::open(cfg).unwrap();
     fill(&b, "t", 0, 300);
     drain(&b, "g", "t");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while b.last_retention().is_none_or(|r| r.log_start == 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no background pass deleted anything"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "a background pass deleted something",
+        Duration::from_secs(20),
+        || b.last_retention().is_some_and(|r| r.log_start > 0),
+    );
     assert!(b.store().log_start() > 0);
     b.close().unwrap();
 }
@@ -754,14 +755,12 @@ fn the_background_pass_deletes_on_its_own() {
 fn a_group_that_polled_but_never_acked_pins_the_log_across_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     {
-        let b = Broker::open(config(tmp.path())).unwrap();
-        fill(&b, "t", 0, 300);
-        drain(&b, "fast", "t");
+        let b = consumed_by(tmp.path(), "fast");
         // "slow" takes messages and crashes before its first ack.
         assert!(!b.poll("slow", "t", 10).unwrap().is_empty());
         b.close().unwrap();
     }
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let b = open(tmp.path());
     let r = b.enforce_retention().unwrap();
     assert_eq!(r.segments_deleted, 0, "{r:?}");
     match &r.floor.pinned_by {

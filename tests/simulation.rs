@@ -48,17 +48,17 @@
 
 mod common;
 
-use common::open_waiting_for_lock;
+use common::{check_due_order, env_u64, mark_delivered, open_waiting_for_lock, poll_by_queue};
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use halfmq::record::{encode_properties, encoded_len, Properties};
-use halfmq::store::io::{CrashMode, Faults, SimStorage};
-use halfmq::store::segment;
 use halfmq::{Broker, BrokerConfig, Delivery, Error, HalfOptions, Message, TxnConfig, TxnState};
+use halfmq_store::record::{encode_properties, encoded_len, Properties};
+use halfmq_store::segment;
+use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 
 const TOPICS: [&str; 3] = ["orders", "payments", "audit"];
 /// Keys of plain sends; "" is no key (round robin).
@@ -76,14 +76,6 @@ const PROP_TXN: &str = "halfmq.txn";
 const DEFAULT_SEEDS: u64 = 32;
 /// Every body starts with its message id: 16 hex digits and a colon.
 const ID_BYTES: usize = 17;
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.parse() {
-        Ok(n) => Some(n),
-        Err(_) => panic!("{name}={v:?} is not a number"),
-    }
-}
 
 macro_rules! ensure {
     ($cond:expr, $($fmt:tt)+) => {
@@ -136,6 +128,20 @@ struct Txn {
     state: TxnState,
     /// An outcome whose call failed: it may or may not have been recorded.
     maybe: Option<TxnState>,
+}
+
+impl Txn {
+    /// The message a commit of this transaction makes visible.
+    fn msg(&self) -> Msg {
+        Msg {
+            id: body_id(&self.body).unwrap_or(u64::MAX),
+            topic: self.topic,
+            key: self.key.clone(),
+            body: self.body.clone(),
+            txn: Some(self.id),
+            log_offset: None,
+        }
+    }
 }
 
 /// (topic, queue, queue offset).
@@ -215,10 +221,7 @@ struct Sim {
 
 fn txn_config() -> TxnConfig {
     // No check-back: transactions stay pending until the schedule resolves them.
-    TxnConfig {
-        check_back: false,
-        ..TxnConfig::default()
-    }
+    TxnConfig::default().with_check_back(false)
 }
 
 fn body_id(body: &[u8]) -> Option<u64> {
@@ -610,14 +613,7 @@ impl Sim {
                     self.queues
                         .entry((t.topic, t.queue))
                         .or_default()
-                        .push(Msg {
-                            id: body_id(&t.body).unwrap_or(u64::MAX),
-                            topic: t.topic,
-                            key: t.key.clone(),
-                            body: t.body.clone(),
-                            txn: Some(t.id),
-                            log_offset: None,
-                        });
+                        .push(t.msg());
                 }
             }
             Err(e) => {
@@ -625,14 +621,7 @@ impl Sim {
                     self.txns[i].maybe = Some(want);
                     if commit {
                         self.unsure.push(Unsure {
-                            msg: Msg {
-                                id: body_id(&t.body).unwrap_or(u64::MAX),
-                                topic: t.topic,
-                                key: t.key.clone(),
-                                body: t.body.clone(),
-                                txn: Some(t.id),
-                                log_offset: None,
-                            },
+                            msg: t.msg(),
                             queue: Some(t.queue),
                         });
                     }
@@ -669,18 +658,32 @@ impl Sim {
         Ok(())
     }
 
-    /// The disk is full for a few writes, then has space again: writes work without a reopen.
-    fn disk_full(&mut self) -> Check {
-        self.note("fault: disk full".into());
-        self.disk.set_faults(Faults {
-            disk_full: true,
-            ..Faults::default()
-        });
-        for _ in 0..self.rng.usize(1..=8) {
-            self.write(Fault::DiskFull)?;
+    /// `faults` for 1 to `most` writes (`fault` says what each may meet), then none; the notes
+    /// say `what` started and ended.
+    fn faulty_writes(
+        &mut self,
+        (start, end): (&str, &str),
+        faults: Faults,
+        fault: Fault,
+        most: usize,
+    ) -> Check {
+        self.note(format!("fault: {start}"));
+        self.disk.set_faults(faults);
+        for _ in 0..self.rng.usize(1..=most) {
+            self.write(fault)?;
         }
         self.disk.set_faults(Faults::default());
-        self.note("fault: space again".into());
+        self.note(format!("fault: {end}"));
+        Ok(())
+    }
+
+    /// The disk is full for a few writes, then has space again: writes work without a reopen.
+    fn disk_full(&mut self) -> Check {
+        let full = Faults {
+            disk_full: true,
+            ..Faults::default()
+        };
+        self.faulty_writes(("disk full", "space again"), full, Fault::DiskFull, 8)?;
         if !self.poisoned && !self.poison_possible {
             // Writes resume at once; this one must succeed.
             let before = self.counters.failed_writes;
@@ -695,17 +698,16 @@ impl Sim {
 
     /// Writes persist only their first half and fail, for a few writes.
     fn short_writes(&mut self) -> Check {
-        self.note("fault: short writes".into());
-        self.disk.set_faults(Faults {
+        let short = Faults {
             short_writes: true,
             ..Faults::default()
-        });
-        for _ in 0..self.rng.usize(1..=3) {
-            self.write(Fault::ShortWrites)?;
-        }
-        self.disk.set_faults(Faults::default());
-        self.note("fault: whole writes again".into());
-        Ok(())
+        };
+        self.faulty_writes(
+            ("short writes", "whole writes again"),
+            short,
+            Fault::ShortWrites,
+            3,
+        )
     }
 
     // -----------------------------------------------------------------------------------------
@@ -757,24 +759,13 @@ impl Sim {
                 .map_err(|e| format!("poll {group} {topic}: {e}"))?;
             per_queue.entry(d.queue).or_default().push(d.offset);
         }
-        for (q, offsets) in &per_queue {
-            let due = &due[q];
-            ensure!(
-                offsets.len() <= due.len() && offsets[..] == due[..offsets.len()],
-                "poll {group} {topic} gave queue {q} offsets {offsets:?}; the next due were {due:?} (acked before, given twice, or out of order)"
-            );
-        }
+        check_due_order(group, topic, &per_queue, &due)?;
         let g = self
             .groups
             .get_mut(group)
             .expect("every group is in the model");
-        for d in &got {
-            let at = (topic, d.queue, d.offset);
-            g.delivered.insert(at);
-            if !g.outstanding.contains(&at) {
-                g.outstanding.push(at);
-            }
-        }
+        let ids = got.iter().map(|d| (topic, d.queue, d.offset));
+        mark_delivered(&mut g.delivered, &mut g.outstanding, ids);
         Ok(got.len())
     }
 
@@ -814,6 +805,30 @@ impl Sim {
     /// Power loss. With `freeze`, the old process dies with the power: a write on the dead
     /// disk poisons its store first, so closing it writes nothing more to the metadata
     /// database. Without, it outlives its disk and closes normally (as far as it can).
+    /// Flip `bit` of byte `pos` of `path` (`what` is there; `detail` is noted with the crash);
+    /// if it was at rest, crash the disk (random mode and freeze) and return true.
+    fn flip_then_crash(
+        &mut self,
+        path: &Path,
+        pos: u64,
+        bit: u8,
+        what: &str,
+        detail: &str,
+    ) -> Result<bool, String> {
+        let flipped = format!("flip bit {bit} of byte {pos} of {} ({what}", path.display());
+        if !self.disk.flip_bit(path, pos, bit) {
+            self.note(format!("{flipped}): not at rest"));
+            return Ok(false);
+        }
+        let mode = self.crash_mode();
+        let freeze = self.rng.bool();
+        self.note(format!(
+            "{flipped}, {detail}); crash {mode:?} freeze {freeze}"
+        ));
+        self.crash_disk(mode, freeze)?;
+        Ok(true)
+    }
+
     fn crash_disk(&mut self, mode: CrashMode, freeze: bool) -> Check {
         let survivor = self.disk.crash(mode);
         let b = self
@@ -911,19 +926,8 @@ impl Sim {
     ) -> Result<BTreeMap<u32, Vec<Delivery>>, String> {
         self.checks += 1;
         let group = format!("check-{}", self.checks);
-        let mut got: BTreeMap<u32, Vec<Delivery>> = BTreeMap::new();
-        loop {
-            let batch = self
-                .b()
-                .poll(&group, topic, POLL_ALL)
-                .map_err(|e| format!("{when}: poll {topic} by a fresh group: {e}"))?;
-            if batch.is_empty() {
-                return Ok(got);
-            }
-            for d in batch {
-                got.entry(d.queue).or_default().push(d);
-            }
-        }
+        poll_by_queue(&self.b(), &group, topic)
+            .map_err(|e| format!("{when}: poll {topic} by a fresh group: {e}"))
     }
 
     /// Compare the broker with the model, resolving unsure writes.
@@ -1197,22 +1201,11 @@ impl Sim {
         let rec_pos = lo - base;
         let pos = rec_pos + self.rng.u64(..size);
         let bit = self.rng.u8(..8);
-        if !self.disk.flip_bit(&path, pos, bit) {
-            self.note(format!(
-                "flip bit {bit} of byte {pos} of {} (message {}): not at rest",
-                path.display(),
-                m.id
-            ));
+        let what = format!("message {}", m.id);
+        let at = format!("at log {lo}, record of {size} bytes at {rec_pos}");
+        if !self.flip_then_crash(&path, pos, bit, &what, &at)? {
             return Ok(FlipOutcome::NotAtRest);
         }
-        let mode = self.crash_mode();
-        let freeze = self.rng.bool();
-        self.note(format!(
-            "flip bit {bit} of byte {pos} of {} (message {} at log {lo}, record of {size} bytes at {rec_pos}); crash {mode:?} freeze {freeze}",
-            path.display(),
-            m.id
-        ));
-        self.crash_disk(mode, freeze)?;
         let b = match self.try_open() {
             Err(Error::Corrupt {
                 path: p, offset, ..
@@ -1237,10 +1230,7 @@ impl Sim {
         let cut = report.torn_bytes_cut > 0 && report.log_end <= lo;
         let mut flip_reported = false;
         for ((topic, q), msgs) in &self.queues {
-            let cq = b
-                .store()
-                .queue(topic, *q)
-                .map_err(|e| format!("queue {topic}/{q}: {e}"))?;
+            let cq = queue_of(&b, topic, *q)?;
             let n = cq.len();
             ensure!(
                 n <= msgs.len() as u64,
@@ -1345,21 +1335,10 @@ impl Sim {
             .join(format!("{q:04}.cq"));
         let pos = 16 + offset * 16 + self.rng.u64(..16);
         let bit = self.rng.u8(..8);
-        if !self.disk.flip_bit(&path, pos, bit) {
-            self.note(format!(
-                "flip bit {bit} of byte {pos} of {} (entry {offset}): not at rest",
-                path.display()
-            ));
+        let what = format!("entry {offset}");
+        if !self.flip_then_crash(&path, pos, bit, &what, &format!("message {}", m.id))? {
             return Ok(FlipOutcome::NotAtRest);
         }
-        let mode = self.crash_mode();
-        let freeze = self.rng.bool();
-        self.note(format!(
-            "flip bit {bit} of byte {pos} of {} (entry {offset}, message {}); crash {mode:?} freeze {freeze}",
-            path.display(),
-            m.id
-        ));
-        self.crash_disk(mode, freeze)?;
         let b = match self.try_open() {
             Ok(b) => b,
             Err(Error::Corrupt { path: p, .. }) if p == path => {
@@ -1371,10 +1350,7 @@ impl Sim {
         self.broker = Some(b.clone());
         let mut damaged = false;
         for ((t, qq), msgs) in &self.queues {
-            let cq = b
-                .store()
-                .queue(t, *qq)
-                .map_err(|e| format!("queue {t}/{qq}: {e}"))?;
+            let cq = queue_of(&b, t, *qq)?;
             ensure!(
                 cq.len() == msgs.len() as u64,
                 "after the index flip {t}/{qq} holds {} messages; {} were acknowledged",
@@ -1420,6 +1396,17 @@ impl Sim {
 }
 
 /// One schedule. Returns the flip outcome, if the schedule ended with a flip.
+/// Consume queue `q` of `topic` of the store under `b`.
+fn queue_of(
+    b: &Broker,
+    topic: &str,
+    q: u32,
+) -> Result<Arc<halfmq_store::consume_queue::ConsumeQueue>, String> {
+    b.store()
+        .queue(topic, q)
+        .map_err(|e| format!("queue {topic}/{q}: {e}"))
+}
+
 fn run_schedule(sim: &mut Sim) -> Result<Option<FlipOutcome>, String> {
     let ops = sim.rng.usize(30..150);
     for i in 0..ops {

@@ -5,31 +5,30 @@
 
 mod common;
 
-use common::open_waiting_for_lock;
+use common::{
+    close, crash_sim, open_sim, open_waiting_for_lock, poison, restart_sim, run_env, wait_until,
+    BrokerProc,
+};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use halfmq::meta::GroupSettings;
-use halfmq::store::io::{CrashMode, SimStorage};
 use halfmq::trace::{Event, Trace};
-use halfmq::{
-    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, Message, TxnConfig,
-};
+use halfmq::GroupSettings;
+use halfmq::{Broker, BrokerConfig, CheckAnswer, HalfMessage, HalfOptions, Message, TxnConfig};
+use halfmq_store::sim::{CrashMode, SimStorage};
 
-const BIN: &str = env!("CARGO_BIN_EXE_halfmq");
+/// How long to wait for what a background thread does.
+const WAIT: Duration = Duration::from_secs(20);
 
 fn txn_config(check_max: u32) -> TxnConfig {
-    TxnConfig {
-        timeout: Duration::from_millis(100),
-        check_interval: Duration::from_millis(50),
-        check_backoff_max: Duration::from_millis(100),
-        check_max,
-        check_answer_timeout: Duration::from_millis(500),
-        ..TxnConfig::default()
-    }
+    TxnConfig::default()
+        .with_timeout(Duration::from_millis(100))
+        .with_check_interval(Duration::from_millis(50))
+        .with_check_backoff_max(Duration::from_millis(100))
+        .with_check_max(check_max)
+        .with_check_answer_timeout(Duration::from_millis(500))
 }
 
 /// Small segments, and a tiny key index (4 slots, 16 entries per file): every lookup walks
@@ -45,53 +44,52 @@ fn config(dir: &Path, check_max: u32, checkpoint_bytes: u64) -> BrokerConfig {
     cfg
 }
 
-fn open_sim(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
-    open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
-        .unwrap_or_else(|e| panic!("open failed: {e}"))
-}
-
 fn open_fs(cfg: &BrokerConfig) -> Arc<Broker> {
     open_waiting_for_lock(|| Broker::open(cfg.clone()))
         .unwrap_or_else(|e| panic!("open failed: {e}"))
 }
 
-fn close(b: Arc<Broker>) {
-    b.close().unwrap();
-    assert_eq!(Arc::strong_count(&b), 1);
-    drop(b);
+/// A fresh simulated disk (sled in a new temporary directory) and a broker on it (see
+/// [`config`]) with `topic` of `queues` queues.
+fn sim_broker(
+    check_max: u32,
+    checkpoint_bytes: u64,
+    topic: &str,
+    queues: u32,
+) -> (tempfile::TempDir, SimStorage, BrokerConfig, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), check_max, checkpoint_bytes);
+    let b = open_sim(&disk, &cfg);
+    b.create_topic(topic, queues).unwrap();
+    (dir, disk, cfg, b)
 }
 
-fn restart_sim(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
-    close(b);
-    open_sim(disk, cfg)
+/// A broker on a new temporary directory (see [`config`]; no checkpoints) with `topic` of
+/// `queues` queues.
+fn fs_broker(topic: &str, queues: u32) -> (tempfile::TempDir, BrokerConfig, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
+    let b = open_fs(&cfg);
+    b.create_topic(topic, queues).unwrap();
+    (dir, cfg, b)
 }
 
-/// Power loss: the disk keeps what `mode` says; the old broker is poisoned first so it cannot
-/// write sled on the way down (see tests/txn_crash.rs).
-fn crash_sim(disk: &SimStorage, b: Arc<Broker>, mode: CrashMode, topic: &str) -> SimStorage {
-    let after = disk.crash(mode);
-    let r = b.send_half(
+/// A half message of `producer_group` with `body` and `key`.
+fn keyed_half(
+    b: &Broker,
+    topic: &str,
+    body: &str,
+    key: &str,
+    producer_group: &str,
+) -> halfmq::TxnId {
+    b.send_half(
         topic,
-        &Message::new("probe"),
-        "probe",
+        &Message::new(body).with_key(key),
+        producer_group,
         HalfOptions::default(),
-    );
-    assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
-    let _ = b.close();
-    assert_eq!(Arc::strong_count(&b), 1);
-    drop(b);
-    after
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    )
+    .unwrap()
 }
 
 fn kind_of(e: &Event) -> String {
@@ -111,6 +109,19 @@ fn kinds(t: &Trace) -> Vec<String> {
         .collect()
 }
 
+/// The trace of `key`, which must be one message with events of these kinds in this order.
+fn traced(b: &Broker, key: &str, want: &[&str]) -> Trace {
+    let t = b.trace(key).unwrap();
+    assert_eq!(kinds(&t), want, "{t}");
+    t
+}
+
+/// The "now" line of the trace of `key` (its first message) contains `what`.
+fn assert_now_says(b: &Broker, key: &str, what: &str) {
+    let t = b.trace(key).unwrap();
+    assert!(t.messages[0].now.line.contains(what), "{t}");
+}
+
 /// The log offsets of the first records of the messages of a trace.
 fn offsets(t: &Trace) -> Vec<u64> {
     t.messages.iter().map(|m| m.log_offset).collect()
@@ -118,11 +129,7 @@ fn offsets(t: &Trace) -> Vec<u64> {
 
 #[test]
 fn a_transaction_shows_half_checks_commit_store_delivery_and_ack_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("payments", 4).unwrap();
+    let (_dir, disk, cfg, b) = sim_broker(1000, 64 * 1024 * 1024, "payments", 4);
     // The first check says "unknown", the second "commit".
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
@@ -151,24 +158,21 @@ fn a_transaction_shows_half_checks_commit_store_delivery_and_ack_in_order() {
     }
     let pending = b.trace("order-42").unwrap();
     assert_eq!(pending.messages[0].now.state, "pending", "{pending}");
-    wait_until("commit by check-back", || {
+    wait_until("commit by check-back", WAIT, || {
         b.trace("order-42").unwrap().messages[0].now.state == "stored"
     });
     let got = b.poll("billing", "payments", 1000).unwrap();
     let d = got.iter().find(|d| d.key == "order-42").unwrap();
-    let t = b.trace("order-42").unwrap();
-    assert!(
-        t.messages[0]
-            .now
-            .line
-            .contains("group billing: delivered (attempt 1), not acked"),
-        "{t}"
+    assert_now_says(
+        &b,
+        "order-42",
+        "group billing: delivered (attempt 1), not acked",
     );
     b.ack("billing", "payments", d.queue, d.offset).unwrap();
-    let t = b.trace("order-42").unwrap();
-    assert_eq!(
-        kinds(&t),
-        [
+    let t = traced(
+        &b,
+        "order-42",
+        &[
             "half",
             "check_asked",
             "check_answered",
@@ -177,9 +181,8 @@ fn a_transaction_shows_half_checks_commit_store_delivery_and_ack_in_order() {
             "committed",
             "stored",
             "delivered",
-            "acked"
+            "acked",
         ],
-        "{t}"
     );
     let m = &t.messages[0];
     assert_eq!(m.txn, Some(txn.0));
@@ -248,42 +251,22 @@ fn a_transaction_shows_half_checks_commit_store_delivery_and_ack_in_order() {
 
 #[test]
 fn rollback_unresolved_and_redelivery_show_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), 2, 64 * 1024 * 1024);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("t", 2).unwrap();
-    let r = b
-        .send_half(
-            "t",
-            &Message::new("r").with_key("rb"),
-            "nobody",
-            HalfOptions::default(),
-        )
+    let (_dir, disk, cfg, b) = sim_broker(2, 64 * 1024 * 1024, "t", 2);
+    b.rollback(keyed_half(&b, "t", "r", "rb", "nobody"))
         .unwrap();
-    b.rollback(r).unwrap();
-    let t = b.trace("rb").unwrap();
-    assert_eq!(kinds(&t), ["half", "rolled_back"], "{t}");
+    let t = traced(&b, "rb", &["half", "rolled_back"]);
     assert_eq!(t.messages[0].now.state, "rolled_back");
     assert!(t.to_string().contains("now: rolled back at"), "{t}");
 
     // No producer of the group is connected: two failed checks, then unresolved.
-    let u = b
-        .send_half(
-            "t",
-            &Message::new("u").with_key("un"),
-            "gone",
-            HalfOptions::default(),
-        )
-        .unwrap();
-    wait_until("unresolved", || {
+    let u = keyed_half(&b, "t", "u", "un", "gone");
+    wait_until("unresolved", WAIT, || {
         b.trace("un").unwrap().messages[0].now.state == "unresolved"
     });
-    let t = b.trace("un").unwrap();
-    assert_eq!(
-        kinds(&t),
-        ["half", "check_answered", "check_answered", "unresolved"],
-        "{t}"
+    let t = traced(
+        &b,
+        "un",
+        &["half", "check_answered", "check_answered", "unresolved"],
     );
     assert_eq!(
         t.messages[0].events[3].event,
@@ -299,17 +282,9 @@ fn rollback_unresolved_and_redelivery_show_up() {
     b.send("t", &Message::new("p").with_key("plain")).unwrap();
     assert_eq!(b.poll("g", "t", 100).unwrap().len(), 1);
     let b = restart_sim(&disk, b, &cfg);
-    let t = b.trace("plain").unwrap();
-    assert!(
-        t.messages[0]
-            .now
-            .line
-            .contains("group g: delivered (attempt 1), not acked"),
-        "{t}"
-    );
+    assert_now_says(&b, "plain", "group g: delivered (attempt 1), not acked");
     assert_eq!(b.poll("g", "t", 100).unwrap().len(), 1);
-    let t = b.trace("plain").unwrap();
-    assert_eq!(kinds(&t), ["stored", "delivered", "delivered"], "{t}");
+    traced(&b, "plain", &["stored", "delivered", "delivered"]);
     // Still unresolved after the restart, from the live transaction index.
     assert_eq!(b.trace("un").unwrap().messages[0].now.state, "unresolved");
     close(b);
@@ -317,11 +292,7 @@ fn rollback_unresolved_and_redelivery_show_up() {
 
 #[test]
 fn nack_retry_dead_letter_and_replay_show_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("orders", 1).unwrap();
+    let (_dir, _disk, _cfg, b) = sim_broker(1000, 64 * 1024 * 1024, "orders", 1);
     b.set_group_settings(
         "ship",
         &GroupSettings {
@@ -335,8 +306,7 @@ fn nack_retry_dead_letter_and_replay_show_up() {
         .unwrap();
     let d = b.poll("ship", "orders", 10).unwrap().remove(0);
     b.nack("ship", "orders", d.queue, d.offset, None).unwrap();
-    let t = b.trace("order-1").unwrap();
-    assert_eq!(kinds(&t), ["stored", "delivered", "retried"], "{t}");
+    let t = traced(&b, "order-1", &["stored", "delivered", "retried"]);
     assert!(
         t.messages[0]
             .now
@@ -408,28 +378,18 @@ fn nack_retry_dead_letter_and_replay_show_up() {
 
 #[test]
 fn delayed_messages_and_idempotency_duplicates_show_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("t", 2).unwrap();
-    let at = halfmq::broker::now_ms() + 300;
+    let (_dir, _disk, _cfg, b) = sim_broker(1000, 64 * 1024 * 1024, "t", 2);
+    let at = halfmq::clock::now_ms() + 300;
     let r = b
         .send_delayed("t", &Message::new("later").with_key("late"), at)
         .unwrap();
-    let t = b.trace("late").unwrap();
-    assert_eq!(kinds(&t), ["delayed_stored"], "{t}");
+    let t = traced(&b, "late", &["delayed_stored"]);
     assert_eq!(t.messages[0].now.state, "delayed");
     assert_eq!(t.messages[0].now.next_at_ms, Some(at));
-    wait_until("the delayed message fires", || {
+    wait_until("the delayed message fires", WAIT, || {
         b.trace("late").unwrap().messages[0].now.state == "stored"
     });
-    let t = b.trace("late").unwrap();
-    assert_eq!(
-        kinds(&t),
-        ["delayed_stored", "delayed_fired", "stored"],
-        "{t}"
-    );
+    let t = traced(&b, "late", &["delayed_stored", "delayed_fired", "stored"]);
     assert_eq!(t.messages[0].log_offset, r.id);
     assert!(
         t.to_string()
@@ -443,19 +403,14 @@ fn delayed_messages_and_idempotency_duplicates_show_up() {
     let first = b.send("t", &m).unwrap();
     let second = b.send("t", &m).unwrap();
     assert!(second.duplicate);
-    let t = b.trace("pay-9").unwrap();
-    assert_eq!(kinds(&t), ["stored", "duplicate"], "{t}");
+    let t = traced(&b, "pay-9", &["stored", "duplicate"]);
     assert_eq!(t.messages[0].log_offset, first.log_offset);
     close(b);
 }
 
 #[test]
 fn a_key_among_many_rolled_over_files_collisions_and_unknown_keys() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), 1000, 16 * 1024);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("t", 4).unwrap();
+    let (_dir, disk, cfg, b) = sim_broker(1000, 16 * 1024, "t", 4);
     let mut needles = Vec::new();
     for i in 0..600 {
         b.send("t", &Message::new("x").with_key(format!("k{i}")))
@@ -475,7 +430,7 @@ fn a_key_among_many_rolled_over_files_collisions_and_unknown_keys() {
         }
     }
     // 600+ keyed records in files of 16 entries.
-    wait_until("indexed", || b.key_index().files() > 30);
+    wait_until("indexed", WAIT, || b.key_index().files() > 30);
     let t = b.trace("needle").unwrap();
     assert_eq!(offsets(&t), needles, "{t}");
     assert!(t.messages.iter().all(|m| m.now.state == "stored"));
@@ -497,15 +452,12 @@ fn a_key_among_many_rolled_over_files_collisions_and_unknown_keys() {
 
 #[test]
 fn keyless_messages_are_not_indexed() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
-    let b = open_fs(&cfg);
-    b.create_topic("t", 1).unwrap();
+    let (_dir, cfg, b) = fs_broker("t", 1);
     for _ in 0..100 {
         b.send("t", &Message::new("no key")).unwrap();
     }
     let before = b.store().log_stats().durable_offset;
-    wait_until("indexer passed the keyless records", || {
+    wait_until("indexer passed the keyless records", WAIT, || {
         b.key_index().indexed_upto() >= before
     });
     assert_eq!(b.key_index().entries(), 0);
@@ -752,8 +704,7 @@ fn crashes_keep_the_key_index_complete() {
             };
             let after = disk.crash(mode);
             inflight.join().unwrap();
-            let r = b.send_half("c", &Message::new("probe"), "probe", HalfOptions::default());
-            assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
+            poison(&b, "c");
             let _ = b.close();
             drop(b);
             disk = after;
@@ -776,34 +727,19 @@ fn crashes_keep_the_key_index_complete() {
 
 #[test]
 fn a_crash_after_commit_keeps_the_story() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("p", 2).unwrap();
-    let txn = b
-        .send_half(
-            "p",
-            &Message::new("a").with_key("k"),
-            "pay",
-            HalfOptions::default(),
-        )
-        .unwrap();
+    let (_dir, disk, cfg, b) = sim_broker(1000, 64 * 1024 * 1024, "p", 2);
+    let txn = keyed_half(&b, "p", "a", "k", "pay");
     b.commit(txn).unwrap();
     let disk = crash_sim(&disk, b, CrashMode::DropUnsynced, "p");
     let b = open_sim(&disk, &cfg);
-    let t = b.trace("k").unwrap();
-    assert_eq!(kinds(&t), ["half", "committed", "stored"], "{t}");
+    let t = traced(&b, "k", &["half", "committed", "stored"]);
     assert_eq!(t.messages[0].txn, Some(txn.0));
     close(b);
 }
 
 #[test]
 fn index_files_below_the_log_start_can_be_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 1000, 64 * 1024 * 1024);
-    let b = open_fs(&cfg);
-    b.create_topic("t", 1).unwrap();
+    let (_dir, _cfg, b) = fs_broker("t", 1);
     let mut last = 0;
     for i in 0..100 {
         last = b
@@ -824,14 +760,7 @@ fn index_files_below_the_log_start_can_be_dropped() {
 fn fill_dir(dir: &Path) {
     let b = open_fs(&BrokerConfig::new(dir));
     b.create_topic("orders", 2).unwrap();
-    let txn = b
-        .send_half(
-            "orders",
-            &Message::new("paid").with_key("order-7"),
-            "pay",
-            HalfOptions::default(),
-        )
-        .unwrap();
+    let txn = keyed_half(&b, "orders", "paid", "order-7", "pay");
     b.commit(txn).unwrap();
     b.send("orders", &Message::new("other").with_key("order-8"))
         .unwrap();
@@ -843,17 +772,7 @@ fn fill_dir(dir: &Path) {
 }
 
 fn run_bin(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("HALFMQ_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "halfmq {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run_env(args, &[("HALFMQ_LOG", "warn")]).ok().stdout
 }
 
 #[test]
@@ -888,44 +807,13 @@ fn cli_trace_on_a_data_dir_and_against_a_broker() {
     assert!(none.contains("no message with key \"order-9\""), "{none}");
 
     // The same through a running broker (--addr).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut broker = Command::new(BIN)
-        .args(["broker", "--data-dir", d, "--listen", &addr])
-        .env("HALFMQ_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let json = loop {
-        let out = Command::new(BIN)
-            .args(["trace", "order-7", "--addr", &addr, "--json"])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break String::from_utf8(out.stdout).unwrap();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "broker did not answer"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let none = Command::new(BIN)
-        .args(["trace", "order-9", "--addr", &addr])
-        .output()
-        .unwrap();
-    let _ = broker.kill();
-    let _ = broker.wait();
+    let mut broker = BrokerProc::start(&dir, &[]);
+    let json = run_bin(&["trace", "order-7", "--addr", &broker.addr, "--json"]);
+    let none = run_bin(&["trace", "order-9", "--addr", &broker.addr]);
+    broker.kill9();
     let over_net: Trace = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(over_net.messages[0].events, t.messages[0].events);
-    assert!(none.status.success());
-    assert!(String::from_utf8_lossy(&none.stdout).contains("no message with key \"order-9\""));
+    assert!(none.contains("no message with key \"order-9\""), "{none}");
 }
 
 #[test]

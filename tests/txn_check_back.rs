@@ -8,20 +8,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use halfmq::{
-    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, Message, TxnConfig, TxnId,
-    TxnState,
+    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, ManualClock, Message,
+    TxnConfig, TxnId, TxnState,
 };
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     let mut c = BrokerConfig::new(dir);
-    c.txn = TxnConfig {
-        timeout: Duration::from_millis(150),
-        check_interval: Duration::from_millis(50),
-        check_backoff_max: Duration::from_millis(100),
-        check_max: 3,
-        check_answer_timeout: Duration::from_millis(300),
-        ..TxnConfig::default()
-    };
+    c.txn = TxnConfig::default()
+        .with_timeout(Duration::from_millis(150))
+        .with_check_interval(Duration::from_millis(50))
+        .with_check_backoff_max(Duration::from_millis(100))
+        .with_check_max(3)
+        .with_check_answer_timeout(Duration::from_millis(300));
     c
 }
 
@@ -104,7 +102,8 @@ fn half_is_invisible_until_commit_and_visible_exactly_once() {
 #[test]
 fn rollback_is_never_visible() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+    let clock = ManualClock::starting_now();
+    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
     let txn = b
         .send_half("t", &Message::new("x"), "g", HalfOptions::default())
         .unwrap();
@@ -117,7 +116,9 @@ fn rollback_is_never_visible() {
             ..
         })
     ));
-    std::thread::sleep(Duration::from_millis(400));
+    // Long past the time-out: a rolled-back half is never checked nor made visible.
+    clock.advance_ms(60_000);
+    b.run_due_now();
     assert!(visible(&b, "t").is_empty());
     b.close().unwrap();
     drop(b);
@@ -189,27 +190,59 @@ fn check_back_commit_and_rollback_answers_resolve() {
     );
 }
 
-#[test]
-fn not_checked_before_the_timeout_or_the_immunity() {
-    let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
+/// A checker that counts the checks of its group and answers "unknown".
+fn counting_checker(b: &Broker, group: &str) -> Arc<AtomicU32> {
     let asked = Arc::new(AtomicU32::new(0));
     let a = asked.clone();
     b.register_checker(
-        "g",
+        group,
         Arc::new(move |_: &HalfMessage| {
             a.fetch_add(1, Ordering::SeqCst);
             CheckAnswer::Unknown
         }),
     )
     .unwrap();
+    asked
+}
+
+#[test]
+fn not_checked_before_the_timeout_or_the_immunity() {
+    // The broker's clock moves only when the test moves it, so "not yet" is exact.
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = ManualClock::starting_now();
+    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let plain = counting_checker(&b, "plain");
+    let immune = counting_checker(&b, "immune");
     let opts = HalfOptions {
         check_immunity: Some(Duration::from_millis(700)),
     };
-    let txn = b.send_half("t", &Message::new("x"), "g", opts).unwrap();
-    std::thread::sleep(Duration::from_millis(400));
+    b.send_half("t", &Message::new("x"), "plain", HalfOptions::default())
+        .unwrap();
+    let txn = b
+        .send_half("t", &Message::new("y"), "immune", opts)
+        .unwrap();
+
+    // One millisecond before the time-out (150 ms): nobody is asked.
+    clock.advance_ms(149);
+    b.run_due_now();
     assert_eq!(
-        asked.load(Ordering::SeqCst),
+        plain.load(Ordering::SeqCst),
+        0,
+        "checked before the time-out"
+    );
+    // At the time-out the plain half is checked; the immune one is not.
+    clock.advance_ms(1);
+    b.run_due_now();
+    wait_until(
+        "first check at the time-out",
+        Duration::from_secs(10),
+        || plain.load(Ordering::SeqCst) >= 1,
+    );
+    // One millisecond before the immunity ends (700 ms): still not asked.
+    clock.advance_ms(549);
+    b.run_due_now();
+    assert_eq!(
+        immune.load(Ordering::SeqCst),
         0,
         "checked inside the immunity window"
     );
@@ -219,19 +252,21 @@ fn not_checked_before_the_timeout_or_the_immunity() {
         .find(|i| i.txn_id == txn.0)
         .unwrap();
     assert_eq!(info.checks, 0, "the immunity window uses up no checks");
+    clock.advance_ms(1);
+    b.run_due_now();
     wait_until(
         "first check after immunity",
         Duration::from_secs(10),
-        || asked.load(Ordering::SeqCst) >= 1,
+        || immune.load(Ordering::SeqCst) >= 1,
     );
 }
 
 #[test]
 fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_hand() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = Broker::open(config(tmp.path())).unwrap();
-    b.register_checker("g", Arc::new(|_: &HalfMessage| CheckAnswer::Unknown))
-        .unwrap();
+    let clock = ManualClock::starting_now();
+    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let asked = counting_checker(&b, "g");
     let txn = b.send_half(
         "t",
         &Message::new("x").with_key("k"),
@@ -239,19 +274,27 @@ fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_
         HalfOptions::default(),
     );
     let txn = txn.unwrap();
+    // Each step moves the clock past the longest wait between checks (100 ms) and runs the
+    // check-back round; the answers come in on the check threads.
     wait_until(
         "unresolved after check_max",
         Duration::from_secs(10),
-        || b.transaction_state(txn).unwrap() == TxnState::Unresolved,
+        || {
+            clock.advance_ms(150);
+            b.run_due_now();
+            b.transaction_state(txn).unwrap() == TxnState::Unresolved
+        },
     );
     let u = b.unresolved_transactions();
     assert_eq!(u.len(), 1);
     assert_eq!(u[0].checks, 3, "exactly check_max checks");
     assert_eq!(u[0].last_answer.as_deref(), Some("unknown"));
     assert_eq!(b.stats().unwrap().txn_unresolved, 1);
-    // Unresolved is not checked any more.
-    std::thread::sleep(Duration::from_millis(400));
+    // Unresolved is not checked any more, however late it gets.
+    clock.advance_ms(3_600_000);
+    b.run_due_now();
     assert_eq!(b.unresolved_transactions()[0].checks, 3);
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
     assert!(visible(&b, "t").is_empty());
 
     b.close().unwrap();

@@ -2,8 +2,8 @@
 //! panic, never allocate past the limits, and accepted frames re-encode identically.
 #![no_main]
 
-use halfmq::net::frame::{self, FRAME_BYTES_MAX_DEFAULT};
-use halfmq::net::protocol::{self, Push, Request, Response};
+use halfmq_client::frame::{self, FRAME_BYTES_MAX_DEFAULT};
+use halfmq_client::protocol::{self, Push, Request, Response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

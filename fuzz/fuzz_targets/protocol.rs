@@ -6,9 +6,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use halfmq::net::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
-use halfmq::net::protocol::{self, Request};
-use halfmq::net::server::{Server, ServerConfig};
+use halfmq_client::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
+use halfmq_client::protocol::{self, Request};
+use halfmq_cli::server::{Server, ServerConfig};
 use halfmq::{Broker, BrokerConfig};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,7 +2,7 @@
 //! exactly the same bytes.
 #![no_main]
 
-use halfmq::record;
+use halfmq_store::record;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,24 +5,16 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use halfmq::store::io::{SimStorage, Storage};
-use halfmq::store::{Append, Store};
-use halfmq::record::RecordKind;
-use halfmq::StoreConfig;
+use halfmq_store::io::Storage;
+use halfmq_store::sim::SimStorage;
+use halfmq_store::{Append, Store};
+use halfmq_store::record::RecordKind;
 use libfuzzer_sys::fuzz_target;
 
-const DIR: &str = "/fuzz";
-const SEGMENT: &str = "/fuzz/log/00000000000000000000.log";
+#[path = "../recovery_setup.rs"]
+mod recovery_setup;
 
-fn config() -> StoreConfig {
-    StoreConfig {
-        segment_bytes: 64 * 1024,
-        record_bytes_max: 4 * 1024,
-        pending_bytes_max: 16 * 1024,
-        checkpoint_bytes: 8 * 1024,
-        ..StoreConfig::default()
-    }
-}
+use recovery_setup::{config, CHECKPOINT, DIR, SEGMENT};
 
 /// Every file of a small valid data directory: two segments, indexes, checkpoints.
 fn valid_image() -> &'static Vec<(String, Vec<u8>)> {
@@ -65,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
         let (seg, cp) = rest.split_at(rest.len() * 3 / 4);
         disk.put_bytes(Path::new(SEGMENT), seg.to_vec());
         if mode & 2 != 0 {
-            disk.put_bytes(Path::new("/fuzz/checkpoint.00000000000000000001"), cp.to_vec());
+            disk.put_bytes(Path::new(CHECKPOINT), cp.to_vec());
         }
     } else {
         // A valid directory with damage: (file index, offset, byte) triples.

@@ -1,20 +1,32 @@
-//! Helpers shared by the tests: for those that run the real `halfmq` binary, child
-//! processes whose output is read line by line, finished CLI commands, and a broker on a
-//! free loopback port that can be stopped with SIGTERM or SIGKILL and restarted on the same
-//! data directory; for the embedded ones, reopening a broker right after closing one.
+//! Helpers shared by the tests. For those that run the real `halfmq` binary: child
+//! processes whose output is read line by line, finished CLI commands and bench reports, and a
+//! broker on free loopback ports (optionally with `/metrics`) that can be stopped with SIGTERM
+//! or SIGKILL and restarted on the same data directory; raw protocol frames. For all: one way
+//! to wait for a condition with a deadline. For the embedded ones: opening a broker on the
+//! simulated disk (waiting out sled's lock), clean restarts, power losses that poison the old
+//! broker, what a fresh group sees; and the pieces the model-based tests share (the case
+//! runner, the crash/restart harness, proptest settings, delivery-order checks).
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use halfmq::{Broker, BrokerConfig, Delivery, HalfOptions, Message};
+use halfmq_client::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
+use halfmq_client::protocol::{self, Request};
+use halfmq_store::sim::{CrashMode, SimStorage};
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_halfmq");
@@ -241,6 +253,25 @@ pub fn run_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Run {
     }
 }
 
+/// `halfmq bench ARGS --json`, which must succeed: its report (the last line) and the run.
+pub fn bench_json(args: &[&str]) -> (Value, Run) {
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = run(&all).ok();
+    let report = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    (report, out)
+}
+
+/// [`bench_json`] of `--embedded EXTRA --size 64 --data-dir DIR/bench`.
+pub fn embedded_bench(dir: &Path, extra: &[&str]) -> (Value, Run) {
+    let data = dir.join("bench");
+    let mut args = vec!["--embedded"];
+    args.extend_from_slice(extra);
+    args.extend(["--size", "64", "--data-dir", data.to_str().unwrap()]);
+    bench_json(&args)
+}
+
 /// A port nobody listens on right now (it may be taken again before the broker binds it;
 /// [`BrokerProc::start`] retries then).
 pub fn free_port() -> u16 {
@@ -253,10 +284,28 @@ pub fn free_port() -> u16 {
     panic!("no free port on 127.0.0.1");
 }
 
-/// A `halfmq broker` child on a loopback port.
+/// Check-back fast enough for a test: a transaction is checked 300 ms after its half, then
+/// every 100-200 ms, at most `check_max` times.
+pub fn fast_check_back(check_max: &str) -> Vec<&str> {
+    vec![
+        "--txn-timeout-ms",
+        "300",
+        "--txn-check-interval-ms",
+        "100",
+        "--txn-check-backoff-max-ms",
+        "200",
+        "--txn-check-max",
+        check_max,
+    ]
+}
+
+/// A `halfmq broker` child on a loopback port, and on a second one for `/metrics` when
+/// started with [`BrokerProc::start_with_metrics`].
 pub struct BrokerProc {
     pub proc: Proc,
     pub addr: String,
+    /// The `/metrics` address (host:port), if it serves one.
+    pub metrics: Option<String>,
     pub dir: PathBuf,
     pub extra: Vec<String>,
 }
@@ -264,14 +313,21 @@ pub struct BrokerProc {
 impl BrokerProc {
     pub fn start(dir: &Path, extra: &[&str]) -> BrokerProc {
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        BrokerProc::start_with(dir.to_path_buf(), extra)
+        BrokerProc::launch(dir.to_path_buf(), extra, false)
     }
 
-    pub fn start_with(dir: PathBuf, extra: Vec<String>) -> BrokerProc {
+    /// With `--metrics` on a second free port; returns once both are announced.
+    pub fn start_with_metrics(dir: &Path, extra: &[&str]) -> BrokerProc {
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        BrokerProc::launch(dir.to_path_buf(), extra, true)
+    }
+
+    fn launch(dir: PathBuf, extra: Vec<String>, with_metrics: bool) -> BrokerProc {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let addr = format!("127.0.0.1:{}", free_port());
+            let metrics = with_metrics.then(|| format!("127.0.0.1:{}", free_port()));
             let mut args = vec![
                 "broker".to_owned(),
                 "--data-dir".to_owned(),
@@ -279,22 +335,42 @@ impl BrokerProc {
                 "--listen".to_owned(),
                 addr.clone(),
             ];
+            if let Some(m) = &metrics {
+                args.extend(["--metrics".to_owned(), m.clone()]);
+            }
             args.extend(extra.iter().cloned());
             let mut proc = Proc::spawn("broker", halfmq_cmd(&args));
-            if let Some(line) =
+            // The metrics endpoint is announced before the broker listens.
+            let announced = metrics.as_ref().map(|m| {
+                let line = proc.wait_line(|l| l.starts_with("metrics at"), Duration::from_secs(60));
+                (m, line)
+            });
+            let announced_ok = match &announced {
+                None => true,
+                Some((m, Some(line))) => {
+                    assert_eq!(line, &format!("metrics at http://{m}/metrics"));
+                    true
+                }
+                Some((_, None)) => false,
+            };
+            let listening = if announced_ok {
                 proc.wait_line(|l| l.contains("listening on"), Duration::from_secs(60))
-            {
+            } else {
+                None
+            };
+            if let Some(line) = listening {
                 assert!(line.contains(&addr), "listening line {line:?} names {addr}");
                 return BrokerProc {
                     proc,
                     addr,
+                    metrics,
                     dir,
                     extra,
                 };
             }
             proc.kill();
             let err = proc.stderr();
-            // The port was taken between free_port() and the broker's bind: try another.
+            // A port was taken between free_port() and the broker's bind: try others.
             if attempt < 10 && err.contains("listen") {
                 continue;
             }
@@ -342,8 +418,9 @@ impl BrokerProc {
             std::mem::take(&mut self.dir),
             std::mem::take(&mut self.extra),
         );
+        let with_metrics = self.metrics.is_some();
         drop(self);
-        BrokerProc::start_with(dir, extra)
+        BrokerProc::launch(dir, extra, with_metrics)
     }
 
     pub fn stderr(&self) -> String {
@@ -351,16 +428,77 @@ impl BrokerProc {
     }
 }
 
-/// Run `f` until it returns `Some`, or panic with `what` after `timeout`.
-pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+// ---------------------------------------------------------------------------------------
+// Protocol frames
+// ---------------------------------------------------------------------------------------
+
+/// One encoded frame of `kind`.
+pub fn frame_of(kind: FrameKind, correlation: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::encode_into(&mut out, kind, correlation, body, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    out
+}
+
+/// One encoded request frame.
+pub fn request_frame(correlation: u64, req: &Request) -> Vec<u8> {
+    frame_of(
+        FrameKind::Request,
+        correlation,
+        &protocol::encode(req).unwrap(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------
+
+/// Run `f` every `every` until it returns `Some`, or panic with `what` after `timeout`.
+pub fn poll_until<T>(
+    every: Duration,
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
-        thread::sleep(Duration::from_millis(100));
+        thread::sleep(every);
     }
+}
+
+/// [`poll_until`] every 100 ms: for what another process does (a CLI run, an HTTP scrape).
+pub fn eventually<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(Duration::from_millis(100), timeout, what, f)
+}
+
+/// Wait until `f` holds, checking every 2 ms (for what a thread of this process does), or
+/// panic with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    poll_until(Duration::from_millis(2), limit, what, || f().then_some(()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Settings from the environment
+// ---------------------------------------------------------------------------------------
+
+/// `name` as a number, `None` when unset; a value that is not a number is a test bug.
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    match v.parse() {
+        Ok(n) => Some(n),
+        Err(_) => panic!("{name}={v:?} is not a number"),
+    }
+}
+
+/// Cases per model-based property: `HALFMQ_MODEL_CASES`, or `default`.
+pub fn model_cases(default: u32) -> u32 {
+    std::env::var("HALFMQ_MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -384,6 +522,258 @@ pub fn open_waiting_for_lock(
                 thread::sleep(Duration::from_millis(10));
             }
             r => return r,
+        }
+    }
+}
+
+/// Open a broker on the simulated disk `disk` (sled on the real directory of `cfg`), waiting
+/// out the metadata lock of one closed just before.
+pub fn try_open_sim(disk: &SimStorage, cfg: &BrokerConfig) -> halfmq::Result<Arc<Broker>> {
+    open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
+}
+
+/// [`try_open_sim`], which must succeed.
+pub fn open_sim(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
+    try_open_sim(disk, cfg).unwrap_or_else(|e| panic!("open failed: {e}"))
+}
+
+/// Close cleanly and drop the last handle.
+pub fn close(b: Arc<Broker>) {
+    b.close()
+        .unwrap_or_else(|e| panic!("clean close failed: {e}"));
+    release_last(b);
+}
+
+/// Drop `b`, which must be the last handle of its broker.
+pub fn release_last(b: Arc<Broker>) {
+    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
+    drop(b);
+}
+
+/// Clean close, then open again on the same disk.
+pub fn restart_sim(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
+    close(b);
+    open_sim(disk, cfg)
+}
+
+/// A write on a crashed disk, which must poison the store so that the old broker cannot
+/// persist anything more (no closing checkpoint). A half, not a plain send: a plain send may
+/// fail early (growing its consume-queue file) without reaching the flusher, and then the
+/// store is not poisoned. `topic` must exist.
+pub fn poison(b: &Broker, topic: &str) {
+    let r = b.send_half(
+        topic,
+        &Message::new("probe"),
+        "probe",
+        HalfOptions::default(),
+    );
+    assert!(
+        matches!(r, Err(halfmq::Error::Poisoned(_))),
+        "the write on the crashed disk did not poison the store: {r:?}"
+    );
+}
+
+/// Stop a broker whose disk has crashed: its threads are stopped and joined, errors are
+/// expected; `b` must be the last handle.
+pub fn close_after_crash(b: Arc<Broker>) {
+    let _ = b.close();
+    release_last(b);
+}
+
+/// Power loss under a running broker: the disk as it comes back after `mode`; the old broker
+/// is poisoned through `probe_topic` (see [`poison`]) and closed.
+pub fn crash_sim(
+    disk: &SimStorage,
+    b: Arc<Broker>,
+    mode: CrashMode,
+    probe_topic: &str,
+) -> SimStorage {
+    let after = disk.crash(mode);
+    poison(&b, probe_topic);
+    close_after_crash(b);
+    after
+}
+
+/// Drop the last handle of a broker, if any, so that its metadata database is closed before
+/// the next open; an error if anything else still holds it.
+pub fn release(broker: Option<Arc<Broker>>) -> Result<(), String> {
+    match broker.map(Arc::try_unwrap) {
+        None | Some(Ok(_)) => Ok(()),
+        Some(Err(_)) => Err("the broker is still shared after its users stopped".into()),
+    }
+}
+
+/// Larger than any poll here: "everything there is".
+pub const POLL_ALL: usize = 1 << 20;
+
+static GROUP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Everything a consumer group that never consumed gets from `topic`.
+pub fn visible(b: &Broker, topic: &str) -> Vec<Delivery> {
+    let group = format!("check-{}", GROUP_SEQ.fetch_add(1, Ordering::Relaxed));
+    b.poll(&group, topic, POLL_ALL)
+        .unwrap_or_else(|e| panic!("poll {topic}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Model-based tests
+// ---------------------------------------------------------------------------------------
+
+/// Either crash the simulated disk can have.
+pub fn crash_mode() -> impl Strategy<Value = CrashMode> {
+    prop_oneof![
+        Just(CrashMode::DropUnsynced),
+        any::<u64>().prop_map(|seed| CrashMode::KeepRandomPrefix { seed }),
+    ]
+}
+
+/// The operations of a case, one a line, the one that failed marked.
+pub fn format_ops<Op: std::fmt::Debug>(ops: &[Op], failed_at: Option<usize>) -> String {
+    let mut s = String::new();
+    for (i, op) in ops.iter().enumerate() {
+        let mark = if Some(i) == failed_at {
+            "  <== failed here"
+        } else {
+            ""
+        };
+        s.push_str(&format!("  {i:3}: {op:?}{mark}\n"));
+    }
+    s
+}
+
+/// Run a model-based case: `setup`, each op through `step`, then `finish`; a failure names
+/// where it happened, describes the case (`case`) and lists the ops with the failed one
+/// marked.
+pub fn run_ops<H, Op: std::fmt::Debug>(
+    case: &str,
+    ops: &[Op],
+    setup: impl FnOnce() -> Result<H, String>,
+    mut step: impl FnMut(&mut H, &Op) -> Result<(), String>,
+    (finish_what, finish): (&str, impl FnOnce(H) -> Result<(), String>),
+) -> Result<(), TestCaseError> {
+    let fail = |at: Option<usize>, what: &str, msg: String| {
+        TestCaseError::fail(format!(
+            "{what}: {msg}\ncase: {case}\nops:\n{}",
+            format_ops(ops, at)
+        ))
+    };
+    let mut h = setup().map_err(|m| fail(None, "setup", m))?;
+    for (i, op) in ops.iter().enumerate() {
+        step(&mut h, op).map_err(|m| fail(Some(i), &format!("step {i} {op:?}"), m))?;
+    }
+    finish(h).map_err(|m| fail(None, finish_what, m))
+}
+
+/// Open a broker on the simulated disk; the error names `when`.
+pub fn open_sim_at(
+    disk: &SimStorage,
+    cfg: &BrokerConfig,
+    when: &str,
+) -> Result<Arc<Broker>, String> {
+    Broker::open_with(Arc::new(disk.clone()), cfg.clone()).map_err(|e| format!("open {when}: {e}"))
+}
+
+/// The simulated disk, the configuration and the broker (`None` between closing one and
+/// opening the next) of a [`SimHarness`].
+pub type SimParts<'a> = (
+    &'a mut SimStorage,
+    &'a BrokerConfig,
+    &'a mut Option<Arc<Broker>>,
+);
+
+/// A model-based harness over one broker on a simulated disk: power loss and clean restarts
+/// the same way for every model.
+pub trait SimHarness {
+    fn parts(&mut self) -> SimParts<'_>;
+
+    /// The broker was just opened again `when`: check what the model expects.
+    fn opened(&mut self, when: &str) -> Result<(), String>;
+
+    /// Open the broker again on the disk, then [`SimHarness::opened`].
+    fn reopen(&mut self, when: &str) -> Result<(), String> {
+        let (disk, cfg, broker) = self.parts();
+        *broker = Some(open_sim_at(disk, cfg, when)?);
+        self.opened(when)
+    }
+
+    /// Power loss: crash the disk first, so that the old broker can change nothing on the
+    /// disk that survives; only then let it go, and reopen.
+    fn crash(&mut self, mode: CrashMode) -> Result<(), String> {
+        let (disk, _, broker) = self.parts();
+        let survivor = disk.crash(mode);
+        release(broker.take())?;
+        *disk = survivor;
+        self.reopen(&format!("after crash {mode:?}"))
+    }
+
+    /// Close cleanly and reopen.
+    fn clean_restart(&mut self) -> Result<(), String> {
+        let (_, _, broker) = self.parts();
+        if let Some(b) = broker {
+            b.close().map_err(|e| format!("clean close failed: {e}"))?;
+        }
+        release(broker.take())?;
+        self.reopen("after a clean close")
+    }
+}
+
+/// The proptest configuration of a model-based property: [`model_cases`] cases (`default`
+/// unless set), shrinking for at most `max_shrink_iters` steps.
+pub fn model_config(default: u32, max_shrink_iters: u32) -> ProptestConfig {
+    ProptestConfig {
+        max_shrink_iters,
+        ..ProptestConfig::with_cases(model_cases(default))
+    }
+}
+
+/// The offsets one poll of `group` returned from each queue of `topic` are the first ones of
+/// those due there: none acked before, given twice, or out of order.
+pub fn check_due_order(
+    group: &str,
+    topic: &str,
+    per_queue: &BTreeMap<u32, Vec<u64>>,
+    due: &BTreeMap<u32, Vec<u64>>,
+) -> Result<(), String> {
+    for (q, offsets) in per_queue {
+        let due = &due[q];
+        if offsets.len() > due.len() || offsets[..] != due[..offsets.len()] {
+            return Err(format!(
+                "poll {group} {topic} gave queue {q} offsets {offsets:?}; the next due were {due:?} (acked before, given twice, or out of order)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Note what a poll handed to a group: delivered, and outstanding (oldest first) until acked.
+pub fn mark_delivered<T: Ord + Clone>(
+    delivered: &mut BTreeSet<T>,
+    outstanding: &mut Vec<T>,
+    got: impl IntoIterator<Item = T>,
+) {
+    for id in got {
+        delivered.insert(id.clone());
+        if !outstanding.contains(&id) {
+            outstanding.push(id);
+        }
+    }
+}
+
+/// Everything `group` gets from `topic` until a poll comes back empty, by queue in the order
+/// delivered (nothing acked).
+pub fn poll_by_queue(
+    b: &Broker,
+    group: &str,
+    topic: &str,
+) -> halfmq::Result<BTreeMap<u32, Vec<Delivery>>> {
+    let mut got: BTreeMap<u32, Vec<Delivery>> = BTreeMap::new();
+    loop {
+        let batch = b.poll(group, topic, POLL_ALL)?;
+        if batch.is_empty() {
+            return Ok(got);
+        }
+        for d in batch {
+            got.entry(d.queue).or_default().push(d);
         }
     }
 }

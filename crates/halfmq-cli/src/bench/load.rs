@@ -1,0 +1,197 @@
+//! What every producers run shares: the counters that hand out messages, the producers
+//! (threads or tasks) and waiting for them, the send window of one producer, and the
+//! once-a-second progress.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+
+use halfmq::{Error, Result};
+
+use super::report::histogram;
+use super::BenchOptions;
+
+/// `--in-flight` is 1 ..= 1024, and more than 1 only for async producers (a thread calling
+/// the blocking `send` has one send at a time).
+pub(super) fn check_in_flight(opts: &BenchOptions) -> Result<()> {
+    let reason = if opts.in_flight == 0 || opts.in_flight > 1024 {
+        format!("{} is outside 1 ..= 1024", opts.in_flight)
+    } else if opts.threads && opts.in_flight > 1 {
+        "a producer thread makes one blocking send at a time: use tasks (no --threads) for \
+         more than 1 in flight"
+            .into()
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config {
+        setting: "in-flight",
+        reason,
+    })
+}
+
+/// One producer: keeps up to `in_flight` sends outstanding (issuing the next as soon as one
+/// is acknowledged) until the load is over; `send(n)` makes this producer's n-th send.
+/// Returns the producer's latency histogram (from issuing a send to its acknowledgement).
+pub(super) async fn produce_windowed<F, Fut>(
+    load: &Load,
+    in_flight: usize,
+    mut send: F,
+) -> ProducerResult
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut hist = histogram();
+    let mut window = FuturesUnordered::new();
+    let mut n = 0u64;
+    loop {
+        while window.len() < in_flight.max(1) && load.next() {
+            let started = Instant::now();
+            let sent = send(n);
+            n += 1;
+            window.push(async move { sent.await.map(|()| started) });
+        }
+        match window.next().await {
+            Some(done) => load.record(&mut hist, done?),
+            None => return Ok(hist),
+        }
+    }
+}
+
+/// Print progress about once a second until `finished`, stopping the load at `limit_time`.
+pub(super) fn monitor(
+    load: &Load,
+    start: Instant,
+    limit_time: Option<Duration>,
+    finished: impl Fn() -> bool,
+    progress: &mut dyn FnMut(&str),
+) {
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let done = finished();
+        if limit_time.is_some_and(|l| start.elapsed() >= l) {
+            load.stop.store(true, Ordering::Relaxed);
+        }
+        if last.0.elapsed() >= Duration::from_secs(1) || done {
+            let n = load.done.load(Ordering::Relaxed);
+            let rate = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            progress(&format!(
+                "{:>6.1} s  {n:>10} msgs  {rate:>10.0} msg/s",
+                start.elapsed().as_secs_f64()
+            ));
+            last = (Instant::now(), n);
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+pub(super) fn limit_time(opts: &BenchOptions) -> Option<Duration> {
+    match (opts.messages, opts.seconds) {
+        (_, Some(s)) => Some(Duration::from_secs_f64(s)),
+        (None, None) => Some(Duration::from_secs(10)),
+        (Some(_), None) => None,
+    }
+}
+
+/// Shared counters of one run.
+pub(super) struct Load {
+    pub(super) issued: AtomicU64,
+    pub(super) done: AtomicU64,
+    pub(super) stop: AtomicBool,
+    pub(super) limit: u64,
+}
+
+impl Load {
+    /// Claim the next message to send, if the run is not over.
+    pub(super) fn next(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+            && self.issued.fetch_add(1, Ordering::Relaxed) < self.limit
+    }
+
+    pub(super) fn record(&self, hist: &mut Histogram<u64>, started: Instant) {
+        hist.saturating_record(started.elapsed().as_micros() as u64);
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(super) type ProducerResult = Result<Histogram<u64>>;
+
+pub(super) enum Producers {
+    Threads(Vec<std::thread::JoinHandle<ProducerResult>>),
+    Tasks(Runtime, Vec<JoinHandle<ProducerResult>>),
+}
+
+impl Producers {
+    pub(super) fn finished(&self) -> bool {
+        match self {
+            Producers::Threads(h) => h.iter().all(|h| h.is_finished()),
+            Producers::Tasks(_, h) => h.iter().all(|h| h.is_finished()),
+        }
+    }
+
+    /// Join tasks but keep their runtime alive (for requests after the run).
+    pub(super) fn join_keep(self) -> Result<(Runtime, Vec<Histogram<u64>>)> {
+        match self {
+            Producers::Tasks(rt, hs) => {
+                let out = join_tasks(&rt, hs)?;
+                Ok((rt, out))
+            }
+            Producers::Threads(_) => Err(Error::Invalid {
+                what: "bench",
+                reason: "join_keep needs tasks".into(),
+            }),
+        }
+    }
+
+    pub(super) fn join(self) -> Result<Vec<Histogram<u64>>> {
+        match self {
+            Producers::Threads(hs) => hs
+                .into_iter()
+                .map(|h| h.join().map_err(|_| panicked())?)
+                .collect(),
+            Producers::Tasks(rt, hs) => join_tasks(&rt, hs),
+        }
+    }
+}
+
+fn panicked() -> Error {
+    Error::Poisoned("a bench producer panicked".into())
+}
+
+/// The outputs of `tasks` in order, once all have finished; a task that failed or panicked
+/// fails the run.
+pub(super) fn join_tasks<T>(rt: &Runtime, tasks: Vec<JoinHandle<Result<T>>>) -> Result<Vec<T>> {
+    rt.block_on(async {
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.map_err(|_| panicked())??);
+        }
+        Ok(out)
+    })
+}
+
+/// Wait for `tasks` (the writers that fill a store before a measurement), calling `report`
+/// every `every` meanwhile so that a long fill shows it is alive, and return their outputs.
+pub(super) fn wait_for_tasks<T>(
+    rt: &Runtime,
+    tasks: Vec<JoinHandle<Result<T>>>,
+    every: Duration,
+    mut report: impl FnMut(),
+) -> Result<Vec<T>> {
+    let mut last = Instant::now();
+    while tasks.iter().any(|t| !t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last.elapsed() >= every {
+            report();
+            last = Instant::now();
+        }
+    }
+    join_tasks(rt, tasks)
+}

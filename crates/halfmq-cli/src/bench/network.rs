@@ -1,0 +1,142 @@
+//! Producers against a running broker over the network, optionally compared with the same
+//! load on an embedded broker.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use halfmq::{Error, Message, Result};
+
+use super::baseline::remove_between_runs;
+use super::embedded::run_producers;
+use super::load::{check_in_flight, limit_time, monitor, produce_windowed, Load, Producers};
+use super::report::{merged, BenchReport, Measured};
+use super::rounds::alternate_rounds;
+use super::{BenchOptions, Workload};
+
+/// Run producers (async tasks) against the broker at `addr` over `connections` connections,
+/// and, with `compare_embedded`, the same load on an embedded broker afterwards.
+pub fn run_network(
+    opts: &BenchOptions,
+    addr: &str,
+    token: Option<String>,
+    connections: usize,
+    compare_embedded: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    if !compare_embedded {
+        return run_network_once(opts, addr, token, connections, progress);
+    }
+    // Alternate network and embedded runs `opts.rounds` times; report the median round.
+    let (ratio, emb, mut report) = alternate_rounds(opts, progress, |round, tag, progress| {
+        progress(&format!("over the network{tag} ..."));
+        let net = run_network_once(opts, addr, token.clone(), connections, progress)?;
+        progress(&format!(
+            "the same load on an embedded broker, for ratio_to_embedded{tag} ..."
+        ));
+        let dir = format!("embedded-compare-{round}");
+        let emb = run_producers(opts, Workload::Plain, &dir, progress);
+        if opts.cleanup {
+            remove_between_runs(&opts.data_dir, &dir);
+        }
+        Ok((emb?.msgs_per_s, net))
+    })?;
+    report.embedded_msgs_per_s = Some(emb);
+    report.ratio_to_embedded = Some(ratio);
+    Ok(report)
+}
+
+/// One run against the broker at `addr`.
+fn run_network_once(
+    opts: &BenchOptions,
+    addr: &str,
+    token: Option<String>,
+    connections: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport> {
+    use halfmq_client::client::{Client, ClientConfig};
+    if connections == 0 || connections > 1024 || opts.producers == 0 {
+        return Err(Error::Config {
+            setting: "connections",
+            reason: "connections and producers must be 1 ..= 1024".into(),
+        });
+    }
+    check_in_flight(opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(addr, "start runtime", e))?;
+    let config = ClientConfig::new(addr)
+        .with_token(token)
+        .with_name("halfmq-bench".into());
+    let clients = rt.block_on(async {
+        let mut out = Vec::new();
+        for _ in 0..connections {
+            out.push(Client::connect(config.clone()).await?);
+        }
+        match out[0].create_topic("bench", 8).await {
+            Ok(_) | Err(Error::TopicExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok::<_, Error>(out)
+    })?;
+    let syncs_before = rt.block_on(remote_log_counters(&clients[0]));
+    let load = Arc::new(Load {
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        limit: opts.messages.unwrap_or(u64::MAX),
+    });
+    let start = Instant::now();
+    let handles: Vec<_> = (0..opts.producers)
+        .map(|p| {
+            let (client, load) = (clients[p % connections].clone(), load.clone());
+            let msg = Arc::new(Message::new(vec![b'x'; opts.size]));
+            let in_flight = opts.in_flight;
+            rt.spawn(async move {
+                produce_windowed(&load, in_flight, |_| {
+                    let (client, msg) = (client.clone(), msg.clone());
+                    async move { client.send("bench", &msg).await.map(drop) }
+                })
+                .await
+            })
+        })
+        .collect();
+    let producers = Producers::Tasks(rt, handles);
+    monitor(
+        &load,
+        start,
+        limit_time(opts),
+        || producers.finished(),
+        progress,
+    );
+    let seconds = start.elapsed().as_secs_f64();
+    let hists = producers.join_keep()?;
+    let (rt, hists) = hists;
+    let syncs_after = rt.block_on(remote_log_counters(&clients[0]));
+    drop(clients);
+    drop(rt);
+    let (syncs, records) = match (syncs_before, syncs_after) {
+        (Some(a), Some(b)) => (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)),
+        _ => (0, 0),
+    };
+    let run = Measured {
+        messages: load.done.load(Ordering::Relaxed),
+        seconds,
+        hist: merged(hists)?,
+        syncs,
+        records,
+    };
+    Ok(BenchReport {
+        mode: "broker".into(),
+        producer_kind: format!("tasks over {connections} connections"),
+        flush: "broker's".into(),
+        ..run.report(opts)
+    })
+}
+
+/// (log fsyncs, records) of a remote broker, from its stats.
+async fn remote_log_counters(client: &halfmq_client::client::Client) -> Option<(u64, u64)> {
+    let log = client.stats().await.ok()?.log;
+    Some((log.syncs, log.records))
+}

@@ -1,0 +1,290 @@
+//! `halfmq bench`: measure durable throughput and latency (the load generator itself is the
+//! library's [`halfmq_cli::bench`]); this module turns flags into its options and prints its
+//! reports, as text and, with `--json`, as one JSON object on the last line.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use halfmq::Result;
+use halfmq_cli::bench::{self, BenchOptions, BenchReport};
+use halfmq_cli::settings::{Flush, FLUSH_INTERVAL_DEFAULT};
+
+use super::print_json;
+
+/// `halfmq bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Against an embedded broker in this process.
+    #[arg(long, conflicts_with = "addr", required_unless_present_any = ["addr", "trace"])]
+    embedded: bool,
+    /// Against the broker at this address (mode "broker").
+    #[arg(long)]
+    addr: Option<String>,
+    /// Shared secret for --addr.
+    #[arg(long, env = "HALFMQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Connections for --addr; producers share them, many requests in flight on each.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// With --addr: afterwards, the same load on an embedded broker in this process, for
+    /// ratio_to_embedded.
+    #[arg(long, requires = "addr")]
+    compare_embedded: bool,
+    /// Data directory for embedded runs (default: a fresh directory here, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 64)]
+    producers: usize,
+    /// Sends each producer keeps in flight: it issues the next without waiting for the
+    /// previous acknowledgement, up to this many outstanding (async producers only).
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
+    /// Body bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Stop after this many messages.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Stop after this many seconds (default 10 when --messages is not given).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// When a send is acknowledged (embedded).
+    #[arg(long, value_enum, default_value = "sync")]
+    flush: Flush,
+    /// First measure the raw disk (write + fdatasync) on the same directory.
+    #[arg(long)]
+    baseline: bool,
+    /// One OS thread per producer calling the blocking send (default: async tasks).
+    #[arg(long)]
+    threads: bool,
+    /// Transactions: each message is a half message plus a commit; plain sends are measured
+    /// first in the same run, for ratio_to_plain.
+    #[arg(long)]
+    txn: bool,
+    /// Instead: the cost of one check-back tick with --pending unfinished transactions of
+    /// which --due are due.
+    #[arg(long, conflicts_with = "txn")]
+    txn_tick: bool,
+    /// Every message with a unique idempotency key; sends without keys are measured first
+    /// in the same run, for ratio_to_without_keys.
+    #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
+    idempotency_keys: bool,
+    /// With --txn, --idempotency-keys or --compare-embedded (default 3), or --baseline with
+    /// plain sends (default 1): run the pair (without, with; or raw disk, store) this many
+    /// times, alternating; the ratio is the median of the rounds' ratios (robust to a burst
+    /// of load from other processes on a shared machine, and to the disk's own rate moving).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: Option<u32>,
+    /// Instead: fill a store with --messages keyed messages (default 10 000 000), time
+    /// `trace` of --samples random keys, reopen it and time them again; a keyless fill of up
+    /// to 2 000 000 messages first gives the fill's ratio_to_unindexed.
+    #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr", "idempotency_keys"])]
+    trace: bool,
+    /// Traces to time for --trace.
+    #[arg(long, default_value_t = 1000)]
+    samples: u64,
+    /// Unfinished transactions for --txn-tick.
+    #[arg(long, default_value_t = 1_000_000)]
+    pending: u64,
+    /// Due transactions for --txn-tick.
+    #[arg(long, default_value_t = 100)]
+    due: u64,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Install the Prometheus recorder (as `broker --metrics` does) and scrape it every
+    /// second during the run, to measure what metrics cost (embedded runs).
+    #[arg(long, conflicts_with = "addr")]
+    metrics: bool,
+}
+
+/// Run the bench the flags ask for (on the calling thread: it blocks) and print its report.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let (data_dir, cleanup) = match &a.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            PathBuf::from(format!("halfmq-bench-{}", std::process::id())),
+            true,
+        ),
+    };
+    let progress = &mut |line: &str| eprintln!("{line}");
+    if a.trace {
+        let messages = a.messages.unwrap_or(10_000_000);
+        eprintln!(
+            "halfmq bench: mode=trace messages={messages} samples={} dir={}",
+            a.samples,
+            data_dir.display()
+        );
+        let r = bench::run_trace(&data_dir, messages, a.samples, progress);
+        return report(r, &data_dir, cleanup, a.json, |r| r.to_string());
+    }
+    if a.txn_tick {
+        eprintln!(
+            "halfmq bench: mode=txn_tick pending={} due={} dir={}",
+            a.pending,
+            a.due,
+            data_dir.display()
+        );
+        let r = bench::run_check_tick(&data_dir, a.pending, a.due, progress);
+        return report(r, &data_dir, cleanup, a.json, |r| {
+            format!(
+                "one check-back tick with {} pending, {} due: {} µs (start checks {} µs + apply answers {} µs); setup wrote the halves in {:.1} s",
+                r.pending, r.due, r.tick_us, r.dispatch_us, r.apply_us, r.fill_seconds
+            )
+        });
+    }
+    let opts = a.options(data_dir, cleanup)?;
+    eprintln!(
+        "halfmq bench: mode={} producers={} in_flight={} size={} flush={} metrics={} messages={:?} seconds={:?} dir={} cores={}",
+        if a.addr.is_some() {
+            "broker"
+        } else if a.txn {
+            "txn"
+        } else if a.idempotency_keys {
+            "idempotency_keys"
+        } else {
+            "embedded"
+        },
+        a.producers,
+        a.in_flight,
+        a.size,
+        a.flush.name(),
+        if a.metrics { "recorder" } else { "none" },
+        a.messages,
+        a.seconds,
+        opts.data_dir.display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
+    let r = match &a.addr {
+        Some(addr) => bench::run_network(
+            &opts,
+            addr,
+            a.token.clone(),
+            a.connections,
+            a.compare_embedded,
+            progress,
+        )?,
+        None => bench::run_embedded(&opts, progress)?,
+    };
+    println!("{}", summary(&r));
+    if a.json {
+        print_json(&r);
+    }
+    Ok(())
+}
+
+impl BenchArgs {
+    /// The load generator's options for a producers run (not `--trace` or `--txn-tick`).
+    fn options(&self, data_dir: PathBuf, cleanup: bool) -> Result<BenchOptions> {
+        let flush = self.flush.policy(FLUSH_INTERVAL_DEFAULT);
+        Ok(BenchOptions {
+            data_dir,
+            cleanup,
+            producers: self.producers,
+            in_flight: self.in_flight,
+            threads: self.threads,
+            size: self.size,
+            messages: self.messages,
+            seconds: self.seconds,
+            flush,
+            baseline: self.baseline,
+            txn: self.txn,
+            idempotency_keys: self.idempotency_keys,
+            // Raw disk and store alternate in one process; at high rates, on this project's
+            // virtual machine, later rounds ran up to 2x slower than the first (the flusher's
+            // copy into the page cache), which separate runs did not: one round unless asked.
+            rounds: self.rounds.unwrap_or(
+                if self.txn || self.idempotency_keys || self.addr.is_some() {
+                    3
+                } else {
+                    1
+                },
+            ),
+            metrics: if self.metrics {
+                Some(halfmq::metrics::install()?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// Remove the bench's own directory, then print a finished report as text (and as JSON).
+/// The directory goes first, also when the run failed, so that a failed bench leaves
+/// nothing behind.
+fn report<R: serde::Serialize>(
+    r: Result<R>,
+    data_dir: &std::path::Path,
+    cleanup: bool,
+    json: bool,
+    text: impl Fn(&R) -> String,
+) -> Result<()> {
+    if cleanup {
+        let _ = std::fs::remove_dir_all(data_dir);
+    }
+    let r = r?;
+    println!("{}", text(&r));
+    if json {
+        print_json(&r);
+    }
+    Ok(())
+}
+
+/// A producers run for people: throughput and latency, then what it was compared with.
+fn summary(r: &BenchReport) -> String {
+    let mut out = format!(
+        "{} msgs in {:.2} s: {:.0} msg/s, {:.1} MiB/s; latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+        r.messages, r.seconds, r.msgs_per_s, r.mib_per_s, r.p50_us, r.p99_us, r.p999_us, r.max_us
+    );
+    let mut line = |l: String| {
+        out.push('\n');
+        out.push_str(&l);
+    };
+    if r.fsyncs_per_s > 0.0 {
+        line(format!(
+            "group commit: {:.0} fsyncs/s, {:.1} messages per fsync",
+            r.fsyncs_per_s, r.msgs_per_fsync
+        ));
+    }
+    if let (Some(raw), Some(ratio), Some(p99), Some(pr)) = (
+        r.raw_group_msgs_per_s,
+        r.ratio_to_raw,
+        r.raw_serial_fsync_p99_us,
+        r.p99_ratio_to_raw_fsync,
+    ) {
+        line(format!(
+            "raw disk: {raw:.0} msg/s of this size in 256 KiB fsynced writes ({:.1} MiB/s); one 1 KiB write+fdatasync p99 {p99} µs",
+            r.raw_group_mib_per_s.unwrap_or_default()
+        ));
+        line(format!(
+            "ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}"
+        ));
+    }
+    if !r.round_ratios.is_empty() {
+        line(format!(
+            "ratios of the {} rounds: {:?} (the median is reported)",
+            r.round_ratios.len(),
+            r.round_ratios
+        ));
+    }
+    if let (Some(plain), Some(ratio)) = (r.plain_msgs_per_s, r.ratio_to_plain) {
+        line(format!("plain durable sends in the same run: {plain:.0} msg/s; transactions / plain: {ratio:.3}"));
+    }
+    if let (Some(plain), Some(ratio)) = (r.without_keys_msgs_per_s, r.ratio_to_without_keys) {
+        line(format!("sends without idempotency keys in the same run: {plain:.0} msg/s; with keys / without: {ratio:.3}"));
+    }
+    if let (Some(emb), Some(ratio)) = (r.embedded_msgs_per_s, r.ratio_to_embedded) {
+        line(format!(
+            "embedded broker in the same run: {emb:.0} msg/s; network / embedded: {ratio:.3}"
+        ));
+    }
+    if r.metrics_recorder {
+        line(format!(
+            "metrics recorder: {} scrapes; halfmq_messages_in_total grew by {}",
+            r.metrics_scrapes.unwrap_or_default(),
+            r.metrics_messages_in.unwrap_or_default()
+        ));
+    }
+    out
+}

@@ -1,0 +1,113 @@
+//! `halfmq broker`: run the network broker (or only print its settings, or only recover and
+//! report).
+
+use clap::{ArgMatches, Args};
+use halfmq::{Broker, Error, Result};
+use halfmq_cli::metrics_http::MetricsServer;
+use halfmq_cli::server::Server;
+use halfmq_cli::settings::{self, BrokerSettings};
+
+use super::{blocking, println_flush, stats};
+
+/// `halfmq broker`.
+#[derive(Args)]
+pub struct BrokerCmd {
+    /// Print every setting in force, with where its value came from (default, file, env,
+    /// flag), as a TOML settings file, and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Open the data directory, recover, print its status and exit, without serving.
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    settings: BrokerSettings,
+}
+
+/// The `broker` subcommand with every setting's default in its help.
+pub fn with_defaults_in_help(cli: clap::Command) -> clap::Command {
+    cli.mut_subcommand("broker", settings::with_defaults_in_help)
+}
+
+/// Run the broker until Ctrl-C or SIGTERM, then stop cleanly: finish requests in flight,
+/// flush, close. `matches` (the subcommand's) tell a flag from an environment variable for
+/// `--print-config`.
+pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
+    let BrokerCmd {
+        settings,
+        print_config,
+        check,
+    } = cmd;
+    let resolved = settings.resolve(matches)?;
+    if print_config {
+        print!("{}", resolved.to_toml());
+        return Ok(());
+    }
+    let metrics_addr = resolved.metrics;
+    let (config, server_config) = (resolved.broker, resolved.server);
+    // Installed before the broker opens, so that everything it records is counted.
+    let metrics_handle = match metrics_addr {
+        Some(_) if !check => Some(halfmq::metrics::install()?),
+        _ => None,
+    };
+    let broker = blocking("opening", move || Broker::open(config)).await?;
+    print_status(&broker)?;
+    if check {
+        return broker.close();
+    }
+    let server = Server::start(broker.clone(), server_config).await?;
+    let metrics_server = match (metrics_addr, metrics_handle) {
+        (Some(addr), Some(handle)) => {
+            let m = MetricsServer::start(addr, broker.clone(), handle).await?;
+            println_flush(&format!("metrics at http://{}/metrics", m.local_addr()));
+            Some(m)
+        }
+        _ => None,
+    };
+    println_flush(&format!(
+        "halfmq broker listening on {} (data directory {}); Ctrl-C or SIGTERM stops it cleanly",
+        server.local_addr(),
+        broker.data_dir().display()
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("signal", "install signal handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("halfmq: stopping: finishing requests in flight, then flushing");
+    if let Some(m) = metrics_server {
+        m.shutdown().await;
+    }
+    server.shutdown().await;
+    blocking("closing", move || broker.close()).await?;
+    eprintln!("halfmq: stopped cleanly");
+    Ok(())
+}
+
+/// What recovery found and the state of the data, printed when the broker starts.
+fn print_status(b: &Broker) -> Result<()> {
+    let r = b.recovery_report();
+    println!("data directory: {}", b.data_dir().display());
+    println!(
+        "recovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{}{}",
+        r.segments,
+        r.records_scanned,
+        r.scanned_from,
+        r.log_end,
+        if r.torn_bytes_cut > 0 {
+            format!(
+                ", cut a torn tail of {} bytes (never acknowledged)",
+                r.torn_bytes_cut
+            )
+        } else {
+            String::new()
+        },
+        if r.full_rebuild {
+            ", rebuilt all indexes"
+        } else {
+            ""
+        },
+    );
+    print!("{}", stats::stats_table(&b.stats()?));
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! One module per command group, each with its clap arguments and the code that runs them
+//! (the layout of tokio-rs/mini-redis's `cmd/`). What several groups share lives here: how
+//! to reach the broker, how lines reach stdout, and how a stopped broker's data directory is
+//! opened for a one-off read.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use halfmq::{Broker, BrokerConfig, Error, Result};
+use halfmq_client::{Client, ClientConfig};
+
+pub mod bench;
+pub mod broker;
+pub mod consume;
+pub mod dlq;
+pub mod groups;
+pub mod produce;
+pub mod retention;
+pub mod stats;
+pub mod topics;
+pub mod trace;
+pub mod txn;
+
+/// Where the broker is.
+#[derive(Args, Clone)]
+pub struct ConnArgs {
+    /// Broker address.
+    #[arg(long, env = "HALFMQ_ADDR", default_value = "127.0.0.1:10911")]
+    pub addr: String,
+    /// Shared secret, if the broker requires one.
+    #[arg(long, env = "HALFMQ_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Time-out of each request, ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+impl ConnArgs {
+    /// A client connected to the broker these arguments name.
+    pub async fn connect(&self) -> Result<Client> {
+        let config = ClientConfig::new(self.addr.clone())
+            .with_token(self.token.clone())
+            .with_name("halfmq-cli".into())
+            .with_request_timeout(Duration::from_millis(self.timeout_ms));
+        Client::connect(config).await
+    }
+}
+
+/// Where a reading command gets its answer: a running broker, or the data directory of a
+/// stopped one.
+#[derive(Args, Clone)]
+pub struct ReadFrom {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Read a data directory directly instead (the broker must not be running on it).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Print one line and flush at once, so that a script reading a pipe sees each line as it
+/// happens (a consumer's or producer's output is a stream, not a report). A closed stdout
+/// is not an error worth failing a command for.
+pub fn println_flush(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Print one JSON value as one line.
+pub fn json_line(v: &serde_json::Value) {
+    println_flush(&v.to_string());
+}
+
+/// Print any serializable value as one JSON line; a value that cannot be encoded is reported
+/// on stderr rather than failing a command whose work is already done.
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(s) => println_flush(&s),
+        Err(e) => eprintln!("halfmq: cannot encode the output as JSON: {e}"),
+    }
+}
+
+/// A time in ms since the Unix epoch, as RFC 3339 UTC with milliseconds.
+pub fn ms_time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Run blocking work (opening, closing, a bench) off the async executor. A panic in it is
+/// reported as an error naming `what`, not propagated, so the command still exits cleanly.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|_| Err(Error::Poisoned(format!("{what} panicked"))))
+}
+
+/// Open the stopped broker's data directory `dir`, run `read` on it and close it again, for
+/// the commands that can read a directory instead of asking a running broker (`stats`,
+/// `trace`). Check-back stays off, so that reading never resolves a transaction.
+pub async fn read_data_dir<T: Send + 'static>(
+    what: &str,
+    dir: PathBuf,
+    read: impl FnOnce(&Broker) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let mut config = BrokerConfig::new(dir);
+    config.txn.check_back = false;
+    blocking(what, move || {
+        let b = Broker::open(config)?;
+        let out = read(&b);
+        b.close()?;
+        out
+    })
+    .await
+}

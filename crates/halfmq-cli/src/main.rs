@@ -1,0 +1,117 @@
+//! The `halfmq` command line: parse arguments, set up logging, hand the command to its
+//! module in [`cmd`].
+//!
+//! Exit codes: 0 ok; 1 an error (one line on stderr, `halfmq: error: ...`); 2 bad arguments.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "halfmq",
+    version,
+    about = "A transactional message queue with a durable commit log"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// The broker's variant carries every setting; a command line is parsed once and dropped at
+// dispatch, so its size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (Ctrl-C or SIGTERM stops it cleanly).
+    Broker(cmd::broker::BrokerCmd),
+    /// Send messages; with --json one line per message once the broker stored it durably.
+    Produce(cmd::produce::ProduceCmd),
+    /// Receive messages of a topic for a consumer group; each is acked after it is printed
+    /// (or, with --nack, given back for redelivery).
+    Consume(cmd::consume::ConsumeCmd),
+    /// Dead-letter queues: messages a group failed to process too often.
+    Dlq {
+        #[command(subcommand)]
+        command: cmd::dlq::DlqCommand,
+    },
+    /// Delivery settings of a consumer group (visibility time-out, retries, backoff).
+    Groups {
+        #[command(subcommand)]
+        command: cmd::groups::GroupsCommand,
+    },
+    /// Transactions.
+    Txn {
+        #[command(subcommand)]
+        command: cmd::txn::TxnCommand,
+    },
+    /// Topics.
+    Topics {
+        #[command(subcommand)]
+        command: cmd::topics::TopicsCommand,
+    },
+    /// Per topic and queue: messages, backlog per group; pending and unresolved transactions.
+    Stats(cmd::stats::StatsCmd),
+    /// Where is my message? Every event of every message with this key (half, check-backs,
+    /// commit or rollback, stored, deliveries, acks, retries, dead letters, replays), and
+    /// where each is now.
+    Trace(cmd::trace::TraceCmd),
+    /// Run one retention pass now: delete the old log segments the configured limits allow
+    /// and nothing still needs; print what was deleted and what pins the rest.
+    Retention(cmd::retention::RetentionCmd),
+    /// Measure durable throughput and latency.
+    Bench(cmd::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HALFMQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let matches = cmd::broker::with_defaults_in_help(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("halfmq: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, &matches)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("halfmq: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Run the command; `matches` are the parsed command line, which the broker reads to tell
+/// flags from environment variables.
+async fn run(command: Command, matches: &ArgMatches) -> halfmq::Result<()> {
+    match command {
+        Command::Broker(c) => cmd::broker::run(c, matches.subcommand_matches("broker")).await,
+        Command::Produce(c) => cmd::produce::run(c).await,
+        Command::Consume(c) => cmd::consume::run(c).await,
+        Command::Dlq { command } => cmd::dlq::run(command).await,
+        Command::Groups { command } => cmd::groups::run(command).await,
+        Command::Txn { command } => cmd::txn::run(command).await,
+        Command::Topics { command } => cmd::topics::run(command).await,
+        Command::Stats(c) => cmd::stats::run(c).await,
+        Command::Trace(c) => cmd::trace::run(c).await,
+        Command::Retention(c) => cmd::retention::run(c).await,
+        // The bench drives its own runtimes and threads: it runs off this executor.
+        Command::Bench(a) => cmd::blocking("the bench", move || cmd::bench::run(a)).await,
+    }
+}

@@ -1,0 +1,259 @@
+//! Each request carried out on the broker, and its answer. Work that may block (sled, a
+//! durable ack) runs on the blocking pool; sends and long polls are awaited on the broker's
+//! async paths.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use halfmq::{Error, HalfOptions, Message, Result, TxnId};
+use halfmq_client::protocol::{codes, Request, Response, WireDelivery, WireGroup};
+
+use super::Conn;
+
+fn result_response<T>(r: Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => Response::from_error(&e),
+    }
+}
+
+/// Run blocking broker work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(Error::Poisoned("a request handler panicked".into())))
+}
+
+pub(super) async fn handle(
+    conn: &Arc<Conn>,
+    req: Request,
+    mut shutdown: watch::Receiver<bool>,
+) -> Response {
+    let b = conn.broker.clone();
+    match req {
+        Request::Hello { .. } => Response::Hello {
+            server: format!("halfmq {}", env!("CARGO_PKG_VERSION")),
+        },
+        Request::Send { topic, message } => {
+            let r = b.send_async(&topic, &Message::from(message)).await;
+            result_response(r, |s| Response::Sent {
+                topic: s.topic,
+                queue: s.queue,
+                offset: s.offset,
+                log_offset: s.log_offset,
+                duplicate: s.duplicate,
+            })
+        }
+        Request::SendDelayed {
+            topic,
+            message,
+            deliver_at_ms,
+        } => result_response(
+            b.send_delayed_async(&topic, &Message::from(message), deliver_at_ms)
+                .await,
+            Response::Delayed,
+        ),
+        Request::SendHalf {
+            topic,
+            message,
+            producer_group,
+            check_immunity_ms,
+        } => {
+            let opts = HalfOptions {
+                check_immunity: (check_immunity_ms > 0)
+                    .then(|| Duration::from_millis(check_immunity_ms)),
+            };
+            let r = b
+                .send_half_receipt_async(&topic, &Message::from(message), &producer_group, opts)
+                .await;
+            result_response(r, |h| Response::HalfSent {
+                txn: h.txn.0,
+                duplicate: h.duplicate,
+            })
+        }
+        Request::Commit { txn } => {
+            result_response(b.commit_async(TxnId(txn)).await, |()| Response::Ok)
+        }
+        Request::Rollback { txn } => {
+            result_response(b.rollback_async(TxnId(txn)).await, |()| Response::Ok)
+        }
+        Request::Poll {
+            group,
+            topic,
+            max,
+            wait_ms,
+        } => {
+            let max_bytes = conn.config.frame_bytes_max as usize - 64 * 1024;
+            let poll = b.poll_wait_async(
+                &group,
+                &topic,
+                (max as usize).min(POLL_MESSAGES_MAX),
+                max_bytes,
+                Duration::from_millis(wait_ms.min(60_000)),
+            );
+            // A long poll ends early (empty) when the broker stops. Waiting is the only await
+            // point in it, so nothing has been handed out when it is cut short.
+            let r = if *shutdown.borrow() {
+                Ok(Vec::new())
+            } else {
+                tokio::select! {
+                    r = poll => r,
+                    _ = shutdown.changed() => Ok(Vec::new()),
+                }
+            };
+            result_response(r, |ds| {
+                Response::Messages(ds.into_iter().map(WireDelivery::from).collect())
+            })
+        }
+        Request::Ack { group, topic, acks } => result_response(
+            blocking(move || b.ack_many(&group, &topic, &acks)).await,
+            |()| Response::Ok,
+        ),
+        Request::Nack {
+            group,
+            topic,
+            queue,
+            offset,
+            delay_ms,
+        } => result_response(
+            blocking(move || {
+                b.nack(
+                    &group,
+                    &topic,
+                    queue,
+                    offset,
+                    delay_ms.map(Duration::from_millis),
+                )
+            })
+            .await,
+            Response::Nacked,
+        ),
+        Request::DeadLetters { group, from, max } => {
+            // As many as fit in a frame: a dead letter's listing is small (no body).
+            let max = (max as usize).clamp(1, 10_000);
+            result_response(
+                blocking(move || b.dead_letters(&group, from, max)).await,
+                Response::DeadLetters,
+            )
+        }
+        Request::ReplayDeadLetters { group, max } => {
+            let max = (max as usize).clamp(1, 10_000);
+            result_response(
+                blocking(move || b.replay_dead_letters(&group, max)).await,
+                Response::Replayed,
+            )
+        }
+        Request::SetGroup { group, settings } => result_response(
+            blocking(move || {
+                b.set_group_settings(&group, &settings)
+                    .map(|d| WireGroup::new(&d, settings))
+            })
+            .await,
+            Response::Group,
+        ),
+        Request::DeleteGroup { group } => result_response(
+            blocking(move || b.delete_group(&group)).await,
+            Response::GroupDeleted,
+        ),
+        Request::GetGroup { group } => result_response(
+            blocking(move || b.group_settings(&group).map(|(d, s)| WireGroup::new(&d, s))).await,
+            Response::Group,
+        ),
+        Request::CreateTopic { name, queues } => result_response(
+            blocking(move || b.create_topic(&name, queues)).await,
+            |_| Response::Ok,
+        ),
+        Request::ListTopics => {
+            Response::Topics(b.topics().into_iter().map(|t| (t.name, t.queues)).collect())
+        }
+        Request::Retention => {
+            let r = blocking(move || b.enforce_retention())
+                .await
+                .and_then(|rep| {
+                    serde_json::to_string(&rep).map_err(|e| Error::Invalid {
+                        what: "retention report",
+                        reason: e.to_string(),
+                    })
+                });
+            result_response(r, Response::Retention)
+        }
+        Request::Stats => {
+            let r = blocking(move || b.stats()).await.and_then(|s| {
+                serde_json::to_string(&s).map_err(|e| Error::Invalid {
+                    what: "stats",
+                    reason: e.to_string(),
+                })
+            });
+            result_response(r, Response::Stats)
+        }
+        Request::ListTxns { state, after, max } => {
+            // One page: ids from `after` on, as many as fit in a frame.
+            let room = conn.config.frame_bytes_max as usize - 64 * 1024;
+            let mut bytes = 0;
+            let mut page = Vec::new();
+            for t in b
+                .transactions(state)
+                .into_iter()
+                .filter(|t| t.txn_id >= after)
+            {
+                let size = t.topic.len()
+                    + t.key.len()
+                    + t.producer_group.len()
+                    + t.last_answer.as_ref().map_or(0, String::len)
+                    + 96;
+                if page.len() >= max.clamp(1, 10_000) as usize
+                    || (!page.is_empty() && bytes + size > room)
+                {
+                    break;
+                }
+                bytes += size;
+                page.push(t);
+            }
+            Response::Txns(page)
+        }
+        Request::TxnState { txn } => result_response(
+            blocking(move || b.transaction_state(TxnId(txn))).await,
+            Response::TxnState,
+        ),
+        Request::Rearm { txn } => {
+            result_response(blocking(move || b.rearm(TxnId(txn))).await, |()| {
+                Response::Ok
+            })
+        }
+        Request::RegisterChecker { producer_group } => {
+            result_response(conn.register_checker(producer_group), |()| Response::Ok)
+        }
+        Request::CheckAnswer { .. } => Response::Error {
+            code: codes::BAD_REQUEST,
+            message: "CheckAnswer is handled by the connection".into(),
+        },
+        Request::Trace { key } => {
+            // Room for the frame's own header and the response envelope.
+            let room = (conn.config.frame_bytes_max as usize).saturating_sub(64 * 1024);
+            let r = blocking(move || b.trace(&key)).await.and_then(|t| {
+                let text = serde_json::to_string(&t).map_err(|e| Error::Invalid {
+                    what: "trace",
+                    reason: e.to_string(),
+                })?;
+                if text.len() > room {
+                    return Err(Error::Invalid {
+                        what: "trace",
+                        reason: format!(
+                            "{} messages with this key do not fit in one answer ({} bytes); \
+                             use `halfmq trace KEY --data-dir` on a stopped broker",
+                            t.messages.len(),
+                            text.len()
+                        ),
+                    });
+                }
+                Ok(text)
+            });
+            result_response(r, Response::Trace)
+        }
+    }
+}
+
+/// Most messages one poll answer carries.
+const POLL_MESSAGES_MAX: usize = 10_000;

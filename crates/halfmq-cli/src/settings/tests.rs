@@ -1,0 +1,234 @@
+//! The layering, the checks and `--print-config`, without a process.
+
+use std::time::Duration;
+
+use clap::{FromArgMatches, Parser};
+
+use super::*;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    settings: BrokerSettings,
+}
+
+/// Settings from flags only (the environment is left alone: tests run in parallel).
+fn flags(args: &[&str]) -> Result<Resolved> {
+    let m = <Cli as clap::CommandFactory>::command()
+        .try_get_matches_from(std::iter::once("halfmq").chain(args.iter().copied()))
+        .map_err(|e| Error::Config {
+            setting: "flags",
+            reason: e.to_string(),
+        })?;
+    let cli = Cli::from_arg_matches(&m).map_err(|e| Error::Config {
+        setting: "flags",
+        reason: e.to_string(),
+    })?;
+    cli.settings.resolve(Some(&m))
+}
+
+/// Settings from a file (and flags).
+fn file(text: &str, args: &[&str]) -> Result<Resolved> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", "tempdir", e))?;
+    let path = dir.path().join("halfmq.toml");
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, "write", e))?;
+    let path = path.to_string_lossy().into_owned();
+    flags(&[&["--config", &path][..], args].concat())
+}
+
+fn setting_of(r: Result<Resolved>) -> &'static str {
+    match r {
+        Err(Error::Config { setting, .. }) => setting,
+        Err(e) => panic!("not a config error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+}
+
+#[test]
+fn flags_win_over_the_file_and_unknown_keys_are_named() {
+    let r = file(
+        "listen = \"127.0.0.1:1\"\ntxn_check_max = 3\n",
+        &["--listen", "127.0.0.1:2"],
+    )
+    .unwrap();
+    assert_eq!(r.server.listen.port(), 2);
+    assert_eq!(r.broker.txn.check_max, 3);
+    assert_eq!(
+        (
+            r.source("listen"),
+            r.source("txn_check_max"),
+            r.source("data_dir")
+        ),
+        (Source::Flag, Source::File, Source::Default)
+    );
+    assert_eq!(
+        setting_of(file("retention_bytes = 1000", &[])),
+        "retention_bytes"
+    );
+    assert_eq!(
+        setting_of(file("retention_age_ms = 10", &[])),
+        "retention_age_ms"
+    );
+    assert_eq!(
+        setting_of(flags(&["--retention-interval-ms", "1"])),
+        "retention_interval_ms"
+    );
+    let r = file(
+        "retention_bytes = 1073741824\nretention_age_ms = 3600000",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.broker.retention.bytes_max, Some(1 << 30));
+    assert_eq!(r.broker.retention.age_max, Some(Duration::from_secs(3600)));
+    assert_eq!(
+        setting_of(file("dedup_window_ms = 0", &[])),
+        "dedup_window_ms"
+    );
+    let r = file("dedup_keys_max = 10\ndedup_window_ms = 5000", &[]).unwrap();
+    assert_eq!(
+        (r.broker.dedup_keys_max, r.broker.dedup_window),
+        (10, Duration::from_secs(5))
+    );
+    let err = file("lisen = \"x\"", &[]).unwrap_err().to_string();
+    assert!(err.contains("lisen"), "{err}");
+    // A value of the wrong type names its key, also when a flag overrides it.
+    let err = file("txn_check_max = \"many\"", &["--txn-check-max", "4"]).unwrap_err();
+    assert!(err.to_string().contains("txn_check_max"), "{err}");
+    assert_eq!(setting_of(file("flush = \"sometimes\"", &[])), "flush");
+}
+
+#[test]
+fn settings_the_broker_could_not_take_before_are_set() {
+    let r = flags(&[
+        "--pending-bytes-max",
+        "16777216",
+        "--checkpoint-bytes",
+        "1048576",
+        "--txn-checks-in-flight-max",
+        "8",
+        "--txn-outcome-retention-ms",
+        "60000",
+        "--in-flight-max",
+        "16",
+        "--txn-check-answer-timeout-ms",
+        "700",
+        "--segment-bytes",
+        "1048576",
+        "--record-bytes-max",
+        "65536",
+        "--connections-max",
+        "5",
+        "--frame-bytes-max",
+        "1048576",
+    ])
+    .unwrap();
+    let (b, s) = (&r.broker, &r.server);
+    assert_eq!(
+        (b.store.pending_bytes_max, b.store.checkpoint_bytes),
+        (16 << 20, 1 << 20)
+    );
+    assert_eq!(b.txn.checks_in_flight_max, 8);
+    assert_eq!(b.txn.outcome_retention, Duration::from_secs(60));
+    assert_eq!(b.txn.check_answer_timeout, Duration::from_millis(700));
+    assert_eq!(
+        (b.store.segment_bytes, b.store.record_bytes_max),
+        (1 << 20, 65536)
+    );
+    assert_eq!(
+        (s.in_flight_max, s.connections_max, s.frame_bytes_max),
+        (16, 5, 1 << 20)
+    );
+    assert_eq!(
+        setting_of(flags(&["--txn-checks-in-flight-max", "0"])),
+        "txn_checks_in_flight_max"
+    );
+    assert_eq!(
+        setting_of(flags(&["--pending-bytes-max", "10"])),
+        "pending_bytes_max"
+    );
+}
+
+#[test]
+fn flush_interval_and_check_backoff_follow_the_settings_they_depend_on() {
+    let r = flags(&["--flush", "async", "--flush-interval-ms", "250"]).unwrap();
+    assert_eq!(
+        r.broker.store.flush,
+        FlushPolicy::Async {
+            interval: Duration::from_millis(250)
+        }
+    );
+    let r = file("flush_interval_ms = 250", &["--flush", "sync"]).unwrap();
+    assert_eq!(r.broker.store.flush, FlushPolicy::Sync);
+    assert!(r.to_toml().contains("flush_interval_ms = 250"));
+    // A first check-back wait longer than the default longest wait raises the longest.
+    let r = flags(&["--txn-check-interval-ms", "600000"]).unwrap();
+    assert_eq!(r.broker.txn.check_backoff_max, Duration::from_secs(600));
+    assert_eq!(
+        r.source("txn_check_backoff_max_ms"),
+        Source::Raised("txn_check_interval_ms")
+    );
+    assert_eq!(
+        setting_of(flags(&[
+            "--txn-check-interval-ms",
+            "600000",
+            "--txn-check-backoff-max-ms",
+            "1000"
+        ])),
+        "txn_check_backoff_max_ms"
+    );
+}
+
+#[test]
+fn print_config_shows_every_setting_and_where_it_came_from() {
+    let r = file("txn_check_max = 7\n", &["--txn-timeout-ms", "1234"]).unwrap();
+    let text = r.to_toml();
+    let v: toml::Table = text.parse().unwrap();
+    for d in SETTINGS {
+        assert!(text.contains(d.key), "{} missing in\n{text}", d.key);
+    }
+    assert_eq!(v["txn_check_max"].as_integer(), Some(7));
+    assert_eq!(v["txn_timeout_ms"].as_integer(), Some(1234));
+    assert!(text.contains("# file"), "{text}");
+    assert!(text.contains("# flag --txn-timeout-ms"), "{text}");
+    assert!(text.contains("# retention_bytes is not set"), "{text}");
+    assert!(text.contains("# token is not set"), "{text}");
+    // What it prints reads back as the same settings.
+    let again = file(&text, &[]).unwrap();
+    assert_eq!(again.broker, r.broker);
+    assert_eq!(again.to_toml().lines().count(), text.lines().count());
+}
+
+#[test]
+fn metrics_is_off_by_default_and_an_address_when_set() {
+    let r = flags(&[]).unwrap();
+    assert_eq!(r.metrics, None);
+    assert!(r.to_toml().contains("metrics = \"off\""));
+    let r = file("metrics = \"127.0.0.1:9100\"\n", &[]).unwrap();
+    assert_eq!(r.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    assert!(r.to_toml().contains("metrics = \"127.0.0.1:9100\""));
+    let r = file("metrics = \"127.0.0.1:9100\"\n", &["--metrics", "off"]).unwrap();
+    assert_eq!(r.metrics, None);
+    assert_eq!(setting_of(flags(&["--metrics", "localhost"])), "metrics");
+}
+
+#[test]
+fn public_address_needs_a_token() {
+    assert_eq!(setting_of(flags(&["--listen", "0.0.0.0:10911"])), "listen");
+    assert_eq!(
+        setting_of(flags(&["--listen", "0.0.0.0:10911", "--token", ""])),
+        "listen"
+    );
+    let r = flags(&["--listen", "0.0.0.0:10911", "--token", "t"]).unwrap();
+    assert_eq!(r.server.token.as_deref(), Some("t"));
+    assert!(!r.to_toml().contains("= \"t\""));
+    assert_eq!(setting_of(flags(&["--listen", "nowhere"])), "listen");
+}
+
+#[test]
+fn help_shows_each_default() {
+    let cmd = with_defaults_in_help(<Cli as clap::CommandFactory>::command());
+    let help = cmd.clone().render_long_help().to_string();
+    assert!(help.contains("[default: 6000]"), "{help}");
+    assert!(help.contains("[default: 127.0.0.1:10911]"), "{help}");
+    assert!(help.contains("[default: off]"), "{help}");
+}

@@ -1,0 +1,206 @@
+//! Between the wire structs and the types users see (`halfmq-types`, the same embedded and
+//! over the network). The broker converts one way and the client the other, with these same
+//! functions, so the two cannot drift apart.
+
+use std::time::Duration;
+
+use halfmq_types::{
+    Delivery, DeliveryConfig, GroupSettings, HalfMessage, Message, TopicInfo, TxnId,
+};
+
+use super::{Push, WireDelivery, WireGroup, WireMessage};
+
+impl From<Message> for WireMessage {
+    fn from(m: Message) -> WireMessage {
+        WireMessage {
+            key: m.key,
+            body: m.body,
+            properties: m.properties,
+        }
+    }
+}
+
+impl From<WireMessage> for Message {
+    fn from(m: WireMessage) -> Message {
+        Message {
+            key: m.key,
+            body: m.body,
+            properties: m.properties,
+        }
+    }
+}
+
+impl From<Delivery> for WireDelivery {
+    fn from(d: Delivery) -> WireDelivery {
+        WireDelivery {
+            topic: d.topic,
+            queue: d.queue,
+            offset: d.offset,
+            log_offset: d.log_offset,
+            timestamp_ms: d.timestamp_ms,
+            message: WireMessage {
+                key: d.key,
+                body: d.body,
+                properties: d.properties,
+            },
+            attempt: d.attempt,
+        }
+    }
+}
+
+impl From<WireDelivery> for Delivery {
+    fn from(d: WireDelivery) -> Delivery {
+        Delivery {
+            topic: d.topic,
+            queue: d.queue,
+            offset: d.offset,
+            log_offset: d.log_offset,
+            key: d.message.key,
+            body: d.message.body,
+            properties: d.message.properties,
+            timestamp_ms: d.timestamp_ms,
+            attempt: d.attempt,
+        }
+    }
+}
+
+/// A duration in whole milliseconds, as the wire carries it (saturating).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl WireGroup {
+    /// The wire form of a group's settings: those in force and the group's own overrides.
+    /// Durations travel in whole milliseconds.
+    pub fn new(in_force: &DeliveryConfig, overrides: GroupSettings) -> WireGroup {
+        WireGroup {
+            visibility_timeout_ms: millis(in_force.visibility_timeout),
+            max_retries: in_force.max_retries,
+            retry_backoff_ms: in_force.retry_backoff.iter().copied().map(millis).collect(),
+            overrides,
+        }
+    }
+
+    /// The settings in force and the overrides, as `Broker::group_settings` returns them.
+    pub fn into_parts(self) -> (DeliveryConfig, GroupSettings) {
+        let in_force = DeliveryConfig::default()
+            .with_visibility_timeout(Duration::from_millis(self.visibility_timeout_ms))
+            .with_max_retries(self.max_retries)
+            .with_retry_backoff(
+                self.retry_backoff_ms
+                    .into_iter()
+                    .map(Duration::from_millis)
+                    .collect(),
+            );
+        (in_force, self.overrides)
+    }
+}
+
+impl Push {
+    /// The check-back question about `half`.
+    pub fn check(half: &HalfMessage) -> Push {
+        Push::Check {
+            txn: half.txn_id.0,
+            topic: half.topic.clone(),
+            producer_group: half.producer_group.clone(),
+            message: WireMessage {
+                key: half.key.clone(),
+                body: half.body.clone(),
+                properties: half.properties.clone(),
+            },
+            created_ms: half.created_ms,
+            checks: half.checks,
+        }
+    }
+
+    /// The half message a check-back asks about.
+    pub fn into_half(self) -> HalfMessage {
+        match self {
+            Push::Check {
+                txn,
+                topic,
+                producer_group,
+                message,
+                created_ms,
+                checks,
+            } => HalfMessage {
+                txn_id: TxnId(txn),
+                topic,
+                key: message.key,
+                body: message.body,
+                properties: message.properties,
+                producer_group,
+                created_ms,
+                checks,
+            },
+        }
+    }
+}
+
+/// `(name, queues)` pairs of a `Topics` answer as the embedded broker's [`TopicInfo`].
+pub(crate) fn topic_infos(topics: Vec<(String, u32)>) -> Vec<TopicInfo> {
+    topics
+        .into_iter()
+        .map(|(name, queues)| TopicInfo { name, queues })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_comes_back_as_it_went() {
+        let d = Delivery {
+            topic: "t".into(),
+            queue: 3,
+            offset: 7,
+            log_offset: 4096,
+            key: "k".into(),
+            body: b"body".to_vec(),
+            properties: [("a".to_owned(), "b".to_owned())].into(),
+            timestamp_ms: 1_700_000_000_000,
+            attempt: 2,
+        };
+        assert_eq!(Delivery::from(WireDelivery::from(d.clone())), d);
+    }
+
+    #[test]
+    fn group_settings_come_back_as_they_went() {
+        let d = DeliveryConfig::default()
+            .with_visibility_timeout(Duration::from_millis(1500))
+            .with_max_retries(3);
+        let overrides = GroupSettings {
+            max_retries: Some(3),
+            ..GroupSettings::default()
+        };
+        let (back, o) = WireGroup::new(&d, overrides.clone()).into_parts();
+        assert_eq!((back, o), (d, overrides));
+    }
+
+    #[test]
+    fn a_check_comes_back_as_its_half() {
+        let half = HalfMessage {
+            txn_id: TxnId(42),
+            topic: "t".into(),
+            key: "k".into(),
+            body: vec![1, 2],
+            properties: Default::default(),
+            producer_group: "pg".into(),
+            created_ms: 5,
+            checks: 1,
+        };
+        let back = Push::check(&half).into_half();
+        assert_eq!(
+            (
+                back.txn_id,
+                back.topic,
+                back.key,
+                back.body,
+                back.producer_group
+            ),
+            (TxnId(42), "t".into(), "k".into(), vec![1, 2], "pg".into())
+        );
+        assert_eq!((back.created_ms, back.checks), (5, 1));
+    }
+}

@@ -1,0 +1,105 @@
+//! The batch that writers fill and the flusher writes: encoded bytes, where they go, the
+//! consume-queue entries and hooks that come with them, and the signal of its round.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::consume_queue::{ConsumeQueue, Entry};
+use crate::hooks::DurableHook;
+use crate::segment::Segment;
+use halfmq_types::error::Result;
+
+/// A position in the batch: which bytes go to which segment at which file position.
+pub(crate) struct Chunk {
+    pub(crate) segment: Arc<Segment>,
+    pub(crate) file_pos: u64,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// The segment is full after this chunk: sync it before writing anything later.
+    pub(crate) seal: bool,
+}
+
+pub(crate) struct Dispatch {
+    pub(crate) queue: Arc<ConsumeQueue>,
+    pub(crate) queue_offset: u64,
+    pub(crate) entry: Entry,
+}
+
+/// Records encoded but not yet written.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) chunks: Vec<Chunk>,
+    pub(crate) dispatch: Vec<Dispatch>,
+    /// Hooks to run once the batch is acknowledged, with their records' log offsets.
+    pub(crate) hooks: Vec<(DurableHook, u64)>,
+    /// A hook in the batch needs the batch synced whatever the flush policy.
+    pub(crate) sync_hooks: bool,
+    /// Records in the batch.
+    pub(crate) records: u64,
+    /// When the first record entered the (empty) batch.
+    pub(crate) first_at: Option<std::time::Instant>,
+    /// Log offset just past the last record in the batch.
+    pub(crate) end: u64,
+    /// Fired when the round that writes this batch is over (see [`RoundSignal`]).
+    pub(crate) signal: Arc<RoundSignal>,
+}
+
+/// Wakes the async writers of one group-commit round, and only them. Waiting on the
+/// store-wide `async_notify` instead woke every waiting writer after every round: with
+/// pipelining producers, half the waiters belong to the batch still being gathered and went
+/// straight back to sleep (10% of the CPU with 64 producers x 16 sends in flight, measured).
+#[derive(Default)]
+pub(crate) struct RoundSignal {
+    pub(crate) notify: tokio::sync::Notify,
+    pub(crate) over: AtomicBool,
+}
+
+impl RoundSignal {
+    /// The round is over (done, failed, or the flusher stopped): wake its writers.
+    pub(crate) fn fire(&self) {
+        self.over.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+impl Batch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+        self.chunks.clear();
+        self.dispatch.clear();
+        self.hooks.clear();
+        self.sync_hooks = false;
+        self.records = 0;
+        self.first_at = None;
+    }
+}
+
+/// Appends consume-queue entries grouped per queue, one write per queue per batch.
+#[derive(Default)]
+pub(crate) struct DispatchBuf {
+    runs: HashMap<*const ConsumeQueue, (Arc<ConsumeQueue>, u64, Vec<u8>)>,
+}
+
+impl DispatchBuf {
+    pub(crate) fn push(&mut self, d: &Dispatch) {
+        let key = Arc::as_ptr(&d.queue);
+        let run = self
+            .runs
+            .entry(key)
+            .or_insert_with(|| (d.queue.clone(), d.queue_offset, Vec::new()));
+        run.2.extend_from_slice(&d.entry.encode());
+    }
+
+    pub(crate) fn apply(&mut self) -> Result<()> {
+        for (_, (queue, first, bytes)) in self.runs.drain() {
+            queue.append_encoded(first, &bytes)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,375 @@
+//! Consume queues: per (topic, queue) index of the messages in the commit log.
+//!
+//! ```text
+//! cq/<topic>/<queue as 4 digits>.cq
+//!   0   8  magic "HALFMQCQ"
+//!   8   4  format version u32 LE = 1
+//!  12   4  reserved (0)
+//!  16      entries, ENTRY_BYTES each; entry i describes queue offset i:
+//!            log_offset u64 LE | size u32 LE | key_hash u32 LE
+//! ```
+//!
+//! The index is derived data: the flusher appends entries after their records are durable,
+//! syncs the files before each checkpoint, and recovery truncates every index to its
+//! checkpointed length and re-derives the rest from the log. Readers still check each record
+//! they fetch against the entry (log offset, queue offset, topic), so a damaged entry is an
+//! error, never a wrong message.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::io::{Storage, StorageFile};
+use halfmq_types::error::{Error, Result};
+
+/// Bytes per index entry.
+pub const ENTRY_BYTES: usize = 16;
+/// Bytes of the file header.
+pub const CQ_HEADER_BYTES: u64 = 16;
+const MAGIC: &[u8; 8] = b"HALFMQCQ";
+/// Entries reserved at a time (1 MiB of index).
+const ALLOC_ENTRIES: u64 = 65_536;
+const FORMAT_VERSION: u32 = 1;
+
+const _: () = assert!(ENTRY_BYTES == 8 + 4 + 4);
+
+/// One index entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Where the record starts in the log.
+    pub log_offset: u64,
+    /// Its encoded size.
+    pub size: u32,
+    /// CRC-32 of the message key (0 for no key), for filtering without reading the log.
+    pub key_hash: u32,
+}
+
+impl Entry {
+    /// Encode to the fixed-width form.
+    pub fn encode(&self) -> [u8; ENTRY_BYTES] {
+        let mut b = [0u8; ENTRY_BYTES];
+        b[0..8].copy_from_slice(&self.log_offset.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size.to_le_bytes());
+        b[12..16].copy_from_slice(&self.key_hash.to_le_bytes());
+        b
+    }
+
+    /// Decode from the fixed-width form; `b` must hold at least `ENTRY_BYTES`.
+    pub fn decode(b: &[u8]) -> Entry {
+        let mut b8 = [0u8; 8];
+        b8.copy_from_slice(&b[0..8]);
+        Entry {
+            log_offset: u64::from_le_bytes(b8),
+            size: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            key_hash: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+}
+
+/// The hash of a key stored in index entries and used to pick a key's queue.
+pub fn key_hash(key: &str) -> u32 {
+    if key.is_empty() {
+        0
+    } else {
+        crc32fast::hash(key.as_bytes())
+    }
+}
+
+/// Consume queues by topic and queue id.
+pub(crate) type QueueMap = HashMap<String, BTreeMap<u32, Arc<ConsumeQueue>>>;
+
+/// The index of (topic, queue) in `queues`, opened (created empty) if it is not there yet.
+pub(crate) fn queue_in(
+    queues: &mut QueueMap,
+    storage: &dyn Storage,
+    cq_dir: &Path,
+    topic: &str,
+    queue_id: u32,
+) -> Result<Arc<ConsumeQueue>> {
+    if let Some(q) = queues.get(topic).and_then(|m| m.get(&queue_id)) {
+        return Ok(q.clone());
+    }
+    validate_topic_name(topic)?;
+    let (cq, _) = ConsumeQueue::open(storage, cq_dir, topic, queue_id, 0, 0)?;
+    let cq = Arc::new(cq);
+    queues
+        .entry(topic.to_owned())
+        .or_default()
+        .insert(queue_id, cq.clone());
+    Ok(cq)
+}
+
+/// Check a topic name: 1 to 127 bytes of `[A-Za-z0-9._-]`, not starting with a dot, so
+/// that it is safe as a directory name.
+pub fn validate_topic_name(topic: &str) -> Result<()> {
+    let ok = !topic.is_empty()
+        && topic.len() <= crate::record::TOPIC_BYTES_MAX
+        && !topic.starts_with('.')
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-%".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what: "topic name",
+            reason: format!(
+                "{topic:?}: use 1 to {} characters of A-Z a-z 0-9 . _ - % not starting with '.'",
+                crate::record::TOPIC_BYTES_MAX
+            ),
+        })
+    }
+}
+
+/// The index file of one (topic, queue).
+pub struct ConsumeQueue {
+    topic: Arc<str>,
+    queue_id: u32,
+    file: Arc<dyn StorageFile>,
+    /// Next queue offset to hand out; changed only under the commit log's writer lock.
+    pub(crate) assigned: AtomicU64,
+    /// Entries the file has space reserved for; grown only under the writer lock.
+    capacity: AtomicU64,
+    /// Entries that are written and readable (records durable, or written under async flush).
+    visible: AtomicU64,
+    /// Appended to since the last checkpoint sync.
+    dirty: AtomicBool,
+    /// First queue offset whose message is still in the log; entries below it are expired
+    /// (retention deleted their records, or a rebuild never had them: then they are zeros).
+    start: AtomicU64,
+}
+
+impl std::fmt::Debug for ConsumeQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumeQueue")
+            .field("topic", &self.topic)
+            .field("queue", &self.queue_id)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// The path of the index file of (topic, queue).
+pub fn path(cq_dir: &Path, topic: &str, queue_id: u32) -> PathBuf {
+    cq_dir.join(topic).join(format!("{queue_id:04}.cq"))
+}
+
+/// Parse an index file name back to its queue id.
+pub fn parse_file_name(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".cq")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+impl ConsumeQueue {
+    /// Open (or create) the index of (topic, queue) and trim it to `len` entries: entries past
+    /// `len` are not trusted and will be re-derived from the log. Returns the queue and the
+    /// number of entries the file really had, which is less than `len` when the file is
+    /// missing or short (then the caller must rebuild from the log). `start` is the first
+    /// queue offset still in the log (see [`ConsumeQueue::start`]); entries below it may be
+    /// zeros.
+    pub fn open(
+        storage: &dyn Storage,
+        cq_dir: &Path,
+        topic: &str,
+        queue_id: u32,
+        len: u64,
+        start: u64,
+    ) -> Result<(ConsumeQueue, u64)> {
+        let dir = cq_dir.join(topic);
+        let p = path(cq_dir, topic, queue_id);
+        let existed = storage.exists(&p);
+        if !existed {
+            storage.create_dir_all(&dir)?;
+        }
+        let file = storage.open(&p, true)?;
+        let mut head = [0u8; CQ_HEADER_BYTES as usize];
+        let n = file.read_at(&mut head, 0)?;
+        let valid_head = n == head.len()
+            && &head[0..8] == MAGIC
+            && u32::from_le_bytes([head[8], head[9], head[10], head[11]]) == FORMAT_VERSION;
+        let have = if !valid_head {
+            if n > 0 && !head.iter().all(|&b| b == 0) {
+                // Derived data: a damaged header means the index is rebuilt from the log.
+                tracing::warn!(file = %p.display(), "consume-queue index header damaged; rebuilding it");
+            }
+            let mut h = [0u8; CQ_HEADER_BYTES as usize];
+            h[0..8].copy_from_slice(MAGIC);
+            h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+            file.set_len(0)?;
+            file.write_all_at(&h, 0)?;
+            file.sync_data()?;
+            storage.sync_dir(&dir)?;
+            if !existed {
+                storage.sync_dir(cq_dir)?;
+            }
+            0
+        } else {
+            // The file may be preallocated past its last entry, so its length only bounds the
+            // entries; the last one we are asked to keep must really be there (a log offset
+            // is never 0, the segment header is).
+            let slots = (file.len()?.saturating_sub(CQ_HEADER_BYTES)) / ENTRY_BYTES as u64;
+            let mut have = slots.min(len);
+            if have > start {
+                let mut last = [0u8; ENTRY_BYTES];
+                file.read_exact_at(&mut last, CQ_HEADER_BYTES + (have - 1) * ENTRY_BYTES as u64)?;
+                if Entry::decode(&last).log_offset == 0 {
+                    have -= 1;
+                }
+            }
+            have
+        };
+        let keep = have.min(len);
+        file.set_len(CQ_HEADER_BYTES + keep * ENTRY_BYTES as u64)?;
+        let cq = ConsumeQueue {
+            topic: Arc::from(topic),
+            queue_id,
+            file,
+            assigned: AtomicU64::new(keep),
+            capacity: AtomicU64::new(keep),
+            visible: AtomicU64::new(keep),
+            dirty: AtomicBool::new(true),
+            start: AtomicU64::new(start.min(keep)),
+        };
+        Ok((cq, have))
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The queue id within the topic.
+    pub fn queue_id(&self) -> u32 {
+        self.queue_id
+    }
+
+    /// First queue offset whose message is still in the log. Offsets below it were deleted
+    /// by retention.
+    pub fn start(&self) -> u64 {
+        self.start.load(Ordering::Acquire)
+    }
+
+    /// Raise the start (retention deleted the records below it). Never lowers it.
+    pub(crate) fn raise_start(&self, start: u64) {
+        self.start.fetch_max(start, Ordering::AcqRel);
+    }
+
+    /// Make an empty index start at queue offset `first` (a rebuild of a queue whose earlier
+    /// messages were deleted by retention): the entries below are zeros (expired).
+    pub(crate) fn start_empty_at(&self, first: u64) -> Result<()> {
+        if !self.is_empty() || self.assigned.load(Ordering::Relaxed) != 0 {
+            return Err(Error::Corrupt {
+                path: self.file.path().to_path_buf(),
+                offset: 0,
+                reason: format!("cannot start a non-empty index at entry {first}"),
+            });
+        }
+        self.file
+            .set_len(CQ_HEADER_BYTES + first * ENTRY_BYTES as u64)?;
+        self.assigned.store(first, Ordering::Relaxed);
+        self.capacity.store(first, Ordering::Release);
+        self.visible.store(first, Ordering::Release);
+        self.start.store(first, Ordering::Release);
+        self.dirty.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The number of entries whose record starts before `log_offset` (expired entries,
+    /// which are zeros or point below the log start, count too): the queue offset of the
+    /// first message at or after `log_offset`. Entries are in log order, so this is a binary
+    /// search over the readable entries.
+    pub fn first_at_or_after(&self, log_offset: u64) -> Result<u64> {
+        let (mut lo, mut hi) = (0u64, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let below = match self.read(mid, 1)?.first() {
+                Some(e) => e.log_offset < log_offset,
+                None => false,
+            };
+            if below {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Number of readable entries (the next queue offset a consumer can wait for).
+    pub fn len(&self) -> u64 {
+        self.visible.load(Ordering::Acquire)
+    }
+
+    /// Whether the queue has no readable entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append encoded entries that start at queue offset `first`, which must be the current
+    /// length; then make them visible to readers.
+    pub fn append_encoded(&self, first: u64, bytes: &[u8]) -> Result<()> {
+        let len = self.len();
+        if first != len || !bytes.len().is_multiple_of(ENTRY_BYTES) {
+            return Err(Error::Corrupt {
+                path: self.file.path().to_path_buf(),
+                offset: CQ_HEADER_BYTES + len * ENTRY_BYTES as u64,
+                reason: format!("index append at entry {first} but the index has {len} entries"),
+            });
+        }
+        self.file
+            .write_all_at(bytes, CQ_HEADER_BYTES + first * ENTRY_BYTES as u64)?;
+        self.dirty.store(true, Ordering::Relaxed);
+        self.visible.store(
+            first + (bytes.len() / ENTRY_BYTES) as u64,
+            Ordering::Release,
+        );
+        Ok(())
+    }
+
+    /// Reserve space for at least `entries` entries, in chunks. Called by writers before an
+    /// entry is promised, so a full disk is a clear error for that writer and the flusher
+    /// never has to grow the file (where a failure would stop the whole store).
+    pub(crate) fn reserve(&self, entries: u64) -> Result<()> {
+        if entries <= self.capacity.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let cap = entries + ALLOC_ENTRIES;
+        self.file
+            .allocate(CQ_HEADER_BYTES + cap * ENTRY_BYTES as u64)?;
+        self.capacity.store(cap, Ordering::Release);
+        Ok(())
+    }
+
+    /// Read up to `max` entries starting at queue offset `from` (fewer at the end).
+    pub fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>> {
+        let len = self.len();
+        if from >= len || max == 0 {
+            return Ok(Vec::new());
+        }
+        let n = ((len - from) as usize).min(max);
+        let mut buf = vec![0u8; n * ENTRY_BYTES];
+        self.file
+            .read_exact_at(&mut buf, CQ_HEADER_BYTES + from * ENTRY_BYTES as u64)?;
+        Ok(buf.chunks_exact(ENTRY_BYTES).map(Entry::decode).collect())
+    }
+
+    /// Make appended entries durable, if there are any since the last call.
+    pub fn sync_if_dirty(&self) -> Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.dirty.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The file path, for messages.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}

@@ -1,0 +1,300 @@
+//! Group commit: the one thread that writes and syncs the log.
+//!
+//! Each round takes the whole pending batch, writes it (syncing a segment before anything is
+//! written to the next one, so that every segment but the newest is complete on disk), syncs
+//! the newest segment, appends the consume-queue entries of the batch's messages, and only
+//! then advances the acknowledged offset and wakes the writers: a message is never visible to
+//! a consumer before it is acknowledged to its producer.
+//!
+//! An I/O error is never retried: after a failed write or fsync the kernel may have dropped
+//! the dirty pages, so nothing unsynced can be trusted. The store is poisoned, every waiting
+//! writer gets the error, and only reopening (recovery) makes it writable again.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::batch::{Batch, DispatchBuf, RoundSignal};
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::FlushPolicy;
+use crate::consume_queue::ConsumeQueue;
+use crate::state::Shared;
+use halfmq_types::error::Result;
+
+struct FlusherState {
+    batch: Batch,
+    dispatch: DispatchBuf,
+    last_sync: Instant,
+    /// How long the last fsync of the log took.
+    last_sync_time: std::time::Duration,
+    /// Log bytes written but not yet synced (async flush).
+    unsynced_bytes: u64,
+    /// Log bytes since the last checkpoint.
+    since_checkpoint: u64,
+    checkpoint_seq: u64,
+    written: u64,
+    durable: u64,
+}
+
+pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
+    let start = shared.progress.durable.load(Ordering::Acquire);
+    let mut st = FlusherState {
+        batch: Batch::default(),
+        dispatch: DispatchBuf::default(),
+        last_sync: Instant::now(),
+        last_sync_time: std::time::Duration::ZERO,
+        unsynced_bytes: 0,
+        since_checkpoint: 0,
+        checkpoint_seq,
+        written: start,
+        durable: start,
+    };
+    loop {
+        let (closing, sync_requested) = {
+            let mut w = shared.writer.lock();
+            loop {
+                if w.closed || w.sync_requested || w.poisoned.is_some() {
+                    break;
+                }
+                if !w.batch.is_empty() {
+                    // Gather: give the writers released by the last round a moment to come
+                    // back, so that one fsync covers them all (sync flush only).
+                    let deadline = w.batch.first_at.map(|t| t + w.gather_wait);
+                    match deadline {
+                        Some(d) if w.batch.records < w.gather_target && Instant::now() < d => {
+                            shared.work.wait_until(&mut w, d);
+                            continue;
+                        }
+                        _ => break,
+                    }
+                }
+                match shared.config.flush {
+                    FlushPolicy::Async { interval } if st.written > st.durable => {
+                        if shared
+                            .work
+                            .wait_until(&mut w, st.last_sync + interval)
+                            .timed_out()
+                        {
+                            break;
+                        }
+                    }
+                    _ => shared.work.wait(&mut w),
+                }
+            }
+            if w.poisoned.is_some() {
+                break;
+            }
+            std::mem::swap(&mut w.batch, &mut st.batch);
+            w.batch.end = st.batch.end;
+            // The swapped-in batch's signal belonged to the last round and has fired.
+            w.batch.signal = Arc::new(RoundSignal::default());
+            if matches!(shared.config.flush, FlushPolicy::Sync) {
+                w.gather_target = st.batch.records.max(1);
+                w.gather_wait = st.last_sync_time / 2;
+            }
+            let requested = std::mem::take(&mut w.sync_requested);
+            shared.space.notify_all();
+            shared.async_space.notify_waiters();
+            (w.closed && w.batch.is_empty(), requested)
+        };
+        if let Err(e) = round(&shared, &mut st, closing || sync_requested) {
+            poison(&shared, &e.to_string());
+            break;
+        }
+        if closing {
+            let done = if st.written > st.durable {
+                Err(halfmq_types::Error::Closed)
+            } else {
+                Ok(())
+            };
+            let cp =
+                done.and_then(|()| write_checkpoint(&shared, &mut st, true).map_err(Into::into));
+            if let Err(e) = cp {
+                // The log itself is durable; a missing checkpoint only makes the next
+                // recovery read more of it.
+                tracing::warn!(error = %e, "could not write the closing checkpoint");
+            }
+            break;
+        }
+    }
+    shared.progress.stopped.store(true, Ordering::Release);
+    shared.progress.epoch.advance();
+    // Writers still waiting on a round learn that there is none (their progress check
+    // then returns the failure or `Closed`).
+    st.batch.signal.fire();
+    shared.writer.lock().batch.signal.fire();
+    shared.async_notify.notify_waiters();
+    shared.async_space.notify_waiters();
+}
+
+fn observe_fsync(shared: &Shared, took: std::time::Duration) {
+    if let Some(h) = &shared.hooks {
+        h.fsync_done(took);
+    }
+}
+
+/// One group-commit round.
+fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()> {
+    let batch = &mut st.batch;
+    let had_data = !batch.is_empty();
+    let mut last_segment = None;
+    for c in &batch.chunks {
+        c.segment
+            .file
+            .write_all_at(&batch.bytes[c.start..c.end], c.file_pos)?;
+        if c.seal {
+            let t = Instant::now();
+            c.segment.file.sync_data()?;
+            observe_fsync(shared, t.elapsed());
+            last_segment = None;
+        } else {
+            last_segment = Some(c.segment.clone());
+        }
+    }
+    let bytes = batch.bytes.len() as u64;
+    let records = batch.records;
+    let mut synced = false;
+    if had_data {
+        if let Some(h) = &shared.hooks {
+            h.group_committed(records, bytes);
+        }
+        st.written = batch.end;
+        st.unsynced_bytes += bytes;
+        st.since_checkpoint += bytes;
+    }
+    // Records with sync-forcing hooks (transaction records) are always synced before their
+    // hooks run, under any flush policy: derived state must never learn of a record a power
+    // loss could still take back. (Observing hooks, see `Store::append_observed`, follow the
+    // policy like their writers.)
+    let must_sync = match shared.config.flush {
+        FlushPolicy::Sync => true,
+        FlushPolicy::Async { .. } if batch.sync_hooks => true,
+        FlushPolicy::Async { interval } => {
+            force_sync
+                || st.unsynced_bytes >= shared.config.pending_bytes_max
+                || st.last_sync.elapsed() >= interval
+        }
+    };
+    if must_sync && st.written > st.durable {
+        let seg = match last_segment {
+            Some(s) => s,
+            None => shared.writer.lock().active.clone(),
+        };
+        let t = Instant::now();
+        seg.file.sync_data()?;
+        observe_fsync(shared, t.elapsed());
+        st.last_sync_time = t.elapsed().min(std::time::Duration::from_millis(1));
+        st.durable = st.written;
+        st.unsynced_bytes = 0;
+        st.last_sync = Instant::now();
+        synced = true;
+    }
+    // Index the batch's messages before anyone is told they are stored.
+    for d in &batch.dispatch {
+        st.dispatch.push(d);
+    }
+    st.dispatch.apply()?;
+    for (hook, offset) in batch.hooks.drain(..) {
+        // A panicking hook must not kill the flusher silently and leave writers waiting.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(offset))).map_err(|_| {
+            halfmq_types::Error::Poisoned(format!(
+                "a durable-hook panicked for the record at {offset}"
+            ))
+        })?;
+    }
+    batch.clear();
+    let p = &shared.progress;
+    p.records.fetch_add(records, Ordering::Relaxed);
+    p.syncs.fetch_add(u64::from(synced), Ordering::Relaxed);
+    p.written.store(st.written, Ordering::Release);
+    p.durable.store(st.durable, Ordering::Release);
+    p.epoch.advance();
+    batch.signal.fire();
+    shared.async_notify.notify_waiters();
+    if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
+        if let Err(e) = write_checkpoint(shared, st, false) {
+            if matches!(e, CheckpointError::Index(_)) {
+                return Err(e.into());
+            }
+            // Only the checkpoint is missing: the log and indexes are fine, the next
+            // recovery reads a little more of the log. Try again after as many bytes.
+            tracing::warn!(error = %e, "could not write a checkpoint; will retry");
+            st.since_checkpoint = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Sync every consume queue, then record their lengths at the (durable) end of the log.
+/// Why a checkpoint was not written.
+#[derive(Debug)]
+enum CheckpointError {
+    /// Syncing an index failed: its unsynced entries may be gone, which only a reopen can
+    /// repair (the store is poisoned).
+    Index(halfmq_types::Error),
+    /// The layer above, or writing the checkpoint file, failed: nothing is lost.
+    Other(halfmq_types::Error),
+}
+
+impl std::fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointError::Index(e) | CheckpointError::Other(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<CheckpointError> for halfmq_types::Error {
+    fn from(e: CheckpointError) -> Self {
+        match e {
+            CheckpointError::Index(e) | CheckpointError::Other(e) => e,
+        }
+    }
+}
+
+fn write_checkpoint(
+    shared: &Shared,
+    st: &mut FlusherState,
+    clean: bool,
+) -> std::result::Result<(), CheckpointError> {
+    if let Some(h) = &shared.hooks {
+        h.before_checkpoint().map_err(CheckpointError::Other)?;
+    }
+    let queues: Vec<Arc<ConsumeQueue>> = shared
+        .queues
+        .read()
+        .values()
+        .flat_map(|m| m.values().cloned())
+        .collect();
+    let mut lens = Vec::with_capacity(queues.len());
+    for q in &queues {
+        q.sync_if_dirty().map_err(CheckpointError::Index)?;
+        lens.push((q.topic().to_owned(), q.queue_id(), q.len()));
+    }
+    st.checkpoint_seq += 1;
+    let cp = Checkpoint {
+        seq: st.checkpoint_seq,
+        log_offset: st.durable,
+        queues: lens,
+        clean,
+    };
+    checkpoint::store(&*shared.storage, &shared.dir, &cp).map_err(CheckpointError::Other)?;
+    shared
+        .checkpoint_offset
+        .store(cp.log_offset, Ordering::Release);
+    st.since_checkpoint = 0;
+    Ok(())
+}
+
+fn poison(shared: &Shared, msg: &str) {
+    tracing::error!(error = %msg, "storage failure: the store stops accepting writes");
+    {
+        let mut w = shared.writer.lock();
+        w.poisoned = Some(msg.to_owned());
+        w.batch.clear();
+        shared.space.notify_all();
+    }
+    shared.progress.fail(msg);
+    shared.async_notify.notify_waiters();
+    shared.async_space.notify_waiters();
+}

@@ -1,0 +1,166 @@
+//! What a store shares between its handles, its writers and its flusher thread: the writer
+//! state under its lock, the flush progress watched without a lock, and the ways to wait for
+//! that progress.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::batch::Batch;
+use crate::config::{FlushPolicy, StoreConfig};
+use crate::consume_queue::QueueMap;
+use crate::epoch;
+use crate::hooks::{LogStartListener, StoreHooks};
+use crate::io::Storage;
+use crate::prepare;
+use crate::segment::Segment;
+use halfmq_types::error::{Error, Result};
+
+/// The writers' side, under [`Shared::writer`]: where the next record goes, the batch being
+/// gathered, and whether records are still taken.
+pub(crate) struct Writer {
+    pub(crate) active: Arc<Segment>,
+    /// Next write position in `active`.
+    pub(crate) pos: u64,
+    pub(crate) batch: Batch,
+    pub(crate) poisoned: Option<String>,
+    pub(crate) closed: bool,
+    /// Someone (close, `flush`) wants the flusher to sync now, even under async flush.
+    pub(crate) sync_requested: bool,
+    /// Group-commit gathering (sync flush only): how many records the flusher waits for
+    /// before it syncs — as many as the last round released, since those writers are likely
+    /// to come back at once — and for how long at most (half the last fsync's time).
+    pub(crate) gather_target: u64,
+    pub(crate) gather_wait: std::time::Duration,
+    /// Log fsyncs counted at the last roll (or at open): how many syncs filled the active
+    /// segment decides whether the next one is zero-filled ahead (see `crate::prepare`).
+    pub(crate) syncs_at_roll: u64,
+}
+
+/// Flush progress, watched by waiting writers and pollers without a lock.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Everything before this log offset is written to the OS.
+    pub(crate) written: AtomicU64,
+    /// Everything before this log offset is durable.
+    pub(crate) durable: AtomicU64,
+    /// Group commits (log fsyncs) so far.
+    pub(crate) syncs: AtomicU64,
+    /// Records appended so far (SegmentEnd markers included).
+    pub(crate) records: AtomicU64,
+    /// The flusher has exited.
+    pub(crate) stopped: AtomicBool,
+    /// Set once when the flusher failed; every later wait returns it.
+    pub(crate) failed: AtomicBool,
+    pub(crate) error: Mutex<Option<String>>,
+    /// Advanced after every change above.
+    pub(crate) epoch: epoch::Epoch,
+}
+
+impl Progress {
+    pub(crate) fn error(&self) -> Option<String> {
+        if self.failed.load(Ordering::Acquire) {
+            self.error.lock().clone()
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn fail(&self, msg: &str) {
+        *self.error.lock() = Some(msg.to_owned());
+        self.failed.store(true, Ordering::Release);
+        self.epoch.advance();
+    }
+}
+
+/// Everything of one store that its handles ([`Store`](crate::Store), `LogReader`), its
+/// writers and its flusher thread share.
+pub(crate) struct Shared {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) dir: PathBuf,
+    pub(crate) log_dir: PathBuf,
+    pub(crate) cq_dir: PathBuf,
+    pub(crate) config: StoreConfig,
+    pub(crate) segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    pub(crate) queues: RwLock<QueueMap>,
+    pub(crate) writer: Mutex<Writer>,
+    /// The flusher waits here for work (on `writer`).
+    pub(crate) work: Condvar,
+    /// Writers wait here for room in the batch (on `writer`).
+    pub(crate) space: Condvar,
+    pub(crate) progress: Progress,
+    pub(crate) hooks: Option<Arc<dyn StoreHooks>>,
+    /// Wakes async writers and pollers on every change of `progress`.
+    pub(crate) async_notify: tokio::sync::Notify,
+    /// Wakes async writers waiting for room in the batch.
+    pub(crate) async_space: tokio::sync::Notify,
+    /// Base offset of the first segment: everything below was deleted by retention.
+    pub(crate) log_start: AtomicU64,
+    /// Log offset of the newest checkpoint: recovery reads the log from there, so
+    /// retention keeps it.
+    pub(crate) checkpoint_offset: AtomicU64,
+    /// Sequence number of the newest log-start file; held during a retention pass, so
+    /// passes never overlap.
+    pub(crate) log_start_seq: Mutex<u64>,
+    /// Called with the new log start after retention deleted segments.
+    pub(crate) log_start_listeners: Mutex<Vec<LogStartListener>>,
+    /// Log offset just past the newest record with a key (set under the writer lock, before
+    /// the record can become durable); at open, the end of the recovered log.
+    pub(crate) keyed_end: AtomicU64,
+    /// Zero-fills the next segment in the background (`None` on the simulated disk).
+    pub(crate) preparer: Option<prepare::Preparer>,
+}
+
+impl Shared {
+    /// Whether writes are acknowledged only once durable.
+    pub(crate) fn sync_policy(&self) -> bool {
+        matches!(self.config.flush, FlushPolicy::Sync)
+    }
+
+    /// Whether the record ending at `end` is settled: `Some(Ok(()))` once it is written (or
+    /// durable, if `durable`), `Some(Err(..))` if it never will be (the flusher failed or
+    /// stopped), `None` while it waits for a round.
+    pub(crate) fn settled(&self, end: u64, durable: bool) -> Option<Result<()>> {
+        let p = &self.progress;
+        let mark = if durable { &p.durable } else { &p.written };
+        if mark.load(Ordering::Acquire) >= end {
+            return Some(Ok(()));
+        }
+        if let Some(e) = p.error() {
+            return Some(Err(Error::Poisoned(e)));
+        }
+        if p.stopped.load(Ordering::Acquire) {
+            return Some(Err(Error::Closed));
+        }
+        None
+    }
+
+    /// Block the calling thread until the record ending at `end` is settled (see
+    /// [`Shared::settled`]).
+    pub(crate) fn wait_progress(&self, end: u64, durable: bool) -> Result<()> {
+        self.progress
+            .epoch
+            .wait_for(None, || self.settled(end, durable))
+    }
+}
+
+/// Wait on `notify` until `check` has an answer. The next notification is registered for
+/// before every check, so a `notify_waiters` between the check and the await is not lost.
+/// The async twin of `Epoch::wait_for`.
+pub(crate) async fn notified_until<T>(
+    notify: &tokio::sync::Notify,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    loop {
+        let changed = notify.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if let Some(answer) = check() {
+            return answer;
+        }
+        changed.await;
+    }
+}

@@ -1,0 +1,81 @@
+//! # halfmq-types
+//!
+//! The vocabulary every halfmq crate speaks, so that the embedded broker (`halfmq`) and the
+//! network client (`halfmq-client`) hand their users the very same types:
+//!
+//! - [`error`]: the one typed [`Error`], with a stable numeric [`Error::code`] per variant
+//!   that crosses the wire; [`error::wire`] turns a code and text back into the same variant;
+//! - [`message`]: [`Message`], [`Delivery`] and the receipts of sends;
+//! - [`txn`]: transaction ids, states, check-back questions ([`HalfMessage`]) and answers;
+//! - [`group`]: consumer-group settings, nack outcomes, dead letters;
+//! - [`stats`]: the figures of `Broker::stats` and the retention reports;
+//! - [`trace`]: the trace document ("where is my confirmation?");
+//! - [`props`]: every reserved property name and internal topic prefix;
+//! - [`clock`]: wall-clock time behind a trait, so tests can move time by hand;
+//! - [`codec`]: the one place bincode is used, always with a size limit.
+//!
+//! It depends on serde, thiserror and bincode only.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+/// One `with_<field>` setter per setting of a configuration struct, so that a
+/// `#[non_exhaustive]` config can still be built in one expression: each setter takes the
+/// config, sets the field and returns it.
+///
+/// ```
+/// #[derive(Default)]
+/// #[non_exhaustive]
+/// pub struct Config {
+///     /// How many.
+///     pub count: u32,
+/// }
+///
+/// halfmq_types::with_setters! {
+///     Config {
+///         /// Sets [`Config::count`].
+///         with_count => count: u32;
+///     }
+/// }
+///
+/// assert_eq!(Config::default().with_count(3).count, 3);
+/// ```
+#[macro_export]
+macro_rules! with_setters {
+    ($config:ty { $($(#[$doc:meta])* $with:ident => $field:ident: $ty:ty;)* }) => {
+        impl $config {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $with(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+pub mod clock;
+pub mod codec;
+pub mod error;
+pub mod group;
+pub mod message;
+pub mod props;
+pub mod stats;
+pub mod trace;
+pub mod txn;
+
+pub use error::{Error, Result};
+pub use group::{DeadLetter, DeliveryConfig, GroupDeleted, GroupSettings, NackOutcome, Replayed};
+pub use message::{
+    DelayedReceipt, Delivery, Message, Properties, SendReceipt, TopicInfo,
+    IDEMPOTENCY_KEY_BYTES_MAX,
+};
+pub use stats::{LogStats, Pin, RetentionFloor, RetentionReport, Stats};
+pub use trace::Trace;
+pub use txn::{
+    CheckAnswer, HalfMessage, HalfOptions, HalfReceipt, Outcome, TransactionChecker, TxnId,
+    TxnInfo, TxnState,
+};

@@ -1,0 +1,125 @@
+//! Messages, deliveries and receipts: the same types in the embedded broker and the client.
+
+use std::collections::BTreeMap;
+
+use crate::props::PROP_IDEMPOTENCY_KEY;
+
+/// User properties of a message: names to values. Names starting with
+/// [`crate::props::RESERVED_PREFIX`] are halfmq's own.
+pub type Properties = BTreeMap<String, String>;
+
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+
+/// A message to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Message {
+    /// Key: messages with the same key go to the same queue, in order. Also what `trace`
+    /// looks up. Empty means no key.
+    pub key: String,
+    /// Payload.
+    pub body: Vec<u8>,
+    /// User properties.
+    pub properties: Properties,
+}
+
+impl Message {
+    /// A message with this body and no key.
+    pub fn new(body: impl Into<Vec<u8>>) -> Message {
+        Message {
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+
+    /// Set the key.
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = key.into();
+        self
+    }
+
+    /// Add a property.
+    pub fn with_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Message {
+        self.properties.insert(name.into(), value.into());
+        self
+    }
+
+    /// Set the idempotency key (1 to [`IDEMPOTENCY_KEY_BYTES_MAX`] bytes): a second
+    /// send of a message with the same key to the same topic within the dedup window is not
+    /// stored again and returns the original's receipt. It is kept as the property
+    /// [`PROP_IDEMPOTENCY_KEY`], which consumers see too.
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Message {
+        self.properties
+            .insert(PROP_IDEMPOTENCY_KEY.to_owned(), key.into());
+        self
+    }
+
+    /// The idempotency key, if set.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.properties
+            .get(PROP_IDEMPOTENCY_KEY)
+            .map(String::as_str)
+    }
+}
+
+/// Where a sent message was stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SendReceipt {
+    /// The topic.
+    pub topic: String,
+    /// The queue within the topic.
+    pub queue: u32,
+    /// Its offset in that queue.
+    pub offset: u64,
+    /// Its position in the commit log.
+    pub log_offset: u64,
+    /// True when the message carried an idempotency key that was already stored: nothing
+    /// was stored now, and this is the original's receipt.
+    pub duplicate: bool,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The topic.
+    pub topic: String,
+    /// The queue within the topic.
+    pub queue: u32,
+    /// Offset in the queue: what to ack.
+    pub offset: u64,
+    /// Position in the commit log.
+    pub log_offset: u64,
+    /// Key ("" for none).
+    pub key: String,
+    /// Payload.
+    pub body: Vec<u8>,
+    /// User properties.
+    pub properties: Properties,
+    /// When it was stored, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Which delivery of this message to this group it is: 1 the first, n after n - 1
+    /// failed ones (time-outs and nacks).
+    pub attempt: u32,
+}
+
+/// Where a delayed message was stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DelayedReceipt {
+    /// Its id (the log offset of the stored message).
+    pub id: u64,
+    /// The topic it will be delivered to.
+    pub topic: String,
+    /// The queue.
+    pub queue: u32,
+    /// When, ms since the Unix epoch.
+    pub deliver_at_ms: u64,
+}
+
+/// A topic and its queues.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TopicInfo {
+    /// Name.
+    pub name: String,
+    /// Number of queues.
+    pub queues: u32,
+}

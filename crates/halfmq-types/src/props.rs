@@ -1,0 +1,54 @@
+//! Every reserved name in one place: the properties halfmq writes into records, and the
+//! prefixes of its internal topics. Properties whose names start with [`RESERVED_PREFIX`]
+//! are refused in user messages; the broker, the trace and the client all read them from here.
+
+/// Property names starting with this are reserved for halfmq.
+pub const RESERVED_PREFIX: &str = "halfmq.";
+
+/// Property of a commit record: the transaction id.
+pub const PROP_TXN: &str = "halfmq.txn";
+
+/// Property of a half record: the producer group asked at check-back.
+pub const PROP_PRODUCER_GROUP: &str = "halfmq.producer_group";
+
+/// Property of a half record: the check-immunity time in ms.
+pub const PROP_CHECK_IMMUNITY_MS: &str = "halfmq.check_immunity_ms";
+
+/// Property holding a message's idempotency key.
+pub const PROP_IDEMPOTENCY_KEY: &str = "halfmq.idempotency_key";
+
+/// Property of a `Delayed` record: when to deliver it, ms since the Unix epoch.
+pub const PROP_DELIVER_AT_MS: &str = "halfmq.deliver_at_ms";
+
+/// Property of a fire record: the log offset of the `Delayed` record it delivers.
+pub const PROP_DELAYED: &str = "halfmq.delayed";
+
+/// Property of a dead letter: the topic it came from.
+pub const PROP_DLQ_TOPIC: &str = "halfmq.dlq.topic";
+
+/// Property of a dead letter: its queue there.
+pub const PROP_DLQ_QUEUE: &str = "halfmq.dlq.queue";
+
+/// Property of a dead letter: its queue offset there.
+pub const PROP_DLQ_OFFSET: &str = "halfmq.dlq.offset";
+
+/// Property of a dead letter: its log offset there.
+pub const PROP_DLQ_LOG_OFFSET: &str = "halfmq.dlq.log_offset";
+
+/// Property of a dead letter: why its last delivery failed.
+pub const PROP_DLQ_REASON: &str = "halfmq.dlq.reason";
+
+/// Property of a dead letter: failed deliveries.
+pub const PROP_DLQ_FAILURES: &str = "halfmq.dlq.failures";
+
+/// Property of a replayed message: `group/dead-letter offset` it was replayed from.
+pub const PROP_REPLAYED_FROM: &str = "halfmq.replayed_from";
+
+/// Topics whose names start with this are the broker's own (dead-letter queues).
+pub const INTERNAL_TOPIC_PREFIX: &str = "%";
+
+/// Dead letters of group `G` are in topic `%DLQ%G`.
+pub const DLQ_TOPIC_PREFIX: &str = "%DLQ%";
+
+/// The group that remembers which dead letters were replayed.
+pub const REPLAY_GROUP: &str = "%replay";

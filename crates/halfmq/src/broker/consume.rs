@@ -1,0 +1,281 @@
+//! The consumer side of the broker: consumer groups and their state, per-group delivery
+//! settings; in the children, `poll` (leases and redelivery), `ack` (ack and nack) and
+//! `dead_letter` (dead letters and their replay).
+//!
+//! See `crate::delivery` for the lease model. Dead letters of group `G` are messages of the
+//! internal topic `%DLQ%G` (one queue), each carrying the message's key, body and properties
+//! plus `halfmq.dlq.*` properties saying where it came from and why. Moving a message there
+//! is: mark it dead in sled (its retry state says more failures than allowed), append the
+//! dead letter durably, then ack the original. A crash in between finishes the move on the
+//! next poll, so a dead letter is never lost; it can at worst be written twice (a crash after
+//! the append and before the ack), which `dlq list` shows.
+
+mod ack;
+mod dead_letter;
+mod poll;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::{validate_group_name, Broker, Topic};
+use crate::config::DeliveryConfig;
+use crate::delivery::Cursor;
+use halfmq_store::consume_queue::ConsumeQueue;
+use halfmq_types::error::{Error, Result};
+use halfmq_types::props::{DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX};
+use halfmq_types::{GroupDeleted, GroupSettings};
+
+/// The dead-letter topic of a group.
+pub fn dead_letter_topic(group: &str) -> String {
+    format!("{DLQ_TOPIC_PREFIX}{group}")
+}
+
+/// (group, topic).
+pub(super) type GroupKey = (String, String);
+
+/// A group's dead-letter topic and the state of what was replayed from it.
+type DeadLetterQueue = (Arc<Topic>, Arc<Mutex<GroupTopic>>);
+
+/// One consumer group's state in one topic.
+pub(super) struct GroupTopic {
+    cursors: Vec<Cursor>,
+    /// Queue to start the next poll at, so no queue starves.
+    start: usize,
+    /// The group's delivery settings.
+    delivery: Arc<DeliveryConfig>,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Broker {
+    /// The delivery settings of a group: the broker's defaults with its overrides.
+    fn resolve_delivery(&self, s: &GroupSettings) -> Result<DeliveryConfig> {
+        let mut d = self.config.delivery.clone();
+        if let Some(v) = s.visibility_timeout_ms {
+            d.visibility_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = s.max_retries {
+            d.max_retries = v;
+        }
+        if let Some(v) = &s.retry_backoff_ms {
+            d.retry_backoff = v.iter().map(|&m| Duration::from_millis(m)).collect();
+        }
+        d.validate()?;
+        Ok(d)
+    }
+
+    /// Override the delivery settings of `group` (durably; `None` fields keep the broker
+    /// default). Applies at once to its loaded state. Returns the settings now in force.
+    pub fn set_group_settings(
+        &self,
+        group: &str,
+        settings: &GroupSettings,
+    ) -> Result<DeliveryConfig> {
+        validate_group_name(group)?;
+        let d = self.resolve_delivery(settings)?;
+        self.meta.set_group_settings(group, settings)?;
+        let d = Arc::new(d);
+        for ((g, _), gt) in self.groups.lock().iter() {
+            if g == group {
+                gt.lock().delivery = d.clone();
+            }
+        }
+        Ok((*d).clone())
+    }
+
+    /// Forget consumer group `group`: its committed offsets, acks, retry states and settings.
+    /// A group that is no longer used otherwise keeps its first un-acked message, and
+    /// everything after it, from retention forever. Refused (nothing changes) while a
+    /// consumer of the group holds a message whose visibility time-out has not run out:
+    /// stop the group's consumers first. Its dead-letter queue (`%DLQ%<group>`) is kept:
+    /// dead letters are never dropped silently; replay or consume them. A consumer that
+    /// polls or acks under the name afterwards starts a new group from the beginning of each
+    /// queue.
+    pub fn delete_group(&self, group: &str) -> Result<GroupDeleted> {
+        validate_group_name(group)?;
+        if group.starts_with(INTERNAL_TOPIC_PREFIX) {
+            return Err(Error::Invalid {
+                what: "consumer group",
+                reason: format!("`{group}` is internal to the broker"),
+            });
+        }
+        // Held across the whole deletion: no poll can load the group's state meanwhile.
+        let mut groups = self.groups.lock();
+        let now = self.now();
+        let mut held = 0;
+        let mut in_memory = false;
+        for ((g, _), gt) in groups.iter() {
+            if g == group {
+                in_memory = true;
+                held += gt.lock().cursors.iter().map(|c| c.held(now)).sum::<usize>();
+            }
+        }
+        if held > 0 {
+            return Err(Error::Invalid {
+                what: "consumer group deletion",
+                reason: format!(
+                    "group `{group}` has {held} message(s) with a consumer now; stop its consumers (or wait for the visibility time-out) first"
+                ),
+            });
+        }
+        let (queues, stored) = self.meta.delete_group(group)?;
+        if !stored && !in_memory {
+            return Err(Error::UnknownGroup(group.to_owned()));
+        }
+        groups.retain(|(g, _), _| g != group);
+        drop(groups);
+        let dlq = dead_letter_topic(group);
+        let dead_letter_queue = self.topics.read().contains_key(&dlq).then_some(dlq);
+        Ok(GroupDeleted {
+            group: group.to_owned(),
+            queues: queues.len() as u64,
+            dead_letter_queue,
+        })
+    }
+
+    /// The delivery settings in force for `group`, and its overrides.
+    pub fn group_settings(&self, group: &str) -> Result<(DeliveryConfig, GroupSettings)> {
+        validate_group_name(group)?;
+        let s = self.meta.group_settings(group)?;
+        Ok((self.resolve_delivery(&s)?, s))
+    }
+
+    pub(super) fn group_topic(&self, group: &str, topic: &Topic) -> Result<Arc<Mutex<GroupTopic>>> {
+        let key = (group.to_owned(), topic.name.clone());
+        let mut groups = self.groups.lock();
+        if let Some(g) = groups.get(&key) {
+            return Ok(g.clone());
+        }
+        let delivery = Arc::new(self.resolve_delivery(&self.meta.group_settings(group)?)?);
+        let mut cursors = Vec::with_capacity(topic.queues.len());
+        for q in &topic.queues {
+            let queue = q.queue_id();
+            let acks = self.meta.queue_acks(group, &topic.name, queue)?;
+            if acks.committed == 0 {
+                self.meta.note_consumer(group, &topic.name, queue)?;
+            }
+            let retries = self.meta.retry_states(group, &topic.name, queue)?;
+            let (c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
+            let stale: Vec<_> = stale.into_iter().map(|o| (o, None)).collect();
+            self.meta
+                .store_retries(group, &topic.name, queue, &stale, false)?;
+            cursors.push(c);
+        }
+        let g = Arc::new(Mutex::new(GroupTopic {
+            cursors,
+            start: 0,
+            delivery,
+        }));
+        groups.insert(key, g.clone());
+        Ok(g)
+    }
+
+    /// A topic to read from: a user topic (created on first use when allowed) or an existing
+    /// internal one (a dead-letter queue).
+    pub(super) fn topic_to_read(&self, name: &str) -> Result<Arc<Topic>> {
+        if name.starts_with(INTERNAL_TOPIC_PREFIX) {
+            return self
+                .topics
+                .read()
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::UnknownTopic(name.to_owned()));
+        }
+        self.topic(name)
+    }
+
+    pub(super) fn bad_ack(
+        group: &str,
+        t: &Topic,
+        queue: u32,
+        offset: u64,
+        reason: String,
+    ) -> Error {
+        Error::BadAck {
+            group: group.to_owned(),
+            topic: t.name.clone(),
+            queue,
+            offset,
+            reason,
+        }
+    }
+
+    pub(super) fn acked_queue<'t>(
+        &self,
+        group: &str,
+        t: &'t Topic,
+        queue: u32,
+        offset: u64,
+    ) -> Result<&'t Arc<ConsumeQueue>> {
+        t.queues.get(queue as usize).ok_or_else(|| {
+            Self::bad_ack(
+                group,
+                t,
+                queue,
+                offset,
+                format!("the topic has {} queues", t.queues.len()),
+            )
+        })
+    }
+
+    /// What this process knows of `group`'s delivery of one message (None: the group has not
+    /// polled the topic since the broker opened).
+    pub(crate) fn lease_of(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: u64,
+    ) -> Option<LeaseView> {
+        let key = (group.to_owned(), topic.to_owned());
+        let g = self.groups.lock().get(&key)?.clone();
+        let g = g.lock();
+        let c = g.cursors.get(queue as usize)?;
+        let handed_out = c.next > offset;
+        Some(match c.lease(offset) {
+            Some(l) => LeaseView {
+                delivered: l.delivered,
+                due_ms: l.due_ms,
+                failures: l.failures,
+                handed_out,
+            },
+            None => LeaseView {
+                delivered: false,
+                due_ms: 0,
+                failures: 0,
+                handed_out,
+            },
+        })
+    }
+
+    /// Messages with a consumer now and messages waiting for redelivery, of a group in one
+    /// queue (0, 0 when the group has not polled the topic since the start).
+    pub(super) fn leases_of(&self, group: &str, topic: &str, queue: u32) -> (u64, u64) {
+        let key = (group.to_owned(), topic.to_owned());
+        let Some(g) = self.groups.lock().get(&key).cloned() else {
+            return (0, 0);
+        };
+        let g = g.lock();
+        match g.cursors.get(queue as usize) {
+            Some(c) => (c.in_flight() as u64, c.waiting() as u64),
+            None => (0, 0),
+        }
+    }
+}
+
+/// A group's live delivery state of one message ([`Broker::lease_of`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseView {
+    /// With a consumer now.
+    pub(crate) delivered: bool,
+    /// Lease end (with a consumer) or redelivery time (waiting).
+    pub(crate) due_ms: u64,
+    /// Failed deliveries so far.
+    pub(crate) failures: u32,
+    /// The group's scan has passed it (it was handed out at least once).
+    pub(crate) handed_out: bool,
+}

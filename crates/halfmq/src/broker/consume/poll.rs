@@ -1,0 +1,378 @@
+//! Poll: hand out messages of a topic to a consumer group, redeliveries that are due first,
+//! each leased to its consumer for the group's visibility time-out; and the long poll that
+//! waits for messages (blocking or async).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::ms;
+use crate::broker::wait::{block_on, Blocking};
+use crate::broker::{validate_group_name, Broker, Topic};
+use crate::config::DeliveryConfig;
+use crate::delivery::{Cursor, Lease, HELD};
+use crate::meta::RetryState;
+use halfmq_store::consume_queue::ConsumeQueue;
+use halfmq_store::record::Record;
+use halfmq_types::error::{Error, Result};
+use halfmq_types::trace::Event;
+use halfmq_types::Delivery;
+
+/// Bytes a delivery counts against a poll's byte limit.
+fn delivery_size(topic: &str, rec: &Record) -> usize {
+    topic.len()
+        + rec.key.len()
+        + rec.body.len()
+        + rec
+            .properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum::<usize>()
+        + 64
+}
+
+fn delivery(t: &Topic, q: &ConsumeQueue, offset: u64, rec: Record, attempt: u32) -> Delivery {
+    Delivery {
+        topic: t.name.clone(),
+        queue: q.queue_id(),
+        offset,
+        log_offset: rec.header.log_offset,
+        key: rec.key,
+        body: rec.body,
+        properties: rec.properties,
+        timestamp_ms: rec.header.timestamp_ms,
+        attempt,
+    }
+}
+
+/// What one poll of one queue gathers.
+struct PollState {
+    out: Vec<Delivery>,
+    bytes: usize,
+    max: usize,
+    max_bytes: usize,
+    /// (queue index, queue offset, lease) of messages to dead-letter.
+    dead: Vec<(usize, u64, Lease)>,
+    /// Trace events of keyed messages: (log offset, event).
+    events: Vec<(u64, Event)>,
+}
+
+impl PollState {
+    fn full(&self) -> bool {
+        self.out.len() >= self.max
+    }
+
+    /// Whether a delivery of `size` bytes still fits (the first always does).
+    fn fits(&self, size: usize) -> bool {
+        self.out.is_empty() || self.bytes + size <= self.max_bytes
+    }
+}
+
+impl Broker {
+    /// Hand out up to `max` messages of `topic` to `group`, from all queues: first messages
+    /// whose redelivery is due (a lease that ran out, a nack whose delay passed), then ones
+    /// never delivered. Each message goes to one consumer of the group and is leased to it
+    /// for the group's visibility time-out: not acked by then, it is delivered again.
+    /// Messages not acked are also delivered again after a restart (at-least-once).
+    pub fn poll(&self, group: &str, topic: &str, max: usize) -> Result<Vec<Delivery>> {
+        self.poll_limited(group, topic, max, usize::MAX)
+    }
+
+    /// [`Broker::poll`] that also stops before the messages' bytes (key, body, properties)
+    /// would pass `max_bytes`; at least one message is returned when any is there.
+    pub fn poll_limited(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>> {
+        validate_group_name(group)?;
+        let t = self.topic_to_read(topic)?;
+        self.poll_group(group, &t, max, max_bytes)
+    }
+
+    fn poll_group(
+        &self,
+        group: &str,
+        t: &Arc<Topic>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>> {
+        let gt = self.group_topic(group, t)?;
+        let mut g = gt.lock();
+        let now = self.now();
+        let n = t.queues.len();
+        let start = g.start;
+        g.start = (start + 1) % n;
+        let delivery = g.delivery.clone();
+        let mut st = PollState {
+            out: Vec::new(),
+            bytes: 0,
+            max,
+            max_bytes,
+            dead: Vec::new(),
+            events: Vec::new(),
+        };
+        let mut result = Ok(());
+        for i in 0..n {
+            if st.full() {
+                break;
+            }
+            let qi = (start + i) % n;
+            let done = self.poll_queue(group, t, qi, &mut g.cursors[qi], &delivery, now, &mut st);
+            match done {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // Dead letters found on the way are moved even when the poll failed later, without
+        // the group's lock (their leases are held, never due, meanwhile). One that cannot be
+        // moved now (say, the disk is full) gets its lease back, due at once, so the next poll
+        // tries again; it is never dropped.
+        drop(g);
+        for (qi, offset, lease) in std::mem::take(&mut st.dead) {
+            let moved =
+                self.move_to_dead_letters(&Blocking, group, t, &gt, qi, offset, lease.clone());
+            if let Err(e) = block_on(moved) {
+                tracing::error!(group, topic = %t.name, offset, error = %e, "could not move a message to the dead-letter queue; will retry");
+                let retry = Lease {
+                    delivered: false,
+                    due_ms: now,
+                    ..lease
+                };
+                gt.lock().cursors[qi].release_held(offset, retry);
+                if result.is_ok() && st.out.is_empty() {
+                    result = Err(e);
+                }
+            }
+        }
+        crate::metrics::delivered(group, &t.name, st.out.len());
+        for d in st.out.iter().filter(|d| !d.key.is_empty()) {
+            let event = Event::Delivered {
+                group: group.to_owned(),
+                attempt: d.attempt,
+            };
+            st.events.push((d.log_offset, event));
+        }
+        self.trace_events(std::mem::take(&mut st.events));
+        result.map(|()| st.out)
+    }
+
+    /// Poll one queue into `st`. Returns true when the byte limit stopped it.
+    #[allow(clippy::too_many_arguments)]
+    fn poll_queue(
+        &self,
+        group: &str,
+        t: &Topic,
+        qi: usize,
+        c: &mut Cursor,
+        delivery_cfg: &DeliveryConfig,
+        now: u64,
+        st: &mut PollState,
+    ) -> Result<bool> {
+        let q = &t.queues[qi];
+        let vt = ms(delivery_cfg.visibility_timeout);
+        let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
+        let mut stopped = false;
+        let mut expired = 0u64;
+        // 1. Redeliveries that are due.
+        while !st.full() {
+            let Some((offset, mut lease)) = c.pop_due(now) else {
+                break;
+            };
+            if offset < q.start() {
+                // Retention deleted it (possible only where the group did not pin it, as in
+                // a dead-letter queue someone else replayed): the lease ends, counted.
+                expired += 1;
+                continue;
+            }
+            let timed_out = lease.delivered;
+            if timed_out {
+                lease.failures += 1;
+                lease.reason = format!("not acked within the visibility time-out ({vt} ms)");
+            }
+            if lease.failures > delivery_cfg.max_retries {
+                // Held (never due) until the move ends it, so the scan below skips it.
+                c.insert(
+                    offset,
+                    Lease {
+                        due_ms: HELD,
+                        delivered: false,
+                        ..lease.clone()
+                    },
+                );
+                st.dead.push((qi, offset, lease));
+                continue;
+            }
+            if timed_out {
+                retries.push((
+                    offset,
+                    Some(RetryState {
+                        failures: lease.failures,
+                        due_ms: now,
+                        reason: lease.reason.clone(),
+                    }),
+                ));
+            }
+            let Some(rec) = self.store.read_message(q, offset)? else {
+                // Leases are only made for messages below the queue's length.
+                tracing::warn!(topic = %t.name, queue = q.queue_id(), offset, "lease of a message past the end of its queue dropped");
+                continue;
+            };
+            if timed_out && !rec.key.is_empty() {
+                let event = Event::Retried {
+                    group: group.to_owned(),
+                    attempt: lease.failures,
+                    reason: lease.reason.clone(),
+                    next_at_ms: now,
+                };
+                st.events.push((rec.header.log_offset, event));
+            }
+            let size = delivery_size(&t.name, &rec);
+            if !st.fits(size) {
+                // Deliver it on the next poll; the failure (if any) is already counted.
+                lease.delivered = false;
+                lease.due_ms = now;
+                c.insert(offset, lease);
+                stopped = true;
+                break;
+            }
+            st.bytes += size;
+            let attempt = lease.failures + 1;
+            c.insert(
+                offset,
+                Lease {
+                    due_ms: now + vt,
+                    delivered: true,
+                    ..lease
+                },
+            );
+            st.out.push(delivery(t, q, offset, rec, attempt));
+        }
+        // 2. Messages never delivered.
+        'scan: while !stopped && !st.full() && c.next < q.len() {
+            let start = q.start();
+            if c.next < start {
+                // Deleted by retention before this group got them (a group that first polls
+                // after retention ran, or one that did not pin them): skipped, counted.
+                let from = c.next.max(c.committed);
+                if from < start {
+                    let acked = c.acked_above.range(from..start).count() as u64;
+                    expired += (start - from).saturating_sub(acked);
+                }
+                c.next = start;
+                continue;
+            }
+            let want = st.max - st.out.len();
+            let batch = match self.store.read_messages(q, c.next, want) {
+                // Retention raced with this poll: go round and skip to the new start.
+                Err(Error::Expired { .. }) if q.start() > c.next => continue,
+                other => other?,
+            };
+            if batch.is_empty() {
+                break;
+            }
+            for (offset, rec) in batch {
+                if c.is_acked(offset) || c.is_leased(offset) {
+                    c.next = offset + 1;
+                    continue;
+                }
+                let size = delivery_size(&t.name, &rec);
+                if !st.fits(size) {
+                    stopped = true;
+                    break 'scan;
+                }
+                st.bytes += size;
+                c.next = offset + 1;
+                c.insert(
+                    offset,
+                    Lease {
+                        due_ms: now + vt,
+                        failures: 0,
+                        delivered: true,
+                        reason: String::new(),
+                    },
+                );
+                st.out.push(delivery(t, q, offset, rec, 1));
+            }
+        }
+        if expired > 0 {
+            tracing::warn!(group, topic = %t.name, queue = q.queue_id(), messages = expired, first_kept = q.start(), "poll skipped messages that retention had deleted");
+            self.expired_skipped
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::expired_skipped(group, &t.name, expired);
+        }
+        // Failure counts are durable before the redeliveries are handed out.
+        self.meta
+            .store_retries(group, &t.name, q.queue_id(), &retries, true)?;
+        Ok(stopped)
+    }
+
+    /// Like [`Broker::poll`], but waits up to `timeout` for a message when there is none.
+    pub fn poll_wait(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let got = self.poll(group, topic, max)?;
+            let now = std::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
+            self.store.wait_for_messages(&t.queues, &from, wait);
+        }
+    }
+
+    /// [`Broker::poll_limited`] that waits up to `timeout` for a message without blocking
+    /// the executor.
+    pub async fn poll_wait_async(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let got = self.poll_limited(group, topic, max, max_bytes)?;
+            let now = tokio::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
+            self.store
+                .wait_for_messages_async(&t.queues, &from, now + wait)
+                .await;
+        }
+    }
+
+    /// What an empty poll waits for: new messages past each queue's scan position, or the
+    /// next redelivery falling due, for at most `left`.
+    fn wait_plan(
+        &self,
+        group: &str,
+        topic: &str,
+        left: Duration,
+    ) -> Result<(Arc<Topic>, Vec<u64>, Duration)> {
+        let t = self.topic_to_read(topic)?;
+        let g = self.group_topic(group, &t)?;
+        let g = g.lock();
+        let from = g.cursors.iter().map(|c| c.next).collect();
+        let wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
+            // Wake a millisecond after it falls due.
+            Some(due) => Duration::from_millis(due.saturating_sub(self.now()) + 1).min(left),
+            None => left,
+        };
+        Ok((t, from, wait))
+    }
+}

@@ -1,0 +1,188 @@
+//! Delayed delivery: messages stored now and made visible at their time.
+//!
+//! A delayed send appends a `Delayed` record (durable, invisible). At its time the timer
+//! thread appends a `Message` record with [`halfmq_store::record::FLAG_DELAYED_FIRE`] and the
+//! property `halfmq.delayed` = the `Delayed` record's log offset, which puts it in its queue.
+//! Both are ordinary log records, so a crash at any point is recovered from the log: a
+//! `Delayed` record without its fire record is pending, one with it is done. The index of
+//! pending ones (this module) is ordered by due time, so a timer tick costs in proportion to
+//! the messages due, and is persisted in sled before every checkpoint like the transaction
+//! index (only what changed since the last one).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use parking_lot::Mutex;
+
+use crate::meta::{DelayedInfo, Meta};
+use crate::schedule::{at_or_past, Schedule};
+use halfmq_types::error::Result;
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<u64, DelayedInfo>,
+    /// (deliver_at_ms, id) of live ones not being delivered right now.
+    due: Schedule,
+    /// Changed since the last persist.
+    dirty: BTreeSet<u64>,
+    /// Ids that are in sled.
+    in_sled: HashSet<u64>,
+    /// Delivered since the start (a replayed `Delayed` record after its fire is ignored).
+    fired: HashSet<u64>,
+}
+
+/// The pending delayed messages.
+#[derive(Default)]
+pub(crate) struct DelayedIndex {
+    inner: Mutex<Inner>,
+}
+
+impl DelayedIndex {
+    /// Load what was persisted.
+    pub(crate) fn load(&self, meta: &Meta) -> Result<()> {
+        let mut g = self.inner.lock();
+        for d in meta.delayed()? {
+            g.in_sled.insert(d.id);
+            g.due.insert(d.deliver_at_ms, d.id);
+            g.live.insert(d.id, d);
+        }
+        Ok(())
+    }
+
+    /// A durable `Delayed` record (sent now, or replayed by recovery).
+    pub(crate) fn insert(&self, d: DelayedInfo) {
+        let mut g = self.inner.lock();
+        if g.fired.contains(&d.id) || g.live.contains_key(&d.id) {
+            return;
+        }
+        g.dirty.insert(d.id);
+        g.due.insert(d.deliver_at_ms, d.id);
+        g.live.insert(d.id, d);
+    }
+
+    /// Its fire record is durable: delivered.
+    pub(crate) fn fired(&self, id: u64) {
+        let mut g = self.inner.lock();
+        if let Some(d) = g.live.remove(&id) {
+            g.due.remove(d.deliver_at_ms, id);
+        }
+        g.fired.insert(id);
+        g.dirty.insert(id);
+    }
+
+    /// The oldest pending delayed message (its id is its record's log offset): retention
+    /// must keep its record until it fired.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        self.inner.lock().live.keys().min().copied()
+    }
+
+    /// Persisted ones that recovery found past the end of the log (lost before they were
+    /// durable) are dropped.
+    pub(crate) fn forget_beyond(&self, log_end: u64) {
+        let mut g = self.inner.lock();
+        for id in at_or_past(&g.live, log_end) {
+            if let Some(d) = g.live.remove(&id) {
+                g.due.remove(d.deliver_at_ms, id);
+                g.dirty.insert(id);
+            }
+        }
+    }
+
+    /// Take up to `max` messages due at `now_ms`, soonest first. They stay pending until
+    /// [`DelayedIndex::fired`]; one that could not be delivered goes back with
+    /// [`DelayedIndex::retry`].
+    pub(crate) fn take_due(&self, now_ms: u64, max: usize) -> Vec<DelayedInfo> {
+        let mut g = self.inner.lock();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((_, id)) = g.due.pop_due(now_ms) else {
+                break;
+            };
+            out.extend(g.live.get(&id).cloned());
+        }
+        out
+    }
+
+    /// Deliver `d` again later (its delivery failed).
+    pub(crate) fn retry(&self, d: &DelayedInfo, at_ms: u64) {
+        let mut g = self.inner.lock();
+        if g.live.contains_key(&d.id) {
+            g.due.insert(at_ms, d.id);
+        }
+    }
+
+    /// When the next one is due.
+    pub(crate) fn next_due_ms(&self) -> Option<u64> {
+        self.inner.lock().due.next_due_ms()
+    }
+
+    /// Delayed messages not delivered yet.
+    pub(crate) fn pending(&self) -> u64 {
+        self.inner.lock().live.len() as u64
+    }
+
+    /// Write what changed since the last call to sled (before a checkpoint).
+    pub(crate) fn persist(&self, meta: &Meta) -> Result<()> {
+        let mut g = self.inner.lock();
+        if g.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut puts = Vec::new();
+        let mut removes = Vec::new();
+        for id in &g.dirty {
+            match g.live.get(id) {
+                Some(d) => puts.push(d.clone()),
+                None if g.in_sled.contains(id) => removes.push(*id),
+                None => {}
+            }
+        }
+        meta.apply_delayed_changes(&puts, &removes)?;
+        for d in &puts {
+            g.in_sled.insert(d.id);
+        }
+        for id in &removes {
+            g.in_sled.remove(id);
+        }
+        g.dirty.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u64, at: u64) -> DelayedInfo {
+        DelayedInfo {
+            id,
+            size: 60,
+            topic: "t".into(),
+            queue: 0,
+            key: String::new(),
+            deliver_at_ms: at,
+        }
+    }
+
+    #[test]
+    fn only_due_ones_are_taken_in_time_order_until_fired() {
+        let ix = DelayedIndex::default();
+        for (id, at) in [(10, 300), (20, 100), (30, 200), (40, 1_000_000)] {
+            ix.insert(info(id, at));
+        }
+        assert_eq!(ix.next_due_ms(), Some(100));
+        let got: Vec<u64> = ix.take_due(250, 10).iter().map(|d| d.id).collect();
+        assert_eq!(got, vec![20, 30]);
+        assert_eq!(ix.pending(), 4, "pending until fired");
+        ix.fired(20);
+        ix.retry(&info(30, 200), 400);
+        assert_eq!(ix.pending(), 3);
+        let got: Vec<u64> = ix.take_due(500, 10).iter().map(|d| d.id).collect();
+        assert_eq!(got, vec![10, 30]);
+        // A replayed Delayed record of a fired message stays fired.
+        ix.insert(info(20, 100));
+        assert_eq!(ix.pending(), 3);
+        ix.forget_beyond(41);
+        assert_eq!(ix.pending(), 3, "everything is before offset 41");
+        ix.forget_beyond(40);
+        assert_eq!(ix.pending(), 2);
+    }
+}

@@ -1,0 +1,421 @@
+//! Transactional (half) messages.
+//!
+//! ```text
+//!                  send_half
+//!                      │
+//!                      ▼
+//!   ┌───────────► PENDING ──── commit ────► COMMITTED (one Message record: outcome and
+//!   │  re-arm         │ │                              visible message at once)
+//!   │                 │ └───── rollback ──► ROLLED BACK (one TxnEnd record)
+//!   │     check-back: unknown / no answer /
+//!   │     no live producer, check_max times
+//!   │                 ▼
+//!   └────────── UNRESOLVED ── commit / rollback by hand ──► as above
+//! ```
+//!
+//! - The transaction id is the log offset of the half record.
+//! - Everything durable about a transaction is a record in the log; the index of pending
+//!   halves here is derived from it, updated by the flusher in log order, persisted to sled
+//!   before every checkpoint, and rebuilt on open from sled plus the log after the checkpoint.
+//! - Check bookkeeping (checks so far, next check, last answer) is written to sled after
+//!   every check, so a restart resumes with the right counts and deadlines.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::meta::Meta;
+use crate::schedule::{at_or_past, Schedule};
+use halfmq_types::error::{Error, Result};
+use halfmq_types::{Outcome, TxnInfo, TxnState};
+
+struct Entry {
+    info: TxnInfo,
+    /// A check is running.
+    in_flight: bool,
+    /// A commit or rollback is being written.
+    resolving: Option<Outcome>,
+}
+
+impl Entry {
+    fn new(info: TxnInfo) -> Entry {
+        Entry {
+            info,
+            in_flight: false,
+            resolving: None,
+        }
+    }
+}
+
+/// The maps are keyed by log offsets (chosen by the broker, not by clients), so they use
+/// foldhash, several times faster than the default SipHash; `live` is updated on the flusher.
+type Fast = foldhash::fast::RandomState;
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<u64, Entry, Fast>,
+    /// (next_check_ms, txn) of every pending transaction that is not being checked or resolved.
+    due: Schedule,
+    /// Outcomes not yet persisted to sled.
+    outcomes: HashMap<u64, (Outcome, u64), Fast>,
+    /// Transactions whose sled entry must be rewritten or removed at the next persist.
+    dirty: BTreeSet<u64>,
+    /// Transactions that have an entry in sled (so finishing them must remove it).
+    in_sled: HashSet<u64, Fast>,
+}
+
+/// What `begin_resolve` decided.
+pub(crate) enum Begin {
+    /// Write the outcome record for this half.
+    Write(TxnInfo),
+    /// The same outcome is already recorded: nothing to do.
+    Done,
+}
+
+/// The index of unfinished transactions. See the module docs.
+pub(crate) struct TxnIndex {
+    inner: Mutex<Inner>,
+    resolved: Condvar,
+}
+
+impl TxnIndex {
+    pub(crate) fn new() -> TxnIndex {
+        TxnIndex {
+            inner: Mutex::new(Inner::default()),
+            resolved: Condvar::new(),
+        }
+    }
+
+    /// Load the persisted unfinished transactions (before recovery replays the log).
+    pub(crate) fn load(&self, meta: &Meta) -> Result<()> {
+        let mut g = self.inner.lock();
+        for info in meta.txn_halves()? {
+            g.in_sled.insert(info.txn_id);
+            if meta.txn_outcome(info.txn_id)?.is_some() {
+                // Resolved but the cleanup did not reach sled before a crash.
+                g.dirty.insert(info.txn_id);
+                continue;
+            }
+            if info.state == TxnState::Pending {
+                g.due.insert(info.next_check_ms, info.txn_id);
+            }
+            g.live.insert(info.txn_id, Entry::new(info));
+        }
+        Ok(())
+    }
+
+    /// The oldest unfinished transaction (its id is its half's log offset): retention must
+    /// keep its half.
+    pub(crate) fn oldest_pending(&self) -> Option<u64> {
+        self.inner.lock().live.keys().min().copied()
+    }
+
+    /// Forget persisted transactions at or past `log_end`: the log does not have them.
+    pub(crate) fn forget_beyond(&self, log_end: u64) {
+        let mut g = self.inner.lock();
+        for txn in at_or_past(&g.live, log_end) {
+            if let Some(e) = g.live.remove(&txn) {
+                g.due.remove(e.info.next_check_ms, txn);
+                g.dirty.insert(txn);
+                tracing::warn!(
+                    txn,
+                    "persisted transaction is not in the log (lost before it was durable); dropped"
+                );
+            }
+        }
+    }
+
+    /// A half record is durable (live path or recovery replay).
+    pub(crate) fn insert_half(&self, info: TxnInfo) {
+        let mut g = self.inner.lock();
+        if g.outcomes.contains_key(&info.txn_id) {
+            return; // replayed, and finished later in the replay
+        }
+        if let Some(e) = g.live.get(&info.txn_id) {
+            let same = (
+                &e.info.topic,
+                &e.info.key,
+                &e.info.producer_group,
+                e.info.size,
+            ) == (&info.topic, &info.key, &info.producer_group, info.size);
+            if same {
+                return; // replayed over persisted state that already has it (with its checks)
+            }
+            // The log is the truth: persisted state for this id describes another record.
+            tracing::warn!(
+                txn = info.txn_id,
+                "persisted transaction state did not match the log; replaced"
+            );
+            let old = e.info.next_check_ms;
+            g.due.remove(old, info.txn_id);
+        }
+        g.due.insert(info.next_check_ms, info.txn_id);
+        g.dirty.insert(info.txn_id);
+        g.live.insert(info.txn_id, Entry::new(info));
+    }
+
+    /// An outcome record is durable (live path or recovery replay).
+    pub(crate) fn resolve(&self, txn: u64, outcome: Outcome, at_ms: u64) {
+        let mut g = self.inner.lock();
+        if let Some(e) = g.live.remove(&txn) {
+            g.due.remove(e.info.next_check_ms, txn);
+        }
+        g.outcomes.insert(txn, (outcome, at_ms));
+        g.dirty.insert(txn);
+        drop(g);
+        self.resolved.notify_all();
+    }
+
+    /// Claim the right to write `outcome` for `txn`, or learn that it is not needed or not
+    /// allowed.
+    pub(crate) fn begin_resolve(&self, txn: u64, outcome: Outcome, meta: &Meta) -> Result<Begin> {
+        let mut g = self.inner.lock();
+        loop {
+            if let Some(e) = g.live.get_mut(&txn) {
+                match e.resolving {
+                    None => {
+                        e.resolving = Some(outcome);
+                        let info = e.info.clone();
+                        g.due.remove(info.next_check_ms, txn);
+                        return Ok(Begin::Write(info));
+                    }
+                    Some(o) if o != outcome => {
+                        return Err(Error::TxnConflict {
+                            txn,
+                            stands: o.as_str(),
+                        });
+                    }
+                    // The same outcome is being written by someone else: wait for it.
+                    Some(_) => self.resolved.wait(&mut g),
+                }
+                continue;
+            }
+            let known = match g.outcomes.get(&txn) {
+                Some(&(o, _)) => Some(o),
+                None => meta.txn_outcome(txn)?.map(|(o, _)| o),
+            };
+            return match known {
+                Some(o) if o == outcome => Ok(Begin::Done),
+                Some(o) => Err(Error::TxnConflict {
+                    txn,
+                    stands: o.as_str(),
+                }),
+                None => Err(Error::UnknownTxn(txn)),
+            };
+        }
+    }
+
+    /// Writing the outcome failed: the transaction is unfinished again.
+    pub(crate) fn abort_resolve(&self, txn: u64) {
+        let mut g = self.inner.lock();
+        if let Some(e) = g.live.get_mut(&txn) {
+            e.resolving = None;
+            if e.info.state == TxnState::Pending && !e.in_flight {
+                let at = e.info.next_check_ms;
+                g.due.insert(at, txn);
+            }
+        }
+        drop(g);
+        self.resolved.notify_all();
+    }
+
+    /// Up to `max` pending transactions whose check is due at `now_ms`, marked in flight.
+    /// Costs in proportion to the number returned, not to the number pending.
+    pub(crate) fn take_due(&self, now_ms: u64, max: usize) -> Vec<TxnInfo> {
+        let mut g = self.inner.lock();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((_, txn)) = g.due.pop_due(now_ms) else {
+                break;
+            };
+            if let Some(e) = g.live.get_mut(&txn) {
+                e.in_flight = true;
+                out.push(e.info.clone());
+            }
+        }
+        out
+    }
+
+    /// When the earliest pending check is due.
+    pub(crate) fn next_due_ms(&self) -> Option<u64> {
+        self.inner.lock().due.next_due_ms()
+    }
+
+    /// A check ended without resolving the transaction (unknown, no answer, no producer).
+    /// Counts it, schedules the next one or marks the transaction unresolved, and returns
+    /// the new state to persist (None if the transaction finished meanwhile).
+    pub(crate) fn check_failed(
+        &self,
+        txn: u64,
+        answer: &str,
+        now_ms: u64,
+        cfg: &crate::config::TxnConfig,
+    ) -> Option<TxnInfo> {
+        let mut g = self.inner.lock();
+        let e = g.live.get_mut(&txn)?;
+        e.in_flight = false;
+        if e.resolving.is_some() {
+            return None;
+        }
+        let info = &mut e.info;
+        info.checks += 1;
+        info.last_check_ms = now_ms;
+        info.last_answer = Some(answer.to_owned());
+        if info.checks >= cfg.check_max {
+            info.state = TxnState::Unresolved;
+            tracing::warn!(
+                txn, topic = %info.topic, key = %info.key, group = %info.producer_group,
+                checks = info.checks, last_answer = answer,
+                "transaction is UNRESOLVED after the maximum number of check-backs; \
+                 it stays stored and listed: commit, roll back or re-arm it by hand"
+            );
+        } else {
+            info.next_check_ms = now_ms + backoff_ms(cfg, info.checks);
+        }
+        let info = info.clone();
+        if info.state == TxnState::Pending {
+            g.due.insert(info.next_check_ms, txn);
+        }
+        Some(info)
+    }
+
+    /// A check ended in commit or rollback (being written by the caller).
+    pub(crate) fn check_answered(&self, txn: u64) {
+        if let Some(e) = self.inner.lock().live.get_mut(&txn) {
+            e.in_flight = false;
+        }
+    }
+
+    /// Make an unresolved (or pending) transaction due for checking now, with its count
+    /// reset. Returns its new state to persist.
+    pub(crate) fn rearm(&self, txn: u64, now_ms: u64) -> Option<TxnInfo> {
+        let mut g = self.inner.lock();
+        let e = g.live.get_mut(&txn)?;
+        let old = e.info.next_check_ms;
+        e.info.state = TxnState::Pending;
+        e.info.checks = 0;
+        e.info.next_check_ms = now_ms;
+        let info = e.info.clone();
+        let free = e.resolving.is_none() && !e.in_flight;
+        g.due.remove(old, txn);
+        if free {
+            g.due.insert(now_ms, txn);
+        }
+        Some(info)
+    }
+
+    /// The outcome of a finished transaction, if still remembered.
+    pub(crate) fn finished(&self, txn: u64, meta: &Meta) -> Result<Option<Outcome>> {
+        if let Some(&(o, _)) = self.inner.lock().outcomes.get(&txn) {
+            return Ok(Some(o));
+        }
+        Ok(meta.txn_outcome(txn)?.map(|(o, _)| o))
+    }
+
+    /// An unfinished transaction.
+    pub(crate) fn get(&self, txn: u64) -> Option<TxnInfo> {
+        self.inner.lock().live.get(&txn).map(|e| e.info.clone())
+    }
+
+    /// The unfinished transactions in `state` (all if None), oldest first.
+    pub(crate) fn list(&self, state: Option<TxnState>) -> Vec<TxnInfo> {
+        let g = self.inner.lock();
+        let mut out: Vec<TxnInfo> = g
+            .live
+            .values()
+            .filter(|e| state.is_none_or(|s| e.info.state == s))
+            .map(|e| e.info.clone())
+            .collect();
+        out.sort_by_key(|i| i.txn_id);
+        out
+    }
+
+    /// (pending, unresolved) counts.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        let g = self.inner.lock();
+        let unresolved = g
+            .live
+            .values()
+            .filter(|e| e.info.state == TxnState::Unresolved)
+            .count() as u64;
+        (g.live.len() as u64 - unresolved, unresolved)
+    }
+
+    /// Write everything changed since the last call to sled, and forget outcomes older than
+    /// the retention. Runs before every checkpoint.
+    pub(crate) fn persist(&self, meta: &Meta, retention: Duration, now_ms: u64) -> Result<()> {
+        let mut g = self.inner.lock();
+        if g.dirty.is_empty() && g.outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut puts = Vec::new();
+        let mut removes = Vec::new();
+        for &txn in &g.dirty {
+            match g.live.get(&txn) {
+                Some(e) => puts.push(e.info.clone()),
+                // Only what reached sled needs removing: most transactions start and finish
+                // between two checkpoints and never get there.
+                None if g.in_sled.contains(&txn) => removes.push(txn),
+                None => {}
+            }
+        }
+        let outcomes: Vec<(u64, Outcome, u64)> =
+            g.outcomes.iter().map(|(&t, &(o, at))| (t, o, at)).collect();
+        let prune_before = now_ms.saturating_sub(retention.as_millis() as u64);
+        meta.apply_txn_changes(&puts, &removes, &outcomes, prune_before)?;
+        for p in &puts {
+            g.in_sled.insert(p.txn_id);
+        }
+        for r in &removes {
+            g.in_sled.remove(r);
+        }
+        g.dirty.clear();
+        g.outcomes.clear();
+        Ok(())
+    }
+
+    /// Persist one transaction's check bookkeeping right away, unless it finished meanwhile
+    /// (checked under the same lock that `resolve` takes, so a finished transaction is
+    /// never written back).
+    pub(crate) fn persist_checks(&self, meta: &Meta, infos: &[TxnInfo]) -> Result<()> {
+        let mut g = self.inner.lock();
+        let still: Vec<TxnInfo> = infos
+            .iter()
+            .filter(|i| g.live.contains_key(&i.txn_id))
+            .cloned()
+            .collect();
+        if still.is_empty() {
+            return Ok(());
+        }
+        meta.apply_txn_changes(&still, &[], &[], 0)?;
+        for i in &still {
+            g.in_sled.insert(i.txn_id);
+        }
+        Ok(())
+    }
+}
+
+/// Wait before check number `checks + 1`, after `checks` failed ones.
+pub(crate) fn backoff_ms(cfg: &crate::config::TxnConfig, checks: u32) -> u64 {
+    let base = cfg.check_interval.as_millis() as u64;
+    let max = cfg.check_backoff_max.as_millis() as u64;
+    let shift = checks.saturating_sub(1).min(20);
+    base.saturating_mul(1u64 << shift).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let cfg = crate::config::TxnConfig {
+            check_interval: Duration::from_millis(100),
+            check_backoff_max: Duration::from_millis(1000),
+            ..Default::default()
+        };
+        let waits: Vec<u64> = (1..7).map(|c| backoff_ms(&cfg, c)).collect();
+        assert_eq!(waits, vec![100, 200, 400, 800, 1000, 1000]);
+    }
+}
