@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use halfmq::{Broker, BrokerConfig, FlushPolicy, Message, StoreConfig};
 use halfmq_store::record::{self, Header, RecordKind};
 use tempfile::TempDir;
@@ -132,14 +133,25 @@ fn bench_record(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_append(c: &mut Criterion) {
-    let mut group = c.benchmark_group("append");
-    // Each send waits for an fdatasync: keep the runs short.
+/// A benchmark group of few, short samples (for what syncs or fills a store), counting
+/// `throughput` per iteration.
+fn short_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    throughput: Throughput,
+) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
     group
         .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Elements(1));
+        .throughput(throughput);
+    group
+}
+
+fn bench_append(c: &mut Criterion) {
+    let mut group = short_group(c, "append", Throughput::Elements(1));
+    // Each send waits for an fdatasync: keep the warm-up short too.
+    group.warm_up_time(Duration::from_secs(1));
     let msg = Message::new(body());
 
     // Brokers are opened on first use, so a filter that skips a benchmark skips its setup.
@@ -189,11 +201,7 @@ fn bench_append(c: &mut Criterion) {
 }
 
 fn bench_read(c: &mut Criterion) {
-    let mut group = c.benchmark_group("read");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .throughput(Throughput::Elements(READ_MESSAGES));
+    let mut group = short_group(c, "read", Throughput::Elements(READ_MESSAGES));
 
     // Filled once, on first use, by a broker with async flush (one sync at the end): the
     // fill is setup, not what is measured.

@@ -55,7 +55,7 @@ use proptest::test_runner::TestCaseError;
 
 mod common;
 
-use common::{crash_mode, model_config, run_ops, SimHarness, SimParts};
+use common::{crash_mode, model_config, run_ops_then_crash, SimHarness, SimParts};
 
 const TOPIC: &str = "jobs";
 const GROUPS: [&str; 2] = ["billing", "shipping"];
@@ -918,19 +918,20 @@ impl Harness {
 
 fn run_case(case: &Case) -> Result<(), TestCaseError> {
     T0.get_or_init(Instant::now);
-    run_ops(
-        &format!(
-            "queues {} groups {:?} final crash {:?}",
-            case.queues, case.groups, case.final_crash
-        ),
+    let what = format!(
+        "queues {} groups {:?} final crash {:?}",
+        case.queues, case.groups, case.final_crash
+    );
+    let setup = || Harness::new(case);
+    run_ops_then_crash(
+        &what,
         &case.ops,
-        || Harness::new(case),
-        Harness::step,
-        (&format!("final crash {:?}", case.final_crash), |mut h| {
-            h.crash(case.final_crash)?;
+        (setup, Harness::step),
+        case.final_crash,
+        |h| {
             h.drain()?;
             h.broker().close().map_err(|e| format!("final close: {e}"))
-        }),
+        },
     )
 }
 

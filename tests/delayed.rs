@@ -1,6 +1,9 @@
 //! Delayed delivery: durable at once, invisible until its time, delivered within about a
 //! second of it, exactly once, also across restarts, crashes and checkpoints.
 
+mod common;
+
+use common::{advance, open_with_clock};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,8 +42,7 @@ fn drain(b: &Broker, group: &str, timeout: Duration) -> Vec<(Vec<u8>, Instant)> 
 fn a_delayed_message_is_invisible_until_its_time_then_delivered_once() {
     // The broker's clock moves only when the test moves it, so "not yet" and "now" are exact.
     let tmp = tempfile::tempdir().unwrap();
-    let clock = ManualClock::starting_now();
-    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
     let at = clock.now_ms() + 700;
     let r = b
         .send_delayed("t", &Message::new("later").with_key("order-1"), at)
@@ -52,13 +54,11 @@ fn a_delayed_message_is_invisible_until_its_time_then_delivered_once() {
     assert_eq!(first[0].body, b"now");
     b.ack("g", "t", first[0].queue, first[0].offset).unwrap();
     // One millisecond before its time: not delivered.
-    clock.advance_ms(699);
-    b.run_due_now();
+    advance(&b, &clock, 699);
     assert!(b.poll("g", "t", 10).unwrap().is_empty());
     assert_eq!(b.stats().unwrap().delayed_pending, 1);
     // At its time: delivered, exactly once.
-    clock.advance_ms(1);
-    b.run_due_now();
+    advance(&b, &clock, 1);
     let got = drain(&b, "g", Duration::from_millis(500));
     assert_eq!(got.len(), 1, "delivered exactly once");
     assert_eq!(got[0].0, b"later");

@@ -31,6 +31,22 @@ fn transactional_example_runs() {
     transactional::run(dir.path()).unwrap();
 }
 
+/// The consumer stream embedded: the same loop as over the network, the poison message given
+/// back, the three orders acked.
+#[test]
+fn embedded_consumer_stream_example_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut seen = rt
+        .block_on(consumer_stream::run_embedded(dir.path(), 3))
+        .unwrap();
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["order-42=created", "order-42=paid", "order-42=shipped"]
+    );
+}
+
 /// The network examples against a broker served on 127.0.0.1 in the test: the producer's
 /// three messages (a duplicate send stores nothing) come out of the consumer stream.
 #[test]

@@ -18,10 +18,12 @@
 
 mod common;
 
-use common::open_waiting_for_lock;
+use common::{
+    close, crash_sim, open_sim, small_segments, visible, CHECKPOINT_BYTES_NEVER,
+    CHECKPOINT_BYTES_SMALL,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -34,69 +36,46 @@ use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-const SEGMENT_BYTES: u64 = 64 * 1024;
-/// A few KiB of traffic writes a checkpoint (and so persists the keys to sled).
-const CHECKPOINT_BYTES_SMALL: u64 = 16 * 1024;
-/// No checkpoint during a test except the ones on open and close.
-const CHECKPOINT_BYTES_NEVER: u64 = 64 * 1024 * 1024;
-const POLL_ALL: usize = 1 << 20;
 const TOPIC: &str = "orders";
 const PROBE: &str = "probe";
 
 fn config(dir: &Path, checkpoint_bytes: u64) -> BrokerConfig {
-    let mut cfg = BrokerConfig::new(dir);
-    cfg.store.segment_bytes = SEGMENT_BYTES;
-    cfg.store.record_bytes_max = 16 * 1024 - 64;
-    cfg.store.checkpoint_bytes = checkpoint_bytes;
+    let mut cfg = small_segments(dir, checkpoint_bytes);
     cfg.txn.check_back = false;
     cfg
 }
 
 fn open(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
-    let b = open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
-        .unwrap_or_else(|e| panic!("open failed: {e}"));
+    let b = open_sim(disk, cfg);
     b.create_topic(TOPIC, 4).expect("create topic");
     b.create_topic(PROBE, 1).expect("create probe topic");
     b
 }
 
 fn restart(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
-    b.close().expect("clean close");
-    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
-    drop(b);
+    close(b);
     open(disk, cfg)
 }
 
-/// Power loss under a running broker; returns the reopened broker.
+/// Power loss under a running broker (the old one dies with the power, see
+/// [`common::crash_sim`]); returns the reopened broker.
 fn crash(
     disk: &mut SimStorage,
     b: Arc<Broker>,
     mode: CrashMode,
     cfg: &BrokerConfig,
 ) -> Arc<Broker> {
-    let after = disk.crash(mode);
-    // The old process dies with the power: one more write on the dead disk poisons its
-    // store, so closing it cannot persist anything more (no closing checkpoint).
-    let r = b.send_half(
-        PROBE,
-        &Message::new("probe"),
-        "probe",
-        HalfOptions::default(),
-    );
-    assert!(matches!(r, Err(Error::Poisoned(_))), "not poisoned: {r:?}");
-    let _ = b.close();
-    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
-    drop(b);
-    *disk = after;
+    *disk = crash_sim(disk, b, mode, PROBE);
     open(disk, cfg)
 }
 
-static GROUP_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Everything a new consumer group gets from `topic`.
-fn visible(b: &Broker, topic: &str) -> Vec<Delivery> {
-    let group = format!("check-{}", GROUP_SEQ.fetch_add(1, Ordering::Relaxed));
-    b.poll(&group, topic, POLL_ALL).expect("poll")
+/// A fresh simulated disk with a broker on it, checkpointing every `checkpoint_bytes`.
+fn fresh(checkpoint_bytes: u64) -> (tempfile::TempDir, SimStorage, BrokerConfig, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path(), checkpoint_bytes);
+    let b = open(&disk, &cfg);
+    (dir, disk, cfg, b)
 }
 
 /// Visible copies per idempotency key.
@@ -139,10 +118,7 @@ fn as_original(r: &SendReceipt) -> SendReceipt {
 
 #[test]
 fn duplicate_is_not_stored_and_returns_the_original_receipt() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), CHECKPOINT_BYTES_NEVER);
-    let b = open(&disk, &cfg);
+    let (_dir, _, _, b) = fresh(CHECKPOINT_BYTES_NEVER);
     let first = send(&b, "pay-1");
     assert!(!first.duplicate);
     // A retry with another body and message key: still the original.
@@ -172,40 +148,28 @@ fn duplicate_is_not_stored_and_returns_the_original_receipt() {
     b.close().unwrap();
 }
 
+/// `r` is the refusal of an invalid idempotency key.
+fn refused_for_its_key<T: std::fmt::Debug>(r: halfmq::Result<T>) {
+    assert!(
+        matches!(
+            r,
+            Err(Error::Invalid {
+                what: "idempotency key",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
 #[test]
 fn invalid_keys_are_refused_and_nothing_is_stored() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = open(&disk, &config(dir.path(), CHECKPOINT_BYTES_NEVER));
+    let (_dir, _, _, b) = fresh(CHECKPOINT_BYTES_NEVER);
     let long = "k".repeat(IDEMPOTENCY_KEY_BYTES_MAX + 1);
     for k in ["", long.as_str()] {
-        let r = b.send(TOPIC, &Message::new("x").with_idempotency_key(k));
-        assert!(
-            matches!(
-                r,
-                Err(Error::Invalid {
-                    what: "idempotency key",
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
-        let r = b.send_half(
-            TOPIC,
-            &Message::new("x").with_idempotency_key(k),
-            "g",
-            HalfOptions::default(),
-        );
-        assert!(
-            matches!(
-                r,
-                Err(Error::Invalid {
-                    what: "idempotency key",
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        let msg = Message::new("x").with_idempotency_key(k);
+        refused_for_its_key(b.send(TOPIC, &msg));
+        refused_for_its_key(b.send_half(TOPIC, &msg, "g", HalfOptions::default()));
     }
     let max = "k".repeat(IDEMPOTENCY_KEY_BYTES_MAX);
     assert!(
@@ -222,9 +186,7 @@ fn invalid_keys_are_refused_and_nothing_is_stored() {
 
 #[test]
 fn a_failed_send_frees_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = open(&disk, &config(dir.path(), CHECKPOINT_BYTES_NEVER));
+    let (_dir, _, _, b) = fresh(CHECKPOINT_BYTES_NEVER);
     // Too large for record_bytes_max: refused before anything is written.
     let big = Message::new(vec![0u8; 32 * 1024]).with_idempotency_key("k");
     assert!(matches!(b.send(TOPIC, &big), Err(Error::Invalid { .. })));
@@ -239,10 +201,7 @@ fn a_failed_send_frees_its_key() {
 
 #[test]
 fn duplicates_are_caught_across_clean_restarts_before_and_after_a_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL);
-    let mut b = open(&disk, &cfg);
+    let (_dir, disk, cfg, mut b) = fresh(CHECKPOINT_BYTES_SMALL);
     let before = send(&b, "early");
     // Past a checkpoint: "early" now lives in sled, not in the replayed log.
     filler(&b, 3 * CHECKPOINT_BYTES_SMALL as usize);
@@ -270,10 +229,7 @@ fn acknowledged_keys_survive_a_crash_at_each_step() {
         CrashMode::DropUnsynced,
         CrashMode::KeepRandomPrefix { seed: 7 },
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut disk = SimStorage::new();
-        let cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL);
-        let mut b = open(&disk, &cfg);
+        let (_dir, mut disk, cfg, mut b) = fresh(CHECKPOINT_BYTES_SMALL);
 
         // 1. Durable, no checkpoint since: found again by replaying the log.
         let a = send(&b, "a");
@@ -332,9 +288,7 @@ fn acknowledged_keys_survive_a_crash_at_each_step() {
 
 #[test]
 fn many_threads_sending_one_key_store_it_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let b = open(&disk, &config(dir.path(), CHECKPOINT_BYTES_SMALL));
+    let (_dir, _, _, b) = fresh(CHECKPOINT_BYTES_SMALL);
     for round in 0..5 {
         let key = format!("hot-{round}");
         let threads = 16;
@@ -457,10 +411,7 @@ fn the_count_bound_forgets_the_oldest_keys_first_also_across_restarts() {
 
 #[test]
 fn a_retried_half_is_one_transaction_whatever_its_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut disk = SimStorage::new();
-    let cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL);
-    let mut b = open(&disk, &cfg);
+    let (_dir, mut disk, cfg, mut b) = fresh(CHECKPOINT_BYTES_SMALL);
     let half = || keyed("payment-7", "paid 12.50");
     let first = b
         .send_half_receipt(TOPIC, &half(), "pay", HalfOptions::default())
@@ -531,10 +482,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn run_model(ops: &[Op], seed: u64) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut disk = SimStorage::new();
-    let cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL);
-    let mut b = open(&disk, &cfg);
+    let (_dir, mut disk, cfg, mut b) = fresh(CHECKPOINT_BYTES_SMALL);
     // key -> the original receipt.
     let mut stored: BTreeMap<String, SendReceipt> = BTreeMap::new();
     for (step, op) in ops.iter().enumerate() {

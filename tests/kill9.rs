@@ -97,6 +97,16 @@ struct Ended {
     at: Instant,
 }
 
+impl Ended {
+    /// Ended now, by `e`.
+    fn by(e: halfmq::Error) -> Ended {
+        Ended {
+            error: e.to_string(),
+            at: Instant::now(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct PlainLog {
     /// (key, queue, offset) the broker acknowledged.
@@ -168,16 +178,7 @@ async fn plain_producer(
                 log.in_flight = None;
                 progress.plain.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                let at = Instant::now();
-                return (
-                    log,
-                    Ended {
-                        error: e.to_string(),
-                        at,
-                    },
-                );
-            }
+            Err(e) => return (log, Ended::by(e)),
         }
     }
     unreachable!("the loop ends only by returning")
@@ -193,10 +194,6 @@ async fn txn_producer(
 ) -> (TxnLog, Ended) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut log = TxnLog::default();
-    let ended = |e: halfmq::Error| Ended {
-        error: e.to_string(),
-        at: Instant::now(),
-    };
     for i in 0u64.. {
         let key = format!("{prefix}.{i}");
         let plan = match rng.u32(0..100) {
@@ -219,7 +216,7 @@ async fn txn_producer(
             .await
         {
             Ok(t) => t,
-            Err(e) => return (log, ended(e)),
+            Err(e) => return (log, Ended::by(e)),
         };
         let rec = log.txns.last_mut().expect("pushed above");
         rec.txn = Some(txn.0);
@@ -233,7 +230,7 @@ async fn txn_producer(
                 rec.outcome_acked = true;
                 progress.txn.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => return (log, ended(e)),
+            Err(e) => return (log, Ended::by(e)),
         }
     }
     unreachable!("the loop ends only by returning")
@@ -245,30 +242,14 @@ async fn consumer(client: Client, topic: String) -> (ConsumerLog, Ended) {
     loop {
         let got = match c.poll(32, Duration::from_millis(200)).await {
             Ok(g) => g,
-            Err(e) => {
-                let at = Instant::now();
-                return (
-                    log,
-                    Ended {
-                        error: e.to_string(),
-                        at,
-                    },
-                );
-            }
+            Err(e) => return (log, Ended::by(e)),
         };
         log.seen.extend(got.iter().cloned());
         if got.is_empty() {
             continue;
         }
         if let Err(e) = c.ack_many(&got).await {
-            let at = Instant::now();
-            return (
-                log,
-                Ended {
-                    error: e.to_string(),
-                    at,
-                },
-            );
+            return (log, Ended::by(e));
         }
         log.acked
             .extend(got.iter().map(|d| (d.topic.clone(), d.queue, d.offset)));

@@ -36,8 +36,8 @@ use proptest::test_runner::TestCaseError;
 mod common;
 
 use common::{
-    check_due_order, crash_mode, mark_delivered, model_config, poll_by_queue, release, run_ops,
-    SimHarness, SimParts,
+    check_due_order, crash_mode, mark_delivered, model_config, poll_by_queue, release,
+    run_ops_then_crash, SimHarness, SimParts,
 };
 
 const TOPICS: [&str; 3] = ["orders", "payments", "audit"];
@@ -546,19 +546,18 @@ impl SimHarness for Harness {
 }
 
 fn run_case(case: &Case) -> Result<(), TestCaseError> {
-    run_ops(
+    run_ops_then_crash(
         &format!(
             "topics {} queues {} checkpoint_bytes {} final crash {:?}",
             case.topics, case.queues, case.checkpoint_bytes, case.final_crash
         ),
         &case.ops,
-        || Harness::new(case),
-        Harness::step,
-        (&format!("final crash {:?}", case.final_crash), |mut h| {
-            h.crash(case.final_crash)?;
+        (|| Harness::new(case), Harness::step),
+        case.final_crash,
+        |h| {
             h.check_stats()?;
             h.drain_groups()
-        }),
+        },
     )
 }
 

@@ -1,6 +1,9 @@
 //! Redelivery without a restart, nack, retry with backoff, dead letters and their replay,
 //! per-group settings, and all of it across restarts and crashes.
 
+mod common;
+
+use common::open_with_clock;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -8,7 +11,7 @@ use std::time::{Duration, Instant};
 use halfmq::props::PROP_REPLAYED_FROM;
 use halfmq::GroupSettings;
 use halfmq::NackOutcome;
-use halfmq::{Broker, BrokerConfig, Clock, Error, ManualClock, Message};
+use halfmq::{Broker, BrokerConfig, Clock, Error, Message};
 use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
@@ -31,6 +34,19 @@ fn settings(vt_ms: u64, max_retries: u32, backoff_ms: &[u64]) -> GroupSettings {
     }
 }
 
+/// Group `g`'s visibility time-out, retries and backoff (see [`settings`]).
+fn settle_g(b: &Broker, vt_ms: u64, max_retries: u32, backoff_ms: &[u64]) {
+    b.set_group_settings("g", &settings(vt_ms, max_retries, backoff_ms))
+        .unwrap();
+}
+
+/// [`open`], with group `g` set up by [`settle_g`].
+fn open_g(dir: &std::path::Path, vt_ms: u64, max_retries: u32, backoff_ms: &[u64]) -> Arc<Broker> {
+    let b = open(dir);
+    settle_g(&b, vt_ms, max_retries, backoff_ms);
+    b
+}
+
 /// Poll until something comes or `timeout` passes.
 fn poll_for(
     b: &Broker,
@@ -42,19 +58,11 @@ fn poll_for(
     b.poll_wait(group, topic, max, timeout).unwrap()
 }
 
-/// A broker whose clock moves only when the test moves it, so that "not yet" is exact.
-fn open_with_clock(dir: &std::path::Path) -> (Arc<Broker>, ManualClock) {
-    let clock = ManualClock::starting_now();
-    let b = Broker::open(config(dir).with_clock(clock.clone())).unwrap();
-    (b, clock)
-}
-
 #[test]
 fn an_unacked_message_is_delivered_again_after_the_visibility_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(tmp.path());
-    b.set_group_settings("g", &settings(300, 16, &[1000]))
-        .unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
+    settle_g(&b, 300, 16, &[1000]);
     b.send("t", &Message::new("pay-1").with_key("order-1"))
         .unwrap();
     let first = b.poll("g", "t", 10).unwrap();
@@ -104,9 +112,7 @@ fn an_unacked_message_is_delivered_again_after_the_visibility_timeout() {
 #[test]
 fn a_consumer_that_dies_mid_batch_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = open(tmp.path());
-    b.set_group_settings("g", &settings(200, 16, &[1000]))
-        .unwrap();
+    let b = open_g(tmp.path(), 200, 16, &[1000]);
     for i in 0..10 {
         b.send("t", &Message::new(format!("m{i}"))).unwrap();
     }
@@ -133,9 +139,8 @@ fn a_consumer_that_dies_mid_batch_loses_nothing() {
 #[test]
 fn nack_redelivers_at_once_or_after_the_backoff() {
     let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(tmp.path());
-    b.set_group_settings("g", &settings(60_000, 16, &[400, 800]))
-        .unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
+    settle_g(&b, 60_000, 16, &[400, 800]);
     b.send("t", &Message::new("x")).unwrap();
     let d = b.poll("g", "t", 1).unwrap().remove(0);
     // Delay 0: at once.
@@ -201,9 +206,7 @@ fn fail_until_dead(b: &Broker, max_retries: u32) -> Vec<u32> {
 #[test]
 fn dead_letter_after_exactly_the_maximum_then_replay() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = open(tmp.path());
-    b.set_group_settings("g", &settings(60_000, 3, &[1]))
-        .unwrap();
+    let b = open_g(tmp.path(), 60_000, 3, &[1]);
     b.send(
         "t",
         &Message::new("poison")
@@ -301,8 +304,7 @@ fn dead_letter_after_exactly_the_maximum_then_replay() {
 #[test]
 fn timed_out_deliveries_count_and_dead_letter_too() {
     let tmp = tempfile::tempdir().unwrap();
-    let b = open(tmp.path());
-    b.set_group_settings("g", &settings(100, 1, &[1])).unwrap();
+    let b = open_g(tmp.path(), 100, 1, &[1]);
     b.send("t", &Message::new("slow")).unwrap();
     assert_eq!(b.poll("g", "t", 1).unwrap()[0].attempt, 1);
     let d = poll_for(&b, "g", "t", 1, Duration::from_secs(5));
@@ -324,9 +326,7 @@ fn timed_out_deliveries_count_and_dead_letter_too() {
 fn failure_counts_and_waits_survive_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     {
-        let b = open(tmp.path());
-        b.set_group_settings("g", &settings(60_000, 3, &[1]))
-            .unwrap();
+        let b = open_g(tmp.path(), 60_000, 3, &[1]);
         b.send("t", &Message::new("poison")).unwrap();
         for want in 1..=2 {
             let d = poll_for(&b, "g", "t", 1, Duration::from_secs(5));
@@ -372,8 +372,7 @@ fn a_dead_letter_move_that_fails_is_finished_later_never_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = SimStorage::new();
     let b = Broker::open_with(Arc::new(disk.clone()), config(tmp.path())).unwrap();
-    b.set_group_settings("g", &settings(60_000, 0, &[1]))
-        .unwrap();
+    settle_g(&b, 60_000, 0, &[1]);
     b.send("t", &Message::new("poison").with_key("k")).unwrap();
     let d = b.poll("g", "t", 1).unwrap().remove(0);
     // The disk is full when the dead letter is written.

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    close, crash_sim, open_sim, open_waiting_for_lock, poison, restart_sim, run_env, wait_until,
-    BrokerProc,
+    check_back, close, crash_sim, fresh_sim, open_sim, open_waiting_for_lock, poison, restart_sim,
+    run_env, small_segments, wait_until, BrokerProc,
 };
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,21 +23,13 @@ use halfmq_store::sim::{CrashMode, SimStorage};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn txn_config(check_max: u32) -> TxnConfig {
-    TxnConfig::default()
-        .with_timeout(Duration::from_millis(100))
-        .with_check_interval(Duration::from_millis(50))
-        .with_check_backoff_max(Duration::from_millis(100))
-        .with_check_max(check_max)
-        .with_check_answer_timeout(Duration::from_millis(500))
+    check_back((100, 50, 100), check_max, 500)
 }
 
 /// Small segments, and a tiny key index (4 slots, 16 entries per file): every lookup walks
 /// chains shared by many keys, and files roll over every 16 keyed records.
 fn config(dir: &Path, check_max: u32, checkpoint_bytes: u64) -> BrokerConfig {
-    let mut cfg = BrokerConfig::new(dir);
-    cfg.store.segment_bytes = 64 * 1024;
-    cfg.store.record_bytes_max = 16 * 1024 - 64;
-    cfg.store.checkpoint_bytes = checkpoint_bytes;
+    let mut cfg = small_segments(dir, checkpoint_bytes);
     cfg.store.key_index_slots = 4;
     cfg.store.key_index_entries = 16;
     cfg.txn = txn_config(check_max);
@@ -57,12 +49,11 @@ fn sim_broker(
     topic: &str,
     queues: u32,
 ) -> (tempfile::TempDir, SimStorage, BrokerConfig, Arc<Broker>) {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = config(dir.path(), check_max, checkpoint_bytes);
-    let b = open_sim(&disk, &cfg);
-    b.create_topic(topic, queues).unwrap();
-    (dir, disk, cfg, b)
+    fresh_sim(
+        |dir| config(dir, check_max, checkpoint_bytes),
+        topic,
+        queues,
+    )
 }
 
 /// A broker on a new temporary directory (see [`config`]; no checkpoints) with `topic` of

@@ -3,37 +3,21 @@
 //! and a transaction nobody can answer for becomes *unresolved* — kept, listed, counted,
 //! surviving restarts and resolvable by hand — instead of being dropped.
 
+mod common;
+
+use common::{advance, check_back, open_with_clock, visible, wait_until};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use halfmq::{
-    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, ManualClock, Message,
-    TxnConfig, TxnId, TxnState,
+    Broker, BrokerConfig, CheckAnswer, Error, HalfMessage, HalfOptions, Message, TxnId, TxnState,
 };
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     let mut c = BrokerConfig::new(dir);
-    c.txn = TxnConfig::default()
-        .with_timeout(Duration::from_millis(150))
-        .with_check_interval(Duration::from_millis(50))
-        .with_check_backoff_max(Duration::from_millis(100))
-        .with_check_max(3)
-        .with_check_answer_timeout(Duration::from_millis(300));
+    c.txn = check_back((150, 50, 100), 3, 300);
     c
-}
-
-fn visible(b: &Broker, topic: &str) -> Vec<halfmq::Delivery> {
-    b.poll(&format!("check-{}", fastrand::u64(..)), topic, 10_000)
-        .unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -102,8 +86,7 @@ fn half_is_invisible_until_commit_and_visible_exactly_once() {
 #[test]
 fn rollback_is_never_visible() {
     let tmp = tempfile::tempdir().unwrap();
-    let clock = ManualClock::starting_now();
-    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
     let txn = b
         .send_half("t", &Message::new("x"), "g", HalfOptions::default())
         .unwrap();
@@ -117,8 +100,7 @@ fn rollback_is_never_visible() {
         })
     ));
     // Long past the time-out: a rolled-back half is never checked nor made visible.
-    clock.advance_ms(60_000);
-    b.run_due_now();
+    advance(&b, &clock, 60_000);
     assert!(visible(&b, "t").is_empty());
     b.close().unwrap();
     drop(b);
@@ -209,8 +191,7 @@ fn counting_checker(b: &Broker, group: &str) -> Arc<AtomicU32> {
 fn not_checked_before_the_timeout_or_the_immunity() {
     // The broker's clock moves only when the test moves it, so "not yet" is exact.
     let tmp = tempfile::tempdir().unwrap();
-    let clock = ManualClock::starting_now();
-    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
     let plain = counting_checker(&b, "plain");
     let immune = counting_checker(&b, "immune");
     let opts = HalfOptions {
@@ -223,24 +204,21 @@ fn not_checked_before_the_timeout_or_the_immunity() {
         .unwrap();
 
     // One millisecond before the time-out (150 ms): nobody is asked.
-    clock.advance_ms(149);
-    b.run_due_now();
+    advance(&b, &clock, 149);
     assert_eq!(
         plain.load(Ordering::SeqCst),
         0,
         "checked before the time-out"
     );
     // At the time-out the plain half is checked; the immune one is not.
-    clock.advance_ms(1);
-    b.run_due_now();
+    advance(&b, &clock, 1);
     wait_until(
         "first check at the time-out",
         Duration::from_secs(10),
         || plain.load(Ordering::SeqCst) >= 1,
     );
     // One millisecond before the immunity ends (700 ms): still not asked.
-    clock.advance_ms(549);
-    b.run_due_now();
+    advance(&b, &clock, 549);
     assert_eq!(
         immune.load(Ordering::SeqCst),
         0,
@@ -252,8 +230,7 @@ fn not_checked_before_the_timeout_or_the_immunity() {
         .find(|i| i.txn_id == txn.0)
         .unwrap();
     assert_eq!(info.checks, 0, "the immunity window uses up no checks");
-    clock.advance_ms(1);
-    b.run_due_now();
+    advance(&b, &clock, 1);
     wait_until(
         "first check after immunity",
         Duration::from_secs(10),
@@ -264,8 +241,7 @@ fn not_checked_before_the_timeout_or_the_immunity() {
 #[test]
 fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_hand() {
     let tmp = tempfile::tempdir().unwrap();
-    let clock = ManualClock::starting_now();
-    let b = Broker::open(config(tmp.path()).with_clock(clock.clone())).unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
     let asked = counting_checker(&b, "g");
     let txn = b.send_half(
         "t",
@@ -280,8 +256,7 @@ fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_
         "unresolved after check_max",
         Duration::from_secs(10),
         || {
-            clock.advance_ms(150);
-            b.run_due_now();
+            advance(&b, &clock, 150);
             b.transaction_state(txn).unwrap() == TxnState::Unresolved
         },
     );
@@ -291,8 +266,7 @@ fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_
     assert_eq!(u[0].last_answer.as_deref(), Some("unknown"));
     assert_eq!(b.stats().unwrap().txn_unresolved, 1);
     // Unresolved is not checked any more, however late it gets.
-    clock.advance_ms(3_600_000);
-    b.run_due_now();
+    advance(&b, &clock, 3_600_000);
     assert_eq!(b.unresolved_transactions()[0].checks, 3);
     assert_eq!(asked.load(Ordering::SeqCst), 3);
     assert!(visible(&b, "t").is_empty());

@@ -35,10 +35,14 @@
 
 mod common;
 
-use common::open_waiting_for_lock;
+use common::{
+    check_back, close_after_crash, fresh_sim, open_sim as open, poison, restart_sim as restart,
+    small_segments, try_open_sim as try_open, visible, wait_until, CHECKPOINT_BYTES_NEVER,
+    CHECKPOINT_BYTES_SMALL,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,15 +55,6 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 
-/// The smallest segment the configuration allows, so that tests roll over to new files.
-const SEGMENT_BYTES: u64 = 64 * 1024;
-/// Small enough that a few KiB of traffic writes a checkpoint (and so persists the
-/// pending-transaction index to sled) in the middle of a test.
-const CHECKPOINT_BYTES_SMALL: u64 = 16 * 1024;
-/// Large enough that no checkpoint is written during a test except the one on open.
-const CHECKPOINT_BYTES_NEVER: u64 = 64 * 1024 * 1024;
-/// Larger than any poll here: "everything there is".
-const POLL_ALL: usize = 1 << 20;
 /// Property of a committed message naming its transaction.
 const PROP_TXN: &str = "halfmq.txn";
 /// A user property every half carries, checked on the visible message.
@@ -74,42 +69,37 @@ const WAIT_LIMIT: Duration = Duration::from_secs(15);
 /// Check-back soon and often. `check_max` is high so that a half that comes back pending is
 /// never unresolved before the test has registered a checker for it.
 fn eager_txn() -> TxnConfig {
-    TxnConfig::default()
-        .with_timeout(Duration::from_millis(100))
-        .with_check_interval(Duration::from_millis(50))
-        .with_check_backoff_max(Duration::from_millis(100))
-        .with_check_max(1000)
-        .with_check_answer_timeout(Duration::from_millis(300))
+    check_back((100, 50, 100), 1000, 300)
 }
 
 /// No check-back happens on its own within a test; only `rearm` makes one due.
 fn quiet_txn() -> TxnConfig {
-    TxnConfig::default()
-        .with_timeout(Duration::from_secs(600))
-        .with_check_interval(Duration::from_secs(600))
-        .with_check_backoff_max(Duration::from_secs(600))
-        .with_check_max(3)
-        .with_check_answer_timeout(Duration::from_secs(5))
+    check_back((600_000, 600_000, 600_000), 3, 5_000)
 }
 
 fn config(dir: &Path, txn: TxnConfig, checkpoint_bytes: u64) -> BrokerConfig {
-    let mut cfg = BrokerConfig::new(dir);
-    cfg.store.segment_bytes = SEGMENT_BYTES;
-    // At most a quarter of a segment, less headers (the configuration checks it).
-    cfg.store.record_bytes_max = 16 * 1024 - 64;
-    cfg.store.checkpoint_bytes = checkpoint_bytes;
+    let mut cfg = small_segments(dir, checkpoint_bytes);
     cfg.txn = txn;
     cfg
 }
 
-fn open(disk: &SimStorage, cfg: &BrokerConfig) -> Arc<Broker> {
-    try_open(disk, cfg).unwrap_or_else(|e| panic!("open failed: {e}"))
+/// Checkpoints every few KiB for even seeds, none for odd ones.
+fn checkpoints_by_seed(seed: u64) -> u64 {
+    if seed.is_multiple_of(2) {
+        CHECKPOINT_BYTES_SMALL
+    } else {
+        CHECKPOINT_BYTES_NEVER
+    }
 }
 
-/// Open, waiting out sled's lazily released lock of the broker closed just before (see
-/// `reopen_right_after_close_never_fails_on_the_metadata_lock`); any other error is returned.
-fn try_open(disk: &SimStorage, cfg: &BrokerConfig) -> halfmq::Result<Arc<Broker>> {
-    open_waiting_for_lock(|| Broker::open_with(Arc::new(disk.clone()), cfg.clone()))
+/// No check-back on its own, no checkpoint, and the log flushed only every `secs` seconds:
+/// within a test nothing is synced but what the broker syncs on purpose.
+fn async_flush(dir: &Path, secs: u64) -> BrokerConfig {
+    let mut cfg = config(dir, quiet_txn(), CHECKPOINT_BYTES_NEVER);
+    cfg.store.flush = halfmq::FlushPolicy::Async {
+        interval: Duration::from_secs(secs),
+    };
+    cfg
 }
 
 /// Whether the old process may still write sled after its disk died.
@@ -139,41 +129,10 @@ fn crash(
 /// Stop a broker whose disk has crashed (see [`crash`]).
 fn close_dead(b: Arc<Broker>, freeze: Freeze, probe_topic: &str) {
     if freeze == Freeze::Yes {
-        // A half, not a plain send: a plain send may fail early (growing its consume-queue
-        // file) without reaching the flusher, and then the store is not poisoned.
-        let r = b.send_half(
-            probe_topic,
-            &Message::new("probe"),
-            "probe",
-            HalfOptions::default(),
-        );
-        assert!(
-            matches!(r, Err(Error::Poisoned(_))),
-            "the write on the crashed disk did not poison the store: {r:?}"
-        );
+        poison(&b, probe_topic);
     }
     // Stops the check-back thread (joined) and the flusher; errors are expected.
-    let _ = b.close();
-    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
-    drop(b);
-}
-
-/// Clean close and open again.
-fn restart(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
-    b.close()
-        .unwrap_or_else(|e| panic!("clean close failed: {e}"));
-    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
-    drop(b);
-    open(disk, cfg)
-}
-
-static GROUP_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Everything a consumer group that never consumed gets from `topic`.
-fn visible(b: &Broker, topic: &str) -> Vec<Delivery> {
-    let group = format!("check-{}", GROUP_SEQ.fetch_add(1, Ordering::Relaxed));
-    b.poll(&group, topic, POLL_ALL)
-        .unwrap_or_else(|e| panic!("poll {topic}: {e}"))
+    close_after_crash(b);
 }
 
 /// The visible copies of a transaction's message.
@@ -187,14 +146,6 @@ fn copies_of(b: &Broker, topic: &str, txn: TxnId) -> Vec<Delivery> {
 
 fn listed(b: &Broker, txn: TxnId) -> Option<TxnInfo> {
     b.transactions(None).into_iter().find(|i| i.txn_id == txn.0)
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// Busy-wait (the operations it waits for take microseconds), with a generous limit.
@@ -326,6 +277,24 @@ fn assert_topic_holds(b: &Broker, topic: &str, committed: &[(TxnId, &Half)], ctx
     );
 }
 
+/// Asserts that each of the transactions `hs` (with ids `ids`) is in the state `want` says,
+/// and that `topic` holds exactly the committed ones.
+fn assert_as_wanted(
+    b: &Broker,
+    topic: &str,
+    (hs, ids, want): (&[Half], &[TxnId], &[TxnState]),
+    ctx: &str,
+) {
+    for (i, h) in hs.iter().enumerate() {
+        assert_eq!(classify(b, ids[i], h, ctx), want[i], "{ctx}: txn {i}");
+    }
+    let committed: Vec<(TxnId, &Half)> = (0..hs.len())
+        .filter(|&i| want[i] == TxnState::Committed)
+        .map(|i| (ids[i], &hs[i]))
+        .collect();
+    assert_topic_holds(b, topic, &committed, ctx);
+}
+
 /// A checker that answers `answer` for the halves it knows (checking that it is shown the
 /// right message) and `Unknown` for anything else.
 fn answering(
@@ -350,6 +319,22 @@ fn commit_by_check_back(b: &Broker, txn: TxnId, h: &Half, ctx: &str) {
         || b.transaction_state(txn).unwrap() == TxnState::Committed,
     );
     assert_eq!(classify(b, txn, h, ctx), TxnState::Committed);
+}
+
+/// `txn` (pending) is committed by a check-back ([`commit_by_check_back`]), and that commit
+/// survives the next crash: committed and visible once after the reopen. Closes the broker.
+fn committed_by_check_back_survives_a_crash(
+    (disk, cfg, b): (&SimStorage, &BrokerConfig, Arc<Broker>),
+    (mode, freeze): (CrashMode, Freeze),
+    (txn, h): (TxnId, &Half),
+    ctx: &str,
+) {
+    commit_by_check_back(&b, txn, h, ctx);
+    let disk = crash(disk, b, mode, freeze, &h.topic);
+    let b = open(&disk, cfg);
+    assert_eq!(classify(&b, txn, h, ctx), TxnState::Committed);
+    assert_topic_holds(&b, &h.topic, &[(txn, h)], ctx);
+    b.close().unwrap();
 }
 
 fn modes(seeds: std::ops::Range<u64>) -> Vec<CrashMode> {
@@ -381,11 +366,8 @@ fn acknowledged_half_survives_any_crash_and_is_checked_again() {
         {
             for freeze in [Freeze::Yes, Freeze::No] {
                 let ctx = format!("{mode:?} checkpoint_bytes {checkpoint_bytes} {freeze:?}");
-                let tmp = tempfile::tempdir().unwrap();
-                let cfg = config(tmp.path(), eager_txn(), checkpoint_bytes);
-                let disk = SimStorage::new();
-                let b = open(&disk, &cfg);
-                b.create_topic("pay", 3).unwrap();
+                let (_tmp, disk, cfg, b) =
+                    fresh_sim(|dir| config(dir, eager_txn(), checkpoint_bytes), "pay", 3);
                 let h = Half::new("pay", "order-1", "charged 12.50", "pay-svc");
                 let txn = h.send(&b).unwrap();
                 // Traffic after the half, so that checkpoints land after it.
@@ -399,12 +381,12 @@ fn acknowledged_half_survives_any_crash_and_is_checked_again() {
                     "{ctx}: an acknowledged half without outcome comes back pending"
                 );
                 assert_topic_holds(&b, "pay", &[], &ctx);
-                commit_by_check_back(&b, txn, &h, &ctx);
-                let disk = crash(&disk, b, mode, freeze, "pay");
-                let b = open(&disk, &cfg);
-                assert_eq!(classify(&b, txn, &h, &ctx), TxnState::Committed);
-                assert_topic_holds(&b, "pay", &[(txn, &h)], &ctx);
-                b.close().unwrap();
+                committed_by_check_back_survives_a_crash(
+                    (&disk, &cfg, b),
+                    (mode, freeze),
+                    (txn, &h),
+                    &ctx,
+                );
             }
         }
     }
@@ -418,11 +400,11 @@ fn acknowledged_outcomes_survive_a_crash_right_after_they_returned() {
     for mode in modes(0..4) {
         for freeze in [Freeze::Yes, Freeze::No] {
             let ctx = format!("{mode:?} {freeze:?}");
-            let tmp = tempfile::tempdir().unwrap();
-            let cfg = config(tmp.path(), eager_txn(), CHECKPOINT_BYTES_SMALL);
-            let mut disk = SimStorage::new();
-            let mut b = open(&disk, &cfg);
-            b.create_topic("t", 2).unwrap();
+            let (_tmp, mut disk, cfg, mut b) = fresh_sim(
+                |dir| config(dir, eager_txn(), CHECKPOINT_BYTES_SMALL),
+                "t",
+                2,
+            );
             let a = Half::new("t", "a", vec![b'a'; 3000], "g");
             let r = Half::new("t", "r", vec![b'r'; 3000], "g");
             let c = Half::new("t", "c", vec![b'c'; 3000], "g");
@@ -521,11 +503,11 @@ fn every_step_of_a_transaction_either_happened_or_did_not() {
                     "cut at step {cut} {:?}, failed {step_failed}, {mode:?}",
                     script[cut]
                 );
-                let tmp = tempfile::tempdir().unwrap();
-                let cfg = config(tmp.path(), eager_txn(), CHECKPOINT_BYTES_NEVER);
-                let disk = SimStorage::new();
-                let b = open(&disk, &cfg);
-                b.create_topic("s", 2).unwrap();
+                let (_tmp, disk, cfg, b) = fresh_sim(
+                    |dir| config(dir, eager_txn(), CHECKPOINT_BYTES_NEVER),
+                    "s",
+                    2,
+                );
                 let asked = Arc::new(AtomicU32::new(0));
                 let mut ids: Vec<Option<TxnId>> = vec![None; halves.len()];
                 let mut expect: Vec<Option<TxnState>> = vec![None; halves.len()];
@@ -637,11 +619,11 @@ fn crash_while_halves_are_in_flight() {
     let mut tally = (0u32, 0u32, 0u32);
     for seed in 0..24u64 {
         let ctx = format!("seed {seed}");
-        let tmp = tempfile::tempdir().unwrap();
-        let cfg = config(tmp.path(), eager_txn(), CHECKPOINT_BYTES_NEVER);
-        let disk = SimStorage::new();
-        let b = open(&disk, &cfg);
-        b.create_topic("h", 4).unwrap();
+        let (_tmp, disk, cfg, b) = fresh_sim(
+            |dir| config(dir, eager_txn(), CHECKPOINT_BYTES_NEVER),
+            "h",
+            4,
+        );
         let started = Arc::new(AtomicU32::new(0));
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
@@ -746,16 +728,11 @@ fn crash_while_outcomes_are_in_flight() {
     for seed in 0..16u64 {
         for freeze in [Freeze::Yes, Freeze::No] {
             let ctx = format!("seed {seed} {freeze:?}");
-            let tmp = tempfile::tempdir().unwrap();
-            let checkpoint_bytes = if seed % 2 == 0 {
-                CHECKPOINT_BYTES_SMALL
-            } else {
-                CHECKPOINT_BYTES_NEVER
-            };
-            let cfg = config(tmp.path(), eager_txn(), checkpoint_bytes);
-            let disk = SimStorage::new();
-            let b = open(&disk, &cfg);
-            b.create_topic("o", 3).unwrap();
+            let (_tmp, disk, cfg, b) = fresh_sim(
+                |dir| config(dir, eager_txn(), checkpoints_by_seed(seed)),
+                "o",
+                3,
+            );
             let halves: Vec<Half> = (0..N)
                 .map(|i| Half::new("o", &format!("k{i}"), vec![i as u8; 20], "g"))
                 .collect();
@@ -859,11 +836,11 @@ fn crash_while_outcomes_are_in_flight() {
 fn crash_while_a_checker_is_being_asked() {
     for mode in modes(0..4) {
         let ctx = format!("{mode:?}");
-        let tmp = tempfile::tempdir().unwrap();
-        let cfg = config(tmp.path(), eager_txn(), CHECKPOINT_BYTES_NEVER);
-        let disk = SimStorage::new();
-        let b = open(&disk, &cfg);
-        b.create_topic("c", 2).unwrap();
+        let (_tmp, disk, cfg, b) = fresh_sim(
+            |dir| config(dir, eager_txn(), CHECKPOINT_BYTES_NEVER),
+            "c",
+            2,
+        );
         let h = Half::new("c", "order-9", "ship it", "shop");
         let (entered_tx, entered_rx) = mpsc::channel::<TxnId>();
         let (answer_tx, answer_rx) = mpsc::channel::<CheckAnswer>();
@@ -891,12 +868,12 @@ fn crash_while_a_checker_is_being_asked() {
         close_dead(b, Freeze::Yes, "c");
         let b = open(&after, &cfg);
         assert_eq!(classify(&b, txn, &h, &ctx), TxnState::Pending);
-        commit_by_check_back(&b, txn, &h, &ctx);
-        let again = crash(&after, b, mode, Freeze::Yes, "c");
-        let b = open(&again, &cfg);
-        assert_eq!(classify(&b, txn, &h, &ctx), TxnState::Committed);
-        assert_topic_holds(&b, "c", &[(txn, &h)], &ctx);
-        b.close().unwrap();
+        committed_by_check_back_survives_a_crash(
+            (&after, &cfg, b),
+            (mode, Freeze::Yes),
+            (txn, &h),
+            &ctx,
+        );
     }
 }
 
@@ -908,11 +885,11 @@ fn crash_while_a_check_back_commit_is_written() {
     let mut outcomes = BTreeMap::new();
     for seed in 0..16u64 {
         let ctx = format!("seed {seed}");
-        let tmp = tempfile::tempdir().unwrap();
-        let cfg = config(tmp.path(), eager_txn(), CHECKPOINT_BYTES_NEVER);
-        let disk = SimStorage::new();
-        let b = open(&disk, &cfg);
-        b.create_topic("w", 2).unwrap();
+        let (_tmp, disk, cfg, b) = fresh_sim(
+            |dir| config(dir, eager_txn(), CHECKPOINT_BYTES_NEVER),
+            "w",
+            2,
+        );
         let hs: Vec<Half> = (0..3)
             .map(|i| Half::new("w", &format!("k{i}"), vec![b'w'; 700], "shop"))
             .collect();
@@ -988,14 +965,7 @@ fn unsynced_transaction_records_survive_as_a_prefix_under_async_flush() {
     let mut kept = Vec::new();
     for seed in 0..24u64 {
         let ctx = format!("seed {seed}");
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = config(tmp.path(), quiet_txn(), CHECKPOINT_BYTES_NEVER);
-        cfg.store.flush = halfmq::FlushPolicy::Async {
-            interval: Duration::from_secs(60),
-        };
-        let disk = SimStorage::new();
-        let b = open(&disk, &cfg);
-        b.create_topic("u", 2).unwrap();
+        let (_tmp, disk, cfg, b) = fresh_sim(|dir| async_flush(dir, 60), "u", 2);
         // Recovery's own checkpoint, and the topic's index files, are durable; from here on
         // nothing is synced.
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -1598,12 +1568,7 @@ proptest! {
 /// First check 200 ms after the half, then one every second; unresolved after 3. The tests
 /// give the broker a `ManualClock`, so a check happens only when the test moves the clock.
 fn counting_txn() -> TxnConfig {
-    TxnConfig::default()
-        .with_timeout(Duration::from_millis(200))
-        .with_check_interval(Duration::from_millis(1000))
-        .with_check_backoff_max(Duration::from_millis(1000))
-        .with_check_max(3)
-        .with_check_answer_timeout(Duration::from_millis(300))
+    check_back((200, 1000, 1000), 3, 300)
 }
 
 /// How a check-count test restarts the broker.
@@ -1735,11 +1700,11 @@ fn a_crash_during_recovery_changes_no_transaction() {
     for commits_after_checkpoint in [false, true] {
         for mode in modes(0..3) {
             let ctx = format!("commits after checkpoint {commits_after_checkpoint}, {mode:?}");
-            let tmp = tempfile::tempdir().unwrap();
-            let cfg = config(tmp.path(), quiet_txn(), CHECKPOINT_BYTES_NEVER);
-            let disk = SimStorage::new();
-            let b = open(&disk, &cfg);
-            b.create_topic("r", 2).unwrap();
+            let (_tmp, disk, cfg, b) = fresh_sim(
+                |dir| config(dir, quiet_txn(), CHECKPOINT_BYTES_NEVER),
+                "r",
+                2,
+            );
             let hs: Vec<Half> = (0..6)
                 .map(|i| Half::new("r", &format!("k{i}"), vec![b'0' + i as u8; 500], "g"))
                 .collect();
@@ -1768,14 +1733,7 @@ fn a_crash_during_recovery_changes_no_transaction() {
             drop(failed);
             let disk = disk.crash(mode);
             let b = open(&disk, &cfg);
-            for (i, h) in hs.iter().enumerate() {
-                assert_eq!(classify(&b, ids[i], h, &ctx), want[i], "{ctx}: txn {i}");
-            }
-            let committed: Vec<(TxnId, &Half)> = (0..hs.len())
-                .filter(|&i| want[i] == TxnState::Committed)
-                .map(|i| (ids[i], &hs[i]))
-                .collect();
-            assert_topic_holds(&b, "r", &committed, &ctx);
+            assert_as_wanted(&b, "r", (&hs, &ids, &want), &ctx);
             b.close().unwrap();
         }
     }
@@ -1791,16 +1749,11 @@ fn a_crash_at_any_moment_of_recovery_changes_no_transaction() {
     let mut interrupted = 0;
     for seed in 0..32u64 {
         let ctx = format!("seed {seed}");
-        let tmp = tempfile::tempdir().unwrap();
-        let checkpoint_bytes = if seed % 2 == 0 {
-            CHECKPOINT_BYTES_SMALL
-        } else {
-            CHECKPOINT_BYTES_NEVER
-        };
-        let cfg = config(tmp.path(), quiet_txn(), checkpoint_bytes);
-        let disk = SimStorage::new();
-        let b = open(&disk, &cfg);
-        b.create_topic("r", 2).unwrap();
+        let (_tmp, disk, cfg, b) = fresh_sim(
+            |dir| config(dir, quiet_txn(), checkpoints_by_seed(seed)),
+            "r",
+            2,
+        );
         let hs: Vec<Half> = (0..12)
             .map(|i| Half::new("r", &format!("k{i}"), vec![b'a' + i as u8; 2500], "g"))
             .collect();
@@ -1840,14 +1793,7 @@ fn a_crash_at_any_moment_of_recovery_changes_no_transaction() {
             current = next;
         }
         let b = open(&current, &cfg);
-        for (i, h) in hs.iter().enumerate() {
-            assert_eq!(classify(&b, ids[i], h, &ctx), want[i], "{ctx}: txn {i}");
-        }
-        let committed: Vec<(TxnId, &Half)> = (0..hs.len())
-            .filter(|&i| want[i] == TxnState::Committed)
-            .map(|i| (ids[i], &hs[i]))
-            .collect();
-        assert_topic_holds(&b, "r", &committed, &ctx);
+        assert_as_wanted(&b, "r", (&hs, &ids, &want), &ctx);
         b.close().unwrap();
     }
     eprintln!("recoveries crashed: {interrupted} interrupted, {opened} finished first");
@@ -1865,14 +1811,7 @@ fn a_crash_at_any_moment_of_recovery_changes_no_transaction() {
 /// own.
 #[test]
 fn async_flush_acknowledged_half_survives_and_no_phantom_is_made() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(tmp.path(), quiet_txn(), CHECKPOINT_BYTES_NEVER);
-    cfg.store.flush = halfmq::FlushPolicy::Async {
-        interval: Duration::from_secs(30),
-    };
-    let disk = SimStorage::new();
-    let b = open(&disk, &cfg);
-    b.create_topic("a", 1).unwrap();
+    let (_tmp, disk, cfg, b) = fresh_sim(|dir| async_flush(dir, 30), "a", 1);
     b.register_checker("g", Arc::new(|_: &HalfMessage| CheckAnswer::Unknown))
         .unwrap();
     let first = Half::new("a", "lost-key", "lost body", "g");

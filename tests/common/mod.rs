@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use halfmq::{Broker, BrokerConfig, Delivery, HalfOptions, Message};
+use halfmq::{Broker, BrokerConfig, Delivery, HalfOptions, ManualClock, Message, TxnConfig};
 use halfmq_client::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
 use halfmq_client::protocol::{self, Request};
 use halfmq_store::sim::{CrashMode, SimStorage};
@@ -306,8 +306,9 @@ pub struct BrokerProc {
     pub addr: String,
     /// The `/metrics` address (host:port), if it serves one.
     pub metrics: Option<String>,
-    pub dir: PathBuf,
-    pub extra: Vec<String>,
+    /// The data directory and the extra arguments, for [`BrokerProc::restart`].
+    dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl BrokerProc {
@@ -505,6 +506,71 @@ pub fn model_cases(default: u32) -> u32 {
 // Embedded brokers
 // ---------------------------------------------------------------------------------------
 
+/// The smallest segment the configuration allows, so that tests roll over to new files.
+pub const SEGMENT_BYTES_SMALL: u64 = 64 * 1024;
+/// Small enough that a few KiB of traffic writes a checkpoint (and so persists the broker's
+/// indexes to sled) in the middle of a test.
+pub const CHECKPOINT_BYTES_SMALL: u64 = 16 * 1024;
+/// Large enough that no checkpoint is written during a test except on open and close.
+pub const CHECKPOINT_BYTES_NEVER: u64 = 64 * 1024 * 1024;
+
+/// A configuration on `dir` with the smallest segments ([`SEGMENT_BYTES_SMALL`]), the
+/// largest record they allow, and a checkpoint every `checkpoint_bytes`.
+pub fn small_segments(dir: &Path, checkpoint_bytes: u64) -> BrokerConfig {
+    let mut cfg = BrokerConfig::new(dir);
+    cfg.store.segment_bytes = SEGMENT_BYTES_SMALL;
+    // At most a quarter of a segment, less headers (the configuration checks it).
+    cfg.store.record_bytes_max = 16 * 1024 - 64;
+    cfg.store.checkpoint_bytes = checkpoint_bytes;
+    cfg
+}
+
+/// Check-back timing in ms (`timeout`, `interval`, `backoff_max`), at most `check_max` checks,
+/// each answer awaited up to `answer_timeout` ms.
+pub fn check_back(
+    (timeout, interval, backoff_max): (u64, u64, u64),
+    check_max: u32,
+    answer_timeout: u64,
+) -> TxnConfig {
+    let ms = Duration::from_millis;
+    TxnConfig::default()
+        .with_timeout(ms(timeout))
+        .with_check_interval(ms(interval))
+        .with_check_backoff_max(ms(backoff_max))
+        .with_check_max(check_max)
+        .with_check_answer_timeout(ms(answer_timeout))
+}
+
+/// A fresh simulated disk (sled in a new temporary directory) and a broker on it, configured
+/// by `config` for that directory, with `topic` of `queues` queues.
+pub fn fresh_sim(
+    config: impl FnOnce(&Path) -> BrokerConfig,
+    topic: &str,
+    queues: u32,
+) -> (tempfile::TempDir, SimStorage, BrokerConfig, Arc<Broker>) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SimStorage::new();
+    let cfg = config(dir.path());
+    let b = open_sim(&disk, &cfg);
+    b.create_topic(topic, queues).unwrap();
+    (dir, disk, cfg, b)
+}
+
+/// A broker with `cfg` whose clock moves only when the test moves it, so that "not yet" and
+/// "now" are exact; and that clock.
+pub fn open_with_clock(cfg: BrokerConfig) -> (Arc<Broker>, ManualClock) {
+    let clock = ManualClock::starting_now();
+    let b = Broker::open(cfg.with_clock(clock.clone())).unwrap_or_else(|e| panic!("open: {e}"));
+    (b, clock)
+}
+
+/// Move the broker's manual clock by `ms` and run what fell due (check-backs, delayed
+/// messages) now.
+pub fn advance(b: &Broker, clock: &ManualClock, ms: u64) {
+    clock.advance_ms(ms);
+    b.run_due_now();
+}
+
 /// How long a reopen waits for the metadata lock of the broker closed just before.
 pub const OPEN_WAIT: Duration = Duration::from_secs(15);
 
@@ -662,6 +728,31 @@ pub fn run_ops<H, Op: std::fmt::Debug>(
         step(&mut h, op).map_err(|m| fail(Some(i), &format!("step {i} {op:?}"), m))?;
     }
     finish(h).map_err(|m| fail(None, finish_what, m))
+}
+
+/// [`run_ops`] that finishes with a power loss (`final_crash`, through the harness) and then
+/// `after`.
+pub fn run_ops_then_crash<H: SimHarness, Op: std::fmt::Debug>(
+    case: &str,
+    ops: &[Op],
+    (setup, step): (
+        impl FnOnce() -> Result<H, String>,
+        impl FnMut(&mut H, &Op) -> Result<(), String>,
+    ),
+    final_crash: CrashMode,
+    after: impl FnOnce(&mut H) -> Result<(), String>,
+) -> Result<(), TestCaseError> {
+    let finish = |mut h: H| {
+        h.crash(final_crash)?;
+        after(&mut h)
+    };
+    run_ops(
+        case,
+        ops,
+        setup,
+        step,
+        (&format!("final crash {final_crash:?}"), finish),
+    )
 }
 
 /// Open a broker on the simulated disk; the error names `when`.

@@ -55,6 +55,17 @@ fn count(n: usize) -> u32 {
 }
 
 impl Client {
+    /// Send `req`, one of the requests that carry `msg` for `topic`, with room for them.
+    async fn request_carrying<T: serde::Serialize>(
+        &self,
+        req: &T,
+        topic: &str,
+        msg: &Message,
+    ) -> Result<Response> {
+        let hint = message_len_hint(topic, &msg.key, &msg.body, &msg.properties);
+        self.request(req, hint, Duration::ZERO).await
+    }
+
     /// Store a message durably; the receipt says where ([`SendReceipt::duplicate`]: its
     /// idempotency key was stored already, and this is the original's receipt).
     pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
@@ -62,8 +73,7 @@ impl Client {
             topic,
             message: MessageRef(msg),
         };
-        let hint = message_len_hint(topic, &msg.key, &msg.body, &msg.properties);
-        answer!(self.request(&req, hint, Duration::ZERO).await?,
+        answer!(self.request_carrying(&req, topic, msg).await?,
             Response::Sent { topic, queue, offset, log_offset, duplicate } =>
                 SendReceipt { topic, queue, offset, log_offset, duplicate })
     }
@@ -81,8 +91,7 @@ impl Client {
             message: MessageRef(msg),
             deliver_at_ms,
         };
-        let hint = message_len_hint(topic, &msg.key, &msg.body, &msg.properties);
-        answer!(self.request(&req, hint, Duration::ZERO).await?, Response::Delayed(r) => r)
+        answer!(self.request_carrying(&req, topic, msg).await?, Response::Delayed(r) => r)
     }
 
     /// Write a half message (a transaction): invisible to consumers until committed.
@@ -113,8 +122,7 @@ impl Client {
             producer_group,
             check_immunity_ms: opts.check_immunity.map_or(0, millis),
         };
-        let hint = message_len_hint(topic, &msg.key, &msg.body, &msg.properties);
-        answer!(self.request(&req, hint, Duration::ZERO).await?,
+        answer!(self.request_carrying(&req, topic, msg).await?,
             Response::HalfSent { txn, duplicate } => HalfReceipt { txn: TxnId(txn), duplicate })
     }
 

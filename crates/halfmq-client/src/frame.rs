@@ -39,13 +39,11 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    /// Every kind: a byte on the wire is one of their discriminants or no frame kind.
+    const ALL: [FrameKind; 3] = [FrameKind::Request, FrameKind::Response, FrameKind::Push];
+
     fn from_u8(v: u8) -> Option<FrameKind> {
-        match v {
-            1 => Some(FrameKind::Request),
-            2 => Some(FrameKind::Response),
-            3 => Some(FrameKind::Push),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|k| *k as u8 == v)
     }
 }
 

@@ -201,9 +201,7 @@ pub struct LogReader {
 
 impl std::fmt::Debug for LogReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogReader")
-            .field("dir", &self.shared.dir)
-            .finish()
+        self.shared.fmt_handle("LogReader", f)
     }
 }
 

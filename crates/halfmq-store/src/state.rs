@@ -115,6 +115,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// `Debug` of a handle named `name` on this store: its directory.
+    pub(crate) fn fmt_handle(
+        &self,
+        name: &str,
+        f: &mut std::fmt::Formatter<'_>,
+    ) -> std::fmt::Result {
+        f.debug_struct(name).field("dir", &self.dir).finish()
+    }
+
     /// Whether writes are acknowledged only once durable.
     pub(crate) fn sync_policy(&self) -> bool {
         matches!(self.config.flush, FlushPolicy::Sync)

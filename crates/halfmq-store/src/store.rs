@@ -28,9 +28,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("dir", &self.shared.dir)
-            .finish()
+        self.shared.fmt_handle("Store", f)
     }
 }
 

@@ -162,6 +162,18 @@ mod tests {
         (h, ran, gone)
     }
 
+    /// Submit `append` with a [`hook`] of the kind `kind` makes, and wait for it: where it
+    /// went, and the offset the hook saw (`u64::MAX` until it ran).
+    fn appended_with(
+        store: &Store,
+        append: Append<'_>,
+        kind: fn(DurableHook) -> Hook,
+    ) -> (crate::Appended, Arc<AtomicU64>) {
+        let (h, ran, _) = hook();
+        let appended = store.submit(append, kind(h)).unwrap().wait().unwrap();
+        (appended, ran)
+    }
+
     #[test]
     fn a_ticket_knows_its_place_before_the_wait_and_the_wait_returns_it() {
         let disk = SimStorage::new();
@@ -190,12 +202,7 @@ mod tests {
         let q = store.queue("t", 0).unwrap();
 
         // Observed: acknowledged once written; the hook has run by then, unsynced.
-        let (h, ran, _) = hook();
-        let a = store
-            .submit(message(&q, b"observed"), Hook::Observed(h))
-            .unwrap()
-            .wait()
-            .unwrap();
+        let (a, ran) = appended_with(&store, message(&q, b"observed"), Hook::Observed);
         assert_eq!(ran.load(Ordering::Acquire), a.log_offset);
         let stats = store.log_stats();
         assert!(stats.written_offset >= a.log_offset + u64::from(a.size));
@@ -205,12 +212,7 @@ mod tests {
         );
 
         // Durable: the round syncs whatever the policy, before the hook runs.
-        let (h, ran, _) = hook();
-        let b = store
-            .submit(message(&q, b"durable"), Hook::Durable(h))
-            .unwrap()
-            .wait()
-            .unwrap();
+        let (b, ran) = appended_with(&store, message(&q, b"durable"), Hook::Durable);
         assert_eq!(ran.load(Ordering::Acquire), b.log_offset);
         assert!(store.log_stats().durable_offset >= b.log_offset + u64::from(b.size));
     }

@@ -12,9 +12,13 @@
 //! - [`trace`]: the trace document ("where is my confirmation?");
 //! - [`props`]: every reserved property name and internal topic prefix;
 //! - [`clock`]: wall-clock time behind a trait, so tests can move time by hand;
-//! - [`codec`]: the one place bincode is used, always with a size limit.
+//! - [`codec`]: the one place bincode is used, always with a size limit;
+//! - `deliveries` (feature `stream`): a consumer as a `Stream` of deliveries that ack or nack
+//!   themselves, over any `deliveries::Source` of deliveries: the embedded broker's
+//!   consumer and the network client's share it.
 //!
-//! It depends on serde, thiserror and bincode only.
+//! It depends on serde, thiserror and bincode only (and, with `stream`, on futures-core and
+//! tokio's `sync` and `time`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -59,6 +63,8 @@ macro_rules! with_setters {
 
 pub mod clock;
 pub mod codec;
+#[cfg(feature = "stream")]
+pub mod deliveries;
 pub mod error;
 pub mod group;
 pub mod message;

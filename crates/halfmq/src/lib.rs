@@ -52,6 +52,9 @@
 //!   [`Broker::rollback_async`], [`Broker::poll_wait_async`], [`Broker::ack_async`],
 //!   [`Broker::nack_async`]. A twin runs the same code as its blocking method; only the
 //!   waiting differs.
+//! - [`Consumer`]: one consumer group on one topic, by polling or as a
+//!   [`Stream`](futures_core::Stream) of [`Received`] deliveries that ack or nack themselves
+//!   ([`Consumer::stream`]): the same types and methods as the network client's consumer.
 //! - [`BrokerConfig`] and its parts ([`TxnConfig`], [`DeliveryConfig`], [`RetentionConfig`],
 //!   [`StoreConfig`]): `#[non_exhaustive]`, with `with_*` setters. [`BrokerConfig::clock`]
 //!   takes a [`ManualClock`] in tests.
@@ -72,6 +75,7 @@
 
 mod broker;
 pub mod config;
+mod consumer;
 mod delayed;
 mod delivery;
 mod idem;
@@ -85,6 +89,7 @@ pub use broker::{dead_letter_topic, Broker, DELAY_MAX};
 pub use config::{
     BrokerConfig, ClockSetting, DeliveryConfig, RetentionConfig, TxnConfig, QUEUES_MAX,
 };
+pub use consumer::{Consumer, Deliveries, Received, StreamOptions};
 pub use halfmq_store::{FlushPolicy, RecoveryReport, StoreConfig};
 pub use halfmq_types::clock::{self, Clock, ManualClock, SharedClock, SystemClock};
 pub use halfmq_types::{error, props, stats, trace};

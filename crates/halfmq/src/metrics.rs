@@ -510,8 +510,11 @@ mod tests {
         rec.handle().render()
     }
 
-    fn has(text: &str, line: &str) {
-        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    /// Every one of `lines` is a line of `text`.
+    fn has(text: &str, lines: &[&str]) {
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "no {line:?} in\n{text}");
+        }
     }
 
     #[test]
@@ -537,41 +540,40 @@ mod tests {
             connection_closed();
             connection_refused();
         });
-        has(&t, "halfmq_messages_in_total{topic=\"orders\"} 2");
-        has(&t, "halfmq_bytes_in_total{topic=\"orders\"} 15");
-        has(&t, "halfmq_messages_in_total{topic=\"pay\"} 3");
-        has(&t, "halfmq_bytes_in_total{topic=\"pay\"} 11");
         has(
             &t,
-            "halfmq_messages_out_total{topic=\"orders\",group=\"shipping\"} 3",
+            &[
+                "halfmq_messages_in_total{topic=\"orders\"} 2",
+                "halfmq_bytes_in_total{topic=\"orders\"} 15",
+                "halfmq_messages_in_total{topic=\"pay\"} 3",
+                "halfmq_bytes_in_total{topic=\"pay\"} 11",
+                "halfmq_messages_out_total{topic=\"orders\",group=\"shipping\"} 3",
+                "halfmq_acks_total{topic=\"orders\",group=\"shipping\"} 2",
+                "halfmq_check_backs_total{answer=\"commit\"} 1",
+                "halfmq_check_backs_total{answer=\"no_producer\"} 2",
+                "halfmq_connections_total 2",
+                "halfmq_connections_open 1",
+                "halfmq_connections_refused_total 1",
+                // Real histograms with this module's buckets, not summaries.
+                "# TYPE halfmq_fsync_duration_seconds histogram",
+                "halfmq_fsync_duration_seconds_bucket{le=\"0.0005\"} 0",
+                "halfmq_fsync_duration_seconds_bucket{le=\"0.001\"} 1",
+                "halfmq_fsync_duration_seconds_bucket{le=\"0.025\"} 1",
+                "halfmq_fsync_duration_seconds_bucket{le=\"0.05\"} 2",
+                "halfmq_fsync_duration_seconds_count 2",
+                "halfmq_group_commit_records_bucket{le=\"32\"} 0",
+                "halfmq_group_commit_records_bucket{le=\"64\"} 1",
+                "halfmq_group_commit_records_sum 40",
+                "halfmq_group_commit_bytes_bucket{le=\"65536\"} 1",
+                "halfmq_group_commit_bytes_sum 45000",
+            ],
         );
-        has(
-            &t,
-            "halfmq_acks_total{topic=\"orders\",group=\"shipping\"} 2",
-        );
-        has(&t, "halfmq_check_backs_total{answer=\"commit\"} 1");
-        has(&t, "halfmq_check_backs_total{answer=\"no_producer\"} 2");
-        has(&t, "halfmq_connections_total 2");
-        has(&t, "halfmq_connections_open 1");
-        has(&t, "halfmq_connections_refused_total 1");
-        // Real histograms with this module's buckets, not summaries.
-        has(&t, "# TYPE halfmq_fsync_duration_seconds histogram");
-        has(&t, "halfmq_fsync_duration_seconds_bucket{le=\"0.0005\"} 0");
-        has(&t, "halfmq_fsync_duration_seconds_bucket{le=\"0.001\"} 1");
-        has(&t, "halfmq_fsync_duration_seconds_bucket{le=\"0.025\"} 1");
-        has(&t, "halfmq_fsync_duration_seconds_bucket{le=\"0.05\"} 2");
-        has(&t, "halfmq_fsync_duration_seconds_count 2");
-        has(&t, "halfmq_group_commit_records_bucket{le=\"32\"} 0");
-        has(&t, "halfmq_group_commit_records_bucket{le=\"64\"} 1");
-        has(&t, "halfmq_group_commit_records_sum 40");
-        has(&t, "halfmq_group_commit_bytes_bucket{le=\"65536\"} 1");
-        has(&t, "halfmq_group_commit_bytes_sum 45000");
         // Nothing recorded, nothing rendered: no empty series for delivered(.., 0).
         assert!(!t.contains("halfmq_dead_letters_total{"), "{t}");
         // Described.
         has(
             &t,
-            "# HELP halfmq_acks_total Messages acknowledged by consumers",
+            &["# HELP halfmq_acks_total Messages acknowledged by consumers"],
         );
     }
 
@@ -680,26 +682,33 @@ mod tests {
             retention: None,
         };
         let t = rendered(|| record_stats(&stats));
-        has(&t, "halfmq_transactions_pending 3");
-        has(&t, "halfmq_transactions_unresolved 1");
         has(
             &t,
-            "halfmq_dead_letters_waiting_messages{group=\"shipping\"} 3",
+            &[
+                "halfmq_transactions_pending 3",
+                "halfmq_transactions_unresolved 1",
+                "halfmq_dead_letters_waiting_messages{group=\"shipping\"} 3",
+                "halfmq_delayed_pending_messages 9",
+                "halfmq_log_segments 2",
+                "halfmq_log_durable_offset_bytes 4096",
+                "halfmq_queue_messages{topic=\"orders\",queue=\"3\"} 10",
+                "halfmq_queue_messages{topic=\"orders\",queue=\"4\"} 7",
+            ],
         );
-        has(&t, "halfmq_delayed_pending_messages 9");
-        has(&t, "halfmq_log_segments 2");
-        has(&t, "halfmq_log_durable_offset_bytes 4096");
-        has(&t, "halfmq_queue_messages{topic=\"orders\",queue=\"3\"} 10");
-        has(&t, "halfmq_queue_messages{topic=\"orders\",queue=\"4\"} 7");
         let l = "{topic=\"orders\",queue=\"3\",group=\"shipping\"}";
-        has(&t, &format!("halfmq_group_backlog_messages{l} 5"));
-        has(&t, &format!("halfmq_group_lag_messages{l} 6"));
         has(
             &t,
-            &format!("halfmq_group_oldest_unacked_age_seconds{l} 2.5"),
+            &[
+                &format!("halfmq_group_backlog_messages{l} 5"),
+                &format!("halfmq_group_lag_messages{l} 6"),
+                &format!("halfmq_group_oldest_unacked_age_seconds{l} 2.5"),
+            ],
         );
         let l = "{topic=\"orders\",queue=\"4\",group=\"shipping\"}";
-        has(&t, &format!("halfmq_group_oldest_unacked_age_seconds{l} 0"));
+        has(
+            &t,
+            &[&format!("halfmq_group_oldest_unacked_age_seconds{l} 0")],
+        );
         assert_eq!(sample_sum(&t, BACKLOG), 5.0);
         assert_eq!(sample_sum(&t, QUEUE_MESSAGES), 17.0);
     }

@@ -3,7 +3,7 @@
 use clap::{Args, Subcommand};
 use halfmq::Result;
 
-use super::{json_line, ms_time, println_flush, ConnArgs};
+use super::{ms_time, print_each, println_flush, ConnArgs};
 
 /// `halfmq dlq list|replay`.
 #[derive(Subcommand)]
@@ -66,24 +66,20 @@ async fn list(a: DlqArgs, from: u64) -> Result<()> {
             }
         ));
     }
-    for d in &letters {
-        if a.json {
-            json_line(&serde_json::json!(d));
-        } else {
-            println_flush(&format!(
-                "#{} {} key={} from {}/{}@{} after {} failed deliveries: {}{}",
-                d.dlq_offset,
-                ms_time(d.at_ms),
-                d.key,
-                d.topic,
-                d.queue,
-                d.offset,
-                d.failures,
-                d.reason,
-                if d.replayed { " [replayed]" } else { "" }
-            ));
-        }
-    }
+    print_each(&letters, a.json, |d| {
+        format!(
+            "#{} {} key={} from {}/{}@{} after {} failed deliveries: {}{}",
+            d.dlq_offset,
+            ms_time(d.at_ms),
+            d.key,
+            d.topic,
+            d.queue,
+            d.offset,
+            d.failures,
+            d.reason,
+            if d.replayed { " [replayed]" } else { "" }
+        )
+    });
     Ok(())
 }
 
@@ -94,16 +90,12 @@ async fn replay(a: DlqArgs) -> Result<()> {
         .await?
         .replay_dead_letters(&a.group, a.max as usize)
         .await?;
-    for r in &done {
-        if a.json {
-            json_line(&serde_json::json!(r));
-        } else {
-            println_flush(&format!(
-                "#{} key={} -> {}/{}@{}",
-                r.dlq_offset, r.key, r.receipt.topic, r.receipt.queue, r.receipt.offset
-            ));
-        }
-    }
+    print_each(&done, a.json, |r| {
+        format!(
+            "#{} key={} -> {}/{}@{}",
+            r.dlq_offset, r.key, r.receipt.topic, r.receipt.queue, r.receipt.offset
+        )
+    });
     if !a.json {
         println_flush(&format!("{} dead letter(s) replayed", done.len()));
     }

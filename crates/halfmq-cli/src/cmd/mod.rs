@@ -82,6 +82,18 @@ pub fn print_json<T: serde::Serialize>(v: &T) {
     }
 }
 
+/// Print each of `items`: as one JSON line each with `json`, otherwise as the line `text`
+/// makes of it.
+pub fn print_each<T: serde::Serialize>(items: &[T], json: bool, text: impl Fn(&T) -> String) {
+    for item in items {
+        if json {
+            json_line(&serde_json::json!(item));
+        } else {
+            println_flush(&text(item));
+        }
+    }
+}
+
 /// A time in ms since the Unix epoch, as RFC 3339 UTC with milliseconds.
 pub fn ms_time(ms: u64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()

@@ -46,6 +46,23 @@ pub(super) enum Claimed {
 }
 
 impl Broker {
+    /// [`Broker::claim_key`] for a record about to be stored: `Ok(reservation)` (none
+    /// without a key) to store it with, or `Err(answer)`, the answer `original` makes of the
+    /// record stored for the key already (nothing is stored again).
+    pub(super) async fn claim_or_original<W: Wait, R>(
+        &self,
+        w: &W,
+        kind: RecordKind,
+        (topic, props): (&str, &Properties),
+        original: fn(Record) -> R,
+    ) -> Result<std::result::Result<Option<Reservation>, R>> {
+        Ok(match self.claim_key(w, kind, topic, props).await? {
+            Claimed::NoKey => Ok(None),
+            Claimed::Owner(r) => Ok(Some(r)),
+            Claimed::Original(rec) => Err(original(rec)),
+        })
+    }
+
     /// Claim the idempotency key in `props` (if any) for a record of `kind` in `topic`.
     /// Waits, the way `w` waits, while another sender holds the same key.
     pub(super) async fn claim_key<W: Wait>(

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use super::idem::Claimed;
 use super::wait::{block_on, Async, Blocking, Hook, Wait};
 use super::{validate_user_topic_name, Broker, Topic};
-use halfmq_store::record::{self, RecordKind};
+use halfmq_store::record::{self, Record, RecordKind};
 use halfmq_store::Appended;
 use halfmq_types::error::Result;
 use halfmq_types::{Message, SendReceipt};
@@ -27,21 +26,17 @@ impl Broker {
     /// key already stored answers with the original's receipt and stores nothing.
     async fn send_with<W: Wait>(&self, w: &W, topic: &str, msg: &Message) -> Result<SendReceipt> {
         let (t, qi, props) = self.prepare_send(topic, msg)?;
-        let claimed = self
-            .claim_key(w, RecordKind::Message, &t.name, &msg.properties)
-            .await?;
-        let reservation = match claimed {
-            Claimed::NoKey => None,
-            Claimed::Owner(r) => Some(r),
-            Claimed::Original(rec) => {
-                return Ok(SendReceipt {
-                    topic: rec.topic,
-                    queue: rec.header.queue_id,
-                    offset: rec.header.queue_offset,
-                    log_offset: rec.header.log_offset,
-                    duplicate: true,
-                })
-            }
+        let reservation = match self
+            .claim_or_original(
+                w,
+                RecordKind::Message,
+                (&t.name, &msg.properties),
+                sent_before,
+            )
+            .await?
+        {
+            Ok(reservation) => reservation,
+            Err(original) => return Ok(original),
         };
         // Built after the claim, which may have waited: the record's time is when it is
         // appended.
@@ -84,5 +79,16 @@ impl Broker {
             log_offset: a.log_offset,
             duplicate: false,
         }
+    }
+}
+
+/// The receipt of a send whose idempotency key was stored already: the original's.
+fn sent_before(rec: Record) -> SendReceipt {
+    SendReceipt {
+        topic: rec.topic,
+        queue: rec.header.queue_id,
+        offset: rec.header.queue_offset,
+        log_offset: rec.header.log_offset,
+        duplicate: true,
     }
 }

@@ -37,12 +37,12 @@ fn rec_kind(kind: RecordKind, flags: u16) -> Option<RecKind> {
 #[derive(Debug, Clone)]
 pub(crate) struct Found {
     pub(crate) log_offset: u64,
-    pub(crate) kind: RecKind,
-    pub(crate) topic: String,
-    pub(crate) queue: u32,
-    pub(crate) queue_offset: u64,
-    pub(crate) timestamp_ms: u64,
-    pub(crate) props: Properties,
+    kind: RecKind,
+    topic: String,
+    queue: u32,
+    queue_offset: u64,
+    timestamp_ms: u64,
+    props: Properties,
 }
 
 impl Found {

@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::checker::Msg as CheckMsg;
-use super::idem::Claimed;
-use super::wait::{block_on, Async, Blocking, Hook, Wait};
+use super::wait::{block_on, blocking_and_async, Async, Blocking, Hook, Wait};
 use super::{required_prop, validate_group_name, validate_user_topic_name, Broker, Topic};
 use crate::config::TxnConfig;
 use crate::txn::{Begin, TxnIndex};
@@ -198,56 +197,27 @@ impl Broker {
         (a, hook)
     }
 
-    /// Write a half message: durable when this returns (under any flush policy), invisible to
-    /// every consumer until [`Broker::commit`]. If neither commit nor rollback comes within
-    /// the transaction time-out, a checker of `producer_group` is asked.
-    pub fn send_half(
-        &self,
-        topic: &str,
-        msg: &Message,
-        producer_group: &str,
-        opts: HalfOptions,
-    ) -> Result<TxnId> {
-        self.send_half_receipt(topic, msg, producer_group, opts)
-            .map(|r| r.txn)
+    blocking_and_async! {
+        /// Write a half message: durable when this returns (under any flush policy),
+        /// invisible to every consumer until [`Broker::commit`]. If neither commit nor
+        /// rollback comes within the transaction time-out, a checker of `producer_group` is
+        /// asked.
+        fn send_half;
+        /// [`Broker::send_half`] for async code.
+        async fn send_half_async;
+        (&self, topic: &str, msg: &Message, producer_group: &str, opts: HalfOptions) -> Result<TxnId>;
+        send_half_with(topic, msg, producer_group, &opts).map(|r| r.txn)
     }
 
-    /// [`Broker::send_half`] for async code.
-    pub async fn send_half_async(
-        &self,
-        topic: &str,
-        msg: &Message,
-        producer_group: &str,
-        opts: HalfOptions,
-    ) -> Result<TxnId> {
-        self.send_half_receipt_async(topic, msg, producer_group, opts)
-            .await
-            .map(|r| r.txn)
-    }
-
-    /// [`Broker::send_half`] that also says whether the half was a duplicate of an
-    /// idempotency key already stored (then nothing was written and the original
-    /// transaction is returned).
-    pub fn send_half_receipt(
-        &self,
-        topic: &str,
-        msg: &Message,
-        producer_group: &str,
-        opts: HalfOptions,
-    ) -> Result<HalfReceipt> {
-        block_on(self.send_half_with(&Blocking, topic, msg, producer_group, &opts))
-    }
-
-    /// [`Broker::send_half_receipt`] for async code.
-    pub async fn send_half_receipt_async(
-        &self,
-        topic: &str,
-        msg: &Message,
-        producer_group: &str,
-        opts: HalfOptions,
-    ) -> Result<HalfReceipt> {
-        self.send_half_with(&Async, topic, msg, producer_group, &opts)
-            .await
+    blocking_and_async! {
+        /// [`Broker::send_half`] that also says whether the half was a duplicate of an
+        /// idempotency key already stored (then nothing was written and the original
+        /// transaction is returned).
+        fn send_half_receipt;
+        /// [`Broker::send_half_receipt`] for async code.
+        async fn send_half_receipt_async;
+        (&self, topic: &str, msg: &Message, producer_group: &str, opts: HalfOptions) -> Result<HalfReceipt>;
+        send_half_with(topic, msg, producer_group, &opts)
     }
 
     /// The one path of a half: claim its idempotency key (a key already stored answers with
@@ -262,18 +232,17 @@ impl Broker {
         opts: &HalfOptions,
     ) -> Result<HalfReceipt> {
         let (t, qi, props) = self.prepare_half(topic, msg, producer_group, opts)?;
-        let claimed = self
-            .claim_key(w, RecordKind::Half, &t.name, &msg.properties)
-            .await?;
-        let reservation = match claimed {
-            Claimed::NoKey => None,
-            Claimed::Owner(r) => Some(r),
-            Claimed::Original(rec) => {
-                return Ok(HalfReceipt {
+        let reservation = match self
+            .claim_or_original(w, RecordKind::Half, (&t.name, &msg.properties), |rec| {
+                HalfReceipt {
                     txn: TxnId(rec.header.log_offset),
                     duplicate: true,
-                })
-            }
+                }
+            })
+            .await?
+        {
+            Ok(reservation) => reservation,
+            Err(original) => return Ok(original),
         };
         let (a, hook) = self.half_parts(&t, qi, msg, &props, producer_group, opts);
         let hook = Self::with_reservation(&a, hook, reservation);

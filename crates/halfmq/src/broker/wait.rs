@@ -107,6 +107,36 @@ thread_local! {
     static THREAD_WAKER: Waker = Waker::from(Arc::new(Unpark(std::thread::current())));
 }
 
+/// A blocking method and its `_async` twin over the one path of an operation
+/// (`$with`, an `async fn` generic over [`Wait`]), declared once: the parameters, the result
+/// and what is passed on are the same for both; the blocking one runs the path with
+/// [`Blocking`] to its end at once ([`block_on`]), the async one awaits it with [`Async`].
+/// An optional `.map(f)` turns the path's result into the method's.
+macro_rules! blocking_and_async {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident;
+        $(#[$doc_async:meta])*
+        async fn $name_async:ident;
+        (&self, $($arg:ident: $ty:ty),* $(,)?) -> $ret:ty;
+        $with:ident($($pass:expr),* $(,)?) $(.map($f:expr))?
+    ) => {
+        $(#[$doc])*
+        pub fn $name(&self, $($arg: $ty),*) -> $ret {
+            $crate::broker::wait::block_on(
+                self.$with(&$crate::broker::wait::Blocking, $($pass),*)
+            )$(.map($f))?
+        }
+
+        $(#[$doc_async])*
+        pub async fn $name_async(&self, $($arg: $ty),*) -> $ret {
+            self.$with(&$crate::broker::wait::Async, $($pass),*)
+                .await$(.map($f))?
+        }
+    };
+}
+pub(crate) use blocking_and_async;
+
 /// Run an operation to its end on this thread. With [`Blocking`] every wait inside it blocks
 /// within a poll and never returns `Pending`, so the first poll finishes it; parking until
 /// woken only keeps this correct for any future.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::{ms, GroupTopic};
-use crate::broker::wait::{block_on, Async, Blocking, Wait};
+use crate::broker::wait::{block_on, blocking_and_async, Async, Blocking, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::delivery::{Lease, HELD};
 use crate::meta::RetryState;
@@ -172,34 +172,18 @@ impl Broker {
         Ok(out)
     }
 
-    /// Give back a delivered message un-processed: it is delivered again after `delay`, or
-    /// after the group's retry backoff for its failure count when `None`. The nack counts as
-    /// a failed delivery; past the group's `max_retries` the message moves to the group's
-    /// dead-letter queue instead. Durable when this returns.
-    pub fn nack(
-        &self,
-        group: &str,
-        topic: &str,
-        queue: u32,
-        offset: u64,
-        delay: Option<Duration>,
-    ) -> Result<NackOutcome> {
-        block_on(self.nack_with(&Blocking, group, topic, queue, offset, delay))
-    }
-
-    /// [`Broker::nack`] for async code: waiting for the durable writes does not block the
-    /// executor's thread. Cancelled before it returns, the message stays with the consumer
-    /// as it was (unless its dead-letter move got as far as its ack).
-    pub async fn nack_async(
-        &self,
-        group: &str,
-        topic: &str,
-        queue: u32,
-        offset: u64,
-        delay: Option<Duration>,
-    ) -> Result<NackOutcome> {
-        self.nack_with(&Async, group, topic, queue, offset, delay)
-            .await
+    blocking_and_async! {
+        /// Give back a delivered message un-processed: it is delivered again after `delay`,
+        /// or after the group's retry backoff for its failure count when `None`. The nack
+        /// counts as a failed delivery; past the group's `max_retries` the message moves to
+        /// the group's dead-letter queue instead. Durable when this returns.
+        fn nack;
+        /// [`Broker::nack`] for async code: waiting for the durable writes does not block the
+        /// executor's thread. Cancelled before it returns, the message stays with the consumer
+        /// as it was (unless its dead-letter move got as far as its ack).
+        async fn nack_async;
+        (&self, group: &str, topic: &str, queue: u32, offset: u64, delay: Option<Duration>) -> Result<NackOutcome>;
+        nack_with(group, topic, queue, offset, delay)
     }
 
     /// The one path of a nack. The message's lease is held (never due, so no poll hands it
