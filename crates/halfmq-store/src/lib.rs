@@ -77,6 +77,7 @@ mod prepare;
 mod read;
 pub mod record;
 mod recovery;
+pub mod repair;
 mod retention;
 pub mod segment;
 mod seqfile;
