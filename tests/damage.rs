@@ -142,14 +142,28 @@ fn a_zeroed_header_of_the_newest_segment_stops_the_open_and_repair_restores_ever
 
     let opened = open_waiting_for_lock(|| Broker::open(cfg.clone()));
     assert_damaged_at(opened, &seg, 0);
-    assert!(std::fs::read(&seg).unwrap() == bytes, "nothing was removed or cut");
+    assert!(
+        std::fs::read(&seg).unwrap() == bytes,
+        "nothing was removed or cut"
+    );
 
     let dry = run(&["repair", "--data-dir", dir.to_str().unwrap(), "--dry-run"]).ok();
-    assert!(dry.stdout.contains("would quarantine 32 bytes"), "{}", dry.stdout);
-    assert!(std::fs::read(&seg).unwrap() == bytes, "a dry run changes nothing");
+    assert!(
+        dry.stdout.contains("would quarantine 32 bytes"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        std::fs::read(&seg).unwrap() == bytes,
+        "a dry run changes nothing"
+    );
     let r = run(&["repair", "--data-dir", dir.to_str().unwrap()]).ok();
     assert!(r.stdout.contains("quarantined 32 bytes"), "{}", r.stdout);
-    assert_eq!(std::fs::read(&seg).unwrap()[..32], header[..], "header restored");
+    assert_eq!(
+        std::fs::read(&seg).unwrap()[..32],
+        header[..],
+        "header restored"
+    );
     let again = run(&["repair", "--data-dir", dir.to_str().unwrap()]).ok();
     assert_eq!(again.stdout.trim(), "no damage found");
 
@@ -216,7 +230,11 @@ fn assert_repaired(disk: &SimStorage, cfg: &BrokerConfig, sent: &[Sent]) {
     let s = &sent[DAMAGED];
     let mut rest = sent.to_vec();
     rest.remove(DAMAGED);
-    assert_eq!(served(&b), expected(&rest), "everything but record {DAMAGED}");
+    assert_eq!(
+        served(&b),
+        expected(&rest),
+        "everything but record {DAMAGED}"
+    );
     let q = b.store().queue(TOPIC, s.queue).unwrap();
     match b.store().read_message(&q, s.offset) {
         Err(Error::Lost {
@@ -245,19 +263,36 @@ fn one_changed_byte_in_record_31_after_a_crash_stops_the_open_and_repair_loses_o
     let (pos, damaged) = damage(&disk, &seg, s);
 
     assert_damaged_at(open_sim(&disk, &cfg), &seg, pos);
-    assert!(disk.durable_bytes(&seg).unwrap() == damaged, "nothing was cut");
+    assert!(
+        disk.durable_bytes(&seg).unwrap() == damaged,
+        "nothing was cut"
+    );
 
     let dry = repair::repair(&disk, tmp.path(), true).unwrap();
     check_report(&dry, s);
-    assert!(disk.durable_bytes(&seg).unwrap() == damaged, "a dry run changes nothing");
+    assert!(
+        disk.durable_bytes(&seg).unwrap() == damaged,
+        "a dry run changes nothing"
+    );
     let report = repair::repair(&disk, tmp.path(), false).unwrap();
     check_report(&report, s);
     let range = &report.damaged[0];
-    assert_eq!((range.file_pos, range.len), (pos, 52 + (TOPIC.len() + s.key.len() + s.body.len()) as u64));
-    let copy = disk.durable_bytes(&range.quarantine).expect("the quarantine copy is durable");
+    assert_eq!(
+        (range.file_pos, range.len),
+        (pos, 52 + (TOPIC.len() + s.key.len() + s.body.len()) as u64)
+    );
+    let copy = disk
+        .durable_bytes(&range.quarantine)
+        .expect("the quarantine copy is durable");
     let original = &damaged[pos as usize..(pos + range.len) as usize];
-    assert!(copy.windows(original.len()).any(|w| w == original), "it holds the damaged bytes");
-    assert_eq!(repair::repair(&disk, tmp.path(), false).unwrap(), RepairReport::default());
+    assert!(
+        copy.windows(original.len()).any(|w| w == original),
+        "it holds the damaged bytes"
+    );
+    assert_eq!(
+        repair::repair(&disk, tmp.path(), false).unwrap(),
+        RepairReport::default()
+    );
     assert_repaired(&disk, &cfg, &sent);
 }
 
@@ -387,6 +422,9 @@ fn repair_crashed_at_every_step_and_run_again_ends_the_same() {
             break;
         }
     }
-    assert!(crashed_at[&false] >= 4, "crash points tried: {crashed_at:?}");
+    assert!(
+        crashed_at[&false] >= 4,
+        "crash points tried: {crashed_at:?}"
+    );
     let _ = SEGMENT_HEADER_BYTES;
 }

@@ -215,7 +215,7 @@ impl Shared {
             self.roll(&mut w)?;
         }
         if w.batch.mark_at.is_none() {
-            self.put_mark(&mut w);
+            self.put_mark(&mut w, a.timestamp_ms);
         }
         if let Some(q) = a.dispatch_to {
             q.reserve(q.assigned.load(std::sync::atomic::Ordering::Relaxed) + 1)?;
@@ -298,9 +298,9 @@ impl Shared {
 
     /// Encode the batch's [`RecordKind::Mark`] at the writer's position (its durable end is
     /// set by the flusher when it writes the batch: `record::set_mark`).
-    fn put_mark(&self, w: &mut Writer) {
+    fn put_mark(&self, w: &mut Writer, timestamp_ms: u64) {
         let start = w.batch.bytes.len();
-        record::encode_mark(&mut w.batch.bytes, w.active.base + w.pos, 0);
+        record::encode_mark(&mut w.batch.bytes, w.active.base + w.pos, 0, timestamp_ms);
         w.batch.mark_at = Some(start);
         self.place(w, start);
     }

@@ -52,14 +52,16 @@ pub use halfmq_types::Properties;
 pub const MARK_BYTES: usize = HEADER_BYTES + 8;
 
 /// Encode a [`RecordKind::Mark`] at `log_offset` whose durable end is `durable` into `out`.
-pub fn encode_mark(out: &mut Vec<u8>, log_offset: u64, durable: u64) {
+/// Its timestamp is that of the record that opened the batch, so the first record of a
+/// segment (read by retention by age) always has a real time.
+pub fn encode_mark(out: &mut Vec<u8>, log_offset: u64, durable: u64, timestamp_ms: u64) {
     let header = Header {
         kind: RecordKind::Mark,
         flags: 0,
         queue_id: 0,
         log_offset,
         queue_offset: 0,
-        timestamp_ms: 0,
+        timestamp_ms,
     };
     // Cannot fail: empty topic and key, an 8-byte body.
     let _ = encode_into(out, &header, "", "", &[], &durable.to_le_bytes());
@@ -470,7 +472,7 @@ mod tests {
     #[test]
     fn a_mark_round_trips_and_can_be_set_later() {
         let mut out = Vec::new();
-        encode_mark(&mut out, 4096, 0);
+        encode_mark(&mut out, 4096, 0, 1);
         assert_eq!(out.len(), MARK_BYTES);
         set_mark(&mut out, 1234);
         let (view, len) = decode(&out).unwrap();

@@ -176,13 +176,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = 1 << 20;
         let mut bytes = vec![0u8; 32];
-        encode_mark(&mut bytes, base + 32, 0);
+        encode_mark(&mut bytes, base + 32, 0, 1);
         let damaged = bytes.len();
         message(&mut bytes, base, b"first");
         let second = bytes.len();
         message(&mut bytes, base, b"second");
         let mark = bytes.len();
-        encode_mark(&mut bytes, base + mark as u64, base + second as u64);
+        encode_mark(&mut bytes, base + mark as u64, base + second as u64, 1);
         message(&mut bytes, base, b"third");
         let end = bytes.len();
         bytes.resize(4096, 0);

@@ -7,9 +7,11 @@
 //!    the log read from its start, when there is no usable checkpoint or an index is
 //!    missing or short).
 //! 3. The log is read from the checkpoint: each message is indexed again. In an older
-//!    segment, a record that fails its checks is corruption: open fails, naming the file and
-//!    offset. In the newest segment it is the torn tail of an unclean stop: it and everything
-//!    after it is zeroed, provided the damage is no longer than an unsynced batch can be.
+//!    segment, a record that fails its checks is damage to acknowledged data: open fails
+//!    with `Error::Damaged`, naming the file and offset. In the newest segment it is the torn
+//!    tail of an unclean stop, unless the checkpoint or the durable mark of a later batch
+//!    (`damage`) is above it: then it was acknowledged, and open fails the same way. A torn
+//!    tail is zeroed, provided it is no longer than an unsynced batch can be.
 //!    Everything read after the checkpoint is written again and synced before it is trusted
 //!    (a failed fsync can leave readable pages that never reach the disk).
 //! 4. Indexes are synced and a new checkpoint is written.
