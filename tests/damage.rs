@@ -428,3 +428,49 @@ fn repair_crashed_at_every_step_and_run_again_ends_the_same() {
     );
     let _ = SEGMENT_HEADER_BYTES;
 }
+
+/// After a clean close the consume-queue entries are durable: repair names record 31 from
+/// its index entry (key checked against the entry's hash), and its quarantine record keeps
+/// the message's queue offset, so the index below the checkpoint still holds. Before the
+/// repair a clean open does not re-read the log, so the damage shows when a poll reaches it.
+#[test]
+fn after_a_clean_close_repair_names_the_lost_record_from_its_index_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let disk = SimStorage::new();
+    let b = Broker::open_with(Arc::new(disk.clone()), cfg.clone()).unwrap();
+    let sent = send_all(&b);
+    b.close().unwrap();
+    drop(b);
+    let disk = disk.crash(CrashMode::DropUnsynced);
+    let seg = segment_path(tmp.path());
+    let s = &sent[DAMAGED];
+    damage(&disk, &seg, s);
+    let b = open_sim(&disk, &cfg).unwrap();
+    let polled = (0..100).try_for_each(|_| b.poll("g", TOPIC, 4096).map(|_| ()));
+    assert!(matches!(polled, Err(Error::Corrupt { .. })), "{polled:?}");
+    b.close().unwrap();
+    drop(b);
+
+    let report = repair::repair(&disk, tmp.path(), false).unwrap();
+    let lost: Vec<_> = report.lost().collect();
+    assert_eq!(lost.len(), 1, "{report}");
+    assert_eq!(
+        (
+            lost[0].topic.as_deref(),
+            lost[0].queue,
+            lost[0].queue_offset,
+            lost[0].key.as_deref(),
+            lost[0].from_index
+        ),
+        (
+            Some(TOPIC),
+            Some(s.queue),
+            Some(s.offset),
+            Some(s.key.as_str()),
+            true
+        ),
+        "{report}"
+    );
+    assert_repaired(&disk, &cfg, &sent);
+}

@@ -213,9 +213,8 @@ impl Ctx<'_> {
         loop {
             let mut scan = Scanner::new(file, size, pos);
             let reason = loop {
-                match scan.next()? {
-                    Err(reason) => break reason,
-                    Ok(()) => {}
+                if let Err(reason) = scan.next()? {
+                    break reason;
                 }
                 let view = match scan.current() {
                     Ok(v) => v,
