@@ -244,14 +244,16 @@ fn assert_holds(b: &Broker, topic: &str, sent: &[Sent], what: &str) {
     }
 }
 
-/// The records of a segment image from its first record on: (file position, length, kind).
-/// Stops after a SegmentEnd record or at the first position that holds no valid record, and
-/// returns that position too.
+/// The records of a segment image from its first record on: (file position, length, kind),
+/// without the marks that begin each group-commit batch. Stops after a SegmentEnd record or
+/// at the first position that holds no valid record, and returns that position too.
 fn walk(image: &[u8]) -> (Vec<(u64, u64, RecordKind)>, u64) {
     let mut pos = SEGMENT_HEADER_BYTES;
     let mut out = Vec::new();
     while let Ok((view, len)) = record::decode(&image[pos as usize..]) {
-        out.push((pos, len as u64, view.header.kind));
+        if view.header.kind != RecordKind::Mark {
+            out.push((pos, len as u64, view.header.kind));
+        }
         pos += len as u64;
         if view.header.kind == RecordKind::SegmentEnd {
             break;
@@ -278,9 +280,16 @@ fn body(tag: &str, len: usize) -> Vec<u8> {
     b
 }
 
+/// `Error::Corrupt`, or `Error::Damaged` (damage recovery knows is in acknowledged data),
+/// naming `path` and `offset`.
 fn assert_corrupt_at(result: halfmq::Result<Arc<Broker>>, path: &Path, offset: u64, what: &str) {
     match result {
         Err(Error::Corrupt {
+            path: p,
+            offset: o,
+            reason,
+        })
+        | Err(Error::Damaged {
             path: p,
             offset: o,
             reason,
@@ -369,11 +378,16 @@ impl TornFixture {
         );
         let n = self.sent.len();
         assert_holds(&b, "torn", &self.sent[..n - 1], what);
-        // The next message with the same key takes the cut record's place in log and queue.
+        // The next message with the same key takes the cut record's place in log (after the
+        // mark of its batch) and queue.
         let again = send(&b, "torn", &cut.key, b"after-the-cut");
         assert_eq!(
             (again.queue, again.offset, again.log_offset),
-            (cut.queue, cut.offset, cut.log_offset),
+            (
+                cut.queue,
+                cut.offset,
+                cut.log_offset + record::MARK_BYTES as u64
+            ),
             "{what}: the next record"
         );
         let mut all = self.sent[..n - 1].to_vec();
@@ -655,7 +669,8 @@ fn crash_between_roll_over_and_sealing_the_full_segment_is_a_torn_tail() {
         let end = sent
             .last()
             .map_or(SEGMENT_HEADER_BYTES, |s: &Sent| s.log_offset + size);
-        if end + size + record::HEADER_BYTES as u64 > SEGMENT_BYTES {
+        // Each send is one group commit: a mark, then the message.
+        if end + record::MARK_BYTES as u64 + size + record::HEADER_BYTES as u64 > SEGMENT_BYTES {
             break;
         }
         sent.push(send(&b, "roll", "k", &msg));
@@ -1171,15 +1186,23 @@ fn damage_longer_than_a_torn_tail_in_the_newest_segment_fails_open() {
             "nothing was cut"
         );
     }
-    // Just inside the limit the damage is treated as a torn tail (a documented limit: those
-    // messages were acknowledged, and are lost).
-    let (d, _) = damage(fits);
-    let b = open(&d, &cfg);
-    assert_eq!(
-        b.recovery_report().torn_bytes_cut,
-        end - sent[fits].log_offset
+    // Just inside the limit it is still damage to acknowledged data: the marks of the later
+    // group commits say it was durable. (Before batches carried marks, this was cut as a
+    // torn tail, losing acknowledged messages.)
+    let (d, damaged) = damage(fits);
+    assert!(
+        matches!(try_open(&d, &cfg), Err(Error::Damaged { offset, .. }) if offset == sent[fits].log_offset)
     );
-    assert_holds(&b, "long", &sent[..fits], "damage that fits a torn tail");
+    assert!(
+        d.durable_bytes(&path).unwrap() == damaged,
+        "nothing was cut"
+    );
+    // The last record has no mark after it that covers it: a torn tail, cut.
+    let n = sent.len() - 1;
+    let (d, _) = damage(n);
+    let b = open(&d, &cfg);
+    assert_eq!(b.recovery_report().torn_bytes_cut, end - sent[n].log_offset);
+    assert_holds(&b, "long", &sent[..n], "damage in the last batch");
 }
 
 /// Test 9b: The same rule holds when the damage is in the first record of the newest of several
@@ -1215,10 +1238,12 @@ fn damaged_first_record_of_a_newest_segment_full_of_data_is_corruption() {
             .iter()
             .find(|s| s.log_offset >= cfg.store.segment_bytes)
             .unwrap();
+        // The new segment starts with the mark of the batch that rolled over.
         assert_eq!(
             first.log_offset,
-            cfg.store.segment_bytes + SEGMENT_HEADER_BYTES
+            cfg.store.segment_bytes + SEGMENT_HEADER_BYTES + record::MARK_BYTES as u64
         );
+        let first_pos = first.log_offset - cfg.store.segment_bytes;
         assert!(
             end - first.log_offset > limit + 10_000,
             "more than a torn tail after it"
@@ -1226,7 +1251,7 @@ fn damaged_first_record_of_a_newest_segment_full_of_data_is_corruption() {
         assert_eq!(log_files(&image, dir).len(), 2);
 
         let mut bytes = image.durable_bytes(&newest).unwrap();
-        bytes[SEGMENT_HEADER_BYTES as usize + 70] ^= 0x04;
+        bytes[first_pos as usize + 70] ^= 0x04;
         let d = copy_of(&image);
         d.put_bytes(&newest, bytes.clone());
         let opened = try_open(&d, &cfg);
@@ -1251,7 +1276,7 @@ fn damaged_first_record_of_a_newest_segment_full_of_data_is_corruption() {
                 b.poll("g", "first", 10_000).map(|_| b)
             }
         };
-        assert_corrupt_at(result, &newest, SEGMENT_HEADER_BYTES, what);
+        assert_corrupt_at(result, &newest, first_pos, what);
         assert!(
             d.durable_bytes(&newest) == Some(bytes),
             "{what}: nothing was cut or removed"

@@ -1,5 +1,6 @@
 //! Opening a data directory made of arbitrary bytes, or of a valid log with arbitrary
-//! damage, gives Ok or a typed error: never a panic, a hang or an unbounded allocation.
+//! damage, gives Ok or a typed error: never a panic, a hang or an unbounded allocation; and
+//! so does `repair` of a directory that failed to open, and the open after it.
 #![no_main]
 
 use std::path::Path;
@@ -82,12 +83,25 @@ fuzz_target!(|data: &[u8]| {
             disk.put_bytes(Path::new(&p), b);
         }
     }
-    let storage: Arc<dyn Storage> = Arc::new(disk);
-    if let Ok((store, _)) = Store::open(storage, Path::new(DIR), config(), &mut |_| {}) {
-        // Whatever opened must be readable without panics.
-        for q in store.queues() {
-            let _ = store.read_messages(&q, 0, 1000);
+    let storage: Arc<dyn Storage> = Arc::new(disk.clone());
+    match Store::open(storage.clone(), Path::new(DIR), config(), &mut |_| {}) {
+        Ok((store, _)) => read_all(&store),
+        Err(_) => {
+            // Repair copes with the same bytes (a report or a typed error), and what it
+            // leaves opens, or fails with a typed error, the same way.
+            if halfmq_store::repair::repair(&disk, Path::new(DIR), false).is_ok() {
+                if let Ok((store, _)) = Store::open(storage, Path::new(DIR), config(), &mut |_| {}) {
+                    read_all(&store);
+                }
+            }
         }
-        let _ = store.close();
     }
 });
+
+/// Whatever opened must be readable without panics.
+fn read_all(store: &Store) {
+    for q in store.queues() {
+        let _ = store.read_messages(&q, 0, 1000);
+    }
+    let _ = store.close();
+}

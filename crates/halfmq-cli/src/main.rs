@@ -63,6 +63,10 @@ enum Command {
     /// Run one retention pass now: delete the old log segments the configured limits allow
     /// and nothing still needs; print what was deleted and what pins the rest.
     Retention(cmd::retention::RetentionCmd),
+    /// Quarantine damaged acknowledged data in a stopped broker's data directory: copy the
+    /// damaged bytes aside, report the messages lost (topic, queue, offset, key), and let the
+    /// broker open again with everything else.
+    Repair(cmd::repair::RepairCmd),
     /// Measure durable throughput and latency.
     Bench(cmd::bench::BenchArgs),
 }
@@ -111,6 +115,7 @@ async fn run(command: Command, matches: &ArgMatches) -> halfmq::Result<()> {
         Command::Stats(c) => cmd::stats::run(c).await,
         Command::Trace(c) => cmd::trace::run(c).await,
         Command::Retention(c) => cmd::retention::run(c).await,
+        Command::Repair(c) => cmd::repair::run(c).await,
         // The bench drives its own runtimes and threads: it runs off this executor.
         Command::Bench(a) => cmd::blocking("the bench", move || cmd::bench::run(a)).await,
     }

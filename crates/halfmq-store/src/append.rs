@@ -204,8 +204,18 @@ impl Shared {
             }
             break;
         }
-        if w.pos + u64::from(size) + SEGMENT_END_BYTES > w.active.size {
+        // Every batch starts with a mark of the durable end (filled in by the flusher), so
+        // recovery can tell damage to acknowledged records from a torn tail.
+        let mark_bytes = if w.batch.mark_at.is_none() {
+            record::MARK_BYTES as u64
+        } else {
+            0
+        };
+        if w.pos + mark_bytes + u64::from(size) + SEGMENT_END_BYTES > w.active.size {
             self.roll(&mut w)?;
+        }
+        if w.batch.mark_at.is_none() {
+            self.put_mark(&mut w, a.timestamp_ms);
         }
         if let Some(q) = a.dispatch_to {
             q.reserve(q.assigned.load(std::sync::atomic::Ordering::Relaxed) + 1)?;
@@ -281,7 +291,25 @@ impl Shared {
                 reason,
             })?;
         debug_assert_eq!(written, size);
+        self.place(w, start);
+        w.batch.records += 1;
+        Ok(())
+    }
+
+    /// Encode the batch's [`RecordKind::Mark`] at the writer's position (its durable end is
+    /// set by the flusher when it writes the batch: `record::set_mark`).
+    fn put_mark(&self, w: &mut Writer, timestamp_ms: u64) {
+        let start = w.batch.bytes.len();
+        record::encode_mark(&mut w.batch.bytes, w.active.base + w.pos, 0, timestamp_ms);
+        w.batch.mark_at = Some(start);
+        self.place(w, start);
+    }
+
+    /// Account for the record just encoded at `start` of the batch: its chunk, the
+    /// writer's position and the batch's end.
+    fn place(&self, w: &mut Writer, start: usize) {
         let end = w.batch.bytes.len();
+        let size = (end - start) as u64;
         let same_chunk = matches!(w.batch.chunks.last(), Some(c) if !c.seal && Arc::ptr_eq(&c.segment, &w.active));
         if same_chunk {
             if let Some(c) = w.batch.chunks.last_mut() {
@@ -297,13 +325,11 @@ impl Shared {
             };
             w.batch.chunks.push(chunk);
         }
-        w.pos += u64::from(size);
-        if w.batch.records == 0 {
+        w.pos += size;
+        if w.batch.first_at.is_none() {
             w.batch.first_at = Some(std::time::Instant::now());
         }
-        w.batch.records += 1;
         w.batch.end = w.active.base + w.pos;
-        Ok(())
     }
 
     /// Close the active segment with a SegmentEnd record and start the next one. The new

@@ -36,7 +36,10 @@ pub(crate) struct Batch {
     pub(crate) hooks: Vec<(DurableHook, u64)>,
     /// A hook in the batch needs the batch synced whatever the flush policy.
     pub(crate) sync_hooks: bool,
-    /// Records in the batch.
+    /// Where in `bytes` the batch's [`crate::record::RecordKind::Mark`] is (its first
+    /// record, or the first after a SegmentEnd); the flusher fills in the durable end.
+    pub(crate) mark_at: Option<usize>,
+    /// Records in the batch (marks not counted).
     pub(crate) records: u64,
     /// When the first record entered the (empty) batch.
     pub(crate) first_at: Option<std::time::Instant>,
@@ -75,6 +78,7 @@ impl Batch {
         self.dispatch.clear();
         self.hooks.clear();
         self.sync_hooks = false;
+        self.mark_at = None;
         self.records = 0;
         self.first_at = None;
     }

@@ -137,6 +137,10 @@ fn observe_fsync(shared: &Shared, took: std::time::Duration) {
 fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()> {
     let batch = &mut st.batch;
     let had_data = !batch.is_empty();
+    if let Some(at) = batch.mark_at {
+        // Everything below `durable` is synced before any byte of this batch is written.
+        crate::record::set_mark(&mut batch.bytes[at..], st.durable);
+    }
     let mut last_segment = None;
     for c in &batch.chunks {
         c.segment

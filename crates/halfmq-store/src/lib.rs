@@ -41,7 +41,10 @@
 //!   scans ([`RecordVisitor`]), waiting for messages, log statistics.
 //! - `retention` (private): deleting segments from the front of the log
 //!   ([`Store::truncate_front`]).
-//! - `recovery` (private): open-time recovery: segment checks, torn tail cut, index rebuild.
+//! - `recovery` (private): open-time recovery: segment checks, torn tail cut (told apart
+//!   from damage to acknowledged records by the batches' durable marks), index rebuild.
+//! - [`repair`]: `halfmq repair`: quarantine damaged acknowledged bytes, report what was
+//!   lost.
 //! - `prepare` (private): zero-fills the next segment ahead of the roll.
 //! - `seqfile` (private): the numbered, checksummed files that checkpoints and log starts
 //!   are written as.
@@ -77,6 +80,7 @@ mod prepare;
 mod read;
 pub mod record;
 mod recovery;
+pub mod repair;
 mod retention;
 pub mod segment;
 mod seqfile;

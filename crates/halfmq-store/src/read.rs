@@ -46,18 +46,32 @@ impl Store {
         self.read_indexed(queue, queue_offset, &entry).map(Some)
     }
 
-    /// Read up to `max` messages of `queue` from `from`, in order.
+    /// Read up to `max` messages of `queue` from `from`, in order. Messages lost to damage
+    /// (`Error::Lost`) are left out, so the queue offsets returned may have gaps.
     pub fn read_messages(
         &self,
         queue: &ConsumeQueue,
         from: u64,
         max: usize,
     ) -> Result<Vec<(u64, Record)>> {
-        let entries = queue.read(from, max)?;
-        let mut out = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let qo = from + i as u64;
-            out.push((qo, self.read_indexed(queue, qo, entry)?));
+        let mut out = Vec::with_capacity(max.min(1024));
+        let mut from = from;
+        // Messages lost to damage (quarantined by repair) are skipped; read on past them so
+        // that a lost message never hides the ones after it.
+        while out.is_empty() {
+            let entries = queue.read(from, max)?;
+            if entries.is_empty() {
+                break;
+            }
+            for (i, entry) in entries.iter().enumerate() {
+                let qo = from + i as u64;
+                match self.read_indexed(queue, qo, entry) {
+                    Ok(rec) => out.push((qo, rec)),
+                    Err(Error::Lost { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            from += entries.len() as u64;
         }
         Ok(out)
     }
@@ -84,6 +98,13 @@ impl Store {
             Err(e) => return Err(e),
         };
         let h = &rec.header;
+        if h.kind == RecordKind::Quarantined {
+            return Err(Error::Lost {
+                topic: queue.topic().to_owned(),
+                queue: queue.queue_id(),
+                offset: queue_offset,
+            });
+        }
         if h.kind != RecordKind::Message
             || h.queue_offset != queue_offset
             || h.queue_id != queue.queue_id()

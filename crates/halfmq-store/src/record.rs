@@ -47,6 +47,50 @@ pub const FLAG_DELAYED_FIRE: u16 = 2;
 
 pub use halfmq_types::Properties;
 
+/// Bytes of a [`RecordKind::Mark`] record: a header with empty topic and key, and an 8-byte
+/// body.
+pub const MARK_BYTES: usize = HEADER_BYTES + 8;
+
+/// Encode a [`RecordKind::Mark`] at `log_offset` whose durable end is `durable` into `out`.
+/// Its timestamp is that of the record that opened the batch, so the first record of a
+/// segment (read by retention by age) always has a real time.
+pub fn encode_mark(out: &mut Vec<u8>, log_offset: u64, durable: u64, timestamp_ms: u64) {
+    let header = Header {
+        kind: RecordKind::Mark,
+        flags: 0,
+        queue_id: 0,
+        log_offset,
+        queue_offset: 0,
+        timestamp_ms,
+    };
+    // Cannot fail: empty topic and key, an 8-byte body.
+    let _ = encode_into(out, &header, "", "", &[], &durable.to_le_bytes());
+}
+
+/// Set the durable end of the [`RecordKind::Mark`] encoded at the start of `mark` (which is
+/// [`MARK_BYTES`] long) and recompute its CRC. The flusher does this when it writes the
+/// batch, so the mark says what was durable at that moment, not when the batch began.
+pub fn set_mark(mark: &mut [u8], durable: u64) {
+    if mark.len() < MARK_BYTES {
+        return;
+    }
+    mark[HEADER_BYTES..MARK_BYTES].copy_from_slice(&durable.to_le_bytes());
+    let crc = crc32fast::hash(&mark[8..MARK_BYTES]);
+    mark[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+impl RecordView<'_> {
+    /// The durable end a [`RecordKind::Mark`] carries (`None` for any other record).
+    pub fn mark(&self) -> Option<u64> {
+        if self.header.kind != RecordKind::Mark || self.body.len() != 8 {
+            return None;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.body);
+        Some(u64::from_le_bytes(b))
+    }
+}
+
 /// What a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
@@ -60,6 +104,16 @@ pub enum RecordKind {
     /// A message to deliver later: invisible until a `Message` record with
     /// [`FLAG_DELAYED_FIRE`] copies it into its queue at its time.
     Delayed = 4,
+    /// The head of a group-commit batch: its body (8 bytes, u64 LE) is the durable end of
+    /// the log when the batch was written, so every record below it had been acknowledged
+    /// (see [`MARK_BYTES`] and `crate::recovery`). Written since segment format version 2.
+    Mark = 5,
+    /// Written by `halfmq repair` over damaged bytes, with the same length, so every later
+    /// offset still holds; the original bytes are kept in `quarantine/`. When the damaged
+    /// bytes were a message whose consume-queue entry is known, the topic, queue id and
+    /// queue offset are that message's, and the queue offset stays taken (a read of it is
+    /// `Error::Lost`); otherwise the topic is empty.
+    Quarantined = 6,
     /// Marks the clean end of a segment: the next record is in the next segment.
     SegmentEnd = 127,
 }
@@ -71,6 +125,8 @@ impl RecordKind {
             2 => Some(RecordKind::Half),
             3 => Some(RecordKind::TxnEnd),
             4 => Some(RecordKind::Delayed),
+            5 => Some(RecordKind::Mark),
+            6 => Some(RecordKind::Quarantined),
             127 => Some(RecordKind::SegmentEnd),
             _ => None,
         }
@@ -411,6 +467,22 @@ mod tests {
                 assert!(r.is_err(), "flip of bit {bit} in byte {i} was accepted");
             }
         }
+    }
+
+    #[test]
+    fn a_mark_round_trips_and_can_be_set_later() {
+        let mut out = Vec::new();
+        encode_mark(&mut out, 4096, 0, 1);
+        assert_eq!(out.len(), MARK_BYTES);
+        set_mark(&mut out, 1234);
+        let (view, len) = decode(&out).unwrap();
+        assert_eq!(
+            (len, view.header.kind, view.mark()),
+            (MARK_BYTES, RecordKind::Mark, Some(1234))
+        );
+        assert_eq!(view.header.log_offset, 4096);
+        out[HEADER_BYTES] ^= 1;
+        assert!(decode(&out).is_err(), "a changed mark fails its CRC");
     }
 
     #[test]

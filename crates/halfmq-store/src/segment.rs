@@ -3,7 +3,7 @@
 //! ```text
 //! segment file (segment_bytes long, preallocated, zero-filled)
 //!   0   8  magic "HALFMQLG"
-//!   8   4  format version u32 LE = 1
+//!   8   4  format version u32 LE = 2 (1: written before batches carried durable marks)
 //!  12   4  crc32 of bytes [16, 32)
 //!  16   8  base_offset u64 LE (equals the number in the file name)
 //!  24   8  segment_bytes u64 LE (this file's size; the next segment starts at base + size)
@@ -23,7 +23,13 @@ use halfmq_types::error::{Error, Result};
 /// Bytes of the segment header; the first record starts here.
 pub const SEGMENT_HEADER_BYTES: u64 = 32;
 const MAGIC: &[u8; 8] = b"HALFMQLG";
-const FORMAT_VERSION: u32 = 1;
+/// The format version new segments get: 2, since group-commit batches begin with a
+/// [`crate::record::RecordKind::Mark`]. A binary that knows only version 1 refuses such a
+/// segment instead of taking its marks for a torn tail. Version 1 segments are read as
+/// before; recovery raises the newest one to version 2 before anything is appended to it.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest segment format version this build reads.
+const FORMAT_VERSION_MIN: u32 = 1;
 
 /// One open segment file.
 pub struct Segment {
@@ -33,6 +39,8 @@ pub struct Segment {
     pub size: u64,
     /// The open file.
     pub file: Arc<dyn StorageFile>,
+    /// The segment format version its header says.
+    pub version: u32,
 }
 
 impl std::fmt::Debug for Segment {
@@ -58,7 +66,8 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-fn header_bytes(base: u64, size: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+/// The header of the segment starting at `base` of `size` bytes, in the current format.
+pub fn header_bytes(base: u64, size: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
     h[0..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -102,7 +111,12 @@ impl Segment {
             let _ = storage.remove_file(&path);
             return Err(e);
         }
-        Ok(Segment { base, size, file })
+        Ok(Segment {
+            base,
+            size,
+            file,
+            version: FORMAT_VERSION,
+        })
     }
 
     /// Make a prepared file (zero-filled and synced, its directory entry durable: see
@@ -110,7 +124,25 @@ impl Segment {
     /// [`Segment::create`], the header becomes durable with the first sync of its data.
     pub fn adopt(file: Arc<dyn StorageFile>, base: u64, size: u64) -> Result<Segment> {
         file.write_all_at(&header_bytes(base, size), 0)?;
-        Ok(Segment { base, size, file })
+        Ok(Segment {
+            base,
+            size,
+            file,
+            version: FORMAT_VERSION,
+        })
+    }
+
+    /// Raise an older segment's header to the current format version, durably (the newest
+    /// segment, before records with marks are appended to it).
+    pub fn upgrade(&mut self) -> Result<()> {
+        if self.version == FORMAT_VERSION {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&header_bytes(self.base, self.size), 0)?;
+        self.file.sync_data()?;
+        self.version = FORMAT_VERSION;
+        Ok(())
     }
 
     /// Open an existing segment file and check its header against its name and size.
@@ -136,30 +168,7 @@ impl Segment {
                 "segment header is {n} bytes, {SEGMENT_HEADER_BYTES} expected"
             )));
         }
-        if &h[0..8] != MAGIC {
-            return Err(corrupt("not a halfmq segment (bad magic)".into()));
-        }
-        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        if version != FORMAT_VERSION {
-            return Err(corrupt(format!("unknown segment format version {version}")));
-        }
-        let stored_crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        if crc32fast::hash(&h[16..32]) != stored_crc {
-            return Err(corrupt("segment header CRC mismatch".into()));
-        }
-        let mut b8 = [0u8; 8];
-        b8.copy_from_slice(&h[16..24]);
-        let stored_base = u64::from_le_bytes(b8);
-        b8.copy_from_slice(&h[24..32]);
-        let size = u64::from_le_bytes(b8);
-        if stored_base != base {
-            return Err(corrupt(format!(
-                "header says base offset {stored_base}, file name says {base}"
-            )));
-        }
-        if size < SEGMENT_HEADER_BYTES + crate::record::HEADER_BYTES as u64 || size > (1 << 40) {
-            return Err(corrupt(format!("segment size {size} out of range")));
-        }
+        let (version, size) = parse_header(&h, base).map_err(corrupt)?;
         let len = file.len()?;
         if len < size {
             // The allocation did not survive in full; the missing part reads as zeros. Only
@@ -172,8 +181,46 @@ impl Segment {
             }
             file.set_len(size)?;
         }
-        Ok(HeaderCheck::Valid(Segment { base, size, file }))
+        Ok(HeaderCheck::Valid(Segment {
+            base,
+            size,
+            file,
+            version,
+        }))
     }
+}
+
+/// Check a segment header against the base offset in its file name: `(format version,
+/// segment size)`, or why it is not a valid header.
+pub fn parse_header(
+    h: &[u8; SEGMENT_HEADER_BYTES as usize],
+    base: u64,
+) -> std::result::Result<(u32, u64), String> {
+    if &h[0..8] != MAGIC {
+        return Err("not a halfmq segment (bad magic)".into());
+    }
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
+        return Err(format!("unknown segment format version {version}"));
+    }
+    let stored_crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    if crc32fast::hash(&h[16..32]) != stored_crc {
+        return Err("segment header CRC mismatch".into());
+    }
+    let mut b8 = [0u8; 8];
+    b8.copy_from_slice(&h[16..24]);
+    let stored_base = u64::from_le_bytes(b8);
+    b8.copy_from_slice(&h[24..32]);
+    let size = u64::from_le_bytes(b8);
+    if stored_base != base {
+        return Err(format!(
+            "header says base offset {stored_base}, file name says {base}"
+        ));
+    }
+    if size < SEGMENT_HEADER_BYTES + crate::record::HEADER_BYTES as u64 || size > (1 << 40) {
+        return Err(format!("segment size {size} out of range"));
+    }
+    Ok((version, size))
 }
 
 /// Directory entries of `dir` that are segment files, as (base, path), sorted by base.

@@ -56,6 +56,33 @@ pub enum Error {
         reason: String,
     },
 
+    /// Acknowledged data in the commit log is damaged: a record that fails its checks lies
+    /// at or below the durable end that a later group commit (or the checkpoint) recorded,
+    /// so it was acknowledged and recovery may not cut it. Nothing has been changed; `halfmq
+    /// repair` copies the damaged bytes aside and reports what they held.
+    #[error("acknowledged data is damaged in {path} at byte {offset}: {reason}; run `halfmq repair` to quarantine it")]
+    Damaged {
+        /// The damaged segment file.
+        path: PathBuf,
+        /// Byte position inside that file.
+        offset: u64,
+        /// What was wrong, and how recovery knows it was acknowledged.
+        reason: String,
+    },
+
+    /// The message at this queue offset was lost to damage: `halfmq repair` replaced its
+    /// damaged record with a quarantine record (its bytes are kept in the data directory's
+    /// `quarantine/`). Polls skip it; a direct read gets this error.
+    #[error("{topic}/{queue}@{offset} was lost to damage and quarantined by repair")]
+    Lost {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// The queue offset asked for.
+        offset: u64,
+    },
+
     /// Bytes could not be decoded as a record, frame or metadata value.
     #[error("cannot decode {what}: {reason}")]
     Decode {
@@ -239,6 +266,8 @@ impl Error {
             Error::Disconnected { .. } => 18,
             Error::Expired { .. } => 19,
             Error::UnknownGroup(_) => 20,
+            Error::Damaged { .. } => 21,
+            Error::Lost { .. } => 22,
         }
     }
 }

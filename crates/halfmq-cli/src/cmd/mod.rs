@@ -17,6 +17,7 @@ pub mod consume;
 pub mod dlq;
 pub mod groups;
 pub mod produce;
+pub mod repair;
 pub mod retention;
 pub mod stats;
 pub mod topics;

@@ -231,6 +231,27 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             )?
             .to_owned(),
         ),
+        21 => {
+            let rest = m
+                .strip_prefix("acknowledged data is damaged in ")?
+                .strip_suffix("; run `halfmq repair` to quarantine it")?;
+            let (path, rest) = rest.split_once(" at byte ")?;
+            let (offset, reason) = rest.split_once(": ")?;
+            Error::Damaged {
+                path: PathBuf::from(path),
+                offset: number(offset)?,
+                reason: reason.to_owned(),
+            }
+        }
+        22 => {
+            let place = m.strip_suffix(" was lost to damage and quarantined by repair")?;
+            let (topic, queue, offset) = queue_place(place)?;
+            Error::Lost {
+                topic,
+                queue,
+                offset,
+            }
+        }
         _ => return None,
     })
 }
@@ -384,6 +405,16 @@ pub fn every_variant() -> Vec<Error> {
             first: 40,
         },
         Error::UnknownGroup("%replay".into()),
+        Error::Damaged {
+            path: "/d/log/00000000000000000000.log".into(),
+            offset: 5012,
+            reason: "CRC mismatch: a durable mark at 9000 shows it was acknowledged".into(),
+        },
+        Error::Lost {
+            topic: "orders".into(),
+            queue: 1,
+            offset: 31,
+        },
     ];
     // Empty texts where the layout allows them.
     all.push(Error::Poisoned(String::new()));
@@ -436,6 +467,8 @@ mod tests {
             Error::Meta(_) => "Meta",
             Error::Closed => "Closed",
             Error::Expired { .. } => "Expired",
+            Error::Damaged { .. } => "Damaged",
+            Error::Lost { .. } => "Lost",
         }
     }
 
@@ -445,7 +478,7 @@ mod tests {
         let mut names: Vec<&str> = all.iter().map(name).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 21, "every variant is covered: {names:?}");
+        assert_eq!(names.len(), 23, "every variant is covered: {names:?}");
         for e in all {
             let back = Error::from_wire(e.code(), e.to_string());
             assert_eq!(back.code(), e.code(), "{e}");
@@ -508,7 +541,7 @@ mod tests {
             (16, "transaction 1 is already committed"),
             (19, "t/x@1 was deleted by retention (the queue now starts at 2)"),
             (0, "no code"),
-            (21, "a variant of a newer broker"),
+            (99, "a variant of a newer broker"),
             (100, "the first request must be Hello with the right token"),
             (65535, ""),
         ];

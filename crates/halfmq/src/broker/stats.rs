@@ -111,6 +111,8 @@ impl Broker {
         let rec = match self.store.read_message(q, committed) {
             // Retention deleted it just now: the age of what is left shows next time.
             Err(Error::Expired { .. }) => return Ok(None),
+            // Lost to damage (quarantined by repair): it has no age.
+            Err(Error::Lost { .. }) => return Ok(None),
             other => other?,
         };
         Ok(rec.map(|r| self.now().saturating_sub(r.header.timestamp_ms)))

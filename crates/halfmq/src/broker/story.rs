@@ -28,7 +28,7 @@ fn rec_kind(kind: RecordKind, flags: u16) -> Option<RecKind> {
             RecordKind::Half => Some(RecKind::Half),
             RecordKind::TxnEnd => Some(RecKind::Rollback),
             RecordKind::Delayed => Some(RecKind::Delayed),
-            RecordKind::SegmentEnd => None,
+            RecordKind::SegmentEnd | RecordKind::Mark | RecordKind::Quarantined => None,
         }
     }
 }

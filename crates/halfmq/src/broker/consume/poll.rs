@@ -218,7 +218,12 @@ impl Broker {
                     }),
                 ));
             }
-            let Some(rec) = self.store.read_message(q, offset)? else {
+            let read = match self.store.read_message(q, offset) {
+                // Lost to damage and quarantined by repair: nothing to deliver again.
+                Err(Error::Lost { .. }) => Ok(None),
+                other => other,
+            };
+            let Some(rec) = read? else {
                 // Leases are only made for messages below the queue's length.
                 tracing::warn!(topic = %t.name, queue = q.queue_id(), offset, "lease of a message past the end of its queue dropped");
                 continue;

@@ -7,9 +7,11 @@
 //!    the log read from its start, when there is no usable checkpoint or an index is
 //!    missing or short).
 //! 3. The log is read from the checkpoint: each message is indexed again. In an older
-//!    segment, a record that fails its checks is corruption: open fails, naming the file and
-//!    offset. In the newest segment it is the torn tail of an unclean stop: it and everything
-//!    after it is zeroed, provided the damage is no longer than an unsynced batch can be.
+//!    segment, a record that fails its checks is damage to acknowledged data: open fails
+//!    with `Error::Damaged`, naming the file and offset. In the newest segment it is the torn
+//!    tail of an unclean stop, unless the checkpoint or the durable mark of a later batch
+//!    (`damage`) is above it: then it was acknowledged, and open fails the same way. A torn
+//!    tail is zeroed, provided it is no longer than an unsynced batch can be.
 //!    Everything read after the checkpoint is written again and synced before it is trusted
 //!    (a failed fsync can leave readable pages that never reach the disk).
 //! 4. Indexes are synced and a new checkpoint is written.
@@ -29,8 +31,13 @@ use super::log_start;
 use super::segment::{self, HeaderCheck, Segment, SEGMENT_HEADER_BYTES};
 use crate::batch::{Dispatch, DispatchBuf};
 use crate::config::StoreConfig;
-use crate::record::{self, DecodeError, RecordKind, RecordView};
+use crate::record::{RecordKind, RecordView};
 use halfmq_types::error::{Error, Result};
+
+pub(crate) mod damage;
+pub(crate) mod scan;
+
+use scan::{cut_tail, first_record_valid, last_nonzero, make_durable, Scanner};
 
 /// A summary of what recovery found and did on open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -67,7 +74,7 @@ pub(crate) struct Recovered {
 
 /// Most bytes past the last valid record that an unclean stop can leave non-zero: one batch
 /// being written plus what async flush may hold unsynced.
-fn torn_tail_bytes_max(config: &StoreConfig) -> u64 {
+pub(crate) fn torn_tail_bytes_max(config: &StoreConfig) -> u64 {
     2 * (config.pending_bytes_max + u64::from(config.record_bytes_max))
 }
 
@@ -87,7 +94,11 @@ pub(crate) fn recover(
     let ls = log_start::load(storage, dir)?;
     let log_base = ls.as_ref().map(|l| l.base).unwrap_or(0);
     let orphans = remove_orphans(storage, log_dir, log_base)?;
-    let (mut segments, removed_bytes) = open_segments(storage, log_dir, config)?;
+    let cp = checkpoint::load(storage, dir)?;
+    // Everything below the checkpoint was durable when it was written: damage there is
+    // damage to acknowledged data, never a torn tail.
+    let cp_end = cp.as_ref().map(|c| c.log_offset);
+    let (mut segments, removed_bytes) = open_segments(storage, log_dir, config, cp_end)?;
     if let Some(first) = segments.first() {
         if first.base > log_base && ls.is_some() {
             return Err(Error::Corrupt {
@@ -131,7 +142,6 @@ pub(crate) fn recover(
         .unwrap_or(0);
     let last_end = segments.last().map(|s| s.base + s.size).unwrap_or(0);
 
-    let cp = checkpoint::load(storage, dir)?;
     let checkpoint_seq = cp.as_ref().map(|c| c.seq).unwrap_or(0);
     let cp = cp.filter(|c| {
         let ok = c.log_offset >= first_record && c.log_offset <= last_end;
@@ -189,6 +199,10 @@ pub(crate) fn recover(
         .rposition(|s| s.base <= start && start < s.base + s.size)
         .unwrap_or(0);
     let mut need_new_segment = false;
+    // The last quarantine record of unknown content read, and per queue the log offset of
+    // its last message read (see `RecordKind::Quarantined` below).
+    let mut quarantined: Option<(u64, u32)> = None;
+    let mut last_message: HashMap<(String, u32), u64> = HashMap::new();
     for (idx, seg) in segments.iter().enumerate().skip(first_idx) {
         let newest = idx + 1 == segments.len();
         let from = if idx == first_idx {
@@ -211,15 +225,17 @@ pub(crate) fn recover(
                         seg.base + scan.pos
                     );
                     if newest {
+                        check_torn(seg, scan.pos, cp_end, &reason)?;
                         break;
                     }
-                    return Err(corrupt(seg, scan.pos, reason));
+                    return Err(damaged(seg, scan.pos, reason));
                 }
                 Err(reason) => {
                     if newest {
+                        check_torn(seg, scan.pos, cp_end, &reason)?;
                         break;
                     }
-                    return Err(corrupt(
+                    return Err(damaged(
                         seg,
                         scan.pos,
                         format!("{reason}, before the end of a full segment"),
@@ -235,7 +251,12 @@ pub(crate) fn recover(
                     }
                     break;
                 }
-                RecordKind::Message => {
+                RecordKind::Quarantined if view.topic.is_empty() => {
+                    // Repair could not tell what the damaged bytes held: a message among
+                    // them shows as a gap in its queue's offsets, which this explains.
+                    quarantined = Some((view.header.log_offset, scan.len as u32));
+                }
+                RecordKind::Message | RecordKind::Quarantined => {
                     let q = queue_in(
                         &mut queues,
                         storage,
@@ -246,7 +267,27 @@ pub(crate) fn recover(
                     if lenient && q.assigned.load(Ordering::Relaxed) == 0 {
                         q.start_empty_at(view.header.queue_offset)?;
                     }
-                    let expected = q.assigned.load(Ordering::Relaxed);
+                    let mut expected = q.assigned.load(Ordering::Relaxed);
+                    let place = (view.topic.to_owned(), view.header.queue_id);
+                    let previous = last_message.get(&place).copied().unwrap_or(0);
+                    if let Some((at, size)) = quarantined.filter(|&(at, _)| at > previous) {
+                        // Offsets [expected, this one) were messages lost in the quarantined
+                        // bytes: they stay taken, and a read of them is `Error::Lost`.
+                        while expected < view.header.queue_offset {
+                            q.assigned.store(expected + 1, Ordering::Relaxed);
+                            dispatch.push(&Dispatch {
+                                queue: q.clone(),
+                                queue_offset: expected,
+                                entry: Entry {
+                                    log_offset: at,
+                                    size,
+                                    key_hash: 0,
+                                },
+                            });
+                            expected += 1;
+                        }
+                    }
+                    last_message.insert(place, view.header.log_offset);
                     if view.header.queue_offset != expected {
                         return Err(corrupt(
                             seg,
@@ -268,7 +309,7 @@ pub(crate) fn recover(
                         },
                     });
                 }
-                RecordKind::Half | RecordKind::TxnEnd | RecordKind::Delayed => {}
+                RecordKind::Half | RecordKind::TxnEnd | RecordKind::Delayed | RecordKind::Mark => {}
             }
             on_record(&view);
             scan.advance();
@@ -367,6 +408,38 @@ fn corrupt(seg: &Segment, pos: u64, reason: String) -> Error {
     }
 }
 
+fn damaged(seg: &Segment, pos: u64, reason: String) -> Error {
+    Error::Damaged {
+        path: seg.path().to_path_buf(),
+        offset: pos,
+        reason: format!(
+            "the record at log offset {} fails its checks ({reason})",
+            seg.base + pos
+        ),
+    }
+}
+
+/// The record at `pos` of the newest segment fails its checks. It and what follows are a
+/// torn tail, to be cut, unless the checkpoint or a mark after it says it was durable:
+/// then it is damage to acknowledged data, and open stops.
+fn check_torn(seg: &Segment, pos: u64, cp_end: Option<u64>, reason: &str) -> Result<()> {
+    let Some(last) = last_nonzero(&*seg.file, seg.size, pos)? else {
+        return Ok(());
+    };
+    let survey = damage::survey(&*seg.file, seg.base, seg.size, pos, last + 1)?;
+    match damage::acknowledged(seg.base + pos, cp_end, &survey) {
+        Some(why) => Err(damaged(
+            seg,
+            pos,
+            format!(
+                "{reason}; {why}, so it was acknowledged ({} valid records follow)",
+                survey.records
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Remove segment files entirely below `log_base`: retention persisted the new log start
 /// and a crash stopped it before (or while) it deleted them. Returns how many were removed.
 fn remove_orphans(storage: &dyn Storage, log_dir: &Path, log_base: u64) -> Result<usize> {
@@ -386,16 +459,25 @@ fn remove_orphans(storage: &dyn Storage, log_dir: &Path, log_base: u64) -> Resul
 
 /// Open every segment, check that they are contiguous, and drop blank newest ones. Also
 /// returns how many non-zero bytes (after the header) the dropped segments held.
+///
+/// `cp_end` is the checkpoint's log offset: a newest segment with a blank header or an
+/// invalid first record is removed only when neither the checkpoint nor a mark in it says
+/// that any of it was durable.
 fn open_segments(
     storage: &dyn Storage,
     log_dir: &Path,
     config: &StoreConfig,
+    cp_end: Option<u64>,
 ) -> Result<(Vec<Segment>, u64)> {
     let mut out: Vec<Segment> = Vec::new();
     let mut blanks: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    let mut removed_bytes = 0;
     for (base, path) in segment::list(storage, log_dir)? {
         match Segment::open(storage, &path, base, config.segment_bytes)? {
-            HeaderCheck::Blank(_) => blanks.push((base, path)),
+            HeaderCheck::Blank(file) => {
+                removed_bytes += check_blank(&*file, base, config, cp_end)?;
+                blanks.push((base, path));
+            }
             HeaderCheck::Valid(seg) => {
                 if let Some((b, p)) = blanks.first() {
                     return Err(Error::Corrupt {
@@ -425,11 +507,9 @@ fn open_segments(
     // durable, and the flusher syncs the old segment before it writes anything to the new
     // one. So power loss can leave a newest segment whose records never became durable.
     // Such a segment has an invalid first record and no more non-zero bytes than an unclean
-    // stop can leave: it holds nothing acknowledged, and the older segment is the newest.
-    // Anything longer stays, and the torn-tail rule below reports it as corruption. Like any
-    // torn tail, the removed bytes are reported (a bit flip in the first record looks the
-    // same, and then they held acknowledged records).
-    let mut removed_bytes = 0;
+    // stop can leave, and neither the checkpoint nor a mark in it reaches into it: it holds
+    // nothing acknowledged, and the older segment is the newest. Anything else stays, and the
+    // scan reports it (`check_torn`).
     if out.len() > 1 {
         if let Some(last) = out.last() {
             let extent = match last_nonzero(&*last.file, last.size, SEGMENT_HEADER_BYTES)? {
@@ -437,25 +517,39 @@ fn open_segments(
                 None => 0,
             };
             if !first_record_valid(last)? && extent <= torn_tail_bytes_max(config) {
-                if extent > 0 {
-                    tracing::warn!(
-                        file = %last.path().display(),
-                        bytes = extent,
-                        "the newest segment has no valid first record: cutting it as a torn tail"
-                    );
+                let survey = damage::survey(
+                    &*last.file,
+                    last.base,
+                    last.size,
+                    SEGMENT_HEADER_BYTES,
+                    SEGMENT_HEADER_BYTES + extent,
+                )?;
+                let first = last.base + SEGMENT_HEADER_BYTES;
+                if damage::acknowledged(first, cp_end, &survey).is_none() {
+                    if extent > 0 {
+                        tracing::warn!(
+                            file = %last.path().display(),
+                            bytes = extent,
+                            "the newest segment has no valid first record and nothing in it was durable: cutting it as a torn tail"
+                        );
+                    }
+                    removed_bytes += extent;
+                    remove.push(last.path().to_path_buf());
+                    out.pop();
                 }
-                removed_bytes = extent;
-                remove.push(last.path().to_path_buf());
-                out.pop();
             }
         }
+    }
+    if let Some(last) = out.last_mut() {
+        // Records with marks are appended to it from now on.
+        last.upgrade()?;
     }
     if !remove.is_empty() {
         for p in &remove {
             // Blank (prepared ahead by `crate::prepare`, or its creation never finished), or
             // its first record never became durable (reported above): it held nothing
             // acknowledged.
-            tracing::info!(file = %p.display(), "removing a segment file that holds no record");
+            tracing::info!(file = %p.display(), "removing a segment file that holds no acknowledged record");
             storage.remove_file(p)?;
         }
         storage.sync_dir(log_dir)?;
@@ -463,35 +557,47 @@ fn open_segments(
     Ok((out, removed_bytes))
 }
 
-/// Position of the last non-zero byte in [pos, size) of a file.
-fn last_nonzero(file: &dyn StorageFile, size: u64, pos: u64) -> Result<Option<u64>> {
-    const CHUNK: usize = 1 << 20;
-    let mut buf = vec![0u8; CHUNK];
-    let mut last = None;
-    let mut at = pos;
-    while at < size {
-        let n = ((size - at) as usize).min(CHUNK);
-        let got = file.read_at(&mut buf[..n], at)?;
-        if let Some(i) = buf[..got].iter().rposition(|&b| b != 0) {
-            last = Some(at + i as u64);
-        }
-        if got < n {
-            break;
-        }
-        at += n as u64;
+/// A segment file whose header is blank. All zeros, it is a segment prepared ahead or whose
+/// creation never finished. With data after the header, it may only be removed when the
+/// data is a torn tail: not longer than an unclean stop leaves, and neither the checkpoint
+/// nor a mark in it says any of it was durable (the header is synced with the segment's
+/// first records, so durable records mean the header was lost to damage). Returns the
+/// non-zero bytes the file held.
+fn check_blank(
+    file: &dyn StorageFile,
+    base: u64,
+    config: &StoreConfig,
+    cp_end: Option<u64>,
+) -> Result<u64> {
+    let size = file.len()?;
+    let Some(last) = last_nonzero(file, size, SEGMENT_HEADER_BYTES)? else {
+        return Ok(0);
+    };
+    let extent = last + 1 - SEGMENT_HEADER_BYTES;
+    let survey = damage::survey(file, base, size, SEGMENT_HEADER_BYTES - 1, last + 1)?;
+    let damaged = |reason: String| Error::Damaged {
+        path: file.path().to_path_buf(),
+        offset: 0,
+        reason,
+    };
+    if let Some(why) = damage::acknowledged(base, cp_end, &survey) {
+        return Err(damaged(format!(
+            "the segment header is blank but the file holds {extent} bytes of data ({} valid records); {why}, so they were acknowledged",
+            survey.records
+        )));
     }
-    Ok(last)
-}
-
-/// Whether the first record slot of a segment holds a valid record.
-fn first_record_valid(seg: &Segment) -> Result<bool> {
-    let mut scan = Scanner::new(&*seg.file, seg.size, SEGMENT_HEADER_BYTES);
-    Ok(match scan.next()? {
-        Ok(()) => scan
-            .current()
-            .is_ok_and(|v| v.header.log_offset == seg.base + SEGMENT_HEADER_BYTES),
-        Err(_) => false,
-    })
+    if extent > torn_tail_bytes_max(config) {
+        return Err(damaged(format!(
+            "the segment header is blank but the file holds {extent} bytes of data, more than an unclean stop leaves ({})",
+            torn_tail_bytes_max(config)
+        )));
+    }
+    tracing::warn!(
+        file = %file.path().display(),
+        bytes = extent,
+        "a newest segment with a blank header holds nothing that was durable: cutting it as a torn tail"
+    );
+    Ok(extent)
 }
 
 /// Open every index under `cq_dir`, trimmed to its checkpointed length. Returns whether an
@@ -535,141 +641,4 @@ fn open_queues(
         full = true;
     }
     Ok((queues, full))
-}
-
-/// Write bytes `[from, to)` of a file again, unchanged, and sync them.
-///
-/// Recovery does this for everything it read after the checkpoint before it derives anything
-/// from it (indexes, the checkpoint it writes, transactions, what consumers are given). After
-/// a failed fsync the kernel may keep the written pages readable in the page cache while
-/// marking them clean, so they never reach the disk ("fsyncgate"). A reopen without a reboot
-/// reads them back as valid records; without this, the store would index them, hand them to
-/// consumers and acknowledge later records after them, and the next power loss would take
-/// them away: a hole of zeros before acknowledged records, or a lost segment header. Written
-/// again, the pages are dirty again and this sync makes them durable, or fails and open fails.
-/// The cost is one write and sync of what recovery read (at most about `checkpoint_bytes`
-/// plus the tail), and only on an unclean open.
-fn make_durable(file: &dyn StorageFile, from: u64, to: u64) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    if from >= to {
-        return Ok(());
-    }
-    let mut buf = vec![0u8; (to - from).min(CHUNK) as usize];
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(CHUNK) as usize;
-        file.read_exact_at(&mut buf[..n], at)?;
-        file.write_all_at(&buf[..n], at)?;
-        at += n as u64;
-    }
-    file.sync_data()
-}
-
-/// Zero everything after `pos` in the newest segment. Returns the bytes that were not zero.
-/// Damage longer than an unclean stop can leave is corruption, not a torn tail.
-fn cut_tail(file: &dyn StorageFile, size: u64, pos: u64, config: &StoreConfig) -> Result<u64> {
-    const CHUNK: usize = 1 << 20;
-    let Some(last) = last_nonzero(file, size, pos)? else {
-        return Ok(0);
-    };
-    let damaged = last + 1 - pos;
-    if damaged > torn_tail_bytes_max(config) {
-        return Err(Error::Corrupt {
-            path: file.path().to_path_buf(),
-            offset: pos,
-            reason: format!(
-                "invalid record followed by {damaged} bytes of data; an unclean stop leaves at most {} \
-                 (pending_bytes_max and record_bytes_max), so this is damage to acknowledged data, \
-                 not a torn tail",
-                torn_tail_bytes_max(config)
-            ),
-        });
-    }
-    let zeros = vec![0u8; CHUNK];
-    let mut at = pos;
-    while at <= last {
-        let n = ((last + 1 - at) as usize).min(CHUNK);
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    file.sync_data()?;
-    Ok(damaged)
-}
-
-/// Reads records from a segment through a buffer.
-struct Scanner<'f> {
-    file: &'f dyn StorageFile,
-    size: u64,
-    /// Position of the current record in the file.
-    pos: u64,
-    /// Length of the record last returned.
-    len: u64,
-    buf: Vec<u8>,
-    buf_start: u64,
-}
-
-const SCAN_BUF_BYTES: usize = 1 << 20;
-
-impl<'f> Scanner<'f> {
-    fn new(file: &'f dyn StorageFile, size: u64, pos: u64) -> Scanner<'f> {
-        Scanner {
-            file,
-            size,
-            pos,
-            len: 0,
-            buf: Vec::new(),
-            buf_start: pos,
-        }
-    }
-
-    fn advance(&mut self) {
-        self.pos += self.len;
-        self.len = 0;
-    }
-
-    /// Make bytes [pos, pos + want) available in the buffer (fewer at the end of the file).
-    fn fill(&mut self, want: u64) -> Result<()> {
-        let have_end = self.buf_start + self.buf.len() as u64;
-        if self.pos >= self.buf_start && self.pos + want <= have_end {
-            return Ok(());
-        }
-        let n = want
-            .max(SCAN_BUF_BYTES as u64)
-            .min(self.size.saturating_sub(self.pos)) as usize;
-        self.buf.resize(n, 0);
-        let got = self.file.read_at(&mut self.buf, self.pos)?;
-        self.buf.truncate(got);
-        self.buf_start = self.pos;
-        Ok(())
-    }
-
-    /// Buffer the record at `pos` and learn its length; `Err(reason)` when there is no
-    /// plausible record there (zeros, a bad length, the end of the file).
-    fn next(&mut self) -> Result<Result<(), String>> {
-        if self.pos + record::HEADER_BYTES as u64 > self.size {
-            return Ok(Err("end of file".into()));
-        }
-        self.fill(record::HEADER_BYTES as u64)?;
-        let at = (self.pos - self.buf_start) as usize;
-        let total = match record::check_len(&self.buf[at..]) {
-            Ok(t) => u64::from(t),
-            Err(DecodeError::Empty) => return Ok(Err("no record (zeros)".into())),
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        if self.pos + total > self.size {
-            return Ok(Err(format!(
-                "record of {total} bytes runs past the end of the segment"
-            )));
-        }
-        self.fill(total)?;
-        self.len = total;
-        Ok(Ok(()))
-    }
-
-    /// Decode and verify the record buffered by `next`.
-    fn current(&self) -> std::result::Result<RecordView<'_>, DecodeError> {
-        let at = (self.pos - self.buf_start) as usize;
-        let end = (at + self.len as usize).min(self.buf.len());
-        record::decode(&self.buf[at..end]).map(|(view, _)| view)
-    }
 }
