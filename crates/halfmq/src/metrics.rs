@@ -678,6 +678,7 @@ mod tests {
             }],
             delayed_pending: 9,
             retention: None,
+            meta: Default::default(),
         };
         let t = rendered(|| record_stats(&stats));
         has(&t, "halfmq_transactions_pending 3");
@@ -749,6 +750,7 @@ mod tests {
             dead_letters: Vec::new(),
             delayed_pending: 0,
             retention: None,
+            meta: Default::default(),
         });
     }
 }
