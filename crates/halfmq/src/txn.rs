@@ -137,7 +137,14 @@ impl TxnIndex {
     pub(crate) fn settle_loaded(&self, meta: &Meta, log_end: u64) -> Result<u64> {
         let fenced = meta.fence_outcomes_from(log_end)?;
         let mut g = self.inner.lock();
-        let ids: Vec<u64> = g.live.keys().copied().collect();
+        // Only halves loaded from sled can have an outcome there (replayed ones are newer
+        // than every outcome sled holds for this log).
+        let ids: Vec<u64> = g
+            .live
+            .keys()
+            .filter(|id| g.in_sled.contains(id))
+            .copied()
+            .collect();
         for txn in ids {
             if g.outcomes.contains_key(&txn) || meta.txn_outcome(txn)?.is_none() {
                 continue;

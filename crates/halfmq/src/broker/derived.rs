@@ -234,15 +234,18 @@ pub(super) fn settle(
             log_end,
             opened_ms,
         )?;
-        tracing::warn!(
-            reason = %why,
-            from,
-            records,
-            "metadata: rebuilt pending transactions, delayed messages and idempotency keys from the log"
-        );
-        report.rebuilt = Some(why);
-        report.rebuilt_from = from;
-        report.records_replayed = records;
+        // An empty log (a new data directory) has nothing to rebuild and nothing to report.
+        if records > 0 || report.moved_aside.is_some() {
+            tracing::warn!(
+                reason = %why,
+                from,
+                records,
+                "metadata: rebuilt pending transactions, delayed messages and idempotency keys from the log"
+            );
+            report.rebuilt = Some(why);
+            report.rebuilt_from = from;
+            report.records_replayed = records;
+        }
     }
     derived.txns.forget_beyond(log_end);
     report.outcomes_fenced = derived.txns.settle_loaded(meta, log_end)?;
