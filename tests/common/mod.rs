@@ -868,3 +868,20 @@ pub fn poll_by_queue(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The metadata database on disk
+// ---------------------------------------------------------------------------------------
+
+/// Wait until sled has let go of the database in `meta_dir` (its file lock, which sled
+/// releases from a background thread after the last handle is dropped), so that a test can
+/// change its files without sled writing into them afterwards.
+pub fn wait_for_sled_released(meta_dir: &Path) {
+    let db = meta_dir.join("db");
+    wait_until("sled to release its database", OPEN_WAIT, || {
+        let Ok(f) = std::fs::File::open(&db) else {
+            return true;
+        };
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+    });
+}

@@ -262,7 +262,8 @@ fn write_checkpoint(
     clean: bool,
 ) -> std::result::Result<(), CheckpointError> {
     if let Some(h) = &shared.hooks {
-        h.before_checkpoint().map_err(CheckpointError::Other)?;
+        h.before_checkpoint(st.durable)
+            .map_err(CheckpointError::Other)?;
     }
     let queues: Vec<Arc<ConsumeQueue>> = shared
         .queues

@@ -89,8 +89,11 @@ pub trait StoreObserver: Send + Sync {
 pub trait StoreHooks: StoreObserver {
     /// Called before every checkpoint (on the flusher thread, and at the end of recovery):
     /// persist any state derived from the log up to the current durable end, because
-    /// recovery will only replay the log after the checkpoint.
-    fn before_checkpoint(&self) -> Result<()>;
+    /// recovery will only replay the log after the checkpoint. `log_offset` is where the
+    /// checkpoint about to be written will say the log was read up to (every record before
+    /// it has been acknowledged and its hooks have run), so the layer above can record which
+    /// checkpoint its state is as new as.
+    fn before_checkpoint(&self, log_offset: u64) -> Result<()>;
 }
 
 /// Called with the new log start (see [`Store::log_start`]) after retention deleted the

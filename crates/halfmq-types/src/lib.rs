@@ -79,7 +79,9 @@ pub use message::{
     DelayedReceipt, Delivery, Message, Properties, SendReceipt, TopicInfo,
     IDEMPOTENCY_KEY_BYTES_MAX,
 };
-pub use stats::{LogStats, Pin, RetentionFloor, RetentionReport, Stats};
+pub use stats::{
+    LogStats, MetaRecovery, OffsetReport, Pin, RetentionFloor, RetentionReport, Stats,
+};
 pub use trace::Trace;
 pub use txn::{
     CheckAnswer, HalfMessage, HalfOptions, HalfReceipt, Outcome, TransactionChecker, TxnId,

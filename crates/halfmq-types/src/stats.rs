@@ -71,6 +71,74 @@ pub struct Stats {
     /// Retention: the floor now and what pins it, the last pass, expired messages skipped.
     #[serde(default)]
     pub retention: Option<RetentionStats>,
+    /// What opening found wrong with the metadata database (sled) and did about it.
+    #[serde(default)]
+    pub meta: MetaRecovery,
+}
+
+/// What opening found wrong with the metadata database (`meta/`, sled) and what it did, for
+/// [`Stats`]: all empty when sled was as new as the log's checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MetaRecovery {
+    /// Why the state derived from the log (pending halves and outcomes, delayed messages,
+    /// idempotency keys) was rebuilt from the log, if it was: `meta/` missing, empty,
+    /// damaged or older than the checkpoint.
+    pub rebuilt: Option<String>,
+    /// The log offset the rebuild read the log from.
+    #[serde(default)]
+    pub rebuilt_from: u64,
+    /// Records the rebuild read.
+    #[serde(default)]
+    pub records_replayed: u64,
+    /// Where the damaged database was moved (`meta.damaged.<ms>`), if it could not be used.
+    #[serde(default)]
+    pub moved_aside: Option<String>,
+    /// Consumer positions that may have gone back (their messages are delivered again).
+    #[serde(default)]
+    pub offsets_lost: Vec<OffsetReport>,
+    /// Committed offsets past the end of their queue (the log lost its end), lowered to it.
+    #[serde(default)]
+    pub offsets_clamped: Vec<OffsetReport>,
+    /// Transaction outcomes at or past the end of the log, forgotten (their ids are handed
+    /// out again).
+    #[serde(default)]
+    pub outcomes_fenced: u64,
+}
+
+impl MetaRecovery {
+    /// Whether opening found nothing wrong.
+    pub fn is_clean(&self) -> bool {
+        self == &MetaRecovery::default()
+    }
+}
+
+/// One consumer position [`MetaRecovery`] reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OffsetReport {
+    /// The group; `None` for every group (their names were lost with the database).
+    pub group: Option<String>,
+    /// Topic.
+    pub topic: String,
+    /// Queue.
+    pub queue: u32,
+    /// The committed offset found (lost: what it is now).
+    pub committed: u64,
+    /// The end of the queue (messages stored).
+    pub end: u64,
+}
+
+impl std::fmt::Display for OffsetReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.group {
+            Some(g) => write!(f, "group {g}, ")?,
+            None => f.write_str("every group, ")?,
+        }
+        write!(
+            f,
+            "topic {}, queue {}: committed {} of {}",
+            self.topic, self.queue, self.committed, self.end
+        )
+    }
 }
 
 /// Retention figures for [`Stats`].

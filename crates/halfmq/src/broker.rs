@@ -24,6 +24,7 @@
 mod checker;
 mod consume;
 mod delayed;
+mod derived;
 mod idem;
 mod open;
 mod retention;
@@ -104,6 +105,8 @@ pub struct Broker {
     retention_thread: Mutex<Option<halfmq_store::worker::Worker<()>>>,
     /// Messages polls skipped because retention had deleted them.
     expired_skipped: AtomicU64,
+    /// What opening found wrong with sled and did about it.
+    meta_recovery: halfmq_types::stats::MetaRecovery,
 }
 
 /// A topic and its queues, as the send path uses them.
@@ -200,6 +203,13 @@ impl Broker {
     /// What recovery found when this broker was opened.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// What opening found wrong with the metadata database (`meta/`) and did about it:
+    /// a rebuild of the state derived from the log, consumer positions lost or clamped,
+    /// transaction outcomes forgotten (also in [`Broker::stats`]).
+    pub fn meta_recovery(&self) -> &halfmq_types::stats::MetaRecovery {
+        &self.meta_recovery
     }
 
     /// The configuration in force.

@@ -48,6 +48,11 @@ impl DelayedIndex {
         Ok(())
     }
 
+    /// Forget everything (before a rebuild from the log replaces what was loaded).
+    pub(crate) fn clear(&self) {
+        *self.inner.lock() = Inner::default();
+    }
+
     /// A durable `Delayed` record (sent now, or replayed by recovery).
     pub(crate) fn insert(&self, d: DelayedInfo) {
         let mut g = self.inner.lock();
@@ -120,10 +125,11 @@ impl DelayedIndex {
         self.inner.lock().live.len() as u64
     }
 
-    /// Write what changed since the last call to sled (before a checkpoint).
-    pub(crate) fn persist(&self, meta: &Meta) -> Result<()> {
+    /// Write what changed since the last call to sled (before a checkpoint, with its log
+    /// offset as the `stamp`, see [`Meta::apply_delayed_changes`]).
+    pub(crate) fn persist(&self, meta: &Meta, stamp: Option<u64>) -> Result<()> {
         let mut g = self.inner.lock();
-        if g.dirty.is_empty() {
+        if g.dirty.is_empty() && stamp.is_none() {
             return Ok(());
         }
         let mut puts = Vec::new();
@@ -135,7 +141,7 @@ impl DelayedIndex {
                 None => {}
             }
         }
-        meta.apply_delayed_changes(&puts, &removes)?;
+        meta.apply_delayed_changes(&puts, &removes, stamp)?;
         for d in &puts {
             g.in_sled.insert(d.id);
         }

@@ -99,4 +99,6 @@ pub use halfmq_types::{
     SendReceipt, TopicInfo, TransactionChecker, TxnId, TxnInfo, TxnState,
     IDEMPOTENCY_KEY_BYTES_MAX,
 };
-pub use halfmq_types::{LogStats, Pin, RetentionFloor, RetentionReport, Stats, Trace};
+pub use halfmq_types::{
+    LogStats, MetaRecovery, OffsetReport, Pin, RetentionFloor, RetentionReport, Stats, Trace,
+};

@@ -19,7 +19,11 @@
 //! it returns.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+mod derived;
+
+pub(crate) use derived::is_stamp;
 
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
@@ -80,6 +84,12 @@ pub struct Meta {
     /// (txn id >> 16) (u64 BE) → bincode sorted Vec<(txn id, Outcome, at_ms)> of finished
     /// ones, for at least the retention time.
     txn_outcomes: sled::Tree,
+    /// chunk id (u64 BE) → idempotency-key entries (see `crate::idem`).
+    idem: sled::Tree,
+    /// The database's directory (its files are fsynced before every checkpoint).
+    dir: PathBuf,
+    /// sled created the database now (nothing was recovered from an earlier run).
+    fresh: bool,
 }
 
 impl std::fmt::Debug for Meta {
@@ -132,6 +142,29 @@ fn u64_be(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(a))
 }
 
+/// sled's open of the database in `dir`, waiting out a lock held by an earlier handle of this
+/// process (see [`Meta::open`]).
+fn open_db(dir: &Path) -> std::result::Result<sled::Db, sled::Error> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+        {
+            // sled reports its lock as an I/O error whose text says so.
+            Err(sled::Error::Io(e))
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
+                    && started.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Meta {
     /// Open (or create) the database in `dir`.
     ///
@@ -139,31 +172,20 @@ impl Meta {
     /// only be an earlier handle of this process that sled has not released yet (it does so
     /// lazily, from a background thread): that is waited out for up to 5 s.
     pub fn open(dir: &Path) -> Result<Meta> {
-        let started = std::time::Instant::now();
-        let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-            {
-                Ok(db) => break db,
-                // sled reports its lock as an I/O error whose text says so.
-                Err(sled::Error::Io(e))
-                    if (e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.to_string().contains("could not acquire lock"))
-                        && started.elapsed() < std::time::Duration::from_secs(5) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => return Err(Error::Meta(format!("opening {}: {e}", dir.display()))),
-            }
-        };
+        let db =
+            open_db(dir).map_err(|e| Error::Meta(format!("opening {}: {e}", dir.display())))?;
+        Meta::with_db(db, dir)
+    }
+
+    fn with_db(db: sled::Db, dir: &Path) -> Result<Meta> {
         let topics = db.open_tree("topics").map_err(sled_err)?;
         let consumers = db.open_tree("consumers").map_err(sled_err)?;
         let groups = db.open_tree("groups").map_err(sled_err)?;
         let delayed = db.open_tree("delayed").map_err(sled_err)?;
         let txn_halves = db.open_tree("txn_halves").map_err(sled_err)?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets").map_err(sled_err)?;
+        let idem = db.open_tree("idem_chunks").map_err(sled_err)?;
+        let fresh = !db.was_recovered();
         Ok(Meta {
             db,
             topics,
@@ -172,6 +194,9 @@ impl Meta {
             delayed,
             txn_halves,
             txn_outcomes,
+            idem,
+            dir: dir.to_path_buf(),
+            fresh,
         })
     }
 
@@ -408,7 +433,10 @@ impl Meta {
     pub fn txn_halves(&self) -> Result<Vec<TxnInfo>> {
         let mut out = Vec::new();
         for kv in self.txn_halves.iter() {
-            let (_, v) = kv.map_err(sled_err)?;
+            let (k, v) = kv.map_err(sled_err)?;
+            if is_stamp(&k) {
+                continue;
+            }
             out.push(codec::decode(&v, "transaction state")?);
         }
         Ok(out)
@@ -435,7 +463,9 @@ impl Meta {
     }
 
     /// Durably apply changes to transaction state: unfinished ones to write or remove,
-    /// outcomes to remember, and outcomes older than `prune_before_ms` to forget.
+    /// outcomes to remember, and outcomes older than `prune_before_ms` to forget. With a
+    /// `stamp` (before a checkpoint at that log offset), each tree's batch carries it: the
+    /// tree then holds everything derived from the log before it.
     ///
     /// Outcomes are kept in buckets of transaction ids (ids are log offsets, so a bucket holds
     /// the transactions of 64 KiB of log, written at about the same time): one
@@ -448,6 +478,7 @@ impl Meta {
         removes: &[u64],
         outcomes: &[(u64, Outcome, u64)],
         prune_before_ms: u64,
+        stamp: Option<u64>,
     ) -> Result<()> {
         let mut halves = sled::Batch::default();
         for info in puts {
@@ -480,12 +511,19 @@ impl Meta {
         if prune_before_ms > 0 {
             for kv in self.txn_outcomes.iter() {
                 let (k, v) = kv.map_err(sled_err)?;
+                if is_stamp(&k) {
+                    continue;
+                }
                 let bucket: Vec<(u64, Outcome, u64)> = codec::decode(&v, "transaction outcomes")?;
                 if bucket.iter().any(|e| e.2 >= prune_before_ms) {
                     break;
                 }
                 buckets.remove(k);
             }
+        }
+        if let Some(at) = stamp {
+            halves.insert(derived::STAMP_KEY, &at.to_be_bytes());
+            buckets.insert(derived::STAMP_KEY, &at.to_be_bytes());
         }
         // Outcomes first: a crash in between leaves a finished transaction also listed as
         // unfinished, which loading resolves; never an unfinished one that is forgotten.
@@ -499,15 +537,27 @@ impl Meta {
     pub fn delayed(&self) -> Result<Vec<DelayedInfo>> {
         let mut out = Vec::new();
         for kv in self.delayed.iter() {
-            let (_, v) = kv.map_err(sled_err)?;
+            let (k, v) = kv.map_err(sled_err)?;
+            if is_stamp(&k) {
+                continue;
+            }
             out.push(codec::decode(&v, "delayed message")?);
         }
         Ok(out)
     }
 
-    /// Durably write and remove delayed messages.
-    pub fn apply_delayed_changes(&self, puts: &[DelayedInfo], removes: &[u64]) -> Result<()> {
+    /// Durably write and remove delayed messages (with the `stamp` of the checkpoint they are
+    /// written for in the same batch, see [`Meta::apply_txn_changes`]).
+    pub fn apply_delayed_changes(
+        &self,
+        puts: &[DelayedInfo],
+        removes: &[u64],
+        stamp: Option<u64>,
+    ) -> Result<()> {
         let mut batch = sled::Batch::default();
+        if let Some(at) = stamp {
+            batch.insert(derived::STAMP_KEY, &at.to_be_bytes());
+        }
         for d in puts {
             batch.insert(&d.id.to_be_bytes(), codec::encode(d, "delayed message")?);
         }
@@ -537,18 +587,14 @@ impl Meta {
         Ok(())
     }
 
-    /// Tree `idem_chunks`: chunk id (u64 BE) → encoded idempotency-key entries (see
-    /// `crate::idem`), written once per checkpoint and removed whole once every entry in
-    /// them is forgotten.
-    fn idem_tree(&self) -> Result<sled::Tree> {
-        self.db.open_tree("idem_chunks").map_err(sled_err)
-    }
-
     /// Every persisted chunk of idempotency-key entries, by id (oldest first).
     pub fn idem_chunks(&self) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for kv in self.idem_tree()?.iter() {
+        for kv in self.idem.iter() {
             let (k, v) = kv.map_err(sled_err)?;
+            if is_stamp(&k) {
+                continue;
+            }
             let id = u64_be(&k).ok_or_else(|| Error::Decode {
                 what: "idempotency chunk id",
                 reason: format!("{} bytes, not 8", k.len()),
@@ -559,19 +605,28 @@ impl Meta {
     }
 
     /// Durably write new chunks of idempotency-key entries and remove forgotten ones, in one
-    /// atomic batch, flushed before this returns.
-    pub fn apply_idem_changes(&self, puts: &[(u64, Vec<u8>)], removes: &[u64]) -> Result<()> {
-        if puts.is_empty() && removes.is_empty() {
+    /// atomic batch (with the `stamp` of the checkpoint they are written for, see
+    /// [`Meta::apply_txn_changes`]), flushed before this returns.
+    pub fn apply_idem_changes(
+        &self,
+        puts: &[(u64, Vec<u8>)],
+        removes: &[u64],
+        stamp: Option<u64>,
+    ) -> Result<()> {
+        if puts.is_empty() && removes.is_empty() && stamp.is_none() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
+        if let Some(at) = stamp {
+            batch.insert(derived::STAMP_KEY, &at.to_be_bytes());
+        }
         for (id, v) in puts {
             batch.insert(&id.to_be_bytes(), v.as_slice());
         }
         for id in removes {
             batch.remove(&id.to_be_bytes());
         }
-        self.idem_tree()?.apply_batch(batch).map_err(sled_err)?;
+        self.idem.apply_batch(batch).map_err(sled_err)?;
         self.db.flush().map_err(sled_err)?;
         Ok(())
     }
@@ -595,6 +650,7 @@ mod tests {
                 (b + 1, Outcome::RolledBack, 100),
             ],
             0,
+            None,
         )
         .unwrap();
         meta.apply_txn_changes(
@@ -605,6 +661,7 @@ mod tests {
                 (5 * b, Outcome::Committed, 900),
             ],
             0,
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -621,13 +678,13 @@ mod tests {
         );
         assert_eq!(meta.txn_outcome(41).unwrap(), None);
         // Bucket 0 holds an outcome at 200: pruning before 150 keeps it (and all after it).
-        meta.apply_txn_changes(&[], &[], &[], 150).unwrap();
+        meta.apply_txn_changes(&[], &[], &[], 150, None).unwrap();
         assert_eq!(
             meta.txn_outcome(40).unwrap(),
             Some((Outcome::Committed, 100))
         );
         // Before 300: buckets 0 and 1 go, bucket 5 (at 900) stays.
-        meta.apply_txn_changes(&[], &[], &[], 300).unwrap();
+        meta.apply_txn_changes(&[], &[], &[], 300, None).unwrap();
         assert_eq!(meta.txn_outcome(40).unwrap(), None);
         assert_eq!(meta.txn_outcome(b + 1).unwrap(), None);
         assert_eq!(

@@ -680,6 +680,7 @@ mod tests {
             }],
             delayed_pending: 9,
             retention: None,
+            meta: Default::default(),
         };
         let t = rendered(|| record_stats(&stats));
         has(
@@ -758,6 +759,7 @@ mod tests {
             dead_letters: Vec::new(),
             delayed_pending: 0,
             retention: None,
+            meta: Default::default(),
         });
     }
 }

@@ -87,22 +87,25 @@ impl TxnIndex {
         }
     }
 
-    /// Load the persisted unfinished transactions (before recovery replays the log).
+    /// Load the persisted unfinished transactions (before recovery replays the log). Whether
+    /// one of them has an outcome in sled is decided by [`TxnIndex::settle_loaded`], once
+    /// the end of the log is known: an outcome at or past it belongs to a log that was lost,
+    /// and must not finish a new half that got its id.
     pub(crate) fn load(&self, meta: &Meta) -> Result<()> {
         let mut g = self.inner.lock();
         for info in meta.txn_halves()? {
             g.in_sled.insert(info.txn_id);
-            if meta.txn_outcome(info.txn_id)?.is_some() {
-                // Resolved but the cleanup did not reach sled before a crash.
-                g.dirty.insert(info.txn_id);
-                continue;
-            }
             if info.state == TxnState::Pending {
                 g.due.insert(info.next_check_ms, info.txn_id);
             }
             g.live.insert(info.txn_id, Entry::new(info));
         }
         Ok(())
+    }
+
+    /// Forget everything (before a rebuild from the log replaces what was loaded).
+    pub(crate) fn clear(&self) {
+        *self.inner.lock() = Inner::default();
     }
 
     /// The oldest unfinished transaction (its id is its half's log offset): retention must
@@ -124,6 +127,34 @@ impl TxnIndex {
                 );
             }
         }
+    }
+
+    /// After recovery: forget outcomes in sled at or past `log_end` (ids are log offsets, so
+    /// after a loss of the log's end they would be handed out again: see
+    /// [`Meta::fence_outcomes_from`]), then finish the unfinished transactions that have an
+    /// outcome in sled (resolved, but the cleanup did not reach sled before a stop). Returns
+    /// how many outcomes were forgotten.
+    pub(crate) fn settle_loaded(&self, meta: &Meta, log_end: u64) -> Result<u64> {
+        let fenced = meta.fence_outcomes_from(log_end)?;
+        let mut g = self.inner.lock();
+        // Only halves loaded from sled can have an outcome there (replayed ones are newer
+        // than every outcome sled holds for this log).
+        let ids: Vec<u64> = g
+            .live
+            .keys()
+            .filter(|id| g.in_sled.contains(id))
+            .copied()
+            .collect();
+        for txn in ids {
+            if g.outcomes.contains_key(&txn) || meta.txn_outcome(txn)?.is_none() {
+                continue;
+            }
+            if let Some(e) = g.live.remove(&txn) {
+                g.due.remove(e.info.next_check_ms, txn);
+                g.dirty.insert(txn);
+            }
+        }
+        Ok(fenced)
     }
 
     /// A half record is durable (live path or recovery replay).
@@ -343,10 +374,17 @@ impl TxnIndex {
     }
 
     /// Write everything changed since the last call to sled, and forget outcomes older than
-    /// the retention. Runs before every checkpoint.
-    pub(crate) fn persist(&self, meta: &Meta, retention: Duration, now_ms: u64) -> Result<()> {
+    /// the retention. Runs before every checkpoint, with the checkpoint's log offset as the
+    /// `stamp` written with it (see [`Meta::apply_txn_changes`]).
+    pub(crate) fn persist(
+        &self,
+        meta: &Meta,
+        retention: Duration,
+        now_ms: u64,
+        stamp: Option<u64>,
+    ) -> Result<()> {
         let mut g = self.inner.lock();
-        if g.dirty.is_empty() && g.outcomes.is_empty() {
+        if g.dirty.is_empty() && g.outcomes.is_empty() && stamp.is_none() {
             return Ok(());
         }
         let mut puts = Vec::new();
@@ -363,7 +401,7 @@ impl TxnIndex {
         let outcomes: Vec<(u64, Outcome, u64)> =
             g.outcomes.iter().map(|(&t, &(o, at))| (t, o, at)).collect();
         let prune_before = now_ms.saturating_sub(retention.as_millis() as u64);
-        meta.apply_txn_changes(&puts, &removes, &outcomes, prune_before)?;
+        meta.apply_txn_changes(&puts, &removes, &outcomes, prune_before, stamp)?;
         for p in &puts {
             g.in_sled.insert(p.txn_id);
         }
@@ -388,7 +426,7 @@ impl TxnIndex {
         if still.is_empty() {
             return Ok(());
         }
-        meta.apply_txn_changes(&still, &[], &[], 0)?;
+        meta.apply_txn_changes(&still, &[], &[], 0, None)?;
         for i in &still {
             g.in_sled.insert(i.txn_id);
         }

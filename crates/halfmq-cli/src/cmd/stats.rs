@@ -51,6 +51,39 @@ pub fn retention_line(f: &RetentionFloor, held: bool) -> String {
     }
 }
 
+/// What opening found wrong with `meta/` (nothing when it was as new as the log).
+fn meta_lines(out: &mut String, m: &halfmq::MetaRecovery) {
+    if let Some(why) = &m.rebuilt {
+        let _ = writeln!(
+            out,
+            "metadata: rebuilt from the log at offset {} ({} records) because {why}",
+            m.rebuilt_from, m.records_replayed
+        );
+    }
+    if let Some(aside) = &m.moved_aside {
+        let _ = writeln!(out, "metadata: the damaged database was moved to {aside}");
+    }
+    for o in &m.offsets_lost {
+        let _ = writeln!(
+            out,
+            "metadata: position may have gone back (redelivery): {o}"
+        );
+    }
+    for o in &m.offsets_clamped {
+        let _ = writeln!(
+            out,
+            "metadata: offset past the end of the queue, clamped: {o}"
+        );
+    }
+    if m.outcomes_fenced > 0 {
+        let _ = writeln!(
+            out,
+            "metadata: {} transaction outcome(s) past the end of the log forgotten",
+            m.outcomes_fenced
+        );
+    }
+}
+
 /// `halfmq stats` for people: the log and transactions, then one row per queue and
 /// consumer group.
 pub fn stats_table(s: &Stats) -> String {
@@ -90,6 +123,7 @@ pub fn stats_table(s: &Stats) -> String {
             );
         }
     }
+    meta_lines(&mut out, &s.meta);
     for d in &s.dead_letters {
         let _ = writeln!(
             out,

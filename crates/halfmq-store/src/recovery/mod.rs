@@ -369,7 +369,7 @@ pub(crate) fn recover(
         }
     }
     if let Some(h) = hooks {
-        h.before_checkpoint()?;
+        h.before_checkpoint(report.log_end)?;
     }
     let seq = checkpoint_seq + 1;
     checkpoint::store(

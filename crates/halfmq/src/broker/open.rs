@@ -3,36 +3,32 @@
 //! it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
 use super::checker::{self, CheckPool};
-use super::delayed::{self, delayed_info_of, delayed_of};
-use super::txn::{txn_info_of, txn_of};
+use super::delayed;
+use super::derived::{self, Derived};
 use super::{idem, retention, trace, Broker};
 use crate::config::BrokerConfig;
-use crate::delayed::DelayedIndex;
-use crate::idem::DedupIndex;
 use crate::meta::Meta;
-use crate::txn::TxnIndex;
 use halfmq_store::io::{FsStorage, Storage};
-use halfmq_store::record::{RecordKind, RecordView, FLAG_DELAYED_FIRE, FLAG_TXN_COMMIT};
+use halfmq_store::record::RecordView;
 use halfmq_store::{Store, StoreHooks};
 use halfmq_types::clock::SharedClock;
 use halfmq_types::error::{Error, Result};
-use halfmq_types::Outcome;
 
-/// Persists the transaction and delayed-message indexes before every checkpoint.
+/// Persists the transaction, delayed-message and idempotency-key indexes before every
+/// checkpoint, stamped with the checkpoint's log offset, and fsyncs sled (see
+/// `crate::meta`): sled is then at least as new as every checkpoint.
 struct TxnHooks {
     clock: SharedClock,
-    txns: Arc<TxnIndex>,
-    delayed: Arc<DelayedIndex>,
+    derived: Arc<Derived>,
     meta: Arc<Meta>,
     retention: Duration,
-    dedup: Arc<DedupIndex>,
 }
 
 impl halfmq_store::StoreObserver for TxnHooks {
@@ -46,11 +42,15 @@ impl halfmq_store::StoreObserver for TxnHooks {
 }
 
 impl StoreHooks for TxnHooks {
-    fn before_checkpoint(&self) -> Result<()> {
+    fn before_checkpoint(&self, log_offset: u64) -> Result<()> {
+        if !self.derived.trusted.load(Ordering::Acquire) {
+            // Being rebuilt (open does it after recovery): sled keeps its old stamp, so the
+            // next open rebuilds again if this one stops before it is done.
+            return Ok(());
+        }
         let now = self.clock.now_ms();
-        self.txns.persist(&self.meta, self.retention, now)?;
-        self.delayed.persist(&self.meta)?;
-        self.dedup.persist(&self.meta, now)
+        self.derived
+            .persist(&self.meta, self.retention, now, log_offset)
     }
 }
 
@@ -70,45 +70,25 @@ impl Broker {
         storage.create_dir_all(dir)?;
         let lock = storage.lock_dir(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
-        let meta = Arc::new(Meta::open(&dir.join("meta"))?);
-        let txns = Arc::new(TxnIndex::new());
-        txns.load(&meta)?;
-        let delayed = Arc::new(DelayedIndex::default());
-        delayed.load(&meta)?;
         let clock = config.clock.shared();
-        let dedup = Arc::new(DedupIndex::new(
-            crate::idem::Limits::of(&config),
-            clock.clone(),
-        ));
-        dedup.load(&meta, clock.now_ms())?;
-        let hooks = Arc::new(TxnHooks {
-            clock: clock.clone(),
-            txns: txns.clone(),
-            delayed: delayed.clone(),
-            meta: meta.clone(),
-            retention: config.txn.outcome_retention,
-            dedup: dedup.clone(),
-        });
         let opened_ms = clock.now_ms();
-        // Replay the transaction records after the checkpoint over the persisted index.
+        // sled is checked first: its derived state is used only when it is as new as the
+        // checkpoint recovery starts from; otherwise it is rebuilt after recovery.
+        let mut opened = derived::open_meta(&*storage, dir, opened_ms)?;
+        let derived = Arc::new(Derived::new(&config, &clock));
+        if opened.distrust.is_none() {
+            derived.load(&opened.meta, opened_ms)?;
+            derived.trusted.store(true, Ordering::Release);
+        }
+        let trusted = opened.distrust.is_none();
+        // Replay the records after the checkpoint over the persisted indexes (when they are
+        // rebuilt instead, after recovery, this replay is not needed).
         let mut replay_error = None;
         let mut on_record = |view: &RecordView<'_>| {
-            let r = match view.header.kind {
-                RecordKind::Half => {
-                    txn_info_of(view, &config.txn).map(|info| txns.insert_half(info))
-                }
-                RecordKind::Message if view.header.flags & FLAG_TXN_COMMIT != 0 => txn_of(view)
-                    .map(|txn| txns.resolve(txn, Outcome::Committed, view.header.timestamp_ms)),
-                RecordKind::Message if view.header.flags & FLAG_DELAYED_FIRE != 0 => {
-                    delayed_of(view).map(|id| delayed.fired(id))
-                }
-                RecordKind::Delayed => delayed_info_of(view).map(|d| delayed.insert(d)),
-                RecordKind::TxnEnd => txn_of(view)
-                    .map(|txn| txns.resolve(txn, Outcome::RolledBack, view.header.timestamp_ms)),
-                _ => Ok(()),
-            };
-            let r = r.and_then(|()| dedup.replay(view, opened_ms));
-            if let Err(e) = r {
+            if !trusted {
+                return;
+            }
+            if let Err(e) = derived.apply(view, &config.txn, opened_ms) {
                 replay_error.get_or_insert(e);
             }
         };
@@ -121,8 +101,12 @@ impl Broker {
             config.store.key_index_slots,
             config.store.key_index_entries,
         )?;
-        let journal = Arc::new(crate::journal::Journal::open(meta.clone(), clock.clone())?);
-        journal.start_writer()?;
+        let hooks = Arc::new(TxnHooks {
+            clock: clock.clone(),
+            derived: derived.clone(),
+            meta: opened.meta.clone(),
+            retention: config.txn.outcome_retention,
+        });
         let (store, recovery) = Store::open_locked(
             storage,
             dir,
@@ -134,9 +118,23 @@ impl Broker {
         if let Some(e) = replay_error {
             return Err(e);
         }
-        txns.forget_beyond(recovery.log_end);
-        delayed.forget_beyond(recovery.log_end);
-        dedup.forget_beyond(recovery.log_end);
+        derived::settle(
+            &mut opened,
+            &derived,
+            &store,
+            &config,
+            recovery.log_end,
+            opened_ms,
+        )?;
+        let meta_report = std::mem::take(&mut opened.report);
+        let meta = opened.meta.clone();
+        let journal = Arc::new(crate::journal::Journal::open(meta.clone(), clock.clone())?);
+        journal.start_writer()?;
+        let (txns, delayed, dedup) = (
+            derived.txns.clone(),
+            derived.delayed.clone(),
+            derived.dedup.clone(),
+        );
         if index_report.indexed_upto > recovery.log_end {
             // An index of a longer (other) log: useless here.
             tracing::warn!(
@@ -188,6 +186,7 @@ impl Broker {
             last_retention: Mutex::new(None),
             retention_thread: Mutex::new(None),
             expired_skipped: AtomicU64::new(0),
+            meta_recovery: meta_report,
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {

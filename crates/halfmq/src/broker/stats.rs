@@ -97,6 +97,7 @@ impl Broker {
                 expired_skipped: self.expired_skipped(),
                 last_pass: self.last_retention(),
             }),
+            meta: self.meta_recovery.clone(),
         })
     }
 

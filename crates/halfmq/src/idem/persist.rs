@@ -40,6 +40,13 @@ impl DedupIndex {
         Ok(())
     }
 
+    /// Forget everything (before a rebuild from the log replaces what was loaded; nothing
+    /// is reserved yet at open).
+    pub(crate) fn clear(&self) {
+        self.completed.lock().clear();
+        *self.inner.lock() = super::Inner::default();
+    }
+
     /// Recovery found this record after the checkpoint.
     pub(crate) fn replay(&self, view: &RecordView<'_>, now_ms: u64) -> Result<()> {
         let space = match view.header.kind {
@@ -100,8 +107,10 @@ impl DedupIndex {
     /// are all forgotten. Runs before every checkpoint, on the flusher thread (or during
     /// recovery), which is also the only thread that adds entries: everything remembered then
     /// is for a record before the checkpoint, and must be in sled before the checkpoint is.
-    pub(crate) fn persist(&self, meta: &Meta, now_ms: u64) -> Result<()> {
-        self.persist_below(meta, now_ms, u64::MAX)
+    /// `stamp` is the checkpoint's log offset, written with the entries (see
+    /// [`Meta::apply_idem_changes`]).
+    pub(crate) fn persist(&self, meta: &Meta, now_ms: u64, stamp: Option<u64>) -> Result<()> {
+        self.write_below(meta, now_ms, u64::MAX, stamp)
     }
 
     /// [`DedupIndex::persist`] for the entries of records before `durable_end` only: what
@@ -111,6 +120,16 @@ impl DedupIndex {
     /// record is durable, and recovery takes an entry from sled and the same entry from the
     /// log as one.
     pub(crate) fn persist_below(&self, meta: &Meta, now_ms: u64, durable_end: u64) -> Result<()> {
+        self.write_below(meta, now_ms, durable_end, None)
+    }
+
+    fn write_below(
+        &self,
+        meta: &Meta,
+        now_ms: u64,
+        durable_end: u64,
+        stamp: Option<u64>,
+    ) -> Result<()> {
         // One persist at a time: chunk ids and the chunk list are updated after the write.
         let _one = self.persisting.lock();
         let (taken, still, removes, first_chunk) = {
@@ -119,7 +138,7 @@ impl DedupIndex {
             let n = g
                 .unpersisted
                 .partition_point(|(_, _, at)| at.log_offset < durable_end);
-            if n == 0 && g.chunks.is_empty() {
+            if n == 0 && g.chunks.is_empty() && stamp.is_none() {
                 return Ok(());
             }
             let taken: Vec<(u64, Arc<str>, Stored)> = g.unpersisted.drain(..n).collect();
@@ -162,7 +181,7 @@ impl DedupIndex {
             }
             new_chunks.push((id, end));
         }
-        let result = encoded.and_then(|()| meta.apply_idem_changes(&puts, &removes));
+        let result = encoded.and_then(|()| meta.apply_idem_changes(&puts, &removes, stamp));
         if let Err(e) = result {
             // Nothing changed in sled: put them back in front, to try again next time.
             let mut g = self.inner.lock();
@@ -219,7 +238,7 @@ mod tests {
         ix.persist_below(&meta, t0, 300).unwrap();
         assert_eq!(persisted(&meta), names(&keys[..2]));
         // The checkpoint writes the rest.
-        ix.persist(&meta, t0).unwrap();
+        ix.persist(&meta, t0, None).unwrap();
         assert_eq!(persisted(&meta), names(&keys));
 
         // Reopen: the chunks load, and recovery's replay of a record that is also in sled
