@@ -6,6 +6,11 @@
 //! then advances the acknowledged offset and wakes the writers: a message is never visible to
 //! a consumer before it is acknowledged to its producer.
 //!
+//! Consume-queue entries are appended only for durable records. Under async flush a round
+//! that writes without syncing keeps its entries back (`FlusherState::dispatch`) until the
+//! round that syncs them, which also wakes the waiting readers: a consumer never sees, and
+//! so never acks, a message that a power loss could still take back.
+//!
 //! An I/O error is never retried: after a failed write or fsync the kernel may have dropped
 //! the dirty pages, so nothing unsynced can be trusted. The store is poisoned, every waiting
 //! writer gets the error, and only reopening (recovery) makes it writable again.
@@ -23,6 +28,8 @@ use halfmq_types::error::Result;
 
 struct FlusherState {
     batch: Batch,
+    /// Consume-queue entries of records written but not yet durable (async flush), appended
+    /// by the round that syncs them.
     dispatch: DispatchBuf,
     last_sync: Instant,
     /// How long the last fsync of the log took.
@@ -189,11 +196,17 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         st.last_sync = Instant::now();
         synced = true;
     }
-    // Index the batch's messages before anyone is told they are stored.
+    // Index the batch's messages before anyone is told they are stored, and only once they
+    // are durable: consumers read through the consume queues, so under async flush a
+    // message written but not yet synced stays invisible (its entry waits in `st.dispatch`)
+    // until the round that syncs it. A power loss can then never take back a message a
+    // consumer saw or acked.
     for d in &batch.dispatch {
         st.dispatch.push(d);
     }
-    st.dispatch.apply()?;
+    if st.durable == st.written {
+        st.dispatch.apply()?;
+    }
     for (hook, offset) in batch.hooks.drain(..) {
         // A panicking hook must not kill the flusher silently and leave writers waiting.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(offset))).map_err(|_| {
