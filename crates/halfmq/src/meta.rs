@@ -21,6 +21,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+mod live;
+
+use live::LiveDb;
+pub(crate) use live::LiveTree;
+
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{GroupSettings, Outcome, TxnInfo};
@@ -67,19 +72,20 @@ pub struct DelayedInfo {
     pub deliver_at_ms: u64,
 }
 
-/// The sled database.
+/// The sled database, reopened in place after an I/O error (a full disk, EIO: see
+/// `meta/live.rs`), so that acks and checkpoints work again once the disk does.
 pub struct Meta {
-    db: sled::Db,
-    topics: sled::Tree,
-    consumers: sled::Tree,
-    groups: sled::Tree,
+    db: LiveDb,
+    topics: LiveTree,
+    consumers: LiveTree,
+    groups: LiveTree,
     /// delayed message id (u64 BE) → bincode DelayedInfo of ones not delivered yet.
-    delayed: sled::Tree,
+    delayed: LiveTree,
     /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
-    txn_halves: sled::Tree,
+    txn_halves: LiveTree,
     /// (txn id >> 16) (u64 BE) → bincode sorted Vec<(txn id, Outcome, at_ms)> of finished
     /// ones, for at least the retention time.
-    txn_outcomes: sled::Tree,
+    txn_outcomes: LiveTree,
 }
 
 impl std::fmt::Debug for Meta {
@@ -139,25 +145,8 @@ impl Meta {
     /// only be an earlier handle of this process that sled has not released yet (it does so
     /// lazily, from a background thread): that is waited out for up to 5 s.
     pub fn open(dir: &Path) -> Result<Meta> {
-        let started = std::time::Instant::now();
-        let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-            {
-                Ok(db) => break db,
-                // sled reports its lock as an I/O error whose text says so.
-                Err(sled::Error::Io(e))
-                    if (e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.to_string().contains("could not acquire lock"))
-                        && started.elapsed() < std::time::Duration::from_secs(5) =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => return Err(Error::Meta(format!("opening {}: {e}", dir.display()))),
-            }
-        };
+        let db = live::LiveDb::open(dir)
+            .map_err(|e| Error::Meta(format!("opening {}: {e}", dir.display())))?;
         let topics = db.open_tree("topics").map_err(sled_err)?;
         let consumers = db.open_tree("consumers").map_err(sled_err)?;
         let groups = db.open_tree("groups").map_err(sled_err)?;
@@ -520,7 +509,7 @@ impl Meta {
     }
 
     /// Open (or create) a tree of the database (for modules that own their own trees).
-    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree> {
+    pub(crate) fn tree(&self, name: &str) -> Result<LiveTree> {
         self.db.open_tree(name).map_err(sled_err)
     }
 
@@ -540,7 +529,7 @@ impl Meta {
     /// Tree `idem_chunks`: chunk id (u64 BE) → encoded idempotency-key entries (see
     /// `crate::idem`), written once per checkpoint and removed whole once every entry in
     /// them is forgotten.
-    fn idem_tree(&self) -> Result<sled::Tree> {
+    fn idem_tree(&self) -> Result<LiveTree> {
         self.db.open_tree("idem_chunks").map_err(sled_err)
     }
 
