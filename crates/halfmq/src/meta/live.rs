@@ -111,26 +111,24 @@ fn is_io(e: &sled::Error) -> bool {
 }
 
 impl Shared {
-    /// The database to use now, reopened first if it is broken.
-    fn opened(&self) -> sled::Result<Arc<Opened>> {
-        if !self.broken.load(Ordering::Acquire) {
-            if let Some(o) = self.current.read().clone() {
-                return Ok(o);
-            }
+    /// Reopen the database if it is broken (or a reopen failed before).
+    fn ensure_open(&self) -> sled::Result<()> {
+        if self.broken.load(Ordering::Acquire) || self.current.read().is_none() {
+            self.reopen()?;
         }
-        self.reopen()
+        Ok(())
     }
 
-    fn reopen(&self) -> sled::Result<Arc<Opened>> {
+    fn reopen(&self) -> sled::Result<()> {
         let _one = self.reopening.lock();
-        if !self.broken.load(Ordering::Acquire) {
-            if let Some(o) = self.current.read().clone() {
-                return Ok(o); // another thread reopened it meanwhile
-            }
+        if !self.broken.load(Ordering::Acquire) && self.current.read().is_some() {
+            return Ok(()); // another thread reopened it meanwhile
         }
-        // Drop this handle of the broken database; the lock goes with the last one.
-        let old = self.current.write().take();
-        drop(old);
+        // Operations run under the read side: taking the write side waits for those in
+        // flight and holds back new ones, so no write lands on the old database unseen.
+        let mut current = self.current.write();
+        // Drop this handle of the broken database; sled's lock goes with the last one.
+        drop(current.take());
         let db = open_db(&self.dir).inspect_err(|e| {
             tracing::warn!(dir = %self.dir.display(), error = %e, "metadata store still failing; will retry");
         })?;
@@ -158,14 +156,14 @@ impl Shared {
         }
         opened.db.flush()?;
         self.drop_pending_below(upto);
-        *self.current.write() = Some(opened.clone());
+        *current = Some(opened);
         self.broken.store(false, Ordering::Release);
         let n = self.reopens.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::warn!(
             dir = %self.dir.display(), reopens = n, replayed = writes.len(),
             "metadata store reopened after an I/O error; unflushed writes applied again"
         );
-        Ok(opened)
+        Ok(())
     }
 
     fn drop_pending_below(&self, upto: u64) {
@@ -174,48 +172,71 @@ impl Shared {
         p.bytes = p.writes.iter().map(|(_, _, w)| write_bytes(w)).sum();
     }
 
-    /// Run `f` on tree `name` of the current database; an I/O error marks it broken.
+    /// Run `f` on tree `name` of the current database (under the read side of `current`,
+    /// see [`Shared::reopen`]) and remember the write it reports, if any; an I/O error marks
+    /// the database broken.
     fn run<T>(
         &self,
         name: Option<&str>,
-        f: impl FnOnce(&sled::Tree) -> sled::Result<T>,
+        f: impl FnOnce(&sled::Tree) -> sled::Result<(T, Option<Write>)>,
     ) -> sled::Result<T> {
-        let o = self.opened()?;
-        let r = o.tree(name).and_then(|t| f(&t));
-        if let Err(e) = &r {
-            if is_io(e) {
-                self.broken.store(true, Ordering::Release);
+        self.ensure_open()?;
+        let (out, full) = {
+            // Recursive: a caller may still hold a scan of the same database.
+            let current = self.current.read_recursive();
+            let Some(o) = current.as_ref() else {
+                // A reopen failed between `ensure_open` and here.
+                return Err(sled::Error::Io(std::io::Error::other(
+                    "the metadata store is being reopened after an I/O error",
+                )));
+            };
+            match o.tree(name).and_then(|t| f(&t)) {
+                Ok((v, w)) => {
+                    let full = w.is_some_and(|w| self.note(name, w));
+                    (v, full)
+                }
+                Err(e) => {
+                    if is_io(&e) {
+                        self.broken.store(true, Ordering::Release);
+                    }
+                    return Err(e);
+                }
             }
-        }
-        r
-    }
-
-    /// Remember an acknowledged write for a reopen; flush first when too many wait.
-    fn note(&self, name: Option<&str>, w: Write) -> sled::Result<()> {
-        let full = {
-            let mut p = self.pending.lock();
-            let seq = p.next;
-            p.next += 1;
-            p.bytes += write_bytes(&w);
-            p.writes.push((seq, name.map(str::to_owned), w));
-            p.bytes > PENDING_BYTES_MAX
         };
         if full {
             self.flush()?;
         }
-        Ok(())
+        Ok(out)
+    }
+
+    /// Remember an acknowledged write for a reopen; whether so many wait that the writer
+    /// should flush.
+    fn note(&self, name: Option<&str>, w: Write) -> bool {
+        let mut p = self.pending.lock();
+        let seq = p.next;
+        p.next += 1;
+        p.bytes += write_bytes(&w);
+        p.writes.push((seq, name.map(str::to_owned), w));
+        p.bytes > PENDING_BYTES_MAX
     }
 
     fn flush(&self) -> sled::Result<usize> {
         let upto = self.pending.lock().next;
-        let n = self.run(None, |t| t.flush())?;
+        let n = self.run(None, |t| Ok((t.flush()?, None)))?;
         self.drop_pending_below(upto);
         Ok(n)
     }
 
     async fn flush_async(&self) -> sled::Result<usize> {
         let upto = self.pending.lock().next;
-        let o = self.opened()?;
+        self.ensure_open()?;
+        // The flush runs on sled's threads; the handle is held across the await (a reopen
+        // meanwhile waits for it, see `open_db`).
+        let Some(o) = self.current.read().clone() else {
+            return Err(sled::Error::Io(std::io::Error::other(
+                "the metadata store is being reopened after an I/O error",
+            )));
+        };
         let r = o.db.flush_async().await;
         match &r {
             Ok(_) => self.drop_pending_below(upto),
@@ -261,7 +282,7 @@ impl LiveDb {
 
     /// A handle of tree `name`, valid across reopens.
     pub(crate) fn open_tree(&self, name: &str) -> sled::Result<LiveTree> {
-        self.shared.run(Some(name), |_| Ok(()))?;
+        self.shared.run(Some(name), |_| Ok(((), None)))?;
         Ok(LiveTree {
             shared: self.shared.clone(),
             name: name.to_owned(),
@@ -287,16 +308,23 @@ pub(crate) struct LiveTree {
 }
 
 impl LiveTree {
-    fn run<T>(&self, f: impl FnOnce(&sled::Tree) -> sled::Result<T>) -> sled::Result<T> {
+    fn read<T>(&self, f: impl FnOnce(&sled::Tree) -> sled::Result<T>) -> sled::Result<T> {
+        self.shared.run(Some(&self.name), |t| Ok((f(t)?, None)))
+    }
+
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&sled::Tree) -> sled::Result<(T, Option<Write>)>,
+    ) -> sled::Result<T> {
         self.shared.run(Some(&self.name), f)
     }
 
     pub(crate) fn get<K: AsRef<[u8]>>(&self, key: K) -> sled::Result<Option<IVec>> {
-        self.run(|t| t.get(key))
+        self.read(|t| t.get(key))
     }
 
     pub(crate) fn contains_key<K: AsRef<[u8]>>(&self, key: K) -> sled::Result<bool> {
-        self.run(|t| t.contains_key(key))
+        self.read(|t| t.contains_key(key))
     }
 
     pub(crate) fn insert<K: AsRef<[u8]>, V: Into<IVec>>(
@@ -305,21 +333,19 @@ impl LiveTree {
         value: V,
     ) -> sled::Result<Option<IVec>> {
         let (k, v) = (IVec::from(key.as_ref()), value.into());
-        let old = self.run(|t| t.insert(&k, v.clone()))?;
-        self.shared.note(Some(&self.name), Write::Insert(k, v))?;
-        Ok(old)
+        self.write(|t| Ok((t.insert(&k, v.clone())?, Some(Write::Insert(k, v)))))
     }
 
     pub(crate) fn remove<K: AsRef<[u8]>>(&self, key: K) -> sled::Result<Option<IVec>> {
         let k = IVec::from(key.as_ref());
-        let old = self.run(|t| t.remove(&k))?;
-        self.shared.note(Some(&self.name), Write::Remove(k))?;
-        Ok(old)
+        self.write(|t| Ok((t.remove(&k)?, Some(Write::Remove(k)))))
     }
 
     pub(crate) fn apply_batch(&self, batch: sled::Batch) -> sled::Result<()> {
-        self.run(|t| t.apply_batch(batch.clone()))?;
-        self.shared.note(Some(&self.name), Write::Batch(batch))
+        self.write(|t| {
+            t.apply_batch(batch.clone())?;
+            Ok(((), Some(Write::Batch(batch))))
+        })
     }
 
     pub(crate) fn compare_and_swap<K, OV, NV>(
@@ -335,27 +361,26 @@ impl LiveTree {
     {
         let k = IVec::from(key.as_ref());
         let new: Option<IVec> = new.map(Into::into);
-        let r = self.run(|t| t.compare_and_swap(&k, old, new.clone()))?;
-        if r.is_ok() {
-            let w = match new {
+        self.write(|t| {
+            let r = t.compare_and_swap(&k, old, new.clone())?;
+            let w = r.is_ok().then(|| match new {
                 Some(v) => Write::Insert(k, v),
                 None => Write::Remove(k),
-            };
-            self.shared.note(Some(&self.name), w)?;
-        }
-        Ok(r)
+            });
+            Ok((r, w))
+        })
     }
 
     pub(crate) fn iter(&self) -> LiveIter {
-        LiveIter::of(self.run(|t| Ok(t.iter())))
+        LiveIter::of(self.read(|t| Ok(t.iter())))
     }
 
     pub(crate) fn scan_prefix<P: AsRef<[u8]>>(&self, prefix: P) -> LiveIter {
-        LiveIter::of(self.run(|t| Ok(t.scan_prefix(prefix))))
+        LiveIter::of(self.read(|t| Ok(t.scan_prefix(prefix))))
     }
 
     pub(crate) fn range<K: AsRef<[u8]>, R: std::ops::RangeBounds<K>>(&self, range: R) -> LiveIter {
-        LiveIter::of(self.run(|t| Ok(t.range(range))))
+        LiveIter::of(self.read(|t| Ok(t.range(range))))
     }
 }
 
