@@ -311,3 +311,93 @@ fn poison(shared: &Shared, msg: &str) {
     shared.async_notify.notify_waiters();
     shared.async_space.notify_waiters();
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::record::RecordKind;
+    use crate::sim::{CrashMode, Faults, SimStorage};
+    use crate::{Append, Store, StoreConfig};
+
+    use super::*;
+
+    fn open(disk: &SimStorage) -> Store {
+        let config = StoreConfig::default()
+            .with_segment_bytes(1 << 20)
+            .with_record_bytes_max(16 * 1024)
+            .with_pending_bytes_max(64 * 1024)
+            .with_checkpoint_bytes(4096);
+        Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
+            .unwrap()
+            .0
+    }
+
+    fn send(store: &Store, q: &Arc<crate::consume_queue::ConsumeQueue>) -> Result<()> {
+        let body = [7u8; 1024];
+        store
+            .append(Append {
+                kind: RecordKind::Message,
+                flags: 0,
+                topic: "t",
+                queue_id: 0,
+                key: "",
+                props: &[],
+                body: &body,
+                timestamp_ms: 1,
+                dispatch_to: Some(q),
+            })
+            .map(|_| ())
+    }
+
+    fn newest_checkpoint(disk: &SimStorage) -> u64 {
+        checkpoint::load(disk, Path::new("/s"))
+            .unwrap()
+            .map_or(0, |c| c.seq)
+    }
+
+    #[test]
+    fn checkpoints_refused_by_a_full_disk_resume_once_space_is_back_without_a_reopen() {
+        let disk = SimStorage::new();
+        let store = open(&disk);
+        let q = store.queue("t", 0).unwrap();
+        for _ in 0..10 {
+            send(&store, &q).unwrap();
+        }
+        let before = newest_checkpoint(&disk);
+        assert!(
+            before > 0,
+            "10 KiB written past a 4 KiB checkpoint interval"
+        );
+
+        // The disk is full: the preallocated segment and index still take records, every
+        // checkpoint (a new file) is refused, and the store is not poisoned by that.
+        disk.set_faults(Faults {
+            disk_full: true,
+            ..Faults::default()
+        });
+        for _ in 0..20 {
+            send(&store, &q).unwrap();
+        }
+        assert_eq!(newest_checkpoint(&disk), before, "no checkpoint fits");
+
+        // Space is back: the next checkpoint is written, by the same store.
+        disk.set_faults(Faults::default());
+        for _ in 0..10 {
+            send(&store, &q).unwrap();
+        }
+        let after = newest_checkpoint(&disk);
+        assert!(
+            after > before,
+            "checkpoints did not resume ({before} -> {after})"
+        );
+        let cp = checkpoint::load(&disk, Path::new("/s")).unwrap().unwrap();
+        assert!(cp.queues.iter().any(|(t, _, n)| t == "t" && *n >= 30));
+
+        // Nothing acknowledged was lost on the way.
+        let lost = disk.crash(CrashMode::DropUnsynced);
+        drop(store);
+        let again = open(&lost);
+        assert_eq!(again.queue("t", 0).unwrap().len(), 40);
+    }
+}
