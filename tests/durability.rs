@@ -101,6 +101,10 @@ fn async_flush_an_async_consumer_is_woken_by_the_flush_that_a_transaction_forces
         .build()
         .unwrap();
     b.send("t", &Message::new("plain")).unwrap();
+    assert!(
+        b.poll("other", "t", 10).unwrap().is_empty(),
+        "not durable yet"
+    );
     let waiter = {
         let b = b.clone();
         rt.spawn(async move {
