@@ -182,7 +182,8 @@ impl Shared {
         hook: &mut Hook,
     ) -> Result<Option<Ticket<'_>>> {
         // A hook that must see the record durable makes the writer wait for that too.
-        let durable = hook.forces_sync() || self.sync_policy();
+        let forces_sync = hook.forces_sync();
+        let durable = forces_sync || self.sync_policy();
         let mut w = self.writer.lock();
         loop {
             if let Some(p) = &w.poisoned {
@@ -250,10 +251,10 @@ impl Shared {
                 },
             });
         }
-        if let Some((h, forces_sync)) = hook.take() {
+        if let Some(h) = hook.take() {
             w.batch.hooks.push((h, log_offset));
-            w.batch.sync_hooks |= forces_sync;
         }
+        w.batch.sync_hooks |= forces_sync;
         // Wake the flusher for the first record, and when the batch is as large as it
         // waits for; in between it is waiting on a deadline anyway.
         if w.batch.records == 1 || w.batch.records >= w.gather_target {

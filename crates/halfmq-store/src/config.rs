@@ -44,6 +44,8 @@ pub enum FlushPolicy {
     /// `send` returns once the record is written to the operating system; a background flush
     /// makes it durable at least every `interval`. Survives `kill -9` of the process, but a
     /// power loss or kernel crash can lose what was acknowledged in the last `interval`.
+    /// Readers see a record only once it is durable (its consume-queue entry waits for the
+    /// sync), so what a power loss takes back was never delivered.
     Async {
         /// Longest time an acknowledged record may stay unsynced.
         interval: Duration,

@@ -131,7 +131,8 @@ pub struct ConsumeQueue {
     pub(crate) assigned: AtomicU64,
     /// Entries the file has space reserved for; grown only under the writer lock.
     capacity: AtomicU64,
-    /// Entries that are written and readable (records durable, or written under async flush).
+    /// Entries that are written and readable: their records are durable, under every flush
+    /// policy (the flusher appends an entry only once its record is synced).
     visible: AtomicU64,
     /// Appended to since the last checkpoint sync.
     dirty: AtomicBool,

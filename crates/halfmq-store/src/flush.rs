@@ -6,6 +6,11 @@
 //! then advances the acknowledged offset and wakes the writers: a message is never visible to
 //! a consumer before it is acknowledged to its producer.
 //!
+//! Consume-queue entries are appended only for durable records. Under async flush a round
+//! that writes without syncing keeps its entries back (`FlusherState::dispatch`) until the
+//! round that syncs them, which also wakes the waiting readers: a consumer never sees, and
+//! so never acks, a message that a power loss could still take back.
+//!
 //! An I/O error is never retried: after a failed write or fsync the kernel may have dropped
 //! the dirty pages, so nothing unsynced can be trusted. The store is poisoned, every waiting
 //! writer gets the error, and only reopening (recovery) makes it writable again.
@@ -23,6 +28,8 @@ use halfmq_types::error::Result;
 
 struct FlusherState {
     batch: Batch,
+    /// Consume-queue entries of records written but not yet durable (async flush), appended
+    /// by the round that syncs them.
     dispatch: DispatchBuf,
     last_sync: Instant,
     /// How long the last fsync of the log took.
@@ -193,11 +200,17 @@ fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()>
         st.last_sync = Instant::now();
         synced = true;
     }
-    // Index the batch's messages before anyone is told they are stored.
+    // Index the batch's messages before anyone is told they are stored, and only once they
+    // are durable: consumers read through the consume queues, so under async flush a
+    // message written but not yet synced stays invisible (its entry waits in `st.dispatch`)
+    // until the round that syncs it. A power loss can then never take back a message a
+    // consumer saw or acked.
     for d in &batch.dispatch {
         st.dispatch.push(d);
     }
-    st.dispatch.apply()?;
+    if st.durable == st.written {
+        st.dispatch.apply()?;
+    }
     for (hook, offset) in batch.hooks.drain(..) {
         // A panicking hook must not kill the flusher silently and leave writers waiting.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(offset))).map_err(|_| {
@@ -302,4 +315,94 @@ fn poison(shared: &Shared, msg: &str) {
     shared.progress.fail(msg);
     shared.async_notify.notify_waiters();
     shared.async_space.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::record::RecordKind;
+    use crate::sim::{CrashMode, Faults, SimStorage};
+    use crate::{Append, Store, StoreConfig};
+
+    use super::*;
+
+    fn open(disk: &SimStorage) -> Store {
+        let config = StoreConfig::default()
+            .with_segment_bytes(1 << 20)
+            .with_record_bytes_max(16 * 1024)
+            .with_pending_bytes_max(64 * 1024)
+            .with_checkpoint_bytes(4096);
+        Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
+            .unwrap()
+            .0
+    }
+
+    fn send(store: &Store, q: &Arc<crate::consume_queue::ConsumeQueue>) -> Result<()> {
+        let body = [7u8; 1024];
+        store
+            .append(Append {
+                kind: RecordKind::Message,
+                flags: 0,
+                topic: "t",
+                queue_id: 0,
+                key: "",
+                props: &[],
+                body: &body,
+                timestamp_ms: 1,
+                dispatch_to: Some(q),
+            })
+            .map(|_| ())
+    }
+
+    fn newest_checkpoint(disk: &SimStorage) -> u64 {
+        checkpoint::load(disk, Path::new("/s"))
+            .unwrap()
+            .map_or(0, |c| c.seq)
+    }
+
+    #[test]
+    fn checkpoints_refused_by_a_full_disk_resume_once_space_is_back_without_a_reopen() {
+        let disk = SimStorage::new();
+        let store = open(&disk);
+        let q = store.queue("t", 0).unwrap();
+        for _ in 0..10 {
+            send(&store, &q).unwrap();
+        }
+        let before = newest_checkpoint(&disk);
+        assert!(
+            before > 0,
+            "10 KiB written past a 4 KiB checkpoint interval"
+        );
+
+        // The disk is full: the preallocated segment and index still take records, every
+        // checkpoint (a new file) is refused, and the store is not poisoned by that.
+        disk.set_faults(Faults {
+            disk_full: true,
+            ..Faults::default()
+        });
+        for _ in 0..20 {
+            send(&store, &q).unwrap();
+        }
+        assert_eq!(newest_checkpoint(&disk), before, "no checkpoint fits");
+
+        // Space is back: the next checkpoint is written, by the same store.
+        disk.set_faults(Faults::default());
+        for _ in 0..10 {
+            send(&store, &q).unwrap();
+        }
+        let after = newest_checkpoint(&disk);
+        assert!(
+            after > before,
+            "checkpoints did not resume ({before} -> {after})"
+        );
+        let cp = checkpoint::load(&disk, Path::new("/s")).unwrap().unwrap();
+        assert!(cp.queues.iter().any(|(t, _, n)| t == "t" && *n >= 30));
+
+        // Nothing acknowledged was lost on the way.
+        let lost = disk.crash(CrashMode::DropUnsynced);
+        drop(store);
+        let again = open(&lost);
+        assert_eq!(again.queue("t", 0).unwrap().len(), 40);
+    }
 }

@@ -33,20 +33,23 @@ pub enum Hook {
     /// Run once the record is acknowledged under the flush policy (durable under `Sync`,
     /// written under `Async`), without forcing a sync.
     Observed(DurableHook),
+    /// No hook, but the record is synced in the round that writes it, and acknowledged only
+    /// then, whatever the flush policy: for a record that must be durable before something
+    /// outside the log (an ack in sled) may depend on it, such as a dead letter's copy.
+    Sync,
 }
 
 impl Hook {
     /// Whether the record must be durable before it is acknowledged, whatever the policy.
     pub(crate) fn forces_sync(&self) -> bool {
-        matches!(self, Hook::Durable(_))
+        matches!(self, Hook::Durable(_) | Hook::Sync)
     }
 
-    /// Take the hook out (leaving [`Hook::None`]), with whether it forces a sync.
-    pub(crate) fn take(&mut self) -> Option<(DurableHook, bool)> {
+    /// Take the hook to run out (leaving [`Hook::None`]).
+    pub(crate) fn take(&mut self) -> Option<DurableHook> {
         match std::mem::replace(self, Hook::None) {
-            Hook::None => None,
-            Hook::Durable(h) => Some((h, true)),
-            Hook::Observed(h) => Some((h, false)),
+            Hook::None | Hook::Sync => None,
+            Hook::Durable(h) | Hook::Observed(h) => Some(h),
         }
     }
 }
@@ -66,6 +69,7 @@ impl std::fmt::Debug for Hook {
             Hook::None => "Hook::None",
             Hook::Durable(_) => "Hook::Durable(..)",
             Hook::Observed(_) => "Hook::Observed(..)",
+            Hook::Sync => "Hook::Sync",
         })
     }
 }

@@ -357,3 +357,129 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use crate::record::RecordKind;
+    use crate::sim::{CrashMode, SimStorage};
+    use crate::{Append, FlushPolicy, Hook, Store, StoreConfig};
+
+    use super::*;
+
+    /// Async flush that syncs only when asked (or forced by a record): what a reader sees
+    /// between a write and its sync is then fixed, not a race with the interval.
+    fn async_store(disk: &SimStorage) -> Arc<Store> {
+        let config = StoreConfig::default().with_flush(FlushPolicy::Async {
+            interval: Duration::from_secs(60),
+        });
+        let (store, _) =
+            Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {}).unwrap();
+        Arc::new(store)
+    }
+
+    fn message<'a>(q: &'a Arc<ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
+        Append {
+            kind: RecordKind::Message,
+            flags: 0,
+            topic: "t",
+            queue_id: 0,
+            key: "",
+            props: &[],
+            body,
+            timestamp_ms: 1,
+            dispatch_to: Some(q),
+        }
+    }
+
+    /// Longer than any wake-up takes; a missing wake-up shows as a wait this long.
+    const WAKE_BOUND: Duration = Duration::from_secs(50);
+
+    #[test]
+    fn async_flush_readers_see_only_durable_messages_and_are_woken_by_the_sync() {
+        let disk = SimStorage::new();
+        let store = async_store(&disk);
+        let q = store.queue("t", 0).unwrap();
+
+        // Acknowledged under async flush (written), not durable: invisible.
+        let a = store.append(message(&q, b"one")).unwrap();
+        let stats = store.log_stats();
+        assert!(stats.written_offset >= a.log_offset + u64::from(a.size));
+        assert!(
+            stats.durable_offset <= a.log_offset,
+            "nothing forced a sync"
+        );
+        assert_eq!(
+            q.len(),
+            0,
+            "a consumer would see a message that is not durable"
+        );
+        assert!(store.read_message(&q, 0).unwrap().is_none());
+        assert!(!store.wait_for_messages(std::slice::from_ref(&q), &[0], Duration::ZERO));
+
+        // A power loss now takes the message back; nobody could have seen or acked it.
+        let lost = disk.crash(CrashMode::DropUnsynced);
+        let again = async_store(&lost);
+        let q2 = again.queue("t", 0).unwrap();
+        assert_eq!(q2.len(), 0);
+        drop(again);
+
+        // On the live disk: a waiting reader is woken by the sync, thread and task alike.
+        let disk = SimStorage::new();
+        let store = async_store(&disk);
+        let q = store.queue("t", 0).unwrap();
+        store.append(message(&q, b"two")).unwrap();
+        let (s, qq) = (store.clone(), q.clone());
+        let thread_waiter = std::thread::spawn(move || {
+            let t = Instant::now();
+            let more = s.wait_for_messages(&[qq], &[0], WAKE_BOUND);
+            (more, t.elapsed())
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (s, qq) = (store.clone(), q.clone());
+        let task_waiter = rt.spawn(async move {
+            let t = Instant::now();
+            let deadline = tokio::time::Instant::now() + WAKE_BOUND;
+            let more = s.wait_for_messages_async(&[qq], &[0], deadline).await;
+            (more, t.elapsed())
+        });
+        let sync = {
+            let s = store.clone();
+            std::thread::spawn(move || s.sync())
+        };
+        let (more, took) = rt.block_on(task_waiter).unwrap();
+        assert!(more && took < WAKE_BOUND / 2, "task not woken: {took:?}");
+        let (more, took) = thread_waiter.join().unwrap();
+        assert!(more && took < WAKE_BOUND / 2, "thread not woken: {took:?}");
+        sync.join().unwrap().unwrap();
+        assert_eq!(store.read_message(&q, 0).unwrap().unwrap().body, b"two");
+    }
+
+    #[test]
+    fn a_sync_forcing_record_makes_what_was_written_before_it_visible_too() {
+        let disk = SimStorage::new();
+        let store = async_store(&disk);
+        let q = store.queue("t", 0).unwrap();
+        store.append(message(&q, b"written")).unwrap();
+        assert_eq!(q.len(), 0);
+        let b = store
+            .submit(message(&q, b"synced"), Hook::Sync)
+            .unwrap()
+            .wait()
+            .unwrap();
+        // Acknowledged means durable for a `Hook::Sync` record, under async flush too.
+        assert!(store.log_stats().durable_offset >= b.log_offset + u64::from(b.size));
+        let read = store.read_messages(&q, 0, 10).unwrap();
+        let bodies: Vec<&[u8]> = read.iter().map(|(_, r)| r.body.as_slice()).collect();
+        assert_eq!(bodies, [&b"written"[..], &b"synced"[..]]);
+        // And it survives a power loss, with everything before it.
+        let after = disk.crash(CrashMode::DropUnsynced);
+        let again = async_store(&after);
+        assert_eq!(again.queue("t", 0).unwrap().len(), 2);
+    }
+}

@@ -39,7 +39,7 @@ pub struct Recorded {
 
 /// The event journal: see the module docs.
 pub struct Journal {
-    events: sled::Tree,
+    events: crate::meta::LiveTree,
     /// The time events are recorded at (the broker's clock).
     clock: SharedClock,
     /// Orders the events of one record: see [`Journal::open`].

@@ -6,7 +6,9 @@
 //! - With the default flush policy ([`FlushPolicy::Sync`]), `send` returns only after the
 //!   message is on disk (`fdatasync`). It survives `kill -9` and power loss. Many concurrent
 //!   senders share one fsync (group commit).
-//! - A message is visible to consumers only after it is acknowledged to its producer.
+//! - A message is visible to consumers only after it is acknowledged to its producer and
+//!   durable, under every flush policy (under [`FlushPolicy::Async`], after the sync that
+//!   follows the acknowledgement).
 //! - On open, a torn tail (the unsynced end of the log after a crash) is detected by CRC and
 //!   cut off; damage anywhere else is reported as [`Error::Corrupt`] naming the file and
 //!   byte offset, never skipped.

@@ -25,6 +25,11 @@ mod derived;
 
 pub(crate) use derived::is_stamp;
 
+mod live;
+
+use live::{open_db, LiveDb};
+pub(crate) use live::LiveTree;
+
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{GroupSettings, Outcome, TxnInfo};
@@ -71,21 +76,22 @@ pub struct DelayedInfo {
     pub deliver_at_ms: u64,
 }
 
-/// The sled database.
+/// The sled database, reopened in place after an I/O error (a full disk, EIO: see
+/// `meta/live.rs`), so that acks and checkpoints work again once the disk does.
 pub struct Meta {
-    db: sled::Db,
-    topics: sled::Tree,
-    consumers: sled::Tree,
-    groups: sled::Tree,
+    db: LiveDb,
+    topics: LiveTree,
+    consumers: LiveTree,
+    groups: LiveTree,
     /// delayed message id (u64 BE) → bincode DelayedInfo of ones not delivered yet.
-    delayed: sled::Tree,
+    delayed: LiveTree,
     /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
-    txn_halves: sled::Tree,
+    txn_halves: LiveTree,
     /// (txn id >> 16) (u64 BE) → bincode sorted Vec<(txn id, Outcome, at_ms)> of finished
     /// ones, for at least the retention time.
-    txn_outcomes: sled::Tree,
+    txn_outcomes: LiveTree,
     /// chunk id (u64 BE) → idempotency-key entries (see `crate::idem`).
-    idem: sled::Tree,
+    idem: LiveTree,
     /// The database's directory (its files are fsynced before every checkpoint).
     dir: PathBuf,
     /// sled created the database now (nothing was recovered from an earlier run).
@@ -142,29 +148,6 @@ fn u64_be(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(a))
 }
 
-/// sled's open of the database in `dir`, waiting out a lock held by an earlier handle of this
-/// process (see [`Meta::open`]).
-fn open_db(dir: &Path) -> std::result::Result<sled::Db, sled::Error> {
-    let started = std::time::Instant::now();
-    loop {
-        match sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-        {
-            // sled reports its lock as an I/O error whose text says so.
-            Err(sled::Error::Io(e))
-                if (e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.to_string().contains("could not acquire lock"))
-                    && started.elapsed() < std::time::Duration::from_secs(5) =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => return other,
-        }
-    }
-}
-
 impl Meta {
     /// Open (or create) the database in `dir`.
     ///
@@ -178,6 +161,8 @@ impl Meta {
     }
 
     fn with_db(db: sled::Db, dir: &Path) -> Result<Meta> {
+        let fresh = !db.was_recovered();
+        let db = LiveDb::from_db(dir, db);
         let topics = db.open_tree("topics").map_err(sled_err)?;
         let consumers = db.open_tree("consumers").map_err(sled_err)?;
         let groups = db.open_tree("groups").map_err(sled_err)?;
@@ -185,7 +170,6 @@ impl Meta {
         let txn_halves = db.open_tree("txn_halves").map_err(sled_err)?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets").map_err(sled_err)?;
         let idem = db.open_tree("idem_chunks").map_err(sled_err)?;
-        let fresh = !db.was_recovered();
         Ok(Meta {
             db,
             topics,
@@ -570,7 +554,7 @@ impl Meta {
     }
 
     /// Open (or create) a tree of the database (for modules that own their own trees).
-    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree> {
+    pub(crate) fn tree(&self, name: &str) -> Result<LiveTree> {
         self.db.open_tree(name).map_err(sled_err)
     }
 

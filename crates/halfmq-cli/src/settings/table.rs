@@ -13,7 +13,7 @@ settings! {
         data_dir: PathBuf = "HALFMQ_DATA_DIR" => broker.data_dir;
         /// When a write is acknowledged.
         flush: Flush = "HALFMQ_FLUSH" => broker.store.flush;
-        /// Sync interval with --flush async, ms.
+        /// Sync interval with --flush async, ms; consumers see a message once it is synced.
         flush_interval_ms: u64 = "HALFMQ_FLUSH_INTERVAL_MS" => flush_interval;
         /// Size of one commit-log segment file (preallocated), bytes.
         segment_bytes: u64 = "HALFMQ_SEGMENT_BYTES" => broker.store.segment_bytes;

@@ -28,6 +28,9 @@ pub(crate) enum Hook {
     /// Run once the record is acknowledged under the flush policy, without forcing a sync
     /// (an idempotency key's reservation).
     Acknowledged(DurableHook),
+    /// No hook; the record is synced and acknowledged only once durable, whatever the flush
+    /// policy (a dead letter's copy, a replay: the ack of the original in sled follows it).
+    Sync,
 }
 
 /// How an operation waits. See the module docs.
@@ -56,6 +59,7 @@ impl Wait for Blocking {
             Hook::None => store.append(a),
             Hook::Durable(h) => store.append_hooked(a, Some(h)),
             Hook::Acknowledged(h) => store.append_observed(a, h),
+            Hook::Sync => store.submit(a, halfmq_store::Hook::Sync)?.wait(),
         }
     }
 
@@ -77,6 +81,13 @@ impl Wait for Async {
             Hook::None => store.append_async(a).await,
             Hook::Durable(h) => store.append_async_hooked(a, Some(h)).await,
             Hook::Acknowledged(h) => store.append_async_observed(a, h).await,
+            Hook::Sync => {
+                store
+                    .submit_async(a, halfmq_store::Hook::Sync)
+                    .await?
+                    .wait_async()
+                    .await
+            }
         }
     }
 

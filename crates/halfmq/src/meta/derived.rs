@@ -75,7 +75,7 @@ impl Meta {
         }
     }
 
-    fn derived(&self) -> [&sled::Tree; 4] {
+    fn derived(&self) -> [&super::LiveTree; 4] {
         [
             &self.txn_halves,
             &self.txn_outcomes,

@@ -64,7 +64,8 @@ impl Broker {
         let rec = self.store.read_message(q, offset)?.ok_or_else(|| {
             Self::bad_ack(group, t, queue, offset, "past the end of the queue".into())
         })?;
-        // 2. The dead letter, durable.
+        // 2. The dead letter, durable before the ack below under every flush policy: a power
+        //    loss after the ack must find it in the log.
         let dlq = self.dead_letter_topic_of(group)?;
         let mut props = rec.properties.clone();
         props.insert(PROP_DLQ_TOPIC.into(), t.name.clone());
@@ -83,7 +84,7 @@ impl Broker {
             (&rec.key, &props, &rec.body),
             self.now(),
         );
-        let a = w.append(&self.store, a, Hook::None).await?;
+        let a = w.append(&self.store, a, Hook::Sync).await?;
         tracing::warn!(
             group, topic = %t.name, queue, offset, key = %rec.key, failures = lease.failures,
             reason = %lease.reason, "message moved to the dead-letter queue"
@@ -197,7 +198,9 @@ impl Broker {
                     (&msg_key, &props, &rec.body),
                     self.now(),
                 );
-                let a = self.store.append(a)?;
+                // Durable before the dead letter counts as replayed, whatever the flush
+                // policy: a power loss must leave it replayed or still waiting, never neither.
+                let a = self.store.submit(a, halfmq_store::Hook::Sync)?.wait()?;
                 if !msg_key.is_empty() {
                     let event = Event::Replayed {
                         group: group.to_owned(),
