@@ -68,3 +68,41 @@ async fn an_answered_request_sends_one_frame_and_frees_its_permit() {
     drop(out);
     assert!(rx.recv().await.is_none());
 }
+
+/// A write that takes no byte for the limit fails; one whose reader takes bytes now and
+/// then, each within the limit, goes on however long the whole write takes.
+#[tokio::test(start_paused = true)]
+async fn a_write_fails_only_when_no_byte_is_taken_for_the_limit() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::outbox::TimedWrite;
+
+    let limit = Duration::from_secs(1);
+    // Nobody reads: the pipe's 16 bytes fill up, then nothing moves for the limit.
+    let (a, _b) = tokio::io::duplex(16);
+    let mut w = TimedWrite::new(a, limit);
+    let started = tokio::time::Instant::now();
+    let e = w.write_all(&[1; 64]).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    assert!(started.elapsed() >= limit);
+
+    // A reader that takes 8 bytes every 0.9 limit: 64 bytes take 7 such waits, longer
+    // than the limit in all, and the write succeeds.
+    let (a, mut b) = tokio::io::duplex(8);
+    let mut w = TimedWrite::new(a, limit);
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 8];
+        while got.len() < 64 {
+            tokio::time::sleep(limit * 9 / 10).await;
+            let n = b.read(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk[..n]);
+        }
+        got
+    });
+    let started = tokio::time::Instant::now();
+    w.write_all(&[2; 64]).await.unwrap();
+    assert!(started.elapsed() > limit);
+    assert_eq!(reader.await.unwrap(), vec![2; 64]);
+}
