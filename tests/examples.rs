@@ -55,10 +55,7 @@ fn network_examples_run() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let broker = halfmq::Broker::open(halfmq::BrokerConfig::new(dir.path())).unwrap();
-        let config = halfmq_cli::server::ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        };
+        let config = halfmq_cli::server::ServerConfig::new("127.0.0.1:0".parse().unwrap());
         let server = halfmq_cli::server::Server::start(broker.clone(), config)
             .await
             .unwrap();

@@ -32,11 +32,8 @@ fn fixture() -> &'static Fixture {
         let server = rt
             .block_on(Server::start(
                 broker,
-                ServerConfig {
-                    listen: "127.0.0.1:0".parse().expect("addr"),
-                    frame_timeout: Duration::from_millis(200),
-                    ..ServerConfig::default()
-                },
+                ServerConfig::new("127.0.0.1:0".parse().expect("addr"))
+                    .with_frame_timeout(Duration::from_millis(200)),
             ))
             .expect("server");
         let addr = server.local_addr();

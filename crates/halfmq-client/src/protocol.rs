@@ -378,6 +378,9 @@ pub mod codes {
     pub const SHUTTING_DOWN: u16 = 103;
     /// A request type this connection may not send (a `CheckAnswer` for no check, ...).
     pub const BAD_REQUEST: u16 = 104;
+    /// The connection had nothing to do for the broker's `idle_timeout` and is closed. No
+    /// request was in flight on it: one whose answer has not come was not carried out.
+    pub const IDLE: u16 = 105;
 }
 
 /// Encode a protocol value.

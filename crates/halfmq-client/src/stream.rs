@@ -81,12 +81,17 @@ impl ReadBuf {
 /// the frames queued behind the first go out in the same write (up to
 /// [`WRITE_BATCH_BYTES`]), so a burst of answers costs one system call, not one each. A
 /// frame with nothing queued behind it is written as it is, without a copy.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
+///
+/// A frame is any owner of its bytes (`F: AsRef<[u8]>`); each is dropped only once its
+/// bytes are written (or the write failed), so a frame type that releases something on drop
+/// (the server's room for outgoing bytes) releases it then.
+pub async fn write_frames<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
     wr: &mut W,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
+    rx: &mut mpsc::Receiver<F>,
 ) -> io::Result<()> {
     let mut batch: Vec<u8> = Vec::new();
-    let mut held: Option<Vec<u8>> = None;
+    let mut batched: Vec<F> = Vec::new();
+    let mut held: Option<F> = None;
     loop {
         let first = match held.take() {
             Some(f) => f,
@@ -95,7 +100,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
                 None => return Ok(()),
             },
         };
-        let second = if first.len() < WRITE_BATCH_BYTES {
+        let second = if first.as_ref().len() < WRITE_BATCH_BYTES {
             match rx.try_recv().ok() {
                 Some(f) => Some(f),
                 None => {
@@ -110,21 +115,24 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
             None
         };
         let Some(second) = second else {
-            wr.write_all(&first).await?;
+            wr.write_all(first.as_ref()).await?;
             continue;
         };
         batch.clear();
-        batch.extend_from_slice(&first);
+        batch.extend_from_slice(first.as_ref());
+        batched.push(first);
         let mut next = Some(second);
         while let Some(f) = next.take() {
-            if batch.len() + f.len() > WRITE_BATCH_BYTES {
+            if batch.len() + f.as_ref().len() > WRITE_BATCH_BYTES {
                 held = Some(f);
                 break;
             }
-            batch.extend_from_slice(&f);
+            batch.extend_from_slice(f.as_ref());
+            batched.push(f);
             next = rx.try_recv().ok();
         }
         wr.write_all(&batch).await?;
+        batched.clear();
     }
 }
 

@@ -45,6 +45,10 @@ pub const CHECK_BACKS: &str = "halfmq_check_backs_total";
 pub const CONNECTIONS: &str = "halfmq_connections_total";
 /// Counter: network connections refused because `connections_max` was reached.
 pub const CONNECTIONS_REFUSED: &str = "halfmq_connections_refused_total";
+/// Counter: network connections the broker closed itself, by `reason`: `write_timeout` (a
+/// client that took no bytes for `write_timeout_ms`) or `idle` (nothing for
+/// `idle_timeout_ms`).
+pub const CONNECTIONS_CLOSED_BY_BROKER: &str = "halfmq_connections_closed_by_broker_total";
 /// Gauge: network connections open now.
 pub const CONNECTIONS_OPEN: &str = "halfmq_connections_open";
 /// Histogram: time of one `fdatasync` of a log segment.
@@ -267,6 +271,11 @@ pub fn connection_refused() {
     counter!(CONNECTIONS_REFUSED).increment(1);
 }
 
+/// The network server closed a connection itself: `reason` is `write_timeout` or `idle`.
+pub fn connection_closed_by_broker(reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED_BY_BROKER, "reason" => reason).increment(1);
+}
+
 /// Refreshing the gauges from [`Broker::stats`](crate::Broker::stats) failed.
 pub fn stats_failed() {
     counter!(STATS_ERRORS).increment(1);
@@ -416,6 +425,11 @@ pub fn describe() {
         CONNECTIONS_REFUSED,
         Unit::Count,
         "Network connections refused at connections_max"
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED_BY_BROKER,
+        Unit::Count,
+        "Network connections the broker closed: a client that took no bytes for write_timeout_ms, or was idle for idle_timeout_ms"
     );
     describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Network connections open");
     describe_histogram!(
@@ -592,6 +606,7 @@ mod tests {
             CHECK_BACKS,
             CONNECTIONS,
             CONNECTIONS_REFUSED,
+            CONNECTIONS_CLOSED_BY_BROKER,
             CONNECTIONS_OPEN,
             FSYNC_SECONDS,
             GROUP_COMMIT_RECORDS,

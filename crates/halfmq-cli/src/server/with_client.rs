@@ -23,10 +23,7 @@ struct Running {
 async fn running() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     let server = Server::start(broker.clone(), config).await.unwrap();
     let addr = server.local_addr().to_string();
     let client = Client::connect(ClientConfig::new(addr).with_name("test".into()))

@@ -305,6 +305,14 @@ impl Resolved {
                 Source::Raised("txn_check_interval_ms"),
             );
         }
+        // Room for four frames per connection unless set: a larger frame raises the default.
+        let server = &mut self.server;
+        let four_frames = 4 * server.frame_bytes_max as usize;
+        if !self.sources.contains_key("out_bytes_max") && server.out_bytes_max < four_frames {
+            server.out_bytes_max = four_frames;
+            self.sources
+                .insert("out_bytes_max", Source::Raised("frame_bytes_max"));
+        }
         self.broker.validate().map_err(our_name)?;
         self.server.validate().map_err(our_name)?;
         let (frame, record) = (

@@ -105,6 +105,15 @@ settings! {
         frame_timeout_ms: u64 = "HALFMQ_FRAME_TIMEOUT_MS" => server.frame_timeout;
         /// A connection must send its Hello within this, ms.
         hello_timeout_ms: u64 = "HALFMQ_HELLO_TIMEOUT_MS" => server.hello_timeout;
+        /// Most bytes of answers one connection may have waiting to be written (at least
+        /// frame_bytes_max); a client that does not read is handed nothing more.
+        out_bytes_max: usize = "HALFMQ_OUT_BYTES_MAX" => server.out_bytes_max;
+        /// A client that takes no bytes of its answers for this long is disconnected; at
+        /// shutdown, queued answers get this long to be written, ms.
+        write_timeout_ms: u64 = "HALFMQ_WRITE_TIMEOUT_MS" => server.write_timeout;
+        /// A connection with nothing to do for this long is closed: nothing received, no
+        /// request in flight (a waiting long poll is one), nothing to write, no checker, ms.
+        idle_timeout_ms: u64 = "HALFMQ_IDLE_TIMEOUT_MS" => server.idle_timeout;
         /// Serve Prometheus metrics at http://ADDR/metrics ("off" turns it off).
         metrics: String = "HALFMQ_METRICS", value_name = "ADDR" => metrics;
     }

@@ -232,3 +232,69 @@ fn help_shows_each_default() {
     assert!(help.contains("[default: 127.0.0.1:10911]"), "{help}");
     assert!(help.contains("[default: off]"), "{help}");
 }
+
+#[test]
+fn network_bounds_are_settings_and_checked() {
+    let r = file(
+        "write_timeout_ms = 1500\n",
+        &["--out-bytes-max", "8388608", "--idle-timeout-ms", "2500"],
+    )
+    .unwrap();
+    let s = &r.server;
+    assert_eq!(
+        (s.out_bytes_max, s.write_timeout, s.idle_timeout),
+        (
+            8 << 20,
+            Duration::from_millis(1500),
+            Duration::from_millis(2500)
+        )
+    );
+    assert_eq!(
+        (
+            r.source("out_bytes_max"),
+            r.source("write_timeout_ms"),
+            r.source("idle_timeout_ms")
+        ),
+        (Source::Flag, Source::File, Source::Flag)
+    );
+    let toml = r.to_toml();
+    for line in [
+        "out_bytes_max = 8388608",
+        "write_timeout_ms = 1500",
+        "idle_timeout_ms = 2500",
+    ] {
+        assert!(toml.contains(line), "{line} in\n{toml}");
+    }
+    let d = flags(&[]).unwrap();
+    assert_eq!(
+        (
+            d.server.out_bytes_max,
+            d.server.write_timeout,
+            d.server.idle_timeout
+        ),
+        (16 << 20, Duration::from_secs(30), Duration::from_secs(600))
+    );
+    assert_eq!(d.source("out_bytes_max"), Source::Default);
+    // Larger frames raise the default room to four of them; a room set below one frame, or
+    // a zero time-out, is refused by name.
+    let r = flags(&["--frame-bytes-max", "8388608"]).unwrap();
+    assert_eq!(r.server.out_bytes_max, 32 << 20);
+    assert_eq!(r.source("out_bytes_max"), Source::Raised("frame_bytes_max"));
+    assert_eq!(
+        setting_of(flags(&[
+            "--frame-bytes-max",
+            "8388608",
+            "--out-bytes-max",
+            "4194304"
+        ])),
+        "out_bytes_max"
+    );
+    assert_eq!(
+        setting_of(flags(&["--write-timeout-ms", "0"])),
+        "write_timeout_ms"
+    );
+    assert_eq!(
+        setting_of(flags(&["--idle-timeout-ms", "0"])),
+        "idle_timeout_ms"
+    );
+}

@@ -1,16 +1,37 @@
 //! Each request carried out on the broker, and its answer. Work that may block (sled, a
 //! durable ack) runs on the blocking pool; sends and long polls are awaited on the broker's
-//! async paths.
+//! async paths. Every request has room for its answer before it is carried out
+//! ([`answer_room`]); a poll takes room for a whole frame only once there may be messages for
+//! it, and gives it back while it waits.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use halfmq::{Error, HalfOptions, Message, Result, TxnId};
 use halfmq_client::protocol::{codes, Request, Response, WireDelivery, WireGroup};
 
-use super::Conn;
+use super::{Answer, Conn, Stop};
+
+/// Room taken for the answer of a request whose answer is small (a receipt, `Ok`, an
+/// error): a larger one waits for the rest of its room before it is queued.
+const SMALL_ANSWER_BYTES: usize = 4 * 1024;
+
+/// The room to take for `req`'s answer before carrying it out: a whole frame for the
+/// answers that may be large, a little for the others, `None` for a poll (it takes its own
+/// room, see [`handle`]).
+pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> {
+    match req {
+        Request::Poll { .. } => None,
+        Request::Stats
+        | Request::ListTopics
+        | Request::ListTxns { .. }
+        | Request::DeadLetters { .. }
+        | Request::ReplayDeadLetters { .. }
+        | Request::Retention
+        | Request::Trace { .. } => Some(frame_bytes_max as usize),
+        _ => Some(SMALL_ANSWER_BYTES),
+    }
+}
 
 fn result_response<T>(r: Result<T>, ok: impl FnOnce(T) -> Response) -> Response {
     match r {
@@ -29,7 +50,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 pub(super) async fn handle(
     conn: &Arc<Conn>,
     req: Request,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Stop,
+    answer: &mut Answer,
 ) -> Response {
     let b = conn.broker.clone();
     match req {
@@ -85,24 +107,9 @@ pub(super) async fn handle(
             max,
             wait_ms,
         } => {
-            let max_bytes = conn.config.frame_bytes_max as usize - 64 * 1024;
-            let poll = b.poll_wait_async(
-                &group,
-                &topic,
-                (max as usize).min(POLL_MESSAGES_MAX),
-                max_bytes,
-                Duration::from_millis(wait_ms.min(60_000)),
-            );
-            // A long poll ends early (empty) when the broker stops. Waiting is the only await
-            // point in it, so nothing has been handed out when it is cut short.
-            let r = if *shutdown.borrow() {
-                Ok(Vec::new())
-            } else {
-                tokio::select! {
-                    r = poll => r,
-                    _ = shutdown.changed() => Ok(Vec::new()),
-                }
-            };
+            let max = (max as usize).min(POLL_MESSAGES_MAX);
+            let wait = Duration::from_millis(wait_ms.min(60_000));
+            let r = poll(conn, answer, stop, &group, &topic, max, wait).await;
             result_response(r, |ds| {
                 Response::Messages(ds.into_iter().map(WireDelivery::from).collect())
             })
@@ -251,6 +258,40 @@ pub(super) async fn handle(
                 Ok(text)
             });
             result_response(r, Response::Trace)
+        }
+    }
+}
+
+/// A long poll: wait (holding no room) until there may be messages, take room for a whole
+/// answer, then hand out what fits. A client that does not read its answers is handed
+/// nothing more. It ends early, empty, when the server stops or the connection is cut; the
+/// waits are its only await points, so nothing has been handed out when it is cut short.
+async fn poll(
+    conn: &Conn,
+    answer: &mut Answer,
+    mut stop: Stop,
+    group: &str,
+    topic: &str,
+    max: usize,
+    wait: Duration,
+) -> Result<Vec<halfmq::Delivery>> {
+    let b = &conn.broker;
+    let room = conn.config.frame_bytes_max as usize;
+    let max_bytes = room - 64 * 1024;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if max == 0 || stop.is_stopped() || !answer.reserve(room).await {
+            return Ok(Vec::new());
+        }
+        let got = b.poll_limited(group, topic, max, max_bytes)?;
+        let now = tokio::time::Instant::now();
+        if !got.is_empty() || now >= deadline {
+            return Ok(got);
+        }
+        answer.release();
+        tokio::select! {
+            r = b.wait_for_poll_async(group, topic, deadline - now) => r?,
+            () = stop.stopped() => {}
         }
     }
 }

@@ -361,6 +361,25 @@ impl Broker {
         }
     }
 
+    /// Wait, handing nothing out, until a poll of `topic` by `group` may find a message (a
+    /// new one past the group's scan position, or a redelivery falling due), or `timeout`
+    /// passes. The network server waits with this before it makes room for a poll's answer,
+    /// so that a waiting long poll holds none. The poll after it may still come back empty
+    /// (another consumer of the group took the message).
+    pub async fn wait_for_poll_async(
+        &self,
+        group: &str,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        validate_group_name(group)?;
+        let (t, from, wait) = self.wait_plan(group, topic, timeout)?;
+        self.store
+            .wait_for_messages_async(&t.queues, &from, tokio::time::Instant::now() + wait)
+            .await;
+        Ok(())
+    }
+
     /// What an empty poll waits for: new messages past each queue's scan position, or the
     /// next redelivery falling due, for at most `left`.
     fn wait_plan(
