@@ -80,6 +80,10 @@ pub struct CutReport {
     pub pending_bytes_dropped: u64,
     /// Directories whose entries were not durable.
     pub directories_with_pending_entries: u64,
+    /// The names (relative to the mount) that were lost: created, replaced or renamed and
+    /// not made durable by a directory fsync. Under a lost directory only the directory is
+    /// listed.
+    pub dropped_entries: Vec<PathBuf>,
     /// The torn write, with [`Tear::LastWrite`].
     pub torn: Option<Torn>,
 }

@@ -609,11 +609,29 @@ impl Tree {
             }
             _ => None,
         };
+        let mut dropped_entries = Vec::new();
+        self.undurable_entries(ROOT, PathBuf::new(), &mut dropped_entries);
         CutReport {
             files_with_pending_data: files,
             pending_bytes_dropped: bytes,
             directories_with_pending_entries: dirs,
+            dropped_entries,
             torn,
+        }
+    }
+
+    /// Live paths (under `dir`, at `rel`) whose entry is not durable: created, replaced or
+    /// renamed there since the directory's last fsync.
+    fn undurable_entries(&self, dir: Ino, rel: PathBuf, out: &mut Vec<PathBuf>) {
+        let Some(d) = self.nodes.get(&dir) else {
+            return;
+        };
+        for (name, ino) in &d.live {
+            if d.durable.get(name) != Some(ino) {
+                out.push(rel.join(name));
+            } else if self.nodes.get(ino).is_some_and(|n| n.kind == Kind::Dir) {
+                self.undurable_entries(*ino, rel.join(name), out);
+            }
         }
     }
 
