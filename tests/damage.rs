@@ -287,6 +287,7 @@ fn damage_case(what: &str, pick: impl FnOnce(&Path, &Acked) -> (PathBuf, u64)) {
     match rig.try_start() {
         Ok(()) => {
             let lost = served(&rig, &acked);
+            eprintln!("{what}: the broker started; {} problems", lost.len());
             assert!(
                 lost.is_empty(),
                 "{what} ({} at {offset}): the broker started but does not serve everything \
@@ -298,6 +299,7 @@ fn damage_case(what: &str, pick: impl FnOnce(&Path, &Acked) -> (PathBuf, u64)) {
             );
         }
         Err(stderr) => {
+            eprintln!("{what}: the broker refused to start:\n{stderr}");
             let name = rel.file_name().unwrap().to_string_lossy().into_owned();
             // sled's files are its own: an error naming the metadata directory names them.
             let named =
