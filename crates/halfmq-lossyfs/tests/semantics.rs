@@ -128,7 +128,9 @@ fn a_new_file_needs_its_directory_synced() {
     f.sync_all().unwrap(); // the data, but not the entry
     drop(f);
     assert!(m.pending().directories >= 1);
-    let m = fx.cut(m, Tear::None);
+    let report = m.power_cut(Tear::None).unwrap();
+    assert_eq!(report.dropped_entries, vec![PathBuf::from("d/new")]);
+    let m = fx.mount();
     assert!(fx.at("d").is_dir(), "the synced directory is there");
     assert!(!fx.at("d/new").exists(), "an entry never synced survived");
 
