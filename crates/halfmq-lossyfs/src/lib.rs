@@ -143,6 +143,20 @@ impl LossyDisk {
     }
 }
 
+/// Whether something (a live or a dead mount) is mounted at `path`.
+fn still_mounted(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(parent) = path.parent() else {
+        return false;
+    };
+    match (std::fs::metadata(path), std::fs::metadata(parent)) {
+        (Ok(m), Ok(p)) => m.dev() != p.dev(),
+        // A dead FUSE mount answers ENOTCONN.
+        (Err(e), _) => e.raw_os_error() == Some(libc::ENOTCONN),
+        _ => false,
+    }
+}
+
 /// A mounted lossy file system.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
@@ -189,15 +203,34 @@ impl Mounted {
     /// Unmount (every process using the mount must have stopped) and take the tree back.
     fn unmount(&mut self) -> io::Result<tree::Tree> {
         if let Some(s) = self.session.take() {
-            s.umount_and_join().map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cannot unmount the lossy file system at {}: {e}",
-                        self.mountpoint.display()
-                    ),
-                )
-            })?;
+            let ended = s.umount_and_join();
+            // A connection the kernel aborted (it answers ECONNABORTED then) leaves a dead
+            // mount behind that fuser does not unmount: detach it.
+            if still_mounted(&self.mountpoint) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+            match ended {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot unmount the lossy file system at {}: {e}",
+                            self.mountpoint.display()
+                        ),
+                    ))
+                }
+            }
+            if still_mounted(&self.mountpoint) {
+                return Err(io::Error::other(format!(
+                    "the lossy file system at {} is still mounted",
+                    self.mountpoint.display()
+                )));
+            }
         }
         self.tree
             .lock()
