@@ -307,8 +307,8 @@ pub struct BrokerProc {
     /// The `/metrics` address (host:port), if it serves one.
     pub metrics: Option<String>,
     /// The data directory and the extra arguments, for [`BrokerProc::restart`].
-    dir: PathBuf,
-    extra: Vec<String>,
+    pub dir: PathBuf,
+    pub extra: Vec<String>,
 }
 
 impl BrokerProc {

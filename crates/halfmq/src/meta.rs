@@ -25,10 +25,11 @@ mod derived;
 
 pub(crate) use derived::is_stamp;
 
+mod durable;
 mod live;
 
-use live::{open_db, LiveDb};
 pub(crate) use live::LiveTree;
+use live::{open_db, LiveDb};
 
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
@@ -96,6 +97,8 @@ pub struct Meta {
     dir: PathBuf,
     /// sled created the database now (nothing was recovered from an earlier run).
     fresh: bool,
+    /// Makes a flush durable (see `meta/durable.rs`).
+    sync: durable::DbSync,
 }
 
 impl std::fmt::Debug for Meta {
@@ -170,7 +173,7 @@ impl Meta {
         let txn_halves = db.open_tree("txn_halves").map_err(sled_err)?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets").map_err(sled_err)?;
         let idem = db.open_tree("idem_chunks").map_err(sled_err)?;
-        Ok(Meta {
+        let meta = Meta {
             db,
             topics,
             consumers,
@@ -181,7 +184,17 @@ impl Meta {
             idem,
             dir: dir.to_path_buf(),
             fresh,
-        })
+            sync: durable::DbSync::start(dir)?,
+        };
+        // sled's files and `meta/` itself are durable entries from here on (later flushes
+        // fsync only sled's file; new files are synced before every checkpoint).
+        meta.sync_files()?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(parent, "fsync directory", e))?;
+        }
+        Ok(meta)
     }
 
     /// The configuration of a topic, if it exists.
@@ -558,17 +571,18 @@ impl Meta {
         self.db.open_tree(name).map_err(sled_err)
     }
 
-    /// Flush everything to disk.
+    /// Flush everything to disk, durably: sled's flush, then an fsync of its file shared
+    /// with every other caller waiting at the time (see `meta/durable.rs`).
     pub fn flush(&self) -> Result<()> {
         self.db.flush().map_err(sled_err)?;
-        Ok(())
+        self.sync.sync()
     }
 
     /// [`Meta::flush`] for async code: sled flushes on its own I/O threads, so the executor's
     /// thread is not blocked.
     pub async fn flush_async(&self) -> Result<()> {
         self.db.flush_async().await.map_err(sled_err)?;
-        Ok(())
+        self.sync.sync_async().await
     }
 
     /// Every persisted chunk of idempotency-key entries, by id (oldest first).
