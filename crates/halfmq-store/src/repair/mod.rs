@@ -437,9 +437,20 @@ fn write_pieces(file: &dyn StorageFile, base: u64, pieces: &[Piece]) -> Result<(
             queue_offset,
             timestamp_ms: 0,
         };
-        // `layout` made every piece at least a header plus its topic, and at most
-        // RECORD_BYTES_MAX, so the body length cannot underflow and the encoding cannot fail.
-        let body = vec![0u8; (p.len - HEADER_BYTES as u64 - topic.len() as u64) as usize];
+        // `layout` means every piece to be at least a header plus its topic, and at most
+        // RECORD_BYTES_MAX; a stretch too short to hold a record header (found by the
+        // `recovery` fuzz target) cannot be replaced by a record, so it is refused.
+        let Some(body_len) = p.len.checked_sub(HEADER_BYTES as u64 + topic.len() as u64) else {
+            return Err(halfmq_types::Error::Invalid {
+                what: "quarantine record",
+                reason: format!(
+                    "the damaged stretch at byte {} is {} bytes, shorter than a record header",
+                    base + p.at,
+                    p.len
+                ),
+            });
+        };
+        let body = vec![0u8; body_len as usize];
         record::encode_into(&mut buf, &header, topic, "", &[], &body).map_err(|reason| {
             halfmq_types::Error::Invalid {
                 what: "quarantine record",
