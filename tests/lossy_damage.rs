@@ -20,26 +20,13 @@ use std::time::Duration;
 use halfmq::{HalfOptions, Message, TxnState};
 use halfmq_client::{Client, ClientConfig, Consumer, Delivery, SendReceipt};
 use halfmq_lossyfs::SECTOR;
-use lossy::Rig;
+use lossy::{body_of, runtime, Rig};
 
 const TOPIC: &str = "orders";
 const PAY: &str = "payments";
 const GROUP: &str = "workers";
 const PRODUCER_GROUP: &str = "pay-svc";
 const SENDS: usize = 600;
-
-fn body_of(key: &str) -> Vec<u8> {
-    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 40) as usize;
-    format!("{key};").repeat(reps).into_bytes()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 async fn connect(addr: &str) -> Client {
     Client::connect(ClientConfig::new(addr).with_request_timeout(Duration::from_secs(30)))

@@ -41,7 +41,7 @@ use common::env_u64;
 use halfmq::{CheckAnswer, HalfMessage, HalfOptions, Message, TxnState};
 use halfmq_client::{Client, ClientConfig, Consumer, Delivery, SendReceipt};
 use halfmq_lossyfs::Tear;
-use lossy::Rig;
+use lossy::{body_of, runtime, Rig};
 
 const PRODUCER_GROUP: &str = "pay-svc";
 const WORKERS: &str = "workers";
@@ -52,19 +52,6 @@ const TXN_PRODUCERS: usize = 2;
 /// The cut comes this long after the load's first acknowledgements (uniform).
 const CUT_MS: std::ops::Range<u64> = 200..1500;
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn body_of(key: &str) -> Vec<u8> {
-    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 40) as usize;
-    format!("{key};").repeat(reps).into_bytes()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 fn config(addr: &str, name: &str) -> ClientConfig {
     ClientConfig::new(addr)

@@ -184,3 +184,19 @@ pub fn try_start_broker(dir: &Path, extra: &[&str]) -> Result<BrokerProc, String
     }
     panic!("no free port for the broker after 10 attempts");
 }
+
+/// The body of the message with `key`: derived from the key, so a served message can be
+/// checked byte for byte; 1 to 40 repetitions, so lengths vary.
+pub fn body_of(key: &str) -> Vec<u8> {
+    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 40) as usize;
+    format!("{key};").repeat(reps).into_bytes()
+}
+
+/// The runtime the clients of these tests run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
