@@ -161,6 +161,14 @@ impl Meta {
         Meta::with_db(db, dir)
     }
 
+    /// A new database in a temporary directory (which must outlive it), for unit tests.
+    #[cfg(test)]
+    pub(crate) fn temporary() -> (tempfile::TempDir, Meta) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        (dir, meta)
+    }
+
     fn with_db(db: sled::Db, dir: &Path) -> Result<Meta> {
         let fresh = !db.was_recovered();
         let db = LiveDb::from_db(dir, db);
@@ -612,8 +620,7 @@ mod tests {
 
     #[test]
     fn outcomes_are_found_after_merges_and_pruned_by_whole_old_buckets() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         let b = 1u64 << OUTCOME_BUCKET_SHIFT;
         // Two in bucket 0, one in bucket 1, one in bucket 5; the second batch merges.
         meta.apply_txn_changes(

@@ -276,8 +276,7 @@ mod tests {
 
     #[test]
     fn the_stamp_is_the_smallest_of_all_derived_trees_and_none_if_one_lacks_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         assert!(meta.is_fresh());
         assert_eq!(meta.derived_stamp().unwrap(), None);
         meta.apply_txn_changes(&[], &[], &[], 0, Some(500)).unwrap();
@@ -297,8 +296,7 @@ mod tests {
 
     #[test]
     fn outcomes_at_or_past_the_log_end_are_fenced_and_the_rest_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         let b = 1u64 << OUTCOME_BUCKET_SHIFT;
         let outcomes = [
             (100, Outcome::Committed, 1),
@@ -323,8 +321,7 @@ mod tests {
 
     #[test]
     fn a_consumer_past_the_queue_end_is_clamped_with_its_acks_and_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         meta.put_acks("g", "t", 0, 50, &[52, 60], &[]).unwrap();
         let retry = super::super::RetryState {
             failures: 1,
