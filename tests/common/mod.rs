@@ -610,11 +610,28 @@ pub fn close(b: Arc<Broker>) {
     release_last(b);
 }
 
-/// Drop `b`, which must be the last handle of its broker.
-pub fn release_last(b: Arc<Broker>) {
-    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
-    drop(b);
+/// The broker itself, once `b` is its only handle. Its own background threads hold it
+/// weakly and upgrade for a moment while they work, so another handle for an instant is
+/// theirs and is waited out; one kept for 5 s is a bug, and `b` comes back as `Err`.
+pub fn sole(mut b: Arc<Broker>) -> Result<Broker, Arc<Broker>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(b) {
+            Ok(broker) => return Ok(broker),
+            Err(shared) if Instant::now() < deadline => b = shared,
+            Err(shared) => return Err(shared),
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
 }
+
+/// Drop `b`, which must be the last handle of its broker (see [`sole`]).
+pub fn release_last(b: Arc<Broker>) {
+    if sole(b).is_err() {
+        panic!("the old broker is still shared");
+    }
+}
+
 
 /// Clean close, then open again on the same disk.
 pub fn restart_sim(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
@@ -663,7 +680,7 @@ pub fn crash_sim(
 /// Drop the last handle of a broker, if any, so that its metadata database is closed before
 /// the next open; an error if anything else still holds it.
 pub fn release(broker: Option<Arc<Broker>>) -> Result<(), String> {
-    match broker.map(Arc::try_unwrap) {
+    match broker.map(sole) {
         None | Some(Ok(_)) => Ok(()),
         Some(Err(_)) => Err("the broker is still shared after its users stopped".into()),
     }
