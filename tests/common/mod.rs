@@ -299,6 +299,22 @@ pub fn fast_check_back(check_max: &str) -> Vec<&str> {
     ]
 }
 
+/// `halfmq broker` on `dir`, listening on `addr` (and serving `/metrics` on `metrics`).
+fn broker_proc(dir: &Path, addr: &str, metrics: Option<&str>, extra: &[String]) -> Proc {
+    let mut args = vec![
+        "broker".to_owned(),
+        "--data-dir".to_owned(),
+        dir.display().to_string(),
+        "--listen".to_owned(),
+        addr.to_owned(),
+    ];
+    if let Some(m) = metrics {
+        args.extend(["--metrics".to_owned(), m.to_owned()]);
+    }
+    args.extend(extra.iter().cloned());
+    Proc::spawn("broker", halfmq_cmd(&args))
+}
+
 /// A `halfmq broker` child on a loopback port, and on a second one for `/metrics` when
 /// started with [`BrokerProc::start_with_metrics`].
 pub struct BrokerProc {
@@ -329,18 +345,7 @@ impl BrokerProc {
             attempt += 1;
             let addr = format!("127.0.0.1:{}", free_port());
             let metrics = with_metrics.then(|| format!("127.0.0.1:{}", free_port()));
-            let mut args = vec![
-                "broker".to_owned(),
-                "--data-dir".to_owned(),
-                dir.display().to_string(),
-                "--listen".to_owned(),
-                addr.clone(),
-            ];
-            if let Some(m) = &metrics {
-                args.extend(["--metrics".to_owned(), m.clone()]);
-            }
-            args.extend(extra.iter().cloned());
-            let mut proc = Proc::spawn("broker", halfmq_cmd(&args));
+            let mut proc = broker_proc(&dir, &addr, metrics.as_deref(), &extra);
             // The metrics endpoint is announced before the broker listens.
             let announced = metrics.as_ref().map(|m| {
                 let line = proc.wait_line(|l| l.starts_with("metrics at"), Duration::from_secs(60));
@@ -380,6 +385,39 @@ impl BrokerProc {
                 proc.stdout_lines().join("\n")
             );
         }
+    }
+
+    /// Start on `dir`: `Ok` once it listens, `Err(stderr)` if it exits first; an exit
+    /// status of 0 without listening, or no answer within a minute, fails the test.
+    pub fn try_start(dir: &Path, extra: &[&str]) -> Result<BrokerProc, String> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for _attempt in 0..10 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let mut proc = broker_proc(dir, &addr, None, &extra);
+            if proc
+                .wait_line(|l| l.contains("listening on"), Duration::from_secs(60))
+                .is_some()
+            {
+                return Ok(BrokerProc {
+                    proc,
+                    addr,
+                    metrics: None,
+                    dir: dir.to_path_buf(),
+                    extra,
+                });
+            }
+            let status = proc.wait_exit(Duration::from_secs(30));
+            let err = proc.stderr();
+            if err.contains("listen") && err.contains("in use") {
+                continue; // the port was taken between free_port() and the bind
+            }
+            assert!(
+                !status.success(),
+                "the broker exited with status 0 without listening; stderr:\n{err}"
+            );
+            return Err(err);
+        }
+        panic!("no free port for the broker after 10 attempts");
     }
 
     pub fn send_sigterm(&self) {
@@ -631,7 +669,6 @@ pub fn release_last(b: Arc<Broker>) {
         panic!("the old broker is still shared");
     }
 }
-
 
 /// Clean close, then open again on the same disk.
 pub fn restart_sim(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc<Broker> {
