@@ -1,6 +1,6 @@
 //! The real broker on a lossy file system (`halfmq-lossyfs`): the mount, the broker on it,
 //! power cuts, and starting a broker that may refuse to open. Shared by `tests/powerloss.rs`
-//! and `tests/damage.rs`.
+//! and `tests/lossy_damage.rs`.
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use halfmq_lossyfs::{CutReport, LossyDisk, Mounted, Tear};
 
 use crate::common::{fast_check_back, BrokerProc};
+
+pub use crate::common::load::{body_of, runtime};
 
 /// Settings that make every kind of file busy in a short run: segments of 1 MiB (rolls and
 /// preallocation; records up to 64 KiB), a checkpoint every 64 KiB of log, small key-index
@@ -134,20 +136,4 @@ impl Rig {
         self.broker = Some(BrokerProc::try_start(&self.data_dir(), &broker_args())?);
         Ok(())
     }
-}
-
-/// The body of the message with `key`: derived from the key, so a served message can be
-/// checked byte for byte; 1 to 40 repetitions, so lengths vary.
-pub fn body_of(key: &str) -> Vec<u8> {
-    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 40) as usize;
-    format!("{key};").repeat(reps).into_bytes()
-}
-
-/// The runtime the clients of these tests run on.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
 }
