@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use halfmq::{Broker, BrokerConfig, FlushPolicy, GroupSettings, HalfOptions, Message, NackOutcome};
-use halfmq_store::sim::{CrashMode, SimStorage};
+use halfmq_store::sim::CrashMode;
 
 use common::*;
 
@@ -41,11 +41,7 @@ const WAKE_BOUND: Duration = Duration::from_secs(40);
 
 #[test]
 fn async_flush_a_consumer_never_receives_a_message_before_its_flush() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = async_config(tmp.path());
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("t", 1).unwrap();
+    let (_tmp, disk, cfg, b) = fresh_sim(async_config, "t", 1);
 
     // Acknowledged under async flush: written, not durable. No poll may hand it out, so no
     // consumer can act on it or ack it.
@@ -90,11 +86,7 @@ fn async_flush_a_consumer_never_receives_a_message_before_its_flush() {
 
 #[test]
 fn async_flush_an_async_consumer_is_woken_by_the_flush_that_a_transaction_forces() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = async_config(tmp.path());
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("t", 1).unwrap();
+    let (_tmp, _disk, _cfg, b) = fresh_sim(async_config, "t", 1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -143,11 +135,7 @@ fn dead_lettered_or_still_there(b: &Broker, group: &str, topic: &str) -> (usize,
 
 #[test]
 fn a_dead_letter_move_is_durable_before_the_ack_under_async_flush() {
-    let tmp = tempfile::tempdir().unwrap();
-    let disk = SimStorage::new();
-    let cfg = async_config(tmp.path());
-    let b = open_sim(&disk, &cfg);
-    b.create_topic("t", 1).unwrap();
+    let (_tmp, disk, cfg, b) = fresh_sim(async_config, "t", 1);
     b.set_group_settings("g", &dead_at_first_failure()).unwrap();
     b.send("t", &Message::new("poison").with_key("k")).unwrap();
     b.store().sync().unwrap();

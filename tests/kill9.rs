@@ -33,261 +33,31 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
-use halfmq::{CheckAnswer, HalfMessage, HalfOptions, Message, TxnState};
-use halfmq_client::{Client, ClientConfig, Consumer, Delivery};
+use common::load::{
+    body_of, connect, drain, message_counts, run_load, runtime, seed_from_env, sent_keys, Plan,
+    Shape, Topics, Txn, PRODUCER_GROUP, RESOLVE_TIMEOUT, WORKERS,
+};
+use common::{env_u64, fast_check_back, BrokerProc};
+use halfmq::{CheckAnswer, HalfMessage, TxnState};
+use halfmq_client::Delivery;
 
-const PRODUCER_GROUP: &str = "pay-svc";
-const WORKERS: &str = "workers";
-const QUEUES: u32 = 4;
-const PLAIN_PRODUCERS: usize = 4;
-const TXN_PRODUCERS: usize = 3;
-/// Consumers per topic.
-const CONSUMERS: usize = 2;
+/// The load: plain and transactional producers, and two consumers on each topic.
+const SHAPE: Shape = Shape {
+    queues: 4,
+    plain: 4,
+    keyed: 0,
+    txn: 3,
+    consumers: 2,
+};
 /// The kill comes this long after the load's first acknowledgements (uniform).
 const KILL_MS: std::ops::Range<u64> = 300..2000;
-/// Longest wait for check-back to resolve every pending transaction after a restart.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
-    })
-}
-
-/// The body every message with `key` carries: a few hundred bytes derived from the key.
-fn body_of(key: &str) -> Vec<u8> {
-    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 24) as usize;
-    format!("{key};").repeat(reps).into_bytes()
-}
-
-/// A runtime per phase: dropping it at the end of the phase closes every connection of the
-/// phase. (The checker of one round's verification must not answer during the next round's
-/// load, where abandoned halves must stay pending.)
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
-fn topics(round: u64) -> (String, String) {
-    (format!("plain-{round}"), format!("pay-{round}"))
-}
-
-fn client_config(addr: &str, name: &str) -> ClientConfig {
-    ClientConfig::new(addr)
-        .with_name(name.to_owned())
-        .with_request_timeout(Duration::from_secs(20))
-}
-
-// ---------------------------------------------------------------------------------------
-// What the load did, as the clients saw it
-// ---------------------------------------------------------------------------------------
-
-/// How a load task ended: its first error, and when.
-struct Ended {
-    error: String,
-    at: Instant,
-}
-
-impl Ended {
-    /// Ended now, by `e`.
-    fn by(e: halfmq::Error) -> Ended {
-        Ended {
-            error: e.to_string(),
-            at: Instant::now(),
-        }
-    }
-}
-
-#[derive(Default)]
-struct PlainLog {
-    /// (key, queue, offset) the broker acknowledged.
-    acked: Vec<(String, u32, u64)>,
-    /// The send without an answer when the broker died.
-    in_flight: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Plan {
-    Commit,
-    Rollback,
-    /// Send the half, then nothing: check-back must settle it. `true`: the producer's
-    /// local transaction succeeded (check-back answers commit).
-    Abandon(bool),
-}
-
-impl Plan {
-    fn commits(self) -> bool {
-        matches!(self, Plan::Commit | Plan::Abandon(true))
-    }
-}
-
-struct TxnRec {
-    key: String,
-    plan: Plan,
-    /// The half was acknowledged with this id.
-    txn: Option<u64>,
-    /// The commit or rollback was acknowledged.
-    outcome_acked: bool,
-}
-
-#[derive(Default)]
-struct TxnLog {
-    txns: Vec<TxnRec>,
-}
-
-#[derive(Default)]
-struct ConsumerLog {
-    /// Every delivery, in order.
-    seen: Vec<Delivery>,
-    /// (topic, queue, offset) whose ack the broker acknowledged.
-    acked: Vec<(String, u32, u64)>,
-}
-
-/// Acknowledged plain sends and transaction outcomes of the current round, so that the kill
-/// timer starts once the load flows.
-#[derive(Default)]
-struct Progress {
-    plain: AtomicU64,
-    txn: AtomicU64,
-}
-
-async fn plain_producer(
-    client: Client,
-    topic: String,
-    prefix: String,
-    progress: Arc<Progress>,
-) -> (PlainLog, Ended) {
-    let mut log = PlainLog::default();
-    for i in 0u64.. {
-        let key = format!("{prefix}.{i}");
-        let msg = Message::new(body_of(&key)).with_key(key.clone());
-        log.in_flight = Some(key.clone());
-        match client.send(&topic, &msg).await {
-            Ok(r) => {
-                assert_eq!(r.topic, topic);
-                log.acked.push((key, r.queue, r.offset));
-                log.in_flight = None;
-                progress.plain.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => return (log, Ended::by(e)),
-        }
-    }
-    unreachable!("the loop ends only by returning")
-}
-
-async fn txn_producer(
-    client: Client,
-    topic: String,
-    prefix: String,
-    seed: u64,
-    intents: Arc<Mutex<HashMap<String, bool>>>,
-    progress: Arc<Progress>,
-) -> (TxnLog, Ended) {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut log = TxnLog::default();
-    for i in 0u64.. {
-        let key = format!("{prefix}.{i}");
-        let plan = match rng.u32(0..100) {
-            0..45 => Plan::Commit,
-            45..80 => Plan::Rollback,
-            _ => Plan::Abandon(rng.bool()),
-        };
-        // The intent is known before the half leaves, as a payment service knows whether it
-        // charged the card before it could be asked.
-        intents.lock().unwrap().insert(key.clone(), plan.commits());
-        log.txns.push(TxnRec {
-            key: key.clone(),
-            plan,
-            txn: None,
-            outcome_acked: false,
-        });
-        let msg = Message::new(body_of(&key)).with_key(key.clone());
-        let txn = match client
-            .send_half(&topic, &msg, PRODUCER_GROUP, HalfOptions::default())
-            .await
-        {
-            Ok(t) => t,
-            Err(e) => return (log, Ended::by(e)),
-        };
-        let rec = log.txns.last_mut().expect("pushed above");
-        rec.txn = Some(txn.0);
-        let outcome = match plan {
-            Plan::Commit => client.commit(txn).await,
-            Plan::Rollback => client.rollback(txn).await,
-            Plan::Abandon(_) => continue,
-        };
-        match outcome {
-            Ok(()) => {
-                rec.outcome_acked = true;
-                progress.txn.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => return (log, Ended::by(e)),
-        }
-    }
-    unreachable!("the loop ends only by returning")
-}
-
-async fn consumer(client: Client, topic: String) -> (ConsumerLog, Ended) {
-    let c = Consumer::new(client, WORKERS, &topic);
-    let mut log = ConsumerLog::default();
-    loop {
-        let got = match c.poll(32, Duration::from_millis(200)).await {
-            Ok(g) => g,
-            Err(e) => return (log, Ended::by(e)),
-        };
-        log.seen.extend(got.iter().cloned());
-        if got.is_empty() {
-            continue;
-        }
-        if let Err(e) = c.ack_many(&got).await {
-            return (log, Ended::by(e));
-        }
-        log.acked
-            .extend(got.iter().map(|d| (d.topic.clone(), d.queue, d.offset)));
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Reading back
 // ---------------------------------------------------------------------------------------
-
-/// Everything a group gets from `topic` until a poll waits in vain.
-async fn drain(client: &Client, group: &str, topic: &str) -> Vec<Delivery> {
-    let c = Consumer::new(client.clone(), group, topic);
-    let mut all = Vec::new();
-    loop {
-        let got = c
-            .poll(512, Duration::from_millis(300))
-            .await
-            .unwrap_or_else(|e| panic!("poll {group}/{topic} after the restart: {e}"));
-        if got.is_empty() {
-            return all;
-        }
-        c.ack_many(&got)
-            .await
-            .unwrap_or_else(|e| panic!("ack {group}/{topic} after the restart: {e}"));
-        all.extend(got);
-    }
-}
-
-/// Messages per topic, from `stats`.
-async fn message_counts(client: &Client) -> BTreeMap<String, u64> {
-    let stats = client.stats().await.expect("stats");
-    let mut out = BTreeMap::new();
-    for q in stats.queues {
-        *out.entry(q.topic).or_default() += q.messages;
-    }
-    out
-}
 
 fn check_body(d: &Delivery, what: &str) {
     assert_eq!(
@@ -380,12 +150,7 @@ struct Answered {
 #[test]
 fn kill_9_under_load_with_transactions_and_consumers() {
     let rounds = env_u64("HALFMQ_CRASH_ROUNDS").unwrap_or(5);
-    let seed = env_u64("HALFMQ_CRASH_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
+    let seed = seed_from_env("HALFMQ_CRASH_SEED");
     eprintln!("kill9: seed {seed}, {rounds} rounds (replay: HALFMQ_CRASH_SEED={seed})");
     let started = Instant::now();
 
@@ -400,84 +165,20 @@ fn kill_9_under_load_with_transactions_and_consumers() {
     for round in 0..rounds {
         let mut rng = fastrand::Rng::with_seed(seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let kill_after = Duration::from_millis(rng.u64(KILL_MS));
-        let (plain_topic, pay_topic) = topics(round);
+        let topics = Topics::of_round(round);
+        let (plain_topic, pay_topic) = (topics.plain.clone(), topics.pay.clone());
         let addr = broker.addr.clone();
 
         // ----- load, then kill -9 -----
-        let (plain_logs, txn_logs, consumer_logs, killed_at) = runtime().block_on(async {
-            let admin = Client::connect(client_config(&addr, "admin"))
-                .await
-                .unwrap();
-            admin.create_topic(&plain_topic, QUEUES).await.unwrap();
-            admin.create_topic(&pay_topic, QUEUES).await.unwrap();
-            let progress = Arc::new(Progress::default());
-            let mut plain = Vec::new();
-            for p in 0..PLAIN_PRODUCERS {
-                let c = Client::connect(client_config(&addr, "plain"))
-                    .await
-                    .unwrap();
-                plain.push(tokio::spawn(plain_producer(
-                    c,
-                    plain_topic.clone(),
-                    format!("p{round}.{p}"),
-                    progress.clone(),
-                )));
-            }
-            let mut txn = Vec::new();
-            for p in 0..TXN_PRODUCERS {
-                let c = Client::connect(client_config(&addr, "txn")).await.unwrap();
-                txn.push(tokio::spawn(txn_producer(
-                    c,
-                    pay_topic.clone(),
-                    format!("t{round}.{p}"),
-                    rng.u64(..),
-                    intents.clone(),
-                    progress.clone(),
-                )));
-            }
-            let mut consumers = Vec::new();
-            for topic in [&plain_topic, &pay_topic] {
-                for _ in 0..CONSUMERS {
-                    let c = Client::connect(client_config(&addr, "consumer"))
-                        .await
-                        .unwrap();
-                    consumers.push(tokio::spawn(consumer(c, topic.clone())));
-                }
-            }
-            // The kill timer starts once plain sends and transactions are acknowledged.
-            let flowing = Instant::now();
-            while progress.plain.load(Ordering::Relaxed) == 0
-                || progress.txn.load(Ordering::Relaxed) == 0
-            {
-                assert!(
-                    flowing.elapsed() < Duration::from_secs(60),
-                    "round {round}: no acknowledgement within 60 s of the load's start"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            tokio::time::sleep(kill_after).await;
-            let killed_at = Instant::now();
-            broker.kill9();
-            let join_all = async {
-                let mut p = Vec::new();
-                for h in plain {
-                    p.push(h.await.expect("plain producer task"));
-                }
-                let mut t = Vec::new();
-                for h in txn {
-                    t.push(h.await.expect("transactional producer task"));
-                }
-                let mut c = Vec::new();
-                for h in consumers {
-                    c.push(h.await.expect("consumer task"));
-                }
-                (p, t, c)
-            };
-            let (p, t, c) = tokio::time::timeout(Duration::from_secs(60), join_all)
-                .await
-                .expect("the load did not stop within 60 s of the kill");
-            (p, t, c, killed_at)
-        });
+        let (load, killed_at) = run_load(
+            &addr,
+            round,
+            (&topics, &SHAPE),
+            (rng.u64(..), &intents),
+            kill_after,
+            || broker.kill9(),
+        );
+        let (plain_logs, txn_logs, consumer_logs) = (load.plain, load.txns, load.consumed);
         // Every load task must have run until the kill: an error before it is a bug.
         let ends = plain_logs
             .iter()
@@ -501,9 +202,7 @@ fn kill_9_under_load_with_transactions_and_consumers() {
         let answered: Arc<Mutex<Answered>> = Arc::default();
         let (fresh_plain, fresh_pay, workers_plain, workers_pay, counts_now) =
             runtime().block_on(async {
-                let client = Client::connect(client_config(&addr, "verify"))
-                    .await
-                    .unwrap();
+                let client = connect(&addr, "verify").await;
                 let pending = client.transactions(None).await.unwrap();
                 for t in &pending {
                     assert_eq!(
@@ -516,8 +215,8 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                     pending.into_iter().map(|t| (t.txn_id, t.key)).collect();
                 counts.pending_at_restart = pending.len() as u64;
                 for (log, _) in &txn_logs {
-                    for t in &log.txns {
-                        match (t.txn, t.plan, t.outcome_acked) {
+                    for t in log {
+                        match (t.id, t.plan, t.outcome_acked) {
                             (Some(id), Plan::Abandon(_), _) => assert_eq!(
                                 pending.get(&id),
                                 Some(&t.key),
@@ -635,25 +334,19 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                 counts.duplicates += 1;
             }
         }
-        let mut in_flight: HashSet<&str> = HashSet::new();
         for (log, _) in &plain_logs {
-            for (key, q, o) in &log.acked {
+            for (key, r) in &log.acked {
                 counts.acked += 1;
+                let (q, o) = (r.queue, r.offset);
                 assert_eq!(
                     at.get(key),
-                    Some(&(*q, *o)),
+                    Some(&(q, o)),
                     "round {round}: {key}, acknowledged at {q}/{o}, is lost after kill -9 \
                      (seed {seed}); broker before the kill:\n{old_stderr}"
                 );
             }
-            if let Some(k) = &log.in_flight {
-                in_flight.insert(k.as_str());
-            }
         }
-        let acked_keys: HashSet<&str> = plain_logs
-            .iter()
-            .flat_map(|(l, _)| l.acked.iter().map(|(k, _, _)| k.as_str()))
-            .collect();
+        let (acked_keys, in_flight) = sent_keys(&plain_logs);
         for key in at.keys() {
             if !acked_keys.contains(key.as_str()) {
                 assert!(
@@ -671,14 +364,14 @@ fn kill_9_under_load_with_transactions_and_consumers() {
             check_body(d, "after the restart");
             visible.entry(d.key.clone()).or_default().push(d);
         }
-        let mut recs: HashMap<&str, &TxnRec> = HashMap::new();
+        let mut recs: HashMap<&str, &Txn> = HashMap::new();
         for (log, _) in &txn_logs {
-            for t in &log.txns {
+            for t in log {
                 recs.insert(t.key.as_str(), t);
                 match (t.plan, t.outcome_acked) {
                     (Plan::Commit, true) => counts.committed += 1,
                     (Plan::Rollback, true) => counts.rolled_back += 1,
-                    (Plan::Abandon(_), _) if t.txn.is_some() => counts.abandoned += 1,
+                    (Plan::Abandon(_), _) if t.id.is_some() => counts.abandoned += 1,
                     _ => counts.txn_in_flight += 1,
                 }
                 let got = visible.get(&t.key).map_or(0, Vec::len);
@@ -686,13 +379,13 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                     counts.duplicates += got as u64 - 1;
                 }
                 if t.plan.commits() {
-                    if t.txn.is_some() {
+                    if t.id.is_some() {
                         assert_eq!(
                             got,
                             1,
                             "round {round}: transaction {} ({}, {:?}, outcome acknowledged: \
                              {}) must be visible exactly once (seed {seed})",
-                            t.txn.unwrap_or_default(),
+                            t.id.unwrap_or_default(),
                             t.key,
                             t.plan,
                             t.outcome_acked
@@ -707,10 +400,10 @@ fn kill_9_under_load_with_transactions_and_consumers() {
                         got, 0,
                         "round {round}: {} ({:?}, txn {:?}) was rolled back but is visible \
                          (seed {seed})",
-                        t.key, t.plan, t.txn
+                        t.key, t.plan, t.id
                     );
                 }
-                if let (Some(id), Some(ds)) = (t.txn, visible.get(&t.key)) {
+                if let (Some(id), Some(ds)) = (t.id, visible.get(&t.key)) {
                     for d in ds {
                         assert_eq!(
                             d.properties.get("halfmq.txn"),
@@ -812,7 +505,7 @@ fn kill_9_under_load_with_transactions_and_consumers() {
             "round {round}: duplicates (seed {seed})"
         );
         assert!(
-            counts.in_flight_stored <= PLAIN_PRODUCERS as u64,
+            counts.in_flight_stored <= SHAPE.plain as u64,
             "at most one in-flight send per producer"
         );
         assert!(

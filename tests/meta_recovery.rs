@@ -42,6 +42,11 @@ fn config(dir: &Path, clock: &ManualClock) -> BrokerConfig {
     c
 }
 
+/// An empty data directory, and a clock that moves only when the test moves it.
+fn fresh() -> (tempfile::TempDir, ManualClock) {
+    (tempfile::tempdir().unwrap(), ManualClock::starting_now())
+}
+
 fn open(dir: &Path, clock: &ManualClock) -> Arc<Broker> {
     open_waiting_for_lock(|| Broker::open(config(dir, clock)))
         .unwrap_or_else(|e| panic!("open failed: {e}"))
@@ -51,6 +56,17 @@ fn open(dir: &Path, clock: &ManualClock) -> Arc<Broker> {
 fn close(b: Arc<Broker>, dir: &Path) {
     common::close(b);
     wait_for_sled_released(&dir.join("meta"));
+}
+
+/// A half of [`PRODUCERS`] in [`TOPIC`].
+fn send_half(b: &Broker, body: impl Into<Vec<u8>>) -> TxnId {
+    b.send_half(
+        TOPIC,
+        &Message::new(body),
+        PRODUCERS,
+        HalfOptions::default(),
+    )
+    .unwrap()
 }
 
 /// What the test did, and so what a reopened broker must know.
@@ -90,15 +106,7 @@ fn work(b: &Broker, clock: &ManualClock, tag: &str, e: &mut Expect, finish_earli
             e.committed.push(id);
         }
     }
-    let half = |n: &str| {
-        b.send_half(
-            TOPIC,
-            &Message::new(format!("{tag}-half-{n}")),
-            PRODUCERS,
-            HalfOptions::default(),
-        )
-        .unwrap()
-    };
+    let half = |n: &str| send_half(b, format!("{tag}-half-{n}"));
     let (p, c, r) = (half("pending"), half("commit"), half("rollback"));
     b.commit(c).unwrap();
     b.rollback(r).unwrap();
@@ -215,8 +223,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// Reopen after `damage` was done to the closed broker's `meta/`; everything must be there,
 /// and the loss of consumer positions reported.
 fn survives(damage: impl FnOnce(&Path)) {
-    let tmp = tempfile::tempdir().unwrap();
-    let clock = ManualClock::starting_now();
+    let (tmp, clock) = fresh();
     let e = worked(tmp.path(), &clock);
     damage(&tmp.path().join("meta"));
     let b = open(tmp.path(), &clock);
@@ -282,13 +289,12 @@ fn corrupt_sled_file_loses_no_half_delayed_message_or_key() {
 
 #[test]
 fn stale_meta_put_back_loses_no_half_delayed_message_or_key() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, clock) = fresh();
     let dir = tmp.path();
-    let clock = ManualClock::starting_now();
     let mut e = worked(dir, &clock);
     // T1: a copy of meta/ is kept aside.
     let aside = tempfile::tempdir().unwrap();
-    copy_dir(&dir.join("meta"), &aside.path().join("meta"));
+    copy_dir(&dir.join("meta"), &aside.path().join("meta"), &[]);
     // Work goes on: new halves, the earlier pending ones committed, delayed and keyed sends,
     // acks.
     let b = open(dir, &clock);
@@ -298,7 +304,7 @@ fn stale_meta_put_back_loses_no_half_delayed_message_or_key() {
     close(b, dir);
     // The old copy is put back.
     std::fs::remove_dir_all(dir.join("meta")).unwrap();
-    copy_dir(&aside.path().join("meta"), &dir.join("meta"));
+    copy_dir(&aside.path().join("meta"), &dir.join("meta"), &[]);
     let b = open(dir, &clock);
     let report = b.stats().unwrap().meta;
     assert!(
@@ -319,43 +325,39 @@ fn stale_meta_put_back_loses_no_half_delayed_message_or_key() {
     close(b, dir);
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copy the directory `from` to `to`, but for the entries of `from` named in `skip`.
+fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
-/// Everything of a closed data directory but `meta/` (and the lock file), copied to `to`.
-fn copy_log(dir: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
         let name = entry.file_name();
-        if name == "meta" || name == "LOCK" {
+        if skip.iter().any(|s| name == *s) {
             continue;
         }
         let target = to.join(&name);
         if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
+            copy_dir(&entry.path(), &target, &[]);
         } else {
             std::fs::copy(entry.path(), &target).unwrap();
         }
     }
 }
 
-/// Put the log (everything but `meta/`) saved by [`copy_log`] back in `dir`.
+/// What is not the log in a data directory: `meta/` and the lock file.
+const NOT_LOG: &[&str] = &["meta", "LOCK"];
+
+/// A copy of the log of the closed data directory `dir` (everything but [`NOT_LOG`]).
+fn save_log(dir: &Path) -> tempfile::TempDir {
+    let saved = tempfile::tempdir().unwrap();
+    copy_dir(dir, saved.path(), NOT_LOG);
+    saved
+}
+
+/// Put the log saved by [`save_log`] back in `dir`.
 fn restore_log(saved: &Path, dir: &Path) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
-        let name = entry.file_name();
-        if name == "meta" || name == "LOCK" {
+        if NOT_LOG.iter().any(|s| entry.file_name() == *s) {
             continue;
         }
         if entry.file_type().unwrap().is_dir() {
@@ -364,21 +366,19 @@ fn restore_log(saved: &Path, dir: &Path) {
             std::fs::remove_file(entry.path()).unwrap();
         }
     }
-    copy_log(saved, dir);
+    copy_dir(saved, dir, &[]);
 }
 
 #[test]
 fn committed_offsets_past_a_shorter_log_are_clamped_and_new_messages_delivered() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, clock) = fresh();
     let dir = tmp.path();
-    let clock = ManualClock::starting_now();
     let b = open(dir, &clock);
     for i in 0..10 {
         b.send(TOPIC, &Message::new(format!("old-{i}"))).unwrap();
     }
     close(b, dir);
-    let saved = tempfile::tempdir().unwrap();
-    copy_log(dir, saved.path());
+    let saved = save_log(dir);
     // More messages, all acked: the group's committed offsets go past the saved log's end.
     let b = open(dir, &clock);
     for i in 0..30 {
@@ -420,37 +420,21 @@ fn committed_offsets_past_a_shorter_log_are_clamped_and_new_messages_delivered()
 
 #[test]
 fn a_new_half_with_the_id_of_a_lost_outcome_stays_pending() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, clock) = fresh();
     let dir = tmp.path();
-    let clock = ManualClock::starting_now();
     let b = open(dir, &clock);
     b.send(TOPIC, &Message::new("before")).unwrap();
     close(b, dir);
-    let saved = tempfile::tempdir().unwrap();
-    copy_log(dir, saved.path());
+    let saved = save_log(dir);
     // A transaction right at the end of the saved log, committed: its outcome reaches sled.
     let b = open(dir, &clock);
-    let old = b
-        .send_half(
-            TOPIC,
-            &Message::new("old"),
-            PRODUCERS,
-            HalfOptions::default(),
-        )
-        .unwrap();
+    let old = send_half(&b, "old");
     b.commit(old).unwrap();
     close(b, dir);
     // The log loses its end; a new half gets the same id.
     restore_log(saved.path(), dir);
     let b = open(dir, &clock);
-    let new = b
-        .send_half(
-            TOPIC,
-            &Message::new("new"),
-            PRODUCERS,
-            HalfOptions::default(),
-        )
-        .unwrap();
+    let new = send_half(&b, "new");
     assert_eq!(new, old, "the test needs the new half to get the old id");
     assert_eq!(b.transaction_state(new).ok(), Some(TxnState::Pending));
     close(b, dir);

@@ -33,214 +33,33 @@ mod common;
 mod lossy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::env_u64;
-use halfmq::{CheckAnswer, HalfMessage, HalfOptions, Message, TxnState};
-use halfmq_client::{Client, ClientConfig, Consumer, Delivery, SendReceipt};
+use common::load::{
+    connect, drain, message_counts, run_load, seed_from_env, sent_keys, Ended, Load, Plan, Sends,
+    Shape, Topics, PRODUCER_GROUP, RESOLVE_TIMEOUT, WORKERS,
+};
+use halfmq::{CheckAnswer, HalfMessage, Message, TxnState};
+use halfmq_client::{Client, Delivery};
 use halfmq_lossyfs::Tear;
 use lossy::{body_of, runtime, Rig};
 
-const PRODUCER_GROUP: &str = "pay-svc";
-const WORKERS: &str = "workers";
-const QUEUES: u32 = 2;
-const PLAIN_PRODUCERS: usize = 2;
-const KEYED_PRODUCERS: usize = 2;
-const TXN_PRODUCERS: usize = 2;
+/// The load: plain, keyed and transactional producers, and a consumer on each topic.
+const SHAPE: Shape = Shape {
+    queues: 2,
+    plain: 2,
+    keyed: 2,
+    txn: 2,
+    consumers: 1,
+};
 /// The cut comes this long after the load's first acknowledgements (uniform).
 const CUT_MS: std::ops::Range<u64> = 200..1500;
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn config(addr: &str, name: &str) -> ClientConfig {
-    ClientConfig::new(addr)
-        .with_name(name.to_owned())
-        .with_request_timeout(Duration::from_secs(30))
-}
-
-async fn connect(addr: &str, name: &str) -> Client {
-    Client::connect(config(addr, name))
-        .await
-        .unwrap_or_else(|e| panic!("connect {name} to {addr}: {e}"))
-}
-
-// ---------------------------------------------------------------------------------------
-// The load, and what the clients saw acknowledged
-// ---------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct Sends {
-    /// key → receipt, for every acknowledged send.
-    acked: Vec<(String, SendReceipt)>,
-    /// The send without an answer at the cut.
-    in_flight: Option<String>,
-}
-
-/// Plain sends (`keyed`: with an idempotency key equal to the message key) until the first
-/// error (the cut).
-async fn producer(
-    client: Client,
-    topic: String,
-    prefix: String,
-    keyed: bool,
-    n: Arc<AtomicU64>,
-) -> Sends {
-    let mut log = Sends::default();
-    for i in 0u64.. {
-        let key = format!("{prefix}.{i}");
-        let mut msg = Message::new(body_of(&key)).with_key(key.clone());
-        if keyed {
-            msg = msg.with_idempotency_key(key.clone());
-        }
-        log.in_flight = Some(key.clone());
-        match client.send(&topic, &msg).await {
-            Ok(r) => {
-                assert!(
-                    !r.duplicate,
-                    "{key} was sent once but is a duplicate: {r:?}"
-                );
-                log.acked.push((key, r));
-                log.in_flight = None;
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => return log,
-        }
-    }
-    unreachable!("the loop ends only by returning")
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Plan {
-    Commit,
-    Rollback,
-    /// The half, then nothing; `true`: the local transaction succeeded.
-    Abandon(bool),
-}
-
-impl Plan {
-    fn commits(self) -> bool {
-        matches!(self, Plan::Commit | Plan::Abandon(true))
-    }
-}
-
-struct Txn {
-    key: String,
-    plan: Plan,
-    /// The half was acknowledged with this id.
-    id: Option<u64>,
-    /// The commit or rollback was acknowledged.
-    outcome_acked: bool,
-}
-
-async fn txn_producer(
-    client: Client,
-    topic: String,
-    prefix: String,
-    seed: u64,
-    intents: Arc<Mutex<HashMap<String, bool>>>,
-    n: Arc<AtomicU64>,
-) -> Vec<Txn> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut log = Vec::new();
-    for i in 0u64.. {
-        let key = format!("{prefix}.{i}");
-        let plan = match rng.u32(0..100) {
-            0..45 => Plan::Commit,
-            45..80 => Plan::Rollback,
-            _ => Plan::Abandon(rng.bool()),
-        };
-        intents.lock().unwrap().insert(key.clone(), plan.commits());
-        log.push(Txn {
-            key: key.clone(),
-            plan,
-            id: None,
-            outcome_acked: false,
-        });
-        let msg = Message::new(body_of(&key)).with_key(key.clone());
-        let Ok(txn) = client
-            .send_half(&topic, &msg, PRODUCER_GROUP, HalfOptions::default())
-            .await
-        else {
-            return log;
-        };
-        let rec = log.last_mut().expect("pushed above");
-        rec.id = Some(txn.0);
-        let outcome = match plan {
-            Plan::Commit => client.commit(txn).await,
-            Plan::Rollback => client.rollback(txn).await,
-            Plan::Abandon(_) => continue,
-        };
-        if outcome.is_err() {
-            return log;
-        }
-        rec.outcome_acked = true;
-        n.fetch_add(1, Ordering::Relaxed);
-    }
-    unreachable!("the loop ends only by returning")
-}
-
-#[derive(Default)]
-struct Consumed {
-    seen: Vec<Delivery>,
-    /// (topic, queue, offset) whose ack was acknowledged.
-    acked: Vec<(String, u32, u64)>,
-}
-
-async fn consumer(client: Client, topic: String) -> Consumed {
-    let c = Consumer::new(client, WORKERS, &topic);
-    let mut log = Consumed::default();
-    loop {
-        let Ok(got) = c.poll(32, Duration::from_millis(200)).await else {
-            return log;
-        };
-        log.seen.extend(got.iter().cloned());
-        if got.is_empty() {
-            continue;
-        }
-        if c.ack_many(&got).await.is_err() {
-            return log;
-        }
-        log.acked
-            .extend(got.iter().map(|d| (d.topic.clone(), d.queue, d.offset)));
-    }
-}
-
-struct Load {
-    plain: Vec<Sends>,
-    keyed: Vec<Sends>,
-    txns: Vec<Vec<Txn>>,
-    consumed: Vec<Consumed>,
-}
-
-struct Topics {
-    plain: String,
-    keyed: String,
-    pay: String,
-}
 
 // ---------------------------------------------------------------------------------------
 // After the restart
 // ---------------------------------------------------------------------------------------
-
-/// Everything `group` gets from `topic` until a poll waits in vain, acked.
-async fn drain(client: &Client, group: &str, topic: &str) -> Vec<Delivery> {
-    let c = Consumer::new(client.clone(), group, topic);
-    let mut all = Vec::new();
-    loop {
-        let got = c
-            .poll(512, Duration::from_millis(300))
-            .await
-            .unwrap_or_else(|e| panic!("poll {group}/{topic} after the restart: {e}"));
-        if got.is_empty() {
-            return all;
-        }
-        c.ack_many(&got)
-            .await
-            .unwrap_or_else(|e| panic!("ack {group}/{topic} after the restart: {e}"));
-        all.extend(got);
-    }
-}
 
 #[derive(Default, Debug, Clone, Copy)]
 struct Counts {
@@ -309,13 +128,12 @@ impl Verify<'_> {
     }
 
     /// Acknowledged plain or keyed sends against what a fresh group reads back.
-    fn sends(&mut self, logs: &[Sends], got: &[Delivery], what: &str) {
+    fn sends(&mut self, logs: &[(Sends, Ended)], got: &[Delivery], what: &str) {
         let mut at: HashMap<&str, Vec<&Delivery>> = HashMap::new();
         for d in got {
             at.entry(d.key.as_str()).or_default().push(d);
         }
-        let mut in_flight = HashSet::new();
-        for log in logs {
+        for (log, _) in logs {
             for (key, r) in &log.acked {
                 match at.get(key.as_str()).map(Vec::as_slice) {
                     Some([d]) if (d.queue, d.offset) == (r.queue, r.offset) => {
@@ -337,14 +155,8 @@ impl Verify<'_> {
                     )),
                 }
             }
-            if let Some(k) = &log.in_flight {
-                in_flight.insert(k.as_str());
-            }
         }
-        let acked: HashSet<&str> = logs
-            .iter()
-            .flat_map(|l| l.acked.iter().map(|(k, _)| k.as_str()))
-            .collect();
+        let (acked, in_flight) = sent_keys(logs);
         for (key, ds) in &at {
             if !acked.contains(key) && (!in_flight.contains(key) || ds.len() > 1) {
                 self.lose(format!(
@@ -357,7 +169,7 @@ impl Verify<'_> {
 
     /// Every acknowledged idempotency key is remembered: a re-send answers the original.
     async fn keys_remembered(&mut self, client: &Client) {
-        for log in &self.load.keyed {
+        for (log, _) in &self.load.keyed {
             for (key, r) in &log.acked {
                 let msg = Message::new(body_of(key))
                     .with_key(key.clone())
@@ -383,7 +195,7 @@ impl Verify<'_> {
         for d in visible {
             seen.entry(d.key.as_str()).or_default().push(d);
         }
-        for log in &self.load.txns {
+        for (log, _) in &self.load.txns {
             for t in log {
                 match (t.plan, t.outcome_acked) {
                     (Plan::Commit, true) => self.counts.committed += 1,
@@ -441,7 +253,7 @@ impl Verify<'_> {
             .map(|d| ((d.topic.as_str(), d.queue, d.offset), d.key.as_str()))
             .collect();
         let mut acked = HashSet::new();
-        for c in &self.load.consumed {
+        for (c, _) in &self.load.consumed {
             for d in &c.seen {
                 if there.get(&(d.topic.as_str(), d.queue, d.offset)) != Some(&d.key.as_str()) {
                     self.lose(format!(
@@ -471,99 +283,6 @@ impl Verify<'_> {
 // The rounds
 // ---------------------------------------------------------------------------------------
 
-fn run_load(
-    rig: &mut Rig,
-    round: u64,
-    topics: &Topics,
-    cut_after: Duration,
-    seed: u64,
-    intents: &Arc<Mutex<HashMap<String, bool>>>,
-) -> Load {
-    let addr = rig.addr();
-    runtime().block_on(async {
-        let admin = connect(&addr, "admin").await;
-        for t in [&topics.plain, &topics.keyed, &topics.pay] {
-            admin.create_topic(t, QUEUES).await.unwrap();
-        }
-        let sends = Arc::new(AtomicU64::new(0));
-        let txns = Arc::new(AtomicU64::new(0));
-        let mut plain = Vec::new();
-        for p in 0..PLAIN_PRODUCERS {
-            let c = connect(&addr, "plain").await;
-            plain.push(tokio::spawn(producer(
-                c,
-                topics.plain.clone(),
-                format!("p{round}.{p}"),
-                false,
-                sends.clone(),
-            )));
-        }
-        let mut keyed = Vec::new();
-        for p in 0..KEYED_PRODUCERS {
-            let c = connect(&addr, "keyed").await;
-            keyed.push(tokio::spawn(producer(
-                c,
-                topics.keyed.clone(),
-                format!("k{round}.{p}"),
-                true,
-                sends.clone(),
-            )));
-        }
-        let mut txn = Vec::new();
-        for p in 0..TXN_PRODUCERS {
-            let c = connect(&addr, "txn").await;
-            txn.push(tokio::spawn(txn_producer(
-                c,
-                topics.pay.clone(),
-                format!("t{round}.{p}"),
-                seed ^ p as u64,
-                intents.clone(),
-                txns.clone(),
-            )));
-        }
-        let mut consumers = Vec::new();
-        for t in [&topics.plain, &topics.keyed, &topics.pay] {
-            let c = connect(&addr, "consumer").await;
-            consumers.push(tokio::spawn(consumer(c, t.clone())));
-        }
-        let flowing = Instant::now();
-        while sends.load(Ordering::Relaxed) == 0 || txns.load(Ordering::Relaxed) == 0 {
-            assert!(
-                flowing.elapsed() < Duration::from_secs(60),
-                "round {round}: no acknowledgement within 60 s of the load's start"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::time::sleep(cut_after).await;
-        // The broker dies here; the power cut follows once the load has stopped.
-        rig.broker.as_mut().expect("running").kill9();
-        let join = async {
-            let mut load = Load {
-                plain: vec![],
-                keyed: vec![],
-                txns: vec![],
-                consumed: vec![],
-            };
-            for h in plain {
-                load.plain.push(h.await.expect("plain producer"));
-            }
-            for h in keyed {
-                load.keyed.push(h.await.expect("keyed producer"));
-            }
-            for h in txn {
-                load.txns.push(h.await.expect("transactional producer"));
-            }
-            for h in consumers {
-                load.consumed.push(h.await.expect("consumer"));
-            }
-            load
-        };
-        tokio::time::timeout(Duration::from_secs(60), join)
-            .await
-            .expect("the load did not stop within 60 s of the kill")
-    })
-}
-
 /// One round: load, power cut, restart, checks. Returns the round's counts; losses are in
 /// `counts.lost` and listed on stderr.
 fn round(
@@ -580,16 +299,21 @@ fn round(
     } else {
         Tear::None
     };
-    let topics = Topics {
-        plain: format!("plain-{round}"),
-        keyed: format!("keyed-{round}"),
-        pay: format!("pay-{round}"),
-    };
-    let load = run_load(rig, round, &topics, cut_after, rng.u64(..), intents);
+    let topics = Topics::of_round(round);
+    let addr = rig.addr();
+    let (load, _) = run_load(
+        &addr,
+        round,
+        (&topics, &SHAPE),
+        (rng.u64(..), intents),
+        cut_after,
+        // The broker dies here; the power cut follows once the load has stopped.
+        || rig.broker.as_mut().expect("running").kill9(),
+    );
     let (cut, old_stderr) = rig.power_cut(tear);
     let mut counts = Counts {
-        sends_acked: load.plain.iter().map(|l| l.acked.len() as u64).sum(),
-        keyed_acked: load.keyed.iter().map(|l| l.acked.len() as u64).sum(),
+        sends_acked: load.plain.iter().map(|(l, _)| l.acked.len() as u64).sum(),
+        keyed_acked: load.keyed.iter().map(|(l, _)| l.acked.len() as u64).sum(),
         pending_bytes_dropped: cut.pending_bytes_dropped,
         torn_writes: u64::from(cut.torn.is_some()),
         ..Counts::default()
@@ -676,11 +400,7 @@ fn round(
         if again.len() != keyed.len() {
             v.lose(format!("re-sending acknowledged idempotency keys stored {} more messages", again.len() as i64 - keyed.len() as i64));
         }
-        let stats = client.stats().await.expect("stats");
-        let mut now: BTreeMap<String, u64> = BTreeMap::new();
-        for q in stats.queues {
-            *now.entry(q.topic).or_default() += q.messages;
-        }
+        let now = message_counts(&client).await;
         for (t, n) in [(&topics.plain, plain.len()), (&topics.keyed, keyed.len()), (&topics.pay, pay.len())] {
             settled.insert(t.clone(), n as u64);
         }
@@ -704,12 +424,7 @@ fn round(
 
 fn rounds(default: u64) {
     let rounds = env_u64("HALFMQ_POWERLOSS_ROUNDS").unwrap_or(default);
-    let seed = env_u64("HALFMQ_POWERLOSS_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
+    let seed = seed_from_env("HALFMQ_POWERLOSS_SEED");
     eprintln!("powerloss: seed {seed}, {rounds} rounds (replay: HALFMQ_POWERLOSS_SEED={seed})");
     let started = Instant::now();
     let mut rig = Rig::new();

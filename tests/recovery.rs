@@ -33,7 +33,7 @@ use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 
 mod common;
 
-use common::poll_until;
+use common::{poll_until, release_last};
 
 /// The smallest segment the configuration allows, so that tests roll over quickly.
 const SEGMENT_BYTES: u64 = 64 * 1024;
@@ -133,24 +133,8 @@ fn send_many(
 /// Power loss under a running broker: returns the disk as it comes back.
 fn crash(disk: &SimStorage, broker: Arc<Broker>, mode: CrashMode) -> SimStorage {
     let after = disk.crash(mode);
-    drop_broker(broker);
+    release_last(broker);
     after
-}
-
-/// Drop the only handle to a broker (so that its directory and sled are free again).
-fn drop_broker(broker: Arc<Broker>) {
-    // The broker's own background threads hold it weakly and upgrade for a moment while they
-    // work, so a count of 2 for an instant is theirs; a handle kept for longer is a bug.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while Arc::strong_count(&broker) > 1 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    assert_eq!(
-        Arc::strong_count(&broker),
-        1,
-        "someone else holds the broker"
-    );
-    drop(broker);
 }
 
 /// An independent copy of the durable state of `image` (which must not be used for anything
@@ -532,7 +516,7 @@ fn flipped_bit_in_an_older_segment_after_a_clean_close_fails_the_read() {
         .map(|i| send(&b, "old", "k", &body(&format!("m{i}-"), 900)))
         .collect();
     b.close().unwrap();
-    drop_broker(b);
+    release_last(b);
     let image = copy_of(&disk);
     let victim = &sent[10];
     assert!(victim.log_offset < SEGMENT_BYTES && sent.last().unwrap().log_offset > SEGMENT_BYTES);
@@ -584,7 +568,7 @@ fn roll_over_across_many_segments_survives_reopen_and_crash() {
     assert!(n_segments >= 6, "{n_segments} segments");
     assert_eq!(log_files(&disk, dir).len(), n_segments);
     b.close().unwrap();
-    drop_broker(b);
+    release_last(b);
 
     // The layout on disk: every message where its receipt says, SegmentEnd after the last
     // message of every full segment, zeros after the last record of the newest.
@@ -632,7 +616,7 @@ fn roll_over_across_many_segments_survives_reopen_and_crash() {
     assert_eq!(r.segments, n_segments);
     assert_eq!((r.records_scanned, r.torn_bytes_cut), (0, 0), "{r:?}");
     assert_holds(&b, "roll", &sent, "after a clean reopen");
-    drop_broker(b);
+    release_last(b);
 
     // Continue on a copy, then lose power right after the last acknowledged send.
     let disk = copy_of(&image);
@@ -701,7 +685,7 @@ fn crash_between_roll_over_and_sealing_the_full_segment_is_a_torn_tail() {
                 .is_some_and(|h| h.len() as u64 == SEGMENT_BYTES && h[..8] == *b"HALFMQLG")
         })
         .expect("a seed that keeps the new segment's header");
-    drop_broker(b);
+    release_last(b);
     let old_bytes = after.durable_bytes(&old).unwrap();
     let (recs, end) = walk(&old_bytes);
     assert_eq!(
@@ -792,7 +776,7 @@ fn many_topics_and_queues_keep_per_key_order_across_reopen_and_crash() {
     };
     check(&b, &sent, "before reopen");
     b.close().unwrap();
-    drop_broker(b);
+    release_last(b);
 
     let b = open(&disk, &cfg);
     assert_eq!(b.recovery_report().records_scanned, 0);
@@ -845,7 +829,7 @@ fn empty_store_cycles(storage: Arc<dyn Storage>, cfg: &BrokerConfig) {
         })
         .collect();
     b.close().unwrap();
-    drop_broker(b);
+    release_last(b);
     for cycle in 0..3 {
         let b = Broker::open_with(storage.clone(), cfg.clone()).unwrap();
         let r = b.recovery_report().clone();
@@ -1032,7 +1016,7 @@ fn missing_or_short_index_is_rebuilt_from_the_log() {
         ));
     }
     b.close().unwrap();
-    drop_broker(b);
+    release_last(b);
     let image = copy_of(&disk);
     let q1 = cq_path(dir, "idx", 1);
     let original = image.durable_bytes(&q1).unwrap();
@@ -1100,7 +1084,7 @@ fn missing_or_short_index_is_rebuilt_from_the_log() {
         let mut all = sent.clone();
         all.push(next);
         assert_holds(&b, "idx", &all, what);
-        drop_broker(b);
+        release_last(b);
     }
     // Every index of a topic gone at once.
     let d = copy_of(&image);
@@ -1123,7 +1107,7 @@ fn index_cut_inside_its_header_is_rebuilt() {
         .map(|i| send(&b, "idx", &format!("k{i}"), format!("m{i}").as_bytes()))
         .collect();
     b.close().unwrap();
-    drop_broker(b);
+    release_last(b);
     let image = copy_of(&disk);
     let q0 = cq_path(dir, "idx", 0);
     let original = image.durable_bytes(&q0).unwrap();
@@ -1227,7 +1211,7 @@ fn damaged_first_record_of_a_newest_segment_full_of_data_is_corruption() {
         let sent: Vec<Sent> = send_many(&b, "first", 0..360, 3, 1000);
         let image = if clean_close {
             b.close().unwrap();
-            drop_broker(b);
+            release_last(b);
             copy_of(&disk)
         } else {
             crash(&disk, b, CrashMode::DropUnsynced)
@@ -1359,7 +1343,7 @@ fn burst_and_crash(seed: u64, cfg: &BrokerConfig) {
     }
     let after = disk.crash(CrashMode::KeepRandomPrefix { seed });
     let logs: Vec<WriterLog> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    drop_broker(b);
+    release_last(b);
 
     let b = try_open(&after, cfg).unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"));
     let got = read_all(&b, "burst");
@@ -1502,7 +1486,7 @@ fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
     }
     assert_holds(&b, "t", &sent, "after rolls onto prepared segments");
     wait_prepared("before close");
-    drop_broker(b);
+    release_last(b);
     assert!(
         blank_segment_files(tmp.path()).is_empty(),
         "a clean close removes it"
@@ -1512,7 +1496,7 @@ fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
     let b = Broker::open(cfg.clone()).unwrap();
     assert_holds(&b, "t", &sent, "after reopen");
     let stats = b.store().log_stats();
-    drop_broker(b);
+    release_last(b);
     let last_base = (stats.log_bytes / SEGMENT_BYTES - 1) * SEGMENT_BYTES;
     let next = segment_path(tmp.path(), last_base + SEGMENT_BYTES);
     std::fs::write(&next, vec![0u8; SEGMENT_BYTES as usize]).unwrap();
@@ -1526,8 +1510,8 @@ fn segments_prepared_ahead_on_real_files_are_adopted_and_never_hold_data() {
             &body(&format!("a{i}"), 1000),
         ));
     }
-    drop_broker(b);
+    release_last(b);
     let b = Broker::open(cfg).unwrap();
     assert_holds(&b, "t", &sent, "after rolls past it");
-    drop_broker(b);
+    release_last(b);
 }

@@ -48,7 +48,9 @@
 
 mod common;
 
-use common::{check_due_order, env_u64, mark_delivered, open_waiting_for_lock, poll_by_queue};
+use common::{
+    check_due_order, env_u64, mark_delivered, open_waiting_for_lock, poll_by_queue, sole,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -849,10 +851,9 @@ impl Sim {
         }
         let _ = b.close();
         ensure!(
-            Arc::strong_count(&b) == 1,
+            sole(b).is_ok(),
             "the old broker is still shared after a crash"
         );
-        drop(b);
         self.disk = survivor;
         self.counters.crashes += 1;
         Ok(())
@@ -894,8 +895,7 @@ impl Sim {
         } else if !self.poison_possible {
             r.map_err(|e| format!("clean close failed: {e}"))?;
         }
-        ensure!(Arc::strong_count(&b) == 1, "the old broker is still shared");
-        drop(b);
+        ensure!(sole(b).is_ok(), "the old broker is still shared");
         self.counters.reopens += 1;
         self.open_and_verify("after a clean close")
     }

@@ -37,7 +37,7 @@ mod common;
 
 use common::{
     check_back, close_after_crash, fresh_sim, open_sim as open, poison, restart_sim as restart,
-    small_segments, try_open_sim as try_open, visible, wait_until, CHECKPOINT_BYTES_NEVER,
+    small_segments, sole, try_open_sim as try_open, visible, wait_until, CHECKPOINT_BYTES_NEVER,
     CHECKPOINT_BYTES_SMALL,
 };
 use std::collections::{BTreeMap, HashMap};
@@ -1349,8 +1349,7 @@ impl Harness {
             Op::Reopen => {
                 let b = self.b.take().expect("broker open");
                 b.close().map_err(|e| format!("clean close: {e}"))?;
-                ensure!(Arc::strong_count(&b) == 1, "the old broker is still shared");
-                drop(b);
+                ensure!(sole(b).is_ok(), "the old broker is still shared");
                 self.open()?;
                 self.verify()?;
             }

@@ -9,7 +9,6 @@ use std::sync::{Arc, OnceLock};
 use halfmq_store::io::Storage;
 use halfmq_store::sim::SimStorage;
 use halfmq_store::{Append, Store};
-use halfmq_store::record::RecordKind;
 use libfuzzer_sys::fuzz_target;
 
 #[path = "../recovery_setup.rs"]
@@ -28,17 +27,7 @@ fn valid_image() -> &'static Vec<(String, Vec<u8>)> {
         for i in 0..120u32 {
             let body = vec![i as u8; 200 + (i as usize % 300)];
             store
-                .append(Append {
-                    kind: RecordKind::Message,
-                    flags: 0,
-                    topic: "t",
-                    queue_id: 0,
-                    key: "k",
-                    props: &[],
-                    body: &body,
-                    timestamp_ms: 1,
-                    dispatch_to: Some(&q),
-                })
+                .append(Append::message(&q, "k", &body, 1))
                 .expect("append");
         }
         store.close().expect("close");

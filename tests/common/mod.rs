@@ -9,6 +9,8 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
@@ -299,6 +301,22 @@ pub fn fast_check_back(check_max: &str) -> Vec<&str> {
     ]
 }
 
+/// `halfmq broker` on `dir`, listening on `addr` (and serving `/metrics` on `metrics`).
+fn broker_proc(dir: &Path, addr: &str, metrics: Option<&str>, extra: &[String]) -> Proc {
+    let mut args = vec![
+        "broker".to_owned(),
+        "--data-dir".to_owned(),
+        dir.display().to_string(),
+        "--listen".to_owned(),
+        addr.to_owned(),
+    ];
+    if let Some(m) = metrics {
+        args.extend(["--metrics".to_owned(), m.to_owned()]);
+    }
+    args.extend(extra.iter().cloned());
+    Proc::spawn("broker", halfmq_cmd(&args))
+}
+
 /// A `halfmq broker` child on a loopback port, and on a second one for `/metrics` when
 /// started with [`BrokerProc::start_with_metrics`].
 pub struct BrokerProc {
@@ -329,18 +347,7 @@ impl BrokerProc {
             attempt += 1;
             let addr = format!("127.0.0.1:{}", free_port());
             let metrics = with_metrics.then(|| format!("127.0.0.1:{}", free_port()));
-            let mut args = vec![
-                "broker".to_owned(),
-                "--data-dir".to_owned(),
-                dir.display().to_string(),
-                "--listen".to_owned(),
-                addr.clone(),
-            ];
-            if let Some(m) = &metrics {
-                args.extend(["--metrics".to_owned(), m.clone()]);
-            }
-            args.extend(extra.iter().cloned());
-            let mut proc = Proc::spawn("broker", halfmq_cmd(&args));
+            let mut proc = broker_proc(&dir, &addr, metrics.as_deref(), &extra);
             // The metrics endpoint is announced before the broker listens.
             let announced = metrics.as_ref().map(|m| {
                 let line = proc.wait_line(|l| l.starts_with("metrics at"), Duration::from_secs(60));
@@ -380,6 +387,39 @@ impl BrokerProc {
                 proc.stdout_lines().join("\n")
             );
         }
+    }
+
+    /// Start on `dir`: `Ok` once it listens, `Err(stderr)` if it exits first; an exit
+    /// status of 0 without listening, or no answer within a minute, fails the test.
+    pub fn try_start(dir: &Path, extra: &[&str]) -> Result<BrokerProc, String> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        for _attempt in 0..10 {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let mut proc = broker_proc(dir, &addr, None, &extra);
+            if proc
+                .wait_line(|l| l.contains("listening on"), Duration::from_secs(60))
+                .is_some()
+            {
+                return Ok(BrokerProc {
+                    proc,
+                    addr,
+                    metrics: None,
+                    dir: dir.to_path_buf(),
+                    extra,
+                });
+            }
+            let status = proc.wait_exit(Duration::from_secs(30));
+            let err = proc.stderr();
+            if err.contains("listen") && err.contains("in use") {
+                continue; // the port was taken between free_port() and the bind
+            }
+            assert!(
+                !status.success(),
+                "the broker exited with status 0 without listening; stderr:\n{err}"
+            );
+            return Err(err);
+        }
+        panic!("no free port for the broker after 10 attempts");
     }
 
     pub fn send_sigterm(&self) {
@@ -610,10 +650,26 @@ pub fn close(b: Arc<Broker>) {
     release_last(b);
 }
 
-/// Drop `b`, which must be the last handle of its broker.
+/// The broker itself, once `b` is its only handle. Its own background threads hold it
+/// weakly and upgrade for a moment while they work, so another handle for an instant is
+/// theirs and is waited out; one kept for 5 s is a bug, and `b` comes back as `Err`.
+pub fn sole(mut b: Arc<Broker>) -> Result<Broker, Arc<Broker>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(b) {
+            Ok(broker) => return Ok(broker),
+            Err(shared) if Instant::now() < deadline => b = shared,
+            Err(shared) => return Err(shared),
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Drop `b`, which must be the last handle of its broker (see [`sole`]).
 pub fn release_last(b: Arc<Broker>) {
-    assert_eq!(Arc::strong_count(&b), 1, "the old broker is still shared");
-    drop(b);
+    if sole(b).is_err() {
+        panic!("the old broker is still shared");
+    }
 }
 
 /// Clean close, then open again on the same disk.
@@ -663,7 +719,7 @@ pub fn crash_sim(
 /// Drop the last handle of a broker, if any, so that its metadata database is closed before
 /// the next open; an error if anything else still holds it.
 pub fn release(broker: Option<Arc<Broker>>) -> Result<(), String> {
-    match broker.map(Arc::try_unwrap) {
+    match broker.map(sole) {
         None | Some(Ok(_)) => Ok(()),
         Some(Err(_)) => Err("the broker is still shared after its users stopped".into()),
     }

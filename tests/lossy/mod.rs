@@ -1,39 +1,37 @@
 //! The real broker on a lossy file system (`halfmq-lossyfs`): the mount, the broker on it,
 //! power cuts, and starting a broker that may refuse to open. Shared by `tests/powerloss.rs`
-//! and `tests/damage.rs`.
+//! and `tests/lossy_damage.rs`.
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
 use halfmq_lossyfs::{CutReport, LossyDisk, Mounted, Tear};
 
-use crate::common::{free_port, halfmq_cmd, BrokerProc, Proc};
+use crate::common::{fast_check_back, BrokerProc};
+
+pub use crate::common::load::{body_of, runtime};
 
 /// Settings that make every kind of file busy in a short run: segments of 1 MiB (rolls and
-/// preallocation; records up to 64 KiB), a checkpoint every 64 KiB of log, small key-index files (rollover), and
-/// check-back in fractions of a second that never gives up within a test.
-pub const BROKER_ARGS: &[&str] = &[
-    "--segment-bytes",
-    "1048576",
-    "--record-bytes-max",
-    "65536",
-    "--checkpoint-bytes",
-    "65536",
-    "--key-index-slots",
-    "64",
-    "--key-index-entries",
-    "512",
-    "--txn-timeout-ms",
-    "300",
-    "--txn-check-interval-ms",
-    "100",
-    "--txn-check-backoff-max-ms",
-    "200",
-    "--txn-check-max",
-    "10000",
-];
+/// preallocation; records up to 64 KiB), a checkpoint every 64 KiB of log, small key-index
+/// files (rollover), and check-back in fractions of a second that never gives up within a
+/// test.
+pub fn broker_args() -> Vec<&'static str> {
+    let mut args = vec![
+        "--segment-bytes",
+        "1048576",
+        "--record-bytes-max",
+        "65536",
+        "--checkpoint-bytes",
+        "65536",
+        "--key-index-slots",
+        "64",
+        "--key-index-entries",
+        "512",
+    ];
+    args.extend(fast_check_back("10000"));
+    args
+}
 
 /// A lossy disk, mounted, with the broker's data directory on it. Fields drop in order:
 /// the broker is killed before the file system under it is unmounted.
@@ -83,10 +81,10 @@ impl Rig {
         self.disk.durable_dir().join("data")
     }
 
-    /// Start the broker on the mount with [`BROKER_ARGS`]; it must start.
+    /// Start the broker on the mount with [`broker_args`]; it must start.
     pub fn start(&mut self) -> &BrokerProc {
         assert!(self.broker.is_none(), "a broker is running");
-        self.broker = Some(BrokerProc::start(&self.data_dir(), BROKER_ARGS));
+        self.broker = Some(BrokerProc::start(&self.data_dir(), &broker_args()));
         self.broker.as_ref().unwrap()
     }
 
@@ -135,68 +133,7 @@ impl Rig {
     /// first (with the exit status checked to be a failure).
     pub fn try_start(&mut self) -> Result<(), String> {
         assert!(self.broker.is_none(), "a broker is running");
-        match try_start_broker(&self.data_dir(), BROKER_ARGS) {
-            Ok(b) => {
-                self.broker = Some(b);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.broker = Some(BrokerProc::try_start(&self.data_dir(), &broker_args())?);
+        Ok(())
     }
-}
-
-/// `halfmq broker` on `dir`: `Ok` once it listens, `Err(stderr)` if it exits first; an exit
-/// status of 0 without listening, or no answer within a minute, fails the test.
-pub fn try_start_broker(dir: &Path, extra: &[&str]) -> Result<BrokerProc, String> {
-    for _attempt in 0..10 {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut args = vec![
-            "broker".to_owned(),
-            "--data-dir".to_owned(),
-            dir.display().to_string(),
-            "--listen".to_owned(),
-            addr.clone(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut proc = Proc::spawn("broker", halfmq_cmd(&args));
-        if proc
-            .wait_line(|l| l.contains("listening on"), Duration::from_secs(60))
-            .is_some()
-        {
-            return Ok(BrokerProc {
-                proc,
-                addr,
-                metrics: None,
-                dir: dir.to_path_buf(),
-                extra: extra.iter().map(|s| s.to_string()).collect(),
-            });
-        }
-        let status = proc.wait_exit(Duration::from_secs(30));
-        let err = proc.stderr();
-        if err.contains("listen") && err.contains("in use") {
-            continue; // the port was taken between free_port() and the bind
-        }
-        assert!(
-            !status.success(),
-            "the broker exited with status 0 without listening; stderr:\n{err}"
-        );
-        return Err(err);
-    }
-    panic!("no free port for the broker after 10 attempts");
-}
-
-/// The body of the message with `key`: derived from the key, so a served message can be
-/// checked byte for byte; 1 to 40 repetitions, so lengths vary.
-pub fn body_of(key: &str) -> Vec<u8> {
-    let reps = 1 + (crc32fast::hash(key.as_bytes()) % 40) as usize;
-    format!("{key};").repeat(reps).into_bytes()
-}
-
-/// The runtime the clients of these tests run on.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
 }

@@ -70,6 +70,17 @@ impl LossyFuse {
         }
     }
 
+    /// Run `f`, then answer with the attributes of `ino`.
+    fn attr(&self, reply: ReplyAttr, ino: Ino, f: impl FnOnce(&mut Tree) -> Result<(), i32>) {
+        match self.with(|t| {
+            f(t)?;
+            attr_of(t, ino).map_err(|e| e.code())
+        }) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn empty(&self, reply: ReplyEmpty, f: impl FnOnce(&mut Tree) -> Result<(), i32>) {
         match self.with(f) {
             Ok(()) => reply.ok(),
@@ -84,10 +95,7 @@ impl Filesystem for LossyFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.with(|t| attr_of(t, ino.0).map_err(|e| e.code())) {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
+        self.attr(reply, ino.0, |_| Ok(()));
     }
 
     fn setattr(
@@ -108,19 +116,15 @@ impl Filesystem for LossyFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let r = self.with(|t| {
+        self.attr(reply, ino.0, |t| {
             if let Some(len) = size {
                 t.set_size(ino.0, len)?;
             }
             if let Some(m) = mode {
                 t.set_perm(ino.0, (m & 0o7777) as u16)?;
             }
-            attr_of(t, ino.0).map_err(|e| e.code())
+            Ok(())
         });
-        match r {
-            Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(e),
-        }
     }
 
     fn mkdir(

@@ -42,6 +42,16 @@ impl Fixture {
     fn at(&self, name: &str) -> PathBuf {
         self.mnt.join(name)
     }
+
+    /// The contents of `name` on the mount.
+    fn read(&self, name: &str) -> Vec<u8> {
+        fs::read(self.at(name)).unwrap()
+    }
+
+    /// `name` on the mount, opened for writing.
+    fn open(&self, name: &str) -> File {
+        OpenOptions::new().write(true).open(self.at(name)).unwrap()
+    }
 }
 
 fn sync_dir(dir: &Path) {
@@ -60,6 +70,12 @@ fn create(path: &Path, data: &[u8]) -> File {
     f
 }
 
+/// [`create`], then fsync and close: the data is durable, the name only once its directory
+/// is synced.
+fn create_synced(path: &Path, data: &[u8]) {
+    create(path, data).sync_all().unwrap();
+}
+
 #[test]
 fn a_write_without_fsync_is_lost_and_reads_see_it_before() {
     let fx = fixture();
@@ -68,11 +84,11 @@ fn a_write_without_fsync_is_lost_and_reads_see_it_before() {
     f.sync_data().unwrap();
     sync_dir(&fx.mnt);
     f.write_all_at(b" and more", 7).unwrap();
-    assert_eq!(fs::read(fx.at("a")).unwrap(), b"durable and more");
+    assert_eq!(fx.read("a"), b"durable and more");
     assert!(m.pending().bytes >= 9);
     drop(f);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("a")).unwrap(), b"durable");
+    assert_eq!(fx.read("a"), b"durable");
     assert_eq!(
         fs::read(fx.disk.durable_dir().join("a")).unwrap(),
         b"durable"
@@ -95,26 +111,26 @@ fn fsync_and_fdatasync_keep_data_and_length() {
     f.sync_data().unwrap();
     drop(f);
     let m = fx.cut(m, Tear::None);
-    let got = fs::read(fx.at("a")).unwrap();
+    let got = fx.read("a");
     assert_eq!(got.len(), 4096);
     assert_eq!(&got[..6], b"onetwo");
     assert!(got[6..].iter().all(|b| *b == 0));
     // A shrink that was not synced is undone, and so is a write beyond it.
-    let f = OpenOptions::new().write(true).open(fx.at("a")).unwrap();
+    let f = fx.open("a");
     f.set_len(2).unwrap();
     f.write_all_at(b"X", 10).unwrap();
-    assert_eq!(fs::read(fx.at("a")).unwrap(), b"on\0\0\0\0\0\0\0\0X");
+    assert_eq!(fx.read("a"), b"on\0\0\0\0\0\0\0\0X");
     drop(f);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("a")).unwrap().len(), 4096);
+    assert_eq!(fx.read("a").len(), 4096);
     // The same shrink, synced: the cut bytes stay cut, even once the file grows again.
-    let f = OpenOptions::new().write(true).open(fx.at("a")).unwrap();
+    let f = fx.open("a");
     f.set_len(2).unwrap();
     f.set_len(8).unwrap();
     f.sync_data().unwrap();
     drop(f);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("a")).unwrap(), b"on\0\0\0\0\0\0");
+    assert_eq!(fx.read("a"), b"on\0\0\0\0\0\0");
     drop(m);
 }
 
@@ -124,9 +140,7 @@ fn a_new_file_needs_its_directory_synced() {
     let m = fx.mount();
     fs::create_dir(fx.at("d")).unwrap();
     sync_dir(&fx.mnt);
-    let f = create(&fx.at("d/new"), b"data");
-    f.sync_all().unwrap(); // the data, but not the entry
-    drop(f);
+    create_synced(&fx.at("d/new"), b"data"); // the data, but not the entry
     assert!(m.pending().directories >= 1);
     let report = m.power_cut(Tear::None).unwrap();
     assert_eq!(report.dropped_entries, vec![PathBuf::from("d/new")]);
@@ -134,17 +148,15 @@ fn a_new_file_needs_its_directory_synced() {
     assert!(fx.at("d").is_dir(), "the synced directory is there");
     assert!(!fx.at("d/new").exists(), "an entry never synced survived");
 
-    let f = create(&fx.at("d/new"), b"data");
-    f.sync_all().unwrap();
+    create_synced(&fx.at("d/new"), b"data");
     sync_dir(&fx.at("d"));
-    drop(f);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("d/new")).unwrap(), b"data");
+    assert_eq!(fx.read("d/new"), b"data");
 
     // An unlink is undone unless the directory is synced.
     fs::remove_file(fx.at("d/new")).unwrap();
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("d/new")).unwrap(), b"data");
+    assert_eq!(fx.read("d/new"), b"data");
     fs::remove_file(fx.at("d/new")).unwrap();
     sync_dir(&fx.at("d"));
     let m = fx.cut(m, Tear::None);
@@ -152,21 +164,17 @@ fn a_new_file_needs_its_directory_synced() {
 
     // A directory whose own entry was never synced is lost with everything in it.
     fs::create_dir(fx.at("e")).unwrap();
-    let f = create(&fx.at("e/x"), b"x");
-    f.sync_all().unwrap();
+    create_synced(&fx.at("e/x"), b"x");
     sync_dir(&fx.at("e"));
-    drop(f);
     let m = fx.cut(m, Tear::None);
     assert!(!fx.at("e").exists());
     // ... and written out whole once it is.
     fs::create_dir(fx.at("e")).unwrap();
-    let f = create(&fx.at("e/x"), b"x");
-    f.sync_all().unwrap();
+    create_synced(&fx.at("e/x"), b"x");
     sync_dir(&fx.at("e"));
     sync_dir(&fx.mnt);
-    drop(f);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("e/x")).unwrap(), b"x");
+    assert_eq!(fx.read("e/x"), b"x");
     drop(m);
 }
 
@@ -174,35 +182,27 @@ fn a_new_file_needs_its_directory_synced() {
 fn a_rename_is_durable_only_with_its_directory() {
     let fx = fixture();
     let m = fx.mount();
-    let f = create(&fx.at("old"), b"old");
-    f.sync_all().unwrap();
-    drop(f);
-    let f = create(&fx.at("tmp"), b"new");
-    f.sync_all().unwrap();
-    drop(f);
+    create_synced(&fx.at("old"), b"old");
+    create_synced(&fx.at("tmp"), b"new");
     sync_dir(&fx.mnt);
     fs::rename(fx.at("tmp"), fx.at("old")).unwrap();
-    assert_eq!(fs::read(fx.at("old")).unwrap(), b"new");
+    assert_eq!(fx.read("old"), b"new");
     let m = fx.cut(m, Tear::None);
-    assert_eq!(
-        fs::read(fx.at("old")).unwrap(),
-        b"old",
-        "the rename was not synced"
-    );
-    assert_eq!(fs::read(fx.at("tmp")).unwrap(), b"new");
+    assert_eq!(fx.read("old"), b"old", "the rename was not synced");
+    assert_eq!(fx.read("tmp"), b"new");
 
     fs::rename(fx.at("tmp"), fx.at("old")).unwrap();
     sync_dir(&fx.mnt);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("old")).unwrap(), b"new");
+    assert_eq!(fx.read("old"), b"new");
     assert!(!fx.at("tmp").exists());
 
     // Data written after the durable rename, without fsync, is lost under the new name.
-    let f = OpenOptions::new().write(true).open(fx.at("old")).unwrap();
+    let f = fx.open("old");
     f.write_all_at(b"NEWER", 0).unwrap();
     drop(f);
     let m = fx.cut(m, Tear::None);
-    assert_eq!(fs::read(fx.at("old")).unwrap(), b"new");
+    assert_eq!(fx.read("old"), b"new");
     drop(m);
 }
 
@@ -230,7 +230,7 @@ fn a_torn_write_keeps_whole_sectors_of_its_start_only() {
     assert!(torn.kept > 0 && torn.dropped > 0);
     assert_eq!(torn.kept + torn.dropped, data.len() as u64);
     let m = fx.mount();
-    let got = fs::read(fx.at("seg")).unwrap();
+    let got = fx.read("seg");
     let cut = (start + torn.kept) as usize;
     assert_eq!(&got[start as usize..cut], &data[..torn.kept as usize]);
     assert!(got[..start as usize].iter().all(|b| *b == 0));
@@ -240,13 +240,13 @@ fn a_torn_write_keeps_whole_sectors_of_its_start_only() {
     );
 
     // A write that was synced is not torn; nor is one inside a single sector.
-    let f = OpenOptions::new().write(true).open(fx.at("seg")).unwrap();
+    let f = fx.open("seg");
     f.write_all_at(b"abc", 600).unwrap();
     drop(f);
     let report = m.power_cut(Tear::LastWrite { seed: 1 }).unwrap();
     assert_eq!(report.torn, None);
     let m = fx.mount();
-    assert_eq!(fs::read(fx.at("seg")).unwrap(), got);
+    assert_eq!(fx.read("seg"), got);
     m.unmount_clean().unwrap();
 }
 
@@ -262,7 +262,7 @@ fn a_clean_unmount_writes_everything_back() {
         b"kept"
     );
     let m = fx.mount();
-    assert_eq!(fs::read(fx.at("a/b/f")).unwrap(), b"kept");
+    assert_eq!(fx.read("a/b/f"), b"kept");
     drop(m);
 }
 
@@ -271,7 +271,7 @@ fn flock_works_on_the_mount() {
     let fx = fixture();
     let m = fx.mount();
     let a = create(&fx.at("LOCK"), b"");
-    let b = OpenOptions::new().write(true).open(fx.at("LOCK")).unwrap();
+    let b = fx.open("LOCK");
     a.try_lock().unwrap();
     assert!(b.try_lock().is_err(), "a second exclusive lock was granted");
     drop(a);

@@ -44,6 +44,29 @@ pub struct Append<'a> {
     pub dispatch_to: Option<&'a Arc<ConsumeQueue>>,
 }
 
+impl<'a> Append<'a> {
+    /// A plain message for the consumers of `queue`: in its topic and queue, without flags
+    /// or properties, and indexed there once acknowledged.
+    pub fn message(
+        queue: &'a Arc<ConsumeQueue>,
+        key: &'a str,
+        body: &'a [u8],
+        timestamp_ms: u64,
+    ) -> Append<'a> {
+        Append {
+            kind: RecordKind::Message,
+            flags: 0,
+            topic: queue.topic(),
+            queue_id: queue.queue_id(),
+            key,
+            props: &[],
+            body,
+            timestamp_ms,
+            dispatch_to: Some(queue),
+        }
+    }
+}
+
 impl Store {
     /// Put a record into the batch and return its [`Ticket`], which knows where the record
     /// is in the log and which group-commit round writes it. The record is acknowledged once

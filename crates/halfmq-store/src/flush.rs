@@ -321,8 +321,7 @@ fn poison(shared: &Shared, msg: &str) {
 mod tests {
     use std::path::Path;
 
-    use crate::record::RecordKind;
-    use crate::sim::{CrashMode, Faults, SimStorage};
+    use crate::sim::{open_store, CrashMode, Faults, SimStorage};
     use crate::{Append, Store, StoreConfig};
 
     use super::*;
@@ -333,25 +332,12 @@ mod tests {
             .with_record_bytes_max(16 * 1024)
             .with_pending_bytes_max(64 * 1024)
             .with_checkpoint_bytes(4096);
-        Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
-            .unwrap()
-            .0
+        open_store(disk, config)
     }
 
     fn send(store: &Store, q: &Arc<crate::consume_queue::ConsumeQueue>) -> Result<()> {
-        let body = [7u8; 1024];
         store
-            .append(Append {
-                kind: RecordKind::Message,
-                flags: 0,
-                topic: "t",
-                queue_id: 0,
-                key: "",
-                props: &[],
-                body: &body,
-                timestamp_ms: 1,
-                dispatch_to: Some(q),
-            })
+            .append(Append::message(q, "", &[7u8; 1024], 1))
             .map(|_| ())
     }
 

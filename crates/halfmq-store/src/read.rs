@@ -360,11 +360,9 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::time::{Duration, Instant};
 
-    use crate::record::RecordKind;
-    use crate::sim::{CrashMode, SimStorage};
+    use crate::sim::{open_store, CrashMode, SimStorage};
     use crate::{Append, FlushPolicy, Hook, Store, StoreConfig};
 
     use super::*;
@@ -375,23 +373,7 @@ mod tests {
         let config = StoreConfig::default().with_flush(FlushPolicy::Async {
             interval: Duration::from_secs(60),
         });
-        let (store, _) =
-            Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {}).unwrap();
-        Arc::new(store)
-    }
-
-    fn message<'a>(q: &'a Arc<ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
-        Append {
-            kind: RecordKind::Message,
-            flags: 0,
-            topic: "t",
-            queue_id: 0,
-            key: "",
-            props: &[],
-            body,
-            timestamp_ms: 1,
-            dispatch_to: Some(q),
-        }
+        Arc::new(open_store(disk, config))
     }
 
     /// Longer than any wake-up takes; a missing wake-up shows as a wait this long.
@@ -404,7 +386,7 @@ mod tests {
         let q = store.queue("t", 0).unwrap();
 
         // Acknowledged under async flush (written), not durable: invisible.
-        let a = store.append(message(&q, b"one")).unwrap();
+        let a = store.append(Append::message(&q, "", b"one", 1)).unwrap();
         let stats = store.log_stats();
         assert!(stats.written_offset >= a.log_offset + u64::from(a.size));
         assert!(
@@ -430,7 +412,7 @@ mod tests {
         let disk = SimStorage::new();
         let store = async_store(&disk);
         let q = store.queue("t", 0).unwrap();
-        store.append(message(&q, b"two")).unwrap();
+        store.append(Append::message(&q, "", b"two", 1)).unwrap();
         let (s, qq) = (store.clone(), q.clone());
         let thread_waiter = std::thread::spawn(move || {
             let t = Instant::now();
@@ -465,10 +447,12 @@ mod tests {
         let disk = SimStorage::new();
         let store = async_store(&disk);
         let q = store.queue("t", 0).unwrap();
-        store.append(message(&q, b"written")).unwrap();
+        store
+            .append(Append::message(&q, "", b"written", 1))
+            .unwrap();
         assert_eq!(q.len(), 0);
         let b = store
-            .submit(message(&q, b"synced"), Hook::Sync)
+            .submit(Append::message(&q, "", b"synced", 1), Hook::Sync)
             .unwrap()
             .wait()
             .unwrap();

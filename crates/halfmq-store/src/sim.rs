@@ -473,6 +473,14 @@ impl StorageFile for SimHandle {
     }
 }
 
+/// A store in `/s` on `disk`, for the engine's own unit tests.
+#[cfg(test)]
+pub(crate) fn open_store(disk: &SimStorage, config: crate::StoreConfig) -> crate::Store {
+    crate::Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
+        .unwrap()
+        .0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

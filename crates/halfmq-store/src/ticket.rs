@@ -109,36 +109,14 @@ impl<'a> Ticket<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::time::Duration;
 
-    use crate::record::RecordKind;
-    use crate::sim::{Faults, SimStorage};
+    use crate::sim::{open_store, Faults, SimStorage};
     use crate::{Append, DurableHook, FlushPolicy, Hook, Store, StoreConfig};
     use halfmq_types::Error;
 
     use super::*;
-
-    fn open(disk: &SimStorage, config: StoreConfig) -> Store {
-        Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
-            .unwrap()
-            .0
-    }
-
-    fn message<'a>(q: &'a Arc<crate::consume_queue::ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
-        Append {
-            kind: RecordKind::Message,
-            flags: 0,
-            topic: "t",
-            queue_id: 0,
-            key: "",
-            props: &[],
-            body,
-            timestamp_ms: 1,
-            dispatch_to: Some(q),
-        }
-    }
 
     /// Sets its flag when dropped: whether a hook was dropped, run or not.
     struct DropFlag(Arc<AtomicBool>);
@@ -177,10 +155,14 @@ mod tests {
     #[test]
     fn a_ticket_knows_its_place_before_the_wait_and_the_wait_returns_it() {
         let disk = SimStorage::new();
-        let store = open(&disk, StoreConfig::default());
+        let store = open_store(&disk, StoreConfig::default());
         let q = store.queue("t", 0).unwrap();
-        let first = store.submit(message(&q, b"one"), Hook::None).unwrap();
-        let second = store.submit(message(&q, b"two"), Hook::None).unwrap();
+        let first = store
+            .submit(Append::message(&q, "", b"one", 1), Hook::None)
+            .unwrap();
+        let second = store
+            .submit(Append::message(&q, "", b"two", 1), Hook::None)
+            .unwrap();
         let (a, b) = (first.appended(), second.appended());
         assert_eq!((a.queue_offset, b.queue_offset), (Some(0), Some(1)));
         // Right after the first, or after the mark that starts the next batch.
@@ -203,11 +185,15 @@ mod tests {
         let config = StoreConfig::default().with_flush(FlushPolicy::Async {
             interval: Duration::from_secs(60),
         });
-        let store = open(&disk, config);
+        let store = open_store(&disk, config);
         let q = store.queue("t", 0).unwrap();
 
         // Observed: acknowledged once written; the hook has run by then, unsynced.
-        let (a, ran) = appended_with(&store, message(&q, b"observed"), Hook::Observed);
+        let (a, ran) = appended_with(
+            &store,
+            Append::message(&q, "", b"observed", 1),
+            Hook::Observed,
+        );
         assert_eq!(ran.load(Ordering::Acquire), a.log_offset);
         let stats = store.log_stats();
         assert!(stats.written_offset >= a.log_offset + u64::from(a.size));
@@ -217,7 +203,11 @@ mod tests {
         );
 
         // Durable: the round syncs whatever the policy, before the hook runs.
-        let (b, ran) = appended_with(&store, message(&q, b"durable"), Hook::Durable);
+        let (b, ran) = appended_with(
+            &store,
+            Append::message(&q, "", b"durable", 1),
+            Hook::Durable,
+        );
         assert_eq!(ran.load(Ordering::Acquire), b.log_offset);
         assert!(store.log_stats().durable_offset >= b.log_offset + u64::from(b.size));
     }
@@ -225,7 +215,7 @@ mod tests {
     #[test]
     fn a_failed_fsync_fails_every_ticket_and_drops_the_hooks_unrun() {
         let disk = SimStorage::new();
-        let store = open(&disk, StoreConfig::default());
+        let store = open_store(&disk, StoreConfig::default());
         let q = store.queue("t", 0).unwrap();
         disk.set_faults(Faults {
             fail_syncs: 1,
@@ -233,7 +223,7 @@ mod tests {
         });
         let (h, ran, gone) = hook();
         let ticket = store
-            .submit(message(&q, b"lost"), Hook::Durable(h))
+            .submit(Append::message(&q, "", b"lost", 1), Hook::Durable(h))
             .unwrap();
         assert!(matches!(ticket.wait(), Err(Error::Poisoned(_))));
         // The flusher drops the failed round's hooks on its own thread, possibly just after it
@@ -246,7 +236,7 @@ mod tests {
         assert_eq!(ran.load(Ordering::Acquire), u64::MAX, "the hook never ran");
         let (h, ran, gone) = hook();
         assert!(matches!(
-            store.submit(message(&q, b"later"), Hook::Observed(h)),
+            store.submit(Append::message(&q, "", b"later", 1), Hook::Observed(h)),
             Err(Error::Poisoned(_))
         ));
         assert_eq!(ran.load(Ordering::Acquire), u64::MAX);
@@ -261,7 +251,7 @@ mod tests {
         let config = StoreConfig::default()
             .with_record_bytes_max(4096)
             .with_pending_bytes_max(4096);
-        let store = Arc::new(open(&disk, config));
+        let store = Arc::new(open_store(&disk, config));
         let q = store.queue("t", 0).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -275,7 +265,7 @@ mod tests {
                     tokio::spawn(async move {
                         let body = vec![i as u8; 3000];
                         let ticket = store
-                            .submit_async(message(&q, &body), Hook::None)
+                            .submit_async(Append::message(&q, "", &body, 1), Hook::None)
                             .await
                             .unwrap();
                         ticket.wait_async().await.unwrap().log_offset

@@ -23,8 +23,6 @@ use std::path::{Path, PathBuf};
 
 mod derived;
 
-pub(crate) use derived::is_stamp;
-
 mod durable;
 mod live;
 
@@ -161,6 +159,14 @@ impl Meta {
         let db =
             open_db(dir).map_err(|e| Error::Meta(format!("opening {}: {e}", dir.display())))?;
         Meta::with_db(db, dir)
+    }
+
+    /// A new database in a temporary directory (which must outlive it), for unit tests.
+    #[cfg(test)]
+    pub(crate) fn temporary() -> (tempfile::TempDir, Meta) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        (dir, meta)
     }
 
     fn with_db(db: sled::Db, dir: &Path) -> Result<Meta> {
@@ -428,15 +434,7 @@ impl Meta {
 
     /// Every persisted unfinished transaction.
     pub fn txn_halves(&self) -> Result<Vec<TxnInfo>> {
-        let mut out = Vec::new();
-        for kv in self.txn_halves.iter() {
-            let (k, v) = kv.map_err(sled_err)?;
-            if is_stamp(&k) {
-                continue;
-            }
-            out.push(codec::decode(&v, "transaction state")?);
-        }
-        Ok(out)
+        derived::decode_all(&self.txn_halves, "transaction state")
     }
 
     /// The remembered outcome of a finished transaction and when it finished.
@@ -506,11 +504,8 @@ impl Meta {
             );
         }
         if prune_before_ms > 0 {
-            for kv in self.txn_outcomes.iter() {
-                let (k, v) = kv.map_err(sled_err)?;
-                if is_stamp(&k) {
-                    continue;
-                }
+            for kv in derived::entries(&self.txn_outcomes) {
+                let (k, v) = kv?;
                 let bucket: Vec<(u64, Outcome, u64)> = codec::decode(&v, "transaction outcomes")?;
                 if bucket.iter().any(|e| e.2 >= prune_before_ms) {
                     break;
@@ -532,15 +527,7 @@ impl Meta {
 
     /// Every persisted delayed message not delivered yet.
     pub fn delayed(&self) -> Result<Vec<DelayedInfo>> {
-        let mut out = Vec::new();
-        for kv in self.delayed.iter() {
-            let (k, v) = kv.map_err(sled_err)?;
-            if is_stamp(&k) {
-                continue;
-            }
-            out.push(codec::decode(&v, "delayed message")?);
-        }
-        Ok(out)
+        derived::decode_all(&self.delayed, "delayed message")
     }
 
     /// Durably write and remove delayed messages (with the `stamp` of the checkpoint they are
@@ -587,19 +574,16 @@ impl Meta {
 
     /// Every persisted chunk of idempotency-key entries, by id (oldest first).
     pub fn idem_chunks(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for kv in self.idem.iter() {
-            let (k, v) = kv.map_err(sled_err)?;
-            if is_stamp(&k) {
-                continue;
-            }
-            let id = u64_be(&k).ok_or_else(|| Error::Decode {
-                what: "idempotency chunk id",
-                reason: format!("{} bytes, not 8", k.len()),
-            })?;
-            out.push((id, v.to_vec()));
-        }
-        Ok(out)
+        derived::entries(&self.idem)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let id = u64_be(&k).ok_or_else(|| Error::Decode {
+                    what: "idempotency chunk id",
+                    reason: format!("{} bytes, not 8", k.len()),
+                })?;
+                Ok((id, v.to_vec()))
+            })
+            .collect()
     }
 
     /// Durably write new chunks of idempotency-key entries and remove forgotten ones, in one
@@ -636,8 +620,7 @@ mod tests {
 
     #[test]
     fn outcomes_are_found_after_merges_and_pruned_by_whole_old_buckets() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         let b = 1u64 << OUTCOME_BUCKET_SHIFT;
         // Two in bucket 0, one in bucket 1, one in bucket 5; the second batch merges.
         meta.apply_txn_changes(

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::consume_queue::{self, Entry, CQ_HEADER_BYTES, ENTRY_BYTES};
 use crate::io::{Storage, StorageFile};
-use crate::record::{RecordKind, HEADER_BYTES};
+use crate::record::{u16_at, u32_at, u64_at, RecordKind, HEADER_BYTES};
 use halfmq_types::error::Result;
 
 /// A record lost to damage, as far as it can be known.
@@ -141,18 +141,6 @@ pub(crate) type Unverified = (
     Option<String>,
 );
 
-fn u16_at(b: &[u8], at: usize) -> usize {
-    usize::from(u16::from_le_bytes([b[at], b[at + 1]]))
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 /// Read a record header from damaged bytes (`bytes` starts where the record should).
 pub(crate) fn read_unverified(bytes: &[u8], log_offset: u64) -> Option<Unverified> {
     if bytes.len() < HEADER_BYTES || u64_at(bytes, 16) != log_offset {
@@ -168,7 +156,10 @@ pub(crate) fn read_unverified(bytes: &[u8], log_offset: u64) -> Option<Unverifie
         _ => None,
     };
     let size = u32_at(bytes, 0);
-    let (topic_len, key_len) = (u16_at(bytes, 40), u16_at(bytes, 42));
+    let (topic_len, key_len) = (
+        usize::from(u16_at(bytes, 40)),
+        usize::from(u16_at(bytes, 42)),
+    );
     let text = |from: usize, len: usize| {
         bytes
             .get(from..from + len)

@@ -66,9 +66,7 @@ impl Error {
 fn parse(code: u16, m: &str) -> Option<Error> {
     Some(match code {
         1 => {
-            let rest = m.strip_prefix("I/O error on ")?;
-            let (path, rest) = rest.split_once(": ")?;
-            let (op, source) = rest.split_once(": ")?;
+            let [path, op, source] = split_layout(m, ["I/O error on ", ": ", ": "], "")?;
             Error::Io {
                 path: PathBuf::from(path),
                 op: intern(op)?,
@@ -101,9 +99,8 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             .to_owned(),
         ),
         4 => {
-            let rest = m.strip_prefix("corrupt data in ")?;
-            let (path, rest) = rest.split_once(" at byte ")?;
-            let (offset, reason) = rest.split_once(": ")?;
+            let [path, offset, reason] =
+                split_layout(m, ["corrupt data in ", " at byte ", ": "], "")?;
             Error::Corrupt {
                 path: PathBuf::from(path),
                 offset: number(offset)?,
@@ -111,23 +108,25 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             }
         }
         5 => {
-            let (what, reason) = m.strip_prefix("cannot decode ")?.split_once(": ")?;
+            let [what, reason] = split_layout(m, ["cannot decode ", ": "], "")?;
             Error::Decode {
                 what: intern(what)?,
                 reason: reason.to_owned(),
             }
         }
         6 => {
-            let rest = m.strip_prefix("invalid configuration `")?;
-            let (setting, reason) = rest.split_once("`: ")?;
+            let [setting, reason] = split_layout(m, ["invalid configuration `", "`: "], "")?;
             Error::Config {
                 setting: intern(setting)?,
                 reason: reason.to_owned(),
             }
         }
         7 => {
-            let rest = between(m, "data directory ", ")")?;
-            let (path, lock) = rest.split_once(" is locked by another process (lock file ")?;
+            let layout = [
+                "data directory ",
+                " is locked by another process (lock file ",
+            ];
+            let [path, lock] = split_layout(m, layout, ")")?;
             Error::Locked {
                 path: PathBuf::from(path),
                 lock: PathBuf::from(lock),
@@ -142,9 +141,8 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             .to_owned(),
         ),
         9 => {
-            let rest = m.strip_prefix("topic `")?;
-            let (topic, rest) = rest.rsplit_once("` exists with ")?;
-            let (existing, requested) = rest.split_once(" queues, not ")?;
+            let layout = ["topic `", "` exists with ", " queues, not "];
+            let [topic, existing, requested] = split_layout(m, layout, "")?;
             Error::TopicExists {
                 topic: topic.to_owned(),
                 existing: number(existing)?,
@@ -152,9 +150,8 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             }
         }
         10 => {
-            let rest = between(m, "topic `", ")")?;
-            let (topic, rest) = rest.rsplit_once("` has no queue ")?;
-            let (queue, queues) = rest.split_once(" (it has ")?;
+            let [topic, queue, queues] =
+                split_layout(m, ["topic `", "` has no queue ", " (it has "], ")")?;
             Error::UnknownQueue {
                 topic: topic.to_owned(),
                 queue: number(queue)?,
@@ -162,16 +159,15 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             }
         }
         11 => {
-            let (what, reason) = m.strip_prefix("invalid ")?.split_once(": ")?;
+            let [what, reason] = split_layout(m, ["invalid ", ": "], "")?;
             Error::Invalid {
                 what: intern(what)?,
                 reason: reason.to_owned(),
             }
         }
         12 => {
-            let rest = m.strip_prefix("cannot ack ")?;
-            let (place, rest) = rest.split_once(" for group `")?;
-            let (group, reason) = rest.split_once("`: ")?;
+            let [place, group, reason] =
+                split_layout(m, ["cannot ack ", " for group `", "`: "], "")?;
             let (topic, queue, offset) = queue_place(place)?;
             Error::BadAck {
                 group: group.to_owned(),
@@ -189,8 +185,8 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             " (never written, or finished longer ago than the outcome retention)",
         )?)?),
         16 => {
-            let rest = between(m, "transaction ", "; the first outcome stands")?;
-            let (txn, stands) = rest.split_once(" is already ")?;
+            let layout = ["transaction ", " is already "];
+            let [txn, stands] = split_layout(m, layout, "; the first outcome stands")?;
             Error::TxnConflict {
                 txn: number(txn)?,
                 stands: intern(stands)?,
@@ -204,17 +200,15 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             }
         }
         18 => {
-            let rest = m.strip_prefix("not connected to the broker at ")?;
-            let (addr, reason) = rest.split_once(": ")?;
+            let [addr, reason] = split_layout(m, ["not connected to the broker at ", ": "], "")?;
             Error::Disconnected {
                 addr: addr.to_owned(),
                 reason: reason.to_owned(),
             }
         }
         19 => {
-            let rest = m.strip_suffix(")")?;
-            let (place, first) =
-                rest.split_once(" was deleted by retention (the queue now starts at ")?;
+            let layout = ["", " was deleted by retention (the queue now starts at "];
+            let [place, first] = split_layout(m, layout, ")")?;
             let (topic, queue, offset) = queue_place(place)?;
             Error::Expired {
                 topic,
@@ -232,11 +226,9 @@ fn parse(code: u16, m: &str) -> Option<Error> {
             .to_owned(),
         ),
         21 => {
-            let rest = m
-                .strip_prefix("acknowledged data is damaged in ")?
-                .strip_suffix("; run `halfmq repair` to quarantine it")?;
-            let (path, rest) = rest.split_once(" at byte ")?;
-            let (offset, reason) = rest.split_once(": ")?;
+            let layout = ["acknowledged data is damaged in ", " at byte ", ": "];
+            let [path, offset, reason] =
+                split_layout(m, layout, "; run `halfmq repair` to quarantine it")?;
             Error::Damaged {
                 path: PathBuf::from(path),
                 offset: number(offset)?,
@@ -254,6 +246,24 @@ fn parse(code: u16, m: &str) -> Option<Error> {
         }
         _ => return None,
     })
+}
+
+/// The fields of `m` laid out as `layout[0]` FIELD `layout[1]` FIELD ... `layout[N - 1]`
+/// FIELD `suffix`, if it is: each field but the last ends where the next piece of the layout
+/// first occurs.
+fn split_layout<'a, const N: usize>(
+    m: &'a str,
+    layout: [&str; N],
+    suffix: &str,
+) -> Option<[&'a str; N]> {
+    let (prefix, separators) = layout.split_first()?;
+    let mut rest = m.strip_suffix(suffix)?.strip_prefix(prefix)?;
+    let mut out = [""; N];
+    for (i, separator) in separators.iter().enumerate() {
+        (out[i], rest) = rest.split_once(separator)?;
+    }
+    out[N - 1] = rest;
+    Some(out)
 }
 
 /// `s` without `prefix` and `suffix`, if it has both.

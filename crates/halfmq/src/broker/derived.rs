@@ -128,27 +128,23 @@ pub(super) fn open_meta(storage: &dyn Storage, dir: &Path, now_ms: u64) -> Resul
     let mut report = MetaRecovery::default();
     let mut distrust = None;
     let mut lost_all = false;
-    let meta = match Meta::open_or_damaged(&path)? {
+    // `Err(why)`: the database cannot be used at all (and is closed again here).
+    let usable = match Meta::open_or_damaged(&path)? {
         Ok(meta) => match meta.verify() {
-            Ok(()) => meta,
+            Ok(()) => Ok(meta),
             Err((tree, e)) if is_derived(&tree) => {
                 tracing::warn!(tree, error = %e, "metadata: a tree derived from the log is damaged; rebuilding it from the log");
                 meta.clear_derived()?;
                 distrust = Some(format!("tree {tree} of meta/ is damaged: {e}"));
-                meta
+                Ok(meta)
             }
-            Err((tree, e)) => {
-                drop(meta);
-                let why = format!("tree {tree} of meta/ is damaged: {e}");
-                let aside = move_aside(&path, now_ms, &why)?;
-                report.moved_aside = Some(aside.display().to_string());
-                distrust = Some(why);
-                lost_all = true;
-                Meta::open(&path)?
-            }
+            Err((tree, e)) => Err(format!("tree {tree} of meta/ is damaged: {e}")),
         },
+        Err(why) => Err(format!("meta/ cannot be read: {why}")),
+    };
+    let meta = match usable {
+        Ok(meta) => meta,
         Err(why) => {
-            let why = format!("meta/ cannot be read: {why}");
             let aside = move_aside(&path, now_ms, &why)?;
             report.moved_aside = Some(aside.display().to_string());
             distrust = Some(why);

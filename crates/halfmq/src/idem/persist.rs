@@ -219,8 +219,7 @@ mod tests {
 
     #[test]
     fn background_rounds_write_only_durable_records_and_a_reload_counts_each_key_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         let clock = ManualClock::new(1_000_000);
         let t0 = clock.now_ms();
         let ix = index(limits(3_600_000, 100), &clock);

@@ -20,7 +20,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::{open_db, prefix, sled_err, u64_be, Meta, OUTCOME_BUCKET_SHIFT};
+use super::{open_db, prefix, sled_err, u64_be, LiveTree, Meta, OUTCOME_BUCKET_SHIFT};
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome;
@@ -32,6 +32,28 @@ pub(crate) const STAMP_KEY: &[u8] = b"~stamp";
 /// Whether a key of a derived tree is its stamp.
 pub(crate) fn is_stamp(key: &[u8]) -> bool {
     key == STAMP_KEY
+}
+
+/// The entries of a derived tree, its stamp left out.
+pub(crate) fn entries(tree: &LiveTree) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> {
+    tree.iter()
+        .map(|kv| kv.map_err(sled_err))
+        .filter(|kv| !matches!(kv, Ok((k, _)) if is_stamp(k)))
+}
+
+/// Every value of a derived tree (its stamp left out), decoded as `what`.
+pub(crate) fn decode_all<T: serde::de::DeserializeOwned>(
+    tree: &LiveTree,
+    what: &'static str,
+) -> Result<Vec<T>> {
+    entries(tree)
+        .map(|kv| codec::decode(&kv?.1, what))
+        .collect()
+}
+
+/// An error of reading tree `name`, as [`Meta::verify`] reports it.
+fn in_tree(name: &'static str) -> impl Fn(Error) -> (String, Error) {
+    move |e| (name.to_owned(), e)
 }
 
 impl Meta {
@@ -75,7 +97,7 @@ impl Meta {
         }
     }
 
-    fn derived(&self) -> [&super::LiveTree; 4] {
+    fn derived(&self) -> [&LiveTree; 4] {
         [
             &self.txn_halves,
             &self.txn_outcomes,
@@ -110,38 +132,25 @@ impl Meta {
     /// shows now. Returns the name of the first tree that fails and why. The trace journal
     /// is not read (it is best-effort history, and can be large).
     pub(crate) fn verify(&self) -> std::result::Result<(), (String, Error)> {
-        let named = |name: &str| {
-            let name = name.to_owned();
-            move |e: Error| (name.clone(), e)
-        };
-        self.topics().map_err(named("topics"))?;
+        self.topics().map_err(in_tree("topics"))?;
         for kv in self.consumers.iter() {
-            kv.map_err(sled_err).map_err(named("consumers"))?;
+            kv.map_err(sled_err).map_err(in_tree("consumers"))?;
         }
         for kv in self.groups.iter() {
-            let (_, v) = kv.map_err(sled_err).map_err(named("groups"))?;
+            let (_, v) = kv.map_err(sled_err).map_err(in_tree("groups"))?;
             codec::decode::<halfmq_types::GroupSettings>(&v, "group settings")
-                .map_err(named("groups"))?;
+                .map_err(in_tree("groups"))?;
         }
         self.verify_derived()
     }
 
     /// [`Meta::verify`] of the derived trees only.
     pub(crate) fn verify_derived(&self) -> std::result::Result<(), (String, Error)> {
-        let named = |name: &str| {
-            let name = name.to_owned();
-            move |e: Error| (name.clone(), e)
-        };
-        self.txn_halves().map_err(named("txn_halves"))?;
-        for kv in self.txn_outcomes.iter() {
-            let (k, v) = kv.map_err(sled_err).map_err(named("txn_outcome_buckets"))?;
-            if !is_stamp(&k) {
-                codec::decode::<Vec<(u64, Outcome, u64)>>(&v, "transaction outcomes")
-                    .map_err(named("txn_outcome_buckets"))?;
-            }
-        }
-        self.delayed().map_err(named("delayed"))?;
-        self.idem_chunks().map_err(named("idem_chunks"))?;
+        self.txn_halves().map_err(in_tree("txn_halves"))?;
+        decode_all::<Vec<(u64, Outcome, u64)>>(&self.txn_outcomes, "transaction outcomes")
+            .map_err(in_tree("txn_outcome_buckets"))?;
+        self.delayed().map_err(in_tree("delayed"))?;
+        self.idem_chunks().map_err(in_tree("idem_chunks"))?;
         Ok(())
     }
 
@@ -267,8 +276,7 @@ mod tests {
 
     #[test]
     fn the_stamp_is_the_smallest_of_all_derived_trees_and_none_if_one_lacks_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         assert!(meta.is_fresh());
         assert_eq!(meta.derived_stamp().unwrap(), None);
         meta.apply_txn_changes(&[], &[], &[], 0, Some(500)).unwrap();
@@ -288,8 +296,7 @@ mod tests {
 
     #[test]
     fn outcomes_at_or_past_the_log_end_are_fenced_and_the_rest_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         let b = 1u64 << OUTCOME_BUCKET_SHIFT;
         let outcomes = [
             (100, Outcome::Committed, 1),
@@ -314,8 +321,7 @@ mod tests {
 
     #[test]
     fn a_consumer_past_the_queue_end_is_clamped_with_its_acks_and_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let (_dir, meta) = Meta::temporary();
         meta.put_acks("g", "t", 0, 50, &[52, 60], &[]).unwrap();
         let retry = super::super::RetryState {
             failures: 1,
