@@ -358,6 +358,25 @@ impl ConsumeQueue {
         Ok(buf.chunks_exact(ENTRY_BYTES).map(Entry::decode).collect())
     }
 
+    /// Write entries below the length again, each at its queue offset, and sync them: the
+    /// repair of damaged entries from the log (`crate::reindex`). The flusher only appends
+    /// past the length, so this never races with it.
+    pub(crate) fn rewrite(&self, entries: &[(u64, Entry)]) -> Result<()> {
+        let len = self.len();
+        for (q, e) in entries {
+            if *q >= len {
+                return Err(Error::Corrupt {
+                    path: self.file.path().to_path_buf(),
+                    offset: CQ_HEADER_BYTES + q * ENTRY_BYTES as u64,
+                    reason: format!("index rewrite of entry {q} but the index has {len} entries"),
+                });
+            }
+            self.file
+                .write_all_at(&e.encode(), CQ_HEADER_BYTES + q * ENTRY_BYTES as u64)?;
+        }
+        self.file.sync_data()
+    }
+
     /// Make appended entries durable, if there are any since the last call.
     pub fn sync_if_dirty(&self) -> Result<()> {
         if self.dirty.swap(false, Ordering::AcqRel) {

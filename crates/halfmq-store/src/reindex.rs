@@ -1,0 +1,203 @@
+//! Rebuilding damaged consume-queue entries from the log, when a read finds them.
+//!
+//! A consume-queue file is derived from the log and holds no checksum: a damaged entry shows
+//! when a read through it does not find its message ([`Store::check_indexed`] checks the
+//! record's CRC, place, kind, topic, queue, queue offset and key hash against the entry).
+//! Then the nearest entries on either side that do check out bound where the message must
+//! be (entries are in log order, and the end of a record is the start of the next), that
+//! stretch of the log is read, and every entry between them is compared with what the log
+//! says and rewritten where it differs. A record in that stretch that fails its own checks
+//! is damage to acknowledged data (every entry points below the durable end):
+//! `Error::Damaged`, naming its segment file and offset.
+//!
+//! Reading entries again is safe while the store runs: the flusher only appends entries past
+//! the queue's length, and these are all below it.
+
+use std::collections::BTreeMap;
+
+use crate::consume_queue::{self, ConsumeQueue, Entry};
+use crate::record::{Record, RecordKind};
+use crate::segment::SEGMENT_HEADER_BYTES;
+use crate::Store;
+use halfmq_types::error::{Error, Result};
+
+/// Entries looked at on either side of a damaged one for one that checks out (a damaged
+/// 512-byte sector holds 32); past that the search falls back to the log's start or end.
+const WALK_MAX: u64 = 4096;
+
+impl Store {
+    /// Rebuild the entries around `queue_offset` of `queue`, whose entry `bad` does not lead
+    /// to its message, from the log; then read the message through its rebuilt entry.
+    pub(crate) fn reindex_and_read(
+        &self,
+        queue: &ConsumeQueue,
+        queue_offset: u64,
+        bad: &Entry,
+    ) -> Result<Record> {
+        // Another reader may have rebuilt it meanwhile.
+        if let Some(now) = queue.read(queue_offset, 1)?.first() {
+            if now != bad {
+                if let Ok(rec) = self.check_indexed(queue, queue_offset, now) {
+                    return Ok(rec);
+                }
+            }
+        }
+        let start = queue.start();
+        let len = queue.len();
+        let durable = self.shared.progress.durable.load(std::sync::atomic::Ordering::Acquire);
+        // Below: the entry after the nearest good one, and where that one's record ends.
+        let mut lo = (
+            queue_offset.saturating_sub(WALK_MAX).max(start),
+            self.log_start(),
+        );
+        for q in (lo.0..queue_offset).rev() {
+            if let Some(e) = self.good_entry(queue, q)? {
+                lo = (q + 1, e.log_offset + u64::from(e.size));
+                break;
+            }
+        }
+        // Above: the nearest good entry and where its record starts.
+        let mut hi = ((queue_offset + 1 + WALK_MAX).min(len), durable);
+        for q in queue_offset + 1..hi.0 {
+            if let Some(e) = self.good_entry(queue, q)? {
+                hi = (q, e.log_offset);
+                break;
+            }
+        }
+        let found = self.index_from_log(queue, lo, hi)?;
+        let file = queue.read(lo.0, (hi.0 - lo.0) as usize)?;
+        let mut fixes = Vec::new();
+        for (i, e) in file.iter().enumerate() {
+            let q = lo.0 + i as u64;
+            if let Some(right) = found.get(&q) {
+                if right != e {
+                    fixes.push((q, *right));
+                }
+            }
+        }
+        if !fixes.is_empty() {
+            queue.rewrite(&fixes)?;
+            self.shared
+                .progress
+                .entries_rebuilt
+                .fetch_add(fixes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                file = %queue.path().display(),
+                first = fixes[0].0,
+                last = fixes[fixes.len() - 1].0,
+                entries = fixes.len(),
+                "consume-queue entries did not match the log: rebuilt them from the log"
+            );
+        }
+        let Some(entry) = found.get(&queue_offset) else {
+            return Err(Error::Corrupt {
+                path: queue.path().to_path_buf(),
+                offset: consume_queue::CQ_HEADER_BYTES
+                    + queue_offset * consume_queue::ENTRY_BYTES as u64,
+                reason: format!(
+                    "index entry {queue_offset} does not lead to its message, and the log between offsets {} and {} holds no message {queue_offset} of {}/{} to rebuild it from",
+                    lo.1,
+                    hi.1,
+                    queue.topic(),
+                    queue.queue_id()
+                ),
+            });
+        };
+        self.check_indexed(queue, queue_offset, entry)
+    }
+
+    /// The entry at `q` if it leads to its message (a lost message's counts too: its entry
+    /// points at the record that replaced it).
+    fn good_entry(&self, queue: &ConsumeQueue, q: u64) -> Result<Option<Entry>> {
+        let Some(e) = queue.read(q, 1)?.first().copied() else {
+            return Ok(None);
+        };
+        match self.check_indexed(queue, q, &e) {
+            Ok(_) | Err(Error::Lost { .. }) => Ok(Some(e)),
+            Err(Error::Corrupt { .. }) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The entries of queue offsets `[lo.0, hi.0)` of `queue` as the log says they are, read
+    /// from the log between offsets `lo.1` and `hi.1` (record boundaries). A record there
+    /// that fails its checks is `Error::Damaged`.
+    fn index_from_log(
+        &self,
+        queue: &ConsumeQueue,
+        lo: (u64, u64),
+        hi: (u64, u64),
+    ) -> Result<BTreeMap<u64, Entry>> {
+        let mut found = BTreeMap::new();
+        // A quarantine record of unknown content stands for the queue offsets missing before
+        // the next message (as recovery indexes them).
+        let mut anonymous: Option<(u64, u32)> = None;
+        let mut last_message = 0u64;
+        let mut next = lo.0;
+        let mut visit = |view: &crate::record::RecordView<'_>, size: u32| -> Result<()> {
+            let h = &view.header;
+            match h.kind {
+                RecordKind::Quarantined if view.topic.is_empty() => {
+                    anonymous = Some((h.log_offset, size));
+                }
+                RecordKind::Message | RecordKind::Quarantined
+                    if view.topic == queue.topic() && h.queue_id == queue.queue_id() =>
+                {
+                    if let Some((at, size)) = anonymous.filter(|&(at, _)| at > last_message) {
+                        for q in next.max(lo.0)..h.queue_offset.min(hi.0) {
+                            let e = Entry {
+                                log_offset: at,
+                                size,
+                                key_hash: 0,
+                            };
+                            found.insert(q, e);
+                        }
+                    }
+                    if (lo.0..hi.0).contains(&h.queue_offset) {
+                        let e = Entry {
+                            log_offset: h.log_offset,
+                            size,
+                            key_hash: consume_queue::key_hash(view.key),
+                        };
+                        found.insert(h.queue_offset, e);
+                    }
+                    last_message = h.log_offset;
+                    next = h.queue_offset + 1;
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        let reached = match self.scan_records(lo.1, hi.1, &mut visit) {
+            Ok(r) => r,
+            Err(Error::Corrupt {
+                path,
+                offset,
+                reason,
+            }) => return Err(damaged(path, offset, reason)),
+            Err(e) => return Err(e),
+        };
+        if reached < hi.1 {
+            // The scan stopped inside the stretch: a record whose length runs past it.
+            let seg = self.shared.segment_for(reached)?;
+            let pos = reached - seg.base;
+            return Err(damaged(
+                seg.path().to_path_buf(),
+                pos.max(SEGMENT_HEADER_BYTES),
+                "a record's length runs past the records indexed after it".into(),
+            ));
+        }
+        Ok(found)
+    }
+}
+
+/// A record below the durable end that fails its checks.
+fn damaged(path: std::path::PathBuf, offset: u64, reason: String) -> Error {
+    Error::Damaged {
+        path,
+        offset,
+        reason: format!(
+            "{reason}; a consume-queue entry points past it, so it was acknowledged (found by a read)"
+        ),
+    }
+}
