@@ -445,12 +445,14 @@ fn repair_crashed_at_every_step_and_run_again_ends_the_same() {
     let _ = SEGMENT_HEADER_BYTES;
 }
 
-/// After a clean close the consume-queue entries are durable: repair names record 31 from
-/// its index entry (key checked against the entry's hash), and its quarantine record keeps
-/// the message's queue offset, so the index below the checkpoint still holds. Before the
-/// repair a clean open does not re-read the log, so the damage shows when a poll reaches it.
+/// After a clean close the open re-reads the newest segment below the checkpoint, so the
+/// damage stops it with `Error::Damaged` naming the file and the record's offset (it used
+/// to open, and the damage showed only when a poll reached it, as `Corrupt` for the whole
+/// topic). The consume-queue entries are durable: repair names record 31 from its index
+/// entry (key checked against the entry's hash), and its quarantine record keeps the
+/// message's queue offset, so the index below the checkpoint still holds.
 #[test]
-fn after_a_clean_close_repair_names_the_lost_record_from_its_index_entry() {
+fn after_a_clean_close_the_open_stops_and_repair_names_the_lost_record_from_its_index_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
     let disk = SimStorage::new();
@@ -461,12 +463,8 @@ fn after_a_clean_close_repair_names_the_lost_record_from_its_index_entry() {
     let disk = disk.crash(CrashMode::DropUnsynced);
     let seg = segment_path(tmp.path());
     let s = &sent[DAMAGED];
-    damage(&disk, &seg, s);
-    let b = open_sim(&disk, &cfg).unwrap();
-    let polled = (0..100).try_for_each(|_| b.poll("g", TOPIC, 4096).map(|_| ()));
-    assert!(matches!(polled, Err(Error::Corrupt { .. })), "{polled:?}");
-    b.close().unwrap();
-    drop(b);
+    let (at, _) = damage(&disk, &seg, s);
+    assert_damaged_at(open_sim(&disk, &cfg), &seg, at);
 
     let report = repair::repair(&disk, tmp.path(), false).unwrap();
     let lost: Vec<_> = report.lost().collect();

@@ -41,8 +41,9 @@ struct Sent {
 /// `n` keyed messages over the queues of `TOPIC`, then a clean close.
 fn fill(dir: &Path, n: usize) -> Vec<Sent> {
     let store = open(dir).unwrap();
-    let queues: Vec<Arc<ConsumeQueue>> =
-        (0..QUEUES).map(|q| store.queue(TOPIC, q).unwrap()).collect();
+    let queues: Vec<Arc<ConsumeQueue>> = (0..QUEUES)
+        .map(|q| store.queue(TOPIC, q).unwrap())
+        .collect();
     let sent = (0..n)
         .map(|i| {
             let key = format!("key-{i}");
@@ -205,7 +206,11 @@ fn a_damaged_sector_of_a_consume_queue_is_rebuilt_from_the_log_when_read() {
     );
 
     // A damaged key hash alone is found too.
-    invert(&file, consume_queue::CQ_HEADER_BYTES + 3 * ENTRY_BYTES as u64 + 12, 1);
+    invert(
+        &file,
+        consume_queue::CQ_HEADER_BYTES + 3 * ENTRY_BYTES as u64 + 12,
+        1,
+    );
     let store = open(tmp.path()).unwrap();
     assert_eq!(read_all(&store).unwrap(), sent);
     assert_eq!(store.log_stats().index_entries_rebuilt, 1);

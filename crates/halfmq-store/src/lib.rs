@@ -68,12 +68,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod append;
-#[cfg(test)]
-mod damage_tests;
 mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod consume_queue;
+#[cfg(test)]
+mod damage_tests;
 mod epoch;
 mod flush;
 mod hooks;

@@ -107,8 +107,8 @@ impl Store {
             offset: queue_offset,
             first: queue.start(),
         };
-        let entry_at = consume_queue::CQ_HEADER_BYTES
-            + queue_offset * consume_queue::ENTRY_BYTES as u64;
+        let entry_at =
+            consume_queue::CQ_HEADER_BYTES + queue_offset * consume_queue::ENTRY_BYTES as u64;
         let wrong = |reason: String| Error::Corrupt {
             path: queue.path().to_path_buf(),
             offset: entry_at,

@@ -44,7 +44,11 @@ impl Store {
         }
         let start = queue.start();
         let len = queue.len();
-        let durable = self.shared.progress.durable.load(std::sync::atomic::Ordering::Acquire);
+        let durable = self
+            .shared
+            .progress
+            .durable
+            .load(std::sync::atomic::Ordering::Acquire);
         // Below: the entry after the nearest good one, and where that one's record ends.
         let mut lo = (
             queue_offset.saturating_sub(WALK_MAX).max(start),
