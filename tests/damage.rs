@@ -157,6 +157,12 @@ fn a_zeroed_header_of_the_newest_segment_stops_the_open_and_repair_restores_ever
         std::fs::read(&seg).unwrap() == bytes,
         "a dry run changes nothing"
     );
+    assert!(
+        dry.stderr.contains("would quarantine damaged bytes")
+            && !dry.stderr.contains("quarantined damaged bytes"),
+        "a dry run's log says what it would do, not that it did:\n{}",
+        dry.stderr
+    );
     let r = run(&["repair", "--data-dir", dir.to_str().unwrap()]).ok();
     assert!(r.stdout.contains("quarantined 32 bytes"), "{}", r.stdout);
     assert_eq!(
@@ -487,4 +493,68 @@ fn after_a_clean_close_the_open_stops_and_repair_names_the_lost_record_from_its_
         "{report}"
     );
     assert_repaired(&disk, &cfg, &sent);
+}
+
+/// The input the recovery fuzz target found repair overflowing on (fixed in 429f560): a
+/// newest segment whose first record's length field is invalid, followed 8 bytes later by
+/// a valid record, under a checkpoint that covers both. The damaged stretch, from the
+/// invalid record to the next valid one, is too short to hold a quarantine record: repair
+/// refuses it with a typed error (it used to panic computing the record's body length), and
+/// the directory still opens only to the same typed `Damaged`.
+#[test]
+fn a_damaged_stretch_shorter_than_a_record_header_is_refused_by_repair() {
+    use halfmq_store::checkpoint::{self, Checkpoint};
+    use halfmq_store::record::{self, Header, RecordKind};
+    use halfmq_store::{Store, StoreConfig};
+
+    let dir = Path::new("/short");
+    let seg = dir.join("log").join(segment::file_name(0));
+    let size = 64 * 1024;
+    let mut bytes = segment::header_bytes(0, size).to_vec();
+    // 8 bytes whose length field says 1: no record can be that short.
+    bytes.extend_from_slice(&[1, 0, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd]);
+    let at = bytes.len() as u64;
+    let header = Header {
+        kind: RecordKind::Message,
+        flags: 0,
+        queue_id: 0,
+        log_offset: at,
+        queue_offset: 0,
+        timestamp_ms: 1,
+    };
+    record::encode_into(&mut bytes, &header, "t", "k", &[], b"after the damage").unwrap();
+    let end = bytes.len() as u64;
+    bytes.resize(size as usize, 0);
+    let disk = SimStorage::new();
+    disk.put_bytes(&seg, bytes);
+    let cp = Checkpoint {
+        seq: 1,
+        log_offset: end,
+        queues: vec![("t".into(), 0, 1)],
+        clean: true,
+    };
+    checkpoint::store(&disk, dir, &cp).unwrap();
+    let config = || {
+        StoreConfig::default()
+            .with_segment_bytes(size)
+            .with_record_bytes_max(4 * 1024)
+    };
+    let open = || Store::open(Arc::new(disk.clone()), dir, config(), &mut |_| {}).map(|_| ());
+    match open() {
+        Err(Error::Damaged { path, offset, .. }) => {
+            assert_eq!((path, offset), (seg.clone(), SEGMENT_HEADER_BYTES))
+        }
+        other => panic!("expected Damaged at the first record: {other:?}"),
+    }
+    match repair::repair(&disk, dir, false) {
+        Err(Error::Invalid { what, reason }) => {
+            assert_eq!(what, "quarantine record");
+            assert!(reason.contains("shorter than a record header"), "{reason}");
+        }
+        other => panic!("expected repair to refuse the 8-byte stretch: {other:?}"),
+    }
+    assert!(
+        matches!(open(), Err(Error::Damaged { .. })),
+        "still the same damage after the refused repair"
+    );
 }

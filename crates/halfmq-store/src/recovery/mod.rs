@@ -500,8 +500,8 @@ fn check_torn(seg: &Segment, pos: u64, cp_end: Option<u64>, reason: &str) -> Res
             seg,
             pos,
             format!(
-                "{reason}; {why}, so it was acknowledged ({} valid records follow)",
-                survey.records
+                "{reason}; {why}, so it was acknowledged ({} follow)",
+                survey.counts()
             ),
         )),
         None => Ok(()),
@@ -650,8 +650,8 @@ fn check_blank(
     };
     if let Some(why) = damage::acknowledged(base, cp_end, &survey) {
         return Err(damaged(format!(
-            "the segment header is blank but the file holds {extent} bytes of data ({} valid records); {why}, so they were acknowledged",
-            survey.records
+            "the segment header is blank but the file holds {extent} bytes of data ({}); {why}, so they were acknowledged",
+            survey.counts()
         )));
     }
     if extent > torn_tail_bytes_max(config) {
