@@ -3,7 +3,10 @@
 //! 1. Segments: every segment but the newest must be complete (end in a SegmentEnd record)
 //!    and contiguous with the next. Blank newest segments (creation never finished) are
 //!    removed.
-//! 2. Consume queues are trimmed to the lengths in the newest checkpoint (or to zero, with
+//! 2. The newest segment below the checkpoint is read again and every record checked
+//!    (`verify_checkpointed`): it was durable, so a record that fails is `Error::Damaged`.
+//!    Older segments are checked when they are read.
+//!    Consume queues are trimmed to the lengths in the newest checkpoint (or to zero, with
 //!    the log read from its start, when there is no usable checkpoint or an index is
 //!    missing or short).
 //! 3. The log is read from the checkpoint: each message is indexed again. In an older
