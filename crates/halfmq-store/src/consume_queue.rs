@@ -279,27 +279,6 @@ impl ConsumeQueue {
         Ok(())
     }
 
-    /// The number of entries whose record starts before `log_offset` (expired entries,
-    /// which are zeros or point below the log start, count too): the queue offset of the
-    /// first message at or after `log_offset`. Entries are in log order, so this is a binary
-    /// search over the readable entries.
-    pub fn first_at_or_after(&self, log_offset: u64) -> Result<u64> {
-        let (mut lo, mut hi) = (0u64, self.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let below = match self.read(mid, 1)?.first() {
-                Some(e) => e.log_offset < log_offset,
-                None => false,
-            };
-            if below {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo)
-    }
-
     /// Number of readable entries (the next queue offset a consumer can wait for).
     pub fn len(&self) -> u64 {
         self.visible.load(Ordering::Acquire)

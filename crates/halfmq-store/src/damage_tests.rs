@@ -215,3 +215,35 @@ fn a_damaged_sector_of_a_consume_queue_is_rebuilt_from_the_log_when_read() {
     assert_eq!(read_all(&store).unwrap(), sent);
     assert_eq!(store.log_stats().index_entries_rebuilt, 1);
 }
+
+#[test]
+fn what_retention_reads_of_a_damaged_consume_queue_is_checked_and_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sent = fill(tmp.path(), 400);
+    let file = consume_queue::path(&tmp.path().join("cq"), TOPIC, 1);
+    let in_q1: Vec<&Sent> = sent.iter().filter(|s| s.queue == 1).collect();
+    let before = std::fs::read(&file).unwrap();
+    // The file's second sector: entries 31 to 62 (entry i is at 16 + 16 i).
+    invert(&file, 512, 512);
+    let store = open(tmp.path()).unwrap();
+    let q = store.queue(TOPIC, 1).unwrap();
+    let target = in_q1[40];
+    let e = store.entry_checked(&q, target.offset).unwrap().unwrap();
+    assert_eq!(e.log_offset, target.log_offset);
+    let raw = &before[consume_queue::CQ_HEADER_BYTES as usize + 40 * ENTRY_BYTES..][..ENTRY_BYTES];
+    assert_eq!(e, consume_queue::Entry::decode(raw));
+    // The binary search retention uses for new queue starts, over a freshly damaged file.
+    drop(q);
+    drop(store);
+    invert(&file, 512, 512);
+    let store = open(tmp.path()).unwrap();
+    let q = store.queue(TOPIC, 1).unwrap();
+    for k in [0, 31, 35, 50, 63, in_q1.len() - 1] {
+        assert_eq!(
+            store.first_at_or_after(&q, in_q1[k].log_offset).unwrap(),
+            k as u64,
+            "entry {k}"
+        );
+    }
+    assert!(store.log_stats().index_entries_rebuilt > 0);
+}

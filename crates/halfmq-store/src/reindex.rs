@@ -26,6 +26,52 @@ use halfmq_types::error::{Error, Result};
 const WALK_MAX: u64 = 4096;
 
 impl Store {
+    /// The entry at `queue_offset` of `queue`, checked against the record it points at and
+    /// rebuilt from the log first if it is damaged; `None` past the end of the queue. Entries
+    /// below the queue's start are returned as they are (zeros, or records retention
+    /// deleted). For what decides on entries without reading their messages (retention's
+    /// floor and new queue starts): a damaged entry there could otherwise let retention
+    /// delete a message nobody acked.
+    pub fn entry_checked(&self, queue: &ConsumeQueue, queue_offset: u64) -> Result<Option<Entry>> {
+        let Some(e) = queue.read(queue_offset, 1)?.first().copied() else {
+            return Ok(None);
+        };
+        if queue_offset < queue.start() {
+            return Ok(Some(e));
+        }
+        match self.check_indexed(queue, queue_offset, &e) {
+            Ok(_) | Err(Error::Lost { .. }) | Err(Error::Expired { .. }) => Ok(Some(e)),
+            Err(Error::Corrupt { .. }) => match self.reindex_and_read(queue, queue_offset, &e) {
+                Ok(_) | Err(Error::Lost { .. }) => {
+                    Ok(queue.read(queue_offset, 1)?.first().copied())
+                }
+                Err(other) => Err(other),
+            },
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The number of entries of `queue` whose record starts before `log_offset` (expired
+    /// entries, which are zeros or point below the log start, count too): the queue offset
+    /// of the first message at or after `log_offset`. Entries are in log order, so this is
+    /// a binary search, through checked entries ([`Store::entry_checked`]).
+    pub fn first_at_or_after(&self, queue: &ConsumeQueue, log_offset: u64) -> Result<u64> {
+        let (mut lo, mut hi) = (0u64, queue.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let below = match self.entry_checked(queue, mid)? {
+                Some(e) => e.log_offset < log_offset,
+                None => false,
+            };
+            if below {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
     /// Rebuild the entries around `queue_offset` of `queue`, whose entry `bad` does not lead
     /// to its message, from the log; then read the message through its rebuilt entry.
     pub(crate) fn reindex_and_read(
