@@ -95,14 +95,16 @@ impl Store {
             .progress
             .durable
             .load(std::sync::atomic::Ordering::Acquire);
-        // Below: the entry after the nearest good one, and where that one's record ends.
+        // Below: the entry after the nearest good one, and where that one's record starts
+        // (read again: a lost message's quarantine record may stand for the next offsets
+        // too).
         let mut lo = (
             queue_offset.saturating_sub(WALK_MAX).max(start),
             self.log_start(),
         );
         for q in (lo.0..queue_offset).rev() {
             if let Some(e) = self.good_entry(queue, q)? {
-                lo = (q + 1, e.log_offset + u64::from(e.size));
+                lo = (q + 1, e.log_offset);
                 break;
             }
         }
