@@ -15,10 +15,9 @@ const TOPIC: &str = "t";
 const QUEUES: u32 = 2;
 
 fn config() -> StoreConfig {
-    let mut c = StoreConfig::default();
-    c.segment_bytes = 64 * 1024;
-    c.record_bytes_max = 4096;
-    c
+    StoreConfig::default()
+        .with_segment_bytes(64 * 1024)
+        .with_record_bytes_max(4096)
 }
 
 fn open(dir: &Path) -> halfmq_types::error::Result<Store> {
