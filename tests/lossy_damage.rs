@@ -266,13 +266,17 @@ fn segment_of(data: &Path, log_offset: u64) -> (PathBuf, u64) {
     )
 }
 
+/// How a damage case ended (each already checked by `damage_case`).
+enum Outcome {
+    /// The broker started and served everything acknowledged; it is still running.
+    Served(Rig),
+    /// The broker refused to start, naming the damaged file; the mount is up, nothing runs.
+    Refused(Rig, Acked),
+}
+
 /// Load, damage what `pick` chooses (a file of the durable data directory and an offset in
-/// it), restart, and check the outcome. When the broker refused to start, returns the rig
-/// (mounted, nothing running) and what was acknowledged.
-fn damage_case(
-    what: &str,
-    pick: impl FnOnce(&Path, &Acked) -> (PathBuf, u64),
-) -> Option<(Rig, Acked)> {
+/// it), restart, and check the outcome, which is returned with the rig.
+fn damage_case(what: &str, pick: impl FnOnce(&Path, &Acked) -> (PathBuf, u64)) -> Outcome {
     let mut rig = Rig::new();
     let acked = load(&mut rig);
     let data = rig.durable_data_dir();
@@ -298,7 +302,7 @@ fn damage_case(
                 lost.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
                 rig.broker.as_ref().unwrap().stderr()
             );
-            None
+            Outcome::Served(rig)
         }
         Err(stderr) => {
             eprintln!("{what}: the broker refused to start:\n{stderr}");
@@ -311,7 +315,7 @@ fn damage_case(
                 "{what}: the broker refused to start, but its error does not name {}:\n{stderr}",
                 rel.display()
             );
-            Some((rig, acked))
+            Outcome::Refused(rig, acked)
         }
     }
 }
@@ -340,11 +344,13 @@ fn damaged_segment_header() {
 /// `halfmq repair` quarantines it and the broker serves everything else.
 #[test]
 fn damaged_record_in_the_acknowledged_region() {
-    let (mut rig, acked) = damage_case("acknowledged record", |data, a| {
+    let outcome = damage_case("acknowledged record", |data, a| {
         let mid = a.sends[a.sends.len() / 2].1.log_offset;
         segment_of(data, mid + 40)
-    })
-    .expect("damage below the checkpoint stops the start");
+    });
+    let Outcome::Refused(mut rig, acked) = outcome else {
+        panic!("damage below the checkpoint must stop the start");
+    };
     let data = rig.data_dir();
     let r = run(&["repair", "--data-dir", data.to_str().unwrap(), "--json"]).ok();
     let mut lost_keys = HashSet::new();
@@ -382,16 +388,20 @@ fn damaged_record_in_the_acknowledged_region() {
 /// Derived from the log: the damaged entries are rebuilt from it when a poll reaches them.
 #[test]
 fn damaged_consume_queue() {
-    let refused = damage_case("consume queue", |data, _| {
+    let outcome = damage_case("consume queue", |data, _| {
         let cq = data.join("cq").join(TOPIC);
         let f = files(&cq).into_iter().next().expect("a consume-queue file");
         let f = cq.join(f);
         let at = middle_used_sector(&f);
         (f, at)
     });
+    let Outcome::Served(rig) = outcome else {
+        panic!("a damaged consume queue stops the broker");
+    };
+    let log = rig.broker.as_ref().expect("running").stderr();
     assert!(
-        refused.is_none(),
-        "a damaged consume queue stops the broker"
+        log.contains("rebuilt them from the log"),
+        "the rebuild is not in the broker's log:\n{log}"
     );
 }
 
