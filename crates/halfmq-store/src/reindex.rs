@@ -121,8 +121,10 @@ impl Store {
         let mut fixes = Vec::new();
         for (i, e) in file.iter().enumerate() {
             let q = lo.0 + i as u64;
+            // An entry that differs but still leads to its message stays (repair keeps a
+            // lost message's key hash in its entry; its quarantine record has no key).
             if let Some(right) = found.get(&q) {
-                if right != e {
+                if right != e && self.good_entry(queue, q)?.is_none() {
                     fixes.push((q, *right));
                 }
             }
