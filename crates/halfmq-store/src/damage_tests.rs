@@ -246,3 +246,30 @@ fn what_retention_reads_of_a_damaged_consume_queue_is_checked_and_rebuilt() {
     }
     assert!(store.log_stats().index_entries_rebuilt > 0);
 }
+
+#[test]
+fn damaged_entries_around_a_message_lost_to_repair_are_rebuilt_and_it_stays_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sent = fill(tmp.path(), 400);
+    let victim = sent
+        .iter()
+        .position(|s| s.queue == 0 && s.offset == 40)
+        .unwrap();
+    let (seg, pos) = segment_of(tmp.path(), sent[victim].log_offset);
+    invert(&seg, pos + 60, 1);
+    let report = repair::repair(&FsStorage, tmp.path(), false).unwrap();
+    assert_eq!(report.lost().count(), 1, "{report}");
+    // Entries 31 to 62 of queue 0, the lost message's among them.
+    let file = consume_queue::path(&tmp.path().join("cq"), TOPIC, 0);
+    invert(&file, 512, 512);
+    let store = open(tmp.path()).unwrap();
+    let mut want = sent.clone();
+    want.remove(victim);
+    assert_eq!(read_all(&store).unwrap(), want);
+    assert_eq!(store.log_stats().index_entries_rebuilt, 32);
+    let q = store.queue(TOPIC, 0).unwrap();
+    assert!(matches!(
+        store.read_message(&q, 40),
+        Err(Error::Lost { offset: 40, .. })
+    ));
+}
