@@ -157,6 +157,12 @@ fn a_zeroed_header_of_the_newest_segment_stops_the_open_and_repair_restores_ever
         std::fs::read(&seg).unwrap() == bytes,
         "a dry run changes nothing"
     );
+    assert!(
+        dry.stderr.contains("would quarantine damaged bytes")
+            && !dry.stderr.contains("quarantined damaged bytes"),
+        "a dry run's log says what it would do, not that it did:\n{}",
+        dry.stderr
+    );
     let r = run(&["repair", "--data-dir", dir.to_str().unwrap()]).ok();
     assert!(r.stdout.contains("quarantined 32 bytes"), "{}", r.stdout);
     assert_eq!(
@@ -437,12 +443,14 @@ fn repair_crashed_at_every_step_and_run_again_ends_the_same() {
     let _ = SEGMENT_HEADER_BYTES;
 }
 
-/// After a clean close the consume-queue entries are durable: repair names record 31 from
-/// its index entry (key checked against the entry's hash), and its quarantine record keeps
-/// the message's queue offset, so the index below the checkpoint still holds. Before the
-/// repair a clean open does not re-read the log, so the damage shows when a poll reaches it.
+/// After a clean close the open re-reads the newest segment below the checkpoint, so the
+/// damage stops it with `Error::Damaged` naming the file and the record's offset (it used
+/// to open, and the damage showed only when a poll reached it, as `Corrupt` for the whole
+/// topic). The consume-queue entries are durable: repair names record 31 from its index
+/// entry (key checked against the entry's hash), and its quarantine record keeps the
+/// message's queue offset, so the index below the checkpoint still holds.
 #[test]
-fn after_a_clean_close_repair_names_the_lost_record_from_its_index_entry() {
+fn after_a_clean_close_the_open_stops_and_repair_names_the_lost_record_from_its_index_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path());
     let disk = SimStorage::new();
@@ -453,12 +461,8 @@ fn after_a_clean_close_repair_names_the_lost_record_from_its_index_entry() {
     let disk = disk.crash(CrashMode::DropUnsynced);
     let seg = segment_path(tmp.path());
     let s = &sent[DAMAGED];
-    damage(&disk, &seg, s);
-    let b = open_sim(&disk, &cfg).unwrap();
-    let polled = (0..100).try_for_each(|_| b.poll("g", TOPIC, 4096).map(|_| ()));
-    assert!(matches!(polled, Err(Error::Corrupt { .. })), "{polled:?}");
-    b.close().unwrap();
-    drop(b);
+    let (at, _) = damage(&disk, &seg, s);
+    assert_damaged_at(open_sim(&disk, &cfg), &seg, at);
 
     let report = repair::repair(&disk, tmp.path(), false).unwrap();
     let lost: Vec<_> = report.lost().collect();
@@ -481,4 +485,68 @@ fn after_a_clean_close_repair_names_the_lost_record_from_its_index_entry() {
         "{report}"
     );
     assert_repaired(&disk, &cfg, &sent);
+}
+
+/// The input the recovery fuzz target found repair overflowing on (fixed in 429f560): a
+/// newest segment whose first record's length field is invalid, followed 8 bytes later by
+/// a valid record, under a checkpoint that covers both. The damaged stretch, from the
+/// invalid record to the next valid one, is too short to hold a quarantine record: repair
+/// refuses it with a typed error (it used to panic computing the record's body length), and
+/// the directory still opens only to the same typed `Damaged`.
+#[test]
+fn a_damaged_stretch_shorter_than_a_record_header_is_refused_by_repair() {
+    use halfmq_store::checkpoint::{self, Checkpoint};
+    use halfmq_store::record::{self, Header, RecordKind};
+    use halfmq_store::{Store, StoreConfig};
+
+    let dir = Path::new("/short");
+    let seg = dir.join("log").join(segment::file_name(0));
+    let size = 64 * 1024;
+    let mut bytes = segment::header_bytes(0, size).to_vec();
+    // 8 bytes whose length field says 1: no record can be that short.
+    bytes.extend_from_slice(&[1, 0, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd]);
+    let at = bytes.len() as u64;
+    let header = Header {
+        kind: RecordKind::Message,
+        flags: 0,
+        queue_id: 0,
+        log_offset: at,
+        queue_offset: 0,
+        timestamp_ms: 1,
+    };
+    record::encode_into(&mut bytes, &header, "t", "k", &[], b"after the damage").unwrap();
+    let end = bytes.len() as u64;
+    bytes.resize(size as usize, 0);
+    let disk = SimStorage::new();
+    disk.put_bytes(&seg, bytes);
+    let cp = Checkpoint {
+        seq: 1,
+        log_offset: end,
+        queues: vec![("t".into(), 0, 1)],
+        clean: true,
+    };
+    checkpoint::store(&disk, dir, &cp).unwrap();
+    let config = || {
+        StoreConfig::default()
+            .with_segment_bytes(size)
+            .with_record_bytes_max(4 * 1024)
+    };
+    let open = || Store::open(Arc::new(disk.clone()), dir, config(), &mut |_| {}).map(|_| ());
+    match open() {
+        Err(Error::Damaged { path, offset, .. }) => {
+            assert_eq!((path, offset), (seg.clone(), SEGMENT_HEADER_BYTES))
+        }
+        other => panic!("expected Damaged at the first record: {other:?}"),
+    }
+    match repair::repair(&disk, dir, false) {
+        Err(Error::Invalid { what, reason }) => {
+            assert_eq!(what, "quarantine record");
+            assert!(reason.contains("shorter than a record header"), "{reason}");
+        }
+        other => panic!("expected repair to refuse the 8-byte stretch: {other:?}"),
+    }
+    assert!(
+        matches!(open(), Err(Error::Damaged { .. })),
+        "still the same damage after the refused repair"
+    );
 }

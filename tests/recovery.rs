@@ -507,8 +507,9 @@ fn flipped_bit_in_an_older_segment_fails_open_naming_file_and_offset() {
 }
 
 /// Test 3b: After a clean close, recovery does not re-read older segments (the checkpoint is at the
-/// end of the log); damage there is reported when the record is read, naming the file and offset,
-/// and is never skipped or returned as data.
+/// end of the log; only the newest segment is re-read); damage there is reported when the record
+/// is read, as `Error::Damaged` naming the file and offset, and is never skipped or returned as
+/// data.
 #[test]
 fn flipped_bit_in_an_older_segment_after_a_clean_close_fails_the_read() {
     let (tmp, cfg, disk, b) = fresh("old", 1);
@@ -531,12 +532,12 @@ fn flipped_bit_in_an_older_segment_after_a_clean_close_fails_the_read() {
     let got = b.poll("g", "old", 10).unwrap();
     assert_eq!(got.len(), 10);
     match b.poll("g", "old", 10) {
-        Err(Error::Corrupt {
+        Err(Error::Damaged {
             path: p, offset, ..
         }) => {
             assert_eq!((p, offset), (path, victim.log_offset))
         }
-        other => panic!("expected Error::Corrupt, got {other:?}"),
+        other => panic!("expected Error::Damaged, got {other:?}"),
     }
 }
 

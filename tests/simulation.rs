@@ -29,14 +29,14 @@
 //! `Error::DiskFull`, a refused write is never stored, and writes work again once there is space.
 //!
 //! A bit flipped in acknowledged data is never served as wrong bytes and never lost silently:
-//! either open fails with `Error::Corrupt` naming the flipped file and the record's position,
-//! or open cuts a torn tail (`torn_bytes_cut > 0`) at or after the damaged record and only
-//! messages from it on are missing, or open does not notice (the record is before the last
-//! checkpoint) and reading that one message fails with `Error::Corrupt` while every other one
-//! reads back intact. The schedule ends there. A quarter of those flips hit the message's
-//! consume-queue index entry instead: open succeeds (or fails with `Error::Corrupt` naming the
-//! index), every other message reads back intact, and the damaged entry either reads as
-//! `Error::Corrupt` or was rebuilt. A bit flipped in a checkpoint file (not terminal) changes
+//! either open fails with `Error::Corrupt` or `Error::Damaged` naming the flipped file and the
+//! record's position, or open cuts a torn tail (`torn_bytes_cut > 0`) at or after the damaged
+//! record and only messages from it on are missing, or open does not notice (the record is in
+//! an older segment) and reading that one message fails with `Error::Damaged` (or `Corrupt`)
+//! while every other one reads back intact. The schedule ends there. A quarter of those flips
+//! hit the message's consume-queue index entry instead: open succeeds (or fails with
+//! `Error::Corrupt` naming the index), every other message reads back intact, and the damaged
+//! entry either reads as `Error::Corrupt` or was rebuilt from the log by the read. A bit flipped in a checkpoint file (not terminal) changes
 //! nothing: the damaged checkpoint is skipped and every check above still holds.
 //!
 //! Seeds: `HALFMQ_SIM_SEEDS=N` runs seeds 0..N (default [`DEFAULT_SEEDS`]),
@@ -1269,7 +1269,11 @@ impl Sim {
                             rec.body == want.body
                         );
                     }
-                    Err(Error::Corrupt { .. }) if wlo == lo => flip_reported = true,
+                    // The log's record is damaged: `Damaged` since a read that finds it
+                    // names it so.
+                    Err(Error::Corrupt { .. } | Error::Damaged { .. }) if wlo == lo => {
+                        flip_reported = true
+                    }
                     other => {
                         return Err(format!(
                             "after the flip, reading {topic}/{q}@{o} (message {} at log {wlo}; flipped: {}) gave {other:?}",
@@ -1313,7 +1317,7 @@ impl Sim {
                         );
                     }
                 }
-                Err(Error::Corrupt { .. }) => break,
+                Err(Error::Corrupt { .. } | Error::Damaged { .. }) => break,
                 Err(e) => return Err(format!("poll after the flip: {e:?}")),
             }
         }

@@ -279,27 +279,6 @@ impl ConsumeQueue {
         Ok(())
     }
 
-    /// The number of entries whose record starts before `log_offset` (expired entries,
-    /// which are zeros or point below the log start, count too): the queue offset of the
-    /// first message at or after `log_offset`. Entries are in log order, so this is a binary
-    /// search over the readable entries.
-    pub fn first_at_or_after(&self, log_offset: u64) -> Result<u64> {
-        let (mut lo, mut hi) = (0u64, self.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let below = match self.read(mid, 1)?.first() {
-                Some(e) => e.log_offset < log_offset,
-                None => false,
-            };
-            if below {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo)
-    }
-
     /// Number of readable entries (the next queue offset a consumer can wait for).
     pub fn len(&self) -> u64 {
         self.visible.load(Ordering::Acquire)
@@ -356,6 +335,25 @@ impl ConsumeQueue {
         self.file
             .read_exact_at(&mut buf, CQ_HEADER_BYTES + from * ENTRY_BYTES as u64)?;
         Ok(buf.chunks_exact(ENTRY_BYTES).map(Entry::decode).collect())
+    }
+
+    /// Write entries below the length again, each at its queue offset, and sync them: the
+    /// repair of damaged entries from the log (`crate::reindex`). The flusher only appends
+    /// past the length, so this never races with it.
+    pub(crate) fn rewrite(&self, entries: &[(u64, Entry)]) -> Result<()> {
+        let len = self.len();
+        for (q, e) in entries {
+            if *q >= len {
+                return Err(Error::Corrupt {
+                    path: self.file.path().to_path_buf(),
+                    offset: CQ_HEADER_BYTES + q * ENTRY_BYTES as u64,
+                    reason: format!("index rewrite of entry {q} but the index has {len} entries"),
+                });
+            }
+            self.file
+                .write_all_at(&e.encode(), CQ_HEADER_BYTES + q * ENTRY_BYTES as u64)?;
+        }
+        self.file.sync_data()
     }
 
     /// Make appended entries durable, if there are any since the last call.

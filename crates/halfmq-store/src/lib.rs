@@ -43,6 +43,8 @@
 //!   ([`Store::truncate_front`]).
 //! - `recovery` (private): open-time recovery: segment checks, torn tail cut (told apart
 //!   from damage to acknowledged records by the batches' durable marks), index rebuild.
+//! - `reindex` (private): damaged consume-queue entries found by a read, rebuilt from the
+//!   log.
 //! - [`repair`]: `halfmq repair`: quarantine damaged acknowledged bytes, report what was
 //!   lost.
 //! - `prepare` (private): zero-fills the next segment ahead of the roll.
@@ -70,6 +72,8 @@ mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod consume_queue;
+#[cfg(test)]
+mod damage_tests;
 mod epoch;
 mod flush;
 mod hooks;
@@ -80,6 +84,7 @@ mod prepare;
 mod read;
 pub mod record;
 mod recovery;
+mod reindex;
 pub mod repair;
 mod retention;
 pub mod segment;

@@ -76,7 +76,26 @@ impl Store {
         Ok(out)
     }
 
-    fn read_indexed(
+    /// The message at `queue_offset` of `queue` through its index entry. An entry that does
+    /// not lead to that message (a damaged index file) is rebuilt from the log
+    /// (`crate::reindex`), so a damaged entry costs a scan, never a wrong message or a failed
+    /// poll; a damaged record is `Error::Damaged` naming its segment file and offset.
+    pub(crate) fn read_indexed(
+        &self,
+        queue: &ConsumeQueue,
+        queue_offset: u64,
+        entry: &Entry,
+    ) -> Result<Record> {
+        match self.check_indexed(queue, queue_offset, entry) {
+            Err(Error::Corrupt { .. }) => self.reindex_and_read(queue, queue_offset, entry),
+            other => other,
+        }
+    }
+
+    /// The record `entry` points at, if it is the message at `queue_offset` of `queue`;
+    /// `Error::Corrupt` if it is not (or cannot be read as a record), `Error::Expired` below
+    /// the queue's start, `Error::Lost` for a message quarantined by repair.
+    pub(crate) fn check_indexed(
         &self,
         queue: &ConsumeQueue,
         queue_offset: u64,
@@ -88,8 +107,26 @@ impl Store {
             offset: queue_offset,
             first: queue.start(),
         };
-        if queue_offset < queue.start() || entry.log_offset < self.log_start() {
+        let entry_at =
+            consume_queue::CQ_HEADER_BYTES + queue_offset * consume_queue::ENTRY_BYTES as u64;
+        let wrong = |reason: String| Error::Corrupt {
+            path: queue.path().to_path_buf(),
+            offset: entry_at,
+            reason: format!("index entry {queue_offset}: {reason}"),
+        };
+        if queue_offset < queue.start() {
             return Err(expired());
+        }
+        if entry.log_offset < self.log_start() {
+            // Retention raises a queue's start before the log's: a raced read is expired,
+            // anything else is an entry that points below the log.
+            if queue_offset < queue.start() {
+                return Err(expired());
+            }
+            return Err(wrong(format!(
+                "log offset {} is below the start of the log",
+                entry.log_offset
+            )));
         }
         let rec = match self.read_at(entry.log_offset, entry.size) {
             Ok(rec) => rec,
@@ -98,27 +135,29 @@ impl Store {
             Err(e) => return Err(e),
         };
         let h = &rec.header;
-        if h.kind == RecordKind::Quarantined {
+        let placed = h.queue_offset == queue_offset
+            && h.queue_id == queue.queue_id()
+            && rec.topic == queue.topic();
+        // Repair writes a quarantine record without a topic when it could not tell what the
+        // damaged bytes held; recovery points the missing offsets at it.
+        if h.kind == RecordKind::Quarantined && (placed || rec.topic.is_empty()) {
             return Err(Error::Lost {
                 topic: queue.topic().to_owned(),
                 queue: queue.queue_id(),
                 offset: queue_offset,
             });
         }
-        if h.kind != RecordKind::Message
-            || h.queue_offset != queue_offset
-            || h.queue_id != queue.queue_id()
-            || rec.topic != queue.topic()
-        {
-            return Err(Error::Corrupt {
-                path: queue.path().to_path_buf(),
-                offset: consume_queue::CQ_HEADER_BYTES
-                    + queue_offset * consume_queue::ENTRY_BYTES as u64,
-                reason: format!(
-                    "index entry {queue_offset} points at log offset {} which holds {:?} {}/{}@{}",
-                    entry.log_offset, h.kind, rec.topic, h.queue_id, h.queue_offset
-                ),
-            });
+        if h.kind != RecordKind::Message || !placed {
+            return Err(wrong(format!(
+                "points at log offset {} which holds {:?} {}/{}@{}",
+                entry.log_offset, h.kind, rec.topic, h.queue_id, h.queue_offset
+            )));
+        }
+        if entry.key_hash != consume_queue::key_hash(&rec.key) {
+            return Err(wrong(format!(
+                "key hash {:#x} does not match the key of the record at log offset {}",
+                entry.key_hash, entry.log_offset
+            )));
         }
         Ok(rec)
     }
@@ -263,6 +302,7 @@ impl Shared {
             written_offset: p.written.load(Ordering::Acquire),
             syncs: p.syncs.load(Ordering::Relaxed),
             records: p.records.load(Ordering::Relaxed),
+            index_entries_rebuilt: p.entries_rebuilt.load(Ordering::Relaxed),
         }
     }
 
@@ -345,7 +385,7 @@ impl Shared {
         segs.range(log_offset..).next().map(|(_, s)| s.clone())
     }
 
-    fn segment_for(&self, log_offset: u64) -> Result<Arc<Segment>> {
+    pub(crate) fn segment_for(&self, log_offset: u64) -> Result<Arc<Segment>> {
         let segs = self.segments.read();
         match segs.range(..=log_offset).next_back() {
             Some((_, s)) if log_offset < s.base + s.size => Ok(s.clone()),

@@ -108,7 +108,7 @@ impl Store {
         let all = self.queues();
         let mut starts = Vec::with_capacity(all.len());
         for q in &all {
-            let first = q.first_at_or_after(new_base)?.max(q.start());
+            let first = self.first_at_or_after(q, new_base)?.max(q.start());
             if first > 0 {
                 queues.push((q.topic().to_owned(), q.queue_id(), first));
             }

@@ -51,6 +51,9 @@ pub(crate) struct Progress {
     pub(crate) syncs: AtomicU64,
     /// Records appended so far (SegmentEnd markers included).
     pub(crate) records: AtomicU64,
+    /// Consume-queue entries found damaged by a read and rebuilt from the log since open
+    /// (`crate::reindex`).
+    pub(crate) entries_rebuilt: AtomicU64,
     /// The flusher has exited.
     pub(crate) stopped: AtomicBool,
     /// Set once when the flusher failed; every later wait returns it.

@@ -285,4 +285,7 @@ pub struct LogStats {
     /// Bytes of all segment files (what the log takes on disk).
     #[serde(default)]
     pub log_bytes: u64,
+    /// Consume-queue entries that a read found damaged and rebuilt from the log since open.
+    #[serde(default)]
+    pub index_entries_rebuilt: u64,
 }

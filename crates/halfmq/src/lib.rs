@@ -10,8 +10,10 @@
 //!   durable, under every flush policy (under [`FlushPolicy::Async`], after the sync that
 //!   follows the acknowledgement).
 //! - On open, a torn tail (the unsynced end of the log after a crash) is detected by CRC and
-//!   cut off; damage anywhere else is reported as [`Error::Corrupt`] naming the file and
-//!   byte offset, never skipped.
+//!   cut off; damage to acknowledged records is reported as [`Error::Damaged`] naming the
+//!   file and byte offset, never skipped: on open for the newest segment (re-read in full),
+//!   by the read that reaches it for older ones. A damaged consume-queue entry is rebuilt
+//!   from the log by the read that finds it.
 //! - A consumer's `ack` is durable when it returns; after a restart the group resumes after
 //!   its acked messages. Delivery is at-least-once: what was handed out but not acked is
 //!   delivered again.

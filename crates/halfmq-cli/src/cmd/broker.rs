@@ -89,11 +89,19 @@ fn print_status(b: &Broker) -> Result<()> {
     let r = b.recovery_report();
     println!("data directory: {}", b.data_dir().display());
     println!(
-        "recovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{}{}",
+        "recovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{}{}{}",
         r.segments,
         r.records_scanned,
         r.scanned_from,
         r.log_end,
+        if r.verified_bytes > 0 {
+            format!(
+                ", checked {} bytes of the newest segment below the checkpoint",
+                r.verified_bytes
+            )
+        } else {
+            String::new()
+        },
         if r.torn_bytes_cut > 0 {
             format!(
                 ", cut a torn tail of {} bytes (never acknowledged)",

@@ -101,6 +101,13 @@ pub fn stats_table(s: &Stats) -> String {
             ""
         }
     );
+    if s.log.index_entries_rebuilt > 0 {
+        let _ = writeln!(
+            out,
+            "consume queues: {} damaged entries rebuilt from the log since the start (see the broker's log)",
+            s.log.index_entries_rebuilt
+        );
+    }
     if s.delayed_pending > 0 {
         let _ = writeln!(out, "delayed: {} pending", s.delayed_pending);
     }

@@ -20,12 +20,24 @@ use halfmq_types::error::Result;
 /// What lies after a damaged record in a segment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Survey {
-    /// Valid records found after the damage.
+    /// Valid records found after the damage (the group commits' marks included).
     pub(crate) records: u64,
+    /// How many of them are messages.
+    pub(crate) messages: u64,
     /// The highest durable end held by a mark after the damage, and that mark's log offset.
     pub(crate) mark: Option<(u64, u64)>,
     /// File position of the first valid record after the damage.
     pub(crate) next_valid: Option<u64>,
+}
+
+impl Survey {
+    /// The records found, for people: "N valid records, M of them messages".
+    pub(crate) fn counts(&self) -> String {
+        format!(
+            "{} valid records, {} of them messages",
+            self.records, self.messages
+        )
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -123,6 +135,9 @@ pub(crate) fn survey(
                 break;
             }
             s.records += 1;
+            if view.header.kind == RecordKind::Message {
+                s.messages += 1;
+            }
             if let Some(v) = view.mark() {
                 if s.mark.is_none_or(|(m, _)| v > m) {
                     s.mark = Some((v, view.header.log_offset));
@@ -193,7 +208,8 @@ mod tests {
         let found = next_valid(&*f, base, 4096, damaged as u64 + 1, 4096).unwrap();
         assert_eq!(found.map(|(p, _)| p), Some(second as u64));
         let s = survey(&*f, base, 4096, damaged as u64, end as u64).unwrap();
-        assert_eq!(s.records, 3);
+        assert_eq!((s.records, s.messages), (3, 2));
+        assert_eq!(s.counts(), "3 valid records, 2 of them messages");
         assert_eq!(s.next_valid, Some(second as u64));
         assert_eq!(s.mark, Some((base + second as u64, base + mark as u64)));
         let at = base + damaged as u64;

@@ -199,8 +199,8 @@ impl Ctx<'_> {
                     return Ok(());
                 };
                 let reason = format!(
-                    "segment header: {why}; {acked}, so the segment held acknowledged records ({} valid records in it)",
-                    survey.records
+                    "segment header: {why}; {acked}, so the segment held acknowledged records ({} in it)",
+                    survey.counts()
                 );
                 let fix = segment::header_bytes(base, size);
                 self.quarantine(report, file, base, 0, &h, reason, Vec::new(), &|f| {
@@ -343,7 +343,11 @@ impl Ctx<'_> {
             fix(file)?;
             file.sync_data()?;
         }
-        tracing::warn!(file = %range.path.display(), at = pos, bytes = range.len, lost = range.lost.len(), "quarantined damaged bytes");
+        if self.dry_run {
+            tracing::warn!(file = %range.path.display(), at = pos, bytes = range.len, lost = range.lost.len(), "would quarantine damaged bytes (dry run: nothing written)");
+        } else {
+            tracing::warn!(file = %range.path.display(), at = pos, bytes = range.len, lost = range.lost.len(), "quarantined damaged bytes");
+        }
         report.damaged.push(range);
         Ok(())
     }

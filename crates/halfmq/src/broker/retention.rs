@@ -119,7 +119,9 @@ impl Broker {
                         offset,
                     },
                 };
-                if let Some(e) = q.read(offset, 1)?.first() {
+                // Checked against its record (and rebuilt if damaged): a damaged entry
+                // must not raise the floor past a message nobody acked.
+                if let Some(e) = self.store.entry_checked(q, offset)? {
                     consider(e.log_offset, pin);
                 }
             }
