@@ -125,6 +125,15 @@ fn invert(file: &Path, at: u64, len: usize) {
     std::fs::write(file, bytes).unwrap();
 }
 
+/// A closed store of 400 messages, the consume-queue file of `queue` and its bytes.
+fn filled_queue(queue: u32) -> (tempfile::TempDir, Vec<Sent>, PathBuf, Vec<u8>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let sent = fill(tmp.path(), 400);
+    let file = consume_queue::path(&tmp.path().join("cq"), TOPIC, queue);
+    let before = std::fs::read(&file).unwrap();
+    (tmp, sent, file, before)
+}
+
 #[test]
 fn a_damaged_record_of_the_newest_segment_below_a_clean_checkpoint_stops_the_open() {
     let tmp = tempfile::tempdir().unwrap();
@@ -182,10 +191,7 @@ fn a_damaged_record_of_an_older_segment_is_a_damaged_error_naming_it_when_read()
 
 #[test]
 fn a_damaged_sector_of_a_consume_queue_is_rebuilt_from_the_log_when_read() {
-    let tmp = tempfile::tempdir().unwrap();
-    let sent = fill(tmp.path(), 400);
-    let file = consume_queue::path(&tmp.path().join("cq"), TOPIC, 0);
-    let before = std::fs::read(&file).unwrap();
+    let (tmp, sent, file, before) = filled_queue(0);
     let entries = sent.iter().filter(|s| s.queue == 0).count() as u64;
     assert!(entries > 64, "{entries} entries");
     let used = consume_queue::CQ_HEADER_BYTES + entries * ENTRY_BYTES as u64;
@@ -217,11 +223,8 @@ fn a_damaged_sector_of_a_consume_queue_is_rebuilt_from_the_log_when_read() {
 
 #[test]
 fn what_retention_reads_of_a_damaged_consume_queue_is_checked_and_rebuilt() {
-    let tmp = tempfile::tempdir().unwrap();
-    let sent = fill(tmp.path(), 400);
-    let file = consume_queue::path(&tmp.path().join("cq"), TOPIC, 1);
+    let (tmp, sent, file, before) = filled_queue(1);
     let in_q1: Vec<&Sent> = sent.iter().filter(|s| s.queue == 1).collect();
-    let before = std::fs::read(&file).unwrap();
     // The file's second sector: entries 31 to 62 (entry i is at 16 + 16 i).
     invert(&file, 512, 512);
     let store = open(tmp.path()).unwrap();

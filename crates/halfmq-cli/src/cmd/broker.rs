@@ -88,33 +88,25 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
 fn print_status(b: &Broker) -> Result<()> {
     let r = b.recovery_report();
     println!("data directory: {}", b.data_dir().display());
+    let mut notes = String::new();
+    if r.verified_bytes > 0 {
+        notes += &format!(
+            ", checked {} bytes of the newest segment below the checkpoint",
+            r.verified_bytes
+        );
+    }
+    if r.torn_bytes_cut > 0 {
+        notes += &format!(
+            ", cut a torn tail of {} bytes (never acknowledged)",
+            r.torn_bytes_cut
+        );
+    }
+    if r.full_rebuild {
+        notes += ", rebuilt all indexes";
+    }
     println!(
-        "recovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{}{}{}",
-        r.segments,
-        r.records_scanned,
-        r.scanned_from,
-        r.log_end,
-        if r.verified_bytes > 0 {
-            format!(
-                ", checked {} bytes of the newest segment below the checkpoint",
-                r.verified_bytes
-            )
-        } else {
-            String::new()
-        },
-        if r.torn_bytes_cut > 0 {
-            format!(
-                ", cut a torn tail of {} bytes (never acknowledged)",
-                r.torn_bytes_cut
-            )
-        } else {
-            String::new()
-        },
-        if r.full_rebuild {
-            ", rebuilt all indexes"
-        } else {
-            ""
-        },
+        "recovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{notes}",
+        r.segments, r.records_scanned, r.scanned_from, r.log_end,
     );
     print!("{}", stats::stats_table(&b.stats()?));
     Ok(())
