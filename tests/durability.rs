@@ -184,11 +184,7 @@ fn a_dead_letter_move_is_durable_before_the_ack_under_async_flush() {
 
 #[test]
 fn async_flush_over_the_network_a_consumer_sees_only_durable_messages() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProc::start(
-        tmp.path(),
-        &["--flush", "async", "--flush-interval-ms", "60000"],
-    );
+    let mut broker = BrokerProc::fresh(&["--flush", "async", "--flush-interval-ms", "60000"]);
     let a = broker.addr.clone();
     let sent = run(&[
         "produce", "--addr", &a, "--topic", "t", "--count", "3", "--json",

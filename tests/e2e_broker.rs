@@ -256,8 +256,7 @@ impl Raw {
 /// 200 produced, 100 consumed and acked, clean restart, the other 100 come: none twice.
 #[test]
 fn produce_consume_ack_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProc::start(dir.path(), &[]);
+    let mut broker = BrokerProc::fresh(&[]);
     let produced = produce(&broker.addr, "t", "p", 200);
     assert_eq!(produced.len(), 200);
     let mut at: HashMap<(u64, u64), String> = HashMap::new();
@@ -347,8 +346,7 @@ fn txn_begin(addr: &str, key: &str) -> u64 {
 /// `halfmq txn checker`; afterwards commit is a no-op and rollback is refused.
 #[test]
 fn crashed_producer_is_resolved_by_the_checker() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &fast_check_back("50"));
+    let broker = BrokerProc::fresh(&fast_check_back("50"));
     let a = broker.addr.as_str();
 
     let txn = txn_begin(a, "order-1");
@@ -409,8 +407,7 @@ fn crashed_producer_is_resolved_by_the_checker() {
 /// it survives a restart and a commit by hand makes it visible once.
 #[test]
 fn unanswered_transaction_becomes_unresolved_and_survives_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProc::start(dir.path(), &fast_check_back("2"));
+    let mut broker = BrokerProc::fresh(&fast_check_back("2"));
 
     let txn = txn_begin(&broker.addr, "order-2");
     let unresolved = |addr: &str| {
@@ -470,8 +467,7 @@ fn unanswered_transaction_becomes_unresolved_and_survives_restart() {
 /// closes that one connection; other connections and new clients are served throughout.
 #[test]
 fn malformed_input_closes_only_that_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &[]);
+    let broker = BrokerProc::fresh(&[]);
     let a = broker.addr.as_str();
     let bystander = {
         let mut r = Raw::connect(a);
@@ -671,8 +667,7 @@ fn malformed_input_closes_only_that_connection() {
 /// itself is not tested: no flag or config key sets it shorter.)
 #[test]
 fn a_stalled_client_does_not_block_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &[]);
+    let broker = BrokerProc::fresh(&[]);
     let a = broker.addr.as_str();
     let mut stalled = Raw::connect(a);
     stalled.hello(None);
@@ -707,8 +702,7 @@ fn a_stalled_client_does_not_block_others() {
 /// keep the connection open; a check-back Push answered by hand with CheckAnswer commits.
 #[test]
 fn raw_protocol_pipelining_errors_and_check_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &fast_check_back("50"));
+    let broker = BrokerProc::fresh(&fast_check_back("50"));
     let a = broker.addr.as_str();
 
     let mut c = Raw::connect(a);
@@ -1088,8 +1082,7 @@ fn connections_over_the_limit_are_refused() {
 /// `topics create/list --json` and `stats --json`.
 #[test]
 fn topics_and_stats_as_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &[]);
+    let broker = BrokerProc::fresh(&[]);
     let a = broker.addr.as_str();
     run(&["topics", "create", "--addr", a, "orders", "--queues", "3"]).ok();
     run(&["topics", "create", "--addr", a, "orders", "--queues", "3"]).ok();
@@ -1207,8 +1200,7 @@ fn pipelined(c: &mut Raw, reqs: Vec<Request>) -> Vec<Response> {
 /// the group, so the next poll returns nothing: they are stuck until a broker restart.
 #[test]
 fn poll_answer_fits_the_frame_limit_and_strands_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &[]);
+    let broker = BrokerProc::fresh(&[]);
     let topic = "t".repeat(127);
     let total = 30_000usize;
     let mut c = Raw::connect(&broker.addr);
@@ -1249,8 +1241,7 @@ fn poll_answer_fits_the_frame_limit_and_strands_nothing() {
 /// transactions (an outage of a busy producer group).
 #[test]
 fn txn_list_pages_past_one_frame() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &[]);
+    let broker = BrokerProc::fresh(&[]);
     let mut c = Raw::connect(&broker.addr);
     c.hello(None);
     let halves = (0..70)
@@ -1279,8 +1270,7 @@ fn txn_list_pages_past_one_frame() {
 /// each). Now the frame must be complete within `frame_timeout` of its first byte.
 #[test]
 fn trickled_frame_is_cut_at_the_frame_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProc::start(dir.path(), &["--frame-timeout-ms", "2000"]);
+    let broker = BrokerProc::fresh(&["--frame-timeout-ms", "2000"]);
     let mut c = Raw::connect(&broker.addr);
     c.hello(None);
     let started = Instant::now();
@@ -1311,8 +1301,7 @@ fn trickled_frame_is_cut_at_the_frame_timeout() {
 /// then SIGKILL the broker. Long polls should end (empty) at shutdown.
 #[test]
 fn sigterm_ends_a_long_poll() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProc::start(dir.path(), &[]);
+    let mut broker = BrokerProc::fresh(&[]);
     let mut c = Raw::connect(&broker.addr);
     c.hello(None);
     c.send(
@@ -1340,11 +1329,7 @@ fn sigterm_ends_a_long_poll() {
 /// and counted in stats, and one command replays it.
 #[test]
 fn failing_consumer_dead_letters_and_replay_through_the_cli() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = BrokerProc::start(
-        dir.path(),
-        &["--max-retries", "2", "--retry-backoff-ms", "10,20"],
-    );
+    let mut broker = BrokerProc::fresh(&["--max-retries", "2", "--retry-backoff-ms", "10,20"]);
     let a = broker.addr.clone();
     let a = a.as_str();
     assert_eq!(produce(a, "pay", "confirm", 1).len(), 1);

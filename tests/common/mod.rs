@@ -327,9 +327,20 @@ pub struct BrokerProc {
     /// The data directory and the extra arguments, for [`BrokerProc::restart`].
     pub dir: PathBuf,
     pub extra: Vec<String>,
+    /// The temporary data directory of [`BrokerProc::fresh`], removed after the broker
+    /// (fields drop in order: the process is stopped first).
+    tmp: Option<tempfile::TempDir>,
 }
 
 impl BrokerProc {
+    /// On a new temporary data directory that lives as long as the broker.
+    pub fn fresh(extra: &[&str]) -> BrokerProc {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = BrokerProc::start(tmp.path(), extra);
+        b.tmp = Some(tmp);
+        b
+    }
+
     pub fn start(dir: &Path, extra: &[&str]) -> BrokerProc {
         let extra = extra.iter().map(|s| s.to_string()).collect();
         BrokerProc::launch(dir.to_path_buf(), extra, false)
@@ -374,6 +385,7 @@ impl BrokerProc {
                     metrics,
                     dir,
                     extra,
+                    tmp: None,
                 };
             }
             proc.kill();
@@ -406,6 +418,7 @@ impl BrokerProc {
                     metrics: None,
                     dir: dir.to_path_buf(),
                     extra,
+                    tmp: None,
                 });
             }
             let status = proc.wait_exit(Duration::from_secs(30));
@@ -460,8 +473,11 @@ impl BrokerProc {
             std::mem::take(&mut self.extra),
         );
         let with_metrics = self.metrics.is_some();
+        let tmp = self.tmp.take();
         drop(self);
-        BrokerProc::launch(dir, extra, with_metrics)
+        let mut b = BrokerProc::launch(dir, extra, with_metrics);
+        b.tmp = tmp;
+        b
     }
 
     pub fn stderr(&self) -> String {
