@@ -188,6 +188,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn frames_written_without_waiting_for_company_arrive_whole_and_in_order() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let writer =
+            tokio::spawn(async move { write_frames_gathering(&mut a, &mut rx, || false).await });
+        let mut want = Vec::new();
+        for (id, len) in [(1, 10), (2, 300_000), (3, 5), (4, 70_000), (5, 1)] {
+            let f = frame_of(id, len);
+            want.extend_from_slice(&f);
+            tx.send(f).await.unwrap();
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
     async fn read_buf_takes_frames_across_reads() {
         let mut all = Vec::new();
         for id in 0..100 {
