@@ -1582,7 +1582,10 @@ fn bench_over_the_network_reports_the_p50_over_the_raw_disk() {
     assert_eq!(round_ratios(&r).len(), 1, "{r}");
     let raw_p50 = r["raw_serial_fsync_p50_us"].as_i64().unwrap();
     assert!(raw_p50 > 0, "{r}");
-    assert!(r["raw_serial_fsync_p99_us"].as_i64().unwrap() >= raw_p50, "{r}");
+    assert!(
+        r["raw_serial_fsync_p99_us"].as_i64().unwrap() >= raw_p50,
+        "{r}"
+    );
     assert_eq!(
         r["p50_over_raw_fsync_us"].as_i64(),
         Some(r["p50_us"].as_i64().unwrap() - raw_p50),
