@@ -25,7 +25,23 @@ pub fn run_network(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
     if opts.baseline && !compare_embedded {
-        return run_network_with_baseline(opts, addr, token, connections, progress);
+        // The raw disk (write + fdatasync, on `opts.data_dir`: the broker's disk when both
+        // are on one machine) and the broker, alternating `opts.rounds` times; the median
+        // round by its ratio to the raw disk is reported, with that round's raw figures
+        // (`p50_over_raw_fsync_us`: what one send costs on top of the disk).
+        let r = alternate_rounds(opts, progress, |_, tag, progress| {
+            progress(&format!(
+                "measuring the raw disk (write + fdatasync){tag} ..."
+            ));
+            let raw = measure_baseline(&opts.data_dir, 3.0)?;
+            progress(&format!("over the network{tag} ..."));
+            let mut r = run_network_once(opts, addr, token.clone(), connections, progress)?;
+            Ok((with_baseline(&mut r, &raw, opts.size), r))
+        });
+        if opts.cleanup {
+            let _ = std::fs::remove_dir_all(&opts.data_dir);
+        }
+        return r.map(|(_, _, r)| r);
     }
     if !compare_embedded {
         return run_network_once(opts, addr, token, connections, progress);
@@ -47,32 +63,6 @@ pub fn run_network(
     report.embedded_msgs_per_s = Some(emb);
     report.ratio_to_embedded = Some(ratio);
     Ok(report)
-}
-
-/// The raw disk (write + fdatasync, on `opts.data_dir`: the broker's disk when both are on
-/// one machine) and the broker at `addr`, alternating `opts.rounds` times; the median round
-/// by its ratio to the raw disk is reported, with the raw disk's figures of that round
-/// (`p50_over_raw_fsync_us`: what one send costs on top of the disk).
-fn run_network_with_baseline(
-    opts: &BenchOptions,
-    addr: &str,
-    token: Option<String>,
-    connections: usize,
-    progress: &mut dyn FnMut(&str),
-) -> Result<BenchReport> {
-    let r = alternate_rounds(opts, progress, |_, tag, progress| {
-        progress(&format!(
-            "measuring the raw disk (write + fdatasync){tag} ..."
-        ));
-        let raw = measure_baseline(&opts.data_dir, 3.0)?;
-        progress(&format!("over the network{tag} ..."));
-        let mut r = run_network_once(opts, addr, token.clone(), connections, progress)?;
-        Ok((with_baseline(&mut r, &raw, opts.size), r))
-    });
-    if opts.cleanup {
-        let _ = std::fs::remove_dir_all(&opts.data_dir);
-    }
-    r.map(|(_, _, r)| r)
 }
 
 /// One run against the broker at `addr`.
