@@ -1537,6 +1537,55 @@ fn bench_producers_can_keep_several_sends_in_flight() {
     broker.terminate();
 }
 
+/// `--addr --baseline`: the raw disk (one 1 KiB write + fdatasync at a time) measured in the
+/// same run as the network sends, and what a send costs on top of it at the median.
+#[test]
+fn bench_over_the_network_reports_the_p50_over_the_raw_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProc::start(&dir.path().join("broker"), &[]);
+    let addr = broker.addr.clone();
+    let data = dir.path().join("bench");
+    let args = [
+        "--addr",
+        &addr,
+        "--baseline",
+        "--rounds",
+        "1",
+        "--producers",
+        "1",
+        "--connections",
+        "1",
+        "--messages",
+        "50",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let (r, out) = bench_json(&args);
+    broker.terminate();
+    assert_eq!(r["mode"], "broker", "{r}");
+    assert_eq!(r["messages"].as_u64(), Some(50), "{r}");
+    assert_eq!(round_ratios(&r).len(), 1, "{r}");
+    let raw_p50 = r["raw_serial_fsync_p50_us"].as_i64().unwrap();
+    assert!(raw_p50 > 0, "{r}");
+    assert!(
+        r["raw_serial_fsync_p99_us"].as_i64().unwrap() >= raw_p50,
+        "{r}"
+    );
+    assert_eq!(
+        r["p50_over_raw_fsync_us"].as_i64(),
+        Some(r["p50_us"].as_i64().unwrap() - raw_p50),
+        "{r}"
+    );
+    assert!(out.stdout.contains("send p50 minus that"), "{}", out.stdout);
+    // A comparison with the embedded broker is a different baseline: not both at once.
+    let mut both = args.to_vec();
+    both.push("--compare-embedded");
+    let mut cmd = vec!["bench"];
+    cmd.extend(both);
+    let err = run(&cmd).fails();
+    assert!(err.stderr.contains("--compare-embedded"), "{}", err.stderr);
+}
+
 /// The comparing benches run their pair `--rounds` times, alternating, and report the median
 /// round: every round's ratio is listed, and the reported ratio is one of them.
 #[test]

@@ -6,7 +6,7 @@
 //! nothing of them but how to send a request and wait for its [`Response`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,18 @@ struct Connection {
     closed_notify: tokio::sync::Notify,
     /// What the broker said when it closed the connection, if anything.
     close_reason: Mutex<Option<String>>,
+    /// Answers the reader handed out from its last read: more than one, and their requesters
+    /// may be about to send again, so the writer waits for them to join its write.
+    answered_together: AtomicUsize,
+}
+
+impl Connection {
+    /// Whether a request queued now may have company soon (see
+    /// [`stream::write_frames_gathering`]): other requests are outstanding, or the last read
+    /// released several requesters at once. A lone producer's request is written at once.
+    fn more_may_come(&self) -> bool {
+        self.answered_together.load(Ordering::Relaxed) > 1 || self.pending.lock().len() > 1
+    }
 }
 
 struct Inner {
@@ -166,9 +178,14 @@ impl Client {
             closed: AtomicBool::new(false),
             closed_notify: tokio::sync::Notify::new(),
             close_reason: Mutex::new(None),
+            answered_together: AtomicUsize::new(0),
         });
+        // A weak handle: the connection owns the writer's channel, which closes (ending the
+        // writer) when the connection is dropped.
+        let gather = Arc::downgrade(&conn);
         tokio::spawn(async move {
-            let _ = stream::write_frames(&mut wr, &mut out_rx).await;
+            let more = || gather.upgrade().is_some_and(|c| c.more_may_come());
+            let _ = stream::write_frames_gathering(&mut wr, &mut out_rx, more).await;
         });
         tokio::spawn(read_loop(rd, conn.clone(), self.clone()));
         let hello = Request::Hello {
@@ -311,6 +328,7 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
     let max = client.inner.config.frame_bytes_max;
     let mut buf = ReadBuf::new();
     'read: loop {
+        let mut answered = 0;
         loop {
             let len = match buf.next_frame(max) {
                 Ok(Some(n)) => n,
@@ -329,6 +347,7 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                     match (waiting, resp) {
                         (Some(tx), resp) => {
                             let _ = tx.send(resp);
+                            answered += 1;
                         }
                         // Not an answer to a request: the broker says why it closes.
                         (None, Response::Error { code, message }) => {
@@ -352,6 +371,9 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                 FrameKind::Request => break 'read,
             }
             buf.consume(len);
+        }
+        if answered > 0 {
+            conn.answered_together.store(answered, Ordering::Relaxed);
         }
         match buf.read_from(&mut rd).await {
             Ok(0) | Err(_) => break,

@@ -89,6 +89,20 @@ pub async fn write_frames<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
     wr: &mut W,
     rx: &mut mpsc::Receiver<F>,
 ) -> io::Result<()> {
+    write_frames_gathering(wr, rx, || true).await
+}
+
+/// [`write_frames`] that yields for more frames only while `more_may_come` says other
+/// frames may be made ready by the same event (the server: requests of the connection not
+/// answered yet; the client: other requests outstanding, or a read that released several
+/// answers). Otherwise a lone frame is written at once: the yield costs a trip through the
+/// scheduler and an `epoll_wait` of the runtime's driver, all of it latency for a lone
+/// producer, and nothing can join its write.
+pub async fn write_frames_gathering<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
+    wr: &mut W,
+    rx: &mut mpsc::Receiver<F>,
+    more_may_come: impl Fn() -> bool,
+) -> io::Result<()> {
     let mut batch: Vec<u8> = Vec::new();
     let mut batched: Vec<F> = Vec::new();
     let mut held: Option<F> = None;
@@ -103,6 +117,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
         let second = if first.as_ref().len() < WRITE_BATCH_BYTES {
             match rx.try_recv().ok() {
                 Some(f) => Some(f),
+                None if !more_may_come() => None,
                 None => {
                     // The task that queued `first` woke this one, and tokio runs a task woken
                     // this way next: the other answers (or requests) made ready by the same
@@ -166,6 +181,25 @@ mod tests {
         drop(tx);
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         let writer = tokio::spawn(async move { write_frames(&mut a, &mut rx).await });
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn frames_written_without_waiting_for_company_arrive_whole_and_in_order() {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let writer =
+            tokio::spawn(async move { write_frames_gathering(&mut a, &mut rx, || false).await });
+        let mut want = Vec::new();
+        for (id, len) in [(1, 10), (2, 300_000), (3, 5), (4, 70_000), (5, 1)] {
+            let f = frame_of(id, len);
+            want.extend_from_slice(&f);
+            tx.send(f).await.unwrap();
+        }
+        drop(tx);
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap().unwrap();

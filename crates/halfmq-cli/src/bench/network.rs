@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use halfmq::{Error, Message, Result};
 
-use super::baseline::remove_between_runs;
+use super::baseline::{measure_baseline, remove_between_runs, with_baseline};
 use super::embedded::run_producers;
 use super::load::{check_in_flight, limit_time, monitor, produce_windowed, Load, Producers};
 use super::report::{merged, BenchReport, Measured};
@@ -24,6 +24,25 @@ pub fn run_network(
     compare_embedded: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
+    if opts.baseline && !compare_embedded {
+        // The raw disk (write + fdatasync, on `opts.data_dir`: the broker's disk when both
+        // are on one machine) and the broker, alternating `opts.rounds` times; the median
+        // round by its ratio to the raw disk is reported, with that round's raw figures
+        // (`p50_over_raw_fsync_us`: what one send costs on top of the disk).
+        let r = alternate_rounds(opts, progress, |_, tag, progress| {
+            progress(&format!(
+                "measuring the raw disk (write + fdatasync){tag} ..."
+            ));
+            let raw = measure_baseline(&opts.data_dir, 3.0)?;
+            progress(&format!("over the network{tag} ..."));
+            let mut r = run_network_once(opts, addr, token.clone(), connections, progress)?;
+            Ok((with_baseline(&mut r, &raw, opts.size), r))
+        });
+        if opts.cleanup {
+            let _ = std::fs::remove_dir_all(&opts.data_dir);
+        }
+        return r.map(|(_, _, r)| r);
+    }
     if !compare_embedded {
         return run_network_once(opts, addr, token, connections, progress);
     }

@@ -45,9 +45,16 @@ pub struct BenchReport {
     /// The raw disk's one-at-a-time 1 KiB write + fdatasync rate (with `--baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_serial_fsync_ops_per_s: Option<f64>,
+    /// p50 latency of one 1 KiB write + fdatasync, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_serial_fsync_p50_us: Option<u64>,
     /// p99 latency of one 1 KiB write + fdatasync, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_serial_fsync_p99_us: Option<u64>,
+    /// `p50_us - raw_serial_fsync_p50_us`: what a send costs on top of the disk's own
+    /// write + fdatasync (the figure to watch for one producer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_over_raw_fsync_us: Option<i64>,
     /// Sequential 256 KiB write + fdatasync throughput, MiB/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_group_mib_per_s: Option<f64>,

@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// When a send is acknowledged (embedded).
     #[arg(long, value_enum, default_value = "sync")]
     flush: Flush,
-    /// First measure the raw disk (write + fdatasync) on the same directory.
-    #[arg(long)]
+    /// First measure the raw disk (write + fdatasync) on the same directory (with --addr:
+    /// on the bench's directory, alternating with the network runs, `--rounds` times).
+    #[arg(long, conflicts_with = "compare_embedded")]
     baseline: bool,
     /// One OS thread per producer calling the blocking send (default: async tasks).
     #[arg(long)]
@@ -260,6 +261,11 @@ fn summary(r: &BenchReport) -> String {
         line(format!(
             "ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}"
         ));
+        if let (Some(p50), Some(over)) = (r.raw_serial_fsync_p50_us, r.p50_over_raw_fsync_us) {
+            line(format!(
+                "one 1 KiB write+fdatasync p50 {p50} µs; send p50 minus that: {over} µs"
+            ));
+        }
     }
     if !r.round_ratios.is_empty() {
         line(format!(

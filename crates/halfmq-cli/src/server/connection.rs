@@ -117,6 +117,7 @@ pub(super) async fn serve_connection(
     let (mut rd, wr) = stream.into_split();
     let (out, out_rx) = Outbox::new(config.out_bytes_max, counters.clone());
     let (cut_tx, mut cut) = watch::channel(false);
+    let in_flight = Arc::new(Semaphore::new(config.in_flight_max));
     let writer = tokio::spawn(write_loop(
         wr,
         out_rx,
@@ -126,6 +127,7 @@ pub(super) async fn serve_connection(
         cut_tx,
         peer,
         counters.clone(),
+        Owed(in_flight.clone(), config.in_flight_max),
     ));
     let stop = Stop {
         server: shutdown.clone(),
@@ -139,7 +141,6 @@ pub(super) async fn serve_connection(
         next_push: AtomicU64::new(1),
         registered: Mutex::new(Vec::new()),
     });
-    let in_flight = Arc::new(Semaphore::new(config.in_flight_max));
     let mut buf = ReadBuf::new();
     let mut authed = false;
     let connected = Instant::now();
@@ -333,6 +334,19 @@ pub(super) async fn serve_connection(
     result
 }
 
+/// The requests of a connection not answered yet: the permits of its `in_flight` semaphore
+/// that are taken (a request's permit goes back once its answer is queued).
+struct Owed(Arc<Semaphore>, usize);
+
+impl Owed {
+    /// Whether some request still owes an answer, which the same event (a group commit) may
+    /// be making ready now: then the writer waits for it to join its write, and otherwise a
+    /// lone answer is written at once (see `stream::write_frames_gathering`).
+    fn any(&self) -> bool {
+        self.0.available_permits() < self.1
+    }
+}
+
 /// Write the connection's frames until every sender is gone, each write taking at least a
 /// byte within `limit` and, once the server stops, everything within `limit`. On failure
 /// the connection is cut: no more room is handed out, the waits for it end, the queued
@@ -347,10 +361,11 @@ async fn write_loop(
     cut: watch::Sender<bool>,
     peer: SocketAddr,
     counters: Arc<NetCounters>,
+    owed: Owed,
 ) {
     let mut wr = TimedWrite::new(wr, limit);
     let written = {
-        let frames = stream::write_frames(&mut wr, &mut rx);
+        let frames = stream::write_frames_gathering(&mut wr, &mut rx, || owed.any());
         let late = async {
             wait_true(&mut shutdown).await;
             tokio::time::sleep(limit).await;
