@@ -18,7 +18,7 @@ pub(crate) fn last_nonzero(file: &dyn StorageFile, size: u64, pos: u64) -> Resul
     while at < size {
         let n = ((size - at) as usize).min(CHUNK);
         let got = file.read_at(&mut buf[..n], at)?;
-        if let Some(i) = buf[..got].iter().rposition(|&b| b != 0) {
+        if let Some(i) = last_nonzero_in(&buf[..got]) {
             last = Some(at + i as u64);
         }
         if got < n {
@@ -27,6 +27,24 @@ pub(crate) fn last_nonzero(file: &dyn StorageFile, size: u64, pos: u64) -> Resul
         at += n as u64;
     }
     Ok(last)
+}
+
+/// Index of the last non-zero byte of `buf`. A fresh segment is 64 MiB of zeros, so blocks
+/// are first tested whole with an OR that the compiler vectorises (a byte-at-a-time
+/// `rposition` over the whole file took ~0.3 s per open), and only the last non-zero block
+/// is searched byte by byte.
+fn last_nonzero_in(buf: &[u8]) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    let mut end = buf.len();
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let block = &buf[start..end];
+        if block.iter().fold(0u8, |acc, &b| acc | b) != 0 {
+            return block.iter().rposition(|&b| b != 0).map(|i| start + i);
+        }
+        end = start;
+    }
+    None
 }
 
 /// Whether the first record slot of a segment holds a valid record.
@@ -179,5 +197,23 @@ impl<'f> Scanner<'f> {
         let at = (self.pos - self.buf_start) as usize;
         let end = (at + self.len as usize).min(self.buf.len());
         record::decode(&self.buf[at..end]).map(|(view, _)| view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_nonzero_in;
+
+    #[test]
+    fn last_nonzero_in_finds_the_last_set_byte_across_blocks() {
+        let mut buf = vec![0u8; 3 * 4096 + 100];
+        assert_eq!(last_nonzero_in(&buf), None);
+        assert_eq!(last_nonzero_in(&[]), None);
+        for at in [0, 1, 4095, 4096, 8191, 3 * 4096 + 99] {
+            buf[at] = 7;
+            assert_eq!(last_nonzero_in(&buf), Some(at), "byte {at}");
+        }
+        buf[3 * 4096 + 99] = 0;
+        assert_eq!(last_nonzero_in(&buf), Some(8191));
     }
 }
