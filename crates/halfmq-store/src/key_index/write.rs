@@ -142,7 +142,11 @@ impl KeyIndex {
     }
 
     /// Write entries and dirty slot pages, sync, then the header claiming `upto`.
+    /// When nothing but the mark moved (only keyless records passed since the last
+    /// persist), the entries and slots on disk are already synced and their CRC unchanged:
+    /// only the header is written and synced.
     pub(super) fn persist_active(a: &mut Active, upto: u64, sealed: bool) -> Result<()> {
+        let changed = !a.pending.is_empty() || a.dirty.iter().any(|&d| d);
         Self::write_pending(a)?;
         let mut i = 0;
         while i < a.dirty.len() {
@@ -160,7 +164,9 @@ impl KeyIndex {
             a.f.file
                 .write_all_at(&a.slots[from..to], HEADER_BYTES as u64 + from as u64)?;
         }
-        a.f.file.sync_data()?;
+        if changed {
+            a.f.file.sync_data()?;
+        }
         let h = &mut a.f.header;
         if h.count > 0 && upto <= h.last {
             return Err(Error::Invalid {
@@ -169,7 +175,9 @@ impl KeyIndex {
             });
         }
         h.indexed_upto = upto.max(h.first);
-        h.slots_crc = crc32fast::hash(&a.slots);
+        if changed {
+            h.slots_crc = crc32fast::hash(&a.slots);
+        }
         h.sealed = sealed;
         a.f.file.write_all_at(&h.encode(), 0)?;
         a.f.file.sync_data()
