@@ -9,18 +9,6 @@ mod common;
 
 use common::*;
 
-fn n(r: &Value, field: &str) -> u64 {
-    r[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {field} in {r}"))
-}
-
-fn f(r: &Value, field: &str) -> f64 {
-    r[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no {field} in {r}"))
-}
-
 /// The figures of one consume report agree with each other: every message polled was
 /// acked, in calls of at most `poll_max`, no more than the topic held, and all of it when a
 /// consumer found the topic empty.
@@ -116,12 +104,7 @@ fn bench_consume_baseline_alternates_raw_disk_and_consumers() {
         ],
     );
     check_consistent(&r, 1, 32, 2000);
-    let rounds: Vec<f64> = r["round_ratios"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no round_ratios in {r}"))
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let rounds = round_ratios(&r);
     assert_eq!(rounds.len(), 3, "{r}");
     let mut sorted = rounds.clone();
     sorted.sort_by(f64::total_cmp);
