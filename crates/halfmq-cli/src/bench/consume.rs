@@ -81,7 +81,8 @@ pub struct ConsumeReport {
     pub mode: String,
     /// Consumers in the group.
     pub consumers: usize,
-    /// `"tasks"` (embedded) or `"tasks over N connections"`.
+    /// `"tasks"` (embedded: each ack is the blocking `ack_many` on a blocking thread, as the
+    /// network server makes it) or `"tasks over N connections"`.
     pub consumer_kind: String,
     /// Messages asked for per poll.
     pub poll_max: usize,
@@ -215,9 +216,19 @@ impl Endpoint {
         }
     }
 
+    /// Embedded, the blocking `ack_many` on tokio's blocking threads, as the network server
+    /// calls it: `ack_many_async` waits in sled 0.34's `flush_async`, and with 8 consumers
+    /// acking at once that hung for good (sled's I/O threads all waiting in flushes for a
+    /// write queued behind them, spacejam/sled#1308).
     async fn ack_many(&self, group: &str, topic: &str, acks: &[(u32, u64)]) -> Result<()> {
         match self {
-            Endpoint::Embedded(b) => b.ack_many_async(group, topic, acks).await,
+            Endpoint::Embedded(b) => {
+                let (b, group, topic, acks) =
+                    (b.clone(), group.to_owned(), topic.to_owned(), acks.to_vec());
+                tokio::task::spawn_blocking(move || b.ack_many(&group, &topic, &acks))
+                    .await
+                    .map_err(|e| Error::Poisoned(format!("a bench consumer's ack failed: {e}")))?
+            }
             Endpoint::Remote(c) => c.ack_many(group, topic, acks).await,
         }
     }
@@ -528,10 +539,10 @@ fn consume_once(
     };
     let consumer_kind = match &endpoints[0] {
         Endpoint::Embedded(_) => "tasks".to_owned(),
-        Endpoint::Remote(_) => format!(
-            "tasks over {} connections",
-            endpoints.len().min(opts.consumers)
-        ),
+        Endpoint::Remote(_) => match endpoints.len().min(opts.consumers) {
+            1 => "tasks over 1 connection".to_owned(),
+            n => format!("tasks over {n} connections"),
+        },
     };
     Ok(ConsumeReport {
         mode: mode.into(),
