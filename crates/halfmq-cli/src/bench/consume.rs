@@ -99,7 +99,7 @@ pub struct ConsumeReport {
     pub acked: u64,
     /// `ack_many` calls made.
     pub ack_calls: u64,
-    /// Wall time of the run, to the last consumer's last ack.
+    /// Wall time of the run, to the last consumer's last ack (to the microsecond).
     pub seconds: f64,
     /// Messages acked per second.
     pub acks_per_s: f64,
@@ -554,7 +554,8 @@ fn consume_once(
         polled,
         acked,
         ack_calls: calls,
-        seconds: round3(seconds),
+        // To the microsecond: a run that ran dry early can be a few milliseconds long.
+        seconds: (seconds * 1e6).round() / 1e6,
         acks_per_s: round2(acked as f64 / seconds),
         ack_calls_per_s: round2(calls as f64 / seconds),
         msgs_per_ack_call: round2(acked as f64 / calls.max(1) as f64),
