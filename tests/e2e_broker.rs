@@ -73,12 +73,6 @@ fn s(v: &Value, field: &str) -> String {
         .to_owned()
 }
 
-fn n(v: &Value, field: &str) -> u64 {
-    v[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number {field} in {v}"))
-}
-
 /// (queue, offset) of a produce or consume line.
 fn pos(v: &Value) -> (u64, u64) {
     (n(v, "queue"), n(v, "offset"))
@@ -1443,16 +1437,6 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
         );
     }
     drop(broker);
-}
-
-/// The `round_ratios` of a comparing bench's JSON report.
-fn round_ratios(r: &Value) -> Vec<f64> {
-    r["round_ratios"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no round_ratios in {r}"))
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect()
 }
 
 /// `--baseline` alternates the raw disk and the store `--rounds` times and reports the

@@ -274,6 +274,30 @@ pub fn embedded_bench(dir: &Path, extra: &[&str]) -> (Value, Run) {
     bench_json(&args)
 }
 
+/// The whole number `field` of a JSON line (a report, a produced or consumed message).
+pub fn n(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {field} in {v}"))
+}
+
+/// The number `field` of a JSON line, as a float.
+pub fn f(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {field} in {v}"))
+}
+
+/// The `round_ratios` of a comparing bench's JSON report.
+pub fn round_ratios(r: &Value) -> Vec<f64> {
+    r["round_ratios"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no round_ratios in {r}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 /// A port nobody listens on right now (it may be taken again before the broker binds it;
 /// [`BrokerProc::start`] retries then).
 pub fn free_port() -> u16 {

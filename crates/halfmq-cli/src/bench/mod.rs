@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use halfmq::FlushPolicy;
 
 mod baseline;
+mod consume;
 mod embedded;
 mod load;
 mod network;
@@ -18,6 +19,7 @@ mod trace;
 mod txn_tick;
 
 pub use baseline::{measure_baseline, Baseline};
+pub use consume::{run_consume, ConsumeOptions, ConsumeReport, ConsumeTarget};
 pub use embedded::run_embedded;
 pub use network::run_network;
 pub use report::BenchReport;

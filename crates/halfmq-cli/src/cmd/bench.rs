@@ -71,10 +71,11 @@ pub struct BenchArgs {
     /// in the same run, for ratio_to_without_keys.
     #[arg(long, conflicts_with_all = ["txn", "txn_tick", "addr"])]
     idempotency_keys: bool,
-    /// With --txn, --idempotency-keys or --compare-embedded (default 3), or --baseline with
-    /// plain sends (default 1): run the pair (without, with; or raw disk, store) this many
-    /// times, alternating; the ratio is the median of the rounds' ratios (robust to a burst
-    /// of load from other processes on a shared machine, and to the disk's own rate moving).
+    /// With --txn, --idempotency-keys, --compare-embedded or --consume --baseline (default
+    /// 3), or --baseline with plain sends (default 1): run the pair (without, with; or raw
+    /// disk, store or consumers) this many times, alternating; the ratio is the median of the
+    /// rounds' ratios (robust to a burst of load from other processes on a shared machine,
+    /// and to the disk's own rate moving).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: Option<u32>,
     /// Instead: fill a store with --messages keyed messages (default 10 000 000), time
@@ -91,6 +92,25 @@ pub struct BenchArgs {
     /// Due transactions for --txn-tick.
     #[arg(long, default_value_t = 100)]
     due: u64,
+    /// Instead: --consumers consumers of one group poll batches of up to --poll-max from a
+    /// topic filled with --prefill messages first, and ack each batch with one call, for
+    /// --seconds; with --baseline, alternating with the raw disk's fdatasync rate (--rounds,
+    /// default 3), for ratio_to_raw_fsync.
+    #[arg(long, conflicts_with_all = [
+        "txn", "txn_tick", "idempotency_keys", "trace", "compare_embedded", "messages",
+        "producers", "in_flight", "threads", "flush", "metrics",
+    ])]
+    consume: bool,
+    /// Consumers in the one group of --consume.
+    #[arg(long, requires = "consume", default_value_t = 8)]
+    consumers: usize,
+    /// Messages each poll of --consume asks for; each batch is acked with one call.
+    #[arg(long, requires = "consume", default_value_t = 32)]
+    poll_max: usize,
+    /// Messages written to the topic before --consume measures (default: 400 000 per second
+    /// of --seconds, so that the consumers do not run dry).
+    #[arg(long, requires = "consume")]
+    prefill: Option<u64>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -134,6 +154,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 r.pending, r.due, r.tick_us, r.dispatch_us, r.apply_us, r.fill_seconds
             )
         });
+    }
+    if a.consume {
+        return consume(&a, data_dir, cleanup, progress);
     }
     let opts = a.options(data_dir, cleanup)?;
     eprintln!(
@@ -209,6 +232,56 @@ impl BenchArgs {
             },
         })
     }
+}
+
+/// `--consume`: consumers polling and acking batches of a prefilled topic.
+fn consume(
+    a: &BenchArgs,
+    data_dir: PathBuf,
+    cleanup: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let seconds = a.seconds.unwrap_or(10.0);
+    let opts = bench::ConsumeOptions {
+        data_dir,
+        cleanup,
+        consumers: a.consumers,
+        poll_max: a.poll_max,
+        prefill: a
+            .prefill
+            .unwrap_or(((seconds * 400_000.0).ceil() as u64).max(10_000)),
+        size: a.size,
+        seconds,
+        baseline: a.baseline,
+        rounds: a.rounds.unwrap_or(if a.baseline { 3 } else { 1 }),
+    };
+    let target = match &a.addr {
+        Some(addr) => bench::ConsumeTarget::Network {
+            addr: addr.clone(),
+            token: a.token.clone(),
+            connections: a.connections,
+        },
+        None => bench::ConsumeTarget::Embedded,
+    };
+    eprintln!(
+        "halfmq bench: mode=consume consumers={} poll_max={} prefill={} size={} seconds={} baseline={} rounds={} target={} dir={} cores={}",
+        opts.consumers,
+        opts.poll_max,
+        opts.prefill,
+        opts.size,
+        opts.seconds,
+        opts.baseline,
+        opts.rounds,
+        a.addr.as_deref().unwrap_or("embedded"),
+        opts.data_dir.display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
+    let r = bench::run_consume(&opts, &target, progress)?;
+    println!("{r}");
+    if a.json {
+        print_json(&r);
+    }
+    Ok(())
 }
 
 /// Remove the bench's own directory, then print a finished report as text (and as JSON).
