@@ -179,6 +179,13 @@ impl Meta {
         let txn_halves = db.open_tree("txn_halves").map_err(sled_err)?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets").map_err(sled_err)?;
         let idem = db.open_tree("idem_chunks").map_err(sled_err)?;
+        let flusher = db.handle();
+        let flush: durable::Flush = Box::new(move || {
+            flusher
+                .flush()
+                .map(drop)
+                .map_err(|e| format!("flush of the metadata store: {}", sled_err(e)))
+        });
         let meta = Meta {
             db,
             topics,
@@ -190,7 +197,7 @@ impl Meta {
             idem,
             dir: dir.to_path_buf(),
             fresh,
-            sync: durable::DbSync::start(dir)?,
+            sync: durable::DbSync::start(dir, flush)?,
         };
         // sled's files and `meta/` itself are durable entries from here on (later flushes
         // fsync only sled's file; new files are synced before every checkpoint).
@@ -565,11 +572,11 @@ impl Meta {
         self.sync.sync()
     }
 
-    /// [`Meta::flush`] for async code: sled flushes on its own I/O threads, so the executor's
-    /// thread is not blocked.
+    /// [`Meta::flush`] for async code: sled's flush and the fsync run on the metadata fsync
+    /// thread, so the executor's thread is not blocked (see `meta/durable.rs` for why not
+    /// sled's own `flush_async`).
     pub async fn flush_async(&self) -> Result<()> {
-        self.db.flush_async().await.map_err(sled_err)?;
-        self.sync.sync_async().await
+        self.sync.flush_and_sync_async().await
     }
 
     /// Every persisted chunk of idempotency-key entries, by id (oldest first).

@@ -216,19 +216,12 @@ impl Endpoint {
         }
     }
 
-    /// Embedded, the blocking `ack_many` on tokio's blocking threads, as the network server
-    /// calls it: `ack_many_async` waits in sled 0.34's `flush_async`, and with 8 consumers
-    /// acking at once that hung for good (sled's I/O threads all waiting in flushes for a
-    /// write queued behind them, spacejam/sled#1308).
+    /// Embedded, `ack_many_async`, as an embedded application acks. (Until 2026-12-06 it
+    /// awaited sled 0.34's `flush_async`, which hung for good with 8 consumers acking at
+    /// once, spacejam/sled#1308; the flush now runs on the metadata fsync thread.)
     async fn ack_many(&self, group: &str, topic: &str, acks: &[(u32, u64)]) -> Result<()> {
         match self {
-            Endpoint::Embedded(b) => {
-                let (b, group, topic, acks) =
-                    (b.clone(), group.to_owned(), topic.to_owned(), acks.to_vec());
-                tokio::task::spawn_blocking(move || b.ack_many(&group, &topic, &acks))
-                    .await
-                    .map_err(|e| Error::Poisoned(format!("a bench consumer's ack failed: {e}")))?
-            }
+            Endpoint::Embedded(b) => b.ack_many_async(group, topic, acks).await,
             Endpoint::Remote(c) => c.ack_many(group, topic, acks).await,
         }
     }

@@ -228,25 +228,6 @@ impl Shared {
         self.drop_pending_below(upto);
         Ok(n)
     }
-
-    async fn flush_async(&self) -> sled::Result<usize> {
-        let upto = self.pending.lock().next;
-        self.ensure_open()?;
-        // The flush runs on sled's threads; the handle is held across the await (a reopen
-        // meanwhile waits for it, see `open_db`).
-        let Some(o) = self.current.read().clone() else {
-            return Err(sled::Error::Io(std::io::Error::other(
-                "the metadata store is being reopened after an I/O error",
-            )));
-        };
-        let r = o.db.flush_async().await;
-        match &r {
-            Ok(_) => self.drop_pending_below(upto),
-            Err(e) if is_io(e) => self.broken.store(true, Ordering::Release),
-            Err(_) => {}
-        }
-        r
-    }
 }
 
 fn write_bytes(w: &Write) -> usize {
@@ -265,7 +246,6 @@ pub(crate) struct LiveDb {
 }
 
 impl LiveDb {
-    /// Open (or create) the database in `dir`.
     /// Take over a database sled has opened in `dir`.
     pub(crate) fn from_db(dir: &Path, db: sled::Db) -> LiveDb {
         LiveDb {
@@ -283,6 +263,13 @@ impl LiveDb {
         }
     }
 
+    /// Another handle of the same database (for the metadata fsync thread).
+    pub(crate) fn handle(&self) -> LiveDb {
+        LiveDb {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// A handle of tree `name`, valid across reopens.
     pub(crate) fn open_tree(&self, name: &str) -> sled::Result<LiveTree> {
         self.shared.run(Some(name), |_| Ok(((), None)))?;
@@ -295,11 +282,6 @@ impl LiveDb {
     /// `sled::Db::flush`: everything sled accepted so far is on disk.
     pub(crate) fn flush(&self) -> sled::Result<usize> {
         self.shared.flush()
-    }
-
-    /// `sled::Db::flush_async`.
-    pub(crate) async fn flush_async(&self) -> sled::Result<usize> {
-        self.shared.flush_async().await
     }
 }
 

@@ -377,4 +377,47 @@ mod tests {
         assert_eq!((left[0].offset, left[0].attempt), (got[1].offset, 2));
         assert_eq!(b.dead_letters("g", 0, 10).unwrap().len(), 1);
     }
+
+    /// Sixteen consumers acking at once with `ack_many_async`: when the flush awaited sled
+    /// 0.34's `flush_async`, this hung for good now and then (spacejam/sled#1308). The
+    /// watchdog only turns a hang into a failure; it measures nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_async_acks_all_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+        b.create_topic("t", 8).unwrap();
+        for i in 0..4000u32 {
+            b.send_async("t", &Message::new(i.to_le_bytes().to_vec()))
+                .await
+                .unwrap();
+        }
+        let consumers = (0..16).map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut acked = 0;
+                loop {
+                    let got = b.poll("g", "t", 2).unwrap();
+                    if got.is_empty() {
+                        return acked;
+                    }
+                    let acks: Vec<(u32, u64)> = got.iter().map(|d| (d.queue, d.offset)).collect();
+                    b.ack_many_async("g", "t", &acks).await.unwrap();
+                    acked += acks.len();
+                }
+            })
+        });
+        let all = futures_join(consumers.collect());
+        let acked = tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .expect("async acks hung");
+        assert_eq!(acked, 4000);
+    }
+
+    async fn futures_join(tasks: Vec<tokio::task::JoinHandle<usize>>) -> usize {
+        let mut n = 0;
+        for t in tasks {
+            n += t.await.unwrap();
+        }
+        n
+    }
 }
