@@ -66,6 +66,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod append;
+mod append_run;
 mod batch;
 pub mod checkpoint;
 pub mod config;

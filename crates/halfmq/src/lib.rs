@@ -99,7 +99,7 @@ pub use halfmq_types::{
     CheckAnswer, DeadLetter, DelayedReceipt, Delivery, Error, GroupDeleted, GroupSettings,
     HalfMessage, HalfOptions, HalfReceipt, Message, NackOutcome, Properties, Replayed, Result,
     SendReceipt, TopicInfo, TransactionChecker, TxnId, TxnInfo, TxnState,
-    IDEMPOTENCY_KEY_BYTES_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,
 };
 pub use halfmq_types::{
     LogStats, MetaRecovery, OffsetReport, Pin, RetentionFloor, RetentionReport, Stats, Trace,
