@@ -60,7 +60,10 @@ fn a_batch_is_one_group_commit_with_a_receipt_per_message_in_order() {
     let mut next: HashMap<u32, u64> = HashMap::new();
     for r in &got {
         let n = next.entry(r.queue).or_default();
-        assert_eq!((r.topic.as_str(), r.offset, r.duplicate), (TOPIC, *n, false));
+        assert_eq!(
+            (r.topic.as_str(), r.offset, r.duplicate),
+            (TOPIC, *n, false)
+        );
         *n += 1;
     }
     // Each receipt says where its own message is.
@@ -94,7 +97,10 @@ fn a_bad_message_fails_alone_and_a_bad_batch_as_a_whole() {
     let out = b.send_batch(TOPIC, &msgs).unwrap();
     assert!(matches!(out[1], Err(Error::Invalid { .. })), "{:?}", out[1]);
     assert!(matches!(out[3], Err(Error::Invalid { .. })), "{:?}", out[3]);
-    let stored: Vec<_> = [0, 2, 4].iter().map(|&i| out[i].as_ref().unwrap()).collect();
+    let stored: Vec<_> = [0, 2, 4]
+        .iter()
+        .map(|&i| out[i].as_ref().unwrap())
+        .collect();
     let bodies: Vec<Vec<u8>> = visible(&b, TOPIC).into_iter().map(|d| d.body).collect();
     assert_eq!(bodies.len(), 3, "{stored:?}");
     for want in ["first", "third", "fifth"] {
@@ -102,7 +108,10 @@ fn a_bad_message_fails_alone_and_a_bad_batch_as_a_whole() {
     }
 
     let e = b.send_batch("nope", &msgs[..1]).unwrap_err();
-    assert!(matches!(e, Error::UnknownTopic(ref t) if t == "nope"), "{e:?}");
+    assert!(
+        matches!(e, Error::UnknownTopic(ref t) if t == "nope"),
+        "{e:?}"
+    );
     let many = vec![Message::new("m"); SEND_BATCH_MESSAGES_MAX + 1];
     assert!(matches!(
         b.send_batch(TOPIC, &many),
@@ -114,7 +123,11 @@ fn a_bad_message_fails_alone_and_a_bad_batch_as_a_whole() {
         Err(Error::Invalid { what: "batch", .. })
     ));
     assert!(b.send_batch(TOPIC, &[]).unwrap().is_empty());
-    assert_eq!(visible(&b, TOPIC).len(), 3, "the refused batches stored nothing");
+    assert_eq!(
+        visible(&b, TOPIC).len(),
+        3,
+        "the refused batches stored nothing"
+    );
 }
 
 #[test]
@@ -146,7 +159,10 @@ fn idempotency_keys_inside_a_batch_and_across_answer_the_original() {
     let again = receipts(b.send_batch(TOPIC, &[m("k2", "x"), m("k1", "y")]).unwrap());
     assert_eq!(place(&again[0]), place(&out[1]));
     assert_eq!(place(&again[1]), place(&out[0]));
-    assert_eq!(place(&b.send(TOPIC, &m("k1", "z")).unwrap()), place(&out[0]));
+    assert_eq!(
+        place(&b.send(TOPIC, &m("k1", "z")).unwrap()),
+        place(&out[0])
+    );
     let mut bodies: Vec<String> = visible(&b, TOPIC)
         .into_iter()
         .map(|d| String::from_utf8(d.body).unwrap())
@@ -220,12 +236,19 @@ fn over_the_network_each_message_gets_its_own_answer() {
         ];
         let out = producer.send_batch(TOPIC, &msgs).await.unwrap();
         let first = out[0].as_ref().unwrap();
-        assert!(matches!(&out[1], Err(Error::Invalid { .. })), "{:?}", out[1]);
+        assert!(
+            matches!(&out[1], Err(Error::Invalid { .. })),
+            "{:?}",
+            out[1]
+        );
         let dup = out[2].as_ref().unwrap();
         assert!(dup.duplicate && (dup.queue, dup.offset) == (first.queue, first.offset));
         assert!(out[3].is_ok());
         // A topic no one may send to refuses the batch as a whole.
-        let e = producer.send_batch("no/such", &msgs[..1]).await.unwrap_err();
+        let e = producer
+            .send_batch("no/such", &msgs[..1])
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::Invalid { .. }), "{e}");
         assert!(producer.send_batch(TOPIC, &[]).await.unwrap().is_empty());
 
@@ -243,7 +266,10 @@ fn over_the_network_each_message_gets_its_own_answer() {
         for t in tasks {
             let (i, r) = t.await.unwrap();
             assert!(!r.duplicate, "{i}");
-            assert!(places.insert((r.queue, r.offset)), "{i}: a place of its own");
+            assert!(
+                places.insert((r.queue, r.offset)),
+                "{i}: a place of its own"
+            );
         }
     });
     drop(rt);
@@ -319,11 +345,24 @@ fn every_acknowledged_batched_message_survives_kill_9() {
     let b = Broker::open(BrokerConfig::new(dir.path())).unwrap();
     let mut stored: HashMap<String, (u32, u64)> = HashMap::new();
     for d in visible(&b, TOPIC) {
-        assert_eq!(d.body, format!("{};", d.key).repeat(10).into_bytes(), "{}", d.key);
-        assert!(stored.insert(d.key.clone(), (d.queue, d.offset)).is_none(), "{} twice", d.key);
+        assert_eq!(
+            d.body,
+            format!("{};", d.key).repeat(10).into_bytes(),
+            "{}",
+            d.key
+        );
+        assert!(
+            stored.insert(d.key.clone(), (d.queue, d.offset)).is_none(),
+            "{} twice",
+            d.key
+        );
     }
     for (key, place) in &acked {
-        assert_eq!(stored.get(key), Some(place), "{key} acknowledged at {place:?}");
+        assert_eq!(
+            stored.get(key),
+            Some(place),
+            "{key} acknowledged at {place:?}"
+        );
     }
     let batched = acked.keys().filter(|k| k.starts_with('b')).count();
     assert!(batched > 0, "explicit batches were acknowledged");

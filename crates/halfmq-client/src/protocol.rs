@@ -577,7 +577,10 @@ mod tests {
         let mut got = results.into_iter().map(|r| r.into_outcome(&topic));
         assert_eq!(got.next().unwrap().unwrap(), *outcomes[0].as_ref().unwrap());
         let e = got.next().unwrap().unwrap_err();
-        assert!(matches!(e, Error::UnknownTopic(ref t) if t == "orders"), "{e}");
+        assert!(
+            matches!(e, Error::UnknownTopic(ref t) if t == "orders"),
+            "{e}"
+        );
     }
 
     #[test]

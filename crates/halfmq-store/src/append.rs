@@ -13,10 +13,10 @@ use crate::prepare;
 use crate::record::{self, Header, RecordKind, HEADER_BYTES};
 use crate::segment::{Segment, SEGMENT_HEADER_BYTES};
 use crate::state::{notified_until, Shared, Writer};
-use parking_lot::MutexGuard;
 use crate::ticket::{Appended, Ticket};
 use crate::Store;
 use halfmq_types::error::{Error, Result};
+use parking_lot::MutexGuard;
 
 /// Bytes of the SegmentEnd record that closes every full segment; always kept free.
 const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
@@ -209,7 +209,8 @@ impl Shared {
             }
             // Back-pressure: wait while the batch is full (but never for an empty batch, so a
             // record up to record_bytes_max always gets in).
-            if !w.batch.is_empty() && w.batch.bytes.len() as u64 + bytes > self.config.pending_bytes_max
+            if !w.batch.is_empty()
+                && w.batch.bytes.len() as u64 + bytes > self.config.pending_bytes_max
             {
                 if !wait_for_space {
                     return Ok(false);

@@ -189,16 +189,27 @@ mod tests {
             .collect();
         let before = store.log_stats();
         let tickets = store.submit_many(run);
-        let appended: Vec<_> = tickets.into_iter().map(|t| t.unwrap().wait().unwrap()).collect();
+        let appended: Vec<_> = tickets
+            .into_iter()
+            .map(|t| t.unwrap().wait().unwrap())
+            .collect();
         let after = store.log_stats();
-        assert_eq!(after.syncs - before.syncs, 1, "one group commit for the run");
+        assert_eq!(
+            after.syncs - before.syncs,
+            1,
+            "one group commit for the run"
+        );
         assert_eq!(after.records - before.records, 50);
         assert_eq!(ran.load(Ordering::Relaxed), 50, "every hook ran");
         for (i, a) in appended.iter().enumerate() {
             assert_eq!(a.queue_offset, Some(i as u64));
             if i > 0 {
                 let prev = appended[i - 1];
-                assert_eq!(a.log_offset, prev.log_offset + u64::from(prev.size), "contiguous");
+                assert_eq!(
+                    a.log_offset,
+                    prev.log_offset + u64::from(prev.size),
+                    "contiguous"
+                );
             }
         }
         let read = store.read_messages(&q, 0, 100).unwrap();
@@ -218,7 +229,11 @@ mod tests {
             (message(&q, &small), Hook::None),
         ];
         let out = store.submit_many(run);
-        assert!(matches!(&out[1], Err(Error::Invalid { .. })), "{:?}", out[1]);
+        assert!(
+            matches!(&out[1], Err(Error::Invalid { .. })),
+            "{:?}",
+            out[1]
+        );
         let offsets: Vec<_> = out
             .into_iter()
             .filter_map(|t| t.ok())
@@ -266,6 +281,9 @@ mod tests {
         store.close().unwrap();
         let run = (0..2).map(|_| (message(&q, b"x"), Hook::None)).collect();
         let out = store.submit_many(run);
-        assert!(out.iter().all(|r| matches!(r, Err(Error::Closed))), "{out:?}");
+        assert!(
+            out.iter().all(|r| matches!(r, Err(Error::Closed))),
+            "{out:?}"
+        );
     }
 }

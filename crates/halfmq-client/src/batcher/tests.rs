@@ -131,7 +131,11 @@ async fn concurrent_sends_share_frames_and_each_caller_gets_its_own_receipt() {
     let frames = seen.lock().clone();
     let mut sizes: Vec<usize> = frames.iter().map(Vec::len).collect();
     sizes.sort_unstable();
-    assert_eq!(sizes, [1, 7, 7, 7, 7, 7, 7, 7], "one alone, then full batches");
+    assert_eq!(
+        sizes,
+        [1, 7, 7, 7, 7, 7, 7, 7],
+        "one alone, then full batches"
+    );
     let mut bodies: Vec<u64> = frames
         .iter()
         .flatten()

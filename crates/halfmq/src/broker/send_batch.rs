@@ -47,11 +47,7 @@ impl Broker {
     /// only when the batch itself cannot be taken: an unknown or invalid topic, more than
     /// [`SEND_BATCH_MESSAGES_MAX`] messages or [`SEND_BATCH_BYTES_MAX`] bytes
     /// ([`Error::Invalid`]). Half messages are not batched.
-    pub fn send_batch(
-        &self,
-        topic: &str,
-        msgs: &[Message],
-    ) -> Result<Vec<Result<SendReceipt>>> {
+    pub fn send_batch(&self, topic: &str, msgs: &[Message]) -> Result<Vec<Result<SendReceipt>>> {
         block_on(self.send_batch_with(&Blocking, topic, msgs))
     }
 
@@ -129,13 +125,7 @@ impl Broker {
                 reservation,
             } = slot
             {
-                run.push(self.staged_append(
-                    &t,
-                    *qi,
-                    (&msgs[i], props),
-                    reservation.take(),
-                    now,
-                ));
+                run.push(self.staged_append(&t, *qi, (&msgs[i], props), reservation.take(), now));
                 at.push(i);
             }
         }

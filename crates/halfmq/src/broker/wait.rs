@@ -84,7 +84,11 @@ impl Wait for Blocking {
         }
     }
 
-    async fn append_many(&self, store: &Store, run: Vec<(Append<'_>, Hook)>) -> Vec<Result<Appended>> {
+    async fn append_many(
+        &self,
+        store: &Store,
+        run: Vec<(Append<'_>, Hook)>,
+    ) -> Vec<Result<Appended>> {
         let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
         store
             .submit_many(run)
@@ -121,7 +125,11 @@ impl Wait for Async {
         }
     }
 
-    async fn append_many(&self, store: &Store, run: Vec<(Append<'_>, Hook)>) -> Vec<Result<Appended>> {
+    async fn append_many(
+        &self,
+        store: &Store,
+        run: Vec<(Append<'_>, Hook)>,
+    ) -> Vec<Result<Appended>> {
         let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
         let tickets = store.submit_many_async(run).await;
         let mut out = Vec::with_capacity(tickets.len());

@@ -35,7 +35,8 @@ pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> 
         | Request::Retention
         | Request::Trace { .. } => Some(frame_bytes_max as usize),
         Request::SendBatch { messages, .. } => Some(
-            (SMALL_ANSWER_BYTES + messages.len() * BATCH_ANSWER_BYTES).min(frame_bytes_max as usize),
+            (SMALL_ANSWER_BYTES + messages.len() * BATCH_ANSWER_BYTES)
+                .min(frame_bytes_max as usize),
         ),
         _ => Some(SMALL_ANSWER_BYTES),
     }
