@@ -19,81 +19,17 @@
 //! [`ClientConfig::batch_bytes_max`]: crate::ClientConfig::batch_bytes_max
 //! [`ClientConfig::batch_linger`]: crate::ClientConfig::batch_linger
 
-use std::collections::HashMap;
+pub(crate) mod lanes;
+
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use crate::config::ClientConfig;
 use crate::connection::Client;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
-
-/// Bytes counted per message on top of its payload: its share of the frame (lengths, the
-/// property map's envelope), so that a full batch still fits the frame.
-const PER_MESSAGE_BYTES: usize = 32;
-
-/// The queues of one client, one per topic sent to.
-#[derive(Default)]
-pub(crate) struct Batcher {
-    lanes: Mutex<HashMap<String, Arc<Lane>>>,
-}
-
-impl Batcher {
-    fn lane(&self, topic: &str) -> Arc<Lane> {
-        let mut lanes = self.lanes.lock();
-        if let Some(l) = lanes.get(topic) {
-            return l.clone();
-        }
-        let l = Arc::new(Lane::default());
-        lanes.insert(topic.to_owned(), l.clone());
-        l
-    }
-}
-
-/// The sends of one topic: how many requests are on the wire, and the queue.
-#[derive(Default)]
-struct Lane {
-    state: Mutex<LaneState>,
-    /// Notified whenever a request of the topic is answered (or given up).
-    answered: Notify,
-}
-
-#[derive(Default)]
-struct LaneState {
-    /// Requests of this topic sent and not yet answered.
-    on_wire: usize,
-    queued: Batch,
-    /// Bytes of the queued messages (see [`PER_MESSAGE_BYTES`]).
-    bytes: usize,
-    /// A flusher task will look at the queue.
-    flusher: bool,
-}
-
-/// Messages that leave together, and who waits for each one's answer.
-#[derive(Default)]
-struct Batch {
-    msgs: Vec<Message>,
-    waiting: Vec<oneshot::Sender<Result<SendReceipt>>>,
-}
-
-impl LaneState {
-    fn take(&mut self) -> Batch {
-        self.bytes = 0;
-        std::mem::take(&mut self.queued)
-    }
-}
-
-/// A request of a lane on the wire; answered (or abandoned) when dropped.
-struct OnWire(Arc<Lane>);
-
-impl Drop for OnWire {
-    fn drop(&mut self) {
-        self.0.state.lock().on_wire -= 1;
-        self.0.answered.notify_waiters();
-    }
-}
+use lanes::{Batch, Lane, OnWire, PER_MESSAGE_BYTES};
 
 /// (messages, bytes) at which a queue leaves at once.
 fn limits(cfg: &ClientConfig) -> (usize, usize) {

@@ -40,7 +40,7 @@ struct Inner {
     /// Consecutive failed connects, for the backoff.
     failures: AtomicU64,
     /// Sends queued for automatic batching (`batcher.rs`).
-    batcher: crate::batcher::Batcher,
+    batcher: crate::batcher::lanes::Batcher,
 }
 
 /// A connection to a broker; cheap to clone (the clones share the connection).
@@ -102,7 +102,7 @@ impl Client {
                 checkers: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 failures: AtomicU64::new(0),
-                batcher: crate::batcher::Batcher::default(),
+                batcher: crate::batcher::lanes::Batcher::default(),
             }),
         };
         client.connection().await?;
@@ -115,7 +115,7 @@ impl Client {
     }
 
     /// The sends queued for automatic batching.
-    pub(crate) fn batcher(&self) -> &crate::batcher::Batcher {
+    pub(crate) fn batcher(&self) -> &crate::batcher::lanes::Batcher {
         &self.inner.batcher
     }
 

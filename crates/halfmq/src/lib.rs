@@ -46,7 +46,8 @@
 //! ```
 //!
 //! ## The public API
-//! - [`Broker`]: topics, `send`, transactions (`send_half`, `commit`, `rollback`, checkers),
+//! - [`Broker`]: topics, `send` and `send_batch` (many messages, one group commit),
+//!   transactions (`send_half`, `commit`, `rollback`, checkers),
 //!   delayed delivery, consumer groups (`poll`, `ack`, `nack`, dead letters), retention,
 //!   [`Broker::trace`] and [`Broker::stats`]. The message path has async twins that never
 //!   block an executor thread while they wait: [`Broker::send_async`],
