@@ -140,35 +140,13 @@ fn fail_rest(run: &mut [Pending<'_, '_>], e: &Error) {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
-    use crate::consume_queue::ConsumeQueue;
-    use crate::record::RecordKind;
     use crate::sim::SimStorage;
-    use crate::{Append, Hook, Store, StoreConfig};
+    use crate::ticket::tests::{message, open};
+    use crate::{Hook, StoreConfig};
     use halfmq_types::Error;
-
-    fn open(disk: &SimStorage, config: StoreConfig) -> Store {
-        Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
-            .unwrap()
-            .0
-    }
-
-    fn message<'a>(q: &'a Arc<ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
-        Append {
-            kind: RecordKind::Message,
-            flags: 0,
-            topic: "t",
-            queue_id: 0,
-            key: "",
-            props: &[],
-            body,
-            timestamp_ms: 1,
-            dispatch_to: Some(q),
-        }
-    }
 
     #[test]
     fn a_run_is_one_group_commit_with_a_ticket_per_record_in_order() {

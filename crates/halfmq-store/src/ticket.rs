@@ -108,7 +108,7 @@ impl<'a> Ticket<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
     use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::time::Duration;
@@ -120,13 +120,16 @@ mod tests {
 
     use super::*;
 
-    fn open(disk: &SimStorage, config: StoreConfig) -> Store {
+    pub(crate) fn open(disk: &SimStorage, config: StoreConfig) -> Store {
         Store::open(Arc::new(disk.clone()), Path::new("/s"), config, &mut |_| {})
             .unwrap()
             .0
     }
 
-    fn message<'a>(q: &'a Arc<crate::consume_queue::ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
+    pub(crate) fn message<'a>(
+        q: &'a Arc<crate::consume_queue::ConsumeQueue>,
+        body: &'a [u8],
+    ) -> Append<'a> {
         Append {
             kind: RecordKind::Message,
             flags: 0,
