@@ -144,7 +144,7 @@ mod tests {
     use std::sync::Arc;
 
     use crate::sim::SimStorage;
-    use crate::ticket::tests::{message, open};
+    use crate::ticket::tests::{cramped, message, open};
     use crate::{Hook, StoreConfig};
     use halfmq_types::Error;
 
@@ -223,16 +223,7 @@ mod tests {
     #[test]
     fn an_async_run_waits_out_a_full_batch_and_a_closed_store_fails_every_record() {
         let disk = SimStorage::new();
-        let config = StoreConfig::default()
-            .with_record_bytes_max(4096)
-            .with_pending_bytes_max(4096);
-        let store = Arc::new(open(&disk, config));
-        let q = store.queue("t", 0).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (store, q, rt) = cramped(&disk);
         let n = rt.block_on(async {
             let tasks: Vec<_> = (0..8u8)
                 .map(|i| {
