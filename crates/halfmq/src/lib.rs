@@ -51,6 +51,7 @@
 //!   delayed delivery, consumer groups (`poll`, `ack`, `nack`, dead letters), retention,
 //!   [`Broker::trace`] and [`Broker::stats`]. The message path has async twins that never
 //!   block an executor thread while they wait: [`Broker::send_async`],
+//!   [`Broker::send_batch_async`],
 //!   [`Broker::send_delayed_async`], [`Broker::send_half_async`], [`Broker::commit_async`],
 //!   [`Broker::rollback_async`], [`Broker::poll_wait_async`], [`Broker::ack_async`],
 //!   [`Broker::nack_async`]. A twin runs the same code as its blocking method; only the
