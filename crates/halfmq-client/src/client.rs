@@ -11,7 +11,8 @@ use std::time::Duration;
 use crate::connection::message_len_hint;
 use crate::protocol::convert::{millis, topic_infos};
 use crate::protocol::{
-    AckRef, MessageRef, Request, Response, SendDelayedRef, SendHalfRef, SendRef,
+    AckRef, MessageRef, MessagesRef, Request, Response, SendBatchRef, SendDelayedRef, SendHalfRef,
+    SendRef,
 };
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{
@@ -68,7 +69,47 @@ impl Client {
 
     /// Store a message durably; the receipt says where ([`SendReceipt::duplicate`]: its
     /// idempotency key was stored already, and this is the original's receipt).
+    ///
+    /// With [`ClientConfig::auto_batch`] (the default), sends to one topic made while another
+    /// of its sends is on the wire are queued and leave together as one batch request
+    /// (`batcher.rs`); a send with nothing on the wire before it leaves at once, alone. A
+    /// send cancelled after it was queued is still sent.
     pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        if self.config().auto_batch {
+            return crate::batcher::send(self, topic, msg).await;
+        }
+        self.send_one(topic, msg).await
+    }
+
+    /// Store many messages to one topic in one `SendBatch` request: one run of records and
+    /// one group commit on the broker. Each message gets its own receipt or error, in order
+    /// (see the embedded `Broker::send_batch`); the call fails as a whole only when the batch
+    /// is refused (unknown topic, over `SEND_BATCH_MESSAGES_MAX` messages or
+    /// `SEND_BATCH_BYTES_MAX` bytes) or the request fails. An empty batch sends nothing.
+    pub async fn send_batch(
+        &self,
+        topic: &str,
+        msgs: &[Message],
+    ) -> Result<Vec<Result<SendReceipt>>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let req = SendBatchRef {
+            topic,
+            messages: MessagesRef(msgs),
+        };
+        let hint = msgs.iter().map(|m| m.payload_bytes() + 16).sum::<usize>() + 64;
+        match self.request(&req, hint, Duration::ZERO).await? {
+            Response::SentBatch { topic, results } if results.len() == msgs.len() => Ok(results
+                .into_iter()
+                .map(|r| r.into_outcome(&topic))
+                .collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One `Send` request for one message.
+    pub(crate) async fn send_one(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         let req = SendRef {
             topic,
             message: MessageRef(msg),

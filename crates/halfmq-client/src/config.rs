@@ -27,6 +27,23 @@ pub struct ClientConfig {
     pub frame_bytes_max: u32,
     /// Longest wait between reconnect attempts. Default 5 s.
     pub reconnect_backoff_max: Duration,
+    /// Coalesce concurrent [`crate::Client::send`]s to one topic into `SendBatch` requests
+    /// while a send of that topic is on the wire (each caller still gets its own receipt or
+    /// error). A send with nothing on the wire before it leaves at once. Default on; needs a
+    /// broker that knows `SendBatch`.
+    pub auto_batch: bool,
+    /// With [`ClientConfig::auto_batch`]: how long a queued send may wait for a send of its
+    /// topic on the wire to be answered before its batch leaves anyway. Zero (the default):
+    /// a batch leaves once the tasks ready to send at the same moment have queued theirs
+    /// (one pass of the executor), never waiting for an answer.
+    pub batch_linger: Duration,
+    /// With [`ClientConfig::auto_batch`]: a batch leaves at once when it holds this many
+    /// messages. Default 256 (at most `SEND_BATCH_MESSAGES_MAX`).
+    pub batch_messages_max: usize,
+    /// With [`ClientConfig::auto_batch`]: a batch leaves at once when its messages carry
+    /// this many bytes ([`halfmq_types::Message::payload_bytes`]). Default 1 MiB (at most
+    /// `SEND_BATCH_BYTES_MAX`, and a quarter of [`ClientConfig::frame_bytes_max`]).
+    pub batch_bytes_max: usize,
 }
 
 impl Default for ClientConfig {
@@ -39,6 +56,10 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             reconnect_backoff_max: Duration::from_secs(5),
+            auto_batch: true,
+            batch_linger: Duration::ZERO,
+            batch_messages_max: 256,
+            batch_bytes_max: 1024 * 1024,
         }
     }
 }
@@ -69,5 +90,13 @@ halfmq_types::with_setters! {
         with_frame_bytes_max => frame_bytes_max: u32;
         /// Sets [`ClientConfig::reconnect_backoff_max`].
         with_reconnect_backoff_max => reconnect_backoff_max: Duration;
+        /// Sets [`ClientConfig::auto_batch`].
+        with_auto_batch => auto_batch: bool;
+        /// Sets [`ClientConfig::batch_linger`].
+        with_batch_linger => batch_linger: Duration;
+        /// Sets [`ClientConfig::batch_messages_max`].
+        with_batch_messages_max => batch_messages_max: usize;
+        /// Sets [`ClientConfig::batch_bytes_max`].
+        with_batch_bytes_max => batch_bytes_max: usize;
     }
 }

@@ -51,6 +51,8 @@ struct Inner {
     next_id: AtomicU64,
     /// Consecutive failed connects, for the backoff.
     failures: AtomicU64,
+    /// Sends queued for automatic batching (`batcher.rs`).
+    batcher: crate::batcher::lanes::Batcher,
 }
 
 /// A connection to a broker; cheap to clone (the clones share the connection).
@@ -112,6 +114,7 @@ impl Client {
                 checkers: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 failures: AtomicU64::new(0),
+                batcher: crate::batcher::lanes::Batcher::default(),
             }),
         };
         client.connection().await?;
@@ -121,6 +124,11 @@ impl Client {
     /// The configuration.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The sends queued for automatic batching.
+    pub(crate) fn batcher(&self) -> &crate::batcher::lanes::Batcher {
+        &self.inner.batcher
     }
 
     /// The live connection, connecting first if there is none.

@@ -3,7 +3,8 @@
 //! The network side of halfmq that a client needs, with no storage engine and no sled:
 //! - [`Client`]: one async, pipelined connection to a broker, with every operation of the
 //!   embedded `Broker` under the same name and with the same types, and its role views
-//!   ([`Producer`], [`TransactionalProducer`], [`Consumer`], [`Admin`]);
+//!   ([`Producer`], [`TransactionalProducer`], [`Consumer`], [`Admin`]); concurrent sends
+//!   to one topic are coalesced into batch requests under load (`batcher`);
 //! - [`Deliveries`]: a consumer as a [`Stream`](futures_core::Stream) of deliveries that ack
 //!   or nack themselves ([`Consumer::stream`]);
 //! - [`frame`]: the wire frame (length, CRC32, version, kind, correlation id) and its
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod batcher;
 pub mod client;
 mod config;
 mod connection;

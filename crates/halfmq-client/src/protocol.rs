@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 mod borrowed;
 pub(crate) mod convert;
 
-pub(crate) use borrowed::{AckRef, MessageRef, SendDelayedRef, SendHalfRef, SendRef};
+pub(crate) use borrowed::{
+    AckRef, MessageRef, MessagesRef, SendBatchRef, SendDelayedRef, SendHalfRef, SendRef,
+};
 
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
@@ -266,6 +268,40 @@ pub enum Request {
         /// Consumer group.
         group: String,
     },
+    /// Store many messages to one topic (the embedded `Broker::send_batch`): one run of
+    /// records, one group commit. Answered with [`Response::SentBatch`], one answer per
+    /// message in order, or with `Response::Error` when the batch as a whole is refused
+    /// (unknown topic, over `SEND_BATCH_MESSAGES_MAX` or `SEND_BATCH_BYTES_MAX`).
+    SendBatch {
+        /// Topic.
+        topic: String,
+        /// The messages.
+        messages: Vec<WireMessage>,
+    },
+}
+
+/// One message's answer in a [`Response::SentBatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendResult {
+    /// The message was stored (or its idempotency key's original was).
+    Sent {
+        /// Queue.
+        queue: u32,
+        /// Offset in the queue.
+        offset: u64,
+        /// Position in the log.
+        log_offset: u64,
+        /// The message's idempotency key was already stored (or an earlier message of the
+        /// batch carries it): this is the original.
+        duplicate: bool,
+    },
+    /// This message failed; the others are unaffected.
+    Error {
+        /// Stable error code, as in `Response::Error`.
+        code: u16,
+        /// What went wrong, for people.
+        message: String,
+    },
 }
 
 /// A group's delivery settings on the wire.
@@ -344,6 +380,13 @@ pub enum Response {
     Trace(String),
     /// What deleting a group removed.
     GroupDeleted(GroupDeleted),
+    /// Answer to `SendBatch`: one per message, in the order sent.
+    SentBatch {
+        /// Topic.
+        topic: String,
+        /// Each message's answer.
+        results: Vec<SendResult>,
+    },
 }
 
 /// Broker → client, unasked.
@@ -496,5 +539,74 @@ mod tests {
         bad[1] = 200;
         assert!(decode::<WireMessage>(&bad).is_err());
         assert!(decode::<WireMessage>(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_batch_and_its_answers_round_trip() {
+        let messages: Vec<WireMessage> = (0..3u8)
+            .map(|i| WireMessage {
+                key: format!("k{i}"),
+                body: vec![i; 10 * usize::from(i)],
+                properties: Properties::from([("p".to_owned(), i.to_string())]),
+            })
+            .collect();
+        let req = Request::SendBatch {
+            topic: "orders".into(),
+            messages,
+        };
+        assert_eq!(decode::<Request>(&encode(&req).unwrap()).unwrap(), req);
+        let outcomes = [
+            Ok(halfmq_types::SendReceipt {
+                topic: "orders".into(),
+                queue: 2,
+                offset: 7,
+                log_offset: 4096,
+                duplicate: true,
+            }),
+            Err(Error::UnknownTopic("orders".into())),
+        ];
+        let resp = Response::SentBatch {
+            topic: "orders".into(),
+            results: outcomes.iter().map(SendResult::from_outcome).collect(),
+        };
+        let back = decode::<Response>(&encode(&resp).unwrap()).unwrap();
+        assert_eq!(back, resp);
+        let Response::SentBatch { topic, results } = back else {
+            panic!("not a batch answer");
+        };
+        let mut got = results.into_iter().map(|r| r.into_outcome(&topic));
+        assert_eq!(got.next().unwrap().unwrap(), *outcomes[0].as_ref().unwrap());
+        let e = got.next().unwrap().unwrap_err();
+        assert!(
+            matches!(e, Error::UnknownTopic(ref t) if t == "orders"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_malformed_batch_is_refused_as_a_whole() {
+        let req = Request::SendBatch {
+            topic: "t".into(),
+            messages: vec![
+                WireMessage {
+                    key: String::new(),
+                    body: vec![1; 20],
+                    properties: Properties::new(),
+                };
+                3
+            ],
+        };
+        let bytes = encode(&req).unwrap();
+        // Cut short inside the last message, and claiming more messages than there are.
+        assert!(decode::<Request>(&bytes[..bytes.len() - 5]).is_err());
+        let mut more = bytes.clone();
+        let count_at = 1 + 1 + 1; // variant, topic length, topic
+        assert_eq!(more[count_at], 3);
+        more[count_at] = 4;
+        assert!(decode::<Request>(&more).is_err());
+        // A count far larger than the input fails without allocating for it.
+        let mut huge = bytes[..count_at].to_vec();
+        huge.extend_from_slice(&[0xFD, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]);
+        assert!(decode::<Request>(&huge).is_err());
     }
 }

@@ -26,9 +26,22 @@ impl Producer {
         Producer { client }
     }
 
-    /// Store a message durably; the receipt says where.
+    /// Store a message durably; the receipt says where. Concurrent sends to one topic are
+    /// coalesced into batch requests under load ([`ClientConfig::auto_batch`]).
+    ///
+    /// [`ClientConfig::auto_batch`]: crate::ClientConfig::auto_batch
     pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
         self.client.send(topic, msg).await
+    }
+
+    /// Store many messages to one topic in one request: one group commit on the broker,
+    /// each message with its own receipt or error ([`Client::send_batch`]).
+    pub async fn send_batch(
+        &self,
+        topic: &str,
+        msgs: &[Message],
+    ) -> Result<Vec<Result<SendReceipt>>> {
+        self.client.send_batch(topic, msgs).await
     }
 
     /// Store a message durably now, to be delivered at `deliver_at_ms`.

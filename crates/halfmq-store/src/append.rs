@@ -16,6 +16,7 @@ use crate::state::{notified_until, Shared, Writer};
 use crate::ticket::{Appended, Ticket};
 use crate::Store;
 use halfmq_types::error::{Error, Result};
+use parking_lot::MutexGuard;
 
 /// Bytes of the SegmentEnd record that closes every full segment; always kept free.
 const SEGMENT_END_BYTES: u64 = HEADER_BYTES as u64;
@@ -151,7 +152,7 @@ impl Store {
     }
 
     /// Validate an append and return the record's encoded size.
-    fn check_append(&self, a: &Append<'_>) -> Result<u32> {
+    pub(crate) fn check_append(&self, a: &Append<'_>) -> Result<u32> {
         let size = record::encoded_len(a.topic, a.key, a.props, a.body).map_err(|reason| {
             Error::Invalid {
                 what: "message",
@@ -204,10 +205,24 @@ impl Shared {
         wait_for_space: bool,
         hook: &mut Hook,
     ) -> Result<Option<Ticket<'_>>> {
-        // A hook that must see the record durable makes the writer wait for that too.
-        let forces_sync = hook.forces_sync();
-        let durable = forces_sync || self.sync_policy();
         let mut w = self.writer.lock();
+        if !self.room_for(&mut w, u64::from(size), wait_for_space)? {
+            return Ok(None);
+        }
+        let before = w.batch.records;
+        let ticket = self.put_append(&mut w, a, size, hook)?;
+        self.wake_flusher(&w, before);
+        Ok(Some(ticket))
+    }
+
+    /// Whether the batch takes `bytes` more now: waits for room while it is full if
+    /// `wait_for_space`, else answers `false`. Fails once the store is poisoned or closed.
+    pub(crate) fn room_for(
+        &self,
+        w: &mut MutexGuard<'_, Writer>,
+        bytes: u64,
+        wait_for_space: bool,
+    ) -> Result<bool> {
         loop {
             if let Some(p) = &w.poisoned {
                 return Err(Error::Poisoned(p.clone()));
@@ -218,16 +233,39 @@ impl Shared {
             // Back-pressure: wait while the batch is full (but never for an empty batch, so a
             // record up to record_bytes_max always gets in).
             if !w.batch.is_empty()
-                && w.batch.bytes.len() as u64 + u64::from(size) > self.config.pending_bytes_max
+                && w.batch.bytes.len() as u64 + bytes > self.config.pending_bytes_max
             {
                 if !wait_for_space {
-                    return Ok(None);
+                    return Ok(false);
                 }
-                self.space.wait(&mut w);
+                self.space.wait(w);
                 continue;
             }
-            break;
+            return Ok(true);
         }
+    }
+
+    /// Wake the flusher for the first record of a batch (`before`: the records it held
+    /// before this writer's), and when the batch is as large as it waits for; in between it
+    /// is waiting on a deadline anyway.
+    pub(crate) fn wake_flusher(&self, w: &Writer, before: u64) {
+        if (before == 0 && w.batch.records > 0) || w.batch.records >= w.gather_target {
+            self.work.notify_one();
+        }
+    }
+
+    /// Encode one checked record (`size` from `Store::check_append`) into the batch, which
+    /// has room for it, and return its ticket. `hook` is taken once the record is in.
+    pub(crate) fn put_append(
+        &self,
+        w: &mut Writer,
+        a: &Append<'_>,
+        size: u32,
+        hook: &mut Hook,
+    ) -> Result<Ticket<'_>> {
+        // A hook that must see the record durable makes the writer wait for that too.
+        let forces_sync = hook.forces_sync();
+        let durable = forces_sync || self.sync_policy();
         // Every batch starts with a mark of the durable end (filled in by the flusher), so
         // recovery can tell damage to acknowledged records from a torn tail.
         let mark_bytes = if w.batch.mark_at.is_none() {
@@ -236,10 +274,10 @@ impl Shared {
             0
         };
         if w.pos + mark_bytes + u64::from(size) + SEGMENT_END_BYTES > w.active.size {
-            self.roll(&mut w)?;
+            self.roll(w)?;
         }
         if w.batch.mark_at.is_none() {
-            self.put_mark(&mut w, a.timestamp_ms);
+            self.put_mark(w, a.timestamp_ms);
         }
         if let Some(q) = a.dispatch_to {
             q.reserve(q.assigned.load(std::sync::atomic::Ordering::Relaxed) + 1)?;
@@ -258,7 +296,7 @@ impl Shared {
             queue_offset: queue_offset.unwrap_or(0),
             timestamp_ms: a.timestamp_ms,
         };
-        self.put(&mut w, &header, a.topic, a.key, a.props, a.body, size)?;
+        self.put(w, &header, a.topic, a.key, a.props, a.body, size)?;
         if !a.key.is_empty() {
             self.keyed_end
                 .fetch_max(log_offset + u64::from(size), Ordering::AcqRel);
@@ -278,22 +316,12 @@ impl Shared {
             w.batch.hooks.push((h, log_offset));
         }
         w.batch.sync_hooks |= forces_sync;
-        // Wake the flusher for the first record, and when the batch is as large as it
-        // waits for; in between it is waiting on a deadline anyway.
-        if w.batch.records == 1 || w.batch.records >= w.gather_target {
-            self.work.notify_one();
-        }
         let appended = Appended {
             log_offset,
             size,
             queue_offset,
         };
-        Ok(Some(Ticket::new(
-            self,
-            appended,
-            durable,
-            w.batch.signal.clone(),
-        )))
+        Ok(Ticket::new(self, appended, durable, w.batch.signal.clone()))
     }
 
     /// Encode one record at the writer's position into the batch.

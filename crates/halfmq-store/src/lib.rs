@@ -28,6 +28,8 @@
 //!   consume queues, close.
 //! - `append` (private): the write path: [`Append`], [`Store::submit`] and the `append*`
 //!   shorthands, encoding into the batch, segment rolls.
+//! - `append_run` (private): [`Store::submit_many`]: a run of records under one hold of the
+//!   writer lock, acknowledged by one group commit (a producer's batch).
 //! - `ticket` (private): [`Ticket`] and [`Appended`]: a record in the batch and the two ways
 //!   to wait for its acknowledgement.
 //! - `batch` (private): the batch writers fill and the flusher writes, and the signal that
@@ -68,6 +70,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod append;
+mod append_run;
 mod batch;
 pub mod checkpoint;
 pub mod config;

@@ -108,7 +108,7 @@ impl<'a> Ticket<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::time::Duration;
 
@@ -117,6 +117,28 @@ mod tests {
     use halfmq_types::Error;
 
     use super::*;
+
+    /// A store whose batch has room for one 4 KiB record (writers wait for space), its
+    /// queue `t`/0, and a runtime for async writers.
+    pub(crate) fn cramped(
+        disk: &SimStorage,
+    ) -> (
+        Arc<Store>,
+        Arc<crate::consume_queue::ConsumeQueue>,
+        tokio::runtime::Runtime,
+    ) {
+        let config = StoreConfig::default()
+            .with_record_bytes_max(4096)
+            .with_pending_bytes_max(4096);
+        let store = Arc::new(open_store(disk, config));
+        let q = store.queue("t", 0).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        (store, q, rt)
+    }
 
     /// Sets its flag when dropped: whether a hook was dropped, run or not.
     struct DropFlag(Arc<AtomicBool>);
@@ -248,16 +270,7 @@ mod tests {
     fn async_writers_wait_out_back_pressure_and_all_get_in() {
         let disk = SimStorage::new();
         // Room for one record in the batch: most writers wait for space.
-        let config = StoreConfig::default()
-            .with_record_bytes_max(4096)
-            .with_pending_bytes_max(4096);
-        let store = Arc::new(open_store(&disk, config));
-        let q = store.queue("t", 0).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let (store, q, rt) = cramped(&disk);
         let mut offsets: Vec<u64> = rt.block_on(async {
             let tasks: Vec<_> = (0..32)
                 .map(|i| {

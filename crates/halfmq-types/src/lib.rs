@@ -77,7 +77,7 @@ pub use error::{Error, Result};
 pub use group::{DeadLetter, DeliveryConfig, GroupDeleted, GroupSettings, NackOutcome, Replayed};
 pub use message::{
     DelayedReceipt, Delivery, Message, Properties, SendReceipt, TopicInfo,
-    IDEMPOTENCY_KEY_BYTES_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,
 };
 pub use stats::{
     LogStats, MetaRecovery, OffsetReport, Pin, RetentionFloor, RetentionReport, Stats,

@@ -11,6 +11,14 @@ pub type Properties = BTreeMap<String, String>;
 /// Longest idempotency key, in bytes.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
+/// Most messages in one batch send (`Broker::send_batch`, the `SendBatch` request).
+pub const SEND_BATCH_MESSAGES_MAX: usize = 4096;
+
+/// Most bytes in one batch send, counted as [`Message::payload_bytes`] summed over its
+/// messages. A batch's records go into the store's pending batch at once, so this stays
+/// below the store's default `pending_bytes_max` (8 MiB).
+pub const SEND_BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 /// A message to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
@@ -24,6 +32,18 @@ pub struct Message {
 }
 
 impl Message {
+    /// The bytes the message carries: its key, body and properties (names and values). What
+    /// [`SEND_BATCH_BYTES_MAX`] counts.
+    pub fn payload_bytes(&self) -> usize {
+        self.key.len()
+            + self.body.len()
+            + self
+                .properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// A message with this body and no key.
     pub fn new(body: impl Into<Vec<u8>>) -> Message {
         Message {

@@ -29,6 +29,7 @@ mod idem;
 mod open;
 mod retention;
 mod send;
+mod send_batch;
 mod stats;
 mod story;
 mod topics;

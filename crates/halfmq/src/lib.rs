@@ -48,10 +48,12 @@
 //! ```
 //!
 //! ## The public API
-//! - [`Broker`]: topics, `send`, transactions (`send_half`, `commit`, `rollback`, checkers),
+//! - [`Broker`]: topics, `send` and `send_batch` (many messages, one group commit),
+//!   transactions (`send_half`, `commit`, `rollback`, checkers),
 //!   delayed delivery, consumer groups (`poll`, `ack`, `nack`, dead letters), retention,
 //!   [`Broker::trace`] and [`Broker::stats`]. The message path has async twins that never
 //!   block an executor thread while they wait: [`Broker::send_async`],
+//!   [`Broker::send_batch_async`],
 //!   [`Broker::send_delayed_async`], [`Broker::send_half_async`], [`Broker::commit_async`],
 //!   [`Broker::rollback_async`], [`Broker::poll_wait_async`], [`Broker::ack_async`],
 //!   [`Broker::nack_async`]. A twin runs the same code as its blocking method; only the
@@ -101,7 +103,7 @@ pub use halfmq_types::{
     CheckAnswer, DeadLetter, DelayedReceipt, Delivery, Error, GroupDeleted, GroupSettings,
     HalfMessage, HalfOptions, HalfReceipt, Message, NackOutcome, Properties, Replayed, Result,
     SendReceipt, TopicInfo, TransactionChecker, TxnId, TxnInfo, TxnState,
-    IDEMPOTENCY_KEY_BYTES_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,
 };
 pub use halfmq_types::{
     LogStats, MetaRecovery, OffsetReport, Pin, RetentionFloor, RetentionReport, Stats, Trace,

@@ -21,7 +21,7 @@ mod txn_tick;
 pub use baseline::{measure_baseline, Baseline};
 pub use consume::{run_consume, ConsumeOptions, ConsumeReport, ConsumeTarget};
 pub use embedded::run_embedded;
-pub use network::run_network;
+pub use network::{run_network, NetBatching};
 pub use report::BenchReport;
 pub use trace::{run_trace, TraceBenchReport};
 pub use txn_tick::{run_check_tick, TickReport};

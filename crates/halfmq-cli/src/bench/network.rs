@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use halfmq::{Error, Message, Result};
 
@@ -14,6 +14,28 @@ use super::report::{merged, BenchReport, Measured};
 use super::rounds::alternate_rounds;
 use super::{BenchOptions, Workload};
 
+/// How the network producers batch their sends.
+#[derive(Debug, Clone, Copy)]
+pub struct NetBatching {
+    /// The client's automatic batching of concurrent sends (`ClientConfig::auto_batch`).
+    pub auto: bool,
+    /// Its linger (`ClientConfig::batch_linger`).
+    pub linger: Duration,
+    /// More than 1: each request is an explicit `send_batch` of this many messages (the
+    /// latency recorded is the batch's, and `in_flight` counts batches).
+    pub explicit: usize,
+}
+
+impl Default for NetBatching {
+    fn default() -> NetBatching {
+        NetBatching {
+            auto: true,
+            linger: Duration::ZERO,
+            explicit: 1,
+        }
+    }
+}
+
 /// Run producers (async tasks) against the broker at `addr` over `connections` connections,
 /// and, with `compare_embedded`, the same load on an embedded broker afterwards.
 pub fn run_network(
@@ -22,6 +44,7 @@ pub fn run_network(
     token: Option<String>,
     connections: usize,
     compare_embedded: bool,
+    batching: NetBatching,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
     if opts.baseline && !compare_embedded {
@@ -35,7 +58,8 @@ pub fn run_network(
             ));
             let raw = measure_baseline(&opts.data_dir, 3.0)?;
             progress(&format!("over the network{tag} ..."));
-            let mut r = run_network_once(opts, addr, token.clone(), connections, progress)?;
+            let mut r =
+                run_network_once(opts, addr, token.clone(), connections, batching, progress)?;
             Ok((with_baseline(&mut r, &raw, opts.size), r))
         });
         if opts.cleanup {
@@ -44,12 +68,12 @@ pub fn run_network(
         return r.map(|(_, _, r)| r);
     }
     if !compare_embedded {
-        return run_network_once(opts, addr, token, connections, progress);
+        return run_network_once(opts, addr, token, connections, batching, progress);
     }
     // Alternate network and embedded runs `opts.rounds` times; report the median round.
     let (ratio, emb, mut report) = alternate_rounds(opts, progress, |round, tag, progress| {
         progress(&format!("over the network{tag} ..."));
-        let net = run_network_once(opts, addr, token.clone(), connections, progress)?;
+        let net = run_network_once(opts, addr, token.clone(), connections, batching, progress)?;
         progress(&format!(
             "the same load on an embedded broker, for ratio_to_embedded{tag} ..."
         ));
@@ -71,6 +95,7 @@ fn run_network_once(
     addr: &str,
     token: Option<String>,
     connections: usize,
+    batching: NetBatching,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport> {
     use halfmq_client::client::{Client, ClientConfig};
@@ -85,9 +110,17 @@ fn run_network_once(
         .enable_all()
         .build()
         .map_err(|e| Error::io(addr, "start runtime", e))?;
+    if batching.explicit == 0 || batching.explicit > halfmq::SEND_BATCH_MESSAGES_MAX {
+        return Err(Error::Config {
+            setting: "batch",
+            reason: format!("1 ..= {} messages", halfmq::SEND_BATCH_MESSAGES_MAX),
+        });
+    }
     let config = ClientConfig::new(addr)
         .with_token(token)
-        .with_name("halfmq-bench".into());
+        .with_name("halfmq-bench".into())
+        .with_auto_batch(batching.auto)
+        .with_batch_linger(batching.linger);
     let clients = rt.block_on(async {
         let mut out = Vec::new();
         for _ in 0..connections {
@@ -110,12 +143,25 @@ fn run_network_once(
     let handles: Vec<_> = (0..opts.producers)
         .map(|p| {
             let (client, load) = (clients[p % connections].clone(), load.clone());
-            let msg = Arc::new(Message::new(vec![b'x'; opts.size]));
+            let msgs = Arc::new(vec![Message::new(vec![b'x'; opts.size]); batching.explicit]);
             let in_flight = opts.in_flight;
             rt.spawn(async move {
+                let l = load.clone();
                 produce_windowed(&load, in_flight, |_| {
-                    let (client, msg) = (client.clone(), msg.clone());
-                    async move { client.send("bench", &msg).await.map(drop) }
+                    let (client, msgs, load) = (client.clone(), msgs.clone(), l.clone());
+                    async move {
+                        if let [msg] = msgs.as_slice() {
+                            return client.send("bench", msg).await.map(drop);
+                        }
+                        // The window counts one message per batch: count the rest.
+                        let extra = msgs.len() as u64 - 1;
+                        load.issued.fetch_add(extra, Ordering::Relaxed);
+                        for r in client.send_batch("bench", &msgs).await? {
+                            r?;
+                        }
+                        load.done.fetch_add(extra, Ordering::Relaxed);
+                        Ok(())
+                    }
                 })
                 .await
             })
@@ -148,7 +194,12 @@ fn run_network_once(
     };
     Ok(BenchReport {
         mode: "broker".into(),
-        producer_kind: format!("tasks over {connections} connections"),
+        producer_kind: format!(
+            "tasks over {connections} connections, auto-batch {} (linger {:?}), {} per request",
+            if batching.auto { "on" } else { "off" },
+            batching.linger,
+            batching.explicit
+        ),
         flush: "broker's".into(),
         ..run.report(opts)
     })

@@ -26,6 +26,18 @@ pub struct BenchArgs {
     /// Connections for --addr; producers share them, many requests in flight on each.
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// With --addr: the client does not coalesce concurrent sends into batch requests
+    /// (its automatic batching is on by default), to compare the two in one run.
+    #[arg(long, requires = "addr")]
+    no_auto_batch: bool,
+    /// With --addr: how long a queued send may wait for an answer before its batch leaves
+    /// (the client's batch_linger; 0: one pass of the executor).
+    #[arg(long, requires = "addr", default_value_t = 0)]
+    batch_linger_us: u64,
+    /// With --addr: each request an explicit batch of this many messages (send_batch);
+    /// --in-flight then counts batches and the latency is a batch's.
+    #[arg(long, requires = "addr", default_value_t = 1)]
+    batch: usize,
     /// With --addr: afterwards, the same load on an embedded broker in this process, for
     /// ratio_to_embedded.
     #[arg(long, requires = "addr")]
@@ -187,6 +199,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.token.clone(),
             a.connections,
             a.compare_embedded,
+            bench::NetBatching {
+                auto: !a.no_auto_batch,
+                linger: std::time::Duration::from_micros(a.batch_linger_us),
+                explicit: a.batch,
+            },
             progress,
         )?,
         None => bench::run_embedded(&opts, progress)?,

@@ -62,6 +62,20 @@ borrowed_request! {
     }
 }
 
+borrowed_request! {
+    /// `Request::SendBatch`.
+    SendBatchRef<'a> = 24 "SendBatch" { topic: &'a str, messages: MessagesRef<'a> }
+}
+
+/// [`Message`]s serialized as a sequence of `WireMessage`s.
+pub(crate) struct MessagesRef<'a>(pub &'a [Message]);
+
+impl Serialize for MessagesRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(MessageRef))
+    }
+}
+
 /// A [`Message`] serialized as a `WireMessage`.
 pub(crate) struct MessageRef<'a>(pub &'a Message);
 
@@ -149,8 +163,19 @@ mod tests {
             },
             &Request::SendDelayed {
                 topic: "orders".into(),
-                message: wire,
+                message: wire.clone(),
                 deliver_at_ms: 1_700_000_000_000,
+            },
+        );
+        let batch = [msg.clone(), Message::new(vec![1u8; 3]), msg];
+        same_bytes(
+            &SendBatchRef {
+                topic: "orders",
+                messages: MessagesRef(&batch),
+            },
+            &Request::SendBatch {
+                topic: "orders".into(),
+                messages: batch.iter().cloned().map(WireMessage::from).collect(),
             },
         );
     }

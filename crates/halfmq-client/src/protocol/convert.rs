@@ -4,11 +4,50 @@
 
 use std::time::Duration;
 
+use halfmq_types::error::{Error, Result};
 use halfmq_types::{
-    Delivery, DeliveryConfig, GroupSettings, HalfMessage, Message, TopicInfo, TxnId,
+    Delivery, DeliveryConfig, GroupSettings, HalfMessage, Message, SendReceipt, TopicInfo, TxnId,
 };
 
-use super::{Push, WireDelivery, WireGroup, WireMessage};
+use super::{Push, SendResult, WireDelivery, WireGroup, WireMessage};
+
+impl SendResult {
+    /// One message's outcome of a batch send, as the broker answers it.
+    pub fn from_outcome(r: &Result<SendReceipt>) -> SendResult {
+        match r {
+            Ok(s) => SendResult::Sent {
+                queue: s.queue,
+                offset: s.offset,
+                log_offset: s.log_offset,
+                duplicate: s.duplicate,
+            },
+            Err(e) => SendResult::Error {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// The outcome again, as the client hands it out: a receipt in `topic`, or the
+    /// broker's error ([`Error::from_wire`]).
+    pub fn into_outcome(self, topic: &str) -> Result<SendReceipt> {
+        match self {
+            SendResult::Sent {
+                queue,
+                offset,
+                log_offset,
+                duplicate,
+            } => Ok(SendReceipt {
+                topic: topic.to_owned(),
+                queue,
+                offset,
+                log_offset,
+                duplicate,
+            }),
+            SendResult::Error { code, message } => Err(Error::from_wire(code, message)),
+        }
+    }
+}
 
 impl From<Message> for WireMessage {
     fn from(m: Message) -> WireMessage {

@@ -33,6 +33,18 @@ pub(crate) enum Hook {
     Sync,
 }
 
+impl Hook {
+    /// The store's hook doing the same (what each `append` of a [`Wait`] asks the store for).
+    fn into_store(self) -> halfmq_store::Hook {
+        match self {
+            Hook::None => halfmq_store::Hook::None,
+            Hook::Durable(h) => halfmq_store::Hook::Durable(h),
+            Hook::Acknowledged(h) => halfmq_store::Hook::Observed(h),
+            Hook::Sync => halfmq_store::Hook::Sync,
+        }
+    }
+}
+
 /// How an operation waits. See the module docs.
 pub(crate) trait Wait: Sync {
     /// Append `a` and wait until it is acknowledged (see [`Hook`]).
@@ -42,6 +54,15 @@ pub(crate) trait Wait: Sync {
         a: Append<'_>,
         hook: Hook,
     ) -> impl Future<Output = Result<Appended>> + Send;
+
+    /// Append a run of records under one hold of the store's writer lock (so one group
+    /// commit acknowledges them all) and wait until each is acknowledged: each record's own
+    /// outcome, in order.
+    fn append_many(
+        &self,
+        store: &Store,
+        run: Vec<(Append<'_>, Hook)>,
+    ) -> impl Future<Output = Vec<Result<Appended>>> + Send;
 
     /// Find an idempotency key or reserve it, waiting while another sender holds it.
     fn claim(&self, index: &Arc<DedupIndex>, key: &Arc<str>) -> impl Future<Output = Claim> + Send;
@@ -61,6 +82,19 @@ impl Wait for Blocking {
             Hook::Acknowledged(h) => store.append_observed(a, h),
             Hook::Sync => store.submit(a, halfmq_store::Hook::Sync)?.wait(),
         }
+    }
+
+    async fn append_many(
+        &self,
+        store: &Store,
+        run: Vec<(Append<'_>, Hook)>,
+    ) -> Vec<Result<Appended>> {
+        let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
+        store
+            .submit_many(run)
+            .into_iter()
+            .map(|t| t.and_then(halfmq_store::Ticket::wait))
+            .collect()
     }
 
     async fn claim(&self, index: &Arc<DedupIndex>, key: &Arc<str>) -> Claim {
@@ -89,6 +123,23 @@ impl Wait for Async {
                     .await
             }
         }
+    }
+
+    async fn append_many(
+        &self,
+        store: &Store,
+        run: Vec<(Append<'_>, Hook)>,
+    ) -> Vec<Result<Appended>> {
+        let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
+        let tickets = store.submit_many_async(run).await;
+        let mut out = Vec::with_capacity(tickets.len());
+        for t in tickets {
+            out.push(match t {
+                Ok(t) => t.wait_async().await,
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     async fn claim(&self, index: &Arc<DedupIndex>, key: &Arc<str>) -> Claim {
@@ -174,6 +225,7 @@ mod tests {
     fn async_methods_are_send(b: &Broker, m: &Message) {
         fn send<T: Send>(_: T) {}
         send(b.send_async("t", m));
+        send(b.send_batch_async("t", std::slice::from_ref(m)));
         send(b.send_delayed_async("t", m, 0));
         send(b.send_half_receipt_async("t", m, "g", HalfOptions::default()));
         send(b.commit_async(TxnId(0)));

@@ -8,13 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halfmq::{Error, HalfOptions, Message, Result, TxnId};
-use halfmq_client::protocol::{codes, Request, Response, WireDelivery, WireGroup};
+use halfmq_client::protocol::{
+    codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage,
+};
 
 use super::{Answer, Conn, Stop};
 
 /// Room taken for the answer of a request whose answer is small (a receipt, `Ok`, an
 /// error): a larger one waits for the rest of its room before it is queued.
 const SMALL_ANSWER_BYTES: usize = 4 * 1024;
+
+/// Room taken per message for a batch's answer (a receipt, or a short error).
+const BATCH_ANSWER_BYTES: usize = 64;
 
 /// The room to take for `req`'s answer before carrying it out: a whole frame for the
 /// answers that may be large, a little for the others, `None` for a poll (it takes its own
@@ -29,6 +34,10 @@ pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> 
         | Request::ReplayDeadLetters { .. }
         | Request::Retention
         | Request::Trace { .. } => Some(frame_bytes_max as usize),
+        Request::SendBatch { messages, .. } => Some(
+            (SMALL_ANSWER_BYTES + messages.len() * BATCH_ANSWER_BYTES)
+                .min(frame_bytes_max as usize),
+        ),
         _ => Some(SMALL_ANSWER_BYTES),
     }
 }
@@ -68,6 +77,7 @@ pub(super) async fn handle(
                 duplicate: s.duplicate,
             })
         }
+        Request::SendBatch { topic, messages } => send_batch(&b, topic, messages).await,
         Request::SendDelayed {
             topic,
             message,
@@ -259,6 +269,18 @@ pub(super) async fn handle(
             });
             result_response(r, Response::Trace)
         }
+    }
+}
+
+/// A batch of sends: one answer per message, or one error for the whole batch.
+async fn send_batch(b: &halfmq::Broker, topic: String, messages: Vec<WireMessage>) -> Response {
+    let msgs: Vec<Message> = messages.into_iter().map(Message::from).collect();
+    match b.send_batch_async(&topic, &msgs).await {
+        Ok(outcomes) => Response::SentBatch {
+            topic,
+            results: outcomes.iter().map(SendResult::from_outcome).collect(),
+        },
+        Err(e) => Response::from_error(&e),
     }
 }
 

@@ -1,0 +1,158 @@
+//! Automatic batching of [`Client::send`] ([`ClientConfig::auto_batch`]), like Nagle's
+//! algorithm: per topic, a send with no other send of its topic on the wire and none queued
+//! leaves at once, alone, as a `Send` request, so an idle producer pays no added latency.
+//! A send made while another of its topic is on the wire is queued instead, and the queue
+//! leaves as one `SendBatch` request (a lone queued send as a `Send`):
+//! - at once, when it holds [`ClientConfig::batch_messages_max`] messages or
+//!   [`ClientConfig::batch_bytes_max`] bytes;
+//! - otherwise from a flusher task, after one pass of the executor (the sends of tasks woken
+//!   at the same moment, by one read of answers, join it) and, with a non-zero
+//!   [`ClientConfig::batch_linger`], once a send of the topic on the wire is answered or the
+//!   linger has passed, whichever comes first.
+//!
+//! Each caller waits for its own message's answer: its receipt or its error, taken from the
+//! batch's answer; a failed request fails every message it carried with the same error.
+//! A send whose caller stops waiting after it was queued is still sent.
+//!
+//! [`ClientConfig::auto_batch`]: crate::ClientConfig::auto_batch
+//! [`ClientConfig::batch_messages_max`]: crate::ClientConfig::batch_messages_max
+//! [`ClientConfig::batch_bytes_max`]: crate::ClientConfig::batch_bytes_max
+//! [`ClientConfig::batch_linger`]: crate::ClientConfig::batch_linger
+
+pub(crate) mod lanes;
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::config::ClientConfig;
+use crate::connection::Client;
+use halfmq_types::error::{Error, Result};
+use halfmq_types::{Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
+use lanes::{Batch, Lane, OnWire, PER_MESSAGE_BYTES};
+
+/// (messages, bytes) at which a queue leaves at once.
+fn limits(cfg: &ClientConfig) -> (usize, usize) {
+    let messages = cfg.batch_messages_max.clamp(1, SEND_BATCH_MESSAGES_MAX);
+    let bytes = cfg
+        .batch_bytes_max
+        .min(SEND_BATCH_BYTES_MAX)
+        .min(cfg.frame_bytes_max as usize / 4)
+        .max(1);
+    (messages, bytes)
+}
+
+/// [`Client::send`] with automatic batching (see the module docs).
+pub(crate) async fn send(client: &Client, topic: &str, msg: &Message) -> Result<SendReceipt> {
+    let lane = client.batcher().lane(topic);
+    let (max_messages, max_bytes) = limits(client.config());
+    let cost = msg.payload_bytes() + PER_MESSAGE_BYTES;
+    let mut leave_now = Vec::new();
+    let mut start_flusher = false;
+    let rx = {
+        let mut st = lane.state.lock();
+        if st.on_wire == 0 && st.queued.msgs.is_empty() {
+            // Nothing ahead of it: it leaves now, alone.
+            st.on_wire += 1;
+            None
+        } else {
+            if !st.queued.msgs.is_empty() && st.bytes + cost > max_bytes {
+                leave_now.push(st.take());
+            }
+            let (tx, rx) = oneshot::channel();
+            st.queued.msgs.push(msg.clone());
+            st.queued.waiting.push(tx);
+            st.bytes += cost;
+            if st.queued.msgs.len() >= max_messages || st.bytes >= max_bytes {
+                leave_now.push(st.take());
+            } else if !st.flusher {
+                st.flusher = true;
+                start_flusher = true;
+            }
+            st.on_wire += leave_now.len();
+            Some(rx)
+        }
+    };
+    for batch in leave_now {
+        tokio::spawn(deliver(
+            client.clone(),
+            OnWire(lane.clone()),
+            topic.to_owned(),
+            batch,
+        ));
+    }
+    if start_flusher {
+        tokio::spawn(flusher(client.clone(), lane.clone(), topic.to_owned()));
+    }
+    match rx {
+        None => {
+            let _on_wire = OnWire(lane);
+            client.send_one(topic, msg).await
+        }
+        Some(rx) => rx.await.unwrap_or_else(|_| {
+            Err(Error::Disconnected {
+                addr: client.config().addr.clone(),
+                reason: "the batch carrying this send was lost".into(),
+            })
+        }),
+    }
+}
+
+/// Send the queue of `lane` once the sends ready now have joined it (and, with a linger,
+/// once a request of the topic is answered or the linger has passed).
+async fn flusher(client: Client, lane: Arc<Lane>, topic: String) {
+    tokio::task::yield_now().await;
+    let linger = client.config().batch_linger;
+    if !linger.is_zero() {
+        let answered = lane.answered.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        let wait = {
+            let st = lane.state.lock();
+            st.on_wire > 0 && !st.queued.msgs.is_empty()
+        };
+        if wait {
+            let _ = tokio::time::timeout(linger, answered).await;
+        }
+    }
+    let batch = {
+        let mut st = lane.state.lock();
+        st.flusher = false;
+        if st.queued.msgs.is_empty() {
+            return;
+        }
+        st.on_wire += 1;
+        st.take()
+    };
+    deliver(client, OnWire(lane), topic, batch).await;
+}
+
+/// Send `batch` (on the wire as `on_wire`) and hand each waiting caller its answer.
+async fn deliver(client: Client, on_wire: OnWire, topic: String, batch: Batch) {
+    let Batch { msgs, waiting } = batch;
+    if let ([msg], [_]) = (msgs.as_slice(), waiting.as_slice()) {
+        let r = client.send_one(&topic, msg).await;
+        drop(on_wire);
+        if let Some(tx) = waiting.into_iter().next() {
+            let _ = tx.send(r);
+        }
+        return;
+    }
+    let r = client.send_batch(&topic, &msgs).await;
+    drop(on_wire);
+    match r {
+        Ok(results) => {
+            for (tx, r) in waiting.into_iter().zip(results) {
+                let _ = tx.send(r);
+            }
+        }
+        Err(e) => {
+            for tx in waiting {
+                let _ = tx.send(Err(Error::from_wire(e.code(), e.to_string())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,76 @@
+//! The state of automatic batching (`batcher.rs`), kept by each client: per topic, the
+//! requests on the wire and the queue of sends waiting to leave together.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+
+use halfmq_types::error::Result;
+use halfmq_types::{Message, SendReceipt};
+
+/// Bytes counted per message on top of its payload: its share of the frame (lengths, the
+/// property map's envelope), so that a full batch still fits the frame.
+pub(super) const PER_MESSAGE_BYTES: usize = 32;
+
+/// The queues of one client, one per topic sent to.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+}
+
+impl Batcher {
+    pub(super) fn lane(&self, topic: &str) -> Arc<Lane> {
+        let mut lanes = self.lanes.lock();
+        if let Some(l) = lanes.get(topic) {
+            return l.clone();
+        }
+        let l = Arc::new(Lane::default());
+        lanes.insert(topic.to_owned(), l.clone());
+        l
+    }
+}
+
+/// The sends of one topic: how many requests are on the wire, and the queue.
+#[derive(Default)]
+pub(super) struct Lane {
+    pub(super) state: Mutex<LaneState>,
+    /// Notified whenever a request of the topic is answered (or given up).
+    pub(super) answered: Notify,
+}
+
+#[derive(Default)]
+pub(super) struct LaneState {
+    /// Requests of this topic sent and not yet answered.
+    pub(super) on_wire: usize,
+    pub(super) queued: Batch,
+    /// Bytes of the queued messages (see [`PER_MESSAGE_BYTES`]).
+    pub(super) bytes: usize,
+    /// A flusher task will look at the queue.
+    pub(super) flusher: bool,
+}
+
+/// Messages that leave together, and who waits for each one's answer.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub(super) msgs: Vec<Message>,
+    pub(super) waiting: Vec<oneshot::Sender<Result<SendReceipt>>>,
+}
+
+impl LaneState {
+    pub(super) fn take(&mut self) -> Batch {
+        self.bytes = 0;
+        std::mem::take(&mut self.queued)
+    }
+}
+
+/// A request of a lane on the wire; answered (or abandoned) when dropped.
+pub(super) struct OnWire(pub(super) Arc<Lane>);
+
+impl Drop for OnWire {
+    fn drop(&mut self) {
+        self.0.state.lock().on_wire -= 1;
+        self.0.answered.notify_waiters();
+    }
+}
