@@ -13,6 +13,8 @@ use super::report::{histogram, round2, round3, BenchReport};
 pub struct Baseline {
     /// One-at-a-time 1 KiB write + fdatasync per second.
     pub serial_fsync_ops_per_s: f64,
+    /// Median of one such write + fdatasync, microseconds.
+    pub serial_fsync_p50_us: u64,
     /// p99 of one such write + fdatasync, microseconds.
     pub serial_fsync_p99_us: u64,
     /// 256 KiB write + fdatasync, MiB/s.
@@ -65,6 +67,7 @@ pub fn measure_baseline(dir: &Path, seconds: f64) -> Result<Baseline> {
     settle_deletes(dir);
     Ok(Baseline {
         serial_fsync_ops_per_s: ops as f64 / serial_secs,
+        serial_fsync_p50_us: hist.value_at_quantile(0.50),
         serial_fsync_p99_us: hist.value_at_quantile(0.99),
         group_mib_per_s: bytes as f64 / (1024.0 * 1024.0) / group_secs,
     })
@@ -75,6 +78,7 @@ pub fn measure_baseline(dir: &Path, seconds: f64) -> Result<Baseline> {
 pub(super) fn with_baseline(report: &mut BenchReport, b: &Baseline, msg_bytes: usize) -> f64 {
     let raw_msgs = b.group_mib_per_s * 1024.0 * 1024.0 / msg_bytes.max(1) as f64;
     report.raw_serial_fsync_ops_per_s = Some(round2(b.serial_fsync_ops_per_s));
+    report.raw_serial_fsync_p50_us = Some(b.serial_fsync_p50_us);
     report.raw_serial_fsync_p99_us = Some(b.serial_fsync_p99_us);
     report.raw_group_mib_per_s = Some(round2(b.group_mib_per_s));
     report.raw_group_msgs_per_s = Some(round2(raw_msgs));

@@ -45,6 +45,9 @@ pub struct BenchReport {
     /// The raw disk's one-at-a-time 1 KiB write + fdatasync rate (with `--baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_serial_fsync_ops_per_s: Option<f64>,
+    /// Median latency of one 1 KiB write + fdatasync, microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_serial_fsync_p50_us: Option<u64>,
     /// p99 latency of one 1 KiB write + fdatasync, microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_serial_fsync_p99_us: Option<u64>,
