@@ -359,7 +359,7 @@ impl Shared {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
@@ -380,7 +380,7 @@ mod tests {
         Arc::new(store)
     }
 
-    fn message<'a>(q: &'a Arc<ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
+    pub(crate) fn message<'a>(q: &'a Arc<ConsumeQueue>, body: &'a [u8]) -> Append<'a> {
         Append {
             kind: RecordKind::Message,
             flags: 0,
