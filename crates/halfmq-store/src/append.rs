@@ -407,6 +407,7 @@ impl Shared {
             c.seal = true;
         }
         self.segments.write().insert(next_base, next.clone());
+        let sealed = w.active.base;
         w.active = next;
         w.pos = SEGMENT_HEADER_BYTES;
         w.batch.end = next_base + SEGMENT_HEADER_BYTES;
@@ -416,6 +417,20 @@ impl Shared {
         if let Some(p) = &self.preparer {
             if prepare::worth_it(size / filled_by) {
                 p.prepare(next_base + size);
+            }
+            if let Some(keep) = self.config.page_cache_segments {
+                // The segment `keep` places before the one just sealed leaves the cached
+                // window (see `crate::prepare`).
+                let out = self
+                    .segments
+                    .read()
+                    .range(..=sealed)
+                    .rev()
+                    .nth(keep as usize)
+                    .map(|(_, s)| s.clone());
+                if let Some(seg) = out {
+                    p.release(seg.file.clone(), seg.size);
+                }
             }
         }
         Ok(())

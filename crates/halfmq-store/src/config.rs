@@ -79,6 +79,15 @@ pub struct StoreConfig {
     /// Entries per key-index file before a new file is started. Default 4 Mi (a 176 MiB
     /// file with the default slots), so 10 M keyed records need three files.
     pub key_index_entries: u32,
+    /// Sealed segments (the newest, besides the active one) left in the operating system's
+    /// page cache. At each roll, the segment this many places before the one just sealed
+    /// is dropped from the page cache (`posix_fadvise(DONTNEED)`, on a background thread),
+    /// so the log's cached window stays bounded and the writer's new pages reuse the dropped
+    /// ones instead of fresh memory (see `crate::prepare` for what that bought). Default
+    /// `Some(2)`: with 64 MiB segments, the newest 128–192 MiB of the log stay cached for
+    /// readers that keep up. `None`: leave the page cache to the operating system. Only on
+    /// real files ([`crate::io::Storage::zero_fill_ahead`]).
+    pub page_cache_segments: Option<u32>,
 }
 
 impl Default for StoreConfig {
@@ -91,6 +100,7 @@ impl Default for StoreConfig {
             checkpoint_bytes: 64 * 1024 * 1024,
             key_index_slots: 4 * 1024 * 1024,
             key_index_entries: 4 * 1024 * 1024,
+            page_cache_segments: Some(2),
         }
     }
 }
@@ -111,6 +121,8 @@ halfmq_types::with_setters! {
         with_key_index_slots => key_index_slots: u32;
         /// Sets [`StoreConfig::key_index_entries`].
         with_key_index_entries => key_index_entries: u32;
+        /// Sets [`StoreConfig::page_cache_segments`].
+        with_page_cache_segments => page_cache_segments: Option<u32>;
     }
 }
 

@@ -55,6 +55,14 @@ pub trait StorageFile: Send + Sync {
     fn set_len(&self, len: u64) -> Result<()>;
     /// Make written data durable (`fdatasync`).
     fn sync_data(&self) -> Result<()>;
+    /// Advise that the cached pages of `len` bytes from `offset` will not be needed soon
+    /// (`posix_fadvise(DONTNEED)`): the operating system drops the clean ones from its page
+    /// cache (dirty ones are written back and stay). Only advice: what reads return and what
+    /// is durable are the same either way. Default: there is no cache to drop.
+    fn drop_cache(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 
     /// Fill `buf` completely from `offset`, or fail naming the file.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -213,5 +221,13 @@ impl StorageFile for FsFile {
         self.file
             .sync_data()
             .map_err(|e| Error::io(&self.path, "sync", e))
+    }
+
+    fn drop_cache(&self, offset: u64, len: u64) -> Result<()> {
+        let Some(len) = std::num::NonZeroU64::new(len) else {
+            return Ok(());
+        };
+        rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::DontNeed)
+            .map_err(|e| Error::io(&self.path, "drop from the page cache", e.into()))
     }
 }

@@ -1,5 +1,5 @@
-//! Zero-filling the next segment ahead of the roll, on a background thread, when group
-//! commits are small.
+//! The segment housekeeping thread: it zero-fills the next segment ahead of the roll when
+//! group commits are small, and drops segments the log has moved past from the page cache.
 //!
 //! On ext4, a write into `fallocate`d blocks turns an unwritten extent into a written one,
 //! and the fdatasync after it must commit that metadata change: measured here, 64 KiB write +
@@ -26,6 +26,24 @@
 //! creation never finished), and a clean close removes it. Only storage whose blocks have
 //! extents prepares ([`Storage::zero_fill_ahead`]): the simulated disk does not, so that its
 //! fault injection and crash tests see the same operations as before.
+//!
+//! **Dropping old segments from the page cache** ([`Preparer::release`]). At each roll, the
+//! segment [`StoreConfig::page_cache_segments`] places before the one just sealed is dropped
+//! from the page cache (`posix_fadvise(DONTNEED)`: [`StorageFile::drop_cache`]); it is long
+//! durable by then, so its pages are clean. Without this the log's pages stay cached until
+//! memory runs out, and every page the writer fills is a page the kernel has to find fresh.
+//! On this project's machine (a VM whose free memory is handed back to the host, so that a
+//! fresh page costs a fault in the host on its first write) that made the flusher's copy
+//! into the page cache the bottleneck of long runs: a small program writing 1.5 GiB in
+//! 512 KiB writes (fdatasync every 64 MiB) copied at 0.22–0.49 GiB/s into fresh pages and at
+//! 1.9–2.8 GiB/s when each synced 64 MiB was dropped first, so that the next writes reused
+//! its pages; `copy_folio_from_iter_atomic` was 86% of its time. In the bench (64 producers
+//! × 16 in flight, 40 s, async flush) the copy's cost per message fell from 0.7–1.2 µs to
+//! 0.16–0.23 µs. The store keeps a bounded window of the log cached (the active segment and
+//! the newest sealed ones), which readers that keep up read from; readers further behind
+//! read from the disk.
+//!
+//! [`StoreConfig::page_cache_segments`]: crate::StoreConfig::page_cache_segments
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +90,8 @@ struct Inner {
 
 enum Msg {
     Prepare(u64),
+    /// Drop this many bytes of this file from the page cache.
+    Release(Arc<dyn StorageFile>, u64),
     Stop,
 }
 
@@ -104,7 +124,15 @@ impl Preparer {
             "halfmq-segprep",
             || Msg::Stop,
             move |rx, _| {
-                while let Ok(Msg::Prepare(base)) = rx.recv() {
+                while let Ok(msg) = rx.recv() {
+                    let base = match msg {
+                        Msg::Prepare(base) => base,
+                        Msg::Release(file, len) => {
+                            release(&*file, len);
+                            continue;
+                        }
+                        Msg::Stop => break,
+                    };
                     let ran =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| i.run(base)));
                     if ran.is_err() {
@@ -133,6 +161,14 @@ impl Preparer {
         if let Some(w) = worker.as_ref() {
             *st = State::Preparing(base);
             w.send(Msg::Prepare(base));
+        }
+    }
+
+    /// Drop the first `len` bytes of `file` (a segment the log has moved past) from the page
+    /// cache, on the thread, after whatever it was asked to do before.
+    pub(crate) fn release(&self, file: Arc<dyn StorageFile>, len: u64) {
+        if let Some(w) = self.worker.lock().as_ref() {
+            w.send(Msg::Release(file, len));
         }
     }
 
@@ -176,6 +212,13 @@ impl Preparer {
         if let Some(b) = left {
             self.inner.remove(b);
         }
+    }
+}
+
+/// Drop a segment from the page cache; failing costs only the speed-up.
+fn release(file: &dyn StorageFile, len: u64) {
+    if let Err(e) = file.drop_cache(0, len) {
+        tracing::debug!(error = %e, file = %file.path().display(), "could not drop a segment from the page cache");
     }
 }
 
@@ -261,8 +304,42 @@ mod tests {
     use crate::sim::{Faults, SimStorage};
     use std::path::Path;
 
-    /// The simulated disk, claiming extents so that the preparer runs on it.
-    struct Extents(SimStorage);
+    /// The simulated disk, claiming extents so that the preparer runs on it, and noting
+    /// every [`StorageFile::drop_cache`] as (file, offset, len).
+    struct Extents(SimStorage, Drops);
+
+    type Drops = Arc<Mutex<Vec<(PathBuf, u64, u64)>>>;
+
+    /// A simulated file that notes its `drop_cache` calls.
+    struct Watched(Arc<dyn StorageFile>, Drops);
+
+    impl StorageFile for Watched {
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+        fn len(&self) -> Result<u64> {
+            self.0.len()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.0.write_all_at(buf, offset)
+        }
+        fn allocate(&self, len: u64) -> Result<()> {
+            self.0.allocate(len)
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> Result<()> {
+            self.0.sync_data()
+        }
+        fn drop_cache(&self, offset: u64, len: u64) -> Result<()> {
+            self.1.lock().push((self.path().to_path_buf(), offset, len));
+            Ok(())
+        }
+    }
 
     impl Storage for Extents {
         fn create_dir_all(&self, dir: &Path) -> Result<()> {
@@ -272,7 +349,10 @@ mod tests {
             self.0.list_dir(dir)
         }
         fn open(&self, path: &Path, create: bool) -> Result<Arc<dyn StorageFile>> {
-            self.0.open(path, create)
+            Ok(Arc::new(Watched(
+                self.0.open(path, create)?,
+                self.1.clone(),
+            )))
         }
         fn exists(&self, path: &Path) -> bool {
             self.0.exists(path)
@@ -295,7 +375,7 @@ mod tests {
 
     fn start(disk: &SimStorage) -> (Preparer, PathBuf) {
         let dir = PathBuf::from("/sim/log");
-        let st: Arc<dyn Storage> = Arc::new(Extents(disk.clone()));
+        let st: Arc<dyn Storage> = Arc::new(Extents(disk.clone(), Drops::default()));
         st.create_dir_all(&dir).unwrap();
         let p = Preparer::start(st, dir.clone(), SIZE).unwrap().unwrap();
         (p, dir)
@@ -381,5 +461,67 @@ mod tests {
         assert!(p.take(SIZE).is_none());
         assert!(!disk.exists(&dir.join(segment::file_name(SIZE))));
         p.stop();
+    }
+
+    /// Fill a store of 64 KiB segments with 1 KiB records until it has rolled 4 times;
+    /// returns the segments dropped from the page cache (base, offset, len), in order, the
+    /// segment size and the number of rolls.
+    fn drops_after_four_rolls(keep: Option<u32>) -> (Vec<(u64, u64, u64)>, u64, u64) {
+        let disk = SimStorage::new();
+        let drops = Drops::default();
+        let storage: Arc<dyn Storage> = Arc::new(Extents(disk.clone(), drops.clone()));
+        let size = 64 * 1024;
+        let config = crate::StoreConfig::default()
+            .with_segment_bytes(size)
+            .with_record_bytes_max(4 * 1024)
+            .with_pending_bytes_max(16 * 1024)
+            .with_page_cache_segments(keep);
+        let dir = Path::new("/s");
+        let (store, _) = crate::Store::open(storage, dir, config, &mut |_| {}).unwrap();
+        let body = [7u8; 1024];
+        let q = store.queue("t", 0).unwrap();
+        let mut sent = 0u32;
+        while store.log_stats().records < 4 * 64 && sent < 1000 {
+            sent += 1;
+            store
+                .append(crate::Append::message(&q, "", &body, 1))
+                .unwrap();
+        }
+        // Closing stops the thread after the drops asked for before, and removes a
+        // prepared segment no roll took.
+        store.close().unwrap();
+        let bases: Vec<u64> = segment::list(&disk, &dir.join("log"))
+            .unwrap()
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect();
+        assert!(bases.len() >= 5, "rolled 4 times: {bases:?}");
+        let got = drops.lock().clone();
+        let got = got
+            .into_iter()
+            .map(|(path, off, len)| {
+                let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+                (segment::parse_file_name(&name).unwrap(), off, len)
+            })
+            .collect();
+        (got, size, bases.len() as u64 - 1)
+    }
+
+    #[test]
+    fn each_roll_drops_the_segment_that_leaves_the_cached_window() {
+        // The r-th roll (r from 1) seals segment r-1 and, with k sealed segments kept
+        // cached, drops segment r-1-k: after R rolls, segments 0 .. R-k are dropped, whole,
+        // once each and in order.
+        for k in [0u64, 1, 2] {
+            let (drops, size, rolls) = drops_after_four_rolls(Some(k as u32));
+            let want: Vec<(u64, u64, u64)> = (0..rolls - k).map(|i| (i * size, 0, size)).collect();
+            assert_eq!(drops, want, "keeping {k}");
+        }
+    }
+
+    #[test]
+    fn without_a_window_nothing_is_dropped() {
+        let (drops, _, _) = drops_after_four_rolls(None);
+        assert!(drops.is_empty(), "{drops:?}");
     }
 }

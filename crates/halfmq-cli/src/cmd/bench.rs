@@ -345,8 +345,9 @@ fn summary(r: &BenchReport) -> String {
         r.p99_ratio_to_raw_fsync,
     ) {
         line(format!(
-            "raw disk: {raw:.0} msg/s of this size in 256 KiB fsynced writes ({:.1} MiB/s); one 1 KiB write+fdatasync p99 {p99} µs",
-            r.raw_group_mib_per_s.unwrap_or_default()
+            "raw disk: {raw:.0} msg/s of this size in 256 KiB fsynced writes ({:.1} MiB/s); one 1 KiB write+fdatasync p50 {} µs, p99 {p99} µs",
+            r.raw_group_mib_per_s.unwrap_or_default(),
+            r.raw_serial_fsync_p50_us.unwrap_or_default()
         ));
         line(format!(
             "ratio to raw throughput: {ratio:.3}; p99 / raw fsync p99: {pr:.2}"
