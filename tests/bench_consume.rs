@@ -47,37 +47,13 @@ fn check_consistent(r: &Value, consumers: u64, poll_max: u64, prefill: u64) {
 /// consumed whole and the run says it ran dry.
 #[test]
 fn bench_consume_embedded_acks_what_it_polls() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, out) = embedded_bench(
-        dir.path(),
-        &[
-            "--consume",
-            "--consumers",
-            "3",
-            "--poll-max",
-            "16",
-            "--prefill",
-            "5000",
-            "--seconds",
-            "0.3",
-        ],
-    );
+    let (r, out) =
+        embedded_bench("--consume --consumers 3 --poll-max 16 --prefill 5000 --seconds 0.3");
     assert_eq!(r["mode"], "consume", "{r}");
     check_consistent(&r, 3, 16, 5000);
     assert!(out.stdout.contains("acks/s"), "{}", out.stdout);
 
-    let (r, out) = embedded_bench(
-        dir.path(),
-        &[
-            "--consume",
-            "--consumers",
-            "2",
-            "--prefill",
-            "100",
-            "--seconds",
-            "60",
-        ],
-    );
+    let (r, out) = embedded_bench("--consume --consumers 2 --prefill 100 --seconds 60");
     check_consistent(&r, 2, 32, 100);
     assert_eq!(r["ran_dry"], true, "{r}");
     assert!(out.stdout.contains("ran dry"), "{}", out.stdout);
@@ -87,21 +63,8 @@ fn bench_consume_embedded_acks_what_it_polls() {
 /// is the median round's ack calls per second over its raw fdatasyncs per second.
 #[test]
 fn bench_consume_baseline_alternates_raw_disk_and_consumers() {
-    let dir = tempfile::tempdir().unwrap();
     let (r, out) = embedded_bench(
-        dir.path(),
-        &[
-            "--consume",
-            "--baseline",
-            "--rounds",
-            "3",
-            "--consumers",
-            "1",
-            "--prefill",
-            "2000",
-            "--seconds",
-            "0.2",
-        ],
+        "--consume --baseline --rounds 3 --consumers 1 --prefill 2000 --seconds 0.2",
     );
     check_consistent(&r, 1, 32, 2000);
     let rounds = round_ratios(&r);

@@ -1443,19 +1443,7 @@ fn failing_consumer_dead_letters_and_replay_through_the_cli() {
 /// median round, with that round's raw figures and every round's ratio.
 #[test]
 fn bench_baseline_alternates_raw_disk_and_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, out) = embedded_bench(
-        dir.path(),
-        &[
-            "--baseline",
-            "--rounds",
-            "2",
-            "--producers",
-            "2",
-            "--messages",
-            "200",
-        ],
-    );
+    let (r, out) = embedded_bench("--baseline --rounds 2 --producers 2 --messages 200");
     assert_eq!(r["messages"].as_u64(), Some(200), "{r}");
     let rounds = round_ratios(&r);
     assert_eq!(rounds.len(), 2, "{r}");

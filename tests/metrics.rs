@@ -396,11 +396,7 @@ fn stats_give_lag_and_oldest_unacked_age() {
 
 #[test]
 fn bench_with_a_recorder_counts_every_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _) = embedded_bench(
-        dir.path(),
-        &["--metrics", "--producers", "4", "--messages", "300"],
-    );
+    let (r, _) = embedded_bench("--metrics --producers 4 --messages 300");
     assert_eq!(r["metrics_recorder"], true);
     assert_eq!(r["messages"].as_u64(), Some(300));
     assert_eq!(r["metrics_messages_in"].as_u64(), Some(300), "{r}");

@@ -265,13 +265,19 @@ pub fn bench_json(args: &[&str]) -> (Value, Run) {
     (report, out)
 }
 
-/// [`bench_json`] of `--embedded EXTRA --size 64 --data-dir DIR/bench`.
-pub fn embedded_bench(dir: &Path, extra: &[&str]) -> (Value, Run) {
-    let data = dir.join("bench");
+/// [`bench_json`] of `--embedded EXTRA --size 64 --data-dir TMP/bench`, EXTRA a command line.
+pub fn embedded_bench(extra: &str) -> (Value, Run) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bench");
     let mut args = vec!["--embedded"];
-    args.extend_from_slice(extra);
+    args.extend(words(extra));
     args.extend(["--size", "64", "--data-dir", data.to_str().unwrap()]);
     bench_json(&args)
+}
+
+/// The words of a command line, for argument lists written as one string.
+pub fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
 }
 
 /// The whole number `field` of a JSON line (a report, a produced or consumed message).

@@ -568,13 +568,19 @@ mod tests {
         assert_eq!(offsets(&ix, "k1"), vec![1000]);
     }
 
-    #[test]
-    fn unpersisted_entries_are_forgotten_and_stale_slots_rebuilt() {
+    /// An index (4 slots, 100 entries a file) holding keys a at 100 and b at 200, persisted.
+    fn a_and_b_persisted() -> (tempfile::TempDir, Arc<dyn Storage>, KeyIndex) {
         let dir = tempfile::tempdir().unwrap();
         let st: Arc<dyn Storage> = Arc::new(FsStorage);
         let (ix, _) = KeyIndex::open(st.clone(), dir.path(), 4, 100).unwrap();
         add_all(&ix, &[("a", 100), ("b", 200)]);
         ix.persist().unwrap();
+        (dir, st, ix)
+    }
+
+    #[test]
+    fn unpersisted_entries_are_forgotten_and_stale_slots_rebuilt() {
+        let (dir, st, ix) = a_and_b_persisted();
         add_all(&ix, &[("a", 300)]);
         // Written (slots and entry) but never persisted: as after a crash.
         {
@@ -595,11 +601,7 @@ mod tests {
 
     #[test]
     fn a_persist_that_only_moves_the_mark_keeps_the_slot_table_valid() {
-        let dir = tempfile::tempdir().unwrap();
-        let st: Arc<dyn Storage> = Arc::new(FsStorage);
-        let (ix, _) = KeyIndex::open(st.clone(), dir.path(), 4, 100).unwrap();
-        add_all(&ix, &[("a", 100), ("b", 200)]);
-        ix.persist().unwrap();
+        let (dir, st, ix) = a_and_b_persisted();
         // Only keyless records passed: the mark moves, no entry or slot changes.
         ix.inner.lock().indexed_upto = 5000;
         ix.persist().unwrap();
