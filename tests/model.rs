@@ -37,7 +37,7 @@ mod common;
 
 use common::{
     check_due_order, crash_mode, mark_delivered, model_config, poll_by_queue, release,
-    run_ops_then_crash, SimHarness, SimParts,
+    run_ops_then_crash, sole, SimHarness, SimParts,
 };
 
 const TOPICS: [&str; 3] = ["orders", "payments", "audit"];
@@ -785,7 +785,7 @@ fn run_concurrent(case: &ConcurrentCase) -> Result<(), String> {
         }
         survivors = found;
     }
-    Arc::try_unwrap(broker)
+    sole(broker)
         .map_err(|_| "the broker is still shared".to_string())?
         .close()
         .map_err(|e| format!("final close: {e}"))?;

@@ -169,18 +169,21 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn frames_are_batched_in_order_and_within_the_limit() {
+    /// Frames of the given (id, body length) sent through a writer all arrive, whole and in
+    /// order, whether it yields for more frames (`more_may_come`) or writes each at once.
+    async fn arrive_whole_and_in_order(frames: &[(u64, usize)], more_may_come: bool) {
         let (tx, mut rx) = mpsc::channel(1000);
         let mut want = Vec::new();
-        for (id, len) in [(1, 10), (2, 100_000), (3, 200_000), (4, 300_000), (5, 5)] {
+        for &(id, len) in frames {
             let f = frame_of(id, len);
             want.extend_from_slice(&f);
             tx.send(f).await.unwrap();
         }
         drop(tx);
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
-        let writer = tokio::spawn(async move { write_frames(&mut a, &mut rx).await });
+        let writer = tokio::spawn(async move {
+            write_frames_gathering(&mut a, &mut rx, move || more_may_come).await
+        });
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap().unwrap();
@@ -188,22 +191,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn frames_are_batched_in_order_and_within_the_limit() {
+        let frames = [(1, 10), (2, 100_000), (3, 200_000), (4, 300_000), (5, 5)];
+        arrive_whole_and_in_order(&frames, true).await;
+    }
+
+    #[tokio::test]
     async fn frames_written_without_waiting_for_company_arrive_whole_and_in_order() {
-        let (tx, mut rx) = mpsc::channel(1000);
-        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
-        let writer =
-            tokio::spawn(async move { write_frames_gathering(&mut a, &mut rx, || false).await });
-        let mut want = Vec::new();
-        for (id, len) in [(1, 10), (2, 300_000), (3, 5), (4, 70_000), (5, 1)] {
-            let f = frame_of(id, len);
-            want.extend_from_slice(&f);
-            tx.send(f).await.unwrap();
-        }
-        drop(tx);
-        let mut got = Vec::new();
-        b.read_to_end(&mut got).await.unwrap();
-        writer.await.unwrap().unwrap();
-        assert_eq!(got, want);
+        let frames = [(1, 10), (2, 300_000), (3, 5), (4, 70_000), (5, 1)];
+        arrive_whole_and_in_order(&frames, false).await;
     }
 
     #[tokio::test]
