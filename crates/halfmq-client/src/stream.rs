@@ -77,27 +77,19 @@ impl ReadBuf {
 }
 
 /// Write the frames `rx` yields to `wr` until the channel closes or a write fails. After
-/// each wait for a frame, the writer yields once to the tasks that are ready to run, then
-/// the frames queued behind the first go out in the same write (up to
-/// [`WRITE_BATCH_BYTES`]), so a burst of answers costs one system call, not one each. A
-/// frame with nothing queued behind it is written as it is, without a copy.
+/// each wait for a frame, if `more_may_come` says other frames may be made ready by the same
+/// event (the server: requests of the connection not answered yet; the client: other
+/// requests outstanding, or a read that released several answers), the writer yields once
+/// to the tasks that are ready to run, then the frames queued behind the first go out in the
+/// same write (up to [`WRITE_BATCH_BYTES`]), so a burst of answers costs one system call, not
+/// one each. Otherwise a lone frame is written at once: the yield would cost a trip through
+/// the scheduler and an `epoll_wait` of the runtime's driver, all of it latency for a lone
+/// producer, with nothing to join its write. A frame with nothing queued behind it is
+/// written as it is, without a copy.
 ///
 /// A frame is any owner of its bytes (`F: AsRef<[u8]>`); each is dropped only once its
 /// bytes are written (or the write failed), so a frame type that releases something on drop
 /// (the server's room for outgoing bytes) releases it then.
-pub async fn write_frames<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
-    wr: &mut W,
-    rx: &mut mpsc::Receiver<F>,
-) -> io::Result<()> {
-    write_frames_gathering(wr, rx, || true).await
-}
-
-/// [`write_frames`] that yields for more frames only while `more_may_come` says other
-/// frames may be made ready by the same event (the server: requests of the connection not
-/// answered yet; the client: other requests outstanding, or a read that released several
-/// answers). Otherwise a lone frame is written at once: the yield costs a trip through the
-/// scheduler and an `epoll_wait` of the runtime's driver, all of it latency for a lone
-/// producer, and nothing can join its write.
 pub async fn write_frames_gathering<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
     wr: &mut W,
     rx: &mut mpsc::Receiver<F>,
