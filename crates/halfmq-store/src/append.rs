@@ -80,7 +80,10 @@ impl Store {
     pub fn submit(&self, a: Append<'_>, hook: Hook) -> Result<Ticket<'_>> {
         let size = self.check_append(&a)?;
         let mut hook = hook;
-        match self.shared.append_to_batch(&a, size, true, &mut hook)? {
+        match self
+            .shared
+            .append_to_batch(&a, size, true, true, &mut hook)?
+        {
             Some(ticket) => Ok(ticket),
             // With wait_for_space the writer waits for room instead of returning None.
             None => Err(Error::Closed),
@@ -93,9 +96,10 @@ impl Store {
     pub async fn submit_async(&self, a: Append<'_>, hook: Hook) -> Result<Ticket<'_>> {
         let size = self.check_append(&a)?;
         let mut hook = hook;
+        let may_lead = self.shared.config.tasks_may_lead;
         notified_until(&self.shared.async_space, || {
             self.shared
-                .append_to_batch(&a, size, false, &mut hook)
+                .append_to_batch(&a, size, false, may_lead, &mut hook)
                 .transpose()
         })
         .await
@@ -198,11 +202,17 @@ impl Shared {
     /// Encode a record into the shared batch and return its ticket. When the batch is full,
     /// wait for room if `wait_for_space`, else return `None`. `hook` is taken only once the
     /// record is in the batch, so on `None` or an error the caller still holds it.
+    ///
+    /// A writer that `may_lead` and starts a batch while the last round held one record
+    /// (a lone producer) does not wake the flusher: its ticket writes the round itself when
+    /// waited on (`crate::flush::lead`), or wakes the flusher then. Any other writer of the
+    /// batch, or one that waits for room, wakes the flusher as before.
     fn append_to_batch(
         &self,
         a: &Append<'_>,
         size: u32,
         wait_for_space: bool,
+        may_lead: bool,
         hook: &mut Hook,
     ) -> Result<Option<Ticket<'_>>> {
         let mut w = self.writer.lock();
@@ -210,8 +220,19 @@ impl Shared {
             return Ok(None);
         }
         let before = w.batch.records;
-        let ticket = self.put_append(&mut w, a, size, hook)?;
-        self.wake_flusher(&w, before);
+        let mut ticket = self.put_append(&mut w, a, size, hook)?;
+        let lead = may_lead
+            && self.sync_policy()
+            && before == 0
+            && w.gather_target <= 1
+            && !w.flushing
+            && !w.closed;
+        if lead {
+            w.wake_owed = true;
+            ticket.may_lead();
+        } else {
+            self.wake_flusher(&mut w, before);
+        }
         Ok(Some(ticket))
     }
 
@@ -235,6 +256,11 @@ impl Shared {
             if !w.batch.is_empty()
                 && w.batch.bytes.len() as u64 + bytes > self.config.pending_bytes_max
             {
+                if w.wake_owed {
+                    // Room comes only from the flusher.
+                    w.wake_owed = false;
+                    self.work.notify_one();
+                }
                 if !wait_for_space {
                     return Ok(false);
                 }
@@ -248,8 +274,9 @@ impl Shared {
     /// Wake the flusher for the first record of a batch (`before`: the records it held
     /// before this writer's), and when the batch is as large as it waits for; in between it
     /// is waiting on a deadline anyway.
-    pub(crate) fn wake_flusher(&self, w: &Writer, before: u64) {
+    pub(crate) fn wake_flusher(&self, w: &mut Writer, before: u64) {
         if (before == 0 && w.batch.records > 0) || w.batch.records >= w.gather_target {
+            w.wake_owed = false;
             self.work.notify_one();
         }
     }

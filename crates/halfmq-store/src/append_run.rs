@@ -126,7 +126,7 @@ impl Shared {
                 }
             }
         }
-        self.wake_flusher(&w, before);
+        self.wake_flusher(&mut w, before);
         true
     }
 }

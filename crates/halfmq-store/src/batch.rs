@@ -87,12 +87,13 @@ impl Batch {
 /// Appends consume-queue entries grouped per queue, one write per queue per batch.
 #[derive(Default)]
 pub(crate) struct DispatchBuf {
-    runs: HashMap<*const ConsumeQueue, (Arc<ConsumeQueue>, u64, Vec<u8>)>,
+    /// By the queue's address (as a number, so the buffer can move between threads).
+    runs: HashMap<usize, (Arc<ConsumeQueue>, u64, Vec<u8>)>,
 }
 
 impl DispatchBuf {
     pub(crate) fn push(&mut self, d: &Dispatch) {
-        let key = Arc::as_ptr(&d.queue);
+        let key = Arc::as_ptr(&d.queue) as usize;
         let run = self
             .runs
             .entry(key)

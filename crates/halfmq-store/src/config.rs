@@ -88,6 +88,15 @@ pub struct StoreConfig {
     /// readers that keep up. `None`: leave the page cache to the operating system. Only on
     /// real files ([`crate::io::Storage::zero_fill_ahead`]).
     pub page_cache_segments: Option<u32>,
+    /// Whether a writer waiting in an async task ([`crate::Ticket::wait_async`]) may write a
+    /// group-commit round itself, as a thread waiting in [`crate::Ticket::wait`] always may:
+    /// when the last round held one record, the writer of the next batch's first record
+    /// writes and syncs it on its own thread instead of waking the flusher thread and being
+    /// woken back by it (see `crate::flush::lead`). That saves a lone producer two thread
+    /// wake-ups per message, but blocks the executor thread for the write and the fsync
+    /// (about one fsync's time), so it is for runtimes with a spare worker, such as the
+    /// broker's. Default `false`: a task never blocks its executor thread.
+    pub tasks_may_lead: bool,
 }
 
 impl Default for StoreConfig {
@@ -101,6 +110,7 @@ impl Default for StoreConfig {
             key_index_slots: 4 * 1024 * 1024,
             key_index_entries: 4 * 1024 * 1024,
             page_cache_segments: Some(2),
+            tasks_may_lead: false,
         }
     }
 }
@@ -123,6 +133,8 @@ halfmq_types::with_setters! {
         with_key_index_entries => key_index_entries: u32;
         /// Sets [`StoreConfig::page_cache_segments`].
         with_page_cache_segments => page_cache_segments: Option<u32>;
+        /// Sets [`StoreConfig::tasks_may_lead`].
+        with_tasks_may_lead => tasks_may_lead: bool;
     }
 }
 

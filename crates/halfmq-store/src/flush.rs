@@ -1,4 +1,8 @@
-//! Group commit: the one thread that writes and syncs the log.
+//! Group commit: one writer of the log at a time writes and syncs it.
+//!
+//! That writer is the flusher thread, or, for a lone producer, the producer's own thread
+//! ([`lead`]): whoever takes the batch under the writer lock (`Writer::flushing`) writes
+//! the round, and nobody else takes one until it is over.
 //!
 //! Each round takes the whole pending batch, writes it (syncing a segment before anything is
 //! written to the next one, so that every segment but the newest is complete on disk), syncs
@@ -19,48 +23,132 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::batch::{Batch, DispatchBuf, RoundSignal};
+use crate::batch::{Batch, RoundSignal};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::FlushPolicy;
 use crate::consume_queue::ConsumeQueue;
-use crate::state::Shared;
+use crate::state::{FlusherState, Shared, Writer};
 use halfmq_types::error::Result;
 
-struct FlusherState {
-    batch: Batch,
-    /// Consume-queue entries of records written but not yet durable (async flush), appended
-    /// by the round that syncs them.
-    dispatch: DispatchBuf,
-    last_sync: Instant,
-    /// How long the last fsync of the log took.
-    last_sync_time: std::time::Duration,
-    /// Log bytes written but not yet synced (async flush).
-    unsynced_bytes: u64,
-    /// Log bytes since the last checkpoint.
-    since_checkpoint: u64,
-    checkpoint_seq: u64,
-    written: u64,
-    durable: u64,
+/// Take the writers' batch for a round: from now on, until [`finish_round`], nobody else
+/// writes one.
+fn take_batch(shared: &Shared, w: &mut Writer) -> Batch {
+    let spare = std::mem::take(&mut w.spare);
+    let batch = std::mem::replace(&mut w.batch, spare);
+    w.batch.end = batch.end;
+    // The spare batch's signal belonged to an earlier round and has fired.
+    w.batch.signal = Arc::new(RoundSignal::default());
+    w.flushing = true;
+    w.wake_owed = false;
+    shared.space.notify_all();
+    shared.async_space.notify_waiters();
+    batch
 }
 
-pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
-    let start = shared.progress.durable.load(Ordering::Acquire);
-    let mut st = FlusherState {
-        batch: Batch::default(),
-        dispatch: DispatchBuf::default(),
-        last_sync: Instant::now(),
-        last_sync_time: std::time::Duration::ZERO,
-        unsynced_bytes: 0,
-        since_checkpoint: 0,
-        checkpoint_seq,
-        written: start,
-        durable: start,
+/// A round is over: its (cleared) batch is kept for reuse, the group-commit target set from
+/// it, and the flusher told if work waits (unless `flusher`: it is the flusher).
+fn finish_round(
+    shared: &Shared,
+    batch: Batch,
+    records: u64,
+    sync_time: std::time::Duration,
+    flusher: bool,
+) {
+    let mut w = shared.writer.lock();
+    w.spare = batch;
+    w.flushing = false;
+    if matches!(shared.config.flush, FlushPolicy::Sync) {
+        // As many as this round released, since those writers are likely to come back at
+        // once, waiting at most half an fsync for them.
+        w.gather_target = records.max(1);
+        w.gather_wait = sync_time / 2;
+    }
+    if !flusher && (!w.batch.is_empty() || w.closed || w.sync_requested) {
+        w.wake_owed = false;
+        shared.work.notify_one();
+    }
+}
+
+/// Write the round of `batch` (taken with [`take_batch`]), poisoning the store if that
+/// fails; returns the round's record count and the sync time to gather by, or the error.
+fn write_round(
+    shared: &Shared,
+    batch: &mut Batch,
+    force_sync: bool,
+) -> std::result::Result<(u64, std::time::Duration), String> {
+    let records = batch.records;
+    let mut st = shared.flush.lock();
+    match round(shared, &mut st, batch, force_sync) {
+        Ok(()) => Ok((records, st.last_sync_time)),
+        Err(e) => {
+            let msg = e.to_string();
+            poison(shared, &msg);
+            batch.clear();
+            // Its writers learn of the failure from the progress.
+            batch.signal.fire();
+            Err(msg)
+        }
+    }
+}
+
+/// A writer waiting for its own record writes the round itself, on its own thread, when
+/// nobody else is writing one: the flusher thread is not woken, and the writer not woken
+/// back by it (two thread wake-ups fewer: what a lone producer pays most for on a virtual
+/// machine). Only under [`FlushPolicy::Sync`], and only for a batch the writer started
+/// while the last round had one record (see `Shared::append_to_batch`): at any higher load
+/// the flusher gathers the batch as before. Returns whether it led; if not, the flusher
+/// has been told of the batch.
+pub(crate) fn lead(shared: &Shared) -> bool {
+    let mut batch = {
+        let mut w = shared.writer.lock();
+        let can_lead = !w.flushing
+            && !w.batch.is_empty()
+            && w.poisoned.is_none()
+            && !w.closed
+            && !w.sync_requested;
+        if !can_lead {
+            if w.wake_owed {
+                w.wake_owed = false;
+                shared.work.notify_one();
+            }
+            return false;
+        }
+        take_batch(shared, &mut w)
     };
+    let done = write_round(shared, &mut batch, false);
+    shared.progress.rounds_led.fetch_add(1, Ordering::Relaxed);
+    let (records, sync_time) = done.unwrap_or((0, std::time::Duration::ZERO));
+    finish_round(shared, batch, records, sync_time, false);
+    true
+}
+
+/// The writer that deferred the flusher's wake-up for its batch will not lead after all
+/// (its ticket was dropped, or it waits in a task that may not block): wake the flusher.
+pub(crate) fn pay_wake(shared: &Shared) {
+    let mut w = shared.writer.lock();
+    if w.wake_owed {
+        w.wake_owed = false;
+        shared.work.notify_one();
+    }
+}
+
+pub(crate) fn run(shared: Arc<Shared>) {
+    // Under async flush only this thread writes rounds (writers lead only under sync
+    // flush), so it can keep the time-driven sync's deadline itself.
+    let mut async_due: Option<Instant> = None;
     loop {
-        let (closing, sync_requested) = {
+        let (mut batch, closing, sync_requested) = {
             let mut w = shared.writer.lock();
             loop {
-                if w.closed || w.sync_requested || w.poisoned.is_some() {
+                if w.poisoned.is_some() {
+                    break;
+                }
+                if w.flushing {
+                    // A writer is leading a round; it wakes this thread if work is left.
+                    shared.work.wait(&mut w);
+                    continue;
+                }
+                if w.closed || w.sync_requested {
                     break;
                 }
                 if !w.batch.is_empty() {
@@ -75,38 +163,34 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
                         _ => break,
                     }
                 }
-                match shared.config.flush {
-                    FlushPolicy::Async { interval } if st.written > st.durable => {
-                        if shared
-                            .work
-                            .wait_until(&mut w, st.last_sync + interval)
-                            .timed_out()
-                        {
+                match async_due {
+                    Some(due) => {
+                        if shared.work.wait_until(&mut w, due).timed_out() {
                             break;
                         }
                     }
-                    _ => shared.work.wait(&mut w),
+                    None => shared.work.wait(&mut w),
                 }
             }
             if w.poisoned.is_some() {
                 break;
             }
-            std::mem::swap(&mut w.batch, &mut st.batch);
-            w.batch.end = st.batch.end;
-            // The swapped-in batch's signal belonged to the last round and has fired.
-            w.batch.signal = Arc::new(RoundSignal::default());
-            if matches!(shared.config.flush, FlushPolicy::Sync) {
-                w.gather_target = st.batch.records.max(1);
-                w.gather_wait = st.last_sync_time / 2;
-            }
+            let batch = take_batch(&shared, &mut w);
             let requested = std::mem::take(&mut w.sync_requested);
-            shared.space.notify_all();
-            shared.async_space.notify_waiters();
-            (w.closed && w.batch.is_empty(), requested)
+            (batch, w.closed && w.batch.is_empty(), requested)
         };
-        if let Err(e) = round(&shared, &mut st, closing || sync_requested) {
-            poison(&shared, &e.to_string());
-            break;
+        let done = write_round(&shared, &mut batch, closing || sync_requested);
+        let (records, sync_time) = match done {
+            Ok(r) => r,
+            Err(_) => {
+                finish_round(&shared, batch, 0, std::time::Duration::ZERO, true);
+                break;
+            }
+        };
+        finish_round(&shared, batch, records, sync_time, true);
+        let mut st = shared.flush.lock();
+        if let FlushPolicy::Async { interval } = shared.config.flush {
+            async_due = (st.written > st.durable).then(|| st.last_sync + interval);
         }
         if closing {
             let done = if st.written > st.durable {
@@ -128,7 +212,6 @@ pub(crate) fn run(shared: Arc<Shared>, checkpoint_seq: u64) {
     shared.progress.epoch.advance();
     // Writers still waiting on a round learn that there is none (their progress check
     // then returns the failure or `Closed`).
-    st.batch.signal.fire();
     shared.writer.lock().batch.signal.fire();
     shared.async_notify.notify_waiters();
     shared.async_space.notify_waiters();
@@ -141,8 +224,12 @@ fn observe_fsync(shared: &Shared, took: std::time::Duration) {
 }
 
 /// One group-commit round.
-fn round(shared: &Shared, st: &mut FlusherState, force_sync: bool) -> Result<()> {
-    let batch = &mut st.batch;
+fn round(
+    shared: &Shared,
+    st: &mut FlusherState,
+    batch: &mut Batch,
+    force_sync: bool,
+) -> Result<()> {
     let had_data = !batch.is_empty();
     if let Some(at) = batch.mark_at {
         // Everything below `durable` is synced before any byte of this batch is written.

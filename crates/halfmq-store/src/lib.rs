@@ -82,6 +82,8 @@ mod flush;
 mod hooks;
 pub mod io;
 pub mod key_index;
+#[cfg(test)]
+mod lead_tests;
 pub mod log_start;
 mod prepare;
 mod read;

@@ -303,6 +303,7 @@ impl Shared {
             syncs: p.syncs.load(Ordering::Relaxed),
             records: p.records.load(Ordering::Relaxed),
             index_entries_rebuilt: p.entries_rebuilt.load(Ordering::Relaxed),
+            rounds_led: p.rounds_led.load(Ordering::Relaxed),
         }
     }
 

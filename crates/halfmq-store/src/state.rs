@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, DispatchBuf};
 use crate::config::{FlushPolicy, StoreConfig};
 use crate::consume_queue::QueueMap;
 use crate::epoch;
@@ -38,6 +39,51 @@ pub(crate) struct Writer {
     /// Log fsyncs counted at the last roll (or at open): how many syncs filled the active
     /// segment decides whether the next one is zero-filled ahead (see `crate::prepare`).
     pub(crate) syncs_at_roll: u64,
+    /// A round is being written, by the flusher or by a writer leading it
+    /// (`flush::lead`): nobody else takes the batch until it is over.
+    pub(crate) flushing: bool,
+    /// The flusher was not woken for the batch's first record, whose writer may write the
+    /// round itself; whoever waits on the flusher for this batch wakes it first.
+    pub(crate) wake_owed: bool,
+    /// The last round's batch, cleared, for the next one to reuse its buffers.
+    pub(crate) spare: Batch,
+}
+
+/// What the one writer of the log at a time (the flusher thread, or a writer leading its own
+/// round, see `flush::lead`) keeps between rounds. Under [`Shared::flush`]; who may write a
+/// round is decided under the writer lock ([`Writer::flushing`]), so this lock is never
+/// contended and is never taken while the writer lock is held.
+pub(crate) struct FlusherState {
+    /// Consume-queue entries of records written but not yet durable (async flush), appended
+    /// by the round that syncs them.
+    pub(crate) dispatch: DispatchBuf,
+    pub(crate) last_sync: Instant,
+    /// How long the last fsync of the log took.
+    pub(crate) last_sync_time: std::time::Duration,
+    /// Log bytes written but not yet synced (async flush).
+    pub(crate) unsynced_bytes: u64,
+    /// Log bytes since the last checkpoint.
+    pub(crate) since_checkpoint: u64,
+    pub(crate) checkpoint_seq: u64,
+    pub(crate) written: u64,
+    pub(crate) durable: u64,
+}
+
+impl FlusherState {
+    /// The state of a store whose log is durable up to `end`, with checkpoint `checkpoint_seq`
+    /// the newest written.
+    pub(crate) fn new(end: u64, checkpoint_seq: u64) -> FlusherState {
+        FlusherState {
+            dispatch: DispatchBuf::default(),
+            last_sync: Instant::now(),
+            last_sync_time: std::time::Duration::ZERO,
+            unsynced_bytes: 0,
+            since_checkpoint: 0,
+            checkpoint_seq,
+            written: end,
+            durable: end,
+        }
+    }
 }
 
 /// Flush progress, watched by waiting writers and pollers without a lock.
@@ -54,6 +100,8 @@ pub(crate) struct Progress {
     /// Consume-queue entries found damaged by a read and rebuilt from the log since open
     /// (`crate::reindex`).
     pub(crate) entries_rebuilt: AtomicU64,
+    /// Rounds written by a writer leading its own round (`flush::lead`).
+    pub(crate) rounds_led: AtomicU64,
     /// The flusher has exited.
     pub(crate) stopped: AtomicBool,
     /// Set once when the flusher failed; every later wait returns it.
@@ -90,6 +138,8 @@ pub(crate) struct Shared {
     pub(crate) segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     pub(crate) queues: RwLock<QueueMap>,
     pub(crate) writer: Mutex<Writer>,
+    /// What the writer of rounds keeps between them (see the `flush` module).
+    pub(crate) flush: Mutex<FlusherState>,
     /// The flusher waits here for work (on `writer`).
     pub(crate) work: Condvar,
     /// Writers wait here for room in the batch (on `writer`).

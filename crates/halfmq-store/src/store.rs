@@ -102,7 +102,11 @@ impl Store {
                 gather_target: 1,
                 gather_wait: std::time::Duration::ZERO,
                 syncs_at_roll: 0,
+                flushing: false,
+                wake_owed: false,
+                spare: Batch::default(),
             }),
+            flush: Mutex::new(crate::state::FlusherState::new(end, rec.checkpoint_seq)),
             work: Condvar::new(),
             space: Condvar::new(),
             progress: Progress {
@@ -123,7 +127,7 @@ impl Store {
         let s = shared.clone();
         let flusher = std::thread::Builder::new()
             .name("halfmq-flusher".into())
-            .spawn(move || flush::run(s, rec.checkpoint_seq))
+            .spawn(move || flush::run(s))
             .map_err(|e| Error::io(dir, "start flusher thread", e))?;
         let store = Store {
             shared,

@@ -40,6 +40,9 @@ pub struct Ticket<'a> {
     durable: bool,
     /// Fired when the round that writes the record is over.
     round: Arc<RoundSignal>,
+    /// The flusher was not woken for the record's batch: the waiter writes the round itself
+    /// if nobody else is writing one (`crate::flush::lead`), else wakes the flusher.
+    lead: bool,
 }
 
 impl std::fmt::Debug for Ticket<'_> {
@@ -63,7 +66,13 @@ impl<'a> Ticket<'a> {
             appended,
             durable,
             round,
+            lead: false,
         }
+    }
+
+    /// The record's writer did not wake the flusher: whoever waits leads (or wakes it).
+    pub(crate) fn may_lead(&mut self) {
+        self.lead = true;
     }
 
     /// Where the record is: known as soon as it is in the batch, before it is acknowledged.
@@ -79,14 +88,25 @@ impl<'a> Ticket<'a> {
     /// Block the calling thread until the record is acknowledged under the flush policy
     /// (durable under `Sync` or with a sync-forcing hook, else written). Fails with
     /// `Error::Poisoned` if the flusher failed first, `Error::Closed` if it stopped.
-    pub fn wait(self) -> Result<Appended> {
+    pub fn wait(mut self) -> Result<Appended> {
+        if std::mem::take(&mut self.lead) {
+            crate::flush::lead(self.shared);
+        }
         self.shared.wait_progress(self.end(), self.durable)?;
         Ok(self.appended)
     }
 
     /// [`Ticket::wait`] for async code: the task sleeps until the record's round is over,
-    /// and no executor thread is blocked.
-    pub async fn wait_async(self) -> Result<Appended> {
+    /// and no executor thread is blocked, unless the store lets tasks lead a lone round
+    /// ([`StoreConfig::tasks_may_lead`](crate::StoreConfig::tasks_may_lead)).
+    pub async fn wait_async(mut self) -> Result<Appended> {
+        if std::mem::take(&mut self.lead) {
+            if self.shared.config.tasks_may_lead {
+                crate::flush::lead(self.shared);
+            } else {
+                crate::flush::pay_wake(self.shared);
+            }
+        }
         let (end, durable) = (self.end(), self.durable);
         let shared = self.shared;
         // The round that writes the record wakes its writers alone (`None`: the round is
@@ -104,6 +124,16 @@ impl<'a> Ticket<'a> {
             None => notified_until(&shared.async_notify, || shared.settled(end, durable)).await,
         };
         settled.map(|()| self.appended)
+    }
+}
+
+impl Drop for Ticket<'_> {
+    /// A ticket dropped unwaited-for (or whose async wait was cancelled before it began)
+    /// still gets its record written: the flusher is woken if nobody told it yet.
+    fn drop(&mut self) {
+        if self.lead {
+            crate::flush::pay_wake(self.shared);
+        }
     }
 }
 

@@ -288,4 +288,8 @@ pub struct LogStats {
     /// Consume-queue entries that a read found damaged and rebuilt from the log since open.
     #[serde(default)]
     pub index_entries_rebuilt: u64,
+    /// Group commits written by the writer of their only record on its own thread, not by
+    /// the flusher thread: a lone producer's rounds (see `StoreConfig::tasks_may_lead`).
+    #[serde(default)]
+    pub rounds_led: u64,
 }

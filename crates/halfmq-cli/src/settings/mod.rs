@@ -176,8 +176,12 @@ pub struct Resolved {
 
 impl Default for Resolved {
     fn default() -> Self {
+        let mut broker = BrokerConfig::default();
+        // The broker's runtime has a worker to spare while a lone producer's request task
+        // writes its own round (see `StoreConfig::tasks_may_lead`).
+        broker.store.tasks_may_lead = true;
         Resolved {
-            broker: BrokerConfig::default(),
+            broker,
             server: ServerConfig::default(),
             metrics: None,
             flush_interval: FLUSH_INTERVAL_DEFAULT,

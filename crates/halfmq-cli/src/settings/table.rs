@@ -29,6 +29,9 @@ settings! {
         key_index_slots: u32 = "HALFMQ_KEY_INDEX_SLOTS" => broker.store.key_index_slots;
         /// Entries per key-index file (`trace`).
         key_index_entries: u32 = "HALFMQ_KEY_INDEX_ENTRIES" => broker.store.key_index_entries;
+        /// A lone producer's request writes and syncs its own group commit on the network
+        /// worker, instead of waking the flusher thread and being woken back by it.
+        tasks_may_lead: bool = "HALFMQ_TASKS_MAY_LEAD" => broker.store.tasks_may_lead;
     }
 
     /// Topics.
