@@ -74,45 +74,30 @@ fn check_body(d: &Delivery, what: &str) {
 // The test
 // ---------------------------------------------------------------------------------------
 
-#[derive(Default, Debug, Clone, Copy)]
-struct Counts {
-    /// Plain messages acknowledged.
-    acked: u64,
-    /// Plain sends in flight at the kill that were stored (at most one per producer).
-    in_flight_stored: u64,
-    /// Commits acknowledged.
-    committed: u64,
-    /// Rollbacks acknowledged.
-    rolled_back: u64,
-    /// Halves acknowledged and deliberately left without an outcome.
-    abandoned: u64,
-    /// Halves, commits and rollbacks without an answer at the kill.
-    txn_in_flight: u64,
-    /// Transactions pending right after the restart.
-    pending_at_restart: u64,
-    /// Transactions the checker answered after the restart.
-    resolved_by_check_back: u64,
-    /// Transaction messages visible in the end.
-    txn_visible: u64,
-    /// Deliveries to the consumers during the load.
-    consumed: u64,
-    /// Messages there twice: must stay 0.
-    duplicates: u64,
-}
-
-impl std::ops::AddAssign for Counts {
-    fn add_assign(&mut self, o: Counts) {
-        self.acked += o.acked;
-        self.in_flight_stored += o.in_flight_stored;
-        self.committed += o.committed;
-        self.rolled_back += o.rolled_back;
-        self.abandoned += o.abandoned;
-        self.txn_in_flight += o.txn_in_flight;
-        self.pending_at_restart += o.pending_at_restart;
-        self.resolved_by_check_back += o.resolved_by_check_back;
-        self.txn_visible += o.txn_visible;
-        self.consumed += o.consumed;
-        self.duplicates += o.duplicates;
+common::load::counts! {
+    struct Counts {
+        /// Plain messages acknowledged.
+        acked,
+        /// Plain sends in flight at the kill that were stored (at most one per producer).
+        in_flight_stored,
+        /// Commits acknowledged.
+        committed,
+        /// Rollbacks acknowledged.
+        rolled_back,
+        /// Halves acknowledged and deliberately left without an outcome.
+        abandoned,
+        /// Halves, commits and rollbacks without an answer at the kill.
+        txn_in_flight,
+        /// Transactions pending right after the restart.
+        pending_at_restart,
+        /// Transactions the checker answered after the restart.
+        resolved_by_check_back,
+        /// Transaction messages visible in the end.
+        txn_visible,
+        /// Deliveries to the consumers during the load.
+        consumed,
+        /// Messages there twice: must stay 0.
+        duplicates,
     }
 }
 

@@ -61,32 +61,18 @@ const CUT_MS: std::ops::Range<u64> = 200..1500;
 // After the restart
 // ---------------------------------------------------------------------------------------
 
-#[derive(Default, Debug, Clone, Copy)]
-struct Counts {
-    sends_acked: u64,
-    keyed_acked: u64,
-    committed: u64,
-    rolled_back: u64,
-    abandoned: u64,
-    resolved_by_check_back: u64,
-    consumer_acks: u64,
-    torn_writes: u64,
-    pending_bytes_dropped: u64,
-    lost: u64,
-}
-
-impl std::ops::AddAssign for Counts {
-    fn add_assign(&mut self, o: Counts) {
-        self.sends_acked += o.sends_acked;
-        self.keyed_acked += o.keyed_acked;
-        self.committed += o.committed;
-        self.rolled_back += o.rolled_back;
-        self.abandoned += o.abandoned;
-        self.resolved_by_check_back += o.resolved_by_check_back;
-        self.consumer_acks += o.consumer_acks;
-        self.torn_writes += o.torn_writes;
-        self.pending_bytes_dropped += o.pending_bytes_dropped;
-        self.lost += o.lost;
+common::load::counts! {
+    struct Counts {
+        sends_acked,
+        keyed_acked,
+        committed,
+        rolled_back,
+        abandoned,
+        resolved_by_check_back,
+        consumer_acks,
+        torn_writes,
+        pending_bytes_dropped,
+        lost,
     }
 }
 

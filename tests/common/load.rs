@@ -18,6 +18,28 @@ pub const WORKERS: &str = "workers";
 /// Longest wait for check-back to resolve every pending transaction after a restart.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A struct of `u64` counters, declared with its fields' docs, that adds up field by field
+/// (`totals += round`): each crash test's tally of one round, summed over the run. (Only the
+/// crash tests sum counts; the other binaries that include this module do not.)
+#[allow(unused_macros)]
+macro_rules! counts {
+    ($(#[$attr:meta])* struct $name:ident { $($(#[$doc:meta])* $field:ident,)* }) => {
+        $(#[$attr])*
+        #[derive(Default, Debug, Clone, Copy)]
+        struct $name {
+            $($(#[$doc])* $field: u64,)*
+        }
+
+        impl std::ops::AddAssign for $name {
+            fn add_assign(&mut self, o: $name) {
+                $(self.$field += o.$field;)*
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use counts;
+
 /// The body of the message with `key`: derived from the key, so a served message can be
 /// checked byte for byte; 1 to 40 repetitions, so lengths vary.
 pub fn body_of(key: &str) -> Vec<u8> {

@@ -344,15 +344,16 @@ impl Filesystem for LossyFuse {
         }
     }
 
+    /// A directory is synced as a file is ([`Tree::fsync`] makes either kind durable).
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.empty(reply, |t| t.fsync(ino.0));
+        self.fsync(req, ino, fh, datasync, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

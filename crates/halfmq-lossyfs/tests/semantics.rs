@@ -8,37 +8,64 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use halfmq_lossyfs::{LossyDisk, Mounted, Tear, SECTOR};
+use halfmq_lossyfs::{CutReport, LossyDisk, Mounted, Pending, Tear, SECTOR};
 
+/// A fresh disk, mounted. Each power cut mounts it again; the drop unmounts it.
 struct Fixture {
-    _tmp: tempfile::TempDir,
+    /// The mount (`None` only between an unmount and the next mount); declared first, so
+    /// that it is unmounted before the directories go.
+    mounted: Option<Mounted>,
     disk: LossyDisk,
     mnt: PathBuf,
+    _tmp: tempfile::TempDir,
 }
 
-fn fixture() -> Fixture {
+fn mounted() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let disk = LossyDisk::new(&tmp.path().join("disk")).unwrap();
     let mnt = tmp.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    Fixture {
-        _tmp: tmp,
+    let mut fx = Fixture {
+        mounted: None,
         disk,
         mnt,
-    }
+        _tmp: tmp,
+    };
+    fx.mount();
+    fx
 }
 
 impl Fixture {
-    fn mount(&self) -> Mounted {
-        self.disk.mount(&self.mnt).unwrap_or_else(|e| panic!("{e}"))
+    fn mount(&mut self) {
+        let m = self.disk.mount(&self.mnt).unwrap_or_else(|e| panic!("{e}"));
+        self.mounted = Some(m);
     }
 
-    /// Cut the power and mount again.
-    fn cut(&self, m: Mounted, tear: Tear) -> Mounted {
-        m.power_cut(tear).unwrap();
-        self.mount()
+    fn take(&mut self) -> Mounted {
+        self.mounted.take().expect("the disk is mounted")
     }
 
+    /// Cut the power (every file on the mount closed) and mount again: what the cut dropped.
+    fn cut(&mut self, tear: Tear) -> CutReport {
+        let report = self.take().power_cut(tear).unwrap();
+        self.mount();
+        report
+    }
+
+    /// Unmount cleanly: everything written becomes durable.
+    fn unmount_clean(&mut self) {
+        self.take().unmount_clean().unwrap();
+    }
+
+    /// What a power cut now would drop.
+    fn pending(&self) -> Pending {
+        self.mounted
+            .as_ref()
+            .expect("the disk is mounted")
+            .pending()
+    }
+
+    /// `name` on the mount (`.` is the mount's root).
     fn at(&self, name: &str) -> PathBuf {
         self.mnt.join(name)
     }
@@ -48,60 +75,82 @@ impl Fixture {
         fs::read(self.at(name)).unwrap()
     }
 
+    /// The durable contents of `name`, read behind the mount.
+    fn read_durable(&self, name: &str) -> Vec<u8> {
+        fs::read(self.disk.durable_dir().join(name)).unwrap()
+    }
+
     /// `name` on the mount, opened for writing.
     fn open(&self, name: &str) -> File {
         OpenOptions::new().write(true).open(self.at(name)).unwrap()
     }
-}
 
-fn sync_dir(dir: &Path) {
-    File::open(dir).unwrap().sync_all().unwrap();
-}
+    /// Write `data` at `offset` of `name` and close it, without a sync.
+    fn write_at(&self, name: &str, data: &[u8], offset: u64) {
+        self.open(name).write_all_at(data, offset).unwrap();
+    }
 
-fn create(path: &Path, data: &[u8]) -> File {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .unwrap();
-    f.write_all(data).unwrap();
-    f
-}
+    /// `name` created (or truncated) with `data`, open for reading and writing.
+    fn create(&self, name: &str, data: &[u8]) -> File {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.at(name))
+            .unwrap();
+        f.write_all(data).unwrap();
+        f
+    }
 
-/// [`create`], then fsync and close: the data is durable, the name only once its directory
-/// is synced.
-fn create_synced(path: &Path, data: &[u8]) {
-    create(path, data).sync_all().unwrap();
+    /// [`Fixture::create`], then fsync and close: the data is durable, the name only once
+    /// its directory is synced.
+    fn create_synced(&self, name: &str, data: &[u8]) {
+        self.create(name, data).sync_all().unwrap();
+    }
+
+    fn mkdir(&self, name: &str) {
+        fs::create_dir(self.at(name)).unwrap();
+    }
+
+    fn remove(&self, name: &str) {
+        fs::remove_file(self.at(name)).unwrap();
+    }
+
+    fn rename(&self, from: &str, to: &str) {
+        fs::rename(self.at(from), self.at(to)).unwrap();
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.at(name).exists()
+    }
+
+    /// fsync of directory `name`: its entries become durable.
+    fn sync_dir(&self, name: &str) {
+        File::open(self.at(name)).unwrap().sync_all().unwrap();
+    }
 }
 
 #[test]
 fn a_write_without_fsync_is_lost_and_reads_see_it_before() {
-    let fx = fixture();
-    let m = fx.mount();
-    let f = create(&fx.at("a"), b"durable");
+    let mut fx = mounted();
+    let f = fx.create("a", b"durable");
     f.sync_data().unwrap();
-    sync_dir(&fx.mnt);
+    fx.sync_dir(".");
     f.write_all_at(b" and more", 7).unwrap();
     assert_eq!(fx.read("a"), b"durable and more");
-    assert!(m.pending().bytes >= 9);
+    assert!(fx.pending().bytes >= 9);
     drop(f);
-    let m = fx.cut(m, Tear::None);
+    fx.cut(Tear::None);
     assert_eq!(fx.read("a"), b"durable");
-    assert_eq!(
-        fs::read(fx.disk.durable_dir().join("a")).unwrap(),
-        b"durable"
-    );
-    drop(m);
+    assert_eq!(fx.read_durable("a"), b"durable");
 }
 
 #[test]
 fn fsync_and_fdatasync_keep_data_and_length() {
-    let fx = fixture();
-    let m = fx.mount();
-    let f = create(&fx.at("a"), b"");
-    sync_dir(&fx.mnt);
+    let mut fx = mounted();
+    let f = fx.create("a", b"");
+    fx.sync_dir(".");
     f.write_all_at(b"one", 0).unwrap();
     f.sync_all().unwrap();
     f.write_all_at(b"two", 3).unwrap();
@@ -110,7 +159,7 @@ fn fsync_and_fdatasync_keep_data_and_length() {
     f.set_len(4096).unwrap();
     f.sync_data().unwrap();
     drop(f);
-    let m = fx.cut(m, Tear::None);
+    fx.cut(Tear::None);
     let got = fx.read("a");
     assert_eq!(got.len(), 4096);
     assert_eq!(&got[..6], b"onetwo");
@@ -121,7 +170,7 @@ fn fsync_and_fdatasync_keep_data_and_length() {
     f.write_all_at(b"X", 10).unwrap();
     assert_eq!(fx.read("a"), b"on\0\0\0\0\0\0\0\0X");
     drop(f);
-    let m = fx.cut(m, Tear::None);
+    fx.cut(Tear::None);
     assert_eq!(fx.read("a").len(), 4096);
     // The same shrink, synced: the cut bytes stay cut, even once the file grows again.
     let f = fx.open("a");
@@ -129,98 +178,94 @@ fn fsync_and_fdatasync_keep_data_and_length() {
     f.set_len(8).unwrap();
     f.sync_data().unwrap();
     drop(f);
-    let m = fx.cut(m, Tear::None);
+    fx.cut(Tear::None);
     assert_eq!(fx.read("a"), b"on\0\0\0\0\0\0");
-    drop(m);
 }
 
 #[test]
 fn a_new_file_needs_its_directory_synced() {
-    let fx = fixture();
-    let m = fx.mount();
-    fs::create_dir(fx.at("d")).unwrap();
-    sync_dir(&fx.mnt);
-    create_synced(&fx.at("d/new"), b"data"); // the data, but not the entry
-    assert!(m.pending().directories >= 1);
-    let report = m.power_cut(Tear::None).unwrap();
+    let mut fx = mounted();
+    fx.mkdir("d");
+    fx.sync_dir(".");
+    fx.create_synced("d/new", b"data"); // the data, but not the entry
+    assert!(fx.pending().directories >= 1);
+    let report = fx.cut(Tear::None);
     assert_eq!(report.dropped_entries, vec![PathBuf::from("d/new")]);
-    let m = fx.mount();
     assert!(fx.at("d").is_dir(), "the synced directory is there");
-    assert!(!fx.at("d/new").exists(), "an entry never synced survived");
+    assert!(!fx.exists("d/new"), "an entry never synced survived");
 
-    create_synced(&fx.at("d/new"), b"data");
-    sync_dir(&fx.at("d"));
-    let m = fx.cut(m, Tear::None);
+    fx.create_synced("d/new", b"data");
+    fx.sync_dir("d");
+    fx.cut(Tear::None);
     assert_eq!(fx.read("d/new"), b"data");
 
     // An unlink is undone unless the directory is synced.
-    fs::remove_file(fx.at("d/new")).unwrap();
-    let m = fx.cut(m, Tear::None);
+    fx.remove("d/new");
+    fx.cut(Tear::None);
     assert_eq!(fx.read("d/new"), b"data");
-    fs::remove_file(fx.at("d/new")).unwrap();
-    sync_dir(&fx.at("d"));
-    let m = fx.cut(m, Tear::None);
-    assert!(!fx.at("d/new").exists());
+    fx.remove("d/new");
+    fx.sync_dir("d");
+    fx.cut(Tear::None);
+    assert!(!fx.exists("d/new"));
 
-    // A directory whose own entry was never synced is lost with everything in it.
-    fs::create_dir(fx.at("e")).unwrap();
-    create_synced(&fx.at("e/x"), b"x");
-    sync_dir(&fx.at("e"));
-    let m = fx.cut(m, Tear::None);
-    assert!(!fx.at("e").exists());
-    // ... and written out whole once it is.
-    fs::create_dir(fx.at("e")).unwrap();
-    create_synced(&fx.at("e/x"), b"x");
-    sync_dir(&fx.at("e"));
-    sync_dir(&fx.mnt);
-    let m = fx.cut(m, Tear::None);
+    // A directory whose own entry was never synced is lost with everything in it, and
+    // written out whole once it is.
+    for sync_its_entry in [false, true] {
+        fx.mkdir("e");
+        fx.create_synced("e/x", b"x");
+        fx.sync_dir("e");
+        if sync_its_entry {
+            fx.sync_dir(".");
+        }
+        fx.cut(Tear::None);
+        assert_eq!(
+            fx.exists("e"),
+            sync_its_entry,
+            "e survived: {}",
+            fx.exists("e")
+        );
+    }
     assert_eq!(fx.read("e/x"), b"x");
-    drop(m);
 }
 
 #[test]
 fn a_rename_is_durable_only_with_its_directory() {
-    let fx = fixture();
-    let m = fx.mount();
-    create_synced(&fx.at("old"), b"old");
-    create_synced(&fx.at("tmp"), b"new");
-    sync_dir(&fx.mnt);
-    fs::rename(fx.at("tmp"), fx.at("old")).unwrap();
+    let mut fx = mounted();
+    fx.create_synced("old", b"old");
+    fx.create_synced("tmp", b"new");
+    fx.sync_dir(".");
+    fx.rename("tmp", "old");
     assert_eq!(fx.read("old"), b"new");
-    let m = fx.cut(m, Tear::None);
+    fx.cut(Tear::None);
     assert_eq!(fx.read("old"), b"old", "the rename was not synced");
     assert_eq!(fx.read("tmp"), b"new");
 
-    fs::rename(fx.at("tmp"), fx.at("old")).unwrap();
-    sync_dir(&fx.mnt);
-    let m = fx.cut(m, Tear::None);
+    fx.rename("tmp", "old");
+    fx.sync_dir(".");
+    fx.cut(Tear::None);
     assert_eq!(fx.read("old"), b"new");
-    assert!(!fx.at("tmp").exists());
+    assert!(!fx.exists("tmp"));
 
     // Data written after the durable rename, without fsync, is lost under the new name.
-    let f = fx.open("old");
-    f.write_all_at(b"NEWER", 0).unwrap();
-    drop(f);
-    let m = fx.cut(m, Tear::None);
+    fx.write_at("old", b"NEWER", 0);
+    fx.cut(Tear::None);
     assert_eq!(fx.read("old"), b"new");
-    drop(m);
 }
 
 #[test]
 fn a_torn_write_keeps_whole_sectors_of_its_start_only() {
-    let fx = fixture();
-    let m = fx.mount();
+    let mut fx = mounted();
     let len = 8 * SECTOR as usize;
-    let f = create(&fx.at("seg"), &vec![0u8; len]);
+    let f = fx.create("seg", &vec![0u8; len]);
     f.sync_all().unwrap();
-    sync_dir(&fx.mnt);
+    fx.sync_dir(".");
     let data: Vec<u8> = (0..5 * SECTOR as usize)
         .map(|i| (i % 251) as u8 + 1)
         .collect();
     let start = 100u64; // not sector-aligned
     f.write_all_at(&data, start).unwrap();
     drop(f);
-    let report = m.power_cut(Tear::LastWrite { seed: 7 }).unwrap();
+    let report = fx.cut(Tear::LastWrite { seed: 7 });
     let torn = report
         .torn
         .expect("the last write was pending, so it is torn");
@@ -229,7 +274,6 @@ fn a_torn_write_keeps_whole_sectors_of_its_start_only() {
     assert_eq!((start + torn.kept) % SECTOR, 0, "torn at a sector boundary");
     assert!(torn.kept > 0 && torn.dropped > 0);
     assert_eq!(torn.kept + torn.dropped, data.len() as u64);
-    let m = fx.mount();
     let got = fx.read("seg");
     let cut = (start + torn.kept) as usize;
     assert_eq!(&got[start as usize..cut], &data[..torn.kept as usize]);
@@ -240,42 +284,31 @@ fn a_torn_write_keeps_whole_sectors_of_its_start_only() {
     );
 
     // A write that was synced is not torn; nor is one inside a single sector.
-    let f = fx.open("seg");
-    f.write_all_at(b"abc", 600).unwrap();
-    drop(f);
-    let report = m.power_cut(Tear::LastWrite { seed: 1 }).unwrap();
+    fx.write_at("seg", b"abc", 600);
+    let report = fx.cut(Tear::LastWrite { seed: 1 });
     assert_eq!(report.torn, None);
-    let m = fx.mount();
     assert_eq!(fx.read("seg"), got);
-    m.unmount_clean().unwrap();
+    fx.unmount_clean();
 }
 
 #[test]
 fn a_clean_unmount_writes_everything_back() {
-    let fx = fixture();
-    let m = fx.mount();
+    let mut fx = mounted();
     fs::create_dir_all(fx.at("a/b")).unwrap();
-    create(&fx.at("a/b/f"), b"kept");
-    m.unmount_clean().unwrap();
-    assert_eq!(
-        fs::read(fx.disk.durable_dir().join("a/b/f")).unwrap(),
-        b"kept"
-    );
-    let m = fx.mount();
+    fx.create("a/b/f", b"kept");
+    fx.unmount_clean();
+    assert_eq!(fx.read_durable("a/b/f"), b"kept");
+    fx.mount();
     assert_eq!(fx.read("a/b/f"), b"kept");
-    drop(m);
 }
 
 #[test]
 fn flock_works_on_the_mount() {
-    let fx = fixture();
-    let m = fx.mount();
-    let a = create(&fx.at("LOCK"), b"");
+    let fx = mounted();
+    let a = fx.create("LOCK", b"");
     let b = fx.open("LOCK");
     a.try_lock().unwrap();
     assert!(b.try_lock().is_err(), "a second exclusive lock was granted");
     drop(a);
     b.try_lock().unwrap();
-    drop(b);
-    drop(m);
 }

@@ -9,25 +9,26 @@
 //! the messages due, and is persisted in sled before every checkpoint like the transaction
 //! index (only what changed since the last one).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 
 use parking_lot::Mutex;
 
 use crate::meta::{DelayedInfo, Meta};
-use crate::schedule::{at_or_past, Schedule};
+use crate::schedule::{Due, Pending};
 use halfmq_types::error::Result;
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<u64, DelayedInfo>,
-    /// (deliver_at_ms, id) of live ones not being delivered right now.
-    due: Schedule,
-    /// Changed since the last persist.
-    dirty: BTreeSet<u64>,
-    /// Ids that are in sled.
-    in_sled: HashSet<u64>,
+    /// Due at `deliver_at_ms`; not on the schedule while being delivered.
+    pending: Pending<DelayedInfo>,
     /// Delivered since the start (a replayed `Delayed` record after its fire is ignored).
     fired: HashSet<u64>,
+}
+
+impl Due for DelayedInfo {
+    fn due_ms(&self) -> u64 {
+        self.deliver_at_ms
+    }
 }
 
 /// The pending delayed messages.
@@ -41,9 +42,9 @@ impl DelayedIndex {
     pub(crate) fn load(&self, meta: &Meta) -> Result<()> {
         let mut g = self.inner.lock();
         for d in meta.delayed()? {
-            g.in_sled.insert(d.id);
-            g.due.insert(d.deliver_at_ms, d.id);
-            g.live.insert(d.id, d);
+            g.pending.in_sled.insert(d.id);
+            g.pending.due.insert(d.deliver_at_ms, d.id);
+            g.pending.live.insert(d.id, d);
         }
         Ok(())
     }
@@ -56,40 +57,31 @@ impl DelayedIndex {
     /// A durable `Delayed` record (sent now, or replayed by recovery).
     pub(crate) fn insert(&self, d: DelayedInfo) {
         let mut g = self.inner.lock();
-        if g.fired.contains(&d.id) || g.live.contains_key(&d.id) {
+        if g.fired.contains(&d.id) || g.pending.live.contains_key(&d.id) {
             return;
         }
-        g.dirty.insert(d.id);
-        g.due.insert(d.deliver_at_ms, d.id);
-        g.live.insert(d.id, d);
+        g.pending.dirty.insert(d.id);
+        g.pending.due.insert(d.deliver_at_ms, d.id);
+        g.pending.live.insert(d.id, d);
     }
 
     /// Its fire record is durable: delivered.
     pub(crate) fn fired(&self, id: u64) {
         let mut g = self.inner.lock();
-        if let Some(d) = g.live.remove(&id) {
-            g.due.remove(d.deliver_at_ms, id);
-        }
+        g.pending.remove(id);
         g.fired.insert(id);
-        g.dirty.insert(id);
     }
 
     /// The oldest pending delayed message (its id is its record's log offset): retention
     /// must keep its record until it fired.
     pub(crate) fn oldest_pending(&self) -> Option<u64> {
-        self.inner.lock().live.keys().min().copied()
+        self.inner.lock().pending.oldest()
     }
 
     /// Persisted ones that recovery found past the end of the log (lost before they were
     /// durable) are dropped.
     pub(crate) fn forget_beyond(&self, log_end: u64) {
-        let mut g = self.inner.lock();
-        for id in at_or_past(&g.live, log_end) {
-            if let Some(d) = g.live.remove(&id) {
-                g.due.remove(d.deliver_at_ms, id);
-                g.dirty.insert(id);
-            }
-        }
+        self.inner.lock().pending.forget_at_or_past(log_end);
     }
 
     /// Take up to `max` messages due at `now_ms`, soonest first. They stay pending until
@@ -97,58 +89,37 @@ impl DelayedIndex {
     /// [`DelayedIndex::retry`].
     pub(crate) fn take_due(&self, now_ms: u64, max: usize) -> Vec<DelayedInfo> {
         let mut g = self.inner.lock();
-        let mut out = Vec::new();
-        while out.len() < max {
-            let Some((_, id)) = g.due.pop_due(now_ms) else {
-                break;
-            };
-            out.extend(g.live.get(&id).cloned());
-        }
-        out
+        g.pending.take_due(now_ms, max, |d| d.clone())
     }
 
     /// Deliver `d` again later (its delivery failed).
     pub(crate) fn retry(&self, d: &DelayedInfo, at_ms: u64) {
         let mut g = self.inner.lock();
-        if g.live.contains_key(&d.id) {
-            g.due.insert(at_ms, d.id);
+        if g.pending.live.contains_key(&d.id) {
+            g.pending.due.insert(at_ms, d.id);
         }
     }
 
     /// When the next one is due.
     pub(crate) fn next_due_ms(&self) -> Option<u64> {
-        self.inner.lock().due.next_due_ms()
+        self.inner.lock().pending.due.next_due_ms()
     }
 
     /// Delayed messages not delivered yet.
     pub(crate) fn pending(&self) -> u64 {
-        self.inner.lock().live.len() as u64
+        self.inner.lock().pending.live.len() as u64
     }
 
     /// Write what changed since the last call to sled (before a checkpoint, with its log
     /// offset as the `stamp`, see [`Meta::apply_delayed_changes`]).
     pub(crate) fn persist(&self, meta: &Meta, stamp: Option<u64>) -> Result<()> {
         let mut g = self.inner.lock();
-        if g.dirty.is_empty() && stamp.is_none() {
+        if g.pending.dirty.is_empty() && stamp.is_none() {
             return Ok(());
         }
-        let mut puts = Vec::new();
-        let mut removes = Vec::new();
-        for id in &g.dirty {
-            match g.live.get(id) {
-                Some(d) => puts.push(d.clone()),
-                None if g.in_sled.contains(id) => removes.push(*id),
-                None => {}
-            }
-        }
+        let (puts, removes) = g.pending.changes(DelayedInfo::clone);
         meta.apply_delayed_changes(&puts, &removes, stamp)?;
-        for d in &puts {
-            g.in_sled.insert(d.id);
-        }
-        for id in &removes {
-            g.in_sled.remove(id);
-        }
-        g.dirty.clear();
+        g.pending.persisted(puts.iter().map(|d| d.id), &removes);
         Ok(())
     }
 }

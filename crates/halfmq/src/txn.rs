@@ -20,13 +20,13 @@
 //! - Check bookkeeping (checks so far, next check, last answer) is written to sled after
 //!   every check, so a restart resumes with the right counts and deadlines.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::meta::Meta;
-use crate::schedule::{at_or_past, Schedule};
+use crate::schedule::{Due, Pending};
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{Outcome, TxnInfo, TxnState};
 
@@ -54,15 +54,17 @@ type Fast = foldhash::fast::RandomState;
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<u64, Entry, Fast>,
-    /// (next_check_ms, txn) of every pending transaction that is not being checked or resolved.
-    due: Schedule,
+    /// The unfinished transactions; due at `next_check_ms` while pending and neither being
+    /// checked nor resolved.
+    pending: Pending<Entry, Fast>,
     /// Outcomes not yet persisted to sled.
     outcomes: HashMap<u64, (Outcome, u64), Fast>,
-    /// Transactions whose sled entry must be rewritten or removed at the next persist.
-    dirty: BTreeSet<u64>,
-    /// Transactions that have an entry in sled (so finishing them must remove it).
-    in_sled: HashSet<u64, Fast>,
+}
+
+impl Due for Entry {
+    fn due_ms(&self) -> u64 {
+        self.info.next_check_ms
+    }
 }
 
 /// What `begin_resolve` decided.
@@ -94,11 +96,11 @@ impl TxnIndex {
     pub(crate) fn load(&self, meta: &Meta) -> Result<()> {
         let mut g = self.inner.lock();
         for info in meta.txn_halves()? {
-            g.in_sled.insert(info.txn_id);
+            g.pending.in_sled.insert(info.txn_id);
             if info.state == TxnState::Pending {
-                g.due.insert(info.next_check_ms, info.txn_id);
+                g.pending.due.insert(info.next_check_ms, info.txn_id);
             }
-            g.live.insert(info.txn_id, Entry::new(info));
+            g.pending.live.insert(info.txn_id, Entry::new(info));
         }
         Ok(())
     }
@@ -111,21 +113,16 @@ impl TxnIndex {
     /// The oldest unfinished transaction (its id is its half's log offset): retention must
     /// keep its half.
     pub(crate) fn oldest_pending(&self) -> Option<u64> {
-        self.inner.lock().live.keys().min().copied()
+        self.inner.lock().pending.oldest()
     }
 
     /// Forget persisted transactions at or past `log_end`: the log does not have them.
     pub(crate) fn forget_beyond(&self, log_end: u64) {
-        let mut g = self.inner.lock();
-        for txn in at_or_past(&g.live, log_end) {
-            if let Some(e) = g.live.remove(&txn) {
-                g.due.remove(e.info.next_check_ms, txn);
-                g.dirty.insert(txn);
-                tracing::warn!(
-                    txn,
-                    "persisted transaction is not in the log (lost before it was durable); dropped"
-                );
-            }
+        for txn in self.inner.lock().pending.forget_at_or_past(log_end) {
+            tracing::warn!(
+                txn,
+                "persisted transaction is not in the log (lost before it was durable); dropped"
+            );
         }
     }
 
@@ -140,19 +137,17 @@ impl TxnIndex {
         // Only halves loaded from sled can have an outcome there (replayed ones are newer
         // than every outcome sled holds for this log).
         let ids: Vec<u64> = g
+            .pending
             .live
             .keys()
-            .filter(|id| g.in_sled.contains(id))
+            .filter(|id| g.pending.in_sled.contains(id))
             .copied()
             .collect();
         for txn in ids {
             if g.outcomes.contains_key(&txn) || meta.txn_outcome(txn)?.is_none() {
                 continue;
             }
-            if let Some(e) = g.live.remove(&txn) {
-                g.due.remove(e.info.next_check_ms, txn);
-                g.dirty.insert(txn);
-            }
+            g.pending.remove(txn);
         }
         Ok(fenced)
     }
@@ -163,7 +158,7 @@ impl TxnIndex {
         if g.outcomes.contains_key(&info.txn_id) {
             return; // replayed, and finished later in the replay
         }
-        if let Some(e) = g.live.get(&info.txn_id) {
+        if let Some(e) = g.pending.live.get(&info.txn_id) {
             let same = (
                 &e.info.topic,
                 &e.info.key,
@@ -179,21 +174,18 @@ impl TxnIndex {
                 "persisted transaction state did not match the log; replaced"
             );
             let old = e.info.next_check_ms;
-            g.due.remove(old, info.txn_id);
+            g.pending.due.remove(old, info.txn_id);
         }
-        g.due.insert(info.next_check_ms, info.txn_id);
-        g.dirty.insert(info.txn_id);
-        g.live.insert(info.txn_id, Entry::new(info));
+        g.pending.due.insert(info.next_check_ms, info.txn_id);
+        g.pending.dirty.insert(info.txn_id);
+        g.pending.live.insert(info.txn_id, Entry::new(info));
     }
 
     /// An outcome record is durable (live path or recovery replay).
     pub(crate) fn resolve(&self, txn: u64, outcome: Outcome, at_ms: u64) {
         let mut g = self.inner.lock();
-        if let Some(e) = g.live.remove(&txn) {
-            g.due.remove(e.info.next_check_ms, txn);
-        }
+        g.pending.remove(txn);
         g.outcomes.insert(txn, (outcome, at_ms));
-        g.dirty.insert(txn);
         drop(g);
         self.resolved.notify_all();
     }
@@ -203,12 +195,12 @@ impl TxnIndex {
     pub(crate) fn begin_resolve(&self, txn: u64, outcome: Outcome, meta: &Meta) -> Result<Begin> {
         let mut g = self.inner.lock();
         loop {
-            if let Some(e) = g.live.get_mut(&txn) {
+            if let Some(e) = g.pending.live.get_mut(&txn) {
                 match e.resolving {
                     None => {
                         e.resolving = Some(outcome);
                         let info = e.info.clone();
-                        g.due.remove(info.next_check_ms, txn);
+                        g.pending.due.remove(info.next_check_ms, txn);
                         return Ok(Begin::Write(info));
                     }
                     Some(o) if o != outcome => {
@@ -240,11 +232,11 @@ impl TxnIndex {
     /// Writing the outcome failed: the transaction is unfinished again.
     pub(crate) fn abort_resolve(&self, txn: u64) {
         let mut g = self.inner.lock();
-        if let Some(e) = g.live.get_mut(&txn) {
+        if let Some(e) = g.pending.live.get_mut(&txn) {
             e.resolving = None;
             if e.info.state == TxnState::Pending && !e.in_flight {
                 let at = e.info.next_check_ms;
-                g.due.insert(at, txn);
+                g.pending.due.insert(at, txn);
             }
         }
         drop(g);
@@ -255,22 +247,15 @@ impl TxnIndex {
     /// Costs in proportion to the number returned, not to the number pending.
     pub(crate) fn take_due(&self, now_ms: u64, max: usize) -> Vec<TxnInfo> {
         let mut g = self.inner.lock();
-        let mut out = Vec::new();
-        while out.len() < max {
-            let Some((_, txn)) = g.due.pop_due(now_ms) else {
-                break;
-            };
-            if let Some(e) = g.live.get_mut(&txn) {
-                e.in_flight = true;
-                out.push(e.info.clone());
-            }
-        }
-        out
+        g.pending.take_due(now_ms, max, |e| {
+            e.in_flight = true;
+            e.info.clone()
+        })
     }
 
     /// When the earliest pending check is due.
     pub(crate) fn next_due_ms(&self) -> Option<u64> {
-        self.inner.lock().due.next_due_ms()
+        self.inner.lock().pending.due.next_due_ms()
     }
 
     /// A check ended without resolving the transaction (unknown, no answer, no producer).
@@ -284,7 +269,7 @@ impl TxnIndex {
         cfg: &crate::config::TxnConfig,
     ) -> Option<TxnInfo> {
         let mut g = self.inner.lock();
-        let e = g.live.get_mut(&txn)?;
+        let e = g.pending.live.get_mut(&txn)?;
         e.in_flight = false;
         if e.resolving.is_some() {
             return None;
@@ -306,14 +291,14 @@ impl TxnIndex {
         }
         let info = info.clone();
         if info.state == TxnState::Pending {
-            g.due.insert(info.next_check_ms, txn);
+            g.pending.due.insert(info.next_check_ms, txn);
         }
         Some(info)
     }
 
     /// A check ended in commit or rollback (being written by the caller).
     pub(crate) fn check_answered(&self, txn: u64) {
-        if let Some(e) = self.inner.lock().live.get_mut(&txn) {
+        if let Some(e) = self.inner.lock().pending.live.get_mut(&txn) {
             e.in_flight = false;
         }
     }
@@ -322,16 +307,16 @@ impl TxnIndex {
     /// reset. Returns its new state to persist.
     pub(crate) fn rearm(&self, txn: u64, now_ms: u64) -> Option<TxnInfo> {
         let mut g = self.inner.lock();
-        let e = g.live.get_mut(&txn)?;
+        let e = g.pending.live.get_mut(&txn)?;
         let old = e.info.next_check_ms;
         e.info.state = TxnState::Pending;
         e.info.checks = 0;
         e.info.next_check_ms = now_ms;
         let info = e.info.clone();
         let free = e.resolving.is_none() && !e.in_flight;
-        g.due.remove(old, txn);
+        g.pending.due.remove(old, txn);
         if free {
-            g.due.insert(now_ms, txn);
+            g.pending.due.insert(now_ms, txn);
         }
         Some(info)
     }
@@ -346,13 +331,19 @@ impl TxnIndex {
 
     /// An unfinished transaction.
     pub(crate) fn get(&self, txn: u64) -> Option<TxnInfo> {
-        self.inner.lock().live.get(&txn).map(|e| e.info.clone())
+        self.inner
+            .lock()
+            .pending
+            .live
+            .get(&txn)
+            .map(|e| e.info.clone())
     }
 
     /// The unfinished transactions in `state` (all if None), oldest first.
     pub(crate) fn list(&self, state: Option<TxnState>) -> Vec<TxnInfo> {
         let g = self.inner.lock();
         let mut out: Vec<TxnInfo> = g
+            .pending
             .live
             .values()
             .filter(|e| state.is_none_or(|s| e.info.state == s))
@@ -366,11 +357,12 @@ impl TxnIndex {
     pub(crate) fn counts(&self) -> (u64, u64) {
         let g = self.inner.lock();
         let unresolved = g
+            .pending
             .live
             .values()
             .filter(|e| e.info.state == TxnState::Unresolved)
             .count() as u64;
-        (g.live.len() as u64 - unresolved, unresolved)
+        (g.pending.live.len() as u64 - unresolved, unresolved)
     }
 
     /// Write everything changed since the last call to sled, and forget outcomes older than
@@ -384,31 +376,15 @@ impl TxnIndex {
         stamp: Option<u64>,
     ) -> Result<()> {
         let mut g = self.inner.lock();
-        if g.dirty.is_empty() && g.outcomes.is_empty() && stamp.is_none() {
+        if g.pending.dirty.is_empty() && g.outcomes.is_empty() && stamp.is_none() {
             return Ok(());
         }
-        let mut puts = Vec::new();
-        let mut removes = Vec::new();
-        for &txn in &g.dirty {
-            match g.live.get(&txn) {
-                Some(e) => puts.push(e.info.clone()),
-                // Only what reached sled needs removing: most transactions start and finish
-                // between two checkpoints and never get there.
-                None if g.in_sled.contains(&txn) => removes.push(txn),
-                None => {}
-            }
-        }
+        let (puts, removes) = g.pending.changes(|e| e.info.clone());
         let outcomes: Vec<(u64, Outcome, u64)> =
             g.outcomes.iter().map(|(&t, &(o, at))| (t, o, at)).collect();
         let prune_before = now_ms.saturating_sub(retention.as_millis() as u64);
         meta.apply_txn_changes(&puts, &removes, &outcomes, prune_before, stamp)?;
-        for p in &puts {
-            g.in_sled.insert(p.txn_id);
-        }
-        for r in &removes {
-            g.in_sled.remove(r);
-        }
-        g.dirty.clear();
+        g.pending.persisted(puts.iter().map(|p| p.txn_id), &removes);
         g.outcomes.clear();
         Ok(())
     }
@@ -420,7 +396,7 @@ impl TxnIndex {
         let mut g = self.inner.lock();
         let still: Vec<TxnInfo> = infos
             .iter()
-            .filter(|i| g.live.contains_key(&i.txn_id))
+            .filter(|i| g.pending.live.contains_key(&i.txn_id))
             .cloned()
             .collect();
         if still.is_empty() {
@@ -428,7 +404,7 @@ impl TxnIndex {
         }
         meta.apply_txn_changes(&still, &[], &[], 0, None)?;
         for i in &still {
-            g.in_sled.insert(i.txn_id);
+            g.pending.in_sled.insert(i.txn_id);
         }
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! [`Blocking`], whose waits block the calling thread, so the future is finished at its first
 //! poll ([`block_on`]). The `_async` methods await it with [`Async`], whose waits never block
 //! an executor thread. The two differ only in how each wait is done, which is all in this
-//! file: when the store hands out tickets to wait on, only the two `append`s change.
+//! file: an operation made of steps (a run of appends: submit, then wait for each ticket)
+//! is a default method of [`Wait`], written once over the steps each way implements.
 
 use std::future::Future;
 use std::pin::pin;
@@ -15,7 +16,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use crate::idem::{Claim, DedupIndex};
 use crate::meta::Meta;
-use halfmq_store::{Append, Appended, DurableHook, Store};
+use halfmq_store::{Append, Appended, DurableHook, Store, Ticket};
 use halfmq_types::error::Result;
 
 /// What runs when an appended record is acknowledged.
@@ -57,12 +58,37 @@ pub(crate) trait Wait: Sync {
 
     /// Append a run of records under one hold of the store's writer lock (so one group
     /// commit acknowledges them all) and wait until each is acknowledged: each record's own
-    /// outcome, in order.
+    /// outcome, in order. One body for both ways of waiting: submit the run, then wait for
+    /// each ticket in turn.
     fn append_many(
         &self,
         store: &Store,
         run: Vec<(Append<'_>, Hook)>,
-    ) -> impl Future<Output = Vec<Result<Appended>>> + Send;
+    ) -> impl Future<Output = Vec<Result<Appended>>> + Send {
+        async move {
+            let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
+            let tickets = self.submit_many(store, run).await;
+            let mut out = Vec::with_capacity(tickets.len());
+            for t in tickets {
+                out.push(match t {
+                    Ok(t) => self.wait(t).await,
+                    Err(e) => Err(e),
+                });
+            }
+            out
+        }
+    }
+
+    /// Submit a run of records under one hold of the store's writer lock: each record's
+    /// ticket (or why it was refused), in order. What [`Wait::append_many`] waits on.
+    fn submit_many<'s>(
+        &self,
+        store: &'s Store,
+        run: Vec<(Append<'_>, halfmq_store::Hook)>,
+    ) -> impl Future<Output = Vec<Result<Ticket<'s>>>> + Send;
+
+    /// Wait until the record of `ticket` is acknowledged.
+    fn wait(&self, ticket: Ticket<'_>) -> impl Future<Output = Result<Appended>> + Send;
 
     /// Find an idempotency key or reserve it, waiting while another sender holds it.
     fn claim(&self, index: &Arc<DedupIndex>, key: &Arc<str>) -> impl Future<Output = Claim> + Send;
@@ -84,17 +110,16 @@ impl Wait for Blocking {
         }
     }
 
-    async fn append_many(
+    async fn submit_many<'s>(
         &self,
-        store: &Store,
-        run: Vec<(Append<'_>, Hook)>,
-    ) -> Vec<Result<Appended>> {
-        let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
-        store
-            .submit_many(run)
-            .into_iter()
-            .map(|t| t.and_then(halfmq_store::Ticket::wait))
-            .collect()
+        store: &'s Store,
+        run: Vec<(Append<'_>, halfmq_store::Hook)>,
+    ) -> Vec<Result<Ticket<'s>>> {
+        store.submit_many(run)
+    }
+
+    async fn wait(&self, ticket: Ticket<'_>) -> Result<Appended> {
+        ticket.wait()
     }
 
     async fn claim(&self, index: &Arc<DedupIndex>, key: &Arc<str>) -> Claim {
@@ -125,21 +150,16 @@ impl Wait for Async {
         }
     }
 
-    async fn append_many(
+    async fn submit_many<'s>(
         &self,
-        store: &Store,
-        run: Vec<(Append<'_>, Hook)>,
-    ) -> Vec<Result<Appended>> {
-        let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
-        let tickets = store.submit_many_async(run).await;
-        let mut out = Vec::with_capacity(tickets.len());
-        for t in tickets {
-            out.push(match t {
-                Ok(t) => t.wait_async().await,
-                Err(e) => Err(e),
-            });
-        }
-        out
+        store: &'s Store,
+        run: Vec<(Append<'_>, halfmq_store::Hook)>,
+    ) -> Vec<Result<Ticket<'s>>> {
+        store.submit_many_async(run).await
+    }
+
+    async fn wait(&self, ticket: Ticket<'_>) -> Result<Appended> {
+        ticket.wait_async().await
     }
 
     async fn claim(&self, index: &Arc<DedupIndex>, key: &Arc<str>) -> Claim {
