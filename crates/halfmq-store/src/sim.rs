@@ -481,6 +481,26 @@ pub(crate) fn open_store(disk: &SimStorage, config: crate::StoreConfig) -> crate
         .0
 }
 
+/// A runtime for async writers in tests: two workers, like the machines this runs on.
+#[cfg(test)]
+pub(crate) fn test_runtime() -> tokio::runtime::Runtime {
+    // Building a runtime fails only when the OS refuses threads: no test can go on then.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a test runtime")
+}
+
+/// A store on `disk` under async flush, syncing every `interval`.
+#[cfg(test)]
+pub(crate) fn open_async_flush(disk: &SimStorage, interval: std::time::Duration) -> crate::Store {
+    open_store(
+        disk,
+        crate::StoreConfig::default().with_flush(crate::FlushPolicy::Async { interval }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,7 +143,7 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     use crate::sim::{open_store, Faults, SimStorage};
-    use crate::{Append, DurableHook, FlushPolicy, Hook, Store, StoreConfig};
+    use crate::{Append, DurableHook, Hook, Store, StoreConfig};
     use halfmq_types::Error;
 
     use super::*;
@@ -162,11 +162,7 @@ pub(crate) mod tests {
             .with_pending_bytes_max(4096);
         let store = Arc::new(open_store(disk, config));
         let q = store.queue("t", 0).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = crate::sim::test_runtime();
         (store, q, rt)
     }
 
@@ -234,10 +230,7 @@ pub(crate) mod tests {
     #[test]
     fn durable_hooks_force_a_sync_and_observed_hooks_follow_the_policy() {
         let disk = SimStorage::new();
-        let config = StoreConfig::default().with_flush(FlushPolicy::Async {
-            interval: Duration::from_secs(60),
-        });
-        let store = open_store(&disk, config);
+        let store = crate::sim::open_async_flush(&disk, Duration::from_secs(60));
         let q = store.queue("t", 0).unwrap();
 
         // Observed: acknowledged once written; the hook has run by then, unsynced.
