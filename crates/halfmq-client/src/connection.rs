@@ -46,7 +46,11 @@ impl Connection {
 
 struct Inner {
     config: ClientConfig,
+    /// Held across a reconnect, so only one task reconnects at a time.
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The connection in `conn`, read without waiting: every request looks here first, so
+    /// requests on a live connection never queue on the reconnect lock.
+    live: Mutex<Option<Arc<Connection>>>,
     checkers: Mutex<Vec<(String, Arc<dyn TransactionChecker>)>>,
     next_id: AtomicU64,
     /// Consecutive failed connects, for the backoff.
@@ -111,6 +115,7 @@ impl Client {
             inner: Arc::new(Inner {
                 config,
                 conn: tokio::sync::Mutex::new(None),
+                live: Mutex::new(None),
                 checkers: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 failures: AtomicU64::new(0),
@@ -133,6 +138,18 @@ impl Client {
 
     /// The live connection, connecting first if there is none.
     async fn connection(&self) -> Result<Arc<Connection>> {
+        if let Some(c) = self.inner.live.lock().as_ref() {
+            if !c.closed.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        // Boxed: the reconnect's state (connect, handshake, checkers) is large and rare, and
+        // would otherwise make every request's future as large.
+        Box::pin(self.reconnect()).await
+    }
+
+    /// Connect, unless another task did while this one waited for the lock.
+    async fn reconnect(&self) -> Result<Arc<Connection>> {
         let mut slot = self.inner.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.closed.load(Ordering::Acquire) {
@@ -149,6 +166,7 @@ impl Client {
             Ok(c) => {
                 self.inner.failures.store(0, Ordering::Relaxed);
                 *slot = Some(c.clone());
+                *self.inner.live.lock() = Some(c.clone());
                 drop(slot);
                 // Checkers registered before a reconnect are registered again.
                 let groups: Vec<String> = self
@@ -301,7 +319,7 @@ impl Client {
 
     /// Wait until the current connection is lost (returns at once if there is none).
     pub async fn closed(&self) {
-        let conn = self.inner.conn.lock().await.clone();
+        let conn = self.inner.live.lock().clone();
         let Some(conn) = conn else { return };
         loop {
             let n = conn.closed_notify.notified();
