@@ -30,6 +30,10 @@ struct Connection {
     closed_notify: tokio::sync::Notify,
     /// What the broker said when it closed the connection, if anything.
     close_reason: Mutex<Option<String>>,
+    /// The broker closed the connection as idle (error 105): it carried out no request of
+    /// it that is still unanswered, so those may be sent again (PROTOCOL.md, "Idle
+    /// time-out").
+    closed_idle: AtomicBool,
     /// Answers the reader handed out from its last read: more than one, and their requesters
     /// may be about to send again, so the writer waits for them to join its write.
     answered_together: AtomicUsize,
@@ -204,6 +208,7 @@ impl Client {
             closed: AtomicBool::new(false),
             closed_notify: tokio::sync::Notify::new(),
             close_reason: Mutex::new(None),
+            closed_idle: AtomicBool::new(false),
             answered_together: AtomicUsize::new(0),
         });
         // A weak handle: the connection owns the writer's channel, which closes (ending the
@@ -295,9 +300,17 @@ impl Client {
         len_hint: usize,
         extra: Duration,
     ) -> Result<Response> {
-        let conn = self.connection().await?;
         let timeout = self.inner.config.request_timeout.saturating_add(extra);
-        self.call_on_ref(&conn, req, len_hint, timeout).await
+        let conn = self.connection().await?;
+        match self.call_on_ref(&conn, req, len_hint, timeout).await {
+            // Written as the broker closed the connection for idleness: not carried out, so
+            // sent again, once, on a new connection.
+            Err(Error::Disconnected { .. }) if conn.closed_idle.load(Ordering::Acquire) => {
+                let conn = self.connection().await?;
+                self.call_on_ref(&conn, req, len_hint, timeout).await
+            }
+            answer => answer,
+        }
     }
 
     /// Send a request and wait for its answer (connecting if needed): the protocol itself,
@@ -377,6 +390,9 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                         }
                         // Not an answer to a request: the broker says why it closes.
                         (None, Response::Error { code, message }) => {
+                            if code == protocol::codes::IDLE {
+                                conn.closed_idle.store(true, Ordering::Release);
+                            }
                             *conn.close_reason.lock() =
                                 Some(format!("broker error {code}: {message}"));
                         }
@@ -424,3 +440,6 @@ async fn answer_check(client: Client, conn: Arc<Connection>, check: u64, half: H
         let _ = conn.out.send(bytes).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

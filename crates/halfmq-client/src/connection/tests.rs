@@ -1,0 +1,106 @@
+//! The connection against a scripted broker: what the client does when the broker closes.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
+use crate::protocol::{self, codes, Request, Response};
+use crate::stream::ReadBuf;
+use crate::{Client, ClientConfig, Error};
+
+/// Read the next request frame of `stream`: its correlation id and the request.
+async fn next_request(stream: &mut TcpStream, buf: &mut ReadBuf) -> Option<(u64, Request)> {
+    loop {
+        if let Some(len) = buf.next_frame(FRAME_BYTES_MAX_DEFAULT).unwrap() {
+            let f = frame::parse_ref(&buf.pending()[..len]).unwrap();
+            let req = protocol::decode(f.body).unwrap();
+            let id = f.correlation;
+            buf.consume(len);
+            return Some((id, req));
+        }
+        if buf.read_from(stream).await.unwrap_or(0) == 0 {
+            return None;
+        }
+    }
+}
+
+async fn respond(stream: &mut TcpStream, id: u64, resp: &Response) {
+    let mut bytes = Vec::new();
+    frame::encode_with(
+        &mut bytes,
+        FrameKind::Response,
+        id,
+        FRAME_BYTES_MAX_DEFAULT,
+        |out| protocol::encode_append(resp, out),
+    )
+    .unwrap();
+    stream.write_all(&bytes).await.unwrap();
+}
+
+/// A broker whose first connection, after the handshake, takes one request and closes
+/// instead of answering it: as idle (`idle`: error 105 with correlation 0, as a broker does
+/// when a request crossed its idle close), or without a word. Later connections answer
+/// every `Stats` request. Returns its address and the number of requests carried out.
+async fn closes_once(idle: bool) -> (String, Arc<AtomicU32>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let done = Arc::new(AtomicU32::new(0));
+    let carried = done.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = ReadBuf::new();
+            while let Some((id, req)) = next_request(&mut stream, &mut buf).await {
+                let resp = match req {
+                    Request::Hello { .. } => Response::Hello {
+                        server: "scripted".into(),
+                    },
+                    _ if first => {
+                        first = false;
+                        if idle {
+                            let why = Response::Error {
+                                code: codes::IDLE,
+                                message: "idle".into(),
+                            };
+                            respond(&mut stream, 0, &why).await;
+                        }
+                        break;
+                    }
+                    Request::Stats => {
+                        carried.fetch_add(1, Ordering::SeqCst);
+                        Response::Stats("{}".into())
+                    }
+                    other => panic!("the scripted broker does not expect {other:?}"),
+                };
+                respond(&mut stream, id, &resp).await;
+            }
+        }
+    });
+    (addr, done)
+}
+
+#[tokio::test]
+async fn a_request_crossing_the_brokers_idle_close_is_sent_again_on_a_new_connection() {
+    let (addr, carried) = closes_once(true).await;
+    let client = Client::connect(ClientConfig::new(&addr)).await.unwrap();
+    let answer = client.call(Request::Stats).await;
+    assert!(matches!(answer, Ok(Response::Stats(_))), "{answer:?}");
+    assert_eq!(carried.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_request_lost_to_any_other_close_is_not_sent_again() {
+    // It may have been carried out, so the client must not send it again on its own: the
+    // caller learns that its fate is unknown.
+    let (addr, carried) = closes_once(false).await;
+    let client = Client::connect(ClientConfig::new(&addr)).await.unwrap();
+    let answer = client.call(Request::Stats).await;
+    assert!(
+        matches!(answer, Err(Error::Disconnected { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(carried.load(Ordering::SeqCst), 0);
+}
