@@ -442,4 +442,4 @@ async fn answer_check(client: Client, conn: Arc<Connection>, check: u64, half: H
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -63,23 +63,30 @@ fn finish_round(
         w.gather_target = records.max(1);
         w.gather_wait = sync_time / 2;
     }
-    if !flusher && (!w.batch.is_empty() || w.closed || w.sync_requested) {
+    if !flusher && (!w.batch.is_empty() || w.closed || w.sync_requested || w.checkpoint_due) {
         w.wake_owed = false;
         shared.work.notify_one();
     }
 }
 
-/// Write the round of `batch` (taken with [`take_batch`]), poisoning the store if that
-/// fails; returns the round's record count and the sync time to gather by, or the error.
+/// Write the round of `batch` (taken with [`take_batch`]), and then a checkpoint if one is
+/// due and this is the flusher (`checkpoint`; a leading writer leaves it to the flusher,
+/// so that its answer does not wait for it), poisoning the store if either fails. Returns
+/// the round's record count, the sync time to gather by, and whether a checkpoint is due.
 fn write_round(
     shared: &Shared,
     batch: &mut Batch,
     force_sync: bool,
-) -> std::result::Result<(u64, std::time::Duration), String> {
+    checkpoint: bool,
+) -> std::result::Result<(u64, std::time::Duration, bool), String> {
     let records = batch.records;
     let mut st = shared.flush.lock();
-    match round(shared, &mut st, batch, force_sync) {
-        Ok(()) => Ok((records, st.last_sync_time)),
+    let mut done = round(shared, &mut st, batch, force_sync);
+    if done.is_ok() && checkpoint {
+        done = checkpoint_if_due(shared, &mut st);
+    }
+    match done {
+        Ok(()) => Ok((records, st.last_sync_time, checkpoint_due(shared, &st))),
         Err(e) => {
             let msg = e.to_string();
             poison(shared, &msg);
@@ -115,9 +122,13 @@ pub(crate) fn lead(shared: &Shared) -> bool {
         }
         take_batch(shared, &mut w)
     };
-    let done = write_round(shared, &mut batch, false);
+    let done = write_round(shared, &mut batch, false, false);
     shared.progress.rounds_led.fetch_add(1, Ordering::Relaxed);
-    let (records, sync_time) = done.unwrap_or((0, std::time::Duration::ZERO));
+    let (records, sync_time, checkpoint) = done.unwrap_or((0, std::time::Duration::ZERO, false));
+    if checkpoint {
+        // The flusher writes it (it wakes for `checkpoint_due`).
+        shared.writer.lock().checkpoint_due = true;
+    }
     finish_round(shared, batch, records, sync_time, false);
     true
 }
@@ -148,7 +159,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     shared.work.wait(&mut w);
                     continue;
                 }
-                if w.closed || w.sync_requested {
+                if w.closed || w.sync_requested || w.checkpoint_due {
                     break;
                 }
                 if !w.batch.is_empty() {
@@ -175,12 +186,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
             if w.poisoned.is_some() {
                 break;
             }
+            w.checkpoint_due = false;
             let batch = take_batch(&shared, &mut w);
             let requested = std::mem::take(&mut w.sync_requested);
             (batch, w.closed && w.batch.is_empty(), requested)
         };
-        let done = write_round(&shared, &mut batch, closing || sync_requested);
-        let (records, sync_time) = match done {
+        let done = write_round(&shared, &mut batch, closing || sync_requested, true);
+        let (records, sync_time, _) = match done {
             Ok(r) => r,
             Err(_) => {
                 finish_round(&shared, batch, 0, std::time::Duration::ZERO, true);
@@ -315,7 +327,17 @@ fn round(
     p.epoch.advance();
     batch.signal.fire();
     shared.async_notify.notify_waiters();
-    if st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written {
+    Ok(())
+}
+
+/// Whether enough of the log has been made durable since the last checkpoint for the next.
+fn checkpoint_due(shared: &Shared, st: &FlusherState) -> bool {
+    st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written
+}
+
+/// Write a checkpoint if one is due. Fails only if syncing an index failed.
+fn checkpoint_if_due(shared: &Shared, st: &mut FlusherState) -> Result<()> {
+    if checkpoint_due(shared, st) {
         if let Err(e) = write_checkpoint(shared, st, false) {
             if matches!(e, CheckpointError::Index(_)) {
                 return Err(e.into());
@@ -327,6 +349,20 @@ fn round(
         }
     }
     Ok(())
+}
+
+/// Wait until no checkpoint is due or being written (tests: checkpoints are written by the
+/// flusher after the rounds that make them due, in the background of a lone writer).
+#[cfg(test)]
+pub(crate) fn settle_checkpoints(shared: &Shared) {
+    loop {
+        let flagged = shared.writer.lock().checkpoint_due;
+        // Checkpoints are written under this lock: holding it, none is in progress.
+        if !flagged && !checkpoint_due(shared, &shared.flush.lock()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Sync every consume queue, then record their lengths at the (durable) end of the log.
@@ -442,6 +478,7 @@ mod tests {
         for _ in 0..10 {
             send(&store, &q).unwrap();
         }
+        settle_checkpoints(&store.shared);
         let before = newest_checkpoint(&disk);
         assert!(
             before > 0,
@@ -457,6 +494,7 @@ mod tests {
         for _ in 0..20 {
             send(&store, &q).unwrap();
         }
+        settle_checkpoints(&store.shared);
         assert_eq!(newest_checkpoint(&disk), before, "no checkpoint fits");
 
         // Space is back: the next checkpoint is written, by the same store.
@@ -464,6 +502,7 @@ mod tests {
         for _ in 0..10 {
             send(&store, &q).unwrap();
         }
+        settle_checkpoints(&store.shared);
         let after = newest_checkpoint(&disk);
         assert!(
             after > before,

@@ -193,3 +193,26 @@ fn async_flush_never_leads() {
     assert_eq!(store.log_stats().rounds_led, 0);
     assert_eq!(store.read_messages(&q, 0, 10).unwrap().len(), 5);
 }
+
+#[test]
+fn checkpoints_due_after_led_rounds_are_written_by_the_flusher() {
+    let disk = SimStorage::new();
+    let store = open_store(&disk, StoreConfig::default().with_checkpoint_bytes(4096));
+    let q = store.queue("t", 0).unwrap();
+    for n in 0..20 {
+        store
+            .append(Append::message(&q, "", &[n; 1024], 1))
+            .unwrap();
+    }
+    assert!(store.log_stats().rounds_led >= 19);
+    // 20 KiB past a 4 KiB interval: the flusher, woken by the leaders, writes them.
+    let d = disk.clone();
+    let seq = within_a_minute(move || loop {
+        let cp = crate::checkpoint::load(&d, std::path::Path::new("/s")).unwrap();
+        if let Some(cp) = cp.filter(|c| c.log_offset > 16 * 1024) {
+            return cp.seq;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    });
+    assert!(seq >= 2, "checkpoint {seq}");
+}

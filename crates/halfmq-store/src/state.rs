@@ -45,6 +45,8 @@ pub(crate) struct Writer {
     /// The flusher was not woken for the batch's first record, whose writer may write the
     /// round itself; whoever waits on the flusher for this batch wakes it first.
     pub(crate) wake_owed: bool,
+    /// A writer leading its round found a checkpoint due and left it to the flusher.
+    pub(crate) checkpoint_due: bool,
     /// The last round's batch, cleared, for the next one to reuse its buffers.
     pub(crate) spare: Batch,
 }

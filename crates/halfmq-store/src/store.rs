@@ -104,6 +104,7 @@ impl Store {
                 syncs_at_roll: 0,
                 flushing: false,
                 wake_owed: false,
+                checkpoint_due: false,
                 spare: Batch::default(),
             }),
             flush: Mutex::new(crate::state::FlusherState::new(end, rec.checkpoint_seq)),

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-use crate::frame::{self, FrameKind, FRAME_BYTES_MAX_DEFAULT};
+use crate::frame::{self, FRAME_BYTES_MAX_DEFAULT};
 use crate::protocol::{self, Request, Response, SendResult, WireMessage};
 use crate::stream::ReadBuf;
 use crate::{Client, ClientConfig, Message};
@@ -41,16 +40,7 @@ async fn scripted_broker(hold_until: usize) -> (String, Seen) {
                 // The handshake is answered at once.
                 if messages >= hold_until || held.len() == 1 && messages == 0 {
                     for (id, resp) in held.drain(..) {
-                        let mut bytes = Vec::new();
-                        frame::encode_with(
-                            &mut bytes,
-                            FrameKind::Response,
-                            id,
-                            FRAME_BYTES_MAX_DEFAULT,
-                            |out| protocol::encode_append(&resp, out),
-                        )
-                        .unwrap();
-                        wr.write_all(&bytes).await.unwrap();
+                        crate::connection::tests::respond(&mut wr, id, &resp).await;
                     }
                 }
             }

@@ -27,7 +27,13 @@ async fn next_request(stream: &mut TcpStream, buf: &mut ReadBuf) -> Option<(u64,
     }
 }
 
-async fn respond(stream: &mut TcpStream, id: u64, resp: &Response) {
+/// Write answer `resp` to request `id` (0: not an answer) as a broker does (the scripted
+/// brokers of this crate's tests).
+pub(crate) async fn respond(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    id: u64,
+    resp: &Response,
+) {
     let mut bytes = Vec::new();
     frame::encode_with(
         &mut bytes,
