@@ -233,6 +233,22 @@ impl Journal {
     /// Make a received snapshot the current one: every frame checked, synced, renamed over
     /// the journal, then the meta replaced.
     pub fn install(&mut self, meta: &Meta, snap: &JournalSnapshot) -> Result<()> {
+        let path = self.dir.join("journal");
+        let copied;
+        let snap = if snap.path == path || snap.path == self.dir.join("incoming") {
+            snap
+        } else {
+            // Another journal's file (an in-process hand-over): copy, never take it.
+            let mut into = self.receiving()?;
+            let mut pos = 0;
+            while pos < snap.len {
+                let chunk = snap.read_chunk(pos, 1 << 20)?;
+                into.push_chunk(&chunk)?;
+                pos += chunk.len() as u64;
+            }
+            copied = into;
+            &copied
+        };
         let mut pos = 0u64;
         while pos < snap.len {
             let head = snap.read_chunk(pos, frame::HEADER_BYTES)?;
@@ -253,7 +269,6 @@ impl Journal {
         snap.file
             .sync_all()
             .map_err(|e| Error::io(&snap.path, "fsync", e))?;
-        let path = self.dir.join("journal");
         if snap.path != path {
             std::fs::rename(&snap.path, &path).map_err(|e| Error::io(&path, "rename", e))?;
             frame::sync_dir(&self.dir)?;
