@@ -482,3 +482,95 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Delete, &e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(log: &LogStore) -> Vec<u64> {
+        let all = log.entries(..).unwrap();
+        all.iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// A log of entries 1..=n in segments of about 100 bytes (a few entries each).
+    fn filled(dir: &Path, n: u64) -> LogStore {
+        let log = LogStore::open(dir, 100).unwrap();
+        for i in 1..=n {
+            log.append_now(vec![entry(i)]).unwrap();
+        }
+        log
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_torn_append_at_the_end_is_cut_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path(), 9));
+        let segs = segments(dir.path());
+        assert!(segs.len() > 1, "{segs:?}");
+        let newest = segs.last().unwrap();
+        let whole = std::fs::metadata(newest).unwrap().len();
+        // Half a frame written when the power went.
+        let torn = &frame::encode(&entry(10), "test").unwrap()[..10];
+        let f = OpenOptions::new().append(true).open(newest).unwrap();
+        f.write_all_at(torn, whole).unwrap();
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert_eq!(indexes(&log), (1..=9).collect::<Vec<_>>());
+        assert_eq!(std::fs::metadata(newest).unwrap().len(), whole);
+        log.append_now(vec![entry(10)]).unwrap();
+        drop(log);
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert_eq!(indexes(&log), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn damage_in_an_older_segment_stops_opening_and_names_the_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path(), 9));
+        let oldest = segments(dir.path())[0].clone();
+        let mut bytes = std::fs::read(&oldest).unwrap();
+        bytes[frame::HEADER_BYTES + 1] ^= 0x40;
+        std::fs::write(&oldest, &bytes).unwrap();
+        match LogStore::open(dir.path(), 100) {
+            Err(Error::Damaged { path, offset, .. }) => assert_eq!((path, offset), (oldest, 0)),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a damaged log"),
+        }
+    }
+
+    #[test]
+    fn truncate_and_purge_hold_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = filled(dir.path(), 12);
+        log.truncate_now(entry(8).log_id).unwrap();
+        assert_eq!(log.last_log_id().map(|l| l.index), Some(7));
+        log.purge_now(entry(4).log_id).unwrap();
+        assert_eq!(indexes(&log), (5..=7).collect::<Vec<_>>());
+        log.append_now(vec![entry(8), entry(9)]).unwrap();
+        drop(log);
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert_eq!(indexes(&log), (5..=9).collect::<Vec<_>>());
+        let inner = log.shared.inner.lock();
+        assert_eq!(inner.last_purged.map(|l| l.index), Some(4));
+        // Segments wholly below the purge are gone.
+        let first_kept = *inner.segments.keys().next().unwrap();
+        assert!(first_kept <= 5, "{first_kept}");
+        assert!(segments(dir.path()).len() < 12);
+    }
+}

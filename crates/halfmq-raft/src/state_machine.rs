@@ -9,6 +9,9 @@
 //! openraft's "persistent snapshot" way (its `apply` docs): the snapshot is durable, the
 //! state machine is not relied on.
 //!
+//! The broker's store runs with [`FlushPolicy::Async`]: being rebuilt on every start, it
+//! has nothing to gain from its own fsyncs (the raft log's are what acknowledge).
+//!
 //! Every node's broker runs on a [`ManualClock`] that applying sets to each batch's leader
 //! time, never backwards, and has no check-back thread (an outcome decided by one node's
 //! checker would be a write no other node makes; check-back moves to the leader, which
@@ -21,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use halfmq::{Broker, BrokerConfig, ManualClock};
+use halfmq::{Broker, BrokerConfig, FlushPolicy, ManualClock};
 use halfmq_types::clock::{Clock, SharedClock};
 use halfmq_types::error::{Error, Result};
 use openraft::storage::RaftStateMachine;
@@ -98,6 +101,11 @@ fn rebuild(
     let shared: SharedClock = Arc::new(clock.clone());
     cfg.clock = shared.into();
     cfg.txn.check_back = false;
+    // Its own fsyncs would buy nothing: it is rebuilt from the journal and the raft log on
+    // every start. (Halves, outcomes and acks still sync; that is the broker's choice.)
+    cfg.store.flush = FlushPolicy::Async {
+        interval: std::time::Duration::from_millis(10),
+    };
     let broker = Broker::open(cfg)?;
     journal.for_each(|_, batch| {
         set_clock(clock, batch.time_ms);

@@ -227,6 +227,8 @@ impl Cluster {
     /// Every message of `TOPIC` in node `id`'s broker: (queue, offset, body), in order.
     pub fn messages(&self, id: NodeId) -> Vec<(u32, u64, String)> {
         let broker = self.nodes[&id].broker();
+        // The brokers of a cluster flush asynchronously: make all they applied visible.
+        broker.store().sync().expect("sync");
         let group = format!("verify-{}", READS.fetch_add(1, Ordering::Relaxed));
         let mut out = Vec::new();
         loop {
