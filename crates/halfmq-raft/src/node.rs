@@ -41,18 +41,20 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    /// The defaults, with `broker` for the broker's own settings: a heartbeat every 150 ms
-    /// and elections after 750 to 1,500 ms without one (so a dead leader is replaced well
-    /// within the 3 s target), a snapshot every 10,000 entries keeping the last 1,000 in
-    /// the log for followers a little behind.
+    /// The defaults, with `broker` for the broker's own settings: a heartbeat every 100 ms
+    /// and elections after 500 to 1,000 ms without one. openraft's followers also refuse
+    /// votes for one maximum election time-out after they last heard a leader (its leader
+    /// lease), so a dead leader is replaced after 1.5 to 2 s plus one vote round, within
+    /// the 3 s. A snapshot every 10,000 entries, keeping the last 1,000 in the log
+    /// for followers a little behind.
     pub fn new(broker: BrokerConfig) -> ReplicaConfig {
         ReplicaConfig {
             broker,
             raft: openraft::Config {
                 cluster_name: "halfmq".to_owned(),
-                heartbeat_interval: 150,
-                election_timeout_min: 750,
-                election_timeout_max: 1500,
+                heartbeat_interval: 100,
+                election_timeout_min: 500,
+                election_timeout_max: 1000,
                 snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
                 max_in_snapshot_log_to_keep: 1_000,
                 max_payload_entries: 256,

@@ -80,7 +80,7 @@ impl SimNetwork {
         self.inner.nodes.lock().insert(id, raft);
     }
 
-    /// Node `id` is gone: every message to it is lost.
+    /// Node `id` is gone: every message to it or from it is lost.
     pub fn remove(&self, id: NodeId) {
         self.inner.nodes.lock().remove(&id);
     }
@@ -151,12 +151,12 @@ impl SimNetwork {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        self.inner
-            .nodes
-            .lock()
-            .get(&to)
-            .cloned()
-            .ok_or(Lost("node down"))
+        let nodes = self.inner.nodes.lock();
+        if !nodes.contains_key(&from) {
+            // A node that is gone sends nothing either, even if its tasks still run.
+            return Err(Lost("sender down"));
+        }
+        nodes.get(&to).cloned().ok_or(Lost("node down"))
     }
 }
 
