@@ -144,7 +144,12 @@ where
 /// Replace `dir/name` with one frame of `value`, durably: written to `name.tmp`, synced,
 /// renamed over `name`, and the directory synced. A crash leaves the old file or the new
 /// one, never a mix.
-pub fn write_atomic<T: Serialize>(dir: &Path, name: &str, value: &T, what: &'static str) -> Result<()> {
+pub fn write_atomic<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+    what: &'static str,
+) -> Result<()> {
     let bytes = encode(value, what)?;
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);

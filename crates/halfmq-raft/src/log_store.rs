@@ -113,7 +113,10 @@ impl LogStore {
         for e in std::fs::read_dir(&log_dir).map_err(io_err(&log_dir, "list"))? {
             let e = e.map_err(io_err(&log_dir, "list"))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(first) = name.strip_suffix(".seg").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(first) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 firsts.push(first);
             }
         }
@@ -189,7 +192,9 @@ impl LogStore {
             if needs_new {
                 inner.write_pending(&mut pending, &mut pending_locs)?;
                 if let Some(seg) = inner.segments.values().next_back() {
-                    seg.file.sync_data().map_err(io_err(&seg.path, "fdatasync"))?;
+                    seg.file
+                        .sync_data()
+                        .map_err(io_err(&seg.path, "fdatasync"))?;
                 }
                 let path = log_dir.join(segment_name(index));
                 let file = OpenOptions::new()
@@ -248,7 +253,9 @@ impl LogStore {
             frame::sync_dir(&log_dir)?;
         }
         if let Some(seg) = inner.segments.get_mut(&at.segment) {
-            seg.file.set_len(at.pos).map_err(io_err(&seg.path, "truncate"))?;
+            seg.file
+                .set_len(at.pos)
+                .map_err(io_err(&seg.path, "truncate"))?;
             seg.file.sync_all().map_err(io_err(&seg.path, "fsync"))?;
             seg.len = at.pos;
         }
@@ -358,7 +365,8 @@ fn load_segment(
             other if newest => {
                 // A torn append: never acknowledged (the flusher syncs before it tells).
                 tracing::warn!(path = %path.display(), pos, ?other, "raft log: torn tail cut");
-                file.set_len(pos as u64).map_err(io_err(&path, "truncate"))?;
+                file.set_len(pos as u64)
+                    .map_err(io_err(&path, "truncate"))?;
                 file.sync_all().map_err(io_err(&path, "fsync"))?;
                 break;
             }

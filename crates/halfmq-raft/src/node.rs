@@ -178,7 +178,9 @@ impl ReplicaNode {
         let mut answers = self.write(vec![cmd]).await?;
         match answers.pop() {
             Some(a) => Ok(command::receipts(a)?),
-            None => Err(ReplicaError::Raft("a batch of one was answered with none".to_owned())),
+            None => Err(ReplicaError::Raft(
+                "a batch of one was answered with none".to_owned(),
+            )),
         }
     }
 

@@ -125,7 +125,8 @@ impl Journal {
         }
         if on_disk > len {
             // Batches of a build that did not finish: its meta was never written.
-            file.set_len(len).map_err(|e| Error::io(&path, "truncate", e))?;
+            file.set_len(len)
+                .map_err(|e| Error::io(&path, "truncate", e))?;
             file.sync_all().map_err(|e| Error::io(&path, "fsync", e))?;
         }
         Ok(Journal {

@@ -261,8 +261,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &Meta,
         snapshot: Box<JournalSnapshot>,
     ) -> std::result::Result<(), StorageError> {
-        let snap_err =
-            |e: &Error| storage(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
+        let snap_err = |e: &Error| {
+            storage(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        };
         let mut journal = self.journal.clone().lock_owned().await;
         self.generation += 1;
         let (dir, template, clock, generation) = (

@@ -117,7 +117,10 @@ async fn a_wiped_follower_catches_up_from_a_snapshot() {
     c.boot(follower).await;
     c.caught_up(follower, leader).await;
     let m = c.nodes[&follower].raft().metrics().borrow().clone();
-    assert!(m.snapshot.is_some(), "the follower installed a snapshot: {m:?}");
+    assert!(
+        m.snapshot.is_some(),
+        "the follower installed a snapshot: {m:?}"
+    );
     assert_exactly(&c.messages(follower), &acked);
     assert_eq!(c.messages(follower), c.messages(leader));
 }

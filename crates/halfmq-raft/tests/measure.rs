@@ -136,15 +136,13 @@ async fn throughput() {
     // What applying costs a node: one batch at a time into a broker flushing as the state
     // machine's does (asynchronously), each waiting for its store round.
     let dir2 = tempfile::tempdir().expect("a temporary directory");
-    let cfg = BrokerConfig::new(dir2.path()).with_store(
-        {
-            let mut s = halfmq::StoreConfig::default();
-            s.flush = halfmq::FlushPolicy::Async {
-                interval: std::time::Duration::from_millis(10),
-            };
-            s
-        },
-    );
+    let cfg = BrokerConfig::new(dir2.path()).with_store({
+        let mut s = halfmq::StoreConfig::default();
+        s.flush = halfmq::FlushPolicy::Async {
+            interval: std::time::Duration::from_millis(10),
+        };
+        s
+    });
     let serial_broker = Broker::open(cfg).expect("a broker");
     serial_broker.create_topic(TOPIC, 2).expect("the topic");
     let serial = rate(1, move |w, n| {
@@ -164,5 +162,7 @@ async fn throughput() {
         three[1],
         three[1] / one[1]
     );
-    println!("one writer, one batch at a time, asynchronous flush (the apply path): {serial:.0} msg/s");
+    println!(
+        "one writer, one batch at a time, asynchronous flush (the apply path): {serial:.0} msg/s"
+    );
 }

@@ -182,7 +182,11 @@ async fn serve(
                     // A snapshot of nothing: no chunk came.
                     None => match raft.begin_receiving_snapshot().await {
                         Ok(s) => *s,
-                        Err(e) => PeerResponse::Failed(e.to_string()).fail(&mut stream).await?,
+                        Err(e) => {
+                            PeerResponse::Failed(e.to_string())
+                                .fail(&mut stream)
+                                .await?
+                        }
                     },
                 };
                 let s = Snapshot {

@@ -170,7 +170,10 @@ impl Cluster {
                     }
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "no leader among {among:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no leader among {among:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -181,7 +184,10 @@ impl Cluster {
     }
 
     /// Write through whoever leads, following `NotLeader` answers.
-    pub async fn write(&self, commands: Vec<Command>) -> Result<Vec<halfmq_raft::Applied>, ReplicaError> {
+    pub async fn write(
+        &self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<halfmq_raft::Applied>, ReplicaError> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let leader = self.leader().await;
@@ -237,7 +243,11 @@ impl Cluster {
                 break;
             }
             for d in got {
-                out.push((d.queue, d.offset, String::from_utf8_lossy(&d.body).into_owned()));
+                out.push((
+                    d.queue,
+                    d.offset,
+                    String::from_utf8_lossy(&d.body).into_owned(),
+                ));
             }
         }
         out.sort();
@@ -257,4 +267,3 @@ pub fn assert_exactly(got: &[(u32, u64, String)], acked: &BTreeSet<String>) {
     }
     assert_eq!(&seen, acked);
 }
-
