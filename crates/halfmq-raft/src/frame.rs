@@ -1,5 +1,7 @@
-//! The frame every byte of this crate is written in, on disk (raft log segments, the
-//! snapshot journal) and on the peer socket:
+//! The frame every byte of this crate is written in, on disk and on the peer socket.
+//!
+//! Raft log segments, the snapshot journal, the small state files and the peer protocol
+//! are all sequences of:
 //!
 //! ```text
 //! byte  size  field
