@@ -170,12 +170,7 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
             .map(|t| Outcome::TopicCreated { queues: t.queues }),
         Command::Send { topic, messages } => {
             let msgs: Vec<Message> = messages.iter().map(MessageData::to_message).collect();
-            let got = broker.send_batch(topic, &msgs)?;
-            Ok(Outcome::Sent(
-                got.into_iter()
-                    .map(|r| r.map_err(|e| WireError::from(&e)))
-                    .collect(),
-            ))
+            sent(broker.send_batch(topic, &msgs))
         }
         Command::SendHalf {
             topic,
@@ -208,24 +203,41 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
 /// rest go on; a failure of this node alone (its disk, its metadata database) is returned
 /// instead, because answering it would make this node's broker differ from the others'.
 pub fn apply_batch(broker: &Broker, batch: &Batch) -> Result<Vec<Applied>> {
-    let mut out = Vec::with_capacity(batch.commands.len());
-    for c in &batch.commands {
-        match apply(broker, c) {
-            Ok(Outcome::Sent(each)) => {
-                if let Some(e) = each.iter().find_map(|r| r.as_ref().err()) {
-                    let e = Error::from(e.clone());
-                    if is_local_failure(&e) {
-                        return Err(e);
-                    }
+    batch
+        .commands
+        .iter()
+        .map(|c| answer(apply(broker, c)))
+        .collect()
+}
+
+/// What a command's result answers: its outcome, or its error when every node fails the
+/// same way; `Err` for a failure of this node alone (see [`apply_batch`]).
+pub fn answer(r: Result<Outcome>) -> Result<Applied> {
+    match r {
+        Ok(Outcome::Sent(each)) => {
+            if let Some(e) = each.iter().find_map(|r| r.as_ref().err()) {
+                let e = Error::from(e.clone());
+                if is_local_failure(&e) {
+                    return Err(e);
                 }
-                out.push(Ok(Outcome::Sent(each)));
             }
-            Ok(o) => out.push(Ok(o)),
-            Err(e) if is_local_failure(&e) => return Err(e),
-            Err(e) => out.push(Err(WireError::from(&e))),
+            Ok(Ok(Outcome::Sent(each)))
         }
+        Ok(o) => Ok(Ok(o)),
+        Err(e) if is_local_failure(&e) => Err(e),
+        Err(e) => Ok(Err(WireError::from(&e))),
     }
-    Ok(out)
+}
+
+/// A `Send` answer from the broker's receipts.
+pub fn sent(r: Result<Vec<Result<SendReceipt>>>) -> Result<Outcome> {
+    r.map(|v| {
+        Outcome::Sent(
+            v.into_iter()
+                .map(|r| r.map_err(|e| WireError::from(&e)))
+                .collect(),
+        )
+    })
 }
 
 /// True for an error of this node's own storage rather than of the command.

@@ -11,7 +11,8 @@
 //!   one flusher thread (group commit) before openraft is told an append is done; the vote
 //!   is written whole and fsynced;
 //! - [`state_machine`]: each node's own embedded [`halfmq::Broker`], which committed
-//!   entries are applied to in log order, on a clock set from the entries so every node
+//!   entries are applied to in log order ([`apply`]: one command per store round, so that
+//!   log offsets agree), on a clock set from the entries so every node
 //!   writes the same bytes; [`snapshot`] keeps the journal of applied batches that snapshots
 //!   are made of, so a wiped or far-behind node catches up;
 //! - [`network`]: the peer transports: an in-process simulated network for tests (seeded
@@ -24,6 +25,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+pub mod apply;
 pub mod command;
 pub mod frame;
 pub mod log_store;

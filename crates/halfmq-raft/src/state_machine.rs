@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use halfmq::{Broker, BrokerConfig, FlushPolicy, ManualClock};
-use halfmq_types::clock::{Clock, SharedClock};
+use halfmq_types::clock::SharedClock;
 use halfmq_types::error::{Error, Result};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -34,6 +34,7 @@ use openraft::{
 };
 use parking_lot::RwLock;
 
+use crate::apply::{apply_entries, set_clock};
 use crate::command::{apply_batch, Applied, Batch};
 use crate::snapshot::{Journal, JournalSnapshot, Meta};
 use crate::{Entry, LogId, NodeId, StorageError, TypeConfig};
@@ -112,12 +113,6 @@ fn rebuild(
         apply_batch(&broker, &batch).map(|_| ())
     })?;
     Ok(broker)
-}
-
-fn set_clock(clock: &ManualClock, ms: u64) {
-    if ms > clock.now_ms() {
-        clock.set_ms(ms);
-    }
 }
 
 impl StateMachine {
@@ -211,25 +206,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let broker = self.broker.read().clone();
-        let clock = self.clock.clone();
-        let (answers, applied) = tokio::task::spawn_blocking(move || {
-            let mut answers = Vec::with_capacity(entries.len());
-            let mut applied = Vec::new();
-            for e in entries {
-                match e.payload {
-                    EntryPayload::Normal(batch) => {
-                        set_clock(&clock, batch.time_ms);
-                        answers.push(apply_batch(&broker, &batch)?);
-                        applied.push((e.log_id, batch));
-                    }
-                    EntryPayload::Blank | EntryPayload::Membership(_) => answers.push(Vec::new()),
-                }
-            }
-            Ok::<_, Error>((answers, applied))
-        })
-        .await
-        .map_err(|e| sm_err(&joined(e)))?
-        .map_err(|e| sm_err(&e))?;
+        let (answers, applied) = apply_entries(broker, &self.clock, entries)
+            .await
+            .map_err(|e| sm_err(&e))?;
         self.pending.extend(applied);
         if last.is_some() {
             self.last_applied = last;

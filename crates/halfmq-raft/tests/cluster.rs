@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 
 use common::{assert_exactly, bodies, Cluster, TOPIC, WAIT};
 use halfmq::Message;
-use halfmq_raft::{Command, NodeId};
+use halfmq::TxnState;
+use halfmq_raft::{Batch, Command, NodeId, Outcome};
 use openraft::SnapshotPolicy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -123,6 +124,7 @@ async fn a_wiped_follower_catches_up_from_a_snapshot() {
     );
     assert_exactly(&c.messages(follower), &acked);
     assert_eq!(c.messages(follower), c.messages(leader));
+    assert_eq!(c.log_end(follower), c.log_end(leader));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -153,4 +155,112 @@ async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
         seen.push(got);
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
+    let c = Cluster::sim(0x5eed_0005, |_| {}).await;
+    let leader = c.leader().await;
+    let raft = c.nodes[&leader].raft().clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16u64 {
+        let raft = raft.clone();
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..8u64 {
+                let body = format!("w{w}-{n}");
+                let mut msg = Message::new(body.clone()).with_key(body.clone());
+                // Some sends carry an idempotency key (applied alone), some do not
+                // (pipelined), and every fourth batch also acks (applied alone).
+                if (w + n) % 3 == 0 {
+                    msg = msg.with_idempotency_key(body.clone());
+                }
+                let mut commands = vec![Command::Send {
+                    topic: TOPIC.to_owned(),
+                    messages: vec![(&msg).into()],
+                }];
+                if n % 4 == 3 {
+                    commands.push(Command::Ack {
+                        group: format!("g{w}"),
+                        topic: TOPIC.to_owned(),
+                        acks: vec![(0, 0)],
+                    });
+                }
+                let batch = Batch {
+                    time_ms: halfmq::clock::now_ms(),
+                    commands,
+                };
+                let resp = raft.client_write(batch).await.expect("committed");
+                let receipts = halfmq_raft::command::receipts(resp.data[0].clone());
+                assert!(receipts.expect("a send answer").iter().all(|r| r.is_ok()));
+                acked.push(body);
+            }
+            acked
+        });
+    }
+    let mut acked = BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        acked.extend(r.expect("a writer"));
+    }
+    let mut seen = Vec::new();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let got = c.messages(id);
+        assert_exactly(&got, &acked);
+        seen.push((got, c.log_end(id)));
+    }
+    // The same records at the same offsets: the logs are the same length, record for record.
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_finished_through_the_leader_is_finished_on_every_node() {
+    let c = Cluster::sim(0x5eed_0006, |_| {}).await;
+    let half = |body: &str| Command::SendHalf {
+        topic: TOPIC.to_owned(),
+        message: (&Message::new(body.to_owned()).with_key(body.to_owned())).into(),
+        producer_group: "payment-service".to_owned(),
+        check_immunity_ms: None,
+    };
+    let txn_of = |answers: Vec<halfmq_raft::Applied>| match answers.into_iter().next() {
+        Some(Ok(Outcome::Half { txn, .. })) => txn,
+        other => panic!("a half answered {other:?}"),
+    };
+    let paid = txn_of(c.write(vec![half("paid")]).await.expect("half"));
+    let cancelled = txn_of(c.write(vec![half("cancelled")]).await.expect("half"));
+    let done = c
+        .write(vec![Command::Commit(paid), Command::Rollback(cancelled)])
+        .await
+        .expect("outcomes");
+    assert!(
+        done.iter().all(|a| matches!(a, Ok(Outcome::Done))),
+        "{done:?}"
+    );
+    // A second, conflicting outcome fails the same way everywhere and is answered as such.
+    let again = c
+        .write(vec![Command::Rollback(paid)])
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&again[0], Err(e) if e.code == halfmq::Error::TxnConflict {
+        txn: paid.0,
+        stands: "committed",
+    }.code()),
+        "{again:?}"
+    );
+    let leader = c.leader().await;
+    let acked: BTreeSet<String> = ["paid".to_owned()].into();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let broker = c.nodes[&id].broker();
+        assert_eq!(
+            broker.transaction_state(paid).expect("known"),
+            TxnState::Committed
+        );
+        assert_eq!(
+            broker.transaction_state(cancelled).expect("known"),
+            TxnState::RolledBack
+        );
+        assert_exactly(&c.messages(id), &acked);
+    }
 }

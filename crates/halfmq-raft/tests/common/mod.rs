@@ -230,6 +230,15 @@ impl Cluster {
         }
     }
 
+    /// Node `id`'s broker log: (bytes written, records). Equal on two nodes when they hold
+    /// the same records at the same log offsets (transaction ids are log offsets).
+    pub fn log_end(&self, id: NodeId) -> (u64, u64) {
+        let broker = self.nodes[&id].broker();
+        broker.store().sync().expect("sync");
+        let log = broker.store().log_stats();
+        (log.written_offset, log.records)
+    }
+
     /// Every message of `TOPIC` in node `id`'s broker: (queue, offset, body), in order.
     pub fn messages(&self, id: NodeId) -> Vec<(u32, u64, String)> {
         let broker = self.nodes[&id].broker();
