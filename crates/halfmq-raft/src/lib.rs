@@ -18,7 +18,8 @@
 //! - [`network`]: the peer transports: an in-process simulated network for tests (seeded
 //!   drops, delays, partitions) and framed TCP with a token for real processes;
 //! - [`node`]: [`ReplicaNode`], one member of a cluster: start, initialize, write through
-//!   the leader, read its broker;
+//!   the leader, add and remove members, read its broker; [`status`]: the cluster as a
+//!   node sees it, in the shape `halfmq cluster status --json` prints;
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
 
 #![forbid(unsafe_code)]
@@ -33,10 +34,12 @@ pub mod network;
 pub mod node;
 pub mod snapshot;
 pub mod state_machine;
+pub mod status;
 
 pub use command::{Applied, Batch, Command, MessageData, Outcome, WireError};
 pub use node::{ReplicaConfig, ReplicaError, ReplicaNode};
 pub use snapshot::JournalSnapshot;
+pub use status::{ClusterStatus, NodeStatus, Role};
 
 /// A node's id in the cluster (`halfmq broker --node-id`).
 pub type NodeId = u64;

@@ -13,7 +13,7 @@
 //! raft log: the acknowledgement means "durable on a majority". A node that is not the
 //! leader answers [`ReplicaError::NotLeader`] with the leader it knows of.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,11 +21,12 @@ use halfmq::{Broker, BrokerConfig, Message, SendReceipt};
 use halfmq_types::clock::now_ms;
 use halfmq_types::error::Error;
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, RaftNetworkFactory, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, SnapshotPolicy};
 
 use crate::command::{self, Applied, Batch, Command, MessageData};
 use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
 use crate::state_machine::{BrokerCell, StateMachine};
+use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
 
 /// Settings of one node.
@@ -83,6 +84,17 @@ pub enum ReplicaError {
     /// openraft refused or failed (shut down, a membership change in progress).
     #[error("raft: {0}")]
     Raft(String),
+}
+
+/// A refused or failed proposal: `NotLeader` when another node leads.
+fn client_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ReplicaError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ReplicaError::NotLeader {
+            leader: f.leader_id,
+            addr: f.leader_node.map(|n| n.addr),
+        },
+        e => ReplicaError::Raft(e.to_string()),
+    }
 }
 
 /// One member of a cluster.
@@ -155,14 +167,38 @@ impl ReplicaNode {
         };
         match self.raft.client_write(batch).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ReplicaError::NotLeader {
-                    leader: f.leader_id,
-                    addr: f.leader_node.map(|n| n.addr),
-                })
-            }
-            Err(e) => Err(ReplicaError::Raft(e.to_string())),
+            Err(e) => Err(client_error(e)),
         }
+    }
+
+    /// Add node `id` at `addr` as a voter: first as a learner, until it has caught up with
+    /// the log (or a snapshot), then promoted by a joint membership change. On the leader.
+    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<(), ReplicaError> {
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(client_error)?;
+        let voters: BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(client_error)?;
+        Ok(())
+    }
+
+    /// Remove node `id` from the members (it stops receiving the log). On the leader.
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), ReplicaError> {
+        let gone: BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(gone), false)
+            .await
+            .map_err(client_error)?;
+        Ok(())
+    }
+
+    /// The cluster as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus::from_metrics(&self.raft.metrics().borrow())
     }
 
     /// Send `messages` to `topic`, replicated: one batch, one raft entry.

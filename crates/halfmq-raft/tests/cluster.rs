@@ -264,3 +264,44 @@ async fn a_transaction_finished_through_the_leader_is_finished_on_every_node() {
         assert_exactly(&c.messages(id), &acked);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_an_empty_disk_replaces_a_member() {
+    let mut c = Cluster::sim(0x5eed_0007, |_| {}).await;
+    let mut acked = BTreeSet::new();
+    for round in 0..10 {
+        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    let (new, old) = (
+        4,
+        *c.nodes.keys().find(|i| **i != leader).expect("a follower"),
+    );
+    c.boot(new).await;
+    c.nodes[&leader]
+        .add_node(new, format!("sim-{new}"))
+        .await
+        .expect("added");
+    c.nodes[&leader].remove_node(old).await.expect("removed");
+    c.kill(old).await;
+    for round in 0..5 {
+        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    c.caught_up(new, leader).await;
+    assert_exactly(&c.messages(new), &acked);
+    assert_eq!(c.log_end(new), c.log_end(leader));
+
+    let status = c.nodes[&leader].status();
+    let ids: Vec<NodeId> = status.nodes.iter().map(|n| n.id).collect();
+    assert!(ids.contains(&new) && !ids.contains(&old), "{status:?}");
+    assert_eq!(status.leader, Some(leader));
+    let line = serde_json::to_value(&status).expect("json");
+    let me = line["nodes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|n| n["id"] == leader))
+        .expect("the leader listed");
+    assert_eq!(me["role"], "leader");
+    assert_eq!(me["last_log_index"], me["matched"]);
+    assert!(line["term"].as_u64().is_some_and(|t| t >= 1), "{line}");
+}
