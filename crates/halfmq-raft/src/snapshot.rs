@@ -67,6 +67,23 @@ impl JournalSnapshot {
         Ok(buf)
     }
 
+    /// The snapshot's bytes in order, `max` at a time.
+    pub fn chunks(&self, max: usize) -> impl Iterator<Item = Result<Vec<u8>>> + '_ {
+        let max = max.max(1);
+        let mut pos = 0u64;
+        std::iter::from_fn(move || {
+            if pos >= self.len {
+                return None;
+            }
+            let chunk = self.read_chunk(pos, max);
+            match &chunk {
+                Ok(c) => pos += c.len() as u64,
+                Err(_) => pos = self.len,
+            }
+            Some(chunk)
+        })
+    }
+
     /// Add bytes at the end of a snapshot being received.
     pub fn push_chunk(&mut self, bytes: &[u8]) -> Result<()> {
         self.file
@@ -241,11 +258,8 @@ impl Journal {
         } else {
             // Another journal's file (an in-process hand-over): copy, never take it.
             let mut into = self.receiving()?;
-            let mut pos = 0;
-            while pos < snap.len {
-                let chunk = snap.read_chunk(pos, 1 << 20)?;
-                into.push_chunk(&chunk)?;
-                pos += chunk.len() as u64;
+            for chunk in snap.chunks(1 << 20) {
+                into.push_chunk(&chunk?)?;
             }
             copied = into;
             &copied

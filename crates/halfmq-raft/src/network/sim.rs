@@ -187,25 +187,34 @@ impl RaftNetworkFactory<TypeConfig> for SimFactory {
 
 type RpcResult<T> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
+impl SimLink {
+    /// Deliver one request to the peer's `Raft`, run `call` on it, and bring the answer
+    /// back, each way through the network's faults.
+    async fn rpc<T, Fut>(&self, call: impl FnOnce(Raft) -> Fut) -> RpcResult<T>
+    where
+        Fut: Future<Output = Result<T, RaftError<NodeId>>>,
+    {
+        let raft = self
+            .net
+            .deliver(self.from, self.to)
+            .await
+            .map_err(|e| Unreachable::new(&e))?;
+        let resp = call(raft).await.map_err(|e| RemoteError::new(self.to, e))?;
+        self.net
+            .reply(self.from, self.to)
+            .map_err(|e| Unreachable::new(&e))?;
+        Ok(resp)
+    }
+}
+
 impl RaftNetwork<TypeConfig> for SimLink {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let raft = self
-            .net
-            .deliver(self.from, self.to)
+        self.rpc(|raft| async move { raft.append_entries(rpc).await })
             .await
-            .map_err(|e| Unreachable::new(&e))?;
-        let resp = raft
-            .append_entries(rpc)
-            .await
-            .map_err(|e| RemoteError::new(self.to, e))?;
-        self.net
-            .reply(self.from, self.to)
-            .map_err(|e| Unreachable::new(&e))?;
-        Ok(resp)
     }
 
     async fn vote(
@@ -213,19 +222,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        let raft = self
-            .net
-            .deliver(self.from, self.to)
-            .await
-            .map_err(|e| Unreachable::new(&e))?;
-        let resp = raft
-            .vote(rpc)
-            .await
-            .map_err(|e| RemoteError::new(self.to, e))?;
-        self.net
-            .reply(self.from, self.to)
-            .map_err(|e| Unreachable::new(&e))?;
-        Ok(resp)
+        self.rpc(|raft| async move { raft.vote(rpc).await }).await
     }
 
     async fn full_snapshot(
@@ -244,14 +241,9 @@ impl RaftNetwork<TypeConfig> for SimLink {
             .begin_receiving_snapshot()
             .await
             .map_err(|e| NetworkError::new(&e))?;
-        let mut pos = 0;
-        while pos < snapshot.snapshot.len() {
-            let chunk = snapshot
-                .snapshot
-                .read_chunk(pos, SNAPSHOT_CHUNK_BYTES)
-                .map_err(|e| NetworkError::new(&e))?;
+        for chunk in snapshot.snapshot.chunks(SNAPSHOT_CHUNK_BYTES) {
+            let chunk = chunk.map_err(|e| NetworkError::new(&e))?;
             recv.push_chunk(&chunk).map_err(|e| NetworkError::new(&e))?;
-            pos += chunk.len() as u64;
         }
         let got = Snapshot {
             meta: snapshot.meta,

@@ -388,13 +388,8 @@ impl RaftNetwork<TypeConfig> for TcpLink {
                 LinkError::Broken(e) => NetworkError::new(&e).into(),
             }
         };
-        let mut pos = 0;
-        while pos < snapshot.snapshot.len() {
-            let chunk = snapshot
-                .snapshot
-                .read_chunk(pos, SNAPSHOT_CHUNK_BYTES)
-                .map_err(|e| NetworkError::new(&e))?;
-            pos += chunk.len() as u64;
+        for chunk in snapshot.snapshot.chunks(SNAPSHOT_CHUNK_BYTES) {
+            let chunk = chunk.map_err(|e| NetworkError::new(&e))?;
             match self
                 .call(&PeerRequest::SnapshotChunk(chunk), ttl)
                 .await
