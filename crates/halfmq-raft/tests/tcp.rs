@@ -1,18 +1,19 @@
 //! Three nodes on loopback TCP, as three broker processes would be: they form a cluster,
-//! replicate, and fail over; a peer without the cluster's token is refused.
+//! replicate, fail over, and catch a wiped node up from a snapshot sent in chunks; a peer
+//! without the cluster's token is refused.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{assert_exactly, bodies, Cluster, Net};
+use common::{assert_exactly, bodies, Cluster, Net, WAIT};
 use halfmq_raft::network::tcp::TcpFactory;
 use halfmq_raft::NodeId;
 use openraft::error::RPCError;
 use openraft::network::RPCOption;
 use openraft::raft::VoteRequest;
-use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, Vote};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, SnapshotPolicy, Vote};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_on_tcp_replicate_and_fail_over() {
@@ -52,4 +53,41 @@ async fn a_peer_without_the_token_is_refused() {
     assert!(matches!(r, Err(RPCError::Unreachable(_))), "{r:?}");
     // The vote never reached raft: the node's term did not jump.
     assert!(c.nodes[&1].raft().metrics().borrow().current_term < term_before + 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_node_catches_up_over_tcp_from_a_snapshot() {
+    let mut c = Cluster::tcp_with("cluster-token", |cfg| {
+        cfg.raft.snapshot_policy = SnapshotPolicy::LogsSinceLast(10);
+        cfg.raft.max_in_snapshot_log_to_keep = 0;
+        cfg.raft.purge_batch_size = 1;
+    })
+    .await;
+    let mut acked = BTreeSet::new();
+    for round in 0..12 {
+        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    let follower = *c.nodes.keys().find(|i| **i != leader).expect("a follower");
+    c.kill(follower).await;
+    std::fs::remove_dir_all(c.dir(follower)).expect("wipe the follower");
+    for round in 0..12 {
+        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    c.nodes[&leader]
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some(), "the leader purged its log")
+        .await
+        .expect("a purge");
+    c.boot(follower).await;
+    c.caught_up(follower, leader).await;
+    let m = c.nodes[&follower].raft().metrics().borrow().clone();
+    assert!(
+        m.snapshot.is_some(),
+        "the follower installed a snapshot: {m:?}"
+    );
+    assert_exactly(&c.messages(follower), &acked);
+    assert_eq!(c.log_end(follower), c.log_end(leader));
 }

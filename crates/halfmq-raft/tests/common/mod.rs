@@ -52,6 +52,11 @@ impl Cluster {
     /// Three nodes on loopback TCP presenting `token`, formed into one cluster, with
     /// `TOPIC` created.
     pub async fn tcp(token: &str) -> Cluster {
+        Cluster::tcp_with(token, |_| {}).await
+    }
+
+    /// [`Cluster::tcp`] with settings changed by `tweak`.
+    pub async fn tcp_with(token: &str, tweak: impl FnOnce(&mut ReplicaConfig)) -> Cluster {
         let mut listeners = BTreeMap::new();
         let mut addrs = BTreeMap::new();
         for id in 1..=3 {
@@ -67,7 +72,7 @@ impl Cluster {
             listeners,
             servers: BTreeMap::new(),
         };
-        Cluster::start(net, addrs, |_| {}).await
+        Cluster::start(net, addrs, tweak).await
     }
 
     async fn start(
@@ -133,9 +138,7 @@ impl Cluster {
                 let node = node.expect("node starts");
                 let listener = match listeners.remove(&id) {
                     Some(l) => l,
-                    None => tokio::net::TcpListener::bind(&addrs[&id])
-                        .await
-                        .expect("bind the node's port again"),
+                    None => rebind(&addrs[&id]).await,
                 };
                 let server = PeerServer::start(listener, node.raft().clone(), token.clone());
                 servers.insert(id, server.expect("the peer server starts"));
@@ -261,6 +264,20 @@ impl Cluster {
         }
         out.sort();
         out
+    }
+}
+
+/// Bind `addr` again once the stopped server that had it has let go of it.
+async fn rebind(addr: &str) -> tokio::net::TcpListener {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {addr} again: {e}"),
+        }
     }
 }
 
