@@ -305,3 +305,64 @@ async fn a_node_with_an_empty_disk_replaces_a_member() {
     assert_eq!(me["last_log_index"], me["matched"]);
     assert!(line["term"].as_u64().is_some_and(|t| t >= 1), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_waits_for_a_majority_and_a_cut_off_follower_catches_up_from_the_log() {
+    let mut c = Cluster::sim(0x5eed_0008, |_| {}).await;
+    let mut acked = BTreeSet::new();
+    acked.extend(c.send(&bodies("first", 2)).await);
+    let leader = c.leader().await;
+    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|i| *i != leader).collect();
+
+    // One follower cut off: the other makes a majority, writes go on.
+    c.sim_net()
+        .partition(&[&[followers[0]], &[leader, followers[1]]]);
+    for round in 0..5 {
+        acked.extend(c.send(&bodies(&format!("cut{round}"), 2)).await);
+    }
+    // Both followers gone: the leader alone is no majority, so it does not acknowledge.
+    c.kill(followers[1]).await;
+    let cmd = Command::Send {
+        topic: TOPIC.to_owned(),
+        messages: vec![(&Message::new("waits")).into()],
+    };
+    let lone = c.nodes.remove(&leader).expect("the leader");
+    let pending = tokio::spawn(async move {
+        let r = lone.write(vec![cmd]).await;
+        (lone, r)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!pending.is_finished(), "acknowledged without a majority");
+
+    // The cut-off follower comes back: it catches up from the leader's log, and with it the
+    // waiting write has its majority.
+    c.sim_net().heal();
+    let (lone, r) = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("the write is answered once a majority is back")
+        .expect("the write task");
+    c.nodes.insert(leader, lone);
+    // Acknowledged, it is there exactly once. Refused (the cut-off follower's elections
+    // may have made the leader step down before the heal reached it), it may still have
+    // been committed by the next leader, but at most once.
+    let waits = match &r {
+        Ok(answers) => {
+            assert!(matches!(answers[0], Ok(Outcome::Sent(_))), "{answers:?}");
+            acked.insert("waits".to_owned());
+            false
+        }
+        Err(_) => true,
+    };
+    let leader = c.leader().await;
+    for id in [leader, followers[0]] {
+        c.caught_up(id, leader).await;
+        let mut got = c.messages(id);
+        if waits {
+            let copies = got.iter().filter(|(_, _, b)| b == "waits").count();
+            assert!(copies <= 1, "a refused write stored {copies} times");
+            got.retain(|(_, _, b)| b != "waits");
+        }
+        assert_exactly(&got, &acked);
+    }
+    assert_eq!(c.log_end(followers[0]), c.log_end(leader));
+}
