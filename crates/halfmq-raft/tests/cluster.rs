@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use common::{assert_exactly, bodies, Cluster, TOPIC, WAIT};
 use halfmq::Message;
 use halfmq::TxnState;
-use halfmq_raft::{Batch, Command, NodeId, Outcome};
+use halfmq_raft::{Command, NodeId, Outcome};
 use openraft::SnapshotPolicy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -159,26 +159,22 @@ async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
-    let c = Cluster::sim(0x5eed_0005, |_| {}).await;
-    let leader = c.leader().await;
-    let raft = c.nodes[&leader].raft().clone();
+    let c = std::sync::Arc::new(Cluster::sim(0x5eed_0005, |_| {}).await);
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..16u64 {
-        let raft = raft.clone();
+        let c = c.clone();
         tasks.spawn(async move {
             let mut acked = Vec::new();
             for n in 0..8u64 {
                 let body = format!("w{w}-{n}");
-                let mut msg = Message::new(body.clone()).with_key(body.clone());
-                // Some sends carry an idempotency key (applied alone), some do not
-                // (pipelined), and every fourth batch also acks (applied alone).
-                if (w + n) % 3 == 0 {
-                    msg = msg.with_idempotency_key(body.clone());
-                }
+                let msg = Message::new(body.clone())
+                    .with_key(body.clone())
+                    .with_idempotency_key(body.clone());
                 let mut commands = vec![Command::Send {
                     topic: TOPIC.to_owned(),
                     messages: vec![(&msg).into()],
                 }];
+                // Every fourth batch also acks: commands of several kinds in one entry.
                 if n % 4 == 3 {
                     commands.push(Command::Ack {
                         group: format!("g{w}"),
@@ -186,12 +182,8 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
                         acks: vec![(0, 0)],
                     });
                 }
-                let batch = Batch {
-                    time_ms: halfmq::clock::now_ms(),
-                    commands,
-                };
-                let resp = raft.client_write(batch).await.expect("committed");
-                let receipts = halfmq_raft::command::receipts(resp.data[0].clone());
+                let answers = c.write(commands).await.expect("committed");
+                let receipts = halfmq_raft::command::receipts(answers[0].clone());
                 assert!(receipts.expect("a send answer").iter().all(|r| r.is_ok()));
                 acked.push(body);
             }
@@ -202,6 +194,7 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
     while let Some(r) = tasks.join_next().await {
         acked.extend(r.expect("a writer"));
     }
+    let leader = c.leader().await;
     let mut seen = Vec::new();
     for id in [1, 2, 3] {
         c.caught_up(id, leader).await;

@@ -186,7 +186,8 @@ impl Cluster {
         self.leader_among(&live).await
     }
 
-    /// Write through whoever leads, following `NotLeader` answers.
+    /// Write through whoever leads, following `NotLeader` answers (also the answer of a
+    /// leader that lost its place while the write was in flight: its fate is unknown).
     pub async fn write(
         &self,
         commands: Vec<Command>,
@@ -204,12 +205,17 @@ impl Cluster {
     }
 
     /// Send one message per body as one batch through the leader; the bodies acknowledged.
+    /// Each carries its body as idempotency key, so a write retried after a leader change
+    /// (its fate unknown) is not stored twice.
     pub async fn send(&self, bodies: &[String]) -> Vec<String> {
         let cmd = Command::Send {
             topic: TOPIC.to_owned(),
             messages: bodies
                 .iter()
-                .map(|b| (&Message::new(b.as_bytes()).with_key(b.clone())).into())
+                .map(|b| {
+                    let m = Message::new(b.as_bytes()).with_key(b.clone());
+                    (&m.with_idempotency_key(b.clone())).into()
+                })
                 .collect(),
         };
         let answers = self.write(vec![cmd]).await.expect("the write is committed");
