@@ -101,6 +101,16 @@ where
     R: tokio::io::AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_at_most(r, BODY_BYTES_MAX, what).await
+}
+
+/// [`read`] with a smaller limit on the body, refused before anything is allocated (a
+/// peer's first frame, before it has shown the cluster's token).
+pub async fn read_at_most<R, T>(r: &mut R, body_max: usize, what: &'static str) -> Result<Option<T>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut head = [0u8; HEADER_BYTES];
     match r.read_exact(&mut head).await {
         Ok(_) => {}
@@ -109,10 +119,11 @@ where
     }
     let body_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if body_len > BODY_BYTES_MAX {
+    let max = body_max.min(BODY_BYTES_MAX);
+    if body_len > max {
         return Err(Error::Decode {
             what,
-            reason: format!("frame length {body_len} over {BODY_BYTES_MAX}"),
+            reason: format!("frame length {body_len} over {max}"),
         });
     }
     let mut body = vec![0u8; body_len];

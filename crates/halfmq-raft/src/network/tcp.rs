@@ -79,6 +79,9 @@ pub enum PeerResponse {
     Failed(String),
 }
 
+/// Largest first frame of a connection (the hello: a token and a node id).
+const HELLO_BYTES_MAX: usize = 4096;
+
 fn token_matches(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -137,7 +140,9 @@ async fn serve(
     mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
     stream.set_nodelay(true).ok();
-    let hello: Option<PeerRequest> = frame::read(&mut stream, "peer request").await?;
+    // Nothing large is read from a peer before it shows the token.
+    let hello: Option<PeerRequest> =
+        frame::read_at_most(&mut stream, HELLO_BYTES_MAX, "peer hello").await?;
     match hello {
         Some(PeerRequest::Hello { token: t, .. }) if token_matches(&t, &token) => {
             frame::write(&mut stream, &PeerResponse::Hello(Ok(())), "peer response").await?;
