@@ -102,6 +102,9 @@ pub struct ReplicaNode {
     id: NodeId,
     raft: Raft,
     broker: BrokerCell,
+    /// Queues of a topic created on first send (the broker settings' `default_queues`),
+    /// `None` when the settings do not create topics on first use.
+    auto_create: Option<u32>,
 }
 
 impl ReplicaNode {
@@ -127,7 +130,14 @@ impl ReplicaNode {
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
-        Ok(ReplicaNode { id, raft, broker })
+        let b = &config.broker;
+        let auto_create = b.auto_create_topics.then_some(b.default_queues);
+        Ok(ReplicaNode {
+            id,
+            raft,
+            broker,
+            auto_create,
+        })
     }
 
     /// Form a new cluster of `members` (id → address). Call it on one node of a cluster
@@ -201,7 +211,9 @@ impl ReplicaNode {
         ClusterStatus::from_metrics(&self.raft.metrics().borrow())
     }
 
-    /// Send `messages` to `topic`, replicated: one batch, one raft entry.
+    /// Send `messages` to `topic`, replicated: one batch, one raft entry. A topic that does
+    /// not exist is created first, through the log, when the broker settings create topics
+    /// on first use (the nodes' brokers never create one by themselves).
     pub async fn send(
         &self,
         topic: &str,
@@ -211,13 +223,34 @@ impl ReplicaNode {
             topic: topic.to_owned(),
             messages: messages.iter().map(MessageData::from).collect(),
         };
-        let mut answers = self.write(vec![cmd]).await?;
-        match answers.pop() {
-            Some(a) => Ok(command::receipts(a)?),
-            None => Err(ReplicaError::Raft(
-                "a batch of one was answered with none".to_owned(),
-            )),
+        let first = self.write_one(cmd.clone()).await?;
+        let unknown =
+            matches!(&first, Err(e) if e.code == Error::UnknownTopic(String::new()).code());
+        let (true, Some(queues)) = (unknown, self.auto_create) else {
+            return Ok(command::receipts(first)?);
+        };
+        let create = Command::CreateTopic {
+            topic: topic.to_owned(),
+            queues,
+        };
+        // Another writer may have created it meanwhile: with these queues that is no error;
+        // with others, the send below goes to the queues it has.
+        let created = self.write_one(create).await?;
+        if let Err(e) = created {
+            let e = Error::from(e);
+            if !matches!(e, Error::TopicExists { .. }) {
+                return Err(e.into());
+            }
         }
+        Ok(command::receipts(self.write_one(cmd).await?)?)
+    }
+
+    /// Write one command as its own batch: its answer.
+    async fn write_one(&self, cmd: Command) -> Result<Applied, ReplicaError> {
+        self.write(vec![cmd])
+            .await?
+            .pop()
+            .ok_or_else(|| ReplicaError::Raft("a batch of one was answered with none".to_owned()))
     }
 
     /// Stop openraft, then close the broker.

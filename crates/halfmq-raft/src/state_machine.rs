@@ -102,6 +102,10 @@ fn rebuild(
     let shared: SharedClock = Arc::new(clock.clone());
     cfg.clock = shared.into();
     cfg.txn.check_back = false;
+    // A read (poll) must not create a topic on this node alone: a later replicated
+    // `CreateTopic` would then fail here and succeed elsewhere. Topics are created through
+    // the log (`ReplicaNode::send` proposes the creation when the broker would have).
+    cfg.auto_create_topics = false;
     // Its own fsyncs would buy nothing: it is rebuilt from the journal and the raft log on
     // every start. (Halves, outcomes and acks still sync; that is the broker's choice.)
     cfg.store.flush = FlushPolicy::Async {

@@ -359,3 +359,28 @@ async fn a_write_waits_for_a_majority_and_a_cut_off_follower_catches_up_from_the
     }
     assert_eq!(c.log_end(followers[0]), c.log_end(leader));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_is_created_through_the_log_never_by_a_read() {
+    let c = Cluster::sim(0x5eed_0009, |_| {}).await;
+    let leader = c.leader().await;
+    // A read of an unknown topic creates nothing on the node it runs on.
+    let read = c.nodes[&leader].broker().poll("readers", "fresh", 10);
+    assert!(
+        matches!(read, Err(halfmq::Error::UnknownTopic(_))),
+        "{read:?}"
+    );
+    // A send creates it, through the log, with the broker settings' default queues.
+    let sent = c.nodes[&leader]
+        .send("fresh", &[Message::new("first")])
+        .await
+        .expect("sent");
+    assert!(sent.iter().all(|r| r.is_ok()), "{sent:?}");
+    let queues = halfmq::BrokerConfig::new("unused").default_queues;
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let topics = c.nodes[&id].broker().topics();
+        let fresh = topics.iter().find(|t| t.name == "fresh").expect("created");
+        assert_eq!(fresh.queues, queues);
+    }
+}
