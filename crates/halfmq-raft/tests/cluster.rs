@@ -9,7 +9,10 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{assert_exactly, bodies, Cluster, TOPIC, WAIT};
+use common::{
+    assert_exactly, bodies, snapshot_often, spawn_write, wiped_follower_catches_up, Cluster, TOPIC,
+    WAIT,
+};
 use halfmq::Message;
 use halfmq::TxnState;
 use halfmq_raft::{Command, NodeId, Outcome};
@@ -55,15 +58,7 @@ async fn a_leader_cut_off_from_the_majority_never_acknowledges() {
     c.sim_net().partition(&[&[old], &others]);
 
     // The old leader takes a write it cannot replicate.
-    let cut_off = c.nodes.remove(&old).expect("the old leader");
-    let cmd = Command::Send {
-        topic: TOPIC.to_owned(),
-        messages: vec![(&Message::new("minority")).into()],
-    };
-    let pending = tokio::spawn(async move {
-        let r = cut_off.write(vec![cmd]).await;
-        (cut_off, r)
-    });
+    let pending = spawn_write(c.nodes.remove(&old).expect("the old leader"), "minority");
 
     // The majority elects a new leader and acknowledges.
     let new = c.leader_among(&others).await;
@@ -89,42 +84,11 @@ async fn a_leader_cut_off_from_the_majority_never_acknowledges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_follower_catches_up_from_a_snapshot() {
     let mut c = Cluster::sim(0x5eed_0003, |cfg| {
-        cfg.raft.snapshot_policy = SnapshotPolicy::LogsSinceLast(10);
-        cfg.raft.max_in_snapshot_log_to_keep = 0;
-        cfg.raft.purge_batch_size = 1;
+        snapshot_often(cfg);
         cfg.segment_bytes = 4096;
     })
     .await;
-    let mut acked = BTreeSet::new();
-    for round in 0..15 {
-        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
-    }
-    let leader = c.leader().await;
-    let follower = *c.nodes.keys().find(|i| **i != leader).expect("a follower");
-    c.kill(follower).await;
-    std::fs::remove_dir_all(c.dir(follower)).expect("wipe the follower");
-    for round in 0..15 {
-        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
-    }
-    // The leader's log no longer starts at 1: the follower cannot catch up from it.
-    let leader = c.leader().await;
-    c.nodes[&leader]
-        .raft()
-        .wait(Some(WAIT))
-        .metrics(|m| m.purged.is_some(), "the leader purged its log")
-        .await
-        .expect("a purge");
-
-    c.boot(follower).await;
-    c.caught_up(follower, leader).await;
-    let m = c.nodes[&follower].raft().metrics().borrow().clone();
-    assert!(
-        m.snapshot.is_some(),
-        "the follower installed a snapshot: {m:?}"
-    );
-    assert_exactly(&c.messages(follower), &acked);
-    assert_eq!(c.messages(follower), c.messages(leader));
-    assert_eq!(c.log_end(follower), c.log_end(leader));
+    wiped_follower_catches_up(&mut c, 15).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -315,15 +279,7 @@ async fn a_write_waits_for_a_majority_and_a_cut_off_follower_catches_up_from_the
     }
     // Both followers gone: the leader alone is no majority, so it does not acknowledge.
     c.kill(followers[1]).await;
-    let cmd = Command::Send {
-        topic: TOPIC.to_owned(),
-        messages: vec![(&Message::new("waits")).into()],
-    };
-    let lone = c.nodes.remove(&leader).expect("the leader");
-    let pending = tokio::spawn(async move {
-        let r = lone.write(vec![cmd]).await;
-        (lone, r)
-    });
+    let pending = spawn_write(c.nodes.remove(&leader).expect("the leader"), "waits");
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(!pending.is_finished(), "acknowledged without a majority");
 

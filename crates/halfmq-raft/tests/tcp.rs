@@ -7,13 +7,13 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{assert_exactly, bodies, Cluster, Net, WAIT};
+use common::{assert_exactly, bodies, snapshot_often, wiped_follower_catches_up, Cluster, Net};
 use halfmq_raft::network::tcp::TcpFactory;
 use halfmq_raft::NodeId;
 use openraft::error::RPCError;
 use openraft::network::RPCOption;
 use openraft::raft::VoteRequest;
-use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, SnapshotPolicy, Vote};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, Vote};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_on_tcp_replicate_and_fail_over() {
@@ -57,37 +57,6 @@ async fn a_peer_without_the_token_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_node_catches_up_over_tcp_from_a_snapshot() {
-    let mut c = Cluster::tcp_with("cluster-token", |cfg| {
-        cfg.raft.snapshot_policy = SnapshotPolicy::LogsSinceLast(10);
-        cfg.raft.max_in_snapshot_log_to_keep = 0;
-        cfg.raft.purge_batch_size = 1;
-    })
-    .await;
-    let mut acked = BTreeSet::new();
-    for round in 0..12 {
-        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
-    }
-    let leader = c.leader().await;
-    let follower = *c.nodes.keys().find(|i| **i != leader).expect("a follower");
-    c.kill(follower).await;
-    std::fs::remove_dir_all(c.dir(follower)).expect("wipe the follower");
-    for round in 0..12 {
-        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
-    }
-    let leader = c.leader().await;
-    c.nodes[&leader]
-        .raft()
-        .wait(Some(WAIT))
-        .metrics(|m| m.purged.is_some(), "the leader purged its log")
-        .await
-        .expect("a purge");
-    c.boot(follower).await;
-    c.caught_up(follower, leader).await;
-    let m = c.nodes[&follower].raft().metrics().borrow().clone();
-    assert!(
-        m.snapshot.is_some(),
-        "the follower installed a snapshot: {m:?}"
-    );
-    assert_exactly(&c.messages(follower), &acked);
-    assert_eq!(c.log_end(follower), c.log_end(leader));
+    let mut c = Cluster::tcp_with("cluster-token", snapshot_often).await;
+    wiped_follower_catches_up(&mut c, 12).await;
 }

@@ -287,6 +287,62 @@ async fn rebind(addr: &str) -> tokio::net::TcpListener {
     }
 }
 
+/// Settings under which a snapshot is taken every 10 entries and the log purged up to it.
+pub fn snapshot_often(cfg: &mut ReplicaConfig) {
+    cfg.raft.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(10);
+    cfg.raft.max_in_snapshot_log_to_keep = 0;
+    cfg.raft.purge_batch_size = 1;
+}
+
+/// Write, wipe a follower, write on until the leader has purged its log (so the follower
+/// cannot catch up from it), bring the follower back empty: it must install a snapshot
+/// and end with every acknowledged message and the leader's very log.
+pub async fn wiped_follower_catches_up(c: &mut Cluster, rounds: usize) {
+    let mut acked = BTreeSet::new();
+    for round in 0..rounds {
+        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    let follower = *c.nodes.keys().find(|i| **i != leader).expect("a follower");
+    c.kill(follower).await;
+    std::fs::remove_dir_all(c.dir(follower)).expect("wipe the follower");
+    for round in 0..rounds {
+        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    c.nodes[&leader]
+        .raft()
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some(), "the leader purged its log")
+        .await
+        .expect("a purge");
+    c.boot(follower).await;
+    c.caught_up(follower, leader).await;
+    let m = c.nodes[&follower].raft().metrics().borrow().clone();
+    assert!(
+        m.snapshot.is_some(),
+        "the follower installed a snapshot: {m:?}"
+    );
+    assert_exactly(&c.messages(follower), &acked);
+    assert_eq!(c.messages(follower), c.messages(leader));
+    assert_eq!(c.log_end(follower), c.log_end(leader));
+}
+
+/// Take `node` out of the cluster's table and start a one-message write on it.
+pub fn spawn_write(
+    node: ReplicaNode,
+    body: &str,
+) -> tokio::task::JoinHandle<(ReplicaNode, Result<Vec<halfmq_raft::Applied>, ReplicaError>)> {
+    let cmd = Command::Send {
+        topic: TOPIC.to_owned(),
+        messages: vec![(&Message::new(body.to_owned())).into()],
+    };
+    tokio::spawn(async move {
+        let r = node.write(vec![cmd]).await;
+        (node, r)
+    })
+}
+
 pub fn bodies(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
