@@ -1,0 +1,268 @@
+//! What a raft entry carries: a [`Batch`] of broker commands, and what applying each one
+//! answered ([`Applied`]).
+//!
+//! One batch is one raft entry, appended with one write and fsynced once on every node: a
+//! caller that has many commands to make durable together (a group commit's worth of
+//! sends) proposes them as one batch. The batch carries the leader's clock when it was
+//! proposed ([`Batch::time_ms`]); every node applies it with its broker's clock set to that
+//! time (never backwards), so that the records each node writes (their timestamps, and so
+//! their log offsets and transaction ids) are the same bytes on every node.
+//!
+//! Applying is deterministic given the same broker state: the commands are the broker's own
+//! write operations, each a function of the state and its arguments. A command that fails
+//! (an unknown topic, an ack past the end) fails the same way on every node, and its error
+//! is the answer; it does not stop the batch.
+
+use halfmq::{Broker, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
+use halfmq_types::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// A message as the raft log carries it (the fields of [`halfmq::Message`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageData {
+    /// Key; empty for none.
+    pub key: String,
+    /// Payload.
+    pub body: Vec<u8>,
+    /// User properties, by name.
+    pub properties: Vec<(String, String)>,
+}
+
+impl From<&Message> for MessageData {
+    fn from(m: &Message) -> MessageData {
+        MessageData {
+            key: m.key.clone(),
+            body: m.body.clone(),
+            properties: m
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl MessageData {
+    /// The broker's message.
+    pub fn to_message(&self) -> Message {
+        Message {
+            key: self.key.clone(),
+            body: self.body.clone(),
+            properties: self.properties.iter().cloned().collect(),
+        }
+    }
+}
+
+/// One write operation of the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// [`Broker::create_topic`].
+    CreateTopic {
+        /// Topic name.
+        topic: String,
+        /// Queues.
+        queues: u32,
+    },
+    /// [`Broker::send_batch`]: one run of records, one group commit on each node.
+    Send {
+        /// Topic.
+        topic: String,
+        /// The messages, in order.
+        messages: Vec<MessageData>,
+    },
+    /// [`Broker::send_half_receipt`].
+    SendHalf {
+        /// Topic it becomes visible in on commit.
+        topic: String,
+        /// The message.
+        message: MessageData,
+        /// The producer group asked at check-back.
+        producer_group: String,
+        /// [`HalfOptions::check_immunity`], in ms.
+        check_immunity_ms: Option<u64>,
+    },
+    /// [`Broker::commit`].
+    Commit(TxnId),
+    /// [`Broker::rollback`].
+    Rollback(TxnId),
+    /// [`Broker::ack_many`].
+    Ack {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// (queue, offset) pairs.
+        acks: Vec<(u32, u64)>,
+    },
+    /// [`Broker::set_group_settings`].
+    GroupSettings {
+        /// Consumer group.
+        group: String,
+        /// Its overrides.
+        settings: GroupSettings,
+    },
+}
+
+/// A raft entry's data: commands applied in order, at the leader's time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The leader's clock when it proposed the batch, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The commands.
+    pub commands: Vec<Command>,
+}
+
+/// An error as it crosses raft: [`Error::code`] and its text, turned back into the
+/// broker's variant by [`Error::from_wire`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// [`Error::code`].
+    pub code: u16,
+    /// The error's text.
+    pub message: String,
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> WireError {
+        WireError {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Error {
+        Error::from_wire(e.code, e.message)
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The topic exists with this many queues.
+    TopicCreated {
+        /// Queues.
+        queues: u32,
+    },
+    /// Per message of a `Send`, its receipt or why it was refused.
+    Sent(Vec<std::result::Result<SendReceipt, WireError>>),
+    /// The half's transaction, and whether it was an idempotent duplicate.
+    Half {
+        /// The transaction.
+        txn: TxnId,
+        /// True when nothing was written (the idempotency key was stored already).
+        duplicate: bool,
+    },
+    /// A commit, rollback, ack or group setting took effect.
+    Done,
+}
+
+/// One command's answer.
+pub type Applied = std::result::Result<Outcome, WireError>;
+
+/// Apply one command to `broker`, waiting by blocking (the caller runs it off the async
+/// executor).
+pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
+    match command {
+        Command::CreateTopic { topic, queues } => broker
+            .create_topic(topic, *queues)
+            .map(|t| Outcome::TopicCreated { queues: t.queues }),
+        Command::Send { topic, messages } => {
+            let msgs: Vec<Message> = messages.iter().map(MessageData::to_message).collect();
+            sent(broker.send_batch(topic, &msgs))
+        }
+        Command::SendHalf {
+            topic,
+            message,
+            producer_group,
+            check_immunity_ms,
+        } => {
+            let opts = HalfOptions {
+                check_immunity: check_immunity_ms.map(std::time::Duration::from_millis),
+            };
+            let r = broker.send_half_receipt(topic, &message.to_message(), producer_group, opts)?;
+            Ok(Outcome::Half {
+                txn: r.txn,
+                duplicate: r.duplicate,
+            })
+        }
+        Command::Commit(txn) => broker.commit(*txn).map(|()| Outcome::Done),
+        Command::Rollback(txn) => broker.rollback(*txn).map(|()| Outcome::Done),
+        Command::Ack { group, topic, acks } => {
+            broker.ack_many(group, topic, acks).map(|()| Outcome::Done)
+        }
+        Command::GroupSettings { group, settings } => broker
+            .set_group_settings(group, settings)
+            .map(|_| Outcome::Done),
+    }
+}
+
+/// Apply every command of `batch` in order. A command that fails the same way on every
+/// node (bad input, an unknown topic, a conflicting outcome) answers with its error and the
+/// rest go on; a failure of this node alone (its disk, its metadata database) is returned
+/// instead, because answering it would make this node's broker differ from the others'.
+pub fn apply_batch(broker: &Broker, batch: &Batch) -> Result<Vec<Applied>> {
+    batch
+        .commands
+        .iter()
+        .map(|c| answer(apply(broker, c)))
+        .collect()
+}
+
+/// What a command's result answers: its outcome, or its error when every node fails the
+/// same way; `Err` for a failure of this node alone (see [`apply_batch`]).
+pub fn answer(r: Result<Outcome>) -> Result<Applied> {
+    match r {
+        Ok(Outcome::Sent(each)) => {
+            if let Some(e) = each.iter().find_map(|r| r.as_ref().err()) {
+                let e = Error::from(e.clone());
+                if is_local_failure(&e) {
+                    return Err(e);
+                }
+            }
+            Ok(Ok(Outcome::Sent(each)))
+        }
+        Ok(o) => Ok(Ok(o)),
+        Err(e) if is_local_failure(&e) => Err(e),
+        Err(e) => Ok(Err(WireError::from(&e))),
+    }
+}
+
+/// A `Send` answer from the broker's receipts.
+pub fn sent(r: Result<Vec<Result<SendReceipt>>>) -> Result<Outcome> {
+    r.map(|v| {
+        Outcome::Sent(
+            v.into_iter()
+                .map(|r| r.map_err(|e| WireError::from(&e)))
+                .collect(),
+        )
+    })
+}
+
+/// True for an error of this node's own storage rather than of the command.
+pub fn is_local_failure(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Io { .. }
+            | Error::DiskFull { .. }
+            | Error::Poisoned(_)
+            | Error::Corrupt { .. }
+            | Error::Damaged { .. }
+            | Error::Lost { .. }
+            | Error::Meta(_)
+            | Error::Closed
+            | Error::Locked { .. }
+    )
+}
+
+/// The receipts of a `Send` answer, as the broker's types.
+pub fn receipts(applied: Applied) -> Result<Vec<Result<SendReceipt>>> {
+    match applied.map_err(Error::from)? {
+        Outcome::Sent(v) => Ok(v.into_iter().map(|r| r.map_err(Error::from)).collect()),
+        other => Err(Error::Invalid {
+            what: "replicated answer",
+            reason: format!("a send was answered with {other:?}"),
+        }),
+    }
+}

@@ -1,0 +1,584 @@
+//! The raft log of one node, durable ([`LogStore`], openraft's `RaftLogStorage`).
+//!
+//! ```text
+//! <dir>/log/<first index:020>.seg   entries, one frame (crate::frame) each, in index order
+//! <dir>/vote                        the vote, one frame, replaced whole (frame::write_atomic)
+//! <dir>/purged                      the last purged log id, replaced whole
+//! ```
+//!
+//! - **Append** writes the entries' frames into the active segment at once (so a reader sees
+//!   them when `append` returns, as openraft requires) and hands the segment to the flusher
+//!   thread, which fsyncs (`fdatasync`) every segment handed to it since its last round once
+//!   and then tells openraft each append is durable: group commit, as in the store.
+//!   A segment grows to its limit, then the next one is created; the full one is fsynced
+//!   first and the directory after the new file, so an older segment is always whole.
+//! - **Truncate** (a follower's uncommitted entries that conflict with the leader) removes
+//!   the later segment files and syncs the directory, then cuts the segment holding the
+//!   first removed entry and fsyncs it. A crash in between leaves the cut entries in place,
+//!   as if the truncate had not started, and the leader truncates them again.
+//! - **Purge** (entries a snapshot covers) records the purged log id first, then deletes
+//!   the segments wholly below it.
+//! - **Open** reads every segment: a frame cut short or failing its CRC at the end of the
+//!   newest segment is a torn append that was never acknowledged, and is cut off; anywhere
+//!   else it is damage, and opening fails with [`Error::Damaged`] naming the file and byte.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+use halfmq_types::error::{Error, Result};
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    AnyError, ErrorSubject, ErrorVerb, LogState, RaftLogId, RaftLogReader, StorageIOError, Vote,
+};
+use parking_lot::Mutex;
+
+use crate::frame::{self, Scan};
+use crate::{Entry, LogId, NodeId, StorageError, TypeConfig};
+
+/// Default size a segment grows to before the next one starts.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// The raft log of one node. Clones share it (the log reader openraft asks for is a clone).
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    segment_bytes: u64,
+    inner: Mutex<Inner>,
+    /// To the flusher thread; dropped with the last clone, which ends the thread.
+    flush_tx: Mutex<mpsc::Sender<FlushRequest>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Segments by the index of their first entry.
+    segments: BTreeMap<u64, Segment>,
+    /// Where each entry not purged is.
+    index: BTreeMap<u64, Loc>,
+    last_purged: Option<LogId>,
+    vote: Option<Vote<NodeId>>,
+}
+
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    len: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Loc {
+    segment: u64,
+    pos: u64,
+    len: u64,
+    log_id: LogId,
+}
+
+struct FlushRequest {
+    file: Arc<File>,
+    done: LogFlushed<TypeConfig>,
+}
+
+fn storage(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: &Error) -> StorageError {
+    StorageIOError::new(subject, verb, AnyError::new(e)).into()
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |e| Error::io(path, op, e)
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+impl LogStore {
+    /// Open (or create) the log in `dir`, with segments of about `segment_bytes`.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<LogStore> {
+        let log_dir = dir.join("log");
+        std::fs::create_dir_all(&log_dir).map_err(io_err(&log_dir, "create directory"))?;
+        let mut inner = Inner {
+            vote: frame::read_file(&dir.join("vote"), "raft vote")?,
+            last_purged: frame::read_file(&dir.join("purged"), "raft purged log id")?,
+            ..Inner::default()
+        };
+        let mut firsts = Vec::new();
+        for e in std::fs::read_dir(&log_dir).map_err(io_err(&log_dir, "list"))? {
+            let e = e.map_err(io_err(&log_dir, "list"))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(first) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let purged_index = inner.last_purged.map(|l| l.index);
+        for (i, first) in firsts.iter().enumerate() {
+            let newest = i + 1 == firsts.len();
+            load_segment(&mut inner, &log_dir, *first, newest, purged_index)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("halfmq-raft-log-flush".to_owned())
+            .spawn(move || flusher(rx))
+            .map_err(io_err(&log_dir, "spawn the raft log flusher"))?;
+        Ok(LogStore {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                segment_bytes: segment_bytes.max(1),
+                inner: Mutex::new(inner),
+                flush_tx: Mutex::new(tx),
+            }),
+        })
+    }
+
+    /// The log id of the newest entry, or the last purged one when there is no entry.
+    pub fn last_log_id(&self) -> Option<LogId> {
+        let inner = self.shared.inner.lock();
+        inner.last_log_id()
+    }
+
+    /// Entries in `range` of indexes, read back from their segments.
+    pub fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>> {
+        let locs: Vec<(Loc, Arc<File>)> = {
+            let inner = self.shared.inner.lock();
+            let r = (range.start_bound().cloned(), range.end_bound().cloned());
+            inner
+                .index
+                .range(r)
+                .filter_map(|(_, l)| {
+                    let seg = inner.segments.get(&l.segment)?;
+                    Some((*l, seg.file.clone()))
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(locs.len());
+        for (l, file) in locs {
+            // A frame is at most 8 + 16 MiB (frame::BODY_BYTES_MAX): the cast is lossless.
+            let mut buf = vec![0u8; l.len as usize];
+            let path = self.shared.dir.join("log").join(segment_name(l.segment));
+            file.read_exact_at(&mut buf, l.pos)
+                .map_err(io_err(&path, "read"))?;
+            out.push(frame::decode(&buf, "raft entry")?);
+        }
+        Ok(out)
+    }
+
+    fn append_now(&self, entries: Vec<Entry>) -> Result<Arc<File>> {
+        let mut inner = self.shared.inner.lock();
+        let log_dir = self.shared.dir.join("log");
+        let mut pending: Vec<u8> = Vec::new();
+        let mut pending_locs: Vec<Loc> = Vec::new();
+        for entry in entries {
+            let bytes = frame::encode(&entry, "raft entry")?;
+            let index = entry.get_log_id().index;
+            let active_len = inner.segments.values().next_back().map(|s| s.len);
+            let needs_new = match active_len {
+                None => true,
+                Some(len) => {
+                    len + pending.len() as u64 > 0
+                        && len + (pending.len() + bytes.len()) as u64 > self.shared.segment_bytes
+                }
+            };
+            if needs_new {
+                inner.write_pending(&mut pending, &mut pending_locs)?;
+                if let Some(seg) = inner.segments.values().next_back() {
+                    seg.file
+                        .sync_data()
+                        .map_err(io_err(&seg.path, "fdatasync"))?;
+                }
+                let path = log_dir.join(segment_name(index));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(io_err(&path, "create"))?;
+                frame::sync_dir(&log_dir)?;
+                inner.segments.insert(
+                    index,
+                    Segment {
+                        file: Arc::new(file),
+                        path,
+                        len: 0,
+                    },
+                );
+            }
+            let (first, seg_len) = match inner.segments.iter().next_back() {
+                Some((f, s)) => (*f, s.len),
+                None => unreachable_segment()?,
+            };
+            pending_locs.push(Loc {
+                segment: first,
+                pos: seg_len + pending.len() as u64,
+                len: bytes.len() as u64,
+                log_id: *entry.get_log_id(),
+            });
+            pending.extend_from_slice(&bytes);
+        }
+        inner.write_pending(&mut pending, &mut pending_locs)?;
+        match inner.segments.values().next_back() {
+            Some(s) => Ok(s.file.clone()),
+            None => unreachable_segment(),
+        }
+    }
+
+    fn truncate_now(&self, log_id: LogId) -> Result<()> {
+        let mut inner = self.shared.inner.lock();
+        let Some(at) = inner.index.get(&log_id.index).copied() else {
+            return Ok(());
+        };
+        let log_dir = self.shared.dir.join("log");
+        let later: Vec<u64> = inner
+            .segments
+            .range((Bound::Excluded(at.segment), Bound::Unbounded))
+            .map(|(f, _)| *f)
+            .collect();
+        for first in &later {
+            if let Some(seg) = inner.segments.remove(first) {
+                std::fs::remove_file(&seg.path).map_err(io_err(&seg.path, "remove"))?;
+            }
+        }
+        if !later.is_empty() {
+            frame::sync_dir(&log_dir)?;
+        }
+        if let Some(seg) = inner.segments.get_mut(&at.segment) {
+            seg.file
+                .set_len(at.pos)
+                .map_err(io_err(&seg.path, "truncate"))?;
+            seg.file.sync_all().map_err(io_err(&seg.path, "fsync"))?;
+            seg.len = at.pos;
+        }
+        inner.index.split_off(&log_id.index);
+        Ok(())
+    }
+
+    fn purge_now(&self, log_id: LogId) -> Result<()> {
+        frame::write_atomic(&self.shared.dir, "purged", &log_id, "raft purged log id")?;
+        let mut inner = self.shared.inner.lock();
+        inner.last_purged = Some(log_id);
+        inner.index = inner.index.split_off(&(log_id.index + 1));
+        // A segment can go when the next one starts at or below the first entry kept.
+        let firsts: Vec<u64> = inner.segments.keys().copied().collect();
+        let mut removed = false;
+        for pair in firsts.windows(2) {
+            if pair[1] <= log_id.index + 1 {
+                if let Some(seg) = inner.segments.remove(&pair[0]) {
+                    std::fs::remove_file(&seg.path).map_err(io_err(&seg.path, "remove"))?;
+                    removed = true;
+                }
+            }
+        }
+        if removed {
+            frame::sync_dir(&self.shared.dir.join("log"))?;
+        }
+        Ok(())
+    }
+}
+
+fn unreachable_segment<T>() -> Result<T> {
+    Err(Error::Invalid {
+        what: "raft log",
+        reason: "no active segment after creating one".to_owned(),
+    })
+}
+
+impl Inner {
+    fn last_log_id(&self) -> Option<LogId> {
+        self.index
+            .values()
+            .next_back()
+            .map(|l| l.log_id)
+            .or(self.last_purged)
+    }
+
+    /// Write the frames gathered for the active segment, and index them.
+    fn write_pending(&mut self, pending: &mut Vec<u8>, locs: &mut Vec<Loc>) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let Some(seg) = self.segments.values_mut().next_back() else {
+            return unreachable_segment();
+        };
+        seg.file
+            .write_all_at(pending, seg.len)
+            .map_err(io_err(&seg.path, "write"))?;
+        seg.len += pending.len() as u64;
+        for l in locs.drain(..) {
+            self.index.insert(l.log_id.index, l);
+        }
+        pending.clear();
+        Ok(())
+    }
+}
+
+/// Read one segment into the index on open.
+fn load_segment(
+    inner: &mut Inner,
+    log_dir: &Path,
+    first: u64,
+    newest: bool,
+    purged_index: Option<u64>,
+) -> Result<()> {
+    let path = log_dir.join(segment_name(first));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path, "open"))?;
+    let bytes = std::fs::read(&path).map_err(io_err(&path, "read"))?;
+    let mut pos = 0usize;
+    let mut expect = first;
+    loop {
+        match frame::scan(&bytes[pos..]) {
+            Scan::Frame { len } => {
+                let entry: Entry = frame::decode(&bytes[pos..pos + len], "raft entry")?;
+                let log_id = *entry.get_log_id();
+                if log_id.index != expect {
+                    return Err(damaged(&path, pos, "entry index out of sequence"));
+                }
+                if purged_index.is_none_or(|p| log_id.index > p) {
+                    inner.index.insert(
+                        log_id.index,
+                        Loc {
+                            segment: first,
+                            pos: pos as u64,
+                            len: len as u64,
+                            log_id,
+                        },
+                    );
+                }
+                expect += 1;
+                pos += len;
+            }
+            Scan::End if bytes[pos..].iter().all(|b| *b == 0) => break,
+            other if newest => {
+                // A torn append: never acknowledged (the flusher syncs before it tells).
+                tracing::warn!(path = %path.display(), pos, ?other, "raft log: torn tail cut");
+                file.set_len(pos as u64)
+                    .map_err(io_err(&path, "truncate"))?;
+                file.sync_all().map_err(io_err(&path, "fsync"))?;
+                break;
+            }
+            other => return Err(damaged(&path, pos, &format!("{other:?}"))),
+        }
+    }
+    inner.segments.insert(
+        first,
+        Segment {
+            file: Arc::new(file),
+            path,
+            len: pos as u64,
+        },
+    );
+    Ok(())
+}
+
+fn damaged(path: &Path, pos: usize, reason: &str) -> Error {
+    Error::Damaged {
+        path: path.to_path_buf(),
+        offset: pos as u64,
+        reason: format!("raft log: {reason}"),
+    }
+}
+
+/// The flusher thread: one fdatasync per file per round for every append handed over since
+/// the last round, then each append is told it is durable, in the order they came.
+fn flusher(rx: mpsc::Receiver<FlushRequest>) {
+    while let Ok(first) = rx.recv() {
+        let mut round = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            round.push(more);
+        }
+        let mut synced: Vec<(*const File, std::result::Result<(), String>)> = Vec::new();
+        for req in &round {
+            let key = Arc::as_ptr(&req.file);
+            if !synced.iter().any(|(k, _)| *k == key) {
+                synced.push((key, req.file.sync_data().map_err(|e| e.to_string())));
+            }
+        }
+        for req in round {
+            let key = Arc::as_ptr(&req.file);
+            let result = synced
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, r)| r.clone())
+                .unwrap_or(Ok(()));
+            req.done
+                .log_io_completed(result.map_err(std::io::Error::other));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> std::result::Result<Vec<Entry>, StorageError> {
+        self.entries(range)
+            .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Read, &e))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> std::result::Result<LogState<TypeConfig>, StorageError> {
+        let inner = self.shared.inner.lock();
+        Ok(LogState {
+            last_purged_log_id: inner.last_purged,
+            last_log_id: inner.last_log_id(),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> std::result::Result<(), StorageError> {
+        frame::write_atomic(&self.shared.dir, "vote", vote, "raft vote")
+            .map_err(|e| storage(ErrorSubject::Vote, ErrorVerb::Write, &e))?;
+        self.shared.inner.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> std::result::Result<Option<Vote<NodeId>>, StorageError> {
+        Ok(self.shared.inner.lock().vote)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> std::result::Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let file = self
+            .append_now(entries.into_iter().collect())
+            .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
+        let sent = self.shared.flush_tx.lock().send(FlushRequest {
+            file,
+            done: callback,
+        });
+        if let Err(mpsc::SendError(req)) = sent {
+            req.done.log_io_completed(Err(std::io::Error::other(
+                "the raft log flusher has stopped",
+            )));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
+        self.truncate_now(log_id)
+            .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Delete, &e))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> std::result::Result<(), StorageError> {
+        self.purge_now(log_id)
+            .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Delete, &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(log: &LogStore) -> Vec<u64> {
+        let all = log.entries(..).unwrap();
+        all.iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// A log of entries 1..=n in segments of about 100 bytes (a few entries each).
+    fn filled(dir: &Path, n: u64) -> LogStore {
+        let log = LogStore::open(dir, 100).unwrap();
+        for i in 1..=n {
+            log.append_now(vec![entry(i)]).unwrap();
+        }
+        log
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("log"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_torn_append_at_the_end_is_cut_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path(), 9));
+        let segs = segments(dir.path());
+        assert!(segs.len() > 1, "{segs:?}");
+        let newest = segs.last().unwrap();
+        let whole = std::fs::metadata(newest).unwrap().len();
+        // Half a frame written when the power went.
+        let torn = &frame::encode(&entry(10), "test").unwrap()[..10];
+        let f = OpenOptions::new().append(true).open(newest).unwrap();
+        f.write_all_at(torn, whole).unwrap();
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert_eq!(indexes(&log), (1..=9).collect::<Vec<_>>());
+        assert_eq!(std::fs::metadata(newest).unwrap().len(), whole);
+        log.append_now(vec![entry(10)]).unwrap();
+        drop(log);
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert_eq!(indexes(&log), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn damage_in_an_older_segment_stops_opening_and_names_the_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(filled(dir.path(), 9));
+        let oldest = segments(dir.path())[0].clone();
+        let mut bytes = std::fs::read(&oldest).unwrap();
+        bytes[frame::HEADER_BYTES + 1] ^= 0x40;
+        std::fs::write(&oldest, &bytes).unwrap();
+        match LogStore::open(dir.path(), 100) {
+            Err(Error::Damaged { path, offset, .. }) => assert_eq!((path, offset), (oldest, 0)),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a damaged log"),
+        }
+    }
+
+    #[test]
+    fn truncate_and_purge_hold_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = filled(dir.path(), 12);
+        log.truncate_now(entry(8).log_id).unwrap();
+        assert_eq!(log.last_log_id().map(|l| l.index), Some(7));
+        log.purge_now(entry(4).log_id).unwrap();
+        assert_eq!(indexes(&log), (5..=7).collect::<Vec<_>>());
+        log.append_now(vec![entry(8), entry(9)]).unwrap();
+        drop(log);
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert_eq!(indexes(&log), (5..=9).collect::<Vec<_>>());
+        let inner = log.shared.inner.lock();
+        assert_eq!(inner.last_purged.map(|l| l.index), Some(4));
+        // Segments wholly below the purge are gone.
+        let first_kept = *inner.segments.keys().next().unwrap();
+        assert!(first_kept <= 5, "{first_kept}");
+        assert!(segments(dir.path()).len() < 12);
+    }
+}

@@ -1,0 +1,416 @@
+//! Framed TCP between nodes: [`PeerServer`] answers a node's peers, [`TcpFactory`] reaches
+//! them.
+//!
+//! A connection starts with [`PeerRequest::Hello`] carrying the cluster's token; the server
+//! answers and closes unless the token matches (compared in constant time). Then each
+//! request gets one answer, in order, every message one frame (`crate::frame`: length,
+//! CRC-32, bincode; at most 16 MiB). Append requests whose frame would be larger are
+//! refused locally as too large, and openraft sends fewer entries. A snapshot goes as
+//! chunks of at most [`SNAPSHOT_CHUNK_BYTES`] into the receiver's snapshot file, then one
+//! request that installs it.
+//!
+//! Any error on a connection drops it; the next request connects again. A peer that
+//! cannot be reached is reported to openraft as unreachable, which backs off.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use halfmq_types::error::{Error, Result};
+use openraft::error::{
+    Fatal, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, Snapshot, Vote};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::frame;
+use crate::network::SNAPSHOT_CHUNK_BYTES;
+use crate::snapshot::{JournalSnapshot, Meta};
+use crate::{NodeId, Raft, TypeConfig};
+
+/// What a node asks a peer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub enum PeerRequest {
+    /// The first frame of a connection.
+    Hello {
+        /// The cluster's shared token.
+        token: String,
+        /// The node connecting.
+        from: NodeId,
+    },
+    /// `Raft::append_entries`.
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// `Raft::vote`.
+    Vote(VoteRequest<NodeId>),
+    /// The next bytes of a snapshot.
+    SnapshotChunk(Vec<u8>),
+    /// Install the snapshot whose bytes were sent.
+    SnapshotDone {
+        /// The sender's vote.
+        vote: Vote<NodeId>,
+        /// The snapshot's meta.
+        meta: Meta,
+    },
+}
+
+/// A peer's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(bound = "")]
+pub enum PeerResponse {
+    /// To `Hello`: `Err` with why the connection is refused.
+    Hello(std::result::Result<(), String>),
+    /// To `Append`.
+    Append(std::result::Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// To `Vote`.
+    Vote(std::result::Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// To `SnapshotChunk`: stored.
+    Chunk,
+    /// To `SnapshotDone`.
+    Snapshot(std::result::Result<SnapshotResponse<NodeId>, Fatal<NodeId>>),
+    /// The request could not be carried out (the text says why); the connection closes.
+    Failed(String),
+}
+
+/// Largest first frame of a connection (the hello: a token and a node id).
+const HELLO_BYTES_MAX: usize = 4096;
+
+fn token_matches(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The server side: answers peers on one listener until stopped or dropped.
+pub struct PeerServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl PeerServer {
+    /// Serve `raft` to peers presenting `token` on `listener`.
+    pub fn start(listener: TcpListener, raft: Raft, token: String) -> Result<PeerServer> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("peer listener", "local address", e))?;
+        let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let raft = raft.clone();
+                        let token = token.clone();
+                        let stopped = stopped.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = serve(stream, raft, token, stopped).await {
+                                tracing::debug!(error = %e, "peer connection closed");
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Ok(PeerServer { addr, stop })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    raft: Raft,
+    token: String,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    stream.set_nodelay(true).ok();
+    // Nothing large is read from a peer before it shows the token.
+    let hello: Option<PeerRequest> =
+        frame::read_at_most(&mut stream, HELLO_BYTES_MAX, "peer hello").await?;
+    match hello {
+        Some(PeerRequest::Hello { token: t, .. }) if token_matches(&t, &token) => {
+            frame::write(&mut stream, &PeerResponse::Hello(Ok(())), "peer response").await?;
+        }
+        _ => {
+            let no = PeerResponse::Hello(Err("wrong cluster token".to_owned()));
+            return frame::write(&mut stream, &no, "peer response").await;
+        }
+    }
+    let mut receiving: Option<JournalSnapshot> = None;
+    loop {
+        let req: PeerRequest = tokio::select! {
+            _ = stopped.changed() => return Ok(()),
+            r = frame::read(&mut stream, "peer request") => match r? {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        let resp = match req {
+            PeerRequest::Hello { .. } => PeerResponse::Failed("hello twice".to_owned()),
+            PeerRequest::Append(rpc) => PeerResponse::Append(raft.append_entries(rpc).await),
+            PeerRequest::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await),
+            PeerRequest::SnapshotChunk(bytes) => {
+                if receiving.is_none() {
+                    match raft.begin_receiving_snapshot().await {
+                        Ok(s) => receiving = Some(*s),
+                        Err(e) => {
+                            let f = PeerResponse::Failed(e.to_string());
+                            return frame::write(&mut stream, &f, "peer response").await;
+                        }
+                    }
+                }
+                match receiving.as_mut().map(|r| r.push_chunk(&bytes)) {
+                    Some(Ok(())) => PeerResponse::Chunk,
+                    Some(Err(e)) => PeerResponse::Failed(e.to_string()),
+                    None => PeerResponse::Failed("no snapshot file".to_owned()),
+                }
+            }
+            PeerRequest::SnapshotDone { vote, meta } => {
+                let snapshot = match receiving.take() {
+                    Some(s) => s,
+                    // A snapshot of nothing: no chunk came.
+                    None => match raft.begin_receiving_snapshot().await {
+                        Ok(s) => *s,
+                        Err(e) => {
+                            PeerResponse::Failed(e.to_string())
+                                .fail(&mut stream)
+                                .await?
+                        }
+                    },
+                };
+                let s = Snapshot {
+                    meta,
+                    snapshot: Box::new(snapshot),
+                };
+                PeerResponse::Snapshot(raft.install_full_snapshot(vote, s).await)
+            }
+        };
+        let failed = matches!(resp, PeerResponse::Failed(_));
+        frame::write(&mut stream, &resp, "peer response").await?;
+        if failed {
+            return Ok(());
+        }
+    }
+}
+
+impl PeerResponse {
+    /// Write this failure and end the connection.
+    async fn fail<T>(self, stream: &mut TcpStream) -> Result<T> {
+        frame::write(stream, &self, "peer response").await?;
+        Err(Error::Invalid {
+            what: "peer request",
+            reason: format!("{self:?}"),
+        })
+    }
+}
+
+/// The client side as one node sees it: links to peers at the addresses in the
+/// membership (`BasicNode::addr`), presenting the cluster's token.
+pub struct TcpFactory {
+    from: NodeId,
+    token: String,
+}
+
+impl TcpFactory {
+    /// Links from node `from`, presenting `token`.
+    pub fn new(from: NodeId, token: String) -> TcpFactory {
+        TcpFactory { from, token }
+    }
+}
+
+/// One node's connection to a peer, made when first needed and again after an error.
+pub struct TcpLink {
+    from: NodeId,
+    to: NodeId,
+    addr: String,
+    token: String,
+    stream: Option<TcpStream>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for TcpFactory {
+    type Network = TcpLink;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpLink {
+        TcpLink {
+            from: self.from,
+            to: target,
+            addr: node.addr.clone(),
+            token: self.token.clone(),
+            stream: None,
+        }
+    }
+}
+
+/// Why a link failed: it could not connect (the peer is unreachable) or it broke after.
+enum LinkError {
+    Connect(Error),
+    Broken(Error),
+}
+
+impl TcpLink {
+    async fn connect(&mut self) -> std::result::Result<&mut TcpStream, LinkError> {
+        if self.stream.is_none() {
+            let mut s = TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| LinkError::Connect(Error::io(&self.addr, "connect", e)))?;
+            s.set_nodelay(true).ok();
+            let hello = PeerRequest::Hello {
+                token: self.token.clone(),
+                from: self.from,
+            };
+            frame::write(&mut s, &hello, "peer request")
+                .await
+                .map_err(LinkError::Connect)?;
+            match frame::read(&mut s, "peer response").await {
+                Ok(Some(PeerResponse::Hello(Ok(())))) => {}
+                Ok(other) => {
+                    return Err(LinkError::Connect(Error::Invalid {
+                        what: "peer hello",
+                        reason: format!("{other:?}"),
+                    }))
+                }
+                Err(e) => return Err(LinkError::Connect(e)),
+            }
+            self.stream = Some(s);
+        }
+        match self.stream.as_mut() {
+            Some(s) => Ok(s),
+            None => Err(LinkError::Connect(Error::Closed)),
+        }
+    }
+
+    /// Send one request and read its answer, within `ttl`.
+    async fn call(
+        &mut self,
+        req: &PeerRequest,
+        ttl: Duration,
+    ) -> std::result::Result<PeerResponse, LinkError> {
+        let attempt = async {
+            let s = self.connect().await?;
+            frame::write(s, req, "peer request")
+                .await
+                .map_err(LinkError::Broken)?;
+            match frame::read(s, "peer response").await {
+                Ok(Some(PeerResponse::Failed(why))) => Err(LinkError::Broken(Error::Invalid {
+                    what: "peer request",
+                    reason: why,
+                })),
+                Ok(Some(r)) => Ok(r),
+                Ok(None) => Err(LinkError::Broken(Error::Closed)),
+                Err(e) => Err(LinkError::Broken(e)),
+            }
+        };
+        let r = match tokio::time::timeout(ttl, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(LinkError::Broken(Error::Timeout {
+                what: "peer request".to_owned(),
+                after_ms: ttl.as_millis() as u64,
+            })),
+        };
+        if r.is_err() {
+            self.stream = None;
+        }
+        r
+    }
+}
+
+type RpcResult<T> = std::result::Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
+
+fn rpc_err(e: LinkError) -> RPCError<NodeId, BasicNode, RaftError<NodeId>> {
+    match e {
+        LinkError::Connect(e) => Unreachable::new(&e).into(),
+        LinkError::Broken(e) => NetworkError::new(&e).into(),
+    }
+}
+
+fn unexpected(r: PeerResponse) -> Error {
+    Error::Invalid {
+        what: "peer response",
+        reason: format!("unexpected {r:?}"),
+    }
+}
+
+impl RaftNetwork<TypeConfig> for TcpLink {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let n = rpc.entries.len() as u64;
+        let req = PeerRequest::Append(rpc);
+        if n > 1 && frame::encode(&req, "peer request").is_err() {
+            return Err(PayloadTooLarge::new_entries_hint(n / 2).into());
+        }
+        match self.call(&req, option.hard_ttl()).await.map_err(rpc_err)? {
+            PeerResponse::Append(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
+            other => Err(NetworkError::new(&unexpected(other)).into()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        match self
+            .call(&PeerRequest::Vote(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_err)?
+        {
+            PeerResponse::Vote(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
+            other => Err(NetworkError::new(&unexpected(other)).into()),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> std::result::Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>>
+    {
+        let ttl = option.hard_ttl();
+        let stream_err = |e: LinkError| -> StreamingError<TypeConfig, Fatal<NodeId>> {
+            match e {
+                LinkError::Connect(e) => Unreachable::new(&e).into(),
+                LinkError::Broken(e) => NetworkError::new(&e).into(),
+            }
+        };
+        for chunk in snapshot.snapshot.chunks(SNAPSHOT_CHUNK_BYTES) {
+            let chunk = chunk.map_err(|e| NetworkError::new(&e))?;
+            match self
+                .call(&PeerRequest::SnapshotChunk(chunk), ttl)
+                .await
+                .map_err(stream_err)?
+            {
+                PeerResponse::Chunk => {}
+                other => return Err(NetworkError::new(&unexpected(other)).into()),
+            }
+        }
+        let done = PeerRequest::SnapshotDone {
+            vote,
+            meta: snapshot.meta,
+        };
+        match self.call(&done, ttl).await.map_err(stream_err)? {
+            PeerResponse::Snapshot(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
+            other => Err(NetworkError::new(&unexpected(other)).into()),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! [`ReplicaNode`]: one member of a replicated cluster, the raft log, the state machine and
+//! openraft put together, with the write path through the leader.
+//!
+//! A node keeps, in its directory:
+//!
+//! ```text
+//! <dir>/raft/    the raft log and vote (crate::log_store)
+//! <dir>/state/   the snapshot journal and the broker rebuilt from it (crate::state_machine)
+//! ```
+//!
+//! A write ([`ReplicaNode::write`]) is acknowledged when the leader has applied its batch,
+//! which openraft does only once a majority of the members has the entry fsynced in its
+//! raft log: the acknowledgement means "durable on a majority". A node that is not the
+//! leader answers [`ReplicaError::NotLeader`] with the leader it knows of.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use halfmq::{Broker, BrokerConfig, Message, SendReceipt};
+use halfmq_types::clock::now_ms;
+use halfmq_types::error::Error;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, SnapshotPolicy};
+
+use crate::command::{self, Applied, Batch, Command, MessageData};
+use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
+use crate::state_machine::{BrokerCell, StateMachine};
+use crate::status::ClusterStatus;
+use crate::{NodeId, Raft, TypeConfig};
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// The settings of the node's broker (its data directory, clock and check-back are
+    /// the state machine's own and are replaced).
+    pub broker: BrokerConfig,
+    /// openraft's settings: timeouts, snapshot policy, batch sizes.
+    pub raft: openraft::Config,
+    /// Size a raft log segment grows to before the next one starts.
+    pub segment_bytes: u64,
+}
+
+impl ReplicaConfig {
+    /// The defaults, with `broker` for the broker's own settings: a heartbeat every 100 ms
+    /// and elections after 500 to 1,000 ms without one. openraft's followers also refuse
+    /// votes for one maximum election time-out after they last heard a leader (its leader
+    /// lease), so a dead leader is replaced after 1.5 to 2 s plus one vote round, within
+    /// the issue's 3 s. A snapshot every 10,000 entries, keeping the last 1,000 in the log
+    /// for followers a little behind.
+    pub fn new(broker: BrokerConfig) -> ReplicaConfig {
+        ReplicaConfig {
+            broker,
+            raft: openraft::Config {
+                cluster_name: "halfmq".to_owned(),
+                heartbeat_interval: 100,
+                election_timeout_min: 500,
+                election_timeout_max: 1000,
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+                max_in_snapshot_log_to_keep: 1_000,
+                max_payload_entries: 256,
+                ..openraft::Config::default()
+            },
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+        }
+    }
+}
+
+/// Why a replicated operation did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// This node is not the leader; ask `leader` at `addr` (both `None` while there is
+    /// none known).
+    #[error("not the leader; the leader is node {leader:?} at {addr:?}")]
+    NotLeader {
+        /// The leader's id.
+        leader: Option<NodeId>,
+        /// The leader's address.
+        addr: Option<String>,
+    },
+    /// The broker or the node's own storage failed.
+    #[error(transparent)]
+    Broker(#[from] Error),
+    /// openraft refused or failed (shut down, a membership change in progress).
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A refused or failed proposal: `NotLeader` when another node leads.
+fn client_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ReplicaError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ReplicaError::NotLeader {
+            leader: f.leader_id,
+            addr: f.leader_node.map(|n| n.addr),
+        },
+        e => ReplicaError::Raft(e.to_string()),
+    }
+}
+
+/// One member of a cluster.
+pub struct ReplicaNode {
+    id: NodeId,
+    raft: Raft,
+    broker: BrokerCell,
+    /// Queues of a topic created on first send (the broker settings' `default_queues`),
+    /// `None` when the settings do not create topics on first use.
+    auto_create: Option<u32>,
+}
+
+impl ReplicaNode {
+    /// Start node `id` on `dir`, reaching its peers through `network`. The node is not
+    /// yet a member of anything: [`ReplicaNode::initialize`] forms a new cluster (on one
+    /// node), or the node restarts into the cluster its log records.
+    pub async fn start<N>(
+        id: NodeId,
+        dir: &Path,
+        config: ReplicaConfig,
+        network: N,
+    ) -> Result<ReplicaNode, ReplicaError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        let log = LogStore::open(&dir.join("raft"), config.segment_bytes)?;
+        let sm = StateMachine::open(&dir.join("state"), config.broker.clone()).await?;
+        let broker = sm.broker_cell();
+        let raft_config = config.raft.validate().map_err(|e| Error::Config {
+            setting: "raft",
+            reason: e.to_string(),
+        })?;
+        let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| ReplicaError::Raft(e.to_string()))?;
+        let b = &config.broker;
+        let auto_create = b.auto_create_topics.then_some(b.default_queues);
+        Ok(ReplicaNode {
+            id,
+            raft,
+            broker,
+            auto_create,
+        })
+    }
+
+    /// Form a new cluster of `members` (id → address). Call it on one node of a cluster
+    /// that has never started; it is refused once the node has a log.
+    pub async fn initialize(
+        &self,
+        members: BTreeMap<NodeId, BasicNode>,
+    ) -> Result<(), ReplicaError> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| ReplicaError::Raft(e.to_string()))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// openraft's handle (metrics, membership changes).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The broker this node has applied the log to, for reads. Writes go through
+    /// [`ReplicaNode::write`]: a write made on it directly is on this node only.
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.read().clone()
+    }
+
+    /// Propose `commands` as one batch and wait until it is committed (fsynced on a
+    /// majority) and applied here: one answer per command.
+    pub async fn write(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ReplicaError> {
+        let batch = Batch {
+            time_ms: now_ms(),
+            commands,
+        };
+        match self.raft.client_write(batch).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(client_error(e)),
+        }
+    }
+
+    /// Add node `id` at `addr` as a voter: first as a learner, until it has caught up with
+    /// the log (or a snapshot), then promoted by a joint membership change. On the leader.
+    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<(), ReplicaError> {
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(client_error)?;
+        let voters: BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(client_error)?;
+        Ok(())
+    }
+
+    /// Remove node `id` from the members (it stops receiving the log). On the leader.
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), ReplicaError> {
+        let gone: BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(gone), false)
+            .await
+            .map_err(client_error)?;
+        Ok(())
+    }
+
+    /// The cluster as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus::from_metrics(&self.raft.metrics().borrow())
+    }
+
+    /// Send `messages` to `topic`, replicated: one batch, one raft entry. A topic that does
+    /// not exist is created first, through the log, when the broker settings create topics
+    /// on first use (the nodes' brokers never create one by themselves).
+    pub async fn send(
+        &self,
+        topic: &str,
+        messages: &[Message],
+    ) -> Result<Vec<halfmq::Result<SendReceipt>>, ReplicaError> {
+        let cmd = Command::Send {
+            topic: topic.to_owned(),
+            messages: messages.iter().map(MessageData::from).collect(),
+        };
+        let first = self.write_one(cmd.clone()).await?;
+        let unknown =
+            matches!(&first, Err(e) if e.code == Error::UnknownTopic(String::new()).code());
+        let (true, Some(queues)) = (unknown, self.auto_create) else {
+            return Ok(command::receipts(first)?);
+        };
+        let create = Command::CreateTopic {
+            topic: topic.to_owned(),
+            queues,
+        };
+        // Another writer may have created it meanwhile: with these queues that is no error;
+        // with others, the send below goes to the queues it has.
+        let created = self.write_one(create).await?;
+        if let Err(e) = created {
+            let e = Error::from(e);
+            if !matches!(e, Error::TopicExists { .. }) {
+                return Err(e.into());
+            }
+        }
+        Ok(command::receipts(self.write_one(cmd).await?)?)
+    }
+
+    /// Write one command as its own batch: its answer.
+    async fn write_one(&self, cmd: Command) -> Result<Applied, ReplicaError> {
+        self.write(vec![cmd])
+            .await?
+            .pop()
+            .ok_or_else(|| ReplicaError::Raft("a batch of one was answered with none".to_owned()))
+    }
+
+    /// Stop openraft, then close the broker.
+    pub async fn shutdown(&self) -> Result<(), ReplicaError> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| ReplicaError::Raft(e.to_string()))?;
+        let broker = self.broker();
+        tokio::task::spawn_blocking(move || broker.close())
+            .await
+            .map_err(|e| ReplicaError::Raft(e.to_string()))??;
+        Ok(())
+    }
+}

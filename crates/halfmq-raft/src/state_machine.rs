@@ -1,0 +1,288 @@
+//! The state machine of a node: its own embedded [`Broker`], which committed entries are
+//! applied to in log order ([`StateMachine`], openraft's `RaftStateMachine`).
+//!
+//! The broker is *derived* state, like the consume queues are of the commit log: on every
+//! start it is rebuilt on a fresh data directory from the snapshot journal
+//! ([`crate::snapshot`]), and openraft then applies the log entries after the snapshot
+//! again. So applying need not be atomic with recording what was applied, and a crash
+//! anywhere in an apply loses nothing that the raft log and the journal do not hold. This is
+//! openraft's "persistent snapshot" way (its `apply` docs): the snapshot is durable, the
+//! state machine is not relied on.
+//!
+//! The broker's store runs with [`FlushPolicy::Async`]: being rebuilt on every start, it
+//! has nothing to gain from its own fsyncs (the raft log's are what acknowledge).
+//!
+//! Every node's broker runs on a [`ManualClock`] that applying sets to each batch's leader
+//! time, never backwards, and has no check-back thread (an outcome decided by one node's
+//! checker would be a write no other node makes; check-back moves to the leader, which
+//! proposes its outcomes, in a later step).
+//!
+//! The broker handle that readers use ([`BrokerCell`]) is replaced when a snapshot from the
+//! leader is installed: each install opens a new data directory `broker.<n>`, and the old
+//! one is closed and deleted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use halfmq::{Broker, BrokerConfig, FlushPolicy, ManualClock};
+use halfmq_types::clock::SharedClock;
+use halfmq_types::error::{Error, Result};
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    AnyError, BasicNode, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot,
+    StorageIOError, StoredMembership,
+};
+use parking_lot::RwLock;
+
+use crate::apply::{apply_entries, set_clock};
+use crate::command::{apply_batch, Applied, Batch};
+use crate::snapshot::{Journal, JournalSnapshot, Meta};
+use crate::{Entry, LogId, NodeId, StorageError, TypeConfig};
+
+/// The broker a node serves reads from; replaced when a snapshot is installed.
+pub type BrokerCell = Arc<RwLock<Arc<Broker>>>;
+
+fn storage(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: &Error) -> StorageError {
+    StorageIOError::new(subject, verb, AnyError::new(e)).into()
+}
+
+/// A blocking task that panicked or was cancelled.
+fn joined(e: tokio::task::JoinError) -> Error {
+    Error::Invalid {
+        what: "state machine task",
+        reason: e.to_string(),
+    }
+}
+
+fn sm_err(e: &Error) -> StorageError {
+    storage(ErrorSubject::StateMachine, ErrorVerb::Write, e)
+}
+
+/// The state machine of one node.
+pub struct StateMachine {
+    dir: PathBuf,
+    template: BrokerConfig,
+    clock: ManualClock,
+    broker: BrokerCell,
+    generation: u64,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    /// Batches applied since the last snapshot was built: the next one appends them.
+    pending: Vec<(LogId, Batch)>,
+    journal: Arc<tokio::sync::Mutex<Journal>>,
+}
+
+/// Builds a snapshot from what was applied when openraft asked for the builder.
+pub struct Builder {
+    journal: Arc<tokio::sync::Mutex<Journal>>,
+    items: Vec<(LogId, Batch)>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// Open a fresh broker in `dir/broker.<generation>` (deleting every older one) and apply
+/// the journal to it.
+fn rebuild(
+    dir: &Path,
+    template: &BrokerConfig,
+    clock: &ManualClock,
+    generation: u64,
+    journal: &Journal,
+) -> Result<Arc<Broker>> {
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, "list", e))? {
+        let e = e.map_err(|e| Error::io(dir, "list", e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("broker.") {
+            let p = e.path();
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(p, "remove", e))?;
+        }
+    }
+    let mut cfg = template.clone();
+    cfg.data_dir = dir.join(format!("broker.{generation}"));
+    let shared: SharedClock = Arc::new(clock.clone());
+    cfg.clock = shared.into();
+    cfg.txn.check_back = false;
+    // A read (poll) must not create a topic on this node alone: a later replicated
+    // `CreateTopic` would then fail here and succeed elsewhere. Topics are created through
+    // the log (`ReplicaNode::send` proposes the creation when the broker would have).
+    cfg.auto_create_topics = false;
+    // Its own fsyncs would buy nothing: it is rebuilt from the journal and the raft log on
+    // every start. (Halves, outcomes and acks still sync; that is the broker's choice.)
+    cfg.store.flush = FlushPolicy::Async {
+        interval: std::time::Duration::from_millis(10),
+    };
+    let broker = Broker::open(cfg)?;
+    journal.for_each(|_, batch| {
+        set_clock(clock, batch.time_ms);
+        apply_batch(&broker, &batch).map(|_| ())
+    })?;
+    Ok(broker)
+}
+
+impl StateMachine {
+    /// Open the state machine in `dir`: the snapshot journal, and the broker rebuilt from it
+    /// with `template`'s settings (its data directory, clock and check-back are the state
+    /// machine's own).
+    pub async fn open(dir: &Path, template: BrokerConfig) -> Result<StateMachine> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
+        let d = dir.to_path_buf();
+        let t = template.clone();
+        let (journal, clock, broker) = tokio::task::spawn_blocking(move || {
+            let journal = Journal::open(&d)?;
+            let clock = ManualClock::new(0);
+            let broker = rebuild(&d, &t, &clock, 0, &journal)?;
+            Ok::<_, Error>((journal, clock, broker))
+        })
+        .await
+        .map_err(joined)??;
+        let (last_applied, membership) = match journal.meta() {
+            Some(m) => (m.last_log_id, m.last_membership.clone()),
+            None => (None, StoredMembership::default()),
+        };
+        Ok(StateMachine {
+            dir: dir.to_path_buf(),
+            template,
+            clock,
+            broker: Arc::new(RwLock::new(broker)),
+            generation: 0,
+            last_applied,
+            membership,
+            pending: Vec::new(),
+            journal: Arc::new(tokio::sync::Mutex::new(journal)),
+        })
+    }
+
+    /// The broker handle readers share.
+    pub fn broker_cell(&self) -> BrokerCell {
+        self.broker.clone()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
+    async fn build_snapshot(&mut self) -> std::result::Result<Snapshot<TypeConfig>, StorageError> {
+        let mut journal = self.journal.clone().lock_owned().await;
+        let snap_err = |e: &Error| storage(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+        let have = journal.meta().and_then(|m| m.last_log_id);
+        if have >= self.last_applied {
+            // A snapshot installed meanwhile already covers what this one would.
+            if let Some((meta, snapshot)) = journal.current() {
+                return Ok(Snapshot {
+                    meta,
+                    snapshot: Box::new(snapshot),
+                });
+            }
+        }
+        let items = std::mem::take(&mut self.items);
+        let last = self.last_applied;
+        let membership = self.membership.clone();
+        let (meta, snapshot) =
+            tokio::task::spawn_blocking(move || journal.build(&items, last, membership))
+                .await
+                .map_err(|e| snap_err(&joined(e)))?
+                .map_err(|e| snap_err(&e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(snapshot),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Builder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> std::result::Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError>
+    {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> std::result::Result<Vec<Vec<Applied>>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let last = entries.last().map(|e| e.log_id);
+        for e in &entries {
+            if let EntryPayload::Membership(m) = &e.payload {
+                self.membership = StoredMembership::new(Some(e.log_id), m.clone());
+            }
+        }
+        let broker = self.broker.read().clone();
+        let (answers, applied) = apply_entries(broker, &self.clock, entries)
+            .await
+            .map_err(|e| sm_err(&e))?;
+        self.pending.extend(applied);
+        if last.is_some() {
+            self.last_applied = last;
+        }
+        Ok(answers)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        Builder {
+            journal: self.journal.clone(),
+            items: std::mem::take(&mut self.pending),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> std::result::Result<Box<JournalSnapshot>, StorageError> {
+        let journal = self.journal.lock().await;
+        journal
+            .receiving()
+            .map(Box::new)
+            .map_err(|e| storage(ErrorSubject::Snapshot(None), ErrorVerb::Write, &e))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<JournalSnapshot>,
+    ) -> std::result::Result<(), StorageError> {
+        let snap_err = |e: &Error| {
+            storage(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                e,
+            )
+        };
+        let mut journal = self.journal.clone().lock_owned().await;
+        self.generation += 1;
+        let (dir, template, clock, generation) = (
+            self.dir.clone(),
+            self.template.clone(),
+            self.clock.clone(),
+            self.generation,
+        );
+        let old = self.broker.read().clone();
+        let m = meta.clone();
+        let broker = tokio::task::spawn_blocking(move || {
+            journal.install(&m, &snapshot)?;
+            old.close()?;
+            rebuild(&dir, &template, &clock, generation, &journal)
+        })
+        .await
+        .map_err(|e| snap_err(&joined(e)))?
+        .map_err(|e| snap_err(&e))?;
+        *self.broker.write() = broker;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.pending.clear();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> std::result::Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let journal = self.journal.lock().await;
+        Ok(journal.current().map(|(meta, snapshot)| Snapshot {
+            meta,
+            snapshot: Box::new(snapshot),
+        }))
+    }
+}

@@ -1,0 +1,342 @@
+//! In-process clusters of three nodes on the simulated network: what is acknowledged is on
+//! a majority and survives the leader's loss exactly once, a cut-off minority never
+//! acknowledges, and a wiped node catches up from a snapshot.
+//!
+//! No assertion is about time: waits have a generous bound only so that a broken build
+//! fails instead of hanging. Faults are drawn from the seed each test names.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{
+    assert_exactly, bodies, snapshot_often, spawn_write, wiped_follower_catches_up, Cluster, TOPIC,
+    WAIT,
+};
+use halfmq::Message;
+use halfmq::TxnState;
+use halfmq_raft::{Command, NodeId, Outcome};
+use openraft::SnapshotPolicy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_the_leaders_death_exactly_once() {
+    let mut c = Cluster::sim(0x5eed_0001, |_| {}).await;
+    c.sim_net().set_drop_per_mille(20);
+    c.sim_net().set_delay_ms_max(3);
+    let mut acked = BTreeSet::new();
+    for round in 0..20 {
+        acked.extend(c.send(&bodies(&format!("a{round}"), 1 + round % 4)).await);
+    }
+    let old = c.leader().await;
+    c.kill(old).await;
+    let survivors: Vec<NodeId> = c.nodes.keys().copied().collect();
+    let new = c.leader_among(&survivors).await;
+    assert_ne!(new, old);
+    // Two of three are a majority: writes go on.
+    for round in 0..20 {
+        acked.extend(c.send(&bodies(&format!("b{round}"), 1 + round % 3)).await);
+    }
+    c.sim_net().set_drop_per_mille(0);
+    let mut seen = Vec::new();
+    for id in &survivors {
+        c.caught_up(*id, new).await;
+        let got = c.messages(*id);
+        assert_exactly(&got, &acked);
+        seen.push(got);
+    }
+    // The same messages at the same queue offsets on every survivor.
+    assert_eq!(seen[0], seen[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_the_majority_never_acknowledges() {
+    let mut c = Cluster::sim(0x5eed_0002, |_| {}).await;
+    let mut acked = BTreeSet::new();
+    acked.extend(c.send(&bodies("before", 3)).await);
+    let old = c.leader().await;
+    let others: Vec<NodeId> = c.nodes.keys().copied().filter(|i| *i != old).collect();
+    c.sim_net().partition(&[&[old], &others]);
+
+    // The old leader takes a write it cannot replicate.
+    let pending = spawn_write(c.nodes.remove(&old).expect("the old leader"), "minority");
+
+    // The majority elects a new leader and acknowledges.
+    let new = c.leader_among(&others).await;
+    assert_ne!(new, old);
+    acked.extend(c.send(&bodies("majority", 3)).await);
+
+    c.sim_net().heal();
+    // Once the partition heals the old leader's write is refused or never answered; either
+    // way it was not acknowledged, and it is not in any log.
+    let (cut_off, r) = match tokio::time::timeout(WAIT, pending).await {
+        Ok(joined) => joined.expect("the write task"),
+        Err(_) => panic!("the cut-off write neither failed nor finished after the heal"),
+    };
+    assert!(r.is_err(), "the cut-off leader acknowledged: {r:?}");
+    c.nodes.insert(old, cut_off);
+    let leader = c.leader().await;
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        assert_exactly(&c.messages(id), &acked);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_follower_catches_up_from_a_snapshot() {
+    let mut c = Cluster::sim(0x5eed_0003, |cfg| {
+        snapshot_often(cfg);
+        cfg.segment_bytes = 4096;
+    })
+    .await;
+    wiped_follower_catches_up(&mut c, 15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
+    let mut c = Cluster::sim(0x5eed_0004, |cfg| {
+        // Some of it in snapshots, some only in the log.
+        cfg.raft.snapshot_policy = SnapshotPolicy::LogsSinceLast(7);
+        cfg.segment_bytes = 2048;
+    })
+    .await;
+    let mut acked = BTreeSet::new();
+    for round in 0..12 {
+        acked.extend(c.send(&bodies(&format!("r{round}"), 3)).await);
+    }
+    for id in [1, 2, 3] {
+        c.kill(id).await;
+    }
+    for id in [1, 2, 3] {
+        c.boot(id).await;
+    }
+    acked.extend(c.send(&bodies("after", 2)).await);
+    let leader = c.leader().await;
+    let mut seen = Vec::new();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let got = c.messages(id);
+        assert_exactly(&got, &acked);
+        seen.push(got);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
+    let c = std::sync::Arc::new(Cluster::sim(0x5eed_0005, |_| {}).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16u64 {
+        let c = c.clone();
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..8u64 {
+                let body = format!("w{w}-{n}");
+                let msg = Message::new(body.clone())
+                    .with_key(body.clone())
+                    .with_idempotency_key(body.clone());
+                let mut commands = vec![Command::Send {
+                    topic: TOPIC.to_owned(),
+                    messages: vec![(&msg).into()],
+                }];
+                // Every fourth batch also acks: commands of several kinds in one entry.
+                if n % 4 == 3 {
+                    commands.push(Command::Ack {
+                        group: format!("g{w}"),
+                        topic: TOPIC.to_owned(),
+                        acks: vec![(0, 0)],
+                    });
+                }
+                let answers = c.write(commands).await.expect("committed");
+                let receipts = halfmq_raft::command::receipts(answers[0].clone());
+                assert!(receipts.expect("a send answer").iter().all(|r| r.is_ok()));
+                acked.push(body);
+            }
+            acked
+        });
+    }
+    let mut acked = BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        acked.extend(r.expect("a writer"));
+    }
+    let leader = c.leader().await;
+    let mut seen = Vec::new();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let got = c.messages(id);
+        assert_exactly(&got, &acked);
+        seen.push((got, c.log_end(id)));
+    }
+    // The same records at the same offsets: the logs are the same length, record for record.
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_finished_through_the_leader_is_finished_on_every_node() {
+    let c = Cluster::sim(0x5eed_0006, |_| {}).await;
+    let half = |body: &str| Command::SendHalf {
+        topic: TOPIC.to_owned(),
+        message: (&Message::new(body.to_owned()).with_key(body.to_owned())).into(),
+        producer_group: "payment-service".to_owned(),
+        check_immunity_ms: None,
+    };
+    let txn_of = |answers: Vec<halfmq_raft::Applied>| match answers.into_iter().next() {
+        Some(Ok(Outcome::Half { txn, .. })) => txn,
+        other => panic!("a half answered {other:?}"),
+    };
+    let paid = txn_of(c.write(vec![half("paid")]).await.expect("half"));
+    let cancelled = txn_of(c.write(vec![half("cancelled")]).await.expect("half"));
+    let done = c
+        .write(vec![Command::Commit(paid), Command::Rollback(cancelled)])
+        .await
+        .expect("outcomes");
+    assert!(
+        done.iter().all(|a| matches!(a, Ok(Outcome::Done))),
+        "{done:?}"
+    );
+    // A second, conflicting outcome fails the same way everywhere and is answered as such.
+    let again = c
+        .write(vec![Command::Rollback(paid)])
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&again[0], Err(e) if e.code == halfmq::Error::TxnConflict {
+        txn: paid.0,
+        stands: "committed",
+    }.code()),
+        "{again:?}"
+    );
+    let leader = c.leader().await;
+    let acked: BTreeSet<String> = ["paid".to_owned()].into();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let broker = c.nodes[&id].broker();
+        assert_eq!(
+            broker.transaction_state(paid).expect("known"),
+            TxnState::Committed
+        );
+        assert_eq!(
+            broker.transaction_state(cancelled).expect("known"),
+            TxnState::RolledBack
+        );
+        assert_exactly(&c.messages(id), &acked);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_an_empty_disk_replaces_a_member() {
+    let mut c = Cluster::sim(0x5eed_0007, |_| {}).await;
+    let mut acked = BTreeSet::new();
+    for round in 0..10 {
+        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    let (new, old) = (
+        4,
+        *c.nodes.keys().find(|i| **i != leader).expect("a follower"),
+    );
+    c.boot(new).await;
+    c.nodes[&leader]
+        .add_node(new, format!("sim-{new}"))
+        .await
+        .expect("added");
+    c.nodes[&leader].remove_node(old).await.expect("removed");
+    c.kill(old).await;
+    for round in 0..5 {
+        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
+    }
+    let leader = c.leader().await;
+    c.caught_up(new, leader).await;
+    assert_exactly(&c.messages(new), &acked);
+    assert_eq!(c.log_end(new), c.log_end(leader));
+
+    let status = c.nodes[&leader].status();
+    let ids: Vec<NodeId> = status.nodes.iter().map(|n| n.id).collect();
+    assert!(ids.contains(&new) && !ids.contains(&old), "{status:?}");
+    assert_eq!(status.leader, Some(leader));
+    let line = serde_json::to_value(&status).expect("json");
+    let me = line["nodes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|n| n["id"] == leader))
+        .expect("the leader listed");
+    assert_eq!(me["role"], "leader");
+    assert_eq!(me["last_log_index"], me["matched"]);
+    assert!(line["term"].as_u64().is_some_and(|t| t >= 1), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_waits_for_a_majority_and_a_cut_off_follower_catches_up_from_the_log() {
+    let mut c = Cluster::sim(0x5eed_0008, |_| {}).await;
+    let mut acked = BTreeSet::new();
+    acked.extend(c.send(&bodies("first", 2)).await);
+    let leader = c.leader().await;
+    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|i| *i != leader).collect();
+
+    // One follower cut off: the other makes a majority, writes go on.
+    c.sim_net()
+        .partition(&[&[followers[0]], &[leader, followers[1]]]);
+    for round in 0..5 {
+        acked.extend(c.send(&bodies(&format!("cut{round}"), 2)).await);
+    }
+    // Both followers gone: the leader alone is no majority, so it does not acknowledge.
+    c.kill(followers[1]).await;
+    let pending = spawn_write(c.nodes.remove(&leader).expect("the leader"), "waits");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!pending.is_finished(), "acknowledged without a majority");
+
+    // The cut-off follower comes back: it catches up from the leader's log, and with it the
+    // waiting write has its majority.
+    c.sim_net().heal();
+    let (lone, r) = tokio::time::timeout(WAIT, pending)
+        .await
+        .expect("the write is answered once a majority is back")
+        .expect("the write task");
+    c.nodes.insert(leader, lone);
+    // Acknowledged, it is there exactly once. Refused (the cut-off follower's elections
+    // may have made the leader step down before the heal reached it), it may still have
+    // been committed by the next leader, but at most once.
+    let waits = match &r {
+        Ok(answers) => {
+            assert!(matches!(answers[0], Ok(Outcome::Sent(_))), "{answers:?}");
+            acked.insert("waits".to_owned());
+            false
+        }
+        Err(_) => true,
+    };
+    let leader = c.leader().await;
+    for id in [leader, followers[0]] {
+        c.caught_up(id, leader).await;
+        let mut got = c.messages(id);
+        if waits {
+            let copies = got.iter().filter(|(_, _, b)| b == "waits").count();
+            assert!(copies <= 1, "a refused write stored {copies} times");
+            got.retain(|(_, _, b)| b != "waits");
+        }
+        assert_exactly(&got, &acked);
+    }
+    assert_eq!(c.log_end(followers[0]), c.log_end(leader));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_is_created_through_the_log_never_by_a_read() {
+    let c = Cluster::sim(0x5eed_0009, |_| {}).await;
+    let leader = c.leader().await;
+    // A read of an unknown topic creates nothing on the node it runs on.
+    let read = c.nodes[&leader].broker().poll("readers", "fresh", 10);
+    assert!(
+        matches!(read, Err(halfmq::Error::UnknownTopic(_))),
+        "{read:?}"
+    );
+    // A send creates it, through the log, with the broker settings' default queues.
+    let sent = c.nodes[&leader]
+        .send("fresh", &[Message::new("first")])
+        .await
+        .expect("sent");
+    assert!(sent.iter().all(|r| r.is_ok()), "{sent:?}");
+    let queues = halfmq::BrokerConfig::new("unused").default_queues;
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let topics = c.nodes[&id].broker().topics();
+        let fresh = topics.iter().find(|t| t.name == "fresh").expect("created");
+        assert_eq!(fresh.queues, queues);
+    }
+}
