@@ -5,6 +5,8 @@
 //! The connection, pipelining and reconnects are in `connection.rs`; the role views
 //! ([`Producer`](crate::Producer), [`Consumer`](crate::Consumer), ...) in `roles.rs`.
 
+mod leases;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +19,8 @@ use crate::protocol::{
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{
     DeadLetter, DelayedReceipt, Delivery, DeliveryConfig, GroupDeleted, GroupSettings, HalfOptions,
-    HalfReceipt, Message, NackOutcome, Replayed, RetentionReport, SendReceipt, Stats, TopicInfo,
-    Trace, TransactionChecker, TxnId, TxnInfo, TxnState,
+    HalfReceipt, Message, NackOutcome, PollOptions, Replayed, RetentionReport, SendReceipt, Stats,
+    TopicInfo, Trace, TransactionChecker, TxnId, TxnInfo, TxnState,
 };
 
 pub use crate::config::ClientConfig;
@@ -193,14 +195,8 @@ impl Client {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        let req = Request::Poll {
-            group: group.into(),
-            topic: topic.into(),
-            max: count(max),
-            wait_ms: millis(timeout),
-        };
-        answer!(self.request(&req, 128, timeout).await?,
-            Response::Messages(m) => m.into_iter().map(Delivery::from).collect())
+        let opts = PollOptions::default();
+        self.poll_wait_with(group, topic, max, timeout, &opts).await
     }
 
     /// Acknowledge one message; durable when this returns.

@@ -108,6 +108,8 @@ pub struct Broker {
     expired_skipped: AtomicU64,
     /// What opening found wrong with sled and did about it.
     meta_recovery: halfmq_types::stats::MetaRecovery,
+    /// Lease numbers and the key of receipts' checksums.
+    leases: consume::LeaseKeys,
 }
 
 /// A topic and its queues, as the send path uses them.

@@ -23,7 +23,7 @@ use crate::schedule::Schedule;
 pub(crate) const HELD: u64 = u64::MAX;
 
 /// One delivered or waiting message of one group in one queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Lease {
     /// Delivered: the lease runs out then. Waiting: it may be delivered again then.
     pub due_ms: u64,
@@ -33,6 +33,11 @@ pub(crate) struct Lease {
     pub delivered: bool,
     /// Why the last delivery failed ("" before any failure).
     pub reason: String,
+    /// The number of the lease a delivered message is held under (new at every handout and
+    /// every change; receipts name it), 0 before the first handout.
+    pub number: u64,
+    /// How long the current lease was given for, in ms (for the reason of a time-out).
+    pub lease_ms: u64,
 }
 
 /// In-memory state of one group in one queue.
@@ -79,6 +84,7 @@ impl Cursor {
                     failures: st.failures,
                     delivered: false,
                     reason: st.reason,
+                    ..Lease::default()
                 },
             );
         }
@@ -164,9 +170,8 @@ mod tests {
     fn lease(due_ms: u64, delivered: bool) -> Lease {
         Lease {
             due_ms,
-            failures: 0,
             delivered,
-            reason: String::new(),
+            ..Lease::default()
         }
     }
 

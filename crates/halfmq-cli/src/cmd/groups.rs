@@ -64,6 +64,7 @@ pub async fn run(command: GroupsCommand) -> Result<()> {
                 visibility_timeout_ms,
                 max_retries,
                 retry_backoff_ms,
+                fifo: None,
             }),
         ),
         GroupsCommand::Show { args } => (args, None),

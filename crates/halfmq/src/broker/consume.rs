@@ -13,6 +13,9 @@
 mod ack;
 mod dead_letter;
 mod poll;
+mod receipt;
+
+pub(crate) use receipt::LeaseKeys;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::{Error, HalfOptions, Message, Result, TxnId};
+use halfmq::{Error, HalfOptions, Message, PollOptions, Receipt, Result, TagFilter, TxnId};
 use halfmq_client::protocol::{
-    codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage,
+    codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived,
 };
 
 use super::{Answer, Conn, Stop};
@@ -26,7 +26,7 @@ const BATCH_ANSWER_BYTES: usize = 64;
 /// room, see [`handle`]).
 pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> {
     match req {
-        Request::Poll { .. } => None,
+        Request::Poll { .. } | Request::Receive { .. } => None,
         Request::Stats
         | Request::ListTopics
         | Request::ListTxns { .. }
@@ -119,11 +119,78 @@ pub(super) async fn handle(
         } => {
             let max = (max as usize).min(POLL_MESSAGES_MAX);
             let wait = Duration::from_millis(wait_ms.min(60_000));
-            let r = poll(conn, answer, stop, &group, &topic, max, wait).await;
+            let opts = PollOptions::default();
+            let r = poll(conn, answer, stop, (&group, &topic, &opts), max, wait).await;
             result_response(r, |ds| {
                 Response::Messages(ds.into_iter().map(WireDelivery::from).collect())
             })
         }
+        Request::Receive {
+            group,
+            topic,
+            max,
+            wait_ms,
+            lease_ms,
+            filter,
+        } => {
+            let max = (max as usize).min(POLL_MESSAGES_MAX);
+            let wait = Duration::from_millis(wait_ms.min(60_000));
+            let r = match TagFilter::parse(&filter) {
+                Ok(filter) => {
+                    let opts = PollOptions::default()
+                        .with_lease(lease_ms.map(Duration::from_millis))
+                        .with_filter(filter);
+                    poll(conn, answer, stop, (&group, &topic, &opts), max, wait).await
+                }
+                Err(e) => Err(e),
+            };
+            result_response(r, |ds| {
+                Response::Received(ds.into_iter().map(WireReceived::from).collect())
+            })
+        }
+        Request::AckReceipts {
+            group,
+            topic,
+            receipts,
+        } => result_response(
+            blocking(move || {
+                let rs = receipts
+                    .iter()
+                    .map(|r| Receipt::parse(r))
+                    .collect::<Result<Vec<_>>>()?;
+                b.ack_receipts(&group, &topic, &rs)
+            })
+            .await,
+            |()| Response::Ok,
+        ),
+        Request::NackReceipt {
+            group,
+            topic,
+            receipt,
+            delay_ms,
+        } => result_response(
+            blocking(move || {
+                let r = Receipt::parse(&receipt)?;
+                b.nack_receipt(&group, &topic, &r, delay_ms.map(Duration::from_millis))
+            })
+            .await,
+            Response::Nacked,
+        ),
+        Request::ChangeLease {
+            group,
+            topic,
+            receipt,
+            lease_ms,
+        } => result_response(
+            blocking(move || {
+                let r = Receipt::parse(&receipt)?;
+                b.change_lease(&group, &topic, &r, Duration::from_millis(lease_ms))
+            })
+            .await,
+            |r| Response::LeaseChanged {
+                receipt: r.handle(),
+            },
+        ),
         Request::Ack { group, topic, acks } => result_response(
             blocking(move || b.ack_many(&group, &topic, &acks)).await,
             |()| Response::Ok,
@@ -292,8 +359,7 @@ async fn poll(
     conn: &Conn,
     answer: &mut Answer,
     mut stop: Stop,
-    group: &str,
-    topic: &str,
+    (group, topic, opts): (&str, &str, &PollOptions),
     max: usize,
     wait: Duration,
 ) -> Result<Vec<halfmq::Delivery>> {
@@ -305,7 +371,7 @@ async fn poll(
         if max == 0 || stop.is_stopped() || !answer.reserve(room).await {
             return Ok(Vec::new());
         }
-        let got = b.poll_limited(group, topic, max, max_bytes)?;
+        let got = b.poll_limited_with(group, topic, max, max_bytes, opts)?;
         let now = tokio::time::Instant::now();
         if !got.is_empty() || now >= deadline {
             return Ok(got);

@@ -15,7 +15,7 @@ use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_store::record::Record;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::trace::Event;
-use halfmq_types::Delivery;
+use halfmq_types::{Delivery, PollOptions, Receipt};
 
 /// Bytes a delivery counts against a poll's byte limit.
 fn delivery_size(topic: &str, rec: &Record) -> usize {
@@ -30,7 +30,14 @@ fn delivery_size(topic: &str, rec: &Record) -> usize {
         + 64
 }
 
-fn delivery(t: &Topic, q: &ConsumeQueue, offset: u64, rec: Record, attempt: u32) -> Delivery {
+fn delivery(
+    t: &Topic,
+    q: &ConsumeQueue,
+    offset: u64,
+    rec: Record,
+    attempt: u32,
+    receipt: Receipt,
+) -> Delivery {
     Delivery {
         topic: t.name.clone(),
         queue: q.queue_id(),
@@ -41,11 +48,12 @@ fn delivery(t: &Topic, q: &ConsumeQueue, offset: u64, rec: Record, attempt: u32)
         properties: rec.properties,
         timestamp_ms: rec.header.timestamp_ms,
         attempt,
+        receipt: Some(receipt),
     }
 }
 
 /// What one poll of one queue gathers.
-struct PollState {
+struct PollState<'a> {
     out: Vec<Delivery>,
     bytes: usize,
     max: usize,
@@ -54,9 +62,11 @@ struct PollState {
     dead: Vec<(usize, u64, Lease)>,
     /// Trace events of keyed messages: (log offset, event).
     events: Vec<(u64, Event)>,
+    /// What the poll asked for.
+    opts: &'a PollOptions,
 }
 
-impl PollState {
+impl PollState<'_> {
     fn full(&self) -> bool {
         self.out.len() >= self.max
     }
@@ -77,6 +87,21 @@ impl Broker {
         self.poll_limited(group, topic, max, usize::MAX)
     }
 
+    /// [`Broker::poll`] with options: each message is leased for `opts.lease` instead of the
+    /// group's visibility time-out, and only messages that pass `opts.filter` are handed out
+    /// (the others are acked for the group; see [`PollOptions`]). A lease outside
+    /// [`LEASE_MIN`](halfmq_types::lease::LEASE_MIN) ..=
+    /// [`LEASE_MAX`](halfmq_types::lease::LEASE_MAX) is [`Error::Invalid`].
+    pub fn poll_with(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
+        self.poll_limited_with(group, topic, max, usize::MAX, opts)
+    }
+
     /// [`Broker::poll`] that also stops before the messages' bytes (key, body, properties)
     /// would pass `max_bytes`; at least one message is returned when any is there.
     pub fn poll_limited(
@@ -86,9 +111,22 @@ impl Broker {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Delivery>> {
+        self.poll_limited_with(group, topic, max, max_bytes, &PollOptions::default())
+    }
+
+    /// [`Broker::poll_limited`] with options ([`Broker::poll_with`]).
+    pub fn poll_limited_with(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
         validate_group_name(group)?;
+        opts.validate()?;
         let t = self.topic_to_read(topic)?;
-        self.poll_group(group, &t, max, max_bytes)
+        self.poll_group(group, &t, max, max_bytes, opts)
     }
 
     fn poll_group(
@@ -97,6 +135,7 @@ impl Broker {
         t: &Arc<Topic>,
         max: usize,
         max_bytes: usize,
+        opts: &PollOptions,
     ) -> Result<Vec<Delivery>> {
         let gt = self.group_topic(group, t)?;
         let mut g = gt.lock();
@@ -112,6 +151,7 @@ impl Broker {
             max_bytes,
             dead: Vec::new(),
             events: Vec::new(),
+            opts,
         };
         let mut result = Ok(());
         for i in 0..n {
@@ -175,7 +215,7 @@ impl Broker {
         st: &mut PollState,
     ) -> Result<bool> {
         let q = &t.queues[qi];
-        let vt = ms(delivery_cfg.visibility_timeout);
+        let vt = ms(st.opts.lease.unwrap_or(delivery_cfg.visibility_timeout));
         let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
         let mut stopped = false;
         let mut expired = 0u64;
@@ -193,7 +233,10 @@ impl Broker {
             let timed_out = lease.delivered;
             if timed_out {
                 lease.failures += 1;
-                lease.reason = format!("not acked within the visibility time-out ({vt} ms)");
+                lease.reason = format!(
+                    "not acked within the visibility time-out ({} ms)",
+                    lease.lease_ms
+                );
             }
             if lease.failures > delivery_cfg.max_retries {
                 // Held (never due) until the move ends it, so the scan below skips it.
@@ -248,15 +291,21 @@ impl Broker {
             }
             st.bytes += size;
             let attempt = lease.failures + 1;
+            let number = self.leases.number();
             c.insert(
                 offset,
                 Lease {
-                    due_ms: now + vt,
+                    due_ms: now.saturating_add(vt),
                     delivered: true,
+                    number,
+                    lease_ms: vt,
                     ..lease
                 },
             );
-            st.out.push(delivery(t, q, offset, rec, attempt));
+            let receipt = self
+                .leases
+                .receipt(group, &t.name, q.queue_id(), offset, number);
+            st.out.push(delivery(t, q, offset, rec, attempt, receipt));
         }
         // 2. Messages never delivered.
         'scan: while !stopped && !st.full() && c.next < q.len() {
@@ -293,16 +342,21 @@ impl Broker {
                 }
                 st.bytes += size;
                 c.next = offset + 1;
+                let number = self.leases.number();
                 c.insert(
                     offset,
                     Lease {
-                        due_ms: now + vt,
-                        failures: 0,
+                        due_ms: now.saturating_add(vt),
                         delivered: true,
-                        reason: String::new(),
+                        number,
+                        lease_ms: vt,
+                        ..Lease::default()
                     },
                 );
-                st.out.push(delivery(t, q, offset, rec, 1));
+                let receipt = self
+                    .leases
+                    .receipt(group, &t.name, q.queue_id(), offset, number);
+                st.out.push(delivery(t, q, offset, rec, 1, receipt));
             }
         }
         if expired > 0 {
@@ -325,9 +379,21 @@ impl Broker {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
+        self.poll_wait_with(group, topic, max, timeout, &PollOptions::default())
+    }
+
+    /// [`Broker::poll_wait`] with options ([`Broker::poll_with`]).
+    pub fn poll_wait_with(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        timeout: Duration,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            let got = self.poll(group, topic, max)?;
+            let got = self.poll_with(group, topic, max, opts)?;
             let now = std::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
@@ -347,9 +413,24 @@ impl Broker {
         max_bytes: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
+        let opts = PollOptions::default();
+        self.poll_wait_with_async(group, topic, max, max_bytes, timeout, &opts)
+            .await
+    }
+
+    /// [`Broker::poll_wait_async`] with options ([`Broker::poll_with`]).
+    pub async fn poll_wait_with_async(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+        timeout: Duration,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let got = self.poll_limited(group, topic, max, max_bytes)?;
+            let got = self.poll_limited_with(group, topic, max, max_bytes, opts)?;
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
