@@ -14,6 +14,7 @@ use crate::meta::RetryState;
 use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_store::record::Record;
 use halfmq_types::error::{Error, Result};
+use halfmq_types::props::PROP_TAG;
 use halfmq_types::trace::Event;
 use halfmq_types::{Delivery, PollOptions, Receipt};
 
@@ -64,11 +65,30 @@ struct PollState<'a> {
     events: Vec<(u64, Event)>,
     /// What the poll asked for.
     opts: &'a PollOptions,
+    /// Messages its filter skipped, to be acked for the group: (queue id, queue offset, log
+    /// offset, whether the message has a key).
+    filtered: Vec<(u32, u64, u64, bool)>,
 }
+
+/// Most messages one poll skips by its filter: a long run of them ends the poll early (with
+/// what it has), and the next poll, which is not held back by waiting, goes on.
+const FILTERED_MAX: usize = 4096;
 
 impl PollState<'_> {
     fn full(&self) -> bool {
         self.out.len() >= self.max
+    }
+
+    /// Whether the poll's filter lets the message through; if not, it is noted to be acked.
+    fn passes(&mut self, q: &ConsumeQueue, offset: u64, rec: &Record) -> bool {
+        let tag = rec.properties.get(PROP_TAG).map(String::as_str);
+        if self.opts.filter.matches(tag) {
+            return true;
+        }
+        let keyed = !rec.key.is_empty();
+        self.filtered
+            .push((q.queue_id(), offset, rec.header.log_offset, keyed));
+        false
     }
 
     /// Whether a delivery of `size` bytes still fits (the first always does).
@@ -152,6 +172,7 @@ impl Broker {
             dead: Vec::new(),
             events: Vec::new(),
             opts,
+            filtered: Vec::new(),
         };
         let mut result = Ok(());
         for i in 0..n {
@@ -167,6 +188,27 @@ impl Broker {
                     result = Err(e);
                     break;
                 }
+            }
+        }
+        // Skipped by the filter: acked for the group (not flushed: after a crash they are
+        // looked at, and skipped, again).
+        if !st.filtered.is_empty() {
+            let acks: Vec<(u32, u64)> = st.filtered.iter().map(|f| (f.0, f.1)).collect();
+            match self.ack_apply(group, t, &mut g, &acks, false) {
+                Ok(()) => {
+                    let filter = opts.filter.to_string();
+                    for &(_, _, log_offset, keyed) in &st.filtered {
+                        if keyed {
+                            let event = Event::Filtered {
+                                group: group.to_owned(),
+                                filter: filter.clone(),
+                            };
+                            st.events.push((log_offset, event));
+                        }
+                    }
+                }
+                Err(e) if result.is_ok() => result = Err(e),
+                Err(_) => {}
             }
         }
         // Dead letters found on the way are moved even when the poll failed later, without
@@ -271,6 +313,18 @@ impl Broker {
                 tracing::warn!(topic = %t.name, queue = q.queue_id(), offset, "lease of a message past the end of its queue dropped");
                 continue;
             };
+            if !st.passes(q, offset, &rec) {
+                // Held (never due) until the ack after the loop ends it.
+                c.insert(
+                    offset,
+                    Lease {
+                        due_ms: HELD,
+                        delivered: false,
+                        ..lease
+                    },
+                );
+                continue;
+            }
             if timed_out && !rec.key.is_empty() {
                 let event = Event::Retried {
                     group: group.to_owned(),
@@ -333,6 +387,13 @@ impl Broker {
             for (offset, rec) in batch {
                 if c.is_acked(offset) || c.is_leased(offset) {
                     c.next = offset + 1;
+                    continue;
+                }
+                if !st.passes(q, offset, &rec) {
+                    c.next = offset + 1;
+                    if st.filtered.len() >= FILTERED_MAX {
+                        break 'scan;
+                    }
                     continue;
                 }
                 let size = delivery_size(&t.name, &rec);
