@@ -52,6 +52,11 @@ fn json<T: serde::de::DeserializeOwned>(text: &str, what: &'static str) -> Resul
     })
 }
 
+/// The settings of a `GroupSettings` answer.
+fn group_answer(r: Response) -> Result<(DeliveryConfig, GroupSettings)> {
+    r.into_group_settings().map_err(unexpected)
+}
+
 /// A count as the wire carries it (saturating).
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -267,17 +272,20 @@ impl Client {
         group: &str,
         settings: &GroupSettings,
     ) -> Result<DeliveryConfig> {
-        let (group, settings) = (group.into(), settings.clone());
-        let req = Request::SetGroup { group, settings };
-        answer!(self.call(req).await?, Response::Group(g) => g.into_parts().0)
+        let req = Request::SetGroupSettings {
+            group: group.into(),
+            settings: settings.clone(),
+            fifo: settings.fifo,
+        };
+        group_answer(self.call(req).await?).map(|(d, _)| d)
     }
 
     /// The delivery settings in force for `group`, and its overrides.
     pub async fn group_settings(&self, group: &str) -> Result<(DeliveryConfig, GroupSettings)> {
-        let req = Request::GetGroup {
+        let req = Request::GetGroupSettings {
             group: group.into(),
         };
-        answer!(self.call(req).await?, Response::Group(g) => g.into_parts())
+        group_answer(self.call(req).await?)
     }
 
     /// Forget a consumer group that is no longer used: its offsets, acks, retry states and

@@ -334,6 +334,21 @@ pub enum Request {
         /// The new lease, from now, in ms.
         lease_ms: u64,
     },
+    /// [`Request::SetGroup`] with the FIFO override (which `GroupSettings`' wire form does
+    /// not carry), answered with [`Response::GroupSettings`].
+    SetGroupSettings {
+        /// Consumer group.
+        group: String,
+        /// The overrides (without `fifo`).
+        settings: GroupSettings,
+        /// FIFO message groups: on, off, or `None` for the broker default.
+        fifo: Option<bool>,
+    },
+    /// [`Request::GetGroup`] answered with [`Response::GroupSettings`].
+    GetGroupSettings {
+        /// Consumer group.
+        group: String,
+    },
 }
 
 /// One message's answer in a [`Response::SentBatch`].
@@ -449,6 +464,16 @@ pub enum Response {
     LeaseChanged {
         /// Receipt handle.
         receipt: String,
+    },
+    /// A group's delivery settings with FIFO (answer to `SetGroupSettings` and
+    /// `GetGroupSettings`).
+    GroupSettings {
+        /// The settings as in [`Response::Group`].
+        group: WireGroup,
+        /// FIFO message groups in force.
+        fifo: bool,
+        /// The group's own FIFO override.
+        fifo_override: Option<bool>,
     },
 }
 

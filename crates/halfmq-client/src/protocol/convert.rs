@@ -10,7 +10,7 @@ use halfmq_types::{
     TxnId,
 };
 
-use super::{Push, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived};
+use super::{Push, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived};
 
 impl SendResult {
     /// One message's outcome of a batch send, as the broker answers it.
@@ -161,6 +161,40 @@ impl WireGroup {
     }
 }
 
+impl Response {
+    /// The answer carrying a group's settings in force and its overrides, FIFO included.
+    pub fn group_settings(in_force: &DeliveryConfig, overrides: GroupSettings) -> Response {
+        let fifo_override = overrides.fifo;
+        Response::GroupSettings {
+            group: WireGroup::new(in_force, overrides),
+            fifo: in_force.fifo,
+            fifo_override,
+        }
+    }
+
+    /// The settings in force and the overrides of a [`Response::GroupSettings`], as
+    /// `Broker::group_settings` returns them; another answer is given back as the error.
+    pub fn into_group_settings(self) -> Result<(DeliveryConfig, GroupSettings), Response> {
+        match self {
+            Response::GroupSettings {
+                group,
+                fifo,
+                fifo_override,
+            } => {
+                let (d, o) = group.into_parts();
+                Ok((
+                    d.with_fifo(fifo),
+                    GroupSettings {
+                        fifo: fifo_override,
+                        ..o
+                    },
+                ))
+            }
+            other => Err(other),
+        }
+    }
+}
+
 impl Push {
     /// The check-back question about `half`.
     pub fn check(half: &HalfMessage) -> Push {
@@ -257,7 +291,16 @@ mod tests {
             ..GroupSettings::default()
         };
         let (back, o) = WireGroup::new(&d, overrides.clone()).into_parts();
-        assert_eq!((back, o), (d, overrides));
+        assert_eq!((back, o), (d.clone(), overrides.clone()));
+        let (d, overrides) = (
+            d.with_fifo(true),
+            GroupSettings {
+                fifo: Some(true),
+                ..overrides
+            },
+        );
+        let r = Response::group_settings(&d, overrides.clone());
+        assert_eq!(r.into_group_settings(), Ok((d, overrides)));
     }
 
     #[test]

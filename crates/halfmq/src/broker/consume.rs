@@ -27,7 +27,7 @@ use crate::config::DeliveryConfig;
 use crate::delivery::Cursor;
 use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_types::error::{Error, Result};
-use halfmq_types::props::{DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX};
+use halfmq_types::props::{DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX, PROP_MESSAGE_GROUP};
 use halfmq_types::{GroupDeleted, GroupSettings};
 
 /// The dead-letter topic of a group.
@@ -67,6 +67,9 @@ impl Broker {
         if let Some(v) = &s.retry_backoff_ms {
             d.retry_backoff = v.iter().map(|&m| Duration::from_millis(m)).collect();
         }
+        if let Some(v) = s.fifo {
+            d.fifo = v;
+        }
         d.validate()?;
         Ok(d)
     }
@@ -84,7 +87,11 @@ impl Broker {
         let d = Arc::new(d);
         for ((g, _), gt) in self.groups.lock().iter() {
             if g == group {
-                gt.lock().delivery = d.clone();
+                let mut gt = gt.lock();
+                if gt.delivery.fifo && !d.fifo {
+                    gt.cursors.iter_mut().for_each(Cursor::unblock_all);
+                }
+                gt.delivery = d.clone();
             }
         }
         Ok((*d).clone())
@@ -162,10 +169,13 @@ impl Broker {
                 self.meta.note_consumer(group, &topic.name, queue)?;
             }
             let retries = self.meta.retry_states(group, &topic.name, queue)?;
-            let (c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
+            let (mut c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
             let stale: Vec<_> = stale.into_iter().map(|o| (o, None)).collect();
             self.meta
                 .store_retries(group, &topic.name, queue, &stale, false)?;
+            if delivery.fifo {
+                self.restore_fifo(&mut c, q)?;
+            }
             cursors.push(c);
         }
         let g = Arc::new(Mutex::new(GroupTopic {
@@ -175,6 +185,22 @@ impl Broker {
         }));
         groups.insert(key, g.clone());
         Ok(g)
+    }
+
+    /// FIFO after a (re)start: the messages waiting for redelivery hold their message
+    /// groups (the first of each), so the scan holds back the rest of each group behind them.
+    fn restore_fifo(&self, c: &mut Cursor, q: &ConsumeQueue) -> Result<()> {
+        for offset in c.waiting_offsets() {
+            let rec = match self.store.read_message(q, offset) {
+                // Gone: the poll that reaches its lease drops it.
+                Err(Error::Lost { .. } | Error::Expired { .. }) => continue,
+                other => other?,
+            };
+            if let Some(g) = rec.and_then(|r| r.properties.get(PROP_MESSAGE_GROUP).cloned()) {
+                c.restore(offset, Arc::from(g.as_str()));
+            }
+        }
+        Ok(())
     }
 
     /// A topic to read from: a user topic (created on first use when allowed) or an existing

@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::{Error, HalfOptions, Message, PollOptions, Receipt, Result, TagFilter, TxnId};
+use halfmq::{
+    Error, GroupSettings, HalfOptions, Message, PollOptions, Receipt, Result, TagFilter, TxnId,
+};
 use halfmq_client::protocol::{
     codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived,
 };
@@ -236,6 +238,27 @@ pub(super) async fn handle(
             })
             .await,
             Response::Group,
+        ),
+        Request::SetGroupSettings {
+            group,
+            settings,
+            fifo,
+        } => result_response(
+            blocking(move || {
+                let settings = GroupSettings { fifo, ..settings };
+                b.set_group_settings(&group, &settings)
+                    .map(|d| Response::group_settings(&d, settings))
+            })
+            .await,
+            |r| r,
+        ),
+        Request::GetGroupSettings { group } => result_response(
+            blocking(move || {
+                b.group_settings(&group)
+                    .map(|(d, s)| Response::group_settings(&d, s))
+            })
+            .await,
+            |r| r,
         ),
         Request::DeleteGroup { group } => result_response(
             blocking(move || b.delete_group(&group)).await,

@@ -14,7 +14,7 @@ use crate::meta::RetryState;
 use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_store::record::Record;
 use halfmq_types::error::{Error, Result};
-use halfmq_types::props::PROP_TAG;
+use halfmq_types::props::{PROP_MESSAGE_GROUP, PROP_TAG};
 use halfmq_types::trace::Event;
 use halfmq_types::{Delivery, PollOptions, Receipt};
 
@@ -69,6 +69,10 @@ struct PollState<'a> {
     /// offset, whether the message has a key).
     filtered: Vec<(u32, u64, u64, bool)>,
 }
+
+/// How often a waiting poll of a FIFO group with messages waiting behind their message
+/// group's head looks again.
+const FIFO_RECHECK: Duration = Duration::from_millis(50);
 
 /// Most messages one poll skips by its filter: a long run of them ends the poll early (with
 /// what it has), and the next poll, which is not held back by waiting, goes on.
@@ -270,6 +274,7 @@ impl Broker {
                 // Retention deleted it (possible only where the group did not pin it, as in
                 // a dead-letter queue someone else replayed): the lease ends, counted.
                 expired += 1;
+                c.forget(offset, &lease);
                 continue;
             }
             let timed_out = lease.delivered;
@@ -311,6 +316,7 @@ impl Broker {
             let Some(rec) = read? else {
                 // Leases are only made for messages below the queue's length.
                 tracing::warn!(topic = %t.name, queue = q.queue_id(), offset, "lease of a message past the end of its queue dropped");
+                c.forget(offset, &lease);
                 continue;
             };
             if !st.passes(q, offset, &rec) {
@@ -401,8 +407,20 @@ impl Broker {
                     stopped = true;
                     break 'scan;
                 }
-                st.bytes += size;
+                // FIFO: one message of a message group out at a time; the others wait behind
+                // it (in the cursor, not in the scan) until it is acked or dead-lettered.
+                let fifo_group = delivery_cfg
+                    .fifo
+                    .then(|| rec.properties.get(PROP_MESSAGE_GROUP))
+                    .flatten()
+                    .map(|g| Arc::<str>::from(g.as_str()));
                 c.next = offset + 1;
+                if let Some(g) = &fifo_group {
+                    if !c.admit(offset, g) {
+                        continue;
+                    }
+                }
+                st.bytes += size;
                 let number = self.leases.number();
                 c.insert(
                     offset,
@@ -411,6 +429,7 @@ impl Broker {
                         delivered: true,
                         number,
                         lease_ms: vt,
+                        group: fifo_group,
                         ..Lease::default()
                     },
                 );
@@ -534,11 +553,16 @@ impl Broker {
         let g = self.group_topic(group, &t)?;
         let g = g.lock();
         let from = g.cursors.iter().map(|c| c.next).collect();
-        let wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
+        let mut wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
             // Wake a millisecond after it falls due.
             Some(due) => Duration::from_millis(due.saturating_sub(self.now()) + 1).min(left),
             None => left,
         };
+        // FIFO: an ack of a message group's head makes the next one due, and no new message
+        // wakes the wait for it: look again soon.
+        if g.cursors.iter().any(Cursor::has_blocked) {
+            wait = wait.min(FIFO_RECHECK);
+        }
         Ok((t, from, wait))
     }
 }
