@@ -11,6 +11,13 @@
 //! time. After a restart every un-acked message is delivered again (at once, or when its
 //! retry state says), so a crash never loses a message and never resets a failure count; a
 //! delivery that was in flight at the crash does not count as failed.
+//!
+//! Every handout (and every lease change) gives the lease a new number, which receipts name
+//! (`broker/consume/receipt.rs`). For a FIFO consumer group the cursor also keeps, per
+//! message group, the message that holds it (its *head*) and the messages waiting behind it
+//! (leases due [`BLOCKED`], never); ending the head's lease (ack, dead letter) makes the next
+//! one due at once. Blocked messages live in memory only: after a restart the scan finds them
+//! again, behind the heads restored from the retry states.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

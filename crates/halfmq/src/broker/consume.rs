@@ -1,5 +1,6 @@
 //! The consumer side of the broker: consumer groups and their state, per-group delivery
-//! settings; in the children, `poll` (leases and redelivery), `ack` (ack and nack) and
+//! settings; in the children, `poll` (leases, redelivery, tag filters, FIFO message groups),
+//! `ack` (ack and nack), `receipt` (acks, nacks and lease changes by receipt) and
 //! `dead_letter` (dead letters and their replay).
 //!
 //! See `crate::delivery` for the lease model. Dead letters of group `G` are messages of the

@@ -1,6 +1,7 @@
 //! Poll: hand out messages of a topic to a consumer group, redeliveries that are due first,
-//! each leased to its consumer for the group's visibility time-out; and the long poll that
-//! waits for messages (blocking or async).
+//! each leased to its consumer for the group's visibility time-out (or the poll's own lease);
+//! and the long poll that waits for messages (blocking or async). A poll's tag filter acks
+//! what it skips; a FIFO group's scan holds back a message group's later messages.
 
 use std::sync::Arc;
 use std::time::Duration;
