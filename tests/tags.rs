@@ -173,3 +173,57 @@ fn a_filter_over_the_network() {
         server.shutdown().await;
     });
 }
+
+/// The command line: `produce --tag`, `consume --filter`, a bad filter refused by the flag's
+/// parse, and `groups set --fifo`.
+#[test]
+fn tags_filters_and_fifo_from_the_command_line() {
+    let broker = common::BrokerProc::fresh(&[]);
+    let a = broker.addr.as_str();
+    for (tag, prefix) in [("paid", "p"), ("created", "c")] {
+        common::run(&[
+            "produce",
+            "--addr",
+            a,
+            "--topic",
+            "t",
+            "--key-prefix",
+            prefix,
+            "--count",
+            "2",
+            "--tag",
+            tag,
+        ])
+        .ok();
+    }
+    let got = common::run(&[
+        "consume",
+        "--addr",
+        a,
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--json",
+        "--filter",
+        "paid || refunded",
+        "--idle-exit-ms",
+        "500",
+    ])
+    .ok()
+    .json_lines();
+    let tags: Vec<&str> = got.iter().map(|v| v["tag"].as_str().unwrap()).collect();
+    assert_eq!(tags, ["paid", "paid"]);
+    let bad = common::run(&[
+        "consume", "--addr", a, "--topic", "t", "--group", "g", "--filter", "a ||",
+    ])
+    .fails();
+    assert!(bad.stderr.contains("filter expression"), "{}", bad.stderr);
+    let shown = common::run(&[
+        "groups", "set", "--addr", a, "g", "--fifo", "true", "--json",
+    ])
+    .ok()
+    .json_lines();
+    assert_eq!(shown[0]["fifo"], true);
+    assert_eq!(shown[0]["overrides"]["fifo"], true);
+}
