@@ -154,6 +154,12 @@ fn fifo_over_the_network() {
             .map(|d| (d.fifo, ()))
             .unwrap();
         assert!(in_force, "{overrides:?}");
+        // The older request, which cannot carry FIFO, keeps it as it is.
+        let old = halfmq_client::protocol::Request::SetGroup {
+            group: "g".into(),
+            settings: fifo(1_000, 16),
+        };
+        c.call(old).await.unwrap();
         let (d, o) = c.group_settings("g").await.unwrap();
         assert!(d.fifo && o.fifo == Some(true));
         for n in 0..2 {

@@ -233,6 +233,9 @@ pub(super) async fn handle(
         }
         Request::SetGroup { group, settings } => result_response(
             blocking(move || {
+                // This request cannot carry the FIFO override: it keeps the one in force.
+                let fifo = b.group_settings(&group)?.1.fifo;
+                let settings = GroupSettings { fifo, ..settings };
                 b.set_group_settings(&group, &settings)
                     .map(|d| WireGroup::new(&d, settings))
             })
