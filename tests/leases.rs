@@ -302,3 +302,48 @@ fn leases_and_receipts_over_the_network() {
         server.shutdown().await;
     });
 }
+
+/// Dead-lettering by receipt (RocketMQ's ForwardMessageToDeadLetterQueue): at once, whatever
+/// the failure count, with the consumer's reason; a stale receipt moves nothing.
+#[test]
+fn a_receipt_sends_its_message_to_the_dead_letter_queue_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (b, clock) = open_with_clock(config(tmp.path()));
+    b.set_group_settings("g", &vt(100)).unwrap();
+    for body in ["a", "b"] {
+        b.send("t", &Message::new(body).with_key(body)).unwrap();
+    }
+    let got = b.poll("g", "t", 2).unwrap();
+    let dl = b
+        .dead_letter_receipt("g", "t", &receipt(&got[0]), "cannot parse")
+        .unwrap();
+    assert_eq!(dl.topic, "%DLQ%g");
+    let letters = b.dead_letters("g", 0, 10).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].offset, letters[0].failures), (got[0].offset, 1));
+    assert!(
+        letters[0].reason.contains("cannot parse"),
+        "{}",
+        letters[0].reason
+    );
+    // A stale receipt (handed out again since) moves nothing.
+    clock.advance_ms(100);
+    let again = b.poll("g", "t", 2).unwrap();
+    assert_eq!(again.len(), 1, "the dead letter is not delivered again");
+    let e = b
+        .dead_letter_receipt("g", "t", &receipt(&got[1]), "late")
+        .unwrap_err();
+    assert!(matches!(e, Error::StaleReceipt { .. }), "{e}");
+    let rt = common::load::runtime();
+    rt.block_on(async {
+        let (server, c) = common::serve_in_process(b.clone()).await;
+        let dl = c
+            .dead_letter_receipt("g", "t", &receipt(&again[0]), "over the network")
+            .await
+            .unwrap();
+        assert_eq!((dl.topic.as_str(), dl.offset), ("%DLQ%g", 1));
+        assert!(c.poll("g", "t", 10).await.unwrap().is_empty());
+        drop(c);
+        server.shutdown().await;
+    });
+}

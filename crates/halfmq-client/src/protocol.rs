@@ -349,6 +349,18 @@ pub enum Request {
         /// Consumer group.
         group: String,
     },
+    /// Move a delivered message to the group's dead-letter queue now, by its receipt;
+    /// answered with [`Response::Nacked`] (`DeadLettered`).
+    DeadLetterReceipt {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Receipt handle of the lease now.
+        receipt: String,
+        /// Why, kept with the dead letter.
+        reason: String,
+    },
 }
 
 /// One message's answer in a [`Response::SentBatch`].

@@ -1,13 +1,13 @@
 //! Polls with options and everything done by receipt: the embedded `Broker`'s `poll_with`,
-//! `ack_receipts`, `nack_receipt` and `change_lease`, made `async` (requests `Receive`,
-//! `AckReceipts`, `NackReceipt` and `ChangeLease`).
+//! `ack_receipts`, `nack_receipt`, `dead_letter_receipt` and `change_lease`, made `async`
+//! (requests `Receive`, `AckReceipts`, `NackReceipt`, `DeadLetterReceipt` and `ChangeLease`).
 
 use std::time::Duration;
 
 use super::{count, millis, unexpected, Client};
 use crate::protocol::{Request, Response};
 use halfmq_types::error::{Error, Result};
-use halfmq_types::{Delivery, NackOutcome, PollOptions, Receipt};
+use halfmq_types::{Delivery, NackOutcome, PollOptions, Receipt, SendReceipt};
 
 impl Client {
     /// [`Client::poll`] with options: each message is leased for `opts.lease` instead of the
@@ -84,6 +84,27 @@ impl Client {
         };
         match self.call(req).await? {
             Response::Nacked(o) => Ok(o),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Move a delivered message to the group's dead-letter queue now, by its receipt
+    /// (whatever its failure count); returns where the dead letter is.
+    pub async fn dead_letter_receipt(
+        &self,
+        group: &str,
+        topic: &str,
+        receipt: &Receipt,
+        reason: &str,
+    ) -> Result<SendReceipt> {
+        let req = Request::DeadLetterReceipt {
+            group: group.into(),
+            topic: topic.into(),
+            receipt: receipt.handle(),
+            reason: reason.into(),
+        };
+        match self.call(req).await? {
+            Response::Nacked(NackOutcome::DeadLettered { dead_letter }) => Ok(dead_letter),
             other => Err(unexpected(other)),
         }
     }

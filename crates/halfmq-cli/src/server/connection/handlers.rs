@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halfmq::{
-    Error, GroupSettings, HalfOptions, Message, PollOptions, Receipt, Result, TagFilter, TxnId,
+    Error, GroupSettings, HalfOptions, Message, NackOutcome, PollOptions, Receipt, Result,
+    TagFilter, TxnId,
 };
 use halfmq_client::protocol::{
     codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived,
@@ -177,6 +178,19 @@ pub(super) async fn handle(
             })
             .await,
             Response::Nacked,
+        ),
+        Request::DeadLetterReceipt {
+            group,
+            topic,
+            receipt,
+            reason,
+        } => result_response(
+            blocking(move || {
+                let r = Receipt::parse(&receipt)?;
+                b.dead_letter_receipt(&group, &topic, &r, &reason)
+            })
+            .await,
+            |dead_letter| Response::Nacked(NackOutcome::DeadLettered { dead_letter }),
         ),
         Request::ChangeLease {
             group,

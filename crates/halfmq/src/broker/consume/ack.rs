@@ -184,7 +184,7 @@ impl Broker {
         /// as it was (unless its dead-letter move got as far as its ack).
         async fn nack_async;
         (&self, group: &str, topic: &str, queue: u32, offset: u64, delay: Option<Duration>) -> Result<NackOutcome>;
-        nack_with(group, topic, queue, offset, delay, None)
+        nack_with(group, topic, queue, offset, Nack::After(delay), None)
     }
 
     /// The one path of a nack (by queue offset, or by `receipt`, which must name the lease
@@ -199,13 +199,20 @@ impl Broker {
         topic: &str,
         queue: u32,
         offset: u64,
-        delay: Option<Duration>,
+        how: Nack<'_>,
         receipt: Option<&Receipt>,
     ) -> Result<NackOutcome> {
         validate_group_name(group)?;
         let t = self.topic_to_read(topic)?;
         let gt = self.group_topic(group, &t)?;
-        let reason = "nacked by the consumer".to_owned();
+        let dead_now = matches!(how, Nack::DeadLetter(_));
+        let (delay, reason) = match how {
+            Nack::After(delay) => (delay, "nacked by the consumer".to_owned()),
+            Nack::DeadLetter(why) => (
+                None,
+                format!("sent to the dead-letter queue by the consumer: {why}"),
+            ),
+        };
         let (lease, d) = {
             let mut g = gt.lock();
             if let Some(r) = receipt {
@@ -249,7 +256,7 @@ impl Broker {
             back: Some(lease.clone()),
         };
         let failures = lease.failures + 1;
-        if failures > d.max_retries {
+        if dead_now || failures > d.max_retries {
             let dead = Lease {
                 failures,
                 reason,
@@ -293,6 +300,16 @@ impl Broker {
             at_ms,
         })
     }
+}
+
+/// What a nack asks for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Nack<'a> {
+    /// Deliver it again after this wait (`None`: the group's retry backoff), or dead-letter
+    /// it when its failures pass the group's maximum.
+    After(Option<Duration>),
+    /// Move it to the dead-letter queue now, for this reason.
+    DeadLetter(&'a str),
 }
 
 /// A lease held by a nack in progress. Ended by [`HeldLease::end`]; dropped before that (an

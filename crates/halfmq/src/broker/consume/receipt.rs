@@ -15,13 +15,14 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::ack::Nack;
 use super::{ms, GroupTopic};
 use crate::broker::wait::{blocking_and_async, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::delivery::{Lease, HELD};
 use halfmq_types::error::{Error, Result};
 use halfmq_types::lease::validate_lease;
-use halfmq_types::{NackOutcome, Receipt};
+use halfmq_types::{NackOutcome, Receipt, SendReceipt};
 
 /// Lease numbers and the key of receipts' checksums, one set per open broker.
 pub(crate) struct LeaseKeys {
@@ -200,8 +201,51 @@ impl Broker {
         r: &Receipt,
         delay: Option<Duration>,
     ) -> Result<NackOutcome> {
-        self.nack_with(w, group, topic, r.queue, r.offset, delay, Some(r))
-            .await
+        self.nack_with(
+            w,
+            group,
+            topic,
+            r.queue,
+            r.offset,
+            Nack::After(delay),
+            Some(r),
+        )
+        .await
+    }
+
+    blocking_and_async! {
+        /// Move a delivered message to the group's dead-letter queue now, by its receipt
+        /// (RocketMQ's ForwardMessageToDeadLetterQueue), whatever its failure count: the
+        /// delivery counts as failed, and `reason` is kept with the dead letter. The receipt
+        /// must name the message's lease now. Durable when this returns; returns where the
+        /// dead letter is.
+        fn dead_letter_receipt;
+        /// [`Broker::dead_letter_receipt`] for async code.
+        async fn dead_letter_receipt_async;
+        (&self, group: &str, topic: &str, receipt: &Receipt, reason: &str) -> Result<SendReceipt>;
+        dead_letter_receipt_with(group, topic, receipt, reason)
+    }
+
+    async fn dead_letter_receipt_with<W: Wait>(
+        &self,
+        w: &W,
+        group: &str,
+        topic: &str,
+        r: &Receipt,
+        reason: &str,
+    ) -> Result<SendReceipt> {
+        let how = Nack::DeadLetter(reason);
+        match self
+            .nack_with(w, group, topic, r.queue, r.offset, how, Some(r))
+            .await?
+        {
+            NackOutcome::DeadLettered { dead_letter } => Ok(dead_letter),
+            // `Nack::DeadLetter` always ends in the dead-letter queue or in an error.
+            NackOutcome::Redeliver { .. } => Err(Error::Invalid {
+                what: "dead-letter move",
+                reason: "the message was not moved".into(),
+            }),
+        }
     }
 
     /// Change the lease of a delivered message (RocketMQ's ChangeInvisibleDuration): it now
