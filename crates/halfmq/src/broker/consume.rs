@@ -51,6 +51,25 @@ pub(super) struct GroupTopic {
     delivery: Arc<DeliveryConfig>,
 }
 
+/// What a receipt is checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LeaseUse {
+    /// An ack: a message acked already is fine (acks are idempotent).
+    Ack,
+    /// A nack or a lease change: the lease must be the message's lease now.
+    Settle,
+}
+
+/// What a nack asks for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Nack<'a> {
+    /// Deliver it again after this wait (`None`: the group's retry backoff), or dead-letter
+    /// it when its failures pass the group's maximum.
+    After(Option<Duration>),
+    /// Move it to the dead-letter queue now, for this reason.
+    DeadLetter(&'a str),
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::receipt::LeaseUse;
-use super::{ms, GroupTopic};
+use super::{ms, GroupTopic, LeaseUse, Nack};
 use crate::broker::wait::{block_on, blocking_and_async, Async, Blocking, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::delivery::{Lease, HELD};
@@ -300,16 +299,6 @@ impl Broker {
             at_ms,
         })
     }
-}
-
-/// What a nack asks for.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Nack<'a> {
-    /// Deliver it again after this wait (`None`: the group's retry backoff), or dead-letter
-    /// it when its failures pass the group's maximum.
-    After(Option<Duration>),
-    /// Move it to the dead-letter queue now, for this reason.
-    DeadLetter(&'a str),
 }
 
 /// A lease held by a nack in progress. Ended by [`HeldLease::end`]; dropped before that (an

@@ -15,8 +15,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::ack::Nack;
-use super::{ms, GroupTopic};
+use super::{ms, GroupTopic, LeaseUse, Nack};
 use crate::broker::wait::{blocking_and_async, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::delivery::{Lease, HELD};
@@ -65,15 +64,6 @@ impl LeaseKeys {
             mac: self.mac(group, topic, queue, offset, number),
         }
     }
-}
-
-/// What a receipt is checked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LeaseUse {
-    /// An ack: a message acked already is fine (acks are idempotent).
-    Ack,
-    /// A nack or a lease change: the lease must be the message's lease now.
-    Settle,
 }
 
 impl Broker {
