@@ -396,6 +396,7 @@ impl Harness {
             visibility_timeout_ms: Some(g.visibility_timeout_ms),
             max_retries: Some(g.max_retries),
             retry_backoff_ms: Some(BACKOFF_MS.to_vec()),
+            fifo: None,
         }
     }
 

@@ -32,6 +32,7 @@ fn dead_at_first_failure() -> GroupSettings {
         visibility_timeout_ms: Some(60_000),
         max_retries: Some(0),
         retry_backoff_ms: Some(vec![1]),
+        fifo: None,
     }
 }
 

@@ -324,6 +324,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     visibility_timeout_ms: Some(5000),
                     max_retries: Some(3),
                     retry_backoff_ms: Some(vec![1000, 5000]),
+                    fifo: None,
                 },
             },
         ),
@@ -342,6 +343,34 @@ fn requests() -> Vec<(&'static str, Request)> {
             },
         ),
         ("retention", Request::Retention),
+        (
+            "receive",
+            Request::Receive {
+                group: "orders".into(),
+                topic: "payments".into(),
+                max: 16,
+                wait_ms: 1000,
+                lease_ms: Some(20_000),
+                filter: "paid || refunded".into(),
+            },
+        ),
+        (
+            "ack-receipts",
+            Request::AckReceipts {
+                group: "orders".into(),
+                topic: "payments".into(),
+                receipts: vec!["1.7.2a.9f3c00d1e2b4a567".into()],
+            },
+        ),
+        (
+            "change-lease",
+            Request::ChangeLease {
+                group: "orders".into(),
+                topic: "payments".into(),
+                receipt: "1.7.2a.9f3c00d1e2b4a567".into(),
+                lease_ms: 60_000,
+            },
+        ),
     ]
 }
 

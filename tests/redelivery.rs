@@ -31,6 +31,7 @@ fn settings(vt_ms: u64, max_retries: u32, backoff_ms: &[u64]) -> GroupSettings {
         visibility_timeout_ms: Some(vt_ms),
         max_retries: Some(max_retries),
         retry_backoff_ms: Some(backoff_ms.to_vec()),
+        fifo: None,
     }
 }
 

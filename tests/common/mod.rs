@@ -987,3 +987,19 @@ pub fn wait_for_sled_released(meta_dir: &Path) {
         rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
     });
 }
+
+/// `broker` served on a free loopback port in this process, and a client connected to it:
+/// for network tests that move the broker's manual clock.
+pub async fn serve_in_process(
+    broker: Arc<Broker>,
+) -> (halfmq_cli::server::Server, halfmq_client::Client) {
+    let config = halfmq_cli::server::ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    let server = halfmq_cli::server::Server::start(broker, config)
+        .await
+        .unwrap_or_else(|e| panic!("serve: {e}"));
+    let addr = server.local_addr().to_string();
+    let client = halfmq_client::Client::connect(halfmq_client::ClientConfig::new(addr))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    (server, client)
+}

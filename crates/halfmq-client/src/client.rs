@@ -5,6 +5,8 @@
 //! The connection, pipelining and reconnects are in `connection.rs`; the role views
 //! ([`Producer`](crate::Producer), [`Consumer`](crate::Consumer), ...) in `roles.rs`.
 
+mod leases;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +19,8 @@ use crate::protocol::{
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{
     DeadLetter, DelayedReceipt, Delivery, DeliveryConfig, GroupDeleted, GroupSettings, HalfOptions,
-    HalfReceipt, Message, NackOutcome, Replayed, RetentionReport, SendReceipt, Stats, TopicInfo,
-    Trace, TransactionChecker, TxnId, TxnInfo, TxnState,
+    HalfReceipt, Message, NackOutcome, PollOptions, Replayed, RetentionReport, SendReceipt, Stats,
+    TopicInfo, Trace, TransactionChecker, TxnId, TxnInfo, TxnState,
 };
 
 pub use crate::config::ClientConfig;
@@ -48,6 +50,11 @@ fn json<T: serde::de::DeserializeOwned>(text: &str, what: &'static str) -> Resul
         what,
         reason: e.to_string(),
     })
+}
+
+/// The settings of a `GroupSettings` answer.
+fn group_answer(r: Response) -> Result<(DeliveryConfig, GroupSettings)> {
+    r.into_group_settings().map_err(unexpected)
 }
 
 /// A count as the wire carries it (saturating).
@@ -193,14 +200,8 @@ impl Client {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
-        let req = Request::Poll {
-            group: group.into(),
-            topic: topic.into(),
-            max: count(max),
-            wait_ms: millis(timeout),
-        };
-        answer!(self.request(&req, 128, timeout).await?,
-            Response::Messages(m) => m.into_iter().map(Delivery::from).collect())
+        let opts = PollOptions::default();
+        self.poll_wait_with(group, topic, max, timeout, &opts).await
     }
 
     /// Acknowledge one message; durable when this returns.
@@ -271,17 +272,20 @@ impl Client {
         group: &str,
         settings: &GroupSettings,
     ) -> Result<DeliveryConfig> {
-        let (group, settings) = (group.into(), settings.clone());
-        let req = Request::SetGroup { group, settings };
-        answer!(self.call(req).await?, Response::Group(g) => g.into_parts().0)
+        let req = Request::SetGroupSettings {
+            group: group.into(),
+            settings: settings.clone(),
+            fifo: settings.fifo,
+        };
+        group_answer(self.call(req).await?).map(|(d, _)| d)
     }
 
     /// The delivery settings in force for `group`, and its overrides.
     pub async fn group_settings(&self, group: &str) -> Result<(DeliveryConfig, GroupSettings)> {
-        let req = Request::GetGroup {
+        let req = Request::GetGroupSettings {
             group: group.into(),
         };
-        answer!(self.call(req).await?, Response::Group(g) => g.into_parts())
+        group_answer(self.call(req).await?)
     }
 
     /// Forget a consumer group that is no longer used: its offsets, acks, retry states and

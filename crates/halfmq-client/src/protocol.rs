@@ -103,6 +103,15 @@ pub struct WireDelivery {
     pub attempt: u32,
 }
 
+/// A delivered message with the receipt of its lease, on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireReceived {
+    /// The delivery.
+    pub delivery: WireDelivery,
+    /// Its receipt handle.
+    pub receipt: String,
+}
+
 /// Client → broker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -278,6 +287,80 @@ pub enum Request {
         /// The messages.
         messages: Vec<WireMessage>,
     },
+    /// [`Request::Poll`] with a lease duration and a tag filter, answered with
+    /// [`Response::Received`]: each delivery with its receipt.
+    Receive {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// At most this many.
+        max: u32,
+        /// Long-poll wait in ms (0: answer at once).
+        wait_ms: u64,
+        /// Lease of each message handed out, ms; `None`: the group's visibility time-out.
+        lease_ms: Option<u64>,
+        /// Tag filter expression: `*` (or empty) for all, or `a || b`.
+        filter: String,
+    },
+    /// Acknowledge messages by their receipts (all or nothing).
+    AckReceipts {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Receipt handles.
+        receipts: Vec<String>,
+    },
+    /// Nack a message by its receipt.
+    NackReceipt {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Receipt handle.
+        receipt: String,
+        /// Wait before redelivery in ms; `None`: the group's retry backoff.
+        delay_ms: Option<u64>,
+    },
+    /// Change the lease of a delivered message, answered with [`Response::LeaseChanged`].
+    ChangeLease {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Receipt handle of the lease now.
+        receipt: String,
+        /// The new lease, from now, in ms.
+        lease_ms: u64,
+    },
+    /// [`Request::SetGroup`] with the FIFO override (which `GroupSettings`' wire form does
+    /// not carry), answered with [`Response::GroupSettings`].
+    SetGroupSettings {
+        /// Consumer group.
+        group: String,
+        /// The overrides (without `fifo`).
+        settings: GroupSettings,
+        /// FIFO message groups: on, off, or `None` for the broker default.
+        fifo: Option<bool>,
+    },
+    /// [`Request::GetGroup`] answered with [`Response::GroupSettings`].
+    GetGroupSettings {
+        /// Consumer group.
+        group: String,
+    },
+    /// Move a delivered message to the group's dead-letter queue now, by its receipt;
+    /// answered with [`Response::Nacked`] (`DeadLettered`).
+    DeadLetterReceipt {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Receipt handle of the lease now.
+        receipt: String,
+        /// Why, kept with the dead letter.
+        reason: String,
+    },
 }
 
 /// One message's answer in a [`Response::SentBatch`].
@@ -386,6 +469,23 @@ pub enum Response {
         topic: String,
         /// Each message's answer.
         results: Vec<SendResult>,
+    },
+    /// Messages for a `Receive` (possibly none), each with its receipt.
+    Received(Vec<WireReceived>),
+    /// Answer to `ChangeLease`: the receipt of the new lease.
+    LeaseChanged {
+        /// Receipt handle.
+        receipt: String,
+    },
+    /// A group's delivery settings with FIFO (answer to `SetGroupSettings` and
+    /// `GetGroupSettings`).
+    GroupSettings {
+        /// The settings as in [`Response::Group`].
+        group: WireGroup,
+        /// FIFO message groups in force.
+        fifo: bool,
+        /// The group's own FIFO override.
+        fifo_override: Option<bool>,
     },
 }
 

@@ -229,6 +229,33 @@ pub enum Error {
         /// The first queue offset whose message is still in the log.
         first: u64,
     },
+
+    /// A receipt no lease of this broker issued: not a receipt at all, modified, made up,
+    /// or issued before the broker last opened (leases do not survive a restart; the
+    /// message is delivered again).
+    #[error("invalid receipt `{receipt}`: {reason}")]
+    BadReceipt {
+        /// The receipt as given (at most 64 bytes of it).
+        receipt: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A receipt of a lease that has ended: the message was delivered again after the lease
+    /// ran out, or the lease was nacked or changed (a change returns a new receipt).
+    #[error("stale receipt for {topic}/{queue}@{offset} of group `{group}`: {reason}")]
+    StaleReceipt {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The queue.
+        queue: u32,
+        /// The queue offset.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -268,6 +295,8 @@ impl Error {
             Error::UnknownGroup(_) => 20,
             Error::Damaged { .. } => 21,
             Error::Lost { .. } => 22,
+            Error::BadReceipt { .. } => 23,
+            Error::StaleReceipt { .. } => 24,
         }
     }
 }

@@ -8,6 +8,8 @@
 //! - [`message`]: [`Message`], [`Delivery`] and the receipts of sends;
 //! - [`txn`]: transaction ids, states, check-back questions ([`HalfMessage`]) and answers;
 //! - [`group`]: consumer-group settings, nack outcomes, dead letters;
+//! - [`lease`]: what a poll asks for ([`PollOptions`]) and the [`Receipt`] of a lease;
+//! - [`filter`]: tags, message groups and the [`TagFilter`] of a poll;
 //! - [`stats`]: the figures of `Broker::stats` and the retention reports;
 //! - [`trace`]: the trace document ("where is my confirmation?");
 //! - [`props`]: every reserved property name and internal topic prefix;
@@ -66,7 +68,9 @@ pub mod codec;
 #[cfg(feature = "stream")]
 pub mod deliveries;
 pub mod error;
+pub mod filter;
 pub mod group;
+pub mod lease;
 pub mod message;
 pub mod props;
 pub mod stats;
@@ -74,7 +78,9 @@ pub mod trace;
 pub mod txn;
 
 pub use error::{Error, Result};
+pub use filter::TagFilter;
 pub use group::{DeadLetter, DeliveryConfig, GroupDeleted, GroupSettings, NackOutcome, Replayed};
+pub use lease::{PollOptions, Receipt};
 pub use message::{
     DelayedReceipt, Delivery, Message, Properties, SendReceipt, TopicInfo,
     IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,

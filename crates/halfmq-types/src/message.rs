@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::props::PROP_IDEMPOTENCY_KEY;
+use crate::lease::Receipt;
+use crate::props::{PROP_IDEMPOTENCY_KEY, PROP_MESSAGE_GROUP, PROP_TAG};
 
 /// User properties of a message: names to values. Names starting with
 /// [`crate::props::RESERVED_PREFIX`] are halfmq's own.
@@ -80,6 +81,32 @@ impl Message {
             .get(PROP_IDEMPOTENCY_KEY)
             .map(String::as_str)
     }
+
+    /// Set the tag (1 to [`crate::filter::TAG_BYTES_MAX`] bytes, no `|`), which a poll's
+    /// tag filter matches. Kept as the property [`PROP_TAG`].
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Message {
+        self.properties.insert(PROP_TAG.to_owned(), tag.into());
+        self
+    }
+
+    /// The tag, if set.
+    pub fn tag(&self) -> Option<&str> {
+        self.properties.get(PROP_TAG).map(String::as_str)
+    }
+
+    /// Set the message group (same rules as a tag): messages with the same message group go
+    /// to the same queue (it picks the queue instead of the key), and a FIFO consumer group
+    /// gets them one at a time, in order. Kept as the property [`PROP_MESSAGE_GROUP`].
+    pub fn with_message_group(mut self, group: impl Into<String>) -> Message {
+        self.properties
+            .insert(PROP_MESSAGE_GROUP.to_owned(), group.into());
+        self
+    }
+
+    /// The message group, if set.
+    pub fn message_group(&self) -> Option<&str> {
+        self.properties.get(PROP_MESSAGE_GROUP).map(String::as_str)
+    }
 }
 
 /// Where a sent message was stored.
@@ -120,6 +147,22 @@ pub struct Delivery {
     /// Which delivery of this message to this group it is: 1 the first, n after n - 1
     /// failed ones (time-outs and nacks).
     pub attempt: u32,
+    /// Proof of this delivery's lease, for `ack_receipts`, `nack_receipt` and
+    /// `change_lease`. `None` only for a delivery that came through the network request
+    /// `Poll`, which predates receipts (the Rust client polls with `Receive`).
+    pub receipt: Option<Receipt>,
+}
+
+impl Delivery {
+    /// The tag, if the message has one.
+    pub fn tag(&self) -> Option<&str> {
+        self.properties.get(PROP_TAG).map(String::as_str)
+    }
+
+    /// The message group, if the message has one.
+    pub fn message_group(&self) -> Option<&str> {
+        self.properties.get(PROP_MESSAGE_GROUP).map(String::as_str)
+    }
 }
 
 /// Where a delayed message was stored.

@@ -17,6 +17,17 @@ pub const PROP_CHECK_IMMUNITY_MS: &str = "halfmq.check_immunity_ms";
 /// Property holding a message's idempotency key.
 pub const PROP_IDEMPOTENCY_KEY: &str = "halfmq.idempotency_key";
 
+/// Property holding a message's tag (RocketMQ's tag): what a poll's tag filter
+/// (`crate::filter::TagFilter`) matches.
+pub const PROP_TAG: &str = "halfmq.tag";
+
+/// Property holding a message's message group: messages with the same message group go to
+/// the same queue, and a FIFO consumer group gets them one at a time, in order.
+pub const PROP_MESSAGE_GROUP: &str = "halfmq.message_group";
+
+/// The reserved properties a user message may carry (each is checked where it is used).
+pub const USER_SETTABLE: [&str; 3] = [PROP_IDEMPOTENCY_KEY, PROP_TAG, PROP_MESSAGE_GROUP];
+
 /// Property of a `Delayed` record: when to deliver it, ms since the Unix epoch.
 pub const PROP_DELIVER_AT_MS: &str = "halfmq.deliver_at_ms";
 

@@ -146,6 +146,14 @@ pub enum Event {
         /// Log offset of the new message.
         new_log_offset: u64,
     },
+    /// Skipped by `group`: its tag did not pass the group's poll filter, so it was acked for
+    /// the group without being handed out.
+    Filtered {
+        /// Consumer group.
+        group: String,
+        /// The filter expression of the poll.
+        filter: String,
+    },
 }
 
 /// Everything known about the messages with one key: `Broker::trace`.
@@ -330,6 +338,10 @@ impl Event {
                 ("delivered", format!("group {group}, attempt {attempt}"))
             }
             Event::Acked { group } => ("acked", format!("group {group}")),
+            Event::Filtered { group, filter } => (
+                "filtered",
+                format!("group {group}: its tag does not pass `{filter}`, acked unseen"),
+            ),
             Event::Retried {
                 group,
                 attempt,

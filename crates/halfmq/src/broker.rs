@@ -60,8 +60,10 @@ use halfmq_store::record::{self, Properties, RecordKind, RecordView};
 use halfmq_store::{validate_topic_name, Append, RecoveryReport, Store};
 use halfmq_types::clock::SharedClock;
 use halfmq_types::error::{Error, Result};
+use halfmq_types::filter::validate_tag;
 use halfmq_types::props::{
-    DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX, PROP_IDEMPOTENCY_KEY, RESERVED_PREFIX,
+    DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX, PROP_MESSAGE_GROUP, PROP_TAG, RESERVED_PREFIX,
+    USER_SETTABLE,
 };
 use halfmq_types::stats::RetentionReport;
 use halfmq_types::TransactionChecker;
@@ -108,6 +110,8 @@ pub struct Broker {
     expired_skipped: AtomicU64,
     /// What opening found wrong with sled and did about it.
     meta_recovery: halfmq_types::stats::MetaRecovery,
+    /// Lease numbers and the key of receipts' checksums.
+    leases: consume::LeaseKeys,
 }
 
 /// A topic and its queues, as the send path uses them.
@@ -293,9 +297,15 @@ impl Broker {
 
     fn check_user_properties(props: &Properties) -> Result<()> {
         crate::idem::key_of(props)?;
+        if let Some(tag) = props.get(PROP_TAG) {
+            validate_tag("tag", tag)?;
+        }
+        if let Some(g) = props.get(PROP_MESSAGE_GROUP) {
+            validate_tag("message group", g)?;
+        }
         match props
             .keys()
-            .find(|k| k.starts_with(RESERVED_PREFIX) && k.as_str() != PROP_IDEMPOTENCY_KEY)
+            .find(|k| k.starts_with(RESERVED_PREFIX) && !USER_SETTABLE.contains(&k.as_str()))
         {
             Some(k) => Err(Error::Invalid {
                 what: "property name",

@@ -11,8 +11,16 @@
 //! time. After a restart every un-acked message is delivered again (at once, or when its
 //! retry state says), so a crash never loses a message and never resets a failure count; a
 //! delivery that was in flight at the crash does not count as failed.
+//!
+//! Every handout (and every lease change) gives the lease a new number, which receipts name
+//! (`broker/consume/receipt.rs`). For a FIFO consumer group the cursor also keeps, per
+//! message group, the message that holds it (its *head*) and the messages waiting behind it
+//! (leases due [`BLOCKED`], never); ending the head's lease (ack, dead letter) makes the next
+//! one due at once. Blocked messages live in memory only: after a restart the scan finds them
+//! again, behind the heads restored from the retry states.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::meta::RetryState;
 use crate::schedule::Schedule;
@@ -22,8 +30,13 @@ use crate::schedule::Schedule;
 /// ([`Cursor::release_held`]), or its ack removes it.
 pub(crate) const HELD: u64 = u64::MAX;
 
+/// The due time of a message of a FIFO message group waiting behind an earlier one of its
+/// message group: never due; the end of the one before it makes it due
+/// ([`Cursor::remove`]).
+pub(crate) const BLOCKED: u64 = u64::MAX - 1;
+
 /// One delivered or waiting message of one group in one queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Lease {
     /// Delivered: the lease runs out then. Waiting: it may be delivered again then.
     pub due_ms: u64,
@@ -33,6 +46,13 @@ pub(crate) struct Lease {
     pub delivered: bool,
     /// Why the last delivery failed ("" before any failure).
     pub reason: String,
+    /// The number of the lease a delivered message is held under (new at every handout and
+    /// every change; receipts name it), 0 before the first handout.
+    pub number: u64,
+    /// How long the current lease was given for, in ms (for the reason of a time-out).
+    pub lease_ms: u64,
+    /// Its message group, when the consumer group is FIFO and the message has one.
+    pub group: Option<Arc<str>>,
 }
 
 /// In-memory state of one group in one queue.
@@ -49,6 +69,12 @@ pub(crate) struct Cursor {
     leases: BTreeMap<u64, Lease>,
     /// `(due_ms, offset)` of every lease, soonest first.
     due: Schedule,
+    /// FIFO: per message group, the message that holds it (with a consumer, waiting for
+    /// redelivery, or due to be handed out next).
+    heads: HashMap<Arc<str>, u64>,
+    /// FIFO: per message group, the messages waiting behind its head (their leases are
+    /// [`BLOCKED`]), in queue order.
+    blocked: HashMap<Arc<str>, BTreeSet<u64>>,
 }
 
 impl Cursor {
@@ -79,6 +105,7 @@ impl Cursor {
                     failures: st.failures,
                     delivered: false,
                     reason: st.reason,
+                    ..Lease::default()
                 },
             );
         }
@@ -109,11 +136,119 @@ impl Cursor {
         self.due.insert(lease.due_ms, offset);
     }
 
-    /// End the lease of a message (acked or dead-lettered); returns it.
+    /// End the lease of a message (acked or dead-lettered); returns it. The next message
+    /// of its FIFO message group, if one waits, is due at once.
     pub fn remove(&mut self, offset: u64) -> Option<Lease> {
         let old = self.leases.remove(&offset)?;
         self.due.remove(old.due_ms, offset);
+        if let Some(g) = &old.group {
+            self.release(g, offset);
+        }
         Some(old)
+    }
+
+    /// `offset` of message group `g` no longer holds it, or waits in it: the next waiting
+    /// one, if any, becomes its head and is due at once.
+    fn release(&mut self, g: &Arc<str>, offset: u64) {
+        if let Some(waiting) = self.blocked.get_mut(g) {
+            if waiting.remove(&offset) {
+                if waiting.is_empty() {
+                    self.blocked.remove(g);
+                }
+                return;
+            }
+        }
+        if self.heads.get(g) != Some(&offset) {
+            return;
+        }
+        let next = self.blocked.get_mut(g).and_then(BTreeSet::pop_first);
+        if self.blocked.get(g).is_some_and(BTreeSet::is_empty) {
+            self.blocked.remove(g);
+        }
+        match next {
+            Some(n) => {
+                self.heads.insert(g.clone(), n);
+                if let Some(l) = self.leases.get(&n).cloned() {
+                    self.insert(n, Lease { due_ms: 0, ..l });
+                }
+            }
+            None => {
+                self.heads.remove(g);
+            }
+        }
+    }
+
+    /// FIFO: whether message `offset` of message group `g`, never handed out before, may be
+    /// handed out now (it becomes its group's head). If not, it waits ([`BLOCKED`]) behind
+    /// the head, and the scan goes past it.
+    pub fn admit(&mut self, offset: u64, g: &Arc<str>) -> bool {
+        match self.heads.get(g) {
+            Some(&head) if head != offset => {
+                self.block(offset, g.clone(), Lease::default());
+                false
+            }
+            _ => {
+                self.heads.insert(g.clone(), offset);
+                true
+            }
+        }
+    }
+
+    fn block(&mut self, offset: u64, g: Arc<str>, lease: Lease) {
+        self.blocked.entry(g.clone()).or_default().insert(offset);
+        let lease = Lease {
+            due_ms: BLOCKED,
+            delivered: false,
+            group: Some(g),
+            ..lease
+        };
+        self.insert(offset, lease);
+    }
+
+    /// FIFO, after a (re)start: message `offset`, waiting for redelivery, is of message group
+    /// `g`. Called in queue order: the first of each group holds it, later ones wait.
+    pub fn restore(&mut self, offset: u64, g: Arc<str>) {
+        let Some(lease) = self.leases.get(&offset).cloned() else {
+            return;
+        };
+        if self.heads.contains_key(&g) {
+            self.block(offset, g, lease);
+        } else {
+            self.heads.insert(g.clone(), offset);
+            self.insert(
+                offset,
+                Lease {
+                    group: Some(g),
+                    ..lease
+                },
+            );
+        }
+    }
+
+    /// FIFO turned off: every waiting message is due at once, and no group is held.
+    pub fn unblock_all(&mut self) {
+        let waiting: Vec<u64> = self.blocked.values().flatten().copied().collect();
+        self.blocked.clear();
+        self.heads.clear();
+        for offset in waiting {
+            if let Some(l) = self.leases.get(&offset).cloned() {
+                self.insert(offset, Lease { due_ms: 0, ..l });
+            }
+        }
+    }
+
+    /// The offsets of messages waiting for redelivery, in queue order.
+    pub fn waiting_offsets(&self) -> Vec<u64> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| !l.delivered)
+            .map(|(&o, _)| o)
+            .collect()
+    }
+
+    /// Whether messages wait behind the head of their FIFO message group.
+    pub fn has_blocked(&self) -> bool {
+        !self.blocked.is_empty()
     }
 
     /// Replace the held lease of a message (see [`HELD`]) with `lease`, unless something
@@ -121,6 +256,14 @@ impl Cursor {
     pub fn release_held(&mut self, offset: u64, lease: Lease) {
         if self.leases.get(&offset).is_some_and(|l| l.due_ms == HELD) {
             self.insert(offset, lease);
+        }
+    }
+
+    /// A lease taken by [`Cursor::pop_due`] that is not put back (its message is gone): its
+    /// FIFO message group moves on.
+    pub fn forget(&mut self, offset: u64, lease: &Lease) {
+        if let Some(g) = &lease.group {
+            self.release(g, offset);
         }
     }
 
@@ -151,9 +294,12 @@ impl Cursor {
             .count()
     }
 
-    /// Messages waiting for redelivery.
+    /// Messages waiting for redelivery (not those waiting behind their FIFO group's head).
     pub fn waiting(&self) -> usize {
-        self.leases.values().filter(|l| !l.delivered).count()
+        self.leases
+            .values()
+            .filter(|l| !l.delivered && l.due_ms != BLOCKED)
+            .count()
     }
 }
 
@@ -164,9 +310,8 @@ mod tests {
     fn lease(due_ms: u64, delivered: bool) -> Lease {
         Lease {
             due_ms,
-            failures: 0,
             delivered,
-            reason: String::new(),
+            ..Lease::default()
         }
     }
 
@@ -188,6 +333,59 @@ mod tests {
         assert_eq!(c.pop_due(10_000).map(|(o, _)| o), Some(9));
         assert_eq!(c.pop_due(10_000), None);
         assert!(!c.is_leased(9));
+    }
+
+    #[test]
+    fn a_fifo_group_hands_out_its_next_message_only_when_the_head_ends() {
+        let mut c = Cursor::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        assert!(c.admit(0, &a));
+        c.insert(
+            0,
+            Lease {
+                group: Some(a.clone()),
+                delivered: true,
+                due_ms: 100,
+                ..Lease::default()
+            },
+        );
+        assert!(c.admit(1, &b), "another group is not held up");
+        assert!(!c.admit(2, &a) && !c.admit(3, &a));
+        assert!(c.has_blocked() && c.is_leased(2));
+        assert_eq!(
+            c.waiting(),
+            0,
+            "waiting behind a head is not waiting for redelivery"
+        );
+        // The head times out and is taken for redelivery: the group stays held.
+        let (o, l) = c.pop_due(100).unwrap();
+        assert_eq!(o, 0);
+        c.insert(
+            0,
+            Lease {
+                delivered: true,
+                due_ms: 300,
+                ..l
+            },
+        );
+        assert_eq!(c.pop_due(200), None);
+        // Acked: the next one is due at once, the one after it still waits.
+        c.remove(0);
+        assert_eq!(c.pop_due(200).map(|(o, _)| o), Some(2));
+        assert_eq!(c.pop_due(200), None);
+        // A waiting message acked directly leaves the queue behind the head.
+        c.remove(3);
+        assert!(!c.has_blocked());
+        // Restored after a restart: the first waiting one of a group holds it.
+        let mut r = Cursor::default();
+        r.insert(5, lease(50, false));
+        r.insert(7, lease(60, false));
+        r.restore(5, a.clone());
+        r.restore(7, a.clone());
+        assert_eq!(r.pop_due(1_000).map(|(o, _)| o), Some(5));
+        assert_eq!(r.pop_due(1_000), None, "7 waits behind 5");
+        r.unblock_all();
+        assert_eq!(r.pop_due(1_000).map(|(o, _)| o), Some(7));
     }
 
     #[test]

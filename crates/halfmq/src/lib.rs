@@ -98,12 +98,12 @@ pub use config::{
 pub use consumer::{Consumer, Deliveries, Received, StreamOptions};
 pub use halfmq_store::{FlushPolicy, RecoveryReport, StoreConfig};
 pub use halfmq_types::clock::{self, Clock, ManualClock, SharedClock, SystemClock};
-pub use halfmq_types::{error, props, stats, trace};
+pub use halfmq_types::{error, filter, lease, props, stats, trace};
 pub use halfmq_types::{
     CheckAnswer, DeadLetter, DelayedReceipt, Delivery, Error, GroupDeleted, GroupSettings,
-    HalfMessage, HalfOptions, HalfReceipt, Message, NackOutcome, Properties, Replayed, Result,
-    SendReceipt, TopicInfo, TransactionChecker, TxnId, TxnInfo, TxnState,
-    IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,
+    HalfMessage, HalfOptions, HalfReceipt, Message, NackOutcome, PollOptions, Properties, Receipt,
+    Replayed, Result, SendReceipt, TagFilter, TopicInfo, TransactionChecker, TxnId, TxnInfo,
+    TxnState, IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,
 };
 pub use halfmq_types::{
     LogStats, MetaRecovery, OffsetReport, Pin, RetentionFloor, RetentionReport, Stats, Trace,

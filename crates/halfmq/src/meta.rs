@@ -13,7 +13,8 @@
 //!   message is acked) and removed on the next load.
 //!
 //! The `groups` tree holds per-group overrides of the delivery settings
-//! (group → bincode [`GroupSettings`]).
+//! (group → bincode [`GroupSettings`], without its `fifo`), and `group_fifo` the FIFO
+//! override (group → one byte, 1 or 0; no entry: the broker default).
 //!
 //! One ack writes both kinds in one atomic batch, and waits for sled's flush (fsync) before
 //! it returns.
@@ -82,6 +83,9 @@ pub struct Meta {
     topics: LiveTree,
     consumers: LiveTree,
     groups: LiveTree,
+    /// group → one byte, 1 or 0: the group's FIFO override (kept apart from `groups`, whose
+    /// values keep their older layout).
+    group_fifo: LiveTree,
     /// delayed message id (u64 BE) → bincode DelayedInfo of ones not delivered yet.
     delayed: LiveTree,
     /// txn id (u64 BE) → bincode TxnInfo of unfinished transactions.
@@ -144,6 +148,18 @@ fn parse_committed_key(k: &[u8]) -> Result<(String, String, u32)> {
 /// Transactions whose ids (log offsets) share the bits above this share an outcome bucket.
 const OUTCOME_BUCKET_SHIFT: u32 = 16;
 
+/// A group's FIFO override as `group_fifo` keeps it: one byte, 1 (on) or 0 (off).
+pub(crate) fn fifo_flag(v: &[u8]) -> Result<bool> {
+    match v {
+        [0] => Ok(false),
+        [1] => Ok(true),
+        _ => Err(Error::Decode {
+            what: "group fifo flag",
+            reason: format!("{} bytes, not one byte 0 or 1", v.len()),
+        }),
+    }
+}
+
 fn u64_be(bytes: &[u8]) -> Option<u64> {
     let a: [u8; 8] = bytes.try_into().ok()?;
     Some(u64::from_be_bytes(a))
@@ -175,6 +191,7 @@ impl Meta {
         let topics = db.open_tree("topics").map_err(sled_err)?;
         let consumers = db.open_tree("consumers").map_err(sled_err)?;
         let groups = db.open_tree("groups").map_err(sled_err)?;
+        let group_fifo = db.open_tree("group_fifo").map_err(sled_err)?;
         let delayed = db.open_tree("delayed").map_err(sled_err)?;
         let txn_halves = db.open_tree("txn_halves").map_err(sled_err)?;
         let txn_outcomes = db.open_tree("txn_outcome_buckets").map_err(sled_err)?;
@@ -191,6 +208,7 @@ impl Meta {
             topics,
             consumers,
             groups,
+            group_fifo,
             delayed,
             txn_halves,
             txn_outcomes,
@@ -382,10 +400,15 @@ impl Meta {
 
     /// The delivery overrides of a group (default: none).
     pub fn group_settings(&self, group: &str) -> Result<GroupSettings> {
-        match self.groups.get(group.as_bytes()).map_err(sled_err)? {
-            Some(v) => codec::decode(&v, "group settings"),
-            None => Ok(GroupSettings::default()),
-        }
+        let mut s: GroupSettings = match self.groups.get(group.as_bytes()).map_err(sled_err)? {
+            Some(v) => codec::decode(&v, "group settings")?,
+            None => GroupSettings::default(),
+        };
+        s.fifo = match self.group_fifo.get(group.as_bytes()).map_err(sled_err)? {
+            Some(v) => Some(fifo_flag(&v)?),
+            None => None,
+        };
+        Ok(s)
     }
 
     /// Durably store the delivery overrides of a group.
@@ -393,6 +416,14 @@ impl Meta {
         self.groups
             .insert(group.as_bytes(), codec::encode(settings, "group settings")?)
             .map_err(sled_err)?;
+        match settings.fifo {
+            Some(on) => self
+                .group_fifo
+                .insert(group.as_bytes(), &[u8::from(on)])
+                .map(drop),
+            None => self.group_fifo.remove(group.as_bytes()).map(drop),
+        }
+        .map_err(sled_err)?;
         self.db.flush().map_err(sled_err)?;
         Ok(())
     }
@@ -435,6 +466,7 @@ impl Meta {
             .map_err(sled_err)?;
         self.consumers.apply_batch(batch).map_err(sled_err)?;
         self.groups.remove(group.as_bytes()).map_err(sled_err)?;
+        self.group_fifo.remove(group.as_bytes()).map_err(sled_err)?;
         self.db.flush().map_err(sled_err)?;
         Ok((queues, any))
     }

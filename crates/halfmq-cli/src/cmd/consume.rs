@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use halfmq::{NackOutcome, Result};
+use halfmq::{NackOutcome, PollOptions, Result, TagFilter};
 
 use super::{json_line, println_flush, ConnArgs};
 
@@ -34,6 +34,12 @@ pub struct ConsumeCmd {
     /// With --nack: redeliver after this long, ms [default: the group's retry backoff].
     #[arg(long, requires = "nack")]
     nack_delay_ms: Option<u64>,
+    /// Tag filter: `*` or `a || b`; other messages are acked for the group unseen.
+    #[arg(long, default_value = "*")]
+    filter: TagFilter,
+    /// Lease each message this long instead of the group's visibility time-out, ms.
+    #[arg(long)]
+    lease_ms: Option<u64>,
 }
 
 /// Poll in batches until `--max` messages or `--idle-exit-ms` without one (or forever).
@@ -47,7 +53,12 @@ pub async fn run(cmd: ConsumeCmd) -> Result<()> {
         json,
         nack,
         nack_delay_ms,
+        filter,
+        lease_ms,
     } = cmd;
+    let opts = PollOptions::default()
+        .with_filter(filter)
+        .with_lease(lease_ms.map(Duration::from_millis));
     let client = conn.connect().await?;
     let mut got = 0u64;
     let mut last = Instant::now();
@@ -62,7 +73,9 @@ pub async fn run(cmd: ConsumeCmd) -> Result<()> {
                 .min(Duration::from_secs(1)),
             None => Duration::from_secs(1),
         };
-        let batch = client.poll_wait(&group, &topic, left, wait).await?;
+        let batch = client
+            .poll_wait_with(&group, &topic, left, wait, &opts)
+            .await?;
         if batch.is_empty() {
             if idle_exit_ms.is_some_and(|ms| last.elapsed() >= Duration::from_millis(ms)) {
                 return Ok(());
@@ -95,7 +108,7 @@ pub async fn run(cmd: ConsumeCmd) -> Result<()> {
                 let mut v = serde_json::json!({
                     "key": d.key, "topic": d.topic, "queue": d.queue, "offset": d.offset,
                     "body_len": d.body.len(), "body_crc32": crc32fast::hash(&d.body),
-                    "attempt": d.attempt,
+                    "attempt": d.attempt, "tag": d.tag(),
                 });
                 if let Some(o) = outcome {
                     v["nacked"] = o;

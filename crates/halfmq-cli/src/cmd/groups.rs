@@ -22,6 +22,10 @@ pub enum GroupsCommand {
         /// Waits before redelivery 1, 2, ... after a nack, ms, comma-separated.
         #[arg(long, value_delimiter = ',')]
         retry_backoff_ms: Option<Vec<u64>>,
+        /// FIFO message groups (true or false): the next message of a message group is
+        /// handed out only after the one before it is acked or dead-lettered.
+        #[arg(long)]
+        fifo: Option<bool>,
     },
     /// A group's delivery settings in force.
     Show {
@@ -58,32 +62,36 @@ pub async fn run(command: GroupsCommand) -> Result<()> {
             visibility_timeout_ms,
             max_retries,
             retry_backoff_ms,
+            fifo,
         } => (
             args,
             Some(GroupSettings {
                 visibility_timeout_ms,
                 max_retries,
                 retry_backoff_ms,
+                fifo,
             }),
         ),
         GroupsCommand::Show { args } => (args, None),
     };
     let client = a.conn.connect().await?;
-    // The wire form of the settings is also what `--json` prints.
-    let g = match set {
-        Some(s) => WireGroup::new(&client.set_group_settings(&a.group, &s).await?, s),
-        None => {
-            let (in_force, overrides) = client.group_settings(&a.group).await?;
-            WireGroup::new(&in_force, overrides)
-        }
+    // The wire form of the settings is also what `--json` prints, with `fifo`.
+    let (in_force, overrides) = match set {
+        Some(s) => (client.set_group_settings(&a.group, &s).await?, s),
+        None => client.group_settings(&a.group).await?,
     };
+    let (fifo, fifo_set) = (in_force.fifo, overrides.fifo.is_some());
+    let g = WireGroup::new(&in_force, overrides);
     if a.json {
-        json_line(&serde_json::json!(g));
+        let mut v = serde_json::json!(g);
+        v["fifo"] = serde_json::json!(fifo);
+        v["overrides"]["fifo"] = serde_json::json!(fifo_set.then_some(fifo));
+        json_line(&v);
         return Ok(());
     }
     let set_mark = |overridden: bool| if overridden { " (set)" } else { "" };
     println_flush(&format!(
-        "group {}: visibility time-out {} ms{}, max retries {}{}, retry backoff {:?} ms{}",
+        "group {}: visibility time-out {} ms{}, max retries {}{}, retry backoff {:?} ms{}, fifo {}{}",
         a.group,
         g.visibility_timeout_ms,
         set_mark(g.overrides.visibility_timeout_ms.is_some()),
@@ -91,6 +99,8 @@ pub async fn run(command: GroupsCommand) -> Result<()> {
         set_mark(g.overrides.max_retries.is_some()),
         g.retry_backoff_ms,
         set_mark(g.overrides.retry_backoff_ms.is_some()),
+        if fifo { "on" } else { "off" },
+        set_mark(fifo_set),
     ));
     Ok(())
 }

@@ -41,6 +41,12 @@ pub struct ProduceCmd {
     /// then).
     #[arg(long)]
     delay_ms: Option<u64>,
+    /// Tag of every message (what `consume --filter` matches).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Message group of every message (its queue; in order for a FIFO consumer group).
+    #[arg(long)]
+    message_group: Option<String>,
 }
 
 impl ProduceCmd {
@@ -59,6 +65,12 @@ impl ProduceCmd {
             } else {
                 ik.clone()
             });
+        }
+        if let Some(t) = &self.tag {
+            msg = msg.with_tag(t);
+        }
+        if let Some(g) = &self.message_group {
+            msg = msg.with_message_group(g);
         }
         (k, msg)
     }

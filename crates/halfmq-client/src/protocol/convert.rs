@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{
-    Delivery, DeliveryConfig, GroupSettings, HalfMessage, Message, SendReceipt, TopicInfo, TxnId,
+    Delivery, DeliveryConfig, GroupSettings, HalfMessage, Message, Receipt, SendReceipt, TopicInfo,
+    TxnId,
 };
 
-use super::{Push, SendResult, WireDelivery, WireGroup, WireMessage};
+use super::{Push, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived};
 
 impl SendResult {
     /// One message's outcome of a batch send, as the broker answers it.
@@ -99,7 +100,32 @@ impl From<WireDelivery> for Delivery {
             properties: d.message.properties,
             timestamp_ms: d.timestamp_ms,
             attempt: d.attempt,
+            receipt: None,
         }
+    }
+}
+
+impl From<Delivery> for WireReceived {
+    fn from(d: Delivery) -> WireReceived {
+        let receipt = d.receipt.map(|r| r.handle()).unwrap_or_default();
+        WireReceived {
+            delivery: WireDelivery::from(d),
+            receipt,
+        }
+    }
+}
+
+impl WireReceived {
+    /// The delivery as the client hands it out, with its receipt.
+    pub fn into_delivery(self) -> Result<Delivery> {
+        let receipt = Receipt::parse(&self.receipt).map_err(|e| Error::Decode {
+            what: "receipt",
+            reason: e.to_string(),
+        })?;
+        Ok(Delivery {
+            receipt: Some(receipt),
+            ..Delivery::from(self.delivery)
+        })
     }
 }
 
@@ -132,6 +158,40 @@ impl WireGroup {
                     .collect(),
             );
         (in_force, self.overrides)
+    }
+}
+
+impl Response {
+    /// The answer carrying a group's settings in force and its overrides, FIFO included.
+    pub fn group_settings(in_force: &DeliveryConfig, overrides: GroupSettings) -> Response {
+        let fifo_override = overrides.fifo;
+        Response::GroupSettings {
+            group: WireGroup::new(in_force, overrides),
+            fifo: in_force.fifo,
+            fifo_override,
+        }
+    }
+
+    /// The settings in force and the overrides of a [`Response::GroupSettings`], as
+    /// `Broker::group_settings` returns them; another answer is given back as the error.
+    pub fn into_group_settings(self) -> Result<(DeliveryConfig, GroupSettings), Response> {
+        match self {
+            Response::GroupSettings {
+                group,
+                fifo,
+                fifo_override,
+            } => {
+                let (d, o) = group.into_parts();
+                Ok((
+                    d.with_fifo(fifo),
+                    GroupSettings {
+                        fifo: fifo_override,
+                        ..o
+                    },
+                ))
+            }
+            other => Err(other),
+        }
     }
 }
 
@@ -200,8 +260,25 @@ mod tests {
             properties: [("a".to_owned(), "b".to_owned())].into(),
             timestamp_ms: 1_700_000_000_000,
             attempt: 2,
+            receipt: None,
         };
         assert_eq!(Delivery::from(WireDelivery::from(d.clone())), d);
+        let d = Delivery {
+            receipt: Some(Receipt {
+                queue: 3,
+                offset: 7,
+                lease: 9,
+                mac: 1 << 63,
+            }),
+            ..d
+        };
+        let back = WireReceived::from(d.clone()).into_delivery().unwrap();
+        assert_eq!(back, d);
+        let bad = WireReceived {
+            receipt: "x".into(),
+            ..WireReceived::from(d)
+        };
+        assert!(bad.into_delivery().is_err());
     }
 
     #[test]
@@ -214,7 +291,16 @@ mod tests {
             ..GroupSettings::default()
         };
         let (back, o) = WireGroup::new(&d, overrides.clone()).into_parts();
-        assert_eq!((back, o), (d, overrides));
+        assert_eq!((back, o), (d.clone(), overrides.clone()));
+        let (d, overrides) = (
+            d.with_fifo(true),
+            GroupSettings {
+                fifo: Some(true),
+                ..overrides
+            },
+        );
+        let r = Response::group_settings(&d, overrides.clone());
+        assert_eq!(r.into_group_settings(), Ok((d, overrides)));
     }
 
     #[test]

@@ -244,6 +244,25 @@ fn parse(code: u16, m: &str) -> Option<Error> {
                 offset,
             }
         }
+        23 => {
+            let [receipt, reason] = split_layout(m, ["invalid receipt `", "`: "], "")?;
+            Error::BadReceipt {
+                receipt: receipt.to_owned(),
+                reason: reason.to_owned(),
+            }
+        }
+        24 => {
+            let layout = ["stale receipt for ", " of group `", "`: "];
+            let [place, group, reason] = split_layout(m, layout, "")?;
+            let (topic, queue, offset) = queue_place(place)?;
+            Error::StaleReceipt {
+                group: group.to_owned(),
+                topic,
+                queue,
+                offset,
+                reason: reason.to_owned(),
+            }
+        }
         _ => return None,
     })
 }
@@ -425,6 +444,17 @@ pub fn every_variant() -> Vec<Error> {
             queue: 1,
             offset: 31,
         },
+        Error::BadReceipt {
+            receipt: "1.2.x: 3`".into(),
+            reason: "not a receipt".into(),
+        },
+        Error::StaleReceipt {
+            group: "billing".into(),
+            topic: "orders".into(),
+            queue: 1,
+            offset: 31,
+            reason: "it was delivered again: `lease` 4 ended".into(),
+        },
     ];
     // Empty texts where the layout allows them.
     all.push(Error::Poisoned(String::new()));
@@ -479,6 +509,8 @@ mod tests {
             Error::Expired { .. } => "Expired",
             Error::Damaged { .. } => "Damaged",
             Error::Lost { .. } => "Lost",
+            Error::BadReceipt { .. } => "BadReceipt",
+            Error::StaleReceipt { .. } => "StaleReceipt",
         }
     }
 
@@ -488,7 +520,7 @@ mod tests {
         let mut names: Vec<&str> = all.iter().map(name).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 23, "every variant is covered: {names:?}");
+        assert_eq!(names.len(), 25, "every variant is covered: {names:?}");
         for e in all {
             let back = Error::from_wire(e.code(), e.to_string());
             assert_eq!(back.code(), e.code(), "{e}");

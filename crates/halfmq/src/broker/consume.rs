@@ -1,5 +1,6 @@
 //! The consumer side of the broker: consumer groups and their state, per-group delivery
-//! settings; in the children, `poll` (leases and redelivery), `ack` (ack and nack) and
+//! settings; in the children, `poll` (leases, redelivery, tag filters, FIFO message groups),
+//! `ack` (ack and nack), `receipt` (acks, nacks and lease changes by receipt) and
 //! `dead_letter` (dead letters and their replay).
 //!
 //! See `crate::delivery` for the lease model. Dead letters of group `G` are messages of the
@@ -13,6 +14,9 @@
 mod ack;
 mod dead_letter;
 mod poll;
+mod receipt;
+
+pub(crate) use receipt::LeaseKeys;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +28,7 @@ use crate::config::DeliveryConfig;
 use crate::delivery::Cursor;
 use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_types::error::{Error, Result};
-use halfmq_types::props::{DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX};
+use halfmq_types::props::{DLQ_TOPIC_PREFIX, INTERNAL_TOPIC_PREFIX, PROP_MESSAGE_GROUP};
 use halfmq_types::{GroupDeleted, GroupSettings};
 
 /// The dead-letter topic of a group.
@@ -47,6 +51,25 @@ pub(super) struct GroupTopic {
     delivery: Arc<DeliveryConfig>,
 }
 
+/// What a receipt is checked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LeaseUse {
+    /// An ack: a message acked already is fine (acks are idempotent).
+    Ack,
+    /// A nack or a lease change: the lease must be the message's lease now.
+    Settle,
+}
+
+/// What a nack asks for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Nack<'a> {
+    /// Deliver it again after this wait (`None`: the group's retry backoff), or dead-letter
+    /// it when its failures pass the group's maximum.
+    After(Option<Duration>),
+    /// Move it to the dead-letter queue now, for this reason.
+    DeadLetter(&'a str),
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -63,6 +86,9 @@ impl Broker {
         }
         if let Some(v) = &s.retry_backoff_ms {
             d.retry_backoff = v.iter().map(|&m| Duration::from_millis(m)).collect();
+        }
+        if let Some(v) = s.fifo {
+            d.fifo = v;
         }
         d.validate()?;
         Ok(d)
@@ -81,7 +107,11 @@ impl Broker {
         let d = Arc::new(d);
         for ((g, _), gt) in self.groups.lock().iter() {
             if g == group {
-                gt.lock().delivery = d.clone();
+                let mut gt = gt.lock();
+                if gt.delivery.fifo && !d.fifo {
+                    gt.cursors.iter_mut().for_each(Cursor::unblock_all);
+                }
+                gt.delivery = d.clone();
             }
         }
         Ok((*d).clone())
@@ -159,10 +189,13 @@ impl Broker {
                 self.meta.note_consumer(group, &topic.name, queue)?;
             }
             let retries = self.meta.retry_states(group, &topic.name, queue)?;
-            let (c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
+            let (mut c, stale) = Cursor::load(acks.committed, acks.acked_above, retries);
             let stale: Vec<_> = stale.into_iter().map(|o| (o, None)).collect();
             self.meta
                 .store_retries(group, &topic.name, queue, &stale, false)?;
+            if delivery.fifo {
+                self.restore_fifo(&mut c, q)?;
+            }
             cursors.push(c);
         }
         let g = Arc::new(Mutex::new(GroupTopic {
@@ -172,6 +205,22 @@ impl Broker {
         }));
         groups.insert(key, g.clone());
         Ok(g)
+    }
+
+    /// FIFO after a (re)start: the messages waiting for redelivery hold their message
+    /// groups (the first of each), so the scan holds back the rest of each group behind them.
+    fn restore_fifo(&self, c: &mut Cursor, q: &ConsumeQueue) -> Result<()> {
+        for offset in c.waiting_offsets() {
+            let rec = match self.store.read_message(q, offset) {
+                // Gone: the poll that reaches its lease drops it.
+                Err(Error::Lost { .. } | Error::Expired { .. }) => continue,
+                other => other?,
+            };
+            if let Some(g) = rec.and_then(|r| r.properties.get(PROP_MESSAGE_GROUP).cloned()) {
+                c.restore(offset, Arc::from(g.as_str()));
+            }
+        }
+        Ok(())
     }
 
     /// A topic to read from: a user topic (created on first use when allowed) or an existing

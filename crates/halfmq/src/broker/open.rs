@@ -187,6 +187,7 @@ impl Broker {
             retention_thread: Mutex::new(None),
             expired_skipped: AtomicU64::new(0),
             meta_recovery: meta_report,
+            leases: super::consume::LeaseKeys::new(),
         });
         broker.load_topics()?;
         if broker.config.txn.check_back {

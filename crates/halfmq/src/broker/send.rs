@@ -103,7 +103,7 @@ impl Broker {
     /// Where in `t` a message goes (its key picks the queue) and its encoded properties.
     /// The caller has checked its properties ([`Broker::check_user_properties`]).
     pub(super) fn place(t: &Topic, msg: &Message) -> Result<(usize, Vec<u8>)> {
-        let qi = Self::pick_queue(t, &msg.key);
+        let qi = Self::pick_queue(t, msg);
         let props = record::encode_properties(&msg.properties)?;
         Ok((qi, props))
     }

@@ -223,7 +223,10 @@ fn now_stored(
         if *o != f.log_offset {
             continue;
         }
-        if let Event::Delivered { group, .. } | Event::Acked { group } = &r.event {
+        if let Event::Delivered { group, .. }
+        | Event::Acked { group }
+        | Event::Filtered { group, .. } = &r.event
+        {
             names.insert(group.clone());
         }
     }

@@ -11,7 +11,7 @@ use crate::meta::TopicConfig;
 use halfmq_store::consume_queue::key_hash;
 use halfmq_store::validate_topic_name;
 use halfmq_types::error::{Error, Result};
-use halfmq_types::TopicInfo;
+use halfmq_types::{Message, TopicInfo};
 
 impl Broker {
     /// Make sure every topic the log knows about has a configuration, and load them all.
@@ -126,9 +126,16 @@ impl Broker {
             .ok_or_else(|| Error::UnknownTopic(name.to_owned()))
     }
 
-    /// The queue a message goes to: by a stable hash of its key, or round robin without one.
-    pub(super) fn pick_queue(topic: &Topic, key: &str) -> usize {
+    /// The queue a message goes to: by a stable hash of its message group
+    /// ([`PROP_MESSAGE_GROUP`](halfmq_types::props::PROP_MESSAGE_GROUP)) when it has one, so that a message group's messages share one
+    /// queue and keep their order; else by a stable hash of its key, or round robin without
+    /// one.
+    pub(super) fn pick_queue(topic: &Topic, msg: &Message) -> usize {
         let n = topic.queues.len() as u32;
+        if let Some(g) = msg.message_group() {
+            return (key_hash(g) % n) as usize;
+        }
+        let key = &msg.key;
         if key.is_empty() {
             (topic.round_robin.fetch_add(1, Ordering::Relaxed) % n) as usize
         } else {

@@ -14,7 +14,10 @@ use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_store::record::{self, Properties, RecordKind, RecordView, FLAG_TXN_COMMIT};
 use halfmq_store::{Append, DurableHook};
 use halfmq_types::error::{Error, Result};
-use halfmq_types::props::{PROP_CHECK_IMMUNITY_MS, PROP_PRODUCER_GROUP, PROP_TXN, RESERVED_PREFIX};
+use halfmq_types::props::{
+    PROP_CHECK_IMMUNITY_MS, PROP_MESSAGE_GROUP, PROP_PRODUCER_GROUP, PROP_TAG, PROP_TXN,
+    RESERVED_PREFIX,
+};
 use halfmq_types::{
     HalfMessage, HalfOptions, HalfReceipt, Message, Outcome, TransactionChecker, TxnId, TxnInfo,
     TxnState,
@@ -153,7 +156,7 @@ impl Broker {
         Self::check_user_properties(&msg.properties)?;
         validate_user_topic_name(topic)?;
         let t = self.topic(topic)?;
-        let qi = Self::pick_queue(&t, &msg.key);
+        let qi = Self::pick_queue(&t, msg);
         let mut props = msg.properties.clone();
         props.insert(PROP_PRODUCER_GROUP.into(), producer_group.into());
         if let Some(d) = opts.check_immunity {
@@ -267,7 +270,11 @@ impl Broker {
             });
         }
         let mut properties = rec.properties;
-        properties.retain(|k, _| !k.starts_with(RESERVED_PREFIX));
+        // The user's own properties, with the tag and message group (which the committed
+        // message keeps); the idempotency key belonged to the half.
+        properties.retain(|k, _| {
+            !k.starts_with(RESERVED_PREFIX) || k == PROP_TAG || k == PROP_MESSAGE_GROUP
+        });
         Ok(HalfMessage {
             txn_id: TxnId(info.txn_id),
             topic: rec.topic,

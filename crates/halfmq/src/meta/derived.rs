@@ -141,6 +141,10 @@ impl Meta {
             codec::decode::<halfmq_types::GroupSettings>(&v, "group settings")
                 .map_err(in_tree("groups"))?;
         }
+        for kv in self.group_fifo.iter() {
+            let (_, v) = kv.map_err(sled_err).map_err(in_tree("group_fifo"))?;
+            super::fifo_flag(&v).map_err(in_tree("group_fifo"))?;
+        }
         self.verify_derived()
     }
 

@@ -7,9 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::{Error, HalfOptions, Message, Result, TxnId};
+use halfmq::{
+    Error, GroupSettings, HalfOptions, Message, NackOutcome, PollOptions, Receipt, Result,
+    TagFilter, TxnId,
+};
 use halfmq_client::protocol::{
-    codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage,
+    codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived,
 };
 
 use super::{Answer, Conn, Stop};
@@ -26,7 +29,7 @@ const BATCH_ANSWER_BYTES: usize = 64;
 /// room, see [`handle`]).
 pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> {
     match req {
-        Request::Poll { .. } => None,
+        Request::Poll { .. } | Request::Receive { .. } => None,
         Request::Stats
         | Request::ListTopics
         | Request::ListTxns { .. }
@@ -119,11 +122,91 @@ pub(super) async fn handle(
         } => {
             let max = (max as usize).min(POLL_MESSAGES_MAX);
             let wait = Duration::from_millis(wait_ms.min(60_000));
-            let r = poll(conn, answer, stop, &group, &topic, max, wait).await;
+            let opts = PollOptions::default();
+            let r = poll(conn, answer, stop, (&group, &topic, &opts), max, wait).await;
             result_response(r, |ds| {
                 Response::Messages(ds.into_iter().map(WireDelivery::from).collect())
             })
         }
+        Request::Receive {
+            group,
+            topic,
+            max,
+            wait_ms,
+            lease_ms,
+            filter,
+        } => {
+            let max = (max as usize).min(POLL_MESSAGES_MAX);
+            let wait = Duration::from_millis(wait_ms.min(60_000));
+            let r = match TagFilter::parse(&filter) {
+                Ok(filter) => {
+                    let opts = PollOptions::default()
+                        .with_lease(lease_ms.map(Duration::from_millis))
+                        .with_filter(filter);
+                    poll(conn, answer, stop, (&group, &topic, &opts), max, wait).await
+                }
+                Err(e) => Err(e),
+            };
+            result_response(r, |ds| {
+                Response::Received(ds.into_iter().map(WireReceived::from).collect())
+            })
+        }
+        Request::AckReceipts {
+            group,
+            topic,
+            receipts,
+        } => result_response(
+            blocking(move || {
+                let rs = receipts
+                    .iter()
+                    .map(|r| Receipt::parse(r))
+                    .collect::<Result<Vec<_>>>()?;
+                b.ack_receipts(&group, &topic, &rs)
+            })
+            .await,
+            |()| Response::Ok,
+        ),
+        Request::NackReceipt {
+            group,
+            topic,
+            receipt,
+            delay_ms,
+        } => result_response(
+            blocking(move || {
+                let r = Receipt::parse(&receipt)?;
+                b.nack_receipt(&group, &topic, &r, delay_ms.map(Duration::from_millis))
+            })
+            .await,
+            Response::Nacked,
+        ),
+        Request::DeadLetterReceipt {
+            group,
+            topic,
+            receipt,
+            reason,
+        } => result_response(
+            blocking(move || {
+                let r = Receipt::parse(&receipt)?;
+                b.dead_letter_receipt(&group, &topic, &r, &reason)
+            })
+            .await,
+            |dead_letter| Response::Nacked(NackOutcome::DeadLettered { dead_letter }),
+        ),
+        Request::ChangeLease {
+            group,
+            topic,
+            receipt,
+            lease_ms,
+        } => result_response(
+            blocking(move || {
+                let r = Receipt::parse(&receipt)?;
+                b.change_lease(&group, &topic, &r, Duration::from_millis(lease_ms))
+            })
+            .await,
+            |r| Response::LeaseChanged {
+                receipt: r.handle(),
+            },
+        ),
         Request::Ack { group, topic, acks } => result_response(
             blocking(move || b.ack_many(&group, &topic, &acks)).await,
             |()| Response::Ok,
@@ -164,11 +247,35 @@ pub(super) async fn handle(
         }
         Request::SetGroup { group, settings } => result_response(
             blocking(move || {
+                // This request cannot carry the FIFO override: it keeps the one in force.
+                let fifo = b.group_settings(&group)?.1.fifo;
+                let settings = GroupSettings { fifo, ..settings };
                 b.set_group_settings(&group, &settings)
                     .map(|d| WireGroup::new(&d, settings))
             })
             .await,
             Response::Group,
+        ),
+        Request::SetGroupSettings {
+            group,
+            settings,
+            fifo,
+        } => result_response(
+            blocking(move || {
+                let settings = GroupSettings { fifo, ..settings };
+                b.set_group_settings(&group, &settings)
+                    .map(|d| Response::group_settings(&d, settings))
+            })
+            .await,
+            |r| r,
+        ),
+        Request::GetGroupSettings { group } => result_response(
+            blocking(move || {
+                b.group_settings(&group)
+                    .map(|(d, s)| Response::group_settings(&d, s))
+            })
+            .await,
+            |r| r,
         ),
         Request::DeleteGroup { group } => result_response(
             blocking(move || b.delete_group(&group)).await,
@@ -292,8 +399,7 @@ async fn poll(
     conn: &Conn,
     answer: &mut Answer,
     mut stop: Stop,
-    group: &str,
-    topic: &str,
+    (group, topic, opts): (&str, &str, &PollOptions),
     max: usize,
     wait: Duration,
 ) -> Result<Vec<halfmq::Delivery>> {
@@ -305,7 +411,7 @@ async fn poll(
         if max == 0 || stop.is_stopped() || !answer.reserve(room).await {
             return Ok(Vec::new());
         }
-        let got = b.poll_limited(group, topic, max, max_bytes)?;
+        let got = b.poll_limited_with(group, topic, max, max_bytes, opts)?;
         let now = tokio::time::Instant::now();
         if !got.is_empty() || now >= deadline {
             return Ok(got);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{ms, GroupTopic};
+use super::{ms, GroupTopic, LeaseUse, Nack};
 use crate::broker::wait::{block_on, blocking_and_async, Async, Blocking, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::delivery::{Lease, HELD};
@@ -20,7 +20,7 @@ use crate::meta::RetryState;
 use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_types::error::Result;
 use halfmq_types::trace::Event;
-use halfmq_types::NackOutcome;
+use halfmq_types::{NackOutcome, Receipt};
 
 impl Broker {
     /// Acknowledge one message; durable when this returns.
@@ -183,27 +183,40 @@ impl Broker {
         /// as it was (unless its dead-letter move got as far as its ack).
         async fn nack_async;
         (&self, group: &str, topic: &str, queue: u32, offset: u64, delay: Option<Duration>) -> Result<NackOutcome>;
-        nack_with(group, topic, queue, offset, delay)
+        nack_with(group, topic, queue, offset, Nack::After(delay), None)
     }
 
-    /// The one path of a nack. The message's lease is held (never due, so no poll hands it
-    /// out) from the check to the end, and ends as a wait for redelivery once its failure
-    /// count is durable, or with the ack of its dead-letter move.
-    async fn nack_with<W: Wait>(
+    /// The one path of a nack (by queue offset, or by `receipt`, which must name the lease
+    /// the message is held under now). The message's lease is held (never due, so no poll
+    /// hands it out) from the check to the end, and ends as a wait for redelivery once its
+    /// failure count is durable, or with the ack of its dead-letter move.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn nack_with<W: Wait>(
         &self,
         w: &W,
         group: &str,
         topic: &str,
         queue: u32,
         offset: u64,
-        delay: Option<Duration>,
+        how: Nack<'_>,
+        receipt: Option<&Receipt>,
     ) -> Result<NackOutcome> {
         validate_group_name(group)?;
         let t = self.topic_to_read(topic)?;
         let gt = self.group_topic(group, &t)?;
-        let reason = "nacked by the consumer".to_owned();
+        let dead_now = matches!(how, Nack::DeadLetter(_));
+        let (delay, reason) = match how {
+            Nack::After(delay) => (delay, "nacked by the consumer".to_owned()),
+            Nack::DeadLetter(why) => (
+                None,
+                format!("sent to the dead-letter queue by the consumer: {why}"),
+            ),
+        };
         let (lease, d) = {
             let mut g = gt.lock();
+            if let Some(r) = receipt {
+                self.check_receipt(group, &t, &g, r, LeaseUse::Settle)?;
+            }
             let q = self.acked_queue(group, &t, queue, offset)?;
             let past_end = offset >= q.len();
             let c = &mut g.cursors[queue as usize];
@@ -230,6 +243,7 @@ impl Broker {
                     delivered: false,
                     failures: lease.failures + 1,
                     reason: reason.clone(),
+                    ..lease.clone()
                 },
             );
             (lease, g.delivery.clone())
@@ -241,7 +255,7 @@ impl Broker {
             back: Some(lease.clone()),
         };
         let failures = lease.failures + 1;
-        if failures > d.max_retries {
+        if dead_now || failures > d.max_retries {
             let dead = Lease {
                 failures,
                 reason,
@@ -278,6 +292,7 @@ impl Broker {
             failures,
             delivered: false,
             reason,
+            ..lease
         });
         Ok(NackOutcome::Redeliver {
             attempt: failures + 1,

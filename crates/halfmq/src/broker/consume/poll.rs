@@ -1,6 +1,7 @@
 //! Poll: hand out messages of a topic to a consumer group, redeliveries that are due first,
-//! each leased to its consumer for the group's visibility time-out; and the long poll that
-//! waits for messages (blocking or async).
+//! each leased to its consumer for the group's visibility time-out (or the poll's own lease);
+//! and the long poll that waits for messages (blocking or async). A poll's tag filter acks
+//! what it skips; a FIFO group's scan holds back a message group's later messages.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,9 @@ use crate::meta::RetryState;
 use halfmq_store::consume_queue::ConsumeQueue;
 use halfmq_store::record::Record;
 use halfmq_types::error::{Error, Result};
+use halfmq_types::props::{PROP_MESSAGE_GROUP, PROP_TAG};
 use halfmq_types::trace::Event;
-use halfmq_types::Delivery;
+use halfmq_types::{Delivery, PollOptions, Receipt};
 
 /// Bytes a delivery counts against a poll's byte limit.
 fn delivery_size(topic: &str, rec: &Record) -> usize {
@@ -30,7 +32,14 @@ fn delivery_size(topic: &str, rec: &Record) -> usize {
         + 64
 }
 
-fn delivery(t: &Topic, q: &ConsumeQueue, offset: u64, rec: Record, attempt: u32) -> Delivery {
+fn delivery(
+    t: &Topic,
+    q: &ConsumeQueue,
+    offset: u64,
+    rec: Record,
+    attempt: u32,
+    receipt: Receipt,
+) -> Delivery {
     Delivery {
         topic: t.name.clone(),
         queue: q.queue_id(),
@@ -41,11 +50,12 @@ fn delivery(t: &Topic, q: &ConsumeQueue, offset: u64, rec: Record, attempt: u32)
         properties: rec.properties,
         timestamp_ms: rec.header.timestamp_ms,
         attempt,
+        receipt: Some(receipt),
     }
 }
 
 /// What one poll of one queue gathers.
-struct PollState {
+struct PollState<'a> {
     out: Vec<Delivery>,
     bytes: usize,
     max: usize,
@@ -54,11 +64,36 @@ struct PollState {
     dead: Vec<(usize, u64, Lease)>,
     /// Trace events of keyed messages: (log offset, event).
     events: Vec<(u64, Event)>,
+    /// What the poll asked for.
+    opts: &'a PollOptions,
+    /// Messages its filter skipped, to be acked for the group: (queue id, queue offset, log
+    /// offset, whether the message has a key).
+    filtered: Vec<(u32, u64, u64, bool)>,
 }
 
-impl PollState {
+/// How often a waiting poll of a FIFO group with messages waiting behind their message
+/// group's head looks again.
+const FIFO_RECHECK: Duration = Duration::from_millis(50);
+
+/// Most messages one poll skips by its filter: a long run of them ends the poll early (with
+/// what it has), and the next poll, which is not held back by waiting, goes on.
+const FILTERED_MAX: usize = 4096;
+
+impl PollState<'_> {
     fn full(&self) -> bool {
         self.out.len() >= self.max
+    }
+
+    /// Whether the poll's filter lets the message through; if not, it is noted to be acked.
+    fn passes(&mut self, q: &ConsumeQueue, offset: u64, rec: &Record) -> bool {
+        let tag = rec.properties.get(PROP_TAG).map(String::as_str);
+        if self.opts.filter.matches(tag) {
+            return true;
+        }
+        let keyed = !rec.key.is_empty();
+        self.filtered
+            .push((q.queue_id(), offset, rec.header.log_offset, keyed));
+        false
     }
 
     /// Whether a delivery of `size` bytes still fits (the first always does).
@@ -77,6 +112,21 @@ impl Broker {
         self.poll_limited(group, topic, max, usize::MAX)
     }
 
+    /// [`Broker::poll`] with options: each message is leased for `opts.lease` instead of the
+    /// group's visibility time-out, and only messages that pass `opts.filter` are handed out
+    /// (the others are acked for the group; see [`PollOptions`]). A lease outside
+    /// [`LEASE_MIN`](halfmq_types::lease::LEASE_MIN) ..=
+    /// [`LEASE_MAX`](halfmq_types::lease::LEASE_MAX) is [`Error::Invalid`].
+    pub fn poll_with(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
+        self.poll_limited_with(group, topic, max, usize::MAX, opts)
+    }
+
     /// [`Broker::poll`] that also stops before the messages' bytes (key, body, properties)
     /// would pass `max_bytes`; at least one message is returned when any is there.
     pub fn poll_limited(
@@ -86,9 +136,22 @@ impl Broker {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Delivery>> {
+        self.poll_limited_with(group, topic, max, max_bytes, &PollOptions::default())
+    }
+
+    /// [`Broker::poll_limited`] with options ([`Broker::poll_with`]).
+    pub fn poll_limited_with(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
         validate_group_name(group)?;
+        opts.validate()?;
         let t = self.topic_to_read(topic)?;
-        self.poll_group(group, &t, max, max_bytes)
+        self.poll_group(group, &t, max, max_bytes, opts)
     }
 
     fn poll_group(
@@ -97,6 +160,7 @@ impl Broker {
         t: &Arc<Topic>,
         max: usize,
         max_bytes: usize,
+        opts: &PollOptions,
     ) -> Result<Vec<Delivery>> {
         let gt = self.group_topic(group, t)?;
         let mut g = gt.lock();
@@ -112,6 +176,8 @@ impl Broker {
             max_bytes,
             dead: Vec::new(),
             events: Vec::new(),
+            opts,
+            filtered: Vec::new(),
         };
         let mut result = Ok(());
         for i in 0..n {
@@ -127,6 +193,27 @@ impl Broker {
                     result = Err(e);
                     break;
                 }
+            }
+        }
+        // Skipped by the filter: acked for the group (not flushed: after a crash they are
+        // looked at, and skipped, again).
+        if !st.filtered.is_empty() {
+            let acks: Vec<(u32, u64)> = st.filtered.iter().map(|f| (f.0, f.1)).collect();
+            match self.ack_apply(group, t, &mut g, &acks, false) {
+                Ok(()) => {
+                    let filter = opts.filter.to_string();
+                    for &(_, _, log_offset, keyed) in &st.filtered {
+                        if keyed {
+                            let event = Event::Filtered {
+                                group: group.to_owned(),
+                                filter: filter.clone(),
+                            };
+                            st.events.push((log_offset, event));
+                        }
+                    }
+                }
+                Err(e) if result.is_ok() => result = Err(e),
+                Err(_) => {}
             }
         }
         // Dead letters found on the way are moved even when the poll failed later, without
@@ -175,7 +262,7 @@ impl Broker {
         st: &mut PollState,
     ) -> Result<bool> {
         let q = &t.queues[qi];
-        let vt = ms(delivery_cfg.visibility_timeout);
+        let vt = ms(st.opts.lease.unwrap_or(delivery_cfg.visibility_timeout));
         let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
         let mut stopped = false;
         let mut expired = 0u64;
@@ -188,12 +275,16 @@ impl Broker {
                 // Retention deleted it (possible only where the group did not pin it, as in
                 // a dead-letter queue someone else replayed): the lease ends, counted.
                 expired += 1;
+                c.forget(offset, &lease);
                 continue;
             }
             let timed_out = lease.delivered;
             if timed_out {
                 lease.failures += 1;
-                lease.reason = format!("not acked within the visibility time-out ({vt} ms)");
+                lease.reason = format!(
+                    "not acked within the visibility time-out ({} ms)",
+                    lease.lease_ms
+                );
             }
             if lease.failures > delivery_cfg.max_retries {
                 // Held (never due) until the move ends it, so the scan below skips it.
@@ -226,8 +317,21 @@ impl Broker {
             let Some(rec) = read? else {
                 // Leases are only made for messages below the queue's length.
                 tracing::warn!(topic = %t.name, queue = q.queue_id(), offset, "lease of a message past the end of its queue dropped");
+                c.forget(offset, &lease);
                 continue;
             };
+            if !st.passes(q, offset, &rec) {
+                // Held (never due) until the ack after the loop ends it.
+                c.insert(
+                    offset,
+                    Lease {
+                        due_ms: HELD,
+                        delivered: false,
+                        ..lease
+                    },
+                );
+                continue;
+            }
             if timed_out && !rec.key.is_empty() {
                 let event = Event::Retried {
                     group: group.to_owned(),
@@ -248,15 +352,21 @@ impl Broker {
             }
             st.bytes += size;
             let attempt = lease.failures + 1;
+            let number = self.leases.number();
             c.insert(
                 offset,
                 Lease {
-                    due_ms: now + vt,
+                    due_ms: now.saturating_add(vt),
                     delivered: true,
+                    number,
+                    lease_ms: vt,
                     ..lease
                 },
             );
-            st.out.push(delivery(t, q, offset, rec, attempt));
+            let receipt = self
+                .leases
+                .receipt(group, &t.name, q.queue_id(), offset, number);
+            st.out.push(delivery(t, q, offset, rec, attempt, receipt));
         }
         // 2. Messages never delivered.
         'scan: while !stopped && !st.full() && c.next < q.len() {
@@ -286,23 +396,48 @@ impl Broker {
                     c.next = offset + 1;
                     continue;
                 }
+                if !st.passes(q, offset, &rec) {
+                    c.next = offset + 1;
+                    if st.filtered.len() >= FILTERED_MAX {
+                        break 'scan;
+                    }
+                    continue;
+                }
                 let size = delivery_size(&t.name, &rec);
                 if !st.fits(size) {
                     stopped = true;
                     break 'scan;
                 }
-                st.bytes += size;
+                // FIFO: one message of a message group out at a time; the others wait behind
+                // it (in the cursor, not in the scan) until it is acked or dead-lettered.
+                let fifo_group = delivery_cfg
+                    .fifo
+                    .then(|| rec.properties.get(PROP_MESSAGE_GROUP))
+                    .flatten()
+                    .map(|g| Arc::<str>::from(g.as_str()));
                 c.next = offset + 1;
+                if let Some(g) = &fifo_group {
+                    if !c.admit(offset, g) {
+                        continue;
+                    }
+                }
+                st.bytes += size;
+                let number = self.leases.number();
                 c.insert(
                     offset,
                     Lease {
-                        due_ms: now + vt,
-                        failures: 0,
+                        due_ms: now.saturating_add(vt),
                         delivered: true,
-                        reason: String::new(),
+                        number,
+                        lease_ms: vt,
+                        group: fifo_group,
+                        ..Lease::default()
                     },
                 );
-                st.out.push(delivery(t, q, offset, rec, 1));
+                let receipt = self
+                    .leases
+                    .receipt(group, &t.name, q.queue_id(), offset, number);
+                st.out.push(delivery(t, q, offset, rec, 1, receipt));
             }
         }
         if expired > 0 {
@@ -325,9 +460,21 @@ impl Broker {
         max: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
+        self.poll_wait_with(group, topic, max, timeout, &PollOptions::default())
+    }
+
+    /// [`Broker::poll_wait`] with options ([`Broker::poll_with`]).
+    pub fn poll_wait_with(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        timeout: Duration,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            let got = self.poll(group, topic, max)?;
+            let got = self.poll_with(group, topic, max, opts)?;
             let now = std::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
@@ -347,9 +494,24 @@ impl Broker {
         max_bytes: usize,
         timeout: Duration,
     ) -> Result<Vec<Delivery>> {
+        let opts = PollOptions::default();
+        self.poll_wait_with_async(group, topic, max, max_bytes, timeout, &opts)
+            .await
+    }
+
+    /// [`Broker::poll_wait_async`] with options ([`Broker::poll_with`]).
+    pub async fn poll_wait_with_async(
+        &self,
+        group: &str,
+        topic: &str,
+        max: usize,
+        max_bytes: usize,
+        timeout: Duration,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let got = self.poll_limited(group, topic, max, max_bytes)?;
+            let got = self.poll_limited_with(group, topic, max, max_bytes, opts)?;
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
@@ -392,11 +554,16 @@ impl Broker {
         let g = self.group_topic(group, &t)?;
         let g = g.lock();
         let from = g.cursors.iter().map(|c| c.next).collect();
-        let wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
+        let mut wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
             // Wake a millisecond after it falls due.
             Some(due) => Duration::from_millis(due.saturating_sub(self.now()) + 1).min(left),
             None => left,
         };
+        // FIFO: an ack of a message group's head makes the next one due, and no new message
+        // wakes the wait for it: look again soon.
+        if g.cursors.iter().any(Cursor::has_blocked) {
+            wait = wait.min(FIFO_RECHECK);
+        }
         Ok((t, from, wait))
     }
 }
