@@ -54,23 +54,26 @@ impl Clients {
         id
     }
 
-    /// The telemetry stream `id` of `client` ended (unless a newer one replaced it).
+    /// The telemetry stream `id` of `client` ended: the client is forgotten (unless a newer
+    /// stream replaced this one). A client is known only while its stream is open, so the
+    /// clients kept are bounded by the streams open, and a client that vanished without a
+    /// NotifyClientTermination is not asked at check-back.
     pub(crate) fn stream_closed(&self, client: &str, id: u64) {
         let mut all = self.clients.lock();
-        if let Some(c) = all.get_mut(client) {
-            if c.telemetry.as_ref().is_some_and(|(i, _)| *i == id) {
-                c.telemetry = None;
-            }
+        let ours = all
+            .get(client)
+            .and_then(|c| c.telemetry.as_ref())
+            .is_some_and(|(i, _)| *i == id);
+        if ours {
+            all.remove(client);
         }
     }
 
-    /// `client` publishes `topics`.
+    /// `client` publishes `topics` (a client without an open telemetry stream is not kept).
     pub(crate) fn publishes(&self, client: &str, topics: impl IntoIterator<Item = String>) {
-        let mut all = self.clients.lock();
-        all.entry(client.to_owned())
-            .or_default()
-            .topics
-            .extend(topics);
+        if let Some(c) = self.clients.lock().get_mut(client) {
+            c.topics.extend(topics);
+        }
     }
 
     /// `client` said it is going away.

@@ -87,8 +87,7 @@ impl RocketMqServer {
         self.local_addr
     }
 
-    /// RocketMQ clients known now (ones that sent settings or a transactional message and
-    /// did not say they terminated).
+    /// RocketMQ clients known now: those with an open telemetry stream.
     pub fn clients(&self) -> usize {
         self.clients.len()
     }

@@ -10,48 +10,7 @@ use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
 use halfmq_rocketmq::pb::{self, Code};
 use tonic::transport::Channel;
 
-use common::{start, Endpoint};
-
-async fn client(e: &Endpoint) -> MessagingServiceClient<Channel> {
-    MessagingServiceClient::connect(e.url())
-        .await
-        .expect("connects")
-        .max_encoding_message_size(64 * 1024 * 1024)
-}
-
-fn resource(name: &str) -> Option<pb::Resource> {
-    Some(pb::Resource {
-        resource_namespace: String::new(),
-        name: name.into(),
-    })
-}
-
-fn message(topic: &str, id: &str, body: Vec<u8>) -> pb::Message {
-    pb::Message {
-        topic: resource(topic),
-        user_properties: Default::default(),
-        system_properties: Some(pb::SystemProperties {
-            message_id: id.into(),
-            message_type: pb::MessageType::Normal as i32,
-            ..Default::default()
-        }),
-        body,
-    }
-}
-
-/// Send one message; the response's status.
-async fn send(c: &mut MessagingServiceClient<Channel>, m: pb::Message) -> pb::Status {
-    let r = c
-        .send_message(pb::SendMessageRequest { messages: vec![m] })
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
-    r.status.expect("a status")
-}
-
-fn code(s: &pb::Status) -> Code {
-    Code::try_from(s.code).expect("a known code")
-}
+use common::{client, code, message, resource, send, start, Endpoint};
 
 /// The endpoint still serves: a normal message is stored.
 async fn still_serves(c: &mut MessagingServiceClient<Channel>, e: &Endpoint, id: &str) {

@@ -344,3 +344,41 @@ async fn a_simple_consumer_receives_and_acks() {
     p.shutdown().await.expect("producer stops");
     e.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_producer_cannot_decide_stays_unresolved_not_dropped() {
+    let e = start(|mut c| {
+        c.txn.timeout = Duration::from_millis(300);
+        c.txn.check_interval = Duration::from_millis(300);
+        c.txn.check_max = 2;
+        c
+    })
+    .await;
+    e.broker.create_topic("txn", 1).expect("topic");
+    let checker = Box::new(|_: String, _| TransactionResolution::UNKNOWN);
+    let mut p = Producer::new_transaction_producer(
+        producer_option("txn"),
+        e.client_option(Duration::from_secs(2)),
+        checker,
+    )
+    .expect("producer");
+    p.start().await.expect("starts");
+    let msg = MessageBuilder::transaction_message_builder("txn", b"undecided".to_vec())
+        .build()
+        .expect("message");
+    let t = txn_of(&p.send_transaction_message(msg).await.expect("half"));
+    let broker = e.broker.clone();
+    let unresolved = eventually(Duration::from_secs(30), || {
+        broker.transaction_state(t).ok() == Some(TxnState::Unresolved)
+    })
+    .await;
+    assert!(unresolved, "{:?}", broker.transaction_state(t));
+    let info = &broker.unresolved_transactions()[0];
+    assert_eq!((info.txn_id, info.checks), (t.0, 2));
+    // Still there to be decided: the producer commits it now.
+    assert!(e.broker.poll("g", "txn", 10).expect("poll").is_empty());
+    e.broker.commit(t).expect("commit");
+    assert_eq!(e.broker.poll("g", "txn", 10).expect("poll").len(), 1);
+    p.shutdown().await.expect("producer stops");
+    e.stop().await;
+}

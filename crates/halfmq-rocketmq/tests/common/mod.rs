@@ -9,8 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use halfmq::{Broker, BrokerConfig};
+use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
+use halfmq_rocketmq::pb::{self, Code};
 use halfmq_rocketmq::RocketMqServer;
 use rocketmq::conf::ClientOption;
+use tonic::transport::Channel;
 
 /// A broker and its RocketMQ endpoint, stopped by [`Endpoint::stop`].
 pub struct Endpoint {
@@ -74,4 +77,49 @@ pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     done()
+}
+
+/// A raw gRPC client of the generated code, connected to the endpoint.
+pub async fn client(e: &Endpoint) -> MessagingServiceClient<Channel> {
+    MessagingServiceClient::connect(e.url())
+        .await
+        .expect("connects")
+        .max_encoding_message_size(64 * 1024 * 1024)
+}
+
+/// A resource (topic or group) named `name`.
+pub fn resource(name: &str) -> Option<pb::Resource> {
+    Some(pb::Resource {
+        resource_namespace: String::new(),
+        name: name.into(),
+    })
+}
+
+/// A NORMAL message with this id and body.
+pub fn message(topic: &str, id: &str, body: Vec<u8>) -> pb::Message {
+    pb::Message {
+        topic: resource(topic),
+        user_properties: Default::default(),
+        system_properties: Some(pb::SystemProperties {
+            message_id: id.into(),
+            message_type: pb::MessageType::Normal as i32,
+            ..Default::default()
+        }),
+        body,
+    }
+}
+
+/// Send one message; the response's status.
+pub async fn send(c: &mut MessagingServiceClient<Channel>, m: pb::Message) -> pb::Status {
+    let r = c
+        .send_message(pb::SendMessageRequest { messages: vec![m] })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    r.status.expect("a status")
+}
+
+/// The RocketMQ code of a status.
+pub fn code(s: &pb::Status) -> Code {
+    Code::try_from(s.code).expect("a known code")
 }
