@@ -13,6 +13,10 @@ use crate::status::{of_error, ok, status, unsupported};
 /// Most messages one receive hands out.
 const BATCH_MAX: i32 = 1024;
 
+/// Most bytes of messages one receive hands out (at least one message is handed out, however
+/// large): a batch of large messages is cut here rather than held in memory whole.
+const RECEIVE_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 /// How long a receive waits for a message when the client does not say.
 const LONG_POLL_DEFAULT: Duration = Duration::from_secs(20);
 
@@ -110,7 +114,7 @@ impl Service {
         let max = req.batch_size as usize;
         let got = self
             .broker
-            .poll_wait_async(group, topic, max, usize::MAX, wait)
+            .poll_wait_async(group, topic, max, RECEIVE_BYTES_MAX, wait)
             .await
             .map_err(|e| of_error(&e))?;
         if got.is_empty() {
