@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use halfmq::{Broker, BrokerConfig, Message};
 use halfmq_rocketmq::RocketMqServer;
-use rocketmq::conf::{ClientOption, LoggingFormat, ProducerOption};
+use rocketmq::conf::{ClientOption, ProducerOption};
 use rocketmq::model::message::MessageBuilder;
 use rocketmq::Producer;
 
@@ -89,7 +89,10 @@ where
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let tasks = args.first().copied().unwrap_or(16);
     let per_task = args.get(1).copied().unwrap_or(500);
     let body = vec![b'x'; args.get(2).copied().unwrap_or(256)];
@@ -97,11 +100,12 @@ async fn main() {
     let broker = Broker::open(BrokerConfig::new(dir.path())).expect("broker");
     broker.create_topic("bench", 4).expect("topic");
     let any = "127.0.0.1:0".parse().expect("an address");
-    let server = RocketMqServer::start(broker.clone(), any).await.expect("endpoint");
+    let server = RocketMqServer::start(broker.clone(), any)
+        .await
+        .expect("endpoint");
 
     let mut popt = ProducerOption::default();
     popt.set_topics(vec!["bench"]);
-    popt.set_logging_format(LoggingFormat::Json);
     let mut copt = ClientOption::default();
     copt.set_access_url(server.local_addr().to_string());
     copt.set_timeout(Duration::from_secs(30));
@@ -109,7 +113,10 @@ async fn main() {
     producer.start().await.expect("producer starts");
     let producer = Arc::new(producer);
 
-    println!("{tasks} tasks x {per_task} sends of {} bytes, flush sync", body.len());
+    println!(
+        "{tasks} tasks x {per_task} sends of {} bytes, flush sync",
+        body.len()
+    );
     let (p, b) = (producer.clone(), body.clone());
     let rocketmq = phase("official rocketmq 5", tasks, per_task, move |_| {
         let (p, b) = (p.clone(), b.clone());

@@ -32,6 +32,28 @@ async fn producer(e: &Endpoint, topic: &str) -> Producer {
     p
 }
 
+/// A started transactional producer of topic `txn` whose checker is `checker`.
+async fn txn_producer(
+    e: &Endpoint,
+    checker: Box<rocketmq::model::transaction::TransactionChecker>,
+) -> Producer {
+    let mut p = Producer::new_transaction_producer(
+        producer_option("txn"),
+        e.client_option(Duration::from_secs(2)),
+        checker,
+    )
+    .expect("producer");
+    p.start().await.expect("starts");
+    p
+}
+
+/// A transactional message of topic `txn`.
+fn half(body: &[u8]) -> impl Message {
+    MessageBuilder::transaction_message_builder("txn", body.to_vec())
+        .build()
+        .expect("message")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_producer_stores_tags_keys_and_properties() {
     let e = start(|c| c).await;
@@ -174,18 +196,7 @@ async fn transactions_commit_and_roll_back_from_the_producer() {
     let e = start(|c| c).await;
     e.broker.create_topic("txn", 1).expect("topic");
     let checker = Box::new(|_: String, _| TransactionResolution::UNKNOWN);
-    let mut p = Producer::new_transaction_producer(
-        producer_option("txn"),
-        e.client_option(Duration::from_secs(2)),
-        checker,
-    )
-    .expect("producer");
-    p.start().await.expect("starts");
-    let half = |body: &[u8]| {
-        MessageBuilder::transaction_message_builder("txn", body.to_vec())
-            .build()
-            .expect("message")
-    };
+    let p = txn_producer(&e, checker).await;
     let kept = p
         .send_transaction_message(half(b"kept"))
         .await
@@ -239,18 +250,7 @@ async fn check_back_asks_the_live_producer_which_commits_or_rolls_back() {
             TransactionResolution::ROLLBACK
         }
     });
-    let mut p = Producer::new_transaction_producer(
-        producer_option("txn"),
-        e.client_option(Duration::from_secs(2)),
-        checker,
-    )
-    .expect("producer");
-    p.start().await.expect("starts");
-    let half = |body: &[u8]| {
-        MessageBuilder::transaction_message_builder("txn", body.to_vec())
-            .build()
-            .expect("message")
-    };
+    let p = txn_producer(&e, checker).await;
     // Neither is ended by the producer: the broker asks.
     let a = txn_of(
         &p.send_transaction_message(half(b"commit me"))
@@ -356,17 +356,12 @@ async fn a_transaction_the_producer_cannot_decide_stays_unresolved_not_dropped()
     .await;
     e.broker.create_topic("txn", 1).expect("topic");
     let checker = Box::new(|_: String, _| TransactionResolution::UNKNOWN);
-    let mut p = Producer::new_transaction_producer(
-        producer_option("txn"),
-        e.client_option(Duration::from_secs(2)),
-        checker,
-    )
-    .expect("producer");
-    p.start().await.expect("starts");
-    let msg = MessageBuilder::transaction_message_builder("txn", b"undecided".to_vec())
-        .build()
-        .expect("message");
-    let t = txn_of(&p.send_transaction_message(msg).await.expect("half"));
+    let p = txn_producer(&e, checker).await;
+    let t = txn_of(
+        &p.send_transaction_message(half(b"undecided"))
+            .await
+            .expect("half"),
+    );
     let broker = e.broker.clone();
     let unresolved = eventually(Duration::from_secs(30), || {
         broker.transaction_state(t).ok() == Some(TxnState::Unresolved)
