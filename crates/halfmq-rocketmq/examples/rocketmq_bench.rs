@@ -1,5 +1,7 @@
-//! Durable sends through the RocketMQ endpoint with the official Rust producer, next to the
-//! same sends made with the embedded broker's `send_async`, in one run on one broker:
+//! Durable sends through the RocketMQ endpoint with the official Rust producer and with a
+//! plain gRPC client of the generated code (one channel, no client-side work beyond
+//! encoding), next to the same sends made with the embedded broker's `send_async`, in one
+//! run on one broker:
 //! throughput, p50/p99 latency, their ratio, and the process's CPU time per message while
 //! each phase ran (client and endpoint together for the RocketMQ phase).
 //!
@@ -9,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use halfmq::{Broker, BrokerConfig, Message};
+use halfmq_rocketmq::pb;
+use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
 use halfmq_rocketmq::RocketMqServer;
 use rocketmq::conf::{ClientOption, ProducerOption};
 use rocketmq::model::message::MessageBuilder;
@@ -130,6 +134,36 @@ async fn main() {
         }
     })
     .await;
+    let url = format!("http://{}", server.local_addr());
+    let raw = MessagingServiceClient::connect(url)
+        .await
+        .expect("connects");
+    let b = body.clone();
+    let grpc = phase("plain gRPC client", tasks, per_task, move |i| {
+        let (mut c, b) = (raw.clone(), b.clone());
+        async move {
+            let m = pb::Message {
+                topic: Some(pb::Resource {
+                    resource_namespace: String::new(),
+                    name: "bench".into(),
+                }),
+                system_properties: Some(pb::SystemProperties {
+                    message_id: format!("grpc-{i}"),
+                    message_type: pb::MessageType::Normal as i32,
+                    ..Default::default()
+                }),
+                body: b,
+                ..Default::default()
+            };
+            let r = c
+                .send_message(pb::SendMessageRequest { messages: vec![m] })
+                .await
+                .expect("send")
+                .into_inner();
+            assert_eq!(r.status.map(|s| s.code), Some(pb::Code::Ok as i32));
+        }
+    })
+    .await;
     let (br, b) = (broker.clone(), body.clone());
     let embedded = phase("embedded send_async", tasks, per_task, move |i| {
         let (br, b) = (br.clone(), b.clone());
@@ -140,12 +174,16 @@ async fn main() {
     })
     .await;
     rocketmq.print();
+    grpc.print();
     embedded.print();
-    println!(
-        "rocketmq / embedded: throughput {:.2}, p99 {:.2}",
-        rocketmq.rate() / embedded.rate(),
-        rocketmq.pct(0.99) as f64 / embedded.pct(0.99) as f64
-    );
+    for p in [&rocketmq, &grpc] {
+        println!(
+            "{} / embedded: throughput {:.2}, p99 {:.2}",
+            p.name,
+            p.rate() / embedded.rate(),
+            p.pct(0.99) as f64 / embedded.pct(0.99) as f64
+        );
+    }
     if let Ok(p) = Arc::try_unwrap(producer) {
         let _ = p.shutdown().await;
     }

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
 
 use crate::clients::{Checker, Clients, PRODUCER_GROUP};
 use crate::convert::BODY_BYTES_MAX;
@@ -57,10 +58,15 @@ impl RocketMqServer {
             .max_decoding_message_size(REQUEST_BYTES_MAX)
             .max_encoding_message_size(REQUEST_BYTES_MAX);
         let (stop, stopped) = oneshot::channel::<()>();
-        let incoming = TcpListenerStream::new(listener);
+        // The builder's `tcp_nodelay` covers only sockets tonic accepts itself: these are
+        // ours. Without it a small answer can wait for the client's delayed ack (~40 ms).
+        let incoming = TcpListenerStream::new(listener).map(|accepted| {
+            let stream = accepted?;
+            stream.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(stream)
+        });
         let task = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(incoming, async {
