@@ -263,6 +263,47 @@ impl Service {
         }
     }
 
+    /// A ForwardMessageToDeadLetterQueue, which a client sends when a message failed its last
+    /// attempt. halfmq dead-letters a message when a failure passes the group's
+    /// `max_retries`: the last attempt's failure is recorded (a nack) and moves it to
+    /// `%DLQ%<group>`. Asked earlier, nothing is done and the answer says so (dead-lettering
+    /// before the group's last attempt is not supported yet).
+    pub(crate) async fn forward_to_dead_letters(
+        &self,
+        req: pb::ForwardMessageToDeadLetterQueueRequest,
+    ) -> Result<(), pb::Status> {
+        let group = name_of(
+            req.group.as_ref(),
+            "consumer group",
+            Code::IllegalConsumerGroup,
+        )?;
+        let topic = name_of(req.topic.as_ref(), "topic", Code::IllegalTopic)?;
+        let h = Handle::decode(&req.receipt_handle)?;
+        let (delivery, _) = self
+            .broker
+            .group_settings(group)
+            .map_err(|e| of_error(&e))?;
+        let early = |attempt: u32| {
+            unsupported(&format!(
+                "dead-lettering before the group's last attempt is not supported yet: group `{group}` dead-letters a message after {} failed deliveries, and this is delivery {attempt}",
+                delivery.max_retries
+            ))
+        };
+        if h.attempt <= delivery.max_retries {
+            return Err(early(h.attempt));
+        }
+        let outcome = self
+            .broker
+            .nack_async(group, topic, h.queue, h.offset, None)
+            .await
+            .map_err(|e| of_error(&e))?;
+        match outcome {
+            NackOutcome::DeadLettered { .. } => Ok(()),
+            // The handle claimed a later attempt than the message had: it was given back.
+            NackOutcome::Redeliver { attempt, .. } => Err(early(attempt.saturating_sub(1))),
+        }
+    }
+
     /// A QueryAssignment: one assignment standing for the whole topic (a receive polls all
     /// its queues for the group).
     pub(crate) async fn assignment(

@@ -450,14 +450,15 @@ impl MessagingService for Service {
 
     async fn forward_message_to_dead_letter_queue(
         &self,
-        _req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
+        req: Request<pb::ForwardMessageToDeadLetterQueueRequest>,
     ) -> Answer<pb::ForwardMessageToDeadLetterQueueResponse> {
-        let s = unsupported(
-            "forwarding a message to the dead-letter queue on request is not supported yet; \
-             halfmq dead-letters a message by itself after the group's max_retries failed \
-             deliveries (ChangeInvisibleDuration counts one)",
-        );
-        answer(pb::ForwardMessageToDeadLetterQueueResponse { status: Some(s) })
+        let status = match self.forward_to_dead_letters(req.into_inner()).await {
+            Ok(()) => ok(),
+            Err(s) => s,
+        };
+        answer(pb::ForwardMessageToDeadLetterQueueResponse {
+            status: Some(status),
+        })
     }
 
     type PullMessageStream = tokio_stream::Once<Result<pb::PullMessageResponse, tonic::Status>>;

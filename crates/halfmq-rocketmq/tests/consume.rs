@@ -169,3 +169,60 @@ async fn assignment_hands_out_the_topic_and_an_empty_topic_says_so() {
     assert_eq!((code(&s), got.len()), (Code::MessageNotFound, 0));
     e.stop().await;
 }
+
+async fn forward(c: &mut MessagingServiceClient<Channel>, m: &pb::Message) -> pb::Status {
+    let r = c
+        .forward_message_to_dead_letter_queue(pb::ForwardMessageToDeadLetterQueueRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: sys(m).receipt_handle.clone().expect("a handle"),
+            message_id: sys(m).message_id.clone(),
+            delivery_attempt: sys(m).delivery_attempt.unwrap_or(0),
+            max_delivery_attempts: 1,
+            lite_topic: None,
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    r.status.expect("a status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_attempt_is_forwarded_to_the_dead_letters_and_an_earlier_one_is_not() {
+    let e = start(|c| c).await;
+    e.broker.create_topic("t", 1).expect("topic");
+    for body in ["first", "second"] {
+        e.broker.send("t", &Message::new(body)).expect("send");
+    }
+    let mut c = client(&e).await;
+    let (_, got) = receive(&mut c, "g", "t", 1).await;
+    assert_eq!(got.len(), 1);
+    // Delivery 1 of 17 (max_retries 16): not the last; nothing is done, and it says so.
+    let s = forward(&mut c, &got[0]).await;
+    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    assert!(s.message.contains("16"), "{}", s.message);
+    assert!(e.broker.dead_letters("g", 0, 10).expect("list").is_empty());
+    let handle = sys(&got[0]).receipt_handle.clone().expect("a handle");
+    assert_eq!(
+        code(&ack(&mut c, &handle).await),
+        Code::Ok,
+        "still held, so it acks"
+    );
+
+    // With max_retries 0 the first delivery is the last: forwarded, it is a dead letter.
+    let none_left = halfmq::GroupSettings {
+        max_retries: Some(0),
+        ..Default::default()
+    };
+    e.broker
+        .set_group_settings("g", &none_left)
+        .expect("settings");
+    let (_, got) = receive(&mut c, "g", "t", 1).await;
+    assert_eq!(got.len(), 1);
+    let s = forward(&mut c, &got[0]).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
+    let dead = e.broker.dead_letters("g", 0, 10).expect("list");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body_len, "second".len());
+    e.stop().await;
+}

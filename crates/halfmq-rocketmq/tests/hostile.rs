@@ -186,12 +186,6 @@ async fn unsupported_requests_say_so() {
         .expect("a gRPC answer")
         .into_inner();
     assert_eq!(code(&r.status.expect("a status")), Code::Unsupported);
-    let r = c
-        .forward_message_to_dead_letter_queue(pb::ForwardMessageToDeadLetterQueueRequest::default())
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
-    assert_eq!(code(&r.status.expect("a status")), Code::Unsupported);
     // FIFO messages are refused, not stored out of order.
     let mut m = message("t", "f1", b"b".to_vec());
     if let Some(s) = m.system_properties.as_mut() {
