@@ -1,7 +1,8 @@
 //! Durable sends through the RocketMQ endpoint with the official Rust producer and with a
 //! plain gRPC client of the generated code (one channel, no client-side work beyond
-//! encoding), next to the same sends made with the embedded broker's `send_async`, in one
-//! run on one broker:
+//! encoding), next to the same sends made with halfmq's own network client (through the
+//! native server, both ends in this process) and with the embedded broker's `send_async`, in
+//! one run on one broker:
 //! throughput, p50/p99 latency, their ratio, and the process's CPU time per message while
 //! each phase ran (client and endpoint together for the RocketMQ phase).
 //!
@@ -164,6 +165,25 @@ async fn main() {
         }
     })
     .await;
+    let listen = halfmq_cli::server::ServerConfig::default().with_listen(any);
+    let native_server = halfmq_cli::server::Server::start(broker.clone(), listen)
+        .await
+        .expect("native server");
+    let config = halfmq_client::ClientConfig::new(native_server.local_addr().to_string());
+    let native_client = Arc::new(
+        halfmq_client::Client::connect(config)
+            .await
+            .expect("client"),
+    );
+    let (nc, b) = (native_client.clone(), body.clone());
+    let native = phase("halfmq network client", tasks, per_task, move |i| {
+        let (nc, b) = (nc.clone(), b.clone());
+        async move {
+            let m = Message::new(b).with_idempotency_key(format!("native-{i}"));
+            nc.send("bench", &m).await.expect("send");
+        }
+    })
+    .await;
     let (br, b) = (broker.clone(), body.clone());
     let embedded = phase("embedded send_async", tasks, per_task, move |i| {
         let (br, b) = (br.clone(), b.clone());
@@ -173,17 +193,19 @@ async fn main() {
         }
     })
     .await;
-    rocketmq.print();
-    grpc.print();
-    embedded.print();
-    for p in [&rocketmq, &grpc] {
+    for p in [&rocketmq, &grpc, &native, &embedded] {
+        p.print();
+    }
+    for base in [&native, &embedded] {
         println!(
-            "{} / embedded: throughput {:.2}, p99 {:.2}",
-            p.name,
-            p.rate() / embedded.rate(),
-            p.pct(0.99) as f64 / embedded.pct(0.99) as f64
+            "official rocketmq / {}: throughput {:.2}, p99 {:.2}",
+            base.name,
+            rocketmq.rate() / base.rate(),
+            rocketmq.pct(0.99) as f64 / base.pct(0.99) as f64
         );
     }
+    drop(native_client);
+    native_server.shutdown().await;
     if let Ok(p) = Arc::try_unwrap(producer) {
         let _ = p.shutdown().await;
     }
