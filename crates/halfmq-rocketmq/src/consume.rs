@@ -58,6 +58,17 @@ fn long_poll(asked: Option<prost_types::Duration>) -> Result<Duration, pb::Statu
     Ok((d * 4 / 5).min(LONG_POLL_MAX))
 }
 
+/// The group, topic and receipt handle of a request about one message a consumer holds.
+fn held<'a>(
+    group: Option<&'a pb::Resource>,
+    topic: Option<&'a pb::Resource>,
+    handle: &str,
+) -> Result<(&'a str, &'a str, Handle), pb::Status> {
+    let group = name_of(group, "consumer group", Code::IllegalConsumerGroup)?;
+    let topic = name_of(topic, "topic", Code::IllegalTopic)?;
+    Ok((group, topic, Handle::decode(handle)?))
+}
+
 fn receive_status(s: pb::Status) -> Vec<pb::ReceiveMessageResponse> {
     vec![pb::ReceiveMessageResponse {
         content: Some(Content::Status(s)),
@@ -232,13 +243,7 @@ impl Service {
         &self,
         req: &pb::ChangeInvisibleDurationRequest,
     ) -> Result<String, pb::Status> {
-        let group = name_of(
-            req.group.as_ref(),
-            "consumer group",
-            Code::IllegalConsumerGroup,
-        )?;
-        let topic = name_of(req.topic.as_ref(), "topic", Code::IllegalTopic)?;
-        let h = Handle::decode(&req.receipt_handle)?;
+        let (group, topic, h) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
         let d = req
             .invisible_duration
             .and_then(|d| Duration::try_from(d).ok())
@@ -272,13 +277,7 @@ impl Service {
         &self,
         req: pb::ForwardMessageToDeadLetterQueueRequest,
     ) -> Result<(), pb::Status> {
-        let group = name_of(
-            req.group.as_ref(),
-            "consumer group",
-            Code::IllegalConsumerGroup,
-        )?;
-        let topic = name_of(req.topic.as_ref(), "topic", Code::IllegalTopic)?;
-        let h = Handle::decode(&req.receipt_handle)?;
+        let (group, topic, h) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
         let (delivery, _) = self
             .broker
             .group_settings(group)
