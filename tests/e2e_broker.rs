@@ -7,7 +7,8 @@
 //! malformed input of every kind gets an error frame and closes only that connection while
 //! the broker keeps serving; that the token is enforced (and required off loopback); that
 //! settings merge as flags over environment over file; and that the JSON of `topics` and
-//! `stats` is usable. `kill -9` of the broker under load is `tests/kill9.rs`. The process
+//! `stats` is usable; and that `--rocketmq-listen` serves the same broker to RocketMQ 5
+//! clients. `kill -9` of the broker under load is `tests/kill9.rs`. The process
 //! helpers are in `tests/common/mod.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -1602,4 +1603,67 @@ fn comparing_benches_report_the_median_of_their_rounds() {
     check(&r, "ratio_to_embedded");
     assert_eq!(r["mode"], "broker");
     broker.terminate();
+}
+
+#[test]
+fn rocketmq_endpoint_serves_the_same_broker() {
+    use halfmq_rocketmq::pb::{self, messaging_service_client::MessagingServiceClient};
+    let broker = BrokerProc::fresh(&["--rocketmq-listen", "127.0.0.1:0"]);
+    let announced = "RocketMQ 5 endpoint at ";
+    let line = broker
+        .proc
+        .stdout_lines()
+        .into_iter()
+        .find(|l| l.starts_with(announced))
+        .expect("the endpoint is announced before the broker listens");
+    let url = format!("http://{}", &line[announced.len()..]);
+    // A message through the native door ...
+    assert_eq!(produce(&broker.addr, "t", "p", 1).len(), 1);
+    let topic = || {
+        Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: "t".into(),
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = MessagingServiceClient::connect(url).await.unwrap();
+        let route = c
+            .query_route(pb::QueryRouteRequest {
+                topic: topic(),
+                endpoints: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(route.status.unwrap().code, pb::Code::Ok as i32);
+        assert!(!route.message_queues.is_empty());
+        // ... is received through the RocketMQ door, with its key.
+        let mut answer = c
+            .receive_message(pb::ReceiveMessageRequest {
+                group: Some(pb::Resource {
+                    resource_namespace: String::new(),
+                    name: "g".into(),
+                }),
+                message_queue: Some(pb::MessageQueue {
+                    topic: topic(),
+                    ..Default::default()
+                }),
+                batch_size: 8,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut keys = Vec::new();
+        while let Some(item) = answer.message().await.unwrap() {
+            if let Some(pb::receive_message_response::Content::Message(m)) = item.content {
+                keys.extend(m.system_properties.unwrap().keys);
+            }
+        }
+        assert_eq!(keys, vec!["p-0"]);
+    });
 }

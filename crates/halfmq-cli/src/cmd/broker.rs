@@ -43,6 +43,7 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
         return Ok(());
     }
     let metrics_addr = resolved.metrics;
+    let rocketmq_addr = resolved.rocketmq;
     let (config, server_config) = (resolved.broker, resolved.server);
     // Installed before the broker opens, so that everything it records is counted.
     let metrics_handle = match metrics_addr {
@@ -63,6 +64,14 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
         }
         _ => None,
     };
+    let rocketmq = match rocketmq_addr {
+        Some(addr) => {
+            let r = halfmq_rocketmq::RocketMqServer::start(broker.clone(), addr).await?;
+            println_flush(&format!("RocketMQ 5 endpoint at {}", r.local_addr()));
+            Some(r)
+        }
+        None => None,
+    };
     println_flush(&format!(
         "halfmq broker listening on {} (data directory {}); Ctrl-C or SIGTERM stops it cleanly",
         server.local_addr(),
@@ -77,6 +86,9 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
     eprintln!("halfmq: stopping: finishing requests in flight, then flushing");
     if let Some(m) = metrics_server {
         m.shutdown().await;
+    }
+    if let Some(r) = rocketmq {
+        r.shutdown(std::time::Duration::from_secs(5)).await;
     }
     server.shutdown().await;
     blocking("closing", move || broker.close()).await?;

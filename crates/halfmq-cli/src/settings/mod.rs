@@ -14,6 +14,7 @@
 //! flush = "sync"              # or "async"
 //! txn_timeout_ms = 6000
 //! metrics = "127.0.0.1:9100"  # Prometheus endpoint http://ADDR/metrics; "off" by default
+//! rocketmq_listen = "127.0.0.1:8081"  # RocketMQ 5 gRPC endpoint; "off" by default
 //! ```
 
 use std::collections::BTreeMap;
@@ -165,6 +166,8 @@ pub struct Resolved {
     pub server: ServerConfig,
     /// Where to serve Prometheus metrics; `None` when off.
     pub metrics: Option<SocketAddr>,
+    /// Where to serve RocketMQ 5 clients; `None` when off.
+    pub rocketmq: Option<SocketAddr>,
     /// The sync interval of `--flush async`; kept apart from the flush policy so that it is
     /// shown, and kept, under `sync` too.
     pub flush_interval: Duration,
@@ -184,6 +187,7 @@ impl Default for Resolved {
             broker,
             server: ServerConfig::default(),
             metrics: None,
+            rocketmq: None,
             flush_interval: FLUSH_INTERVAL_DEFAULT,
             config: None,
             sources: BTreeMap::new(),

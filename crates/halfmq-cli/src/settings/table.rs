@@ -119,5 +119,8 @@ settings! {
         idle_timeout_ms: u64 = "HALFMQ_IDLE_TIMEOUT_MS" => server.idle_timeout;
         /// Serve Prometheus metrics at http://ADDR/metrics ("off" turns it off).
         metrics: String = "HALFMQ_METRICS", value_name = "ADDR" => metrics;
+        /// Serve RocketMQ 5 clients (gRPC MessagingService) at ADDR, beside the native
+        /// listener, on the same broker ("off" turns it off).
+        rocketmq_listen: String = "HALFMQ_ROCKETMQ_LISTEN", value_name = "ADDR" => rocketmq;
     }
 }

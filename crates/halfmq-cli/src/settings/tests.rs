@@ -206,16 +206,28 @@ fn print_config_shows_every_setting_and_where_it_came_from() {
 }
 
 #[test]
-fn metrics_is_off_by_default_and_an_address_when_set() {
-    let r = flags(&[]).unwrap();
-    assert_eq!(r.metrics, None);
-    assert!(r.to_toml().contains("metrics = \"off\""));
-    let r = file("metrics = \"127.0.0.1:9100\"\n", &[]).unwrap();
-    assert_eq!(r.metrics, Some("127.0.0.1:9100".parse().unwrap()));
-    assert!(r.to_toml().contains("metrics = \"127.0.0.1:9100\""));
-    let r = file("metrics = \"127.0.0.1:9100\"\n", &["--metrics", "off"]).unwrap();
-    assert_eq!(r.metrics, None);
-    assert_eq!(setting_of(flags(&["--metrics", "localhost"])), "metrics");
+fn optional_endpoints_are_off_by_default_and_an_address_when_set() {
+    type Field = fn(&Resolved) -> Option<std::net::SocketAddr>;
+    let endpoints: [(&str, Field); 2] = [
+        ("metrics", |r| r.metrics),
+        ("rocketmq_listen", |r| r.rocketmq),
+    ];
+    for (key, field) in endpoints {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let r = flags(&[]).unwrap();
+        assert_eq!(field(&r), None, "{key}");
+        assert!(r.to_toml().contains(&format!("{key} = \"off\"")), "{key}");
+        let set = format!("{key} = \"127.0.0.1:9100\"\n");
+        let r = file(&set, &[]).unwrap();
+        assert_eq!(field(&r), Some("127.0.0.1:9100".parse().unwrap()), "{key}");
+        assert!(
+            r.to_toml().contains(&format!("{key} = \"127.0.0.1:9100\"")),
+            "{key}"
+        );
+        let r = file(&set, &[&flag, "off"]).unwrap();
+        assert_eq!(field(&r), None, "{key}");
+        assert_eq!(setting_of(flags(&[&flag, "localhost"])), key);
+    }
 }
 
 #[test]

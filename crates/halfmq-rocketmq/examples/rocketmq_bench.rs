@@ -1,0 +1,214 @@
+//! Durable sends through the RocketMQ endpoint with the official Rust producer and with a
+//! plain gRPC client of the generated code (one channel, no client-side work beyond
+//! encoding), next to the same sends made with halfmq's own network client (through the
+//! native server, both ends in this process) and with the embedded broker's `send_async`, in
+//! one run on one broker:
+//! throughput, p50/p99 latency, their ratio, and the process's CPU time per message while
+//! each phase ran (client and endpoint together for the RocketMQ phase).
+//!
+//! `cargo run --release -p halfmq-rocketmq --example rocketmq_bench -- [TASKS] [PER_TASK] [BODY_BYTES]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use halfmq::{Broker, BrokerConfig, Message};
+use halfmq_rocketmq::pb;
+use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
+use halfmq_rocketmq::RocketMqServer;
+use rocketmq::conf::{ClientOption, ProducerOption};
+use rocketmq::model::message::MessageBuilder;
+use rocketmq::Producer;
+
+/// What one phase measured.
+struct Phase {
+    name: &'static str,
+    secs: f64,
+    latencies_us: Vec<u64>,
+    cpu_secs: f64,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.secs
+    }
+    fn pct(&self, p: f64) -> u64 {
+        let i = ((self.latencies_us.len() as f64 * p) as usize).min(self.latencies_us.len() - 1);
+        self.latencies_us[i]
+    }
+    fn print(&self) {
+        println!(
+            "{:<22} {:>9.0} msg/s  p50 {:>6} us  p99 {:>6} us  cpu {:>6.1} us/msg",
+            self.name,
+            self.rate(),
+            self.pct(0.50),
+            self.pct(0.99),
+            self.cpu_secs * 1e6 / self.latencies_us.len() as f64
+        );
+    }
+}
+
+/// User + system CPU time of this process, seconds (from /proc/self/stat).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
+}
+
+async fn phase<F, Fut>(name: &'static str, tasks: usize, per_task: usize, send: F) -> Phase
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (cpu0, t0) = (cpu_secs(), Instant::now());
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let send = send.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_task);
+            for i in 0..per_task {
+                let s = Instant::now();
+                send(t * per_task + i).await;
+                lat.push(s.elapsed().as_micros() as u64);
+            }
+            lat
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    for h in handles {
+        latencies_us.extend(h.await.expect("task"));
+    }
+    latencies_us.sort_unstable();
+    Phase {
+        name,
+        secs: t0.elapsed().as_secs_f64(),
+        latencies_us,
+        cpu_secs: cpu_secs() - cpu0,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let tasks = args.first().copied().unwrap_or(16);
+    let per_task = args.get(1).copied().unwrap_or(500);
+    let body = vec![b'x'; args.get(2).copied().unwrap_or(256)];
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let broker = Broker::open(BrokerConfig::new(dir.path())).expect("broker");
+    broker.create_topic("bench", 4).expect("topic");
+    let any = "127.0.0.1:0".parse().expect("an address");
+    let server = RocketMqServer::start(broker.clone(), any)
+        .await
+        .expect("endpoint");
+
+    let mut popt = ProducerOption::default();
+    popt.set_topics(vec!["bench"]);
+    let mut copt = ClientOption::default();
+    copt.set_access_url(server.local_addr().to_string());
+    copt.set_timeout(Duration::from_secs(30));
+    let mut producer = Producer::new(popt, copt).expect("producer");
+    producer.start().await.expect("producer starts");
+    let producer = Arc::new(producer);
+
+    println!(
+        "{tasks} tasks x {per_task} sends of {} bytes, flush sync",
+        body.len()
+    );
+    let (p, b) = (producer.clone(), body.clone());
+    let rocketmq = phase("official rocketmq 5", tasks, per_task, move |_| {
+        let (p, b) = (p.clone(), b.clone());
+        async move {
+            let m = MessageBuilder::builder()
+                .set_topic("bench")
+                .set_body(b)
+                .build()
+                .expect("message");
+            p.send(m).await.expect("send");
+        }
+    })
+    .await;
+    let url = format!("http://{}", server.local_addr());
+    let raw = MessagingServiceClient::connect(url)
+        .await
+        .expect("connects");
+    let b = body.clone();
+    let grpc = phase("plain gRPC client", tasks, per_task, move |i| {
+        let (mut c, b) = (raw.clone(), b.clone());
+        async move {
+            let m = pb::Message {
+                topic: Some(pb::Resource {
+                    resource_namespace: String::new(),
+                    name: "bench".into(),
+                }),
+                system_properties: Some(pb::SystemProperties {
+                    message_id: format!("grpc-{i}"),
+                    message_type: pb::MessageType::Normal as i32,
+                    ..Default::default()
+                }),
+                body: b,
+                ..Default::default()
+            };
+            let r = c
+                .send_message(pb::SendMessageRequest { messages: vec![m] })
+                .await
+                .expect("send")
+                .into_inner();
+            assert_eq!(r.status.map(|s| s.code), Some(pb::Code::Ok as i32));
+        }
+    })
+    .await;
+    let listen = halfmq_cli::server::ServerConfig::default().with_listen(any);
+    let native_server = halfmq_cli::server::Server::start(broker.clone(), listen)
+        .await
+        .expect("native server");
+    let config = halfmq_client::ClientConfig::new(native_server.local_addr().to_string());
+    let native_client = Arc::new(
+        halfmq_client::Client::connect(config)
+            .await
+            .expect("client"),
+    );
+    let (nc, b) = (native_client.clone(), body.clone());
+    let native = phase("halfmq network client", tasks, per_task, move |i| {
+        let (nc, b) = (nc.clone(), b.clone());
+        async move {
+            let m = Message::new(b).with_idempotency_key(format!("native-{i}"));
+            nc.send("bench", &m).await.expect("send");
+        }
+    })
+    .await;
+    let (br, b) = (broker.clone(), body.clone());
+    let embedded = phase("embedded send_async", tasks, per_task, move |i| {
+        let (br, b) = (br.clone(), b.clone());
+        async move {
+            let m = Message::new(b).with_idempotency_key(format!("bench-{i}"));
+            br.send_async("bench", &m).await.expect("send");
+        }
+    })
+    .await;
+    for p in [&rocketmq, &grpc, &native, &embedded] {
+        p.print();
+    }
+    for base in [&native, &embedded] {
+        println!(
+            "official rocketmq / {}: throughput {:.2}, p99 {:.2}",
+            base.name,
+            rocketmq.rate() / base.rate(),
+            rocketmq.pct(0.99) as f64 / base.pct(0.99) as f64
+        );
+    }
+    drop(native_client);
+    native_server.shutdown().await;
+    if let Ok(p) = Arc::try_unwrap(producer) {
+        let _ = p.shutdown().await;
+    }
+    server.shutdown(Duration::from_secs(2)).await;
+    broker.close().expect("close");
+}

@@ -1,0 +1,404 @@
+//! RocketMQ messages to halfmq messages and back.
+//!
+//! A RocketMQ message's system properties that halfmq has no field for are kept as
+//! properties named `rocketmq.*` ([`PROP_TAG`], [`PROP_KEYS`], ...); its user properties are
+//! kept as they are. The first of its keys becomes the halfmq key (the queue it goes to, and
+//! what `halfmq trace` finds it by). A message sent through halfmq's own protocol has none of
+//! these and is shown to RocketMQ consumers with a message id made from its log offset.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use halfmq::{props, Delivery, Message};
+
+use crate::pb::{self, Code, Encoding, MessageType, SystemProperties};
+use crate::status::status;
+
+/// Property: the message's tag.
+pub const PROP_TAG: &str = "rocketmq.tag";
+/// Property: the message's keys, separated by one space (as RocketMQ separates them).
+pub const PROP_KEYS: &str = "rocketmq.keys";
+/// Property: the producer's message id.
+pub const PROP_MESSAGE_ID: &str = "rocketmq.message_id";
+/// Property: where the message was made (`born_host`).
+pub const PROP_BORN_HOST: &str = "rocketmq.born_host";
+/// Property: when the message was made (`born_timestamp`), ms since the Unix epoch.
+pub const PROP_BORN_MS: &str = "rocketmq.born_ms";
+/// Property: `gzip` when the body is compressed (the client compressed it; halfmq stores
+/// and hands it on as it came).
+pub const PROP_ENCODING: &str = "rocketmq.body_encoding";
+/// Property names starting with this are the endpoint's.
+pub const PROP_PREFIX: &str = "rocketmq.";
+
+/// The separator of keys in [`PROP_KEYS`].
+const KEY_SEPARATOR: char = ' ';
+
+/// Largest message body accepted (RocketMQ's own default), sent to producers in Settings.
+pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// A RocketMQ message checked and turned into what the broker stores.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    pub topic: String,
+    pub message_id: String,
+    pub kind: MessageType,
+    pub msg: Message,
+    /// For a delayed message: when to deliver it, ms since the Unix epoch.
+    pub deliver_at_ms: Option<u64>,
+    /// For a transactional message: how long the producer is not to be asked about it.
+    pub check_immunity: Option<Duration>,
+}
+
+/// Check one message of a SendMessage request and turn it into a halfmq message.
+pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
+    let topic = m
+        .topic
+        .map(|t| t.name)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| status(Code::IllegalTopic, "the message has no topic"))?;
+    let sys = m
+        .system_properties
+        .ok_or_else(|| status(Code::BadRequest, "the message has no system properties"))?;
+    if sys.message_id.is_empty() {
+        return Err(status(
+            Code::IllegalMessageId,
+            "the message has no message id",
+        ));
+    }
+    if sys.message_id.len() > halfmq::IDEMPOTENCY_KEY_BYTES_MAX {
+        return Err(status(
+            Code::IllegalMessageId,
+            format!(
+                "message id is {} bytes, at most {}",
+                sys.message_id.len(),
+                halfmq::IDEMPOTENCY_KEY_BYTES_MAX
+            ),
+        ));
+    }
+    if m.body.len() > BODY_BYTES_MAX {
+        return Err(status(
+            Code::MessageBodyTooLarge,
+            format!(
+                "message body is {} bytes, at most {BODY_BYTES_MAX}",
+                m.body.len()
+            ),
+        ));
+    }
+    let kind = MessageType::try_from(sys.message_type).unwrap_or(MessageType::Unspecified);
+    let mut properties = halfmq::Properties::new();
+    for (k, v) in m.user_properties {
+        if k.starts_with(PROP_PREFIX) || k.starts_with(props::RESERVED_PREFIX) {
+            return Err(status(
+                Code::IllegalMessagePropertyKey,
+                format!(
+                    "user property {k:?}: names starting with {PROP_PREFIX:?} or {:?} are the broker's",
+                    props::RESERVED_PREFIX
+                ),
+            ));
+        }
+        properties.insert(k, v);
+    }
+    if let Some(tag) = sys.tag.filter(|t| !t.is_empty()) {
+        properties.insert(PROP_TAG.into(), tag);
+    }
+    if sys
+        .keys
+        .iter()
+        .any(|k| k.is_empty() || k.contains(KEY_SEPARATOR))
+    {
+        return Err(status(
+            Code::IllegalMessageKey,
+            "message keys must be non-empty and contain no space",
+        ));
+    }
+    if !sys.keys.is_empty() {
+        let joined = sys.keys.join(&KEY_SEPARATOR.to_string());
+        properties.insert(PROP_KEYS.into(), joined);
+    }
+    properties.insert(PROP_MESSAGE_ID.into(), sys.message_id.clone());
+    if !sys.born_host.is_empty() {
+        properties.insert(PROP_BORN_HOST.into(), sys.born_host);
+    }
+    if let Some(ms) = sys.born_timestamp.as_ref().and_then(timestamp_ms) {
+        properties.insert(PROP_BORN_MS.into(), ms.to_string());
+    }
+    match Encoding::try_from(sys.body_encoding).unwrap_or(Encoding::Unspecified) {
+        Encoding::Gzip => {
+            properties.insert(PROP_ENCODING.into(), "gzip".into());
+        }
+        Encoding::Identity | Encoding::Unspecified => {}
+    }
+    let key = sys.keys.first().cloned().unwrap_or_default();
+    let mut deliver_at_ms = None;
+    let mut check_immunity = None;
+    match kind {
+        MessageType::Normal | MessageType::Unspecified => {}
+        MessageType::Delay => {
+            let at = sys.delivery_timestamp.as_ref().and_then(timestamp_ms);
+            deliver_at_ms = Some(at.ok_or_else(|| {
+                status(
+                    Code::IllegalDeliveryTime,
+                    "a DELAY message needs a valid delivery_timestamp",
+                )
+            })?);
+        }
+        MessageType::Transaction => {
+            check_immunity = sys
+                .orphaned_transaction_recovery_duration
+                .and_then(|d| Duration::try_from(d).ok());
+        }
+        MessageType::Fifo => {
+            return Err(status(
+                Code::Unsupported,
+                "halfmq: FIFO message groups are not supported yet (consumers would not get \
+                 the group's messages strictly in order); send without a message group",
+            ));
+        }
+    }
+    let msg = Message {
+        key,
+        body: m.body,
+        properties,
+    };
+    Ok(Incoming {
+        topic,
+        message_id: sys.message_id,
+        kind,
+        msg,
+        deliver_at_ms,
+        check_immunity,
+    })
+}
+
+/// ms since the Unix epoch of a protobuf timestamp; `None` before the epoch or invalid.
+pub(crate) fn timestamp_ms(t: &prost_types::Timestamp) -> Option<u64> {
+    let s = u64::try_from(t.seconds).ok()?;
+    let ns = u64::try_from(t.nanos).ok()?;
+    s.checked_mul(1000)?.checked_add(ns / 1_000_000)
+}
+
+/// A protobuf timestamp of ms since the Unix epoch.
+pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// A protobuf duration.
+pub(crate) fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// The message id of a stored message: the producer's, or one made from its log offset for a
+/// message that came in through halfmq's own protocol.
+pub(crate) fn message_id_of(properties: &halfmq::Properties, log_offset: u64) -> String {
+    match properties.get(PROP_MESSAGE_ID) {
+        Some(id) => id.clone(),
+        None => format!("HALFMQ{log_offset:026X}"),
+    }
+}
+
+/// A stored message as RocketMQ shows it: the user properties apart from the `rocketmq.*`
+/// and `halfmq.*` ones, which become system properties. `extra` fills in what only the caller
+/// knows (receipt handle, attempt, ...).
+pub(crate) fn outgoing(
+    topic: &str,
+    (key, body, properties): (&str, Vec<u8>, &halfmq::Properties),
+    log_offset: u64,
+    extra: SystemProperties,
+) -> pb::Message {
+    let mut user = HashMap::new();
+    for (k, v) in properties {
+        if !k.starts_with(PROP_PREFIX) && !k.starts_with(props::RESERVED_PREFIX) {
+            user.insert(k.clone(), v.clone());
+        }
+    }
+    let keys = match properties.get(PROP_KEYS) {
+        Some(k) => k.split(KEY_SEPARATOR).map(str::to_owned).collect(),
+        None if !key.is_empty() => vec![key.to_owned()],
+        None => Vec::new(),
+    };
+    let encoding = match properties.get(PROP_ENCODING).map(String::as_str) {
+        Some("gzip") => Encoding::Gzip,
+        _ => Encoding::Identity,
+    };
+    let kind = if properties.contains_key(props::PROP_TXN) {
+        MessageType::Transaction
+    } else if properties.contains_key(props::PROP_DELAYED) {
+        MessageType::Delay
+    } else {
+        MessageType::Normal
+    };
+    let born_ms = properties.get(PROP_BORN_MS).and_then(|v| v.parse().ok());
+    let sys = SystemProperties {
+        tag: properties.get(PROP_TAG).cloned(),
+        keys,
+        message_id: message_id_of(properties, log_offset),
+        body_encoding: encoding as i32,
+        message_type: kind as i32,
+        born_host: properties.get(PROP_BORN_HOST).cloned().unwrap_or_default(),
+        born_timestamp: born_ms.map(timestamp),
+        ..extra
+    };
+    pb::Message {
+        topic: Some(pb::Resource {
+            resource_namespace: String::new(),
+            name: topic.to_owned(),
+        }),
+        user_properties: user,
+        system_properties: Some(sys),
+        body,
+    }
+}
+
+/// A receipt handle: which delivery of which message a consumer holds. Text, so that it
+/// passes through every client unchanged: `v1.<queue>.<queue offset>.<attempt>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Handle {
+    pub queue: u32,
+    pub offset: u64,
+    pub attempt: u32,
+}
+
+impl Handle {
+    /// The handle of a delivery.
+    pub(crate) fn of(d: &Delivery) -> Handle {
+        Handle {
+            queue: d.queue,
+            offset: d.offset,
+            attempt: d.attempt,
+        }
+    }
+
+    /// As text.
+    pub(crate) fn encode(&self) -> String {
+        format!("v1.{}.{}.{}", self.queue, self.offset, self.attempt)
+    }
+
+    /// Read a handle a client sent back.
+    pub(crate) fn decode(s: &str) -> Result<Handle, pb::Status> {
+        let bad = || {
+            let shown: String = s.chars().take(64).collect();
+            status(
+                Code::InvalidReceiptHandle,
+                format!("receipt handle {shown:?} was not made by this endpoint"),
+            )
+        };
+        let mut parts = s.split('.');
+        if parts.next() != Some("v1") {
+            return Err(bad());
+        }
+        let mut next = || parts.next().ok_or_else(bad);
+        let queue = next()?.parse().map_err(|_| bad())?;
+        let offset = next()?.parse().map_err(|_| bad())?;
+        let attempt = next()?.parse().map_err(|_| bad())?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Handle {
+            queue,
+            offset,
+            attempt,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sys(kind: MessageType) -> SystemProperties {
+        SystemProperties {
+            message_id: "01ABC".into(),
+            message_type: kind as i32,
+            keys: vec!["order-1".into(), "user-9".into()],
+            tag: Some("paid".into()),
+            ..SystemProperties::default()
+        }
+    }
+
+    fn message(kind: MessageType) -> pb::Message {
+        pb::Message {
+            topic: Some(pb::Resource {
+                resource_namespace: String::new(),
+                name: "orders".into(),
+            }),
+            user_properties: HashMap::from([("region".to_owned(), "eu".to_owned())]),
+            system_properties: Some(sys(kind)),
+            body: b"hello".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_message_goes_in_and_comes_out_the_same() {
+        let inc = incoming(message(MessageType::Normal)).expect("valid");
+        assert_eq!(
+            (inc.topic.as_str(), inc.msg.key.as_str()),
+            ("orders", "order-1")
+        );
+        let out = outgoing(
+            "orders",
+            (&inc.msg.key, inc.msg.body.clone(), &inc.msg.properties),
+            7,
+            SystemProperties::default(),
+        );
+        let s = out.system_properties.expect("system properties");
+        assert_eq!(s.message_id, "01ABC");
+        assert_eq!(s.keys, vec!["order-1", "user-9"]);
+        assert_eq!(s.tag.as_deref(), Some("paid"));
+        assert_eq!(
+            out.user_properties.get("region").map(String::as_str),
+            Some("eu")
+        );
+        assert_eq!(out.user_properties.len(), 1);
+    }
+
+    #[test]
+    fn bad_messages_get_a_clear_code() {
+        let mut m = message(MessageType::Normal);
+        m.user_properties.insert("rocketmq.tag".into(), "x".into());
+        assert_eq!(
+            incoming(m).unwrap_err().code,
+            Code::IllegalMessagePropertyKey as i32
+        );
+        let mut m = message(MessageType::Normal);
+        m.body = vec![0; BODY_BYTES_MAX + 1];
+        assert_eq!(
+            incoming(m).unwrap_err().code,
+            Code::MessageBodyTooLarge as i32
+        );
+        let m = message(MessageType::Delay);
+        assert_eq!(
+            incoming(m).unwrap_err().code,
+            Code::IllegalDeliveryTime as i32
+        );
+        let m = message(MessageType::Fifo);
+        assert_eq!(incoming(m).unwrap_err().code, Code::Unsupported as i32);
+    }
+
+    #[test]
+    fn handles_round_trip_and_garbage_is_refused() {
+        let h = Handle {
+            queue: 3,
+            offset: 99,
+            attempt: 2,
+        };
+        assert_eq!(Handle::decode(&h.encode()).expect("valid"), h);
+        for bad in [
+            "",
+            "v1",
+            "v1.1.2",
+            "v2.1.2.3",
+            "v1.1.2.3.4",
+            "v1.x.2.3",
+            "v1.-1.2.3",
+        ] {
+            let e = Handle::decode(bad).unwrap_err();
+            assert_eq!(e.code, Code::InvalidReceiptHandle as i32, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Starting and stopping the endpoint: a tonic server on its own listener, serving
+//! [`Service`] beside whatever else uses the same [`Broker`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use halfmq::{Broker, Error, Result};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt as _;
+
+use crate::clients::{Checker, Clients, PRODUCER_GROUP};
+use crate::convert::BODY_BYTES_MAX;
+use crate::pb::messaging_service_server::MessagingServiceServer;
+use crate::service::Service;
+
+/// Largest gRPC request accepted: a batch of a few largest messages. Larger ones are refused
+/// by gRPC itself (RESOURCE_EXHAUSTED) before they are read whole.
+pub const REQUEST_BYTES_MAX: usize = 4 * BODY_BYTES_MAX;
+
+/// The running endpoint.
+pub struct RocketMqServer {
+    local_addr: SocketAddr,
+    broker: Arc<Broker>,
+    clients: Arc<Clients>,
+    checker: u64,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl RocketMqServer {
+    /// Listen on `addr` (port 0 picks a free port) and serve RocketMQ 5 clients with
+    /// `broker`, until [`RocketMqServer::shutdown`]. Registers the check-back of RocketMQ
+    /// transactions (producer group [`PRODUCER_GROUP`]). Call from a tokio runtime.
+    pub async fn start(broker: Arc<Broker>, addr: SocketAddr) -> Result<RocketMqServer> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(addr.to_string(), "bind the RocketMQ listener", e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io(addr.to_string(), "read the RocketMQ listener's address", e))?;
+        let clients = Arc::new(Clients::default());
+        let wait = broker.config().txn.check_answer_timeout;
+        let checker = Checker {
+            clients: clients.clone(),
+            wait,
+        };
+        let checker = broker.register_checker(PRODUCER_GROUP, Arc::new(checker))?;
+        let service = Service {
+            broker: broker.clone(),
+            clients: clients.clone(),
+            local_addr,
+        };
+        let grpc = MessagingServiceServer::new(service)
+            .max_decoding_message_size(REQUEST_BYTES_MAX)
+            .max_encoding_message_size(REQUEST_BYTES_MAX);
+        let (stop, stopped) = oneshot::channel::<()>();
+        // The builder's `tcp_nodelay` covers only sockets tonic accepts itself: these are
+        // ours. Without it a small answer can wait for the client's delayed ack (~40 ms).
+        let incoming = TcpListenerStream::new(listener).map(|accepted| {
+            let stream = accepted?;
+            stream.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(stream)
+        });
+        let task = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .add_service(grpc)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the RocketMQ endpoint stopped");
+            }
+        });
+        tracing::info!(addr = %local_addr, "RocketMQ 5 endpoint listening");
+        Ok(RocketMqServer {
+            local_addr,
+            broker,
+            clients,
+            checker,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// RocketMQ clients known now: those with an open telemetry stream.
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Stop listening, end the open calls (telemetry streams close) and unregister the
+    /// check-back. Waits at most `grace` for calls in flight to finish.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.broker.unregister_checker(PRODUCER_GROUP, self.checker);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(grace, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for RocketMqServer {
+    fn drop(&mut self) {
+        self.broker.unregister_checker(PRODUCER_GROUP, self.checker);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

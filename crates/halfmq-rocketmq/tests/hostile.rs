@@ -1,0 +1,283 @@
+//! Hostile and unsupported input through a raw gRPC client of the generated code: each gets a
+//! clear status (a RocketMQ code with a message, or a gRPC status), and the endpoint keeps
+//! serving the next request.
+
+mod common;
+
+use std::time::Duration;
+
+use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
+use halfmq_rocketmq::pb::{self, Code};
+use tonic::transport::Channel;
+
+use common::{client, code, message, resource, send, start, Endpoint};
+
+/// The endpoint still serves: a normal message is stored.
+async fn still_serves(c: &mut MessagingServiceClient<Channel>, e: &Endpoint, id: &str) {
+    let s = send(c, message("t", id, b"fine".to_vec())).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
+    assert!(e.broker.idempotency_key_stored("t", id).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_receipt_handles_are_refused() {
+    let e = start(|c| c).await;
+    e.broker.create_topic("t", 1).expect("topic");
+    let mut c = client(&e).await;
+    still_serves(&mut c, &e, "m1").await;
+    for handle in ["", "garbage", "v1.0.0", "v1.0.99.1", "v1.7.0.1"] {
+        let r = c
+            .ack_message(pb::AckMessageRequest {
+                group: resource("g"),
+                topic: resource("t"),
+                entries: vec![pb::AckMessageEntry {
+                    message_id: "m1".into(),
+                    receipt_handle: handle.into(),
+                    lite_topic: None,
+                }],
+            })
+            .await
+            .expect("a gRPC answer")
+            .into_inner();
+        let s = r.status.expect("a status");
+        assert_eq!(
+            code(&s),
+            Code::InvalidReceiptHandle,
+            "{handle:?}: {}",
+            s.message
+        );
+        assert!(!s.message.is_empty());
+    }
+    let r = c
+        .change_invisible_duration(pb::ChangeInvisibleDurationRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: "v1.0.0.1".into(),
+            invisible_duration: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            message_id: "m1".into(),
+            lite_topic: None,
+            suspend: None,
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    let s = r.status.expect("a status");
+    assert_ne!(
+        code(&s),
+        Code::Ok,
+        "a message never delivered cannot be given back"
+    );
+    still_serves(&mut c, &e, "m2").await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_topics_are_not_found() {
+    let e = start(|c| c.with_auto_create_topics(false)).await;
+    e.broker.create_topic("t", 1).expect("topic");
+    let mut c = client(&e).await;
+    let r = c
+        .query_route(pb::QueryRouteRequest {
+            topic: resource("nope"),
+            endpoints: None,
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    let s = r.status.expect("a status");
+    assert_eq!(code(&s), Code::TopicNotFound);
+    assert!(s.message.contains("nope"), "{}", s.message);
+    assert!(r.message_queues.is_empty());
+    let s = send(&mut c, message("nope", "x1", b"b".to_vec())).await;
+    assert_eq!(code(&s), Code::TopicNotFound, "{}", s.message);
+    // A known topic's route: one queue per halfmq queue, on this endpoint.
+    let r = c
+        .query_route(pb::QueryRouteRequest {
+            topic: resource("t"),
+            endpoints: None,
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    assert_eq!(code(&r.status.expect("a status")), Code::Ok);
+    assert_eq!(r.message_queues.len(), 1);
+    let addr = &r.message_queues[0]
+        .broker
+        .as_ref()
+        .expect("broker")
+        .endpoints
+        .as_ref()
+        .expect("endpoints")
+        .addresses[0];
+    assert_eq!(addr.port, i32::from(e.addr.port()));
+    still_serves(&mut c, &e, "m1").await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_messages_are_refused_before_they_are_stored() {
+    let e = start(|c| c).await;
+    e.broker.create_topic("t", 1).expect("topic");
+    let mut c = client(&e).await;
+    // Over the body limit: a RocketMQ code.
+    let big = vec![7u8; halfmq_rocketmq::convert::BODY_BYTES_MAX + 1];
+    let s = send(&mut c, message("t", "big", big)).await;
+    assert_eq!(code(&s), Code::MessageBodyTooLarge, "{}", s.message);
+    assert!(e.broker.idempotency_key_stored("t", "big").is_none());
+    // Over the request limit: refused by gRPC itself.
+    let huge = vec![7u8; halfmq_rocketmq::REQUEST_BYTES_MAX + 1];
+    let err = c
+        .send_message(pb::SendMessageRequest {
+            messages: vec![message("t", "huge", huge)],
+        })
+        .await
+        .expect_err("too large for the endpoint");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    still_serves(&mut c, &e, "m1").await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_requests_say_so() {
+    let e = start(|c| c).await;
+    e.broker.create_topic("t", 1).expect("topic");
+    let mut c = client(&e).await;
+    let receive = |kind: pb::FilterType, expr: &str| pb::ReceiveMessageRequest {
+        group: resource("g"),
+        message_queue: Some(pb::MessageQueue {
+            topic: resource("t"),
+            ..Default::default()
+        }),
+        filter_expression: Some(pb::FilterExpression {
+            r#type: kind as i32,
+            expression: expr.into(),
+        }),
+        batch_size: 1,
+        invisible_duration: None,
+        auto_renew: false,
+        long_polling_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        attempt_id: None,
+    };
+    for (kind, expr, what) in [
+        (pb::FilterType::Sql, "a > 1", "SQL92"),
+        (pb::FilterType::Tag, "a || b", "tag filters"),
+    ] {
+        let mut stream = c
+            .receive_message(receive(kind, expr))
+            .await
+            .expect("a gRPC answer")
+            .into_inner();
+        let first = stream.message().await.expect("an item").expect("one item");
+        let Some(pb::receive_message_response::Content::Status(s)) = first.content else {
+            panic!("a status first, got {first:?}");
+        };
+        assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+        assert!(s.message.contains(what), "{}", s.message);
+    }
+    let r = c
+        .get_offset(pb::GetOffsetRequest::default())
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    assert_eq!(code(&r.status.expect("a status")), Code::Unsupported);
+    // FIFO messages are refused, not stored out of order.
+    let mut m = message("t", "f1", b"b".to_vec());
+    if let Some(s) = m.system_properties.as_mut() {
+        s.message_type = pb::MessageType::Fifo as i32;
+        s.message_group = Some("g1".into());
+    }
+    let s = send(&mut c, m).await;
+    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    // A transaction id the endpoint never made.
+    let r = c
+        .end_transaction(pb::EndTransactionRequest {
+            topic: resource("t"),
+            message_id: "x".into(),
+            transaction_id: "not-a-number".into(),
+            resolution: pb::TransactionResolution::Commit as i32,
+            source: pb::TransactionSource::SourceClient as i32,
+            trace_context: String::new(),
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    assert_eq!(
+        code(&r.status.expect("a status")),
+        Code::InvalidTransactionId
+    );
+    still_serves(&mut c, &e, "m1").await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_answers_settings_and_refuses_invalid_ones() {
+    let e = start(|c| c).await;
+    let mut c = client(&e).await;
+    // Without a client id: refused by gRPC status.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let err = c
+        .telemetry(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("no client id");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    drop(tx);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("x-mq-client-id", "test-client".parse().expect("ascii"));
+    let settings = |kind: Option<pb::ClientType>, pub_sub| pb::TelemetryCommand {
+        status: None,
+        command: Some(pb::telemetry_command::Command::Settings(pb::Settings {
+            client_type: kind.map(|k| k as i32),
+            pub_sub,
+            ..Default::default()
+        })),
+    };
+    tx.send(settings(None, None)).await.expect("sent");
+    let mut answers = c.telemetry(req).await.expect("a stream").into_inner();
+    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("no gRPC error")
+        .expect("an answer");
+    assert_eq!(
+        code(&a.status.expect("a status")),
+        Code::UnrecognizedClientType
+    );
+    // The stream goes on: a producer's settings are answered with the server's.
+    let publishing = pb::settings::PubSub::Publishing(pb::Publishing {
+        topics: vec![pb::Resource {
+            resource_namespace: String::new(),
+            name: "t".into(),
+        }],
+        ..Default::default()
+    });
+    tx.send(settings(Some(pb::ClientType::Producer), Some(publishing)))
+        .await
+        .expect("sent");
+    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("no gRPC error")
+        .expect("an answer");
+    assert_eq!(code(&a.status.expect("a status")), Code::Ok);
+    let Some(pb::telemetry_command::Command::Settings(s)) = a.command else {
+        panic!("settings expected");
+    };
+    assert!(s.backoff_policy.is_some());
+    let Some(pb::settings::PubSub::Publishing(p)) = s.pub_sub else {
+        panic!("publishing expected");
+    };
+    assert_eq!(
+        p.max_body_size as usize,
+        halfmq_rocketmq::convert::BODY_BYTES_MAX
+    );
+    e.stop().await;
+}
