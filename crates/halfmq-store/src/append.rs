@@ -256,11 +256,8 @@ impl Shared {
             if !w.batch.is_empty()
                 && w.batch.bytes.len() as u64 + bytes > self.config.pending_bytes_max
             {
-                if w.wake_owed {
-                    // Room comes only from the flusher.
-                    w.wake_owed = false;
-                    self.work.notify_one();
-                }
+                // Room comes only from the flusher.
+                self.pay_owed_wake(w);
                 if !wait_for_space {
                     return Ok(false);
                 }
@@ -274,6 +271,15 @@ impl Shared {
     /// Wake the flusher for the first record of a batch (`before`: the records it held
     /// before this writer's), and when the batch is as large as it waits for; in between it
     /// is waiting on a deadline anyway.
+    /// Wake the flusher if the batch's first writer deferred its wake-up
+    /// (`Writer::wake_owed`) and someone now needs the flusher.
+    pub(crate) fn pay_owed_wake(&self, w: &mut Writer) {
+        if w.wake_owed {
+            w.wake_owed = false;
+            self.work.notify_one();
+        }
+    }
+
     pub(crate) fn wake_flusher(&self, w: &mut Writer, before: u64) {
         if (before == 0 && w.batch.records > 0) || w.batch.records >= w.gather_target {
             w.wake_owed = false;

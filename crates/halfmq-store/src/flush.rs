@@ -114,10 +114,7 @@ pub(crate) fn lead(shared: &Shared) -> bool {
             && !w.closed
             && !w.sync_requested;
         if !can_lead {
-            if w.wake_owed {
-                w.wake_owed = false;
-                shared.work.notify_one();
-            }
+            shared.pay_owed_wake(&mut w);
             return false;
         }
         take_batch(shared, &mut w)
@@ -136,11 +133,7 @@ pub(crate) fn lead(shared: &Shared) -> bool {
 /// The writer that deferred the flusher's wake-up for its batch will not lead after all
 /// (its ticket was dropped, or it waits in a task that may not block): wake the flusher.
 pub(crate) fn pay_wake(shared: &Shared) {
-    let mut w = shared.writer.lock();
-    if w.wake_owed {
-        w.wake_owed = false;
-        shared.work.notify_one();
-    }
+    shared.pay_owed_wake(&mut shared.writer.lock());
 }
 
 pub(crate) fn run(shared: Arc<Shared>) {
