@@ -46,15 +46,18 @@ fn take_batch(shared: &Shared, w: &mut Writer) -> Batch {
 }
 
 /// A round is over: its (cleared) batch is kept for reuse, the group-commit target set from
-/// it, and the flusher told if work waits (unless `flusher`: it is the flusher).
+/// it, and the flusher told if work waits (unless `flusher`: it is the flusher), such as a
+/// checkpoint a leading writer found due (`checkpoint_due`).
 fn finish_round(
     shared: &Shared,
     batch: Batch,
     records: u64,
     sync_time: std::time::Duration,
     flusher: bool,
+    checkpoint_due: bool,
 ) {
     let mut w = shared.writer.lock();
+    w.checkpoint_due |= checkpoint_due;
     w.spare = batch;
     w.flushing = false;
     if matches!(shared.config.flush, FlushPolicy::Sync) {
@@ -122,11 +125,8 @@ pub(crate) fn lead(shared: &Shared) -> bool {
     let done = write_round(shared, &mut batch, false, false);
     shared.progress.rounds_led.fetch_add(1, Ordering::Relaxed);
     let (records, sync_time, checkpoint) = done.unwrap_or((0, std::time::Duration::ZERO, false));
-    if checkpoint {
-        // The flusher writes it (it wakes for `checkpoint_due`).
-        shared.writer.lock().checkpoint_due = true;
-    }
-    finish_round(shared, batch, records, sync_time, false);
+    // A due checkpoint is the flusher's to write (it wakes for `checkpoint_due`).
+    finish_round(shared, batch, records, sync_time, false, checkpoint);
     true
 }
 
@@ -188,11 +188,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
         let (records, sync_time, _) = match done {
             Ok(r) => r,
             Err(_) => {
-                finish_round(&shared, batch, 0, std::time::Duration::ZERO, true);
+                finish_round(&shared, batch, 0, std::time::Duration::ZERO, true, false);
                 break;
             }
         };
-        finish_round(&shared, batch, records, sync_time, true);
+        finish_round(&shared, batch, records, sync_time, true, false);
         let mut st = shared.flush.lock();
         if let FlushPolicy::Async { interval } = shared.config.flush {
             async_due = (st.written > st.durable).then(|| st.last_sync + interval);
