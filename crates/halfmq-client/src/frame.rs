@@ -129,6 +129,14 @@ pub fn parse_ref(buf: &[u8]) -> Result<FrameRef<'_>> {
     }
     let kind =
         FrameKind::from_u8(buf[9]).ok_or_else(|| bad(format!("unknown frame kind {}", buf[9])))?;
+    // Reserved for a later version: a sender that sets them means something this build does
+    // not know, so the frame is refused rather than half understood.
+    if buf[10..12] != [0, 0] {
+        return Err(bad(format!(
+            "reserved header bytes {:#04x} {:#04x} are not zero",
+            buf[10], buf[11]
+        )));
+    }
     let mut c = [0u8; 8];
     c.copy_from_slice(&buf[12..20]);
     Ok(FrameRef {
@@ -236,6 +244,23 @@ mod tests {
                 assert!(!ok, "flip of bit {bit} in byte {i} accepted");
             }
         }
+    }
+
+    /// Found by `cargo fuzz run frame_decode` in CI: a frame whose reserved bytes are set
+    /// and whose CRC is right for them was accepted, and re-encoded differently.
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        let mut buf = Vec::new();
+        encode_into(&mut buf, FrameKind::Request, 3, b"x", 1024).unwrap();
+        for (i, v) in [(10, 1u8), (11, 0x80)] {
+            let mut b = buf.clone();
+            b[i] = v;
+            let crc = crc32fast::hash(&b[8..]);
+            b[4..8].copy_from_slice(&crc.to_le_bytes());
+            let e = parse(&b).unwrap_err().to_string();
+            assert!(e.contains("reserved header bytes"), "byte {i}: {e}");
+        }
+        assert!(parse(&buf).is_ok());
     }
 
     #[test]
