@@ -109,6 +109,21 @@ fn filler(b: &Broker, bytes: usize) {
     }
 }
 
+/// Wait until a durable checkpoint lies past `offset`. The flusher writes checkpoints in the
+/// background of the writers' rounds (a lone writer leads its own round and hands a due
+/// checkpoint over), so a test that crashes "after a checkpoint" waits for one.
+fn wait_for_checkpoint_past(b: &Broker, offset: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while b.store().checkpoint_offset() <= offset {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint past {offset} within 30 s (newest at {})",
+            b.store().checkpoint_offset()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 fn as_original(r: &SendReceipt) -> SendReceipt {
     SendReceipt {
         duplicate: false,
@@ -240,6 +255,7 @@ fn acknowledged_keys_survive_a_crash_at_each_step() {
         // 2. Durable, then checkpoints (the key is in sled), then a crash.
         let k = send(&b, "k");
         filler(&b, 3 * CHECKPOINT_BYTES_SMALL as usize);
+        wait_for_checkpoint_past(&b, k.log_offset);
         b = crash(&mut disk, b, mode, &cfg);
         assert!(b.recovery_report().scanned_from > k.log_offset);
         let r = send(&b, "k");
@@ -250,6 +266,7 @@ fn acknowledged_keys_survive_a_crash_at_each_step() {
         //    and a crash during the first recovery's aftermath (before any new checkpoint).
         let m = send(&b, "m");
         filler(&b, CHECKPOINT_BYTES_SMALL as usize + 1024);
+        wait_for_checkpoint_past(&b, m.log_offset);
         b = crash(&mut disk, b, mode, &cfg);
         b = crash(&mut disk, b, mode, &cfg);
         assert!(send(&b, "m").duplicate);
@@ -440,6 +457,7 @@ fn a_retried_half_is_one_transaction_whatever_its_state() {
         first.txn
     );
     filler(&b, 2 * CHECKPOINT_BYTES_SMALL as usize);
+    wait_for_checkpoint_past(&b, first.txn.0);
     b = crash(&mut disk, b, CrashMode::DropUnsynced, &cfg);
     assert!(b.recovery_report().scanned_from > first.txn.0);
     let r = b

@@ -727,7 +727,10 @@ pub fn restart_sim(disk: &SimStorage, b: Arc<Broker>, cfg: &BrokerConfig) -> Arc
 /// A write on a crashed disk, which must poison the store so that the old broker cannot
 /// persist anything more (no closing checkpoint). A half, not a plain send: a plain send may
 /// fail early (growing its consume-queue file) without reaching the flusher, and then the
-/// store is not poisoned. `topic` must exist.
+/// store is not poisoned. When the half needs a new segment, making it fails first (an I/O
+/// error to the caller: the flusher turns every failure of its own into `Poisoned`); that
+/// changes nothing and by design poisons nothing (it is how a full disk answers), so the
+/// store is stopped as the power loss would have stopped it. `topic` must exist.
 pub fn poison(b: &Broker, topic: &str) {
     let r = b.send_half(
         topic,
@@ -735,10 +738,23 @@ pub fn poison(b: &Broker, topic: &str) {
         "probe",
         HalfOptions::default(),
     );
-    assert!(
-        matches!(r, Err(halfmq::Error::Poisoned(_))),
-        "the write on the crashed disk did not poison the store: {r:?}"
-    );
+    match r {
+        Err(halfmq::Error::Poisoned(_)) => {}
+        Err(halfmq::Error::Io { .. }) => {
+            b.store().fail_stop("power lost");
+            let again = b.send_half(
+                topic,
+                &Message::new("probe"),
+                "probe",
+                HalfOptions::default(),
+            );
+            assert!(
+                matches!(again, Err(halfmq::Error::Poisoned(_))),
+                "{again:?}"
+            );
+        }
+        r => panic!("the write on the crashed disk did not poison the store: {r:?}"),
+    }
 }
 
 /// Stop a broker whose disk has crashed: its threads are stopped and joined, errors are

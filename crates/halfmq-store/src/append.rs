@@ -196,6 +196,16 @@ impl Store {
         };
         self.shared.wait_progress(target, true)
     }
+
+    /// Stop now, as a storage failure stops the store: every waiting and later write fails
+    /// with [`Error::Poisoned`] carrying `reason`, nothing more is written (no closing
+    /// checkpoint), and what was acknowledged stays as it is on disk. For an embedder that
+    /// learns from outside that the disk can no longer be trusted; the crash tests use it
+    /// where the write that would find out (a segment roll) fails before touching the log,
+    /// which by design poisons nothing (a full disk is not a broken one).
+    pub fn fail_stop(&self, reason: &str) {
+        crate::flush::poison(&self.shared, reason);
+    }
 }
 
 impl Shared {

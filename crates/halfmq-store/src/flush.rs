@@ -420,7 +420,7 @@ fn write_checkpoint(
     Ok(())
 }
 
-fn poison(shared: &Shared, msg: &str) {
+pub(crate) fn poison(shared: &Shared, msg: &str) {
     tracing::error!(error = %msg, "storage failure: the store stops accepting writes");
     {
         let mut w = shared.writer.lock();
@@ -509,5 +509,35 @@ mod tests {
         drop(store);
         let again = open(&lost);
         assert_eq!(again.queue("t", 0).unwrap().len(), 40);
+    }
+
+    #[test]
+    fn fail_stop_refuses_every_later_write_and_writes_no_closing_checkpoint() {
+        let disk = SimStorage::new();
+        let store = open(&disk);
+        let q = store.queue("t", 0).unwrap();
+        send(&store, &q).unwrap();
+        settle_checkpoints(&store.shared);
+        let before = newest_checkpoint(&disk);
+        store.fail_stop("power lost");
+        for _ in 0..2 {
+            let r = send(&store, &q);
+            assert!(
+                matches!(&r, Err(halfmq_types::Error::Poisoned(m)) if m == "power lost"),
+                "{r:?}"
+            );
+        }
+        assert!(matches!(
+            store.sync(),
+            Err(halfmq_types::Error::Poisoned(_))
+        ));
+        assert!(store.close().is_err());
+        assert_eq!(
+            newest_checkpoint(&disk),
+            before,
+            "a stopped store closed cleanly"
+        );
+        drop(store);
+        assert_eq!(open(&disk).queue("t", 0).unwrap().len(), 1);
     }
 }
