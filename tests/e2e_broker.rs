@@ -1511,7 +1511,30 @@ fn bench_producers_can_keep_several_sends_in_flight() {
     assert_eq!(r["messages"].as_u64(), Some(500), "{r}");
     assert_eq!(r["in_flight"].as_u64(), Some(8), "{r}");
     assert_eq!(r["mode"], "broker");
+    // One worker per producer at most, unless told.
+    let lone = ["--producers", "1", "--messages", "50", "--size", "64"];
+    for (extra, workers) in [(&[][..], 1), (&["--runtime-threads", "2"][..], 2)] {
+        let mut args = vec!["--addr", &broker.addr];
+        args.extend(lone);
+        args.extend(extra);
+        let (r, _) = bench_json(&args);
+        let kind = r["producer_kind"].as_str().unwrap();
+        assert!(
+            kind.starts_with(&format!("tasks on {workers} runtime workers")),
+            "{r}"
+        );
+    }
     broker.terminate();
+    let err = run(&[
+        "bench",
+        "--embedded",
+        "--messages",
+        "10",
+        "--runtime-threads",
+        "0",
+    ])
+    .fails();
+    assert!(err.stderr.contains("runtime-threads"), "{}", err.stderr);
 }
 
 /// `--addr --baseline`: the raw disk (one 1 KiB write + fdatasync at a time) measured in the

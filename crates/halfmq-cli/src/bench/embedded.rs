@@ -9,7 +9,9 @@ use hdrhistogram::Histogram;
 use halfmq::{Broker, BrokerConfig, Error, FlushPolicy, HalfOptions, Message, Result};
 
 use super::baseline::{measure_baseline, remove_between_runs, with_baseline};
-use super::load::{check_in_flight, limit_time, monitor, produce_windowed, Load, Producers};
+use super::load::{
+    check_in_flight, limit_time, monitor, produce_windowed, producers_runtime, Load, Producers,
+};
 use super::report::{histogram, merged, BenchReport, Measured};
 use super::rounds::alternate_rounds;
 use super::{BenchOptions, Workload};
@@ -138,10 +140,7 @@ pub(super) fn run_producers(
         }
         Producers::Threads(handles)
     } else {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io(&opts.data_dir, "start runtime", e))?;
+        let rt = producers_runtime(opts, &opts.data_dir)?;
         let handles = (0..opts.producers)
             .map(|p| {
                 let (broker, load) = (broker.clone(), load.clone());
@@ -181,6 +180,12 @@ pub(super) fn run_producers(
     };
     monitor(&load, start, limit_time, || producers.finished(), progress);
     let seconds = start.elapsed().as_secs_f64();
+    let producer_kind = match &producers {
+        Producers::Threads(_) => "threads".to_owned(),
+        Producers::Tasks(rt, _) => {
+            format!("tasks on {} runtime workers", rt.metrics().num_workers())
+        }
+    };
     let hist = merged(producers.join()?)?;
     let log = broker.store().log_stats();
     let scrapes = scraper.map(Scraper::stop);
@@ -199,7 +204,7 @@ pub(super) fn run_producers(
             Workload::Txn => "txn".into(),
             Workload::Keyed => "idempotency_keys".into(),
         },
-        producer_kind: if opts.threads { "threads" } else { "tasks" }.into(),
+        producer_kind,
         flush: match opts.flush {
             FlushPolicy::Sync => "sync".into(),
             FlushPolicy::Async { .. } => "async".into(),

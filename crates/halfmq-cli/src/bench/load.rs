@@ -32,34 +32,63 @@ pub(super) fn check_in_flight(opts: &BenchOptions) -> Result<()> {
     })
 }
 
+/// The runtime the async producers run on: `opts.runtime_threads` workers, by default one
+/// per core but no more than there are producers. A lone producer on two workers pays
+/// tokio's hand-off between them on every answer (the worker that takes the socket's event
+/// wakes the other, measured at two futex calls and about 10 µs per message here): a cost of
+/// the load generator, which a single-producer application avoids the same way.
+pub(super) fn producers_runtime(opts: &BenchOptions, what: &std::path::Path) -> Result<Runtime> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = opts.runtime_threads.unwrap_or(cores.min(opts.producers));
+    if !(1..=1024).contains(&workers) {
+        return Err(Error::Config {
+            setting: "runtime-threads",
+            reason: format!("{workers} is outside 1 ..= 1024"),
+        });
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(what, "start runtime", e))
+}
+
 /// One producer: keeps up to `in_flight` sends outstanding (issuing the next as soon as one
 /// is acknowledged) until the load is over; `send(n)` makes this producer's n-th send.
 /// Returns the producer's latency histogram (from issuing a send to its acknowledgement).
+///
+/// The window is `in_flight` lanes, each a loop of one send at a time, made once and polled
+/// in place: a send's future is built inside its lane, never boxed or moved into a queue of
+/// futures per message (that cost the load generator, which shares the CPUs with the broker
+/// it measures, a copy of every send future and an allocation per message).
 pub(super) async fn produce_windowed<F, Fut>(
     load: &Load,
     in_flight: usize,
-    mut send: F,
+    send: F,
 ) -> ProducerResult
 where
-    F: FnMut(u64) -> Fut,
+    F: Fn(u64) -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
     use futures_util::stream::{FuturesUnordered, StreamExt};
-    let mut hist = histogram();
-    let mut window = FuturesUnordered::new();
-    let mut n = 0u64;
-    loop {
-        while window.len() < in_flight.max(1) && load.next() {
+    let n = AtomicU64::new(0);
+    // One histogram for the producer: its lanes run in one task, so the lock is never
+    // contended (a lock only because the task must be `Send`).
+    let hist = parking_lot::Mutex::new(histogram());
+    let lane = || async {
+        while load.next() {
             let started = Instant::now();
-            let sent = send(n);
-            n += 1;
-            window.push(async move { sent.await.map(|()| started) });
+            send(n.fetch_add(1, Ordering::Relaxed)).await?;
+            load.record(&mut hist.lock(), started);
         }
-        match window.next().await {
-            Some(done) => load.record(&mut hist, done?),
-            None => return Ok(hist),
-        }
+        Ok::<_, Error>(())
+    };
+    let mut lanes: FuturesUnordered<_> = (0..in_flight.max(1)).map(|_| lane()).collect();
+    while let Some(done) = lanes.next().await {
+        done?;
     }
+    drop(lanes);
+    Ok(hist.into_inner())
 }
 
 /// Print progress about once a second until `finished`, stopping the load at `limit_time`.

@@ -9,7 +9,9 @@ use halfmq::{Error, Message, Result};
 
 use super::baseline::{measure_baseline, remove_between_runs, with_baseline};
 use super::embedded::run_producers;
-use super::load::{check_in_flight, limit_time, monitor, produce_windowed, Load, Producers};
+use super::load::{
+    check_in_flight, limit_time, monitor, produce_windowed, producers_runtime, Load, Producers,
+};
 use super::report::{merged, BenchReport, Measured};
 use super::rounds::alternate_rounds;
 use super::{BenchOptions, Workload};
@@ -106,10 +108,7 @@ fn run_network_once(
         });
     }
     check_in_flight(opts)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io(addr, "start runtime", e))?;
+    let rt = producers_runtime(opts, std::path::Path::new(addr))?;
     if batching.explicit == 0 || batching.explicit > halfmq::SEND_BATCH_MESSAGES_MAX {
         return Err(Error::Config {
             setting: "batch",
@@ -178,6 +177,7 @@ fn run_network_once(
     let seconds = start.elapsed().as_secs_f64();
     let hists = producers.join_keep()?;
     let (rt, hists) = hists;
+    let workers = rt.metrics().num_workers();
     let syncs_after = rt.block_on(remote_log_counters(&clients[0]));
     drop(clients);
     drop(rt);
@@ -195,7 +195,8 @@ fn run_network_once(
     Ok(BenchReport {
         mode: "broker".into(),
         producer_kind: format!(
-            "tasks over {connections} connections, auto-batch {} (linger {:?}), {} per request",
+            "tasks on {workers} runtime workers over {connections} connections, auto-batch {} \
+             (linger {:?}), {} per request",
             if batching.auto { "on" } else { "off" },
             batching.linger,
             batching.explicit
