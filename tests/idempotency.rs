@@ -30,7 +30,8 @@ use std::time::Duration;
 use halfmq::props::PROP_IDEMPOTENCY_KEY;
 use halfmq::IDEMPOTENCY_KEY_BYTES_MAX;
 use halfmq::{
-    Broker, BrokerConfig, Delivery, Error, HalfOptions, ManualClock, Message, SendReceipt, TxnState,
+    Broker, BrokerConfig, Clock, Delivery, Error, HalfOptions, ManualClock, Message, SendReceipt,
+    TxnState,
 };
 use halfmq_store::sim::{CrashMode, Faults, SimStorage};
 use proptest::prelude::*;
@@ -382,6 +383,62 @@ fn keys_expire_after_the_window_also_across_restarts() {
     assert_eq!(b.idempotency_keys(), 0);
     assert!(!send(&b, "w").duplicate);
     assert_eq!(copies(&b, TOPIC)["w"].len(), 3);
+    b.close().unwrap();
+}
+
+/// A delayed send with a key: a retry is answered with the original delayed message (same
+/// id, its own delivery time), also after a crash before and after a checkpoint; the key has
+/// its own scope (a plain send with it is not a duplicate); the delivered message carries no
+/// key and claims none; after delivery a retry within the window is still the original.
+#[test]
+fn delayed_sends_with_a_key_are_stored_and_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut disk = SimStorage::new();
+    let clock = ManualClock::starting_now();
+    let cfg = config(dir.path(), CHECKPOINT_BYTES_SMALL)
+        .with_dedup_window(Duration::from_secs(3600))
+        .with_clock(clock.clone());
+    let mut b = open(&disk, &cfg);
+    let at = clock.now_ms() + 60_000;
+    let msg = keyed("pay-9", "confirm later");
+    let first = b.send_delayed(TOPIC, &msg, at).unwrap();
+    // A retry, even with another delivery time: the original.
+    let again = b.send_delayed(TOPIC, &msg, at + 5_000).unwrap();
+    assert_eq!(again, first);
+    assert_eq!(b.delayed_pending(), 1);
+    // Plain sends have their own scope.
+    assert!(!send(&b, "pay-9").duplicate);
+
+    // Power loss with no checkpoint since (found by replaying the log), then after one
+    // (found in sled).
+    b = crash(&mut disk, b, CrashMode::DropUnsynced, &cfg);
+    assert_eq!(b.send_delayed(TOPIC, &msg, at).unwrap(), first);
+    filler(&b, 3 * CHECKPOINT_BYTES_SMALL as usize);
+    wait_for_checkpoint_past(&b, first.id);
+    b = crash(&mut disk, b, CrashMode::KeepRandomPrefix { seed: 3 }, &cfg);
+    assert!(b.recovery_report().scanned_from > first.id);
+    assert_eq!(b.send_delayed(TOPIC, &msg, at).unwrap(), first);
+    assert_eq!(b.delayed_pending(), 1);
+
+    // Delivered once, without the key; a retry after delivery is still the original.
+    clock.advance_ms(60_000);
+    b.run_due_now();
+    assert_eq!(b.delayed_pending(), 0);
+    let delivered: Vec<Delivery> = visible(&b, TOPIC)
+        .into_iter()
+        .filter(|d| d.body == b"confirm later")
+        .collect();
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert!(!delivered[0].properties.contains_key(PROP_IDEMPOTENCY_KEY));
+    assert_eq!(b.send_delayed(TOPIC, &msg, at).unwrap(), first);
+    b = restart(&disk, b, &cfg);
+    assert_eq!(b.send_delayed(TOPIC, &msg, at).unwrap(), first);
+    assert_eq!(b.delayed_pending(), 0);
+    let delivered = visible(&b, TOPIC)
+        .into_iter()
+        .filter(|d| d.body == b"confirm later")
+        .count();
+    assert_eq!(delivered, 1);
     b.close().unwrap();
 }
 

@@ -13,7 +13,7 @@ use halfmq_store::record::{self, RecordKind, RecordView, FLAG_DELAYED_FIRE};
 use halfmq_store::worker::Worker;
 use halfmq_store::{Append, DurableHook};
 use halfmq_types::error::{Error, Result};
-use halfmq_types::props::{PROP_DELAYED, PROP_DELIVER_AT_MS};
+use halfmq_types::props::{PROP_DELAYED, PROP_DELIVER_AT_MS, PROP_IDEMPOTENCY_KEY};
 use halfmq_types::{DelayedReceipt, Message};
 
 /// Farthest a message can be delayed: 90 days.
@@ -78,6 +78,27 @@ impl Broker {
         deliver_at_ms: u64,
     ) -> Result<DelayedReceipt> {
         let (t, qi, props, size) = self.prepare_delayed(topic, msg, deliver_at_ms)?;
+        // A key already stored answers with the original delayed message (nothing is stored
+        // again, whatever this send's delivery time).
+        let reservation = match self
+            .claim_or_original(w, RecordKind::Delayed, (&t.name, &msg.properties), |rec| {
+                (rec.header.log_offset, rec.header.queue_id, rec.properties)
+            })
+            .await?
+        {
+            Ok(reservation) => reservation,
+            Err((id, queue, props)) => {
+                return Ok(DelayedReceipt {
+                    id,
+                    topic: t.name.clone(),
+                    queue,
+                    deliver_at_ms: props
+                        .get(PROP_DELIVER_AT_MS)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_default(),
+                });
+            }
+        };
         let hook = self.delayed_hook(&t, qi, msg, deliver_at_ms, size);
         let a = t.append(
             qi,
@@ -85,6 +106,7 @@ impl Broker {
             (&msg.key, &props, &msg.body),
             self.now(),
         );
+        let hook = Self::with_reservation(&a, hook, reservation);
         let appended = w.append(&self.store, a, Hook::Durable(hook)).await?;
         Ok(DelayedReceipt {
             id: appended.log_offset,
@@ -108,12 +130,6 @@ impl Broker {
                     "{deliver_at_ms} is more than {} days ahead",
                     DELAY_MAX.as_secs() / 86_400
                 ),
-            });
-        }
-        if msg.idempotency_key().is_some() {
-            return Err(Error::Invalid {
-                what: "idempotency key",
-                reason: "delayed messages do not take idempotency keys (yet)".into(),
             });
         }
         let (t, qi, _) = self.prepare_send(topic, msg)?;
@@ -169,6 +185,9 @@ impl Broker {
         let qi = (d.queue as usize).min(t.queues.len() - 1);
         let mut props = rec.properties;
         props.remove(PROP_DELIVER_AT_MS);
+        // The idempotency key belonged to the delayed send (its own scope); the delivered
+        // message does not claim it again among plain sends.
+        props.remove(PROP_IDEMPOTENCY_KEY);
         props.insert(PROP_DELAYED.into(), d.id.to_string());
         let props = record::encode_properties(&props)?;
         let a = Append {

@@ -77,6 +77,7 @@ impl Broker {
         };
         let space = match kind {
             RecordKind::Half => Space::Half,
+            RecordKind::Delayed => Space::Delayed,
             _ => Space::Message,
         };
         let ikey = index_key(space, topic, key);

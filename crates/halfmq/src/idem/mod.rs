@@ -74,6 +74,8 @@ pub(crate) enum Space {
     Message,
     /// Half messages.
     Half,
+    /// Delayed messages (their `Delayed` record; the message delivered later has no key).
+    Delayed,
 }
 
 /// The index's name for `key` in `topic` and `space`.
@@ -81,6 +83,7 @@ pub(crate) fn index_key(space: Space, topic: &str, key: &str) -> Arc<str> {
     let tag = match space {
         Space::Message => 'm',
         Space::Half => 'h',
+        Space::Delayed => 'd',
     };
     let mut s = String::with_capacity(2 + topic.len() + key.len());
     s.push(tag);

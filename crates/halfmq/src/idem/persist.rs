@@ -52,6 +52,7 @@ impl DedupIndex {
         let space = match view.header.kind {
             RecordKind::Message if view.header.flags & FLAG_TXN_COMMIT == 0 => Space::Message,
             RecordKind::Half => Space::Half,
+            RecordKind::Delayed => Space::Delayed,
             _ => return Ok(()),
         };
         if view.props.is_empty() {
