@@ -399,6 +399,93 @@ fn delayed_messages_and_idempotency_duplicates_show_up() {
     close(b);
 }
 
+/// A message with further keys (RocketMQ's keys after the first) is found by any of them:
+/// from the index (tiny files, rolled over), from the unindexed tail, after a restart, and a
+/// committed half keeps them; bad further keys are refused and store nothing.
+#[test]
+fn a_message_is_found_by_any_of_its_keys() {
+    let (_dir, disk, cfg, b) = sim_broker(1000, 16 * 1024, "t", 4);
+    let m = Message::new("paid")
+        .with_key("order-1")
+        .with_more_keys(["pay-7", "refund-2", "order-1"]);
+    assert_eq!(
+        m.more_keys().collect::<Vec<_>>(),
+        ["pay-7", "refund-2", "order-1"]
+    );
+    let sent = b.send("t", &m).unwrap();
+    // Found at once (the tail), and once indexed among many other keys.
+    for key in ["order-1", "pay-7", "refund-2"] {
+        assert_eq!(offsets(&b.trace(key).unwrap()), [sent.log_offset], "{key}");
+    }
+    for i in 0..100 {
+        b.send(
+            "t",
+            &Message::new("x")
+                .with_key(format!("k{i}"))
+                .with_more_keys([format!("m{i}")]),
+        )
+        .unwrap();
+    }
+    wait_until("indexed", WAIT, || b.key_index().files() > 10);
+    for key in ["order-1", "pay-7", "refund-2"] {
+        let t = b.trace(key).unwrap();
+        assert_eq!(offsets(&t), [sent.log_offset], "{key}: {t}");
+    }
+    assert_eq!(b.trace("m42").unwrap().messages.len(), 1);
+    assert!(
+        b.trace("pay").unwrap().messages.is_empty(),
+        "not a prefix match"
+    );
+    // A committed half keeps its further keys: its whole story is found by each.
+    let txn = b
+        .send_half(
+            "t",
+            &Message::new("held")
+                .with_key("order-2")
+                .with_more_keys(["pay-8"]),
+            "pg",
+            HalfOptions::default(),
+        )
+        .unwrap();
+    b.commit(txn).unwrap();
+    let by_key = b.trace("order-2").unwrap();
+    let by_more = b.trace("pay-8").unwrap();
+    assert_eq!(kinds(&by_more), kinds(&by_key), "{by_more}");
+    assert_eq!(
+        kinds(&by_more)[..2],
+        ["half", "committed"],
+        "{by_more}"
+    );
+    let b = restart_sim(&disk, b, &cfg);
+    assert_eq!(offsets(&b.trace("refund-2").unwrap()), [sent.log_offset]);
+
+    // Refused, nothing stored: further keys without a key, an empty one, too many.
+    let before = b.store().log_stats().records;
+    for bad in [
+        Message::new("no key").with_more_keys(["a"]),
+        Message::new("empty")
+            .with_key("k")
+            .with_more_keys(["a", ""]),
+        Message::new("many")
+            .with_key("k")
+            .with_more_keys((0..33).map(|i| i.to_string())),
+    ] {
+        let r = b.send("t", &bad);
+        assert!(
+            matches!(
+                &r,
+                Err(halfmq::Error::Invalid {
+                    what: "further keys",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(b.store().log_stats().records, before);
+    close(b);
+}
+
 #[test]
 fn a_key_among_many_rolled_over_files_collisions_and_unknown_keys() {
     let (_dir, disk, cfg, b) = sim_broker(1000, 16 * 1024, "t", 4);

@@ -82,7 +82,7 @@ pub use filter::TagFilter;
 pub use group::{DeadLetter, DeliveryConfig, GroupDeleted, GroupSettings, NackOutcome, Replayed};
 pub use lease::{PollOptions, Receipt};
 pub use message::{
-    DelayedReceipt, Delivery, Message, Properties, SendReceipt, TopicInfo,
+    validate_more_keys, DelayedReceipt, Delivery, Message, Properties, SendReceipt, TopicInfo,
     IDEMPOTENCY_KEY_BYTES_MAX, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX,
 };
 pub use stats::{

@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use crate::lease::Receipt;
-use crate::props::{PROP_IDEMPOTENCY_KEY, PROP_MESSAGE_GROUP, PROP_TAG};
+use crate::props::{
+    MORE_KEYS_MAX, MORE_KEY_BYTES_MAX, PROP_IDEMPOTENCY_KEY, PROP_KEYS, PROP_MESSAGE_GROUP,
+    PROP_TAG,
+};
 
 /// User properties of a message: names to values. Names starting with
 /// [`crate::props::RESERVED_PREFIX`] are halfmq's own.
@@ -106,6 +109,62 @@ impl Message {
     /// The message group, if set.
     pub fn message_group(&self) -> Option<&str> {
         self.properties.get(PROP_MESSAGE_GROUP).map(String::as_str)
+    }
+
+    /// Add further keys (RocketMQ's keys after the first): `trace` finds the message by any
+    /// of them as by its key; they do not pick the queue. The message needs a key. Each is 1
+    /// to [`MORE_KEY_BYTES_MAX`] bytes without a line break, at most [`MORE_KEYS_MAX`] in
+    /// all; kept as the property [`PROP_KEYS`], one per line.
+    pub fn with_more_keys<I, K>(mut self, keys: I) -> Message
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<String>,
+    {
+        let mut all: Vec<String> = self.more_keys().map(str::to_owned).collect();
+        all.extend(keys.into_iter().map(Into::into));
+        self.properties.insert(PROP_KEYS.to_owned(), all.join("\n"));
+        self
+    }
+
+    /// The further keys (see [`Message::with_more_keys`]).
+    pub fn more_keys(&self) -> impl Iterator<Item = &str> {
+        self.properties
+            .get(PROP_KEYS)
+            .map(String::as_str)
+            .into_iter()
+            .flat_map(crate::props::more_keys)
+    }
+}
+
+/// Check a message's further keys ([`Message::with_more_keys`]): the message has a key,
+/// and each further key is 1 to [`MORE_KEY_BYTES_MAX`] bytes without a line break, at most
+/// [`MORE_KEYS_MAX`] of them.
+pub fn validate_more_keys(msg: &Message) -> crate::error::Result<()> {
+    let Some(v) = msg.properties.get(PROP_KEYS) else {
+        return Ok(());
+    };
+    let bad = |reason: String| {
+        Err(crate::error::Error::Invalid {
+            what: "further keys",
+            reason,
+        })
+    };
+    if msg.key.is_empty() {
+        return bad("a message with further keys needs a key".into());
+    }
+    let lines: Vec<&str> = v.split('\n').collect();
+    if lines.len() > MORE_KEYS_MAX {
+        return bad(format!("{} keys: at most {MORE_KEYS_MAX}", lines.len()));
+    }
+    match lines
+        .iter()
+        .find(|k| k.is_empty() || k.len() > MORE_KEY_BYTES_MAX)
+    {
+        Some(k) => bad(format!(
+            "a key of {} bytes: use 1 to {MORE_KEY_BYTES_MAX} bytes, one per line",
+            k.len()
+        )),
+        None => Ok(()),
     }
 }
 

@@ -25,8 +25,41 @@ pub const PROP_TAG: &str = "halfmq.tag";
 /// the same queue, and a FIFO consumer group gets them one at a time, in order.
 pub const PROP_MESSAGE_GROUP: &str = "halfmq.message_group";
 
+/// Property holding a message's further keys (RocketMQ's keys after the first), one per
+/// line: `trace` finds the message by any of them as by its key. See [`more_keys`].
+pub const PROP_KEYS: &str = "halfmq.keys";
+
+/// At most this many further keys per message.
+pub const MORE_KEYS_MAX: usize = 32;
+
+/// At most this many bytes per further key.
+pub const MORE_KEY_BYTES_MAX: usize = 1024;
+
+/// The further keys in the value of [`PROP_KEYS`].
+pub fn more_keys(value: &str) -> impl Iterator<Item = &str> {
+    value.split('\n').filter(|k| !k.is_empty())
+}
+
+/// Whether a record with key `key` and properties `props` (as stored) is found by `wanted`:
+/// its key, or one of its further keys.
+pub fn has_key(
+    key: &str,
+    props: &std::collections::BTreeMap<String, String>,
+    wanted: &str,
+) -> bool {
+    key == wanted
+        || props
+            .get(PROP_KEYS)
+            .is_some_and(|v| more_keys(v).any(|k| k == wanted))
+}
+
 /// The reserved properties a user message may carry (each is checked where it is used).
-pub const USER_SETTABLE: [&str; 3] = [PROP_IDEMPOTENCY_KEY, PROP_TAG, PROP_MESSAGE_GROUP];
+pub const USER_SETTABLE: [&str; 4] = [
+    PROP_IDEMPOTENCY_KEY,
+    PROP_TAG,
+    PROP_MESSAGE_GROUP,
+    PROP_KEYS,
+];
 
 /// Property of a `Delayed` record: when to deliver it, ms since the Unix epoch.
 pub const PROP_DELIVER_AT_MS: &str = "halfmq.deliver_at_ms";

@@ -56,7 +56,7 @@ use checker::{CheckPool, CheckerThread};
 use consume::{GroupKey, GroupTopic};
 use delayed::DelayThread;
 use halfmq_store::consume_queue::ConsumeQueue;
-use halfmq_store::record::{self, Properties, RecordKind, RecordView};
+use halfmq_store::record::{self, RecordKind, RecordView};
 use halfmq_store::{validate_topic_name, Append, RecoveryReport, Store};
 use halfmq_types::clock::SharedClock;
 use halfmq_types::error::{Error, Result};
@@ -295,8 +295,10 @@ impl Broker {
         }
     }
 
-    fn check_user_properties(props: &Properties) -> Result<()> {
+    fn check_user_message(msg: &halfmq_types::Message) -> Result<()> {
+        let props = &msg.properties;
         crate::idem::key_of(props)?;
+        halfmq_types::validate_more_keys(msg)?;
         if let Some(tag) = props.get(PROP_TAG) {
             validate_tag("tag", tag)?;
         }

@@ -452,7 +452,7 @@ mod tests {
     fn add_all(ix: &KeyIndex, keys: &[(&str, u64)]) {
         let mut inner = ix.inner.lock();
         for (k, off) in keys {
-            ix.add(&mut inner, key_hash(k.as_bytes()), &header(*off), 60)
+            ix.add_record(&mut inner, &[key_hash(k.as_bytes())], &header(*off), 60)
                 .unwrap();
             inner.indexed_upto = off + 60;
         }

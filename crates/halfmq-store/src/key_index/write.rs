@@ -6,6 +6,7 @@ use super::format::{file_name, key_hash, le_u32, Entry, Header, HEADER_BYTES};
 use super::{IndexFile, Inner, KeyIndex, LogScan};
 use crate::record::{RecordKind, RecordView};
 use halfmq_types::error::{Error, Result};
+use halfmq_types::props::{more_keys, PROP_KEYS};
 
 /// Slot-table bytes tracked as one dirty unit.
 const PAGE_BYTES: usize = 4096;
@@ -71,7 +72,24 @@ impl KeyIndex {
             if view.key.is_empty() || view.header.kind == RecordKind::SegmentEnd {
                 return Ok(());
             }
-            self.add(inner, key_hash(view.key.as_bytes()), &view.header, size)
+            let mut keys = vec![view.key];
+            // Further keys (only on records with a key, so `keyed_end` covers them too). A
+            // record passed its CRC; properties that still do not decode cost only their
+            // further keys here (reading the record reports them).
+            let props = if view.props.is_empty() {
+                None
+            } else {
+                view.properties().ok()
+            };
+            if let Some(v) = props.as_ref().and_then(|p| p.get(PROP_KEYS)) {
+                for k in more_keys(v) {
+                    if !keys.contains(&k) {
+                        keys.push(k);
+                    }
+                }
+            }
+            let hashes: Vec<u64> = keys.iter().map(|k| key_hash(k.as_bytes())).collect();
+            self.add_record(inner, &hashes, &view.header, size)
         };
         let reached = scan(from, scan_to, &mut add)?;
         // `keyed_end` is a record boundary (the end of a keyed record), so a scan that got
@@ -81,19 +99,23 @@ impl KeyIndex {
         Ok(())
     }
 
-    pub(super) fn add(
+    /// Index one record under each of `hashes` (its key's, then its further keys'), all in
+    /// one file: a file is sealed at a record boundary, never between two entries of one
+    /// record (its mark must be past its last entry). At most `entries_max` of them.
+    pub(super) fn add_record(
         &self,
         inner: &mut Inner,
-        hash: u64,
+        hashes: &[u64],
         header: &crate::record::Header,
         size: u32,
     ) -> Result<()> {
-        let log_offset = header.log_offset;
+        let room = hashes.len().min(self.entries_max as usize) as u32;
         let full = inner
             .active
             .as_ref()
-            .is_none_or(|a| a.f.header.count >= a.f.header.entries_max);
+            .is_none_or(|a| a.f.header.count + room > a.f.header.entries_max);
         if full {
+            let log_offset = header.log_offset;
             if let Some(a) = inner.active.take() {
                 let upto = log_offset;
                 let sealed = self.seal(a, upto)?;
@@ -102,6 +124,20 @@ impl KeyIndex {
             }
             inner.active = Some(self.create(log_offset)?);
         }
+        for &hash in &hashes[..room as usize] {
+            self.push_entry(inner, hash, header, size)?;
+        }
+        Ok(())
+    }
+
+    fn push_entry(
+        &self,
+        inner: &mut Inner,
+        hash: u64,
+        header: &crate::record::Header,
+        size: u32,
+    ) -> Result<()> {
+        let log_offset = header.log_offset;
         let Some(a) = inner.active.as_mut() else {
             return Err(Error::Invalid {
                 what: "key index",

@@ -88,7 +88,7 @@ impl Broker {
         topic: &str,
         msg: &Message,
     ) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
-        Self::check_user_properties(&msg.properties)?;
+        Self::check_user_message(msg)?;
         let t = self.send_topic(topic)?;
         let (qi, props) = Self::place(&t, msg)?;
         Ok((t, qi, props))
@@ -101,7 +101,7 @@ impl Broker {
     }
 
     /// Where in `t` a message goes (its key picks the queue) and its encoded properties.
-    /// The caller has checked its properties ([`Broker::check_user_properties`]).
+    /// The caller has checked the message ([`Broker::check_user_message`]).
     pub(super) fn place(t: &Topic, msg: &Message) -> Result<(usize, Vec<u8>)> {
         let qi = Self::pick_queue(t, msg);
         let props = record::encode_properties(&msg.properties)?;

@@ -72,18 +72,16 @@ impl Broker {
         // Each message checked and placed, as a plain send does.
         let mut slots: Vec<Slot> = msgs
             .iter()
-            .map(|msg| {
-                match Self::check_user_properties(&msg.properties)
-                    .and_then(|()| Self::place(&t, msg))
-                {
+            .map(
+                |msg| match Self::check_user_message(msg).and_then(|()| Self::place(&t, msg)) {
                     Ok((qi, props)) => Slot::Ready {
                         qi,
                         props,
                         reservation: None,
                     },
                     Err(e) => Slot::Done(Err(e)),
-                }
-            })
+                },
+            )
             .collect();
         // The keys claimed in key order (then batch order); a key met again in the batch
         // is a duplicate of its first message.

@@ -13,6 +13,7 @@ use super::Broker;
 use halfmq_store::key_index::KeyIndex;
 use halfmq_store::LogReader;
 use halfmq_types::error::{Error, Result};
+use halfmq_types::props::has_key;
 use halfmq_types::trace::{Event, Trace};
 
 /// How often the indexer looks for newly durable records.
@@ -204,7 +205,7 @@ impl Broker {
                 continue;
             }
             match self.store.read_at(e.log_offset, e.size) {
-                Ok(r) if r.key == key => found.extend(Found::of(&r)),
+                Ok(r) if has_key(&r.key, &r.properties, key) => found.extend(Found::of(&r)),
                 Ok(_) => {} // another key with the same hash
                 Err(err) if e.log_offset < self.store.log_stats().first_offset => {
                     // Retention deleted it between the two looks.
@@ -220,12 +221,14 @@ impl Broker {
         let written = self.store.log_stats().written_offset;
         let mut tail_error = None;
         self.store.scan_records(upto, written, &mut |view, _| {
-            if view.key == key {
-                match view.to_record() {
-                    Ok(r) => found.extend(Found::of(&r)),
-                    Err(e) => {
-                        tail_error.get_or_insert(e);
-                    }
+            if view.key.is_empty() || (view.key != key && view.props.is_empty()) {
+                return Ok(());
+            }
+            match view.to_record() {
+                Ok(r) if has_key(&r.key, &r.properties, key) => found.extend(Found::of(&r)),
+                Ok(_) => {}
+                Err(e) => {
+                    tail_error.get_or_insert(e);
                 }
             }
             Ok(())

@@ -15,7 +15,7 @@ use halfmq_store::record::{self, Properties, RecordKind, RecordView, FLAG_TXN_CO
 use halfmq_store::{Append, DurableHook};
 use halfmq_types::error::{Error, Result};
 use halfmq_types::props::{
-    PROP_CHECK_IMMUNITY_MS, PROP_MESSAGE_GROUP, PROP_PRODUCER_GROUP, PROP_TAG, PROP_TXN,
+    PROP_CHECK_IMMUNITY_MS, PROP_KEYS, PROP_MESSAGE_GROUP, PROP_PRODUCER_GROUP, PROP_TAG, PROP_TXN,
     RESERVED_PREFIX,
 };
 use halfmq_types::{
@@ -153,7 +153,7 @@ impl Broker {
         opts: &HalfOptions,
     ) -> Result<(Arc<Topic>, usize, Vec<u8>)> {
         validate_group_name(producer_group)?;
-        Self::check_user_properties(&msg.properties)?;
+        Self::check_user_message(msg)?;
         validate_user_topic_name(topic)?;
         let t = self.topic(topic)?;
         let qi = Self::pick_queue(&t, msg);
@@ -273,7 +273,10 @@ impl Broker {
         // The user's own properties, with the tag and message group (which the committed
         // message keeps); the idempotency key belonged to the half.
         properties.retain(|k, _| {
-            !k.starts_with(RESERVED_PREFIX) || k == PROP_TAG || k == PROP_MESSAGE_GROUP
+            !k.starts_with(RESERVED_PREFIX)
+                || k == PROP_TAG
+                || k == PROP_MESSAGE_GROUP
+                || k == PROP_KEYS
         });
         Ok(HalfMessage {
             txn_id: TxnId(info.txn_id),
