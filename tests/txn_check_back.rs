@@ -236,6 +236,36 @@ fn not_checked_before_the_timeout_or_the_immunity() {
     );
 }
 
+/// An immunity too long for u64 milliseconds counts as u64::MAX ms: it never ends, neither
+/// overflows the first check's time nor is lost by a restart.
+#[test]
+fn an_endless_immunity_is_never_over_even_after_a_restart() {
+    let (tmp, b, clock) = fresh_with_clock(config);
+    let asked = counting_checker(&b, "g");
+    let opts = HalfOptions {
+        check_immunity: Some(Duration::MAX),
+    };
+    let txn = b.send_half("t", &Message::new("x"), "g", opts).unwrap();
+    let next_check = |b: &Broker| {
+        let infos = b.transactions(None).into_iter();
+        infos
+            .filter(|i| i.txn_id == txn.0)
+            .map(|i| i.next_check_ms)
+            .next()
+    };
+    assert_eq!(next_check(&b), Some(u64::MAX));
+    advance(&b, &clock, 3_600_000);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        0,
+        "checked inside the immunity"
+    );
+    b.close().unwrap();
+    drop(b);
+    let b = Broker::open(config(tmp.path())).unwrap();
+    assert_eq!(next_check(&b), Some(u64::MAX));
+}
+
 #[test]
 fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_hand() {
     let (tmp, b, clock) = fresh_with_clock(config);

@@ -96,10 +96,7 @@ pub(super) async fn handle(
             producer_group,
             check_immunity_ms,
         } => {
-            let opts = HalfOptions {
-                check_immunity: (check_immunity_ms > 0)
-                    .then(|| Duration::from_millis(check_immunity_ms)),
-            };
+            let opts = HalfOptions::from_check_immunity_ms(check_immunity_ms);
             let r = b
                 .send_half_receipt_async(&topic, &Message::from(message), &producer_group, opts)
                 .await;
