@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{advance, open_with_clock};
+use common::{advance, fresh_with_clock};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,8 +41,7 @@ fn drain(b: &Broker, group: &str, timeout: Duration) -> Vec<(Vec<u8>, Instant)> 
 #[test]
 fn a_delayed_message_is_invisible_until_its_time_then_delivered_once() {
     // The broker's clock moves only when the test moves it, so "not yet" and "now" are exact.
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
+    let (_tmp, b, clock) = fresh_with_clock(config);
     let at = clock.now_ms() + 700;
     let r = b
         .send_delayed("t", &Message::new("later").with_key("order-1"), at)

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{model_config, open_with_clock};
+use common::{fresh_with_clock, model_config};
 use halfmq::{Broker, BrokerConfig, Delivery, GroupSettings, ManualClock, Message, NackOutcome};
 use proptest::prelude::*;
 
@@ -27,6 +27,15 @@ fn fifo(vt_ms: u64, max_retries: u32) -> GroupSettings {
         retry_backoff_ms: Some(vec![10]),
         fifo: Some(true),
     }
+}
+
+/// A broker (its directory and manual clock too) whose group `g` is FIFO with
+/// [`fifo`]`(vt_ms, max_retries)`.
+fn open_fifo(vt_ms: u64, max_retries: u32) -> (tempfile::TempDir, Arc<Broker>, ManualClock) {
+    let (tmp, b, clock) = fresh_with_clock(config);
+    b.set_group_settings("g", &fifo(vt_ms, max_retries))
+        .unwrap();
+    (tmp, b, clock)
 }
 
 fn msg(group: &str, n: u32) -> Message {
@@ -48,9 +57,7 @@ fn ack(b: &Broker, d: &Delivery) {
 
 #[test]
 fn one_message_of_a_group_at_a_time_and_other_groups_go_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &fifo(1_000, 16)).unwrap();
+    let (_tmp, b, clock) = open_fifo(1_000, 16);
     for n in 0..3 {
         b.send("t", &msg("a", n)).unwrap();
         b.send("t", &msg("b", n)).unwrap();
@@ -90,9 +97,7 @@ fn one_message_of_a_group_at_a_time_and_other_groups_go_on() {
 
 #[test]
 fn a_dead_letter_lets_its_group_go_on() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, _clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &fifo(1_000, 0)).unwrap();
+    let (_tmp, b, _clock) = open_fifo(1_000, 0);
     for n in 0..2 {
         b.send("t", &msg("a", n)).unwrap();
     }
@@ -143,11 +148,8 @@ fn the_order_holds_across_a_restart_and_turning_fifo_off_releases_the_rest() {
 
 #[test]
 fn fifo_over_the_network() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, _clock) = open_with_clock(config(tmp.path()));
-    let rt = common::load::runtime();
-    rt.block_on(async {
-        let (server, c) = common::serve_in_process(b.clone()).await;
+    let (_tmp, b, _clock) = fresh_with_clock(config);
+    common::with_served(&b, |_, c| async move {
         let (in_force, overrides) = c
             .set_group_settings("g", &fifo(1_000, 16))
             .await
@@ -182,8 +184,6 @@ fn fifo_over_the_network() {
             .unwrap()
             .unwrap();
         assert_eq!(bodies(&got), ["a-1"]);
-        drop(c);
-        server.shutdown().await;
     });
 }
 
@@ -329,9 +329,7 @@ proptest! {
         groups in proptest::collection::vec(0u8..3, 1..16),
         ops in proptest::collection::vec(op(), 1..60),
     ) {
-        let tmp = tempfile::tempdir().unwrap();
-        let (b, clock) = open_with_clock(config(tmp.path()));
-        b.set_group_settings("g", &fifo(100, 2)).unwrap();
+        let (_tmp, b, clock) = open_fifo(100, 2);
         let mut ids = BTreeMap::new();
         let mut next = [0u32; 3];
         for g in groups {

@@ -4,10 +4,15 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::open_with_clock;
-use halfmq::{BrokerConfig, Error, GroupSettings, Message, NackOutcome, PollOptions, Receipt};
+use common::fresh_with_clock;
+use halfmq::{
+    Broker, BrokerConfig, Error, GroupSettings, ManualClock, Message, NackOutcome, PollOptions,
+    Receipt,
+};
+use tempfile::TempDir;
 
 fn config(dir: &std::path::Path) -> BrokerConfig {
     let mut c = BrokerConfig::new(dir);
@@ -30,11 +35,23 @@ fn receipt(d: &halfmq::Delivery) -> Receipt {
     d.receipt.expect("the embedded broker hands out receipts")
 }
 
+/// A broker (its directory and manual clock too) whose group `g` has a visibility time-out of
+/// `vt_ms`.
+fn open_g(vt_ms: u64) -> (TempDir, Arc<Broker>, ManualClock) {
+    let (tmp, b, clock) = fresh_with_clock(config);
+    b.set_group_settings("g", &vt(vt_ms)).unwrap();
+    (tmp, b, clock)
+}
+
+/// Send `a` to topic `t` and poll it for group `g`: the receipt of its delivery.
+fn leased_a(b: &Broker) -> Receipt {
+    b.send("t", &Message::new("a")).unwrap();
+    receipt(&b.poll("g", "t", 1).unwrap().remove(0))
+}
+
 #[test]
 fn a_poll_leases_for_its_own_duration_and_bad_durations_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &vt(10_000)).unwrap();
+    let (_tmp, b, clock) = open_g(10_000);
     b.send("t", &Message::new("a")).unwrap();
     let got = b.poll_with("g", "t", 10, &lease(500)).unwrap();
     assert_eq!(got.len(), 1);
@@ -65,12 +82,8 @@ fn a_poll_leases_for_its_own_duration_and_bad_durations_are_refused() {
 
 #[test]
 fn changing_a_lease_counts_no_failure_and_makes_the_old_receipt_stale() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &vt(1_000)).unwrap();
-    b.send("t", &Message::new("a")).unwrap();
-    let d = b.poll("g", "t", 1).unwrap().remove(0);
-    let first = receipt(&d);
+    let (_tmp, b, clock) = open_g(1_000);
+    let first = leased_a(&b);
     // Renewed before it runs out: not delivered again at the old time.
     clock.advance_ms(900);
     let renewed = b
@@ -114,9 +127,7 @@ fn changing_a_lease_counts_no_failure_and_makes_the_old_receipt_stale() {
 
 #[test]
 fn a_redelivered_messages_old_receipt_is_stale_and_a_forged_one_is_bad() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &vt(100)).unwrap();
+    let (_tmp, b, clock) = open_g(100);
     for body in ["a", "b"] {
         b.send("t", &Message::new(body)).unwrap();
     }
@@ -172,12 +183,8 @@ fn a_redelivered_messages_old_receipt_is_stale_and_a_forged_one_is_bad() {
 
 #[test]
 fn a_nack_by_receipt_counts_and_ends_the_lease() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &vt(1_000)).unwrap();
-    b.send("t", &Message::new("a")).unwrap();
-    let d = b.poll("g", "t", 1).unwrap().remove(0);
-    let r = receipt(&d);
+    let (_tmp, b, clock) = open_g(1_000);
+    let r = leased_a(&b);
     let out = b
         .nack_receipt("g", "t", &r, Some(Duration::from_millis(50)))
         .unwrap();
@@ -197,9 +204,7 @@ fn a_nack_by_receipt_counts_and_ends_the_lease() {
 /// changes not, across a restart (the failure counts are durable; leases are not).
 #[test]
 fn the_attempt_is_the_real_attempt_number_across_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &vt(100)).unwrap();
+    let (tmp, b, clock) = open_g(100);
     b.send("t", &Message::new("a")).unwrap();
     let mut attempts = Vec::new();
     // Time-out, nack, change, time-out.
@@ -237,11 +242,8 @@ fn the_attempt_is_the_real_attempt_number_across_a_restart() {
 /// variants, and the lease and attempt rules are the broker's.
 #[test]
 fn leases_and_receipts_over_the_network() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    let rt = common::load::runtime();
-    rt.block_on(async {
-        let (server, c) = common::serve_in_process(b.clone()).await;
+    let (_tmp, b, clock) = fresh_with_clock(config);
+    common::with_served(&b, |b, c| async move {
         c.set_group_settings("g", &vt(10_000)).await.unwrap();
         c.send("t", &Message::new("a")).await.unwrap();
         let got = c.poll_with("g", "t", 10, &lease(200)).await.unwrap();
@@ -298,8 +300,6 @@ fn leases_and_receipts_over_the_network() {
             .await
             .unwrap();
         assert!(c.poll("g", "t", 1).await.unwrap().is_empty());
-        drop(c);
-        server.shutdown().await;
     });
 }
 
@@ -307,9 +307,7 @@ fn leases_and_receipts_over_the_network() {
 /// the failure count, with the consumer's reason; a stale receipt moves nothing.
 #[test]
 fn a_receipt_sends_its_message_to_the_dead_letter_queue_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
-    b.set_group_settings("g", &vt(100)).unwrap();
+    let (_tmp, b, clock) = open_g(100);
     for body in ["a", "b"] {
         b.send("t", &Message::new(body).with_key(body)).unwrap();
     }
@@ -334,16 +332,12 @@ fn a_receipt_sends_its_message_to_the_dead_letter_queue_at_once() {
         .dead_letter_receipt("g", "t", &receipt(&got[1]), "late")
         .unwrap_err();
     assert!(matches!(e, Error::StaleReceipt { .. }), "{e}");
-    let rt = common::load::runtime();
-    rt.block_on(async {
-        let (server, c) = common::serve_in_process(b.clone()).await;
+    common::with_served(&b, |_, c| async move {
         let dl = c
             .dead_letter_receipt("g", "t", &receipt(&again[0]), "over the network")
             .await
             .unwrap();
         assert_eq!((dl.topic.as_str(), dl.offset), ("%DLQ%g", 1));
         assert!(c.poll("g", "t", 10).await.unwrap().is_empty());
-        drop(c);
-        server.shutdown().await;
     });
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::open_with_clock;
+use common::fresh_with_clock;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -61,8 +61,7 @@ fn poll_for(
 
 #[test]
 fn an_unacked_message_is_delivered_again_after_the_visibility_timeout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
+    let (_tmp, b, clock) = fresh_with_clock(config);
     settle_g(&b, 300, 16, &[1000]);
     b.send("t", &Message::new("pay-1").with_key("order-1"))
         .unwrap();
@@ -139,8 +138,7 @@ fn a_consumer_that_dies_mid_batch_loses_nothing() {
 
 #[test]
 fn nack_redelivers_at_once_or_after_the_backoff() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
+    let (_tmp, b, clock) = fresh_with_clock(config);
     settle_g(&b, 60_000, 16, &[400, 800]);
     b.send("t", &Message::new("x")).unwrap();
     let d = b.poll("g", "t", 1).unwrap().remove(0);

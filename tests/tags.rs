@@ -135,9 +135,7 @@ fn a_message_group_picks_the_queue_and_a_commit_keeps_tag_and_group() {
 fn a_filter_over_the_network() {
     let tmp = tempfile::tempdir().unwrap();
     let b = open(tmp.path(), 2);
-    let rt = common::load::runtime();
-    rt.block_on(async {
-        let (server, c) = common::serve_in_process(b.clone()).await;
+    common::with_served(&b, |_, c| async move {
         for (k, tag) in [("k1", "a"), ("k2", "b"), ("k3", "c")] {
             c.send("t", &tagged(k, Some(tag))).await.unwrap();
         }
@@ -169,8 +167,6 @@ fn a_filter_over_the_network() {
             ),
             "{e}"
         );
-        drop(c);
-        server.shutdown().await;
     });
 }
 

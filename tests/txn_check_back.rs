@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{advance, check_back, open_with_clock, visible, wait_until};
+use common::{advance, check_back, fresh_with_clock, visible, wait_until};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,8 +85,7 @@ fn half_is_invisible_until_commit_and_visible_exactly_once() {
 
 #[test]
 fn rollback_is_never_visible() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
+    let (tmp, b, clock) = fresh_with_clock(config);
     let txn = b
         .send_half("t", &Message::new("x"), "g", HalfOptions::default())
         .unwrap();
@@ -190,8 +189,7 @@ fn counting_checker(b: &Broker, group: &str) -> Arc<AtomicU32> {
 #[test]
 fn not_checked_before_the_timeout_or_the_immunity() {
     // The broker's clock moves only when the test moves it, so "not yet" is exact.
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
+    let (_tmp, b, clock) = fresh_with_clock(config);
     let plain = counting_checker(&b, "plain");
     let immune = counting_checker(&b, "immune");
     let opts = HalfOptions {
@@ -238,10 +236,39 @@ fn not_checked_before_the_timeout_or_the_immunity() {
     );
 }
 
+/// An immunity too long for u64 milliseconds counts as u64::MAX ms: it never ends, neither
+/// overflows the first check's time nor is lost by a restart.
+#[test]
+fn an_endless_immunity_is_never_over_even_after_a_restart() {
+    let (tmp, b, clock) = fresh_with_clock(config);
+    let asked = counting_checker(&b, "g");
+    let opts = HalfOptions {
+        check_immunity: Some(Duration::MAX),
+    };
+    let txn = b.send_half("t", &Message::new("x"), "g", opts).unwrap();
+    let next_check = |b: &Broker| {
+        let infos = b.transactions(None).into_iter();
+        infos
+            .filter(|i| i.txn_id == txn.0)
+            .map(|i| i.next_check_ms)
+            .next()
+    };
+    assert_eq!(next_check(&b), Some(u64::MAX));
+    advance(&b, &clock, 3_600_000);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        0,
+        "checked inside the immunity"
+    );
+    b.close().unwrap();
+    drop(b);
+    let b = Broker::open(config(tmp.path())).unwrap();
+    assert_eq!(next_check(&b), Some(u64::MAX));
+}
+
 #[test]
 fn unknown_answers_end_unresolved_which_survives_restart_and_can_be_resolved_by_hand() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (b, clock) = open_with_clock(config(tmp.path()));
+    let (tmp, b, clock) = fresh_with_clock(config);
     let asked = counting_checker(&b, "g");
     let txn = b.send_half(
         "t",

@@ -642,12 +642,17 @@ pub fn fresh_sim(
     (dir, disk, cfg, b)
 }
 
-/// A broker with `cfg` whose clock moves only when the test moves it, so that "not yet" and
-/// "now" are exact; and that clock.
-pub fn open_with_clock(cfg: BrokerConfig) -> (Arc<Broker>, ManualClock) {
+/// A broker in a new temporary directory, configured by `config` for that directory, whose
+/// clock moves only when the test moves it, so that "not yet" and "now" are exact; the
+/// directory (keep it as long as the broker), the broker and that clock.
+pub fn fresh_with_clock(
+    config: impl FnOnce(&Path) -> BrokerConfig,
+) -> (tempfile::TempDir, Arc<Broker>, ManualClock) {
+    let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::starting_now();
-    let b = Broker::open(cfg.with_clock(clock.clone())).unwrap_or_else(|e| panic!("open: {e}"));
-    (b, clock)
+    let cfg = config(dir.path()).with_clock(clock.clone());
+    let b = Broker::open(cfg).unwrap_or_else(|e| panic!("open: {e}"));
+    (dir, b, clock)
 }
 
 /// Move the broker's manual clock by `ms` and run what fell due (check-backs, delayed
@@ -1001,6 +1006,20 @@ pub fn wait_for_sled_released(meta_dir: &Path) {
             return true;
         };
         rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+    });
+}
+
+/// Run `test` on a new runtime with `broker` and a client of it served in this process
+/// ([`serve_in_process`]); the server is shut down once `test` is done with the client.
+pub fn with_served<F, Fut>(broker: &Arc<Broker>, test: F)
+where
+    F: FnOnce(Arc<Broker>, halfmq_client::Client) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    load::runtime().block_on(async {
+        let (server, client) = serve_in_process(broker.clone()).await;
+        test(broker.clone(), client).await;
+        server.shutdown().await;
     });
 }
 

@@ -168,7 +168,7 @@ impl Client {
             topic,
             message: MessageRef(msg),
             producer_group,
-            check_immunity_ms: opts.check_immunity.map_or(0, millis),
+            check_immunity_ms: opts.check_immunity_ms(),
         };
         answer!(self.request_carrying(&req, topic, msg).await?,
             Response::HalfSent { txn, duplicate } => HalfReceipt { txn: TxnId(txn), duplicate })

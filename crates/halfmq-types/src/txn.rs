@@ -115,6 +115,23 @@ pub struct HalfOptions {
     pub check_immunity: Option<Duration>,
 }
 
+impl HalfOptions {
+    /// Options whose check-immunity time is `ms` milliseconds, 0 for none: the form the
+    /// network protocol carries ([`HalfOptions::check_immunity_ms`] the other way).
+    pub fn from_check_immunity_ms(ms: u64) -> HalfOptions {
+        HalfOptions {
+            check_immunity: (ms > 0).then(|| Duration::from_millis(ms)),
+        }
+    }
+
+    /// The check-immunity time in whole milliseconds (saturating), 0 for none: as the network
+    /// protocol carries it and the broker's transaction index counts it.
+    pub fn check_immunity_ms(&self) -> u64 {
+        self.check_immunity
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
 /// What is known about a transaction that has not finished.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TxnInfo {
@@ -152,4 +169,31 @@ pub struct HalfReceipt {
     /// True when the half carried an idempotency key that was already stored: nothing was
     /// written now, and `txn` is the original transaction (in whatever state it is now).
     pub duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_immunity_travels_in_whole_milliseconds_and_zero_is_none() {
+        for ms in [0, 1, 6_000, u64::MAX] {
+            assert_eq!(
+                HalfOptions::from_check_immunity_ms(ms).check_immunity_ms(),
+                ms
+            );
+        }
+        assert_eq!(
+            HalfOptions::from_check_immunity_ms(0),
+            HalfOptions::default()
+        );
+        let long = HalfOptions {
+            check_immunity: Some(Duration::MAX),
+        };
+        assert_eq!(long.check_immunity_ms(), u64::MAX);
+        let sub_ms = HalfOptions {
+            check_immunity: Some(Duration::from_micros(1_999)),
+        };
+        assert_eq!(sub_ms.check_immunity_ms(), 1);
+    }
 }

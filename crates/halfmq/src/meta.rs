@@ -39,6 +39,13 @@ pub(crate) fn sled_err(e: sled::Error) -> Error {
     Error::Meta(e.to_string())
 }
 
+/// fsync the directory `dir`, so that the entries created, renamed or removed in it stay so.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "fsync directory", e))
+}
+
 /// Configuration of a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TopicConfig {
@@ -221,9 +228,7 @@ impl Meta {
         // fsync only sled's file; new files are synced before every checkpoint).
         meta.sync_files()?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(parent, "fsync directory", e))?;
+            sync_dir(parent)?;
         }
         Ok(meta)
     }

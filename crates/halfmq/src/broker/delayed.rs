@@ -5,7 +5,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::wait::{block_on, Async, Blocking, Hook, Wait};
+use super::wait::{blocking_and_async, Hook, Wait};
 use super::{required_prop, Broker, Topic};
 use crate::delayed::DelayedIndex;
 use crate::meta::DelayedInfo;
@@ -45,27 +45,16 @@ pub(super) fn delayed_of(view: &RecordView<'_>) -> Result<u64> {
 }
 
 impl Broker {
-    /// Store a message durably now and deliver it to its topic at `deliver_at_ms` (ms since
-    /// the Unix epoch; a time in the past means at once), at most [`DELAY_MAX`] ahead.
-    /// Until then no consumer sees it; it is delivered also after a restart or a crash.
-    pub fn send_delayed(
-        &self,
-        topic: &str,
-        msg: &Message,
-        deliver_at_ms: u64,
-    ) -> Result<DelayedReceipt> {
-        block_on(self.send_delayed_with(&Blocking, topic, msg, deliver_at_ms))
-    }
-
-    /// [`Broker::send_delayed`] for async code.
-    pub async fn send_delayed_async(
-        &self,
-        topic: &str,
-        msg: &Message,
-        deliver_at_ms: u64,
-    ) -> Result<DelayedReceipt> {
-        self.send_delayed_with(&Async, topic, msg, deliver_at_ms)
-            .await
+    blocking_and_async! {
+        /// Store a message durably now and deliver it to its topic at `deliver_at_ms` (ms
+        /// since the Unix epoch; a time in the past means at once), at most [`DELAY_MAX`]
+        /// ahead. Until then no consumer sees it; it is delivered also after a restart or a
+        /// crash.
+        fn send_delayed;
+        /// [`Broker::send_delayed`] for async code.
+        async fn send_delayed_async;
+        (&self, topic: &str, msg: &Message, deliver_at_ms: u64) -> Result<DelayedReceipt>;
+        send_delayed_with(topic, msg, deliver_at_ms)
     }
 
     /// The one path of a delayed send: a `Delayed` record, synced whatever the flush policy,

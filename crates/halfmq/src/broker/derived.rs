@@ -20,7 +20,7 @@ use super::txn::{txn_info_of, txn_of};
 use crate::config::{BrokerConfig, TxnConfig};
 use crate::delayed::DelayedIndex;
 use crate::idem::DedupIndex;
-use crate::meta::Meta;
+use crate::meta::{sync_dir, Meta};
 use crate::txn::TxnIndex;
 use halfmq_store::io::Storage;
 use halfmq_store::record::{RecordKind, RecordView, FLAG_DELAYED_FIRE, FLAG_TXN_COMMIT};
@@ -194,9 +194,7 @@ fn move_aside(path: &Path, now_ms: u64, why: &str) -> Result<PathBuf> {
     std::fs::rename(path, &aside)
         .map_err(|e| Error::io(path, "move the damaged database aside", e))?;
     if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(parent, "fsync directory", e))?;
+        sync_dir(parent)?;
     }
     tracing::warn!(
         from = %path.display(),

@@ -109,7 +109,8 @@ fn pending_half(
         size: 0,
         created_ms,
         checks: 0,
-        next_check_ms: created_ms + first_check,
+        // Saturating: an immunity of u64::MAX ms (what a longer one travels as) is never over.
+        next_check_ms: created_ms.saturating_add(first_check),
         last_check_ms: 0,
         last_answer: None,
     }
@@ -159,8 +160,11 @@ impl Broker {
         let qi = Self::pick_queue(&t, msg);
         let mut props = msg.properties.clone();
         props.insert(PROP_PRODUCER_GROUP.into(), producer_group.into());
-        if let Some(d) = opts.check_immunity {
-            props.insert(PROP_CHECK_IMMUNITY_MS.into(), d.as_millis().to_string());
+        if opts.check_immunity.is_some() {
+            props.insert(
+                PROP_CHECK_IMMUNITY_MS.into(),
+                opts.check_immunity_ms().to_string(),
+            );
         }
         Ok((t, qi, record::encode_properties(&props)?))
     }
@@ -181,7 +185,7 @@ impl Broker {
             (&msg.key, props, &msg.body),
             self.now(),
         );
-        let immunity_ms = opts.check_immunity.map_or(0, |d| d.as_millis() as u64);
+        let immunity_ms = opts.check_immunity_ms();
         let mut info = pending_half(
             &self.config.txn,
             (&t.name, a.queue_id, &msg.key),

@@ -201,19 +201,19 @@ macro_rules! blocking_and_async {
         $(#[$doc_async:meta])*
         async fn $name_async:ident;
         (&self, $($arg:ident: $ty:ty),* $(,)?) -> $ret:ty;
-        $with:ident($($pass:expr),* $(,)?) $(.map($f:expr))?
+        $with:ident($($pass:expr),* $(,)?) $(.$adapt:ident($f:expr))?
     ) => {
         $(#[$doc])*
         pub fn $name(&self, $($arg: $ty),*) -> $ret {
             $crate::broker::wait::block_on(
                 self.$with(&$crate::broker::wait::Blocking, $($pass),*)
-            )$(.map($f))?
+            )$(.$adapt($f))?
         }
 
         $(#[$doc_async])*
         pub async fn $name_async(&self, $($arg: $ty),*) -> $ret {
             self.$with(&$crate::broker::wait::Async, $($pass),*)
-                .await$(.map($f))?
+                .await$(.$adapt($f))?
         }
     };
 }

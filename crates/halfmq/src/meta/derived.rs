@@ -20,7 +20,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::{open_db, prefix, sled_err, u64_be, LiveTree, Meta, OUTCOME_BUCKET_SHIFT};
+use super::{open_db, prefix, sled_err, sync_dir, u64_be, LiveTree, Meta, OUTCOME_BUCKET_SHIFT};
 use halfmq_types::codec;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome;
@@ -269,9 +269,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
             }
         }
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, "fsync directory", e))
+    sync_dir(dir)
 }
 
 #[cfg(test)]

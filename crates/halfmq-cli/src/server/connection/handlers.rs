@@ -96,10 +96,7 @@ pub(super) async fn handle(
             producer_group,
             check_immunity_ms,
         } => {
-            let opts = HalfOptions {
-                check_immunity: (check_immunity_ms > 0)
-                    .then(|| Duration::from_millis(check_immunity_ms)),
-            };
+            let opts = HalfOptions::from_check_immunity_ms(check_immunity_ms);
             let r = b
                 .send_half_receipt_async(&topic, &Message::from(message), &producer_group, opts)
                 .await;
@@ -120,10 +117,8 @@ pub(super) async fn handle(
             max,
             wait_ms,
         } => {
-            let max = (max as usize).min(POLL_MESSAGES_MAX);
-            let wait = Duration::from_millis(wait_ms.min(60_000));
             let opts = PollOptions::default();
-            let r = poll(conn, answer, stop, (&group, &topic, &opts), max, wait).await;
+            let r = poll(conn, answer, stop, (&group, &topic, &opts), (max, wait_ms)).await;
             result_response(r, |ds| {
                 Response::Messages(ds.into_iter().map(WireDelivery::from).collect())
             })
@@ -136,14 +131,12 @@ pub(super) async fn handle(
             lease_ms,
             filter,
         } => {
-            let max = (max as usize).min(POLL_MESSAGES_MAX);
-            let wait = Duration::from_millis(wait_ms.min(60_000));
             let r = match TagFilter::parse(&filter) {
                 Ok(filter) => {
                     let opts = PollOptions::default()
                         .with_lease(lease_ms.map(Duration::from_millis))
                         .with_filter(filter);
-                    poll(conn, answer, stop, (&group, &topic, &opts), max, wait).await
+                    poll(conn, answer, stop, (&group, &topic, &opts), (max, wait_ms)).await
                 }
                 Err(e) => Err(e),
             };
@@ -395,14 +388,17 @@ async fn send_batch(b: &halfmq::Broker, topic: String, messages: Vec<WireMessage
 /// answer, then hand out what fits. A client that does not read its answers is handed
 /// nothing more. It ends early, empty, when the server stops or the connection is cut; the
 /// waits are its only await points, so nothing has been handed out when it is cut short.
+/// `max` and `wait_ms` are the request's, cut here to [`POLL_MESSAGES_MAX`] and
+/// [`POLL_WAIT_MS_MAX`] (the same for `Poll` and `Receive`).
 async fn poll(
     conn: &Conn,
     answer: &mut Answer,
     mut stop: Stop,
     (group, topic, opts): (&str, &str, &PollOptions),
-    max: usize,
-    wait: Duration,
+    (max, wait_ms): (u32, u64),
 ) -> Result<Vec<halfmq::Delivery>> {
+    let max = (max as usize).min(POLL_MESSAGES_MAX);
+    let wait = Duration::from_millis(wait_ms.min(POLL_WAIT_MS_MAX));
     let b = &conn.broker;
     let room = conn.config.frame_bytes_max as usize;
     let max_bytes = room - 64 * 1024;
@@ -426,3 +422,6 @@ async fn poll(
 
 /// Most messages one poll answer carries.
 const POLL_MESSAGES_MAX: usize = 10_000;
+
+/// Longest a poll waits for a message, ms (a longer `wait_ms` is cut to this).
+const POLL_WAIT_MS_MAX: u64 = 60_000;

@@ -132,20 +132,13 @@ impl Broker {
         ack_receipts_with(group, topic, receipts)
     }
 
-    /// Acknowledge one message by its receipt ([`Broker::ack_receipts`]).
-    pub fn ack_receipt(&self, group: &str, topic: &str, receipt: &Receipt) -> Result<()> {
-        self.ack_receipts(group, topic, std::slice::from_ref(receipt))
-    }
-
-    /// [`Broker::ack_receipt`] for async code.
-    pub async fn ack_receipt_async(
-        &self,
-        group: &str,
-        topic: &str,
-        receipt: &Receipt,
-    ) -> Result<()> {
-        self.ack_receipts_async(group, topic, std::slice::from_ref(receipt))
-            .await
+    blocking_and_async! {
+        /// Acknowledge one message by its receipt ([`Broker::ack_receipts`]).
+        fn ack_receipt;
+        /// [`Broker::ack_receipt`] for async code.
+        async fn ack_receipt_async;
+        (&self, group: &str, topic: &str, receipt: &Receipt) -> Result<()>;
+        ack_receipts_with(group, topic, std::slice::from_ref(receipt))
     }
 
     async fn ack_receipts_with<W: Wait>(
@@ -180,27 +173,7 @@ impl Broker {
         /// [`Broker::nack_receipt`] for async code.
         async fn nack_receipt_async;
         (&self, group: &str, topic: &str, receipt: &Receipt, delay: Option<Duration>) -> Result<NackOutcome>;
-        nack_receipt_with(group, topic, receipt, delay)
-    }
-
-    async fn nack_receipt_with<W: Wait>(
-        &self,
-        w: &W,
-        group: &str,
-        topic: &str,
-        r: &Receipt,
-        delay: Option<Duration>,
-    ) -> Result<NackOutcome> {
-        self.nack_with(
-            w,
-            group,
-            topic,
-            r.queue,
-            r.offset,
-            Nack::After(delay),
-            Some(r),
-        )
-        .await
+        nack_with(group, topic, receipt.queue, receipt.offset, Nack::After(delay), Some(receipt))
     }
 
     blocking_and_async! {
@@ -213,29 +186,8 @@ impl Broker {
         /// [`Broker::dead_letter_receipt`] for async code.
         async fn dead_letter_receipt_async;
         (&self, group: &str, topic: &str, receipt: &Receipt, reason: &str) -> Result<SendReceipt>;
-        dead_letter_receipt_with(group, topic, receipt, reason)
-    }
-
-    async fn dead_letter_receipt_with<W: Wait>(
-        &self,
-        w: &W,
-        group: &str,
-        topic: &str,
-        r: &Receipt,
-        reason: &str,
-    ) -> Result<SendReceipt> {
-        let how = Nack::DeadLetter(reason);
-        match self
-            .nack_with(w, group, topic, r.queue, r.offset, how, Some(r))
-            .await?
-        {
-            NackOutcome::DeadLettered { dead_letter } => Ok(dead_letter),
-            // `Nack::DeadLetter` always ends in the dead-letter queue or in an error.
-            NackOutcome::Redeliver { .. } => Err(Error::Invalid {
-                what: "dead-letter move",
-                reason: "the message was not moved".into(),
-            }),
-        }
+        nack_with(group, topic, receipt.queue, receipt.offset, Nack::DeadLetter(reason), Some(receipt))
+            .and_then(dead_lettered)
     }
 
     /// Change the lease of a delivered message (RocketMQ's ChangeInvisibleDuration): it now
@@ -284,5 +236,17 @@ impl Broker {
         Ok(self
             .leases
             .receipt(group, &t.name, receipt.queue, receipt.offset, number))
+    }
+}
+
+/// Where a move by [`Nack::DeadLetter`] put the dead letter.
+fn dead_lettered(outcome: NackOutcome) -> Result<SendReceipt> {
+    match outcome {
+        NackOutcome::DeadLettered { dead_letter } => Ok(dead_letter),
+        // `Nack::DeadLetter` always ends in the dead-letter queue or in an error.
+        NackOutcome::Redeliver { .. } => Err(Error::Invalid {
+            what: "dead-letter move",
+            reason: "the message was not moved".into(),
+        }),
     }
 }
