@@ -121,6 +121,7 @@ impl Service {
         };
         let types = [
             MessageType::Normal,
+            MessageType::Fifo,
             MessageType::Delay,
             MessageType::Transaction,
         ];
@@ -264,7 +265,8 @@ impl Service {
         }
     }
 
-    /// A consumer's subscription as the server answers it; FIFO is refused.
+    /// A consumer's subscription as the server answers it: FIFO when the group is (the
+    /// group's `fifo` setting decides, as a RocketMQ consumer group's does).
     fn subscription_answer(
         &self,
         sub: pb::Subscription,
@@ -274,18 +276,14 @@ impl Service {
             "consumer group",
             Code::IllegalConsumerGroup,
         )?;
-        if sub.fifo == Some(true) {
-            return Err(unsupported(
-                "FIFO consumption (message groups in order) is not supported yet",
-            ));
-        }
-        self.broker
+        let (delivery, _) = self
+            .broker
             .group_settings(group)
             .map_err(|e| of_error(&e))?;
         Ok(pb::settings::PubSub::Subscription(pb::Subscription {
             group: sub.group,
             subscriptions: sub.subscriptions,
-            fifo: Some(false),
+            fifo: Some(delivery.fifo),
             receive_batch_size: Some(32),
             long_polling_timeout: Some(convert::duration(Duration::from_secs(20))),
         }))
