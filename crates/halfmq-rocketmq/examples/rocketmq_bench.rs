@@ -60,20 +60,28 @@ fn cpu_secs() -> f64 {
     f.iter().sum::<f64>() / 100.0
 }
 
-async fn phase<F, Fut>(name: &'static str, tasks: usize, per_task: usize, send: F) -> Phase
+/// Run `tasks` tasks of `per_task` sends each: `send(sender, body, i)` makes send `i` with a
+/// clone of `sender` and of the body.
+async fn phase<S, F, Fut>(
+    name: &'static str,
+    (tasks, per_task): (usize, usize),
+    (sender, body): (S, &[u8]),
+    send: F,
+) -> Phase
 where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, Vec<u8>, usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let (cpu0, t0) = (cpu_secs(), Instant::now());
     let mut handles = Vec::new();
     for t in 0..tasks {
-        let send = send.clone();
+        let (send, sender, body) = (send.clone(), sender.clone(), body.to_vec());
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(per_task);
             for i in 0..per_task {
                 let s = Instant::now();
-                send(t * per_task + i).await;
+                send(sender.clone(), body.clone(), t * per_task + i).await;
                 lat.push(s.elapsed().as_micros() as u64);
             }
             lat
@@ -122,27 +130,30 @@ async fn main() {
         "{tasks} tasks x {per_task} sends of {} bytes, flush sync",
         body.len()
     );
-    let (p, b) = (producer.clone(), body.clone());
-    let rocketmq = phase("official rocketmq 5", tasks, per_task, move |_| {
-        let (p, b) = (p.clone(), b.clone());
-        async move {
+    let rounds = (tasks, per_task);
+    let rocketmq = phase(
+        "official rocketmq 5",
+        rounds,
+        (producer.clone(), &body),
+        |p, b, _| async move {
             let m = MessageBuilder::builder()
                 .set_topic("bench")
                 .set_body(b)
                 .build()
                 .expect("message");
             p.send(m).await.expect("send");
-        }
-    })
+        },
+    )
     .await;
     let url = format!("http://{}", server.local_addr());
     let raw = MessagingServiceClient::connect(url)
         .await
         .expect("connects");
-    let b = body.clone();
-    let grpc = phase("plain gRPC client", tasks, per_task, move |i| {
-        let (mut c, b) = (raw.clone(), b.clone());
-        async move {
+    let grpc = phase(
+        "plain gRPC client",
+        rounds,
+        (raw, &body),
+        |mut c, b, i| async move {
             let m = pb::Message {
                 topic: Some(pb::Resource {
                     resource_namespace: String::new(),
@@ -162,8 +173,8 @@ async fn main() {
                 .expect("send")
                 .into_inner();
             assert_eq!(r.status.map(|s| s.code), Some(pb::Code::Ok as i32));
-        }
-    })
+        },
+    )
     .await;
     let listen = halfmq_cli::server::ServerConfig::default().with_listen(any);
     let native_server = halfmq_cli::server::Server::start(broker.clone(), listen)
@@ -175,23 +186,31 @@ async fn main() {
             .await
             .expect("client"),
     );
-    let (nc, b) = (native_client.clone(), body.clone());
-    let native = phase("halfmq network client", tasks, per_task, move |i| {
-        let (nc, b) = (nc.clone(), b.clone());
-        async move {
-            let m = Message::new(b).with_idempotency_key(format!("native-{i}"));
-            nc.send("bench", &m).await.expect("send");
-        }
-    })
+    // Each phase's own idempotency keys, so that each stores its messages.
+    let keyed = |phase: &str, b: Vec<u8>, i: usize| {
+        Message::new(b).with_idempotency_key(format!("{phase}-{i}"))
+    };
+    let native = phase(
+        "halfmq network client",
+        rounds,
+        (native_client.clone(), &body),
+        move |nc, b, i| async move {
+            nc.send("bench", &keyed("native", b, i))
+                .await
+                .expect("send");
+        },
+    )
     .await;
-    let (br, b) = (broker.clone(), body.clone());
-    let embedded = phase("embedded send_async", tasks, per_task, move |i| {
-        let (br, b) = (br.clone(), b.clone());
-        async move {
-            let m = Message::new(b).with_idempotency_key(format!("bench-{i}"));
-            br.send_async("bench", &m).await.expect("send");
-        }
-    })
+    let embedded = phase(
+        "embedded send_async",
+        rounds,
+        (broker.clone(), &body),
+        move |br, b, i| async move {
+            br.send_async("bench", &keyed("embedded", b, i))
+                .await
+                .expect("send");
+        },
+    )
     .await;
     for p in [&rocketmq, &grpc, &native, &embedded] {
         p.print();

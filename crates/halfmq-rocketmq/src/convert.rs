@@ -333,54 +333,58 @@ mod tests {
         assert_eq!(out.user_properties.len(), 1);
     }
 
+    /// A change made to a test message.
+    type Edit = fn(&mut pb::Message);
+
+    /// The code refusing a message of this type changed by `edit`.
+    fn refused(kind: MessageType, edit: Edit) -> Code {
+        let mut m = message(kind);
+        edit(&mut m);
+        let e = incoming(m).expect_err("refused");
+        Code::try_from(e.code).expect("a known code")
+    }
+
+    fn sys_of(m: &mut pb::Message) -> &mut SystemProperties {
+        m.system_properties.as_mut().expect("system properties")
+    }
+
     #[test]
     fn bad_messages_get_a_clear_code() {
-        let mut m = message(MessageType::Normal);
-        m.user_properties.insert("rocketmq.tag".into(), "x".into());
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::IllegalMessagePropertyKey as i32
-        );
-        let mut m = message(MessageType::Normal);
-        m.body = vec![0; BODY_BYTES_MAX + 1];
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::MessageBodyTooLarge as i32
-        );
-        let m = message(MessageType::Delay);
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::IllegalDeliveryTime as i32
-        );
-        let m = message(MessageType::Fifo);
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::IllegalMessageGroup as i32
-        );
-        let mut m = message(MessageType::Normal);
-        if let Some(s) = m.system_properties.as_mut() {
-            s.message_group = Some("g1".into());
+        let cases: [(MessageType, Edit, Code); 6] = [
+            (
+                MessageType::Normal,
+                |m| {
+                    m.user_properties.insert("rocketmq.tag".into(), "x".into());
+                },
+                Code::IllegalMessagePropertyKey,
+            ),
+            (
+                MessageType::Normal,
+                |m| m.body = vec![0; BODY_BYTES_MAX + 1],
+                Code::MessageBodyTooLarge,
+            ),
+            (MessageType::Delay, |_| {}, Code::IllegalDeliveryTime),
+            (MessageType::Fifo, |_| {}, Code::IllegalMessageGroup),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).message_group = Some("g1".into()),
+                Code::MessagePropertyConflictWithType,
+            ),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).tag = Some("a|b".into()),
+                Code::IllegalMessageTag,
+            ),
+        ];
+        for (kind, edit, code) in cases {
+            assert_eq!(refused(kind, edit), code);
         }
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::MessagePropertyConflictWithType as i32
-        );
-        let mut m = message(MessageType::Normal);
-        if let Some(s) = m.system_properties.as_mut() {
-            s.tag = Some("a|b".into());
-        }
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::IllegalMessageTag as i32
-        );
     }
 
     #[test]
     fn a_fifo_message_keeps_its_message_group() {
         let mut m = message(MessageType::Fifo);
-        if let Some(s) = m.system_properties.as_mut() {
-            s.message_group = Some("order-1".into());
-        }
+        sys_of(&mut m).message_group = Some("order-1".into());
         let inc = incoming(m).expect("valid");
         assert_eq!(inc.msg.message_group(), Some("order-1"));
         assert_eq!(inc.msg.tag(), Some("paid"));

@@ -475,29 +475,21 @@ impl MessagingService for Service {
         &self,
         _req: Request<pb::UpdateOffsetRequest>,
     ) -> Answer<pb::UpdateOffsetResponse> {
-        answer(pb::UpdateOffsetResponse {
-            status: Some(unsupported(OFFSET_APIS)),
-        })
+        offsets_refused(|status| pb::UpdateOffsetResponse { status })
     }
 
     async fn get_offset(
         &self,
         _req: Request<pb::GetOffsetRequest>,
     ) -> Answer<pb::GetOffsetResponse> {
-        answer(pb::GetOffsetResponse {
-            status: Some(unsupported(OFFSET_APIS)),
-            offset: 0,
-        })
+        offsets_refused(|status| pb::GetOffsetResponse { status, offset: 0 })
     }
 
     async fn query_offset(
         &self,
         _req: Request<pb::QueryOffsetRequest>,
     ) -> Answer<pb::QueryOffsetResponse> {
-        answer(pb::QueryOffsetResponse {
-            status: Some(unsupported(OFFSET_APIS)),
-            offset: 0,
-        })
+        offsets_refused(|status| pb::QueryOffsetResponse { status, offset: 0 })
     }
 
     async fn end_transaction(
@@ -600,6 +592,11 @@ impl MessagingService for Service {
             message_id: String::new(),
         })
     }
+}
+
+/// The answer of a pull-offset call, made by `with_status` from the status refusing it.
+fn offsets_refused<T>(with_status: impl FnOnce(Option<pb::Status>) -> T) -> Answer<T> {
+    answer(with_status(Some(unsupported(OFFSET_APIS))))
 }
 
 /// What the pull-offset calls answer.

@@ -9,14 +9,16 @@ mod common;
 use std::time::Duration;
 
 use halfmq::Message;
-use halfmq_rocketmq::pb::Code;
+use halfmq_rocketmq::pb::{self, Code};
 
-use common::{ack, change_invisible, client, code, handle, receive, resource, start, sys, Receive};
+use common::{
+    ack, change_invisible, client, code, handle, receive, resource, start, sys, Client, Endpoint,
+    Receive,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_renewed_and_shortened_without_counting_a_failure() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     // One retry only: under a nack each change below would count, and the second would
     // dead-letter the message.
     let one_retry = halfmq::GroupSettings {
@@ -88,13 +90,20 @@ async fn leases_are_renewed_and_shortened_without_counting_a_failure() {
     e.stop().await;
 }
 
+/// An endpoint whose topic `t` had one message with this body, a client, and the message
+/// as group `g` received it (leased for 30 s).
+async fn one_received(body: &str) -> (Endpoint, Client, Vec<pb::Message>) {
+    let e = start("t", 1, |c| c).await;
+    e.broker.send("t", &Message::new(body)).expect("send");
+    let mut c = client(&e).await;
+    let (s, got) = receive(&mut c, "g", "t", Receive::default()).await;
+    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
+    (e, c, got)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_handle_is_refused_and_the_true_one_still_acks() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
-    e.broker.send("t", &Message::new("x")).expect("send");
-    let mut c = client(&e).await;
-    let (_, got) = receive(&mut c, "g", "t", Receive::default()).await;
+    let (e, mut c, got) = one_received("x").await;
     let real = handle(&got[0]);
     // The same handle with another lease number, or another checksum.
     let parts: Vec<&str> = real.split('.').collect();
@@ -117,10 +126,9 @@ async fn a_forged_handle_is_refused_and_the_true_one_still_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignment_hands_out_the_topic_and_an_empty_topic_says_so() {
-    let e = start(|c| c.with_auto_create_topics(false)).await;
-    e.broker.create_topic("t", 4).expect("topic");
+    let e = start("t", 4, |c| c.with_auto_create_topics(false)).await;
     let mut c = client(&e).await;
-    let assignment = |topic: &str| halfmq_rocketmq::pb::QueryAssignmentRequest {
+    let assignment = |topic: &str| pb::QueryAssignmentRequest {
         topic: resource(topic),
         group: resource("g"),
         endpoints: None,
@@ -146,42 +154,42 @@ async fn assignment_hands_out_the_topic_and_an_empty_topic_says_so() {
     e.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_is_forwarded_to_the_dead_letters_at_any_attempt() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
-    e.broker.send("t", &Message::new("given up")).expect("send");
-    let mut c = client(&e).await;
-    let (_, got) = receive(&mut c, "g", "t", Receive::default()).await;
-    assert_eq!(got.len(), 1);
-    let forward = |handle: String| halfmq_rocketmq::pb::ForwardMessageToDeadLetterQueueRequest {
-        group: resource("g"),
-        topic: resource("t"),
-        receipt_handle: handle,
-        message_id: sys(&got[0]).message_id.clone(),
-        delivery_attempt: 1,
-        max_delivery_attempts: 1,
-        lite_topic: None,
-    };
-    // Delivery 1 of 17 (max_retries 16): the client gave up, so it is a dead letter now.
+/// Forward a received message of topic `t` held by group `g` to the dead letters, as a
+/// client that gave up on it at its first delivery; the status.
+async fn forward(c: &mut Client, m: &pb::Message) -> pb::Status {
     let r = c
-        .forward_message_to_dead_letter_queue(forward(handle(&got[0])))
+        .forward_message_to_dead_letter_queue(pb::ForwardMessageToDeadLetterQueueRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: handle(m),
+            message_id: sys(m).message_id.clone(),
+            delivery_attempt: 1,
+            max_delivery_attempts: 1,
+            lite_topic: None,
+        })
         .await
         .expect("a gRPC answer")
         .into_inner();
-    let s = r.status.expect("a status");
+    r.status.expect("a status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_forwarded_to_the_dead_letters_at_any_attempt() {
+    let (e, mut c, got) = one_received("given up").await;
+    // Delivery 1 of 17 (max_retries 16): the client gave up, so it is a dead letter now.
+    let s = forward(&mut c, &got[0]).await;
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     let dead = e.broker.dead_letters("g", 0, 10).expect("list");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].body_len, "given up".len());
     assert!(dead[0].reason.contains("RocketMQ"), "{}", dead[0].reason);
-    // The handle is spent: forwarding or acking it again is refused.
-    let r = c
-        .forward_message_to_dead_letter_queue(forward(handle(&got[0])))
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
-    let s = r.status.expect("a status");
+    // The handle is spent: forwarding it again is refused; an ack is answered as the ack of
+    // a message done for the group (acks are idempotent), and changes nothing.
+    let s = forward(&mut c, &got[0]).await;
     assert_eq!(code(&s), Code::InvalidReceiptHandle, "{}", s.message);
+    assert!(s.message.contains("acked"), "{}", s.message);
+    let s = ack(&mut c, &handle(&got[0])).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
+    assert_eq!(e.broker.dead_letters("g", 0, 10).expect("list").len(), 1);
     e.stop().await;
 }

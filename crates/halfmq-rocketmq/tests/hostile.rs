@@ -6,16 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
 use halfmq_rocketmq::pb::{self, Code};
-use tonic::transport::Channel;
 
 use common::{
-    ack, change_invisible, client, code, message, receive, resource, send, start, Endpoint, Receive,
+    ack, change_invisible, client, code, message, receive, resource, send, start, Client, Endpoint,
+    Receive,
 };
 
 /// The endpoint still serves: a normal message is stored.
-async fn still_serves(c: &mut MessagingServiceClient<Channel>, e: &Endpoint, id: &str) {
+async fn still_serves(c: &mut Client, e: &Endpoint, id: &str) {
     let s = send(c, message("t", id, b"fine".to_vec())).await;
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     assert!(e.broker.idempotency_key_stored("t", id).is_some());
@@ -23,8 +22,7 @@ async fn still_serves(c: &mut MessagingServiceClient<Channel>, e: &Endpoint, id:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_receipt_handles_are_refused() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     still_serves(&mut c, &e, "m1").await;
     for handle in [
@@ -62,14 +60,14 @@ async fn bad_receipt_handles_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_topics_are_not_found() {
-    let e = start(|c| c.with_auto_create_topics(false)).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c.with_auto_create_topics(false)).await;
     let mut c = client(&e).await;
+    let route = |topic: &str| pb::QueryRouteRequest {
+        topic: resource(topic),
+        endpoints: None,
+    };
     let r = c
-        .query_route(pb::QueryRouteRequest {
-            topic: resource("nope"),
-            endpoints: None,
-        })
+        .query_route(route("nope"))
         .await
         .expect("a gRPC answer")
         .into_inner();
@@ -81,10 +79,7 @@ async fn unknown_topics_are_not_found() {
     assert_eq!(code(&s), Code::TopicNotFound, "{}", s.message);
     // A known topic's route: one queue per halfmq queue, on this endpoint.
     let r = c
-        .query_route(pb::QueryRouteRequest {
-            topic: resource("t"),
-            endpoints: None,
-        })
+        .query_route(route("t"))
         .await
         .expect("a gRPC answer")
         .into_inner();
@@ -105,8 +100,7 @@ async fn unknown_topics_are_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_messages_are_refused_before_they_are_stored() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     // Over the body limit: a RocketMQ code.
     let big = vec![7u8; halfmq_rocketmq::convert::BODY_BYTES_MAX + 1];
@@ -128,8 +122,7 @@ async fn huge_messages_are_refused_before_they_are_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_requests_say_so() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     for (kind, expr, wanted, what) in [
         (pb::FilterType::Sql, "a > 1", Code::Unsupported, "SQL92"),
@@ -218,7 +211,7 @@ async fn unsupported_requests_say_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_answers_settings_and_refuses_invalid_ones() {
-    let e = start(|c| c).await;
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     // Without a client id: refused by gRPC status.
     let (tx, rx) = tokio::sync::mpsc::channel(4);

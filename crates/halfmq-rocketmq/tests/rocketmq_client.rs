@@ -56,8 +56,7 @@ fn half(body: &[u8]) -> impl Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_producer_stores_tags_keys_and_properties() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("orders", 2).expect("topic");
+    let e = start("orders", 2, |c| c).await;
     let p = producer(&e, "orders").await;
     let msg = MessageBuilder::builder()
         .set_topic("orders")
@@ -91,8 +90,7 @@ async fn a_plain_producer_stores_tags_keys_and_properties() {
         d.properties.get("rocketmq.message_id").map(String::as_str),
         Some(receipt.message_id())
     );
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, []).await;
 }
 
 /// A message whose id the test chooses, as a producer retrying a send would resend it.
@@ -134,8 +132,7 @@ impl Message for FixedId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("payments", 1).expect("topic");
+    let e = start("payments", 1, |c| c).await;
     let p = producer(&e, "payments").await;
     let fixed = |body: &[u8]| FixedId {
         id: "7F0000010001000000000000000A".into(),
@@ -153,14 +150,12 @@ async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
     let got = e.broker.poll("g", "payments", 10).expect("poll");
     let bodies: Vec<&[u8]> = got.iter().map(|d| d.body.as_slice()).collect();
     assert_eq!(bodies, vec![&b"confirmation"[..], &b"another"[..]]);
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, []).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_message_is_not_delivered_before_its_time() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("reminders", 1).expect("topic");
+    let e = start("reminders", 1, |c| c).await;
     let p = producer(&e, "reminders").await;
     let now_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -187,14 +182,12 @@ async fn a_delayed_message_is_not_delivered_before_its_time() {
         "delivered before its time"
     );
     assert_eq!(got[0].body, b"later");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, []).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_commit_and_roll_back_from_the_producer() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("txn", 1).expect("topic");
+    let e = start("txn", 1, |c| c).await;
     let checker = Box::new(|_: String, _| TransactionResolution::UNKNOWN);
     let p = txn_producer(&e, checker).await;
     let kept = p
@@ -225,23 +218,27 @@ async fn transactions_commit_and_roll_back_from_the_producer() {
     let got = e.broker.poll("g", "txn", 10).expect("poll");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"kept");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, []).await;
 }
 
 fn txn_of(t: &impl Transaction) -> TxnId {
     TxnId(t.transaction_id().parse().expect("a halfmq transaction id"))
 }
 
+/// Send a half message the producer does not end itself; its transaction.
+async fn unended(p: &Producer, body: &[u8]) -> TxnId {
+    let t = p.send_transaction_message(half(body)).await.expect("half");
+    txn_of(&t)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_back_asks_the_live_producer_which_commits_or_rolls_back() {
-    let e = start(|mut c| {
+    let e = start("txn", 1, |mut c| {
         c.txn.timeout = Duration::from_millis(300);
         c.txn.check_interval = Duration::from_millis(300);
         c
     })
     .await;
-    e.broker.create_topic("txn", 1).expect("topic");
     // The checker commits what it was asked about when its body says so.
     let checker = Box::new(|_: String, m: rocketmq::model::message::MessageView| {
         if m.body() == b"commit me" {
@@ -252,16 +249,8 @@ async fn check_back_asks_the_live_producer_which_commits_or_rolls_back() {
     });
     let p = txn_producer(&e, checker).await;
     // Neither is ended by the producer: the broker asks.
-    let a = txn_of(
-        &p.send_transaction_message(half(b"commit me"))
-            .await
-            .expect("half"),
-    );
-    let b = txn_of(
-        &p.send_transaction_message(half(b"roll me back"))
-            .await
-            .expect("half"),
-    );
+    let a = unended(&p, b"commit me").await;
+    let b = unended(&p, b"roll me back").await;
     let broker = e.broker.clone();
     let settled = eventually(Duration::from_secs(30), || {
         broker.transaction_state(a).ok() == Some(TxnState::Committed)
@@ -277,8 +266,7 @@ async fn check_back_asks_the_live_producer_which_commits_or_rolls_back() {
     let got = e.broker.poll("g", "txn", 10).expect("poll");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"commit me");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, []).await;
 }
 
 /// A started simple consumer of `topic` in group `group`.
@@ -332,10 +320,26 @@ fn all() -> FilterExpression {
     FilterExpression::new(FilterType::Tag, "*")
 }
 
+/// A receive of `topic` (every tag) finds nothing for the consumer's group.
+async fn nothing_more(c: &SimpleConsumer, topic: &str) {
+    let lease = Duration::from_secs(30);
+    let got = c.receive_with(topic, &all(), 16, lease).await;
+    let got = got.expect("receive");
+    assert!(got.is_empty(), "{} messages came again", got.len());
+}
+
+/// Stop the clients, then the endpoint and broker.
+async fn stop<const N: usize>(e: Endpoint, p: Producer, consumers: [SimpleConsumer; N]) {
+    for c in consumers {
+        c.shutdown().await.expect("consumer stops");
+    }
+    p.shutdown().await.expect("producer stops");
+    e.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simple_consumer_receives_and_acks() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("work", 2).expect("topic");
+    let e = start("work", 2, |c| c).await;
     let p = producer(&e, "work").await;
     let jobs = [("job", "job 0"), ("job", "job 1"), ("job", "job 2")];
     let mut sent = send_tagged(&p, "work", &jobs).await;
@@ -352,24 +356,13 @@ async fn a_simple_consumer_receives_and_acks() {
         c.ack(m).await.expect("ack");
     }
     // Acked: nothing comes again for the group.
-    let again = c
-        .receive_with("work", &all(), 16, lease)
-        .await
-        .expect("receive");
-    assert!(
-        again.is_empty(),
-        "acked messages came again: {}",
-        again.len()
-    );
-    c.shutdown().await.expect("consumer stops");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    nothing_more(&c, "work").await;
+    stop(e, p, [c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_ran_out_redelivers_and_its_handle_is_stale() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("work", 1).expect("topic");
+    let e = start("work", 1, |c| c).await;
     let p = producer(&e, "work").await;
     send_tagged(&p, "work", &[("job", "slow job")]).await;
     let c = consumer(&e, "workers", "work").await;
@@ -390,19 +383,13 @@ async fn a_lease_that_ran_out_redelivers_and_its_handle_is_stale() {
     assert!(shown.contains("stale"), "{shown}");
     // The message is still held under the second lease, whose handle acks it.
     c.ack(&second[0]).await.expect("ack");
-    let none = c
-        .receive_with("work", &all(), 16, Duration::from_secs(30))
-        .await;
-    assert!(none.expect("receive").is_empty());
-    c.shutdown().await.expect("consumer stops");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    nothing_more(&c, "work").await;
+    stop(e, p, [c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_filter_hands_out_only_its_tags() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("orders", 1).expect("topic");
+    let e = start("orders", 1, |c| c).await;
     let p = producer(&e, "orders").await;
     let tagged = [
         ("paid", "p1"),
@@ -422,8 +409,7 @@ async fn a_tag_filter_hands_out_only_its_tags() {
         billing.ack(m).await.expect("ack");
     }
     // The message the filter skipped is done for that group, not for another one.
-    let none = billing.receive_with("orders", &all(), 16, lease).await;
-    assert!(none.expect("receive").is_empty());
+    nothing_more(&billing, "orders").await;
     let shipping = consumer(&e, "shipping", "orders").await;
     let shipped = FilterExpression::new(FilterType::Tag, "shipped");
     let got = receive_n(&shipping, "orders", &shipped, lease, 1).await;
@@ -436,16 +422,12 @@ async fn a_tag_filter_hands_out_only_its_tags() {
         .await
         .expect_err("SQL92 is not supported");
     assert!(format!("{err:?}").contains("SQL92"), "{err:?}");
-    billing.shutdown().await.expect("consumer stops");
-    shipping.shutdown().await.expect("consumer stops");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, [billing, shipping]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifo_group_gets_a_message_group_in_order_one_at_a_time() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("ledger", 4).expect("topic");
+    let e = start("ledger", 4, |c| c).await;
     let fifo = halfmq::GroupSettings {
         fifo: Some(true),
         ..Default::default()
@@ -472,11 +454,8 @@ async fn a_fifo_group_gets_a_message_group_in_order_one_at_a_time() {
     let mut bodies: Vec<&[u8]> = heads.iter().map(|m| m.body()).collect();
     bodies.sort();
     assert_eq!(bodies, vec![&b"a0"[..], &b"b0"[..]]);
-    let none = c.receive_with("ledger", &all(), 16, lease).await;
-    assert!(
-        none.expect("receive").is_empty(),
-        "a1 came before a0 was acked"
-    );
+    // a1 does not come before a0 is acked.
+    nothing_more(&c, "ledger").await;
     for m in &heads {
         assert!(m.message_group().is_some());
         c.ack(m).await.expect("ack");
@@ -491,28 +470,21 @@ async fn a_fifo_group_gets_a_message_group_in_order_one_at_a_time() {
         );
         c.ack(&got[0]).await.expect("ack");
     }
-    c.shutdown().await.expect("consumer stops");
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, [c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_the_producer_cannot_decide_stays_unresolved_not_dropped() {
-    let e = start(|mut c| {
+    let e = start("txn", 1, |mut c| {
         c.txn.timeout = Duration::from_millis(300);
         c.txn.check_interval = Duration::from_millis(300);
         c.txn.check_max = 2;
         c
     })
     .await;
-    e.broker.create_topic("txn", 1).expect("topic");
     let checker = Box::new(|_: String, _| TransactionResolution::UNKNOWN);
     let p = txn_producer(&e, checker).await;
-    let t = txn_of(
-        &p.send_transaction_message(half(b"undecided"))
-            .await
-            .expect("half"),
-    );
+    let t = unended(&p, b"undecided").await;
     let broker = e.broker.clone();
     let unresolved = eventually(Duration::from_secs(30), || {
         broker.transaction_state(t).ok() == Some(TxnState::Unresolved)
@@ -525,6 +497,5 @@ async fn a_transaction_the_producer_cannot_decide_stays_unresolved_not_dropped()
     assert!(e.broker.poll("g", "txn", 10).expect("poll").is_empty());
     e.broker.commit(t).expect("commit");
     assert_eq!(e.broker.poll("g", "txn", 10).expect("poll").len(), 1);
-    p.shutdown().await.expect("producer stops");
-    e.stop().await;
+    stop(e, p, []).await;
 }

@@ -15,6 +15,9 @@ use halfmq_rocketmq::RocketMqServer;
 use rocketmq::conf::ClientOption;
 use tonic::transport::Channel;
 
+/// A raw gRPC client of the generated code.
+pub type Client = MessagingServiceClient<Channel>;
+
 /// A broker and its RocketMQ endpoint, stopped by [`Endpoint::stop`].
 pub struct Endpoint {
     pub broker: Arc<Broker>,
@@ -23,10 +26,16 @@ pub struct Endpoint {
     _dir: tempfile::TempDir,
 }
 
-/// Open a broker (its configuration changed by `config`) and start the endpoint on it.
-pub async fn start(config: impl FnOnce(BrokerConfig) -> BrokerConfig) -> Endpoint {
+/// Open a broker (its configuration changed by `config`) with a topic of `queues` queues,
+/// and start the endpoint on it.
+pub async fn start(
+    topic: &str,
+    queues: u32,
+    config: impl FnOnce(BrokerConfig) -> BrokerConfig,
+) -> Endpoint {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let broker = Broker::open(config(BrokerConfig::new(dir.path()))).expect("broker opens");
+    broker.create_topic(topic, queues).expect("topic");
     let any_port = "127.0.0.1:0".parse().expect("an address");
     let server = RocketMqServer::start(broker.clone(), any_port)
         .await
@@ -80,7 +89,7 @@ pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 }
 
 /// A raw gRPC client of the generated code, connected to the endpoint.
-pub async fn client(e: &Endpoint) -> MessagingServiceClient<Channel> {
+pub async fn client(e: &Endpoint) -> Client {
     MessagingServiceClient::connect(e.url())
         .await
         .expect("connects")
@@ -110,7 +119,7 @@ pub fn message(topic: &str, id: &str, body: Vec<u8>) -> pb::Message {
 }
 
 /// Send one message; the response's status.
-pub async fn send(c: &mut MessagingServiceClient<Channel>, m: pb::Message) -> pb::Status {
+pub async fn send(c: &mut Client, m: pb::Message) -> pb::Status {
     let r = c
         .send_message(pb::SendMessageRequest { messages: vec![m] })
         .await
@@ -151,7 +160,7 @@ impl Default for Receive<'_> {
 
 /// A raw ReceiveMessage of `topic` for `group`: the stream's status and messages.
 pub async fn receive(
-    c: &mut MessagingServiceClient<Channel>,
+    c: &mut Client,
     group: &str,
     topic: &str,
     how: Receive<'_>,
@@ -199,7 +208,7 @@ pub fn handle(m: &pb::Message) -> String {
 }
 
 /// Ack one message of topic `t` for group `g` by its handle; the response's status.
-pub async fn ack(c: &mut MessagingServiceClient<Channel>, handle: &str) -> pb::Status {
+pub async fn ack(c: &mut Client, handle: &str) -> pb::Status {
     let r = c
         .ack_message(pb::AckMessageRequest {
             group: resource("g"),
@@ -218,11 +227,7 @@ pub async fn ack(c: &mut MessagingServiceClient<Channel>, handle: &str) -> pb::S
 
 /// ChangeInvisibleDuration of a message of topic `t` held by group `g`: the status and the
 /// new handle.
-pub async fn change_invisible(
-    c: &mut MessagingServiceClient<Channel>,
-    handle: &str,
-    d: Duration,
-) -> (pb::Status, String) {
+pub async fn change_invisible(c: &mut Client, handle: &str, d: Duration) -> (pb::Status, String) {
     let r = c
         .change_invisible_duration(pb::ChangeInvisibleDurationRequest {
             group: resource("g"),
