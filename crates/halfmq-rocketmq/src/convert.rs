@@ -57,6 +57,22 @@ pub(crate) struct Incoming {
     pub check_immunity: Option<Duration>,
 }
 
+impl Incoming {
+    /// Whether it is stored by a plain send: a normal or FIFO message.
+    pub(crate) fn is_plain(&self) -> bool {
+        let plain = matches!(
+            self.kind,
+            MessageType::Normal | MessageType::Unspecified | MessageType::Fifo
+        );
+        plain && self.deliver_at_ms.is_none()
+    }
+
+    /// The message as a plain send stores it: its message id is its idempotency key.
+    pub(crate) fn keyed(self) -> Message {
+        self.msg.with_idempotency_key(self.message_id)
+    }
+}
+
 /// Check one message of a SendMessage request and turn it into a halfmq message.
 pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
     let topic = m

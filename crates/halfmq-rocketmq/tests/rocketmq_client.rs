@@ -150,6 +150,24 @@ async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
     let got = e.broker.poll("g", "payments", 10).expect("poll");
     let bodies: Vec<&[u8]> = got.iter().map(|d| d.body.as_slice()).collect();
     assert_eq!(bodies, vec![&b"confirmation"[..], &b"another"[..]]);
+
+    // A batch (one request, stored as one batch) holding a retry of the first message and
+    // two new ones: the new ones are stored, in order, and the retry is not.
+    let with_id = |id: &str, body: &[u8]| FixedId {
+        id: id.into(),
+        ..fixed(body)
+    };
+    let batch = vec![
+        with_id("7F0000010001000000000000000C", b"third"),
+        fixed(b"confirmation"),
+        with_id("7F0000010001000000000000000D", b"fourth"),
+    ];
+    let receipts = p.batch_send(batch).await.expect("batch");
+    assert_eq!(receipts.len(), 3);
+    assert_eq!(receipts[1].message_id(), first.message_id());
+    let got = e.broker.poll("g", "payments", 10).expect("poll");
+    let bodies: Vec<&[u8]> = got.iter().map(|d| d.body.as_slice()).collect();
+    assert_eq!(bodies, vec![&b"third"[..], &b"fourth"[..]]);
     stop(e, p, []).await;
 }
 
