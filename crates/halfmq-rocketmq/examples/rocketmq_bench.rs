@@ -4,7 +4,9 @@
 //! native server, both ends in this process) and with the embedded broker's `send_async`, in
 //! one run on one broker:
 //! throughput, p50/p99 latency, their ratio, and the process's CPU time per message while
-//! each phase ran (client and endpoint together for the RocketMQ phase).
+//! each phase ran (client and endpoint together for the RocketMQ phases). The official
+//! producer also sends in batches of 16 (`batch_send`, one request each; its latency is a
+//! batch's).
 //!
 //! `cargo run --release -p halfmq-rocketmq --example rocketmq_bench -- [TASKS] [PER_TASK] [BODY_BYTES]`
 
@@ -28,13 +30,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Phase {
     name: &'static str,
     secs: f64,
+    /// Latency of each call (a call sends `per_call` messages).
     latencies_us: Vec<u64>,
     cpu_secs: f64,
+    per_call: usize,
 }
 
 impl Phase {
+    fn messages(&self) -> f64 {
+        (self.latencies_us.len() * self.per_call) as f64
+    }
     fn rate(&self) -> f64 {
-        self.latencies_us.len() as f64 / self.secs
+        self.messages() / self.secs
     }
     fn pct(&self, p: f64) -> u64 {
         let i = ((self.latencies_us.len() as f64 * p) as usize).min(self.latencies_us.len() - 1);
@@ -42,12 +49,12 @@ impl Phase {
     }
     fn print(&self) {
         println!(
-            "{:<22} {:>9.0} msg/s  p50 {:>6} us  p99 {:>6} us  cpu {:>6.1} us/msg",
+            "{:<28} {:>9.0} msg/s  p50 {:>6} us  p99 {:>6} us  cpu {:>6.1} us/msg",
             self.name,
             self.rate(),
             self.pct(0.50),
             self.pct(0.99),
-            self.cpu_secs * 1e6 / self.latencies_us.len() as f64
+            self.cpu_secs * 1e6 / self.messages()
         );
     }
 }
@@ -102,8 +109,12 @@ where
         secs: t0.elapsed().as_secs_f64(),
         latencies_us,
         cpu_secs: cpu_secs() - cpu0,
+        per_call: 1,
     }
 }
+
+/// Messages per `batch_send` in the batch phase.
+const BATCH: usize = 16;
 
 #[tokio::main]
 async fn main() {
@@ -169,6 +180,27 @@ async fn main() {
         },
     )
     .await;
+    let batches = (tasks, per_task.div_ceil(BATCH));
+    let batched = phase(
+        "official rocketmq 5, batch 16",
+        batches,
+        (producer.clone(), &body),
+        |p, b, _| async move {
+            let batch = (0..BATCH).map(|_| {
+                MessageBuilder::builder()
+                    .set_topic("bench")
+                    .set_body(b.clone())
+                    .build()
+                    .expect("message")
+            });
+            p.batch_send(batch.collect()).await.expect("send");
+        },
+    )
+    .await;
+    let batched = Phase {
+        per_call: BATCH,
+        ..batched
+    };
     let url = format!("http://{}", server.local_addr());
     let raw = MessagingServiceClient::connect(url)
         .await
@@ -222,7 +254,7 @@ async fn main() {
     )
     .await;
     let embedded = embedded("embedded send_async", "embedded").await;
-    for p in [&rocketmq, &grpc, &native, &embedded] {
+    for p in [&rocketmq, &batched, &grpc, &native, &embedded] {
         p.print();
     }
     for base in [&native, &embedded] {
@@ -233,6 +265,11 @@ async fn main() {
             rocketmq.pct(0.99) as f64 / base.pct(0.99) as f64
         );
     }
+    println!(
+        "official rocketmq, batch {BATCH} / {}: throughput {:.2}",
+        native.name,
+        batched.rate() / native.rate()
+    );
     drop(native_client);
     native_server.shutdown().await;
     if let Ok(p) = Arc::try_unwrap(producer) {
