@@ -4,7 +4,9 @@
 //! native server, both ends in this process) and with the embedded broker's `send_async`, in
 //! one run on one broker:
 //! throughput, p50/p99 latency, their ratio, and the process's CPU time per message while
-//! each phase ran (client and endpoint together for the RocketMQ phase).
+//! each phase ran (client and endpoint together for the RocketMQ phases). The official
+//! producer also sends in batches of 16 (`batch_send`, one request each; its latency is a
+//! batch's).
 //!
 //! `cargo run --release -p halfmq-rocketmq --example rocketmq_bench -- [TASKS] [PER_TASK] [BODY_BYTES]`
 
@@ -19,17 +21,27 @@ use rocketmq::conf::{ClientOption, ProducerOption};
 use rocketmq::model::message::MessageBuilder;
 use rocketmq::Producer;
 
+/// The allocator of the `halfmq` binary, which serves the endpoint in production
+/// (`halfmq broker --rocketmq-listen`): measured as it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// What one phase measured.
 struct Phase {
     name: &'static str,
     secs: f64,
+    /// Latency of each call (a call sends `per_call` messages).
     latencies_us: Vec<u64>,
     cpu_secs: f64,
+    per_call: usize,
 }
 
 impl Phase {
+    fn messages(&self) -> f64 {
+        (self.latencies_us.len() * self.per_call) as f64
+    }
     fn rate(&self) -> f64 {
-        self.latencies_us.len() as f64 / self.secs
+        self.messages() / self.secs
     }
     fn pct(&self, p: f64) -> u64 {
         let i = ((self.latencies_us.len() as f64 * p) as usize).min(self.latencies_us.len() - 1);
@@ -37,12 +49,12 @@ impl Phase {
     }
     fn print(&self) {
         println!(
-            "{:<22} {:>9.0} msg/s  p50 {:>6} us  p99 {:>6} us  cpu {:>6.1} us/msg",
+            "{:<28} {:>9.0} msg/s  p50 {:>6} us  p99 {:>6} us  cpu {:>6.1} us/msg",
             self.name,
             self.rate(),
             self.pct(0.50),
             self.pct(0.99),
-            self.cpu_secs * 1e6 / self.latencies_us.len() as f64
+            self.cpu_secs * 1e6 / self.messages()
         );
     }
 }
@@ -60,20 +72,28 @@ fn cpu_secs() -> f64 {
     f.iter().sum::<f64>() / 100.0
 }
 
-async fn phase<F, Fut>(name: &'static str, tasks: usize, per_task: usize, send: F) -> Phase
+/// Run `tasks` tasks of `per_task` sends each: `send(sender, body, i)` makes send `i` with a
+/// clone of `sender` and of the body.
+async fn phase<S, F, Fut>(
+    name: &'static str,
+    (tasks, per_task): (usize, usize),
+    (sender, body): (S, &[u8]),
+    send: F,
+) -> Phase
 where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    S: Clone + Send + Sync + 'static,
+    F: Fn(S, Vec<u8>, usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let (cpu0, t0) = (cpu_secs(), Instant::now());
     let mut handles = Vec::new();
     for t in 0..tasks {
-        let send = send.clone();
+        let (send, sender, body) = (send.clone(), sender.clone(), body.to_vec());
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(per_task);
             for i in 0..per_task {
                 let s = Instant::now();
-                send(t * per_task + i).await;
+                send(sender.clone(), body.clone(), t * per_task + i).await;
                 lat.push(s.elapsed().as_micros() as u64);
             }
             lat
@@ -89,8 +109,12 @@ where
         secs: t0.elapsed().as_secs_f64(),
         latencies_us,
         cpu_secs: cpu_secs() - cpu0,
+        per_call: 1,
     }
 }
+
+/// Messages per `batch_send` in the batch phase.
+const BATCH: usize = 16;
 
 #[tokio::main]
 async fn main() {
@@ -122,27 +146,70 @@ async fn main() {
         "{tasks} tasks x {per_task} sends of {} bytes, flush sync",
         body.len()
     );
-    let (p, b) = (producer.clone(), body.clone());
-    let rocketmq = phase("official rocketmq 5", tasks, per_task, move |_| {
-        let (p, b) = (p.clone(), b.clone());
-        async move {
+    let rounds = (tasks, per_task);
+    // Each phase's own idempotency keys, so that each stores its messages.
+    let keyed = |phase: &str, b: Vec<u8>, i: usize| {
+        Message::new(b).with_idempotency_key(format!("{phase}-{i}"))
+    };
+    let embedded = |name: &'static str, prefix: &'static str| {
+        phase(
+            name,
+            rounds,
+            (broker.clone(), &body),
+            move |br, b, i| async move {
+                br.send_async("bench", &keyed(prefix, b, i))
+                    .await
+                    .expect("send");
+            },
+        )
+    };
+    // Unmeasured: the broker's first-use costs (index tables growing, fresh pages of
+    // memory) would otherwise be paid by whichever phase runs first.
+    embedded("warm-up", "warm-up").await;
+    let rocketmq = phase(
+        "official rocketmq 5",
+        rounds,
+        (producer.clone(), &body),
+        |p, b, _| async move {
             let m = MessageBuilder::builder()
                 .set_topic("bench")
                 .set_body(b)
                 .build()
                 .expect("message");
             p.send(m).await.expect("send");
-        }
-    })
+        },
+    )
     .await;
+    let batches = (tasks, per_task.div_ceil(BATCH));
+    let batched = phase(
+        "official rocketmq 5, batch 16",
+        batches,
+        (producer.clone(), &body),
+        |p, b, _| async move {
+            let batch = (0..BATCH).map(|_| {
+                MessageBuilder::builder()
+                    .set_topic("bench")
+                    .set_body(b.clone())
+                    .build()
+                    .expect("message")
+            });
+            p.batch_send(batch.collect()).await.expect("send");
+        },
+    )
+    .await;
+    let batched = Phase {
+        per_call: BATCH,
+        ..batched
+    };
     let url = format!("http://{}", server.local_addr());
     let raw = MessagingServiceClient::connect(url)
         .await
         .expect("connects");
-    let b = body.clone();
-    let grpc = phase("plain gRPC client", tasks, per_task, move |i| {
-        let (mut c, b) = (raw.clone(), b.clone());
-        async move {
+    let grpc = phase(
+        "plain gRPC client",
+        rounds,
+        (raw, &body),
+        |mut c, b, i| async move {
             let m = pb::Message {
                 topic: Some(pb::Resource {
                     resource_namespace: String::new(),
@@ -162,8 +229,8 @@ async fn main() {
                 .expect("send")
                 .into_inner();
             assert_eq!(r.status.map(|s| s.code), Some(pb::Code::Ok as i32));
-        }
-    })
+        },
+    )
     .await;
     let listen = halfmq_cli::server::ServerConfig::default().with_listen(any);
     let native_server = halfmq_cli::server::Server::start(broker.clone(), listen)
@@ -175,25 +242,19 @@ async fn main() {
             .await
             .expect("client"),
     );
-    let (nc, b) = (native_client.clone(), body.clone());
-    let native = phase("halfmq network client", tasks, per_task, move |i| {
-        let (nc, b) = (nc.clone(), b.clone());
-        async move {
-            let m = Message::new(b).with_idempotency_key(format!("native-{i}"));
-            nc.send("bench", &m).await.expect("send");
-        }
-    })
+    let native = phase(
+        "halfmq network client",
+        rounds,
+        (native_client.clone(), &body),
+        move |nc, b, i| async move {
+            nc.send("bench", &keyed("native", b, i))
+                .await
+                .expect("send");
+        },
+    )
     .await;
-    let (br, b) = (broker.clone(), body.clone());
-    let embedded = phase("embedded send_async", tasks, per_task, move |i| {
-        let (br, b) = (br.clone(), b.clone());
-        async move {
-            let m = Message::new(b).with_idempotency_key(format!("bench-{i}"));
-            br.send_async("bench", &m).await.expect("send");
-        }
-    })
-    .await;
-    for p in [&rocketmq, &grpc, &native, &embedded] {
+    let embedded = embedded("embedded send_async", "embedded").await;
+    for p in [&rocketmq, &batched, &grpc, &native, &embedded] {
         p.print();
     }
     for base in [&native, &embedded] {
@@ -204,6 +265,11 @@ async fn main() {
             rocketmq.pct(0.99) as f64 / base.pct(0.99) as f64
         );
     }
+    println!(
+        "official rocketmq, batch {BATCH} / {}: throughput {:.2}",
+        native.name,
+        batched.rate() / native.rate()
+    );
     drop(native_client);
     native_server.shutdown().await;
     if let Ok(p) = Arc::try_unwrap(producer) {

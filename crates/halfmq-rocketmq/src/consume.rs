@@ -1,11 +1,15 @@
-//! The consumer calls: ReceiveMessage (a long poll of the group's `poll`), AckMessage (`ack`),
-//! ChangeInvisibleDuration (`nack` with a delay) and QueryAssignment.
+//! The consumer calls: ReceiveMessage (a long poll of the group's `poll`, leased for the
+//! invisible duration, filtered by tag), AckMessage (`ack_receipts`), ChangeInvisibleDuration
+//! (`change_lease`), ForwardMessageToDeadLetterQueue (`dead_letter_receipt`) and
+//! QueryAssignment. Receipt handles are the broker's receipts: opaque, bound to one lease and
+//! tamper-evident.
 
 use std::time::Duration;
 
-use halfmq::{Delivery, NackOutcome};
+use halfmq::lease::{validate_lease, LEASE_MIN};
+use halfmq::{Delivery, PollOptions, Receipt, TagFilter};
 
-use crate::convert::{self, Handle};
+use crate::convert;
 use crate::pb::{self, receive_message_response::Content, Code, FilterType};
 use crate::service::{name_of, overall, resource, Service};
 use crate::status::{of_error, ok, status, unsupported};
@@ -23,24 +27,39 @@ const LONG_POLL_DEFAULT: Duration = Duration::from_secs(20);
 /// The longest a receive waits for a message.
 const LONG_POLL_MAX: Duration = Duration::from_secs(60);
 
-/// Whether a filter expression lets every message through, or the status refusing it.
-fn check_filter(f: Option<&pb::FilterExpression>) -> Result<(), pb::Status> {
-    let Some(f) = f else { return Ok(()) };
+/// The tag filter of a receive's filter expression, or the status refusing it.
+fn tag_filter(f: Option<&pb::FilterExpression>) -> Result<TagFilter, pb::Status> {
+    let Some(f) = f else {
+        return Ok(TagFilter::All);
+    };
     let expr = f.expression.trim();
     match FilterType::try_from(f.r#type).unwrap_or(FilterType::Unspecified) {
         FilterType::Sql => Err(unsupported(
-            "SQL92 filter expressions are not supported; subscribe with the TAG expression `*`",
+            "SQL92 filter expressions are not supported; filter by tag (`a || b`, or `*`)",
         )),
-        _ if expr.is_empty() || expr == "*" => Ok(()),
-        FilterType::Tag => Err(unsupported(&format!(
-            "tag filters other than `*` are not supported yet (asked for `{}`); subscribe with `*` and filter in the consumer",
-            expr.chars().take(128).collect::<String>()
-        ))),
+        FilterType::Tag => TagFilter::parse(expr).map_err(|e| of_error(&e)),
+        FilterType::Unspecified if expr.is_empty() || expr == "*" => Ok(TagFilter::All),
         FilterType::Unspecified => Err(status(
             Code::IllegalFilterExpression,
             "a filter expression without a type",
         )),
     }
+}
+
+/// The lease a receive asks for (its invisible duration); `None`: the group's visibility
+/// timeout.
+fn lease_asked(asked: Option<prost_types::Duration>) -> Result<Option<Duration>, pb::Status> {
+    let Some(asked) = asked else {
+        return Ok(None);
+    };
+    let d = Duration::try_from(asked).map_err(|_| {
+        status(
+            Code::IllegalInvisibleTime,
+            "invisible_duration is negative or invalid",
+        )
+    })?;
+    validate_lease(d).map_err(|e| of_error(&e))?;
+    Ok(Some(d))
 }
 
 /// How long a receive waits: a little less than the client's long-polling time-out (its own
@@ -58,15 +77,28 @@ fn long_poll(asked: Option<prost_types::Duration>) -> Result<Duration, pb::Statu
     Ok((d * 4 / 5).min(LONG_POLL_MAX))
 }
 
-/// The group, topic and receipt handle of a request about one message a consumer holds.
+/// A receipt handle a client sent back, as the broker's receipt.
+fn receipt(handle: &str) -> Result<Receipt, pb::Status> {
+    Receipt::parse(handle).map_err(|e| of_error(&e))
+}
+
+/// The group and topic of a request about messages a consumer holds.
+fn group_and_topic<'a>(
+    group: Option<&'a pb::Resource>,
+    topic: Option<&'a pb::Resource>,
+) -> Result<(&'a str, &'a str), pb::Status> {
+    let group = name_of(group, "consumer group", Code::IllegalConsumerGroup)?;
+    Ok((group, name_of(topic, "topic", Code::IllegalTopic)?))
+}
+
+/// The group, topic and receipt of a request about one message a consumer holds.
 fn held<'a>(
     group: Option<&'a pb::Resource>,
     topic: Option<&'a pb::Resource>,
     handle: &str,
-) -> Result<(&'a str, &'a str, Handle), pb::Status> {
-    let group = name_of(group, "consumer group", Code::IllegalConsumerGroup)?;
-    let topic = name_of(topic, "topic", Code::IllegalTopic)?;
-    Ok((group, topic, Handle::decode(handle)?))
+) -> Result<(&'a str, &'a str, Receipt), pb::Status> {
+    let (group, topic) = group_and_topic(group, topic)?;
+    Ok((group, topic, receipt(handle)?))
 }
 
 fn receive_status(s: pb::Status) -> Vec<pb::ReceiveMessageResponse> {
@@ -98,34 +130,31 @@ impl Service {
         )?;
         let topic = req.message_queue.as_ref().and_then(|q| q.topic.as_ref());
         let topic = name_of(topic, "topic", Code::IllegalTopic)?;
-        check_filter(req.filter_expression.as_ref())?;
+        let filter = tag_filter(req.filter_expression.as_ref())?;
         if !(1..=BATCH_MAX).contains(&req.batch_size) {
             return Err(status(
                 Code::BadRequest,
                 format!("batch_size {} is outside 1 ..= {BATCH_MAX}", req.batch_size),
             ));
         }
-        let (delivery, _) = self
-            .broker
-            .group_settings(group)
-            .map_err(|e| of_error(&e))?;
-        let lease = delivery.visibility_timeout;
-        if let Some(asked) = req.invisible_duration {
-            let asked = Duration::try_from(asked).ok();
-            if asked.map(|d| d.as_millis()) != Some(lease.as_millis()) {
-                return Err(status(
-                    Code::IllegalInvisibleTime,
-                    format!(
-                        "halfmq: per-request invisible durations are not supported yet: group `{group}` leases messages for {lease:?} (its visibility timeout); receive with invisible_duration {lease:?}, or change the group's visibility_timeout_ms"
-                    ),
-                ));
+        let lease = match lease_asked(req.invisible_duration)? {
+            Some(d) => d,
+            None => {
+                let (delivery, _) = self
+                    .broker
+                    .group_settings(group)
+                    .map_err(|e| of_error(&e))?;
+                delivery.visibility_timeout
             }
-        }
+        };
+        let opts = PollOptions::default()
+            .with_lease(Some(lease))
+            .with_filter(filter);
         let wait = long_poll(req.long_polling_timeout)?;
         let max = req.batch_size as usize;
         let got = self
             .broker
-            .poll_wait_async(group, topic, max, RECEIVE_BYTES_MAX, wait)
+            .poll_wait_with_async(group, topic, max, RECEIVE_BYTES_MAX, wait, &opts)
             .await
             .map_err(|e| of_error(&e))?;
         if got.is_empty() {
@@ -139,7 +168,7 @@ impl Service {
             content: Some(Content::DeliveryTimestamp(convert::timestamp(now_ms()))),
         });
         for d in got {
-            let m = self.delivered(d, lease);
+            let m = self.delivered(d, lease)?;
             items.push(pb::ReceiveMessageResponse {
                 content: Some(Content::Message(m)),
             });
@@ -148,8 +177,15 @@ impl Service {
     }
 
     /// A delivery as a RocketMQ message, with its receipt handle.
-    fn delivered(&self, d: Delivery, lease: Duration) -> pb::Message {
-        let handle = Handle::of(&d).encode();
+    fn delivered(&self, d: Delivery, lease: Duration) -> Result<pb::Message, pb::Status> {
+        // A poll's deliveries carry their receipt; without one the message could not be
+        // acked, so the receive fails (the message comes again when its lease runs out).
+        let handle = d.receipt.map(|r| r.handle()).ok_or_else(|| {
+            status(
+                Code::InternalServerError,
+                "halfmq: a delivery came without its receipt",
+            )
+        })?;
         let extra = pb::SystemProperties {
             receipt_handle: Some(handle),
             queue_id: d.queue as i32,
@@ -168,18 +204,17 @@ impl Service {
             log_offset,
             ..
         } = d;
-        convert::outgoing(&topic, (&key, body, &properties), log_offset, extra)
+        Ok(convert::outgoing(
+            &topic,
+            (&key, body, &properties),
+            log_offset,
+            extra,
+        ))
     }
 
-    /// An AckMessage: each entry acked durably, each with its own status.
+    /// An AckMessage: each entry acked durably by its receipt, each with its own status.
     pub(crate) async fn ack(&self, req: pb::AckMessageRequest) -> pb::AckMessageResponse {
-        let checked = name_of(
-            req.group.as_ref(),
-            "consumer group",
-            Code::IllegalConsumerGroup,
-        )
-        .and_then(|g| Ok((g, name_of(req.topic.as_ref(), "topic", Code::IllegalTopic)?)));
-        let (group, topic) = match checked {
+        let (group, topic) = match group_and_topic(req.group.as_ref(), req.topic.as_ref()) {
             Ok(gt) => gt,
             Err(s) => {
                 return pb::AckMessageResponse {
@@ -194,12 +229,29 @@ impl Service {
                 entries: vec![],
             };
         }
+        let receipts: Vec<_> = req
+            .entries
+            .iter()
+            .map(|e| receipt(&e.receipt_handle))
+            .collect();
+        // Several entries are acked with one durable write; if that fails (it is all or
+        // nothing), each is acked on its own below, so that each gets its own status.
+        let all: Option<Vec<Receipt>> = receipts.iter().map(|r| r.as_ref().ok().copied()).collect();
+        let together = match all {
+            Some(all) if all.len() > 1 => self
+                .broker
+                .ack_receipts_async(group, topic, &all)
+                .await
+                .is_ok(),
+            _ => false,
+        };
         let mut entries = Vec::with_capacity(req.entries.len());
-        for e in &req.entries {
-            let result = match Handle::decode(&e.receipt_handle) {
-                Ok(h) => self
+        for (e, r) in req.entries.iter().zip(receipts) {
+            let result = match r {
+                _ if together => Ok(()),
+                Ok(r) => self
                     .broker
-                    .ack_async(group, topic, h.queue, h.offset)
+                    .ack_receipt_async(group, topic, &r)
                     .await
                     .map_err(|err| of_error(&err)),
                 Err(s) => Err(s),
@@ -217,33 +269,29 @@ impl Service {
         }
     }
 
-    /// A ChangeInvisibleDuration: the message is given back (a nack) and comes again after the
-    /// duration. This counts as a failed delivery, as a RocketMQ consumer's nack does;
-    /// renewing a lease without a failure is not possible yet.
+    /// A ChangeInvisibleDuration: the lease now runs out the duration from now, longer or
+    /// shorter than before (shorter than the broker's shortest lease, 10 ms, it is that). Not
+    /// a failed delivery: the attempt number stays (a lease that then runs out is a failure,
+    /// as any). The answer's handle is the new lease's; the old one is stale.
     pub(crate) async fn change_invisible(
         &self,
         req: pb::ChangeInvisibleDurationRequest,
     ) -> pb::ChangeInvisibleDurationResponse {
-        let s = match self.change_invisible_checked(&req).await {
-            Ok(handle) => {
-                return pb::ChangeInvisibleDurationResponse {
-                    status: Some(ok()),
-                    receipt_handle: handle,
-                }
-            }
-            Err(s) => s,
+        let (status, receipt_handle) = match self.change_invisible_checked(&req) {
+            Ok(handle) => (ok(), handle),
+            Err(s) => (s, String::new()),
         };
         pb::ChangeInvisibleDurationResponse {
-            status: Some(s),
-            receipt_handle: String::new(),
+            status: Some(status),
+            receipt_handle,
         }
     }
 
-    async fn change_invisible_checked(
+    fn change_invisible_checked(
         &self,
         req: &pb::ChangeInvisibleDurationRequest,
     ) -> Result<String, pb::Status> {
-        let (group, topic, h) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
+        let (group, topic, r) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
         let d = req
             .invisible_duration
             .and_then(|d| Duration::try_from(d).ok())
@@ -253,54 +301,31 @@ impl Service {
                     "invisible_duration is missing, negative or invalid",
                 )
             })?;
-        let outcome = self
+        // Leases are in memory: the change writes nothing and does not wait.
+        let new = self
             .broker
-            .nack_async(group, topic, h.queue, h.offset, Some(d))
-            .await
+            .change_lease(group, topic, &r, d.max(LEASE_MIN))
             .map_err(|e| of_error(&e))?;
-        match outcome {
-            NackOutcome::Redeliver { attempt, .. } => Ok(Handle { attempt, ..h }.encode()),
-            // Past the group's max_retries: it is a dead letter now, no handle to give.
-            NackOutcome::DeadLettered { dead_letter } => {
-                tracing::info!(group, topic, dead_letter = %dead_letter.topic, "ChangeInvisibleDuration dead-lettered the message");
-                Ok(String::new())
-            }
-        }
+        Ok(new.handle())
     }
 
-    /// A ForwardMessageToDeadLetterQueue, which a client sends when a message failed its last
-    /// attempt. halfmq dead-letters a message when a failure passes the group's
-    /// `max_retries`: the last attempt's failure is recorded (a nack) and moves it to
-    /// `%DLQ%<group>`. Asked earlier, nothing is done and the answer says so (dead-lettering
-    /// before the group's last attempt is not supported yet).
+    /// A ForwardMessageToDeadLetterQueue, which a client sends when it gives up on a
+    /// message (its last attempt failed): the message moves to `%DLQ%<group>` now, whatever
+    /// its attempt, durably; the delivery counts as failed.
     pub(crate) async fn forward_to_dead_letters(
         &self,
         req: pb::ForwardMessageToDeadLetterQueueRequest,
     ) -> Result<(), pb::Status> {
-        let (group, topic, h) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
-        let (delivery, _) = self
-            .broker
-            .group_settings(group)
-            .map_err(|e| of_error(&e))?;
-        let early = |attempt: u32| {
-            unsupported(&format!(
-                "dead-lettering before the group's last attempt is not supported yet: group `{group}` dead-letters a message after {} failed deliveries, and this is delivery {attempt}",
-                delivery.max_retries
-            ))
-        };
-        if h.attempt <= delivery.max_retries {
-            return Err(early(h.attempt));
-        }
-        let outcome = self
-            .broker
-            .nack_async(group, topic, h.queue, h.offset, None)
+        let (group, topic, r) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
+        let reason = format!(
+            "forwarded by the RocketMQ client at delivery {} of {}",
+            req.delivery_attempt, req.max_delivery_attempts
+        );
+        self.broker
+            .dead_letter_receipt_async(group, topic, &r, &reason)
             .await
-            .map_err(|e| of_error(&e))?;
-        match outcome {
-            NackOutcome::DeadLettered { .. } => Ok(()),
-            // The handle claimed a later attempt than the message had: it was given back.
-            NackOutcome::Redeliver { attempt, .. } => Err(early(attempt.saturating_sub(1))),
-        }
+            .map(drop)
+            .map_err(|e| of_error(&e))
     }
 
     /// A QueryAssignment: one assignment standing for the whole topic (a receive polls all
@@ -367,15 +392,36 @@ mod tests {
     }
 
     #[test]
-    fn only_filters_that_pass_everything_are_served() {
-        assert!(check_filter(None).is_ok());
-        assert!(check_filter(Some(&filter(FilterType::Tag, "*"))).is_ok());
-        assert!(check_filter(Some(&filter(FilterType::Tag, " "))).is_ok());
-        let e = check_filter(Some(&filter(FilterType::Tag, "a || b"))).unwrap_err();
+    fn tag_expressions_become_tag_filters_and_sql92_is_refused() {
+        let all = |f: Option<&pb::FilterExpression>| tag_filter(f).expect("valid").is_all();
+        assert!(all(None));
+        assert!(all(Some(&filter(FilterType::Tag, "*"))));
+        assert!(all(Some(&filter(FilterType::Tag, " "))));
+        assert!(all(Some(&filter(FilterType::Unspecified, ""))));
+        let f = tag_filter(Some(&filter(FilterType::Tag, "a || b"))).expect("valid");
+        assert!(f.matches(Some("a")) && f.matches(Some("b")));
+        assert!(!f.matches(Some("c")) && !f.matches(None));
+        let e = tag_filter(Some(&filter(FilterType::Tag, "a ||"))).unwrap_err();
+        assert_eq!(e.code, Code::IllegalFilterExpression as i32);
+        let e = tag_filter(Some(&filter(FilterType::Unspecified, "a"))).unwrap_err();
+        assert_eq!(e.code, Code::IllegalFilterExpression as i32);
+        let e = tag_filter(Some(&filter(FilterType::Sql, "a > 1"))).unwrap_err();
         assert_eq!(e.code, Code::Unsupported as i32);
-        assert!(e.message.contains("a || b"), "{}", e.message);
-        let e = check_filter(Some(&filter(FilterType::Sql, "a > 1"))).unwrap_err();
         assert!(e.message.contains("SQL92"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_invisible_duration_is_the_lease_within_the_brokers_bounds() {
+        assert_eq!(lease_asked(None).expect("valid"), None);
+        let d = Duration::from_secs(15);
+        assert_eq!(
+            lease_asked(Some(convert::duration(d))).expect("valid"),
+            Some(d)
+        );
+        for bad in [Duration::ZERO, Duration::from_secs(2 * 24 * 3600)] {
+            let e = lease_asked(Some(convert::duration(bad))).unwrap_err();
+            assert_eq!(e.code, Code::IllegalInvisibleTime as i32, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,21 +1,29 @@
 //! RocketMQ messages to halfmq messages and back.
 //!
-//! A RocketMQ message's system properties that halfmq has no field for are kept as
-//! properties named `rocketmq.*` ([`PROP_TAG`], [`PROP_KEYS`], ...); its user properties are
-//! kept as they are. The first of its keys becomes the halfmq key (the queue it goes to, and
-//! what `halfmq trace` finds it by). A message sent through halfmq's own protocol has none of
-//! these and is shown to RocketMQ consumers with a message id made from its log offset.
+//! A RocketMQ message's tag and message group are halfmq's own tag and message group
+//! (properties `halfmq.tag` and `halfmq.message_group`, which poll filters and FIFO groups
+//! use); its other system properties that halfmq has no field for are kept as properties
+//! named `rocketmq.*` ([`PROP_KEYS`], [`PROP_MESSAGE_ID`], ...); its user properties are
+//! kept as they are. The first of its keys becomes the halfmq key (the queue it goes to,
+//! unless it has a message group, and what `halfmq trace` finds it by). A message sent
+//! through halfmq's own protocol has none of the `rocketmq.*` properties and is shown to
+//! RocketMQ consumers with a message id made from its log offset.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use halfmq::{props, Delivery, Message};
+use halfmq::filter::validate_tag;
+use halfmq::{props, Message};
 
 use crate::pb::{self, Code, Encoding, MessageType, SystemProperties};
 use crate::status::status;
 
-/// Property: the message's tag.
-pub const PROP_TAG: &str = "rocketmq.tag";
+/// Property: the message's tag (halfmq's own, which tag filters match).
+pub const PROP_TAG: &str = props::PROP_TAG;
+/// Property: the message's message group (halfmq's own, which FIFO groups order by).
+pub const PROP_MESSAGE_GROUP: &str = props::PROP_MESSAGE_GROUP;
+/// Property where endpoints before tag filters kept a message's tag: still shown as its tag.
+const PROP_TAG_BEFORE: &str = "rocketmq.tag";
 /// Property: the message's keys, separated by one space (as RocketMQ separates them).
 pub const PROP_KEYS: &str = "rocketmq.keys";
 /// Property: the producer's message id.
@@ -47,6 +55,22 @@ pub(crate) struct Incoming {
     pub deliver_at_ms: Option<u64>,
     /// For a transactional message: how long the producer is not to be asked about it.
     pub check_immunity: Option<Duration>,
+}
+
+impl Incoming {
+    /// Whether it is stored by a plain send: a normal or FIFO message.
+    pub(crate) fn is_plain(&self) -> bool {
+        let plain = matches!(
+            self.kind,
+            MessageType::Normal | MessageType::Unspecified | MessageType::Fifo
+        );
+        plain && self.deliver_at_ms.is_none()
+    }
+
+    /// The message as a plain send stores it: its message id is its idempotency key.
+    pub(crate) fn keyed(self) -> Message {
+        self.msg.with_idempotency_key(self.message_id)
+    }
 }
 
 /// Check one message of a SendMessage request and turn it into a halfmq message.
@@ -99,6 +123,7 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
         properties.insert(k, v);
     }
     if let Some(tag) = sys.tag.filter(|t| !t.is_empty()) {
+        validate_tag("tag", &tag).map_err(|e| status(Code::IllegalMessageTag, e.to_string()))?;
         properties.insert(PROP_TAG.into(), tag);
     }
     if sys
@@ -131,8 +156,28 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
     let key = sys.keys.first().cloned().unwrap_or_default();
     let mut deliver_at_ms = None;
     let mut check_immunity = None;
+    match (kind, sys.message_group) {
+        (MessageType::Fifo, Some(g)) if !g.is_empty() => {
+            validate_tag("message group", &g)
+                .map_err(|e| status(Code::IllegalMessageGroup, e.to_string()))?;
+            properties.insert(PROP_MESSAGE_GROUP.into(), g);
+        }
+        (MessageType::Fifo, _) => {
+            return Err(status(
+                Code::IllegalMessageGroup,
+                "a FIFO message needs a message group",
+            ))
+        }
+        (_, Some(g)) if !g.is_empty() => {
+            return Err(status(
+                Code::MessagePropertyConflictWithType,
+                "only FIFO messages have a message group",
+            ))
+        }
+        _ => {}
+    }
     match kind {
-        MessageType::Normal | MessageType::Unspecified => {}
+        MessageType::Normal | MessageType::Unspecified | MessageType::Fifo => {}
         MessageType::Delay => {
             let at = sys.delivery_timestamp.as_ref().and_then(timestamp_ms);
             deliver_at_ms = Some(at.ok_or_else(|| {
@@ -146,13 +191,6 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
             check_immunity = sys
                 .orphaned_transaction_recovery_duration
                 .and_then(|d| Duration::try_from(d).ok());
-        }
-        MessageType::Fifo => {
-            return Err(status(
-                Code::Unsupported,
-                "halfmq: FIFO message groups are not supported yet (consumers would not get \
-                 the group's messages strictly in order); send without a message group",
-            ));
         }
     }
     let msg = Message {
@@ -230,12 +268,18 @@ pub(crate) fn outgoing(
         MessageType::Transaction
     } else if properties.contains_key(props::PROP_DELAYED) {
         MessageType::Delay
+    } else if properties.contains_key(PROP_MESSAGE_GROUP) {
+        MessageType::Fifo
     } else {
         MessageType::Normal
     };
     let born_ms = properties.get(PROP_BORN_MS).and_then(|v| v.parse().ok());
     let sys = SystemProperties {
-        tag: properties.get(PROP_TAG).cloned(),
+        tag: properties
+            .get(PROP_TAG)
+            .or_else(|| properties.get(PROP_TAG_BEFORE))
+            .cloned(),
+        message_group: properties.get(PROP_MESSAGE_GROUP).cloned(),
         keys,
         message_id: message_id_of(properties, log_offset),
         body_encoding: encoding as i32,
@@ -252,58 +296,6 @@ pub(crate) fn outgoing(
         user_properties: user,
         system_properties: Some(sys),
         body,
-    }
-}
-
-/// A receipt handle: which delivery of which message a consumer holds. Text, so that it
-/// passes through every client unchanged: `v1.<queue>.<queue offset>.<attempt>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Handle {
-    pub queue: u32,
-    pub offset: u64,
-    pub attempt: u32,
-}
-
-impl Handle {
-    /// The handle of a delivery.
-    pub(crate) fn of(d: &Delivery) -> Handle {
-        Handle {
-            queue: d.queue,
-            offset: d.offset,
-            attempt: d.attempt,
-        }
-    }
-
-    /// As text.
-    pub(crate) fn encode(&self) -> String {
-        format!("v1.{}.{}.{}", self.queue, self.offset, self.attempt)
-    }
-
-    /// Read a handle a client sent back.
-    pub(crate) fn decode(s: &str) -> Result<Handle, pb::Status> {
-        let bad = || {
-            let shown: String = s.chars().take(64).collect();
-            status(
-                Code::InvalidReceiptHandle,
-                format!("receipt handle {shown:?} was not made by this endpoint"),
-            )
-        };
-        let mut parts = s.split('.');
-        if parts.next() != Some("v1") {
-            return Err(bad());
-        }
-        let mut next = || parts.next().ok_or_else(bad);
-        let queue = next()?.parse().map_err(|_| bad())?;
-        let offset = next()?.parse().map_err(|_| bad())?;
-        let attempt = next()?.parse().map_err(|_| bad())?;
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(Handle {
-            queue,
-            offset,
-            attempt,
-        })
     }
 }
 
@@ -357,48 +349,69 @@ mod tests {
         assert_eq!(out.user_properties.len(), 1);
     }
 
-    #[test]
-    fn bad_messages_get_a_clear_code() {
-        let mut m = message(MessageType::Normal);
-        m.user_properties.insert("rocketmq.tag".into(), "x".into());
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::IllegalMessagePropertyKey as i32
-        );
-        let mut m = message(MessageType::Normal);
-        m.body = vec![0; BODY_BYTES_MAX + 1];
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::MessageBodyTooLarge as i32
-        );
-        let m = message(MessageType::Delay);
-        assert_eq!(
-            incoming(m).unwrap_err().code,
-            Code::IllegalDeliveryTime as i32
-        );
-        let m = message(MessageType::Fifo);
-        assert_eq!(incoming(m).unwrap_err().code, Code::Unsupported as i32);
+    /// A change made to a test message.
+    type Edit = fn(&mut pb::Message);
+
+    /// The code refusing a message of this type changed by `edit`.
+    fn refused(kind: MessageType, edit: Edit) -> Code {
+        let mut m = message(kind);
+        edit(&mut m);
+        let e = incoming(m).expect_err("refused");
+        Code::try_from(e.code).expect("a known code")
+    }
+
+    fn sys_of(m: &mut pb::Message) -> &mut SystemProperties {
+        m.system_properties.as_mut().expect("system properties")
     }
 
     #[test]
-    fn handles_round_trip_and_garbage_is_refused() {
-        let h = Handle {
-            queue: 3,
-            offset: 99,
-            attempt: 2,
-        };
-        assert_eq!(Handle::decode(&h.encode()).expect("valid"), h);
-        for bad in [
-            "",
-            "v1",
-            "v1.1.2",
-            "v2.1.2.3",
-            "v1.1.2.3.4",
-            "v1.x.2.3",
-            "v1.-1.2.3",
-        ] {
-            let e = Handle::decode(bad).unwrap_err();
-            assert_eq!(e.code, Code::InvalidReceiptHandle as i32, "{bad}");
+    fn bad_messages_get_a_clear_code() {
+        let cases: [(MessageType, Edit, Code); 6] = [
+            (
+                MessageType::Normal,
+                |m| {
+                    m.user_properties.insert("rocketmq.tag".into(), "x".into());
+                },
+                Code::IllegalMessagePropertyKey,
+            ),
+            (
+                MessageType::Normal,
+                |m| m.body = vec![0; BODY_BYTES_MAX + 1],
+                Code::MessageBodyTooLarge,
+            ),
+            (MessageType::Delay, |_| {}, Code::IllegalDeliveryTime),
+            (MessageType::Fifo, |_| {}, Code::IllegalMessageGroup),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).message_group = Some("g1".into()),
+                Code::MessagePropertyConflictWithType,
+            ),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).tag = Some("a|b".into()),
+                Code::IllegalMessageTag,
+            ),
+        ];
+        for (kind, edit, code) in cases {
+            assert_eq!(refused(kind, edit), code);
         }
+    }
+
+    #[test]
+    fn a_fifo_message_keeps_its_message_group() {
+        let mut m = message(MessageType::Fifo);
+        sys_of(&mut m).message_group = Some("order-1".into());
+        let inc = incoming(m).expect("valid");
+        assert_eq!(inc.msg.message_group(), Some("order-1"));
+        assert_eq!(inc.msg.tag(), Some("paid"));
+        let out = outgoing(
+            "orders",
+            (&inc.msg.key, inc.msg.body.clone(), &inc.msg.properties),
+            7,
+            SystemProperties::default(),
+        );
+        let s = out.system_properties.expect("system properties");
+        assert_eq!(s.message_group.as_deref(), Some("order-1"));
+        assert_eq!(s.message_type, MessageType::Fifo as i32);
     }
 }

@@ -21,10 +21,11 @@
 //! - `server`: starting and stopping the endpoint ([`RocketMqServer`]);
 //! - `service`: the calls of producers and sessions (route, heartbeat, telemetry, sends,
 //!   transaction ends) and the answers to what is not supported;
-//! - `consume`: the consumer calls (receive, ack, change invisible duration, assignment);
+//! - `consume`: the consumer calls (receive, ack, change invisible duration, dead letters,
+//!   assignment), on the broker's leases, receipts, tag filters and FIFO groups;
 //! - `clients`: the clients known, their telemetry streams, and the transaction check-back
 //!   through them;
-//! - `convert`: RocketMQ messages to halfmq messages and back, receipt handles;
+//! - `convert`: RocketMQ messages to halfmq messages and back;
 //! - `status`: RocketMQ status codes, and halfmq errors as status codes.
 //!
 //! PROTOCOL.md ("RocketMQ 5 endpoint") documents the mapping call by call.

@@ -121,6 +121,7 @@ impl Service {
         };
         let types = [
             MessageType::Normal,
+            MessageType::Fifo,
             MessageType::Delay,
             MessageType::Transaction,
         ];
@@ -135,33 +136,58 @@ impl Service {
             .collect()
     }
 
-    /// Store one message of a SendMessage request; answers once it is durable.
-    async fn send_one(&self, m: pb::Message, client: Option<&str>) -> pb::SendResultEntry {
-        let message_id = m
-            .system_properties
-            .as_ref()
-            .map(|s| s.message_id.clone())
-            .unwrap_or_default();
-        let mut entry = pb::SendResultEntry {
-            status: None,
-            message_id,
-            transaction_id: String::new(),
-            offset: 0,
-            recall_handle: String::new(),
+    /// Store the messages of a SendMessage request; answers once they are durable. Several
+    /// plain messages (normal or FIFO) of one topic are stored as one batch, in order, with
+    /// one durable write; otherwise each message is stored on its own, in order.
+    async fn send_all(
+        &self,
+        messages: Vec<pb::Message>,
+        client: Option<&str>,
+    ) -> Vec<pb::SendResultEntry> {
+        let mut entries: Vec<_> = messages.iter().map(result_entry).collect();
+        let incoming: Vec<_> = messages.into_iter().map(convert::incoming).collect();
+        let topic = match incoming.first() {
+            Some(Ok(first)) => first.topic.clone(),
+            _ => String::new(),
         };
-        let inc = match convert::incoming(m) {
-            Ok(inc) => inc,
-            Err(s) => {
-                entry.status = Some(s);
-                return entry;
+        let one_batch = incoming.len() > 1
+            && incoming
+                .iter()
+                .all(|i| matches!(i, Ok(i) if i.is_plain() && i.topic == topic));
+        if one_batch {
+            let msgs: Vec<_> = incoming
+                .into_iter()
+                .flatten()
+                .map(Incoming::keyed)
+                .collect();
+            match self.broker.send_batch_async(&topic, &msgs).await {
+                Ok(stored) => {
+                    for (e, r) in entries.iter_mut().zip(stored) {
+                        e.status = Some(match r {
+                            Ok(r) => {
+                                e.offset = i64::try_from(r.offset).unwrap_or(i64::MAX);
+                                ok()
+                            }
+                            Err(err) => of_error(&err),
+                        });
+                    }
+                }
+                Err(err) => {
+                    for e in &mut entries {
+                        e.status = Some(of_error(&err));
+                    }
+                }
             }
-        };
-        let result = self.store(inc, client, &mut entry).await;
-        entry.status = Some(match result {
-            Ok(()) => ok(),
-            Err(s) => s,
-        });
-        entry
+            return entries;
+        }
+        for (e, inc) in entries.iter_mut().zip(incoming) {
+            let stored = match inc {
+                Ok(inc) => self.store(inc, client, e).await,
+                Err(s) => Err(s),
+            };
+            e.status = Some(stored.err().unwrap_or_else(ok));
+        }
+        entries
     }
 
     async fn store(
@@ -264,7 +290,8 @@ impl Service {
         }
     }
 
-    /// A consumer's subscription as the server answers it; FIFO is refused.
+    /// A consumer's subscription as the server answers it: FIFO when the group is (the
+    /// group's `fifo` setting decides, as a RocketMQ consumer group's does).
     fn subscription_answer(
         &self,
         sub: pb::Subscription,
@@ -274,18 +301,14 @@ impl Service {
             "consumer group",
             Code::IllegalConsumerGroup,
         )?;
-        if sub.fifo == Some(true) {
-            return Err(unsupported(
-                "FIFO consumption (message groups in order) is not supported yet",
-            ));
-        }
-        self.broker
+        let (delivery, _) = self
+            .broker
             .group_settings(group)
             .map_err(|e| of_error(&e))?;
         Ok(pb::settings::PubSub::Subscription(pb::Subscription {
             group: sub.group,
             subscriptions: sub.subscriptions,
-            fifo: Some(false),
+            fifo: Some(delivery.fifo),
             receive_batch_size: Some(32),
             long_polling_timeout: Some(convert::duration(Duration::from_secs(20))),
         }))
@@ -326,6 +349,18 @@ impl Service {
                 "empty telemetry command",
             ))),
         }
+    }
+}
+
+/// The answer to one message of a SendMessage, before it is stored.
+fn result_entry(m: &pb::Message) -> pb::SendResultEntry {
+    let message_id = m.system_properties.as_ref().map(|s| s.message_id.clone());
+    pb::SendResultEntry {
+        status: None,
+        message_id: message_id.unwrap_or_default(),
+        transaction_id: String::new(),
+        offset: 0,
+        recall_handle: String::new(),
     }
 }
 
@@ -410,10 +445,7 @@ impl MessagingService for Service {
                 entries: vec![],
             });
         }
-        let mut entries = Vec::with_capacity(messages.len());
-        for m in messages {
-            entries.push(self.send_one(m, client.as_deref()).await);
-        }
+        let entries = self.send_all(messages, client.as_deref()).await;
         let status = overall(entries.iter().filter_map(|e| e.status.as_ref()));
         answer(pb::SendMessageResponse {
             status: Some(status),
@@ -477,29 +509,21 @@ impl MessagingService for Service {
         &self,
         _req: Request<pb::UpdateOffsetRequest>,
     ) -> Answer<pb::UpdateOffsetResponse> {
-        answer(pb::UpdateOffsetResponse {
-            status: Some(unsupported(OFFSET_APIS)),
-        })
+        offsets_refused(|status| pb::UpdateOffsetResponse { status })
     }
 
     async fn get_offset(
         &self,
         _req: Request<pb::GetOffsetRequest>,
     ) -> Answer<pb::GetOffsetResponse> {
-        answer(pb::GetOffsetResponse {
-            status: Some(unsupported(OFFSET_APIS)),
-            offset: 0,
-        })
+        offsets_refused(|status| pb::GetOffsetResponse { status, offset: 0 })
     }
 
     async fn query_offset(
         &self,
         _req: Request<pb::QueryOffsetRequest>,
     ) -> Answer<pb::QueryOffsetResponse> {
-        answer(pb::QueryOffsetResponse {
-            status: Some(unsupported(OFFSET_APIS)),
-            offset: 0,
-        })
+        offsets_refused(|status| pb::QueryOffsetResponse { status, offset: 0 })
     }
 
     async fn end_transaction(
@@ -602,6 +626,11 @@ impl MessagingService for Service {
             message_id: String::new(),
         })
     }
+}
+
+/// The answer of a pull-offset call, made by `with_status` from the status refusing it.
+fn offsets_refused<T>(with_status: impl FnOnce(Option<pb::Status>) -> T) -> Answer<T> {
+    answer(with_status(Some(unsupported(OFFSET_APIS))))
 }
 
 /// What the pull-offset calls answer.

@@ -37,7 +37,11 @@ pub(crate) fn of_error(e: &Error) -> pb::Status {
         Error::UnknownTxn(_) => Code::InvalidTransactionId,
         Error::TxnConflict { .. } => Code::BadRequest,
         Error::UnknownQueue { .. } => Code::NotFound,
-        Error::BadAck { .. } => Code::InvalidReceiptHandle,
+        // A handle this endpoint did not make (or made before the broker last opened), and
+        // one of a lease that has ended: RocketMQ answers both as an invalid receipt handle.
+        Error::BadAck { .. } | Error::BadReceipt { .. } | Error::StaleReceipt { .. } => {
+            Code::InvalidReceiptHandle
+        }
         Error::Invalid { what, .. } => match *what {
             "topic name" => Code::IllegalTopic,
             "group name" | "consumer group" => Code::IllegalConsumerGroup,
@@ -45,6 +49,10 @@ pub(crate) fn of_error(e: &Error) -> pb::Status {
             "property name" => Code::IllegalMessagePropertyKey,
             "idempotency key" => Code::IllegalMessageId,
             "delivery time" => Code::IllegalDeliveryTime,
+            "lease duration" => Code::IllegalInvisibleTime,
+            "filter expression" => Code::IllegalFilterExpression,
+            "tag" => Code::IllegalMessageTag,
+            "message group" => Code::IllegalMessageGroup,
             _ => Code::BadRequest,
         },
         Error::Timeout { .. } => Code::ProxyTimeout,
@@ -68,6 +76,15 @@ mod tests {
             reason: "reserved".into(),
         });
         assert_eq!(s.code, Code::IllegalMessagePropertyKey as i32);
+        let s = of_error(&Error::StaleReceipt {
+            group: "g".into(),
+            topic: "t".into(),
+            queue: 0,
+            offset: 3,
+            reason: "its lease ended".into(),
+        });
+        assert_eq!(s.code, Code::InvalidReceiptHandle as i32);
+        assert!(s.message.contains("stale"), "{}", s.message);
         assert!(!is_ok(&unsupported("SQL92 filters")));
         assert!(is_ok(&ok()));
     }

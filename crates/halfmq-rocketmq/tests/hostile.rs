@@ -6,14 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
 use halfmq_rocketmq::pb::{self, Code};
-use tonic::transport::Channel;
 
-use common::{client, code, message, resource, send, start, Endpoint};
+use common::{
+    ack, change_invisible, client, code, message, receive, resource, send, start, Client, Endpoint,
+    Receive,
+};
 
 /// The endpoint still serves: a normal message is stored.
-async fn still_serves(c: &mut MessagingServiceClient<Channel>, e: &Endpoint, id: &str) {
+async fn still_serves(c: &mut Client, e: &Endpoint, id: &str) {
     let s = send(c, message("t", id, b"fine".to_vec())).await;
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     assert!(e.broker.idempotency_key_stored("t", id).is_some());
@@ -21,25 +22,18 @@ async fn still_serves(c: &mut MessagingServiceClient<Channel>, e: &Endpoint, id:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_receipt_handles_are_refused() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     still_serves(&mut c, &e, "m1").await;
-    for handle in ["", "garbage", "v1.0.0", "v1.0.99.1", "v1.7.0.1"] {
-        let r = c
-            .ack_message(pb::AckMessageRequest {
-                group: resource("g"),
-                topic: resource("t"),
-                entries: vec![pb::AckMessageEntry {
-                    message_id: "m1".into(),
-                    receipt_handle: handle.into(),
-                    lite_topic: None,
-                }],
-            })
-            .await
-            .expect("a gRPC answer")
-            .into_inner();
-        let s = r.status.expect("a status");
+    for handle in [
+        "",
+        "garbage",
+        "v1.0.0.1",
+        "0.0.1",
+        "0.0.1.1.1",
+        &"f".repeat(200),
+    ] {
+        let s = ack(&mut c, handle).await;
         assert_eq!(
             code(&s),
             Code::InvalidReceiptHandle,
@@ -47,43 +41,33 @@ async fn bad_receipt_handles_are_refused() {
             s.message
         );
         assert!(!s.message.is_empty());
+        let (s, _) = change_invisible(&mut c, handle, Duration::from_secs(1)).await;
+        assert_eq!(
+            code(&s),
+            Code::InvalidReceiptHandle,
+            "{handle:?}: {}",
+            s.message
+        );
     }
-    let r = c
-        .change_invisible_duration(pb::ChangeInvisibleDurationRequest {
-            group: resource("g"),
-            topic: resource("t"),
-            receipt_handle: "v1.0.0.1".into(),
-            invisible_duration: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            message_id: "m1".into(),
-            lite_topic: None,
-            suspend: None,
-        })
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
-    let s = r.status.expect("a status");
-    assert_ne!(
-        code(&s),
-        Code::Ok,
-        "a message never delivered cannot be given back"
-    );
+    // A true receipt of another group is not this group's.
+    let other = e.broker.poll("other", "t", 1).expect("poll");
+    let receipt = other[0].receipt.expect("a receipt").handle();
+    let s = ack(&mut c, &receipt).await;
+    assert_eq!(code(&s), Code::InvalidReceiptHandle, "{}", s.message);
     still_serves(&mut c, &e, "m2").await;
     e.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_topics_are_not_found() {
-    let e = start(|c| c.with_auto_create_topics(false)).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c.with_auto_create_topics(false)).await;
     let mut c = client(&e).await;
+    let route = |topic: &str| pb::QueryRouteRequest {
+        topic: resource(topic),
+        endpoints: None,
+    };
     let r = c
-        .query_route(pb::QueryRouteRequest {
-            topic: resource("nope"),
-            endpoints: None,
-        })
+        .query_route(route("nope"))
         .await
         .expect("a gRPC answer")
         .into_inner();
@@ -95,10 +79,7 @@ async fn unknown_topics_are_not_found() {
     assert_eq!(code(&s), Code::TopicNotFound, "{}", s.message);
     // A known topic's route: one queue per halfmq queue, on this endpoint.
     let r = c
-        .query_route(pb::QueryRouteRequest {
-            topic: resource("t"),
-            endpoints: None,
-        })
+        .query_route(route("t"))
         .await
         .expect("a gRPC answer")
         .into_inner();
@@ -119,8 +100,7 @@ async fn unknown_topics_are_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_messages_are_refused_before_they_are_stored() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     // Over the body limit: a RocketMQ code.
     let big = vec![7u8; halfmq_rocketmq::convert::BODY_BYTES_MAX + 1];
@@ -142,43 +122,42 @@ async fn huge_messages_are_refused_before_they_are_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_requests_say_so() {
-    let e = start(|c| c).await;
-    e.broker.create_topic("t", 1).expect("topic");
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
-    let receive = |kind: pb::FilterType, expr: &str| pb::ReceiveMessageRequest {
-        group: resource("g"),
-        message_queue: Some(pb::MessageQueue {
-            topic: resource("t"),
-            ..Default::default()
-        }),
-        filter_expression: Some(pb::FilterExpression {
-            r#type: kind as i32,
-            expression: expr.into(),
-        }),
-        batch_size: 1,
-        invisible_duration: None,
-        auto_renew: false,
-        long_polling_timeout: Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 0,
-        }),
-        attempt_id: None,
-    };
-    for (kind, expr, what) in [
-        (pb::FilterType::Sql, "a > 1", "SQL92"),
-        (pb::FilterType::Tag, "a || b", "tag filters"),
+    for (kind, expr, wanted, what) in [
+        (pb::FilterType::Sql, "a > 1", Code::Unsupported, "SQL92"),
+        (
+            pb::FilterType::Tag,
+            "a ||",
+            Code::IllegalFilterExpression,
+            "empty tag",
+        ),
+        (
+            pb::FilterType::Unspecified,
+            "a",
+            Code::IllegalFilterExpression,
+            "type",
+        ),
     ] {
-        let mut stream = c
-            .receive_message(receive(kind, expr))
-            .await
-            .expect("a gRPC answer")
-            .into_inner();
-        let first = stream.message().await.expect("an item").expect("one item");
-        let Some(pb::receive_message_response::Content::Status(s)) = first.content else {
-            panic!("a status first, got {first:?}");
+        let how = Receive {
+            lease: None,
+            filter: (kind, expr),
+            long_poll: Duration::ZERO,
+            ..Receive::default()
         };
-        assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+        let (s, got) = receive(&mut c, "g", "t", how).await;
+        assert_eq!((code(&s), got.len()), (wanted, 0), "{}", s.message);
         assert!(s.message.contains(what), "{}", s.message);
+    }
+    // Leases (invisible durations) outside the broker's bounds.
+    for lease in [Duration::ZERO, Duration::from_secs(3 * 24 * 3600)] {
+        let how = Receive {
+            lease: Some(lease),
+            long_poll: Duration::ZERO,
+            ..Receive::default()
+        };
+        let (s, _) = receive(&mut c, "g", "t", how).await;
+        assert_eq!(code(&s), Code::IllegalInvisibleTime, "{}", s.message);
     }
     let r = c
         .get_offset(pb::GetOffsetRequest::default())
@@ -186,14 +165,29 @@ async fn unsupported_requests_say_so() {
         .expect("a gRPC answer")
         .into_inner();
     assert_eq!(code(&r.status.expect("a status")), Code::Unsupported);
-    // FIFO messages are refused, not stored out of order.
-    let mut m = message("t", "f1", b"b".to_vec());
-    if let Some(s) = m.system_properties.as_mut() {
-        s.message_type = pb::MessageType::Fifo as i32;
-        s.message_group = Some("g1".into());
+    // A FIFO message without its message group, and a message group on a normal message.
+    for (kind, group, wanted) in [
+        (pb::MessageType::Fifo, None, Code::IllegalMessageGroup),
+        (
+            pb::MessageType::Fifo,
+            Some("a|b"),
+            Code::IllegalMessageGroup,
+        ),
+        (
+            pb::MessageType::Normal,
+            Some("g1"),
+            Code::MessagePropertyConflictWithType,
+        ),
+    ] {
+        let mut m = message("t", "f1", b"b".to_vec());
+        if let Some(s) = m.system_properties.as_mut() {
+            s.message_type = kind as i32;
+            s.message_group = group.map(str::to_owned);
+        }
+        let s = send(&mut c, m).await;
+        assert_eq!(code(&s), wanted, "{}", s.message);
     }
-    let s = send(&mut c, m).await;
-    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    assert!(e.broker.idempotency_key_stored("t", "f1").is_none());
     // A transaction id the endpoint never made.
     let r = c
         .end_transaction(pb::EndTransactionRequest {
@@ -217,7 +211,7 @@ async fn unsupported_requests_say_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_answers_settings_and_refuses_invalid_ones() {
-    let e = start(|c| c).await;
+    let e = start("t", 1, |c| c).await;
     let mut c = client(&e).await;
     // Without a client id: refused by gRPC status.
     let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -1,6 +1,6 @@
 //! What the endpoint's tests share: a broker in a temporary directory with the endpoint on a
-//! free port of 127.0.0.1, the options of the official client pointed at it, and waiting for
-//! a condition.
+//! free port of 127.0.0.1, the options of the official client pointed at it, waiting for a
+//! condition, and the raw gRPC calls of the generated client the tests make.
 
 #![allow(dead_code)]
 
@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 
 use halfmq::{Broker, BrokerConfig};
 use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
-use halfmq_rocketmq::pb::{self, Code};
+use halfmq_rocketmq::pb::{self, receive_message_response::Content, Code};
 use halfmq_rocketmq::RocketMqServer;
 use rocketmq::conf::ClientOption;
 use tonic::transport::Channel;
+
+/// A raw gRPC client of the generated code.
+pub type Client = MessagingServiceClient<Channel>;
 
 /// A broker and its RocketMQ endpoint, stopped by [`Endpoint::stop`].
 pub struct Endpoint {
@@ -23,10 +26,16 @@ pub struct Endpoint {
     _dir: tempfile::TempDir,
 }
 
-/// Open a broker (its configuration changed by `config`) and start the endpoint on it.
-pub async fn start(config: impl FnOnce(BrokerConfig) -> BrokerConfig) -> Endpoint {
+/// Open a broker (its configuration changed by `config`) with a topic of `queues` queues,
+/// and start the endpoint on it.
+pub async fn start(
+    topic: &str,
+    queues: u32,
+    config: impl FnOnce(BrokerConfig) -> BrokerConfig,
+) -> Endpoint {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let broker = Broker::open(config(BrokerConfig::new(dir.path()))).expect("broker opens");
+    broker.create_topic(topic, queues).expect("topic");
     let any_port = "127.0.0.1:0".parse().expect("an address");
     let server = RocketMqServer::start(broker.clone(), any_port)
         .await
@@ -80,7 +89,7 @@ pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool
 }
 
 /// A raw gRPC client of the generated code, connected to the endpoint.
-pub async fn client(e: &Endpoint) -> MessagingServiceClient<Channel> {
+pub async fn client(e: &Endpoint) -> Client {
     MessagingServiceClient::connect(e.url())
         .await
         .expect("connects")
@@ -110,7 +119,7 @@ pub fn message(topic: &str, id: &str, body: Vec<u8>) -> pb::Message {
 }
 
 /// Send one message; the response's status.
-pub async fn send(c: &mut MessagingServiceClient<Channel>, m: pb::Message) -> pb::Status {
+pub async fn send(c: &mut Client, m: pb::Message) -> pb::Status {
     let r = c
         .send_message(pb::SendMessageRequest { messages: vec![m] })
         .await
@@ -122,4 +131,115 @@ pub async fn send(c: &mut MessagingServiceClient<Channel>, m: pb::Message) -> pb
 /// The RocketMQ code of a status.
 pub fn code(s: &pb::Status) -> Code {
     Code::try_from(s.code).expect("a known code")
+}
+
+/// A protobuf duration.
+pub fn duration(d: Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration::try_from(d).expect("a duration protobuf can hold"))
+}
+
+/// What a raw ReceiveMessage asks for beyond its group and topic.
+pub struct Receive<'a> {
+    pub max: i32,
+    /// The invisible duration (the lease); `None`: the group's.
+    pub lease: Option<Duration>,
+    pub filter: (pb::FilterType, &'a str),
+    pub long_poll: Duration,
+}
+
+impl Default for Receive<'_> {
+    fn default() -> Self {
+        Receive {
+            max: 8,
+            lease: Some(Duration::from_secs(30)),
+            filter: (pb::FilterType::Tag, "*"),
+            long_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A raw ReceiveMessage of `topic` for `group`: the stream's status and messages.
+pub async fn receive(
+    c: &mut Client,
+    group: &str,
+    topic: &str,
+    how: Receive<'_>,
+) -> (pb::Status, Vec<pb::Message>) {
+    let req = pb::ReceiveMessageRequest {
+        group: resource(group),
+        message_queue: Some(pb::MessageQueue {
+            topic: resource(topic),
+            ..Default::default()
+        }),
+        filter_expression: Some(pb::FilterExpression {
+            r#type: how.filter.0 as i32,
+            expression: how.filter.1.into(),
+        }),
+        batch_size: how.max,
+        invisible_duration: how.lease.and_then(duration),
+        auto_renew: false,
+        long_polling_timeout: duration(how.long_poll),
+        attempt_id: None,
+    };
+    let mut stream = c
+        .receive_message(req)
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    let (mut status, mut messages) = (None, Vec::new());
+    while let Some(item) = stream.message().await.expect("no gRPC error") {
+        match item.content {
+            Some(Content::Status(s)) => status = Some(s),
+            Some(Content::Message(m)) => messages.push(m),
+            _ => {}
+        }
+    }
+    (status.expect("a status"), messages)
+}
+
+/// The system properties of a received message.
+pub fn sys(m: &pb::Message) -> &pb::SystemProperties {
+    m.system_properties.as_ref().expect("system properties")
+}
+
+/// The receipt handle of a received message.
+pub fn handle(m: &pb::Message) -> String {
+    sys(m).receipt_handle.clone().expect("a receipt handle")
+}
+
+/// Ack one message of topic `t` for group `g` by its handle; the response's status.
+pub async fn ack(c: &mut Client, handle: &str) -> pb::Status {
+    let r = c
+        .ack_message(pb::AckMessageRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            entries: vec![pb::AckMessageEntry {
+                message_id: String::new(),
+                receipt_handle: handle.into(),
+                lite_topic: None,
+            }],
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    r.status.expect("a status")
+}
+
+/// ChangeInvisibleDuration of a message of topic `t` held by group `g`: the status and the
+/// new handle.
+pub async fn change_invisible(c: &mut Client, handle: &str, d: Duration) -> (pb::Status, String) {
+    let r = c
+        .change_invisible_duration(pb::ChangeInvisibleDurationRequest {
+            group: resource("g"),
+            topic: resource("t"),
+            receipt_handle: handle.into(),
+            invisible_duration: duration(d),
+            message_id: String::new(),
+            lite_topic: None,
+            suspend: None,
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    (r.status.expect("a status"), r.receipt_handle)
 }
