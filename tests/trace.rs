@@ -451,11 +451,7 @@ fn a_message_is_found_by_any_of_its_keys() {
     let by_key = b.trace("order-2").unwrap();
     let by_more = b.trace("pay-8").unwrap();
     assert_eq!(kinds(&by_more), kinds(&by_key), "{by_more}");
-    assert_eq!(
-        kinds(&by_more)[..2],
-        ["half", "committed"],
-        "{by_more}"
-    );
+    assert_eq!(kinds(&by_more)[..2], ["half", "committed"], "{by_more}");
     let b = restart_sim(&disk, b, &cfg);
     assert_eq!(offsets(&b.trace("refund-2").unwrap()), [sent.log_offset]);
 

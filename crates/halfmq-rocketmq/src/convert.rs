@@ -140,6 +140,20 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
         let joined = sys.keys.join(&KEY_SEPARATOR.to_string());
         properties.insert(PROP_KEYS.into(), joined);
     }
+    // The keys after the first (the halfmq key) are the message's further keys, so `halfmq
+    // trace` finds it by any of them (the first `props::MORE_KEYS_MAX`; RocketMQ's own limit
+    // on keys is the property size).
+    let more: Vec<&str> = sys
+        .keys
+        .iter()
+        .skip(1)
+        .filter(|k| k.len() <= props::MORE_KEY_BYTES_MAX)
+        .take(props::MORE_KEYS_MAX)
+        .map(String::as_str)
+        .collect();
+    if !more.is_empty() {
+        properties.insert(props::PROP_KEYS.into(), more.join("\n"));
+    }
     properties.insert(PROP_MESSAGE_ID.into(), sys.message_id.clone());
     if !sys.born_host.is_empty() {
         properties.insert(PROP_BORN_HOST.into(), sys.born_host);

@@ -218,9 +218,8 @@ impl Service {
                     .map_err(|e| of_error(&e))?;
                 entry.transaction_id = r.txn.0.to_string();
             }
-            // Delayed messages take no idempotency key in halfmq (yet): a retried delayed
-            // send can be stored twice.
             (_, Some(at)) => {
+                let msg = msg.with_idempotency_key(message_id);
                 b.send_delayed_async(&topic, &msg, at)
                     .await
                     .map_err(|e| of_error(&e))?;

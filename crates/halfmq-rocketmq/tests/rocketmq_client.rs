@@ -98,6 +98,8 @@ struct FixedId {
     id: String,
     topic: String,
     body: Vec<u8>,
+    keys: Vec<String>,
+    deliver_at_s: Option<i64>,
 }
 
 impl Message for FixedId {
@@ -114,7 +116,7 @@ impl Message for FixedId {
         None
     }
     fn take_keys(&mut self) -> Vec<String> {
-        vec![]
+        self.keys.clone()
     }
     fn take_properties(&mut self) -> HashMap<String, String> {
         HashMap::new()
@@ -123,7 +125,7 @@ impl Message for FixedId {
         None
     }
     fn take_delivery_timestamp(&mut self) -> Option<i64> {
-        None
+        self.deliver_at_s
     }
     fn transaction_enabled(&mut self) -> bool {
         false
@@ -138,6 +140,8 @@ async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
         id: "7F0000010001000000000000000A".into(),
         topic: "payments".into(),
         body: body.to_vec(),
+        keys: vec![],
+        deliver_at_s: None,
     };
     let first = p.send(fixed(b"confirmation")).await.expect("send");
     let again = p.send(fixed(b"confirmation")).await.expect("retry");
@@ -168,6 +172,48 @@ async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
     let got = e.broker.poll("g", "payments", 10).expect("poll");
     let bodies: Vec<&[u8]> = got.iter().map(|d| d.body.as_slice()).collect();
     assert_eq!(bodies, vec![&b"third"[..], &b"fourth"[..]]);
+    stop(e, p, []).await;
+}
+
+/// A delayed message's retry (same message id) is stored once too, and a message is traced
+/// by any of its keys, not only the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_retry_is_stored_once_and_every_key_finds_the_message() {
+    let e = start("payments", 1, |c| c).await;
+    let p = producer(&e, "payments").await;
+    let now_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64;
+    let later = || FixedId {
+        id: "7F0000010001000000000000001A".into(),
+        topic: "payments".into(),
+        body: b"remind".to_vec(),
+        keys: vec!["order-5".into(), "pay-5".into()],
+        deliver_at_s: Some(now_s + 3600),
+    };
+    let first = p.send(later()).await.expect("send");
+    let again = p.send(later()).await.expect("retry");
+    assert_eq!(first.message_id(), again.message_id());
+    assert_eq!(e.broker.delayed_pending(), 1);
+    let now = FixedId {
+        id: "7F0000010001000000000000001B".into(),
+        keys: vec!["order-6".into(), "pay-6".into(), "refund-6".into()],
+        deliver_at_s: None,
+        body: b"paid".to_vec(),
+        ..later()
+    };
+    p.send(now).await.expect("send");
+    for (key, n) in [
+        ("order-5", 1),
+        ("pay-5", 1),
+        ("order-6", 1),
+        ("refund-6", 1),
+        ("pay", 0),
+    ] {
+        let t = e.broker.trace(key).expect("trace");
+        assert_eq!(t.messages.len(), n, "{key}: {t}");
+    }
     stop(e, p, []).await;
 }
 
