@@ -13,7 +13,7 @@
 //! raft log: the acknowledgement means "durable on a majority". A node that is not the
 //! leader answers [`ReplicaError::NotLeader`] with the leader it knows of.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -188,19 +188,23 @@ impl ReplicaNode {
             .add_learner(id, BasicNode::new(addr), true)
             .await
             .map_err(client_error)?;
-        let voters: BTreeSet<NodeId> = [id].into();
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+        self.change_membership(ChangeMembers::AddVoterIds([id].into()))
             .await
-            .map_err(client_error)?;
-        Ok(())
     }
 
     /// Remove node `id` from the members (it stops receiving the log). On the leader.
     pub async fn remove_node(&self, id: NodeId) -> Result<(), ReplicaError> {
-        let gone: BTreeSet<NodeId> = [id].into();
+        self.change_membership(ChangeMembers::RemoveVoters([id].into()))
+            .await
+    }
+
+    /// Make `change` with openraft's joint membership change, waiting until it is committed.
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, BasicNode>,
+    ) -> Result<(), ReplicaError> {
         self.raft
-            .change_membership(ChangeMembers::RemoveVoters(gone), false)
+            .change_membership(change, false)
             .await
             .map_err(client_error)?;
         Ok(())
