@@ -152,6 +152,27 @@ impl ReplicaNode {
             .map_err(|e| ReplicaError::Raft(e.to_string()))
     }
 
+    /// Form the cluster of `members` (id → client address) unless this node already has a
+    /// log (it restarts into the cluster its log records). Every node of a new cluster may
+    /// call it with the same members: openraft allows that, and they agree on the first
+    /// entry. Returns true when it formed the cluster.
+    pub async fn form(&self, members: &BTreeMap<NodeId, String>) -> Result<bool, ReplicaError> {
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| ReplicaError::Raft(e.to_string()))?;
+        if initialized {
+            return Ok(false);
+        }
+        let nodes = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+            .collect();
+        self.initialize(nodes).await?;
+        Ok(true)
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
