@@ -20,7 +20,7 @@ use std::sync::Arc;
 use halfmq::{Broker, BrokerConfig, Message, SendReceipt};
 use halfmq_types::clock::now_ms;
 use halfmq_types::error::Error;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, SnapshotPolicy};
 
 use crate::command::{self, Applied, Batch, Command, MessageData};
@@ -165,12 +165,17 @@ impl ReplicaNode {
         if initialized {
             return Ok(false);
         }
-        let nodes = members
+        let nodes: BTreeMap<NodeId, BasicNode> = members
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
             .collect();
-        self.initialize(nodes).await?;
-        Ok(true)
+        match self.raft.initialize(nodes).await {
+            Ok(()) => Ok(true),
+            // Another node formed it first and this one has heard from it (a vote request
+            // or the log): the cluster exists, which is what was asked.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(ReplicaError::Raft(e.to_string())),
+        }
     }
 
     /// This node's id.
