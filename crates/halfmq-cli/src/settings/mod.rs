@@ -175,8 +175,8 @@ pub struct Resolved {
     pub config: Option<PathBuf>,
     /// `--node-id`, with `--peers`.
     pub node_id: Option<u64>,
-    /// `--peers` as given.
-    pub peers: Option<String>,
+    /// `--peers` as given; empty when unset.
+    pub peers: String,
     /// The cluster this broker is a node of (`--node-id` and `--peers`, checked); `None`
     /// for a single broker.
     pub replication: Option<Replication>,
@@ -198,7 +198,7 @@ impl Default for Resolved {
             flush_interval: FLUSH_INTERVAL_DEFAULT,
             config: None,
             node_id: None,
-            peers: None,
+            peers: String::new(),
             replication: None,
             sources: BTreeMap::new(),
         }
@@ -410,7 +410,7 @@ impl Replication {
     /// `--peers`.
     fn from_settings(r: &Resolved) -> Result<Option<Replication>> {
         let bad = |setting, reason: String| Error::Config { setting, reason };
-        let Some(text) = r.peers.as_deref().filter(|p| !p.is_empty()) else {
+        let Some(text) = Some(r.peers.as_str()).filter(|p| !p.is_empty()) else {
             return match r.node_id {
                 Some(_) => Err(bad("node_id", "--node-id needs --peers".into())),
                 None => Ok(None),
