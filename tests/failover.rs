@@ -24,8 +24,18 @@ const WAIT: Duration = Duration::from_secs(60);
 /// `halfmq produce --addr <every node> --json` of `count` messages with keys `prefix-<i>`.
 fn produce(c: &ClusterProcs, prefix: &str, count: u64) -> Proc {
     let args = [
-        "produce", "--addr", &c.addr_list(), "--topic", TOPIC, "--json", "--key-prefix",
-        prefix, "--count", &count.to_string(), "--size", "200",
+        "produce",
+        "--addr",
+        &c.addr_list(),
+        "--topic",
+        TOPIC,
+        "--json",
+        "--key-prefix",
+        prefix,
+        "--count",
+        &count.to_string(),
+        "--size",
+        "200",
     ];
     Proc::spawn(&format!("producer {prefix}"), halfmq_cmd(&args))
 }
@@ -98,7 +108,9 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
         probe.wait_exit(WAIT);
         probes.insert(format!("{key}-0"));
         failover_ms.push(took.as_millis());
-        eprintln!("round {round}: killed leader {leader} (term {term}), writes resumed after {took:?}");
+        eprintln!(
+            "round {round}: killed leader {leader} (term {term}), writes resumed after {took:?}"
+        );
         c.restart(leader);
     }
     let mut acked = probes.clone();
@@ -121,9 +133,15 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
             std::thread::sleep(Duration::from_millis(200));
         };
         let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
-        assert!(missing.is_empty(), "node {id} lacks acknowledged sends {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "node {id} lacks acknowledged sends {missing:?}"
+        );
         let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "node {id} stores sends more than once: {twice:?}");
+        assert!(
+            twice.is_empty(),
+            "node {id} stores sends more than once: {twice:?}"
+        );
     }
     let (median, max) = median_max(&mut failover_ms);
     println!(

@@ -57,10 +57,14 @@ impl ClusterProcs {
                 c.leader();
                 return c;
             }
-            let errs: Vec<String> = c.nodes.values_mut().map(|p| {
-                p.kill();
-                p.stderr()
-            }).collect();
+            let errs: Vec<String> = c
+                .nodes
+                .values_mut()
+                .map(|p| {
+                    p.kill();
+                    p.stderr()
+                })
+                .collect();
             if !errs.iter().any(|e| e.contains("in use")) {
                 panic!("a node did not start:\n{}", errs.join("\n---\n"));
             }
@@ -86,10 +90,18 @@ impl ClusterProcs {
             .join(",");
         let dir = self.dir(id).display().to_string();
         let args = [
-            "broker", "--node-id", &id.to_string(), "--peers", &peers, "--listen",
-            &self.addrs[&id], "--data-dir", &dir,
+            "broker",
+            "--node-id",
+            &id.to_string(),
+            "--peers",
+            &peers,
+            "--listen",
+            &self.addrs[&id],
+            "--data-dir",
+            &dir,
         ];
-        self.nodes.insert(id, Proc::spawn(&format!("node {id}"), halfmq_cmd(&args)));
+        self.nodes
+            .insert(id, Proc::spawn(&format!("node {id}"), halfmq_cmd(&args)));
     }
 
     fn listening(&self, id: u64) -> bool {
@@ -128,9 +140,9 @@ impl ClusterProcs {
         loop {
             let st = self.status();
             let own = st["leader"].as_u64().filter(|l| {
-                st["nodes"].as_array().is_some_and(|ns| {
-                    ns.iter().any(|n| n["id"] == *l && n["role"] == "leader")
-                })
+                st["nodes"]
+                    .as_array()
+                    .is_some_and(|ns| ns.iter().any(|n| n["id"] == *l && n["role"] == "leader"))
             });
             if let (Some(l), Some(term)) = (own, st["term"].as_u64()) {
                 if self.nodes.contains_key(&l) {

@@ -118,6 +118,8 @@ impl Leader {
 /// True for an error after which a request may or may not have been carried out, or never
 /// reached a broker: the broker went away, did not answer, or was shutting down.
 fn fate_unknown(e: &Error) -> bool {
-    matches!(e, Error::Disconnected { .. } | Error::Timeout { .. } | Error::Io { .. })
-        || matches!(e, Error::Remote { code, .. } if *code == protocol::codes::SHUTTING_DOWN)
+    matches!(
+        e,
+        Error::Disconnected { .. } | Error::Timeout { .. } | Error::Io { .. }
+    ) || matches!(e, Error::Remote { code, .. } if *code == protocol::codes::SHUTTING_DOWN)
 }

@@ -117,7 +117,10 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
 
 /// Write `cmd` and answer `Ok` once it took effect.
 async fn done(node: &ReplicaNode, cmd: Command) -> Response {
-    answer(node, cmd, |o| matches!(o, Outcome::Done).then_some(Response::Ok)).await
+    answer(node, cmd, |o| {
+        matches!(o, Outcome::Done).then_some(Response::Ok)
+    })
+    .await
 }
 
 /// Write `cmd` through the log: the answer `ok` makes of its outcome, or its error.

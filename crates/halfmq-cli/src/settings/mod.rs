@@ -450,12 +450,7 @@ impl Replication {
                     ),
                 ))
             }
-            None => {
-                return Err(bad(
-                    "node_id",
-                    format!("node {node_id} is not in --peers"),
-                ))
-            }
+            None => return Err(bad("node_id", format!("node {node_id} is not in --peers"))),
         }
         Ok(Some(Replication { node_id, peers }))
     }

@@ -305,8 +305,19 @@ fn peers_make_a_replicated_node_and_are_checked_against_node_id_and_listen() {
     let peers = "1=127.0.0.1:10911,2=127.0.0.1:10921,3=127.0.0.1:10931";
     let r = flags(&[]).unwrap();
     assert_eq!(r.replication, None);
-    assert!(r.to_toml().contains("# peers is not set"), "{}", r.to_toml());
-    let node = ["--node-id", "1", "--peers", peers, "--listen", "127.0.0.1:10911"];
+    assert!(
+        r.to_toml().contains("# peers is not set"),
+        "{}",
+        r.to_toml()
+    );
+    let node = [
+        "--node-id",
+        "1",
+        "--peers",
+        peers,
+        "--listen",
+        "127.0.0.1:10911",
+    ];
     let r = flags(&node).unwrap();
     let rep = r.replication.clone().expect("replicated");
     assert_eq!(rep.node_id, 1);
@@ -322,9 +333,28 @@ fn peers_make_a_replicated_node_and_are_checked_against_node_id_and_listen() {
     let bad: [&[&str]; 6] = [
         &["--node-id", "1"],
         &["--peers", peers, "--listen", "127.0.0.1:10911"],
-        &["--node-id", "4", "--peers", peers, "--listen", "127.0.0.1:10911"],
-        &["--node-id", "2", "--peers", peers, "--listen", "127.0.0.1:10911"],
-        &["--node-id", "1", "--peers", "1=127.0.0.1:10911,1=127.0.0.1:10921"],
+        &[
+            "--node-id",
+            "4",
+            "--peers",
+            peers,
+            "--listen",
+            "127.0.0.1:10911",
+        ],
+        &[
+            "--node-id",
+            "2",
+            "--peers",
+            peers,
+            "--listen",
+            "127.0.0.1:10911",
+        ],
+        &[
+            "--node-id",
+            "1",
+            "--peers",
+            "1=127.0.0.1:10911,1=127.0.0.1:10921",
+        ],
         &["--node-id", "1", "--peers", "1=localhost"],
     ];
     let expect = ["node_id", "node_id", "node_id", "peers", "peers", "peers"];
