@@ -14,15 +14,19 @@ use super::{halfmq_cmd, run, Proc};
 /// How long a node may take to start listening.
 const START: Duration = Duration::from_secs(60);
 
-/// A client port whose next port is free too (both may be taken again before the broker
-/// binds them: [`ClusterProcs::start`] starts again on other ports then).
+/// A client port whose next port is free too, below the range the kernel hands out for
+/// outgoing connections (a node killed and restarted binds its ports again: one in that
+/// range could meanwhile be the local end of some connection). Both may be taken again
+/// before the broker binds them: [`ClusterProcs::start`] starts again on other ports then.
 fn free_port_pair() -> u16 {
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
     for _ in 0..1000 {
-        let Ok(a) = TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+        let port = fastrand::u16(10_000..below.max(10_002) - 1);
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 1) {
             return port;
         }
     }
