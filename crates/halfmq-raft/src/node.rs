@@ -256,18 +256,25 @@ impl ReplicaNode {
             topic: topic.to_owned(),
             messages: messages.iter().map(MessageData::from).collect(),
         };
+        Ok(command::receipts(self.write_to_topic(topic, cmd).await?)?)
+    }
+
+    /// Write `cmd`, a write to `topic` (a send or a half), as its own batch. When the topic
+    /// does not exist and the broker settings create topics on first use, it is created
+    /// through the log first and `cmd` written again.
+    pub async fn write_to_topic(&self, topic: &str, cmd: Command) -> Result<Applied, ReplicaError> {
         let first = self.write_one(cmd.clone()).await?;
         let unknown =
             matches!(&first, Err(e) if e.code == Error::UnknownTopic(String::new()).code());
         let (true, Some(queues)) = (unknown, self.auto_create) else {
-            return Ok(command::receipts(first)?);
+            return Ok(first);
         };
         let create = Command::CreateTopic {
             topic: topic.to_owned(),
             queues,
         };
         // Another writer may have created it meanwhile: with these queues that is no error;
-        // with others, the send below goes to the queues it has.
+        // with others, the write below goes to the queues it has.
         let created = self.write_one(create).await?;
         if let Err(e) = created {
             let e = Error::from(e);
@@ -275,7 +282,7 @@ impl ReplicaNode {
                 return Err(e.into());
             }
         }
-        Ok(command::receipts(self.write_one(cmd).await?)?)
+        self.write_one(cmd).await
     }
 
     /// Write one command as its own batch: its answer.

@@ -11,7 +11,7 @@
 
 use halfmq::{Error, Message, TxnId};
 use halfmq_client::protocol::{self, codes, Request, Response, SendResult};
-use halfmq_raft::{Command, MessageData, Outcome, ReplicaError, ReplicaNode};
+use halfmq_raft::{Applied, Command, MessageData, Outcome, ReplicaError, ReplicaNode};
 
 /// Where a request goes on a replicated node.
 pub(super) enum Routed {
@@ -64,19 +64,18 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             check_immunity_ms,
         } => {
             let cmd = Command::SendHalf {
-                topic,
+                topic: topic.clone(),
                 message: MessageData::from(&Message::from(message)),
                 producer_group,
                 check_immunity_ms: (check_immunity_ms > 0).then_some(check_immunity_ms),
             };
-            answer(node, cmd, |o| match o {
+            answered(node.write_to_topic(&topic, cmd).await, |o| match o {
                 Outcome::Half { txn, duplicate } => Some(Response::HalfSent {
                     txn: txn.0,
                     duplicate,
                 }),
                 _ => None,
             })
-            .await
         }
         Request::Commit { txn } => done(node, Command::Commit(TxnId(txn))).await,
         Request::Rollback { txn } => done(node, Command::Rollback(TxnId(txn))).await,
@@ -129,19 +128,28 @@ async fn answer(
     cmd: Command,
     ok: impl FnOnce(Outcome) -> Option<Response>,
 ) -> Response {
-    let applied = match node.write(vec![cmd]).await {
-        Ok(mut each) => each.pop(),
-        Err(e) => return replica_error(e),
-    };
+    let applied = node.write(vec![cmd]).await.map(|mut each| each.pop());
     match applied {
-        Some(Ok(outcome)) => {
+        Ok(Some(a)) => answered(Ok(a), ok),
+        Ok(None) => replica_error(ReplicaError::Raft("a write answered nothing".into())),
+        Err(e) => replica_error(e),
+    }
+}
+
+/// The answer `ok` makes of a write's outcome, or its error.
+fn answered(
+    applied: Result<Applied, ReplicaError>,
+    ok: impl FnOnce(Outcome) -> Option<Response>,
+) -> Response {
+    match applied {
+        Err(e) => replica_error(e),
+        Ok(Ok(outcome)) => {
             let shown = format!("{outcome:?}");
             ok(outcome).unwrap_or_else(|| {
                 replica_error(ReplicaError::Raft(format!("unexpected answer {shown}")))
             })
         }
-        Some(Err(e)) => Response::from_error(&Error::from(e)),
-        None => replica_error(ReplicaError::Raft("a write answered nothing".into())),
+        Ok(Err(e)) => Response::from_error(&Error::from(e)),
     }
 }
 
