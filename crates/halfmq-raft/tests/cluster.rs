@@ -97,13 +97,7 @@ async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
     }
     acked.extend(c.send(&bodies("after", 2)).await);
     let leader = c.leader().await;
-    let mut seen = Vec::new();
-    for id in [1, 2, 3] {
-        c.caught_up(id, leader).await;
-        let got = c.messages(id);
-        assert_exactly(&got, &acked);
-        seen.push(got);
-    }
+    let seen = each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
     assert!(seen.windows(2).all(|w| w[0] == w[1]));
 }
 
@@ -145,13 +139,12 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
         acked.extend(r.expect("a writer"));
     }
     let leader = c.leader().await;
-    let mut seen = Vec::new();
-    for id in [1, 2, 3] {
-        c.caught_up(id, leader).await;
-        let got = c.messages(id);
-        assert_exactly(&got, &acked);
-        seen.push((got, c.log_end(id)));
-    }
+    let held = each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
+    let seen: Vec<_> = held
+        .into_iter()
+        .zip([1, 2, 3])
+        .map(|(got, id)| (got, c.log_end(id)))
+        .collect();
     // The same records at the same offsets: the logs are the same length, record for record.
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
 }
