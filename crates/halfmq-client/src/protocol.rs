@@ -629,6 +629,22 @@ mod tests {
         }
     }
 
+    /// A follower's `NOT_LEADER` answer gives the client the leader's address back, or says
+    /// that none is known; no other error reads as one.
+    #[test]
+    fn not_leader_carries_the_leaders_address() {
+        let from =
+            |leader: Option<&str>| Error::from_wire(codes::NOT_LEADER, not_leader_message(leader));
+        assert_eq!(
+            leader_addr(&from(Some("127.0.0.1:10921"))),
+            Some(Some("127.0.0.1:10921".to_owned()))
+        );
+        assert_eq!(leader_addr(&from(None)), Some(None));
+        let other = Error::from_wire(codes::IDLE, not_leader_message(Some("a:1")));
+        assert_eq!(leader_addr(&other), None);
+        assert_eq!(leader_addr(&Error::Closed), None);
+    }
+
     /// Every broker error crosses the wire as `Response::Error` and comes back on the client
     /// as the same variant: same code, same text, same fields.
     #[test]
