@@ -73,6 +73,29 @@ fn stored(rt: &tokio::runtime::Runtime, addr: &str, group: &str) -> BTreeMap<Str
     })
 }
 
+/// A write to a follower is answered `NOT_LEADER` with the leader's client address.
+fn a_follower_names_the_leader(c: &ClusterProcs) {
+    let (leader, _) = c.leader();
+    let follower = c
+        .addrs
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let rt = load::runtime();
+    let r = rt.block_on(async {
+        let client = load::connect(&c.addrs[follower], "follower").await;
+        client
+            .send(TOPIC, &halfmq::Message::new("to a follower"))
+            .await
+    });
+    let e = r.expect_err("a follower stored a write");
+    assert_eq!(
+        halfmq_client::protocol::leader_addr(&e),
+        Some(Some(c.addrs[&leader].clone())),
+        "{e}"
+    );
+}
+
 fn median_max(ms: &mut [u128]) -> (u128, u128) {
     ms.sort_unstable();
     (ms[ms.len() / 2], ms[ms.len() - 1])
@@ -82,6 +105,7 @@ fn median_max(ms: &mut [u128]) -> (u128, u128) {
 fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
     let rounds = env_u64("HALFMQ_FAILOVER_ROUNDS").unwrap_or(3);
     let mut c = ClusterProcs::start();
+    a_follower_names_the_leader(&c);
     let producers: Vec<Proc> = (0..PRODUCERS)
         .map(|p| produce(&c, &format!("p{p}"), 1_000_000))
         .collect();

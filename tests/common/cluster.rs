@@ -135,7 +135,25 @@ impl ClusterProcs {
         let run = run(&["cluster", "status", "--addr", &self.addr_list(), "--json"]).ok();
         let mut lines = run.json_lines();
         assert_eq!(lines.len(), 1, "status prints one line: {}", run.stdout);
-        lines.remove(0)
+        let st = lines.remove(0);
+        // The contract other tools rely on.
+        assert!(st["leader"].is_u64() || st["leader"].is_null(), "{st}");
+        assert!(st["term"].is_u64(), "{st}");
+        let nodes = st["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), self.addrs.len(), "{st}");
+        for n in nodes {
+            let id = n["id"].as_u64().expect("an id");
+            assert_eq!(n["addr"].as_str(), Some(self.addrs[&id].as_str()), "{st}");
+            let role = n["role"].as_str().unwrap_or_default();
+            assert!(
+                ["leader", "follower", "candidate", "learner"].contains(&role),
+                "{st}"
+            );
+            for k in ["last_log_index", "matched"] {
+                assert!(n[k].is_u64() || n[k].is_null(), "{st}");
+            }
+        }
+        st
     }
 
     /// The leader once one is known and says so itself, and its term.
