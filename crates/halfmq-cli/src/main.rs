@@ -53,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: cmd::txn::TxnCommand,
     },
+    /// A replicated cluster (`halfmq broker --peers`).
+    Cluster {
+        #[command(subcommand)]
+        command: cmd::cluster::ClusterCommand,
+    },
     /// Topics.
     Topics {
         #[command(subcommand)]
@@ -79,7 +84,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HALFMQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -116,6 +121,7 @@ async fn run(command: Command, matches: &ArgMatches) -> halfmq::Result<()> {
         Command::Groups { command } => cmd::groups::run(command).await,
         Command::Txn { command } => cmd::txn::run(command).await,
         Command::Topics { command } => cmd::topics::run(command).await,
+        Command::Cluster { command } => cmd::cluster::run(command).await,
         Command::Stats(c) => cmd::stats::run(c).await,
         Command::Trace(c) => cmd::trace::run(c).await,
         Command::Retention(c) => cmd::retention::run(c).await,

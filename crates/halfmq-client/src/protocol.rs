@@ -361,6 +361,10 @@ pub enum Request {
         /// Why, kept with the dead letter.
         reason: String,
     },
+    /// The replicated cluster as this broker sees it; answered with
+    /// [`Response::ClusterStatus`], or [`codes::BAD_REQUEST`] by a broker started without
+    /// `--peers`.
+    ClusterStatus,
 }
 
 /// One message's answer in a [`Response::SentBatch`].
@@ -487,6 +491,9 @@ pub enum Response {
         /// The group's own FIFO override.
         fifo_override: Option<bool>,
     },
+    /// The answer to [`Request::ClusterStatus`]: one JSON object, as
+    /// `halfmq cluster status --json` prints it (`{"leader": 1, "term": 7, "nodes": [...]}`).
+    ClusterStatus(String),
 }
 
 /// Broker → client, unasked.
@@ -524,6 +531,33 @@ pub mod codes {
     /// The connection had nothing to do for the broker's `idle_timeout` and is closed. No
     /// request was in flight on it: one whose answer has not come was not carried out.
     pub const IDLE: u16 = 105;
+    /// A replicated broker that is not the leader was asked to write: nothing was written.
+    /// The message is [`super::not_leader_message`]'s: it names the leader's client address
+    /// when one is known ([`super::leader_addr`] reads it back).
+    pub const NOT_LEADER: u16 = 106;
+}
+
+/// The words of a [`codes::NOT_LEADER`] answer before the leader's address.
+const LEADER_AT: &str = "not the leader; the leader is at ";
+
+/// The message of a [`codes::NOT_LEADER`] answer: the leader's client address, or that
+/// there is none known (an election is under way).
+pub fn not_leader_message(leader: Option<&str>) -> String {
+    match leader {
+        Some(addr) => format!("{LEADER_AT}{addr}"),
+        None => "not the leader; no leader is known (an election is under way)".to_owned(),
+    }
+}
+
+/// For a [`codes::NOT_LEADER`] error: `Some` with the leader's address when the broker
+/// named one, `Some(None)` when it knew of none; `None` for any other error.
+pub fn leader_addr(e: &Error) -> Option<Option<String>> {
+    match e {
+        Error::Remote { code, message } if *code == codes::NOT_LEADER => {
+            Some(message.strip_prefix(LEADER_AT).map(str::to_owned))
+        }
+        _ => None,
+    }
 }
 
 /// Encode a protocol value.
@@ -593,6 +627,22 @@ mod tests {
             let back: WireMessage = serde_json::from_str(&json).unwrap();
             assert_eq!(back, wire);
         }
+    }
+
+    /// A follower's `NOT_LEADER` answer gives the client the leader's address back, or says
+    /// that none is known; no other error reads as one.
+    #[test]
+    fn not_leader_carries_the_leaders_address() {
+        let from =
+            |leader: Option<&str>| Error::from_wire(codes::NOT_LEADER, not_leader_message(leader));
+        assert_eq!(
+            leader_addr(&from(Some("127.0.0.1:10921"))),
+            Some(Some("127.0.0.1:10921".to_owned()))
+        );
+        assert_eq!(leader_addr(&from(None)), Some(None));
+        let other = Error::from_wire(codes::IDLE, not_leader_message(Some("a:1")));
+        assert_eq!(leader_addr(&other), None);
+        assert_eq!(leader_addr(&Error::Closed), None);
     }
 
     /// Every broker error crosses the wire as `Response::Error` and comes back on the client

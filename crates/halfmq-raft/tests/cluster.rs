@@ -10,8 +10,8 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{
-    assert_exactly, bodies, snapshot_often, spawn_write, wiped_follower_catches_up, Cluster, TOPIC,
-    WAIT,
+    assert_exactly, bodies, each_holds_exactly, kill_the_leader, sim_with_three_sent,
+    snapshot_often, spawn_write, wiped_follower_catches_up, Cluster, TOPIC, WAIT,
 };
 use halfmq::Message;
 use halfmq::TxnState;
@@ -27,34 +27,20 @@ async fn acknowledged_writes_survive_the_leaders_death_exactly_once() {
     for round in 0..20 {
         acked.extend(c.send(&bodies(&format!("a{round}"), 1 + round % 4)).await);
     }
-    let old = c.leader().await;
-    c.kill(old).await;
-    let survivors: Vec<NodeId> = c.nodes.keys().copied().collect();
-    let new = c.leader_among(&survivors).await;
-    assert_ne!(new, old);
+    let (new, survivors) = kill_the_leader(&mut c).await;
     // Two of three are a majority: writes go on.
     for round in 0..20 {
         acked.extend(c.send(&bodies(&format!("b{round}"), 1 + round % 3)).await);
     }
     c.sim_net().set_drop_per_mille(0);
-    let mut seen = Vec::new();
-    for id in &survivors {
-        c.caught_up(*id, new).await;
-        let got = c.messages(*id);
-        assert_exactly(&got, &acked);
-        seen.push(got);
-    }
+    let seen = each_holds_exactly(&c, &survivors, new, &acked).await;
     // The same messages at the same queue offsets on every survivor.
     assert_eq!(seen[0], seen[1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_the_majority_never_acknowledges() {
-    let mut c = Cluster::sim(0x5eed_0002, |_| {}).await;
-    let mut acked = BTreeSet::new();
-    acked.extend(c.send(&bodies("before", 3)).await);
-    let old = c.leader().await;
-    let others: Vec<NodeId> = c.nodes.keys().copied().filter(|i| *i != old).collect();
+    let (mut c, mut acked, old, others) = sim_with_three_sent(0x5eed_0002).await;
     c.sim_net().partition(&[&[old], &others]);
 
     // The old leader takes a write it cannot replicate.
@@ -111,13 +97,7 @@ async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
     }
     acked.extend(c.send(&bodies("after", 2)).await);
     let leader = c.leader().await;
-    let mut seen = Vec::new();
-    for id in [1, 2, 3] {
-        c.caught_up(id, leader).await;
-        let got = c.messages(id);
-        assert_exactly(&got, &acked);
-        seen.push(got);
-    }
+    let seen = each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
     assert!(seen.windows(2).all(|w| w[0] == w[1]));
 }
 
@@ -159,13 +139,12 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
         acked.extend(r.expect("a writer"));
     }
     let leader = c.leader().await;
-    let mut seen = Vec::new();
-    for id in [1, 2, 3] {
-        c.caught_up(id, leader).await;
-        let got = c.messages(id);
-        assert_exactly(&got, &acked);
-        seen.push((got, c.log_end(id)));
-    }
+    let held = each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
+    let seen: Vec<_> = held
+        .into_iter()
+        .zip([1, 2, 3])
+        .map(|(got, id)| (got, c.log_end(id)))
+        .collect();
     // The same records at the same offsets: the logs are the same length, record for record.
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
 }
@@ -265,11 +244,7 @@ async fn a_node_with_an_empty_disk_replaces_a_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_waits_for_a_majority_and_a_cut_off_follower_catches_up_from_the_log() {
-    let mut c = Cluster::sim(0x5eed_0008, |_| {}).await;
-    let mut acked = BTreeSet::new();
-    acked.extend(c.send(&bodies("first", 2)).await);
-    let leader = c.leader().await;
-    let followers: Vec<NodeId> = c.nodes.keys().copied().filter(|i| *i != leader).collect();
+    let (mut c, mut acked, leader, followers) = sim_with_three_sent(0x5eed_0008).await;
 
     // One follower cut off: the other makes a majority, writes go on.
     c.sim_net()

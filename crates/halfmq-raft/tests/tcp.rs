@@ -7,9 +7,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{assert_exactly, bodies, snapshot_often, wiped_follower_catches_up, Cluster, Net};
+use common::{
+    bodies, each_holds_exactly, kill_the_leader, snapshot_often, wiped_follower_catches_up,
+    Cluster, Net,
+};
 use halfmq_raft::network::tcp::TcpFactory;
-use halfmq_raft::NodeId;
 use openraft::error::RPCError;
 use openraft::network::RPCOption;
 use openraft::raft::VoteRequest;
@@ -22,18 +24,11 @@ async fn nodes_on_tcp_replicate_and_fail_over() {
     for round in 0..10 {
         acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
     }
-    let old = c.leader().await;
-    c.kill(old).await;
-    let survivors: Vec<NodeId> = c.nodes.keys().copied().collect();
-    let new = c.leader_among(&survivors).await;
-    assert_ne!(new, old);
+    let (new, survivors) = kill_the_leader(&mut c).await;
     for round in 0..10 {
         acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
     }
-    for id in &survivors {
-        c.caught_up(*id, new).await;
-        assert_exactly(&c.messages(*id), &acked);
-    }
+    each_holds_exactly(&c, &survivors, new, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

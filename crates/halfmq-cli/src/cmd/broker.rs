@@ -5,9 +5,9 @@ use clap::{ArgMatches, Args};
 use halfmq::{Broker, Error, Result};
 use halfmq_cli::metrics_http::MetricsServer;
 use halfmq_cli::server::Server;
-use halfmq_cli::settings::{self, BrokerSettings};
+use halfmq_cli::settings::{self, BrokerSettings, Replication, Resolved};
 
-use super::{blocking, println_flush, stats};
+use super::{blocking, cluster, println_flush, stats};
 
 /// `halfmq broker`.
 #[derive(Args)]
@@ -41,6 +41,9 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
     if print_config {
         print!("{}", resolved.to_toml());
         return Ok(());
+    }
+    if let Some(cluster) = resolved.replication.clone() {
+        return run_replicated(&resolved, &cluster, check).await;
     }
     let metrics_addr = resolved.metrics;
     let rocketmq_addr = resolved.rocketmq;
@@ -77,12 +80,7 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
         server.local_addr(),
         broker.data_dir().display()
     ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::io("signal", "install signal handler", e))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    stopped().await?;
     eprintln!("halfmq: stopping: finishing requests in flight, then flushing");
     if let Some(m) = metrics_server {
         m.shutdown().await;
@@ -92,6 +90,47 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
     }
     server.shutdown().await;
     blocking("closing", move || broker.close()).await?;
+    eprintln!("halfmq: stopped cleanly");
+    Ok(())
+}
+
+/// Returns on Ctrl-C or SIGTERM.
+async fn stopped() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("signal", "install signal handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Run one node of the cluster `cluster` until Ctrl-C or SIGTERM. The metrics and RocketMQ
+/// endpoints write to a broker directly, past the cluster's log, so they are refused here.
+async fn run_replicated(resolved: &Resolved, cluster: &Replication, check: bool) -> Result<()> {
+    let refused = [
+        ("check", check),
+        ("metrics", resolved.metrics.is_some()),
+        ("rocketmq_listen", resolved.rocketmq.is_some()),
+    ];
+    if let Some((setting, _)) = refused.iter().find(|(_, on)| *on) {
+        return Err(Error::Config {
+            setting,
+            reason: "not available on a replicated broker (--peers) yet".into(),
+        });
+    }
+    let node = cluster::Node::start(resolved, cluster).await?;
+    println_flush(&format!(
+        "halfmq broker node {} listening on {} (peers on {}, data directory {}); Ctrl-C or \
+         SIGTERM stops it cleanly",
+        cluster.node_id,
+        node.server.local_addr(),
+        node.peer_addr(),
+        resolved.broker.data_dir.display()
+    ));
+    stopped().await?;
+    eprintln!("halfmq: stopping: finishing requests in flight, then the node");
+    node.shutdown().await?;
     eprintln!("halfmq: stopped cleanly");
     Ok(())
 }

@@ -13,9 +13,11 @@ use halfmq_client::{Client, ClientConfig};
 
 pub mod bench;
 pub mod broker;
+pub mod cluster;
 pub mod consume;
 pub mod dlq;
 pub mod groups;
+pub mod leader;
 pub mod produce;
 pub mod repair;
 pub mod retention;
@@ -27,7 +29,8 @@ pub mod txn;
 /// Where the broker is.
 #[derive(Args, Clone)]
 pub struct ConnArgs {
-    /// Broker address.
+    /// Broker address; for a replicated cluster, several, comma-separated (A,B,C): the
+    /// first that answers is used, and `produce` follows the leader among them.
     #[arg(long, env = "HALFMQ_ADDR", default_value = "127.0.0.1:10911")]
     pub addr: String,
     /// Shared secret, if the broker requires one.
@@ -39,9 +42,35 @@ pub struct ConnArgs {
 }
 
 impl ConnArgs {
-    /// A client connected to the broker these arguments name.
+    /// A client connected to the broker these arguments name: the first of `--addr`'s
+    /// addresses that answers (the last error when none does).
     pub async fn connect(&self) -> Result<Client> {
-        let config = ClientConfig::new(self.addr.clone())
+        let mut last = None;
+        for addr in self.addrs() {
+            match self.connect_to(&addr).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Config {
+            setting: "addr",
+            reason: "no address given".into(),
+        }))
+    }
+
+    /// The addresses of `--addr`, in order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A client connected to `addr` with these arguments' token and time-out.
+    pub async fn connect_to(&self, addr: &str) -> Result<Client> {
+        let config = ClientConfig::new(addr.to_owned())
             .with_token(self.token.clone())
             .with_name("halfmq-cli".into())
             .with_request_timeout(Duration::from_millis(self.timeout_ms));

@@ -33,6 +33,8 @@ use handlers::{answer_room, handle};
 /// What the connection's tasks share.
 pub(super) struct Conn {
     pub(super) broker: Arc<Broker>,
+    /// The cluster node whose broker this is, on a replicated broker.
+    pub(super) replica: Option<Arc<halfmq_raft::ReplicaNode>>,
     pub(super) config: Arc<ServerConfig>,
     pub(super) out: Outbox,
     /// Check-backs waiting for this connection's answer: push id → reply channel.
@@ -109,7 +111,7 @@ enum Waiting {
 pub(super) async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    broker: Arc<Broker>,
+    (broker, replica): (Arc<Broker>, Option<Arc<halfmq_raft::ReplicaNode>>),
     config: Arc<ServerConfig>,
     counters: Arc<NetCounters>,
     mut shutdown: watch::Receiver<bool>,
@@ -135,6 +137,7 @@ pub(super) async fn serve_connection(
     };
     let conn = Arc::new(Conn {
         broker,
+        replica,
         config: config.clone(),
         out,
         checks: Mutex::new(HashMap::new()),

@@ -33,6 +33,7 @@ pub use outbox::NetStats;
 
 mod connection;
 mod outbox;
+mod replicated;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -193,12 +194,30 @@ pub struct Server {
 impl Server {
     /// Bind and start serving `broker`.
     pub async fn start(broker: Arc<Broker>, config: ServerConfig) -> Result<Server> {
+        Server::serve(broker, None, config).await
+    }
+
+    /// Bind and start serving `node`, one node of a replicated cluster: writes go through
+    /// the cluster's log (a node that is not the leader answers with the leader's address),
+    /// reads to the node's broker.
+    pub async fn start_replicated(
+        node: Arc<halfmq_raft::ReplicaNode>,
+        config: ServerConfig,
+    ) -> Result<Server> {
+        Server::serve(node.broker(), Some(node), config).await
+    }
+
+    async fn serve(
+        broker: Arc<Broker>,
+        replica: Option<Arc<halfmq_raft::ReplicaNode>>,
+        config: ServerConfig,
+    ) -> Result<Server> {
         config.validate()?;
         let config = Arc::new(config);
         let counters = Arc::new(NetCounters::default());
         let serving = counters.clone();
         let listening = Listening::start(config.listen, "listen", |listener, stop| {
-            accept_loop(listener, broker, config, serving, stop)
+            accept_loop(listener, (broker, replica), config, serving, stop)
         })
         .await?;
         Ok(Server {
@@ -224,7 +243,7 @@ listener::listening_server!(
 
 async fn accept_loop(
     listener: TcpListener,
-    broker: Arc<Broker>,
+    (broker, replica): (Arc<Broker>, Option<Arc<halfmq_raft::ReplicaNode>>),
     config: Arc<ServerConfig>,
     counters: Arc<NetCounters>,
     mut shutdown: watch::Receiver<bool>,
@@ -251,11 +270,11 @@ async fn accept_loop(
                 }
                 open.fetch_add(1, Ordering::AcqRel);
                 halfmq::metrics::connection_opened();
-                let (broker, config, counters, shutdown) =
-                    (broker.clone(), config.clone(), counters.clone(), shutdown.clone());
+                let (node, config, counters, shutdown) =
+                    ((broker.clone(), replica.clone()), config.clone(), counters.clone(), shutdown.clone());
                 conns.spawn(async move {
                     let served =
-                        serve_connection(stream, peer, broker, config, counters.clone(), shutdown);
+                        serve_connection(stream, peer, node, config, counters.clone(), shutdown);
                     if let Err(e) = served.await {
                         tracing::debug!(%peer, error = %e, "connection ended");
                     }

@@ -173,6 +173,13 @@ pub struct Resolved {
     pub flush_interval: Duration,
     /// The settings file read, if any.
     pub config: Option<PathBuf>,
+    /// `--node-id`, with `--peers`.
+    pub node_id: Option<u64>,
+    /// `--peers` as given; empty when unset.
+    pub peers: String,
+    /// The cluster this broker is a node of (`--node-id` and `--peers`, checked); `None`
+    /// for a single broker.
+    pub replication: Option<Replication>,
     /// Where each setting not at its default came from.
     sources: BTreeMap<&'static str, Source>,
 }
@@ -190,6 +197,9 @@ impl Default for Resolved {
             rocketmq: None,
             flush_interval: FLUSH_INTERVAL_DEFAULT,
             config: None,
+            node_id: None,
+            peers: String::new(),
+            replication: None,
             sources: BTreeMap::new(),
         }
     }
@@ -323,6 +333,7 @@ impl Resolved {
         }
         self.broker.validate().map_err(our_name)?;
         self.server.validate().map_err(our_name)?;
+        self.replication = Replication::from_settings(self)?;
         let (frame, record) = (
             self.server.frame_bytes_max,
             self.broker.store.record_bytes_max,
@@ -379,6 +390,69 @@ impl Resolved {
             let _ = writeln!(out, "{line:<44} # {from}");
         }
         out
+    }
+}
+
+/// The cluster a replicated broker is a node of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    /// This node's id.
+    pub node_id: u64,
+    /// Every node's client address, by id, this one's included.
+    pub peers: BTreeMap<u64, String>,
+}
+
+/// Ports above a node's client port its peers use (`--peers`' help says so).
+pub const PEER_PORT_OFFSET: u16 = 1;
+
+impl Replication {
+    /// `--node-id` and `--peers` checked against each other and `--listen`: `None` without
+    /// `--peers`.
+    fn from_settings(r: &Resolved) -> Result<Option<Replication>> {
+        let bad = |setting, reason: String| Error::Config { setting, reason };
+        let Some(text) = Some(r.peers.as_str()).filter(|p| !p.is_empty()) else {
+            return match r.node_id {
+                Some(_) => Err(bad("node_id", "--node-id needs --peers".into())),
+                None => Ok(None),
+            };
+        };
+        let mut peers = BTreeMap::new();
+        for entry in text.split(',') {
+            let (id, addr) = entry
+                .split_once('=')
+                .ok_or_else(|| bad("peers", format!("`{entry}` is not ID=HOST:PORT")))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| bad("peers", format!("`{id}` in `{entry}` is not a node id")))?;
+            let addr: SocketAddr = addr
+                .trim()
+                .parse()
+                .map_err(|e| bad("peers", format!("`{addr}` in `{entry}`: {e}")))?;
+            if addr.port().checked_add(PEER_PORT_OFFSET).is_none() {
+                return Err(bad("peers", format!("{addr}: no port above it for peers")));
+            }
+            if peers.insert(id, addr.to_string()).is_some() {
+                return Err(bad("peers", format!("node {id} is listed twice")));
+            }
+        }
+        let node_id = r
+            .node_id
+            .ok_or_else(|| bad("node_id", "--peers needs --node-id".into()))?;
+        match peers.get(&node_id) {
+            Some(own) if *own == r.server.listen.to_string() => {}
+            Some(own) => {
+                return Err(bad(
+                    "peers",
+                    format!(
+                        "node {node_id} is at {own} in --peers but listens on {}",
+                        r.server.listen
+                    ),
+                ))
+            }
+            None => return Err(bad("node_id", format!("node {node_id} is not in --peers"))),
+        }
+        Ok(Some(Replication { node_id, peers }))
     }
 }
 

@@ -92,6 +92,16 @@ settings! {
         retention_interval_ms: u64 = "HALFMQ_RETENTION_INTERVAL_MS" => broker.retention.interval;
     }
 
+    /// Replication: this broker as one node of a raft cluster. Off unless --peers is set.
+    replication: ReplicationSettings, "replication (off unless --peers is set)" {
+        /// This node's id, one of the ids in --peers.
+        node_id: u64 = "HALFMQ_NODE_ID" => node_id;
+        /// Every node's client address, this one's included: ID=HOST:PORT,... (the same
+        /// list on every node). Nodes talk to each other on the port after each client port
+        /// (10912 for 10911), presenting --token; the cluster is formed at first start.
+        peers: String = "HALFMQ_PEERS", value_name = "ID=ADDR,..." => peers;
+    }
+
     /// The network server and the metrics endpoint.
     network: NetworkSettings, "network" {
         /// Address to listen on.

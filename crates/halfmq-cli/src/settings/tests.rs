@@ -299,3 +299,66 @@ fn network_bounds_are_settings_and_checked() {
     assert_eq!(r.server.out_bytes_max, 32 << 20);
     assert_eq!(r.source("out_bytes_max"), Source::Raised("frame_bytes_max"));
 }
+
+#[test]
+fn peers_make_a_replicated_node_and_are_checked_against_node_id_and_listen() {
+    let peers = "1=127.0.0.1:10911,2=127.0.0.1:10921,3=127.0.0.1:10931";
+    let r = flags(&[]).unwrap();
+    assert_eq!(r.replication, None);
+    assert!(
+        r.to_toml().contains("# peers is not set"),
+        "{}",
+        r.to_toml()
+    );
+    let node = [
+        "--node-id",
+        "1",
+        "--peers",
+        peers,
+        "--listen",
+        "127.0.0.1:10911",
+    ];
+    let r = flags(&node).unwrap();
+    let rep = r.replication.clone().expect("replicated");
+    assert_eq!(rep.node_id, 1);
+    assert_eq!(rep.peers.len(), 3);
+    assert_eq!(rep.peers[&3], "127.0.0.1:10931");
+    let shown = r.to_toml();
+    assert!(shown.contains(&format!("peers = \"{peers}\"")), "{shown}");
+    assert!(shown.contains("node_id = 1"), "{shown}");
+    // The same from a file.
+    let text = format!("node_id = 2\npeers = \"{peers}\"\nlisten = \"127.0.0.1:10921\"\n");
+    assert_eq!(file(&text, &[]).unwrap().replication.unwrap().node_id, 2);
+
+    let bad: [&[&str]; 6] = [
+        &["--node-id", "1"],
+        &["--peers", peers, "--listen", "127.0.0.1:10911"],
+        &[
+            "--node-id",
+            "4",
+            "--peers",
+            peers,
+            "--listen",
+            "127.0.0.1:10911",
+        ],
+        &[
+            "--node-id",
+            "2",
+            "--peers",
+            peers,
+            "--listen",
+            "127.0.0.1:10911",
+        ],
+        &[
+            "--node-id",
+            "1",
+            "--peers",
+            "1=127.0.0.1:10911,1=127.0.0.1:10921",
+        ],
+        &["--node-id", "1", "--peers", "1=localhost"],
+    ];
+    let expect = ["node_id", "node_id", "node_id", "peers", "peers", "peers"];
+    for (args, setting) in bad.iter().zip(expect) {
+        assert_eq!(setting_of(flags(args)), setting, "{args:?}");
+    }
+}

@@ -95,6 +95,8 @@ plain! {
     usize => |v| int(*v as u64),
     bool => |v| Shown::Value(Value::Boolean(*v)),
     PathBuf => |v| Shown::Value(Value::String(v.display().to_string())),
+    // Text shown as it is (`peers`); empty is unset.
+    String => |v| if v.is_empty() { Shown::Unset } else { Shown::Value(Value::String(v.clone())) },
 }
 
 /// A byte count that may be unset (no limit).

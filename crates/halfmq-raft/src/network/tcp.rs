@@ -225,13 +225,34 @@ impl PeerResponse {
 pub struct TcpFactory {
     from: NodeId,
     token: String,
+    port_offset: u16,
 }
 
 impl TcpFactory {
-    /// Links from node `from`, presenting `token`.
+    /// Links from node `from`, presenting `token`, to the addresses in the membership.
     pub fn new(from: NodeId, token: String) -> TcpFactory {
-        TcpFactory { from, token }
+        TcpFactory {
+            from,
+            token,
+            port_offset: 0,
+        }
     }
+
+    /// Links to the port `offset` above each member's address instead: the membership holds
+    /// the brokers' client addresses, and each node's peers listen on the next port
+    /// (`halfmq broker --peers`).
+    pub fn with_port_offset(mut self, offset: u16) -> TcpFactory {
+        self.port_offset = offset;
+        self
+    }
+}
+
+/// `addr` (`host:port`) with its port `offset` higher; `None` when it has no port or the
+/// port would pass 65535.
+pub fn offset_port(addr: &str, offset: u16) -> Option<String> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?.checked_add(offset)?;
+    Some(format!("{host}:{port}"))
 }
 
 /// One node's connection to a peer, made when first needed and again after an error.
@@ -247,10 +268,16 @@ impl RaftNetworkFactory<TypeConfig> for TcpFactory {
     type Network = TcpLink;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpLink {
+        // An address without a port stays as it is: connecting to it fails, and the peer is
+        // reported unreachable.
+        let addr = match self.port_offset {
+            0 => node.addr.clone(),
+            n => offset_port(&node.addr, n).unwrap_or_else(|| node.addr.clone()),
+        };
         TcpLink {
             from: self.from,
             to: target,
-            addr: node.addr.clone(),
+            addr,
             token: self.token.clone(),
             stream: None,
         }

@@ -343,6 +343,45 @@ pub fn spawn_write(
     })
 }
 
+/// Kill the leader and wait for the survivors to agree on a new one: (the new leader, the
+/// survivors).
+pub async fn kill_the_leader(c: &mut Cluster) -> (NodeId, Vec<NodeId>) {
+    let old = c.leader().await;
+    c.kill(old).await;
+    let survivors: Vec<NodeId> = c.nodes.keys().copied().collect();
+    let new = c.leader_among(&survivors).await;
+    assert_ne!(new, old);
+    (new, survivors)
+}
+
+/// Wait until each of `ids` has applied `leader`'s log, check that it holds every body of
+/// `acked` exactly once: what each holds.
+pub async fn each_holds_exactly(
+    c: &Cluster,
+    ids: &[NodeId],
+    leader: NodeId,
+    acked: &BTreeSet<String>,
+) -> Vec<Vec<(u32, u64, String)>> {
+    let mut seen = Vec::new();
+    for id in ids {
+        c.caught_up(*id, leader).await;
+        let got = c.messages(*id);
+        assert_exactly(&got, acked);
+        seen.push(got);
+    }
+    seen
+}
+
+/// A simulated cluster from `seed` with three messages sent: the cluster, what was
+/// acknowledged, the leader and the other nodes.
+pub async fn sim_with_three_sent(seed: u64) -> (Cluster, BTreeSet<String>, NodeId, Vec<NodeId>) {
+    let c = Cluster::sim(seed, |_| {}).await;
+    let acked: BTreeSet<String> = c.send(&bodies("before", 3)).await.into_iter().collect();
+    let leader = c.leader().await;
+    let others: Vec<NodeId> = c.nodes.keys().copied().filter(|i| *i != leader).collect();
+    (c, acked, leader, others)
+}
+
 pub fn bodies(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }

@@ -65,8 +65,20 @@ pub(super) async fn handle(
     stop: Stop,
     answer: &mut Answer,
 ) -> Response {
-    let b = conn.broker.clone();
+    let (req, b) = match &conn.replica {
+        None => (req, conn.broker.clone()),
+        // A node of a cluster: writes go through its log; its broker, replaced when it
+        // installs a snapshot, answers the rest.
+        Some(node) => match super::super::replicated::route(node, req).await {
+            super::super::replicated::Routed::Answered(resp) => return resp,
+            super::super::replicated::Routed::Local(req) => (req, node.broker()),
+        },
+    };
     match req {
+        Request::ClusterStatus => Response::Error {
+            code: codes::BAD_REQUEST,
+            message: "this broker is not replicated (it was started without --peers)".into(),
+        },
         Request::Hello { .. } => Response::Hello {
             server: format!("halfmq {}", env!("CARGO_PKG_VERSION")),
         },

@@ -1,0 +1,182 @@
+//! Three real `halfmq broker --peers` processes on loopback: producers (`halfmq produce
+//! --addr A,B,C --json`) run under load while the leader is killed with SIGKILL, again and
+//! again, and restarted. After each kill a probe send measures the failover: from the kill
+//! to the first write the new leader acknowledges. At the end every send a producer printed
+//! (acknowledged) is on every node exactly once.
+//!
+//! `HALFMQ_FAILOVER_ROUNDS` sets the kills (3 by default, the CI version);
+//! `scripts/failover-drill N` runs N in release and prints the median and the maximum.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::cluster::ClusterProcs;
+use common::{env_u64, halfmq_cmd, load, Proc};
+use serde_json::Value;
+
+const TOPIC: &str = "payments";
+const PRODUCERS: usize = 3;
+/// Bound on any one wait, so that a broken build fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `halfmq produce --addr <every node> --json` of `count` messages with keys `prefix-<i>`.
+fn produce(c: &ClusterProcs, prefix: &str, count: u64) -> Proc {
+    let args = [
+        "produce",
+        "--addr",
+        &c.addr_list(),
+        "--topic",
+        TOPIC,
+        "--json",
+        "--key-prefix",
+        prefix,
+        "--count",
+        &count.to_string(),
+        "--size",
+        "200",
+    ];
+    Proc::spawn(&format!("producer {prefix}"), halfmq_cmd(&args))
+}
+
+/// The keys of the sends `p` printed as acknowledged (a line cut short by the kill is not
+/// one).
+fn acked_keys(p: &Proc) -> Vec<String> {
+    p.stdout_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["key"].as_str().expect("a key").to_owned())
+        .collect()
+}
+
+/// Every message of `TOPIC` on the node at `addr`, by key: how many times each is stored
+/// (none while the node does not know the topic yet).
+fn stored(rt: &tokio::runtime::Runtime, addr: &str, group: &str) -> BTreeMap<String, usize> {
+    rt.block_on(async {
+        let client = load::connect(addr, "verify").await;
+        let mut seen = BTreeMap::new();
+        loop {
+            let got = match client.poll(group, TOPIC, 500).await {
+                Ok(got) => got,
+                // A node restarted last has not applied the topic's creation yet.
+                Err(halfmq::Error::UnknownTopic(_)) => return seen,
+                Err(e) => panic!("poll {addr}: {e}"),
+            };
+            if got.is_empty() {
+                return seen;
+            }
+            for d in got {
+                *seen.entry(d.key).or_insert(0) += 1;
+            }
+        }
+    })
+}
+
+/// A write to a follower is answered `NOT_LEADER` with the leader's client address.
+fn a_follower_names_the_leader(c: &ClusterProcs) {
+    let (leader, _) = c.leader();
+    let follower = c
+        .addrs
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    let rt = load::runtime();
+    let r = rt.block_on(async {
+        let client = load::connect(&c.addrs[follower], "follower").await;
+        client
+            .send(TOPIC, &halfmq::Message::new("to a follower"))
+            .await
+    });
+    let e = r.expect_err("a follower stored a write");
+    assert_eq!(
+        halfmq_client::protocol::leader_addr(&e),
+        Some(Some(c.addrs[&leader].clone())),
+        "{e}"
+    );
+}
+
+fn median_max(ms: &mut [u128]) -> (u128, u128) {
+    ms.sort_unstable();
+    (ms[ms.len() / 2], ms[ms.len() - 1])
+}
+
+#[test]
+fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
+    let rounds = env_u64("HALFMQ_FAILOVER_ROUNDS").unwrap_or(3);
+    let mut c = ClusterProcs::start();
+    a_follower_names_the_leader(&c);
+    let producers: Vec<Proc> = (0..PRODUCERS)
+        .map(|p| produce(&c, &format!("p{p}"), 1_000_000))
+        .collect();
+    for p in &producers {
+        assert!(
+            p.wait_line(|l| l.starts_with('{'), WAIT).is_some(),
+            "{} acknowledged nothing:\n{}",
+            p.name,
+            p.stderr()
+        );
+    }
+    let mut failover_ms = Vec::new();
+    let mut probes = BTreeSet::new();
+    for round in 0..rounds {
+        let (leader, term) = c.leader();
+        // Load on this leader for a while.
+        std::thread::sleep(Duration::from_millis(500));
+        c.kill(leader);
+        let killed = Instant::now();
+        let key = format!("probe-{round}");
+        let mut probe = produce(&c, &key, 1);
+        let acked = probe.wait_line(|l| l.starts_with('{'), WAIT);
+        let took = killed.elapsed();
+        assert!(
+            acked.is_some(),
+            "round {round}: no write acknowledged after node {leader} (term {term}) was \
+             killed:\n{}",
+            probe.stderr()
+        );
+        probe.wait_exit(WAIT);
+        probes.insert(format!("{key}-0"));
+        failover_ms.push(took.as_millis());
+        eprintln!(
+            "round {round}: killed leader {leader} (term {term}), writes resumed after {took:?}"
+        );
+        c.restart(leader);
+    }
+    let mut acked = probes.clone();
+    for mut p in producers {
+        assert!(p.is_running(), "{} stopped:\n{}", p.name, p.stderr());
+        p.kill();
+        acked.extend(acked_keys(&p));
+    }
+    let rt = load::runtime();
+    let addrs = c.addrs.clone();
+    for (id, addr) in &addrs {
+        let mut attempt = 0;
+        let deadline = Instant::now() + WAIT;
+        let got = loop {
+            attempt += 1;
+            let got = stored(&rt, addr, &format!("verify-{id}-{attempt}"));
+            if acked.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "node {id} lacks acknowledged sends {missing:?}"
+        );
+        let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "node {id} stores sends more than once: {twice:?}"
+        );
+    }
+    let (median, max) = median_max(&mut failover_ms);
+    println!(
+        "failover: {rounds} leader kills, {} acknowledged sends, writes resumed after median \
+         {median} ms, max {max} ms",
+        acked.len()
+    );
+}
