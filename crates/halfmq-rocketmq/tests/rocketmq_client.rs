@@ -93,6 +93,14 @@ async fn a_plain_producer_stores_tags_keys_and_properties() {
     stop(e, p, []).await;
 }
 
+/// Seconds since the Unix epoch now (RocketMQ's delivery timestamps are in seconds here).
+fn unix_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+}
+
 /// A message whose id the test chooses, as a producer retrying a send would resend it.
 struct FixedId {
     id: String,
@@ -181,10 +189,7 @@ async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
 async fn a_delayed_retry_is_stored_once_and_every_key_finds_the_message() {
     let e = start("payments", 1, |c| c).await;
     let p = producer(&e, "payments").await;
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs() as i64;
+    let now_s = unix_seconds();
     let later = || FixedId {
         id: "7F0000010001000000000000001A".into(),
         topic: "payments".into(),
@@ -221,10 +226,7 @@ async fn a_delayed_retry_is_stored_once_and_every_key_finds_the_message() {
 async fn a_delayed_message_is_not_delivered_before_its_time() {
     let e = start("reminders", 1, |c| c).await;
     let p = producer(&e, "reminders").await;
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs() as i64;
+    let now_s = unix_seconds();
     let at = now_s + 3;
     let msg = MessageBuilder::delay_message_builder("reminders", b"later".to_vec(), at)
         .build()

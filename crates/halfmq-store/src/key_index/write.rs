@@ -76,11 +76,13 @@ impl KeyIndex {
             // Further keys (only on records with a key, so `keyed_end` covers them too). A
             // record passed its CRC; properties that still do not decode cost only their
             // further keys here (reading the record reports them).
-            let props = if view.props.is_empty() {
-                None
-            } else {
-                view.properties().ok()
-            };
+            // Decode the properties only when the name is in their bytes: most keyed records
+            // (an idempotency key, a tag) have properties but no further keys.
+            let named = view
+                .props
+                .windows(PROP_KEYS.len())
+                .any(|w| w == PROP_KEYS.as_bytes());
+            let props = if named { view.properties().ok() } else { None };
             if let Some(v) = props.as_ref().and_then(|p| p.get(PROP_KEYS)) {
                 for k in more_keys(v) {
                     if !keys.contains(&k) {
