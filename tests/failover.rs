@@ -9,69 +9,16 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::cluster::ClusterProcs;
-use common::{env_u64, halfmq_cmd, load, Proc};
-use serde_json::Value;
+use common::cluster::{acked_keys, ClusterProcs};
+use common::{env_u64, load, Proc};
 
 const TOPIC: &str = "payments";
 const PRODUCERS: usize = 3;
 /// Bound on any one wait, so that a broken build fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// `halfmq produce --addr <every node> --json` of `count` messages with keys `prefix-<i>`.
-fn produce(c: &ClusterProcs, prefix: &str, count: u64) -> Proc {
-    let args = [
-        "produce",
-        "--addr",
-        &c.addr_list(),
-        "--topic",
-        TOPIC,
-        "--json",
-        "--key-prefix",
-        prefix,
-        "--count",
-        &count.to_string(),
-        "--size",
-        "200",
-    ];
-    Proc::spawn(&format!("producer {prefix}"), halfmq_cmd(&args))
-}
-
-/// The keys of the sends `p` printed as acknowledged (a line cut short by the kill is not
-/// one).
-fn acked_keys(p: &Proc) -> Vec<String> {
-    p.stdout_lines()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| v["key"].as_str().expect("a key").to_owned())
-        .collect()
-}
-
-/// Every message of `TOPIC` on the node at `addr`, by key: how many times each is stored
-/// (none while the node does not know the topic yet).
-fn stored(rt: &tokio::runtime::Runtime, addr: &str, group: &str) -> BTreeMap<String, usize> {
-    rt.block_on(async {
-        let client = load::connect(addr, "verify").await;
-        let mut seen = BTreeMap::new();
-        loop {
-            let got = match client.poll(group, TOPIC, 500).await {
-                Ok(got) => got,
-                // A node restarted last has not applied the topic's creation yet.
-                Err(halfmq::Error::UnknownTopic(_)) => return seen,
-                Err(e) => panic!("poll {addr}: {e}"),
-            };
-            if got.is_empty() {
-                return seen;
-            }
-            for d in got {
-                *seen.entry(d.key).or_insert(0) += 1;
-            }
-        }
-    })
-}
 
 /// A write to a follower is answered `NOT_LEADER` with the leader's client address.
 fn a_follower_names_the_leader(c: &ClusterProcs) {
@@ -107,7 +54,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
     let mut c = ClusterProcs::start();
     a_follower_names_the_leader(&c);
     let producers: Vec<Proc> = (0..PRODUCERS)
-        .map(|p| produce(&c, &format!("p{p}"), 1_000_000))
+        .map(|p| c.produce(&c.addr_list(), TOPIC, &format!("p{p}"), 1_000_000))
         .collect();
     for p in &producers {
         assert!(
@@ -126,7 +73,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
         c.kill(leader);
         let killed = Instant::now();
         let key = format!("probe-{round}");
-        let mut probe = produce(&c, &key, 1);
+        let mut probe = c.produce(&c.addr_list(), TOPIC, &key, 1);
         let acked = probe.wait_line(|l| l.starts_with('{'), WAIT);
         let took = killed.elapsed();
         assert!(
@@ -149,30 +96,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
         p.kill();
         acked.extend(acked_keys(&p));
     }
-    let rt = load::runtime();
-    let addrs = c.addrs.clone();
-    for (id, addr) in &addrs {
-        let mut attempt = 0;
-        let deadline = Instant::now() + WAIT;
-        let got = loop {
-            attempt += 1;
-            let got = stored(&rt, addr, &format!("verify-{id}-{attempt}"));
-            if acked.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
-                break got;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
-        assert!(
-            missing.is_empty(),
-            "node {id} lacks acknowledged sends {missing:?}"
-        );
-        let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(
-            twice.is_empty(),
-            "node {id} stores sends more than once: {twice:?}"
-        );
-    }
+    c.assert_stored_once(TOPIC, &acked, &BTreeSet::new(), WAIT);
     let (median, max) = median_max(&mut failover_ms);
     println!(
         "failover: {rounds} leader kills, {} acknowledged sends, writes resumed after median \

@@ -1,15 +1,18 @@
-//! Three `halfmq broker --node-id/--peers` processes on loopback: each node's client port
-//! and the port after it (its peers') are free when it is first started; a node is killed
-//! with SIGKILL and restarted on the same data directory and ports.
+//! Three `halfmq broker --node-id/--peers` processes on loopback (each node's client port
+//! and the port after it, its peers', are free when it is first started), or each in its
+//! own network namespace ([`super::netns::Netns`], on port 10911); a node is killed with
+//! SIGKILL and restarted on the same data directory and ports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{halfmq_cmd, run, Proc};
+use super::load;
+use super::netns::Netns;
+use super::{halfmq_cmd, run, Proc, BIN};
 
 /// How long a node may take to start listening.
 const START: Duration = Duration::from_secs(60);
@@ -38,6 +41,11 @@ pub struct ClusterProcs {
     pub addrs: BTreeMap<u64, String>,
     /// The running nodes.
     pub nodes: BTreeMap<u64, Proc>,
+    /// Node id → the network namespace it runs in (none: the test's own).
+    namespaces: BTreeMap<u64, String>,
+    /// The cluster's shared secret (`--token`): required off loopback; clients and peers
+    /// present it.
+    token: Option<String>,
     root: tempfile::TempDir,
 }
 
@@ -52,6 +60,8 @@ impl ClusterProcs {
             let mut c = ClusterProcs {
                 addrs,
                 nodes: BTreeMap::new(),
+                namespaces: BTreeMap::new(),
+                token: None,
                 root: tempfile::tempdir().unwrap(),
             };
             for id in 1..=3 {
@@ -74,6 +84,32 @@ impl ClusterProcs {
             }
         }
         panic!("no free ports for three nodes after 5 attempts");
+    }
+
+    /// Three nodes, each in its namespace of `net`, started together; returns once a
+    /// leader is known.
+    pub fn start_in(net: &Netns) -> ClusterProcs {
+        let mut c = ClusterProcs {
+            addrs: (1..=3)
+                .map(|id| (id, format!("{}:10911", net.ip(id))))
+                .collect(),
+            nodes: BTreeMap::new(),
+            namespaces: (1..=3).map(|id| (id, net.ns(id))).collect(),
+            token: Some(format!("t{:016x}", fastrand::u64(..))),
+            root: tempfile::tempdir().unwrap(),
+        };
+        for id in 1..=3 {
+            c.spawn(id);
+        }
+        for id in 1..=3 {
+            if !c.listening(id) {
+                let p = c.nodes.get_mut(&id).unwrap();
+                p.kill();
+                panic!("node {id} did not start:\n{}", p.stderr());
+            }
+        }
+        c.leader();
+        c
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {
@@ -104,8 +140,20 @@ impl ClusterProcs {
             "--data-dir",
             &dir,
         ];
+        let args = self.with_token(&args);
+        let mut cmd = halfmq_cmd(&args);
+        if let Some(ns) = self.namespaces.get(&id) {
+            // `ip netns exec` enters the namespace and then runs the broker in its own place
+            // (same process), so killing the child kills the broker.
+            let mut inner = std::process::Command::new("ip");
+            inner.args(["netns", "exec", ns, BIN]).args(&args);
+            for (k, _) in cmd.get_envs() {
+                inner.env_remove(k);
+            }
+            cmd = inner;
+        }
         self.nodes
-            .insert(id, Proc::spawn(&format!("node {id}"), halfmq_cmd(&args)));
+            .insert(id, Proc::spawn(&format!("node {id}"), cmd));
     }
 
     fn listening(&self, id: u64) -> bool {
@@ -132,7 +180,13 @@ impl ClusterProcs {
 
     /// `halfmq cluster status --json` over every node.
     pub fn status(&self) -> Value {
-        let run = run(&["cluster", "status", "--addr", &self.addr_list(), "--json"]).ok();
+        self.status_via(&self.addr_list())
+    }
+
+    /// `halfmq cluster status --json` from the first of `addrs` that answers: the cluster as
+    /// that node sees it.
+    pub fn status_via(&self, addrs: &str) -> Value {
+        let run = run(&self.with_token(&["cluster", "status", "--addr", addrs, "--json"])).ok();
         let mut lines = run.json_lines();
         assert_eq!(lines.len(), 1, "status prints one line: {}", run.stdout);
         let st = lines.remove(0);
@@ -158,21 +212,153 @@ impl ClusterProcs {
 
     /// The leader once one is known and says so itself, and its term.
     pub fn leader(&self) -> (u64, u64) {
+        self.leader_among(&self.addrs.keys().copied().collect::<Vec<_>>())
+    }
+
+    /// The leader as nodes `ids` see it, once it is one of them and says so itself, and
+    /// its term.
+    pub fn leader_among(&self, ids: &[u64]) -> (u64, u64) {
+        let addrs: Vec<&str> = ids.iter().map(|id| self.addrs[id].as_str()).collect();
         let deadline = Instant::now() + START;
         loop {
-            let st = self.status();
+            let st = self.status_via(&addrs.join(","));
             let own = st["leader"].as_u64().filter(|l| {
                 st["nodes"]
                     .as_array()
                     .is_some_and(|ns| ns.iter().any(|n| n["id"] == *l && n["role"] == "leader"))
             });
             if let (Some(l), Some(term)) = (own, st["term"].as_u64()) {
-                if self.nodes.contains_key(&l) {
+                if self.nodes.contains_key(&l) && ids.contains(&l) {
                     return (l, term);
                 }
             }
             assert!(Instant::now() < deadline, "no leader: {st}");
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The keys of the sends `p` printed as acknowledged (a line cut short by a kill is not
+/// one).
+pub fn acked_keys(p: &Proc) -> Vec<String> {
+    p.stdout_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["key"].as_str().expect("a key").to_owned())
+        .collect()
+}
+
+impl ClusterProcs {
+    /// `args` with `--token` when the cluster has one.
+    fn with_token<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = args.to_vec();
+        if let Some(t) = &self.token {
+            all.extend(["--token", t.as_str()]);
+        }
+        all
+    }
+
+    /// A client of the node at `addr` (with the cluster's token).
+    pub async fn connect(&self, addr: &str, name: &str) -> halfmq_client::Client {
+        let config = halfmq_client::ClientConfig::new(addr)
+            .with_name(name.to_owned())
+            .with_token(self.token.clone())
+            .with_request_timeout(Duration::from_secs(30));
+        halfmq_client::Client::connect(config)
+            .await
+            .unwrap_or_else(|e| panic!("connect {name} to {addr}: {e}"))
+    }
+
+    /// `halfmq produce --addr ADDRS --json` of `count` messages to `topic`, keys
+    /// `prefix-<i>`.
+    pub fn produce(&self, addrs: &str, topic: &str, prefix: &str, count: u64) -> Proc {
+        let count = count.to_string();
+        let args = [
+            "produce",
+            "--addr",
+            addrs,
+            "--topic",
+            topic,
+            "--json",
+            "--key-prefix",
+            prefix,
+            "--count",
+            &count,
+            "--size",
+            "200",
+        ];
+        Proc::spawn(
+            &format!("producer {prefix}"),
+            halfmq_cmd(&self.with_token(&args)),
+        )
+    }
+
+    /// Every message of `topic` on the node at `addr`, by key: how many times each is
+    /// stored (none while the node does not know the topic yet).
+    pub fn stored(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        addr: &str,
+        topic: &str,
+        group: &str,
+    ) -> BTreeMap<String, usize> {
+        rt.block_on(async {
+            let client = self.connect(addr, "verify").await;
+            let mut seen = BTreeMap::new();
+            loop {
+                let got = match client.poll(group, topic, 500).await {
+                    Ok(got) => got,
+                    // A node restarted last has not applied the topic's creation yet.
+                    Err(halfmq::Error::UnknownTopic(_)) => return seen,
+                    Err(e) => panic!("poll {addr}: {e}"),
+                };
+                if got.is_empty() {
+                    return seen;
+                }
+                for d in got {
+                    *seen.entry(d.key).or_insert(0) += 1;
+                }
+            }
+        })
+    }
+
+    /// Every key of `acked` is stored exactly once on every running node of `topic` (each
+    /// node is given up to `wait` to catch up), and none of `absent` is on any.
+    pub fn assert_stored_once(
+        &self,
+        topic: &str,
+        acked: &BTreeSet<String>,
+        absent: &BTreeSet<String>,
+        wait: Duration,
+    ) {
+        let rt = load::runtime();
+        for (id, addr) in self
+            .addrs
+            .iter()
+            .filter(|(id, _)| self.nodes.contains_key(id))
+        {
+            let mut attempt = 0;
+            let deadline = Instant::now() + wait;
+            let got = loop {
+                attempt += 1;
+                let got = self.stored(&rt, addr, topic, &format!("verify-{id}-{attempt}"));
+                if acked.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
+                    break got;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
+            assert!(
+                missing.is_empty(),
+                "node {id} lacks acknowledged sends {missing:?}"
+            );
+            let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
+            assert!(
+                twice.is_empty(),
+                "node {id} stores sends more than once: {twice:?}"
+            );
+            let there: Vec<&String> = absent.iter().filter(|k| got.contains_key(*k)).collect();
+            assert!(there.is_empty(), "node {id} stores {there:?}");
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod load;
+pub mod netns;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;

@@ -87,6 +87,14 @@ pub enum ReplicaError {
     /// openraft refused or failed (shut down, a membership change in progress).
     #[error("raft: {0}")]
     Raft(String),
+    /// The write was proposed but not known to be committed within `after_ms` (the leader
+    /// may be cut off from the majority): its fate is unknown. It may still be committed,
+    /// by this leader or not at all; a client makes it again under the same idempotency key.
+    #[error("not committed by a majority within {after_ms} ms; its fate is unknown")]
+    Unconfirmed {
+        /// How long the node waited.
+        after_ms: u64,
+    },
 }
 
 /// A refused or failed proposal: `NotLeader` when another node leads.
@@ -199,15 +207,54 @@ impl ReplicaNode {
 
     /// Propose `commands` as one batch and wait until it is committed (fsynced on a
     /// majority) and applied here: one answer per command.
+    ///
+    /// A leader that has not heard from a majority for two maximum election time-outs
+    /// (it may be cut off, and another leader elected: followers keep a leader's lease
+    /// for one) refuses at once, without proposing: [`ReplicaError::NotLeader`] with no
+    /// leader known. A proposal still waiting when that happens, or after five maximum
+    /// election time-outs, is answered [`ReplicaError::Unconfirmed`]. So a minority never
+    /// acknowledges, and its clients do not hang on it but look for the majority's leader.
     pub async fn write(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ReplicaError> {
+        if self.quorum_lost() {
+            return Err(ReplicaError::NotLeader {
+                leader: None,
+                addr: None,
+            });
+        }
         let batch = Batch {
             time_ms: now_ms(),
             commands,
         };
-        match self.raft.client_write(batch).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(client_error(e)),
+        let started = std::time::Instant::now();
+        let give_up = std::time::Duration::from_millis(5 * self.raft.config().election_timeout_max);
+        let write = self.raft.client_write(batch);
+        tokio::pin!(write);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                done = &mut write => {
+                    return match done {
+                        Ok(resp) => Ok(resp.data),
+                        Err(e) => Err(client_error(e)),
+                    };
+                }
+                _ = tick.tick() => {
+                    if self.quorum_lost() || started.elapsed() >= give_up {
+                        let after_ms = started.elapsed().as_millis() as u64;
+                        return Err(ReplicaError::Unconfirmed { after_ms });
+                    }
+                }
+            }
         }
+    }
+
+    /// This node leads (as far as it knows) but has not heard from a majority for two
+    /// maximum election time-outs.
+    fn quorum_lost(&self) -> bool {
+        let limit = 2 * self.raft.config().election_timeout_max;
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms > limit)
     }
 
     /// Add node `id` at `addr` as a voter: first as a learner, until it has caught up with

@@ -15,7 +15,7 @@ use common::{
 };
 use halfmq::Message;
 use halfmq::TxnState;
-use halfmq_raft::{Command, NodeId, Outcome};
+use halfmq_raft::{Command, NodeId, Outcome, ReplicaError};
 use openraft::SnapshotPolicy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -51,14 +51,27 @@ async fn a_leader_cut_off_from_the_majority_never_acknowledges() {
     assert_ne!(new, old);
     acked.extend(c.send(&bodies("majority", 3)).await);
 
-    c.sim_net().heal();
-    // Once the partition heals the old leader's write is refused or never answered; either
-    // way it was not acknowledged, and it is not in any log.
+    // Still cut off, the old leader gives up on its write (its fate unknown to it) once it
+    // has not heard from a majority for two election time-outs, and then refuses new
+    // writes without proposing them: its clients go and look for the majority's leader.
     let (cut_off, r) = match tokio::time::timeout(WAIT, pending).await {
         Ok(joined) => joined.expect("the write task"),
-        Err(_) => panic!("the cut-off write neither failed nor finished after the heal"),
+        Err(_) => panic!("the cut-off leader neither failed nor finished the write"),
     };
-    assert!(r.is_err(), "the cut-off leader acknowledged: {r:?}");
+    assert!(
+        matches!(r, Err(ReplicaError::Unconfirmed { .. })),
+        "the cut-off leader answered {r:?}"
+    );
+    let (cut_off, r) = spawn_write(cut_off, "refused")
+        .await
+        .expect("the write task");
+    assert!(
+        matches!(r, Err(ReplicaError::NotLeader { leader: None, .. })),
+        "a write to the cut-off leader was answered {r:?}"
+    );
+
+    c.sim_net().heal();
+    // Neither write was acknowledged, and neither is in any log.
     c.nodes.insert(old, cut_off);
     let leader = c.leader().await;
     for id in [1, 2, 3] {

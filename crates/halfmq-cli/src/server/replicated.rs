@@ -162,6 +162,10 @@ fn replica_error(e: ReplicaError) -> Response {
             message: protocol::not_leader_message(addr.as_deref()),
         },
         ReplicaError::Broker(e) => Response::from_error(&e),
+        ReplicaError::Unconfirmed { after_ms } => Response::from_error(&Error::Timeout {
+            what: "a majority of the cluster to commit the write (its fate is unknown)".into(),
+            after_ms,
+        }),
         ReplicaError::Raft(why) => Response::from_error(&Error::Invalid {
             what: "replicated write",
             reason: why,
