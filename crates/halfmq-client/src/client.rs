@@ -5,8 +5,6 @@
 //! The connection, pipelining and reconnects are in `connection.rs`; the role views
 //! ([`Producer`](crate::Producer), [`Consumer`](crate::Consumer), ...) in `roles.rs`.
 
-mod leases;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +34,9 @@ macro_rules! answer {
         }
     };
 }
+
+// After `answer!`, which it uses.
+mod leases;
 
 fn unexpected(r: Response) -> Error {
     Error::Decode {

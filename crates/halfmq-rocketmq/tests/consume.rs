@@ -12,8 +12,8 @@ use halfmq::Message;
 use halfmq_rocketmq::pb::{self, Code};
 
 use common::{
-    ack, change_invisible, client, code, handle, receive, resource, start, sys, Client, Endpoint,
-    Receive,
+    ack, change_invisible, client, code, handle, query_assignment, receive, resource, start,
+    start_client, sys, Client, Endpoint, Receive,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,27 +126,13 @@ async fn a_forged_handle_is_refused_and_the_true_one_still_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assignment_hands_out_the_topic_and_an_empty_topic_says_so() {
-    let e = start("t", 4, |c| c.with_auto_create_topics(false)).await;
-    let mut c = client(&e).await;
-    let assignment = |topic: &str| pb::QueryAssignmentRequest {
-        topic: resource(topic),
-        group: resource("g"),
-        endpoints: None,
-    };
-    let r = c
-        .query_assignment(assignment("t"))
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
+    let (e, mut c) = start_client("t", 4, |c| c.with_auto_create_topics(false)).await;
+    let r = query_assignment(&mut c, "g", "t").await;
     assert_eq!(code(&r.status.expect("a status")), Code::Ok);
     assert_eq!(r.assignments.len(), 1);
     let q = r.assignments[0].message_queue.as_ref().expect("a queue");
     assert_eq!(q.topic.as_ref().map(|t| t.name.as_str()), Some("t"));
-    let r = c
-        .query_assignment(assignment("nope"))
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
+    let r = query_assignment(&mut c, "g", "nope").await;
     assert_eq!(code(&r.status.expect("a status")), Code::TopicNotFound);
     // A receive of an empty topic waits, then says there is nothing.
     let (s, got) = receive(&mut c, "g", "t", Receive::default()).await;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use halfmq_rocketmq::pb::{self, Code};
 
 use common::{
-    ack, change_invisible, client, code, message, receive, resource, send, start, Client, Endpoint,
-    Receive,
+    ack, change_invisible, code, message, query_route, receive, resource, send, start_client,
+    Client, Endpoint, Receive,
 };
 
 /// The endpoint still serves: a normal message is stored.
@@ -22,8 +22,7 @@ async fn still_serves(c: &mut Client, e: &Endpoint, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_receipt_handles_are_refused() {
-    let e = start("t", 1, |c| c).await;
-    let mut c = client(&e).await;
+    let (e, mut c) = start_client("t", 1, |c| c).await;
     still_serves(&mut c, &e, "m1").await;
     for handle in [
         "",
@@ -60,17 +59,8 @@ async fn bad_receipt_handles_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_topics_are_not_found() {
-    let e = start("t", 1, |c| c.with_auto_create_topics(false)).await;
-    let mut c = client(&e).await;
-    let route = |topic: &str| pb::QueryRouteRequest {
-        topic: resource(topic),
-        endpoints: None,
-    };
-    let r = c
-        .query_route(route("nope"))
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
+    let (e, mut c) = start_client("t", 1, |c| c.with_auto_create_topics(false)).await;
+    let r = query_route(&mut c, "nope").await;
     let s = r.status.expect("a status");
     assert_eq!(code(&s), Code::TopicNotFound);
     assert!(s.message.contains("nope"), "{}", s.message);
@@ -78,11 +68,7 @@ async fn unknown_topics_are_not_found() {
     let s = send(&mut c, message("nope", "x1", b"b".to_vec())).await;
     assert_eq!(code(&s), Code::TopicNotFound, "{}", s.message);
     // A known topic's route: one queue per halfmq queue, on this endpoint.
-    let r = c
-        .query_route(route("t"))
-        .await
-        .expect("a gRPC answer")
-        .into_inner();
+    let r = query_route(&mut c, "t").await;
     assert_eq!(code(&r.status.expect("a status")), Code::Ok);
     assert_eq!(r.message_queues.len(), 1);
     let addr = &r.message_queues[0]
@@ -100,8 +86,7 @@ async fn unknown_topics_are_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_messages_are_refused_before_they_are_stored() {
-    let e = start("t", 1, |c| c).await;
-    let mut c = client(&e).await;
+    let (e, mut c) = start_client("t", 1, |c| c).await;
     // Over the body limit: a RocketMQ code.
     let big = vec![7u8; halfmq_rocketmq::convert::BODY_BYTES_MAX + 1];
     let s = send(&mut c, message("t", "big", big)).await;
@@ -122,8 +107,7 @@ async fn huge_messages_are_refused_before_they_are_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_requests_say_so() {
-    let e = start("t", 1, |c| c).await;
-    let mut c = client(&e).await;
+    let (e, mut c) = start_client("t", 1, |c| c).await;
     for (kind, expr, wanted, what) in [
         (pb::FilterType::Sql, "a > 1", Code::Unsupported, "SQL92"),
         (
@@ -211,8 +195,7 @@ async fn unsupported_requests_say_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_answers_settings_and_refuses_invalid_ones() {
-    let e = start("t", 1, |c| c).await;
-    let mut c = client(&e).await;
+    let (e, mut c) = start_client("t", 1, |c| c).await;
     // Without a client id: refused by gRPC status.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let err = c

@@ -22,6 +22,14 @@ fn producer_option(topic: &str) -> ProducerOption {
     o
 }
 
+/// A broker with topic `topic` of `queues` queues, its endpoint, and a started producer of
+/// the topic.
+async fn start_producer(topic: &str, queues: u32) -> (Endpoint, Producer) {
+    let e = start(topic, queues, |c| c).await;
+    let p = producer(&e, topic).await;
+    (e, p)
+}
+
 async fn producer(e: &Endpoint, topic: &str) -> Producer {
     let mut p = Producer::new(
         producer_option(topic),
@@ -56,8 +64,7 @@ fn half(body: &[u8]) -> impl Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_producer_stores_tags_keys_and_properties() {
-    let e = start("orders", 2, |c| c).await;
-    let p = producer(&e, "orders").await;
+    let (e, p) = start_producer("orders", 2).await;
     let msg = MessageBuilder::builder()
         .set_topic("orders")
         .set_body(b"paid 12.50".to_vec())
@@ -142,8 +149,7 @@ impl Message for FixedId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
-    let e = start("payments", 1, |c| c).await;
-    let p = producer(&e, "payments").await;
+    let (e, p) = start_producer("payments", 1).await;
     let fixed = |body: &[u8]| FixedId {
         id: "7F0000010001000000000000000A".into(),
         topic: "payments".into(),
@@ -187,8 +193,7 @@ async fn a_producer_retry_with_the_same_message_id_is_stored_once() {
 /// by any of its keys, not only the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_retry_is_stored_once_and_every_key_finds_the_message() {
-    let e = start("payments", 1, |c| c).await;
-    let p = producer(&e, "payments").await;
+    let (e, p) = start_producer("payments", 1).await;
     let now_s = unix_seconds();
     let later = || FixedId {
         id: "7F0000010001000000000000001A".into(),
@@ -224,8 +229,7 @@ async fn a_delayed_retry_is_stored_once_and_every_key_finds_the_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_message_is_not_delivered_before_its_time() {
-    let e = start("reminders", 1, |c| c).await;
-    let p = producer(&e, "reminders").await;
+    let (e, p) = start_producer("reminders", 1).await;
     let now_s = unix_seconds();
     let at = now_s + 3;
     let msg = MessageBuilder::delay_message_builder("reminders", b"later".to_vec(), at)
@@ -405,8 +409,7 @@ async fn stop<const N: usize>(e: Endpoint, p: Producer, consumers: [SimpleConsum
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simple_consumer_receives_and_acks() {
-    let e = start("work", 2, |c| c).await;
-    let p = producer(&e, "work").await;
+    let (e, p) = start_producer("work", 2).await;
     let jobs = [("job", "job 0"), ("job", "job 1"), ("job", "job 2")];
     let mut sent = send_tagged(&p, "work", &jobs).await;
     let c = consumer(&e, "workers", "work").await;
@@ -428,8 +431,7 @@ async fn a_simple_consumer_receives_and_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_ran_out_redelivers_and_its_handle_is_stale() {
-    let e = start("work", 1, |c| c).await;
-    let p = producer(&e, "work").await;
+    let (e, p) = start_producer("work", 1).await;
     send_tagged(&p, "work", &[("job", "slow job")]).await;
     let c = consumer(&e, "workers", "work").await;
     // A one-second lease of the receive's own (the group's is 30 s): not acked in time, the
@@ -455,8 +457,7 @@ async fn a_lease_that_ran_out_redelivers_and_its_handle_is_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_filter_hands_out_only_its_tags() {
-    let e = start("orders", 1, |c| c).await;
-    let p = producer(&e, "orders").await;
+    let (e, p) = start_producer("orders", 1).await;
     let tagged = [
         ("paid", "p1"),
         ("refund", "r1"),

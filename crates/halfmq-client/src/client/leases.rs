@@ -42,10 +42,8 @@ impl Client {
             lease_ms: opts.lease.map(millis),
             filter: opts.filter.to_string(),
         };
-        match self.request(&req, 128, timeout).await? {
-            Response::Received(m) => m.into_iter().map(|d| d.into_delivery()).collect(),
-            other => Err(unexpected(other)),
-        }
+        let got = answer!(self.request(&req, 128, timeout).await?, Response::Received(m) => m)?;
+        got.into_iter().map(|d| d.into_delivery()).collect()
     }
 
     /// Acknowledge messages by their receipts with one durable write; all or nothing
@@ -56,10 +54,7 @@ impl Client {
             topic: topic.into(),
             receipts: receipts.iter().map(Receipt::handle).collect(),
         };
-        match self.call(req).await? {
-            Response::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        answer!(self.call(req).await?, Response::Ok => ())
     }
 
     /// Acknowledge one message by its receipt ([`Client::ack_receipts`]).
@@ -82,10 +77,7 @@ impl Client {
             receipt: receipt.handle(),
             delay_ms: delay.map(millis),
         };
-        match self.call(req).await? {
-            Response::Nacked(o) => Ok(o),
-            other => Err(unexpected(other)),
-        }
+        answer!(self.call(req).await?, Response::Nacked(o) => o)
     }
 
     /// Move a delivered message to the group's dead-letter queue now, by its receipt
@@ -103,10 +95,8 @@ impl Client {
             receipt: receipt.handle(),
             reason: reason.into(),
         };
-        match self.call(req).await? {
-            Response::Nacked(NackOutcome::DeadLettered { dead_letter }) => Ok(dead_letter),
-            other => Err(unexpected(other)),
-        }
+        answer!(self.call(req).await?,
+            Response::Nacked(NackOutcome::DeadLettered { dead_letter }) => dead_letter)
     }
 
     /// Change the lease of a delivered message to run out `lease` from now, without
@@ -125,14 +115,11 @@ impl Client {
             receipt: receipt.handle(),
             lease_ms: millis(lease),
         };
-        match self.call(req).await? {
-            Response::LeaseChanged { receipt } => {
-                Receipt::parse(&receipt).map_err(|e| Error::Decode {
-                    what: "receipt",
-                    reason: e.to_string(),
-                })
-            }
-            other => Err(unexpected(other)),
-        }
+        let receipt =
+            answer!(self.call(req).await?, Response::LeaseChanged { receipt } => receipt)?;
+        Receipt::parse(&receipt).map_err(|e| Error::Decode {
+            what: "receipt",
+            reason: e.to_string(),
+        })
     }
 }

@@ -96,6 +96,17 @@ pub async fn client(e: &Endpoint) -> Client {
         .max_encoding_message_size(64 * 1024 * 1024)
 }
 
+/// [`start`], and a raw gRPC client of the endpoint.
+pub async fn start_client(
+    topic: &str,
+    queues: u32,
+    config: impl FnOnce(BrokerConfig) -> BrokerConfig,
+) -> (Endpoint, Client) {
+    let e = start(topic, queues, config).await;
+    let c = client(&e).await;
+    (e, c)
+}
+
 /// A resource (topic or group) named `name`.
 pub fn resource(name: &str) -> Option<pb::Resource> {
     Some(pb::Resource {
@@ -126,6 +137,33 @@ pub async fn send(c: &mut Client, m: pb::Message) -> pb::Status {
         .expect("a gRPC answer")
         .into_inner();
     r.status.expect("a status")
+}
+
+/// QueryRoute of `topic`: the response.
+pub async fn query_route(c: &mut Client, topic: &str) -> pb::QueryRouteResponse {
+    c.query_route(pb::QueryRouteRequest {
+        topic: resource(topic),
+        endpoints: None,
+    })
+    .await
+    .expect("a gRPC answer")
+    .into_inner()
+}
+
+/// QueryAssignment of `topic` for group `group`: the response.
+pub async fn query_assignment(
+    c: &mut Client,
+    group: &str,
+    topic: &str,
+) -> pb::QueryAssignmentResponse {
+    c.query_assignment(pb::QueryAssignmentRequest {
+        topic: resource(topic),
+        group: resource(group),
+        endpoints: None,
+    })
+    .await
+    .expect("a gRPC answer")
+    .into_inner()
 }
 
 /// The RocketMQ code of a status.

@@ -1,8 +1,8 @@
 //! One code path per operation, two ways to wait for it.
 //!
 //! An operation that waits (for an idempotency key another sender holds, for its record to
-//! be acknowledged by the store, for sled's flush) is written once, as an `async fn` generic
-//! over a [`Wait`]. The blocking methods (`send`, `commit`, `ack`, ...) run it with
+//! be acknowledged by the store, for sled's flush, for messages to poll) is written once, as
+//! an `async fn` generic over a [`Wait`]. The blocking methods (`send`, `commit`, `ack`, ...) run it with
 //! [`Blocking`], whose waits block the calling thread, so the future is finished at its first
 //! poll ([`block_on`]). The `_async` methods await it with [`Async`], whose waits never block
 //! an executor thread. The two differ only in how each wait is done, which is all in this
@@ -13,7 +13,9 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
+use crate::broker::Topic;
 use crate::idem::{Claim, DedupIndex};
 use crate::meta::Meta;
 use halfmq_store::{Append, Appended, DurableHook, Store, Ticket};
@@ -95,6 +97,20 @@ pub(crate) trait Wait: Sync {
 
     /// Wait until everything written to sled so far is on disk.
     fn flush(&self, meta: &Meta) -> impl Future<Output = Result<()>> + Send;
+
+    /// The time now, on the clock this way of waiting times out by (tokio's for
+    /// [`Async`], which a test may pause).
+    fn now(&self) -> Instant;
+
+    /// Wait until the queues of `t` may have messages past `from` (one position per queue),
+    /// or `left` passes (what an empty long poll waits for).
+    fn wait_for_messages(
+        &self,
+        store: &Store,
+        t: &Topic,
+        from: &[u64],
+        left: Duration,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Waits by blocking the calling thread: each of its futures finishes at its first poll.
@@ -128,6 +144,14 @@ impl Wait for Blocking {
 
     async fn flush(&self, meta: &Meta) -> Result<()> {
         meta.flush()
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    async fn wait_for_messages(&self, store: &Store, t: &Topic, from: &[u64], left: Duration) {
+        store.wait_for_messages(&t.queues, from, left);
     }
 }
 
@@ -168,6 +192,17 @@ impl Wait for Async {
 
     async fn flush(&self, meta: &Meta) -> Result<()> {
         meta.flush_async().await
+    }
+
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    async fn wait_for_messages(&self, store: &Store, t: &Topic, from: &[u64], left: Duration) {
+        let deadline = tokio::time::Instant::now() + left;
+        store
+            .wait_for_messages_async(&t.queues, from, deadline)
+            .await;
     }
 }
 

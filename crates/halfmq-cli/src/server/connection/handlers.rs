@@ -11,9 +11,7 @@ use halfmq::{
     Error, GroupSettings, HalfOptions, Message, NackOutcome, PollOptions, Receipt, Result,
     TagFilter, TxnId,
 };
-use halfmq_client::protocol::{
-    codes, Request, Response, SendResult, WireDelivery, WireGroup, WireMessage, WireReceived,
-};
+use halfmq_client::protocol::{codes, Request, Response, SendResult, WireGroup, WireMessage};
 
 use super::{Answer, Conn, Stop};
 
@@ -50,6 +48,15 @@ fn result_response<T>(r: Result<T>, ok: impl FnOnce(T) -> Response) -> Response 
         Ok(v) => ok(v),
         Err(e) => Response::from_error(&e),
     }
+}
+
+/// A poll's answer: its deliveries in the wire form `W` that `answer` carries (`Poll` and
+/// `Receive` differ only in that form).
+fn deliveries_response<W: From<halfmq::Delivery>>(
+    r: Result<Vec<halfmq::Delivery>>,
+    answer: fn(Vec<W>) -> Response,
+) -> Response {
+    result_response(r, |ds| answer(ds.into_iter().map(W::from).collect()))
 }
 
 /// Run blocking broker work off the async threads.
@@ -131,9 +138,7 @@ pub(super) async fn handle(
         } => {
             let opts = PollOptions::default();
             let r = poll(conn, answer, stop, (&group, &topic, &opts), (max, wait_ms)).await;
-            result_response(r, |ds| {
-                Response::Messages(ds.into_iter().map(WireDelivery::from).collect())
-            })
+            deliveries_response(r, Response::Messages)
         }
         Request::Receive {
             group,
@@ -152,9 +157,7 @@ pub(super) async fn handle(
                 }
                 Err(e) => Err(e),
             };
-            result_response(r, |ds| {
-                Response::Received(ds.into_iter().map(WireReceived::from).collect())
-            })
+            deliveries_response(r, Response::Received)
         }
         Request::AckReceipts {
             group,

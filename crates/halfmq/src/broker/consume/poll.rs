@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::ms;
-use crate::broker::wait::{block_on, Blocking};
+use crate::broker::wait::{block_on, Async, Blocking, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::config::DeliveryConfig;
 use crate::delivery::{Cursor, Lease, HELD};
@@ -18,6 +18,35 @@ use halfmq_types::error::{Error, Result};
 use halfmq_types::props::{PROP_MESSAGE_GROUP, PROP_TAG};
 use halfmq_types::trace::Event;
 use halfmq_types::{Delivery, PollOptions, Receipt};
+
+/// The poll methods that are their options-taking twin (`$with`, whose last parameter is
+/// `&PollOptions`) with [`PollOptions::default()`], each declared once by its parameters and
+/// the twin it calls.
+macro_rules! with_default_options {
+    () => {};
+    (
+        $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $with:ident;
+        $($rest:tt)*
+    ) => {
+        $(#[$doc])*
+        pub fn $name(&self, $($arg: $ty),*) -> Result<Vec<Delivery>> {
+            self.$with($($arg,)* &PollOptions::default())
+        }
+
+        with_default_options! { $($rest)* }
+    };
+    (
+        $(#[$doc:meta])* async fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $with:ident;
+        $($rest:tt)*
+    ) => {
+        $(#[$doc])*
+        pub async fn $name(&self, $($arg: $ty),*) -> Result<Vec<Delivery>> {
+            self.$with($($arg,)* &PollOptions::default()).await
+        }
+
+        with_default_options! { $($rest)* }
+    };
+}
 
 /// Bytes a delivery counts against a poll's byte limit.
 fn delivery_size(topic: &str, rec: &Record) -> usize {
@@ -103,13 +132,32 @@ impl PollState<'_> {
 }
 
 impl Broker {
-    /// Hand out up to `max` messages of `topic` to `group`, from all queues: first messages
-    /// whose redelivery is due (a lease that ran out, a nack whose delay passed), then ones
-    /// never delivered. Each message goes to one consumer of the group and is leased to it
-    /// for the group's visibility time-out: not acked by then, it is delivered again.
-    /// Messages not acked are also delivered again after a restart (at-least-once).
-    pub fn poll(&self, group: &str, topic: &str, max: usize) -> Result<Vec<Delivery>> {
-        self.poll_limited(group, topic, max, usize::MAX)
+    with_default_options! {
+        /// Hand out up to `max` messages of `topic` to `group`, from all queues: first messages
+        /// whose redelivery is due (a lease that ran out, a nack whose delay passed), then ones
+        /// never delivered. Each message goes to one consumer of the group and is leased to it
+        /// for the group's visibility time-out: not acked by then, it is delivered again.
+        /// Messages not acked are also delivered again after a restart (at-least-once).
+        fn poll(group: &str, topic: &str, max: usize) => poll_with;
+
+        /// [`Broker::poll`] that also stops before the messages' bytes (key, body,
+        /// properties) would pass `max_bytes`; at least one message is returned when any is
+        /// there.
+        fn poll_limited(group: &str, topic: &str, max: usize, max_bytes: usize)
+            => poll_limited_with;
+
+        /// Like [`Broker::poll`], but waits up to `timeout` for a message when there is none.
+        fn poll_wait(group: &str, topic: &str, max: usize, timeout: Duration) => poll_wait_with;
+
+        /// [`Broker::poll_limited`] that waits up to `timeout` for a message without
+        /// blocking the executor.
+        async fn poll_wait_async(
+            group: &str,
+            topic: &str,
+            max: usize,
+            max_bytes: usize,
+            timeout: Duration,
+        ) => poll_wait_with_async;
     }
 
     /// [`Broker::poll`] with options: each message is leased for `opts.lease` instead of the
@@ -125,18 +173,6 @@ impl Broker {
         opts: &PollOptions,
     ) -> Result<Vec<Delivery>> {
         self.poll_limited_with(group, topic, max, usize::MAX, opts)
-    }
-
-    /// [`Broker::poll`] that also stops before the messages' bytes (key, body, properties)
-    /// would pass `max_bytes`; at least one message is returned when any is there.
-    pub fn poll_limited(
-        &self,
-        group: &str,
-        topic: &str,
-        max: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Delivery>> {
-        self.poll_limited_with(group, topic, max, max_bytes, &PollOptions::default())
     }
 
     /// [`Broker::poll_limited`] with options ([`Broker::poll_with`]).
@@ -263,6 +299,29 @@ impl Broker {
     ) -> Result<bool> {
         let q = &t.queues[qi];
         let vt = ms(st.opts.lease.unwrap_or(delivery_cfg.visibility_timeout));
+        // Lease the message at `offset` (of `size` bytes) to this poll, as `base` with a new
+        // number running out `vt` from now, and hand it out as its `attempt`th delivery, with
+        // the new lease's receipt.
+        let hand_out = |st: &mut PollState,
+                        c: &mut Cursor,
+                        (offset, rec, size): (u64, Record, usize),
+                        base: Lease,
+                        attempt: u32| {
+            st.bytes += size;
+            let number = self.leases.number();
+            let lease = Lease {
+                due_ms: now.saturating_add(vt),
+                delivered: true,
+                number,
+                lease_ms: vt,
+                ..base
+            };
+            c.insert(offset, lease);
+            let receipt = self
+                .leases
+                .receipt(group, &t.name, q.queue_id(), offset, number);
+            st.out.push(delivery(t, q, offset, rec, attempt, receipt));
+        };
         let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
         let mut stopped = false;
         let mut expired = 0u64;
@@ -350,23 +409,8 @@ impl Broker {
                 stopped = true;
                 break;
             }
-            st.bytes += size;
             let attempt = lease.failures + 1;
-            let number = self.leases.number();
-            c.insert(
-                offset,
-                Lease {
-                    due_ms: now.saturating_add(vt),
-                    delivered: true,
-                    number,
-                    lease_ms: vt,
-                    ..lease
-                },
-            );
-            let receipt = self
-                .leases
-                .receipt(group, &t.name, q.queue_id(), offset, number);
-            st.out.push(delivery(t, q, offset, rec, attempt, receipt));
+            hand_out(st, c, (offset, rec, size), lease, attempt);
         }
         // 2. Messages never delivered.
         'scan: while !stopped && !st.full() && c.next < q.len() {
@@ -421,23 +465,11 @@ impl Broker {
                         continue;
                     }
                 }
-                st.bytes += size;
-                let number = self.leases.number();
-                c.insert(
-                    offset,
-                    Lease {
-                        due_ms: now.saturating_add(vt),
-                        delivered: true,
-                        number,
-                        lease_ms: vt,
-                        group: fifo_group,
-                        ..Lease::default()
-                    },
-                );
-                let receipt = self
-                    .leases
-                    .receipt(group, &t.name, q.queue_id(), offset, number);
-                st.out.push(delivery(t, q, offset, rec, 1, receipt));
+                let lease = Lease {
+                    group: fifo_group,
+                    ..Lease::default()
+                };
+                hand_out(st, c, (offset, rec, size), lease, 1);
             }
         }
         if expired > 0 {
@@ -452,17 +484,6 @@ impl Broker {
         Ok(stopped)
     }
 
-    /// Like [`Broker::poll`], but waits up to `timeout` for a message when there is none.
-    pub fn poll_wait(
-        &self,
-        group: &str,
-        topic: &str,
-        max: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Delivery>> {
-        self.poll_wait_with(group, topic, max, timeout, &PollOptions::default())
-    }
-
     /// [`Broker::poll_wait`] with options ([`Broker::poll_with`]).
     pub fn poll_wait_with(
         &self,
@@ -472,31 +493,8 @@ impl Broker {
         timeout: Duration,
         opts: &PollOptions,
     ) -> Result<Vec<Delivery>> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let got = self.poll_with(group, topic, max, opts)?;
-            let now = std::time::Instant::now();
-            if !got.is_empty() || now >= deadline {
-                return Ok(got);
-            }
-            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
-            self.store.wait_for_messages(&t.queues, &from, wait);
-        }
-    }
-
-    /// [`Broker::poll_limited`] that waits up to `timeout` for a message without blocking
-    /// the executor.
-    pub async fn poll_wait_async(
-        &self,
-        group: &str,
-        topic: &str,
-        max: usize,
-        max_bytes: usize,
-        timeout: Duration,
-    ) -> Result<Vec<Delivery>> {
-        let opts = PollOptions::default();
-        self.poll_wait_with_async(group, topic, max, max_bytes, timeout, &opts)
-            .await
+        let limits = (max, usize::MAX);
+        block_on(self.poll_waiting(&Blocking, group, topic, limits, timeout, opts))
     }
 
     /// [`Broker::poll_wait_async`] with options ([`Broker::poll_with`]).
@@ -509,17 +507,33 @@ impl Broker {
         timeout: Duration,
         opts: &PollOptions,
     ) -> Result<Vec<Delivery>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let limits = (max, max_bytes);
+        self.poll_waiting(&Async, group, topic, limits, timeout, opts)
+            .await
+    }
+
+    /// The long poll of [`Broker::poll_wait_with`] and [`Broker::poll_wait_with_async`],
+    /// waiting as `w` does: poll (at most `max` messages of at most `max_bytes`); while
+    /// nothing came and `timeout` has not passed, wait until a poll may find a message
+    /// ([`Broker::wait_plan`]) and poll again.
+    async fn poll_waiting<W: Wait>(
+        &self,
+        w: &W,
+        group: &str,
+        topic: &str,
+        (max, max_bytes): (usize, usize),
+        timeout: Duration,
+        opts: &PollOptions,
+    ) -> Result<Vec<Delivery>> {
+        let deadline = w.now() + timeout;
         loop {
             let got = self.poll_limited_with(group, topic, max, max_bytes, opts)?;
-            let now = tokio::time::Instant::now();
+            let now = w.now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
             let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
-            self.store
-                .wait_for_messages_async(&t.queues, &from, now + wait)
-                .await;
+            w.wait_for_messages(&self.store, &t, &from, wait).await;
         }
     }
 
@@ -536,9 +550,7 @@ impl Broker {
     ) -> Result<()> {
         validate_group_name(group)?;
         let (t, from, wait) = self.wait_plan(group, topic, timeout)?;
-        self.store
-            .wait_for_messages_async(&t.queues, &from, tokio::time::Instant::now() + wait)
-            .await;
+        Async.wait_for_messages(&self.store, &t, &from, wait).await;
         Ok(())
     }
 
