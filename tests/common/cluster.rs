@@ -65,7 +65,7 @@ impl ClusterProcs {
                 root: tempfile::tempdir().unwrap(),
             };
             for id in 1..=3 {
-                c.spawn(id);
+                c.spawn(id, &[]);
             }
             if (1..=3).all(|id| c.listening(id)) {
                 c.leader();
@@ -99,7 +99,7 @@ impl ClusterProcs {
             root: tempfile::tempdir().unwrap(),
         };
         for id in 1..=3 {
-            c.spawn(id);
+            c.spawn(id, &[]);
         }
         for id in 1..=3 {
             if !c.listening(id) {
@@ -121,7 +121,7 @@ impl ClusterProcs {
         self.addrs.values().cloned().collect::<Vec<_>>().join(",")
     }
 
-    fn spawn(&mut self, id: u64) {
+    fn spawn(&mut self, id: u64, extra: &[&str]) {
         let peers = self
             .addrs
             .iter()
@@ -140,7 +140,8 @@ impl ClusterProcs {
             "--data-dir",
             &dir,
         ];
-        let args = self.with_token(&args);
+        let mut args = self.with_token(&args);
+        args.extend(extra);
         let mut cmd = halfmq_cmd(&args);
         if let Some(ns) = self.namespaces.get(&id) {
             // `ip netns exec` enters the namespace and then runs the broker in its own place
@@ -164,12 +165,36 @@ impl ClusterProcs {
 
     /// Restart node `id` (killed before) on its directory and ports.
     pub fn restart(&mut self, id: u64) {
-        self.spawn(id);
+        self.spawn(id, &[]);
         if !self.listening(id) {
             let p = self.nodes.get_mut(&id).unwrap();
             p.kill();
             panic!("node {id} did not restart:\n{}", p.stderr());
         }
+    }
+
+    /// Start node `id` on a new, empty directory and free loopback ports with `--join
+    /// true`: it waits to be added (`halfmq cluster add-node`). Its client address.
+    pub fn start_joining(&mut self, id: u64) -> String {
+        let addr = format!("127.0.0.1:{}", free_port_pair());
+        self.addrs.insert(id, addr.clone());
+        self.spawn(id, &["--join", "true"]);
+        if !self.listening(id) {
+            let p = self.nodes.get_mut(&id).unwrap();
+            p.kill();
+            panic!("node {id} did not start:\n{}", p.stderr());
+        }
+        addr
+    }
+
+    /// `halfmq cluster ARGS --addr <the nodes in ids>`, which must succeed: its output.
+    pub fn cluster_cmd(&self, args: &[&str], ids: &[u64]) -> String {
+        let addrs: Vec<&str> = ids.iter().map(|id| self.addrs[id].as_str()).collect();
+        let addrs = addrs.join(",");
+        let mut all = vec!["cluster"];
+        all.extend(args);
+        all.extend(["--addr", addrs.as_str()]);
+        run(&self.with_token(&all)).ok().stdout
     }
 
     /// SIGKILL node `id`.
@@ -194,7 +219,8 @@ impl ClusterProcs {
         assert!(st["leader"].is_u64() || st["leader"].is_null(), "{st}");
         assert!(st["term"].is_u64(), "{st}");
         let nodes = st["nodes"].as_array().expect("nodes");
-        assert_eq!(nodes.len(), self.addrs.len(), "{st}");
+        // The members: every node started, less those removed since.
+        assert!(!nodes.is_empty() && nodes.len() <= self.addrs.len(), "{st}");
         for n in nodes {
             let id = n["id"].as_u64().expect("an id");
             assert_eq!(n["addr"].as_str(), Some(self.addrs[&id].as_str()), "{st}");

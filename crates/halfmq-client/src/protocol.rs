@@ -365,6 +365,22 @@ pub enum Request {
     /// [`Response::ClusterStatus`], or [`codes::BAD_REQUEST`] by a broker started without
     /// `--peers`.
     ClusterStatus,
+    /// Add node `id`, whose client address is `addr`, to the cluster's members: first as
+    /// a learner until it has the log (or a snapshot), then as a voter. Answered
+    /// [`Response::Ok`] by the leader once the change is committed; a follower answers
+    /// [`codes::NOT_LEADER`].
+    ClusterAddNode {
+        /// The new node's id (its `--node-id`).
+        id: u64,
+        /// Its client address (peers use the port after it).
+        addr: String,
+    },
+    /// Remove node `id` from the cluster's members. Answered like
+    /// [`Request::ClusterAddNode`].
+    ClusterRemoveNode {
+        /// The node's id.
+        id: u64,
+    },
 }
 
 /// One message's answer in a [`Response::SentBatch`].

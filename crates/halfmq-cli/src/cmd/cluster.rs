@@ -11,6 +11,7 @@ use halfmq_client::protocol::{Request, Response};
 use halfmq_raft::network::tcp::{offset_port, PeerServer, TcpFactory};
 use halfmq_raft::{ClusterStatus, ReplicaConfig, ReplicaNode, Role};
 
+use super::leader::Leader;
 use super::{print_json, println_flush, ConnArgs};
 
 /// `halfmq cluster ...`.
@@ -21,6 +22,36 @@ pub enum ClusterCommand {
     /// {"leader": 1, "term": 7, "nodes": [{"id": 1, "addr": "...", "role": "leader",
     /// "last_log_index": 1234, "matched": 1234}, ...]}; "leader" is null while there is none.
     Status(StatusCmd),
+    /// Add a node to the members: start it first with `halfmq broker --node-id ID --peers
+    /// ... --join` on an empty data directory; the leader sends it the log (or a
+    /// snapshot), then makes it a voter. Returns once the change is committed.
+    AddNode(AddNodeCmd),
+    /// Remove a node from the members (it stops receiving the log; stop its process
+    /// afterwards). Returns once the change is committed.
+    RemoveNode(RemoveNodeCmd),
+}
+
+/// `halfmq cluster add-node`.
+#[derive(Args)]
+pub struct AddNodeCmd {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The new node's id (its --node-id).
+    #[arg(long)]
+    id: u64,
+    /// The new node's client address (its --listen); peers use the port after it.
+    #[arg(long)]
+    node_addr: String,
+}
+
+/// `halfmq cluster remove-node`.
+#[derive(Args)]
+pub struct RemoveNodeCmd {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The node's id.
+    #[arg(long)]
+    id: u64,
 }
 
 /// `halfmq cluster status`.
@@ -37,7 +68,45 @@ pub struct StatusCmd {
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Status(c) => status(c).await,
+        ClusterCommand::AddNode(c) => {
+            let req = Request::ClusterAddNode {
+                id: c.id,
+                addr: c.node_addr.clone(),
+            };
+            change(
+                &c.conn,
+                req,
+                &format!("node {} at {} added", c.id, c.node_addr),
+            )
+            .await
+        }
+        ClusterCommand::RemoveNode(c) => {
+            let req = Request::ClusterRemoveNode { id: c.id };
+            change(&c.conn, req, &format!("node {} removed", c.id)).await
+        }
     }
+}
+
+/// Make a membership change on the leader (followed among `--addr`'s nodes); print `done`
+/// once it is committed.
+async fn change(conn: &ConnArgs, req: Request, done: &str) -> Result<()> {
+    let mut leader = Leader::new(conn.clone());
+    leader
+        .call(|client| {
+            let req = req.clone();
+            async move {
+                match client.call(req).await? {
+                    Response::Ok => Ok(()),
+                    other => Err(Error::Decode {
+                        what: "membership change",
+                        reason: format!("answered {other:?}"),
+                    }),
+                }
+            }
+        })
+        .await?;
+    println_flush(done);
+    Ok(())
 }
 
 /// Ask every address; print the answer of the node that leads (in the highest term), or,
@@ -126,7 +195,8 @@ impl Node {
     /// Start node `cluster.node_id` on the data directory of `resolved`: its raft log and
     /// broker, the peer listener on the port after the client port, the clients' server;
     /// form the cluster of `--peers` if this node's log is empty (every node of a new
-    /// cluster does so with the same members, which openraft allows).
+    /// cluster does so with the same members, which openraft allows), unless it is to join
+    /// an existing one (`--join`: a member adds it).
     pub async fn start(resolved: &Resolved, cluster: &Replication) -> Result<Node> {
         let server_config: ServerConfig = resolved.server.clone();
         let token = server_config.token.clone().unwrap_or_default();
@@ -147,7 +217,9 @@ impl Node {
             .await
             .map_err(|e| Error::io(&peer_addr, "listen for peers", e))?;
         let peers = PeerServer::start(listener, node.raft().clone(), token)?;
-        node.form(&cluster.peers).await.map_err(replica)?;
+        if !cluster.join {
+            node.form(&cluster.peers).await.map_err(replica)?;
+        }
         let server = Server::start_replicated(node.clone(), server_config).await?;
         Ok(Node {
             node,

@@ -31,6 +31,27 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
                 reason: e.to_string(),
             }),
         },
+        Request::ClusterAddNode { id, addr } => {
+            // Peers dial the port after the client address's: both must be ports.
+            let valid = addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .filter(|a| a.port().checked_add(1).is_some());
+            match valid {
+                None => Response::from_error(&Error::Invalid {
+                    what: "node address",
+                    reason: format!("`{addr}` is not HOST:PORT with a port below 65535"),
+                }),
+                Some(a) => match node.add_node(id, a.to_string()).await {
+                    Ok(()) => Response::Ok,
+                    Err(e) => replica_error(e),
+                },
+            }
+        }
+        Request::ClusterRemoveNode { id } => match node.remove_node(id).await {
+            Ok(()) => Response::Ok,
+            Err(e) => replica_error(e),
+        },
         Request::Send { topic, message } => {
             match node.send(&topic, &[Message::from(message)]).await {
                 Ok(mut each) => match each.pop() {

@@ -177,6 +177,8 @@ pub struct Resolved {
     pub node_id: Option<u64>,
     /// `--peers` as given; empty when unset.
     pub peers: String,
+    /// `--join`: wait to be added instead of forming the cluster of `--peers`.
+    pub join: bool,
     /// The cluster this broker is a node of (`--node-id` and `--peers`, checked); `None`
     /// for a single broker.
     pub replication: Option<Replication>,
@@ -199,6 +201,7 @@ impl Default for Resolved {
             config: None,
             node_id: None,
             peers: String::new(),
+            join: false,
             replication: None,
             sources: BTreeMap::new(),
         }
@@ -400,6 +403,8 @@ pub struct Replication {
     pub node_id: u64,
     /// Every node's client address, by id, this one's included.
     pub peers: BTreeMap<u64, String>,
+    /// Wait to be added to an existing cluster instead of forming one (`--join`).
+    pub join: bool,
 }
 
 /// Ports above a node's client port its peers use (`--peers`' help says so).
@@ -411,9 +416,10 @@ impl Replication {
     fn from_settings(r: &Resolved) -> Result<Option<Replication>> {
         let bad = |setting, reason: String| Error::Config { setting, reason };
         let Some(text) = Some(r.peers.as_str()).filter(|p| !p.is_empty()) else {
-            return match r.node_id {
-                Some(_) => Err(bad("node_id", "--node-id needs --peers".into())),
-                None => Ok(None),
+            return match (r.node_id, r.join) {
+                (Some(_), _) => Err(bad("node_id", "--node-id needs --peers".into())),
+                (None, true) => Err(bad("join", "--join needs --peers and --node-id".into())),
+                (None, false) => Ok(None),
             };
         };
         let mut peers = BTreeMap::new();
@@ -452,7 +458,11 @@ impl Replication {
             }
             None => return Err(bad("node_id", format!("node {node_id} is not in --peers"))),
         }
-        Ok(Some(Replication { node_id, peers }))
+        Ok(Some(Replication {
+            node_id,
+            peers,
+            join: r.join,
+        }))
     }
 }
 

@@ -100,6 +100,10 @@ settings! {
         /// list on every node). Nodes talk to each other on the port after each client port
         /// (10912 for 10911), presenting --token; the cluster is formed at first start.
         peers: String = "HALFMQ_PEERS", value_name = "ID=ADDR,..." => peers;
+        /// Join an existing cluster instead of forming one: at first start the node waits,
+        /// with an empty log, until a member adds it (`halfmq cluster add-node`). Needs
+        /// --peers (this node's own entry at least).
+        join: bool = "HALFMQ_JOIN" => join;
     }
 
     /// The network server and the metrics endpoint.

@@ -82,7 +82,9 @@ pub(super) async fn handle(
         },
     };
     match req {
-        Request::ClusterStatus => Response::Error {
+        Request::ClusterStatus
+        | Request::ClusterAddNode { .. }
+        | Request::ClusterRemoveNode { .. } => Response::Error {
             code: codes::BAD_REQUEST,
             message: "this broker is not replicated (it was started without --peers)".into(),
         },
