@@ -82,35 +82,6 @@ fn acks_again(p: &Proc, since: Instant) -> Duration {
     since.elapsed()
 }
 
-/// Until node `id` has caught up: the leader has matched its log up to where the
-/// leader's own log was when this started (or it leads itself).
-fn wait_caught_up(c: &ClusterProcs, id: u64) {
-    let deadline = Instant::now() + WAIT;
-    let mut target = None;
-    loop {
-        let (leader, _) = c.leader();
-        if leader == id {
-            return;
-        }
-        let st = c.status_via(&c.addrs[&leader]);
-        let of = |n: u64, k: &str| {
-            st["nodes"]
-                .as_array()
-                .and_then(|ns| ns.iter().find(|x| x["id"] == n))
-                .and_then(|x| x[k].as_u64())
-        };
-        let target = *target.get_or_insert(of(leader, "last_log_index").unwrap_or(u64::MAX));
-        if of(id, "matched").is_some_and(|m| m >= target) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {id} did not catch up: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_cut_off_leader_acknowledges_nothing_and_every_node_catches_up_after_the_heal() {
     let net = Netns::new(&[1, 2, 3])
@@ -166,7 +137,7 @@ fn a_cut_off_leader_acknowledges_nothing_and_every_node_catches_up_after_the_hea
     net.rejoin(old);
     probe(&c, &c.addr_list(), "probe-healed");
     probes.insert("probe-healed-0".to_owned());
-    wait_caught_up(&c, old);
+    c.wait_caught_up(old, WAIT);
 
     // 3. A follower is cut off while writes go on, then rejoins and catches up.
     let (leader, _) = c.leader();
@@ -180,7 +151,7 @@ fn a_cut_off_leader_acknowledges_nothing_and_every_node_catches_up_after_the_hea
     probe(&c, &c.addr_list(), "probe-follower-cut");
     probes.insert("probe-follower-cut-0".to_owned());
     net.rejoin(follower);
-    wait_caught_up(&c, follower);
+    c.wait_caught_up(follower, WAIT);
 
     let mut acked = probes;
     for mut p in producers {

@@ -165,11 +165,16 @@ impl ClusterProcs {
 
     /// Restart node `id` (killed before) on its directory and ports.
     pub fn restart(&mut self, id: u64) {
-        self.spawn(id, &[]);
+        self.restart_with(id, &[]);
+    }
+
+    /// Start node `id` on its directory and ports with `extra` arguments.
+    fn restart_with(&mut self, id: u64, extra: &[&str]) {
+        self.spawn(id, extra);
         if !self.listening(id) {
             let p = self.nodes.get_mut(&id).unwrap();
             p.kill();
-            panic!("node {id} did not restart:\n{}", p.stderr());
+            panic!("node {id} did not start:\n{}", p.stderr());
         }
     }
 
@@ -178,13 +183,45 @@ impl ClusterProcs {
     pub fn start_joining(&mut self, id: u64) -> String {
         let addr = format!("127.0.0.1:{}", free_port_pair());
         self.addrs.insert(id, addr.clone());
-        self.spawn(id, &["--join", "true"]);
-        if !self.listening(id) {
-            let p = self.nodes.get_mut(&id).unwrap();
-            p.kill();
-            panic!("node {id} did not start:\n{}", p.stderr());
-        }
+        self.restart_with(id, &["--join", "true"]);
         addr
+    }
+
+    /// Restart member `id` (killed before) on an emptied directory, with `--join true`
+    /// (an empty node that is already a member waits for the leader, never forms a
+    /// cluster of its own): a replaced disk.
+    pub fn restart_wiped(&mut self, id: u64) {
+        std::fs::remove_dir_all(self.dir(id)).expect("wipe the node's directory");
+        self.restart_with(id, &["--join", "true"]);
+    }
+
+    /// Until the leader has matched node `id`'s log up to where the leader's own log was
+    /// when this started (or `id` leads itself).
+    pub fn wait_caught_up(&self, id: u64, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        let mut target = None;
+        loop {
+            let (leader, _) = self.leader();
+            if leader == id {
+                return;
+            }
+            let st = self.status_via(&self.addrs[&leader]);
+            let of = |n: u64, k: &str| {
+                st["nodes"]
+                    .as_array()
+                    .and_then(|ns| ns.iter().find(|x| x["id"] == n))
+                    .and_then(|x| x[k].as_u64())
+            };
+            let target = *target.get_or_insert(of(leader, "last_log_index").unwrap_or(u64::MAX));
+            if of(id, "matched").is_some_and(|m| m >= target) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not catch up: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `halfmq cluster ARGS --addr <the nodes in ids>`, which must succeed: its output.
@@ -376,7 +413,11 @@ impl ClusterProcs {
             let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
             assert!(
                 missing.is_empty(),
-                "node {id} lacks acknowledged sends {missing:?}"
+                "node {id} lacks {} of {} acknowledged sends (it has {} keys): {:?}",
+                missing.len(),
+                acked.len(),
+                got.len(),
+                missing.iter().take(20).collect::<Vec<_>>()
             );
             let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
             assert!(

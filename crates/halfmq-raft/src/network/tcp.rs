@@ -27,6 +27,7 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, Snapshot, Vote};
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -328,12 +329,30 @@ impl TcpLink {
         req: &PeerRequest,
         ttl: Duration,
     ) -> std::result::Result<PeerResponse, LinkError> {
+        let bytes = frame::encode(req, "peer request").map_err(LinkError::Broken)?;
+        self.call_encoded(&bytes, ttl).await
+    }
+
+    /// [`TcpLink::call`] with the request already encoded as a frame.
+    async fn call_encoded(
+        &mut self,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> std::result::Result<PeerResponse, LinkError> {
         let attempt = async {
-            let s = self.connect().await?;
-            frame::write(s, req, "peer request")
+            self.connect().await?;
+            // The connection is taken out for the exchange and put back only once it is
+            // complete. openraft drops a call at its own time-out (the heartbeat interval
+            // for appends); the connection then goes with it, so that no later call reads
+            // this request's answer as its own.
+            let mut s = self
+                .stream
+                .take()
+                .ok_or(LinkError::Connect(Error::Closed))?;
+            s.write_all(bytes)
                 .await
-                .map_err(LinkError::Broken)?;
-            match frame::read(s, "peer response").await {
+                .map_err(|e| LinkError::Broken(Error::io(&self.addr, "write a request", e)))?;
+            let r = match frame::read(&mut s, "peer response").await {
                 Ok(Some(PeerResponse::Failed(why))) => Err(LinkError::Broken(Error::Invalid {
                     what: "peer request",
                     reason: why,
@@ -341,7 +360,11 @@ impl TcpLink {
                 Ok(Some(r)) => Ok(r),
                 Ok(None) => Err(LinkError::Broken(Error::Closed)),
                 Err(e) => Err(LinkError::Broken(e)),
+            };
+            if r.is_ok() {
+                self.stream = Some(s);
             }
+            r
         };
         let r = match tokio::time::timeout(ttl, attempt).await {
             Ok(r) => r,
@@ -356,6 +379,9 @@ impl TcpLink {
         r
     }
 }
+
+/// Most bytes an append of several entries carries (see `append_entries`).
+const APPEND_BYTES_MAX: usize = 256 << 10;
 
 type RpcResult<T> = std::result::Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
@@ -381,10 +407,24 @@ impl RaftNetwork<TypeConfig> for TcpLink {
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let n = rpc.entries.len() as u64;
         let req = PeerRequest::Append(rpc);
-        if n > 1 && frame::encode(&req, "peer request").is_err() {
+        // openraft gives an append one heartbeat interval (50 ms) to be sent, written and
+        // fsynced by the follower, and answered; one that takes longer is sent again, the
+        // same size, for ever (a node catching up never would). So an append of more than
+        // one entry is kept to `APPEND_BYTES_MAX`, and openraft sends fewer entries.
+        let bytes = match frame::encode(&req, "peer request") {
+            Ok(b) if n > 1 && b.len() > APPEND_BYTES_MAX => None,
+            Ok(b) => Some(b),
+            Err(_) if n > 1 => None,
+            Err(e) => return Err(NetworkError::new(&e).into()),
+        };
+        let Some(bytes) = bytes else {
             return Err(PayloadTooLarge::new_entries_hint(n / 2).into());
-        }
-        match self.call(&req, option.hard_ttl()).await.map_err(rpc_err)? {
+        };
+        match self
+            .call_encoded(&bytes, option.hard_ttl())
+            .await
+            .map_err(rpc_err)?
+        {
             PeerResponse::Append(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
             other => Err(NetworkError::new(&unexpected(other)).into()),
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halfmq::{
-    Error, GroupSettings, HalfOptions, Message, NackOutcome, PollOptions, Receipt, Result,
+    Broker, Error, GroupSettings, HalfOptions, Message, NackOutcome, PollOptions, Receipt, Result,
     TagFilter, TxnId,
 };
 use halfmq_client::protocol::{codes, Request, Response, SendResult, WireGroup, WireMessage};
@@ -139,7 +139,15 @@ pub(super) async fn handle(
             wait_ms,
         } => {
             let opts = PollOptions::default();
-            let r = poll(conn, answer, stop, (&group, &topic, &opts), (max, wait_ms)).await;
+            let r = poll(
+                &b,
+                conn,
+                answer,
+                stop,
+                (&group, &topic, &opts),
+                (max, wait_ms),
+            )
+            .await;
             deliveries_response(r, Response::Messages)
         }
         Request::Receive {
@@ -155,7 +163,15 @@ pub(super) async fn handle(
                     let opts = PollOptions::default()
                         .with_lease(lease_ms.map(Duration::from_millis))
                         .with_filter(filter);
-                    poll(conn, answer, stop, (&group, &topic, &opts), (max, wait_ms)).await
+                    poll(
+                        &b,
+                        conn,
+                        answer,
+                        stop,
+                        (&group, &topic, &opts),
+                        (max, wait_ms),
+                    )
+                    .await
                 }
                 Err(e) => Err(e),
             };
@@ -401,13 +417,15 @@ async fn send_batch(b: &halfmq::Broker, topic: String, messages: Vec<WireMessage
     }
 }
 
-/// A long poll: wait (holding no room) until there may be messages, take room for a whole
-/// answer, then hand out what fits. A client that does not read its answers is handed
+/// A long poll on `b` (the connection's broker, or a replicated node's current one: a node
+/// that installs a snapshot replaces its broker): wait (holding no room) until there may be
+/// messages, take room for a whole answer, then hand out what fits. A client that does not read its answers is handed
 /// nothing more. It ends early, empty, when the server stops or the connection is cut; the
 /// waits are its only await points, so nothing has been handed out when it is cut short.
 /// `max` and `wait_ms` are the request's, cut here to [`POLL_MESSAGES_MAX`] and
 /// [`POLL_WAIT_MS_MAX`] (the same for `Poll` and `Receive`).
 async fn poll(
+    b: &Broker,
     conn: &Conn,
     answer: &mut Answer,
     mut stop: Stop,
@@ -416,7 +434,6 @@ async fn poll(
 ) -> Result<Vec<halfmq::Delivery>> {
     let max = (max as usize).min(POLL_MESSAGES_MAX);
     let wait = Duration::from_millis(wait_ms.min(POLL_WAIT_MS_MAX));
-    let b = &conn.broker;
     let room = conn.config.frame_bytes_max as usize;
     let max_bytes = room - 64 * 1024;
     let deadline = tokio::time::Instant::now() + wait;
