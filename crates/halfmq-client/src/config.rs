@@ -16,7 +16,8 @@ pub struct ClientConfig {
     /// Broker address. Default `127.0.0.1:10911`. For a replicated cluster, the client
     /// addresses of several of its nodes, comma-separated (`"A,B,C"`): the client then
     /// follows the leader among them and puts an idempotency key on every send that has none
-    /// (see [`crate::Client`]).
+    /// (see [`crate::Client`]). With one address it talks to that broker alone: a node's
+    /// "not the leader" answer comes back as the error.
     pub addr: String,
     /// Shared secret, if the broker requires one.
     pub token: Option<String>,

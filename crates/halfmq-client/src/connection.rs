@@ -91,7 +91,8 @@ struct Inner {
     config: ClientConfig,
     /// The addresses of [`ClientConfig::addr`] and which one is asked.
     addrs: Mutex<Addrs>,
-    /// The configuration names several addresses: sends without an idempotency key get one.
+    /// The configuration names several addresses: the client follows the leader among them,
+    /// and sends without an idempotency key get one.
     follows: bool,
     /// The keys of [`Client::keyed`].
     keys: KeyMaker,
@@ -122,7 +123,8 @@ struct Inner {
 /// ([`Error::from_wire`]).
 ///
 /// With several addresses ([`ClientConfig::addr`] `"A,B,C"`, the nodes of a replicated
-/// cluster) the client follows the leader: a request answered "not the leader" is made
+/// cluster) the client follows the leader (with one, it talks to that broker alone and
+/// every error, "not the leader" too, is the caller's): a request answered "not the leader" is made
 /// again on the leader the answer names (or, with none known, on the next address after a
 /// short pause); a node that cannot be reached is left for the next address; a request
 /// whose fate is unknown (its node went away or could not get it confirmed) is made again
@@ -195,8 +197,7 @@ impl Client {
                 Ok(_) => return Ok(client),
                 Err(e) => e,
             };
-            let several = client.inner.addrs.lock().len() > 1;
-            let step = follow::step_after(&e, false, false, several);
+            let step = follow::step_after(&e, false, false, client.inner.follows);
             if step == Step::Fail || start.elapsed() >= client.inner.config.failover_timeout {
                 return Err(e);
             }
@@ -419,8 +420,7 @@ impl Client {
                 },
                 Err(e) => (e, false),
             };
-            let several = self.inner.addrs.lock().len() > 1;
-            let step = follow::step_after(&e, sent, resend, several);
+            let step = follow::step_after(&e, sent, resend, self.inner.follows);
             let pause = match &step {
                 Step::Fail => return Err(e),
                 // A node naming itself the leader it is not (its view is changing): not at

@@ -110,17 +110,19 @@ pub(crate) enum Step {
 
 /// What to do after `e`. `sent`: the request may have reached a broker (false when
 /// connecting failed); `resend`: it may be made twice ([`may_resend`]); `several`: the
-/// client has more than one address.
+/// client was given more than one address. With one address the client talks to that
+/// broker alone, as it always did: every error is the caller's ("not the leader" too).
 pub(crate) fn step_after(e: &Error, sent: bool, resend: bool, several: bool) -> Step {
+    if !several {
+        return Step::Fail;
+    }
     match protocol::leader_addr(e) {
         // Not carried out: safe to make again wherever the leader is.
         Some(Some(addr)) => Step::GoTo(addr),
         Some(None) => Step::MoveOn {
             pause: ELECTION_PAUSE,
         },
-        // With one address there is nowhere else to go: the error is the caller's, as it
-        // always was (the next request reconnects, with backoff).
-        None if !several || !fate_unknown(e) => Step::Fail,
+        None if !fate_unknown(e) => Step::Fail,
         None if !sent => Step::MoveOn {
             pause: Duration::ZERO,
         },
@@ -252,14 +254,18 @@ mod tests {
         assert!(!a.step(0, &Step::GoTo("x:1".into())));
     }
 
-    /// NOT_LEADER is followed with any number of addresses (the request was not carried
-    /// out); a lost request is made again elsewhere only when it may be made twice, and a
-    /// failed connect moves on at once; one address keeps today's behaviour.
+    /// NOT_LEADER is followed (the request was not carried out); a lost request is made
+    /// again elsewhere only when it may be made twice, and a failed connect moves on at
+    /// once; one address keeps the behaviour of a client of one broker.
     #[test]
     fn the_step_after_an_error() {
         assert_eq!(
-            step_after(&not_leader(Some("b:2")), true, false, false),
+            step_after(&not_leader(Some("b:2")), true, false, true),
             Step::GoTo("b:2".into())
+        );
+        assert_eq!(
+            step_after(&not_leader(Some("b:2")), true, false, false),
+            Step::Fail
         );
         assert_eq!(
             step_after(&not_leader(None), true, false, true),
