@@ -1,4 +1,5 @@
-//! The connection against a scripted broker: what the client does when the broker closes.
+//! The connection against scripted brokers: what the client does when the broker closes,
+//! and how a client of several nodes follows the leader.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
