@@ -5,6 +5,7 @@
 //! The connection, pipelining and reconnects are in `connection.rs`; the role views
 //! ([`Producer`](crate::Producer), [`Consumer`](crate::Consumer), ...) in `roles.rs`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +73,8 @@ impl Client {
         msg: &Message,
     ) -> Result<Response> {
         let hint = message_len_hint(topic, &msg.key, &msg.body, &msg.properties);
-        self.request(req, hint, Duration::ZERO).await
+        let resend = msg.idempotency_key().is_some();
+        self.request(req, hint, Duration::ZERO, resend).await
     }
 
     /// Store a message durably; the receipt says where ([`SendReceipt::duplicate`]: its
@@ -82,7 +84,11 @@ impl Client {
     /// of its sends is on the wire are queued and leave together as one batch request
     /// (`batcher.rs`); a send with nothing on the wire before it leaves at once, alone. A
     /// send cancelled after it was queued is still sent.
+    ///
+    /// With several addresses, a message without an idempotency key gets one
+    /// ([`Client::keyed`]); so do those of every other send.
     pub async fn send(&self, topic: &str, msg: &Message) -> Result<SendReceipt> {
+        let msg = &*self.keyed(msg);
         if self.config().auto_batch {
             return crate::batcher::send(self, topic, msg).await;
         }
@@ -102,12 +108,23 @@ impl Client {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
+        let keyed: Vec<Message>;
+        let msgs = if msgs
+            .iter()
+            .all(|m| matches!(self.keyed(m), Cow::Borrowed(_)))
+        {
+            msgs
+        } else {
+            keyed = msgs.iter().map(|m| self.keyed(m).into_owned()).collect();
+            &keyed
+        };
         let req = SendBatchRef {
             topic,
             messages: MessagesRef(msgs),
         };
         let hint = msgs.iter().map(|m| m.payload_bytes() + 16).sum::<usize>() + 64;
-        match self.request(&req, hint, Duration::ZERO).await? {
+        let resend = msgs.iter().all(|m| m.idempotency_key().is_some());
+        match self.request(&req, hint, Duration::ZERO, resend).await? {
             Response::SentBatch { topic, results } if results.len() == msgs.len() => Ok(results
                 .into_iter()
                 .map(|r| r.into_outcome(&topic))
@@ -135,6 +152,7 @@ impl Client {
         msg: &Message,
         deliver_at_ms: u64,
     ) -> Result<DelayedReceipt> {
+        let msg = &*self.keyed(msg);
         let req = SendDelayedRef {
             topic,
             message: MessageRef(msg),
@@ -165,6 +183,7 @@ impl Client {
         producer_group: &str,
         opts: HalfOptions,
     ) -> Result<HalfReceipt> {
+        let msg = &*self.keyed(msg);
         let req = SendHalfRef {
             topic,
             message: MessageRef(msg),
@@ -215,7 +234,9 @@ impl Client {
     pub async fn ack_many(&self, group: &str, topic: &str, acks: &[(u32, u64)]) -> Result<()> {
         let req = AckRef { group, topic, acks };
         let hint = 64 + group.len() + topic.len() + acks.len() * 14;
-        answer!(self.request(&req, hint, Duration::ZERO).await?, Response::Ok => ())
+        // Not made again after its fate was lost: an ack may have been carried out, and
+        // the caller decides (an unacked message is delivered again in any case).
+        answer!(self.request(&req, hint, Duration::ZERO, false).await?, Response::Ok => ())
     }
 
     /// Give back a delivered message: it is delivered again after `delay` (or the group's

@@ -1,4 +1,5 @@
-//! [`ClientConfig`]: where the broker is and how long to wait for it.
+//! [`ClientConfig`]: where the broker is (or the nodes of a replicated cluster are) and how
+//! long to wait for it.
 //!
 //! It is `#[non_exhaustive]`, so that settings can be added without breaking anyone: build
 //! it with [`ClientConfig::new`] (or `default()`) and the `with_<field>` setters, or change
@@ -12,7 +13,11 @@ use crate::frame::FRAME_BYTES_MAX_DEFAULT;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// Broker address. Default `127.0.0.1:10911`.
+    /// Broker address. Default `127.0.0.1:10911`. For a replicated cluster, the client
+    /// addresses of several of its nodes, comma-separated (`"A,B,C"`): the client then
+    /// follows the leader among them and puts an idempotency key on every send that has none
+    /// (see [`crate::Client`]). With one address it talks to that broker alone: a node's
+    /// "not the leader" answer comes back as the error.
     pub addr: String,
     /// Shared secret, if the broker requires one.
     pub token: Option<String>,
@@ -21,6 +26,10 @@ pub struct ClientConfig {
     /// Time-out of each request. Default 30 s. A long poll ([`crate::Client::poll_wait`])
     /// may take its wait longer.
     pub request_timeout: Duration,
+    /// Longest one request (or [`crate::Client::connect`]) spends following the leader of a
+    /// replicated cluster: going from node to node and waiting out an election, before its
+    /// last error is returned. Default 30 s. Each attempt has [`ClientConfig::request_timeout`].
+    pub failover_timeout: Duration,
     /// Time-out of connecting (and the handshake). Default 5 s.
     pub connect_timeout: Duration,
     /// Largest frame. Default 4 MiB.
@@ -53,6 +62,7 @@ impl Default for ClientConfig {
             token: None,
             name: "halfmq-client".into(),
             request_timeout: Duration::from_secs(30),
+            failover_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             reconnect_backoff_max: Duration::from_secs(5),
@@ -65,7 +75,8 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
-    /// The defaults, for the broker at `addr`.
+    /// The defaults, for the broker at `addr` (or the nodes of a cluster, `"A,B,C"`: see
+    /// [`ClientConfig::addr`]).
     pub fn new(addr: impl Into<String>) -> ClientConfig {
         ClientConfig {
             addr: addr.into(),
@@ -84,6 +95,8 @@ halfmq_types::with_setters! {
         with_name => name: String;
         /// Sets [`ClientConfig::request_timeout`].
         with_request_timeout => request_timeout: Duration;
+        /// Sets [`ClientConfig::failover_timeout`].
+        with_failover_timeout => failover_timeout: Duration;
         /// Sets [`ClientConfig::connect_timeout`].
         with_connect_timeout => connect_timeout: Duration;
         /// Sets [`ClientConfig::frame_bytes_max`].

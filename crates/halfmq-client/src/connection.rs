@@ -1,10 +1,13 @@
 //! The connection under a [`Client`]: one TCP stream, requests pipelined on it by correlation
 //! id, a reader task that hands each answer to its waiting request and answers check-backs,
-//! and reconnects with backoff that register the transaction checkers again.
+//! and reconnects with backoff that register the transaction checkers again; with several
+//! addresses (a replicated cluster), each request follows the leader (the decisions are in
+//! `follow.rs`).
 //!
 //! The operations themselves (send, poll, ack, ...) are in `client.rs`; this file knows
 //! nothing of them but how to send a request and wait for its [`Response`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,17 +16,27 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::config::ClientConfig;
+use crate::follow::{self, Addrs, KeyMaker, Step};
 use crate::frame::{self, FrameKind};
 use crate::protocol::{self, Push, Request, Response};
 use crate::stream::{self, ReadBuf};
 use halfmq_types::error::{Error, Result};
-use halfmq_types::{CheckAnswer, HalfMessage, TransactionChecker};
+use halfmq_types::{CheckAnswer, HalfMessage, Message, TransactionChecker};
 
 /// One open connection. When its reader stops (the broker closed it, bad bytes), it is
 /// marked closed and every request waiting on it fails.
 struct Connection {
+    /// The broker's address.
+    addr: String,
+    /// The generation of the client's addresses ([`Addrs`]) it was opened under: once the
+    /// client asks another address, it is retired.
+    generation: u64,
+    /// The reader and writer tasks, aborted when the connection is retired (which closes
+    /// its socket).
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     out: mpsc::Sender<Vec<u8>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     closed: AtomicBool,
@@ -46,10 +59,43 @@ impl Connection {
     fn more_may_come(&self) -> bool {
         self.answered_together.load(Ordering::Relaxed) > 1 || self.pending.lock().len() > 1
     }
+
+    /// Mark closed, fail the requests still waiting, and stop the reader and the writer,
+    /// which closes the socket.
+    fn shut(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.pending.lock().clear();
+        self.closed_notify.notify_waiters();
+        for task in self.tasks.lock().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Close a connection the client no longer uses (it asks another address now) once
+    /// its requests in flight were answered, or after `wait`.
+    fn retire(self: Arc<Self>, wait: Duration) {
+        tokio::spawn(async move {
+            let until = Instant::now() + wait;
+            while !self.pending.lock().is_empty()
+                && !self.closed.load(Ordering::Acquire)
+                && Instant::now() < until
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.shut();
+        });
+    }
 }
 
 struct Inner {
     config: ClientConfig,
+    /// The addresses of [`ClientConfig::addr`] and which one is asked.
+    addrs: Mutex<Addrs>,
+    /// The configuration names several addresses: the client follows the leader among them,
+    /// and sends without an idempotency key get one.
+    follows: bool,
+    /// The keys of [`Client::keyed`].
+    keys: KeyMaker,
     /// Held across a reconnect, so only one task reconnects at a time.
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// The connection in `conn`, read without waiting: every request looks here first, so
@@ -75,6 +121,18 @@ struct Inner {
 /// outcome unknown) and the next request reconnects, with backoff, registering the
 /// transaction checkers again. A broker's error comes back as the same [`Error`] variant
 /// ([`Error::from_wire`]).
+///
+/// With several addresses ([`ClientConfig::addr`] `"A,B,C"`, the nodes of a replicated
+/// cluster) the client follows the leader (with one, it talks to that broker alone and
+/// every error, "not the leader" too, is the caller's): a request answered "not the leader" is made
+/// again on the leader the answer names (or, with none known, on the next address after a
+/// short pause); a node that cannot be reached is left for the next address; a request
+/// whose fate is unknown (its node went away or could not get it confirmed) is made again
+/// on the next address only when that cannot do it twice: a send with an idempotency key,
+/// a commit or rollback, a read. Every send without an idempotency key gets one
+/// ([`Client::keyed`]), so a failover neither loses nor duplicates an acknowledged send.
+/// All of it within [`ClientConfig::failover_timeout`] per request; each attempt has the
+/// request time-out.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -114,10 +172,16 @@ fn disconnected(addr: &str, reason: impl Into<String>) -> Error {
 
 impl Client {
     /// Connect (and handshake) now, so that a wrong address or token fails here.
+    /// With several addresses, the first that answers (within
+    /// [`ClientConfig::failover_timeout`]).
     pub async fn connect(config: ClientConfig) -> Result<Client> {
+        let addrs = Addrs::parse(&config.addr);
         let client = Client {
             inner: Arc::new(Inner {
                 config,
+                follows: addrs.len() > 1,
+                addrs: Mutex::new(addrs),
+                keys: KeyMaker::new(),
                 conn: tokio::sync::Mutex::new(None),
                 live: Mutex::new(None),
                 checkers: Mutex::new(Vec::new()),
@@ -126,8 +190,19 @@ impl Client {
                 batcher: crate::batcher::lanes::Batcher::default(),
             }),
         };
-        client.connection().await?;
-        Ok(client)
+        let start = Instant::now();
+        loop {
+            let generation = client.inner.addrs.lock().generation();
+            let e = match client.connection().await {
+                Ok(_) => return Ok(client),
+                Err(e) => e,
+            };
+            let step = follow::step_after(&e, false, false, client.inner.follows);
+            if step == Step::Fail || start.elapsed() >= client.inner.config.failover_timeout {
+                return Err(e);
+            }
+            client.inner.addrs.lock().step(generation, &step);
+        }
     }
 
     /// The configuration.
@@ -140,11 +215,28 @@ impl Client {
         &self.inner.batcher
     }
 
+    /// `msg`, with an idempotency key made for it (`hmq-<random client id>-<counter>`, kept
+    /// as the property consumers see) when the client has several addresses and it carries
+    /// none: a send made again on a new leader is then stored once.
+    pub fn keyed<'m>(&self, msg: &'m Message) -> Cow<'m, Message> {
+        if self.inner.follows && msg.idempotency_key().is_none() {
+            Cow::Owned(msg.clone().with_idempotency_key(self.inner.keys.key()))
+        } else {
+            Cow::Borrowed(msg)
+        }
+    }
+
+    /// True when the connection is open and to the address asked now.
+    fn usable(&self, c: &Connection) -> bool {
+        !c.closed.load(Ordering::Acquire) && c.generation == self.inner.addrs.lock().generation()
+    }
+
     /// The live connection, connecting first if there is none.
     async fn connection(&self) -> Result<Arc<Connection>> {
-        if let Some(c) = self.inner.live.lock().as_ref() {
-            if !c.closed.load(Ordering::Acquire) {
-                return Ok(c.clone());
+        let live = self.inner.live.lock().clone();
+        if let Some(c) = live {
+            if self.usable(&c) {
+                return Ok(c);
             }
         }
         // Boxed: the reconnect's state (connect, handshake, checkers) is large and rare, and
@@ -155,14 +247,23 @@ impl Client {
     /// Connect, unless another task did while this one waited for the lock.
     async fn reconnect(&self) -> Result<Arc<Connection>> {
         let mut slot = self.inner.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if !c.closed.load(Ordering::Acquire) {
-                return Ok(c.clone());
+        if let Some(c) = slot.take() {
+            if self.usable(&c) {
+                *slot = Some(c.clone());
+                return Ok(c);
             }
+            // Open, but to an address no longer asked: its requests in flight (a long poll
+            // at most) are still answered there.
+            let cfg = &self.inner.config;
+            let wait = cfg.request_timeout.saturating_add(Duration::from_secs(60));
+            *self.inner.live.lock() = None;
+            c.retire(wait);
         }
-        let failures = self.inner.failures.load(Ordering::Relaxed);
-        if failures > 0 {
-            let wait = Duration::from_millis(50u64.saturating_mul(1 << failures.min(10)))
+        // Backoff once every address failed, growing with each round that failed.
+        let rounds = self.inner.failures.load(Ordering::Relaxed)
+            / u64::try_from(self.inner.addrs.lock().len().max(1)).unwrap_or(1);
+        if rounds > 0 {
+            let wait = Duration::from_millis(50u64.saturating_mul(1 << rounds.min(10)))
                 .min(self.inner.config.reconnect_backoff_max);
             tokio::time::sleep(wait).await;
         }
@@ -195,14 +296,18 @@ impl Client {
 
     async fn open(&self) -> Result<Arc<Connection>> {
         let cfg = &self.inner.config;
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr))
+        let (addr, generation) = self.inner.addrs.lock().current()?;
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
             .await
-            .map_err(|_| disconnected(&cfg.addr, "connect timed out"))?
-            .map_err(|e| disconnected(&cfg.addr, e.to_string()))?;
+            .map_err(|_| disconnected(&addr, "connect timed out"))?
+            .map_err(|e| disconnected(&addr, e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (rd, mut wr) = stream.into_split();
         let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
         let conn = Arc::new(Connection {
+            addr,
+            generation,
+            tasks: Mutex::new(Vec::new()),
             out,
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -214,11 +319,12 @@ impl Client {
         // A weak handle: the connection owns the writer's channel, which closes (ending the
         // writer) when the connection is dropped.
         let gather = Arc::downgrade(&conn);
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let more = || gather.upgrade().is_some_and(|c| c.more_may_come());
             let _ = stream::write_frames_gathering(&mut wr, &mut out_rx, more).await;
         });
-        tokio::spawn(read_loop(rd, conn.clone(), self.clone()));
+        let reader = tokio::spawn(read_loop(rd, conn.clone(), self.clone()));
+        *conn.tasks.lock() = vec![writer.abort_handle(), reader.abort_handle()];
         let hello = Request::Hello {
             client: cfg.name.clone(),
             token: cfg.token.clone(),
@@ -226,11 +332,11 @@ impl Client {
         match tokio::time::timeout(cfg.connect_timeout, self.call_on(&conn, hello)).await {
             Ok(Ok(Response::Hello { .. })) => Ok(conn),
             Ok(Ok(other)) => Err(disconnected(
-                &cfg.addr,
+                &conn.addr,
                 format!("unexpected handshake answer {other:?}"),
             )),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(disconnected(&cfg.addr, "handshake timed out")),
+            Err(_) => Err(disconnected(&conn.addr, "handshake timed out")),
         }
     }
 
@@ -263,7 +369,7 @@ impl Client {
         len_hint: usize,
         timeout: Duration,
     ) -> Result<Response> {
-        let addr = &self.inner.config.addr;
+        let addr = &conn.addr;
         let (id, bytes) = self.frame(req, len_hint)?;
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().insert(id, tx);
@@ -293,16 +399,56 @@ impl Client {
 
     /// Send a request (owned or borrowed, see [`Client::call`]) on the live connection,
     /// connecting first if needed, and wait up to the request time-out plus `extra` for its
-    /// answer.
+    /// answer; following the leader (see [`Client`]) within
+    /// [`ClientConfig::failover_timeout`]. `resend`: the request may be made again when its
+    /// fate is unknown ([`follow::may_resend`]).
     pub(crate) async fn request<T: serde::Serialize>(
         &self,
         req: &T,
         len_hint: usize,
         extra: Duration,
+        resend: bool,
     ) -> Result<Response> {
+        let start = Instant::now();
         let timeout = self.inner.config.request_timeout.saturating_add(extra);
-        let conn = self.connection().await?;
-        match self.call_on_ref(&conn, req, len_hint, timeout).await {
+        loop {
+            let (asked, generation) = self.inner.addrs.lock().current()?;
+            let (e, sent) = match self.connection().await {
+                Ok(conn) => match self.request_on(&conn, req, len_hint, timeout).await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => (e, true),
+                },
+                Err(e) => (e, false),
+            };
+            let step = follow::step_after(&e, sent, resend, self.inner.follows);
+            let pause = match &step {
+                Step::Fail => return Err(e),
+                // A node naming itself the leader it is not (its view is changing): not at
+                // once again.
+                Step::GoTo(addr) if *addr == asked => follow::ELECTION_PAUSE,
+                Step::GoTo(_) => Duration::ZERO,
+                Step::MoveOn { pause } => *pause,
+            };
+            if start.elapsed() + pause >= self.inner.config.failover_timeout {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, ?step, "following the leader");
+            self.inner.addrs.lock().step(generation, &step);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// [`Client::request`]'s one attempt on `conn`.
+    async fn request_on<T: serde::Serialize>(
+        &self,
+        conn: &Arc<Connection>,
+        req: &T,
+        len_hint: usize,
+        timeout: Duration,
+    ) -> Result<Response> {
+        match self.call_on_ref(conn, req, len_hint, timeout).await {
             // Written as the broker closed the connection for idleness: not carried out, so
             // sent again, once, on a new connection.
             Err(Error::Disconnected { .. }) if conn.closed_idle.load(Ordering::Acquire) => {
@@ -327,7 +473,8 @@ impl Client {
             } => message_len_hint(topic, &m.key, &m.body, &m.properties),
             _ => 128,
         };
-        self.request(&req, hint, Duration::ZERO).await
+        let resend = follow::may_resend(&req);
+        self.request(&req, hint, Duration::ZERO, resend).await
     }
 
     /// Wait until the current connection is lost (returns at once if there is none).

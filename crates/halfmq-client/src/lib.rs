@@ -5,6 +5,7 @@
 //!   embedded `Broker` under the same name and with the same types, and its role views
 //!   ([`Producer`], [`TransactionalProducer`], [`Consumer`], [`Admin`]); concurrent sends
 //!   to one topic are coalesced into batch requests under load (`batcher`);
+//!   with several addresses it follows the leader of a replicated cluster (`follow`);
 //! - [`Deliveries`]: a consumer as a [`Stream`](futures_core::Stream) of deliveries that ack
 //!   or nack themselves ([`Consumer::stream`]);
 //! - [`frame`]: the wire frame (length, CRC32, version, kind, correlation id) and its
@@ -25,6 +26,7 @@ mod batcher;
 pub mod client;
 mod config;
 mod connection;
+mod follow;
 pub mod frame;
 pub mod protocol;
 mod roles;

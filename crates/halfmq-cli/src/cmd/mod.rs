@@ -17,7 +17,6 @@ pub mod cluster;
 pub mod consume;
 pub mod dlq;
 pub mod groups;
-pub mod leader;
 pub mod produce;
 pub mod repair;
 pub mod retention;
@@ -30,32 +29,23 @@ pub mod txn;
 #[derive(Args, Clone)]
 pub struct ConnArgs {
     /// Broker address; for a replicated cluster, several, comma-separated (A,B,C): the
-    /// first that answers is used, and `produce` follows the leader among them.
+    /// client follows the leader among them (and keys every message `produce` sends).
     #[arg(long, env = "HALFMQ_ADDR", default_value = "127.0.0.1:10911")]
     pub addr: String,
     /// Shared secret, if the broker requires one.
     #[arg(long, env = "HALFMQ_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Time-out of each request, ms.
+    /// Time-out of each request, ms; with several addresses, also the longest a request
+    /// spends following the leader.
     #[arg(long, default_value_t = 30_000)]
     pub timeout_ms: u64,
 }
 
 impl ConnArgs {
-    /// A client connected to the broker these arguments name: the first of `--addr`'s
-    /// addresses that answers (the last error when none does).
+    /// A client of the broker these arguments name: with several addresses, the first that
+    /// answers, and it follows the leader among them (see `halfmq_client::Client`).
     pub async fn connect(&self) -> Result<Client> {
-        let mut last = None;
-        for addr in self.addrs() {
-            match self.connect_to(&addr).await {
-                Ok(c) => return Ok(c),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Error::Config {
-            setting: "addr",
-            reason: "no address given".into(),
-        }))
+        self.connect_to(&self.addr).await
     }
 
     /// The addresses of `--addr`, in order.
@@ -68,12 +58,15 @@ impl ConnArgs {
             .collect()
     }
 
-    /// A client connected to `addr` with these arguments' token and time-out.
+    /// A client of `addr` (one address, or several comma-separated) with these arguments'
+    /// token and time-outs.
     pub async fn connect_to(&self, addr: &str) -> Result<Client> {
+        let timeout = Duration::from_millis(self.timeout_ms);
         let config = ClientConfig::new(addr.to_owned())
             .with_token(self.token.clone())
             .with_name("halfmq-cli".into())
-            .with_request_timeout(Duration::from_millis(self.timeout_ms));
+            .with_request_timeout(timeout)
+            .with_failover_timeout(timeout);
         Client::connect(config).await
     }
 }

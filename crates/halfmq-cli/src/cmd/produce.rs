@@ -4,7 +4,6 @@ use clap::Args;
 use halfmq::{Message, Result};
 use halfmq_client::Client;
 
-use super::leader::Leader;
 use super::{json_line, ms_time, println_flush, ConnArgs};
 
 /// `halfmq produce`.
@@ -122,31 +121,19 @@ impl ProduceCmd {
 /// that a script knows where to resume.
 ///
 /// With several addresses every message carries an idempotency key (`--idempotency-key`'s,
-/// or one made for this run): a send whose fate is unknown (its node died, or lost its
+/// or one the client makes): a send whose fate is unknown (its node died, or lost its
 /// leadership, before answering) is made again under the same key on the new leader, which
 /// stores it only if the first attempt was not committed. A line is printed only for a send
 /// the cluster acknowledged.
 pub async fn run(cmd: ProduceCmd) -> Result<()> {
-    let mut leader = Leader::new(cmd.conn.clone());
-    let replicated = cmd.conn.addrs().len() > 1;
-    let run_id = format!("{:016x}", fastrand::u64(..));
+    let client = cmd.conn.connect().await?;
     let prefix = cmd
         .key_prefix
         .clone()
         .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
     for i in 0..cmd.count {
-        let (k, mut msg) = cmd.message(&prefix, i);
-        if replicated && msg.idempotency_key().is_none() {
-            msg = msg.with_idempotency_key(format!("{run_id}-{i}"));
-        }
-        let (k, msg) = (&k, &msg);
-        let sent = leader
-            .call(|client| {
-                let cmd = &cmd;
-                async move { cmd.send_one(&client, k, msg).await }
-            })
-            .await;
-        if let Err(e) = sent {
+        let (k, msg) = cmd.message(&prefix, i);
+        if let Err(e) = cmd.send_one(&client, &k, &msg).await {
             eprintln!(
                 "halfmq: {i} of {} messages were acknowledged before this error",
                 cmd.count

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use clap::{Args, Subcommand, ValueEnum};
 use halfmq::{CheckAnswer, HalfMessage, HalfOptions, Message, Result, TxnId, TxnState};
 
-use super::leader::Leader;
 use super::{json_line, println_flush, ConnArgs};
 
 /// `halfmq txn ...`.
@@ -113,18 +112,14 @@ pub async fn run(command: TxnCommand) -> Result<()> {
                 println_flush(&format!("half message written: transaction {t} (pending)"));
             }
         }
-        // An outcome made again (its first answer lost with a leader) finds the same
-        // outcome recorded and does nothing: following the leader is safe.
+        // With several addresses the client follows the leader; an outcome made again (its
+        // first answer lost with a leader) finds the same outcome recorded and does nothing.
         TxnCommand::Commit(TxnIdArgs { conn, id }) => {
-            Leader::new(conn)
-                .call(|c| async move { c.commit(TxnId(id)).await })
-                .await?;
+            conn.connect().await?.commit(TxnId(id)).await?;
             println_flush(&format!("transaction {id} committed"));
         }
         TxnCommand::Rollback(TxnIdArgs { conn, id }) => {
-            Leader::new(conn)
-                .call(|c| async move { c.rollback(TxnId(id)).await })
-                .await?;
+            conn.connect().await?.rollback(TxnId(id)).await?;
             println_flush(&format!("transaction {id} rolled back"));
         }
         TxnCommand::Rearm(TxnIdArgs { conn, id }) => {

@@ -42,7 +42,8 @@ impl Client {
             lease_ms: opts.lease.map(millis),
             filter: opts.filter.to_string(),
         };
-        let got = answer!(self.request(&req, 128, timeout).await?, Response::Received(m) => m)?;
+        let got =
+            answer!(self.request(&req, 128, timeout, true).await?, Response::Received(m) => m)?;
         got.into_iter().map(|d| d.into_delivery()).collect()
     }
 
