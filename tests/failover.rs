@@ -180,3 +180,187 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
         acked.len()
     );
 }
+
+/// Halves of two producer groups to `TOPIC`, each with a check immunity of `immunity`:
+/// `count` keys `c-<i>` of group `commits` and as many `r-<i>` of group `rollbacks`, sent
+/// by a client given every node (it follows the leader). Their transaction ids by key.
+fn pending_halves(
+    rt: &tokio::runtime::Runtime,
+    c: &ClusterProcs,
+    count: usize,
+    immunity: Duration,
+) -> BTreeMap<String, u64> {
+    rt.block_on(async {
+        let client = load::connect(&c.addr_list(), "halves").await;
+        let opts = halfmq::HalfOptions {
+            check_immunity: Some(immunity),
+        };
+        let mut txns = BTreeMap::new();
+        for i in 0..count {
+            for (prefix, group) in [("c", "commits"), ("r", "rollbacks")] {
+                let key = format!("{prefix}-{i}");
+                let msg = halfmq::Message::new(format!("half {key}")).with_key(&key);
+                let txn = client
+                    .send_half(TOPIC, &msg, group, opts.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("half {key}: {e}"));
+                txns.insert(key, txn.0);
+            }
+        }
+        txns
+    })
+}
+
+/// `halfmq txn checker --group G --answer A --addr <every node>`, once it says it answers.
+fn checker(c: &ClusterProcs, group: &str, answer: &str) -> Proc {
+    let args = [
+        "txn",
+        "checker",
+        "--group",
+        group,
+        "--answer",
+        answer,
+        "--addr",
+        &c.addr_list(),
+    ];
+    let p = Proc::spawn(&format!("checker {group}"), halfmq_cmd(&args));
+    assert!(
+        p.wait_line(|l| l.starts_with("answering check-backs"), WAIT)
+            .is_some(),
+        "checker {group} did not register:\n{}",
+        p.stderr()
+    );
+    p
+}
+
+/// How many times `p` (a `txn checker`) was asked about each key.
+fn asked(p: &Proc) -> BTreeMap<String, usize> {
+    let mut n = BTreeMap::new();
+    for l in p.stderr().lines() {
+        if let Some(rest) = l.split("(key ").nth(1) {
+            let key = rest.split(')').next().unwrap_or_default().to_owned();
+            *n.entry(key).or_insert(0) += 1;
+        }
+    }
+    n
+}
+
+/// The unfinished transactions of the node at `addr` (its own broker: one address).
+fn unfinished(addr: &str) -> Vec<Value> {
+    common::run(&["txn", "list", "--json", "--addr", addr])
+        .ok()
+        .json_lines()
+}
+
+#[test]
+fn pending_halves_are_checked_back_by_the_new_leader_exactly_once() {
+    // Checked often once due, and never given up on within the test.
+    let mut c = ClusterProcs::start_with(&[
+        "--txn-check-interval-ms",
+        "100",
+        "--txn-check-backoff-max-ms",
+        "200",
+        "--txn-check-max",
+        "1000",
+    ]);
+    let rt = load::runtime();
+    let (leader, term) = c.leader();
+    // Immune long enough that the leader about to be killed checks none of them: every
+    // check is the new leader's.
+    let txns = pending_halves(&rt, &c, 10, Duration::from_secs(5));
+    let commits = checker(&c, "commits", "commit");
+    let rollbacks = checker(&c, "rollbacks", "rollback");
+    // Every node holds them pending (the halves went through the log).
+    for addr in c.addrs.values() {
+        wait_until_unfinished(addr, txns.len());
+    }
+    c.kill(leader);
+    eprintln!(
+        "killed leader {leader} (term {term}) with {} halves pending",
+        txns.len()
+    );
+    let (new_leader, new_term) = c.leader();
+    assert_ne!(new_leader, leader);
+    let survivors: Vec<String> = c
+        .addrs
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, a)| a.clone())
+        .collect();
+    for addr in &survivors {
+        wait_until_unfinished(addr, 0);
+    }
+    eprintln!("new leader {new_leader} (term {new_term}) resolved every half");
+    c.restart(leader);
+    for (id, addr) in &c.addrs {
+        wait_until_unfinished(addr, 0);
+        let mut attempt = 0;
+        let deadline = Instant::now() + WAIT;
+        let got = loop {
+            attempt += 1;
+            let got = stored(&rt, addr, &format!("halves-{id}-{attempt}"));
+            let all = txns
+                .keys()
+                .filter(|k| k.starts_with("c-"))
+                .all(|k| got.contains_key(k));
+            if all || Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for key in txns.keys() {
+            let want = usize::from(key.starts_with("c-"));
+            assert_eq!(
+                got.get(key).copied().unwrap_or(0),
+                want,
+                "node {id}: {key} stored {:?} times, want {want} (committed once, rolled \
+                 back never)",
+                got.get(key)
+            );
+        }
+    }
+    let mut commits = commits;
+    let mut rollbacks = rollbacks;
+    for p in [&mut commits, &mut rollbacks] {
+        assert!(p.is_running(), "{} stopped:\n{}", p.name, p.stderr());
+        p.kill();
+    }
+    // Each half was asked once, by the new leader (the old one died before any was due),
+    // and of its own group's checker.
+    let (c_asked, r_asked) = (asked(&commits), asked(&rollbacks));
+    for key in txns.keys() {
+        let (mine, other) = if key.starts_with("c-") {
+            (&c_asked, &r_asked)
+        } else {
+            (&r_asked, &c_asked)
+        };
+        assert_eq!(
+            mine.get(key),
+            Some(&1),
+            "{key} asked {:?} times",
+            mine.get(key)
+        );
+        assert_eq!(
+            other.get(key),
+            None,
+            "{key} asked of the other group's checker"
+        );
+    }
+}
+
+/// Wait until the node at `addr` lists `n` unfinished transactions.
+fn wait_until_unfinished(addr: &str, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = unfinished(addr);
+        if got.len() == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{addr} lists {} unfinished transactions, want {n}: {got:?}",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -39,12 +39,20 @@ pub struct ClusterProcs {
     /// The running nodes.
     pub nodes: BTreeMap<u64, Proc>,
     root: tempfile::TempDir,
+    /// Further `halfmq broker` arguments of every node.
+    extra: Vec<String>,
 }
 
 impl ClusterProcs {
     /// Three nodes on new temporary directories, started together; returns once a leader
     /// is known.
     pub fn start() -> ClusterProcs {
+        ClusterProcs::start_with(&[])
+    }
+
+    /// [`ClusterProcs::start`], every node with the further broker arguments `extra` (also
+    /// when restarted).
+    pub fn start_with(extra: &[&str]) -> ClusterProcs {
         for _attempt in 0..5 {
             let addrs: BTreeMap<u64, String> = (1..=3)
                 .map(|id| (id, format!("127.0.0.1:{}", free_port_pair())))
@@ -53,6 +61,7 @@ impl ClusterProcs {
                 addrs,
                 nodes: BTreeMap::new(),
                 root: tempfile::tempdir().unwrap(),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             for id in 1..=3 {
                 c.spawn(id);
@@ -93,7 +102,7 @@ impl ClusterProcs {
             .collect::<Vec<_>>()
             .join(",");
         let dir = self.dir(id).display().to_string();
-        let args = [
+        let mut args: Vec<String> = [
             "broker",
             "--node-id",
             &id.to_string(),
@@ -103,7 +112,11 @@ impl ClusterProcs {
             &self.addrs[&id],
             "--data-dir",
             &dir,
-        ];
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(self.extra.iter().cloned());
         self.nodes
             .insert(id, Proc::spawn(&format!("node {id}"), halfmq_cmd(&args)));
     }

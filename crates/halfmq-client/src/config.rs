@@ -12,7 +12,10 @@ use crate::frame::FRAME_BYTES_MAX_DEFAULT;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// Broker address. Default `127.0.0.1:10911`.
+    /// Broker address. Default `127.0.0.1:10911`. Several, comma-separated (`A,B,C`, the
+    /// nodes of a replicated cluster): the client connects to the first that answers and
+    /// follows the leader (a request refused with `NOT_LEADER` is made again on the leader
+    /// it names; checkers register again on the new leader after a failover).
     pub addr: String,
     /// Shared secret, if the broker requires one.
     pub token: Option<String>,

@@ -2,6 +2,15 @@
 //! id, a reader task that hands each answer to its waiting request and answers check-backs,
 //! and reconnects with backoff that register the transaction checkers again.
 //!
+//! With several addresses ([`ClientConfig::addr`] `A,B,C`, the nodes of a replicated
+//! cluster) the client follows the leader: a connect that fails moves on to the next
+//! address, and an answer `NOT_LEADER` (the request was not carried out) moves to the
+//! leader it names, or to the next address while an election is under way, and the request
+//! is made again there. Checkers are registered again on each new connection, so after the
+//! leader dies they find the new one by themselves. A request whose fate is unknown (the
+//! connection broke before its answer) is not made again: that is the caller's choice
+//! (with an idempotency key it is safe).
+//!
 //! The operations themselves (send, poll, ack, ...) are in `client.rs`; this file knows
 //! nothing of them but how to send a request and wait for its [`Response`].
 
@@ -37,9 +46,20 @@ struct Connection {
     /// Answers the reader handed out from its last read: more than one, and their requesters
     /// may be about to send again, so the writer waits for them to join its write.
     answered_together: AtomicUsize,
+    /// Told when the client leaves this connection for another node: the reader stops.
+    leave: tokio::sync::Notify,
 }
 
 impl Connection {
+    /// The client leaves this connection (for the leader): no request is sent on it any
+    /// more, and its reader stops, which closes it once the requests on it are answered
+    /// or failed.
+    fn abandon(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.closed_notify.notify_waiters();
+        self.leave.notify_one();
+    }
+
     /// Whether a request queued now may have company soon (see
     /// [`stream::write_frames_gathering`]): other requests are outstanding, or the last read
     /// released several requesters at once. A lone producer's request is written at once.
@@ -56,6 +76,9 @@ struct Inner {
     /// requests on a live connection never queue on the reconnect lock.
     live: Mutex<Option<Arc<Connection>>>,
     checkers: Mutex<Vec<(String, Arc<dyn TransactionChecker>)>>,
+    /// The addresses of [`ClientConfig::addr`] (and leaders named that it did not list), and
+    /// the one connected to or tried next.
+    addrs: Mutex<(Vec<String>, usize)>,
     next_id: AtomicU64,
     /// Consecutive failed connects, for the backoff.
     failures: AtomicU64,
@@ -105,6 +128,21 @@ pub(crate) fn message_len_hint(
             .sum::<usize>()
 }
 
+/// Pause before asking again when a node knows no leader (an election is under way).
+const ELECTION_PAUSE: Duration = Duration::from_millis(100);
+
+/// Most times one request follows `NOT_LEADER` to another node.
+const LEADER_HOPS_MAX: u32 = 16;
+
+/// The addresses of [`ClientConfig::addr`]: comma-separated, blanks ignored.
+fn split_addrs(addr: &str) -> Vec<String> {
+    addr.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn disconnected(addr: &str, reason: impl Into<String>) -> Error {
     Error::Disconnected {
         addr: addr.to_owned(),
@@ -115,12 +153,14 @@ fn disconnected(addr: &str, reason: impl Into<String>) -> Error {
 impl Client {
     /// Connect (and handshake) now, so that a wrong address or token fails here.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
+        let addrs = split_addrs(&config.addr);
         let client = Client {
             inner: Arc::new(Inner {
                 config,
                 conn: tokio::sync::Mutex::new(None),
                 live: Mutex::new(None),
                 checkers: Mutex::new(Vec::new()),
+                addrs: Mutex::new((addrs, 0)),
                 next_id: AtomicU64::new(1),
                 failures: AtomicU64::new(0),
                 batcher: crate::batcher::lanes::Batcher::default(),
@@ -166,39 +206,118 @@ impl Client {
                 .min(self.inner.config.reconnect_backoff_max);
             tokio::time::sleep(wait).await;
         }
-        match self.open().await {
-            Ok(c) => {
-                self.inner.failures.store(0, Ordering::Relaxed);
-                *slot = Some(c.clone());
-                *self.inner.live.lock() = Some(c.clone());
-                drop(slot);
-                // Checkers registered before a reconnect are registered again.
-                let groups: Vec<String> = self
-                    .inner
-                    .checkers
-                    .lock()
-                    .iter()
-                    .map(|(g, _)| g.clone())
-                    .collect();
-                for producer_group in groups {
-                    self.call_on(&c, Request::RegisterChecker { producer_group })
-                        .await?;
+        // With several addresses: each once, and a few leader changes on top.
+        let tries = match self.inner.addrs.lock().0.len() {
+            0 | 1 => 1,
+            n => n + 3,
+        };
+        let mut last = None;
+        for _ in 0..tries {
+            let c = match self.open().await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.move_on();
+                    last = Some(e);
+                    continue;
                 }
-                Ok(c)
+            };
+            self.inner.failures.store(0, Ordering::Relaxed);
+            match self.register_checkers(&c).await {
+                Ok(()) => {}
+                // A node that does not lead takes no checker: follow it to the leader.
+                Err(e) if self.follow(&e, &c).await => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => {
+                    self.keep(&mut slot, &c);
+                    return Err(e);
+                }
             }
-            Err(e) => {
-                self.inner.failures.fetch_add(1, Ordering::Relaxed);
-                Err(e)
+            self.keep(&mut slot, &c);
+            return Ok(c);
+        }
+        self.inner.failures.fetch_add(1, Ordering::Relaxed);
+        Err(last
+            .unwrap_or_else(|| disconnected(&self.inner.config.addr, "no address to connect to")))
+    }
+
+    /// Make `c` the live connection.
+    fn keep(&self, slot: &mut Option<Arc<Connection>>, c: &Arc<Connection>) {
+        *slot = Some(c.clone());
+        *self.inner.live.lock() = Some(c.clone());
+    }
+
+    /// Register the checkers kept on `c` (again, after a reconnect).
+    async fn register_checkers(&self, c: &Connection) -> Result<()> {
+        let groups: Vec<String> = self
+            .inner
+            .checkers
+            .lock()
+            .iter()
+            .map(|(g, _)| g.clone())
+            .collect();
+        for producer_group in groups {
+            self.call_on(c, Request::RegisterChecker { producer_group })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// With several addresses, after error `e` on `conn`: if it is `NOT_LEADER`, leave
+    /// `conn` for the leader it names (or, while there is none, for the next address after
+    /// a pause for the election) and return true: the request was not carried out, and may
+    /// be made again there. False for any other error, and with one address.
+    async fn follow(&self, e: &Error, conn: &Connection) -> bool {
+        let Some(leader) = protocol::leader_addr(e) else {
+            return false;
+        };
+        {
+            let mut a = self.inner.addrs.lock();
+            if a.0.len() < 2 {
+                return false;
+            }
+            match leader {
+                Some(addr) => {
+                    a.1 = match a.0.iter().position(|x| *x == addr) {
+                        Some(i) => i,
+                        None => {
+                            a.0.push(addr);
+                            a.0.len() - 1
+                        }
+                    };
+                }
+                None => a.1 = (a.1 + 1) % a.0.len(),
             }
         }
+        conn.abandon();
+        if protocol::leader_addr(e) == Some(None) {
+            tokio::time::sleep(ELECTION_PAUSE).await;
+        }
+        true
+    }
+
+    /// Try the next address next time.
+    fn move_on(&self) {
+        let mut a = self.inner.addrs.lock();
+        a.1 = (a.1 + 1) % a.0.len().max(1);
+    }
+
+    /// The address connected to, or tried next.
+    fn addr(&self) -> String {
+        let a = self.inner.addrs.lock();
+        a.0.get(a.1)
+            .cloned()
+            .unwrap_or_else(|| self.inner.config.addr.clone())
     }
 
     async fn open(&self) -> Result<Arc<Connection>> {
         let cfg = &self.inner.config;
-        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr))
+        let addr = self.addr();
+        let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
             .await
-            .map_err(|_| disconnected(&cfg.addr, "connect timed out"))?
-            .map_err(|e| disconnected(&cfg.addr, e.to_string()))?;
+            .map_err(|_| disconnected(&addr, "connect timed out"))?
+            .map_err(|e| disconnected(&addr, e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (rd, mut wr) = stream.into_split();
         let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
@@ -210,6 +329,7 @@ impl Client {
             close_reason: Mutex::new(None),
             closed_idle: AtomicBool::new(false),
             answered_together: AtomicUsize::new(0),
+            leave: tokio::sync::Notify::new(),
         });
         // A weak handle: the connection owns the writer's channel, which closes (ending the
         // writer) when the connection is dropped.
@@ -226,11 +346,11 @@ impl Client {
         match tokio::time::timeout(cfg.connect_timeout, self.call_on(&conn, hello)).await {
             Ok(Ok(Response::Hello { .. })) => Ok(conn),
             Ok(Ok(other)) => Err(disconnected(
-                &cfg.addr,
+                &addr,
                 format!("unexpected handshake answer {other:?}"),
             )),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(disconnected(&cfg.addr, "handshake timed out")),
+            Err(_) => Err(disconnected(&addr, "handshake timed out")),
         }
     }
 
@@ -301,15 +421,20 @@ impl Client {
         extra: Duration,
     ) -> Result<Response> {
         let timeout = self.inner.config.request_timeout.saturating_add(extra);
-        let conn = self.connection().await?;
-        match self.call_on_ref(&conn, req, len_hint, timeout).await {
-            // Written as the broker closed the connection for idleness: not carried out, so
-            // sent again, once, on a new connection.
-            Err(Error::Disconnected { .. }) if conn.closed_idle.load(Ordering::Acquire) => {
-                let conn = self.connection().await?;
-                self.call_on_ref(&conn, req, len_hint, timeout).await
+        let mut hops = 0;
+        loop {
+            let conn = self.connection().await?;
+            match self.call_on_ref(&conn, req, len_hint, timeout).await {
+                // Written as the broker closed the connection for idleness: not carried out, so
+                // sent again, once, on a new connection.
+                Err(Error::Disconnected { .. }) if conn.closed_idle.load(Ordering::Acquire) => {
+                    let conn = self.connection().await?;
+                    return self.call_on_ref(&conn, req, len_hint, timeout).await;
+                }
+                // Refused by a node that does not lead: made again on the leader.
+                Err(e) if hops < LEADER_HOPS_MAX && self.follow(&e, &conn).await => hops += 1,
+                answer => return answer,
             }
-            answer => answer,
         }
     }
 
@@ -417,7 +542,11 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
         if answered > 0 {
             conn.answered_together.store(answered, Ordering::Relaxed);
         }
-        match buf.read_from(&mut rd).await {
+        let read = tokio::select! {
+            r = buf.read_from(&mut rd) => r,
+            () = conn.leave.notified() => break,
+        };
+        match read {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }

@@ -15,6 +15,7 @@
 
 use halfmq::{Broker, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
 use halfmq_types::error::{Error, Result};
+use halfmq_types::Outcome as TxnOutcome;
 use serde::{Deserialize, Serialize};
 
 /// A message as the raft log carries it (the fields of [`halfmq::Message`]).
@@ -101,6 +102,47 @@ pub enum Command {
         /// Its overrides.
         settings: GroupSettings,
     },
+    /// One check-back of a pending transaction, made by the leader (the only node that asks
+    /// checkers): what came of it. Every node records it at the batch's time, so the check
+    /// counts and the next check's time agree ([`Broker::record_check_answer`],
+    /// [`Broker::record_check_failed`]).
+    Check {
+        /// The transaction.
+        txn: TxnId,
+        /// What the check found.
+        result: CheckResult,
+    },
+    /// [`Broker::rearm`]: check the transaction again now, its count reset.
+    Rearm(TxnId),
+}
+
+/// What one check-back found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckResult {
+    /// The checker answered commit: the transaction is committed.
+    Commit,
+    /// The checker answered rollback: the transaction is rolled back.
+    Rollback,
+    /// No outcome: the checker answered unknown, did not answer in time, or no checker of
+    /// the group was registered. Counted as a failed check, with this reason.
+    Failed(String),
+}
+
+impl Command {
+    /// [`Command::SendHalf`] of `message` with `opts`.
+    pub fn send_half(
+        topic: &str,
+        message: &Message,
+        producer_group: String,
+        opts: HalfOptions,
+    ) -> Command {
+        Command::SendHalf {
+            topic: topic.to_owned(),
+            message: MessageData::from(message),
+            producer_group,
+            check_immunity_ms: Some(opts.check_immunity_ms()).filter(|&ms| ms > 0),
+        }
+    }
 }
 
 /// A raft entry's data: commands applied in order, at the leader's time.
@@ -178,9 +220,7 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
             producer_group,
             check_immunity_ms,
         } => {
-            let opts = HalfOptions {
-                check_immunity: check_immunity_ms.map(std::time::Duration::from_millis),
-            };
+            let opts = HalfOptions::from_check_immunity_ms(check_immunity_ms.unwrap_or(0));
             let r = broker.send_half_receipt(topic, &message.to_message(), producer_group, opts)?;
             Ok(Outcome::Half {
                 txn: r.txn,
@@ -195,6 +235,13 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
         Command::GroupSettings { group, settings } => broker
             .set_group_settings(group, settings)
             .map(|_| Outcome::Done),
+        Command::Check { txn, result } => match result {
+            CheckResult::Commit => broker.record_check_answer(*txn, TxnOutcome::Committed),
+            CheckResult::Rollback => broker.record_check_answer(*txn, TxnOutcome::RolledBack),
+            CheckResult::Failed(why) => broker.record_check_failed(*txn, why),
+        }
+        .map(|()| Outcome::Done),
+        Command::Rearm(txn) => broker.rearm(*txn).map(|()| Outcome::Done),
     }
 }
 

@@ -15,6 +15,8 @@
 //!   log offsets agree), on a clock set from the entries so every node
 //!   writes the same bytes; [`snapshot`] keeps the journal of applied batches that snapshots
 //!   are made of, so a wiped or far-behind node catches up;
+//! - [`checkback`]: check-back of pending halves by the leader alone, each check's result
+//!   proposed through the log so every node records it;
 //! - [`network`]: the peer transports: an in-process simulated network for tests (seeded
 //!   drops, delays, partitions) and framed TCP with a token for real processes;
 //! - [`node`]: [`ReplicaNode`], one member of a cluster: start, initialize, write through
@@ -27,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod checkback;
 pub mod command;
 pub mod frame;
 pub mod log_store;
@@ -36,7 +39,7 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod status;
 
-pub use command::{Applied, Batch, Command, MessageData, Outcome, WireError};
+pub use command::{Applied, Batch, CheckResult, Command, MessageData, Outcome, WireError};
 pub use node::{ReplicaConfig, ReplicaError, ReplicaNode};
 pub use snapshot::JournalSnapshot;
 pub use status::{ClusterStatus, NodeStatus, Role};

@@ -16,13 +16,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use halfmq::{Broker, BrokerConfig, Message, SendReceipt};
+use halfmq::{Broker, BrokerConfig, Message, SendReceipt, TransactionChecker};
 use halfmq_types::clock::now_ms;
 use halfmq_types::error::Error;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
 
+use crate::checkback::{CheckBack, Checkers};
 use crate::command::{self, Applied, Batch, Command, MessageData};
 use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
 use crate::state_machine::{BrokerCell, StateMachine};
@@ -39,6 +42,11 @@ pub struct ReplicaConfig {
     pub raft: openraft::Config,
     /// Size a raft log segment grows to before the next one starts.
     pub segment_bytes: u64,
+    /// After this node becomes leader, how long a due half whose producer group has no
+    /// checker registered here waits for one instead of counting as "no live producer"
+    /// (the checkers were connected to the old leader). Default 10 s. See
+    /// [`crate::checkback`].
+    pub checker_grace: Duration,
 }
 
 impl ReplicaConfig {
@@ -65,6 +73,7 @@ impl ReplicaConfig {
                 ..openraft::Config::default()
             },
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            checker_grace: Duration::from_secs(10),
         }
     }
 }
@@ -100,6 +109,22 @@ fn client_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Re
     }
 }
 
+/// Propose `commands` as one batch at this node's clock and wait until it is committed
+/// (fsynced on a majority) and applied here: one answer per command.
+pub(crate) async fn propose(
+    raft: &Raft,
+    commands: Vec<Command>,
+) -> Result<Vec<Applied>, ReplicaError> {
+    let batch = Batch {
+        time_ms: now_ms(),
+        commands,
+    };
+    match raft.client_write(batch).await {
+        Ok(resp) => Ok(resp.data),
+        Err(e) => Err(client_error(e)),
+    }
+}
+
 /// One member of a cluster.
 pub struct ReplicaNode {
     id: NodeId,
@@ -108,6 +133,10 @@ pub struct ReplicaNode {
     /// Queues of a topic created on first send (the broker settings' `default_queues`),
     /// `None` when the settings do not create topics on first use.
     auto_create: Option<u32>,
+    /// The transaction checkers registered here (asked while this node leads).
+    checkers: Arc<Checkers>,
+    /// Stops the check-back loop.
+    stop: watch::Sender<bool>,
 }
 
 impl ReplicaNode {
@@ -135,11 +164,26 @@ impl ReplicaNode {
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
         let b = &config.broker;
         let auto_create = b.auto_create_topics.then_some(b.default_queues);
+        let checkers = Arc::new(Checkers::default());
+        let (stop, stopped) = watch::channel(false);
+        if b.txn.check_back {
+            let check_back = CheckBack {
+                id,
+                raft: raft.clone(),
+                broker: broker.clone(),
+                checkers: checkers.clone(),
+                txn: b.txn.clone(),
+                grace: config.checker_grace,
+            };
+            tokio::spawn(check_back.run(stopped));
+        }
         Ok(ReplicaNode {
             id,
             raft,
             broker,
             auto_create,
+            checkers,
+            stop,
         })
     }
 
@@ -200,13 +244,55 @@ impl ReplicaNode {
     /// Propose `commands` as one batch and wait until it is committed (fsynced on a
     /// majority) and applied here: one answer per command.
     pub async fn write(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ReplicaError> {
-        let batch = Batch {
-            time_ms: now_ms(),
-            commands,
-        };
-        match self.raft.client_write(batch).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(client_error(e)),
+        propose(&self.raft, commands).await
+    }
+
+    /// Whether this node leads now, or else [`ReplicaError::NotLeader`] with the leader
+    /// it knows of.
+    pub fn check_leader(&self) -> Result<(), ReplicaError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader && m.current_leader == Some(self.id) {
+            return Ok(());
+        }
+        let addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
+        Err(ReplicaError::NotLeader {
+            leader: m.current_leader,
+            addr,
+        })
+    }
+
+    /// Register `checker` for `producer_group`'s check-backs, on the leader only (only the
+    /// leader checks back): its id for [`ReplicaNode::unregister_checker`], or
+    /// [`ReplicaError::NotLeader`]. A leader that steps down keeps its registrations but
+    /// asks nothing; [`ReplicaNode::lost_leadership`] tells the connection holding them.
+    pub fn register_checker(
+        &self,
+        producer_group: &str,
+        checker: Arc<dyn TransactionChecker>,
+    ) -> Result<u64, ReplicaError> {
+        self.check_leader()?;
+        Ok(self.checkers.register(producer_group, checker))
+    }
+
+    /// Remove a checker registered with [`ReplicaNode::register_checker`].
+    pub fn unregister_checker(&self, producer_group: &str, id: u64) {
+        self.checkers.unregister(producer_group, id);
+    }
+
+    /// Returns once this node does not lead (at once if it does not now): a checker
+    /// registered here is then asked nothing more, and its producer should find the new
+    /// leader.
+    pub async fn lost_leadership(&self) {
+        let mut m = self.raft.metrics();
+        while self.check_leader().is_ok() {
+            if m.changed().await.is_err() {
+                return;
+            }
         }
     }
 
@@ -295,6 +381,7 @@ impl ReplicaNode {
 
     /// Stop openraft, then close the broker.
     pub async fn shutdown(&self) -> Result<(), ReplicaError> {
+        self.stop.send_replace(true);
         self.raft
             .shutdown()
             .await

@@ -27,6 +27,14 @@ impl Schedule {
         self.0.first().map(|&(at, _)| at)
     }
 
+    /// The ids due at `now_ms`, soonest first, left on the schedule.
+    pub(crate) fn due(&self, now_ms: u64) -> impl Iterator<Item = u64> + '_ {
+        self.0
+            .iter()
+            .take_while(move |&&(at, _)| at <= now_ms)
+            .map(|&(_, id)| id)
+    }
+
     /// Take the soonest id that is due at `now_ms` off the schedule, with its due time.
     pub(crate) fn pop_due(&mut self, now_ms: u64) -> Option<(u64, u64)> {
         let &(at, id) = self.0.first()?;
@@ -159,6 +167,8 @@ mod tests {
         s.remove(200, 3);
         assert_eq!(s.next_due_ms(), Some(100));
         assert_eq!(s.pop_due(99), None);
+        assert_eq!(s.due(250).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(s.due(300).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(s.pop_due(300), Some((100, 2)));
         assert_eq!(s.pop_due(300), Some((300, 1)));
         assert_eq!(s.pop_due(u64::MAX), None);

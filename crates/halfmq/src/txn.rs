@@ -253,6 +253,27 @@ impl TxnIndex {
         })
     }
 
+    /// Up to `max` pending transactions whose check is due at `now_ms`, soonest first,
+    /// leaving out those `skip` names, and *not* marked in flight: for a check-back driven
+    /// from outside the broker, which keeps its own checks in flight (a replicated cluster's
+    /// leader, whose marks would otherwise outlive its leadership). Costs in proportion to
+    /// the number due.
+    pub(crate) fn due_unmarked(
+        &self,
+        now_ms: u64,
+        max: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Vec<TxnInfo> {
+        let g = self.inner.lock();
+        g.pending
+            .due
+            .due(now_ms)
+            .filter(|&id| !skip(id))
+            .filter_map(|id| g.pending.live.get(&id).map(|e| e.info.clone()))
+            .take(max)
+            .collect()
+    }
+
     /// When the earliest pending check is due.
     pub(crate) fn next_due_ms(&self) -> Option<u64> {
         self.inner.lock().pending.due.next_due_ms()

@@ -4,14 +4,18 @@
 //! [`codes::NOT_LEADER`] with the leader's client address. Reads are answered by the node's
 //! own broker.
 //!
-//! Replicated today: `Send`, `SendBatch`, `SendHalf`, `Commit`, `Rollback`, `Ack`,
-//! `CreateTopic`. The other writes (delayed sends, nacks, receipts, dead letters, group
-//! settings, retention, check-back registration) would change one node's broker alone, so a
+//! Replicated today: `Send`, `SendBatch`, `SendHalf`, `Commit`, `Rollback`, `Rearm`, `Ack`,
+//! `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
+//! asks checkers, and proposes what each check found through the log, see
+//! `halfmq_raft::checkback`). The other writes (delayed sends, nacks, receipts, dead
+//! letters, group settings, retention) would change one node's broker alone, so a
 //! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the log.
 
-use halfmq::{Error, Message, TxnId};
+use std::sync::Arc;
+
+use halfmq::{Error, HalfOptions, Message, TransactionChecker, TxnId};
 use halfmq_client::protocol::{self, codes, Request, Response, SendResult};
-use halfmq_raft::{Applied, Command, MessageData, Outcome, ReplicaError, ReplicaNode};
+use halfmq_raft::{Applied, Command, Outcome, ReplicaError, ReplicaNode};
 
 /// Where a request goes on a replicated node.
 pub(super) enum Routed {
@@ -63,12 +67,8 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             producer_group,
             check_immunity_ms,
         } => {
-            let cmd = Command::SendHalf {
-                topic: topic.clone(),
-                message: MessageData::from(&Message::from(message)),
-                producer_group,
-                check_immunity_ms: (check_immunity_ms > 0).then_some(check_immunity_ms),
-            };
+            let opts = HalfOptions::from_check_immunity_ms(check_immunity_ms);
+            let cmd = Command::send_half(&topic, &Message::from(message), producer_group, opts);
             answered(node.write_to_topic(&topic, cmd).await, |o| match o {
                 Outcome::Half { txn, duplicate } => Some(Response::HalfSent {
                     txn: txn.0,
@@ -79,6 +79,7 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         }
         Request::Commit { txn } => done(node, Command::Commit(TxnId(txn))).await,
         Request::Rollback { txn } => done(node, Command::Rollback(TxnId(txn))).await,
+        Request::Rearm { txn } => done(node, Command::Rearm(TxnId(txn))).await,
         Request::Ack { group, topic, acks } => {
             done(node, Command::Ack { group, topic, acks }).await
         }
@@ -93,8 +94,6 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             .await
         }
         Request::SendDelayed { .. }
-        | Request::Rearm { .. }
-        | Request::RegisterChecker { .. }
         | Request::Nack { .. }
         | Request::ReplayDeadLetters { .. }
         | Request::SetGroup { .. }
@@ -107,11 +106,23 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         | Request::DeadLetterReceipt { .. } => Response::Error {
             code: codes::BAD_REQUEST,
             message: "a replicated broker does not carry this request yet (only sends, \
-                      halves, commits, rollbacks, acks and topic creation go through its log)"
+                      halves, commits, rollbacks, re-arms, acks, topic creation and check-back \
+                      go through its log)"
                 .into(),
         },
         other => return Routed::Local(other),
     })
+}
+
+/// Register `checker` for `producer_group` on `node`: its id, or the answer refusing it
+/// (`NOT_LEADER` with the leader's address on a node that does not lead).
+pub(super) fn register_checker(
+    node: &ReplicaNode,
+    producer_group: &str,
+    checker: Arc<dyn TransactionChecker>,
+) -> Result<u64, Response> {
+    node.register_checker(producer_group, checker)
+        .map_err(replica_error)
 }
 
 /// Write `cmd` and answer `Ok` once it took effect.
