@@ -296,6 +296,9 @@ impl TxnIndex {
             return None;
         }
         let info = &mut e.info;
+        // Off the schedule at its old time: a check taken by `take_due` is already, but one
+        // made from outside (`due_unmarked`, or recorded on a node that did not ask) is not.
+        let old = info.next_check_ms;
         info.checks += 1;
         info.last_check_ms = now_ms;
         info.last_answer = Some(answer.to_owned());
@@ -311,6 +314,7 @@ impl TxnIndex {
             info.next_check_ms = now_ms + backoff_ms(cfg, info.checks);
         }
         let info = info.clone();
+        g.pending.due.remove(old, txn);
         if info.state == TxnState::Pending {
             g.pending.due.insert(info.next_check_ms, txn);
         }
