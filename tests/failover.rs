@@ -364,3 +364,51 @@ fn wait_until_unfinished(addr: &str, n: usize) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Group settings go through the log: set through a client that follows the leader, every
+/// node has them (the FIFO override too), also a new leader after the old one is killed
+/// and the old one once restarted; a follower's broker is never changed alone.
+#[test]
+fn group_settings_are_the_same_on_every_node_and_survive_the_leader() {
+    let mut c = ClusterProcs::start();
+    let rt = load::runtime();
+    let settings = halfmq::GroupSettings {
+        visibility_timeout_ms: Some(4_321),
+        max_retries: Some(7),
+        retry_backoff_ms: Some(vec![10, 20, 40]),
+        fifo: Some(true),
+    };
+    let set = rt.block_on(async {
+        let client = load::connect(&c.addr_list(), "settings").await;
+        client.set_group_settings("billing", &settings).await
+    });
+    let delivery = set.expect("settings set through the leader");
+    assert_eq!(delivery.max_retries, 7);
+    let on = |addr: &str| {
+        rt.block_on(async {
+            let client = load::connect(addr, "read-settings").await;
+            client.group_settings("billing").await.expect("settings")
+        })
+    };
+    let want = |addr: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (d, s) = on(addr);
+            if s == settings || Instant::now() > deadline {
+                assert_eq!(s, settings, "{addr}");
+                assert_eq!(d, delivery, "{addr}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    for addr in c.addrs.values() {
+        want(addr);
+    }
+    let (leader, _) = c.leader();
+    c.kill(leader);
+    let (new_leader, _) = c.leader();
+    want(&c.addrs[&new_leader]);
+    c.restart(leader);
+    want(&c.addrs[&leader]);
+}

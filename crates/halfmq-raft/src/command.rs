@@ -95,7 +95,9 @@ pub enum Command {
         /// (queue, offset) pairs.
         acks: Vec<(u32, u64)>,
     },
-    /// [`Broker::set_group_settings`].
+    /// [`Broker::set_group_settings`], without the FIFO override ([`GroupSettings`]'s serde
+    /// form does not carry it, so this applies `fifo: None` on every node): kept for logs
+    /// that hold it; [`Command::SetGroup`] is what the server proposes.
     GroupSettings {
         /// Consumer group.
         group: String,
@@ -114,6 +116,16 @@ pub enum Command {
     },
     /// [`Broker::rearm`]: check the transaction again now, its count reset.
     Rearm(TxnId),
+    /// [`Broker::set_group_settings`] with the FIFO override, which [`GroupSettings`]'s
+    /// serde form leaves out.
+    SetGroup {
+        /// Consumer group.
+        group: String,
+        /// Its overrides (their `fifo` is ignored: `fifo` below is the one).
+        settings: GroupSettings,
+        /// The FIFO override.
+        fifo: Option<bool>,
+    },
 }
 
 /// What one check-back found.
@@ -242,6 +254,19 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
         }
         .map(|()| Outcome::Done),
         Command::Rearm(txn) => broker.rearm(*txn).map(|()| Outcome::Done),
+        Command::SetGroup {
+            group,
+            settings,
+            fifo,
+        } => {
+            let settings = GroupSettings {
+                fifo: *fifo,
+                ..settings.clone()
+            };
+            broker
+                .set_group_settings(group, &settings)
+                .map(|_| Outcome::Done)
+        }
     }
 }
 

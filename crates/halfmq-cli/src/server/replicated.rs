@@ -5,16 +5,18 @@
 //! own broker.
 //!
 //! Replicated today: `Send`, `SendBatch`, `SendHalf`, `Commit`, `Rollback`, `Rearm`, `Ack`,
-//! `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
+//! `SetGroup`, `SetGroupSettings`, `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
 //! asks checkers, and proposes what each check found through the log, see
 //! `halfmq_raft::checkback`). The other writes (delayed sends, nacks, receipts, dead
-//! letters, group settings, retention) would change one node's broker alone, so a
+//! letters, group deletion, retention) would change one node's broker alone, so a
 //! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the log.
 
 use std::sync::Arc;
 
-use halfmq::{Error, HalfOptions, Message, TransactionChecker, TxnId};
-use halfmq_client::protocol::{self, codes, Request, Response, SendResult};
+use halfmq::{
+    DeliveryConfig, Error, GroupSettings, HalfOptions, Message, TransactionChecker, TxnId,
+};
+use halfmq_client::protocol::{self, codes, Request, Response, SendResult, WireGroup};
 use halfmq_raft::{Applied, Command, Outcome, ReplicaError, ReplicaNode};
 
 /// Where a request goes on a replicated node.
@@ -83,6 +85,22 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         Request::Ack { group, topic, acks } => {
             done(node, Command::Ack { group, topic, acks }).await
         }
+        Request::SetGroup { group, settings } => {
+            // This request cannot carry the FIFO override: it keeps the one in force.
+            let fifo = match node.broker().group_settings(&group) {
+                Ok((_, s)) => s.fifo,
+                Err(e) => return Routed::Answered(Response::from_error(&e)),
+            };
+            set_group(node, group, settings, fifo, |d, s| {
+                Response::Group(WireGroup::new(d, s))
+            })
+            .await
+        }
+        Request::SetGroupSettings {
+            group,
+            settings,
+            fifo,
+        } => set_group(node, group, settings, fifo, Response::group_settings).await,
         Request::CreateTopic { name, queues } => {
             let cmd = Command::CreateTopic {
                 topic: name,
@@ -96,18 +114,16 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         Request::SendDelayed { .. }
         | Request::Nack { .. }
         | Request::ReplayDeadLetters { .. }
-        | Request::SetGroup { .. }
         | Request::Retention
         | Request::DeleteGroup { .. }
         | Request::AckReceipts { .. }
         | Request::NackReceipt { .. }
         | Request::ChangeLease { .. }
-        | Request::SetGroupSettings { .. }
         | Request::DeadLetterReceipt { .. } => Response::Error {
             code: codes::BAD_REQUEST,
             message: "a replicated broker does not carry this request yet (only sends, \
-                      halves, commits, rollbacks, re-arms, acks, topic creation and check-back \
-                      go through its log)"
+                      halves, commits, rollbacks, re-arms, acks, group settings, topic \
+                      creation and check-back go through its log)"
                 .into(),
         },
         other => return Routed::Local(other),
@@ -123,6 +139,29 @@ pub(super) fn register_checker(
 ) -> Result<u64, Response> {
     node.register_checker(producer_group, checker)
         .map_err(replica_error)
+}
+
+/// Set `group`'s overrides through the log, then answer with what is in force on this node
+/// (the leader, which has applied them) as `answer` makes it.
+async fn set_group(
+    node: &ReplicaNode,
+    group: String,
+    settings: GroupSettings,
+    fifo: Option<bool>,
+    answer: impl FnOnce(&DeliveryConfig, GroupSettings) -> Response,
+) -> Response {
+    let cmd = Command::SetGroup {
+        group: group.clone(),
+        settings,
+        fifo,
+    };
+    match done(node, cmd).await {
+        Response::Ok => match node.broker().group_settings(&group) {
+            Ok((d, s)) => answer(&d, s),
+            Err(e) => Response::from_error(&e),
+        },
+        refused => refused,
+    }
 }
 
 /// Write `cmd` and answer `Ok` once it took effect.
