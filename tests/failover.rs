@@ -201,7 +201,7 @@ fn pending_halves(
                 let key = format!("{prefix}-{i}");
                 let msg = halfmq::Message::new(format!("half {key}")).with_key(&key);
                 let txn = client
-                    .send_half(TOPIC, &msg, group, opts.clone())
+                    .send_half(TOPIC, &msg, group, opts)
                     .await
                     .unwrap_or_else(|e| panic!("half {key}: {e}"));
                 txns.insert(key, txn.0);

@@ -27,68 +27,24 @@
 //! the old leader and need that long to find this one. The ordinary "no live producer"
 //! counting resumes after it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::{CheckAnswer, HalfMessage, TransactionChecker, TxnConfig, TxnId};
+use halfmq::{CheckAnswer, Checkers, HalfMessage, TransactionChecker, TxnConfig, TxnId};
 use halfmq_types::clock::now_ms;
 use openraft::ServerState;
-use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::command::{CheckResult, Command};
-use crate::node::{propose, ReplicaError};
+use crate::propose::{propose, ReplicaError};
 use crate::state_machine::BrokerCell;
 use crate::{NodeId, Raft};
 
 /// How often the leader looks for due checks.
 pub const TICK: Duration = Duration::from_millis(100);
-
-/// The transaction checkers registered on this node, by producer group: (registration id,
-/// checker). Registered only while the node leads (the connection layer refuses the others
-/// with the leader's address); kept across a snapshot install, which replaces the broker.
-#[derive(Default)]
-pub struct Checkers {
-    by_group: RwLock<HashMap<String, Vec<(u64, Arc<dyn TransactionChecker>)>>>,
-    next_id: AtomicU64,
-    turn: AtomicUsize,
-}
-
-impl Checkers {
-    /// Add `checker` for `producer_group`; its id for [`Checkers::unregister`].
-    pub fn register(&self, producer_group: &str, checker: Arc<dyn TransactionChecker>) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.by_group
-            .write()
-            .entry(producer_group.to_owned())
-            .or_default()
-            .push((id, checker));
-        id
-    }
-
-    /// Remove the checker registered as `id`.
-    pub fn unregister(&self, producer_group: &str, id: u64) {
-        let mut all = self.by_group.write();
-        if let Some(v) = all.get_mut(producer_group) {
-            v.retain(|(i, _)| *i != id);
-            if v.is_empty() {
-                all.remove(producer_group);
-            }
-        }
-    }
-
-    /// One of `producer_group`'s checkers, in turn.
-    fn get(&self, producer_group: &str) -> Option<Arc<dyn TransactionChecker>> {
-        let all = self.by_group.read();
-        let v = all.get(producer_group)?;
-        let i = self.turn.fetch_add(1, Ordering::Relaxed) % v.len();
-        Some(v[i].1.clone())
-    }
-}
 
 /// The leader's check-back loop of one node.
 pub(crate) struct CheckBack {

@@ -22,6 +22,7 @@
 //! - [`node`]: [`ReplicaNode`], one member of a cluster: start, initialize, write through
 //!   the leader, add and remove members, read its broker; [`status`]: the cluster as a
 //!   node sees it, in the shape `halfmq cluster status --json` prints;
+//! - [`propose`]: a batch proposed through the leader, and why it was not ([`ReplicaError`]);
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
 
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod frame;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod propose;
 pub mod snapshot;
 pub mod state_machine;
 pub mod status;

@@ -18,16 +18,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::{Broker, BrokerConfig, Message, SendReceipt, TransactionChecker};
-use halfmq_types::clock::now_ms;
+use halfmq::{Broker, BrokerConfig, Checkers, Message, SendReceipt, TransactionChecker};
 use halfmq_types::error::Error;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 
-use crate::checkback::{CheckBack, Checkers};
-use crate::command::{self, Applied, Batch, Command, MessageData};
+use crate::checkback::CheckBack;
+use crate::command::{self, Applied, Command, MessageData};
 use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
+pub use crate::propose::ReplicaError;
+use crate::propose::{client_error, propose};
 use crate::state_machine::{BrokerCell, StateMachine};
 use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
@@ -75,53 +76,6 @@ impl ReplicaConfig {
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             checker_grace: Duration::from_secs(10),
         }
-    }
-}
-
-/// Why a replicated operation did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicaError {
-    /// This node is not the leader; ask `leader` at `addr` (both `None` while there is
-    /// none known).
-    #[error("not the leader; the leader is node {leader:?} at {addr:?}")]
-    NotLeader {
-        /// The leader's id.
-        leader: Option<NodeId>,
-        /// The leader's address.
-        addr: Option<String>,
-    },
-    /// The broker or the node's own storage failed.
-    #[error(transparent)]
-    Broker(#[from] Error),
-    /// openraft refused or failed (shut down, a membership change in progress).
-    #[error("raft: {0}")]
-    Raft(String),
-}
-
-/// A refused or failed proposal: `NotLeader` when another node leads.
-fn client_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ReplicaError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ReplicaError::NotLeader {
-            leader: f.leader_id,
-            addr: f.leader_node.map(|n| n.addr),
-        },
-        e => ReplicaError::Raft(e.to_string()),
-    }
-}
-
-/// Propose `commands` as one batch at this node's clock and wait until it is committed
-/// (fsynced on a majority) and applied here: one answer per command.
-pub(crate) async fn propose(
-    raft: &Raft,
-    commands: Vec<Command>,
-) -> Result<Vec<Applied>, ReplicaError> {
-    let batch = Batch {
-        time_ms: now_ms(),
-        commands,
-    };
-    match raft.client_write(batch).await {
-        Ok(resp) => Ok(resp.data),
-        Err(e) => Err(client_error(e)),
     }
 }
 

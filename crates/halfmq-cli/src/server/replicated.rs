@@ -5,11 +5,12 @@
 //! own broker.
 //!
 //! Replicated today: `Send`, `SendBatch`, `SendHalf`, `Commit`, `Rollback`, `Rearm`, `Ack`,
-//! `SetGroup`, `SetGroupSettings`, `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
-//! asks checkers, and proposes what each check found through the log, see
-//! `halfmq_raft::checkback`). The other writes (delayed sends, nacks, receipts, dead
-//! letters, group deletion, retention) would change one node's broker alone, so a
-//! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the log.
+//! `SetGroup`, `SetGroupSettings`, `CreateTopic`, and check-back: `RegisterChecker` is taken
+//! by the leader only (it alone asks checkers, and proposes what each check found through
+//! the log, see `halfmq_raft::checkback`). The other writes (delayed sends, nacks, receipts,
+//! dead letters, group deletion, retention) would change one node's broker alone, so a
+//! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the
+//! log.
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,9 +169,7 @@ impl Broker {
             groups: Mutex::new(HashMap::new()),
             recovery,
             txns,
-            checkers: RwLock::new(HashMap::new()),
-            checker_ids: AtomicU64::new(1),
-            checker_rr: AtomicUsize::new(0),
+            checkers: Default::default(),
             check_thread: Mutex::new(None),
             delayed,
             delay_thread: Mutex::new(None),
