@@ -267,7 +267,9 @@ fn pending_halves_are_checked_back_by_the_new_leader_exactly_once() {
     let (leader, term) = c.leader();
     // Immune long enough that the leader about to be killed checks none of them: every
     // check is the new leader's.
-    let txns = pending_halves(&rt, &c, 10, Duration::from_secs(5));
+    let immunity = Duration::from_secs(8);
+    let sent = Instant::now();
+    let txns = pending_halves(&rt, &c, 10, immunity);
     let commits = checker(&c, "commits", "commit");
     let rollbacks = checker(&c, "rollbacks", "rollback");
     // Every node holds them pending (the halves went through the log).
@@ -275,9 +277,15 @@ fn pending_halves_are_checked_back_by_the_new_leader_exactly_once() {
         wait_until_unfinished(addr, txns.len());
     }
     c.kill(leader);
+    let before_due = sent.elapsed();
     eprintln!(
-        "killed leader {leader} (term {term}) with {} halves pending",
+        "killed leader {leader} (term {term}) with {} halves pending, {before_due:?} after the \
+         first was sent",
         txns.len()
+    );
+    assert!(
+        before_due < immunity,
+        "the set-up took longer than the halves' immunity: the old leader may have checked some"
     );
     let (new_leader, new_term) = c.leader();
     assert_ne!(new_leader, leader);
@@ -411,4 +419,54 @@ fn group_settings_are_the_same_on_every_node_and_survive_the_leader() {
     want(&c.addrs[&new_leader]);
     c.restart(leader);
     want(&c.addrs[&leader]);
+}
+
+/// Delayed messages go through the log and are fired by the leader: sent through a
+/// leader-following client to fall due 3 s later, the leader is killed at once; the new
+/// leader fires them, and every node (the restarted old leader too) holds each exactly once.
+#[test]
+fn delayed_messages_fire_once_after_the_leader_dies() {
+    let mut c = ClusterProcs::start();
+    let rt = load::runtime();
+    let keys: Vec<String> = (0..10).map(|i| format!("d-{i}")).collect();
+    let at = halfmq::clock::now_ms() + 3_000;
+    rt.block_on(async {
+        let client = load::connect(&c.addr_list(), "delayed").await;
+        for k in &keys {
+            let msg = halfmq::Message::new(format!("delayed {k}")).with_key(k);
+            client
+                .send_delayed(TOPIC, &msg, at)
+                .await
+                .unwrap_or_else(|e| panic!("delayed {k}: {e}"));
+        }
+    });
+    let (leader, _) = c.leader();
+    c.kill(leader);
+    assert!(
+        halfmq::clock::now_ms() < at,
+        "the set-up took longer than the delay: the old leader may have fired some"
+    );
+    let (new_leader, _) = c.leader();
+    assert_ne!(new_leader, leader);
+    c.restart(leader);
+    for (id, addr) in &c.addrs {
+        let mut attempt = 0;
+        let deadline = Instant::now() + WAIT;
+        let got = loop {
+            attempt += 1;
+            let got = stored(&rt, addr, &format!("delayed-{id}-{attempt}"));
+            if keys.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for k in &keys {
+            assert_eq!(
+                got.get(k),
+                Some(&1),
+                "node {id}: {k} delivered {:?} times",
+                got.get(k)
+            );
+        }
+    }
 }

@@ -17,6 +17,14 @@
 //! 3. proposes what came back (commit, rollback, or a failed check with its reason) as one
 //!    batch of [`Command::Check`]s, and waits until it is applied before the next round.
 //!
+//! The same loop fires delayed messages: each node's broker runs no timer thread (it would
+//! fire on its own clock, between applies); every tick the leader takes the delayed
+//! messages due by its wall clock ([`halfmq::Broker::due_delayed`]) and proposes
+//! [`Command::Fire`] with their ids, which every node applies at the batch's time. A
+//! message is taken off the schedule when a `Fire` of it is applied, so a second `Fire` of
+//! it (a new leader's, for one the old one proposed and died before seeing applied) does
+//! nothing: each fires once.
+//!
 //! What a new leader does with the schedule (the choice, see ARCHITECTURE.md): it keeps it.
 //! A half's check immunity is not restarted by an election: what fell due meanwhile is
 //! checked at once, the rest when due. A check the old leader asked but did not record is
@@ -43,8 +51,11 @@ use crate::propose::{propose, ReplicaError};
 use crate::state_machine::BrokerCell;
 use crate::{NodeId, Raft};
 
-/// How often the leader looks for due checks.
+/// How often the leader looks for due checks and due delayed messages.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// Most delayed messages one `Fire` command delivers.
+pub const FIRE_MAX: usize = 1024;
 
 /// The leader's check-back loop of one node.
 pub(crate) struct CheckBack {
@@ -123,8 +134,18 @@ impl CheckBack {
                 return;
             }
             let broker = self.broker.read().clone();
+            // Delayed messages due by this node's clock: fired through the log (each node
+            // delivers exactly these, at the batch's time; one fired before is left alone).
+            let due = broker.due_delayed(now_ms(), FIRE_MAX);
+            if !due.is_empty() {
+                found.push(Command::Fire(due));
+            }
             let graced = since.elapsed() < self.grace;
-            let room = max.saturating_sub(in_flight.len());
+            let room = if self.txn.check_back {
+                max.saturating_sub(in_flight.len())
+            } else {
+                0
+            };
             for info in broker.due_checks(now_ms(), room, |t| in_flight.contains(&t)) {
                 let txn = info.txn_id;
                 let Some(checker) = self.checkers.get(&info.producer_group) else {

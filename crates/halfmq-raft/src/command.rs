@@ -13,7 +13,7 @@
 //! (an unknown topic, an ack past the end) fails the same way on every node, and its error
 //! is the answer; it does not stop the batch.
 
-use halfmq::{Broker, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
+use halfmq::{Broker, DelayedReceipt, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome as TxnOutcome;
 use serde::{Deserialize, Serialize};
@@ -126,6 +126,19 @@ pub enum Command {
         /// The FIFO override.
         fifo: Option<bool>,
     },
+    /// [`Broker::send_delayed`]: stored now, delivered when the leader fires it.
+    SendDelayed {
+        /// Topic it is delivered to.
+        topic: String,
+        /// The message.
+        message: MessageData,
+        /// When, ms since the Unix epoch.
+        deliver_at_ms: u64,
+    },
+    /// Deliver these delayed messages now ([`Broker::fire_delayed`]), proposed by the leader
+    /// when they are due by its clock: each node delivers exactly these, at the batch's
+    /// time, so the records agree; one fired before is left alone.
+    Fire(Vec<u64>),
 }
 
 /// What one check-back found.
@@ -210,6 +223,10 @@ pub enum Outcome {
     },
     /// A commit, rollback, ack or group setting took effect.
     Done,
+    /// A delayed message was stored.
+    Delayed(DelayedReceipt),
+    /// How many of a `Fire`'s messages were delivered by it.
+    Fired(u64),
 }
 
 /// One command's answer.
@@ -266,6 +283,20 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
             broker
                 .set_group_settings(group, &settings)
                 .map(|_| Outcome::Done)
+        }
+        Command::SendDelayed {
+            topic,
+            message,
+            deliver_at_ms,
+        } => broker
+            .send_delayed(topic, &message.to_message(), *deliver_at_ms)
+            .map(Outcome::Delayed),
+        Command::Fire(ids) => {
+            let mut fired = 0;
+            for &id in ids {
+                fired += u64::from(broker.fire_delayed(id)?);
+            }
+            Ok(Outcome::Fired(fired))
         }
     }
 }

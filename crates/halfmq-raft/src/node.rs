@@ -120,17 +120,17 @@ impl ReplicaNode {
         let auto_create = b.auto_create_topics.then_some(b.default_queues);
         let checkers = Arc::new(Checkers::default());
         let (stop, stopped) = watch::channel(false);
-        if b.txn.check_back {
-            let check_back = CheckBack {
-                id,
-                raft: raft.clone(),
-                broker: broker.clone(),
-                checkers: checkers.clone(),
-                txn: b.txn.clone(),
-                grace: config.checker_grace,
-            };
-            tokio::spawn(check_back.run(stopped));
-        }
+        // Always: it fires delayed messages too (it checks back only with
+        // `txn.check_back`).
+        let check_back = CheckBack {
+            id,
+            raft: raft.clone(),
+            broker: broker.clone(),
+            checkers: checkers.clone(),
+            txn: b.txn.clone(),
+            grace: config.checker_grace,
+        };
+        tokio::spawn(check_back.run(stopped));
         Ok(ReplicaNode {
             id,
             raft,

@@ -102,6 +102,9 @@ fn rebuild(
     let shared: SharedClock = Arc::new(clock.clone());
     cfg.clock = shared.into();
     cfg.txn.check_back = false;
+    // Its timer would fire delayed messages on its own clock, between applies: the leader
+    // fires them through the log instead (`Command::Fire`).
+    cfg.delayed_timer = false;
     // A read (poll) must not create a topic on this node alone: a later replicated
     // `CreateTopic` would then fail here and succeed elsewhere. Topics are created through
     // the log (`ReplicaNode::send` proposes the creation when the broker would have).

@@ -415,3 +415,39 @@ async fn wait_for(what: &str, f: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Delayed messages are fired by the leader through the log: every node delivers the same
+/// messages as the same records (equal logs), and a `Fire` of a message fired before does
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_messages_are_fired_through_the_log_once_and_alike_on_every_node() {
+    let c = Cluster::sim(0x5eed_000a, |_| {}).await;
+    let mut ids = Vec::new();
+    for body in ["soon-0", "soon-1", "soon-2"] {
+        let cmd = Command::SendDelayed {
+            topic: TOPIC.to_owned(),
+            message: (&Message::new(body.to_owned()).with_key(body.to_owned())).into(),
+            // Due already: the leader's next look fires it.
+            deliver_at_ms: 1,
+        };
+        match c.write(vec![cmd]).await.expect("stored").pop() {
+            Some(Ok(Outcome::Delayed(r))) => ids.push(r.id),
+            other => panic!("a delayed send answered {other:?}"),
+        }
+    }
+    let leader = c.leader().await;
+    wait_for("the leader fired them", || {
+        c.nodes[&leader].broker().delayed_pending() == 0
+    })
+    .await;
+    let again = c.write(vec![Command::Fire(ids)]).await.expect("answered");
+    assert!(matches!(again[0], Ok(Outcome::Fired(0))), "{again:?}");
+    let acked: BTreeSet<String> = ["soon-0", "soon-1", "soon-2"].map(String::from).into();
+    let held = each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
+    assert!(held.windows(2).all(|w| w[0] == w[1]), "{held:?}");
+    let ends: Vec<_> = [1, 2, 3].map(|id| c.log_end(id)).into();
+    assert!(
+        ends.windows(2).all(|w| w[0] == w[1]),
+        "log ends differ: {ends:?}"
+    );
+}

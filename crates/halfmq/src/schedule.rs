@@ -17,6 +17,11 @@ impl Schedule {
         self.0.insert((at_ms, id));
     }
 
+    /// Whether `id` is scheduled at `at_ms`.
+    pub(crate) fn contains(&self, at_ms: u64, id: u64) -> bool {
+        self.0.contains(&(at_ms, id))
+    }
+
     /// `id`, due at `at_ms`, is not scheduled any more.
     pub(crate) fn remove(&mut self, at_ms: u64, id: u64) {
         self.0.remove(&(at_ms, id));

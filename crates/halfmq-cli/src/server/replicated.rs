@@ -18,7 +18,7 @@ use halfmq::{
     DeliveryConfig, Error, GroupSettings, HalfOptions, Message, TransactionChecker, TxnId,
 };
 use halfmq_client::protocol::{self, codes, Request, Response, SendResult, WireGroup};
-use halfmq_raft::{Applied, Command, Outcome, ReplicaError, ReplicaNode};
+use halfmq_raft::{Applied, Command, MessageData, Outcome, ReplicaError, ReplicaNode};
 
 /// Where a request goes on a replicated node.
 pub(super) enum Routed {
@@ -80,6 +80,21 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
                 _ => None,
             })
         }
+        Request::SendDelayed {
+            topic,
+            message,
+            deliver_at_ms,
+        } => {
+            let cmd = Command::SendDelayed {
+                topic: topic.clone(),
+                message: MessageData::from(&Message::from(message)),
+                deliver_at_ms,
+            };
+            answered(node.write_to_topic(&topic, cmd).await, |o| match o {
+                Outcome::Delayed(r) => Some(Response::Delayed(r)),
+                _ => None,
+            })
+        }
         Request::Commit { txn } => done(node, Command::Commit(TxnId(txn))).await,
         Request::Rollback { txn } => done(node, Command::Rollback(TxnId(txn))).await,
         Request::Rearm { txn } => done(node, Command::Rearm(TxnId(txn))).await,
@@ -112,8 +127,7 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             })
             .await
         }
-        Request::SendDelayed { .. }
-        | Request::Nack { .. }
+        Request::Nack { .. }
         | Request::ReplayDeadLetters { .. }
         | Request::Retention
         | Request::DeleteGroup { .. }

@@ -191,7 +191,9 @@ impl Broker {
         if broker.config.txn.check_back {
             *broker.check_thread.lock() = Some(checker::spawn(Arc::downgrade(&broker))?);
         }
-        *broker.delay_thread.lock() = Some(delayed::spawn(Arc::downgrade(&broker))?);
+        if broker.config.delayed_timer {
+            *broker.delay_thread.lock() = Some(delayed::spawn(Arc::downgrade(&broker))?);
+        }
         *broker.dedup_thread.lock() = Some(idem::spawn_persister(Arc::downgrade(&broker))?);
         if broker.config.retention.enabled() {
             *broker.retention_thread.lock() = Some(retention::spawn(
