@@ -1,6 +1,7 @@
-//! Check-back on a replicated cluster: the leader alone asks the checkers, and proposes
-//! what each check found as a [`Command::Check`] through the log, so that every node
-//! records the same outcome, the same check count and the same next check.
+//! The leader's loop of a replicated cluster: check-back (the leader alone asks the
+//! checkers, and proposes what each check found as a [`Command::Check`] through the log, so
+//! that every node records the same outcome, check count and next check) and the firing of
+//! delayed messages ([`Command::Fire`]).
 //!
 //! No node's broker runs its own check-back thread (each would ask the checkers, and an
 //! outcome decided on one node would be a write the others never make). Instead

@@ -15,7 +15,8 @@
 //!   log offsets agree), on a clock set from the entries so every node
 //!   writes the same bytes; [`snapshot`] keeps the journal of applied batches that snapshots
 //!   are made of, so a wiped or far-behind node catches up;
-//! - [`checkback`]: check-back of pending halves by the leader alone, each check's result
+//! - [`checkback`]: the leader's loop: check-back of pending halves and firing of delayed
+//!   messages by the leader alone, each check's result and each firing
 //!   proposed through the log so every node records it;
 //! - [`network`]: the peer transports: an in-process simulated network for tests (seeded
 //!   drops, delays, partitions) and framed TCP with a token for real processes;

@@ -4,11 +4,12 @@
 //! [`codes::NOT_LEADER`] with the leader's client address. Reads are answered by the node's
 //! own broker.
 //!
-//! Replicated today: `Send`, `SendBatch`, `SendHalf`, `Commit`, `Rollback`, `Rearm`, `Ack`,
-//! `SetGroup`, `SetGroupSettings`, `CreateTopic`, and check-back: `RegisterChecker` is taken
-//! by the leader only (it alone asks checkers, and proposes what each check found through
-//! the log, see `halfmq_raft::checkback`). The other writes (delayed sends, nacks, receipts,
-//! dead letters, group deletion, retention) would change one node's broker alone, so a
+//! Replicated today: `Send`, `SendBatch`, `SendHalf`, `SendDelayed` (fired by the leader
+//! through the log), `Commit`, `Rollback`, `Rearm`, `Ack`, `SetGroup`, `SetGroupSettings`,
+//! `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
+//! asks checkers, and proposes what each check found through the log, see
+//! `halfmq_raft::checkback`). The other writes (nacks, receipts, dead letters, group
+//! deletion, retention) would change one node's broker alone, so a
 //! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the
 //! log.
 
@@ -137,8 +138,8 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         | Request::DeadLetterReceipt { .. } => Response::Error {
             code: codes::BAD_REQUEST,
             message: "a replicated broker does not carry this request yet (only sends, \
-                      halves, commits, rollbacks, re-arms, acks, group settings, topic \
-                      creation and check-back go through its log)"
+                      delayed sends, halves, commits, rollbacks, re-arms, acks, group \
+                      settings, topic creation and check-back go through its log)"
                 .into(),
         },
         other => return Routed::Local(other),
