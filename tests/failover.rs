@@ -73,6 +73,27 @@ fn stored(rt: &tokio::runtime::Runtime, addr: &str, group: &str) -> BTreeMap<Str
     })
 }
 
+/// [`stored`] on the node at `addr` once it holds every key of `want`, or after `WAIT`
+/// (each look with a new consumer group `<name>-<n>`): a node applies what the leader
+/// acknowledged a little later.
+fn stored_holding(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    name: &str,
+    want: &BTreeSet<String>,
+) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + WAIT;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let got = stored(rt, addr, &format!("{name}-{attempt}"));
+        if want.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A write to a follower is answered `NOT_LEADER` with the leader's client address.
 fn a_follower_names_the_leader(c: &ClusterProcs) {
     let (leader, _) = c.leader();
@@ -152,16 +173,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
     let rt = load::runtime();
     let addrs = c.addrs.clone();
     for (id, addr) in &addrs {
-        let mut attempt = 0;
-        let deadline = Instant::now() + WAIT;
-        let got = loop {
-            attempt += 1;
-            let got = stored(&rt, addr, &format!("verify-{id}-{attempt}"));
-            if acked.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
-                break got;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let got = stored_holding(&rt, addr, &format!("verify-{id}"), &acked);
         let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
         assert!(
             missing.is_empty(),
@@ -300,22 +312,14 @@ fn pending_halves_are_checked_back_by_the_new_leader_exactly_once() {
     }
     eprintln!("new leader {new_leader} (term {new_term}) resolved every half");
     c.restart(leader);
+    let committed: BTreeSet<String> = txns
+        .keys()
+        .filter(|k| k.starts_with("c-"))
+        .cloned()
+        .collect();
     for (id, addr) in &c.addrs {
         wait_until_unfinished(addr, 0);
-        let mut attempt = 0;
-        let deadline = Instant::now() + WAIT;
-        let got = loop {
-            attempt += 1;
-            let got = stored(&rt, addr, &format!("halves-{id}-{attempt}"));
-            let all = txns
-                .keys()
-                .filter(|k| k.starts_with("c-"))
-                .all(|k| got.contains_key(k));
-            if all || Instant::now() > deadline {
-                break got;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let got = stored_holding(&rt, addr, &format!("halves-{id}"), &committed);
         for key in txns.keys() {
             let want = usize::from(key.starts_with("c-"));
             assert_eq!(
@@ -428,7 +432,7 @@ fn group_settings_are_the_same_on_every_node_and_survive_the_leader() {
 fn delayed_messages_fire_once_after_the_leader_dies() {
     let mut c = ClusterProcs::start();
     let rt = load::runtime();
-    let keys: Vec<String> = (0..10).map(|i| format!("d-{i}")).collect();
+    let keys: BTreeSet<String> = (0..10).map(|i| format!("d-{i}")).collect();
     let at = halfmq::clock::now_ms() + 3_000;
     rt.block_on(async {
         let client = load::connect(&c.addr_list(), "delayed").await;
@@ -450,16 +454,7 @@ fn delayed_messages_fire_once_after_the_leader_dies() {
     assert_ne!(new_leader, leader);
     c.restart(leader);
     for (id, addr) in &c.addrs {
-        let mut attempt = 0;
-        let deadline = Instant::now() + WAIT;
-        let got = loop {
-            attempt += 1;
-            let got = stored(&rt, addr, &format!("delayed-{id}-{attempt}"));
-            if keys.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
-                break got;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let got = stored_holding(&rt, addr, &format!("delayed-{id}"), &keys);
         for k in &keys {
             assert_eq!(
                 got.get(k),
