@@ -77,7 +77,20 @@ impl Conn {
         if first {
             let (node, conn) = (node.clone(), Arc::downgrade(self));
             tokio::spawn(async move {
-                node.lost_leadership().await;
+                let lost = node.lost_leadership();
+                tokio::pin!(lost);
+                loop {
+                    tokio::select! {
+                        () = &mut lost => break,
+                        // Ends with the connection (it holds no strong handle, which would
+                        // keep the connection's writer open).
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if conn.strong_count() == 0 {
+                                return;
+                            }
+                        }
+                    }
+                }
                 if let Some(conn) = conn.upgrade() {
                     conn.stepped_down.send_replace(true);
                 }
