@@ -47,12 +47,20 @@ pub struct ClusterProcs {
     /// present it.
     token: Option<String>,
     root: tempfile::TempDir,
+    /// Further `halfmq broker` arguments of every node.
+    extra: Vec<String>,
 }
 
 impl ClusterProcs {
     /// Three nodes on new temporary directories, started together; returns once a leader
     /// is known.
     pub fn start() -> ClusterProcs {
+        ClusterProcs::start_with(&[])
+    }
+
+    /// [`ClusterProcs::start`], every node with the further broker arguments `extra` (also
+    /// when restarted).
+    pub fn start_with(extra: &[&str]) -> ClusterProcs {
         for _attempt in 0..5 {
             let addrs: BTreeMap<u64, String> = (1..=3)
                 .map(|id| (id, format!("127.0.0.1:{}", free_port_pair())))
@@ -63,6 +71,7 @@ impl ClusterProcs {
                 namespaces: BTreeMap::new(),
                 token: None,
                 root: tempfile::tempdir().unwrap(),
+                extra: extra.iter().map(|a| a.to_string()).collect(),
             };
             for id in 1..=3 {
                 c.spawn(id, &[]);
@@ -95,6 +104,7 @@ impl ClusterProcs {
                 .collect(),
             nodes: BTreeMap::new(),
             namespaces: (1..=3).map(|id| (id, net.ns(id))).collect(),
+            extra: Vec::new(),
             token: Some(format!("t{:016x}", fastrand::u64(..))),
             root: tempfile::tempdir().unwrap(),
         };
@@ -129,10 +139,11 @@ impl ClusterProcs {
             .collect::<Vec<_>>()
             .join(",");
         let dir = self.dir(id).display().to_string();
+        let node_id = id.to_string();
         let args = [
             "broker",
             "--node-id",
-            &id.to_string(),
+            &node_id,
             "--peers",
             &peers,
             "--listen",
@@ -142,6 +153,7 @@ impl ClusterProcs {
         ];
         let mut args = self.with_token(&args);
         args.extend(extra);
+        args.extend(self.extra.iter().map(String::as_str));
         let mut cmd = halfmq_cmd(&args);
         if let Some(ns) = self.namespaces.get(&id) {
             // `ip netns exec` enters the namespace and then runs the broker in its own place

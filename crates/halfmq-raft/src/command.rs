@@ -13,8 +13,9 @@
 //! (an unknown topic, an ack past the end) fails the same way on every node, and its error
 //! is the answer; it does not stop the batch.
 
-use halfmq::{Broker, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
+use halfmq::{Broker, DelayedReceipt, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
 use halfmq_types::error::{Error, Result};
+use halfmq_types::Outcome as TxnOutcome;
 use serde::{Deserialize, Serialize};
 
 /// A message as the raft log carries it (the fields of [`halfmq::Message`]).
@@ -94,13 +95,79 @@ pub enum Command {
         /// (queue, offset) pairs.
         acks: Vec<(u32, u64)>,
     },
-    /// [`Broker::set_group_settings`].
+    /// [`Broker::set_group_settings`], without the FIFO override ([`GroupSettings`]'s serde
+    /// form does not carry it, so this applies `fifo: None` on every node): kept for logs
+    /// that hold it; [`Command::SetGroup`] is what the server proposes.
     GroupSettings {
         /// Consumer group.
         group: String,
         /// Its overrides.
         settings: GroupSettings,
     },
+    /// One check-back of a pending transaction, made by the leader (the only node that asks
+    /// checkers): what came of it. Every node records it at the batch's time, so the check
+    /// counts and the next check's time agree ([`Broker::record_check_answer`],
+    /// [`Broker::record_check_failed`]).
+    Check {
+        /// The transaction.
+        txn: TxnId,
+        /// What the check found.
+        result: CheckResult,
+    },
+    /// [`Broker::rearm`]: check the transaction again now, its count reset.
+    Rearm(TxnId),
+    /// [`Broker::set_group_settings`] with the FIFO override, which [`GroupSettings`]'s
+    /// serde form leaves out.
+    SetGroup {
+        /// Consumer group.
+        group: String,
+        /// Its overrides (their `fifo` is ignored: `fifo` below is the one).
+        settings: GroupSettings,
+        /// The FIFO override.
+        fifo: Option<bool>,
+    },
+    /// [`Broker::send_delayed`]: stored now, delivered when the leader fires it.
+    SendDelayed {
+        /// Topic it is delivered to.
+        topic: String,
+        /// The message.
+        message: MessageData,
+        /// When, ms since the Unix epoch.
+        deliver_at_ms: u64,
+    },
+    /// Deliver these delayed messages now ([`Broker::fire_delayed`]), proposed by the leader
+    /// when they are due by its clock: each node delivers exactly these, at the batch's
+    /// time, so the records agree; one fired before is left alone.
+    Fire(Vec<u64>),
+}
+
+/// What one check-back found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckResult {
+    /// The checker answered commit: the transaction is committed.
+    Commit,
+    /// The checker answered rollback: the transaction is rolled back.
+    Rollback,
+    /// No outcome: the checker answered unknown, did not answer in time, or no checker of
+    /// the group was registered. Counted as a failed check, with this reason.
+    Failed(String),
+}
+
+impl Command {
+    /// [`Command::SendHalf`] of `message` with `opts`.
+    pub fn send_half(
+        topic: &str,
+        message: &Message,
+        producer_group: String,
+        opts: HalfOptions,
+    ) -> Command {
+        Command::SendHalf {
+            topic: topic.to_owned(),
+            message: MessageData::from(message),
+            producer_group,
+            check_immunity_ms: Some(opts.check_immunity_ms()).filter(|&ms| ms > 0),
+        }
+    }
 }
 
 /// A raft entry's data: commands applied in order, at the leader's time.
@@ -156,6 +223,10 @@ pub enum Outcome {
     },
     /// A commit, rollback, ack or group setting took effect.
     Done,
+    /// A delayed message was stored.
+    Delayed(DelayedReceipt),
+    /// How many of a `Fire`'s messages were delivered by it.
+    Fired(u64),
 }
 
 /// One command's answer.
@@ -178,9 +249,7 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
             producer_group,
             check_immunity_ms,
         } => {
-            let opts = HalfOptions {
-                check_immunity: check_immunity_ms.map(std::time::Duration::from_millis),
-            };
+            let opts = HalfOptions::from_check_immunity_ms(check_immunity_ms.unwrap_or(0));
             let r = broker.send_half_receipt(topic, &message.to_message(), producer_group, opts)?;
             Ok(Outcome::Half {
                 txn: r.txn,
@@ -195,6 +264,40 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
         Command::GroupSettings { group, settings } => broker
             .set_group_settings(group, settings)
             .map(|_| Outcome::Done),
+        Command::Check { txn, result } => match result {
+            CheckResult::Commit => broker.record_check_answer(*txn, TxnOutcome::Committed),
+            CheckResult::Rollback => broker.record_check_answer(*txn, TxnOutcome::RolledBack),
+            CheckResult::Failed(why) => broker.record_check_failed(*txn, why),
+        }
+        .map(|()| Outcome::Done),
+        Command::Rearm(txn) => broker.rearm(*txn).map(|()| Outcome::Done),
+        Command::SetGroup {
+            group,
+            settings,
+            fifo,
+        } => {
+            let settings = GroupSettings {
+                fifo: *fifo,
+                ..settings.clone()
+            };
+            broker
+                .set_group_settings(group, &settings)
+                .map(|_| Outcome::Done)
+        }
+        Command::SendDelayed {
+            topic,
+            message,
+            deliver_at_ms,
+        } => broker
+            .send_delayed(topic, &message.to_message(), *deliver_at_ms)
+            .map(Outcome::Delayed),
+        Command::Fire(ids) => {
+            let mut fired = 0;
+            for &id in ids {
+                fired += u64::from(broker.fire_delayed(id)?);
+            }
+            Ok(Outcome::Fired(fired))
+        }
     }
 }
 

@@ -15,11 +15,15 @@
 //!   log offsets agree), on a clock set from the entries so every node
 //!   writes the same bytes; [`snapshot`] keeps the journal of applied batches that snapshots
 //!   are made of, so a wiped or far-behind node catches up;
+//! - [`checkback`]: the leader's loop: check-back of pending halves and firing of delayed
+//!   messages by the leader alone, each check's result and each firing
+//!   proposed through the log so every node records it;
 //! - [`network`]: the peer transports: an in-process simulated network for tests (seeded
 //!   drops, delays, partitions) and framed TCP with a token for real processes;
 //! - [`node`]: [`ReplicaNode`], one member of a cluster: start, initialize, write through
 //!   the leader, add and remove members, read its broker; [`status`]: the cluster as a
 //!   node sees it, in the shape `halfmq cluster status --json` prints;
+//! - [`propose`]: a batch proposed through the leader, and why it was not ([`ReplicaError`]);
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
 
 #![forbid(unsafe_code)]
@@ -27,16 +31,18 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod checkback;
 pub mod command;
 pub mod frame;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod propose;
 pub mod snapshot;
 pub mod state_machine;
 pub mod status;
 
-pub use command::{Applied, Batch, Command, MessageData, Outcome, WireError};
+pub use command::{Applied, Batch, CheckResult, Command, MessageData, Outcome, WireError};
 pub use node::{ReplicaConfig, ReplicaError, ReplicaNode};
 pub use snapshot::JournalSnapshot;
 pub use status::{ClusterStatus, NodeStatus, Role};

@@ -16,15 +16,19 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use halfmq::{Broker, BrokerConfig, Message, SendReceipt};
-use halfmq_types::clock::now_ms;
+use halfmq::{Broker, BrokerConfig, Checkers, Message, SendReceipt, TransactionChecker};
 use halfmq_types::error::Error;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, SnapshotPolicy};
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, RaftNetworkFactory, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
 
-use crate::command::{self, Applied, Batch, Command, MessageData};
+use crate::checkback::CheckBack;
+use crate::command::{self, Applied, Command, MessageData};
 use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
+pub use crate::propose::ReplicaError;
+use crate::propose::{client_error, propose};
 use crate::state_machine::{BrokerCell, StateMachine};
 use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
@@ -39,6 +43,11 @@ pub struct ReplicaConfig {
     pub raft: openraft::Config,
     /// Size a raft log segment grows to before the next one starts.
     pub segment_bytes: u64,
+    /// After this node becomes leader, how long a due half whose producer group has no
+    /// checker registered here waits for one instead of counting as "no live producer"
+    /// (the checkers were connected to the old leader). Default 10 s. See
+    /// [`crate::checkback`].
+    pub checker_grace: Duration,
 }
 
 impl ReplicaConfig {
@@ -65,46 +74,8 @@ impl ReplicaConfig {
                 ..openraft::Config::default()
             },
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            checker_grace: Duration::from_secs(10),
         }
-    }
-}
-
-/// Why a replicated operation did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicaError {
-    /// This node is not the leader; ask `leader` at `addr` (both `None` while there is
-    /// none known).
-    #[error("not the leader; the leader is node {leader:?} at {addr:?}")]
-    NotLeader {
-        /// The leader's id.
-        leader: Option<NodeId>,
-        /// The leader's address.
-        addr: Option<String>,
-    },
-    /// The broker or the node's own storage failed.
-    #[error(transparent)]
-    Broker(#[from] Error),
-    /// openraft refused or failed (shut down, a membership change in progress).
-    #[error("raft: {0}")]
-    Raft(String),
-    /// The write was proposed but not known to be committed within `after_ms` (the leader
-    /// may be cut off from the majority): its fate is unknown. It may still be committed,
-    /// by this leader or not at all; a client makes it again under the same idempotency key.
-    #[error("not committed by a majority within {after_ms} ms; its fate is unknown")]
-    Unconfirmed {
-        /// How long the node waited.
-        after_ms: u64,
-    },
-}
-
-/// A refused or failed proposal: `NotLeader` when another node leads.
-fn client_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ReplicaError {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ReplicaError::NotLeader {
-            leader: f.leader_id,
-            addr: f.leader_node.map(|n| n.addr),
-        },
-        e => ReplicaError::Raft(e.to_string()),
     }
 }
 
@@ -116,6 +87,10 @@ pub struct ReplicaNode {
     /// Queues of a topic created on first send (the broker settings' `default_queues`),
     /// `None` when the settings do not create topics on first use.
     auto_create: Option<u32>,
+    /// The transaction checkers registered here (asked while this node leads).
+    checkers: Arc<Checkers>,
+    /// Stops the check-back loop.
+    stop: watch::Sender<bool>,
 }
 
 impl ReplicaNode {
@@ -143,11 +118,26 @@ impl ReplicaNode {
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
         let b = &config.broker;
         let auto_create = b.auto_create_topics.then_some(b.default_queues);
+        let checkers = Arc::new(Checkers::default());
+        let (stop, stopped) = watch::channel(false);
+        // Always: it fires delayed messages too (it checks back only with
+        // `txn.check_back`).
+        let check_back = CheckBack {
+            id,
+            raft: raft.clone(),
+            broker: broker.clone(),
+            checkers: checkers.clone(),
+            txn: b.txn.clone(),
+            grace: config.checker_grace,
+        };
+        tokio::spawn(check_back.run(stopped));
         Ok(ReplicaNode {
             id,
             raft,
             broker,
             auto_create,
+            checkers,
+            stop,
         })
     }
 
@@ -207,54 +197,57 @@ impl ReplicaNode {
 
     /// Propose `commands` as one batch and wait until it is committed (fsynced on a
     /// majority) and applied here: one answer per command.
-    ///
-    /// A leader that has not heard from a majority for two maximum election time-outs
-    /// (it may be cut off, and another leader elected: followers keep a leader's lease
-    /// for one) refuses at once, without proposing: [`ReplicaError::NotLeader`] with no
-    /// leader known. A proposal still waiting when that happens, or after five maximum
-    /// election time-outs, is answered [`ReplicaError::Unconfirmed`]. So a minority never
-    /// acknowledges, and its clients do not hang on it but look for the majority's leader.
     pub async fn write(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ReplicaError> {
-        if self.quorum_lost() {
-            return Err(ReplicaError::NotLeader {
-                leader: None,
-                addr: None,
-            });
-        }
-        let batch = Batch {
-            time_ms: now_ms(),
-            commands,
-        };
-        let started = std::time::Instant::now();
-        let give_up = std::time::Duration::from_millis(5 * self.raft.config().election_timeout_max);
-        let write = self.raft.client_write(batch);
-        tokio::pin!(write);
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                done = &mut write => {
-                    return match done {
-                        Ok(resp) => Ok(resp.data),
-                        Err(e) => Err(client_error(e)),
-                    };
-                }
-                _ = tick.tick() => {
-                    if self.quorum_lost() || started.elapsed() >= give_up {
-                        let after_ms = started.elapsed().as_millis() as u64;
-                        return Err(ReplicaError::Unconfirmed { after_ms });
-                    }
-                }
-            }
-        }
+        propose(&self.raft, commands).await
     }
 
-    /// This node leads (as far as it knows) but has not heard from a majority for two
-    /// maximum election time-outs.
-    fn quorum_lost(&self) -> bool {
-        let limit = 2 * self.raft.config().election_timeout_max;
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow();
-        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms > limit)
+    /// Whether this node leads now, or else [`ReplicaError::NotLeader`] with the leader
+    /// it knows of.
+    pub fn check_leader(&self) -> Result<(), ReplicaError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader && m.current_leader == Some(self.id) {
+            return Ok(());
+        }
+        let addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
+        Err(ReplicaError::NotLeader {
+            leader: m.current_leader,
+            addr,
+        })
+    }
+
+    /// Register `checker` for `producer_group`'s check-backs, on the leader only (only the
+    /// leader checks back): its id for [`ReplicaNode::unregister_checker`], or
+    /// [`ReplicaError::NotLeader`]. A leader that steps down keeps its registrations but
+    /// asks nothing; [`ReplicaNode::lost_leadership`] tells the connection holding them.
+    pub fn register_checker(
+        &self,
+        producer_group: &str,
+        checker: Arc<dyn TransactionChecker>,
+    ) -> Result<u64, ReplicaError> {
+        self.check_leader()?;
+        Ok(self.checkers.register(producer_group, checker))
+    }
+
+    /// Remove a checker registered with [`ReplicaNode::register_checker`].
+    pub fn unregister_checker(&self, producer_group: &str, id: u64) {
+        self.checkers.unregister(producer_group, id);
+    }
+
+    /// Returns once this node does not lead (at once if it does not now): a checker
+    /// registered here is then asked nothing more, and its producer should find the new
+    /// leader.
+    pub async fn lost_leadership(&self) {
+        let mut m = self.raft.metrics();
+        while self.check_leader().is_ok() {
+            if m.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Add node `id` at `addr` as a voter: first as a learner, until it has caught up with
@@ -342,6 +335,7 @@ impl ReplicaNode {
 
     /// Stop openraft, then close the broker.
     pub async fn shutdown(&self) -> Result<(), ReplicaError> {
+        self.stop.send_replace(true);
         self.raft
             .shutdown()
             .await

@@ -13,9 +13,10 @@
 //! has nothing to gain from its own fsyncs (the raft log's are what acknowledge).
 //!
 //! Every node's broker runs on a [`ManualClock`] that applying sets to each batch's leader
-//! time, never backwards, and has no check-back thread (an outcome decided by one node's
-//! checker would be a write no other node makes; check-back moves to the leader, which
-//! proposes its outcomes, in a later step).
+//! time, never backwards, and has no check-back thread and no delayed timer (an outcome
+//! decided by one node's checker, or a message fired by one node's timer, would be a write
+//! no other node makes at that place in its log): the leader's loop
+//! ([`crate::checkback`]) asks and fires, and proposes what it did.
 //!
 //! The broker handle that readers use ([`BrokerCell`]) is replaced when a snapshot from the
 //! leader is installed: each install opens a new data directory `broker.<n>`, and the old
@@ -102,6 +103,9 @@ fn rebuild(
     let shared: SharedClock = Arc::new(clock.clone());
     cfg.clock = shared.into();
     cfg.txn.check_back = false;
+    // Its timer would fire delayed messages on its own clock, between applies: the leader
+    // fires them through the log instead (`Command::Fire`).
+    cfg.delayed_timer = false;
     // A read (poll) must not create a topic on this node alone: a later replicated
     // `CreateTopic` would then fail here and succeed elsewhere. Topics are created through
     // the log (`ReplicaNode::send` proposes the creation when the broker would have).

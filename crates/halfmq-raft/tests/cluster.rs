@@ -8,13 +8,16 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::{
     assert_exactly, bodies, each_holds_exactly, kill_the_leader, sim_with_three_sent,
     snapshot_often, spawn_write, wiped_follower_catches_up, Cluster, TOPIC, WAIT,
 };
-use halfmq::Message;
 use halfmq::TxnState;
+use halfmq::{CheckAnswer, Message};
 use halfmq_raft::{Command, NodeId, Outcome, ReplicaError};
 use openraft::SnapshotPolicy;
 
@@ -327,4 +330,137 @@ async fn a_topic_is_created_through_the_log_never_by_a_read() {
         let fresh = topics.iter().find(|t| t.name == "fresh").expect("created");
         assert_eq!(fresh.queues, queues);
     }
+}
+
+/// Check-back runs on the leader alone, and every node records each check the same way:
+/// three "unknown" answers leave the same count, answer and state (unresolved) on every
+/// node; a re-arm through the log and a checker answering commit then finish it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_back_runs_on_the_leader_and_every_node_records_the_same_checks() {
+    let c = Cluster::sim(0x5eed_0009, |cfg| {
+        cfg.broker.txn = halfmq::TxnConfig::default()
+            .with_timeout(Duration::from_millis(100))
+            .with_check_interval(Duration::from_millis(50))
+            .with_check_backoff_max(Duration::from_millis(100))
+            .with_check_max(3);
+        cfg.checker_grace = Duration::ZERO;
+    })
+    .await;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let answer = Arc::new(parking_lot::Mutex::new(CheckAnswer::Unknown));
+    let checker = {
+        let (asked, answer) = (asked.clone(), answer.clone());
+        Arc::new(move |_: &halfmq::HalfMessage| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            *answer.lock()
+        })
+    };
+    let leader = c.leader().await;
+    for id in [1, 2, 3] {
+        let r = c.nodes[&id].register_checker("payment-service", checker.clone());
+        assert_eq!(
+            r.is_ok(),
+            id == leader,
+            "node {id} (leader {leader}) registering a checker: {r:?}"
+        );
+    }
+    let msg = Message::new("paid").with_key("paid");
+    let half = Command::send_half(
+        TOPIC,
+        &msg,
+        "payment-service".to_owned(),
+        halfmq::HalfOptions::default(),
+    );
+    let txn = match c.write(vec![half]).await.expect("half").pop() {
+        Some(Ok(Outcome::Half { txn, .. })) => txn,
+        other => panic!("a half answered {other:?}"),
+    };
+    let state_on = |id: NodeId| c.nodes[&id].broker().transaction_state(txn).expect("known");
+    wait_for("the half is unresolved", || {
+        state_on(leader) == TxnState::Unresolved
+    })
+    .await;
+    let infos: Vec<_> = {
+        let mut v = Vec::new();
+        for id in [1, 2, 3] {
+            c.caught_up(id, leader).await;
+            v.push(c.nodes[&id].broker().transactions(None));
+        }
+        v
+    };
+    assert_eq!(infos[0].len(), 1, "{infos:?}");
+    assert_eq!(infos[0][0].checks, 3, "{infos:?}");
+    assert_eq!(infos[0][0].last_answer.as_deref(), Some("unknown"));
+    assert!(
+        infos.iter().all(|i| *i == infos[0]),
+        "nodes differ: {infos:?}"
+    );
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "asked once per recorded check"
+    );
+
+    *answer.lock() = CheckAnswer::Commit;
+    let rearmed = c.write(vec![Command::Rearm(txn)]).await.expect("re-armed");
+    assert!(matches!(rearmed[0], Ok(Outcome::Done)), "{rearmed:?}");
+    wait_for("the half is committed", || {
+        state_on(leader) == TxnState::Committed
+    })
+    .await;
+    let acked: BTreeSet<String> = ["paid".to_owned()].into();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        assert_eq!(state_on(id), TxnState::Committed, "node {id}");
+        assert_exactly(&c.messages(id), &acked);
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 4);
+}
+
+/// Wait (bounded by `WAIT`) until `f` holds.
+async fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Delayed messages are fired by the leader through the log: every node delivers the same
+/// messages as the same records (equal logs), and a `Fire` of a message fired before does
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delayed_messages_are_fired_through_the_log_once_and_alike_on_every_node() {
+    let c = Cluster::sim(0x5eed_000a, |_| {}).await;
+    let mut ids = Vec::new();
+    for body in ["soon-0", "soon-1", "soon-2"] {
+        let cmd = Command::SendDelayed {
+            topic: TOPIC.to_owned(),
+            message: (&Message::new(body.to_owned()).with_key(body.to_owned())).into(),
+            // Due already: the leader's next look fires it.
+            deliver_at_ms: 1,
+        };
+        match c.write(vec![cmd]).await.expect("stored").pop() {
+            Some(Ok(Outcome::Delayed(r))) => ids.push(r.id),
+            other => panic!("a delayed send answered {other:?}"),
+        }
+    }
+    let leader = c.leader().await;
+    wait_for("the leader fired them", || {
+        c.nodes[&leader].broker().delayed_pending() == 0
+    })
+    .await;
+    let again = c.write(vec![Command::Fire(ids)]).await.expect("answered");
+    assert!(matches!(again[0], Ok(Outcome::Fired(0))), "{again:?}");
+    let acked: BTreeSet<String> = ["soon-0", "soon-1", "soon-2"].map(String::from).into();
+    let held = each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
+    assert!(held.windows(2).all(|w| w[0] == w[1]), "{held:?}");
+    let ends: Vec<_> = [1, 2, 3].map(|id| c.log_end(id)).into();
+    assert!(
+        ends.windows(2).all(|w| w[0] == w[1]),
+        "log ends differ: {ends:?}"
+    );
 }

@@ -42,7 +42,7 @@ pub use delayed::DELAY_MAX;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -66,7 +66,6 @@ use halfmq_types::props::{
     USER_SETTABLE,
 };
 use halfmq_types::stats::RetentionReport;
-use halfmq_types::TransactionChecker;
 
 /// The embedded broker. All methods take `&self`; share it with an `Arc`.
 pub struct Broker {
@@ -83,10 +82,8 @@ pub struct Broker {
     groups: Mutex<HashMap<GroupKey, Arc<Mutex<GroupTopic>>>>,
     recovery: RecoveryReport,
     txns: Arc<TxnIndex>,
-    /// Transaction checkers by producer group: (registration id, checker).
-    checkers: RwLock<HashMap<String, Vec<Registered>>>,
-    checker_ids: AtomicU64,
-    checker_rr: AtomicUsize,
+    /// Transaction checkers by producer group.
+    checkers: crate::checkers::Checkers,
     check_thread: Mutex<Option<CheckerThread>>,
     delayed: Arc<DelayedIndex>,
     delay_thread: Mutex<Option<DelayThread>>,
@@ -160,9 +157,6 @@ fn required_prop(view: &RecordView<'_>, name: &str, missing: &str) -> Result<u64
             reason: missing.to_owned(),
         })
 }
-
-/// A registered checker: (registration id, checker).
-type Registered = (u64, Arc<dyn TransactionChecker>);
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -168,6 +168,10 @@ pub struct BrokerConfig {
     /// trace events. Default: the system clock. Tests set a
     /// [`ManualClock`](halfmq_types::clock::ManualClock) and move it by hand.
     pub clock: ClockSetting,
+    /// Run the delayed-delivery timer thread. Default true. A replicated cluster's nodes
+    /// turn it off: their leader fires delayed messages through the log instead
+    /// ([`crate::Broker::due_delayed`], [`crate::Broker::fire_delayed`]).
+    pub delayed_timer: bool,
 }
 
 /// The clock of a broker ([`BrokerConfig::clock`]): the system clock, or a shared
@@ -305,6 +309,7 @@ impl Default for BrokerConfig {
             dedup_bytes_max: 256 * 1024 * 1024,
             retention: RetentionConfig::default(),
             clock: ClockSetting::system(),
+            delayed_timer: true,
         }
     }
 }
@@ -332,6 +337,7 @@ impl BrokerConfig {
         with_dedup_keys_max => dedup_keys_max: u64,
         with_dedup_bytes_max => dedup_bytes_max: u64,
         with_retention => retention: RetentionConfig,
+        with_delayed_timer => delayed_timer: bool,
     }
 
     /// Sets [`clock`](Self::clock): decide every deadline by `clock` (a

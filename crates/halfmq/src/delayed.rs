@@ -92,6 +92,30 @@ impl DelayedIndex {
         g.pending.take_due(now_ms, max, |d| d.clone())
     }
 
+    /// The ids of up to `max` messages due at `now_ms`, soonest first, left on the schedule
+    /// (for a timer outside the broker, see [`DelayedIndex::take`]).
+    pub(crate) fn due_ids(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.inner
+            .lock()
+            .pending
+            .due
+            .due(now_ms)
+            .take(max)
+            .collect()
+    }
+
+    /// Take message `id` off the schedule to deliver it, if it is still on it (not taken
+    /// before, not fired): it stays pending until [`DelayedIndex::fired`].
+    pub(crate) fn take(&self, id: u64) -> Option<DelayedInfo> {
+        let mut g = self.inner.lock();
+        let d = g.pending.live.get(&id)?.clone();
+        if !g.pending.due.contains(d.deliver_at_ms, id) {
+            return None;
+        }
+        g.pending.due.remove(d.deliver_at_ms, id);
+        Some(d)
+    }
+
     /// Deliver `d` again later (its delivery failed).
     pub(crate) fn retry(&self, d: &DelayedInfo, at_ms: u64) {
         let mut g = self.inner.lock();

@@ -80,6 +80,7 @@
 #![warn(missing_docs)]
 
 mod broker;
+mod checkers;
 pub mod config;
 mod consumer;
 mod delayed;
@@ -92,6 +93,7 @@ mod schedule;
 mod txn;
 
 pub use broker::{dead_letter_topic, Broker, DELAY_MAX};
+pub use checkers::Checkers;
 pub use config::{
     BrokerConfig, ClockSetting, DeliveryConfig, RetentionConfig, TxnConfig, QUEUES_MAX,
 };

@@ -17,6 +17,11 @@ impl Schedule {
         self.0.insert((at_ms, id));
     }
 
+    /// Whether `id` is scheduled at `at_ms`.
+    pub(crate) fn contains(&self, at_ms: u64, id: u64) -> bool {
+        self.0.contains(&(at_ms, id))
+    }
+
     /// `id`, due at `at_ms`, is not scheduled any more.
     pub(crate) fn remove(&mut self, at_ms: u64, id: u64) {
         self.0.remove(&(at_ms, id));
@@ -25,6 +30,14 @@ impl Schedule {
     /// When the soonest one falls due.
     pub(crate) fn next_due_ms(&self) -> Option<u64> {
         self.0.first().map(|&(at, _)| at)
+    }
+
+    /// The ids due at `now_ms`, soonest first, left on the schedule.
+    pub(crate) fn due(&self, now_ms: u64) -> impl Iterator<Item = u64> + '_ {
+        self.0
+            .iter()
+            .take_while(move |&&(at, _)| at <= now_ms)
+            .map(|&(_, id)| id)
     }
 
     /// Take the soonest id that is due at `now_ms` off the schedule, with its due time.
@@ -159,6 +172,8 @@ mod tests {
         s.remove(200, 3);
         assert_eq!(s.next_due_ms(), Some(100));
         assert_eq!(s.pop_due(99), None);
+        assert_eq!(s.due(250).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(s.due(300).collect::<Vec<_>>(), vec![2, 1]);
         assert_eq!(s.pop_due(300), Some((100, 2)));
         assert_eq!(s.pop_due(300), Some((300, 1)));
         assert_eq!(s.pop_due(u64::MAX), None);

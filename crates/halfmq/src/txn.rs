@@ -253,6 +253,27 @@ impl TxnIndex {
         })
     }
 
+    /// Up to `max` pending transactions whose check is due at `now_ms`, soonest first,
+    /// leaving out those `skip` names, and *not* marked in flight: for a check-back driven
+    /// from outside the broker, which keeps its own checks in flight (a replicated cluster's
+    /// leader, whose marks would otherwise outlive its leadership). Costs in proportion to
+    /// the number due.
+    pub(crate) fn due_unmarked(
+        &self,
+        now_ms: u64,
+        max: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Vec<TxnInfo> {
+        let g = self.inner.lock();
+        g.pending
+            .due
+            .due(now_ms)
+            .filter(|&id| !skip(id))
+            .filter_map(|id| g.pending.live.get(&id).map(|e| e.info.clone()))
+            .take(max)
+            .collect()
+    }
+
     /// When the earliest pending check is due.
     pub(crate) fn next_due_ms(&self) -> Option<u64> {
         self.inner.lock().pending.due.next_due_ms()
@@ -275,6 +296,9 @@ impl TxnIndex {
             return None;
         }
         let info = &mut e.info;
+        // Off the schedule at its old time: a check taken by `take_due` is already, but one
+        // made from outside (`due_unmarked`, or recorded on a node that did not ask) is not.
+        let old = info.next_check_ms;
         info.checks += 1;
         info.last_check_ms = now_ms;
         info.last_answer = Some(answer.to_owned());
@@ -290,6 +314,7 @@ impl TxnIndex {
             info.next_check_ms = now_ms + backoff_ms(cfg, info.checks);
         }
         let info = info.clone();
+        g.pending.due.remove(old, txn);
         if info.state == TxnState::Pending {
             g.pending.due.insert(info.next_check_ms, txn);
         }

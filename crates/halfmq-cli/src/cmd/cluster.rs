@@ -11,7 +11,6 @@ use halfmq_client::protocol::{Request, Response};
 use halfmq_raft::network::tcp::{offset_port, PeerServer, TcpFactory};
 use halfmq_raft::{ClusterStatus, ReplicaConfig, ReplicaNode, Role};
 
-use super::leader::Leader;
 use super::{print_json, println_flush, ConnArgs};
 
 /// `halfmq cluster ...`.
@@ -87,26 +86,20 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
     }
 }
 
-/// Make a membership change on the leader (followed among `--addr`'s nodes); print `done`
-/// once it is committed.
+/// Make a membership change on the leader (the client follows it among `--addr`'s
+/// nodes); print `done` once it is committed.
 async fn change(conn: &ConnArgs, req: Request, done: &str) -> Result<()> {
-    let mut leader = Leader::new(conn.clone());
-    leader
-        .call(|client| {
-            let req = req.clone();
-            async move {
-                match client.call(req).await? {
-                    Response::Ok => Ok(()),
-                    other => Err(Error::Decode {
-                        what: "membership change",
-                        reason: format!("answered {other:?}"),
-                    }),
-                }
-            }
-        })
-        .await?;
-    println_flush(done);
-    Ok(())
+    let client = conn.connect().await?;
+    match client.call(req).await? {
+        Response::Ok => {
+            println_flush(done);
+            Ok(())
+        }
+        other => Err(Error::Decode {
+            what: "membership change",
+            reason: format!("answered {other:?}"),
+        }),
+    }
 }
 
 /// Ask every address; print the answer of the node that leads (in the highest term), or,

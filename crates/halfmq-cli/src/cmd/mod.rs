@@ -48,6 +48,13 @@ impl ConnArgs {
         self.connect_to(&self.addr).await
     }
 
+    /// A client given every address of `--addr`: it follows a replicated cluster's leader
+    /// by itself (requests refused `NOT_LEADER` are made again on the leader; checkers
+    /// register again on the new leader after a failover).
+    pub async fn connect_following(&self) -> Result<Client> {
+        self.connect_to(&self.addrs().join(",")).await
+    }
+
     /// The addresses of `--addr`, in order.
     pub fn addrs(&self) -> Vec<String> {
         self.addr

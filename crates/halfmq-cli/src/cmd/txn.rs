@@ -170,14 +170,15 @@ async fn list(conn: ConnArgs, state: Option<StateArg>, json: bool) -> Result<()>
 }
 
 /// Answer every check-back of `group` with `answer` until Ctrl-C, reconnecting (and so
-/// registering again) when the connection is lost.
+/// registering again) when the connection is lost. With several `--addr`s (a replicated
+/// cluster) it registers on the leader, and after a failover on the new one.
 async fn checker(conn: ConnArgs, group: String, answer: AnswerArg) -> Result<()> {
     let answer = match answer {
         AnswerArg::Commit => CheckAnswer::Commit,
         AnswerArg::Rollback => CheckAnswer::Rollback,
         AnswerArg::Unknown => CheckAnswer::Unknown,
     };
-    let client = conn.connect().await?;
+    let client = conn.connect_following().await?;
     client
         .register_checker(
             &group,

@@ -42,18 +42,71 @@ pub(super) struct Conn {
     next_push: AtomicU64,
     /// Checker registrations to undo when the connection ends: (group, id).
     registered: Mutex<Vec<(String, u64)>>,
+    /// Set when the node this connection registered checkers on stops leading: the
+    /// connection is closed, so that its producer finds the new leader and registers there.
+    stepped_down: watch::Sender<bool>,
 }
 
 impl Conn {
     /// From now on this connection answers the check-backs of `producer_group`, until it
-    /// closes.
-    pub(super) fn register_checker(self: &Arc<Conn>, producer_group: String) -> Result<()> {
+    /// closes. On a replicated node only the leader takes a checker (it alone checks
+    /// back); the others answer `NOT_LEADER` with the leader's address, and a leader that
+    /// steps down closes the connection.
+    pub(super) fn register_checker(self: &Arc<Conn>, producer_group: String) -> Response {
         let checker = Arc::new(NetChecker {
             conn: Arc::downgrade(self),
         });
-        let id = self.broker.register_checker(&producer_group, checker)?;
-        self.registered.lock().push((producer_group, id));
-        Ok(())
+        let Some(node) = &self.replica else {
+            return match self.broker.register_checker(&producer_group, checker) {
+                Ok(id) => {
+                    self.registered.lock().push((producer_group, id));
+                    Response::Ok
+                }
+                Err(e) => Response::from_error(&e),
+            };
+        };
+        let id = match super::replicated::register_checker(node, &producer_group, checker) {
+            Ok(id) => id,
+            Err(resp) => return resp,
+        };
+        let first = {
+            let mut registered = self.registered.lock();
+            registered.push((producer_group, id));
+            registered.len() == 1
+        };
+        if first {
+            let (node, conn) = (node.clone(), Arc::downgrade(self));
+            tokio::spawn(async move {
+                let lost = node.lost_leadership();
+                tokio::pin!(lost);
+                loop {
+                    tokio::select! {
+                        () = &mut lost => break,
+                        // Ends with the connection (it holds no strong handle, which would
+                        // keep the connection's writer open).
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if conn.strong_count() == 0 {
+                                return;
+                            }
+                        }
+                    }
+                }
+                if let Some(conn) = conn.upgrade() {
+                    conn.stepped_down.send_replace(true);
+                }
+            });
+        }
+        Response::Ok
+    }
+
+    /// Undo this connection's checker registrations.
+    fn unregister_checkers(&self) {
+        for (group, id) in self.registered.lock().drain(..) {
+            match &self.replica {
+                Some(node) => node.unregister_checker(&group, id),
+                None => self.broker.unregister_checker(&group, id),
+            }
+        }
     }
 }
 
@@ -96,6 +149,8 @@ enum Ending {
     Cut,
     /// Nothing to do for `idle_timeout`.
     Idle,
+    /// The node stopped leading, and this connection's checkers must find the new leader.
+    SteppedDown,
     /// Bad input: the connection is closed after an error frame saying why.
     Bad(Error),
 }
@@ -135,6 +190,7 @@ pub(super) async fn serve_connection(
         server: shutdown.clone(),
         cut: cut.clone(),
     };
+    let (stepped_down, mut left) = watch::channel(false);
     let conn = Arc::new(Conn {
         broker,
         replica,
@@ -143,6 +199,7 @@ pub(super) async fn serve_connection(
         checks: Mutex::new(HashMap::new()),
         next_push: AtomicU64::new(1),
         registered: Mutex::new(Vec::new()),
+        stepped_down,
     });
     let mut buf = ReadBuf::new();
     let mut authed = false;
@@ -207,6 +264,7 @@ pub(super) async fn serve_connection(
                 p = in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ending::Closed },
                 _ = shutdown.changed() => break Ending::Stopped,
                 _ = cut.changed() => break Ending::Cut,
+                _ = left.changed() => break Ending::SteppedDown,
             };
             let conn = conn.clone();
             let stop = stop.clone();
@@ -254,6 +312,7 @@ pub(super) async fn serve_connection(
             r = read => r,
             _ = shutdown.changed() => break Ending::Stopped,
             _ = cut.changed() => break Ending::Cut,
+            _ = left.changed() => break Ending::SteppedDown,
         };
         match r {
             Ok(Ok(0)) => {
@@ -299,6 +358,10 @@ pub(super) async fn serve_connection(
     };
     let result = match ending {
         Ending::Closed | Ending::Stopped | Ending::Cut => Ok(()),
+        Ending::SteppedDown => {
+            tracing::info!(%peer, "closing a checker's connection: this node stopped leading");
+            Ok(())
+        }
         Ending::Idle => {
             counters.idle_closed.fetch_add(1, Ordering::Relaxed);
             halfmq::metrics::connection_closed_by_broker("idle");
@@ -328,9 +391,7 @@ pub(super) async fn serve_connection(
     // stops or the connection is cut; requests waiting for room end when it is cut, at most
     // write_timeout after the client last took a byte (or after the stop).
     let _ = in_flight.acquire_many(config.in_flight_max as u32).await;
-    for (group, id) in conn.registered.lock().drain(..) {
-        conn.broker.unregister_checker(&group, id);
-    }
+    conn.unregister_checkers();
     conn.checks.lock().clear();
     drop(conn);
     let _ = writer.await;

@@ -4,13 +4,21 @@
 //! [`codes::NOT_LEADER`] with the leader's client address. Reads are answered by the node's
 //! own broker.
 //!
-//! Replicated today: `Send`, `SendBatch`, `SendHalf`, `Commit`, `Rollback`, `Ack`,
-//! `CreateTopic`. The other writes (delayed sends, nacks, receipts, dead letters, group
-//! settings, retention, check-back registration) would change one node's broker alone, so a
-//! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the log.
+//! Replicated today: `Send`, `SendBatch`, `SendHalf`, `SendDelayed` (fired by the leader
+//! through the log), `Commit`, `Rollback`, `Rearm`, `Ack`, `SetGroup`, `SetGroupSettings`,
+//! `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
+//! asks checkers, and proposes what each check found through the log, see
+//! `halfmq_raft::checkback`). The other writes (nacks, receipts, dead letters, group
+//! deletion, retention) would change one node's broker alone, so a
+//! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the
+//! log.
 
-use halfmq::{Error, Message, TxnId};
-use halfmq_client::protocol::{self, codes, Request, Response, SendResult};
+use std::sync::Arc;
+
+use halfmq::{
+    DeliveryConfig, Error, GroupSettings, HalfOptions, Message, TransactionChecker, TxnId,
+};
+use halfmq_client::protocol::{self, codes, Request, Response, SendResult, WireGroup};
 use halfmq_raft::{Applied, Command, MessageData, Outcome, ReplicaError, ReplicaNode};
 
 /// Where a request goes on a replicated node.
@@ -84,12 +92,8 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             producer_group,
             check_immunity_ms,
         } => {
-            let cmd = Command::SendHalf {
-                topic: topic.clone(),
-                message: MessageData::from(&Message::from(message)),
-                producer_group,
-                check_immunity_ms: (check_immunity_ms > 0).then_some(check_immunity_ms),
-            };
+            let opts = HalfOptions::from_check_immunity_ms(check_immunity_ms);
+            let cmd = Command::send_half(&topic, &Message::from(message), producer_group, opts);
             answered(node.write_to_topic(&topic, cmd).await, |o| match o {
                 Outcome::Half { txn, duplicate } => Some(Response::HalfSent {
                     txn: txn.0,
@@ -98,11 +102,43 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
                 _ => None,
             })
         }
+        Request::SendDelayed {
+            topic,
+            message,
+            deliver_at_ms,
+        } => {
+            let cmd = Command::SendDelayed {
+                topic: topic.clone(),
+                message: MessageData::from(&Message::from(message)),
+                deliver_at_ms,
+            };
+            answered(node.write_to_topic(&topic, cmd).await, |o| match o {
+                Outcome::Delayed(r) => Some(Response::Delayed(r)),
+                _ => None,
+            })
+        }
         Request::Commit { txn } => done(node, Command::Commit(TxnId(txn))).await,
         Request::Rollback { txn } => done(node, Command::Rollback(TxnId(txn))).await,
+        Request::Rearm { txn } => done(node, Command::Rearm(TxnId(txn))).await,
         Request::Ack { group, topic, acks } => {
             done(node, Command::Ack { group, topic, acks }).await
         }
+        Request::SetGroup { group, settings } => {
+            // This request cannot carry the FIFO override: it keeps the one in force.
+            let fifo = match node.broker().group_settings(&group) {
+                Ok((_, s)) => s.fifo,
+                Err(e) => return Routed::Answered(Response::from_error(&e)),
+            };
+            set_group(node, group, settings, fifo, |d, s| {
+                Response::Group(WireGroup::new(d, s))
+            })
+            .await
+        }
+        Request::SetGroupSettings {
+            group,
+            settings,
+            fifo,
+        } => set_group(node, group, settings, fifo, Response::group_settings).await,
         Request::CreateTopic { name, queues } => {
             let cmd = Command::CreateTopic {
                 topic: name,
@@ -113,26 +149,56 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             })
             .await
         }
-        Request::SendDelayed { .. }
-        | Request::Rearm { .. }
-        | Request::RegisterChecker { .. }
-        | Request::Nack { .. }
+        Request::Nack { .. }
         | Request::ReplayDeadLetters { .. }
-        | Request::SetGroup { .. }
         | Request::Retention
         | Request::DeleteGroup { .. }
         | Request::AckReceipts { .. }
         | Request::NackReceipt { .. }
         | Request::ChangeLease { .. }
-        | Request::SetGroupSettings { .. }
         | Request::DeadLetterReceipt { .. } => Response::Error {
             code: codes::BAD_REQUEST,
             message: "a replicated broker does not carry this request yet (only sends, \
-                      halves, commits, rollbacks, acks and topic creation go through its log)"
+                      delayed sends, halves, commits, rollbacks, re-arms, acks, group \
+                      settings, topic creation and check-back go through its log)"
                 .into(),
         },
         other => return Routed::Local(other),
     })
+}
+
+/// Register `checker` for `producer_group` on `node`: its id, or the answer refusing it
+/// (`NOT_LEADER` with the leader's address on a node that does not lead).
+pub(super) fn register_checker(
+    node: &ReplicaNode,
+    producer_group: &str,
+    checker: Arc<dyn TransactionChecker>,
+) -> Result<u64, Response> {
+    node.register_checker(producer_group, checker)
+        .map_err(replica_error)
+}
+
+/// Set `group`'s overrides through the log, then answer with what is in force on this node
+/// (the leader, which has applied them) as `answer` makes it.
+async fn set_group(
+    node: &ReplicaNode,
+    group: String,
+    settings: GroupSettings,
+    fifo: Option<bool>,
+    answer: impl FnOnce(&DeliveryConfig, GroupSettings) -> Response,
+) -> Response {
+    let cmd = Command::SetGroup {
+        group: group.clone(),
+        settings,
+        fifo,
+    };
+    match done(node, cmd).await {
+        Response::Ok => match node.broker().group_settings(&group) {
+            Ok((d, s)) => answer(&d, s),
+            Err(e) => Response::from_error(&e),
+        },
+        refused => refused,
+    }
 }
 
 /// Write `cmd` and answer `Ok` once it took effect.

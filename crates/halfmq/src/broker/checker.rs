@@ -18,7 +18,9 @@ use crate::broker::Broker;
 use crate::metrics::CheckOutcome;
 use halfmq_store::worker::Worker;
 use halfmq_types::error::Result;
-use halfmq_types::{CheckAnswer, HalfMessage, Outcome, TransactionChecker, TxnId, TxnState};
+use halfmq_types::{
+    CheckAnswer, HalfMessage, Outcome, TransactionChecker, TxnId, TxnInfo, TxnState,
+};
 
 /// Messages to the check-back thread.
 pub(crate) enum Msg {
@@ -156,9 +158,19 @@ impl Broker {
             });
             self.check_pool().run(checker, half, asked, tx.clone());
         }
-        if failed.is_empty() {
-            return;
+        if let Err(e) = self.checks_failed(&failed) {
+            tracing::error!(error = %e, "cannot persist check-back bookkeeping; counts may repeat after a restart");
         }
+    }
+
+    /// Checks that ended without resolving their transactions (unknown, no answer, no
+    /// producer), at the broker's clock: count each, schedule the next or mark it
+    /// unresolved, record the trace events, and persist the bookkeeping.
+    fn checks_failed(&self, failed: &[(u64, &str)]) -> Result<()> {
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let cfg = &self.config().txn;
         let ms = self.now();
         let updates: Vec<_> = failed
             .iter()
@@ -179,29 +191,11 @@ impl Broker {
             }
         }
         self.trace_events_later(events);
-        if let Err(e) = self.txn_index().persist_checks(self.meta(), &updates) {
-            tracing::error!(error = %e, "cannot persist check-back bookkeeping; counts may repeat after a restart");
-        }
+        self.txn_index().persist_checks(self.meta(), &updates)
     }
 
     fn apply_check_answer(&self, txn: u64, outcome: Outcome) {
-        if let Some(info) = self.txn_index().get(txn).filter(|i| !i.key.is_empty()) {
-            let answer = match outcome {
-                Outcome::Committed => "commit",
-                Outcome::RolledBack => "rollback",
-            };
-            let event = halfmq_types::trace::Event::CheckAnswered {
-                check: info.checks + 1,
-                answer: answer.into(),
-            };
-            self.trace_events_later(vec![(txn, event)]);
-        }
-        self.txn_index().check_answered(txn);
-        let r = match outcome {
-            Outcome::Committed => self.commit(TxnId(txn)),
-            Outcome::RolledBack => self.rollback(TxnId(txn)),
-        };
-        match r {
+        match self.record_check_answer(TxnId(txn), outcome) {
             Ok(()) => tracing::info!(
                 txn,
                 outcome = outcome.as_str(),
@@ -211,6 +205,51 @@ impl Broker {
             // outcome stands.
             Err(e) => tracing::warn!(txn, error = %e, "check-back answer not applied"),
         }
+    }
+
+    /// Pending transactions whose check is due at `now_ms` (ms since the Unix epoch), up to
+    /// `max`, soonest first, leaving out those `skip` names: for a check-back driven from
+    /// outside the broker (a replicated cluster's leader, whose brokers run no check-back
+    /// thread). Nothing is marked: the caller keeps its own checks in flight, and records
+    /// each one's end with [`Broker::record_check_answer`] or
+    /// [`Broker::record_check_failed`].
+    pub fn due_checks(&self, now_ms: u64, max: usize, skip: impl Fn(u64) -> bool) -> Vec<TxnInfo> {
+        self.txn_index().due_unmarked(now_ms, max, skip)
+    }
+
+    /// The half message of a pending transaction, as its checker is asked about it.
+    pub fn half_message(&self, info: &TxnInfo) -> Result<HalfMessage> {
+        self.read_half(info)
+    }
+
+    /// A check answered commit or rollback: record the check (its trace event) and write
+    /// the outcome, as [`Broker::commit`] or [`Broker::rollback`] would (with their errors:
+    /// a different outcome already recorded stands).
+    pub fn record_check_answer(&self, txn: TxnId, outcome: Outcome) -> Result<()> {
+        if let Some(info) = self.txn_index().get(txn.0).filter(|i| !i.key.is_empty()) {
+            let answer = match outcome {
+                Outcome::Committed => "commit",
+                Outcome::RolledBack => "rollback",
+            };
+            let event = halfmq_types::trace::Event::CheckAnswered {
+                check: info.checks + 1,
+                answer: answer.into(),
+            };
+            self.trace_events_later(vec![(txn.0, event)]);
+        }
+        self.txn_index().check_answered(txn.0);
+        match outcome {
+            Outcome::Committed => self.commit(txn),
+            Outcome::RolledBack => self.rollback(txn),
+        }
+    }
+
+    /// A check ended without an outcome (`why`: "unknown", no answer, no producer), at the
+    /// broker's clock: counted, the next check scheduled with the backoff (or the
+    /// transaction marked unresolved after `check_max`), and persisted. A transaction that
+    /// is not pending any more is left alone.
+    pub fn record_check_failed(&self, txn: TxnId, why: &str) -> Result<()> {
+        self.checks_failed(&[(txn.0, why)])
     }
 }
 

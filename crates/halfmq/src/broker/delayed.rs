@@ -194,6 +194,25 @@ impl Broker {
         Ok(())
     }
 
+    /// The ids of up to `max` delayed messages due at `now_ms` (ms since the Unix epoch),
+    /// soonest first: for a timer outside the broker (a replicated cluster's leader, whose
+    /// nodes run no timer thread, [`crate::BrokerConfig::delayed_timer`]), which fires them
+    /// with [`Broker::fire_delayed`].
+    pub fn due_delayed(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.delayed.due_ids(now_ms, max)
+    }
+
+    /// Deliver delayed message `id` now, at the broker's clock, if it is still waiting:
+    /// true when it was delivered by this call, false when it was delivered (or taken to
+    /// be) before, or is unknown. So a message is fired once however often it is asked.
+    pub fn fire_delayed(&self, id: u64) -> Result<bool> {
+        let Some(d) = self.delayed.take(id) else {
+            return Ok(false);
+        };
+        self.deliver_delayed(&d)?;
+        Ok(true)
+    }
+
     /// Delayed messages not delivered yet.
     pub fn delayed_pending(&self) -> u64 {
         self.delayed.pending()

@@ -3,7 +3,7 @@
 //! it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,9 +169,7 @@ impl Broker {
             groups: Mutex::new(HashMap::new()),
             recovery,
             txns,
-            checkers: RwLock::new(HashMap::new()),
-            checker_ids: AtomicU64::new(1),
-            checker_rr: AtomicUsize::new(0),
+            checkers: Default::default(),
             check_thread: Mutex::new(None),
             delayed,
             delay_thread: Mutex::new(None),
@@ -193,7 +191,9 @@ impl Broker {
         if broker.config.txn.check_back {
             *broker.check_thread.lock() = Some(checker::spawn(Arc::downgrade(&broker))?);
         }
-        *broker.delay_thread.lock() = Some(delayed::spawn(Arc::downgrade(&broker))?);
+        if broker.config.delayed_timer {
+            *broker.delay_thread.lock() = Some(delayed::spawn(Arc::downgrade(&broker))?);
+        }
         *broker.dedup_thread.lock() = Some(idem::spawn_persister(Arc::downgrade(&broker))?);
         if broker.config.retention.enabled() {
             *broker.retention_thread.lock() = Some(retention::spawn(

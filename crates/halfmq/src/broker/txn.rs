@@ -2,7 +2,6 @@
 //! or by awaiting), the registry of checkers asked about overdue halves, and listing. The
 //! check-back thread is `checker`; the index of pending halves is `crate::txn`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::checker::Msg as CheckMsg;
@@ -381,31 +380,16 @@ impl Broker {
         checker: Arc<dyn TransactionChecker>,
     ) -> Result<u64> {
         validate_group_name(producer_group)?;
-        let id = self.checker_ids.fetch_add(1, Ordering::Relaxed);
-        self.checkers
-            .write()
-            .entry(producer_group.to_owned())
-            .or_default()
-            .push((id, checker));
-        Ok(id)
+        Ok(self.checkers.register(producer_group, checker))
     }
 
     /// Remove a checker registered with [`Broker::register_checker`].
     pub fn unregister_checker(&self, producer_group: &str, id: u64) {
-        let mut all = self.checkers.write();
-        if let Some(v) = all.get_mut(producer_group) {
-            v.retain(|(i, _)| *i != id);
-            if v.is_empty() {
-                all.remove(producer_group);
-            }
-        }
+        self.checkers.unregister(producer_group, id);
     }
 
     pub(crate) fn checker_for(&self, producer_group: &str) -> Option<Arc<dyn TransactionChecker>> {
-        let all = self.checkers.read();
-        let v = all.get(producer_group)?;
-        let i = self.checker_rr.fetch_add(1, Ordering::Relaxed) % v.len();
-        Some(v[i].1.clone())
+        self.checkers.get(producer_group)
     }
 
     /// Unfinished transactions, oldest first: all, or those in `state`.

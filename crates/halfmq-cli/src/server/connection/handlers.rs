@@ -372,9 +372,7 @@ pub(super) async fn handle(
                 Response::Ok
             })
         }
-        Request::RegisterChecker { producer_group } => {
-            result_response(conn.register_checker(producer_group), |()| Response::Ok)
-        }
+        Request::RegisterChecker { producer_group } => conn.register_checker(producer_group),
         Request::CheckAnswer { .. } => Response::Error {
             code: codes::BAD_REQUEST,
             message: "CheckAnswer is handled by the connection".into(),
