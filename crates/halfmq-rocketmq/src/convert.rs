@@ -15,6 +15,7 @@ use std::time::Duration;
 use halfmq::filter::validate_tag;
 use halfmq::{props, Message};
 
+use crate::digest;
 use crate::pb::{self, Code, Encoding, MessageType, SystemProperties};
 use crate::status::status;
 
@@ -32,6 +33,9 @@ pub const PROP_MESSAGE_ID: &str = "rocketmq.message_id";
 pub const PROP_BORN_HOST: &str = "rocketmq.born_host";
 /// Property: when the message was made (`born_timestamp`), ms since the Unix epoch.
 pub const PROP_BORN_MS: &str = "rocketmq.born_ms";
+/// Property: when a delayed message is to be delivered, ms since the Unix epoch (shown to
+/// consumers as its `delivery_timestamp`, as RocketMQ shows it).
+pub const PROP_DELIVERY_MS: &str = "rocketmq.delivery_ms";
 /// Property: `gzip` when the body is compressed (the client compressed it; halfmq stores
 /// and hands it on as it came).
 pub const PROP_ENCODING: &str = "rocketmq.body_encoding";
@@ -194,12 +198,14 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
         MessageType::Normal | MessageType::Unspecified | MessageType::Fifo => {}
         MessageType::Delay => {
             let at = sys.delivery_timestamp.as_ref().and_then(timestamp_ms);
-            deliver_at_ms = Some(at.ok_or_else(|| {
+            let at = at.ok_or_else(|| {
                 status(
                     Code::IllegalDeliveryTime,
                     "a DELAY message needs a valid delivery_timestamp",
                 )
-            })?);
+            })?;
+            properties.insert(PROP_DELIVERY_MS.into(), at.to_string());
+            deliver_at_ms = Some(at);
         }
         MessageType::Transaction => {
             check_immunity = sys
@@ -288,6 +294,12 @@ pub(crate) fn outgoing(
         MessageType::Normal
     };
     let born_ms = properties.get(PROP_BORN_MS).and_then(|v| v.parse().ok());
+    let deliver_ms = properties.get(PROP_DELIVERY_MS).and_then(|v| v.parse().ok());
+    // Clients check the digest of every message they decode (see `digest`).
+    let body_digest = pb::Digest {
+        r#type: pb::DigestType::Md5 as i32,
+        checksum: digest::md5_hex(&body),
+    };
     let sys = SystemProperties {
         tag: properties
             .get(PROP_TAG)
@@ -300,6 +312,8 @@ pub(crate) fn outgoing(
         message_type: kind as i32,
         born_host: properties.get(PROP_BORN_HOST).cloned().unwrap_or_default(),
         born_timestamp: born_ms.map(timestamp),
+        delivery_timestamp: deliver_ms.map(timestamp),
+        body_digest: Some(body_digest),
         ..extra
     };
     pb::Message {
