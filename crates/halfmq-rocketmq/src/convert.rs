@@ -17,7 +17,7 @@ use halfmq::{props, Message};
 
 use crate::digest;
 use crate::pb::{self, Code, Encoding, MessageType, SystemProperties};
-use crate::status::status;
+use crate::status::{status, unsupported};
 
 /// Property: the message's tag (halfmq's own, which tag filters match).
 pub const PROP_TAG: &str = props::PROP_TAG;
@@ -112,7 +112,13 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
             ),
         ));
     }
-    let kind = MessageType::try_from(sys.message_type).unwrap_or(MessageType::Unspecified);
+    let kind = MessageType::try_from(sys.message_type).map_err(|_| {
+        status(
+            Code::BadRequest,
+            format!("unknown message type {}", sys.message_type),
+        )
+    })?;
+    refuse_unsupported(kind, &sys)?;
     let mut properties = halfmq::Properties::new();
     for (k, v) in m.user_properties {
         if k.starts_with(PROP_PREFIX) || k.starts_with(props::RESERVED_PREFIX) {
@@ -207,6 +213,8 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
             properties.insert(PROP_DELIVERY_MS.into(), at.to_string());
             deliver_at_ms = Some(at);
         }
+        // Refused above.
+        MessageType::Lite | MessageType::Priority => {}
         MessageType::Transaction => {
             check_immunity = sys
                 .orphaned_transaction_recovery_duration
@@ -226,6 +234,23 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
         deliver_at_ms,
         check_immunity,
     })
+}
+
+/// Lite topics and message priorities (sent by clients of 2025 and later) are refused: stored
+/// as a plain message, such a message would lose what its sender asked for.
+fn refuse_unsupported(kind: MessageType, sys: &SystemProperties) -> Result<(), pb::Status> {
+    let lite = kind == MessageType::Lite || sys.lite_topic.as_ref().is_some_and(|t| !t.is_empty());
+    if lite {
+        return Err(unsupported(
+            "lite topics are not supported; send to a topic (a message group keeps order by key)",
+        ));
+    }
+    if kind == MessageType::Priority || sys.priority.is_some() {
+        return Err(unsupported(
+            "message priorities are not supported; send to a topic of its own per priority",
+        ));
+    }
+    Ok(())
 }
 
 /// ms since the Unix epoch of a protobuf timestamp; `None` before the epoch or invalid.
@@ -294,7 +319,9 @@ pub(crate) fn outgoing(
         MessageType::Normal
     };
     let born_ms = properties.get(PROP_BORN_MS).and_then(|v| v.parse().ok());
-    let deliver_ms = properties.get(PROP_DELIVERY_MS).and_then(|v| v.parse().ok());
+    let deliver_ms = properties
+        .get(PROP_DELIVERY_MS)
+        .and_then(|v| v.parse().ok());
     // Clients check the digest of every message they decode (see `digest`).
     let body_digest = pb::Digest {
         r#type: pb::DigestType::Md5 as i32,
@@ -394,7 +421,19 @@ mod tests {
 
     #[test]
     fn bad_messages_get_a_clear_code() {
-        let cases: [(MessageType, Edit, Code); 6] = [
+        let cases: [(MessageType, Edit, Code); 10] = [
+            (MessageType::Priority, |_| {}, Code::Unsupported),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).priority = Some(3),
+                Code::Unsupported,
+            ),
+            (MessageType::Lite, |_| {}, Code::Unsupported),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).message_type = 99,
+                Code::BadRequest,
+            ),
             (
                 MessageType::Normal,
                 |m| {
@@ -423,6 +462,34 @@ mod tests {
         for (kind, edit, code) in cases {
             assert_eq!(refused(kind, edit), code);
         }
+    }
+
+    #[test]
+    fn clients_get_the_body_digest_and_a_delayed_messages_delivery_time() {
+        let mut m = message(MessageType::Delay);
+        sys_of(&mut m).delivery_timestamp = Some(timestamp(1_700_000_000_250));
+        let inc = incoming(m).expect("valid");
+        assert_eq!(inc.deliver_at_ms, Some(1_700_000_000_250));
+        let out = outgoing(
+            "orders",
+            (&inc.msg.key, inc.msg.body.clone(), &inc.msg.properties),
+            7,
+            SystemProperties::default(),
+        );
+        let s = out.system_properties.expect("system properties");
+        assert_eq!(
+            s.delivery_timestamp.and_then(|t| timestamp_ms(&t)),
+            Some(1_700_000_000_250)
+        );
+        let d = s.body_digest.expect("a body digest");
+        // md5("hello")
+        assert_eq!(
+            (d.r#type, d.checksum.as_str()),
+            (
+                pb::DigestType::Md5 as i32,
+                "5D41402ABC4B2A76B9719D911017C592"
+            )
+        );
     }
 
     #[test]

@@ -188,6 +188,35 @@ async fn unsupported_requests_say_so() {
         assert_eq!(code(&s), wanted, "{}", s.message);
     }
     assert!(e.broker.idempotency_key_stored("t", "f1").is_none());
+    // Priorities and lite topics (newer clients' message kinds) are refused, not stored as
+    // plain messages.
+    let edits: [fn(&mut pb::SystemProperties); 3] = [
+        |s| s.priority = Some(1),
+        |s| s.message_type = pb::MessageType::Priority as i32,
+        |s| s.lite_topic = Some("lt".into()),
+    ];
+    for edit in edits {
+        let mut m = message("t", "p1", b"b".to_vec());
+        if let Some(s) = m.system_properties.as_mut() {
+            edit(s);
+        }
+        let s = send(&mut c, m).await;
+        assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+        assert!(s.message.contains("not supported"), "{}", s.message);
+    }
+    assert!(e.broker.idempotency_key_stored("t", "p1").is_none());
+    let r = c
+        .sync_lite_subscription(pb::SyncLiteSubscriptionRequest {
+            topic: resource("t"),
+            group: resource("g"),
+            lite_topic_set: vec!["lt".into()],
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    let s = r.status.expect("a status");
+    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    assert!(s.message.contains("lite topics"), "{}", s.message);
     // A transaction id the endpoint never made.
     let r = c
         .end_transaction(pb::EndTransactionRequest {
@@ -245,6 +274,25 @@ async fn telemetry_answers_settings_and_refuses_invalid_ones() {
         code(&a.status.expect("a status")),
         Code::UnrecognizedClientType
     );
+    // A lite consumer is refused, saying so.
+    let lite = pb::settings::PubSub::Subscription(pb::Subscription {
+        group: resource("g"),
+        ..Default::default()
+    });
+    tx.send(settings(
+        Some(pb::ClientType::LiteSimpleConsumer),
+        Some(lite),
+    ))
+    .await
+    .expect("sent");
+    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("no gRPC error")
+        .expect("an answer");
+    let s = a.status.expect("a status");
+    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    assert!(s.message.contains("lite topics"), "{}", s.message);
     // The stream goes on: a producer's settings are answered with the server's.
     let publishing = pb::settings::PubSub::Publishing(pb::Publishing {
         topics: vec![pb::Resource {

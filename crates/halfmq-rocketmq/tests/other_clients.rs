@@ -1,8 +1,8 @@
 //! The official Apache RocketMQ clients in Python (`rocketmq-python-client`) and Node.js
 //! (`rocketmq-client-nodejs`), unchanged, against the endpoint: the programs in
 //! `tests/clients/` run their cases (plain producer, transactions with check-back, a delayed
-//! message, a simple consumer with lease changes and redelivery, a tag filter, FIFO groups)
-//! and report each as a JSON line; these tests then check the broker holds what they say.
+//! message, a simple consumer with lease changes and redelivery, a tag filter, FIFO groups,
+//! a message priority refused) and report each as a JSON line; these tests then check the broker holds what they say.
 //!
 //! The clients are installed by the tests when missing, pinned exactly
 //! (`tests/clients/python/requirements.txt`, `tests/clients/node/package-lock.json`), under
@@ -25,7 +25,15 @@ use common::{start, Endpoint};
 const PROGRAM_LIMIT: Duration = Duration::from_secs(50);
 
 /// The cases every program runs, in order.
-const CASES: [&str; 6] = ["plain", "transactions", "delayed", "consume", "tags", "fifo"];
+const CASES: [&str; 7] = [
+    "plain",
+    "transactions",
+    "delayed",
+    "consume",
+    "tags",
+    "fifo",
+    "refused",
+];
 
 /// Where this crate's client programs and their pinned dependency lists are.
 fn clients_dir() -> PathBuf {
@@ -80,7 +88,13 @@ fn python_client() -> PathBuf {
         run_setup(Command::new("python3").arg("--version"), what);
         run_setup(
             Command::new("python3")
-                .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                ])
                 .args(["--no-deps", "--target"])
                 .arg(dir)
                 .arg("-r")
@@ -121,7 +135,11 @@ impl Run {
     /// A field of a case's line.
     fn field(&self, case: &str, name: &str) -> &Value {
         let v = &self.cases[case][name];
-        assert!(!v.is_null(), "case {case} reported no {name}:\n{}", self.shown);
+        assert!(
+            !v.is_null(),
+            "case {case} reported no {name}:\n{}",
+            self.shown
+        );
         v
     }
 
@@ -176,7 +194,11 @@ async fn run_program(mut cmd: Command, home: &Path, log: &Path) -> Run {
         let line = cases
             .get(case)
             .unwrap_or_else(|| panic!("case {case} was not reported:\n{shown}"));
-        assert_eq!(line["ok"], Value::Bool(true), "case {case} failed:\n{shown}");
+        assert_eq!(
+            line["ok"],
+            Value::Bool(true),
+            "case {case} failed:\n{shown}"
+        );
     }
     assert!(out.status.success(), "the program failed:\n{shown}");
     Run { cases, shown }
@@ -241,7 +263,8 @@ fn bodies(e: &Endpoint, group: &str, topic: &str) -> Vec<String> {
 /// What the broker must hold after a program's cases passed: each message stored exactly
 /// once, the rolled-back ones invisible, every consumer group done with what it acked.
 fn check_broker(e: &Endpoint, run: &Run) {
-    // plain: stored once, with its tag, both keys, its property and the client's id.
+    // plain: stored once, with its tag, both keys, its property and the client's id (and
+    // the refused priority message is not stored beside it).
     let got = e.broker.poll("native", "orders", 10).expect("poll");
     assert_eq!(got.len(), 1, "{got:?}");
     let d = &got[0];
@@ -293,10 +316,7 @@ fn check_broker(e: &Endpoint, run: &Run) {
     assert_eq!(bodies(e, "billing", "tags"), Vec::<String>::new());
     assert_eq!(bodies(e, "native", "ledger"), ["a0", "a1", "a2", "b0"]);
     assert_eq!(bodies(e, "books", "ledger"), Vec::<String>::new());
-    assert_eq!(
-        run.field("fifo", "order"),
-        &serde_json::json!(["a1", "a2"])
-    );
+    assert_eq!(run.field("fifo", "order"), &serde_json::json!(["a1", "a2"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

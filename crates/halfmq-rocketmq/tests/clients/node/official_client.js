@@ -250,6 +250,25 @@ async function caseFifo() {
   }
 }
 
+// A message priority (which halfmq does not have) is refused, saying so, not stored: the
+// route says which message types the queues accept, and the client checks it.
+async function caseRefused() {
+  const p = await producer([ 'orders' ]);
+  try {
+    try {
+      await p.send({ topic: 'orders', body: Buffer.from('urgent'), priority: 1 });
+    } catch (e) {
+      const said = String(e.message || e);
+      check(said.includes('actualMessageType=6') && said.includes('acceptMessageTypes=[1,2,3,4]'),
+        `refused unclearly: ${said}`);
+      return { refusal: said };
+    }
+    throw new CaseFailed('a priority message was accepted');
+  } finally {
+    await p.shutdown();
+  }
+}
+
 const CASES = [
   [ 'plain', casePlain ],
   [ 'transactions', caseTransactions ],
@@ -257,6 +276,7 @@ const CASES = [
   [ 'consume', caseConsume ],
   [ 'tags', caseTags ],
   [ 'fifo', caseFifo ],
+  [ 'refused', caseRefused ],
 ];
 
 async function main() {

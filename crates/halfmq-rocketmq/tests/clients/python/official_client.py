@@ -257,6 +257,25 @@ def case_fifo():
         p.shutdown()
 
 
+def case_refused():
+    """A message priority (which halfmq does not have) is refused, saying so, not stored: the
+    route says which message types the queues accept, and the client checks it."""
+    p = producer(["orders"])
+    try:
+        m = message("orders", "urgent")
+        m.priority = 1
+        try:
+            p.send(m)
+        except Exception as e:  # the refusal, as the client raises it
+            said = str(e)
+            check("PRIORITY" in said and "NORMAL,FIFO,DELAY,TRANSACTION" in said,
+                  f"refused unclearly: {said}")
+            return {"refusal": str(e)}
+        raise CaseFailed("a priority message was accepted")
+    finally:
+        p.shutdown()
+
+
 CASES = [
     ("plain", case_plain),
     ("transactions", case_transactions),
@@ -264,6 +283,7 @@ CASES = [
     ("consume", case_consume),
     ("tags", case_tags),
     ("fifo", case_fifo),
+    ("refused", case_refused),
 ]
 
 
