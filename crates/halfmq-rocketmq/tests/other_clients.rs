@@ -2,7 +2,7 @@
 //! (`rocketmq-client-nodejs`), unchanged, against the endpoint: the programs in
 //! `tests/clients/` run their cases (plain producer, transactions with check-back, a delayed
 //! message, a simple consumer with lease changes and redelivery, a tag filter, FIFO groups,
-//! a message priority refused) and report each as a JSON line; these tests then check the broker holds what they say.
+//! a message priority refused, a push consumer with a retry and a dead letter) and report each as a JSON line; these tests then check the broker holds what they say.
 //!
 //! The clients are installed by the tests when missing, pinned exactly
 //! (`tests/clients/python/requirements.txt`, `tests/clients/node/package-lock.json`), under
@@ -25,7 +25,7 @@ use common::{start, Endpoint};
 const PROGRAM_LIMIT: Duration = Duration::from_secs(50);
 
 /// The cases every program runs, in order.
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "plain",
     "transactions",
     "delayed",
@@ -33,6 +33,7 @@ const CASES: [&str; 7] = [
     "tags",
     "fifo",
     "refused",
+    "push",
 ];
 
 /// Where this crate's client programs and their pinned dependency lists are.
@@ -236,6 +237,7 @@ async fn endpoint() -> Endpoint {
         ("work", 2),
         ("tags", 1),
         ("ledger", 4),
+        ("push", 1),
     ] {
         e.broker.create_topic(topic, queues).expect("topic");
     }
@@ -245,6 +247,16 @@ async fn endpoint() -> Endpoint {
     };
     e.broker
         .set_group_settings("books", &fifo)
+        .expect("settings");
+    // The push consumers' group: a failed message is retried once, 200 ms later (the retry
+    // policy the clients are sent), then dead-lettered.
+    let pushers = GroupSettings {
+        max_retries: Some(1),
+        retry_backoff_ms: Some(vec![200]),
+        ..Default::default()
+    };
+    e.broker
+        .set_group_settings("pushers", &pushers)
         .expect("settings");
     e
 }

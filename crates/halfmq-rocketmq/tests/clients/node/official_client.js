@@ -269,6 +269,45 @@ async function caseRefused() {
   }
 }
 
+// A push consumer (group `pushers`: one retry, 200 ms backoff): successes acked, a failure
+// retried as attempt 2, and a message failing every attempt forwarded to the dead letters by
+// the client.
+async function casePush() {
+  const p = await producer([ 'push' ]);
+  const seen = {};
+  const c = new PushConsumer({
+    ...options(),
+    consumerGroup: 'pushers',
+    subscriptions: new Map([[ 'push', '*' ]]),
+    messageListener: {
+      async consume(view) {
+        const b = body(view);
+        (seen[b] = seen[b] || []).push(view.deliveryAttempt);
+        const failing = b === 'poison' || (b === 'retry me' && seen[b].length === 1);
+        return failing ? ConsumeResult.FAILURE : ConsumeResult.SUCCESS;
+      },
+    },
+  });
+  await c.startup();
+  const want = { 'ok 1': [ 1 ], 'ok 2': [ 1 ], 'retry me': [ 1, 2 ], poison: [ 1, 2 ] };
+  try {
+    for (const b of Object.keys(want)) {
+      await p.send({ topic: 'push', body: Buffer.from(b), keys: [ b.replace(/ /g, '-') ] });
+    }
+    const done = () => same(Object.keys(seen).sort().map(k => [ k, seen[k] ]),
+      Object.keys(want).sort().map(k => [ k, want[k] ]));
+    const until = Date.now() + 20000;
+    while (Date.now() < until && !done()) await sleep(100);
+    // Time for the last acks and the forward to land.
+    await sleep(1000);
+    check(done(), `deliveries ${JSON.stringify(seen)}, wanted ${JSON.stringify(want)}`);
+    return { seen };
+  } finally {
+    await c.shutdown();
+    await p.shutdown();
+  }
+}
+
 const CASES = [
   [ 'plain', casePlain ],
   [ 'transactions', caseTransactions ],
@@ -277,6 +316,7 @@ const CASES = [
   [ 'tags', caseTags ],
   [ 'fifo', caseFifo ],
   [ 'refused', caseRefused ],
+  [ 'push', casePush ],
 ];
 
 async function main() {

@@ -15,8 +15,9 @@ import threading
 import time
 import traceback
 
-from rocketmq import (ClientConfiguration, Credentials, FilterExpression, Message,
-                      Producer, SimpleConsumer, TransactionChecker,
+from rocketmq import (ClientConfiguration, ConsumeResult, Credentials,
+                      FilterExpression, Message, MessageListener, Producer,
+                      PushConsumer, SimpleConsumer, TransactionChecker,
                       TransactionResolution)
 
 ENDPOINT = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8081"
@@ -257,6 +258,52 @@ def case_fifo():
         p.shutdown()
 
 
+class FlakyListener(MessageListener):
+    """Fails `retry me` once and `poison` always; records each delivery's attempt."""
+
+    def __init__(self):
+        self.seen = {}
+        self.lock = threading.Lock()
+
+    def consume(self, message):
+        b = body(message)
+        with self.lock:
+            self.seen.setdefault(b, []).append(message.delivery_attempt)
+            n = len(self.seen[b])
+        if b == "poison" or (b == "retry me" and n == 1):
+            return ConsumeResult.FAILURE
+        return ConsumeResult.SUCCESS
+
+
+def case_push():
+    """A push consumer (group `pushers`: one retry, 200 ms backoff): successes acked, a
+    failure retried as attempt 2, and a message failing every attempt forwarded to the dead
+    letters by the client."""
+    p = producer(["push"])
+    listener = FlakyListener()
+    c = PushConsumer(config(), "pushers", listener, {"push": FilterExpression()})
+    c.startup()
+    want = {"ok 1": [1], "ok 2": [1], "retry me": [1, 2], "poison": [1, 2]}
+    try:
+        for b in want:
+            p.send(message("push", b, keys=[b.replace(" ", "-")]))
+        until = time.time() + 20
+        while time.time() < until:
+            with listener.lock:
+                if listener.seen == want:
+                    break
+            time.sleep(0.1)
+        # Time for the last acks and the forward to land.
+        time.sleep(1)
+        with listener.lock:
+            seen = {b: list(a) for b, a in listener.seen.items()}
+        check(seen == want, f"deliveries {seen}, wanted {want}")
+        return {"seen": seen}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
 def case_refused():
     """A message priority (which halfmq does not have) is refused, saying so, not stored: the
     route says which message types the queues accept, and the client checks it."""
@@ -284,6 +331,7 @@ CASES = [
     ("tags", case_tags),
     ("fifo", case_fifo),
     ("refused", case_refused),
+    ("push", case_push),
 ]
 
 
