@@ -184,6 +184,8 @@ async fn run_program(mut cmd: Command, home: &Path, log: &Path) -> Run {
         out.status,
         log.display()
     );
+    // Shown with the test's output (each case's line says how long it took).
+    println!("{shown}");
     let mut cases = BTreeMap::new();
     for line in stdout.lines().filter(|l| l.starts_with('{')) {
         let v: Value = serde_json::from_str(line)

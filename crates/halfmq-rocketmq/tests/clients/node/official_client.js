@@ -269,12 +269,15 @@ async function caseRefused() {
   }
 }
 
-// A push consumer (group `pushers`: one retry, 200 ms backoff): successes acked, a failure
-// retried as attempt 2, and a message failing every attempt forwarded to the dead letters by
-// the client.
+// A push consumer (group `pushers`: one retry): successes acked, a failure retried as
+// attempt 2, and a message failing both attempts dead-lettered. The client gives a failed
+// message back with ChangeInvisibleDuration (at once: it ignores the customized backoff the
+// endpoint sends); past the group's retries the broker dead-letters it.
 async function casePush() {
   const p = await producer([ 'push' ]);
   const seen = {};
+  const started = Date.now();
+  const at = [];
   const c = new PushConsumer({
     ...options(),
     consumerGroup: 'pushers',
@@ -283,6 +286,7 @@ async function casePush() {
       async consume(view) {
         const b = body(view);
         (seen[b] = seen[b] || []).push(view.deliveryAttempt);
+        at.push(`${b}#${view.deliveryAttempt}@${Date.now() - started}ms`);
         const failing = b === 'poison' || (b === 'retry me' && seen[b].length === 1);
         return failing ? ConsumeResult.FAILURE : ConsumeResult.SUCCESS;
       },
@@ -301,7 +305,7 @@ async function casePush() {
     // Time for the last acks and the forward to land.
     await sleep(1000);
     check(done(), `deliveries ${JSON.stringify(seen)}, wanted ${JSON.stringify(want)}`);
-    return { seen };
+    return { seen, at };
   } finally {
     await c.shutdown();
     await p.shutdown();

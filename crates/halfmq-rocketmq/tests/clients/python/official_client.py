@@ -276,9 +276,10 @@ class FlakyListener(MessageListener):
 
 
 def case_push():
-    """A push consumer (group `pushers`: one retry, 200 ms backoff): successes acked, a
-    failure retried as attempt 2, and a message failing every attempt forwarded to the dead
-    letters by the client."""
+    """A push consumer (group `pushers`: one retry): successes acked, a failure retried as
+    attempt 2, and a message failing both attempts dead-lettered. The client gives a failed
+    message back with ChangeInvisibleDuration (the group's backoff in whole seconds: 200 ms
+    is 0 s to it); past the group's retries the broker dead-letters it."""
     p = producer(["push"])
     listener = FlakyListener()
     c = PushConsumer(config(), "pushers", listener, {"push": FilterExpression()})

@@ -3,6 +3,7 @@
 //! and the long poll that waits for messages (blocking or async). A poll's tag filter acks
 //! what it skips; a FIFO group's scan holds back a message group's later messages.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,22 @@ struct PollState<'a> {
 /// How often a waiting poll of a FIFO group with messages waiting behind their message
 /// group's head looks again.
 const FIFO_RECHECK: Duration = Duration::from_millis(50);
+
+/// The notice a waiting poll takes that a message of its group may fall due sooner.
+type DueSooner = std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>;
+
+/// Wait until the store's wait `woken` ends or the notice `sooner` comes.
+async fn until_either(woken: impl Future<Output = bool>, mut sooner: DueSooner) {
+    let mut woken = std::pin::pin!(woken);
+    std::future::poll_fn(|cx| {
+        if woken.as_mut().poll(cx).is_ready() || sooner.as_mut().poll(cx).is_ready() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
 
 /// Most messages one poll skips by its filter: a long run of them ends the poll early (with
 /// what it has), and the next poll, which is not held back by waiting, goes on.
@@ -479,7 +496,7 @@ impl Broker {
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
-            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
+            let (t, from, wait, _) = self.wait_plan(group, topic, deadline - now)?;
             self.store.wait_for_messages(&t.queues, &from, wait);
         }
     }
@@ -516,10 +533,11 @@ impl Broker {
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
-            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
-            self.store
-                .wait_for_messages_async(&t.queues, &from, now + wait)
-                .await;
+            let (t, from, wait, sooner) = self.wait_plan(group, topic, deadline - now)?;
+            let woken = self
+                .store
+                .wait_for_messages_async(&t.queues, &from, now + wait);
+            until_either(woken, sooner).await;
         }
     }
 
@@ -535,24 +553,28 @@ impl Broker {
         timeout: Duration,
     ) -> Result<()> {
         validate_group_name(group)?;
-        let (t, from, wait) = self.wait_plan(group, topic, timeout)?;
-        self.store
-            .wait_for_messages_async(&t.queues, &from, tokio::time::Instant::now() + wait)
-            .await;
+        let (t, from, wait, sooner) = self.wait_plan(group, topic, timeout)?;
+        let until = tokio::time::Instant::now() + wait;
+        let woken = self.store.wait_for_messages_async(&t.queues, &from, until);
+        until_either(woken, sooner).await;
         Ok(())
     }
 
     /// What an empty poll waits for: new messages past each queue's scan position, or the
-    /// next redelivery falling due, for at most `left`.
+    /// next redelivery falling due, for at most `left`; or the group's notice that a message
+    /// may fall due sooner (a lease changed or a nack), after which it plans again. The
+    /// notice is registered under the group's lock, so one given after the plan is not lost.
     fn wait_plan(
         &self,
         group: &str,
         topic: &str,
         left: Duration,
-    ) -> Result<(Arc<Topic>, Vec<u64>, Duration)> {
+    ) -> Result<(Arc<Topic>, Vec<u64>, Duration, DueSooner)> {
         let t = self.topic_to_read(topic)?;
         let g = self.group_topic(group, &t)?;
         let g = g.lock();
+        let mut sooner = Box::pin(g.due_sooner.clone().notified_owned());
+        sooner.as_mut().enable();
         let from = g.cursors.iter().map(|c| c.next).collect();
         let mut wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
             // Wake a millisecond after it falls due.
@@ -564,6 +586,6 @@ impl Broker {
         if g.cursors.iter().any(Cursor::has_blocked) {
             wait = wait.min(FIFO_RECHECK);
         }
-        Ok((t, from, wait))
+        Ok((t, from, wait, sooner))
     }
 }
