@@ -65,16 +65,20 @@ fn run_setup(cmd: &mut Command, what: &str) {
 }
 
 /// Install into `dir` with `install` (given a fresh directory beside it) unless an earlier
-/// run did; the finished install is moved into place at once, so a broken one is never used.
-fn installed(dir: &Path, install: impl FnOnce(&Path)) -> PathBuf {
-    if dir.join(".complete").exists() {
+/// run installed these `pins` (the pinned list's text, kept in a marker file); the finished
+/// install is moved into place at once, so a broken or outdated one is never used.
+fn installed(dir: &Path, pins: &Path, install: impl FnOnce(&Path)) -> PathBuf {
+    let pinned = std::fs::read(pins).expect("the pinned dependency list");
+    let marker = |d: &Path| d.join(".installed-pins");
+    if std::fs::read(marker(dir)).ok().as_deref() == Some(pinned.as_slice()) {
         return dir.to_owned();
     }
-    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+    let name = dir.file_name().expect("a directory name").to_string_lossy();
+    let partial = dir.with_file_name(format!("{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).expect("a scratch directory");
     install(&partial);
-    std::fs::write(partial.join(".complete"), b"").expect("marker");
+    std::fs::write(marker(&partial), &pinned).expect("marker");
     let _ = std::fs::remove_dir_all(dir);
     std::fs::rename(&partial, dir).expect("the install moves into place");
     dir.to_owned()
@@ -83,7 +87,7 @@ fn installed(dir: &Path, install: impl FnOnce(&Path)) -> PathBuf {
 /// The Python client, installed with its pinned dependencies; the PYTHONPATH to use.
 fn python_client() -> PathBuf {
     let requirements = clients_dir().join("python/requirements.txt");
-    installed(&scratch("python-5.1.2"), |dir| {
+    installed(&scratch("python"), &requirements, |dir| {
         let what = "installing the official RocketMQ Python client needs python3 with pip \
                     (python3 -m pip) and access to PyPI";
         run_setup(Command::new("python3").arg("--version"), what);
@@ -109,7 +113,7 @@ fn python_client() -> PathBuf {
 /// node_modules directory.
 fn node_client() -> PathBuf {
     let src = clients_dir().join("node");
-    let dir = installed(&scratch("node-1.0.8"), |dir| {
+    let dir = installed(&scratch("node"), &src.join("package-lock.json"), |dir| {
         let what = "installing the official RocketMQ Node.js client needs node and npm and \
                     access to the npm registry";
         run_setup(Command::new("node").arg("--version"), what);
