@@ -496,7 +496,7 @@ impl Broker {
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
-            let (t, from, wait, _) = self.wait_plan(group, topic, deadline - now)?;
+            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
             self.store.wait_for_messages(&t.queues, &from, wait);
         }
     }
@@ -533,7 +533,8 @@ impl Broker {
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
-            let (t, from, wait, sooner) = self.wait_plan(group, topic, deadline - now)?;
+            let sooner = self.due_sooner(group, topic)?;
+            let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
             let woken = self
                 .store
                 .wait_for_messages_async(&t.queues, &from, now + wait);
@@ -553,28 +554,36 @@ impl Broker {
         timeout: Duration,
     ) -> Result<()> {
         validate_group_name(group)?;
-        let (t, from, wait, sooner) = self.wait_plan(group, topic, timeout)?;
+        let sooner = self.due_sooner(group, topic)?;
+        let (t, from, wait) = self.wait_plan(group, topic, timeout)?;
         let until = tokio::time::Instant::now() + wait;
         let woken = self.store.wait_for_messages_async(&t.queues, &from, until);
         until_either(woken, sooner).await;
         Ok(())
     }
 
+    /// The group's notice that a message may fall due sooner than planned (a lease changed,
+    /// a nack ended), on which an async long poll plans its wait again. Taken before the
+    /// plan ([`Broker::wait_plan`]), so that a notice given after the plan is not lost.
+    fn due_sooner(&self, group: &str, topic: &str) -> Result<DueSooner> {
+        let t = self.topic_to_read(topic)?;
+        let g = self.group_topic(group, &t)?;
+        let mut sooner = Box::pin(g.lock().due_sooner.clone().notified_owned());
+        sooner.as_mut().enable();
+        Ok(sooner)
+    }
+
     /// What an empty poll waits for: new messages past each queue's scan position, or the
-    /// next redelivery falling due, for at most `left`; or the group's notice that a message
-    /// may fall due sooner (a lease changed or a nack), after which it plans again. The
-    /// notice is registered under the group's lock, so one given after the plan is not lost.
+    /// next redelivery falling due, for at most `left`.
     fn wait_plan(
         &self,
         group: &str,
         topic: &str,
         left: Duration,
-    ) -> Result<(Arc<Topic>, Vec<u64>, Duration, DueSooner)> {
+    ) -> Result<(Arc<Topic>, Vec<u64>, Duration)> {
         let t = self.topic_to_read(topic)?;
         let g = self.group_topic(group, &t)?;
         let g = g.lock();
-        let mut sooner = Box::pin(g.due_sooner.clone().notified_owned());
-        sooner.as_mut().enable();
         let from = g.cursors.iter().map(|c| c.next).collect();
         let mut wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
             // Wake a millisecond after it falls due.
@@ -586,6 +595,6 @@ impl Broker {
         if g.cursors.iter().any(Cursor::has_blocked) {
             wait = wait.min(FIFO_RECHECK);
         }
-        Ok((t, from, wait, sooner))
+        Ok((t, from, wait))
     }
 }
