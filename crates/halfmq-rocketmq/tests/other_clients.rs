@@ -2,7 +2,7 @@
 //! (`rocketmq-client-nodejs`), unchanged, against the endpoint: the programs in
 //! `tests/clients/` run their cases (plain producer, transactions with check-back, a delayed
 //! message, a simple consumer with lease changes and redelivery, a tag filter, FIFO groups,
-//! a message priority refused, a push consumer with a retry and a dead letter) and report each as a JSON line; these tests then check the broker holds what they say.
+//! a message priority refused, push consumers with a retry and dead letters, plain and FIFO) and report each as a JSON line; these tests then check the broker holds what they say.
 //!
 //! The clients are installed by the tests when missing, pinned exactly
 //! (`tests/clients/python/requirements.txt`, `tests/clients/node/package-lock.json`), under
@@ -25,7 +25,7 @@ use common::{start, Endpoint};
 const PROGRAM_LIMIT: Duration = Duration::from_secs(50);
 
 /// The cases every program runs, in order.
-const CASES: [&str; 8] = [
+const CASES: [&str; 9] = [
     "plain",
     "transactions",
     "delayed",
@@ -34,6 +34,7 @@ const CASES: [&str; 8] = [
     "fifo",
     "refused",
     "push",
+    "fifo_push",
 ];
 
 /// Where this crate's client programs and their pinned dependency lists are.
@@ -244,6 +245,7 @@ async fn endpoint() -> Endpoint {
         ("tags", 1),
         ("ledger", 4),
         ("push", 1),
+        ("fifo-push", 1),
     ] {
         e.broker.create_topic(topic, queues).expect("topic");
     }
@@ -263,6 +265,13 @@ async fn endpoint() -> Endpoint {
     };
     e.broker
         .set_group_settings("pushers", &pushers)
+        .expect("settings");
+    let fifo_pushers = GroupSettings {
+        fifo: Some(true),
+        ..pushers
+    };
+    e.broker
+        .set_group_settings("fifo-pushers", &fifo_pushers)
         .expect("settings");
     e
 }
@@ -335,6 +344,37 @@ fn check_broker(e: &Endpoint, run: &Run) {
     assert_eq!(bodies(e, "native", "ledger"), ["a0", "a1", "a2", "b0"]);
     assert_eq!(bodies(e, "books", "ledger"), Vec::<String>::new());
     assert_eq!(run.field("fifo", "order"), &serde_json::json!(["a1", "a2"]));
+
+    // push: the message failing both attempts is the group's one dead letter (the broker's
+    // doing: the clients give a failed message back by a lease change); the others were
+    // acked.
+    assert_eq!(
+        bodies(e, "native", "push"),
+        ["ok 1", "ok 2", "poison", "retry me"]
+    );
+    assert_eq!(bodies(e, "pushers", "push"), Vec::<String>::new());
+    let dead = e
+        .broker
+        .dead_letters("pushers", 0, 10)
+        .expect("dead letters");
+    let keys: Vec<&str> = dead.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, ["poison"], "{dead:?}");
+    assert_eq!(dead[0].failures, 2, "{dead:?}");
+
+    // fifo_push: the client forwarded the failing head of the message group to the dead
+    // letters itself; the next one of the group came after it and was acked.
+    let dead = e
+        .broker
+        .dead_letters("fifo-pushers", 0, 10)
+        .expect("dead letters");
+    let keys: Vec<&str> = dead.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, ["first"], "{dead:?}");
+    assert!(
+        dead[0].reason.contains("forwarded by the RocketMQ client"),
+        "{dead:?}"
+    );
+    assert_eq!(bodies(e, "native", "fifo-push"), ["first", "second"]);
+    assert_eq!(bodies(e, "fifo-pushers", "fifo-push"), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,6 +305,47 @@ def case_push():
         p.shutdown()
 
 
+class OrderListener(MessageListener):
+    """Fails `first` always, records the bodies in the order they come."""
+
+    def __init__(self):
+        self.order = []
+        self.lock = threading.Lock()
+
+    def consume(self, message):
+        with self.lock:
+            self.order.append(body(message))
+        return ConsumeResult.FAILURE if body(message) == "first" else ConsumeResult.SUCCESS
+
+
+def case_fifo_push():
+    """A FIFO push consumer (group `fifo-pushers`): a message failing every attempt holds
+    back the next of its message group until the client gives up and forwards it to the dead
+    letters (ForwardMessageToDeadLetterQueue); then the next one comes."""
+    p = producer(["fifo-push"])
+    listener = OrderListener()
+    c = PushConsumer(config(), "fifo-pushers", listener, {"fifo-push": FilterExpression()})
+    c.startup()
+    try:
+        for b in ["first", "second"]:
+            p.send(message("fifo-push", b, keys=[b], group="acct-9"))
+        until = time.time() + 20
+        while time.time() < until:
+            with listener.lock:
+                if "second" in listener.order:
+                    break
+            time.sleep(0.1)
+        time.sleep(1)
+        with listener.lock:
+            order = list(listener.order)
+        check(order and order[-1] == "second" and order.count("second") == 1
+              and set(order[:-1]) == {"first"}, f"came in order {order}")
+        return {"order": order}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
 def case_refused():
     """A message priority (which halfmq does not have) is refused, saying so, not stored: the
     route says which message types the queues accept, and the client checks it."""
@@ -333,6 +374,7 @@ CASES = [
     ("fifo", case_fifo),
     ("refused", case_refused),
     ("push", case_push),
+    ("fifo_push", case_fifo_push),
 ]
 
 
