@@ -2,7 +2,8 @@
 //! (`rocketmq-client-nodejs`), unchanged, against the endpoint: the programs in
 //! `tests/clients/` run their cases (plain producer, transactions with check-back, a delayed
 //! message, a simple consumer with lease changes and redelivery, a tag filter, FIFO groups,
-//! a message priority refused, push consumers with a retry and dead letters, plain and FIFO) and report each as a JSON line; these tests then check the broker holds what they say.
+//! a message priority refused, push consumers with a retry and dead letters, plain and FIFO)
+//! and report each as a JSON line; these tests then check the broker holds what they say.
 //!
 //! The clients are installed by the tests when missing, pinned exactly
 //! (`tests/clients/python/requirements.txt`, `tests/clients/node/package-lock.json`), under
