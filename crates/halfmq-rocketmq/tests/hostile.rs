@@ -238,6 +238,15 @@ async fn unsupported_requests_say_so() {
     e.stop().await;
 }
 
+/// The next command on a telemetry stream, within 10 s.
+async fn next_answer(answers: &mut tonic::Streaming<pb::TelemetryCommand>) -> pb::TelemetryCommand {
+    tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("no gRPC error")
+        .expect("an answer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telemetry_answers_settings_and_refuses_invalid_ones() {
     let e = start("t", 1, |c| c).await;
@@ -265,11 +274,7 @@ async fn telemetry_answers_settings_and_refuses_invalid_ones() {
     };
     tx.send(settings(None, None)).await.expect("sent");
     let mut answers = c.telemetry(req).await.expect("a stream").into_inner();
-    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("an answer in time")
-        .expect("no gRPC error")
-        .expect("an answer");
+    let a = next_answer(&mut answers).await;
     assert_eq!(
         code(&a.status.expect("a status")),
         Code::UnrecognizedClientType
@@ -285,11 +290,7 @@ async fn telemetry_answers_settings_and_refuses_invalid_ones() {
     ))
     .await
     .expect("sent");
-    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("an answer in time")
-        .expect("no gRPC error")
-        .expect("an answer");
+    let a = next_answer(&mut answers).await;
     let s = a.status.expect("a status");
     assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
     assert!(s.message.contains("lite topics"), "{}", s.message);
@@ -304,11 +305,7 @@ async fn telemetry_answers_settings_and_refuses_invalid_ones() {
     tx.send(settings(Some(pb::ClientType::Producer), Some(publishing)))
         .await
         .expect("sent");
-    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("an answer in time")
-        .expect("no gRPC error")
-        .expect("an answer");
+    let a = next_answer(&mut answers).await;
     assert_eq!(code(&a.status.expect("a status")), Code::Ok);
     let Some(pb::telemetry_command::Command::Settings(s)) = a.command else {
         panic!("settings expected");

@@ -378,33 +378,54 @@ fn check_broker(e: &Endpoint, run: &Run) {
     assert_eq!(bodies(e, "fifo-pushers", "fifo-push"), Vec::<String>::new());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_python_client_works_unchanged() {
-    let site = python_client();
+/// A client's program under `tests/clients/`, run by `interpreter` with `env`, its home (where
+/// it logs) named `home`, and its log file there.
+struct Program<'a> {
+    interpreter: &'a str,
+    path: &'a str,
+    env: Vec<(&'a str, PathBuf)>,
+    home: &'a str,
+    log: &'a str,
+}
+
+/// Run `p` against a fresh endpoint, then check what the broker holds.
+async fn run_and_check(p: Program<'_>) {
     let e = endpoint().await;
-    let home = scratch("python-home");
-    let mut cmd = Command::new("python3");
-    cmd.arg(clients_dir().join("python/official_client.py"))
+    let home = scratch(p.home);
+    let mut cmd = Command::new(p.interpreter);
+    cmd.arg(clients_dir().join(p.path))
         .arg(e.addr.to_string())
-        .env("PYTHONPATH", &site)
-        .env("PYTHONPYCACHEPREFIX", scratch("python-pycache"));
-    let log = home.join("logs/rocketmq_python/rocketmq_client.log");
-    let run = run_program(cmd, &home, &log).await;
+        .envs(p.env);
+    let run = run_program(cmd, &home, &home.join(p.log)).await;
     check_broker(&e, &run);
     e.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_client_works_unchanged() {
+    let site = python_client();
+    run_and_check(Program {
+        interpreter: "python3",
+        path: "python/official_client.py",
+        env: vec![
+            ("PYTHONPATH", site),
+            ("PYTHONPYCACHEPREFIX", scratch("python-pycache")),
+        ],
+        home: "python-home",
+        log: "logs/rocketmq_python/rocketmq_client.log",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_node_client_works_unchanged() {
     let modules = node_client();
-    let e = endpoint().await;
-    let home = scratch("node-home");
-    let mut cmd = Command::new("node");
-    cmd.arg(clients_dir().join("node/official_client.js"))
-        .arg(e.addr.to_string())
-        .env("NODE_PATH", &modules);
-    let log = home.join("logs/rocketmq/rocketmq_client_nodejs.log");
-    let run = run_program(cmd, &home, &log).await;
-    check_broker(&e, &run);
-    e.stop().await;
+    run_and_check(Program {
+        interpreter: "node",
+        path: "node/official_client.js",
+        env: vec![("NODE_PATH", modules)],
+        home: "node-home",
+        log: "logs/rocketmq/rocketmq_client_nodejs.log",
+    })
+    .await;
 }
