@@ -15,8 +15,9 @@ use std::time::Duration;
 use halfmq::filter::validate_tag;
 use halfmq::{props, Message};
 
+use crate::digest;
 use crate::pb::{self, Code, Encoding, MessageType, SystemProperties};
-use crate::status::status;
+use crate::status::{status, unsupported};
 
 /// Property: the message's tag (halfmq's own, which tag filters match).
 pub const PROP_TAG: &str = props::PROP_TAG;
@@ -32,6 +33,9 @@ pub const PROP_MESSAGE_ID: &str = "rocketmq.message_id";
 pub const PROP_BORN_HOST: &str = "rocketmq.born_host";
 /// Property: when the message was made (`born_timestamp`), ms since the Unix epoch.
 pub const PROP_BORN_MS: &str = "rocketmq.born_ms";
+/// Property: when a delayed message is to be delivered, ms since the Unix epoch (shown to
+/// consumers as its `delivery_timestamp`, as RocketMQ shows it).
+pub const PROP_DELIVERY_MS: &str = "rocketmq.delivery_ms";
 /// Property: `gzip` when the body is compressed (the client compressed it; halfmq stores
 /// and hands it on as it came).
 pub const PROP_ENCODING: &str = "rocketmq.body_encoding";
@@ -108,7 +112,13 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
             ),
         ));
     }
-    let kind = MessageType::try_from(sys.message_type).unwrap_or(MessageType::Unspecified);
+    let kind = MessageType::try_from(sys.message_type).map_err(|_| {
+        status(
+            Code::BadRequest,
+            format!("unknown message type {}", sys.message_type),
+        )
+    })?;
+    refuse_unsupported(kind, &sys)?;
     let mut properties = halfmq::Properties::new();
     for (k, v) in m.user_properties {
         if k.starts_with(PROP_PREFIX) || k.starts_with(props::RESERVED_PREFIX) {
@@ -194,13 +204,17 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
         MessageType::Normal | MessageType::Unspecified | MessageType::Fifo => {}
         MessageType::Delay => {
             let at = sys.delivery_timestamp.as_ref().and_then(timestamp_ms);
-            deliver_at_ms = Some(at.ok_or_else(|| {
+            let at = at.ok_or_else(|| {
                 status(
                     Code::IllegalDeliveryTime,
                     "a DELAY message needs a valid delivery_timestamp",
                 )
-            })?);
+            })?;
+            properties.insert(PROP_DELIVERY_MS.into(), at.to_string());
+            deliver_at_ms = Some(at);
         }
+        // Refused above.
+        MessageType::Lite | MessageType::Priority => {}
         MessageType::Transaction => {
             check_immunity = sys
                 .orphaned_transaction_recovery_duration
@@ -220,6 +234,23 @@ pub(crate) fn incoming(m: pb::Message) -> Result<Incoming, pb::Status> {
         deliver_at_ms,
         check_immunity,
     })
+}
+
+/// Lite topics and message priorities (sent by clients of 2025 and later) are refused: stored
+/// as a plain message, such a message would lose what its sender asked for.
+fn refuse_unsupported(kind: MessageType, sys: &SystemProperties) -> Result<(), pb::Status> {
+    let lite = kind == MessageType::Lite || sys.lite_topic.as_ref().is_some_and(|t| !t.is_empty());
+    if lite {
+        return Err(unsupported(
+            "lite topics are not supported; send to a topic (a message group keeps order by key)",
+        ));
+    }
+    if kind == MessageType::Priority || sys.priority.is_some() {
+        return Err(unsupported(
+            "message priorities are not supported; send to a topic of its own per priority",
+        ));
+    }
+    Ok(())
 }
 
 /// ms since the Unix epoch of a protobuf timestamp; `None` before the epoch or invalid.
@@ -288,6 +319,14 @@ pub(crate) fn outgoing(
         MessageType::Normal
     };
     let born_ms = properties.get(PROP_BORN_MS).and_then(|v| v.parse().ok());
+    let deliver_ms = properties
+        .get(PROP_DELIVERY_MS)
+        .and_then(|v| v.parse().ok());
+    // Clients check the digest of every message they decode (see `digest`).
+    let body_digest = pb::Digest {
+        r#type: pb::DigestType::Md5 as i32,
+        checksum: digest::md5_hex(&body),
+    };
     let sys = SystemProperties {
         tag: properties
             .get(PROP_TAG)
@@ -300,6 +339,8 @@ pub(crate) fn outgoing(
         message_type: kind as i32,
         born_host: properties.get(PROP_BORN_HOST).cloned().unwrap_or_default(),
         born_timestamp: born_ms.map(timestamp),
+        delivery_timestamp: deliver_ms.map(timestamp),
+        body_digest: Some(body_digest),
         ..extra
     };
     pb::Message {
@@ -380,7 +421,19 @@ mod tests {
 
     #[test]
     fn bad_messages_get_a_clear_code() {
-        let cases: [(MessageType, Edit, Code); 6] = [
+        let cases: [(MessageType, Edit, Code); 10] = [
+            (MessageType::Priority, |_| {}, Code::Unsupported),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).priority = Some(3),
+                Code::Unsupported,
+            ),
+            (MessageType::Lite, |_| {}, Code::Unsupported),
+            (
+                MessageType::Normal,
+                |m| sys_of(m).message_type = 99,
+                Code::BadRequest,
+            ),
             (
                 MessageType::Normal,
                 |m| {
@@ -409,6 +462,34 @@ mod tests {
         for (kind, edit, code) in cases {
             assert_eq!(refused(kind, edit), code);
         }
+    }
+
+    #[test]
+    fn clients_get_the_body_digest_and_a_delayed_messages_delivery_time() {
+        let mut m = message(MessageType::Delay);
+        sys_of(&mut m).delivery_timestamp = Some(timestamp(1_700_000_000_250));
+        let inc = incoming(m).expect("valid");
+        assert_eq!(inc.deliver_at_ms, Some(1_700_000_000_250));
+        let out = outgoing(
+            "orders",
+            (&inc.msg.key, inc.msg.body.clone(), &inc.msg.properties),
+            7,
+            SystemProperties::default(),
+        );
+        let s = out.system_properties.expect("system properties");
+        assert_eq!(
+            s.delivery_timestamp.and_then(|t| timestamp_ms(&t)),
+            Some(1_700_000_000_250)
+        );
+        let d = s.body_digest.expect("a body digest");
+        // md5("hello")
+        assert_eq!(
+            (d.r#type, d.checksum.as_str()),
+            (
+                pb::DigestType::Md5 as i32,
+                "5D41402ABC4B2A76B9719D911017C592"
+            )
+        );
     }
 
     #[test]

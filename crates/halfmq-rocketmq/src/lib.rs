@@ -26,6 +26,7 @@
 //! - `clients`: the clients known, their telemetry streams, and the transaction check-back
 //!   through them;
 //! - `convert`: RocketMQ messages to halfmq messages and back;
+//! - `digest`: the MD5 body digest of the messages handed to clients;
 //! - `status`: RocketMQ status codes, and halfmq errors as status codes.
 //!
 //! PROTOCOL.md ("RocketMQ 5 endpoint") documents the mapping call by call.
@@ -43,6 +44,7 @@ pub mod pb {
 mod clients;
 mod consume;
 pub mod convert;
+mod digest;
 mod server;
 mod service;
 mod status;

@@ -253,6 +253,10 @@ impl Service {
                 Ok(sub) => sub,
                 Err(st) => return telemetry_status(st),
             },
+            (
+                Some(pb::ClientType::LitePushConsumer | pb::ClientType::LiteSimpleConsumer),
+                _,
+            ) => return telemetry_status(unsupported(LITE_TOPICS)),
             (Some(pb::ClientType::PullConsumer), _) => {
                 return telemetry_status(unsupported(
                     "pull consumers (the offset APIs) are not supported; use a SimpleConsumer or PushConsumer",
@@ -613,6 +617,15 @@ impl MessagingService for Service {
         answer(self.change_invisible(req.into_inner()).await)
     }
 
+    async fn sync_lite_subscription(
+        &self,
+        _req: Request<pb::SyncLiteSubscriptionRequest>,
+    ) -> Answer<pb::SyncLiteSubscriptionResponse> {
+        answer(pb::SyncLiteSubscriptionResponse {
+            status: Some(unsupported(LITE_TOPICS)),
+        })
+    }
+
     async fn recall_message(
         &self,
         _req: Request<pb::RecallMessageRequest>,
@@ -626,6 +639,10 @@ impl MessagingService for Service {
         })
     }
 }
+
+/// What lite consumers are answered.
+const LITE_TOPICS: &str = "lite topics (lite push and lite simple consumers) are not supported; \
+     consume a topic with a SimpleConsumer or PushConsumer";
 
 /// The answer of a pull-offset call, made by `with_status` from the status refusing it.
 fn offsets_refused<T>(with_status: impl FnOnce(Option<pb::Status>) -> T) -> Answer<T> {

@@ -1,8 +1,9 @@
 //! Consuming through the endpoint with a raw gRPC client of the generated code (for the calls
 //! the official Rust client does not make): messages sent through halfmq's own API are
 //! received, their leases renewed and shortened with ChangeInvisibleDuration without counting
-//! a failure, stale and forged receipt handles refused, messages forwarded to the dead
-//! letters and acked through RocketMQ; QueryAssignment hands out the topic.
+//! a failure (a shortened one waking a waiting long poll), stale and forged receipt handles
+//! refused, messages forwarded to the dead letters and acked through RocketMQ;
+//! QueryAssignment hands out the topic.
 
 mod common;
 
@@ -99,6 +100,34 @@ async fn one_received(body: &str) -> (Endpoint, Client, Vec<pb::Message>) {
     let (s, got) = receive(&mut c, "g", "t", Receive::default()).await;
     assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
     (e, c, got)
+}
+
+/// A long poll waiting for the group is woken when a held message's lease is shortened (a
+/// push consumer's nack is such a change): the message comes as soon as it falls due, not
+/// when the poll's own wait ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shortened_lease_wakes_a_waiting_long_poll() {
+    let (e, mut c, got) = one_received("nacked").await;
+    let mut waiter = client(&e).await;
+    let long_poll = Duration::from_secs(30);
+    let waiting = tokio::spawn(async move {
+        let how = Receive {
+            long_poll,
+            ..Receive::default()
+        };
+        let started = std::time::Instant::now();
+        let got = receive(&mut waiter, "g", "t", how).await;
+        (got, started.elapsed())
+    });
+    // The long poll is waiting (had it not started yet, it would plan for the shorter lease).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, _) = change_invisible(&mut c, &handle(&got[0]), Duration::from_secs(1)).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
+    let ((s, again), waited) = waiting.await.expect("the long poll joins");
+    assert_eq!((code(&s), again.len()), (Code::Ok, 1), "{}", s.message);
+    assert_eq!(sys(&again[0]).delivery_attempt, Some(2));
+    assert!(waited < long_poll / 2, "woken only after {waited:?}");
+    e.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,6 +172,35 @@ async fn unsupported_requests_say_so() {
         assert_eq!(code(&s), wanted, "{}", s.message);
     }
     assert!(e.broker.idempotency_key_stored("t", "f1").is_none());
+    // Priorities and lite topics (newer clients' message kinds) are refused, not stored as
+    // plain messages.
+    let edits: [fn(&mut pb::SystemProperties); 3] = [
+        |s| s.priority = Some(1),
+        |s| s.message_type = pb::MessageType::Priority as i32,
+        |s| s.lite_topic = Some("lt".into()),
+    ];
+    for edit in edits {
+        let mut m = message("t", "p1", b"b".to_vec());
+        if let Some(s) = m.system_properties.as_mut() {
+            edit(s);
+        }
+        let s = send(&mut c, m).await;
+        assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+        assert!(s.message.contains("not supported"), "{}", s.message);
+    }
+    assert!(e.broker.idempotency_key_stored("t", "p1").is_none());
+    let r = c
+        .sync_lite_subscription(pb::SyncLiteSubscriptionRequest {
+            topic: resource("t"),
+            group: resource("g"),
+            lite_topic_set: vec!["lt".into()],
+        })
+        .await
+        .expect("a gRPC answer")
+        .into_inner();
+    let s = r.status.expect("a status");
+    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    assert!(s.message.contains("lite topics"), "{}", s.message);
     // A transaction id the endpoint never made.
     let r = c
         .end_transaction(pb::EndTransactionRequest {
@@ -191,6 +220,15 @@ async fn unsupported_requests_say_so() {
     );
     still_serves(&mut c, &e, "m1").await;
     e.stop().await;
+}
+
+/// The next command on a telemetry stream, within 10 s.
+async fn next_answer(answers: &mut tonic::Streaming<pb::TelemetryCommand>) -> pb::TelemetryCommand {
+    tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("no gRPC error")
+        .expect("an answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,15 +257,26 @@ async fn telemetry_answers_settings_and_refuses_invalid_ones() {
     };
     tx.send(settings(None, None)).await.expect("sent");
     let mut answers = c.telemetry(req).await.expect("a stream").into_inner();
-    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("an answer in time")
-        .expect("no gRPC error")
-        .expect("an answer");
+    let a = next_answer(&mut answers).await;
     assert_eq!(
         code(&a.status.expect("a status")),
         Code::UnrecognizedClientType
     );
+    // A lite consumer is refused, saying so.
+    let lite = pb::settings::PubSub::Subscription(pb::Subscription {
+        group: resource("g"),
+        ..Default::default()
+    });
+    tx.send(settings(
+        Some(pb::ClientType::LiteSimpleConsumer),
+        Some(lite),
+    ))
+    .await
+    .expect("sent");
+    let a = next_answer(&mut answers).await;
+    let s = a.status.expect("a status");
+    assert_eq!(code(&s), Code::Unsupported, "{}", s.message);
+    assert!(s.message.contains("lite topics"), "{}", s.message);
     // The stream goes on: a producer's settings are answered with the server's.
     let publishing = pb::settings::PubSub::Publishing(pb::Publishing {
         topics: vec![pb::Resource {
@@ -239,11 +288,7 @@ async fn telemetry_answers_settings_and_refuses_invalid_ones() {
     tx.send(settings(Some(pb::ClientType::Producer), Some(publishing)))
         .await
         .expect("sent");
-    let a = tokio::time::timeout(Duration::from_secs(10), answers.message())
-        .await
-        .expect("an answer in time")
-        .expect("no gRPC error")
-        .expect("an answer");
+    let a = next_answer(&mut answers).await;
     assert_eq!(code(&a.status.expect("a status")), Code::Ok);
     let Some(pb::telemetry_command::Command::Settings(s)) = a.command else {
         panic!("settings expected");

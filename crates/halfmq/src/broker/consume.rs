@@ -49,6 +49,16 @@ pub(super) struct GroupTopic {
     start: usize,
     /// The group's delivery settings.
     delivery: Arc<DeliveryConfig>,
+    /// Notified when a message may fall due sooner than a waiting poll planned for (a lease
+    /// shortened, a nack's redelivery wait set): the long polls waiting plan again.
+    due_sooner: Arc<tokio::sync::Notify>,
+}
+
+impl GroupTopic {
+    /// Wake the long polls of this group and topic to plan their wait again.
+    pub(super) fn wake_pollers(&self) {
+        self.due_sooner.notify_waiters();
+    }
 }
 
 /// What a receipt is checked for.
@@ -202,6 +212,7 @@ impl Broker {
             cursors,
             start: 0,
             delivery,
+            due_sooner: Arc::new(tokio::sync::Notify::new()),
         }));
         groups.insert(key, g.clone());
         Ok(g)

@@ -322,6 +322,8 @@ impl Drop for HeldLease<'_> {
         if let Some(lease) = self.back.take() {
             let mut g = self.group.lock();
             g.cursors[self.queue as usize].release_held(self.offset, lease);
+            // Its redelivery wait may end before a waiting long poll planned to look again.
+            g.wake_pollers();
         }
     }
 }

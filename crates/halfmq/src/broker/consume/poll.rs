@@ -3,6 +3,7 @@
 //! and the long poll that waits for messages (blocking or async). A poll's tag filter acks
 //! what it skips; a FIFO group's scan holds back a message group's later messages.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +104,22 @@ struct PollState<'a> {
 /// How often a waiting poll of a FIFO group with messages waiting behind their message
 /// group's head looks again.
 const FIFO_RECHECK: Duration = Duration::from_millis(50);
+
+/// The notice a waiting poll takes that a message of its group may fall due sooner.
+type DueSooner = std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>;
+
+/// Wait until the store's wait `woken` ends or the notice `sooner` comes.
+async fn until_either<T>(woken: impl Future<Output = T>, mut sooner: DueSooner) {
+    let mut woken = std::pin::pin!(woken);
+    std::future::poll_fn(|cx| {
+        if woken.as_mut().poll(cx).is_ready() || sooner.as_mut().poll(cx).is_ready() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
 
 /// Most messages one poll skips by its filter: a long run of them ends the poll early (with
 /// what it has), and the next poll, which is not held back by waiting, goes on.
@@ -532,8 +549,9 @@ impl Broker {
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
+            let sooner = self.due_sooner(group, topic)?;
             let (t, from, wait) = self.wait_plan(group, topic, deadline - now)?;
-            w.wait_for_messages(&self.store, &t, &from, wait).await;
+            until_either(w.wait_for_messages(&self.store, &t, &from, wait), sooner).await;
         }
     }
 
@@ -549,9 +567,25 @@ impl Broker {
         timeout: Duration,
     ) -> Result<()> {
         validate_group_name(group)?;
+        let sooner = self.due_sooner(group, topic)?;
         let (t, from, wait) = self.wait_plan(group, topic, timeout)?;
-        Async.wait_for_messages(&self.store, &t, &from, wait).await;
+        until_either(
+            Async.wait_for_messages(&self.store, &t, &from, wait),
+            sooner,
+        )
+        .await;
         Ok(())
+    }
+
+    /// The group's notice that a message may fall due sooner than planned (a lease changed,
+    /// a nack ended), on which an async long poll plans its wait again. Taken before the
+    /// plan ([`Broker::wait_plan`]), so that a notice given after the plan is not lost.
+    fn due_sooner(&self, group: &str, topic: &str) -> Result<DueSooner> {
+        let t = self.topic_to_read(topic)?;
+        let g = self.group_topic(group, &t)?;
+        let mut sooner = Box::pin(g.lock().due_sooner.clone().notified_owned());
+        sooner.as_mut().enable();
+        Ok(sooner)
     }
 
     /// What an empty poll waits for: new messages past each queue's scan position, or the

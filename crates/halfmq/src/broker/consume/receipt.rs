@@ -233,6 +233,8 @@ impl Broker {
                 ..old
             },
         );
+        // A shorter lease: a long poll of the group may hand the message out sooner.
+        g.wake_pollers();
         Ok(self
             .leases
             .receipt(group, &t.name, receipt.queue, receipt.offset, number))

@@ -1,0 +1,400 @@
+"""The official Apache RocketMQ Python client (rocketmq-python-client) against halfmq's
+RocketMQ 5 endpoint, run by tests/other_clients.rs.
+
+Usage: official_client.py <host:port>
+
+The broker behind the endpoint has the topics orders, txn, reminders, work, tags and ledger,
+and the consumer group `books` is FIFO. Each case prints one JSON line
+{"case": ..., "ok": true|false, ...}; what the broker must hold afterwards is checked by the
+Rust test from what the lines report. Exits 1 if any case failed.
+"""
+
+import json
+import sys
+import threading
+import time
+import traceback
+
+from rocketmq import (ClientConfiguration, ConsumeResult, Credentials,
+                      FilterExpression, Message, MessageListener, Producer,
+                      PushConsumer, SimpleConsumer, TransactionChecker,
+                      TransactionResolution)
+
+ENDPOINT = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8081"
+LEASE_S = 30
+
+
+class CaseFailed(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise CaseFailed(what)
+
+
+def config():
+    return ClientConfiguration(ENDPOINT, Credentials(), request_timeout=10)
+
+
+def message(topic, body, tag=None, keys=(), group=None, deliver_at_s=None):
+    m = Message()
+    m.topic = topic
+    m.body = body.encode()
+    if tag:
+        m.tag = tag
+    for k in keys:
+        m.keys = k
+    if group:
+        m.message_group = group
+    if deliver_at_s:
+        # The client puts this number in the protobuf timestamp's seconds as it is (its
+        # docstring says ms, but ms are refused as too far ahead, by RocketMQ as by halfmq).
+        m.delivery_timestamp = deliver_at_s
+    return m
+
+
+def producer(topics, checker=None):
+    p = Producer(config(), topics, checker=checker)
+    p.startup()
+    return p
+
+
+def consumer(group, topic, expression="*", await_s=2):
+    c = SimpleConsumer(config(), group, {topic: FilterExpression(expression)},
+                       await_duration=await_s)
+    c.startup()
+    return c
+
+
+def receive_n(c, n, lease_s=LEASE_S, tries=10):
+    """Receive until n messages came or `tries` receives passed."""
+    got = []
+    for _ in range(tries):
+        if len(got) >= n:
+            break
+        got.extend(c.receive(16, lease_s))
+    return got
+
+
+def nothing_more(c):
+    got = c.receive(16, LEASE_S)
+    check(not got, f"{len(got)} more message(s) came: {[m.body for m in got]}")
+
+
+def body(m):
+    return m.body.decode()
+
+
+def case_plain():
+    p = producer(["orders"])
+    try:
+        m = message("orders", "paid 12.50", tag="paid", keys=["order-42", "user-7"])
+        m.add_property("region", "eu")
+        r = p.send(m)
+        check(r.message_id, "no message id in the receipt")
+        return {"message_id": r.message_id}
+    finally:
+        p.shutdown()
+
+
+class BodyChecker(TransactionChecker):
+    """Commits what it is asked about when the body says so, rolls back `roll me back`,
+    answers unknown otherwise (the transactions the producer ends itself)."""
+
+    def __init__(self):
+        self.asked = {}
+        self.lock = threading.Lock()
+
+    def check(self, message):
+        b = body(message)
+        with self.lock:
+            self.asked[b] = self.asked.get(b, 0) + 1
+        if b == "commit me":
+            return TransactionResolution.COMMIT
+        if b == "roll me back":
+            return TransactionResolution.ROLLBACK
+        return TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED
+
+
+def case_transactions():
+    checker = BodyChecker()
+    p = producer(["txn"], checker)
+    try:
+        txns = {}
+        for b in ["kept", "dropped", "commit me", "roll me back"]:
+            t = p.begin_transaction()
+            r = p.send(message("txn", b, keys=[b.replace(" ", "-")]), transaction=t)
+            check(r.transaction_id, f"no transaction id for {b!r}")
+            txns[b] = (t, r.transaction_id)
+        txns["kept"][0].commit()
+        txns["dropped"][0].rollback()
+        # The other two are left to check-back: the broker asks this producer.
+        until = time.time() + 20
+        while time.time() < until:
+            with checker.lock:
+                if "commit me" in checker.asked and "roll me back" in checker.asked:
+                    break
+            time.sleep(0.1)
+        with checker.lock:
+            asked = dict(checker.asked)
+        check("commit me" in asked and "roll me back" in asked,
+              f"check-back did not ask about both: {asked}")
+        # The checker's answer is sent by EndTransaction after check() returns.
+        time.sleep(1)
+        return {"transactions": {b: tid for b, (_, tid) in txns.items()}, "asked": asked}
+    finally:
+        p.shutdown()
+
+
+def case_delayed():
+    p = producer(["reminders"])
+    c = consumer("reminder-readers", "reminders")
+    try:
+        at_s = int(time.time()) + 3
+        at_ms = at_s * 1000
+        r = p.send(message("reminders", "later", deliver_at_s=at_s))
+        got = receive_n(c, 1)
+        now_ms = int(time.time() * 1000)
+        check(len(got) == 1, f"{len(got)} delayed message(s) came")
+        check(now_ms >= at_ms, f"delivered {at_ms - now_ms} ms before its time")
+        check(got[0].message_id == r.message_id, "another message id came")
+        check(got[0].delivery_timestamp == at_ms,
+              f"delivery_timestamp {got[0].delivery_timestamp} != {at_ms}")
+        c.ack(got[0])
+        return {"message_id": r.message_id, "deliver_at_ms": at_ms}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
+def case_consume():
+    p = producer(["work"])
+    c = consumer("workers", "work")
+    try:
+        sent = sorted(
+            p.send(message("work", f"job {i}", tag="job", keys=[f"job-{i}"])).message_id
+            for i in range(3))
+        got = receive_n(c, 3)
+        check(sorted(m.message_id for m in got) == sent, f"received {len(got)} of 3")
+        for m in got:
+            check((m.tag, m.delivery_attempt) == ("job", 1),
+                  f"tag {m.tag} attempt {m.delivery_attempt}")
+        for m in got[:2]:
+            c.ack(m)
+        slow = got[2]
+        # Renew the lease, then shorten it to 1 s: not acked in time, it comes again as
+        # the second attempt. Every handle before the redelivery is stale then.
+        first_handle = slow.receipt_handle
+        c.change_invisible_duration(slow, 60)
+        renewed_handle = slow.receipt_handle
+        check(renewed_handle and renewed_handle != first_handle,
+              "ChangeInvisibleDuration gave no new handle")
+        c.change_invisible_duration(slow, 1)
+        again = receive_n(c, 1)
+        check(len(again) == 1, f"{len(again)} message(s) came again")
+        check((again[0].message_id, again[0].delivery_attempt) == (slow.message_id, 2),
+              f"came again: {again[0].message_id} attempt {again[0].delivery_attempt}")
+        stale = []
+        for h in [first_handle, renewed_handle]:
+            slow.receipt_handle = h
+            try:
+                c.ack(slow)
+            except Exception as e:  # the refusal, as the client raises it
+                stale.append(str(e))
+        check(len(stale) == 2, "a stale handle's ack was accepted")
+        check(all("stale" in s for s in stale), f"refusals do not say stale: {stale}")
+        c.ack(again[0])
+        nothing_more(c)
+        return {"message_ids": sent, "stale_refusal": stale[0]}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
+def case_tags():
+    p = producer(["tags"])
+    c = consumer("billing", "tags", "paid || refund")
+    try:
+        for tag, b in [("paid", "p1"), ("refund", "r1"), ("shipped", "s1"), ("paid", "p2")]:
+            p.send(message("tags", b, tag=tag))
+        got = receive_n(c, 3)
+        check(sorted(body(m) for m in got) == ["p1", "p2", "r1"],
+              f"received {sorted(body(m) for m in got)}")
+        for m in got:
+            c.ack(m)
+        nothing_more(c)
+        return {"received": sorted(body(m) for m in got)}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
+def case_fifo():
+    p = producer(["ledger"])
+    c = consumer("books", "ledger")
+    try:
+        for group, b in [("acct-1", "a0"), ("acct-2", "b0"), ("acct-1", "a1"), ("acct-1", "a2")]:
+            p.send(message("ledger", b, group=group))
+        heads = receive_n(c, 2)
+        check(sorted(body(m) for m in heads) == ["a0", "b0"],
+              f"heads {sorted(body(m) for m in heads)}")
+        # a1 does not come before a0 is acked.
+        nothing_more(c)
+        for m in heads:
+            check(m.message_group in ("acct-1", "acct-2"), f"group {m.message_group}")
+            c.ack(m)
+        order = []
+        for want in ["a1", "a2"]:
+            got = receive_n(c, 1)
+            check(len(got) == 1, f"waiting for {want}: {len(got)} came")
+            check((body(got[0]), got[0].message_group) == (want, "acct-1"),
+                  f"{body(got[0])} of {got[0].message_group} came, not {want}")
+            order.append(body(got[0]))
+            c.ack(got[0])
+        return {"order": order}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
+class FlakyListener(MessageListener):
+    """Fails `retry me` once and `poison` always; records each delivery's attempt."""
+
+    def __init__(self):
+        self.seen = {}
+        self.lock = threading.Lock()
+
+    def consume(self, message):
+        b = body(message)
+        with self.lock:
+            self.seen.setdefault(b, []).append(message.delivery_attempt)
+            n = len(self.seen[b])
+        if b == "poison" or (b == "retry me" and n == 1):
+            return ConsumeResult.FAILURE
+        return ConsumeResult.SUCCESS
+
+
+def case_push():
+    """A push consumer (group `pushers`: one retry): successes acked, a failure retried as
+    attempt 2, and a message failing both attempts dead-lettered. The client gives a failed
+    message back with ChangeInvisibleDuration (the group's backoff in whole seconds: 200 ms
+    is 0 s to it); past the group's retries the broker dead-letters it."""
+    p = producer(["push"])
+    listener = FlakyListener()
+    c = PushConsumer(config(), "pushers", listener, {"push": FilterExpression()})
+    c.startup()
+    want = {"ok 1": [1], "ok 2": [1], "retry me": [1, 2], "poison": [1, 2]}
+    try:
+        for b in want:
+            p.send(message("push", b, keys=[b.replace(" ", "-")]))
+        until = time.time() + 20
+        while time.time() < until:
+            with listener.lock:
+                if listener.seen == want:
+                    break
+            time.sleep(0.1)
+        # Time for the last acks and the forward to land.
+        time.sleep(1)
+        with listener.lock:
+            seen = {b: list(a) for b, a in listener.seen.items()}
+        check(seen == want, f"deliveries {seen}, wanted {want}")
+        return {"seen": seen}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
+class OrderListener(MessageListener):
+    """Fails `first` always, records the bodies in the order they come."""
+
+    def __init__(self):
+        self.order = []
+        self.lock = threading.Lock()
+
+    def consume(self, message):
+        with self.lock:
+            self.order.append(body(message))
+        return ConsumeResult.FAILURE if body(message) == "first" else ConsumeResult.SUCCESS
+
+
+def case_fifo_push():
+    """A FIFO push consumer (group `fifo-pushers`): a message failing every attempt holds
+    back the next of its message group until the client gives up and forwards it to the dead
+    letters (ForwardMessageToDeadLetterQueue); then the next one comes."""
+    p = producer(["fifo-push"])
+    listener = OrderListener()
+    c = PushConsumer(config(), "fifo-pushers", listener, {"fifo-push": FilterExpression()})
+    c.startup()
+    try:
+        for b in ["first", "second"]:
+            p.send(message("fifo-push", b, keys=[b], group="acct-9"))
+        until = time.time() + 20
+        while time.time() < until:
+            with listener.lock:
+                if "second" in listener.order:
+                    break
+            time.sleep(0.1)
+        time.sleep(1)
+        with listener.lock:
+            order = list(listener.order)
+        check(order and order[-1] == "second" and order.count("second") == 1
+              and set(order[:-1]) == {"first"}, f"came in order {order}")
+        return {"order": order}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
+def case_refused():
+    """A message priority (which halfmq does not have) is refused, saying so, not stored: the
+    route says which message types the queues accept, and the client checks it."""
+    p = producer(["orders"])
+    try:
+        m = message("orders", "urgent")
+        m.priority = 1
+        try:
+            p.send(m)
+        except Exception as e:  # the refusal, as the client raises it
+            said = str(e)
+            check("PRIORITY" in said and "NORMAL,FIFO,DELAY,TRANSACTION" in said,
+                  f"refused unclearly: {said}")
+            return {"refusal": str(e)}
+        raise CaseFailed("a priority message was accepted")
+    finally:
+        p.shutdown()
+
+
+CASES = [
+    ("plain", case_plain),
+    ("transactions", case_transactions),
+    ("delayed", case_delayed),
+    ("consume", case_consume),
+    ("tags", case_tags),
+    ("fifo", case_fifo),
+    ("refused", case_refused),
+    ("push", case_push),
+    ("fifo_push", case_fifo_push),
+]
+
+
+def main():
+    only = sys.argv[2:]
+    failed = 0
+    for name, run in CASES:
+        if only and name not in only:
+            continue
+        started = time.time()
+        try:
+            out = {"case": name, "ok": True, **run()}
+        except Exception as e:
+            failed += 1
+            out = {"case": name, "ok": False, "error": f"{type(e).__name__}: {e}",
+                   "trace": traceback.format_exc()}
+        out["seconds"] = round(time.time() - started, 2)
+        print(json.dumps(out), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
