@@ -76,17 +76,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
     let rounds = env_u64("HALFMQ_FAILOVER_ROUNDS").unwrap_or(3);
     let mut c = ClusterProcs::start();
     a_follower_names_the_leader(&c);
-    let producers: Vec<Proc> = (0..PRODUCERS)
-        .map(|p| c.produce(&c.addr_list(), TOPIC, &format!("p{p}"), 1_000_000))
-        .collect();
-    for p in &producers {
-        assert!(
-            p.wait_line(|l| l.starts_with('{'), WAIT).is_some(),
-            "{} acknowledged nothing:\n{}",
-            p.name,
-            p.stderr()
-        );
-    }
+    let producers = c.producing(TOPIC, PRODUCERS, WAIT);
     let mut failover_ms = Vec::new();
     let mut probes = BTreeSet::new();
     for round in 0..rounds {

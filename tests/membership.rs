@@ -12,7 +12,6 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::cluster::{acked_keys, ClusterProcs};
-use common::Proc;
 
 const TOPIC: &str = "payments";
 /// Bound on any one wait, so that a broken build fails instead of hanging.
@@ -37,18 +36,7 @@ fn members(c: &ClusterProcs, id: u64) -> Vec<(u64, String)> {
 #[test]
 fn a_new_node_joins_a_follower_leaves_and_the_new_members_elect_a_leader() {
     let mut c = ClusterProcs::start();
-    let first = c.addr_list();
-    let producers: Vec<Proc> = (0..2)
-        .map(|p| c.produce(&first, TOPIC, &format!("p{p}"), 1_000_000))
-        .collect();
-    for p in &producers {
-        assert!(
-            p.wait_line(|l| l.starts_with('{'), WAIT).is_some(),
-            "{} acknowledged nothing:\n{}",
-            p.name,
-            p.stderr()
-        );
-    }
+    let producers = c.producing(TOPIC, 2, WAIT);
     std::thread::sleep(Duration::from_millis(500));
 
     // A fourth node, empty, joins.

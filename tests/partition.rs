@@ -87,17 +87,7 @@ fn a_cut_off_leader_acknowledges_nothing_and_every_node_catches_up_after_the_hea
     let net = Netns::new(&[1, 2, 3])
         .unwrap_or_else(|e| panic!("this test needs network namespaces (root and iproute2): {e}"));
     let c = ClusterProcs::start_in(&net);
-    let producers: Vec<Proc> = (0..2)
-        .map(|p| c.produce(&c.addr_list(), TOPIC, &format!("p{p}"), 1_000_000))
-        .collect();
-    for p in &producers {
-        assert!(
-            p.wait_line(|l| l.starts_with('{'), WAIT).is_some(),
-            "{} acknowledged nothing:\n{}",
-            p.name,
-            p.stderr()
-        );
-    }
+    let producers = c.producing(TOPIC, 2, WAIT);
     let mut probes = BTreeSet::new();
     let mut absent = BTreeSet::new();
 

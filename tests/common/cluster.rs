@@ -368,6 +368,23 @@ impl ClusterProcs {
         )
     }
 
+    /// `n` producers (`p0`, `p1`, ...) of a million messages each to `topic` through every
+    /// node, each once it has had a send acknowledged.
+    pub fn producing(&self, topic: &str, n: usize, wait: Duration) -> Vec<Proc> {
+        let producers: Vec<Proc> = (0..n)
+            .map(|p| self.produce(&self.addr_list(), topic, &format!("p{p}"), 1_000_000))
+            .collect();
+        for p in &producers {
+            assert!(
+                p.wait_line(|l| l.starts_with('{'), wait).is_some(),
+                "{} acknowledged nothing:\n{}",
+                p.name,
+                p.stderr()
+            );
+        }
+        producers
+    }
+
     /// Every message of `topic` on the node at `addr`, by key: how many times each is
     /// stored (none while the node does not know the topic yet).
     pub fn stored(

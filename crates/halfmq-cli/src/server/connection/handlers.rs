@@ -139,15 +139,8 @@ pub(super) async fn handle(
             wait_ms,
         } => {
             let opts = PollOptions::default();
-            let r = poll(
-                &b,
-                conn,
-                answer,
-                stop,
-                (&group, &topic, &opts),
-                (max, wait_ms),
-            )
-            .await;
+            let asked = (group.as_str(), topic.as_str(), &opts);
+            let r = poll(&b, conn, answer, stop, asked, (max, wait_ms)).await;
             deliveries_response(r, Response::Messages)
         }
         Request::Receive {
@@ -163,15 +156,8 @@ pub(super) async fn handle(
                     let opts = PollOptions::default()
                         .with_lease(lease_ms.map(Duration::from_millis))
                         .with_filter(filter);
-                    poll(
-                        &b,
-                        conn,
-                        answer,
-                        stop,
-                        (&group, &topic, &opts),
-                        (max, wait_ms),
-                    )
-                    .await
+                    let asked = (group.as_str(), topic.as_str(), &opts);
+                    poll(&b, conn, answer, stop, asked, (max, wait_ms)).await
                 }
                 Err(e) => Err(e),
             };
