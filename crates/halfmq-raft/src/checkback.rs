@@ -5,7 +5,7 @@
 //!
 //! No node's broker runs its own check-back thread (each would ask the checkers, and an
 //! outcome decided on one node would be a write the others never make). Instead
-//! [`CheckBack::run`] waits for this node to lead, then, while it leads (same term):
+//! `CheckBack::run` waits for this node to lead, then, while it leads (same term):
 //!
 //! 1. waits until everything committed before its term is applied here (a half finished in
 //!    the log is not asked about);

@@ -1,4 +1,4 @@
-//! Proposing through the leader: [`propose`] makes a batch of commands one raft entry and
+//! Proposing through the leader: `propose` makes a batch of commands one raft entry and
 //! waits until it is committed and applied on this node; [`ReplicaError`] is why it was not
 //! (another node leads, the broker failed, openraft refused).
 
