@@ -21,39 +21,13 @@ const PRODUCERS: usize = 3;
 /// Bound on any one wait, so that a broken build fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// `ClusterProcs::stored` on the node at `addr` once it holds every key of `want`, or after `WAIT`
-/// (each look with a new consumer group `<name>-<n>`): a node applies what the leader
-/// acknowledged a little later.
-fn stored_holding(
-    c: &ClusterProcs,
-    rt: &tokio::runtime::Runtime,
-    addr: &str,
-    name: &str,
-    want: &BTreeSet<String>,
-) -> BTreeMap<String, usize> {
-    let deadline = Instant::now() + WAIT;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let got = c.stored(rt, addr, TOPIC, &format!("{name}-{attempt}"));
-        if want.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A write to a follower is answered `NOT_LEADER` with the leader's client address.
 fn a_follower_names_the_leader(c: &ClusterProcs) {
     let (leader, _) = c.leader();
-    let follower = c
-        .addrs
-        .keys()
-        .find(|id| **id != leader)
-        .expect("a follower");
+    let follower = c.follower_of(leader, &[]);
     let rt = load::runtime();
     let r = rt.block_on(async {
-        let client = load::connect(&c.addrs[follower], "follower").await;
+        let client = load::connect(&c.addrs[&follower], "follower").await;
         client
             .send(TOPIC, &halfmq::Message::new("to a follower"))
             .await
@@ -112,7 +86,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
     let rt = load::runtime();
     let addrs = c.addrs.clone();
     for (id, addr) in &addrs {
-        let got = stored_holding(&c, &rt, addr, &format!("verify-{id}"), &acked);
+        let got = c.stored_holding(&rt, addr, TOPIC, &format!("verify-{id}"), &acked, WAIT);
         let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
         assert!(
             missing.is_empty(),
@@ -258,7 +232,7 @@ fn pending_halves_are_checked_back_by_the_new_leader_exactly_once() {
         .collect();
     for (id, addr) in &c.addrs {
         wait_until_unfinished(addr, 0);
-        let got = stored_holding(&c, &rt, addr, &format!("halves-{id}"), &committed);
+        let got = c.stored_holding(&rt, addr, TOPIC, &format!("halves-{id}"), &committed, WAIT);
         for key in txns.keys() {
             let want = usize::from(key.starts_with("c-"));
             assert_eq!(
@@ -393,7 +367,7 @@ fn delayed_messages_fire_once_after_the_leader_dies() {
     assert_ne!(new_leader, leader);
     c.restart(leader);
     for (id, addr) in &c.addrs {
-        let got = stored_holding(&c, &rt, addr, &format!("delayed-{id}"), &keys);
+        let got = c.stored_holding(&rt, addr, TOPIC, &format!("delayed-{id}"), &keys, WAIT);
         for k in &keys {
             assert_eq!(
                 got.get(k),

@@ -57,11 +57,7 @@ fn a_new_node_joins_a_follower_leaves_and_the_new_members_elect_a_leader() {
     );
 
     // A follower leaves and is stopped.
-    let gone = *c
-        .addrs
-        .keys()
-        .find(|id| **id != leader_now && **id != 4)
-        .expect("a follower");
+    let gone = c.follower_of(leader_now, &[4]);
     let out = c.cluster_cmd(&["remove-node", "--id", &gone.to_string()], &[leader]);
     assert!(out.contains(&format!("node {gone} removed")), "{out}");
     c.kill(gone);
@@ -135,11 +131,7 @@ fn a_member_restarted_on_an_empty_disk_catches_up_and_the_leader_goes_on() {
     let mut c = ClusterProcs::start();
     let (leader, _) = c.leader();
     let mut acked = fill(&c, leader, 2);
-    let follower = *c
-        .addrs
-        .keys()
-        .find(|id| **id != leader)
-        .expect("a follower");
+    let follower = c.follower_of(leader, &[]);
     c.kill(follower);
     c.restart_wiped(follower);
     c.wait_caught_up(follower, WAIT);
@@ -166,11 +158,7 @@ fn measure_the_catch_up_of_a_wiped_follower() {
     let mut c = ClusterProcs::start();
     let (leader, _) = c.leader();
     let acked = fill(&c, leader, mib);
-    let follower = *c
-        .addrs
-        .keys()
-        .find(|id| **id != leader)
-        .expect("a follower");
+    let follower = c.follower_of(leader, &[]);
     let all: Vec<u64> = c.addrs.keys().copied().collect();
     let id = follower.to_string();
     c.cluster_cmd(&["remove-node", "--id", &id], &all);

@@ -131,11 +131,7 @@ fn a_cut_off_leader_acknowledges_nothing_and_every_node_catches_up_after_the_hea
 
     // 3. A follower is cut off while writes go on, then rejoins and catches up.
     let (leader, _) = c.leader();
-    let follower = *c
-        .addrs
-        .keys()
-        .find(|id| **id != leader)
-        .expect("a follower");
+    let follower = c.follower_of(leader, &[]);
     net.isolate(follower);
     std::thread::sleep(Duration::from_millis(1500));
     probe(&c, &c.addr_list(), "probe-follower-cut");

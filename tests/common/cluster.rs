@@ -414,6 +414,39 @@ impl ClusterProcs {
         })
     }
 
+    /// [`ClusterProcs::stored`] on the node at `addr` once it holds every key of `want`, or
+    /// after `wait` (each look with a new consumer group `<name>-<n>`): a node applies what
+    /// the leader acknowledged a little later.
+    pub fn stored_holding(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        addr: &str,
+        topic: &str,
+        name: &str,
+        want: &BTreeSet<String>,
+        wait: Duration,
+    ) -> BTreeMap<String, usize> {
+        let deadline = Instant::now() + wait;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let got = self.stored(rt, addr, topic, &format!("{name}-{attempt}"));
+            if want.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A member other than `leader` (and than `not`).
+    pub fn follower_of(&self, leader: u64, not: &[u64]) -> u64 {
+        *self
+            .addrs
+            .keys()
+            .find(|id| **id != leader && !not.contains(id))
+            .expect("a follower")
+    }
+
     /// Every key of `acked` is stored exactly once on every running node of `topic` (each
     /// node is given up to `wait` to catch up), and none of `absent` is on any.
     pub fn assert_stored_once(
@@ -429,16 +462,7 @@ impl ClusterProcs {
             .iter()
             .filter(|(id, _)| self.nodes.contains_key(id))
         {
-            let mut attempt = 0;
-            let deadline = Instant::now() + wait;
-            let got = loop {
-                attempt += 1;
-                let got = self.stored(&rt, addr, topic, &format!("verify-{id}-{attempt}"));
-                if acked.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
-                    break got;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            };
+            let got = self.stored_holding(&rt, addr, topic, &format!("verify-{id}"), acked, wait);
             let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
             assert!(
                 missing.is_empty(),

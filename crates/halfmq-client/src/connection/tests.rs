@@ -287,50 +287,27 @@ async fn without_a_leader_the_request_waits_within_the_failover_timeout() {
     assert!(matches!(on_leader.lock()[..], [Request::Commit { txn: 3 }]));
 }
 
-/// A scripted node of a cluster: with `leader` it is a follower and answers every request
-/// after the handshake `NOT_LEADER` naming `leader`; without, it is the leader and takes
-/// `RegisterChecker` and `Stats`. Returns its address and the requests it carried out.
-async fn scripted_node(leader: Option<String>) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let carried = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let log = carried.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let (leader, log) = (leader.clone(), log.clone());
-            tokio::spawn(async move {
-                let mut buf = ReadBuf::new();
-                while let Some((id, req)) = next_request(&mut stream, &mut buf).await {
-                    let resp = match (&req, &leader) {
-                        (Request::Hello { .. }, _) => Response::Hello {
-                            server: "scripted".into(),
-                        },
-                        (_, Some(l)) => Response::Error {
-                            code: codes::NOT_LEADER,
-                            message: protocol::not_leader_message(Some(l)),
-                        },
-                        (Request::RegisterChecker { producer_group }, None) => {
-                            log.lock().push(format!("register {producer_group}"));
-                            Response::Ok
-                        }
-                        (Request::Stats, None) => {
-                            log.lock().push("stats".into());
-                            Response::Stats("{}".into())
-                        }
-                        (other, None) => panic!("the scripted leader does not expect {other:?}"),
-                    };
-                    respond(&mut stream, id, &resp).await;
-                }
-            });
-        }
-    });
-    (addr, carried)
+/// A scripted leader ([`node`]): it takes `RegisterChecker` and `Stats`.
+async fn scripted_leader() -> (String, Arc<parking_lot::Mutex<Vec<Request>>>) {
+    node(|req| match req {
+        Request::RegisterChecker { .. } => Act::Answer(Response::Ok),
+        Request::Stats => Act::Answer(Response::Stats("{}".into())),
+        other => panic!("the scripted leader does not expect {other:?}"),
+    })
+    .await
+}
+
+/// A scripted follower of `leader` ([`node`]): every request is answered `NOT_LEADER`
+/// naming it.
+async fn scripted_follower(leader: &str) -> (String, Arc<parking_lot::Mutex<Vec<Request>>>) {
+    let leader = leader.to_owned();
+    node(move |_| not_leader(Some(&leader))).await
 }
 
 #[tokio::test]
 async fn with_several_addresses_the_client_follows_the_leader_and_registers_its_checker_there() {
-    let (leader, on_leader) = scripted_node(None).await;
-    let (follower, on_follower) = scripted_node(Some(leader.clone())).await;
+    let (leader, on_leader) = scripted_leader().await;
+    let (follower, on_follower) = scripted_follower(&leader).await;
     // An address nothing listens on: the client moves past it.
     let dead = {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -344,21 +321,30 @@ async fn with_several_addresses_the_client_follows_the_leader_and_registers_its_
     assert!(matches!(stats, Ok(Response::Stats(_))), "{stats:?}");
     let carried = on_leader.lock().clone();
     assert!(
-        carried.iter().any(|r| r == "register payments"),
+        carried.iter().any(|r| matches!(
+            r,
+            Request::RegisterChecker { producer_group } if producer_group == "payments"
+        )),
         "{carried:?}"
     );
-    assert_eq!(
-        carried.last().map(String::as_str),
-        Some("stats"),
+    assert!(
+        matches!(carried.last(), Some(Request::Stats)),
         "{carried:?}"
     );
-    assert!(on_follower.lock().is_empty());
+    // The follower refused what it was asked (the registration) and was asked nothing after.
+    let refused = on_follower.lock().clone();
+    assert!(
+        refused
+            .iter()
+            .all(|r| matches!(r, Request::RegisterChecker { .. })),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]
 async fn with_one_address_not_leader_is_the_callers_to_follow() {
-    let (leader, on_leader) = scripted_node(None).await;
-    let (follower, _) = scripted_node(Some(leader.clone())).await;
+    let (leader, on_leader) = scripted_leader().await;
+    let (follower, _) = scripted_follower(&leader).await;
     let client = Client::connect(ClientConfig::new(&follower)).await.unwrap();
     let e = client
         .call(Request::Stats)
