@@ -102,11 +102,11 @@ fn a_new_node_joins_a_follower_leaves_and_the_new_members_elect_a_leader() {
 }
 
 /// Fill the cluster with `mib` MiB of 1 KiB messages in batches of 64 (keys `f-<b>-<i>`)
-/// through node `to`: the keys acknowledged.
-fn fill(c: &ClusterProcs, to: u64, mib: u64) -> BTreeSet<String> {
+/// through a client that follows the leader: the keys acknowledged.
+fn fill(c: &ClusterProcs, mib: u64) -> BTreeSet<String> {
     let rt = common::load::runtime();
     rt.block_on(async {
-        let client = c.connect(&c.addrs[&to], "fill").await;
+        let client = c.connect(&c.addr_list(), "fill").await;
         let mut keys = BTreeSet::new();
         for b in 0..mib * 1024 / 64 {
             let msgs: Vec<halfmq::Message> = (0..64)
@@ -130,7 +130,7 @@ fn fill(c: &ClusterProcs, to: u64, mib: u64) -> BTreeSet<String> {
 fn a_member_restarted_on_an_empty_disk_catches_up_and_the_leader_goes_on() {
     let mut c = ClusterProcs::start();
     let (leader, _) = c.leader();
-    let mut acked = fill(&c, leader, 2);
+    let mut acked = fill(&c, 2);
     let follower = c.follower_of(leader, &[]);
     c.kill(follower);
     c.restart_wiped(follower);
@@ -157,7 +157,7 @@ fn measure_the_catch_up_of_a_wiped_follower() {
     let mib = common::env_u64("HALFMQ_CATCHUP_MIB").unwrap_or(64);
     let mut c = ClusterProcs::start();
     let (leader, _) = c.leader();
-    let acked = fill(&c, leader, mib);
+    let acked = fill(&c, mib);
     let follower = c.follower_of(leader, &[]);
     let all: Vec<u64> = c.addrs.keys().copied().collect();
     let id = follower.to_string();
