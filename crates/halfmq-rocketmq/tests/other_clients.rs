@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use halfmq::{GroupSettings, TxnId, TxnState};
+use halfmq::{DeadLetter, GroupSettings, TxnId, TxnState};
 use serde_json::Value;
 
 use common::{start, Endpoint};
@@ -288,6 +288,14 @@ fn bodies(e: &Endpoint, group: &str, topic: &str) -> Vec<String> {
     b
 }
 
+/// The dead letters of group `group`, whose keys must be `keys`.
+fn dead_letters(e: &Endpoint, group: &str, keys: &[&str]) -> Vec<DeadLetter> {
+    let dead = e.broker.dead_letters(group, 0, 10).expect("dead letters");
+    let got: Vec<&str> = dead.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(got, keys, "{dead:?}");
+    dead
+}
+
 /// What the broker must hold after a program's cases passed: each message stored exactly
 /// once, the rolled-back ones invisible, every consumer group done with what it acked.
 fn check_broker(e: &Endpoint, run: &Run) {
@@ -354,22 +362,12 @@ fn check_broker(e: &Endpoint, run: &Run) {
         ["ok 1", "ok 2", "poison", "retry me"]
     );
     assert_eq!(bodies(e, "pushers", "push"), Vec::<String>::new());
-    let dead = e
-        .broker
-        .dead_letters("pushers", 0, 10)
-        .expect("dead letters");
-    let keys: Vec<&str> = dead.iter().map(|d| d.key.as_str()).collect();
-    assert_eq!(keys, ["poison"], "{dead:?}");
+    let dead = dead_letters(e, "pushers", &["poison"]);
     assert_eq!(dead[0].failures, 2, "{dead:?}");
 
     // fifo_push: the client forwarded the failing head of the message group to the dead
     // letters itself; the next one of the group came after it and was acked.
-    let dead = e
-        .broker
-        .dead_letters("fifo-pushers", 0, 10)
-        .expect("dead letters");
-    let keys: Vec<&str> = dead.iter().map(|d| d.key.as_str()).collect();
-    assert_eq!(keys, ["first"], "{dead:?}");
+    let dead = dead_letters(e, "fifo-pushers", &["first"]);
     assert!(
         dead[0].reason.contains("forwarded by the RocketMQ client"),
         "{dead:?}"

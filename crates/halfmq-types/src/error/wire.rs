@@ -90,14 +90,10 @@ fn parse(code: u16, m: &str) -> Option<Error> {
                 op: intern(op)?,
             }
         }
-        3 => Error::Poisoned(
-            between(
-                m,
-                "the store stopped accepting writes after an earlier I/O failure: ",
-                "; reopen it to recover",
-            )?
-            .to_owned(),
-        ),
+        3 => {
+            let prefix = "the store stopped accepting writes after an earlier I/O failure: ";
+            Error::Poisoned(between(m, prefix, "; reopen it to recover")?.to_owned())
+        }
         4 => {
             let [path, offset, reason] =
                 split_layout(m, ["corrupt data in ", " at byte ", ": "], "")?;
@@ -132,14 +128,10 @@ fn parse(code: u16, m: &str) -> Option<Error> {
                 lock: PathBuf::from(lock),
             }
         }
-        8 => Error::UnknownTopic(
-            between(
-                m,
-                "unknown topic `",
-                "` (create it first, or enable auto-create-topics)",
-            )?
-            .to_owned(),
-        ),
+        8 => {
+            let suffix = "` (create it first, or enable auto-create-topics)";
+            Error::UnknownTopic(between(m, "unknown topic `", suffix)?.to_owned())
+        }
         9 => {
             let layout = ["topic `", "` exists with ", " queues, not "];
             let [topic, existing, requested] = split_layout(m, layout, "")?;
@@ -179,11 +171,10 @@ fn parse(code: u16, m: &str) -> Option<Error> {
         }
         13 => Error::Meta(m.strip_prefix("metadata store error: ")?.to_owned()),
         14 => Error::Closed,
-        15 => Error::UnknownTxn(number(between(
-            m,
-            "unknown transaction ",
-            " (never written, or finished longer ago than the outcome retention)",
-        )?)?),
+        15 => {
+            let suffix = " (never written, or finished longer ago than the outcome retention)";
+            Error::UnknownTxn(number(between(m, "unknown transaction ", suffix)?)?)
+        }
         16 => {
             let layout = ["transaction ", " is already "];
             let [txn, stands] = split_layout(m, layout, "; the first outcome stands")?;
@@ -217,14 +208,10 @@ fn parse(code: u16, m: &str) -> Option<Error> {
                 first: number(first)?,
             }
         }
-        20 => Error::UnknownGroup(
-            between(
-                m,
-                "unknown consumer group `",
-                "` (it has no offsets, settings or deliveries)",
-            )?
-            .to_owned(),
-        ),
+        20 => {
+            let suffix = "` (it has no offsets, settings or deliveries)";
+            Error::UnknownGroup(between(m, "unknown consumer group `", suffix)?.to_owned())
+        }
         21 => {
             let layout = ["acknowledged data is damaged in ", " at byte ", ": "];
             let [path, offset, reason] =

@@ -56,6 +56,38 @@ async function consumer(group, topic, expression = '*') {
   return c;
 }
 
+/** A push consumer of `group` on every message of `topic`, answering with `consume(view)`. */
+async function pushConsumer(group, topic, consume) {
+  const c = new PushConsumer({
+    ...options(),
+    consumerGroup: group,
+    subscriptions: new Map([[ topic, '*' ]]),
+    messageListener: { consume },
+  });
+  await c.startup();
+  return c;
+}
+
+/**
+ * Start the clients `starts` make, in order, run `work` with them and shut down those that
+ * started, last first, however `work` ends.
+ */
+async function withClients(starts, work) {
+  const clients = [];
+  try {
+    for (const start of starts) clients.push(await start());
+    return await work(...clients);
+  } finally {
+    for (const c of clients.reverse()) await c.shutdown();
+  }
+}
+
+/** Wait up to 20 s for `done()` to hold. */
+async function waitFor(done) {
+  const until = Date.now() + 20000;
+  while (Date.now() < until && !done()) await sleep(100);
+}
+
 /** Receive until n messages came or `tries` receives passed. */
 async function receiveN(c, n, leaseMs = LEASE_MS, tries = 10) {
   const got = [];
@@ -75,8 +107,7 @@ const sorted = a => [ ...a ].sort();
 const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
 
 async function casePlain() {
-  const p = await producer([ 'orders' ]);
-  try {
+  return withClients([ () => producer([ 'orders' ]) ], async p => {
     const r = await p.send({
       topic: 'orders',
       body: Buffer.from('paid 12.50'),
@@ -86,9 +117,7 @@ async function casePlain() {
     });
     check(r.messageId, 'no message id in the receipt');
     return { message_id: r.messageId };
-  } finally {
-    await p.shutdown();
-  }
+  });
 }
 
 async function caseTransactions() {
@@ -104,8 +133,7 @@ async function caseTransactions() {
       return TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED;
     },
   };
-  const p = await producer([ 'txn' ], checker);
-  try {
+  return withClients([ () => producer([ 'txn' ], checker) ], async p => {
     const txns = {};
     for (const b of [ 'kept', 'dropped', 'commit me', 'roll me back' ]) {
       const t = p.beginTransaction();
@@ -116,26 +144,20 @@ async function caseTransactions() {
     await txns.kept[0].commit();
     await txns.dropped[0].rollback();
     // The other two are left to check-back: the broker asks this producer.
-    const until = Date.now() + 20000;
-    while (Date.now() < until && !(asked['commit me'] && asked['roll me back'])) {
-      await sleep(100);
-    }
-    check(asked['commit me'] && asked['roll me back'],
-      `check-back did not ask about both: ${JSON.stringify(asked)}`);
+    const bothAsked = () => asked['commit me'] && asked['roll me back'];
+    await waitFor(bothAsked);
+    check(bothAsked(), `check-back did not ask about both: ${JSON.stringify(asked)}`);
     // The checker's answer is sent by EndTransaction after check() returns.
     await sleep(1000);
     const transactions = {};
     for (const [ b, [ , id ] ] of Object.entries(txns)) transactions[b] = id;
     return { transactions, asked };
-  } finally {
-    await p.shutdown();
-  }
+  });
 }
 
 async function caseDelayed() {
-  const p = await producer([ 'reminders' ]);
-  const c = await consumer('reminder-readers', 'reminders');
-  try {
+  const starts = [ () => producer([ 'reminders' ]), () => consumer('reminder-readers', 'reminders') ];
+  return withClients(starts, async (p, c) => {
     const at = new Date(Date.now() + 2000);
     const r = await p.send({ topic: 'reminders', body: Buffer.from('later'), deliveryTimestamp: at });
     const got = await receiveN(c, 1);
@@ -147,16 +169,11 @@ async function caseDelayed() {
     check(shown === at.getTime(), `deliveryTimestamp ${shown} != ${at.getTime()}`);
     await c.ack(got[0]);
     return { message_id: r.messageId, deliver_at_ms: at.getTime() };
-  } finally {
-    await c.shutdown();
-    await p.shutdown();
-  }
+  });
 }
 
 async function caseConsume() {
-  const p = await producer([ 'work' ]);
-  const c = await consumer('workers', 'work');
-  try {
+  return withClients([ () => producer([ 'work' ]), () => consumer('workers', 'work') ], async (p, c) => {
     const sent = [];
     for (let i = 0; i < 3; i++) {
       const r = await p.send({ topic: 'work', body: Buffer.from(`job ${i}`), tag: 'job', keys: [ `job-${i}` ] });
@@ -194,16 +211,12 @@ async function caseConsume() {
     await c.ack(again[0]);
     await nothingMore(c);
     return { message_ids: sorted(sent), stale_refusal: stale[0] };
-  } finally {
-    await c.shutdown();
-    await p.shutdown();
-  }
+  });
 }
 
 async function caseTags() {
-  const p = await producer([ 'tags' ]);
-  const c = await consumer('billing', 'tags', 'paid || refund');
-  try {
+  const starts = [ () => producer([ 'tags' ]), () => consumer('billing', 'tags', 'paid || refund') ];
+  return withClients(starts, async (p, c) => {
     for (const [ tag, b ] of [[ 'paid', 'p1' ], [ 'refund', 'r1' ], [ 'shipped', 's1' ], [ 'paid', 'p2' ]]) {
       await p.send({ topic: 'tags', body: Buffer.from(b), tag });
     }
@@ -213,16 +226,11 @@ async function caseTags() {
     for (const m of got) await c.ack(m);
     await nothingMore(c);
     return { received: bodies };
-  } finally {
-    await c.shutdown();
-    await p.shutdown();
-  }
+  });
 }
 
 async function caseFifo() {
-  const p = await producer([ 'ledger' ]);
-  const c = await consumer('books', 'ledger');
-  try {
+  return withClients([ () => producer([ 'ledger' ]), () => consumer('books', 'ledger') ], async (p, c) => {
     for (const [ group, b ] of [[ 'acct-1', 'a0' ], [ 'acct-2', 'b0' ], [ 'acct-1', 'a1' ], [ 'acct-1', 'a2' ]]) {
       await p.send({ topic: 'ledger', body: Buffer.from(b), messageGroup: group });
     }
@@ -244,17 +252,13 @@ async function caseFifo() {
       await c.ack(got[0]);
     }
     return { order };
-  } finally {
-    await c.shutdown();
-    await p.shutdown();
-  }
+  });
 }
 
 // A message priority (which halfmq does not have) is refused, saying so, not stored: the
 // route says which message types the queues accept, and the client checks it.
 async function caseRefused() {
-  const p = await producer([ 'orders' ]);
-  try {
+  return withClients([ () => producer([ 'orders' ]) ], async p => {
     try {
       await p.send({ topic: 'orders', body: Buffer.from('urgent'), priority: 1 });
     } catch (e) {
@@ -264,9 +268,7 @@ async function caseRefused() {
       return { refusal: said };
     }
     throw new CaseFailed('a priority message was accepted');
-  } finally {
-    await p.shutdown();
-  }
+  });
 }
 
 // A push consumer (group `pushers`: one retry): successes acked, a failure retried as
@@ -274,77 +276,53 @@ async function caseRefused() {
 // message back with ChangeInvisibleDuration (at once: it ignores the customized backoff the
 // endpoint sends); past the group's retries the broker dead-letters it.
 async function casePush() {
-  const p = await producer([ 'push' ]);
   const seen = {};
   const started = Date.now();
   const at = [];
-  const c = new PushConsumer({
-    ...options(),
-    consumerGroup: 'pushers',
-    subscriptions: new Map([[ 'push', '*' ]]),
-    messageListener: {
-      async consume(view) {
-        const b = body(view);
-        (seen[b] = seen[b] || []).push(view.deliveryAttempt);
-        at.push(`${b}#${view.deliveryAttempt}@${Date.now() - started}ms`);
-        const failing = b === 'poison' || (b === 'retry me' && seen[b].length === 1);
-        return failing ? ConsumeResult.FAILURE : ConsumeResult.SUCCESS;
-      },
-    },
-  });
-  await c.startup();
+  const consume = async view => {
+    const b = body(view);
+    (seen[b] = seen[b] || []).push(view.deliveryAttempt);
+    at.push(`${b}#${view.deliveryAttempt}@${Date.now() - started}ms`);
+    const failing = b === 'poison' || (b === 'retry me' && seen[b].length === 1);
+    return failing ? ConsumeResult.FAILURE : ConsumeResult.SUCCESS;
+  };
   const want = { 'ok 1': [ 1 ], 'ok 2': [ 1 ], 'retry me': [ 1, 2 ], poison: [ 1, 2 ] };
-  try {
+  const starts = [ () => producer([ 'push' ]), () => pushConsumer('pushers', 'push', consume) ];
+  return withClients(starts, async p => {
     for (const b of Object.keys(want)) {
       await p.send({ topic: 'push', body: Buffer.from(b), keys: [ b.replace(/ /g, '-') ] });
     }
     const done = () => same(Object.keys(seen).sort().map(k => [ k, seen[k] ]),
       Object.keys(want).sort().map(k => [ k, want[k] ]));
-    const until = Date.now() + 20000;
-    while (Date.now() < until && !done()) await sleep(100);
+    await waitFor(done);
     // Time for the last acks and the forward to land.
     await sleep(1000);
     check(done(), `deliveries ${JSON.stringify(seen)}, wanted ${JSON.stringify(want)}`);
     return { seen, at };
-  } finally {
-    await c.shutdown();
-    await p.shutdown();
-  }
+  });
 }
 
 // A FIFO push consumer (group `fifo-pushers`): a message failing every attempt holds back the
 // next of its message group until the client gives up and forwards it to the dead letters
 // (ForwardMessageToDeadLetterQueue); then the next one comes.
 async function caseFifoPush() {
-  const p = await producer([ 'fifo-push' ]);
   const order = [];
-  const c = new PushConsumer({
-    ...options(),
-    consumerGroup: 'fifo-pushers',
-    subscriptions: new Map([[ 'fifo-push', '*' ]]),
-    messageListener: {
-      async consume(view) {
-        order.push(body(view));
-        return body(view) === 'first' ? ConsumeResult.FAILURE : ConsumeResult.SUCCESS;
-      },
-    },
-  });
-  await c.startup();
-  try {
+  const consume = async view => {
+    order.push(body(view));
+    return body(view) === 'first' ? ConsumeResult.FAILURE : ConsumeResult.SUCCESS;
+  };
+  const starts = [ () => producer([ 'fifo-push' ]), () => pushConsumer('fifo-pushers', 'fifo-push', consume) ];
+  return withClients(starts, async p => {
     for (const b of [ 'first', 'second' ]) {
       await p.send({ topic: 'fifo-push', body: Buffer.from(b), keys: [ b ], messageGroup: 'acct-9' });
     }
-    const until = Date.now() + 20000;
-    while (Date.now() < until && !order.includes('second')) await sleep(100);
+    await waitFor(() => order.includes('second'));
     await sleep(1000);
     const before = order.slice(0, -1);
     check(order.length > 1 && order[order.length - 1] === 'second' && before.every(b => b === 'first'),
       `came in order ${order}`);
     return { order };
-  } finally {
-    await c.shutdown();
-    await p.shutdown();
-  }
+  });
 }
 
 const CASES = [

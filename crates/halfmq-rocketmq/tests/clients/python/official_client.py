@@ -9,6 +9,8 @@ and the consumer group `books` is FIFO. Each case prints one JSON line
 Rust test from what the lines report. Exits 1 if any case failed.
 """
 
+import contextlib
+import copy
 import json
 import sys
 import threading
@@ -54,17 +56,50 @@ def message(topic, body, tag=None, keys=(), group=None, deliver_at_s=None):
     return m
 
 
+@contextlib.contextmanager
+def started(client):
+    """`client` started, and shut down when the block ends, however it ends."""
+    client.startup()
+    try:
+        yield client
+    finally:
+        client.shutdown()
+
+
 def producer(topics, checker=None):
-    p = Producer(config(), topics, checker=checker)
-    p.startup()
-    return p
+    return started(Producer(config(), topics, checker=checker))
 
 
 def consumer(group, topic, expression="*", await_s=2):
-    c = SimpleConsumer(config(), group, {topic: FilterExpression(expression)},
-                       await_duration=await_s)
-    c.startup()
-    return c
+    return started(SimpleConsumer(config(), group, {topic: FilterExpression(expression)},
+                                  await_duration=await_s))
+
+
+def push_consumer(group, topic, listener):
+    return started(PushConsumer(config(), group, listener, {topic: FilterExpression()}))
+
+
+class Recorder:
+    """What a client's callbacks saw, in `seen`: they run on the client's threads, so `seen`
+    is read and changed under `lock`."""
+
+    def __init__(self, empty):
+        self.lock = threading.Lock()
+        self.seen = empty
+
+    def wait_for(self, done):
+        """Wait up to 20 s for `done(seen)` to hold."""
+        until = time.time() + 20
+        while time.time() < until:
+            with self.lock:
+                if done(self.seen):
+                    return
+            time.sleep(0.1)
+
+    def snapshot(self):
+        """A copy of `seen` as it is now."""
+        with self.lock:
+            return copy.deepcopy(self.seen)
 
 
 def receive_n(c, n, lease_s=LEASE_S, tries=10):
@@ -87,29 +122,23 @@ def body(m):
 
 
 def case_plain():
-    p = producer(["orders"])
-    try:
+    with producer(["orders"]) as p:
         m = message("orders", "paid 12.50", tag="paid", keys=["order-42", "user-7"])
         m.add_property("region", "eu")
         r = p.send(m)
         check(r.message_id, "no message id in the receipt")
         return {"message_id": r.message_id}
-    finally:
-        p.shutdown()
 
 
-class BodyChecker(TransactionChecker):
+class BodyChecker(Recorder, TransactionChecker):
     """Commits what it is asked about when the body says so, rolls back `roll me back`,
-    answers unknown otherwise (the transactions the producer ends itself)."""
-
-    def __init__(self):
-        self.asked = {}
-        self.lock = threading.Lock()
+    answers unknown otherwise (the transactions the producer ends itself); `seen` counts
+    the check-backs per body."""
 
     def check(self, message):
         b = body(message)
         with self.lock:
-            self.asked[b] = self.asked.get(b, 0) + 1
+            self.seen[b] = self.seen.get(b, 0) + 1
         if b == "commit me":
             return TransactionResolution.COMMIT
         if b == "roll me back":
@@ -118,9 +147,8 @@ class BodyChecker(TransactionChecker):
 
 
 def case_transactions():
-    checker = BodyChecker()
-    p = producer(["txn"], checker)
-    try:
+    checker = BodyChecker({})
+    with producer(["txn"], checker) as p:
         txns = {}
         for b in ["kept", "dropped", "commit me", "roll me back"]:
             t = p.begin_transaction()
@@ -130,27 +158,17 @@ def case_transactions():
         txns["kept"][0].commit()
         txns["dropped"][0].rollback()
         # The other two are left to check-back: the broker asks this producer.
-        until = time.time() + 20
-        while time.time() < until:
-            with checker.lock:
-                if "commit me" in checker.asked and "roll me back" in checker.asked:
-                    break
-            time.sleep(0.1)
-        with checker.lock:
-            asked = dict(checker.asked)
+        checker.wait_for(lambda asked: "commit me" in asked and "roll me back" in asked)
+        asked = checker.snapshot()
         check("commit me" in asked and "roll me back" in asked,
               f"check-back did not ask about both: {asked}")
         # The checker's answer is sent by EndTransaction after check() returns.
         time.sleep(1)
         return {"transactions": {b: tid for b, (_, tid) in txns.items()}, "asked": asked}
-    finally:
-        p.shutdown()
 
 
 def case_delayed():
-    p = producer(["reminders"])
-    c = consumer("reminder-readers", "reminders")
-    try:
+    with producer(["reminders"]) as p, consumer("reminder-readers", "reminders") as c:
         at_s = int(time.time()) + 3
         at_ms = at_s * 1000
         r = p.send(message("reminders", "later", deliver_at_s=at_s))
@@ -163,15 +181,10 @@ def case_delayed():
               f"delivery_timestamp {got[0].delivery_timestamp} != {at_ms}")
         c.ack(got[0])
         return {"message_id": r.message_id, "deliver_at_ms": at_ms}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
 def case_consume():
-    p = producer(["work"])
-    c = consumer("workers", "work")
-    try:
+    with producer(["work"]) as p, consumer("workers", "work") as c:
         sent = sorted(
             p.send(message("work", f"job {i}", tag="job", keys=[f"job-{i}"])).message_id
             for i in range(3))
@@ -207,15 +220,10 @@ def case_consume():
         c.ack(again[0])
         nothing_more(c)
         return {"message_ids": sent, "stale_refusal": stale[0]}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
 def case_tags():
-    p = producer(["tags"])
-    c = consumer("billing", "tags", "paid || refund")
-    try:
+    with producer(["tags"]) as p, consumer("billing", "tags", "paid || refund") as c:
         for tag, b in [("paid", "p1"), ("refund", "r1"), ("shipped", "s1"), ("paid", "p2")]:
             p.send(message("tags", b, tag=tag))
         got = receive_n(c, 3)
@@ -225,15 +233,10 @@ def case_tags():
             c.ack(m)
         nothing_more(c)
         return {"received": sorted(body(m) for m in got)}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
 def case_fifo():
-    p = producer(["ledger"])
-    c = consumer("books", "ledger")
-    try:
+    with producer(["ledger"]) as p, consumer("books", "ledger") as c:
         for group, b in [("acct-1", "a0"), ("acct-2", "b0"), ("acct-1", "a1"), ("acct-1", "a2")]:
             p.send(message("ledger", b, group=group))
         heads = receive_n(c, 2)
@@ -253,17 +256,10 @@ def case_fifo():
             order.append(body(got[0]))
             c.ack(got[0])
         return {"order": order}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
-class FlakyListener(MessageListener):
-    """Fails `retry me` once and `poison` always; records each delivery's attempt."""
-
-    def __init__(self):
-        self.seen = {}
-        self.lock = threading.Lock()
+class FlakyListener(Recorder, MessageListener):
+    """Fails `retry me` once and `poison` always; `seen` has each body's delivery attempts."""
 
     def consume(self, message):
         b = body(message)
@@ -280,41 +276,25 @@ def case_push():
     attempt 2, and a message failing both attempts dead-lettered. The client gives a failed
     message back with ChangeInvisibleDuration (the group's backoff in whole seconds: 200 ms
     is 0 s to it); past the group's retries the broker dead-letters it."""
-    p = producer(["push"])
-    listener = FlakyListener()
-    c = PushConsumer(config(), "pushers", listener, {"push": FilterExpression()})
-    c.startup()
+    listener = FlakyListener({})
     want = {"ok 1": [1], "ok 2": [1], "retry me": [1, 2], "poison": [1, 2]}
-    try:
+    with producer(["push"]) as p, push_consumer("pushers", "push", listener):
         for b in want:
             p.send(message("push", b, keys=[b.replace(" ", "-")]))
-        until = time.time() + 20
-        while time.time() < until:
-            with listener.lock:
-                if listener.seen == want:
-                    break
-            time.sleep(0.1)
+        listener.wait_for(lambda seen: seen == want)
         # Time for the last acks and the forward to land.
         time.sleep(1)
-        with listener.lock:
-            seen = {b: list(a) for b, a in listener.seen.items()}
+        seen = listener.snapshot()
         check(seen == want, f"deliveries {seen}, wanted {want}")
         return {"seen": seen}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
-class OrderListener(MessageListener):
-    """Fails `first` always, records the bodies in the order they come."""
-
-    def __init__(self):
-        self.order = []
-        self.lock = threading.Lock()
+class OrderListener(Recorder, MessageListener):
+    """Fails `first` always; `seen` has the bodies in the order they came."""
 
     def consume(self, message):
         with self.lock:
-            self.order.append(body(message))
+            self.seen.append(body(message))
         return ConsumeResult.FAILURE if body(message) == "first" else ConsumeResult.SUCCESS
 
 
@@ -322,35 +302,22 @@ def case_fifo_push():
     """A FIFO push consumer (group `fifo-pushers`): a message failing every attempt holds
     back the next of its message group until the client gives up and forwards it to the dead
     letters (ForwardMessageToDeadLetterQueue); then the next one comes."""
-    p = producer(["fifo-push"])
-    listener = OrderListener()
-    c = PushConsumer(config(), "fifo-pushers", listener, {"fifo-push": FilterExpression()})
-    c.startup()
-    try:
+    listener = OrderListener([])
+    with producer(["fifo-push"]) as p, push_consumer("fifo-pushers", "fifo-push", listener):
         for b in ["first", "second"]:
             p.send(message("fifo-push", b, keys=[b], group="acct-9"))
-        until = time.time() + 20
-        while time.time() < until:
-            with listener.lock:
-                if "second" in listener.order:
-                    break
-            time.sleep(0.1)
+        listener.wait_for(lambda order: "second" in order)
         time.sleep(1)
-        with listener.lock:
-            order = list(listener.order)
+        order = listener.snapshot()
         check(order and order[-1] == "second" and order.count("second") == 1
               and set(order[:-1]) == {"first"}, f"came in order {order}")
         return {"order": order}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
 def case_refused():
     """A message priority (which halfmq does not have) is refused, saying so, not stored: the
     route says which message types the queues accept, and the client checks it."""
-    p = producer(["orders"])
-    try:
+    with producer(["orders"]) as p:
         m = message("orders", "urgent")
         m.priority = 1
         try:
@@ -361,8 +328,6 @@ def case_refused():
                   f"refused unclearly: {said}")
             return {"refusal": str(e)}
         raise CaseFailed("a priority message was accepted")
-    finally:
-        p.shutdown()
 
 
 CASES = [
