@@ -325,6 +325,46 @@ fn produce_consume_ack_and_restart() {
     assert!(consume(&broker.addr, "t", "g", &["--idle-exit-ms", "300"]).is_empty());
 }
 
+/// `halfmq ... | head -1`: a command whose standard output is a closed pipe ends as a
+/// closed pipe ends any command (exit 141, as by SIGPIPE), not with a panic, and a consumer
+/// acks nothing it could not print: the message it could not print is still un-acked.
+#[test]
+fn a_closed_standard_output_ends_a_command_quietly_and_a_consumer_acks_nothing_unprinted() {
+    let broker = BrokerProc::fresh(&[]);
+    let a = broker.addr.as_str();
+    assert_eq!(produce(a, "piped", "p", 3).len(), 3);
+    let closed = |args: &[&str]| {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let out = halfmq_cmd(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run halfmq");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+    };
+    closed(&["trace", "--addr", a, "p-1"]);
+    closed(&["stats", "--addr", a]);
+    closed(&["topics", "list", "--addr", a, "--json"]);
+    closed(&[
+        "consume", "--addr", a, "--topic", "piped", "--group", "g", "--max", "1",
+    ]);
+    // The consumer was ended before its ack: the group's backlog still counts all three.
+    let stats: Value = serde_json::from_str(&run(&["stats", "--addr", a, "--json"]).ok().stdout)
+        .expect("stats --json is one JSON value");
+    let backlog: u64 = stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["topic"] == "piped")
+        .flat_map(|q| q["groups"].as_array().unwrap().iter())
+        .map(|g| n(g, "backlog"))
+        .sum();
+    assert_eq!(backlog, 3, "{stats}");
+}
+
 fn txn_begin(addr: &str, key: &str) -> u64 {
     let out = run(&[
         "txn", "begin", "--addr", addr, "--topic", "pay", "--key", key, "--group", "pay-svc",

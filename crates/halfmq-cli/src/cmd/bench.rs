@@ -213,7 +213,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )?,
         None => bench::run_embedded(&opts, progress)?,
     };
-    println!("{}", summary(&r));
+    super::println_flush(&summary(&r));
     if a.json {
         print_json(&r);
     }
@@ -300,7 +300,7 @@ fn consume(
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     );
     let r = bench::run_consume(&opts, &target, progress)?;
-    println!("{r}");
+    super::println_flush(&r.to_string());
     if a.json {
         print_json(&r);
     }
@@ -321,7 +321,7 @@ fn report<R: serde::Serialize>(
         let _ = std::fs::remove_dir_all(data_dir);
     }
     let r = r?;
-    println!("{}", text(&r));
+    super::println_flush(&text(&r));
     if json {
         print_json(&r);
     }

@@ -39,7 +39,7 @@ pub async fn run(cmd: BrokerCmd, matches: Option<&ArgMatches>) -> Result<()> {
     } = cmd;
     let resolved = settings.resolve(matches)?;
     if print_config {
-        print!("{}", resolved.to_toml());
+        super::print_out(&resolved.to_toml());
         return Ok(());
     }
     if let Some(cluster) = resolved.replication.clone() {
@@ -135,10 +135,11 @@ async fn run_replicated(resolved: &Resolved, cluster: &Replication, check: bool)
     Ok(())
 }
 
-/// What recovery found and the state of the data, printed when the broker starts.
+/// What recovery found and the state of the data, printed when the broker starts. Only
+/// informative: a broker whose standard output is closed (a service manager's) still
+/// starts, so a failed write is ignored.
 fn print_status(b: &Broker) -> Result<()> {
     let r = b.recovery_report();
-    println!("data directory: {}", b.data_dir().display());
     let mut notes = String::new();
     if r.verified_bytes > 0 {
         notes += &format!(
@@ -155,10 +156,17 @@ fn print_status(b: &Broker) -> Result<()> {
     if r.full_rebuild {
         notes += ", rebuilt all indexes";
     }
-    println!(
-        "recovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{notes}",
-        r.segments, r.records_scanned, r.scanned_from, r.log_end,
+    let text = format!(
+        "data directory: {}\nrecovery: {} segment(s), read {} record(s) from log offset {}, log ends at {}{notes}\n{}",
+        b.data_dir().display(),
+        r.segments,
+        r.records_scanned,
+        r.scanned_from,
+        r.log_end,
+        stats::stats_table(&b.stats()?),
     );
-    print!("{}", stats::stats_table(&b.stats()?));
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     Ok(())
 }

@@ -89,13 +89,28 @@ pub struct ReadFrom {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Print one line and flush at once, so that a script reading a pipe sees each line as it
-/// happens (a consumer's or producer's output is a stream, not a report). A closed stdout
-/// is not an error worth failing a command for.
-pub fn println_flush(line: &str) {
+/// Write `text` to standard output and flush it at once, so that a script reading a pipe
+/// sees each line as it happens (a consumer's or producer's output is a stream, not a
+/// report). If standard output is gone (`halfmq trace K | head -1`, a closed pipe) or
+/// fails, the process ends here, quietly for a closed pipe, as the default `SIGPIPE`
+/// action would end it (Rust ignores `SIGPIPE`, and `print!` would panic): nothing that
+/// follows a print, such as a consumer's ack of the message just printed, happens for
+/// output nobody got.
+pub fn print_out(text: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // 128 + SIGPIPE, what a shell reports for a process a closed pipe ended.
+            std::process::exit(141);
+        }
+        eprintln!("halfmq: error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// [`print_out`] of one line.
+pub fn println_flush(line: &str) {
+    print_out(&format!("{line}\n"));
 }
 
 /// Print one JSON value as one line.

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use clap::Args;
 use halfmq::{Result, RetentionFloor, Stats};
 
-use super::{print_json, read_data_dir, ReadFrom};
+use super::{print_json, print_out, read_data_dir, ReadFrom};
 
 /// `halfmq stats`.
 #[derive(Args)]
@@ -27,7 +27,7 @@ pub async fn run(cmd: StatsCmd) -> Result<()> {
     if cmd.json {
         print_json(&s);
     } else {
-        print!("{}", stats_table(&s));
+        print_out(&stats_table(&s));
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use clap::Args;
 use halfmq::Result;
 
-use super::{print_json, read_data_dir, ReadFrom};
+use super::{print_json, print_out, read_data_dir, ReadFrom};
 
 /// `halfmq trace`.
 #[derive(Args)]
@@ -28,7 +28,7 @@ pub async fn run(cmd: TraceCmd) -> Result<()> {
     if json {
         print_json(&t);
     } else {
-        print!("{t}");
+        print_out(&t.to_string());
     }
     Ok(())
 }
