@@ -384,3 +384,49 @@ fn sigterm_with_a_client_that_never_reads_stops_in_bounded_time() {
     eprintln!("stopped {took:?} after SIGTERM (write timeout {write_timeout:?})");
     drop(slow);
 }
+
+/// A client dropped by its last owner closes its connection: the server counts it gone.
+/// Its reader task used to hold the client, so a dropped client's socket stayed open until
+/// the broker closed it as idle (connections leaked by an application that makes clients).
+/// A client with a registered checker (whose reader answers check-backs) too.
+#[test]
+fn a_dropped_client_closes_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let broker = Broker::open(BrokerConfig::new(dir.path())).unwrap();
+    let config = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    let server = rt.block_on(Server::start(broker.clone(), config)).unwrap();
+    let addr = server.local_addr().to_string();
+    let open = || server.net_stats().open;
+    rt.block_on(async {
+        let plain = Client::connect(ClientConfig::new(addr.clone()))
+            .await
+            .unwrap();
+        plain.topics().await.unwrap();
+        let checking = Client::connect(ClientConfig::new(addr.clone()))
+            .await
+            .unwrap();
+        checking
+            .register_checker(
+                "pg",
+                std::sync::Arc::new(|_: &halfmq::HalfMessage| halfmq::CheckAnswer::Unknown),
+            )
+            .await
+            .unwrap();
+        let clone = plain.clone();
+        wait_until("both connections counted", Duration::from_secs(10), || {
+            open() == 2
+        });
+        drop(plain);
+        // A clone still holds the client: its connection stays.
+        clone.topics().await.unwrap();
+        assert_eq!(open(), 2);
+        drop(clone);
+        drop(checking);
+        wait_until(
+            "the dropped clients' connections closed",
+            Duration::from_secs(10),
+            || open() == 0,
+        );
+    });
+}

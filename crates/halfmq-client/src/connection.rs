@@ -109,6 +109,19 @@ struct Inner {
     batcher: crate::batcher::lanes::Batcher,
 }
 
+impl Drop for Inner {
+    /// The last handle of the client is gone: close its connection (its reader and writer
+    /// tasks hold it, not the client, so they would keep the socket open).
+    fn drop(&mut self) {
+        for conn in [self.live.get_mut().take(), self.conn.get_mut().take()]
+            .into_iter()
+            .flatten()
+        {
+            conn.shut();
+        }
+    }
+}
+
 /// A connection to a broker; cheap to clone (the clones share the connection).
 ///
 /// Every operation of the embedded `Broker` that makes sense over the network is here, with
@@ -323,7 +336,14 @@ impl Client {
             let more = || gather.upgrade().is_some_and(|c| c.more_may_come());
             let _ = stream::write_frames_gathering(&mut wr, &mut out_rx, more).await;
         });
-        let reader = tokio::spawn(read_loop(rd, conn.clone(), self.clone()));
+        // The reader holds the client weakly: a client dropped by every owner closes its
+        // connection (`Inner`'s drop), instead of living on in its own reader task.
+        let reader = tokio::spawn(read_loop(
+            rd,
+            conn.clone(),
+            Arc::downgrade(&self.inner),
+            cfg.frame_bytes_max,
+        ));
         *conn.tasks.lock() = vec![writer.abort_handle(), reader.abort_handle()];
         let hello = Request::Hello {
             client: cfg.name.clone(),
@@ -510,8 +530,12 @@ impl Client {
     }
 }
 
-async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>, client: Client) {
-    let max = client.inner.config.frame_bytes_max;
+async fn read_loop(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    conn: Arc<Connection>,
+    client: std::sync::Weak<Inner>,
+    max: u32,
+) {
     let mut buf = ReadBuf::new();
     'read: loop {
         let mut answered = 0;
@@ -550,8 +574,12 @@ async fn read_loop(mut rd: tokio::net::tcp::OwnedReadHalf, conn: Arc<Connection>
                     let Ok(push) = protocol::decode::<Push>(f.body) else {
                         break 'read;
                     };
+                    // A check-back for a client nobody holds any more: nothing to ask.
+                    let Some(inner) = client.upgrade() else {
+                        break 'read;
+                    };
                     tokio::spawn(answer_check(
-                        client.clone(),
+                        Client { inner },
                         conn.clone(),
                         f.correlation,
                         push.into_half(),
