@@ -35,6 +35,9 @@ type Answer = Result<SendReceipt, pb::Status>;
 #[derive(Default)]
 pub(crate) struct Coalescer {
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// The size of each batch stored, in order.
+    #[cfg(test)]
+    batches: Mutex<Vec<usize>>,
 }
 
 #[derive(Default)]
@@ -119,11 +122,6 @@ impl Coalescer {
         }
     }
 
-    /// Topics with a store under way or queued now.
-    #[cfg(test)]
-    pub(crate) fn lanes(&self) -> usize {
-        self.lanes.lock().len()
-    }
 }
 
 /// Store the plain message `msg` to `topic` with `broker`, alone or in a batch with the
@@ -200,6 +198,8 @@ async fn flusher(broker: Arc<Broker>, lane: LaneRef) {
 /// Store a batch (a lone message as a plain send) and hand each waiting request its answer.
 async fn deliver(broker: Arc<Broker>, under_way: UnderWay, (msgs, waiting): Batch) {
     let topic = under_way.0.topic.as_str();
+    #[cfg(test)]
+    under_way.0.coalescer.batches.lock().push(msgs.len());
     let answers: Vec<Answer> = match msgs.as_slice() {
         [msg] => vec![broker.send_async(topic, msg).await.map_err(|e| of_error(&e))],
         _ => match broker.send_batch_async(topic, &msgs).await {
@@ -213,5 +213,56 @@ async fn deliver(broker: Arc<Broker>, under_way: UnderWay, (msgs, waiting): Batc
     drop(under_way);
     for (tx, a) in waiting.into_iter().zip(answers) {
         let _ = tx.send(a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halfmq::BrokerConfig;
+
+    /// Sends made while another of their topic is under way leave together, as one batch;
+    /// each gets its own receipt, a repeated message id is stored once, and the topic's lane
+    /// is gone once nothing is under way.
+    #[tokio::test(flavor = "current_thread")]
+    async fn sends_arriving_during_a_store_leave_as_one_batch() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = BrokerConfig::new(dir.path());
+        config.auto_create_topics = false;
+        let broker = Broker::open(config).expect("broker");
+        broker.create_topic("t", 2).expect("topic");
+        let coalescer = Arc::new(Coalescer::default());
+        // On one thread: the first send is under way (waiting for its durable write) when
+        // the others run; they queue, and the flusher takes them all.
+        let ids = ["a", "b", "c", "d", "c", "e"];
+        let sends: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (c, b) = (coalescer.clone(), broker.clone());
+                let msg = Message::new(*id).with_idempotency_key(*id);
+                tokio::spawn(async move { send(&c, &b, "t", msg).await })
+            })
+            .collect();
+        let mut receipts = Vec::new();
+        for s in sends {
+            receipts.push(s.await.expect("joins").expect("stored"));
+        }
+        assert_eq!(*coalescer.batches.lock(), vec![5]);
+        // The repeated id answers the first's receipt; the others are stored apart.
+        assert_eq!(receipts[2].log_offset, receipts[4].log_offset);
+        let mut at: Vec<_> = receipts.iter().map(|r| r.log_offset).collect();
+        at.sort_unstable();
+        at.dedup();
+        assert_eq!(at.len(), 5);
+        assert!(coalescer.lanes.lock().is_empty());
+        // A lone send goes alone again.
+        let r = send(&coalescer, &broker, "t", Message::new("f")).await;
+        assert!(r.is_ok());
+        assert_eq!(coalescer.batches.lock().len(), 1);
+        // An unknown topic fails each send with its own answer, and leaves no lane.
+        let e = send(&coalescer, &broker, "nope", Message::new("x")).await;
+        assert_eq!(e.expect_err("unknown topic").code, Code::TopicNotFound as i32);
+        assert!(coalescer.lanes.lock().is_empty());
+        broker.close().expect("close");
     }
 }
