@@ -295,3 +295,36 @@ async fn auto_renew_needs_a_client_id() {
     assert!(got.is_empty());
     e.stop().await;
 }
+
+/// Leases live in memory: after a restart the handles handed out before are refused (also
+/// those the endpoint renewed), and the messages they held are delivered again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_old_handles_are_refused_and_their_messages_come_again() {
+    let (e, mut c) = start_client("t", 1, |c| c).await;
+    e.broker.send("t", &Message::new("held")).expect("send");
+    let session = session(&mut c, "push-1").await;
+    let (s, got) = receive(&mut c, "g", "t", renewed_by("push-1", Duration::from_secs(2))).await;
+    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
+    let held = handle(&got[0]);
+    // The client's connection ends with the broker.
+    drop((session, c));
+    let e = e.restart().await;
+    assert_eq!(e.renewed(), 0);
+    let mut c = client(&e).await;
+    let s = ack(&mut c, &held).await;
+    assert_eq!(code(&s), Code::InvalidReceiptHandle, "{}", s.message);
+    assert!(s.message.contains("before the broker last opened"), "{}", s.message);
+    // At once, not after the old lease: the lease ended with the broker. The delivery the
+    // restart interrupted is not a failure, so the attempt number stays 1.
+    let how = Receive {
+        long_poll: Duration::from_millis(500),
+        ..Receive::default()
+    };
+    let (s, again) = receive(&mut c, "g", "t", how).await;
+    assert_eq!((code(&s), again.len()), (Code::Ok, 1), "{}", s.message);
+    assert_eq!(again[0].body, b"held");
+    assert_eq!(sys(&again[0]).delivery_attempt, Some(1));
+    let s = ack(&mut c, &handle(&again[0])).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
+    e.stop().await;
+}

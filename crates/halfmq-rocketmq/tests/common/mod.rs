@@ -66,6 +66,38 @@ impl Endpoint {
             .expect("broker closes");
     }
 
+    /// Stop the endpoint, close the broker, and open both again on the same directory.
+    pub async fn restart(mut self) -> Endpoint {
+        if let Some(s) = self.server.take() {
+            s.shutdown(Duration::from_secs(2)).await;
+        }
+        let Endpoint { broker, _dir, .. } = self;
+        tokio::task::spawn_blocking(move || broker.close())
+            .await
+            .expect("close joins")
+            .expect("broker closes");
+        // The broker is let go once the last of the endpoint's tasks holding it ends.
+        let mut reopened = Broker::open(BrokerConfig::new(_dir.path()));
+        for _ in 0..100 {
+            if !matches!(reopened, Err(halfmq::Error::Locked { .. })) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            reopened = Broker::open(BrokerConfig::new(_dir.path()));
+        }
+        let broker = reopened.expect("broker reopens");
+        let any_port = "127.0.0.1:0".parse().expect("an address");
+        let server = RocketMqServer::start(broker.clone(), any_port)
+            .await
+            .expect("endpoint starts");
+        Endpoint {
+            addr: server.local_addr(),
+            broker,
+            server: Some(server),
+            _dir,
+        }
+    }
+
     /// The official client's options, pointed at the endpoint; receives wait `long_poll`.
     pub fn client_option(&self, long_poll: Duration) -> ClientOption {
         let mut o = ClientOption::default();
