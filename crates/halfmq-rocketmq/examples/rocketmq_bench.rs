@@ -84,9 +84,16 @@ const SERVER_THREADS: &str = "server";
 fn cpu_secs() -> (f64, f64) {
     let all = stat_secs(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
     let mut server = 0.0;
-    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let comm = stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')')).map(|(c, _)| c);
+        let comm = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map(|(c, _)| c);
         if comm.is_some_and(|c| c.starts_with(SERVER_THREADS) || c.starts_with("halfmq-")) {
             server += stat_secs(&stat);
         }

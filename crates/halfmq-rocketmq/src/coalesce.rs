@@ -88,7 +88,11 @@ impl LaneRef {
         let mut st = self.lane.state.lock();
         let t = f(&mut st);
         let idle = st.under_way == 0 && st.queued.is_empty() && !st.flusher;
-        if idle && lanes.get(&self.topic).is_some_and(|l| Arc::ptr_eq(l, &self.lane)) {
+        if idle
+            && lanes
+                .get(&self.topic)
+                .is_some_and(|l| Arc::ptr_eq(l, &self.lane))
+        {
             lanes.remove(&self.topic);
         }
         t
@@ -121,7 +125,6 @@ impl Coalescer {
             lane,
         }
     }
-
 }
 
 /// Store the plain message `msg` to `topic` with `broker`, alone or in a batch with the
@@ -201,7 +204,10 @@ async fn deliver(broker: Arc<Broker>, under_way: UnderWay, (msgs, waiting): Batc
     #[cfg(test)]
     under_way.0.coalescer.batches.lock().push(msgs.len());
     let answers: Vec<Answer> = match msgs.as_slice() {
-        [msg] => vec![broker.send_async(topic, msg).await.map_err(|e| of_error(&e))],
+        [msg] => vec![broker
+            .send_async(topic, msg)
+            .await
+            .map_err(|e| of_error(&e))],
         _ => match broker.send_batch_async(topic, &msgs).await {
             Ok(results) => results
                 .into_iter()
@@ -261,7 +267,10 @@ mod tests {
         assert_eq!(coalescer.batches.lock().len(), 1);
         // An unknown topic fails each send with its own answer, and leaves no lane.
         let e = send(&coalescer, &broker, "nope", Message::new("x")).await;
-        assert_eq!(e.expect_err("unknown topic").code, Code::TopicNotFound as i32);
+        assert_eq!(
+            e.expect_err("unknown topic").code,
+            Code::TopicNotFound as i32
+        );
         assert!(coalescer.lanes.lock().is_empty());
         broker.close().expect("close");
     }

@@ -10,8 +10,8 @@ use halfmq::lease::{validate_lease, LEASE_MIN};
 use halfmq::{Delivery, PollOptions, Receipt, TagFilter};
 
 use crate::convert;
-use crate::renew::AUTO_RENEW_LEASE_MIN;
 use crate::pb::{self, receive_message_response::Content, Code, FilterType};
+use crate::renew::AUTO_RENEW_LEASE_MIN;
 use crate::service::{name_of, overall, resource, Service};
 use crate::status::{of_error, ok, status, unsupported};
 

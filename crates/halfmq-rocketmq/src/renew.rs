@@ -112,7 +112,13 @@ impl Renewals {
 
     /// Renew the lease of `handle`'s message once, for `lease`; false when renewal stops
     /// (the message was settled, its client is gone, or the lease could not be renewed).
-    fn renew_once(&self, broker: &Broker, clients: &Clients, handle: &str, lease: Duration) -> bool {
+    fn renew_once(
+        &self,
+        broker: &Broker,
+        clients: &Clients,
+        handle: &str,
+        lease: Duration,
+    ) -> bool {
         // Under the lock: a settle either comes before (and the renewal finds nothing) or
         // after (and takes the renewed receipt). The change is in memory and does not wait.
         let mut renewed = self.renewed.lock();
@@ -160,7 +166,9 @@ async fn renew(
             return;
         };
         if started.elapsed() + lease > RENEW_MAX {
-            tracing::debug!("auto-renew: the message was renewed for the longest allowed; the lease runs out");
+            tracing::debug!(
+                "auto-renew: the message was renewed for the longest allowed; the lease runs out"
+            );
             renewals.forget(&handle);
             return;
         }

@@ -13,10 +13,10 @@ use tonic::{Request, Response};
 
 use crate::clients::{Clients, PRODUCER_GROUP, TELEMETRY_QUEUE};
 use crate::coalesce::{self, Coalescer};
-use crate::renew::Renewals;
 use crate::convert::{self, Incoming, BODY_BYTES_MAX};
 use crate::pb::{self, messaging_service_server::MessagingService, Code, MessageType};
 use crate::pb::{telemetry_command::Command, TelemetryCommand};
+use crate::renew::Renewals;
 use crate::status::{is_ok, of_error, ok, status, unsupported};
 
 /// The name of the one broker in every route.

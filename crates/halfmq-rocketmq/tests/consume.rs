@@ -14,7 +14,7 @@ use halfmq_rocketmq::pb::{self, Code};
 
 use common::{
     ack, change_invisible, client, code, handle, query_assignment, receive, resource, session,
-    start, start_client, sys, terminate, Client, Endpoint, Receive,
+    start, start_client, sys, terminate, Client, Endpoint, Receive, Session,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,23 +220,48 @@ fn renewed_by(client: &str, long_poll: Duration) -> Receive<'_> {
     }
 }
 
+/// An endpoint holding one message `body`, received with `auto_renew` by client `push-1`
+/// (whose session is open while the returned one is kept).
+async fn one_renewed(body: &str) -> (Endpoint, Client, Session, pb::Message) {
+    let (e, mut c) = start_client("t", 1, |c| c).await;
+    e.broker.send("t", &Message::new(body)).expect("send");
+    let session = session(&mut c, "push-1").await;
+    let (s, got) = receive(
+        &mut c,
+        "g",
+        "t",
+        renewed_by("push-1", Duration::from_secs(2)),
+    )
+    .await;
+    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
+    let m = got.into_iter().next().expect("one message");
+    (e, c, session, m)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_renew_keeps_the_lease_while_the_client_lives_and_the_first_handle_acks() {
-    let (e, mut c) = start_client("t", 1, |c| c).await;
-    e.broker.send("t", &Message::new("slow work")).expect("send");
-    let _session = session(&mut c, "push-1").await;
-    let (s, got) = receive(&mut c, "g", "t", renewed_by("push-1", Duration::from_secs(2))).await;
-    assert_eq!(code(&s), Code::Ok, "{}", s.message);
-    assert_eq!(got.len(), 1);
+    let (e, mut c, _session, got) = one_renewed("slow work").await;
     assert_eq!(e.renewed(), 1);
     // Three leases long: without renewal the message would be handed out again.
-    let (s, again) = receive(&mut c, "g", "t", renewed_by("push-1", Duration::from_secs(4))).await;
+    let (s, again) = receive(
+        &mut c,
+        "g",
+        "t",
+        renewed_by("push-1", Duration::from_secs(4)),
+    )
+    .await;
     assert_eq!(code(&s), Code::MessageNotFound, "{} {again:?}", s.message);
     // The handle the client was given acks the renewed lease, and renewal stops.
-    let s = ack(&mut c, &handle(&got[0])).await;
+    let s = ack(&mut c, &handle(&got)).await;
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     assert_eq!(e.renewed(), 0);
-    let (s, _) = receive(&mut c, "g", "t", renewed_by("push-1", Duration::from_millis(1500))).await;
+    let (s, _) = receive(
+        &mut c,
+        "g",
+        "t",
+        renewed_by("push-1", Duration::from_millis(1500)),
+    )
+    .await;
     assert_eq!(code(&s), Code::MessageNotFound, "{}", s.message);
     e.stop().await;
 }
@@ -300,12 +325,8 @@ async fn auto_renew_needs_a_client_id() {
 /// those the endpoint renewed), and the messages they held are delivered again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_old_handles_are_refused_and_their_messages_come_again() {
-    let (e, mut c) = start_client("t", 1, |c| c).await;
-    e.broker.send("t", &Message::new("held")).expect("send");
-    let session = session(&mut c, "push-1").await;
-    let (s, got) = receive(&mut c, "g", "t", renewed_by("push-1", Duration::from_secs(2))).await;
-    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
-    let held = handle(&got[0]);
+    let (e, c, session, got) = one_renewed("held").await;
+    let held = handle(&got);
     // The client's connection ends with the broker.
     drop((session, c));
     let e = e.restart().await;
@@ -313,7 +334,11 @@ async fn after_a_restart_old_handles_are_refused_and_their_messages_come_again()
     let mut c = client(&e).await;
     let s = ack(&mut c, &held).await;
     assert_eq!(code(&s), Code::InvalidReceiptHandle, "{}", s.message);
-    assert!(s.message.contains("before the broker last opened"), "{}", s.message);
+    assert!(
+        s.message.contains("before the broker last opened"),
+        "{}",
+        s.message
+    );
     // At once, not after the old lease: the lease ended with the broker. The delivery the
     // restart interrupted is not a failure, so the attempt number stays 1.
     let how = Receive {

@@ -36,6 +36,11 @@ pub async fn start(
     let dir = tempfile::tempdir().expect("a temporary directory");
     let broker = Broker::open(config(BrokerConfig::new(dir.path()))).expect("broker opens");
     broker.create_topic(topic, queues).expect("topic");
+    serve(broker, dir).await
+}
+
+/// Start the endpoint on `broker`, whose data is in `dir`.
+async fn serve(broker: Arc<Broker>, dir: tempfile::TempDir) -> Endpoint {
     let any_port = "127.0.0.1:0".parse().expect("an address");
     let server = RocketMqServer::start(broker.clone(), any_port)
         .await
@@ -55,19 +60,12 @@ impl Endpoint {
     }
 
     /// Stop the endpoint, then close the broker.
-    pub async fn stop(mut self) {
-        if let Some(s) = self.server.take() {
-            s.shutdown(Duration::from_secs(2)).await;
-        }
-        let b = self.broker.clone();
-        tokio::task::spawn_blocking(move || b.close())
-            .await
-            .expect("close joins")
-            .expect("broker closes");
+    pub async fn stop(self) {
+        self.close().await;
     }
 
-    /// Stop the endpoint, close the broker, and open both again on the same directory.
-    pub async fn restart(mut self) -> Endpoint {
+    /// Stop the endpoint and close the broker; the data directory is returned.
+    async fn close(mut self) -> tempfile::TempDir {
         if let Some(s) = self.server.take() {
             s.shutdown(Duration::from_secs(2)).await;
         }
@@ -76,26 +74,22 @@ impl Endpoint {
             .await
             .expect("close joins")
             .expect("broker closes");
+        _dir
+    }
+
+    /// Stop the endpoint, close the broker, and open both again on the same directory.
+    pub async fn restart(self) -> Endpoint {
+        let dir = self.close().await;
         // The broker is let go once the last of the endpoint's tasks holding it ends.
-        let mut reopened = Broker::open(BrokerConfig::new(_dir.path()));
+        let mut reopened = Broker::open(BrokerConfig::new(dir.path()));
         for _ in 0..100 {
             if !matches!(reopened, Err(halfmq::Error::Locked { .. })) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-            reopened = Broker::open(BrokerConfig::new(_dir.path()));
+            reopened = Broker::open(BrokerConfig::new(dir.path()));
         }
-        let broker = reopened.expect("broker reopens");
-        let any_port = "127.0.0.1:0".parse().expect("an address");
-        let server = RocketMqServer::start(broker.clone(), any_port)
-            .await
-            .expect("endpoint starts");
-        Endpoint {
-            addr: server.local_addr(),
-            broker,
-            server: Some(server),
-            _dir,
-        }
+        serve(reopened.expect("broker reopens"), dir).await
     }
 
     /// The official client's options, pointed at the endpoint; receives wait `long_poll`.
@@ -342,7 +336,11 @@ pub async fn session(c: &mut Client, id: &str) -> Session {
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     req.metadata_mut()
         .insert("x-mq-client-id", id.parse().expect("an ASCII client id"));
-    let answers = c.telemetry(req).await.expect("telemetry opens").into_inner();
+    let answers = c
+        .telemetry(req)
+        .await
+        .expect("telemetry opens")
+        .into_inner();
     Session {
         _commands: tx,
         _answers: answers,
