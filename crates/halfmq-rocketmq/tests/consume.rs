@@ -238,31 +238,23 @@ async fn one_renewed(body: &str) -> (Endpoint, Client, Session, pb::Message) {
     (e, c, session, m)
 }
 
+/// A receive of `push-1` waiting `wait` is handed nothing.
+async fn nothing_within(c: &mut Client, wait: Duration) {
+    let (s, got) = receive(c, "g", "t", renewed_by("push-1", wait)).await;
+    assert_eq!(code(&s), Code::MessageNotFound, "{} {got:?}", s.message);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_renew_keeps_the_lease_while_the_client_lives_and_the_first_handle_acks() {
     let (e, mut c, _session, got) = one_renewed("slow work").await;
     assert_eq!(e.renewed(), 1);
     // Three leases long: without renewal the message would be handed out again.
-    let (s, again) = receive(
-        &mut c,
-        "g",
-        "t",
-        renewed_by("push-1", Duration::from_secs(4)),
-    )
-    .await;
-    assert_eq!(code(&s), Code::MessageNotFound, "{} {again:?}", s.message);
+    nothing_within(&mut c, Duration::from_secs(4)).await;
     // The handle the client was given acks the renewed lease, and renewal stops.
     let s = ack(&mut c, &handle(&got)).await;
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     assert_eq!(e.renewed(), 0);
-    let (s, _) = receive(
-        &mut c,
-        "g",
-        "t",
-        renewed_by("push-1", Duration::from_millis(1500)),
-    )
-    .await;
-    assert_eq!(code(&s), Code::MessageNotFound, "{}", s.message);
+    nothing_within(&mut c, Duration::from_millis(1500)).await;
     e.stop().await;
 }
 
