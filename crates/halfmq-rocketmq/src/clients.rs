@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use halfmq::{CheckAnswer, HalfMessage, TransactionChecker};
 use parking_lot::Mutex;
@@ -25,13 +25,19 @@ pub(crate) const TELEMETRY_QUEUE: usize = 64;
 /// What goes out on a telemetry stream.
 pub(crate) type TelemetryTx = mpsc::Sender<Result<TelemetryCommand, tonic::Status>>;
 
+/// A client not heard from for this long (no heartbeat since, nor a new telemetry stream)
+/// is taken to be gone: the endpoint stops renewing its messages' leases. RocketMQ clients
+/// send a heartbeat every 10 s (Java) to 30 s (Rust).
+pub(crate) const HEARTBEAT_LAPSE: Duration = Duration::from_secs(90);
+
 /// One client.
-#[derive(Default)]
 struct Client {
     /// Topics it publishes (from its settings and its transactional sends).
     topics: HashSet<String>,
     /// Its open telemetry stream: (stream id, sender).
     telemetry: Option<(u64, TelemetryTx)>,
+    /// When its last heartbeat came (or its telemetry stream opened).
+    seen: Instant,
 }
 
 /// Every client the endpoint knows, and the check-backs waiting for an answer.
@@ -50,7 +56,13 @@ impl Clients {
     pub(crate) fn stream_opened(&self, client: &str, tx: TelemetryTx) -> u64 {
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let mut all = self.clients.lock();
-        all.entry(client.to_owned()).or_default().telemetry = Some((id, tx));
+        let c = all.entry(client.to_owned()).or_insert_with(|| Client {
+            topics: HashSet::new(),
+            telemetry: None,
+            seen: Instant::now(),
+        });
+        c.telemetry = Some((id, tx));
+        c.seen = Instant::now();
         id
     }
 
@@ -74,6 +86,22 @@ impl Clients {
         if let Some(c) = self.clients.lock().get_mut(client) {
             c.topics.extend(topics);
         }
+    }
+
+    /// A heartbeat of `client` came (a client without an open telemetry stream is not kept).
+    pub(crate) fn heartbeat(&self, client: &str) {
+        if let Some(c) = self.clients.lock().get_mut(client) {
+            c.seen = Instant::now();
+        }
+    }
+
+    /// Whether `client` is alive: its telemetry stream is open and it was heard from within
+    /// [`HEARTBEAT_LAPSE`].
+    pub(crate) fn alive(&self, client: &str) -> bool {
+        self.clients.lock().get(client).is_some_and(|c| {
+            c.seen.elapsed() < HEARTBEAT_LAPSE
+                && c.telemetry.as_ref().is_some_and(|(_, tx)| !tx.is_closed())
+        })
     }
 
     /// `client` said it is going away.

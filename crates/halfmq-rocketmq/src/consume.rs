@@ -11,6 +11,7 @@ use halfmq::{Delivery, PollOptions, Receipt, TagFilter};
 
 use crate::convert;
 use crate::pb::{self, receive_message_response::Content, Code, FilterType};
+use crate::renew::AUTO_RENEW_LEASE_MIN;
 use crate::service::{name_of, overall, resource, Service};
 use crate::status::{of_error, ok, status, unsupported};
 
@@ -91,16 +92,6 @@ fn group_and_topic<'a>(
     Ok((group, name_of(topic, "topic", Code::IllegalTopic)?))
 }
 
-/// The group, topic and receipt of a request about one message a consumer holds.
-fn held<'a>(
-    group: Option<&'a pb::Resource>,
-    topic: Option<&'a pb::Resource>,
-    handle: &str,
-) -> Result<(&'a str, &'a str, Receipt), pb::Status> {
-    let (group, topic) = group_and_topic(group, topic)?;
-    Ok((group, topic, receipt(handle)?))
-}
-
 fn receive_status(s: pb::Status) -> Vec<pb::ReceiveMessageResponse> {
     vec![pb::ReceiveMessageResponse {
         content: Some(Content::Status(s)),
@@ -108,12 +99,33 @@ fn receive_status(s: pb::Status) -> Vec<pb::ReceiveMessageResponse> {
 }
 
 impl Service {
-    /// A ReceiveMessage: checks, the long poll, and the answer stream's items.
+    /// The receipt a client settles a message with: the newest of its lease if the endpoint
+    /// renews it (renewal stops), or the handle's own.
+    fn settled_receipt(&self, handle: &str) -> Result<Receipt, pb::Status> {
+        match self.renewals.settle(handle) {
+            Some(r) => Ok(r),
+            None => receipt(handle),
+        }
+    }
+
+    /// The group, topic and receipt of a request settling one message a consumer holds.
+    fn held<'a>(
+        &self,
+        group: Option<&'a pb::Resource>,
+        topic: Option<&'a pb::Resource>,
+        handle: &str,
+    ) -> Result<(&'a str, &'a str, Receipt), pb::Status> {
+        let (group, topic) = group_and_topic(group, topic)?;
+        Ok((group, topic, self.settled_receipt(handle)?))
+    }
+
+    /// A ReceiveMessage of `client`: checks, the long poll, and the answer stream's items.
     pub(crate) async fn receive(
         &self,
+        client: Option<&str>,
         req: pb::ReceiveMessageRequest,
     ) -> Vec<pb::ReceiveMessageResponse> {
-        match self.receive_checked(req).await {
+        match self.receive_checked(client, req).await {
             Ok(items) => items,
             Err(s) => receive_status(s),
         }
@@ -121,8 +133,20 @@ impl Service {
 
     async fn receive_checked(
         &self,
+        client: Option<&str>,
         req: pb::ReceiveMessageRequest,
     ) -> Result<Vec<pb::ReceiveMessageResponse>, pb::Status> {
+        // Renewal lasts while the client is alive, which needs its id.
+        let renew_for = match (req.auto_renew, client) {
+            (false, _) => None,
+            (true, Some(c)) => Some(c),
+            (true, None) => {
+                return Err(status(
+                    Code::ClientIdRequired,
+                    "auto_renew needs the x-mq-client-id header: leases are renewed while that client is alive",
+                ))
+            }
+        };
         let group = name_of(
             req.group.as_ref(),
             "consumer group",
@@ -147,6 +171,10 @@ impl Service {
                 delivery.visibility_timeout
             }
         };
+        let lease = match renew_for {
+            Some(_) => lease.max(AUTO_RENEW_LEASE_MIN),
+            None => lease,
+        };
         let opts = PollOptions::default()
             .with_lease(Some(lease))
             .with_filter(filter);
@@ -168,7 +196,16 @@ impl Service {
             content: Some(Content::DeliveryTimestamp(convert::timestamp(now_ms()))),
         });
         for d in got {
+            let renewed = d.receipt.zip(renew_for);
             let m = self.delivered(d, lease)?;
+            if let Some((r, client)) = renewed {
+                let with = (&self.broker, &self.clients);
+                let held = (r.handle(), r);
+                // Beyond the most renewed at once, the message keeps its lease alone.
+                let _ = self
+                    .renewals
+                    .start(with, (group, topic), held, (client, lease));
+            }
             items.push(pb::ReceiveMessageResponse {
                 content: Some(Content::Message(m)),
             });
@@ -232,7 +269,7 @@ impl Service {
         let receipts: Vec<_> = req
             .entries
             .iter()
-            .map(|e| receipt(&e.receipt_handle))
+            .map(|e| self.settled_receipt(&e.receipt_handle))
             .collect();
         // Several entries are acked with one durable write; if that fails (it is all or
         // nothing), each is acked on its own below, so that each gets its own status.
@@ -291,7 +328,8 @@ impl Service {
         &self,
         req: &pb::ChangeInvisibleDurationRequest,
     ) -> Result<String, pb::Status> {
-        let (group, topic, r) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
+        let (group, topic, r) =
+            self.held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
         let d = req
             .invisible_duration
             .and_then(|d| Duration::try_from(d).ok())
@@ -316,7 +354,8 @@ impl Service {
         &self,
         req: pb::ForwardMessageToDeadLetterQueueRequest,
     ) -> Result<(), pb::Status> {
-        let (group, topic, r) = held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
+        let (group, topic, r) =
+            self.held(req.group.as_ref(), req.topic.as_ref(), &req.receipt_handle)?;
         let reason = format!(
             "forwarded by the RocketMQ client at delivery {} of {}",
             req.delivery_attempt, req.max_delivery_attempts

@@ -23,8 +23,11 @@
 //!   transaction ends) and the answers to what is not supported;
 //! - `consume`: the consumer calls (receive, ack, change invisible duration, dead letters,
 //!   assignment), on the broker's leases, receipts, tag filters and FIFO groups;
+//! - `coalesce`: concurrent one-message sends of a topic joined into one broker batch;
 //! - `clients`: the clients known, their telemetry streams, and the transaction check-back
 //!   through them;
+//! - `renew`: the lease renewal of messages received with `auto_renew`, while their client
+//!   is alive;
 //! - `convert`: RocketMQ messages to halfmq messages and back;
 //! - `digest`: the MD5 body digest of the messages handed to clients;
 //! - `status`: RocketMQ status codes, and halfmq errors as status codes.
@@ -42,9 +45,11 @@ pub mod pb {
 }
 
 mod clients;
+mod coalesce;
 mod consume;
 pub mod convert;
 mod digest;
+mod renew;
 mod server;
 mod service;
 mod status;

@@ -15,6 +15,7 @@ use tokio_stream::StreamExt as _;
 use crate::clients::{Checker, Clients, PRODUCER_GROUP};
 use crate::convert::BODY_BYTES_MAX;
 use crate::pb::messaging_service_server::MessagingServiceServer;
+use crate::renew::Renewals;
 use crate::service::Service;
 
 /// Largest gRPC request accepted: a batch of a few largest messages. Larger ones are refused
@@ -26,6 +27,7 @@ pub struct RocketMqServer {
     local_addr: SocketAddr,
     broker: Arc<Broker>,
     clients: Arc<Clients>,
+    renewals: Arc<Renewals>,
     checker: u64,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -49,9 +51,12 @@ impl RocketMqServer {
             wait,
         };
         let checker = broker.register_checker(PRODUCER_GROUP, Arc::new(checker))?;
+        let renewals = Arc::new(Renewals::default());
         let service = Service {
             broker: broker.clone(),
             clients: clients.clone(),
+            sends: Arc::default(),
+            renewals: renewals.clone(),
             local_addr,
         };
         let grpc = MessagingServiceServer::new(service)
@@ -82,6 +87,7 @@ impl RocketMqServer {
             local_addr,
             broker,
             clients,
+            renewals,
             checker,
             stop: Some(stop),
             task: Some(task),
@@ -98,10 +104,16 @@ impl RocketMqServer {
         self.clients.len()
     }
 
-    /// Stop listening, end the open calls (telemetry streams close) and unregister the
-    /// check-back. Waits at most `grace` for calls in flight to finish.
+    /// Messages whose lease the endpoint renews now (received with `auto_renew`).
+    pub fn renewed(&self) -> usize {
+        self.renewals.len()
+    }
+
+    /// Stop listening, end the open calls (telemetry streams close), stop renewing leases
+    /// and unregister the check-back. Waits at most `grace` for calls in flight to finish.
     pub async fn shutdown(mut self, grace: Duration) {
         self.broker.unregister_checker(PRODUCER_GROUP, self.checker);
+        self.renewals.stop();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -117,6 +129,7 @@ impl RocketMqServer {
 impl Drop for RocketMqServer {
     fn drop(&mut self) {
         self.broker.unregister_checker(PRODUCER_GROUP, self.checker);
+        self.renewals.stop();
         if let Some(task) = self.task.take() {
             task.abort();
         }

@@ -12,9 +12,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response};
 
 use crate::clients::{Clients, PRODUCER_GROUP, TELEMETRY_QUEUE};
+use crate::coalesce::{self, Coalescer};
 use crate::convert::{self, Incoming, BODY_BYTES_MAX};
 use crate::pb::{self, messaging_service_server::MessagingService, Code, MessageType};
 use crate::pb::{telemetry_command::Command, TelemetryCommand};
+use crate::renew::Renewals;
 use crate::status::{is_ok, of_error, ok, status, unsupported};
 
 /// The name of the one broker in every route.
@@ -25,6 +27,10 @@ const BROKER_NAME: &str = "halfmq";
 pub(crate) struct Service {
     pub broker: Arc<Broker>,
     pub clients: Arc<Clients>,
+    /// Concurrent one-message sends, joined into broker batches.
+    pub sends: Arc<Coalescer>,
+    /// The leases the endpoint renews (receives with `auto_renew`).
+    pub renewals: Arc<Renewals>,
     /// Where the endpoint listens (the route's address when a client does not say which
     /// address it used).
     pub local_addr: SocketAddr,
@@ -226,7 +232,7 @@ impl Service {
             }
             _ => {
                 let msg = msg.with_idempotency_key(message_id);
-                let r = b.send_async(&topic, &msg).await.map_err(|e| of_error(&e))?;
+                let r = coalesce::send(&self.sends, b, &topic, msg).await?;
                 entry.offset = i64::try_from(r.offset).unwrap_or(i64::MAX);
             }
         }
@@ -421,6 +427,9 @@ impl MessagingService for Service {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Answer<pb::HeartbeatResponse> {
+        if let Some(c) = client_id(&req) {
+            self.clients.heartbeat(&c);
+        }
         let req = req.into_inner();
         let kind = pb::ClientType::try_from(req.client_type).unwrap_or(pb::ClientType::Unspecified);
         let status = match kind {
@@ -470,7 +479,8 @@ impl MessagingService for Service {
         &self,
         req: Request<pb::ReceiveMessageRequest>,
     ) -> Answer<Self::ReceiveMessageStream> {
-        let items = self.receive(req.into_inner()).await;
+        let client = client_id(&req);
+        let items = self.receive(client.as_deref(), req.into_inner()).await;
         answer(tokio_stream::iter(
             items.into_iter().map(Ok).collect::<Vec<_>>(),
         ))

@@ -3,7 +3,7 @@
 //! received, their leases renewed and shortened with ChangeInvisibleDuration without counting
 //! a failure (a shortened one waking a waiting long poll), stale and forged receipt handles
 //! refused, messages forwarded to the dead letters and acked through RocketMQ;
-//! QueryAssignment hands out the topic.
+//! QueryAssignment hands out the topic; `auto_renew` leases renewed while their client lives.
 
 mod common;
 
@@ -13,8 +13,8 @@ use halfmq::Message;
 use halfmq_rocketmq::pb::{self, Code};
 
 use common::{
-    ack, change_invisible, client, code, handle, query_assignment, receive, resource, start,
-    start_client, sys, Client, Endpoint, Receive,
+    ack, change_invisible, client, code, handle, query_assignment, receive, resource, session,
+    start, start_client, sys, terminate, Client, Endpoint, Receive, Session,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,5 +206,142 @@ async fn a_message_is_forwarded_to_the_dead_letters_at_any_attempt() {
     let s = ack(&mut c, &handle(&got[0])).await;
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     assert_eq!(e.broker.dead_letters("g", 0, 10).expect("list").len(), 1);
+    e.stop().await;
+}
+
+/// A receive of `client` with `auto_renew` and a 1 s lease, waiting at most `long_poll`.
+fn renewed_by(client: &str, long_poll: Duration) -> Receive<'_> {
+    Receive {
+        lease: Some(Duration::from_secs(1)),
+        long_poll,
+        auto_renew: true,
+        client_id: Some(client),
+        ..Receive::default()
+    }
+}
+
+/// An endpoint holding one message `body`, received with `auto_renew` by client `push-1`
+/// (whose session is open while the returned one is kept).
+async fn one_renewed(body: &str) -> (Endpoint, Client, Session, pb::Message) {
+    let (e, mut c) = start_client("t", 1, |c| c).await;
+    e.broker.send("t", &Message::new(body)).expect("send");
+    let session = session(&mut c, "push-1").await;
+    let (s, got) = receive(
+        &mut c,
+        "g",
+        "t",
+        renewed_by("push-1", Duration::from_secs(2)),
+    )
+    .await;
+    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
+    let m = got.into_iter().next().expect("one message");
+    (e, c, session, m)
+}
+
+/// A receive of `push-1` waiting `wait` is handed nothing.
+async fn nothing_within(c: &mut Client, wait: Duration) {
+    let (s, got) = receive(c, "g", "t", renewed_by("push-1", wait)).await;
+    assert_eq!(code(&s), Code::MessageNotFound, "{} {got:?}", s.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_renew_keeps_the_lease_while_the_client_lives_and_the_first_handle_acks() {
+    let (e, mut c, _session, got) = one_renewed("slow work").await;
+    assert_eq!(e.renewed(), 1);
+    // Three leases long: without renewal the message would be handed out again.
+    nothing_within(&mut c, Duration::from_secs(4)).await;
+    // The handle the client was given acks the renewed lease, and renewal stops.
+    let s = ack(&mut c, &handle(&got)).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
+    assert_eq!(e.renewed(), 0);
+    nothing_within(&mut c, Duration::from_millis(1500)).await;
+    e.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_renew_stops_when_the_client_terminates_or_its_session_ends() {
+    let (e, mut c) = start_client("t", 1, |c| c).await;
+    e.broker.send("t", &Message::new("one")).expect("send");
+    e.broker.send("t", &Message::new("two")).expect("send");
+    let first = session(&mut c, "push-1").await;
+    let how = Receive {
+        max: 1,
+        ..renewed_by("push-1", Duration::from_secs(2))
+    };
+    let (_, one) = receive(&mut c, "g", "t", how).await;
+    let second = session(&mut c, "push-2").await;
+    let how = Receive {
+        max: 1,
+        ..renewed_by("push-2", Duration::from_secs(2))
+    };
+    let (_, two) = receive(&mut c, "g", "t", how).await;
+    assert_eq!((one.len(), two.len(), e.renewed()), (1, 1, 2));
+    // push-1 says goodbye; push-2's telemetry stream closes without a word.
+    terminate(&mut c, "push-1").await;
+    drop(second);
+    drop(first);
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        let (_, got) = receive(&mut c, "g", "t", Receive::default()).await;
+        again.extend(got);
+        if again.len() == 2 {
+            break;
+        }
+    }
+    let mut bodies: Vec<_> = again.iter().map(|m| m.body.clone()).collect();
+    bodies.sort();
+    assert_eq!(bodies, vec![b"one".to_vec(), b"two".to_vec()]);
+    assert!(again.iter().all(|m| sys(m).delivery_attempt == Some(2)));
+    assert_eq!(e.renewed(), 0);
+    // The handles the gone clients held are stale.
+    let s = ack(&mut c, &handle(&one[0])).await;
+    assert_eq!(code(&s), Code::InvalidReceiptHandle, "{}", s.message);
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn auto_renew_needs_a_client_id() {
+    let (e, mut c) = start_client("t", 1, |c| c).await;
+    let how = Receive {
+        auto_renew: true,
+        ..Receive::default()
+    };
+    let (s, got) = receive(&mut c, "g", "t", how).await;
+    assert_eq!(code(&s), Code::ClientIdRequired, "{}", s.message);
+    assert!(s.message.contains("x-mq-client-id"), "{}", s.message);
+    assert!(got.is_empty());
+    e.stop().await;
+}
+
+/// Leases live in memory: after a restart the handles handed out before are refused (also
+/// those the endpoint renewed), and the messages they held are delivered again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_old_handles_are_refused_and_their_messages_come_again() {
+    let (e, c, session, got) = one_renewed("held").await;
+    let held = handle(&got);
+    // The client's connection ends with the broker.
+    drop((session, c));
+    let e = e.restart().await;
+    assert_eq!(e.renewed(), 0);
+    let mut c = client(&e).await;
+    let s = ack(&mut c, &held).await;
+    assert_eq!(code(&s), Code::InvalidReceiptHandle, "{}", s.message);
+    assert!(
+        s.message.contains("before the broker last opened"),
+        "{}",
+        s.message
+    );
+    // At once, not after the old lease: the lease ended with the broker. The delivery the
+    // restart interrupted is not a failure, so the attempt number stays 1.
+    let how = Receive {
+        long_poll: Duration::from_millis(500),
+        ..Receive::default()
+    };
+    let (s, again) = receive(&mut c, "g", "t", how).await;
+    assert_eq!((code(&s), again.len()), (Code::Ok, 1), "{}", s.message);
+    assert_eq!(again[0].body, b"held");
+    assert_eq!(sys(&again[0]).delivery_attempt, Some(1));
+    let s = ack(&mut c, &handle(&again[0])).await;
+    assert_eq!(code(&s), Code::Ok, "{}", s.message);
     e.stop().await;
 }

@@ -2,7 +2,8 @@
 //! (`rocketmq-client-nodejs`), unchanged, against the endpoint: the programs in
 //! `tests/clients/` run their cases (plain producer, transactions with check-back, a delayed
 //! message, a simple consumer with lease changes and redelivery, a tag filter, FIFO groups,
-//! a message priority refused, push consumers with a retry and dead letters, plain and FIFO)
+//! a message priority refused, push consumers with a retry and dead letters, plain and FIFO,
+//! and one whose listener outlasts its lease, which the endpoint renews)
 //! and report each as a JSON line; these tests then check the broker holds what they say.
 //!
 //! The clients are installed by the tests when missing, pinned exactly
@@ -26,7 +27,7 @@ use common::{start, Endpoint};
 const PROGRAM_LIMIT: Duration = Duration::from_secs(50);
 
 /// The cases every program runs, in order.
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "plain",
     "transactions",
     "delayed",
@@ -36,6 +37,7 @@ const CASES: [&str; 9] = [
     "refused",
     "push",
     "fifo_push",
+    "slow_push",
 ];
 
 /// Where this crate's client programs and their pinned dependency lists are.
@@ -247,6 +249,7 @@ async fn endpoint() -> Endpoint {
         ("ledger", 4),
         ("push", 1),
         ("fifo-push", 1),
+        ("slow-push", 1),
     ] {
         e.broker.create_topic(topic, queues).expect("topic");
     }
@@ -273,6 +276,15 @@ async fn endpoint() -> Endpoint {
     };
     e.broker
         .set_group_settings("fifo-pushers", &fifo_pushers)
+        .expect("settings");
+    // The slow push consumer's group: 1 s leases, which its listener outlasts; the endpoint
+    // renews them (the PushConsumer's `auto_renew`).
+    let slow = GroupSettings {
+        visibility_timeout_ms: Some(1000),
+        ..Default::default()
+    };
+    e.broker
+        .set_group_settings("slow-pushers", &slow)
         .expect("settings");
     e
 }
@@ -374,6 +386,13 @@ fn check_broker(e: &Endpoint, run: &Run) {
     );
     assert_eq!(bodies(e, "native", "fifo-push"), ["first", "second"]);
     assert_eq!(bodies(e, "fifo-pushers", "fifo-push"), Vec::<String>::new());
+
+    // slow_push: handed out once although its listener took three leases, and acked.
+    assert_eq!(
+        run.field("slow_push", "seen"),
+        &serde_json::json!({"slow": [1]})
+    );
+    assert_eq!(bodies(e, "slow-pushers", "slow-push"), Vec::<String>::new());
 }
 
 /// A client's program under `tests/clients/`, run by `interpreter` with `env`, its home (where

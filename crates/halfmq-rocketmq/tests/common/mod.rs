@@ -36,6 +36,11 @@ pub async fn start(
     let dir = tempfile::tempdir().expect("a temporary directory");
     let broker = Broker::open(config(BrokerConfig::new(dir.path()))).expect("broker opens");
     broker.create_topic(topic, queues).expect("topic");
+    serve(broker, dir).await
+}
+
+/// Start the endpoint on `broker`, whose data is in `dir`.
+async fn serve(broker: Arc<Broker>, dir: tempfile::TempDir) -> Endpoint {
     let any_port = "127.0.0.1:0".parse().expect("an address");
     let server = RocketMqServer::start(broker.clone(), any_port)
         .await
@@ -49,16 +54,42 @@ pub async fn start(
 }
 
 impl Endpoint {
+    /// Messages whose lease the endpoint renews now.
+    pub fn renewed(&self) -> usize {
+        self.server.as_ref().map_or(0, RocketMqServer::renewed)
+    }
+
     /// Stop the endpoint, then close the broker.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.close().await;
+    }
+
+    /// Stop the endpoint and close the broker; the data directory is returned.
+    async fn close(mut self) -> tempfile::TempDir {
         if let Some(s) = self.server.take() {
             s.shutdown(Duration::from_secs(2)).await;
         }
-        let b = self.broker.clone();
-        tokio::task::spawn_blocking(move || b.close())
+        let Endpoint { broker, _dir, .. } = self;
+        tokio::task::spawn_blocking(move || broker.close())
             .await
             .expect("close joins")
             .expect("broker closes");
+        _dir
+    }
+
+    /// Stop the endpoint, close the broker, and open both again on the same directory.
+    pub async fn restart(self) -> Endpoint {
+        let dir = self.close().await;
+        // The broker is let go once the last of the endpoint's tasks holding it ends.
+        let mut reopened = Broker::open(BrokerConfig::new(dir.path()));
+        for _ in 0..100 {
+            if !matches!(reopened, Err(halfmq::Error::Locked { .. })) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            reopened = Broker::open(BrokerConfig::new(dir.path()));
+        }
+        serve(reopened.expect("broker reopens"), dir).await
     }
 
     /// The official client's options, pointed at the endpoint; receives wait `long_poll`.
@@ -183,6 +214,9 @@ pub struct Receive<'a> {
     pub lease: Option<Duration>,
     pub filter: (pb::FilterType, &'a str),
     pub long_poll: Duration,
+    /// `auto_renew`, and the client id the receive is made as (`x-mq-client-id`).
+    pub auto_renew: bool,
+    pub client_id: Option<&'a str>,
 }
 
 impl Default for Receive<'_> {
@@ -192,6 +226,8 @@ impl Default for Receive<'_> {
             lease: Some(Duration::from_secs(30)),
             filter: (pb::FilterType::Tag, "*"),
             long_poll: Duration::from_secs(2),
+            auto_renew: false,
+            client_id: None,
         }
     }
 }
@@ -215,10 +251,15 @@ pub async fn receive(
         }),
         batch_size: how.max,
         invisible_duration: how.lease.and_then(duration),
-        auto_renew: false,
+        auto_renew: how.auto_renew,
         long_polling_timeout: duration(how.long_poll),
         attempt_id: None,
     };
+    let mut req = tonic::Request::new(req);
+    if let Some(id) = how.client_id {
+        req.metadata_mut()
+            .insert("x-mq-client-id", id.parse().expect("an ASCII client id"));
+    }
     let mut stream = c
         .receive_message(req)
         .await
@@ -280,4 +321,38 @@ pub async fn change_invisible(c: &mut Client, handle: &str, d: Duration) -> (pb:
         .expect("a gRPC answer")
         .into_inner();
     (r.status.expect("a status"), r.receipt_handle)
+}
+
+/// A client session as the endpoint knows one: an open telemetry stream under a client id.
+/// The session ends when this is dropped.
+pub struct Session {
+    _commands: tokio::sync::mpsc::Sender<pb::TelemetryCommand>,
+    _answers: tonic::Streaming<pb::TelemetryCommand>,
+}
+
+/// Open the telemetry stream of client `id` (the endpoint then counts it alive).
+pub async fn session(c: &mut Client, id: &str) -> Session {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("x-mq-client-id", id.parse().expect("an ASCII client id"));
+    let answers = c
+        .telemetry(req)
+        .await
+        .expect("telemetry opens")
+        .into_inner();
+    Session {
+        _commands: tx,
+        _answers: answers,
+    }
+}
+
+/// NotifyClientTermination of client `id`.
+pub async fn terminate(c: &mut Client, id: &str) {
+    let mut req = tonic::Request::new(pb::NotifyClientTerminationRequest { group: None });
+    req.metadata_mut()
+        .insert("x-mq-client-id", id.parse().expect("an ASCII client id"));
+    c.notify_client_termination(req)
+        .await
+        .expect("a gRPC answer");
 }

@@ -325,6 +325,40 @@ async function caseFifoPush() {
   });
 }
 
+// A push consumer (group `slow-pushers`: 1 s leases) whose listener takes 3 s: the endpoint
+// renews the lease (the consumer receives with auto_renew), so the message is handed out
+// once and acked.
+async function caseSlowPush() {
+  const p = await producer([ 'slow-push' ]);
+  const seen = {};
+  const c = new PushConsumer({
+    ...options(),
+    consumerGroup: 'slow-pushers',
+    subscriptions: new Map([[ 'slow-push', '*' ]]),
+    messageListener: {
+      async consume(view) {
+        const b = body(view);
+        (seen[b] = seen[b] || []).push(view.deliveryAttempt);
+        await sleep(3000);
+        return ConsumeResult.SUCCESS;
+      },
+    },
+  });
+  await c.startup();
+  try {
+    await p.send({ topic: 'slow-push', body: Buffer.from('slow') });
+    const until = Date.now() + 20000;
+    while (Date.now() < until && !seen.slow) await sleep(100);
+    // The listener's 3 s, and time for a redelivery to show, were the lease not renewed.
+    await sleep(5000);
+    check(same(seen, { slow: [ 1 ] }), `deliveries ${JSON.stringify(seen)}`);
+    return { seen };
+  } finally {
+    await c.shutdown();
+    await p.shutdown();
+  }
+}
+
 const CASES = [
   [ 'plain', casePlain ],
   [ 'transactions', caseTransactions ],
@@ -334,8 +368,8 @@ const CASES = [
   [ 'fifo', caseFifo ],
   [ 'refused', caseRefused ],
   // Run side by side: a PushConsumer's shutdown waits for its receive in flight (up to the
-  // 20 s long poll), and these two use their own topics and groups.
-  [[ 'push', casePush ], [ 'fifo_push', caseFifoPush ]],
+  // 20 s long poll), and these use their own topics and groups.
+  [[ 'push', casePush ], [ 'fifo_push', caseFifoPush ], [ 'slow_push', caseSlowPush ]],
 ];
 
 async function main() {

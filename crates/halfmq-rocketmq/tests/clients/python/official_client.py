@@ -330,6 +330,47 @@ def case_refused():
         raise CaseFailed("a priority message was accepted")
 
 
+class SlowListener(MessageListener):
+    """Takes 3 s for each message, recording the attempts of each body."""
+
+    def __init__(self):
+        self.seen = {}
+        self.lock = threading.Lock()
+
+    def consume(self, message):
+        with self.lock:
+            self.seen.setdefault(body(message), []).append(message.delivery_attempt)
+        time.sleep(3)
+        return ConsumeResult.SUCCESS
+
+
+def case_slow_push():
+    """A push consumer (group `slow-pushers`: 1 s leases) whose listener takes 3 s: the
+    endpoint renews the lease (the consumer receives with auto_renew), so the message is
+    handed out once and acked."""
+    p = producer(["slow-push"])
+    listener = SlowListener()
+    c = PushConsumer(config(), "slow-pushers", listener, {"slow-push": FilterExpression()})
+    c.startup()
+    try:
+        p.send(message("slow-push", "slow"))
+        until = time.time() + 20
+        while time.time() < until:
+            with listener.lock:
+                if listener.seen:
+                    break
+            time.sleep(0.1)
+        # The listener's 3 s, and time for a redelivery to show, were the lease not renewed.
+        time.sleep(5)
+        with listener.lock:
+            seen = {b: list(a) for b, a in listener.seen.items()}
+        check(seen == {"slow": [1]}, f"deliveries {seen}")
+        return {"seen": seen}
+    finally:
+        c.shutdown()
+        p.shutdown()
+
+
 CASES = [
     ("plain", case_plain),
     ("transactions", case_transactions),
@@ -340,6 +381,7 @@ CASES = [
     ("refused", case_refused),
     ("push", case_push),
     ("fifo_push", case_fifo_push),
+    ("slow_push", case_slow_push),
 ]
 
 
