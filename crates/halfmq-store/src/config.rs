@@ -97,6 +97,15 @@ pub struct StoreConfig {
     /// (about one fsync's time), so it is for runtimes with a spare worker, such as the
     /// broker's. Default `false`: a task never blocks its executor thread.
     pub tasks_may_lead: bool,
+    /// Whether every group-commit round begins with a mark record holding the durable end
+    /// (`record::RecordKind::Mark`), which recovery reads to tell damage to acknowledged
+    /// records from a torn tail. Default `true`. `false` only for a log that is not the
+    /// durable record of anything, such as a replicated node's broker (rebuilt from the
+    /// raft log at every start, never recovered): without marks a record's log offset
+    /// depends only on the records before it, not on how they were grouped into rounds,
+    /// so the same records give the same log, byte for byte, whatever the timing. Recovery
+    /// of such a log has only the checkpoint to go by.
+    pub marks: bool,
 }
 
 impl Default for StoreConfig {
@@ -111,6 +120,7 @@ impl Default for StoreConfig {
             key_index_entries: 4 * 1024 * 1024,
             page_cache_segments: Some(2),
             tasks_may_lead: false,
+            marks: true,
         }
     }
 }
@@ -135,6 +145,8 @@ halfmq_types::with_setters! {
         with_page_cache_segments => page_cache_segments: Option<u32>;
         /// Sets [`StoreConfig::tasks_may_lead`].
         with_tasks_may_lead => tasks_may_lead: bool;
+        /// Sets [`StoreConfig::marks`].
+        with_marks => marks: bool;
     }
 }
 
