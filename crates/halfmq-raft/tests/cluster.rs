@@ -130,10 +130,17 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
                 let msg = Message::new(body.clone())
                     .with_key(body.clone())
                     .with_idempotency_key(body.clone());
-                let mut commands = vec![Command::Send {
+                let send = Command::Send {
                     topic: TOPIC.to_owned(),
                     messages: vec![(&msg).into()],
-                }];
+                };
+                let mut commands = vec![send.clone()];
+                // Every fourth batch sends again under the same idempotency key (a retry,
+                // answered with the first's receipt), so a send's key claim meets one still
+                // in flight on the node applying both.
+                if n % 4 == 1 {
+                    commands.push(send);
+                }
                 // Every fourth batch also acks: commands of several kinds in one entry.
                 if n % 4 == 3 {
                     commands.push(Command::Ack {
@@ -144,7 +151,16 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
                 }
                 let answers = c.write(commands).await.expect("committed");
                 let receipts = halfmq_raft::command::receipts(answers[0].clone());
-                assert!(receipts.expect("a send answer").iter().all(|r| r.is_ok()));
+                let receipts = receipts.expect("a send answer");
+                assert!(receipts.iter().all(|r| r.is_ok()));
+                if n % 4 == 1 {
+                    let again = halfmq_raft::command::receipts(answers[1].clone());
+                    let again = again.expect("a send answer");
+                    let (first, again) = (receipts[0].as_ref(), again[0].as_ref());
+                    let (first, again) = (first.expect("sent"), again.expect("sent"));
+                    assert!(again.duplicate, "{again:?}");
+                    assert_eq!(again.log_offset, first.log_offset);
+                }
                 acked.push(body);
             }
             acked
@@ -163,6 +179,13 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
         .collect();
     // The same records at the same offsets: the logs are the same length, record for record.
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    // And the same bytes: every node's broker log is the leader's, segment for segment
+    // (applying groups records into store rounds differently on each node).
+    let logs: Vec<_> = [1, 2, 3].into_iter().map(|id| c.log_bytes(id)).collect();
+    assert!(!logs[0].is_empty());
+    for (id, log) in [2, 3].into_iter().zip(&logs[1..]) {
+        assert!(*log == logs[0], "node {id}'s broker log differs from node 1's");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
