@@ -241,8 +241,10 @@ impl Broker {
     }
 }
 
-/// A batch within [`SEND_BATCH_MESSAGES_MAX`] and [`SEND_BATCH_BYTES_MAX`].
-fn check_batch(msgs: &[Message]) -> Result<()> {
+/// A batch within [`SEND_BATCH_MESSAGES_MAX`] and [`SEND_BATCH_BYTES_MAX`], or the
+/// [`Error::Invalid`] [`Broker::send_batch`] fails with (for a caller that cuts a batch up
+/// before it reaches the broker, such as a replicated node).
+pub fn check_batch(msgs: &[Message]) -> Result<()> {
     let invalid = |reason: String| {
         Err(Error::Invalid {
             what: "batch",
