@@ -139,8 +139,9 @@ pub(crate) fn unsent(e: &ReplicaError) -> Error {
     match e {
         ReplicaError::Broker(e) => Error::from_wire(e.code(), e.to_string()),
         ReplicaError::Unconfirmed { after_ms } => Error::Timeout {
-            what: "a majority of the cluster to commit this part of the batch (its fate is unknown)"
-                .into(),
+            what:
+                "a majority of the cluster to commit this part of the batch (its fate is unknown)"
+                    .into(),
             after_ms: *after_ms,
         },
         other => Error::Invalid {
@@ -163,7 +164,10 @@ mod tests {
             && r.iter().map(Message::payload_bytes).sum::<usize>() <= ENTRY_BYTES_MAX));
         assert_eq!(runs.concat(), msgs);
         // A message over the bound goes alone; a small batch is one run.
-        let big = vec![Message::new(vec![1u8; ENTRY_BYTES_MAX + 1]), Message::new("x")];
+        let big = vec![
+            Message::new(vec![1u8; ENTRY_BYTES_MAX + 1]),
+            Message::new("x"),
+        ];
         assert_eq!(entry_runs(&big).len(), 2);
         assert_eq!(entry_runs(&msgs[..10]).len(), 1);
         assert_eq!(entry_runs(&[]), [&[] as &[Message]]);

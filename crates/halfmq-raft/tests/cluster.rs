@@ -184,7 +184,10 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
     let logs: Vec<_> = [1, 2, 3].into_iter().map(|id| c.log_bytes(id)).collect();
     assert!(!logs[0].is_empty());
     for (id, log) in [2, 3].into_iter().zip(&logs[1..]) {
-        assert!(*log == logs[0], "node {id}'s broker log differs from node 1's");
+        assert!(
+            *log == logs[0],
+            "node {id}'s broker log differs from node 1's"
+        );
     }
 }
 
