@@ -11,7 +11,10 @@
 //! staged into the store one after another ([`Broker::stage_send_batch`]: checked, queued,
 //! deduplicated and in the pending batch, in log order) and only then waited for, sharing
 //! rounds. Any other command first waits for every staged send (so it sees the broker as
-//! a one-at-a-time apply would) and is then applied on its own. With marks, a first attempt
+//! a one-at-a-time apply would) and is then applied on its own. So does a send whose
+//! idempotency keys would not fit in the index's room left when the staged ones were
+//! counted (`Broker::idempotency_room`): a key forgotten for room while sends are staged
+//! would make what a later send finds depend on timing. With marks, a first attempt
 //! at this gave the same messages at the same queue offsets but different log offsets on
 //! each node; `tests/cluster.rs`, `concurrent_writes_apply_as_the_same_log_on_every_node`,
 //! compares the nodes' logs byte for byte.
@@ -73,11 +76,23 @@ pub fn apply_batches(
         .map(|b| vec![None; b.commands.len()])
         .collect();
     let mut staged: Staged<'_> = Vec::new();
+    // Room in the idempotency index left for the keys of the sends staged since the last
+    // wait (`None`: to be read again). Kept within it, no key is forgotten for room while
+    // sends are staged, so what each send finds does not depend on when earlier ones were
+    // acknowledged (`Broker::idempotency_room`).
+    let mut room: Option<(u64, u64)> = None;
     for (bi, batch) in batches.iter().enumerate() {
         set_clock(clock, batch.time_ms);
         for (ci, command) in batch.commands.iter().enumerate() {
             match (command, &messages[bi][ci]) {
                 (Command::Send { topic, .. }, Some(msgs)) => {
+                    let (keys, bytes) = Broker::idempotency_cost(msgs);
+                    let (k, b) = *room.get_or_insert_with(|| broker.idempotency_room());
+                    if keys > k || bytes > b {
+                        finish(&mut staged, &mut answers)?;
+                        room = Some(broker.idempotency_room());
+                    }
+                    room = room.map(|(k, b)| (k.saturating_sub(keys), b.saturating_sub(bytes)));
                     match broker.stage_send_batch(topic, msgs) {
                         Ok(s) => staged.push((bi, ci, s)),
                         Err(e) => answers[bi][ci] = Some(answer(Err(e))?),
@@ -86,6 +101,7 @@ pub fn apply_batches(
                 _ => {
                     finish(&mut staged, &mut answers)?;
                     answers[bi][ci] = Some(answer(apply(broker, command))?);
+                    room = None;
                 }
             }
         }

@@ -18,7 +18,7 @@ use common::{
 };
 use halfmq::TxnState;
 use halfmq::{CheckAnswer, Message};
-use halfmq_raft::{Command, NodeId, Outcome, ReplicaError};
+use halfmq_raft::{Command, NodeId, Outcome, ReplicaConfig, ReplicaError};
 use openraft::SnapshotPolicy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -119,7 +119,57 @@ async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
-    let c = std::sync::Arc::new(Cluster::sim(0x5eed_0005, |_| {}).await);
+    concurrent_writes_give_the_same_log(0x5eed_0005, |_| {}).await;
+}
+
+/// The same with an idempotency index of 24 keys, so keys are forgotten for room all the
+/// time while nodes apply many sends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_give_the_same_log_when_keys_are_forgotten_for_room() {
+    concurrent_writes_give_the_same_log(0x5eed_0015, |c| c.broker.dedup_keys_max = 24).await;
+}
+
+/// One entry of 31 sends into an index of 24 keys: 30 new keys, then the first again. Sent
+/// one at a time, the first key is forgotten for room by the 25th, so the last send stores
+/// its message again; a node applying the sends together must answer the same (it waits
+/// for the staged sends before their keys could overflow the index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_forgotten_for_room_is_forgotten_on_every_node_as_one_send_at_a_time_would() {
+    let c = Cluster::sim(0x5eed_0016, |c| c.broker.dedup_keys_max = 24).await;
+    let send = |k: usize| {
+        let body = format!("k{k}");
+        let msg = Message::new(body.clone()).with_idempotency_key(body);
+        Command::Send {
+            topic: TOPIC.to_owned(),
+            messages: vec![(&msg).into()],
+        }
+    };
+    let mut commands: Vec<Command> = (0..30).map(send).collect();
+    commands.push(send(0));
+    let answers = c.write(commands).await.expect("committed");
+    let receipt = |i: usize| {
+        let r = halfmq_raft::command::receipts(answers[i].clone()).expect("a send answer");
+        r.into_iter().next().expect("one").expect("stored")
+    };
+    let (first, again) = (receipt(0), receipt(30));
+    assert!(!again.duplicate, "{again:?}");
+    assert!(again.log_offset > first.log_offset);
+    let leader = c.leader().await;
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+    }
+    let logs: Vec<_> = [1, 2, 3].into_iter().map(|id| c.log_bytes(id)).collect();
+    assert!(
+        logs[1] == logs[0] && logs[2] == logs[0],
+        "the nodes' broker logs differ"
+    );
+}
+
+/// 16 writers, 8 writes each (some with a retry under the same key in the same entry, some
+/// with an ack): every node holds every message once, and the three brokers' logs are the
+/// same bytes.
+async fn concurrent_writes_give_the_same_log(seed: u64, tweak: impl FnOnce(&mut ReplicaConfig)) {
+    let c = std::sync::Arc::new(Cluster::sim(seed, tweak).await);
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..16u64 {
         let c = c.clone();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::wait::{block_on, Async, Blocking, Wait};
 use super::{Broker, Topic};
-use crate::idem::{key_of, Reservation};
+use crate::idem::{key_of, Reservation, ENTRY_OVERHEAD_BYTES};
 use halfmq_store::Ticket;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::trace::Event;
@@ -112,6 +112,27 @@ impl Broker {
         msgs: &'a [Message],
     ) -> Result<StagedSend<'a>> {
         block_on(self.stage_with(&Blocking, topic, msgs))
+    }
+
+    /// Room left in the idempotency index before it forgets keys for room rather than age:
+    /// (keys, bytes, counted as [`Broker::idempotency_cost`] does). Whether a key is still
+    /// remembered then depends only on the sends made and their times, not on when their
+    /// stores were acknowledged; so a caller that stages sends ([`Broker::stage_send_batch`])
+    /// and must answer exactly as one send at a time would keeps the keys it stages between
+    /// two waits within this room.
+    pub fn idempotency_room(&self) -> (u64, u64) {
+        self.dedup.room()
+    }
+
+    /// What a batch send of `msgs` may add to the idempotency index at most: (keys, bytes),
+    /// each message with an idempotency key counting one key of its length plus a fixed
+    /// overhead per entry.
+    pub fn idempotency_cost(msgs: &[Message]) -> (u64, u64) {
+        msgs.iter()
+            .filter_map(|m| key_of(&m.properties).ok().flatten())
+            .fold((0, 0), |(k, b), key| {
+                (k + 1, b + key.len() as u64 + ENTRY_OVERHEAD_BYTES)
+            })
     }
 
     /// The one path of a batch send (see the module docs): staged, then finished.
