@@ -283,35 +283,27 @@ mod tests {
         config: &StoreConfig,
     ) -> [(Vec<u64>, Vec<(std::path::PathBuf, Vec<u8>)>); 2] {
         let bodies: Vec<Vec<u8>> = (0..200u8).map(|i| vec![i; 700 + usize::from(i)]).collect();
-        let one_run = {
+        // The records submitted in runs of `per_run`, each run waited for before the next.
+        let grouped = |per_run: usize| {
             let disk = SimStorage::new();
             let store = open(&disk, config.clone());
             let q = store.queue("t", 0).unwrap();
-            let run = bodies
-                .iter()
-                .map(|b| (Append::message(&q, "k", b, 7), Hook::None))
-                .collect();
-            let offsets = store
-                .submit_many(run)
-                .into_iter()
-                .map(|t| t.unwrap().wait().unwrap().log_offset)
-                .collect();
+            let mut offsets = Vec::new();
+            for chunk in bodies.chunks(per_run) {
+                let run = chunk
+                    .iter()
+                    .map(|b| (Append::message(&q, "k", b, 7), Hook::None))
+                    .collect();
+                let tickets = store.submit_many(run);
+                offsets.extend(
+                    tickets
+                        .into_iter()
+                        .map(|t| t.unwrap().wait().unwrap().log_offset),
+                );
+            }
             (offsets, logs(&disk))
         };
-        let one_by_one = {
-            let disk = SimStorage::new();
-            let store = open(&disk, config.clone());
-            let q = store.queue("t", 0).unwrap();
-            let offsets = bodies
-                .iter()
-                .map(|b| {
-                    let run = vec![(Append::message(&q, "k", b, 7), Hook::None)];
-                    let t = store.submit_many(run).pop().unwrap().unwrap();
-                    t.wait().unwrap().log_offset
-                })
-                .collect();
-            (offsets, logs(&disk))
-        };
+        let (one_run, one_by_one) = (grouped(bodies.len()), grouped(1));
         [one_run, one_by_one]
     }
 
