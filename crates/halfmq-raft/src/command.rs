@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 pub struct MessageData {
     /// Key; empty for none.
     pub key: String,
-    /// Payload.
+    /// Payload (encoded as one run of bytes: `halfmq_types::codec::bytes`).
+    #[serde(with = "halfmq_types::codec::bytes")]
     pub body: Vec<u8>,
     /// User properties, by name.
     pub properties: Vec<(String, String)>,

@@ -221,4 +221,28 @@ mod tests {
         huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(scan(&huge), Scan::Bad(_)));
     }
+
+    #[test]
+    fn a_body_as_bytes_is_encoded_as_the_plain_vec_was() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Plain {
+            key: String,
+            body: Vec<u8>,
+            properties: Vec<(String, String)>,
+        }
+        let m = crate::MessageData {
+            key: "k".into(),
+            body: (0..=255u8).cycle().take(3000).collect(),
+            properties: vec![("a".into(), "b".into())],
+        };
+        let plain = Plain {
+            key: m.key.clone(),
+            body: m.body.clone(),
+            properties: m.properties.clone(),
+        };
+        let (new, old) = (encode(&m, "m").unwrap(), encode(&plain, "p").unwrap());
+        assert_eq!(new, old);
+        assert_eq!(decode::<crate::MessageData>(&old, "m").unwrap(), m);
+        assert_eq!(decode::<Plain>(&new, "p").unwrap(), plain);
+    }
 }

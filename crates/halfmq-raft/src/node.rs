@@ -28,7 +28,7 @@ use crate::checkback::CheckBack;
 use crate::command::{self, Applied, Command, MessageData};
 use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
 pub use crate::propose::ReplicaError;
-use crate::propose::{client_error, propose};
+use crate::propose::{client_error, entry_runs, propose, unsent};
 use crate::state_machine::{BrokerCell, StateMachine};
 use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
@@ -284,19 +284,41 @@ impl ReplicaNode {
         ClusterStatus::from_metrics(&self.raft.metrics().borrow())
     }
 
-    /// Send `messages` to `topic`, replicated: one batch, one raft entry. A topic that does
-    /// not exist is created first, through the log, when the broker settings create topics
-    /// on first use (the nodes' brokers never create one by themselves).
+    /// Send `messages` to `topic`, replicated: one batch, one raft entry, or one entry per
+    /// [`ENTRY_BYTES_MAX`](crate::propose::ENTRY_BYTES_MAX) of messages, proposed one after
+    /// another. If a later entry fails, the messages of the earlier ones are stored and
+    /// answered with their receipts, the rest each with why (or that its fate is unknown);
+    /// if the first fails, so does the call. A topic that does not exist is created first,
+    /// through the log, when the broker settings create topics on first use (the nodes'
+    /// brokers never create one by themselves).
     pub async fn send(
         &self,
         topic: &str,
         messages: &[Message],
     ) -> Result<Vec<halfmq::Result<SendReceipt>>, ReplicaError> {
-        let cmd = Command::Send {
-            topic: topic.to_owned(),
-            messages: messages.iter().map(MessageData::from).collect(),
-        };
-        Ok(command::receipts(self.write_to_topic(topic, cmd).await?)?)
+        // A batch the broker refuses whole is refused before it is cut up.
+        halfmq::check_batch(messages)?;
+        let mut out = Vec::with_capacity(messages.len());
+        for run in entry_runs(messages) {
+            let cmd = Command::Send {
+                topic: topic.to_owned(),
+                messages: run.iter().map(MessageData::from).collect(),
+            };
+            let stored = match self.write_to_topic(topic, cmd).await {
+                Ok(applied) => command::receipts(applied).map_err(ReplicaError::from),
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(receipts) => out.extend(receipts),
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    let left = messages.len() - out.len();
+                    out.extend((0..left).map(|_| Err(unsent(&e))));
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Write `cmd`, a write to `topic` (a send or a half), as its own batch. When the topic

@@ -2,6 +2,7 @@
 //! waits until it is committed and applied on this node; [`ReplicaError`] is why it was not
 //! (another node leads, the broker failed, openraft refused).
 
+use halfmq::Message;
 use halfmq_types::clock::now_ms;
 use halfmq_types::error::Error;
 use openraft::error::{ClientWriteError, RaftError};
@@ -104,4 +105,71 @@ fn quorum_lost(raft: &Raft) -> bool {
     let metrics = raft.metrics();
     let m = metrics.borrow();
     m.current_leader == Some(m.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms > limit)
+}
+
+/// Most bytes of messages ([`Message::payload_bytes`]) a send proposes as one raft entry. A
+/// follower must write, fsync and answer an append within one heartbeat (50 ms), or
+/// openraft sends it again, the same size, for ever; a batch send larger than this (up to
+/// `SEND_BATCH_BYTES_MAX`, 4 MiB) is proposed as several entries, one after another.
+pub const ENTRY_BYTES_MAX: usize = 256 << 10;
+
+/// `messages` cut into runs of at most [`ENTRY_BYTES_MAX`] bytes, in order (a message
+/// larger than that alone; none empty, except the one run of an empty batch).
+pub(crate) fn entry_runs(messages: &[Message]) -> Vec<&[Message]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, m) in messages.iter().enumerate() {
+        let b = m.payload_bytes();
+        if i > start && bytes + b > ENTRY_BYTES_MAX {
+            runs.push(&messages[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b;
+    }
+    if start < messages.len() || messages.is_empty() {
+        runs.push(&messages[start..]);
+    }
+    runs
+}
+
+/// The answer of each message of a later run of a batch send whose proposal failed after
+/// earlier runs were stored (see [`entry_runs`]): why it was not stored, or that its fate
+/// is unknown.
+pub(crate) fn unsent(e: &ReplicaError) -> Error {
+    match e {
+        ReplicaError::Broker(e) => Error::from_wire(e.code(), e.to_string()),
+        ReplicaError::Unconfirmed { after_ms } => Error::Timeout {
+            what:
+                "a majority of the cluster to commit this part of the batch (its fate is unknown)"
+                    .into(),
+            after_ms: *after_ms,
+        },
+        other => Error::Invalid {
+            what: "replicated send",
+            reason: format!("this part of the batch was not stored: {other}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_batch_is_cut_into_runs_within_the_bound_in_order() {
+        let msgs: Vec<Message> = (0..700).map(|_| Message::new(vec![7u8; 1000])).collect();
+        let runs = entry_runs(&msgs);
+        assert!(runs.len() >= 3, "{}", runs.len());
+        assert!(runs.iter().all(|r| !r.is_empty()
+            && r.iter().map(Message::payload_bytes).sum::<usize>() <= ENTRY_BYTES_MAX));
+        assert_eq!(runs.concat(), msgs);
+        // A message over the bound goes alone; a small batch is one run.
+        let big = vec![
+            Message::new(vec![1u8; ENTRY_BYTES_MAX + 1]),
+            Message::new("x"),
+        ];
+        assert_eq!(entry_runs(&big).len(), 2);
+        assert_eq!(entry_runs(&msgs[..10]).len(), 1);
+        assert_eq!(entry_runs(&[]), [&[] as &[Message]]);
+    }
 }

@@ -18,7 +18,7 @@ use common::{
 };
 use halfmq::TxnState;
 use halfmq::{CheckAnswer, Message};
-use halfmq_raft::{Command, NodeId, Outcome, ReplicaError};
+use halfmq_raft::{Command, NodeId, Outcome, ReplicaConfig, ReplicaError};
 use openraft::SnapshotPolicy;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -119,7 +119,57 @@ async fn a_cluster_stopped_whole_restarts_with_everything_it_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
-    let c = std::sync::Arc::new(Cluster::sim(0x5eed_0005, |_| {}).await);
+    concurrent_writes_give_the_same_log(0x5eed_0005, |_| {}).await;
+}
+
+/// The same with an idempotency index of 24 keys, so keys are forgotten for room all the
+/// time while nodes apply many sends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_give_the_same_log_when_keys_are_forgotten_for_room() {
+    concurrent_writes_give_the_same_log(0x5eed_0015, |c| c.broker.dedup_keys_max = 24).await;
+}
+
+/// One entry of 31 sends into an index of 24 keys: 30 new keys, then the first again. Sent
+/// one at a time, the first key is forgotten for room by the 25th, so the last send stores
+/// its message again; a node applying the sends together must answer the same (it waits
+/// for the staged sends before their keys could overflow the index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_forgotten_for_room_is_forgotten_on_every_node_as_one_send_at_a_time_would() {
+    let c = Cluster::sim(0x5eed_0016, |c| c.broker.dedup_keys_max = 24).await;
+    let send = |k: usize| {
+        let body = format!("k{k}");
+        let msg = Message::new(body.clone()).with_idempotency_key(body);
+        Command::Send {
+            topic: TOPIC.to_owned(),
+            messages: vec![(&msg).into()],
+        }
+    };
+    let mut commands: Vec<Command> = (0..30).map(send).collect();
+    commands.push(send(0));
+    let answers = c.write(commands).await.expect("committed");
+    let receipt = |i: usize| {
+        let r = halfmq_raft::command::receipts(answers[i].clone()).expect("a send answer");
+        r.into_iter().next().expect("one").expect("stored")
+    };
+    let (first, again) = (receipt(0), receipt(30));
+    assert!(!again.duplicate, "{again:?}");
+    assert!(again.log_offset > first.log_offset);
+    let leader = c.leader().await;
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+    }
+    let logs: Vec<_> = [1, 2, 3].into_iter().map(|id| c.log_bytes(id)).collect();
+    assert!(
+        logs[1] == logs[0] && logs[2] == logs[0],
+        "the nodes' broker logs differ"
+    );
+}
+
+/// 16 writers, 8 writes each (some with a retry under the same key in the same entry, some
+/// with an ack): every node holds every message once, and the three brokers' logs are the
+/// same bytes.
+async fn concurrent_writes_give_the_same_log(seed: u64, tweak: impl FnOnce(&mut ReplicaConfig)) {
+    let c = std::sync::Arc::new(Cluster::sim(seed, tweak).await);
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..16u64 {
         let c = c.clone();
@@ -130,10 +180,17 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
                 let msg = Message::new(body.clone())
                     .with_key(body.clone())
                     .with_idempotency_key(body.clone());
-                let mut commands = vec![Command::Send {
+                let send = Command::Send {
                     topic: TOPIC.to_owned(),
                     messages: vec![(&msg).into()],
-                }];
+                };
+                let mut commands = vec![send.clone()];
+                // Every fourth batch sends again under the same idempotency key (a retry,
+                // answered with the first's receipt), so a send's key claim meets one still
+                // in flight on the node applying both.
+                if n % 4 == 1 {
+                    commands.push(send);
+                }
                 // Every fourth batch also acks: commands of several kinds in one entry.
                 if n % 4 == 3 {
                     commands.push(Command::Ack {
@@ -144,7 +201,16 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
                 }
                 let answers = c.write(commands).await.expect("committed");
                 let receipts = halfmq_raft::command::receipts(answers[0].clone());
-                assert!(receipts.expect("a send answer").iter().all(|r| r.is_ok()));
+                let receipts = receipts.expect("a send answer");
+                assert!(receipts.iter().all(|r| r.is_ok()));
+                if n % 4 == 1 {
+                    let again = halfmq_raft::command::receipts(answers[1].clone());
+                    let again = again.expect("a send answer");
+                    let (first, again) = (receipts[0].as_ref(), again[0].as_ref());
+                    let (first, again) = (first.expect("sent"), again.expect("sent"));
+                    assert!(again.duplicate, "{again:?}");
+                    assert_eq!(again.log_offset, first.log_offset);
+                }
                 acked.push(body);
             }
             acked
@@ -163,6 +229,16 @@ async fn concurrent_writes_apply_as_the_same_log_on_every_node() {
         .collect();
     // The same records at the same offsets: the logs are the same length, record for record.
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    // And the same bytes: every node's broker log is the leader's, segment for segment
+    // (applying groups records into store rounds differently on each node).
+    let logs: Vec<_> = [1, 2, 3].into_iter().map(|id| c.log_bytes(id)).collect();
+    assert!(!logs[0].is_empty());
+    for (id, log) in [2, 3].into_iter().zip(&logs[1..]) {
+        assert!(
+            *log == logs[0],
+            "node {id}'s broker log differs from node 1's"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -69,27 +69,70 @@ fn batch_of(writer: usize, n: usize) -> Vec<Message> {
         .collect()
 }
 
-/// Messages per second of `WRITERS` tasks each making `WRITES_EACH` writes.
-async fn rate<F, Fut>(writers: usize, write: F) -> f64
+/// What one round of writes measured.
+struct Round {
+    /// Messages per second.
+    rate: f64,
+    /// Latency of one write (a batch of `PER_WRITE`), 99th percentile.
+    p99: std::time::Duration,
+    /// CPU time of this whole process (every node of it) per message.
+    cpu_per_msg: std::time::Duration,
+}
+
+/// CPU time (user + system) of this process so far, from /proc/self/stat (clock ticks of
+/// 10 ms, the kernel's USER_HZ on Linux).
+fn cpu_time() -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) and its ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3 (state, not a number).
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    std::time::Duration::from_millis(ticks * 10)
+}
+
+/// `WRITERS` tasks each making `WRITES_EACH` writes.
+async fn rate<F, Fut>(writers: usize, write: F) -> Round
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let write = Arc::new(write);
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_time());
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..writers {
         let write = write.clone();
         tasks.spawn(async move {
+            let mut took = Vec::with_capacity(WRITES_EACH);
             for n in 0..WRITES_EACH {
+                let t = Instant::now();
                 write(w, n).await;
+                took.push(t.elapsed());
             }
+            took
         });
     }
+    let mut took = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        r.expect("a writer");
+        took.extend(r.expect("a writer"));
     }
-    (writers * WRITES_EACH * PER_WRITE) as f64 / start.elapsed().as_secs_f64()
+    let msgs = (writers * WRITES_EACH * PER_WRITE) as u32;
+    let (elapsed, cpu) = (start.elapsed(), cpu_time() - cpu);
+    took.sort();
+    Round {
+        rate: f64::from(msgs) / elapsed.as_secs_f64(),
+        p99: took[took.len() * 99 / 100],
+        cpu_per_msg: cpu / msgs,
+    }
+}
+
+/// The median of `rounds` by rate.
+fn median(mut rounds: Vec<Round>) -> Round {
+    rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    rounds.swap_remove(rounds.len() / 2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -153,16 +196,27 @@ async fn throughput() {
         }
     })
     .await;
-    one.sort_by(f64::total_cmp);
-    three.sort_by(f64::total_cmp);
+    let ratios: Vec<f64> = one
+        .iter()
+        .zip(&three)
+        .map(|(a, b)| b.rate / a.rate)
+        .collect();
+    let (one, three) = (median(one), median(three));
     println!(
         "throughput, {WRITERS} writers x {PER_WRITE} x 1 KiB per write, median of 3 alternating rounds: \
-         one embedded broker {:.0} msg/s, three replicated nodes {:.0} msg/s, ratio {:.2}",
-        one[1],
-        three[1],
-        three[1] / one[1]
+         one embedded broker {:.0} msg/s (p99 of a write {:?}, CPU {:?}/msg), \
+         three replicated nodes {:.0} msg/s (p99 {:?}, CPU {:?}/msg for all three), \
+         ratio {:.2} (each round's: {ratios:.2?})",
+        one.rate,
+        one.p99,
+        one.cpu_per_msg,
+        three.rate,
+        three.p99,
+        three.cpu_per_msg,
+        three.rate / one.rate
     );
     println!(
-        "one writer, one batch at a time, asynchronous flush (the apply path): {serial:.0} msg/s"
+        "one writer, one batch at a time, asynchronous flush (the apply path): {:.0} msg/s",
+        serial.rate
     );
 }

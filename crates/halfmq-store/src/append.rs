@@ -310,8 +310,10 @@ impl Shared {
         let forces_sync = hook.forces_sync();
         let durable = forces_sync || self.sync_policy();
         // Every batch starts with a mark of the durable end (filled in by the flusher), so
-        // recovery can tell damage to acknowledged records from a torn tail.
-        let mark_bytes = if w.batch.mark_at.is_none() {
+        // recovery can tell damage to acknowledged records from a torn tail; unless the
+        // store writes none (`StoreConfig::marks`).
+        let needs_mark = self.config.marks && w.batch.mark_at.is_none();
+        let mark_bytes = if needs_mark {
             record::MARK_BYTES as u64
         } else {
             0
@@ -319,7 +321,7 @@ impl Shared {
         if w.pos + mark_bytes + u64::from(size) + SEGMENT_END_BYTES > w.active.size {
             self.roll(w)?;
         }
-        if w.batch.mark_at.is_none() {
+        if needs_mark {
             self.put_mark(w, a.timestamp_ms);
         }
         if let Some(q) = a.dispatch_to {

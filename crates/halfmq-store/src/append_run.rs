@@ -261,4 +261,67 @@ mod tests {
             "{out:?}"
         );
     }
+
+    /// The log's files as `(name, bytes up to the last non-zero one)`, in order.
+    fn logs(disk: &SimStorage) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        disk.files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .map(|p| {
+                let mut b = disk.durable_bytes(&p).unwrap_or_default();
+                let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
+                b.truncate(end);
+                (p, b)
+            })
+            .collect()
+    }
+
+    /// The same records into a store of `config`, once as one run (one round) and once one
+    /// record per round: their log offsets, and each log's files.
+    #[allow(clippy::type_complexity)]
+    fn grouped_both_ways(
+        config: &StoreConfig,
+    ) -> [(Vec<u64>, Vec<(std::path::PathBuf, Vec<u8>)>); 2] {
+        let bodies: Vec<Vec<u8>> = (0..200u8).map(|i| vec![i; 700 + usize::from(i)]).collect();
+        // The records submitted in runs of `per_run`, each run waited for before the next.
+        let grouped = |per_run: usize| {
+            let disk = SimStorage::new();
+            let store = open(&disk, config.clone());
+            let q = store.queue("t", 0).unwrap();
+            let mut offsets = Vec::new();
+            for chunk in bodies.chunks(per_run) {
+                let run = chunk
+                    .iter()
+                    .map(|b| (Append::message(&q, "k", b, 7), Hook::None))
+                    .collect();
+                let tickets = store.submit_many(run);
+                offsets.extend(
+                    tickets
+                        .into_iter()
+                        .map(|t| t.unwrap().wait().unwrap().log_offset),
+                );
+            }
+            (offsets, logs(&disk))
+        };
+        let (one_run, one_by_one) = (grouped(bodies.len()), grouped(1));
+        [one_run, one_by_one]
+    }
+
+    #[test]
+    fn without_marks_the_log_is_the_same_bytes_however_records_were_grouped() {
+        // Small segments, so that the records roll over several.
+        let config = StoreConfig::default()
+            .with_segment_bytes(64 * 1024)
+            .with_record_bytes_max(4096)
+            .with_pending_bytes_max(1 << 20);
+        let [(run, run_logs), (single, single_logs)] =
+            grouped_both_ways(&config.clone().with_marks(false));
+        assert_eq!(run, single, "the same log offsets");
+        assert!(run_logs.len() > 2, "the records rolled: {}", run_logs.len());
+        assert_eq!(run_logs, single_logs, "the same segments, byte for byte");
+        // With marks the grouping shows in the offsets (why a replicated node's broker has
+        // none).
+        let [(run, _), (single, _)] = grouped_both_ways(&config);
+        assert_ne!(run, single);
+    }
 }

@@ -106,6 +106,15 @@ pub struct StoreConfig {
     /// [`FlushPolicy::Async`] one round at a time always. At most 2, because recovery's
     /// torn-tail bound allows two unsynced batches (see `recovery::torn_tail_bytes_max`).
     pub sync_rounds_max: u32,
+    /// Whether every group-commit round begins with a mark record holding the durable end
+    /// (`record::RecordKind::Mark`), which recovery reads to tell damage to acknowledged
+    /// records from a torn tail. Default `true`. `false` only for a log that is not the
+    /// durable record of anything, such as a replicated node's broker (rebuilt from the
+    /// raft log at every start, never recovered): without marks a record's log offset
+    /// depends only on the records before it, not on how they were grouped into rounds,
+    /// so the same records give the same log, byte for byte, whatever the timing. Recovery
+    /// of such a log has only the checkpoint to go by.
+    pub marks: bool,
 }
 
 impl Default for StoreConfig {
@@ -121,6 +130,7 @@ impl Default for StoreConfig {
             page_cache_segments: Some(2),
             tasks_may_lead: false,
             sync_rounds_max: 2,
+            marks: true,
         }
     }
 }
@@ -147,6 +157,8 @@ halfmq_types::with_setters! {
         with_tasks_may_lead => tasks_may_lead: bool;
         /// Sets [`StoreConfig::sync_rounds_max`].
         with_sync_rounds_max => sync_rounds_max: u32;
+        /// Sets [`StoreConfig::marks`].
+        with_marks => marks: bool;
     }
 }
 

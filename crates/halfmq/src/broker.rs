@@ -39,6 +39,7 @@ mod wait;
 
 pub use consume::dead_letter_topic;
 pub use delayed::DELAY_MAX;
+pub use send_batch::{check_batch, StagedSend};
 
 use std::collections::HashMap;
 use std::path::Path;

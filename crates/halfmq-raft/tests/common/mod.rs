@@ -248,6 +248,31 @@ impl Cluster {
         (log.written_offset, log.records)
     }
 
+    /// Node `id`'s broker log, byte for byte: each segment file's bytes up to its last
+    /// non-zero one (the rest is preallocated), in order. Equal on two nodes when they
+    /// wrote the same records at the same offsets.
+    pub fn log_bytes(&self, id: NodeId) -> Vec<Vec<u8>> {
+        let broker = self.nodes[&id].broker();
+        broker.store().sync().expect("sync");
+        let dir = broker.store().dir().join("log");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("the log directory")
+            .map(|e| e.expect("a log file").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|p| {
+                let mut b = std::fs::read(p).expect("a segment");
+                let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
+                b.truncate(end);
+                b
+            })
+            .filter(|b| !b.is_empty())
+            .collect()
+    }
+
     /// Every message of `TOPIC` in node `id`'s broker: (queue, offset, body), in order.
     pub fn messages(&self, id: NodeId) -> Vec<(u32, u64, String)> {
         let broker = self.nodes[&id].broker();

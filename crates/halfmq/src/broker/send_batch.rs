@@ -14,9 +14,12 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
 use super::wait::{block_on, Async, Blocking, Wait};
-use super::Broker;
-use crate::idem::{key_of, Reservation};
+use super::{Broker, Topic};
+use crate::idem::{key_of, Reservation, ENTRY_OVERHEAD_BYTES};
+use halfmq_store::Ticket;
 use halfmq_types::error::{Error, Result};
 use halfmq_types::trace::Event;
 use halfmq_types::{Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
@@ -33,6 +36,40 @@ enum Slot {
     },
     /// Its idempotency key is that of the earlier message at this index of the batch.
     SameKeyAs(usize),
+}
+
+/// A batch send whose records are in the store's pending batch, not yet acknowledged
+/// ([`Broker::stage_send_batch`]). Dropped unfinished, its records are still written; only
+/// the answers are lost.
+pub struct StagedSend<'a> {
+    broker: &'a Broker,
+    topic: Arc<Topic>,
+    msgs: &'a [Message],
+    slots: Vec<Slot>,
+    /// The slot of each submitted record, and its ticket (or why it was refused).
+    tickets: Vec<(usize, Result<Ticket<'a>>)>,
+}
+
+impl StagedSend<'_> {
+    /// Wait until the staged records are acknowledged: each message's answer, in order, as
+    /// [`Broker::send_batch`] gives them. Blocks the calling thread.
+    pub fn finish(self) -> Vec<Result<SendReceipt>> {
+        block_on(self.finish_with(&Blocking))
+    }
+
+    async fn finish_with<W: Wait>(mut self, w: &W) -> Vec<Result<SendReceipt>> {
+        for (i, ticket) in std::mem::take(&mut self.tickets) {
+            let a = match ticket {
+                Ok(t) => w.wait(t).await,
+                Err(e) => Err(e),
+            };
+            if let Slot::Ready { qi, .. } = self.slots[i] {
+                self.slots[i] =
+                    Slot::Done(a.map(|a| Broker::sent(&self.topic, qi, &self.msgs[i], a)));
+            }
+        }
+        self.broker.answers(self.slots, self.msgs)
+    }
 }
 
 impl Broker {
@@ -60,13 +97,63 @@ impl Broker {
         self.send_batch_with(&Async, topic, msgs).await
     }
 
-    /// The one path of a batch send (see the module docs).
+    /// [`Broker::send_batch`] in two steps, for a caller that makes many batches one group
+    /// commit: this one does everything up to putting the records in the store's pending
+    /// batch (checks, queues, idempotency claims), so their log and queue offsets are fixed
+    /// when it returns; [`StagedSend::finish`] waits until they are acknowledged and
+    /// answers. Stages made one after another, each finished later, store the same records
+    /// in the same order as the same `send_batch` calls would. A stage whose message carries
+    /// an idempotency key that an earlier, unfinished stage holds waits (blocking) until
+    /// that stage's records are acknowledged, which the flusher does by itself. Blocks the
+    /// calling thread.
+    pub fn stage_send_batch<'a>(
+        &'a self,
+        topic: &str,
+        msgs: &'a [Message],
+    ) -> Result<StagedSend<'a>> {
+        block_on(self.stage_with(&Blocking, topic, msgs))
+    }
+
+    /// Room left in the idempotency index before it forgets keys for room rather than age:
+    /// (keys, bytes, counted as [`Broker::idempotency_cost`] does). Whether a key is still
+    /// remembered then depends only on the sends made and their times, not on when their
+    /// stores were acknowledged; so a caller that stages sends ([`Broker::stage_send_batch`])
+    /// and must answer exactly as one send at a time would keeps the keys it stages between
+    /// two waits within this room.
+    pub fn idempotency_room(&self) -> (u64, u64) {
+        self.dedup.room()
+    }
+
+    /// What a batch send of `msgs` may add to the idempotency index at most: (keys, bytes),
+    /// each message with an idempotency key counting one key of its length plus a fixed
+    /// overhead per entry.
+    pub fn idempotency_cost(msgs: &[Message]) -> (u64, u64) {
+        msgs.iter()
+            .filter_map(|m| key_of(&m.properties).ok().flatten())
+            .fold((0, 0), |(k, b), key| {
+                (k + 1, b + key.len() as u64 + ENTRY_OVERHEAD_BYTES)
+            })
+    }
+
+    /// The one path of a batch send (see the module docs): staged, then finished.
     async fn send_batch_with<W: Wait>(
         &self,
         w: &W,
         topic: &str,
         msgs: &[Message],
     ) -> Result<Vec<Result<SendReceipt>>> {
+        let staged = self.stage_with(w, topic, msgs).await?;
+        Ok(staged.finish_with(w).await)
+    }
+
+    /// Everything of a batch send up to the records' submission (see
+    /// [`Broker::stage_send_batch`]).
+    async fn stage_with<'a, W: Wait>(
+        &'a self,
+        w: &W,
+        topic: &str,
+        msgs: &'a [Message],
+    ) -> Result<StagedSend<'a>> {
         check_batch(msgs)?;
         let t = self.send_topic(topic)?;
         // Each message checked and placed, as a plain send does.
@@ -123,17 +210,19 @@ impl Broker {
                 reservation,
             } = slot
             {
-                run.push(self.staged_append(&t, *qi, (&msgs[i], props), reservation.take(), now));
+                let a = self.staged_append(&t, *qi, (&msgs[i], props), reservation.take(), now);
+                run.push((a.0, a.1.into_store()));
                 at.push(i);
             }
         }
-        let appended = w.append_many(&self.store, run).await;
-        for (i, a) in at.into_iter().zip(appended) {
-            if let Slot::Ready { qi, .. } = slots[i] {
-                slots[i] = Slot::Done(a.map(|a| Self::sent(&t, qi, &msgs[i], a)));
-            }
-        }
-        Ok(self.answers(slots, msgs))
+        let tickets = w.submit_many(&self.store, run).await;
+        Ok(StagedSend {
+            broker: self,
+            topic: t,
+            msgs,
+            slots,
+            tickets: at.into_iter().zip(tickets).collect(),
+        })
     }
 
     /// Every slot's answer; a message with the key of an earlier one answers that one's.
@@ -173,8 +262,10 @@ impl Broker {
     }
 }
 
-/// A batch within [`SEND_BATCH_MESSAGES_MAX`] and [`SEND_BATCH_BYTES_MAX`].
-fn check_batch(msgs: &[Message]) -> Result<()> {
+/// A batch within [`SEND_BATCH_MESSAGES_MAX`] and [`SEND_BATCH_BYTES_MAX`], or the
+/// [`Error::Invalid`] [`Broker::send_batch`] fails with (for a caller that cuts a batch up
+/// before it reaches the broker, such as a replicated node).
+pub fn check_batch(msgs: &[Message]) -> Result<()> {
     let invalid = |reason: String| {
         Err(Error::Invalid {
             what: "batch",

@@ -6,8 +6,8 @@
 //! [`Blocking`], whose waits block the calling thread, so the future is finished at its first
 //! poll ([`block_on`]). The `_async` methods await it with [`Async`], whose waits never block
 //! an executor thread. The two differ only in how each wait is done, which is all in this
-//! file: an operation made of steps (a run of appends: submit, then wait for each ticket)
-//! is a default method of [`Wait`], written once over the steps each way implements.
+//! file: an operation made of steps (a batch send: submit a run, then wait for each ticket)
+//! is written once over the steps each way implements.
 
 use std::future::Future;
 use std::pin::pin;
@@ -38,7 +38,7 @@ pub(crate) enum Hook {
 
 impl Hook {
     /// The store's hook doing the same (what each `append` of a [`Wait`] asks the store for).
-    fn into_store(self) -> halfmq_store::Hook {
+    pub(super) fn into_store(self) -> halfmq_store::Hook {
         match self {
             Hook::None => halfmq_store::Hook::None,
             Hook::Durable(h) => halfmq_store::Hook::Durable(h),
@@ -58,31 +58,9 @@ pub(crate) trait Wait: Sync {
         hook: Hook,
     ) -> impl Future<Output = Result<Appended>> + Send;
 
-    /// Append a run of records under one hold of the store's writer lock (so one group
-    /// commit acknowledges them all) and wait until each is acknowledged: each record's own
-    /// outcome, in order. One body for both ways of waiting: submit the run, then wait for
-    /// each ticket in turn.
-    fn append_many(
-        &self,
-        store: &Store,
-        run: Vec<(Append<'_>, Hook)>,
-    ) -> impl Future<Output = Vec<Result<Appended>>> + Send {
-        async move {
-            let run = run.into_iter().map(|(a, h)| (a, h.into_store())).collect();
-            let tickets = self.submit_many(store, run).await;
-            let mut out = Vec::with_capacity(tickets.len());
-            for t in tickets {
-                out.push(match t {
-                    Ok(t) => self.wait(t).await,
-                    Err(e) => Err(e),
-                });
-            }
-            out
-        }
-    }
-
     /// Submit a run of records under one hold of the store's writer lock: each record's
-    /// ticket (or why it was refused), in order. What [`Wait::append_many`] waits on.
+    /// ticket (or why it was refused), in order; a batch send waits on each with
+    /// [`Wait::wait`].
     fn submit_many<'s>(
         &self,
         store: &'s Store,

@@ -417,6 +417,18 @@ impl DedupIndex {
         }
     }
 
+    /// How many more keys, and bytes of them (each key's length plus
+    /// [`ENTRY_OVERHEAD_BYTES`]), the index takes before it forgets keys for room rather than
+    /// age. Keys held by senders still count as stored.
+    pub(crate) fn room(&self) -> (u64, u64) {
+        let g = self.locked();
+        let held = g.map.len() as u64;
+        (
+            self.limits.keys_max.saturating_sub(held.max(g.live)),
+            self.limits.bytes_max.saturating_sub(g.bytes),
+        )
+    }
+
     /// What is remembered for `key` (ignoring the window), for tests and tools.
     pub(crate) fn lookup(&self, key: &str) -> Option<Stored> {
         match self.locked().map.get(key) {
