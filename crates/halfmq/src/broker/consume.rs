@@ -13,9 +13,11 @@
 
 mod ack;
 mod dead_letter;
+mod decide;
 mod poll;
 mod receipt;
 
+pub use decide::{Decided, Polled, Settlement};
 pub(crate) use receipt::LeaseKeys;
 
 use std::sync::Arc;
@@ -145,7 +147,7 @@ impl Broker {
         }
         // Held across the whole deletion: no poll can load the group's state meanwhile.
         let mut groups = self.groups.lock();
-        let now = self.now();
+        let now = self.lease_now();
         let mut held = 0;
         let mut in_memory = false;
         for ((g, _), gt) in groups.iter() {

@@ -51,12 +51,15 @@ fn result_response<T>(r: Result<T>, ok: impl FnOnce(T) -> Response) -> Response 
 }
 
 /// A poll's answer: its deliveries in the wire form `W` that `answer` carries (`Poll` and
-/// `Receive` differ only in that form).
+/// `Receive` differ only in that form), or the answer it failed with.
 fn deliveries_response<W: From<halfmq::Delivery>>(
-    r: Result<Vec<halfmq::Delivery>>,
+    r: std::result::Result<Vec<halfmq::Delivery>, Response>,
     answer: fn(Vec<W>) -> Response,
 ) -> Response {
-    result_response(r, |ds| answer(ds.into_iter().map(W::from).collect()))
+    match r {
+        Ok(ds) => answer(ds.into_iter().map(W::from).collect()),
+        Err(resp) => resp,
+    }
 }
 
 /// Run blocking broker work off the async threads.
@@ -159,7 +162,7 @@ pub(super) async fn handle(
                     let asked = (group.as_str(), topic.as_str(), &opts);
                     poll(&b, conn, answer, stop, asked, (max, wait_ms)).await
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(Response::from_error(&e)),
             };
             deliveries_response(r, Response::Received)
         }
@@ -415,7 +418,7 @@ async fn poll(
     mut stop: Stop,
     (group, topic, opts): (&str, &str, &PollOptions),
     (max, wait_ms): (u32, u64),
-) -> Result<Vec<halfmq::Delivery>> {
+) -> std::result::Result<Vec<halfmq::Delivery>, Response> {
     let max = (max as usize).min(POLL_MESSAGES_MAX);
     let wait = Duration::from_millis(wait_ms.min(POLL_WAIT_MS_MAX));
     let room = conn.config.frame_bytes_max as usize;
@@ -425,14 +428,32 @@ async fn poll(
         if max == 0 || stop.is_stopped() || !answer.reserve(room).await {
             return Ok(Vec::new());
         }
-        let got = b.poll_limited_with(group, topic, max, max_bytes, opts)?;
+        let got = match &conn.replica {
+            None => b
+                .poll_limited_with(group, topic, max, max_bytes, opts)
+                .map_err(|e| Response::from_error(&e))?,
+            // A node of a cluster (the leader: `replicated::route` let the poll through):
+            // failed deliveries are settled through the log first.
+            Some(node) => {
+                let asked = (group, topic, opts);
+                match super::super::replicated::poll(node, b, asked, (max, max_bytes)).await? {
+                    Some(got) => got,
+                    None => {
+                        answer.release();
+                        continue;
+                    }
+                }
+            }
+        };
         let now = tokio::time::Instant::now();
         if !got.is_empty() || now >= deadline {
             return Ok(got);
         }
         answer.release();
         tokio::select! {
-            r = b.wait_for_poll_async(group, topic, deadline - now) => r?,
+            r = b.wait_for_poll_async(group, topic, deadline - now) => {
+                r.map_err(|e| Response::from_error(&e))?;
+            }
             () = stop.stopped() => {}
         }
     }
