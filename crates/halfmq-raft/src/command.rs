@@ -392,7 +392,13 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
             due_ms,
             reason,
         } => broker
-            .settle_retry(group, topic, (*queue, *offset), (*failures, *due_ms), reason)
+            .settle_retry(
+                group,
+                topic,
+                (*queue, *offset),
+                (*failures, *due_ms),
+                reason,
+            )
             .map(Outcome::Retried),
         Command::DeadLetter {
             group,

@@ -96,9 +96,11 @@ impl ReplicaNode {
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| ReplicaError::Broker(Error::Invalid {
-                what: "replicated answer",
-                reason: "a settlement was answered with nothing".into(),
-            }))
+            .ok_or_else(|| {
+                ReplicaError::Broker(Error::Invalid {
+                    what: "replicated answer",
+                    reason: "a settlement was answered with nothing".into(),
+                })
+            })
     }
 }

@@ -157,12 +157,12 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         // Deliveries are the leader's (leases are its own): polls and lease changes are
         // answered by its broker (`handlers::poll` settles what a poll finds through the
         // log, see `poll`), once it has applied the log of the terms before its own.
-        req @ (Request::Poll { .. }
-        | Request::Receive { .. }
-        | Request::ChangeLease { .. }) => match node.ready_to_deliver().await {
-            Ok(()) => return Routed::Local(req),
-            Err(e) => replica_error(e),
-        },
+        req @ (Request::Poll { .. } | Request::Receive { .. } | Request::ChangeLease { .. }) => {
+            match node.ready_to_deliver().await {
+                Ok(()) => return Routed::Local(req),
+                Err(e) => replica_error(e),
+            }
+        }
         Request::Nack {
             group,
             topic,
@@ -276,18 +276,23 @@ async fn nack(
             reason: "it was acked while the nack was recorded".into(),
         })
     };
-    answered(node.settle_one(&decided).await, |o| match (o, &decided.settlement) {
-        (Outcome::Retried(true), Settlement::Retry { failures, due_ms, .. }) => {
-            Some(Response::Nacked(NackOutcome::Redeliver {
+    answered(node.settle_one(&decided).await, |o| {
+        match (o, &decided.settlement) {
+            (
+                Outcome::Retried(true),
+                Settlement::Retry {
+                    failures, due_ms, ..
+                },
+            ) => Some(Response::Nacked(NackOutcome::Redeliver {
                 attempt: failures.saturating_add(1),
                 at_ms: *due_ms,
-            }))
+            })),
+            (Outcome::DeadLettered(Some(dead_letter)), _) => {
+                Some(Response::Nacked(NackOutcome::DeadLettered { dead_letter }))
+            }
+            (Outcome::Retried(false) | Outcome::DeadLettered(None), _) => Some(acked()),
+            _ => None,
         }
-        (Outcome::DeadLettered(Some(dead_letter)), _) => {
-            Some(Response::Nacked(NackOutcome::DeadLettered { dead_letter }))
-        }
-        (Outcome::Retried(false) | Outcome::DeadLettered(None), _) => Some(acked()),
-        _ => None,
     })
 }
 

@@ -91,7 +91,13 @@ impl Found {
     /// The failure of `lease` (taken from the cursor because it fell due at `now`): a
     /// delivered lease ran out (one failure more), or a waiting one has more failures than
     /// allowed already.
-    pub(super) fn new(qi: usize, offset: u64, lease: &Lease, now: u64, d: &DeliveryConfig) -> Found {
+    pub(super) fn new(
+        qi: usize,
+        offset: u64,
+        lease: &Lease,
+        now: u64,
+        d: &DeliveryConfig,
+    ) -> Found {
         let (failures, reason) = if lease.delivered {
             let why = format!(
                 "not acked within the visibility time-out ({} ms)",
@@ -305,7 +311,9 @@ impl Broker {
         // restart.
         let rec = self.store.read_message(q, offset)?;
         if restore {
-            let mg = rec.as_ref().and_then(|r| r.properties.get(PROP_MESSAGE_GROUP));
+            let mg = rec
+                .as_ref()
+                .and_then(|r| r.properties.get(PROP_MESSAGE_GROUP));
             if let Some(mg) = mg {
                 c.restore(offset, Arc::from(mg.as_str()));
             }
