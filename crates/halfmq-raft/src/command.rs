@@ -14,8 +14,8 @@
 //! is the answer; it does not stop the batch.
 
 use halfmq::{
-    Broker, Decided, DelayedReceipt, GroupSettings, HalfOptions, Message, Replayed, SendReceipt,
-    Settlement, TxnId,
+    Broker, Decided, DelayedReceipt, DeliveredLease, GroupSettings, HalfOptions, Message, Replayed,
+    SendReceipt, Settlement, TxnId,
 };
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome as TxnOutcome;
@@ -190,6 +190,56 @@ pub enum Command {
         /// Most dead letters.
         max: u32,
     },
+    /// Deliveries the leader made ([`Broker::settle_delivered`]): every other node records
+    /// each message as with a consumer until its lease runs out, so a new leader delivers
+    /// it again only after that time-out, with the attempt counted.
+    Delivered {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// The leases.
+        leases: Vec<LeaseData>,
+    },
+}
+
+/// A delivery's lease as the raft log carries it ([`halfmq::DeliveredLease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseData {
+    /// Queue.
+    pub queue: u32,
+    /// Queue offset.
+    pub offset: u64,
+    /// Which delivery it is.
+    pub attempt: u32,
+    /// When the lease runs out, ms since the Unix epoch (the leader's clock).
+    pub due_ms: u64,
+    /// How long it was given for, ms.
+    pub lease_ms: u64,
+}
+
+impl From<&DeliveredLease> for LeaseData {
+    fn from(l: &DeliveredLease) -> LeaseData {
+        LeaseData {
+            queue: l.queue,
+            offset: l.offset,
+            attempt: l.attempt,
+            due_ms: l.due_ms,
+            lease_ms: l.lease_ms,
+        }
+    }
+}
+
+impl From<&LeaseData> for DeliveredLease {
+    fn from(l: &LeaseData) -> DeliveredLease {
+        DeliveredLease {
+            queue: l.queue,
+            offset: l.offset,
+            attempt: l.attempt,
+            due_ms: l.due_ms,
+            lease_ms: l.lease_ms,
+        }
+    }
 }
 
 /// What one check-back found.
@@ -312,6 +362,8 @@ pub enum Outcome {
     DeadLettered(Option<SendReceipt>),
     /// What a `Replay` sent.
     Replayed(Vec<Replayed>),
+    /// How many of a `Delivered`'s leases this node recorded.
+    Recorded(u64),
 }
 
 /// One command's answer.
@@ -413,6 +465,16 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
         Command::Replay { group, max } => broker
             .replay_dead_letters(group, (*max as usize).clamp(1, 10_000))
             .map(Outcome::Replayed),
+        Command::Delivered {
+            group,
+            topic,
+            leases,
+        } => {
+            let leases: Vec<DeliveredLease> = leases.iter().map(DeliveredLease::from).collect();
+            broker
+                .settle_delivered(group, topic, &leases)
+                .map(Outcome::Recorded)
+        }
     }
 }
 

@@ -16,11 +16,11 @@
 
 use std::time::Duration;
 
-use halfmq::Decided;
+use halfmq::{Decided, Polled};
 use halfmq_types::error::Error;
 use openraft::ServerState;
 
-use crate::command::{Applied, Command};
+use crate::command::{Applied, Command, LeaseData};
 use crate::node::{ReplicaError, ReplicaNode};
 
 /// Longest [`ReplicaNode::ready_to_deliver`] waits for the leader to apply the log of the
@@ -57,24 +57,18 @@ impl ReplicaNode {
         }
     }
 
-    /// Propose what the decisions `decided` came to ([`Command::settle`]) and the acks
-    /// `acks` of (group, topic) (a poll's tag filter made them here), as one batch: one
-    /// answer per command, the decisions' first. A proposal that failed gives every
-    /// decision's lease back (its fate may be unknown: where it was committed after all,
-    /// recording it replaces the lease given back).
+    /// Propose what the decisions `decided` came to ([`Command::settle`]), then `also`
+    /// (what a poll did besides: the acks its tag filter made, the deliveries it made), as
+    /// one batch: one answer per command, the decisions' first. A proposal that failed
+    /// gives every decision's lease back (its fate may be unknown: where it was committed
+    /// after all, recording it replaces the lease given back).
     pub async fn settle(
         &self,
         decided: &[Decided],
-        acks: Option<(&str, &str, Vec<(u32, u64)>)>,
+        also: Vec<Command>,
     ) -> Result<Vec<Applied>, ReplicaError> {
         let mut commands: Vec<Command> = decided.iter().map(Command::settle).collect();
-        if let Some((group, topic, acks)) = acks.filter(|(_, _, a)| !a.is_empty()) {
-            commands.push(Command::Ack {
-                group: group.to_owned(),
-                topic: topic.to_owned(),
-                acks,
-            });
-        }
+        commands.extend(also);
         if commands.is_empty() {
             return Ok(Vec::new());
         }
@@ -90,9 +84,36 @@ impl ReplicaNode {
         r
     }
 
+    /// A poll's record, made on the leader ([`halfmq::Broker::poll_deciding`]): what its
+    /// failures came to, the acks its tag filter made and the deliveries it made, proposed
+    /// as one batch ([`ReplicaNode::settle`]). Nothing to propose is `Ok` at once.
+    pub async fn settle_poll(
+        &self,
+        group: &str,
+        topic: &str,
+        polled: &Polled,
+    ) -> Result<(), ReplicaError> {
+        let mut also = Vec::new();
+        if !polled.filter_acks.is_empty() {
+            also.push(Command::Ack {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                acks: polled.filter_acks.clone(),
+            });
+        }
+        if !polled.leases.is_empty() {
+            also.push(Command::Delivered {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                leases: polled.leases.iter().map(LeaseData::from).collect(),
+            });
+        }
+        self.settle(&polled.decided, also).await.map(|_| ())
+    }
+
     /// [`ReplicaNode::settle`] of one decision: its answer.
     pub async fn settle_one(&self, decided: &Decided) -> Result<Applied, ReplicaError> {
-        self.settle(std::slice::from_ref(decided), None)
+        self.settle(std::slice::from_ref(decided), Vec::new())
             .await?
             .into_iter()
             .next()

@@ -45,7 +45,9 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod status;
 
-pub use command::{Applied, Batch, CheckResult, Command, MessageData, Outcome, WireError};
+pub use command::{
+    Applied, Batch, CheckResult, Command, LeaseData, MessageData, Outcome, WireError,
+};
 pub use node::{ReplicaConfig, ReplicaError, ReplicaNode};
 pub use snapshot::JournalSnapshot;
 pub use status::{ClusterStatus, NodeStatus, Role};

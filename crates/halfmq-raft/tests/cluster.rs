@@ -508,6 +508,10 @@ async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() 
         .poll_deciding("g", TOPIC, (10, usize::MAX), &short)
         .expect("poll");
     assert!(polled.decided.is_empty());
+    assert_eq!(polled.leases.len(), 6);
+    node.settle_poll("g", TOPIC, &polled)
+        .await
+        .expect("recorded");
     let by_body: std::collections::BTreeMap<String, halfmq::Delivery> = polled
         .deliveries
         .into_iter()
@@ -550,10 +554,12 @@ async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() 
         "{again:?}"
     );
 
-    // The next poll finds m-5's lease run out and hands out m-2 and m-3 again.
+    // The next poll finds m-5's lease run out and hands out m-2 and m-3 again (leased
+    // for 200 ms).
     tokio::time::sleep(Duration::from_millis(50)).await;
+    let lease = PollOptions::default().with_lease(Some(Duration::from_millis(200)));
     let polled = b
-        .poll_deciding("g", TOPIC, (10, usize::MAX), &PollOptions::default())
+        .poll_deciding("g", TOPIC, (10, usize::MAX), &lease)
         .expect("poll");
     let mut again: Vec<(String, u32)> = polled
         .deliveries
@@ -567,7 +573,9 @@ async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() 
         (polled.decided[0].queue, polled.decided[0].offset),
         at("m-5")
     );
-    node.settle(&polled.decided, None).await.expect("recorded");
+    node.settle_poll("g", TOPIC, &polled)
+        .await
+        .expect("recorded");
     // m-2 fails again: past max_retries, it moves to the dead-letter queue.
     let d = b
         .decide_nack("g", TOPIC, at("m-2"), None, None)
@@ -596,8 +604,10 @@ async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() 
     }
     assert!(lists.windows(2).all(|w| w[0] == w[1]), "{lists:?}");
 
-    // The new leader redelivers m-3 (nacked once, then handed out again and never settled)
-    // and m-5 (timed out once) as their second attempts; nothing else.
+    // The new leader redelivers m-5 (timed out once) as its second attempt. m-3 (nacked
+    // once, then handed out again by the old leader and never settled) times out there
+    // once that lease has run out: its second failure, past max_retries, so it is
+    // dead-lettered. Nothing else is delivered.
     let (new, _) = kill_the_leader(&mut c).await;
     let node = &c.nodes[&new];
     node.ready_to_deliver()
@@ -605,15 +615,40 @@ async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() 
         .expect("the new leader delivers");
     let b = node.broker();
     b.store().sync().expect("sync");
+    let mut got: Vec<(String, u32)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dead_keys = |b: &halfmq::Broker| -> Vec<(String, u32)> {
+        let all = b.dead_letters("g", 0, 10).expect("dead letters");
+        all.into_iter().map(|d| (d.key, d.failures)).collect()
+    };
+    while (got.is_empty() || dead_keys(&b).len() < 3) && tokio::time::Instant::now() < deadline {
+        let polled = b
+            .poll_deciding("g", TOPIC, (10, usize::MAX), &PollOptions::default())
+            .expect("poll");
+        node.settle_poll("g", TOPIC, &polled)
+            .await
+            .expect("recorded");
+        got.extend(
+            polled
+                .deliveries
+                .iter()
+                .map(|d| (String::from_utf8_lossy(&d.body).into_owned(), d.attempt)),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    got.sort();
+    assert_eq!(got, [("m-5".to_owned(), 2)]);
+    let mut dead = dead_keys(&b);
+    dead.sort();
+    let want = [("m-2", 2), ("m-3", 2), ("m-4", 1)].map(|(k, n)| (k.to_owned(), n));
+    assert_eq!(dead, want);
+    // Nothing more: every other message is acked or dead-lettered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let polled = b
         .poll_deciding("g", TOPIC, (10, usize::MAX), &PollOptions::default())
         .expect("poll");
-    assert!(polled.decided.is_empty());
-    let mut got: Vec<(String, u32)> = polled
-        .deliveries
-        .iter()
-        .map(|d| (String::from_utf8_lossy(&d.body).into_owned(), d.attempt))
-        .collect();
-    got.sort();
-    assert_eq!(got, [("m-3".to_owned(), 2), ("m-5".to_owned(), 2)]);
+    assert!(
+        polled.deliveries.is_empty() && polled.decided.is_empty(),
+        "{polled:?}"
+    );
 }

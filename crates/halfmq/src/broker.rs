@@ -37,7 +37,7 @@ mod trace;
 mod txn;
 mod wait;
 
-pub use consume::{dead_letter_topic, Decided, Polled, Settlement};
+pub use consume::{dead_letter_topic, Decided, DeliveredLease, Polled, Settlement};
 pub use delayed::DELAY_MAX;
 
 use std::collections::HashMap;

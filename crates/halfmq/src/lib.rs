@@ -92,7 +92,9 @@ pub mod metrics;
 mod schedule;
 mod txn;
 
-pub use broker::{dead_letter_topic, Broker, Decided, Polled, Settlement, DELAY_MAX};
+pub use broker::{
+    dead_letter_topic, Broker, Decided, DeliveredLease, Polled, Settlement, DELAY_MAX,
+};
 pub use checkers::Checkers;
 pub use config::{
     BrokerConfig, ClockSetting, DeliveryConfig, RetentionConfig, TxnConfig, QUEUES_MAX,

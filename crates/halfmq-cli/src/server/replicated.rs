@@ -297,8 +297,8 @@ async fn nack(
 }
 
 /// One poll on the leader's broker `b`, deciding: the time-outs and dead-letter moves it
-/// finds are settled through the log (and the acks its tag filter made, so that every node
-/// has them) before anything else is handed out. `None` when it settled some and handed
+/// finds, the acks its tag filter made and the deliveries it made are recorded through the
+/// log before its answer (so a new leader counts the attempt of a delivery never settled). `None` when it settled some and handed
 /// nothing out: a retry is due at once, so poll again. An answer when it failed.
 pub(super) async fn poll(
     node: &ReplicaNode,
@@ -311,15 +311,13 @@ pub(super) async fn poll(
         .poll_deciding(group, topic, limits, opts)
         .map_err(|e| Response::from_error(&e))?;
     let settled = !p.decided.is_empty();
-    if settled || !p.filter_acks.is_empty() {
-        let acks = Some((group, topic, p.filter_acks));
-        if let Err(e) = node.settle(&p.decided, acks).await {
-            if p.deliveries.is_empty() {
-                return Err(replica_error(e));
-            }
-            // Given back: the next poll finds them again.
-            tracing::warn!(group, topic, error = %e, "failed deliveries not recorded");
+    if let Err(e) = node.settle_poll(group, topic, &p).await {
+        if p.deliveries.is_empty() {
+            return Err(replica_error(e));
         }
+        // The failures are given back (the next poll finds them again); the deliveries
+        // are handed out, leased here (a new leader delivers them again at once).
+        tracing::warn!(group, topic, error = %e, "a poll's deliveries and failures not recorded");
     }
     Ok((!settled || !p.deliveries.is_empty()).then_some(p.deliveries))
 }

@@ -17,7 +17,7 @@ mod decide;
 mod poll;
 mod receipt;
 
-pub use decide::{Decided, Polled, Settlement};
+pub use decide::{Decided, DeliveredLease, Polled, Settlement};
 pub(crate) use receipt::LeaseKeys;
 
 use std::sync::Arc;

@@ -32,6 +32,7 @@ pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> 
         | Request::ListTopics
         | Request::ListTxns { .. }
         | Request::DeadLetters { .. }
+        | Request::Browse { .. }
         | Request::ReplayDeadLetters { .. }
         | Request::Retention
         | Request::Trace { .. } => Some(frame_bytes_max as usize),
@@ -304,6 +305,35 @@ pub(super) async fn handle(
             blocking(move || b.create_topic(&name, queues)).await,
             |_| Response::Ok,
         ),
+        Request::Browse {
+            topic,
+            queue,
+            from,
+            max,
+        } => {
+            let max = (max as usize).clamp(1, POLL_MESSAGES_MAX);
+            // As many as fit in a frame (at least one), as a poll's answer.
+            let room = (conn.config.frame_bytes_max as usize).saturating_sub(64 * 1024);
+            let r = blocking(move || b.browse(&topic, queue, from, max)).await;
+            let r = r.map(|mut got| {
+                let mut bytes = 0;
+                let fit = got
+                    .iter()
+                    .position(|d| {
+                        bytes += d.key.len() + d.body.len() + d.topic.len() + 64;
+                        bytes += d
+                            .properties
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len() + 16)
+                            .sum::<usize>();
+                        bytes > room
+                    })
+                    .map_or(got.len(), |i| i.max(1));
+                got.truncate(fit);
+                got
+            });
+            deliveries_response(r.map_err(|e| Response::from_error(&e)), Response::Messages)
+        }
         Request::ListTopics => {
             Response::Topics(b.topics().into_iter().map(|t| (t.name, t.queues)).collect())
         }

@@ -77,6 +77,24 @@ pub struct Polled {
     /// (queue, offset) of the messages its tag filter skipped, acked here (to be acked on
     /// the other nodes too).
     pub filter_acks: Vec<(u32, u64)>,
+    /// The leases of [`Polled::deliveries`], for the other nodes to record
+    /// ([`Broker::settle_delivered`]).
+    pub leases: Vec<DeliveredLease>,
+}
+
+/// A delivery's lease as another node records it ([`Broker::settle_delivered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveredLease {
+    /// Queue.
+    pub queue: u32,
+    /// Queue offset.
+    pub offset: u64,
+    /// Which delivery it is (its failures so far + 1).
+    pub attempt: u32,
+    /// When its lease runs out, ms since the Unix epoch (the delivering node's lease clock).
+    pub due_ms: u64,
+    /// How long the lease was given for, ms.
+    pub lease_ms: u64,
 }
 
 /// A failure a deciding poll found in one queue (the poll knows the queue by index).
@@ -223,6 +241,23 @@ impl Broker {
         let t = self.topic_to_read(topic)?;
         let (deliveries, found, filter_acks) =
             self.poll_group(group, &t, (max, max_bytes), opts, Some(Vec::new()))?;
+        let leases = {
+            let gt = self.group_topic(group, &t)?;
+            let g = gt.lock();
+            deliveries
+                .iter()
+                .filter_map(|d| {
+                    let l = g.cursors.get(d.queue as usize)?.lease(d.offset)?;
+                    l.delivered.then_some(DeliveredLease {
+                        queue: d.queue,
+                        offset: d.offset,
+                        attempt: d.attempt,
+                        due_ms: l.due_ms,
+                        lease_ms: l.lease_ms,
+                    })
+                })
+                .collect()
+        };
         let decided = found
             .into_iter()
             .map(|f| Decided {
@@ -238,6 +273,7 @@ impl Broker {
             deliveries,
             decided,
             filter_acks,
+            leases,
         })
     }
 
@@ -329,6 +365,65 @@ impl Broker {
         }
         g.wake_pollers();
         Ok(true)
+    }
+
+    /// Record deliveries another node (the leader) made: each message is with a consumer
+    /// until its lease runs out, as if this node had delivered it, so that, should this
+    /// node lead next, it delivers the message again only after that time-out, with the
+    /// attempt counted. A message acked, or whose failure count is no longer the one it was
+    /// delivered with (settled since: the records of one leader may interleave), or that
+    /// this node holds under a lease of its own, is left alone. Returns how many were
+    /// recorded.
+    pub fn settle_delivered(
+        &self,
+        group: &str,
+        topic: &str,
+        leases: &[DeliveredLease],
+    ) -> Result<u64> {
+        validate_group_name(group)?;
+        let t = self.topic_to_read(topic)?;
+        let gt = self.group_topic(group, &t)?;
+        let mut g = gt.lock();
+        let fifo = g.delivery.fifo;
+        let mut recorded = 0;
+        for l in leases {
+            let q = self.acked_queue(group, &t, l.queue, l.offset)?;
+            if l.offset >= q.len() {
+                let why = format!("the queue has {} messages", q.len());
+                return Err(Self::bad_ack(group, &t, l.queue, l.offset, why));
+            }
+            let c = &mut g.cursors[l.queue as usize];
+            let old = c.lease(l.offset).cloned();
+            let failures = old.as_ref().map_or(0, |o| o.failures);
+            let busy = old
+                .as_ref()
+                .is_some_and(|o| o.delivered || o.due_ms == HELD);
+            if c.is_acked(l.offset) || busy || failures.saturating_add(1) != l.attempt {
+                continue;
+            }
+            let old = old.unwrap_or_default();
+            let restore = fifo && old.group.is_none();
+            c.insert(
+                l.offset,
+                Lease {
+                    due_ms: l.due_ms,
+                    delivered: true,
+                    lease_ms: l.lease_ms,
+                    ..old
+                },
+            );
+            if restore {
+                let rec = self.store.read_message(q, l.offset)?;
+                let mg = rec
+                    .as_ref()
+                    .and_then(|r| r.properties.get(PROP_MESSAGE_GROUP));
+                if let Some(mg) = mg {
+                    c.restore(l.offset, Arc::from(mg.as_str()));
+                }
+            }
+            recorded += 1;
+        }
+        Ok(recorded)
     }
 
     /// Record a move to the dead-letter queue decided by a node
