@@ -250,6 +250,19 @@ impl Broker {
         self.topic(name)
     }
 
+    /// Whether queue offset `offset` of `q` is a stored message, once everything written
+    /// is visible: under an asynchronous flush policy a message written but not yet synced
+    /// is not visible yet, and a replicated node applies an ack (or a nack's record) of a
+    /// message right after the send that stored it (a whole log at once when it restarts).
+    /// Syncs the store only when `offset` is past what is visible.
+    pub(super) fn is_stored(&self, q: &ConsumeQueue, offset: u64) -> Result<bool> {
+        if offset < q.len() {
+            return Ok(true);
+        }
+        self.store.sync()?;
+        Ok(offset < q.len())
+    }
+
     pub(super) fn bad_ack(
         group: &str,
         t: &Topic,

@@ -95,7 +95,7 @@ impl Broker {
         let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for &(queue, offset) in acks {
             let q = self.acked_queue(group, t, queue, offset)?;
-            if offset >= q.len() {
+            if !self.is_stored(q, offset)? {
                 return Err(Self::bad_ack(
                     group,
                     t,

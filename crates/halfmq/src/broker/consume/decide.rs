@@ -315,7 +315,7 @@ impl Broker {
         let gt = self.group_topic(group, &t)?;
         let mut g = gt.lock();
         let q = self.acked_queue(group, &t, queue, offset)?;
-        if offset >= q.len() {
+        if !self.is_stored(q, offset)? {
             let why = format!("the queue has {} messages", q.len());
             return Err(Self::bad_ack(group, &t, queue, offset, why));
         }
@@ -388,7 +388,7 @@ impl Broker {
         let mut recorded = 0;
         for l in leases {
             let q = self.acked_queue(group, &t, l.queue, l.offset)?;
-            if l.offset >= q.len() {
+            if !self.is_stored(q, l.offset)? {
                 let why = format!("the queue has {} messages", q.len());
                 return Err(Self::bad_ack(group, &t, l.queue, l.offset, why));
             }
@@ -444,7 +444,7 @@ impl Broker {
         let lease = {
             let mut g = gt.lock();
             let q = self.acked_queue(group, &t, queue, offset)?;
-            if offset >= q.len() {
+            if !self.is_stored(q, offset)? {
                 let why = format!("the queue has {} messages", q.len());
                 return Err(Self::bad_ack(group, &t, queue, offset, why));
             }
