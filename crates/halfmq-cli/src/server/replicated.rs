@@ -26,6 +26,8 @@ use halfmq::{
 use halfmq_client::protocol::{self, codes, Request, Response, SendResult, WireGroup};
 use halfmq_raft::{Applied, Command, MessageData, Outcome, ReplicaError, ReplicaNode};
 
+use super::blocking;
+
 /// Where a request goes on a replicated node.
 pub(super) enum Routed {
     /// Answered through the cluster (or refused).
@@ -241,15 +243,6 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         },
         other => return Routed::Local(other),
     })
-}
-
-/// Run blocking broker work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> halfmq::Result<T> + Send + 'static,
-) -> halfmq::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(Error::Poisoned("a request handler panicked".into())))
 }
 
 /// A nack on the leader: `decide` checks the lease on its broker and holds it; what it

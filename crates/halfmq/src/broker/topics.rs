@@ -11,42 +11,9 @@ use crate::meta::TopicConfig;
 use halfmq_store::consume_queue::key_hash;
 use halfmq_store::validate_topic_name;
 use halfmq_types::error::{Error, Result};
-use halfmq_types::{Delivery, Message, TopicInfo};
+use halfmq_types::{Message, TopicInfo};
 
 impl Broker {
-    /// Up to `max` messages of `queue` of an existing topic from queue offset `from` on (from
-    /// the queue's start when `from` is below it), read without delivering them: no group,
-    /// no lease, nothing written. Each is attempt 0 and carries no receipt.
-    pub fn browse(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<Delivery>> {
-        let t = self
-            .topics
-            .read()
-            .get(topic)
-            .cloned()
-            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
-        let q = t.queues.get(queue as usize).ok_or_else(|| Error::Invalid {
-            what: "queue",
-            reason: format!("topic `{topic}` has {} queues", t.queues.len()),
-        })?;
-        let from = from.max(q.start());
-        let read = self.store.read_messages(q, from, max)?;
-        Ok(read
-            .into_iter()
-            .map(|(offset, rec)| Delivery {
-                topic: t.name.clone(),
-                queue,
-                offset,
-                log_offset: rec.header.log_offset,
-                key: rec.key,
-                body: rec.body,
-                properties: rec.properties,
-                timestamp_ms: rec.header.timestamp_ms,
-                attempt: 0,
-                receipt: None,
-            })
-            .collect())
-    }
-
     /// Make sure every topic the log knows about has a configuration, and load them all.
     pub(super) fn load_topics(&self) -> Result<()> {
         let mut by_topic: BTreeMap<String, u32> = BTreeMap::new();

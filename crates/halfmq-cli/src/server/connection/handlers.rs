@@ -13,6 +13,7 @@ use halfmq::{
 };
 use halfmq_client::protocol::{codes, Request, Response, SendResult, WireGroup, WireMessage};
 
+use super::super::blocking;
 use super::{Answer, Conn, Stop};
 
 /// Room taken for the answer of a request whose answer is small (a receipt, `Ok`, an
@@ -61,13 +62,6 @@ fn deliveries_response<W: From<halfmq::Delivery>>(
         Ok(ds) => answer(ds.into_iter().map(W::from).collect()),
         Err(resp) => resp,
     }
-}
-
-/// Run blocking broker work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(Error::Poisoned("a request handler panicked".into())))
 }
 
 pub(super) async fn handle(

@@ -68,7 +68,7 @@ fn delivery(
     offset: u64,
     rec: Record,
     attempt: u32,
-    receipt: Receipt,
+    receipt: Option<Receipt>,
 ) -> Delivery {
     Delivery {
         topic: t.name.clone(),
@@ -80,7 +80,7 @@ fn delivery(
         properties: rec.properties,
         timestamp_ms: rec.header.timestamp_ms,
         attempt,
-        receipt: Some(receipt),
+        receipt,
     }
 }
 
@@ -153,6 +153,27 @@ impl PollState<'_> {
 }
 
 impl Broker {
+    /// Up to `max` messages of `queue` of an existing topic from queue offset `from` on (from
+    /// the queue's start when `from` is below it), read without delivering them: no group,
+    /// no lease, nothing written. Each is attempt 0 and carries no receipt.
+    pub fn browse(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<Delivery>> {
+        let t = self
+            .topics
+            .read()
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        let q = t.queues.get(queue as usize).ok_or_else(|| Error::Invalid {
+            what: "queue",
+            reason: format!("topic `{topic}` has {} queues", t.queues.len()),
+        })?;
+        let read = self.store.read_messages(q, from.max(q.start()), max)?;
+        let out = read.into_iter();
+        Ok(out
+            .map(|(o, rec)| delivery(&t, q, o, rec, 0, None))
+            .collect())
+    }
+
     with_default_options! {
         /// Hand out up to `max` messages of `topic` to `group`, from all queues: first messages
         /// whose redelivery is due (a lease that ran out, a nack whose delay passed), then ones
@@ -352,7 +373,8 @@ impl Broker {
             let receipt = self
                 .leases
                 .receipt(group, &t.name, q.queue_id(), offset, number);
-            st.out.push(delivery(t, q, offset, rec, attempt, receipt));
+            st.out
+                .push(delivery(t, q, offset, rec, attempt, Some(receipt)));
         };
         let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
         let mut stopped = false;
