@@ -14,8 +14,8 @@
 //! is the answer; it does not stop the batch.
 
 use halfmq::{
-    Broker, Decided, DelayedReceipt, DeliveredLease, GroupSettings, HalfOptions, Message, Replayed,
-    SendReceipt, Settlement, TxnId,
+    Broker, Decided, DelayedReceipt, DeliveredLease, GroupDeleted, GroupSettings, HalfOptions,
+    Message, Replayed, SendReceipt, Settlement, TxnId,
 };
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome as TxnOutcome;
@@ -201,6 +201,10 @@ pub enum Command {
         /// The leases.
         leases: Vec<LeaseData>,
     },
+    /// [`Broker::delete_group_settled`]: forget a consumer group, decided by the leader
+    /// once none of the group's messages is with a consumer by its leases
+    /// ([`Broker::check_group_deletion`]).
+    DeleteGroup(String),
 }
 
 /// A delivery's lease as the raft log carries it ([`halfmq::DeliveredLease`]).
@@ -364,6 +368,8 @@ pub enum Outcome {
     Replayed(Vec<Replayed>),
     /// How many of a `Delivered`'s leases this node recorded.
     Recorded(u64),
+    /// What a `DeleteGroup` removed.
+    GroupDeleted(GroupDeleted),
 }
 
 /// One command's answer.
@@ -475,6 +481,9 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
                 .settle_delivered(group, topic, &leases)
                 .map(Outcome::Recorded)
         }
+        Command::DeleteGroup(group) => broker
+            .delete_group_settled(group)
+            .map(Outcome::GroupDeleted),
     }
 }
 

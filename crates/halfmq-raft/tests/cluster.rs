@@ -652,3 +652,57 @@ async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() 
         "{polled:?}"
     );
 }
+
+/// A group's deletion is refused while the leader has one of its messages with a consumer,
+/// and once allowed it is made on every node through the log: every node forgets its acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_is_deleted_through_the_log_on_every_node() {
+    use halfmq::PollOptions;
+
+    let c = Cluster::sim(0x5eed_000c, |_| {}).await;
+    c.send(&bodies("d", 4)).await;
+    let leader = c.leader().await;
+    let node = &c.nodes[&leader];
+    node.ready_to_deliver().await.expect("the leader delivers");
+    let b = node.broker();
+    b.store().sync().expect("sync");
+    let all = (10, usize::MAX);
+    let polled = b
+        .poll_deciding("g", TOPIC, all, &PollOptions::default())
+        .expect("poll");
+    node.settle_poll("g", TOPIC, &polled)
+        .await
+        .expect("recorded");
+    assert_eq!(polled.deliveries.len(), 4);
+    assert!(b.check_group_deletion("g").is_err(), "held by a consumer");
+    let acks = polled.deliveries.iter().map(|d| (d.queue, d.offset));
+    let ack = Command::Ack {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        acks: acks.collect(),
+    };
+    assert!(matches!(
+        c.write(vec![ack]).await.expect("ack")[0],
+        Ok(Outcome::Done)
+    ));
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let left = c.nodes[&id].broker().poll("g", TOPIC, 10).expect("poll");
+        assert!(left.is_empty(), "node {id}: {left:?}");
+    }
+    b.check_group_deletion("g").expect("nothing held");
+    let deleted = c
+        .write(vec![Command::DeleteGroup("g".into())])
+        .await
+        .expect("deleted");
+    assert!(
+        matches!(&deleted[0], Ok(Outcome::GroupDeleted(d)) if d.group == "g"),
+        "{deleted:?}"
+    );
+    // Every node forgot the group's acks: it starts again from the first message.
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let again = c.nodes[&id].broker().poll("g", TOPIC, 10).expect("poll");
+        assert_eq!(again.len(), 4, "node {id}");
+    }
+}

@@ -11,9 +11,10 @@
 //! asks checkers, and proposes what each check found through the log, see
 //! `halfmq_raft::checkback`). Deliveries are the leader's too: `Poll`, `Receive` and
 //! `ChangeLease` are answered by the leader's broker (leases are its own), and what a nack
-//! or a visibility time-out comes to goes through the log (`halfmq_raft::consume`). Group
-//! deletion and retention would change one node's broker alone, so a replicated node
-//! refuses them with [`codes::BAD_REQUEST`] until they are carried by the log.
+//! or a visibility time-out comes to goes through the log (`halfmq_raft::consume`).
+//! `DeleteGroup` is checked against the leader's leases and made through the log.
+//! Retention would change one node's broker alone (its floor depends on the node's
+//! checkpoints), so a replicated node refuses it with [`codes::BAD_REQUEST`].
 
 use std::sync::Arc;
 
@@ -235,10 +236,27 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             })
             .await
         }
-        Request::Retention | Request::DeleteGroup { .. } => Response::Error {
+        Request::DeleteGroup { group } => {
+            // Checked against the leader's leases (only it delivers), then made on every
+            // node through the log.
+            if let Err(e) = node.check_leader() {
+                return Routed::Answered(replica_error(e));
+            }
+            let b = node.broker();
+            let g = group.clone();
+            if let Err(e) = blocking(move || b.check_group_deletion(&g)).await {
+                return Routed::Answered(Response::from_error(&e));
+            }
+            answer(node, Command::DeleteGroup(group), |o| match o {
+                Outcome::GroupDeleted(d) => Some(Response::GroupDeleted(d)),
+                _ => None,
+            })
+            .await
+        }
+        Request::Retention => Response::Error {
             code: codes::BAD_REQUEST,
-            message: "a replicated broker does not carry this request yet (group deletion \
-                      and retention do not go through its log)"
+            message: "a replicated broker does not carry this request yet (retention does \
+                      not go through its log: its floor depends on each node's checkpoints)"
                 .into(),
         },
         other => return Routed::Local(other),
