@@ -218,9 +218,10 @@ fn send_keys(rt: &tokio::runtime::Runtime, client: &halfmq_client::Client, keys:
     }
 }
 
-/// A consumer acks some messages, nacks others (they wait 5 s), moves some to the
-/// dead-letter queue by receipt and nacks others past the group's max_retries, and leaves
-/// the last ten leased (3 s); then the leader is killed with SIGKILL. The new leader
+/// A consumer acks some messages, nacks others (they wait 15 s, longer than the steps up
+/// to the kill take), moves some to the dead-letter queue by receipt and nacks others past
+/// the group's max_retries, and leaves the last ten leased (3 s); then the leader is killed
+/// with SIGKILL. The new leader
 /// redelivers the nacked ones as their second attempts, and the unsettled ones once their
 /// lease has run out, as their second attempts too (the delivery on the old leader
 /// counted); nothing acked or dead-lettered is delivered again; every survivor, and the
@@ -251,7 +252,7 @@ fn nacks_and_dead_letters_survive_the_leaders_death_with_their_counts() {
         .expect("acks");
     for k in keys(10..20) {
         let (q, o) = at(&k);
-        let r = rt.block_on(client.nack(GROUP, TOPIC, q, o, Some(Duration::from_secs(5))));
+        let r = rt.block_on(client.nack(GROUP, TOPIC, q, o, Some(Duration::from_secs(15))));
         assert!(
             matches!(r, Ok(NackOutcome::Redeliver { attempt: 2, .. })),
             "{k}: {r:?}"
