@@ -86,7 +86,7 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
     let rt = load::runtime();
     let addrs = c.addrs.clone();
     for (id, addr) in &addrs {
-        let got = c.stored_holding(&rt, addr, TOPIC, &format!("verify-{id}"), &acked, WAIT);
+        let got = c.stored_holding(&rt, addr, TOPIC, &acked, WAIT);
         let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
         assert!(
             missing.is_empty(),
@@ -232,7 +232,7 @@ fn pending_halves_are_checked_back_by_the_new_leader_exactly_once() {
         .collect();
     for (id, addr) in &c.addrs {
         wait_until_unfinished(addr, 0);
-        let got = c.stored_holding(&rt, addr, TOPIC, &format!("halves-{id}"), &committed, WAIT);
+        let got = c.stored_holding(&rt, addr, TOPIC, &committed, WAIT);
         for key in txns.keys() {
             let want = usize::from(key.starts_with("c-"));
             assert_eq!(
@@ -367,7 +367,7 @@ fn delayed_messages_fire_once_after_the_leader_dies() {
     assert_ne!(new_leader, leader);
     c.restart(leader);
     for (id, addr) in &c.addrs {
-        let got = c.stored_holding(&rt, addr, TOPIC, &format!("delayed-{id}"), &keys, WAIT);
+        let got = c.stored_holding(&rt, addr, TOPIC, &keys, WAIT);
         for k in &keys {
             assert_eq!(
                 got.get(k),

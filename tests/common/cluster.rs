@@ -386,51 +386,53 @@ impl ClusterProcs {
     }
 
     /// Every message of `topic` on the node at `addr`, by key: how many times each is
-    /// stored (none while the node does not know the topic yet).
+    /// stored (none while the node does not know the topic yet). Read with `Browse`, which
+    /// any node answers from what it has applied (polls are the leader's).
     pub fn stored(
         &self,
         rt: &tokio::runtime::Runtime,
         addr: &str,
         topic: &str,
-        group: &str,
     ) -> BTreeMap<String, usize> {
         rt.block_on(async {
             let client = self.connect(addr, "verify").await;
             let mut seen = BTreeMap::new();
-            loop {
-                let got = match client.poll(group, topic, 500).await {
-                    Ok(got) => got,
-                    // A node restarted last has not applied the topic's creation yet.
-                    Err(halfmq::Error::UnknownTopic(_)) => return seen,
-                    Err(e) => panic!("poll {addr}: {e}"),
-                };
-                if got.is_empty() {
-                    return seen;
-                }
-                for d in got {
-                    *seen.entry(d.key).or_insert(0) += 1;
+            let topics = client.topics().await.expect("list topics");
+            // A node restarted last may not have applied the topic's creation yet.
+            let Some(t) = topics.iter().find(|t| t.name == topic) else {
+                return seen;
+            };
+            for queue in 0..t.queues {
+                let mut from = 0;
+                loop {
+                    let got = match client.browse(topic, queue, from, 500).await {
+                        Ok(got) => got,
+                        Err(e) => panic!("browse {addr}: {e}"),
+                    };
+                    let Some(last) = got.last() else { break };
+                    from = last.offset + 1;
+                    for d in got {
+                        *seen.entry(d.key).or_insert(0) += 1;
+                    }
                 }
             }
+            seen
         })
     }
 
     /// [`ClusterProcs::stored`] on the node at `addr` once it holds every key of `want`, or
-    /// after `wait` (each look with a new consumer group `<name>-<n>`): a node applies what
-    /// the leader acknowledged a little later.
+    /// after `wait`: a node applies what the leader acknowledged a little later.
     pub fn stored_holding(
         &self,
         rt: &tokio::runtime::Runtime,
         addr: &str,
         topic: &str,
-        name: &str,
         want: &BTreeSet<String>,
         wait: Duration,
     ) -> BTreeMap<String, usize> {
         let deadline = Instant::now() + wait;
-        let mut attempt = 0;
         loop {
-            attempt += 1;
-            let got = self.stored(rt, addr, topic, &format!("{name}-{attempt}"));
+            let got = self.stored(rt, addr, topic);
             if want.iter().all(|k| got.contains_key(k)) || Instant::now() > deadline {
                 return got;
             }
@@ -462,7 +464,7 @@ impl ClusterProcs {
             .iter()
             .filter(|(id, _)| self.nodes.contains_key(id))
         {
-            let got = self.stored_holding(&rt, addr, topic, &format!("verify-{id}"), acked, wait);
+            let got = self.stored_holding(&rt, addr, topic, acked, wait);
             let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
             assert!(
                 missing.is_empty(),

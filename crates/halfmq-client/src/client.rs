@@ -224,6 +224,26 @@ impl Client {
         self.poll_wait_with(group, topic, max, timeout, &opts).await
     }
 
+    /// Up to `max` messages of `queue` of `topic` from queue offset `from` on, read without
+    /// delivering them ([`Request::Browse`]): no group, no lease. On a replicated cluster,
+    /// what the node asked holds.
+    pub async fn browse(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>> {
+        let req = Request::Browse {
+            topic: topic.into(),
+            queue,
+            from,
+            max: count(max),
+        };
+        let got = answer!(self.call(req).await?, Response::Messages(m) => m)?;
+        Ok(got.into_iter().map(Delivery::from).collect())
+    }
+
     /// Acknowledge one message; durable when this returns.
     pub async fn ack(&self, group: &str, topic: &str, queue: u32, offset: u64) -> Result<()> {
         self.ack_many(group, topic, &[(queue, offset)]).await

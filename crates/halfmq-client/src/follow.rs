@@ -168,6 +168,7 @@ pub(crate) fn may_resend(req: &Request) -> bool {
         | Request::GetGroup { .. }
         | Request::GetGroupSettings { .. }
         | Request::Trace { .. }
+        | Request::Browse { .. }
         | Request::ClusterStatus => true,
         _ => false,
     }

@@ -338,6 +338,20 @@ pub enum Request {
         /// The node's id.
         id: u64,
     },
+    /// Read up to `max` messages of one queue from queue offset `from` on, without
+    /// delivering them to anyone (no group, no lease, nothing written); answered with
+    /// [`Response::Messages`] (attempt 0). Any node of a replicated cluster answers it from
+    /// what it has applied (polls are the leader's), so it shows what each node holds.
+    Browse {
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// First queue offset (one below the queue's start reads from its start).
+        from: u64,
+        /// Most messages (cut to 10,000).
+        max: u32,
+    },
 }
 
 /// One message's answer in a [`Response::SentBatch`].

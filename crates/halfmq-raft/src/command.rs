@@ -13,7 +13,10 @@
 //! (an unknown topic, an ack past the end) fails the same way on every node, and its error
 //! is the answer; it does not stop the batch.
 
-use halfmq::{Broker, DelayedReceipt, GroupSettings, HalfOptions, Message, SendReceipt, TxnId};
+use halfmq::{
+    Broker, Decided, DelayedReceipt, DeliveredLease, GroupDeleted, GroupSettings, HalfOptions,
+    Message, Replayed, SendReceipt, Settlement, TxnId,
+};
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome as TxnOutcome;
 use serde::{Deserialize, Serialize};
@@ -140,6 +143,108 @@ pub enum Command {
     /// when they are due by its clock: each node delivers exactly these, at the batch's
     /// time, so the records agree; one fired before is left alone.
     Fire(Vec<u64>),
+    /// A failed delivery the leader decided should be delivered again
+    /// ([`halfmq::Settlement::Retry`]: a nack, or a visibility time-out its poll found):
+    /// every node records the failure count and the redelivery time
+    /// ([`Broker::settle_retry`]), so a new leader redelivers with the count the old one
+    /// reached. Nothing changes where the message is acked.
+    Retry {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// Queue offset.
+        offset: u64,
+        /// Failed deliveries so far.
+        failures: u32,
+        /// When it may be delivered again, ms since the Unix epoch (the leader's clock).
+        due_ms: u64,
+        /// Why the last delivery failed.
+        reason: String,
+    },
+    /// A message the leader decided to move to the group's dead-letter queue
+    /// ([`halfmq::Settlement::DeadLetter`]): every node appends the same dead letter at the
+    /// batch's time and acks the original ([`Broker::settle_dead_letter`]); where it is
+    /// acked already (moved before) nothing changes.
+    DeadLetter {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Queue.
+        queue: u32,
+        /// Queue offset.
+        offset: u64,
+        /// Failed deliveries.
+        failures: u32,
+        /// Why.
+        reason: String,
+    },
+    /// [`Broker::replay_dead_letters`]: up to `max` dead letters of `group` sent back to
+    /// their topics. What is replayed follows from the replicated state alone (the
+    /// dead-letter queue and what was replayed from it), so every node replays the same.
+    Replay {
+        /// Consumer group.
+        group: String,
+        /// Most dead letters.
+        max: u32,
+    },
+    /// Deliveries the leader made ([`Broker::settle_delivered`]): every other node records
+    /// each message as with a consumer until its lease runs out, so a new leader delivers
+    /// it again only after that time-out, with the attempt counted.
+    Delivered {
+        /// Consumer group.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// The leases.
+        leases: Vec<LeaseData>,
+    },
+    /// [`Broker::delete_group_settled`]: forget a consumer group, decided by the leader
+    /// once none of the group's messages is with a consumer by its leases
+    /// ([`Broker::check_group_deletion`]).
+    DeleteGroup(String),
+}
+
+/// A delivery's lease as the raft log carries it ([`halfmq::DeliveredLease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseData {
+    /// Queue.
+    pub queue: u32,
+    /// Queue offset.
+    pub offset: u64,
+    /// Which delivery it is.
+    pub attempt: u32,
+    /// When the lease runs out, ms since the Unix epoch (the leader's clock).
+    pub due_ms: u64,
+    /// How long it was given for, ms.
+    pub lease_ms: u64,
+}
+
+impl From<&DeliveredLease> for LeaseData {
+    fn from(l: &DeliveredLease) -> LeaseData {
+        LeaseData {
+            queue: l.queue,
+            offset: l.offset,
+            attempt: l.attempt,
+            due_ms: l.due_ms,
+            lease_ms: l.lease_ms,
+        }
+    }
+}
+
+impl From<&LeaseData> for DeliveredLease {
+    fn from(l: &LeaseData) -> DeliveredLease {
+        DeliveredLease {
+            queue: l.queue,
+            offset: l.offset,
+            attempt: l.attempt,
+            due_ms: l.due_ms,
+            lease_ms: l.lease_ms,
+        }
+    }
 }
 
 /// What one check-back found.
@@ -155,6 +260,34 @@ pub enum CheckResult {
 }
 
 impl Command {
+    /// The [`Command::Retry`] or [`Command::DeadLetter`] that records `d`.
+    pub fn settle(d: &Decided) -> Command {
+        let (group, topic, queue, offset) = (d.group.clone(), d.topic.clone(), d.queue, d.offset);
+        match &d.settlement {
+            Settlement::Retry {
+                failures,
+                due_ms,
+                reason,
+            } => Command::Retry {
+                group,
+                topic,
+                queue,
+                offset,
+                failures: *failures,
+                due_ms: *due_ms,
+                reason: reason.clone(),
+            },
+            Settlement::DeadLetter { failures, reason } => Command::DeadLetter {
+                group,
+                topic,
+                queue,
+                offset,
+                failures: *failures,
+                reason: reason.clone(),
+            },
+        }
+    }
+
     /// [`Command::SendHalf`] of `message` with `opts`.
     pub fn send_half(
         topic: &str,
@@ -228,6 +361,16 @@ pub enum Outcome {
     Delayed(DelayedReceipt),
     /// How many of a `Fire`'s messages were delivered by it.
     Fired(u64),
+    /// Whether a `Retry` was recorded (false: the message was acked).
+    Retried(bool),
+    /// Where a `DeadLetter`'s dead letter is (`None`: the message was acked, moved before).
+    DeadLettered(Option<SendReceipt>),
+    /// What a `Replay` sent.
+    Replayed(Vec<Replayed>),
+    /// How many of a `Delivered`'s leases this node recorded.
+    Recorded(u64),
+    /// What a `DeleteGroup` removed.
+    GroupDeleted(GroupDeleted),
 }
 
 /// One command's answer.
@@ -299,6 +442,49 @@ pub fn apply(broker: &Broker, command: &Command) -> Result<Outcome> {
             }
             Ok(Outcome::Fired(fired))
         }
+        Command::Retry {
+            group,
+            topic,
+            queue,
+            offset,
+            failures,
+            due_ms,
+            reason,
+        } => broker
+            .settle_retry(
+                group,
+                topic,
+                (*queue, *offset),
+                (*failures, *due_ms),
+                reason,
+            )
+            .map(Outcome::Retried),
+        Command::DeadLetter {
+            group,
+            topic,
+            queue,
+            offset,
+            failures,
+            reason,
+        } => broker
+            .settle_dead_letter(group, topic, (*queue, *offset), *failures, reason)
+            .map(Outcome::DeadLettered),
+        Command::Replay { group, max } => broker
+            .replay_dead_letters(group, (*max as usize).clamp(1, 10_000))
+            .map(Outcome::Replayed),
+        Command::Delivered {
+            group,
+            topic,
+            leases,
+        } => {
+            let leases: Vec<DeliveredLease> = leases.iter().map(DeliveredLease::from).collect();
+            broker
+                .settle_delivered(group, topic, &leases)
+                .map(Outcome::Recorded)
+        }
+        Command::DeleteGroup(group) => broker
+            .delete_group_settled(group)
+            .map(Outcome::GroupDeleted),
     }
 }
 

@@ -18,6 +18,8 @@
 //! - [`checkback`]: the leader's loop: check-back of pending halves and firing of delayed
 //!   messages by the leader alone, each check's result and each firing
 //!   proposed through the log so every node records it;
+//! - [`consume`]: deliveries by the leader alone; nacks, dead-letter moves and visibility
+//!   time-outs decided on the leader and recorded through the log;
 //! - [`network`]: the peer transports: an in-process simulated network for tests (seeded
 //!   drops, delays, partitions) and framed TCP with a token for real processes;
 //! - [`node`]: [`ReplicaNode`], one member of a cluster: start, initialize, write through
@@ -33,6 +35,7 @@
 pub mod apply;
 pub mod checkback;
 pub mod command;
+pub mod consume;
 pub mod frame;
 pub mod log_store;
 pub mod network;
@@ -42,7 +45,9 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod status;
 
-pub use command::{Applied, Batch, CheckResult, Command, MessageData, Outcome, WireError};
+pub use command::{
+    Applied, Batch, CheckResult, Command, LeaseData, MessageData, Outcome, WireError,
+};
 pub use node::{ReplicaConfig, ReplicaError, ReplicaNode};
 pub use snapshot::JournalSnapshot;
 pub use status::{ClusterStatus, NodeStatus, Role};

@@ -102,6 +102,9 @@ fn rebuild(
     cfg.data_dir = dir.join(format!("broker.{generation}"));
     let shared: SharedClock = Arc::new(clock.clone());
     cfg.clock = shared.into();
+    // Leases are this node's own (only the leader delivers) and run on real time; the
+    // clock above moves only as batches are applied.
+    cfg.lease_clock = Some(halfmq::ClockSetting::system());
     cfg.txn.check_back = false;
     // Its timer would fire delayed messages on its own clock, between applies: the leader
     // fires them through the log instead (`Command::Fire`).

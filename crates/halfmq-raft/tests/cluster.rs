@@ -540,3 +540,245 @@ async fn delayed_messages_are_fired_through_the_log_once_and_alike_on_every_node
         "log ends differ: {ends:?}"
     );
 }
+
+/// Nacks, dead-letter moves and a visibility time-out are decided by the leader and
+/// recorded through the log: every node holds the same dead letters (once each, the same
+/// records) and the same failure counts, so after the leader's death the new one
+/// redelivers each retried message as its counted attempt, and nothing acked or
+/// dead-lettered. A follower makes no deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_deliveries_are_settled_through_the_log_and_survive_the_leader() {
+    use halfmq::{GroupSettings, PollOptions, Settlement};
+
+    let mut c = Cluster::sim(0x5eed_000b, |_| {}).await;
+    c.sim_net().set_drop_per_mille(10);
+    let settings = GroupSettings {
+        max_retries: Some(1),
+        ..GroupSettings::default()
+    };
+    let set = Command::SetGroup {
+        group: "g".into(),
+        settings,
+        fifo: None,
+    };
+    assert!(matches!(
+        c.write(vec![set]).await.expect("set")[0],
+        Ok(Outcome::Done)
+    ));
+    c.send(&bodies("m", 6)).await;
+    let leader = c.leader().await;
+    let node = &c.nodes[&leader];
+    for (id, other) in &c.nodes {
+        if *id != leader {
+            assert!(matches!(
+                other.ready_to_deliver().await,
+                Err(ReplicaError::NotLeader { .. })
+            ));
+        }
+    }
+    node.ready_to_deliver().await.expect("the leader delivers");
+    let b = node.broker();
+    b.store().sync().expect("sync");
+    let short = PollOptions::default().with_lease(Some(halfmq::lease::LEASE_MIN));
+    let polled = b
+        .poll_deciding("g", TOPIC, (10, usize::MAX), &short)
+        .expect("poll");
+    assert!(polled.decided.is_empty());
+    assert_eq!(polled.leases.len(), 6);
+    node.settle_poll("g", TOPIC, &polled)
+        .await
+        .expect("recorded");
+    let by_body: std::collections::BTreeMap<String, halfmq::Delivery> = polled
+        .deliveries
+        .into_iter()
+        .map(|d| (String::from_utf8_lossy(&d.body).into_owned(), d))
+        .collect();
+    assert_eq!(by_body.len(), 6);
+    let at = |body: &str| (by_body[body].queue, by_body[body].offset);
+    let ack = Command::Ack {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        acks: vec![at("m-0"), at("m-1")],
+    };
+    assert!(matches!(
+        c.write(vec![ack]).await.expect("ack")[0],
+        Ok(Outcome::Done)
+    ));
+    // m-2 and m-3 nacked (one failure each), m-4 dead-lettered by its receipt, m-5 left
+    // to time out.
+    for body in ["m-2", "m-3"] {
+        let d = b
+            .decide_nack("g", TOPIC, at(body), Some(Duration::ZERO), None)
+            .expect("decided");
+        assert!(
+            matches!(d.settlement, Settlement::Retry { failures: 1, .. }),
+            "{d:?}"
+        );
+        let r = node.settle_one(&d).await.expect("recorded");
+        assert!(matches!(r, Ok(Outcome::Retried(true))), "{r:?}");
+    }
+    let receipt = by_body["m-4"].receipt.expect("a receipt");
+    let d = b
+        .decide_dead_letter("g", TOPIC, &receipt, "poison")
+        .expect("decided");
+    let r = node.settle_one(&d).await.expect("recorded");
+    assert!(matches!(r, Ok(Outcome::DeadLettered(Some(_)))), "{r:?}");
+    // Recorded again (a proposal retried after its fate was lost): nothing more.
+    let again = node.settle_one(&d).await.expect("recorded");
+    assert!(
+        matches!(again, Ok(Outcome::DeadLettered(None))),
+        "{again:?}"
+    );
+
+    // The next poll finds m-5's lease run out and hands out m-2 and m-3 again (leased
+    // for 200 ms).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let lease = PollOptions::default().with_lease(Some(Duration::from_millis(200)));
+    let polled = b
+        .poll_deciding("g", TOPIC, (10, usize::MAX), &lease)
+        .expect("poll");
+    let mut again: Vec<(String, u32)> = polled
+        .deliveries
+        .iter()
+        .map(|d| (String::from_utf8_lossy(&d.body).into_owned(), d.attempt))
+        .collect();
+    again.sort();
+    assert_eq!(again, [("m-2".to_owned(), 2), ("m-3".to_owned(), 2)]);
+    assert_eq!(polled.decided.len(), 1, "{:?}", polled.decided);
+    assert_eq!(
+        (polled.decided[0].queue, polled.decided[0].offset),
+        at("m-5")
+    );
+    node.settle_poll("g", TOPIC, &polled)
+        .await
+        .expect("recorded");
+    // m-2 fails again: past max_retries, it moves to the dead-letter queue.
+    let d = b
+        .decide_nack("g", TOPIC, at("m-2"), None, None)
+        .expect("decided");
+    assert!(
+        matches!(d.settlement, Settlement::DeadLetter { failures: 2, .. }),
+        "{d:?}"
+    );
+    let r = node.settle_one(&d).await.expect("recorded");
+    assert!(matches!(r, Ok(Outcome::DeadLettered(Some(_)))), "{r:?}");
+
+    // Every node: the same two dead letters, once each, at the same place in equal logs.
+    c.sim_net().set_drop_per_mille(0);
+    let mut lists = Vec::new();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let dead: Vec<(String, u32, u64)> = c.nodes[&id]
+            .broker()
+            .dead_letters("g", 0, 10)
+            .expect("dead letters")
+            .into_iter()
+            .map(|d| (d.key, d.failures, d.offset))
+            .collect();
+        assert_eq!(dead.len(), 2, "node {id}: {dead:?}");
+        lists.push((dead, c.log_end(id)));
+    }
+    assert!(lists.windows(2).all(|w| w[0] == w[1]), "{lists:?}");
+
+    // The new leader redelivers m-5 (timed out once) as its second attempt. m-3 (nacked
+    // once, then handed out again by the old leader and never settled) times out there
+    // once that lease has run out: its second failure, past max_retries, so it is
+    // dead-lettered. Nothing else is delivered.
+    let (new, _) = kill_the_leader(&mut c).await;
+    let node = &c.nodes[&new];
+    node.ready_to_deliver()
+        .await
+        .expect("the new leader delivers");
+    let b = node.broker();
+    b.store().sync().expect("sync");
+    let mut got: Vec<(String, u32)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let dead_keys = |b: &halfmq::Broker| -> Vec<(String, u32)> {
+        let all = b.dead_letters("g", 0, 10).expect("dead letters");
+        all.into_iter().map(|d| (d.key, d.failures)).collect()
+    };
+    while (got.is_empty() || dead_keys(&b).len() < 3) && tokio::time::Instant::now() < deadline {
+        let polled = b
+            .poll_deciding("g", TOPIC, (10, usize::MAX), &PollOptions::default())
+            .expect("poll");
+        node.settle_poll("g", TOPIC, &polled)
+            .await
+            .expect("recorded");
+        got.extend(
+            polled
+                .deliveries
+                .iter()
+                .map(|d| (String::from_utf8_lossy(&d.body).into_owned(), d.attempt)),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    got.sort();
+    assert_eq!(got, [("m-5".to_owned(), 2)]);
+    let mut dead = dead_keys(&b);
+    dead.sort();
+    let want = [("m-2", 2), ("m-3", 2), ("m-4", 1)].map(|(k, n)| (k.to_owned(), n));
+    assert_eq!(dead, want);
+    // Nothing more: every other message is acked or dead-lettered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let polled = b
+        .poll_deciding("g", TOPIC, (10, usize::MAX), &PollOptions::default())
+        .expect("poll");
+    assert!(
+        polled.deliveries.is_empty() && polled.decided.is_empty(),
+        "{polled:?}"
+    );
+}
+
+/// A group's deletion is refused while the leader has one of its messages with a consumer,
+/// and once allowed it is made on every node through the log: every node forgets its acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_is_deleted_through_the_log_on_every_node() {
+    use halfmq::PollOptions;
+
+    let c = Cluster::sim(0x5eed_000c, |_| {}).await;
+    c.send(&bodies("d", 4)).await;
+    let leader = c.leader().await;
+    let node = &c.nodes[&leader];
+    node.ready_to_deliver().await.expect("the leader delivers");
+    let b = node.broker();
+    b.store().sync().expect("sync");
+    let all = (10, usize::MAX);
+    let polled = b
+        .poll_deciding("g", TOPIC, all, &PollOptions::default())
+        .expect("poll");
+    node.settle_poll("g", TOPIC, &polled)
+        .await
+        .expect("recorded");
+    assert_eq!(polled.deliveries.len(), 4);
+    assert!(b.check_group_deletion("g").is_err(), "held by a consumer");
+    let acks = polled.deliveries.iter().map(|d| (d.queue, d.offset));
+    let ack = Command::Ack {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        acks: acks.collect(),
+    };
+    assert!(matches!(
+        c.write(vec![ack]).await.expect("ack")[0],
+        Ok(Outcome::Done)
+    ));
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let left = c.nodes[&id].broker().poll("g", TOPIC, 10).expect("poll");
+        assert!(left.is_empty(), "node {id}: {left:?}");
+    }
+    b.check_group_deletion("g").expect("nothing held");
+    let deleted = c
+        .write(vec![Command::DeleteGroup("g".into())])
+        .await
+        .expect("deleted");
+    assert!(
+        matches!(&deleted[0], Ok(Outcome::GroupDeleted(d)) if d.group == "g"),
+        "{deleted:?}"
+    );
+    // Every node forgot the group's acks: it starts again from the first message.
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        let again = c.nodes[&id].broker().poll("g", TOPIC, 10).expect("poll");
+        assert_eq!(again.len(), 4, "node {id}");
+    }
+}

@@ -37,7 +37,7 @@ mod trace;
 mod txn;
 mod wait;
 
-pub use consume::dead_letter_topic;
+pub use consume::{dead_letter_topic, Decided, DeliveredLease, Polled, Settlement};
 pub use delayed::DELAY_MAX;
 pub use send_batch::{check_batch, StagedSend};
 
@@ -73,6 +73,8 @@ pub struct Broker {
     config: BrokerConfig,
     /// The clock every deadline is decided by (`config.clock`).
     clock: SharedClock,
+    /// The clock of leases and redelivery waits (`config.lease_clock`, else `clock`).
+    lease_clock: SharedClock,
     // Field order matters on drop: `meta` before `store`, so that the last handle on sled
     // (held by the store's checkpoint hooks) goes away inside the store's drop, before it
     // releases the directory lock. Otherwise a new opener could take the lock while sled
@@ -242,6 +244,11 @@ impl Broker {
     /// Now, by the broker's clock (ms since the Unix epoch).
     pub(crate) fn now(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Now, by the clock of leases and redelivery waits (ms since the Unix epoch).
+    pub(crate) fn lease_now(&self) -> u64 {
+        self.lease_clock.now_ms()
     }
 
     /// For tests that move a [`ManualClock`](crate::ManualClock): act now on what is due by

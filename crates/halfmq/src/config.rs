@@ -168,6 +168,11 @@ pub struct BrokerConfig {
     /// trace events. Default: the system clock. Tests set a
     /// [`ManualClock`](halfmq_types::clock::ManualClock) and move it by hand.
     pub clock: ClockSetting,
+    /// The clock of consumers' leases and redelivery waits (visibility time-outs, nack
+    /// delays, lease changes), when it is not [`clock`](Self::clock) (`None`, the default).
+    /// A replicated cluster's nodes set the system clock here: their `clock` only moves as
+    /// the log is applied, while leases are each node's own and run on real time.
+    pub lease_clock: Option<ClockSetting>,
     /// Run the delayed-delivery timer thread. Default true. A replicated cluster's nodes
     /// turn it off: their leader fires delayed messages through the log instead
     /// ([`crate::Broker::due_delayed`], [`crate::Broker::fire_delayed`]).
@@ -309,6 +314,7 @@ impl Default for BrokerConfig {
             dedup_bytes_max: 256 * 1024 * 1024,
             retention: RetentionConfig::default(),
             clock: ClockSetting::system(),
+            lease_clock: None,
             delayed_timer: true,
         }
     }

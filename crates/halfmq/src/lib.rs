@@ -92,7 +92,10 @@ pub mod metrics;
 mod schedule;
 mod txn;
 
-pub use broker::{check_batch, dead_letter_topic, Broker, StagedSend, DELAY_MAX};
+pub use broker::{
+    check_batch, dead_letter_topic, Broker, Decided, DeliveredLease, Polled, Settlement,
+    StagedSend, DELAY_MAX,
+};
 pub use checkers::Checkers;
 pub use config::{
     BrokerConfig, ClockSetting, DeliveryConfig, RetentionConfig, TxnConfig, QUEUES_MAX,

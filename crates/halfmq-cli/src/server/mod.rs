@@ -306,3 +306,12 @@ fn encode_frame<T: serde::Serialize>(kind: FrameKind, id: u64, v: &T, max: u32) 
     })?;
     Ok(out)
 }
+
+/// Run blocking broker work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> halfmq::Result<T> + Send + 'static,
+) -> halfmq::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|_| Err(halfmq::Error::Poisoned("a request handler panicked".into())))
+}

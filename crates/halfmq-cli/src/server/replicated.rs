@@ -5,21 +5,29 @@
 //! own broker.
 //!
 //! Replicated today: `Send`, `SendBatch`, `SendHalf`, `SendDelayed` (fired by the leader
-//! through the log), `Commit`, `Rollback`, `Rearm`, `Ack`, `SetGroup`, `SetGroupSettings`,
+//! through the log), `Commit`, `Rollback`, `Rearm`, `Ack`, `AckReceipts`, `Nack`,
+//! `NackReceipt`, `DeadLetterReceipt`, `ReplayDeadLetters`, `SetGroup`, `SetGroupSettings`,
 //! `CreateTopic`, and check-back: `RegisterChecker` is taken by the leader only (it alone
 //! asks checkers, and proposes what each check found through the log, see
-//! `halfmq_raft::checkback`). The other writes (nacks, receipts, dead letters, group
-//! deletion, retention) would change one node's broker alone, so a
-//! replicated node refuses them with [`codes::BAD_REQUEST`] until they are carried by the
-//! log.
+//! `halfmq_raft::checkback`). Deliveries are the leader's too: `Poll`, `Receive` and
+//! `ChangeLease` are answered by the leader's broker (leases are its own), and what a nack
+//! or a visibility time-out comes to goes through the log (`halfmq_raft::consume`).
+//! `DeleteGroup` is checked against the leader's leases and made through the log.
+//! Retention would change one node's broker alone (its floor depends on the node's
+//! checkpoints), so a replicated node refuses it with [`codes::BAD_REQUEST`].
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use halfmq::{
-    DeliveryConfig, Error, GroupSettings, HalfOptions, Message, TransactionChecker, TxnId,
+    Broker, Decided, Delivery, DeliveryConfig, Error, GroupSettings, HalfOptions, Message,
+    NackOutcome, PollOptions, Receipt, Settlement, TransactionChecker, TxnId,
 };
 use halfmq_client::protocol::{self, codes, Request, Response, SendResult, WireGroup};
 use halfmq_raft::{Applied, Command, MessageData, Outcome, ReplicaError, ReplicaNode};
+
+use super::blocking;
 
 /// Where a request goes on a replicated node.
 pub(super) enum Routed {
@@ -149,22 +157,180 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
             })
             .await
         }
-        Request::Nack { .. }
-        | Request::ReplayDeadLetters { .. }
-        | Request::Retention
-        | Request::DeleteGroup { .. }
-        | Request::AckReceipts { .. }
-        | Request::NackReceipt { .. }
-        | Request::ChangeLease { .. }
-        | Request::DeadLetterReceipt { .. } => Response::Error {
+        // Deliveries are the leader's (leases are its own): polls and lease changes are
+        // answered by its broker (`handlers::poll` settles what a poll finds through the
+        // log, see `poll`), once it has applied the log of the terms before its own.
+        req @ (Request::Poll { .. } | Request::Receive { .. } | Request::ChangeLease { .. }) => {
+            match node.ready_to_deliver().await {
+                Ok(()) => return Routed::Local(req),
+                Err(e) => replica_error(e),
+            }
+        }
+        Request::Nack {
+            group,
+            topic,
+            queue,
+            offset,
+            delay_ms,
+        } => {
+            let delay = delay_ms.map(Duration::from_millis);
+            nack(node, move |b| {
+                b.decide_nack(&group, &topic, (queue, offset), delay, None)
+            })
+            .await
+        }
+        Request::NackReceipt {
+            group,
+            topic,
+            receipt,
+            delay_ms,
+        } => {
+            let delay = delay_ms.map(Duration::from_millis);
+            nack(node, move |b| {
+                let r = Receipt::parse(&receipt)?;
+                b.decide_nack(&group, &topic, (r.queue, r.offset), delay, Some(&r))
+            })
+            .await
+        }
+        Request::DeadLetterReceipt {
+            group,
+            topic,
+            receipt,
+            reason,
+        } => {
+            nack(node, move |b| {
+                let r = Receipt::parse(&receipt)?;
+                b.decide_dead_letter(&group, &topic, &r, &reason)
+            })
+            .await
+        }
+        Request::AckReceipts {
+            group,
+            topic,
+            receipts,
+        } => {
+            // Checked against the leases of the leader, which made them; the ack itself is
+            // an ack by offsets, through the log.
+            if let Err(e) = node.check_leader() {
+                return Routed::Answered(replica_error(e));
+            }
+            let b = node.broker();
+            let acks = blocking(move || {
+                let rs = receipts
+                    .iter()
+                    .map(|r| Receipt::parse(r))
+                    .collect::<halfmq::Result<Vec<_>>>()?;
+                let acks = b.receipt_acks(&group, &topic, &rs)?;
+                Ok(Command::Ack { group, topic, acks })
+            })
+            .await;
+            match acks {
+                Ok(cmd) => done(node, cmd).await,
+                Err(e) => Response::from_error(&e),
+            }
+        }
+        Request::ReplayDeadLetters { group, max } => {
+            answer(node, Command::Replay { group, max }, |o| match o {
+                Outcome::Replayed(r) => Some(Response::Replayed(r)),
+                _ => None,
+            })
+            .await
+        }
+        Request::DeleteGroup { group } => {
+            // Checked against the leader's leases (only it delivers), then made on every
+            // node through the log.
+            if let Err(e) = node.check_leader() {
+                return Routed::Answered(replica_error(e));
+            }
+            let b = node.broker();
+            let g = group.clone();
+            if let Err(e) = blocking(move || b.check_group_deletion(&g)).await {
+                return Routed::Answered(Response::from_error(&e));
+            }
+            answer(node, Command::DeleteGroup(group), |o| match o {
+                Outcome::GroupDeleted(d) => Some(Response::GroupDeleted(d)),
+                _ => None,
+            })
+            .await
+        }
+        Request::Retention => Response::Error {
             code: codes::BAD_REQUEST,
-            message: "a replicated broker does not carry this request yet (only sends, \
-                      delayed sends, halves, commits, rollbacks, re-arms, acks, group \
-                      settings, topic creation and check-back go through its log)"
+            message: "a replicated broker does not carry this request yet (retention does \
+                      not go through its log: its floor depends on each node's checkpoints)"
                 .into(),
         },
         other => return Routed::Local(other),
     })
+}
+
+/// A nack on the leader: `decide` checks the lease on its broker and holds it; what it
+/// decided (a retry, or a move to the dead-letter queue) goes through the log, and every
+/// node records it.
+async fn nack(
+    node: &ReplicaNode,
+    decide: impl FnOnce(&Broker) -> halfmq::Result<Decided> + Send + 'static,
+) -> Response {
+    if let Err(e) = node.check_leader() {
+        return replica_error(e);
+    }
+    let b = node.broker();
+    let decided = match blocking(move || decide(&b)).await {
+        Ok(d) => d,
+        Err(e) => return Response::from_error(&e),
+    };
+    let acked = || {
+        Response::from_error(&Error::BadAck {
+            group: decided.group.clone(),
+            topic: decided.topic.clone(),
+            queue: decided.queue,
+            offset: decided.offset,
+            reason: "it was acked while the nack was recorded".into(),
+        })
+    };
+    answered(node.settle_one(&decided).await, |o| {
+        match (o, &decided.settlement) {
+            (
+                Outcome::Retried(true),
+                Settlement::Retry {
+                    failures, due_ms, ..
+                },
+            ) => Some(Response::Nacked(NackOutcome::Redeliver {
+                attempt: failures.saturating_add(1),
+                at_ms: *due_ms,
+            })),
+            (Outcome::DeadLettered(Some(dead_letter)), _) => {
+                Some(Response::Nacked(NackOutcome::DeadLettered { dead_letter }))
+            }
+            (Outcome::Retried(false) | Outcome::DeadLettered(None), _) => Some(acked()),
+            _ => None,
+        }
+    })
+}
+
+/// One poll on the leader's broker `b`, deciding: the time-outs and dead-letter moves it
+/// finds, the acks its tag filter made and the deliveries it made are recorded through the
+/// log before its answer (so a new leader counts the attempt of a delivery never settled). `None` when it settled some and handed
+/// nothing out: a retry is due at once, so poll again. An answer when it failed.
+pub(super) async fn poll(
+    node: &ReplicaNode,
+    b: &Broker,
+    (group, topic, opts): (&str, &str, &PollOptions),
+    limits: (usize, usize),
+) -> Result<Option<Vec<Delivery>>, Response> {
+    node.ready_to_deliver().await.map_err(replica_error)?;
+    let p = b
+        .poll_deciding(group, topic, limits, opts)
+        .map_err(|e| Response::from_error(&e))?;
+    let settled = !p.decided.is_empty();
+    if let Err(e) = node.settle_poll(group, topic, &p).await {
+        if p.deliveries.is_empty() {
+            return Err(replica_error(e));
+        }
+        // The failures are given back (the next poll finds them again); the deliveries
+        // are handed out, leased here (a new leader delivers them again at once).
+        tracing::warn!(group, topic, error = %e, "a poll's deliveries and failures not recorded");
+    }
+    Ok((!settled || !p.deliveries.is_empty()).then_some(p.deliveries))
 }
 
 /// Register `checker` for `producer_group` on `node`: its id, or the answer refusing it

@@ -13,11 +13,14 @@
 
 mod ack;
 mod dead_letter;
+mod decide;
 mod poll;
 mod receipt;
 
+pub use decide::{Decided, DeliveredLease, Polled, Settlement};
 pub(crate) use receipt::LeaseKeys;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,6 +139,64 @@ impl Broker {
     /// polls or acks under the name afterwards starts a new group from the beginning of each
     /// queue.
     pub fn delete_group(&self, group: &str) -> Result<GroupDeleted> {
+        self.delete_group_with(group, true)
+    }
+
+    /// Whether [`Broker::delete_group`] would delete `group` now: the error it would
+    /// refuse with (a bad or internal name, a consumer holding one of its messages), else
+    /// `Ok`. A replicated cluster's leader asks this of its own leases before it proposes
+    /// the deletion, which every node then makes with [`Broker::delete_group_settled`].
+    pub fn check_group_deletion(&self, group: &str) -> Result<()> {
+        validate_group_name(group)?;
+        if group.starts_with(INTERNAL_TOPIC_PREFIX) {
+            return Err(Error::Invalid {
+                what: "consumer group",
+                reason: format!("`{group}` is internal to the broker"),
+            });
+        }
+        let held = self.held_of(&self.groups.lock(), group).0;
+        Self::refuse_held(group, held)
+    }
+
+    /// [`Broker::delete_group`] without the check that no consumer holds one of its
+    /// messages (checked by the node that decided the deletion, on its own leases): what a
+    /// node of a replicated cluster applies.
+    pub fn delete_group_settled(&self, group: &str) -> Result<GroupDeleted> {
+        self.delete_group_with(group, false)
+    }
+
+    /// Messages of `group` with a consumer now (by this node's leases), and whether the
+    /// group has state in memory.
+    fn held_of(
+        &self,
+        groups: &HashMap<GroupKey, Arc<Mutex<GroupTopic>>>,
+        group: &str,
+    ) -> (usize, bool) {
+        let now = self.lease_now();
+        let mut held = 0;
+        let mut in_memory = false;
+        for ((g, _), gt) in groups.iter() {
+            if g == group {
+                in_memory = true;
+                held += gt.lock().cursors.iter().map(|c| c.held(now)).sum::<usize>();
+            }
+        }
+        (held, in_memory)
+    }
+
+    fn refuse_held(group: &str, held: usize) -> Result<()> {
+        if held == 0 {
+            return Ok(());
+        }
+        Err(Error::Invalid {
+            what: "consumer group deletion",
+            reason: format!(
+                "group `{group}` has {held} message(s) with a consumer now; stop its consumers (or wait for the visibility time-out) first"
+            ),
+        })
+    }
+
+    fn delete_group_with(&self, group: &str, check_held: bool) -> Result<GroupDeleted> {
         validate_group_name(group)?;
         if group.starts_with(INTERNAL_TOPIC_PREFIX) {
             return Err(Error::Invalid {
@@ -145,22 +206,9 @@ impl Broker {
         }
         // Held across the whole deletion: no poll can load the group's state meanwhile.
         let mut groups = self.groups.lock();
-        let now = self.now();
-        let mut held = 0;
-        let mut in_memory = false;
-        for ((g, _), gt) in groups.iter() {
-            if g == group {
-                in_memory = true;
-                held += gt.lock().cursors.iter().map(|c| c.held(now)).sum::<usize>();
-            }
-        }
-        if held > 0 {
-            return Err(Error::Invalid {
-                what: "consumer group deletion",
-                reason: format!(
-                    "group `{group}` has {held} message(s) with a consumer now; stop its consumers (or wait for the visibility time-out) first"
-                ),
-            });
+        let (held, in_memory) = self.held_of(&groups, group);
+        if check_held {
+            Self::refuse_held(group, held)?;
         }
         let (queues, stored) = self.meta.delete_group(group)?;
         if !stored && !in_memory {
@@ -246,6 +294,19 @@ impl Broker {
                 .ok_or_else(|| Error::UnknownTopic(name.to_owned()));
         }
         self.topic(name)
+    }
+
+    /// Whether queue offset `offset` of `q` is a stored message, once everything written
+    /// is visible: under an asynchronous flush policy a message written but not yet synced
+    /// is not visible yet, and a replicated node applies an ack (or a nack's record) of a
+    /// message right after the send that stored it (a whole log at once when it restarts).
+    /// Syncs the store only when `offset` is past what is visible.
+    pub(super) fn is_stored(&self, q: &ConsumeQueue, offset: u64) -> Result<bool> {
+        if offset < q.len() {
+            return Ok(true);
+        }
+        self.store.sync()?;
+        Ok(offset < q.len())
     }
 
     pub(super) fn bad_ack(

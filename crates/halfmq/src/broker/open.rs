@@ -160,9 +160,14 @@ impl Broker {
                 }
             }));
         }
+        let lease_clock = match &config.lease_clock {
+            Some(c) => c.shared(),
+            None => clock.clone(),
+        };
         let broker = Arc::new(Broker {
             config,
             clock,
+            lease_clock,
             store,
             meta,
             topics: RwLock::new(HashMap::new()),

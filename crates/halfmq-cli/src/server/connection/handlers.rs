@@ -13,6 +13,7 @@ use halfmq::{
 };
 use halfmq_client::protocol::{codes, Request, Response, SendResult, WireGroup, WireMessage};
 
+use super::super::blocking;
 use super::{Answer, Conn, Stop};
 
 /// Room taken for the answer of a request whose answer is small (a receipt, `Ok`, an
@@ -32,6 +33,7 @@ pub(super) fn answer_room(req: &Request, frame_bytes_max: u32) -> Option<usize> 
         | Request::ListTopics
         | Request::ListTxns { .. }
         | Request::DeadLetters { .. }
+        | Request::Browse { .. }
         | Request::ReplayDeadLetters { .. }
         | Request::Retention
         | Request::Trace { .. } => Some(frame_bytes_max as usize),
@@ -51,19 +53,15 @@ fn result_response<T>(r: Result<T>, ok: impl FnOnce(T) -> Response) -> Response 
 }
 
 /// A poll's answer: its deliveries in the wire form `W` that `answer` carries (`Poll` and
-/// `Receive` differ only in that form).
+/// `Receive` differ only in that form), or the answer it failed with.
 fn deliveries_response<W: From<halfmq::Delivery>>(
-    r: Result<Vec<halfmq::Delivery>>,
+    r: std::result::Result<Vec<halfmq::Delivery>, Response>,
     answer: fn(Vec<W>) -> Response,
 ) -> Response {
-    result_response(r, |ds| answer(ds.into_iter().map(W::from).collect()))
-}
-
-/// Run blocking broker work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(Error::Poisoned("a request handler panicked".into())))
+    match r {
+        Ok(ds) => answer(ds.into_iter().map(W::from).collect()),
+        Err(resp) => resp,
+    }
 }
 
 pub(super) async fn handle(
@@ -159,7 +157,7 @@ pub(super) async fn handle(
                     let asked = (group.as_str(), topic.as_str(), &opts);
                     poll(&b, conn, answer, stop, asked, (max, wait_ms)).await
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(Response::from_error(&e)),
             };
             deliveries_response(r, Response::Received)
         }
@@ -301,6 +299,35 @@ pub(super) async fn handle(
             blocking(move || b.create_topic(&name, queues)).await,
             |_| Response::Ok,
         ),
+        Request::Browse {
+            topic,
+            queue,
+            from,
+            max,
+        } => {
+            let max = (max as usize).clamp(1, POLL_MESSAGES_MAX);
+            // As many as fit in a frame (at least one), as a poll's answer.
+            let room = (conn.config.frame_bytes_max as usize).saturating_sub(64 * 1024);
+            let r = blocking(move || b.browse(&topic, queue, from, max)).await;
+            let r = r.map(|mut got| {
+                let mut bytes = 0;
+                let fit = got
+                    .iter()
+                    .position(|d| {
+                        bytes += d.key.len() + d.body.len() + d.topic.len() + 64;
+                        bytes += d
+                            .properties
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len() + 16)
+                            .sum::<usize>();
+                        bytes > room
+                    })
+                    .map_or(got.len(), |i| i.max(1));
+                got.truncate(fit);
+                got
+            });
+            deliveries_response(r.map_err(|e| Response::from_error(&e)), Response::Messages)
+        }
         Request::ListTopics => {
             Response::Topics(b.topics().into_iter().map(|t| (t.name, t.queues)).collect())
         }
@@ -415,7 +442,7 @@ async fn poll(
     mut stop: Stop,
     (group, topic, opts): (&str, &str, &PollOptions),
     (max, wait_ms): (u32, u64),
-) -> Result<Vec<halfmq::Delivery>> {
+) -> std::result::Result<Vec<halfmq::Delivery>, Response> {
     let max = (max as usize).min(POLL_MESSAGES_MAX);
     let wait = Duration::from_millis(wait_ms.min(POLL_WAIT_MS_MAX));
     let room = conn.config.frame_bytes_max as usize;
@@ -425,14 +452,32 @@ async fn poll(
         if max == 0 || stop.is_stopped() || !answer.reserve(room).await {
             return Ok(Vec::new());
         }
-        let got = b.poll_limited_with(group, topic, max, max_bytes, opts)?;
+        let got = match &conn.replica {
+            None => b
+                .poll_limited_with(group, topic, max, max_bytes, opts)
+                .map_err(|e| Response::from_error(&e))?,
+            // A node of a cluster (the leader: `replicated::route` let the poll through):
+            // failed deliveries are settled through the log first.
+            Some(node) => {
+                let asked = (group, topic, opts);
+                match super::super::replicated::poll(node, b, asked, (max, max_bytes)).await? {
+                    Some(got) => got,
+                    None => {
+                        answer.release();
+                        continue;
+                    }
+                }
+            }
+        };
         let now = tokio::time::Instant::now();
         if !got.is_empty() || now >= deadline {
             return Ok(got);
         }
         answer.release();
         tokio::select! {
-            r = b.wait_for_poll_async(group, topic, deadline - now) => r?,
+            r = b.wait_for_poll_async(group, topic, deadline - now) => {
+                r.map_err(|e| Response::from_error(&e))?;
+            }
             () = stop.stopped() => {}
         }
     }

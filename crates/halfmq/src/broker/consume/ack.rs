@@ -95,7 +95,7 @@ impl Broker {
         let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for &(queue, offset) in acks {
             let q = self.acked_queue(group, t, queue, offset)?;
-            if offset >= q.len() {
+            if !self.is_stored(q, offset)? {
                 return Err(Self::bad_ack(
                     group,
                     t,
@@ -212,42 +212,7 @@ impl Broker {
                 format!("sent to the dead-letter queue by the consumer: {why}"),
             ),
         };
-        let (lease, d) = {
-            let mut g = gt.lock();
-            if let Some(r) = receipt {
-                self.check_receipt(group, &t, &g, r, LeaseUse::Settle)?;
-            }
-            let q = self.acked_queue(group, &t, queue, offset)?;
-            let past_end = offset >= q.len();
-            let c = &mut g.cursors[queue as usize];
-            let not_now = |why: &str| Self::bad_ack(group, &t, queue, offset, why.to_owned());
-            if c.is_acked(offset) {
-                return Err(not_now("it is acked"));
-            }
-            let lease = match c.lease(offset) {
-                Some(l) if l.delivered => l.clone(),
-                Some(_) => {
-                    return Err(not_now("it is waiting for redelivery, not with a consumer"))
-                }
-                None if past_end => {
-                    return Err(not_now(
-                        "it was not delivered to this group (past the end of the queue)",
-                    ))
-                }
-                None => return Err(not_now("it was not delivered to this group")),
-            };
-            c.insert(
-                offset,
-                Lease {
-                    due_ms: HELD,
-                    delivered: false,
-                    failures: lease.failures + 1,
-                    reason: reason.clone(),
-                    ..lease.clone()
-                },
-            );
-            (lease, g.delivery.clone())
-        };
+        let (lease, d) = self.hold_delivered(group, &t, &gt, (queue, offset), &reason, receipt)?;
         let mut held = HeldLease {
             group: &gt,
             queue,
@@ -268,7 +233,7 @@ impl Broker {
             held.back = None;
             return Ok(NackOutcome::DeadLettered { dead_letter });
         }
-        let at_ms = self.now() + ms(delay.unwrap_or_else(|| d.backoff(failures)));
+        let at_ms = self.lease_now() + ms(delay.unwrap_or_else(|| d.backoff(failures)));
         let state = RetryState {
             failures,
             due_ms: at_ms,
@@ -298,6 +263,53 @@ impl Broker {
             attempt: failures + 1,
             at_ms,
         })
+    }
+
+    /// Take the lease of a delivered message for a nack (by `receipt`, which must name it,
+    /// when given): it is held (never due, not delivered, its failures one more, `reason`
+    /// its reason) and the lease it had is returned, with the group's delivery settings.
+    /// Refused when the message is acked, waiting for redelivery, or not delivered.
+    pub(super) fn hold_delivered(
+        &self,
+        group: &str,
+        t: &Topic,
+        gt: &Mutex<GroupTopic>,
+        (queue, offset): (u32, u64),
+        reason: &str,
+        receipt: Option<&Receipt>,
+    ) -> Result<(Lease, std::sync::Arc<crate::config::DeliveryConfig>)> {
+        let mut g = gt.lock();
+        if let Some(r) = receipt {
+            self.check_receipt(group, t, &g, r, LeaseUse::Settle)?;
+        }
+        let q = self.acked_queue(group, t, queue, offset)?;
+        let past_end = offset >= q.len();
+        let c = &mut g.cursors[queue as usize];
+        let not_now = |why: &str| Self::bad_ack(group, t, queue, offset, why.to_owned());
+        if c.is_acked(offset) {
+            return Err(not_now("it is acked"));
+        }
+        let lease = match c.lease(offset) {
+            Some(l) if l.delivered => l.clone(),
+            Some(_) => return Err(not_now("it is waiting for redelivery, not with a consumer")),
+            None if past_end => {
+                return Err(not_now(
+                    "it was not delivered to this group (past the end of the queue)",
+                ))
+            }
+            None => return Err(not_now("it was not delivered to this group")),
+        };
+        c.insert(
+            offset,
+            Lease {
+                due_ms: HELD,
+                delivered: false,
+                failures: lease.failures + 1,
+                reason: reason.to_owned(),
+                ..lease.clone()
+            },
+        );
+        Ok((lease, g.delivery.clone()))
     }
 }
 

@@ -68,7 +68,7 @@ fn delivery(
     offset: u64,
     rec: Record,
     attempt: u32,
-    receipt: Receipt,
+    receipt: Option<Receipt>,
 ) -> Delivery {
     Delivery {
         topic: t.name.clone(),
@@ -80,7 +80,7 @@ fn delivery(
         properties: rec.properties,
         timestamp_ms: rec.header.timestamp_ms,
         attempt,
-        receipt: Some(receipt),
+        receipt,
     }
 }
 
@@ -99,6 +99,10 @@ struct PollState<'a> {
     /// Messages its filter skipped, to be acked for the group: (queue id, queue offset, log
     /// offset, whether the message has a key).
     filtered: Vec<(u32, u64, u64, bool)>,
+    /// Deciding ([`Broker::poll_deciding`]): the failures found (time-outs, moves to the
+    /// dead-letter queue), held and left for the caller to settle, instead of being
+    /// recorded and redelivered (or moved) here.
+    decided: Option<Vec<super::decide::Found>>,
 }
 
 /// How often a waiting poll of a FIFO group with messages waiting behind their message
@@ -149,6 +153,27 @@ impl PollState<'_> {
 }
 
 impl Broker {
+    /// Up to `max` messages of `queue` of an existing topic from queue offset `from` on (from
+    /// the queue's start when `from` is below it), read without delivering them: no group,
+    /// no lease, nothing written. Each is attempt 0 and carries no receipt.
+    pub fn browse(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<Delivery>> {
+        let t = self
+            .topics
+            .read()
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        let q = t.queues.get(queue as usize).ok_or_else(|| Error::Invalid {
+            what: "queue",
+            reason: format!("topic `{topic}` has {} queues", t.queues.len()),
+        })?;
+        let read = self.store.read_messages(q, from.max(q.start()), max)?;
+        let out = read.into_iter();
+        Ok(out
+            .map(|(o, rec)| delivery(&t, q, o, rec, 0, None))
+            .collect())
+    }
+
     with_default_options! {
         /// Hand out up to `max` messages of `topic` to `group`, from all queues: first messages
         /// whose redelivery is due (a lease that ran out, a nack whose delay passed), then ones
@@ -204,20 +229,25 @@ impl Broker {
         validate_group_name(group)?;
         opts.validate()?;
         let t = self.topic_to_read(topic)?;
-        self.poll_group(group, &t, max, max_bytes, opts)
+        self.poll_group(group, &t, (max, max_bytes), opts, None)
+            .map(|(out, _, _)| out)
     }
 
-    fn poll_group(
+    /// The poll of [`Broker::poll_limited_with`]; deciding (`decided` is `Some`, see
+    /// [`Broker::poll_deciding`]) it also returns the failures found and the acks its
+    /// filter made.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn poll_group(
         &self,
         group: &str,
         t: &Arc<Topic>,
-        max: usize,
-        max_bytes: usize,
+        (max, max_bytes): (usize, usize),
         opts: &PollOptions,
-    ) -> Result<Vec<Delivery>> {
+        decided: Option<Vec<super::decide::Found>>,
+    ) -> Result<(Vec<Delivery>, Vec<super::decide::Found>, Vec<(u32, u64)>)> {
         let gt = self.group_topic(group, t)?;
         let mut g = gt.lock();
-        let now = self.now();
+        let now = self.lease_now();
         let n = t.queues.len();
         let start = g.start;
         g.start = (start + 1) % n;
@@ -231,6 +261,7 @@ impl Broker {
             events: Vec::new(),
             opts,
             filtered: Vec::new(),
+            decided,
         };
         let mut result = Ok(());
         for i in 0..n {
@@ -250,8 +281,12 @@ impl Broker {
         }
         // Skipped by the filter: acked for the group (not flushed: after a crash they are
         // looked at, and skipped, again).
+        let mut filter_acks = Vec::new();
         if !st.filtered.is_empty() {
             let acks: Vec<(u32, u64)> = st.filtered.iter().map(|f| (f.0, f.1)).collect();
+            if st.decided.is_some() {
+                filter_acks = acks.clone();
+            }
             match self.ack_apply(group, t, &mut g, &acks, false) {
                 Ok(()) => {
                     let filter = opts.filter.to_string();
@@ -299,7 +334,8 @@ impl Broker {
             st.events.push((d.log_offset, event));
         }
         self.trace_events(std::mem::take(&mut st.events));
-        result.map(|()| st.out)
+        let decided = st.decided.take().unwrap_or_default();
+        result.map(|()| (st.out, decided, filter_acks))
     }
 
     /// Poll one queue into `st`. Returns true when the byte limit stopped it.
@@ -337,7 +373,8 @@ impl Broker {
             let receipt = self
                 .leases
                 .receipt(group, &t.name, q.queue_id(), offset, number);
-            st.out.push(delivery(t, q, offset, rec, attempt, receipt));
+            st.out
+                .push(delivery(t, q, offset, rec, attempt, Some(receipt)));
         };
         let mut retries: Vec<(u64, Option<RetryState>)> = Vec::new();
         let mut stopped = false;
@@ -355,6 +392,20 @@ impl Broker {
                 continue;
             }
             let timed_out = lease.delivered;
+            if let Some(decided) = &mut st.decided {
+                if timed_out || lease.failures > delivery_cfg.max_retries {
+                    // Settled by the caller (through the cluster's log); held meanwhile.
+                    let found = super::decide::Found::new(qi, offset, &lease, now, delivery_cfg);
+                    decided.push(found);
+                    let held = Lease {
+                        due_ms: HELD,
+                        delivered: false,
+                        ..lease
+                    };
+                    c.insert(offset, held);
+                    continue;
+                }
+            }
             if timed_out {
                 lease.failures += 1;
                 lease.reason = format!(
@@ -602,7 +653,7 @@ impl Broker {
         let from = g.cursors.iter().map(|c| c.next).collect();
         let mut wait = match g.cursors.iter().filter_map(Cursor::next_due_ms).min() {
             // Wake a millisecond after it falls due.
-            Some(due) => Duration::from_millis(due.saturating_sub(self.now()) + 1).min(left),
+            Some(due) => Duration::from_millis(due.saturating_sub(self.lease_now()) + 1).min(left),
             None => left,
         };
         // FIFO: an ack of a message group's head makes the next one due, and no new message

@@ -227,7 +227,7 @@ impl Broker {
         c.insert(
             receipt.offset,
             Lease {
-                due_ms: self.now().saturating_add(lease_ms),
+                due_ms: self.lease_now().saturating_add(lease_ms),
                 number,
                 lease_ms,
                 ..old
