@@ -235,7 +235,7 @@ impl Shared {
             && self.sync_policy()
             && before == 0
             && w.gather_target <= 1
-            && w.rounds == 0
+            && !w.flushing
             && !w.closed;
         if lead {
             w.wake_owed = true;
@@ -436,7 +436,7 @@ impl Shared {
         let size = self.config.segment_bytes;
         let prepared = self.preparer.as_ref().and_then(|p| p.take(next_base));
         let next = Arc::new(match prepared {
-            Some(file) => Segment::adopt(&*self.storage, file, next_base, size)?,
+            Some(file) => Segment::adopt(file, next_base, size)?,
             None => Segment::create(&*self.storage, &self.log_dir, next_base, size)?,
         });
         let header = Header {

@@ -97,15 +97,6 @@ pub struct StoreConfig {
     /// (about one fsync's time), so it is for runtimes with a spare worker, such as the
     /// broker's. Default `false`: a task never blocks its executor thread.
     pub tasks_may_lead: bool,
-    /// Group-commit rounds that may be syncing at once under [`FlushPolicy::Sync`]: 1 or 2
-    /// (default 2). With 2, the next round's batch is written and its `fdatasync` started
-    /// while the previous round's `fdatasync` is still running; rounds still complete
-    /// (become durable, visible and acknowledged) in log order. Disks that take a flush
-    /// per request queue (and the kernel, which merges concurrent flushes) then sync two
-    /// rounds in about the time of one. 1 is one round at a time, as before. Under
-    /// [`FlushPolicy::Async`] one round at a time always. At most 2, because recovery's
-    /// torn-tail bound allows two unsynced batches (see `recovery::torn_tail_bytes_max`).
-    pub sync_rounds_max: u32,
     /// Whether every group-commit round begins with a mark record holding the durable end
     /// (`record::RecordKind::Mark`), which recovery reads to tell damage to acknowledged
     /// records from a torn tail. Default `true`. `false` only for a log that is not the
@@ -129,7 +120,6 @@ impl Default for StoreConfig {
             key_index_entries: 4 * 1024 * 1024,
             page_cache_segments: Some(2),
             tasks_may_lead: false,
-            sync_rounds_max: 2,
             marks: true,
         }
     }
@@ -155,23 +145,12 @@ halfmq_types::with_setters! {
         with_page_cache_segments => page_cache_segments: Option<u32>;
         /// Sets [`StoreConfig::tasks_may_lead`].
         with_tasks_may_lead => tasks_may_lead: bool;
-        /// Sets [`StoreConfig::sync_rounds_max`].
-        with_sync_rounds_max => sync_rounds_max: u32;
         /// Sets [`StoreConfig::marks`].
         with_marks => marks: bool;
     }
 }
 
 impl StoreConfig {
-    /// How many group-commit rounds may be in progress at once (see
-    /// [`StoreConfig::sync_rounds_max`]).
-    pub(crate) fn rounds_max(&self) -> u32 {
-        match self.flush {
-            FlushPolicy::Sync => self.sync_rounds_max.clamp(1, 2),
-            FlushPolicy::Async { .. } => 1,
-        }
-    }
-
     /// Check every setting, naming the first that is wrong.
     pub fn validate(&self) -> Result<()> {
         if self.segment_bytes < 64 * 1024 || self.segment_bytes > (1 << 40) {
@@ -220,12 +199,6 @@ impl StoreConfig {
                     reason: format!("{v} is outside 1 ..= {}", crate::key_index::FILE_ITEMS_MAX),
                 });
             }
-        }
-        if !(1..=2).contains(&self.sync_rounds_max) {
-            return Err(Error::Config {
-                setting: "sync_rounds_max",
-                reason: format!("{} is outside 1 ..= 2", self.sync_rounds_max),
-            });
         }
         if let FlushPolicy::Async { interval } = self.flush {
             if interval.is_zero() || interval > Duration::from_secs(60) {

@@ -1,10 +1,8 @@
-//! Group commit: rounds that each write and sync one batch of the log, in log order.
+//! Group commit: one writer of the log at a time writes and syncs it.
 //!
-//! A round is written by a flusher thread, or, for a lone producer, by the producer's own
-//! thread ([`lead`]): whoever takes the batch under the writer lock writes the round. Under
-//! sync flush two rounds may be in progress at once (`StoreConfig::sync_rounds_max`): the
-//! second flusher thread writes the next batch and starts its `fdatasync` while the first
-//! round's runs; rounds write in turn and complete in turn (see [`round`]).
+//! That writer is the flusher thread, or, for a lone producer, the producer's own thread
+//! ([`lead`]): whoever takes the batch under the writer lock (`Writer::flushing`) writes
+//! the round, and nobody else takes one until it is over.
 //!
 //! Each round takes the whole pending batch, writes it (syncing a segment before anything is
 //! written to the next one, so that every segment but the newest is complete on disk), syncs
@@ -29,30 +27,27 @@ use crate::batch::{Batch, RoundSignal};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::FlushPolicy;
 use crate::consume_queue::ConsumeQueue;
-use crate::segment::Segment;
 use crate::state::{FlusherState, Shared, Writer};
 use halfmq_types::error::Result;
-use parking_lot::MutexGuard;
 
-/// Take the writers' batch for a round, and the round's sequence number: from now on, until
-/// [`finish_round`], this round is one of the `StoreConfig::rounds_max` in progress.
-fn take_batch(shared: &Shared, w: &mut Writer) -> (Batch, u64) {
+/// Take the writers' batch for a round: from now on, until [`finish_round`], nobody else
+/// writes one.
+fn take_batch(shared: &Shared, w: &mut Writer) -> Batch {
     let spare = std::mem::take(&mut w.spare);
     let batch = std::mem::replace(&mut w.batch, spare);
     w.batch.end = batch.end;
     // The spare batch's signal belonged to an earlier round and has fired.
     w.batch.signal = Arc::new(RoundSignal::default());
-    w.rounds += 1;
-    w.round_seq += 1;
+    w.flushing = true;
     w.wake_owed = false;
     shared.space.notify_all();
     shared.async_space.notify_waiters();
-    (batch, w.round_seq)
+    batch
 }
 
 /// A round is over: its (cleared) batch is kept for reuse, the group-commit target set from
-/// it, and a flusher thread told if work waits (unless `flusher` is the only one and it is
-/// this thread), such as a checkpoint a leading writer found due (`checkpoint_due`).
+/// it, and the flusher told if work waits (unless `flusher`: it is the flusher), such as a
+/// checkpoint a leading writer found due (`checkpoint_due`).
 fn finish_round(
     shared: &Shared,
     batch: Batch,
@@ -64,15 +59,14 @@ fn finish_round(
     let mut w = shared.writer.lock();
     w.checkpoint_due |= checkpoint_due;
     w.spare = batch;
-    w.rounds -= 1;
+    w.flushing = false;
     if matches!(shared.config.flush, FlushPolicy::Sync) {
         // As many as this round released, since those writers are likely to come back at
         // once, waiting at most half an fsync for them.
         w.gather_target = records.max(1);
         w.gather_wait = sync_time / 2;
     }
-    let others_wait = !flusher || shared.config.rounds_max() > 1;
-    if others_wait && (!w.batch.is_empty() || w.closed || w.sync_requested || w.checkpoint_due) {
+    if !flusher && (!w.batch.is_empty() || w.closed || w.sync_requested || w.checkpoint_due) {
         w.wake_owed = false;
         shared.work.notify_one();
     }
@@ -85,13 +79,12 @@ fn finish_round(
 fn write_round(
     shared: &Shared,
     batch: &mut Batch,
-    seq: u64,
     force_sync: bool,
     checkpoint: bool,
 ) -> std::result::Result<(u64, std::time::Duration, bool), String> {
     let records = batch.records;
     let mut st = shared.flush.lock();
-    let mut done = round(shared, &mut st, batch, seq, force_sync);
+    let mut done = round(shared, &mut st, batch, force_sync);
     if done.is_ok() && checkpoint {
         done = checkpoint_if_due(shared, &mut st);
     }
@@ -116,9 +109,9 @@ fn write_round(
 /// the flusher gathers the batch as before. Returns whether it led; if not, the flusher
 /// has been told of the batch.
 pub(crate) fn lead(shared: &Shared) -> bool {
-    let batch = {
+    let mut batch = {
         let mut w = shared.writer.lock();
-        let can_lead = w.rounds == 0
+        let can_lead = !w.flushing
             && !w.batch.is_empty()
             && w.poisoned.is_none()
             && !w.closed
@@ -129,8 +122,7 @@ pub(crate) fn lead(shared: &Shared) -> bool {
         }
         take_batch(shared, &mut w)
     };
-    let (mut batch, seq) = batch;
-    let done = write_round(shared, &mut batch, seq, false, false);
+    let done = write_round(shared, &mut batch, false, false);
     shared.progress.rounds_led.fetch_add(1, Ordering::Relaxed);
     let (records, sync_time, checkpoint) = done.unwrap_or((0, std::time::Duration::ZERO, false));
     // A due checkpoint is the flusher's to write (it wakes for `checkpoint_due`).
@@ -144,50 +136,19 @@ pub(crate) fn pay_wake(shared: &Shared) {
     shared.pay_owed_wake(&mut shared.writer.lock());
 }
 
-/// The flusher: one thread, or two under sync flush with `StoreConfig::sync_rounds_max` 2
-/// (the second writes and syncs the next round while the first's `fdatasync` runs; rounds
-/// still complete in order, see [`round`]). The first thread closes the store.
 pub(crate) fn run(shared: Arc<Shared>) {
-    if shared.config.rounds_max() > 1 {
-        std::thread::scope(|scope| {
-            let second = std::thread::Builder::new()
-                .name("halfmq-flusher-2".into())
-                .spawn_scoped(scope, || rounds(&shared, false));
-            if let Err(e) = second {
-                // One flusher thread still does all the work, one round at a time.
-                tracing::warn!(error = %e, "could not start the second flusher thread");
-            }
-            rounds(&shared, true);
-        });
-    } else {
-        rounds(&shared, true);
-    }
-    shared.progress.stopped.store(true, Ordering::Release);
-    shared.progress.epoch.advance();
-    // Writers still waiting on a round learn that there is none (their progress check
-    // then returns the failure or `Closed`).
-    shared.writer.lock().batch.signal.fire();
-    shared.async_notify.notify_waiters();
-    shared.async_space.notify_waiters();
-}
-
-/// One flusher thread's loop: take a batch when a round may start, write it. The `first`
-/// thread also writes the closing round and checkpoint; the other just stops at close.
-fn rounds(shared: &Shared, first: bool) {
     // Under async flush only this thread writes rounds (writers lead only under sync
-    // flush, and there is one flusher thread), so it can keep the time-driven sync's
-    // deadline itself.
+    // flush), so it can keep the time-driven sync's deadline itself.
     let mut async_due: Option<Instant> = None;
-    let rounds_max = shared.config.rounds_max();
     loop {
-        let (mut batch, seq, closing, sync_requested) = {
+        let (mut batch, closing, sync_requested) = {
             let mut w = shared.writer.lock();
             loop {
-                if w.poisoned.is_some() || (!first && w.closed) {
+                if w.poisoned.is_some() {
                     break;
                 }
-                if w.rounds >= rounds_max {
-                    // As many rounds as may be are in progress; the one that ends wakes us.
+                if w.flushing {
+                    // A writer is leading a round; it wakes this thread if work is left.
                     shared.work.wait(&mut w);
                     continue;
                 }
@@ -215,23 +176,23 @@ fn rounds(shared: &Shared, first: bool) {
                     None => shared.work.wait(&mut w),
                 }
             }
-            if w.poisoned.is_some() || (!first && w.closed) {
+            if w.poisoned.is_some() {
                 break;
             }
             w.checkpoint_due = false;
-            let (batch, seq) = take_batch(shared, &mut w);
+            let batch = take_batch(&shared, &mut w);
             let requested = std::mem::take(&mut w.sync_requested);
-            (batch, seq, w.closed && w.batch.is_empty(), requested)
+            (batch, w.closed && w.batch.is_empty(), requested)
         };
-        let done = write_round(shared, &mut batch, seq, closing || sync_requested, true);
+        let done = write_round(&shared, &mut batch, closing || sync_requested, true);
         let (records, sync_time, _) = match done {
             Ok(r) => r,
             Err(_) => {
-                finish_round(shared, batch, 0, std::time::Duration::ZERO, true, false);
+                finish_round(&shared, batch, 0, std::time::Duration::ZERO, true, false);
                 break;
             }
         };
-        finish_round(shared, batch, records, sync_time, true, false);
+        finish_round(&shared, batch, records, sync_time, true, false);
         let mut st = shared.flush.lock();
         if let FlushPolicy::Async { interval } = shared.config.flush {
             async_due = (st.written > st.durable).then(|| st.last_sync + interval);
@@ -243,7 +204,7 @@ fn rounds(shared: &Shared, first: bool) {
                 Ok(())
             };
             let cp =
-                done.and_then(|()| write_checkpoint(shared, &mut st, true).map_err(Into::into));
+                done.and_then(|()| write_checkpoint(&shared, &mut st, true).map_err(Into::into));
             if let Err(e) = cp {
                 // The log itself is durable; a missing checkpoint only makes the next
                 // recovery read more of it.
@@ -252,8 +213,13 @@ fn rounds(shared: &Shared, first: bool) {
             break;
         }
     }
-    // A thread stopping on failure or close wakes the other, wherever it waits.
-    shared.work.notify_all();
+    shared.progress.stopped.store(true, Ordering::Release);
+    shared.progress.epoch.advance();
+    // Writers still waiting on a round learn that there is none (their progress check
+    // then returns the failure or `Closed`).
+    shared.writer.lock().batch.signal.fire();
+    shared.async_notify.notify_waiters();
+    shared.async_space.notify_waiters();
 }
 
 fn observe_fsync(shared: &Shared, took: std::time::Duration) {
@@ -262,77 +228,13 @@ fn observe_fsync(shared: &Shared, took: std::time::Duration) {
     }
 }
 
-/// One group-commit round, number `seq`, in three steps: write the batch (after round
-/// `seq - 1` has written its own), `fdatasync` the log without holding the flusher state's
-/// lock (so the next round can write and start its own `fdatasync` meanwhile), then
-/// complete (after round `seq - 1` has completed): advance the durable end, append the
-/// consume-queue entries, run the durable-hooks and wake the writers. Rounds therefore
-/// become durable, visible and acknowledged in log order, however their `fdatasync`s
-/// overlap. Once a round fails, every later one fails without writing.
+/// One group-commit round.
 fn round(
-    shared: &Shared,
-    st: &mut MutexGuard<'_, FlusherState>,
-    batch: &mut Batch,
-    seq: u64,
-    force_sync: bool,
-) -> Result<()> {
-    wait_turn(shared, st, |st| st.written_seq + 1 >= seq);
-    let written = match &st.failed {
-        Some(m) => Err(halfmq_types::Error::Poisoned(m.clone())),
-        None => write_batch(shared, st, batch, seq, force_sync),
-    };
-    if let Err(e) = &written {
-        st.failed.get_or_insert_with(|| e.to_string());
-    }
-    st.written_seq = seq;
-    shared.turn.notify_all();
-    // The fdatasync covers everything written so far, this round's batch included.
-    let synced = match written {
-        Ok(Some((segment, end))) => {
-            let t = Instant::now();
-            MutexGuard::unlocked(st, || segment.sync_handle(seq).sync_data())
-                .map(|()| Some((end, t.elapsed())))
-        }
-        Ok(None) => Ok(None),
-        Err(e) => Err(e),
-    };
-    wait_turn(shared, st, |st| st.completed_seq + 1 >= seq);
-    let done = match (&st.failed, synced) {
-        (Some(m), _) => Err(halfmq_types::Error::Poisoned(m.clone())),
-        (None, Err(e)) => Err(e),
-        (None, Ok(synced)) => complete(shared, st, batch, synced),
-    };
-    if let Err(e) = &done {
-        st.failed.get_or_insert_with(|| e.to_string());
-    }
-    st.completed_seq = seq;
-    shared.turn.notify_all();
-    done
-}
-
-/// Wait on the flusher state's lock until `ready` (a round's turn).
-fn wait_turn(
-    shared: &Shared,
-    st: &mut MutexGuard<'_, FlusherState>,
-    ready: impl Fn(&FlusherState) -> bool,
-) {
-    while !ready(st) {
-        shared.turn.wait(st);
-    }
-}
-
-/// A round's first step: write its batch, mark first, syncing a full segment before
-/// anything is written to the next. Returns the segment to `fdatasync` and the log end that
-/// sync makes durable, if the round must sync. Round `seq` syncs through its segments'
-/// handle for `seq` (`Segment::sync_handle`), so that two rounds syncing at once each
-/// learn of any write-back failure since their handle's last sync.
-fn write_batch(
     shared: &Shared,
     st: &mut FlusherState,
     batch: &mut Batch,
-    seq: u64,
     force_sync: bool,
-) -> Result<Option<(Arc<Segment>, u64)>> {
+) -> Result<()> {
     let had_data = !batch.is_empty();
     if let Some(at) = batch.mark_at {
         // Everything below `durable` is synced before any byte of this batch is written.
@@ -344,10 +246,8 @@ fn write_batch(
             .file
             .write_all_at(&batch.bytes[c.start..c.end], c.file_pos)?;
         if c.seal {
-            // Everything written to the full segment, earlier rounds' batches included
-            // (they are written before this one), is synced before the next is written.
             let t = Instant::now();
-            c.segment.sync_handle(seq).sync_data()?;
+            c.segment.file.sync_data()?;
             observe_fsync(shared, t.elapsed());
             last_segment = None;
         } else {
@@ -355,9 +255,11 @@ fn write_batch(
         }
     }
     let bytes = batch.bytes.len() as u64;
+    let records = batch.records;
+    let mut synced = false;
     if had_data {
         if let Some(h) = &shared.hooks {
-            h.group_committed(batch.records, bytes);
+            h.group_committed(records, bytes);
         }
         st.written = batch.end;
         st.unsynced_bytes += bytes;
@@ -376,46 +278,29 @@ fn write_batch(
                 || st.last_sync.elapsed() >= interval
         }
     };
-    if !(must_sync && st.written > st.durable) {
-        return Ok(None);
-    }
-    let segment = match last_segment {
-        Some(s) => s,
-        None => shared.writer.lock().active.clone(),
-    };
-    Ok(Some((segment, st.written)))
-}
-
-/// A round's last step, in its turn: the sync (the durable end it reached and its time),
-/// if there was one, advances the durable end; then the batch's messages are indexed, its
-/// hooks run and its writers woken.
-fn complete(
-    shared: &Shared,
-    st: &mut FlusherState,
-    batch: &mut Batch,
-    synced: Option<(u64, std::time::Duration)>,
-) -> Result<()> {
-    let records = batch.records;
-    if let Some((end, took)) = synced {
-        observe_fsync(shared, took);
-        st.last_sync_time = took.min(std::time::Duration::from_millis(1));
-        st.durable = st.durable.max(end);
-        // Under async flush (one round at a time) this sync covered every byte written.
+    if must_sync && st.written > st.durable {
+        let seg = match last_segment {
+            Some(s) => s,
+            None => shared.writer.lock().active.clone(),
+        };
+        let t = Instant::now();
+        seg.file.sync_data()?;
+        observe_fsync(shared, t.elapsed());
+        st.last_sync_time = t.elapsed().min(std::time::Duration::from_millis(1));
+        st.durable = st.written;
         st.unsynced_bytes = 0;
         st.last_sync = Instant::now();
+        synced = true;
     }
     // Index the batch's messages before anyone is told they are stored, and only once they
     // are durable: consumers read through the consume queues, so under async flush a
     // message written but not yet synced stays invisible (its entry waits in `st.dispatch`)
     // until the round that syncs it. A power loss can then never take back a message a
     // consumer saw or acked.
-    if !batch.dispatch.is_empty() {
-        for d in &batch.dispatch {
-            st.dispatch.push(d);
-        }
-        st.dispatch_end = st.dispatch_end.max(batch.end);
+    for d in &batch.dispatch {
+        st.dispatch.push(d);
     }
-    if st.durable >= st.dispatch_end {
+    if st.durable == st.written {
         st.dispatch.apply()?;
     }
     for (hook, offset) in batch.hooks.drain(..) {
@@ -429,8 +314,7 @@ fn complete(
     batch.clear();
     let p = &shared.progress;
     p.records.fetch_add(records, Ordering::Relaxed);
-    p.syncs
-        .fetch_add(u64::from(synced.is_some()), Ordering::Relaxed);
+    p.syncs.fetch_add(u64::from(synced), Ordering::Relaxed);
     p.written.store(st.written, Ordering::Release);
     p.durable.store(st.durable, Ordering::Release);
     p.epoch.advance();
@@ -439,16 +323,9 @@ fn complete(
     Ok(())
 }
 
-/// Whether enough of the log has been made durable since the last checkpoint for the next,
-/// and the consume queues hold every durable record's entry and no other (so their lengths
-/// and the durable end agree). Under sync flush, a round written but not yet complete (the
-/// second of two syncing at once) has touched neither the queues nor, through its hooks,
-/// the layers above, so it does not hold the checkpoint back; under async flush the log
-/// must be durable to its end.
+/// Whether enough of the log has been made durable since the last checkpoint for the next.
 fn checkpoint_due(shared: &Shared, st: &FlusherState) -> bool {
-    st.since_checkpoint >= shared.config.checkpoint_bytes
-        && st.dispatch_end <= st.durable
-        && (shared.sync_policy() || st.durable == st.written)
+    st.since_checkpoint >= shared.config.checkpoint_bytes && st.durable == st.written
 }
 
 /// Write a checkpoint if one is due. Fails only if syncing an index failed.

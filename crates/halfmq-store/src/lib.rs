@@ -85,8 +85,6 @@ pub mod key_index;
 #[cfg(test)]
 mod lead_tests;
 pub mod log_start;
-#[cfg(test)]
-mod overlap_tests;
 mod prepare;
 mod read;
 pub mod record;

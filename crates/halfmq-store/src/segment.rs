@@ -41,14 +41,6 @@ pub struct Segment {
     pub file: Arc<dyn StorageFile>,
     /// The segment format version its header says.
     pub version: u32,
-    /// A second handle of the same file, for the second of two group-commit rounds syncing
-    /// at once (`StoreConfig::sync_rounds_max`): two `fdatasync`s running at once on one
-    /// handle could each return before the other's write-back failure is reported, and
-    /// only to the other (Linux reports a failure once per open file). Opened before
-    /// anything is written to the file in this process, so it is told of every failure.
-    /// `None` for segments this process only reads ([`Segment::open`], until
-    /// [`Segment::for_writing`]).
-    second: Option<Arc<dyn StorageFile>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -100,78 +92,43 @@ impl Segment {
         self.file.path()
     }
 
-    /// The handle that group-commit round `seq` syncs this segment through: rounds that
-    /// may sync at once (consecutive ones) use different handles.
-    pub(crate) fn sync_handle(&self, seq: u64) -> &Arc<dyn StorageFile> {
-        match &self.second {
-            Some(second) if seq % 2 == 1 => second,
-            _ => &self.file,
-        }
-    }
-
-    /// This segment with its second handle, for appending to it (the newest segment found
-    /// at open). Nothing has been written to it since the first was opened but what
-    /// recovery wrote and synced through it.
-    pub fn for_writing(&self, storage: &dyn Storage) -> Result<Segment> {
-        Ok(Segment {
-            base: self.base,
-            size: self.size,
-            file: self.file.clone(),
-            version: self.version,
-            second: Some(storage.open(self.path(), false)?),
-        })
-    }
-
     /// Create a new segment file: allocate it, write its header, and make its directory entry
     /// durable. The header itself becomes durable with the first sync of the segment's data.
     pub fn create(storage: &dyn Storage, dir: &Path, base: u64, size: u64) -> Result<Segment> {
         let path = dir.join(file_name(base));
         let file = storage.open(&path, true)?;
-        let second = storage.open(&path, false);
         // fallocate, not zeros: writing a segment's worth of zeros at creation made the first
         // group commit after each roll stall every writer for 100-250 ms (measured). Writes
         // into fallocated blocks cost an extent conversion per fdatasync (about half the fsync
         // rate of written blocks on ext4 here); see ARCHITECTURE.md, "Performance notes".
-        let made = second.and_then(|second| {
-            file.allocate(size)
-                .and_then(|()| file.write_all_at(&header_bytes(base, size), 0))
-                .and_then(|()| storage.sync_dir(dir))
-                .map(|()| second)
-        });
-        let second = match made {
-            Ok(second) => second,
-            Err(e) => {
-                // Leave no half-made file behind; if even that fails, recovery treats a
-                // blank newest segment as never created.
-                let _ = storage.remove_file(&path);
-                return Err(e);
-            }
-        };
+        let made = file
+            .allocate(size)
+            .and_then(|()| file.write_all_at(&header_bytes(base, size), 0))
+            .and_then(|()| storage.sync_dir(dir));
+        if let Err(e) = made {
+            // Leave no half-made file behind; if even that fails, recovery treats a blank
+            // newest segment as never created.
+            let _ = storage.remove_file(&path);
+            return Err(e);
+        }
         Ok(Segment {
             base,
             size,
             file,
             version: FORMAT_VERSION,
-            second: Some(second),
         })
     }
+
     /// Make a prepared file (zero-filled and synced, its directory entry durable: see
     /// `crate::prepare`) the segment starting at `base` by writing its header. Like
     /// [`Segment::create`], the header becomes durable with the first sync of its data.
-    pub fn adopt(
-        storage: &dyn Storage,
-        file: Arc<dyn StorageFile>,
-        base: u64,
-        size: u64,
-    ) -> Result<Segment> {
-        let second = storage.open(file.path(), false)?;
+    pub fn adopt(file: Arc<dyn StorageFile>, base: u64, size: u64) -> Result<Segment> {
         file.write_all_at(&header_bytes(base, size), 0)?;
         Ok(Segment {
             base,
             size,
             file,
             version: FORMAT_VERSION,
-            second: Some(second),
         })
     }
 
@@ -229,7 +186,6 @@ impl Segment {
             size,
             file,
             version,
-            second: None,
         }))
     }
 }

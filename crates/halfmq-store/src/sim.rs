@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -39,10 +38,6 @@ pub struct Faults {
     pub short_writes: bool,
     /// Every `sync_data` takes this long (a slow disk) before it happens or fails.
     pub sync_delay_ms: u64,
-    /// The next `sync_data` that starts while another is in progress fails at once (its
-    /// delay skipped), dropping the unsynced writes, while the other is still running: the
-    /// write-back failure of two overlapping syncs reported first to the later one.
-    pub fail_overlapping_sync: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -59,10 +54,6 @@ struct SimFile {
     unsynced: Vec<Op>,
     /// Created since the last sync of its directory: gone after a crash.
     created_unsynced: bool,
-    /// Failed syncs so far. Like Linux's per-file error sequence (`errseq_t`), a failure
-    /// is reported once to every handle open when it happened: to the sync that failed,
-    /// and to the next sync of each other handle, whose writes the failure dropped too.
-    sync_failures: u64,
 }
 
 impl SimFile {
@@ -95,9 +86,6 @@ struct SimState {
     crashed: bool,
     faults: Faults,
     syncs: u64,
-    /// `sync_data` calls in progress (delay included), and the most seen at once.
-    syncing: u32,
-    syncing_max: u32,
 }
 
 /// An in-memory disk with separate live and durable images; see the module docs.
@@ -109,9 +97,6 @@ pub struct SimStorage {
 struct SimHandle {
     state: Arc<Mutex<SimState>>,
     path: PathBuf,
-    /// The file's write-back failures this handle has reported (`SimFile::sync_failures`
-    /// when it was opened, then as its syncs report them).
-    failures_seen: AtomicU64,
 }
 
 struct SimLock {
@@ -160,12 +145,6 @@ impl SimStorage {
     /// How many successful `sync_data` calls this disk has seen.
     pub fn sync_count(&self) -> u64 {
         self.state.lock().syncs
-    }
-
-    /// The most `sync_data` calls this disk has seen in progress at once (with a
-    /// [`Faults::sync_delay_ms`], calls that overlapped in time).
-    pub fn syncs_at_once_max(&self) -> u32 {
-        self.state.lock().syncing_max
     }
 
     /// Power loss: this disk stops accepting any operation (so the old store instance can no
@@ -325,11 +304,9 @@ impl Storage for SimStorage {
                 },
             );
         }
-        let failures_seen = AtomicU64::new(st.files.get(path).map_or(0, |f| f.sync_failures));
         Ok(Arc::new(SimHandle {
             state: self.state.clone(),
             path: path.to_path_buf(),
-            failures_seen,
         }))
     }
 
@@ -468,38 +445,23 @@ impl StorageFile for SimHandle {
     }
 
     fn sync_data(&self) -> Result<()> {
-        let (delay, fail_now) = {
-            let mut st = self.state.lock();
-            st.syncing += 1;
-            st.syncing_max = st.syncing_max.max(st.syncing);
-            let fail_now = st.faults.fail_overlapping_sync && st.syncing >= 2;
-            if fail_now {
-                st.faults.fail_overlapping_sync = false;
-                st.faults.fail_syncs += 1;
-            }
-            (st.faults.sync_delay_ms, fail_now)
-        };
-        if delay > 0 && !fail_now {
+        let delay = self.state.lock().faults.sync_delay_ms;
+        if delay > 0 {
             std::thread::sleep(std::time::Duration::from_millis(delay));
         }
-        self.state.lock().syncing -= 1;
         self.with("sync", |st, p| {
-            let eio = || sim_err(p, "sync", io::ErrorKind::Other, "simulated EIO on fsync");
             if st.faults.fail_syncs > 0 {
                 st.faults.fail_syncs -= 1;
                 // Like Linux after a failed writeback: the dirty pages are dropped, so the
                 // unsynced writes are gone from the durable image for good.
                 let f = file(st, p);
                 f.unsynced.clear();
-                f.sync_failures += 1;
-                self.failures_seen.store(f.sync_failures, Ordering::Relaxed);
-                return Err(eio());
-            }
-            let failures = file(st, p).sync_failures;
-            if self.failures_seen.swap(failures, Ordering::Relaxed) < failures {
-                // Another handle's sync failed since this one's last: what this handle
-                // wrote may be among the dropped pages, so its sync reports the failure.
-                return Err(eio());
+                return Err(sim_err(
+                    p,
+                    "sync",
+                    io::ErrorKind::Other,
+                    "simulated EIO on fsync",
+                ));
             }
             st.syncs += 1;
             let f = file(st, p);

@@ -39,12 +39,9 @@ pub(crate) struct Writer {
     /// Log fsyncs counted at the last roll (or at open): how many syncs filled the active
     /// segment decides whether the next one is zero-filled ahead (see `crate::prepare`).
     pub(crate) syncs_at_roll: u64,
-    /// Rounds taken and not yet over, by the flusher threads or by a writer leading one
-    /// (`flush::lead`): nobody takes the batch while `StoreConfig::rounds_max` are.
-    pub(crate) rounds: u32,
-    /// Sequence number of the last round taken: rounds are written, and complete, in this
-    /// order (`FlusherState::written_seq`, `completed_seq`).
-    pub(crate) round_seq: u64,
+    /// A round is being written, by the flusher or by a writer leading it
+    /// (`flush::lead`): nobody else takes the batch until it is over.
+    pub(crate) flushing: bool,
     /// The flusher was not woken for the batch's first record, whose writer may write the
     /// round itself; whoever waits on the flusher for this batch wakes it first.
     pub(crate) wake_owed: bool,
@@ -54,10 +51,10 @@ pub(crate) struct Writer {
     pub(crate) spare: Batch,
 }
 
-/// What the writers of rounds (the flusher threads, or a writer leading its own round, see
-/// `flush::lead`) keep between rounds. Under [`Shared::flush`], which a round holds except
-/// during its `fdatasync`; who may take a round is decided under the writer lock
-/// ([`Writer::rounds`]). This lock is taken before the writer lock, never after.
+/// What the one writer of the log at a time (the flusher thread, or a writer leading its own
+/// round, see `flush::lead`) keeps between rounds. Under [`Shared::flush`]; who may write a
+/// round is decided under the writer lock ([`Writer::flushing`]), so this lock is never
+/// contended and is never taken while the writer lock is held.
 pub(crate) struct FlusherState {
     /// Consume-queue entries of records written but not yet durable (async flush), appended
     /// by the round that syncs them.
@@ -72,17 +69,6 @@ pub(crate) struct FlusherState {
     pub(crate) checkpoint_seq: u64,
     pub(crate) written: u64,
     pub(crate) durable: u64,
-    /// The last round whose batch is written (`Writer::round_seq` numbers them): the next
-    /// writes once this is its predecessor.
-    pub(crate) written_seq: u64,
-    /// The last round completed (made durable, indexed, acknowledged): likewise.
-    pub(crate) completed_seq: u64,
-    /// Log end of the records whose consume-queue entries are in `dispatch`: they are
-    /// appended once `durable` reaches it.
-    pub(crate) dispatch_end: u64,
-    /// A round failed: every later round fails with this, without writing (the store is
-    /// being poisoned).
-    pub(crate) failed: Option<String>,
 }
 
 impl FlusherState {
@@ -98,10 +84,6 @@ impl FlusherState {
             checkpoint_seq,
             written: end,
             durable: end,
-            written_seq: 0,
-            completed_seq: 0,
-            dispatch_end: end,
-            failed: None,
         }
     }
 }
@@ -160,10 +142,8 @@ pub(crate) struct Shared {
     pub(crate) writer: Mutex<Writer>,
     /// What the writer of rounds keeps between them (see the `flush` module).
     pub(crate) flush: Mutex<FlusherState>,
-    /// The flusher threads wait here for work (on `writer`).
+    /// The flusher waits here for work (on `writer`).
     pub(crate) work: Condvar,
-    /// Rounds wait here for their turn to write or to complete (on `flush`).
-    pub(crate) turn: Condvar,
     /// Writers wait here for room in the batch (on `writer`).
     pub(crate) space: Condvar,
     pub(crate) progress: Progress,

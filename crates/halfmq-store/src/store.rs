@@ -102,15 +102,13 @@ impl Store {
                 gather_target: 1,
                 gather_wait: std::time::Duration::ZERO,
                 syncs_at_roll: 0,
-                rounds: 0,
-                round_seq: 0,
+                flushing: false,
                 wake_owed: false,
                 checkpoint_due: false,
                 spare: Batch::default(),
             }),
             flush: Mutex::new(crate::state::FlusherState::new(end, rec.checkpoint_seq)),
             work: Condvar::new(),
-            turn: Condvar::new(),
             space: Condvar::new(),
             progress: Progress {
                 written: AtomicU64::new(end),
@@ -191,8 +189,7 @@ impl Store {
         {
             let mut w = self.shared.writer.lock();
             w.closed = true;
-            // Both flusher threads, if there are two: the second stops, the first closes.
-            self.shared.work.notify_all();
+            self.shared.work.notify_one();
             self.shared.space.notify_all();
             self.shared.async_notify.notify_waiters();
             self.shared.async_space.notify_waiters();

@@ -32,10 +32,6 @@ settings! {
         /// A lone producer's request writes and syncs its own group commit on the network
         /// worker, instead of waking the flusher thread and being woken back by it.
         tasks_may_lead: bool = "HALFMQ_TASKS_MAY_LEAD" => broker.store.tasks_may_lead;
-        /// Group commits whose fdatasync may run at once with --flush sync: 1 or 2 (the
-        /// next is written and synced while the last one's fdatasync runs; they still
-        /// complete in log order).
-        sync_rounds_max: u32 = "HALFMQ_SYNC_ROUNDS_MAX" => broker.store.sync_rounds_max;
     }
 
     /// Topics.

@@ -79,9 +79,7 @@ pub(crate) struct Recovered {
 }
 
 /// Most bytes past the last valid record that an unclean stop can leave non-zero: one batch
-/// being written plus what async flush may hold unsynced, or, under sync flush, the two
-/// rounds that may be syncing at once (`StoreConfig::sync_rounds_max`). A batch holds at
-/// most `pending_bytes_max` bytes, or one record when it is larger.
+/// being written plus what async flush may hold unsynced.
 pub(crate) fn torn_tail_bytes_max(config: &StoreConfig) -> u64 {
     2 * (config.pending_bytes_max + u64::from(config.record_bytes_max))
 }
@@ -360,11 +358,6 @@ pub(crate) fn recover(
     let mut map: BTreeMap<u64, Arc<Segment>> =
         segments.iter().map(|s| (s.base, s.clone())).collect();
     let mut active = segments[active_idx].clone();
-    if !need_new_segment {
-        // It takes appends: with the second handle the flusher syncs through.
-        active = Arc::new(active.for_writing(storage)?);
-        map.insert(active.base, active.clone());
-    }
     if need_new_segment {
         let base = active.base + active.size;
         let seg = Arc::new(Segment::create(
