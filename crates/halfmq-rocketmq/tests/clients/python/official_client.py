@@ -330,12 +330,8 @@ def case_refused():
         raise CaseFailed("a priority message was accepted")
 
 
-class SlowListener(MessageListener):
-    """Takes 3 s for each message, recording the attempts of each body."""
-
-    def __init__(self):
-        self.seen = {}
-        self.lock = threading.Lock()
+class SlowListener(Recorder, MessageListener):
+    """Takes 3 s for each message; `seen` has the attempts of each body."""
 
     def consume(self, message):
         with self.lock:
@@ -348,27 +344,15 @@ def case_slow_push():
     """A push consumer (group `slow-pushers`: 1 s leases) whose listener takes 3 s: the
     endpoint renews the lease (the consumer receives with auto_renew), so the message is
     handed out once and acked."""
-    p = producer(["slow-push"])
-    listener = SlowListener()
-    c = PushConsumer(config(), "slow-pushers", listener, {"slow-push": FilterExpression()})
-    c.startup()
-    try:
+    listener = SlowListener({})
+    with producer(["slow-push"]) as p, push_consumer("slow-pushers", "slow-push", listener):
         p.send(message("slow-push", "slow"))
-        until = time.time() + 20
-        while time.time() < until:
-            with listener.lock:
-                if listener.seen:
-                    break
-            time.sleep(0.1)
+        listener.wait_for(lambda seen: bool(seen))
         # The listener's 3 s, and time for a redelivery to show, were the lease not renewed.
         time.sleep(5)
-        with listener.lock:
-            seen = {b: list(a) for b, a in listener.seen.items()}
+        seen = listener.snapshot()
         check(seen == {"slow": [1]}, f"deliveries {seen}")
         return {"seen": seen}
-    finally:
-        c.shutdown()
-        p.shutdown()
 
 
 CASES = [
