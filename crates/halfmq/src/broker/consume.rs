@@ -83,6 +83,33 @@ pub(super) enum Nack<'a> {
     DeadLetter(&'a str),
 }
 
+impl Nack<'_> {
+    /// Why the message failed, as its lease, retry state and dead letter record it.
+    fn reason(&self) -> String {
+        match self {
+            Nack::After(_) => "nacked by the consumer".to_owned(),
+            Nack::DeadLetter(why) => {
+                format!("sent to the dead-letter queue by the consumer: {why}")
+            }
+        }
+    }
+
+    /// Whether the message goes to the dead letters, with `failures` failed deliveries
+    /// (this one counted) against the group's `max_retries`.
+    fn dead_letters(&self, failures: u32, max_retries: u32) -> bool {
+        matches!(self, Nack::DeadLetter(_)) || failures > max_retries
+    }
+
+    /// The wait before it is delivered again that the nack asks for (`None`: the group's
+    /// retry backoff).
+    fn delay(&self) -> Option<Duration> {
+        match self {
+            Nack::After(delay) => *delay,
+            Nack::DeadLetter(_) => None,
+        }
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -341,6 +368,24 @@ impl Broker {
                 format!("the topic has {} queues", t.queues.len()),
             )
         })
+    }
+
+    /// The queue of a message named by (queue, offset), which must hold it (an ack, a
+    /// decision or a record of one names only stored messages): [`Broker::acked_queue`]
+    /// and [`Broker::is_stored`] together, with the same error for each.
+    pub(super) fn stored_queue<'t>(
+        &self,
+        group: &str,
+        t: &'t Topic,
+        queue: u32,
+        offset: u64,
+    ) -> Result<&'t Arc<ConsumeQueue>> {
+        let q = self.acked_queue(group, t, queue, offset)?;
+        if !self.is_stored(q, offset)? {
+            let why = format!("the queue has {} messages", q.len());
+            return Err(Self::bad_ack(group, t, queue, offset, why));
+        }
+        Ok(q)
     }
 
     /// What this process knows of `group`'s delivery of one message (None: the group has not

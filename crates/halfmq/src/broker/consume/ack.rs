@@ -94,16 +94,7 @@ impl Broker {
     ) -> Result<()> {
         let mut by_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for &(queue, offset) in acks {
-            let q = self.acked_queue(group, t, queue, offset)?;
-            if !self.is_stored(q, offset)? {
-                return Err(Self::bad_ack(
-                    group,
-                    t,
-                    queue,
-                    offset,
-                    format!("the queue has {} messages", q.len()),
-                ));
-            }
+            self.stored_queue(group, t, queue, offset)?;
             by_queue.entry(queue).or_default().push(offset);
         }
         for (queue, offsets) in by_queue {
@@ -204,14 +195,7 @@ impl Broker {
         validate_group_name(group)?;
         let t = self.topic_to_read(topic)?;
         let gt = self.group_topic(group, &t)?;
-        let dead_now = matches!(how, Nack::DeadLetter(_));
-        let (delay, reason) = match how {
-            Nack::After(delay) => (delay, "nacked by the consumer".to_owned()),
-            Nack::DeadLetter(why) => (
-                None,
-                format!("sent to the dead-letter queue by the consumer: {why}"),
-            ),
-        };
+        let reason = how.reason();
         let (lease, d) = self.hold_delivered(group, &t, &gt, (queue, offset), &reason, receipt)?;
         let mut held = HeldLease {
             group: &gt,
@@ -220,7 +204,7 @@ impl Broker {
             back: Some(lease.clone()),
         };
         let failures = lease.failures + 1;
-        if dead_now || failures > d.max_retries {
+        if how.dead_letters(failures, d.max_retries) {
             let dead = Lease {
                 failures,
                 reason,
@@ -233,7 +217,7 @@ impl Broker {
             held.back = None;
             return Ok(NackOutcome::DeadLettered { dead_letter });
         }
-        let at_ms = self.lease_now() + ms(delay.unwrap_or_else(|| d.backoff(failures)));
+        let at_ms = self.lease_now() + ms(how.delay().unwrap_or_else(|| d.backoff(failures)));
         let state = RetryState {
             failures,
             due_ms: at_ms,

@@ -183,19 +183,13 @@ impl Broker {
         validate_group_name(group)?;
         let t = self.topic_to_read(topic)?;
         let gt = self.group_topic(group, &t)?;
-        let (reason, delay) = match how {
-            Nack::After(delay) => ("nacked by the consumer".to_owned(), delay),
-            Nack::DeadLetter(why) => (
-                format!("sent to the dead-letter queue by the consumer: {why}"),
-                None,
-            ),
-        };
+        let reason = how.reason();
         let (back, d) = self.hold_delivered(group, &t, &gt, at, &reason, receipt)?;
         let failures = back.failures + 1;
-        let settlement = if matches!(how, Nack::DeadLetter(_)) || failures > d.max_retries {
+        let settlement = if how.dead_letters(failures, d.max_retries) {
             Settlement::DeadLetter { failures, reason }
         } else {
-            let wait = delay.unwrap_or_else(|| d.backoff(failures));
+            let wait = how.delay().unwrap_or_else(|| d.backoff(failures));
             Settlement::Retry {
                 failures,
                 due_ms: self.lease_now().saturating_add(ms(wait)),
@@ -314,11 +308,7 @@ impl Broker {
         let t = self.topic_to_read(topic)?;
         let gt = self.group_topic(group, &t)?;
         let mut g = gt.lock();
-        let q = self.acked_queue(group, &t, queue, offset)?;
-        if !self.is_stored(q, offset)? {
-            let why = format!("the queue has {} messages", q.len());
-            return Err(Self::bad_ack(group, &t, queue, offset, why));
-        }
+        let q = self.stored_queue(group, &t, queue, offset)?;
         let fifo = g.delivery.fifo;
         let c = &mut g.cursors[queue as usize];
         if c.is_acked(offset) {
@@ -387,11 +377,7 @@ impl Broker {
         let fifo = g.delivery.fifo;
         let mut recorded = 0;
         for l in leases {
-            let q = self.acked_queue(group, &t, l.queue, l.offset)?;
-            if !self.is_stored(q, l.offset)? {
-                let why = format!("the queue has {} messages", q.len());
-                return Err(Self::bad_ack(group, &t, l.queue, l.offset, why));
-            }
+            let q = self.stored_queue(group, &t, l.queue, l.offset)?;
             let c = &mut g.cursors[l.queue as usize];
             let old = c.lease(l.offset).cloned();
             let failures = old.as_ref().map_or(0, |o| o.failures);
@@ -443,11 +429,7 @@ impl Broker {
         let gt = self.group_topic(group, &t)?;
         let lease = {
             let mut g = gt.lock();
-            let q = self.acked_queue(group, &t, queue, offset)?;
-            if !self.is_stored(q, offset)? {
-                let why = format!("the queue has {} messages", q.len());
-                return Err(Self::bad_ack(group, &t, queue, offset, why));
-            }
+            self.stored_queue(group, &t, queue, offset)?;
             let c = &mut g.cursors[queue as usize];
             if c.is_acked(offset) {
                 return Ok(None);
