@@ -80,7 +80,21 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
 }
 
+/// Transparent huge pages off for this process (and what it starts), unless
+/// `MIMALLOC_ALLOW_THP` is set, which then decides as mimalloc reads it. mimalloc takes fresh
+/// memory from the kernel as the heap grows and gives it back after a second unused; with
+/// huge pages every first touch of a 2 MiB region made the kernel zero all of it, 30% of a
+/// replicated leader's CPU in a profile (ARCHITECTURE.md, "Replication"). Best effort: a
+/// kernel without them has nothing to turn off.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HALFMQ_LOG")
