@@ -20,6 +20,7 @@ use halfmq::{
 use halfmq_types::error::{Error, Result};
 use halfmq_types::Outcome as TxnOutcome;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// A message as the raft log carries it (the fields of [`halfmq::Message`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,12 +306,45 @@ impl Command {
 }
 
 /// A raft entry's data: commands applied in order, at the leader's time.
+///
+/// The commands are shared (`Arc`): openraft asks the log for an entry once to apply it and
+/// once per follower to send it, and the log serves recent entries from memory
+/// ([`crate::log_store`]), so a clone must not copy the messages. The encoding is the
+/// `Vec`'s, so logs and journals written before read the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     /// The leader's clock when it proposed the batch, ms since the Unix epoch.
     pub time_ms: u64,
     /// The commands.
-    pub commands: Vec<Command>,
+    #[serde(with = "shared_commands")]
+    pub commands: Arc<Vec<Command>>,
+}
+
+impl Batch {
+    /// `commands` at `time_ms`.
+    pub fn new(time_ms: u64, commands: Vec<Command>) -> Batch {
+        Batch {
+            time_ms,
+            commands: Arc::new(commands),
+        }
+    }
+}
+
+/// (De)serializes `Arc<Vec<Command>>` as the `Vec` itself.
+mod shared_commands {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Command;
+
+    pub fn serialize<S: Serializer>(v: &Arc<Vec<Command>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_slice().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<Command>>, D::Error> {
+        Vec::<Command>::deserialize(d).map(Arc::new)
+    }
 }
 
 /// An error as it crosses raft: [`Error::code`] and its text, turned back into the

@@ -18,6 +18,11 @@
 //!   as if the truncate had not started, and the leader truncates them again.
 //! - **Purge** (entries a snapshot covers) records the purged log id first, then deletes
 //!   the segments wholly below it.
+//! - **Recent entries** stay in memory as well, decoded (up to [`RECENT_BYTES_MAX`] of their
+//!   frames): openraft reads each entry back once to apply it and once per follower to send
+//!   it, soon after it was appended, and a [`crate::Batch`]'s commands are shared, so those
+//!   reads clone a pointer instead of reading, checking and decoding the frame again. Older
+//!   entries (a follower far behind, a restart) are read from their segment.
 //! - **Open** reads every segment: a frame cut short or failing its CRC at the end of the
 //!   newest segment is a torn append that was never acknowledged, and is cut off; anywhere
 //!   else it is damage, and opening fails with [`Error::Damaged`] naming the file and byte.
@@ -43,6 +48,15 @@ use crate::{Entry, LogId, NodeId, StorageError, TypeConfig};
 /// Default size a segment grows to before the next one starts.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
+/// Most bytes (of their frames) of the newest entries kept decoded in memory.
+pub const RECENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Most bytes (of their frames) of the entries openraft is given to send to a follower in
+/// one append (at least one entry, whatever its size): see [`LogStore::limited_entries`].
+/// A follower must write, fsync and answer an append within one heartbeat (50 ms). 1 MiB
+/// measured no faster than 256 KiB (`scripts/cluster-throughput`, 2026-12-07).
+pub const APPEND_BYTES_MAX: u64 = 256 << 10;
+
 /// The raft log of one node. Clones share it (the log reader openraft asks for is a clone).
 #[derive(Clone)]
 pub struct LogStore {
@@ -52,6 +66,8 @@ pub struct LogStore {
 struct Shared {
     dir: PathBuf,
     segment_bytes: u64,
+    /// [`RECENT_BYTES_MAX`] (smaller in tests).
+    recent_bytes_max: u64,
     inner: Mutex<Inner>,
     /// To the flusher thread; dropped with the last clone, which ends the thread.
     flush_tx: Mutex<mpsc::Sender<FlushRequest>>,
@@ -65,6 +81,10 @@ struct Inner {
     index: BTreeMap<u64, Loc>,
     last_purged: Option<LogId>,
     vote: Option<Vote<NodeId>>,
+    /// The newest entries, decoded, with their frame's length (see the module docs).
+    recent: BTreeMap<u64, (Entry, u64)>,
+    /// The frame bytes of `recent`.
+    recent_bytes: u64,
 }
 
 struct Segment {
@@ -135,6 +155,7 @@ impl LogStore {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 segment_bytes: segment_bytes.max(1),
+                recent_bytes_max: RECENT_BYTES_MAX,
                 inner: Mutex::new(inner),
                 flush_tx: Mutex::new(tx),
             }),
@@ -147,22 +168,37 @@ impl LogStore {
         inner.last_log_id()
     }
 
-    /// Entries in `range` of indexes, read back from their segments.
+    /// Entries in `range` of indexes: the recent ones from memory, older ones read back
+    /// from their segments.
     pub fn entries<RB: RangeBounds<u64>>(&self, range: RB) -> Result<Vec<Entry>> {
-        let locs: Vec<(Loc, Arc<File>)> = {
+        enum Found {
+            Kept(Entry),
+            Stored(Loc, Arc<File>),
+        }
+        let found: Vec<Found> = {
             let inner = self.shared.inner.lock();
             let r = (range.start_bound().cloned(), range.end_bound().cloned());
             inner
                 .index
                 .range(r)
-                .filter_map(|(_, l)| {
-                    let seg = inner.segments.get(&l.segment)?;
-                    Some((*l, seg.file.clone()))
+                .filter_map(|(i, l)| match inner.recent.get(i) {
+                    Some((e, _)) if e.log_id == l.log_id => Some(Found::Kept(e.clone())),
+                    _ => {
+                        let seg = inner.segments.get(&l.segment)?;
+                        Some(Found::Stored(*l, seg.file.clone()))
+                    }
                 })
                 .collect()
         };
-        let mut out = Vec::with_capacity(locs.len());
-        for (l, file) in locs {
+        let mut out = Vec::with_capacity(found.len());
+        for f in found {
+            let (l, file) = match f {
+                Found::Kept(e) => {
+                    out.push(e);
+                    continue;
+                }
+                Found::Stored(l, file) => (l, file),
+            };
             // A frame is at most 8 + 16 MiB (frame::BODY_BYTES_MAX): the cast is lossless.
             let mut buf = vec![0u8; l.len as usize];
             let path = self.shared.dir.join("log").join(segment_name(l.segment));
@@ -173,11 +209,38 @@ impl LogStore {
         Ok(out)
     }
 
+    /// The entries from `start` (inclusive) to `end` (exclusive) whose frames fit in
+    /// `bytes_max` together, at least one: what openraft sends a follower in one append
+    /// (`RaftLogReader::limited_get_log_entries`). Without the limit openraft asks for every
+    /// entry the follower lacks and the network refuses an append too large to be written
+    /// and fsynced within a heartbeat, after it was read and encoded, which costs a leader
+    /// under load an encoding for nothing at every step.
+    pub fn limited_entries(&self, start: u64, end: u64, bytes_max: u64) -> Result<Vec<Entry>> {
+        let last = {
+            let inner = self.shared.inner.lock();
+            let mut bytes = 0;
+            let mut last = None;
+            for (i, l) in inner.index.range(start..end.max(start)) {
+                if last.is_some() && bytes + l.len > bytes_max {
+                    break;
+                }
+                bytes += l.len;
+                last = Some(*i);
+            }
+            last
+        };
+        match last {
+            Some(last) => self.entries(start..=last),
+            None => Ok(Vec::new()),
+        }
+    }
+
     fn append_now(&self, entries: Vec<Entry>) -> Result<Arc<File>> {
         let mut inner = self.shared.inner.lock();
         let log_dir = self.shared.dir.join("log");
         let mut pending: Vec<u8> = Vec::new();
         let mut pending_locs: Vec<Loc> = Vec::new();
+        let mut written: Vec<(Entry, u64)> = Vec::with_capacity(entries.len());
         for entry in entries {
             let bytes = frame::encode(&entry, "raft entry")?;
             let index = entry.get_log_id().index;
@@ -225,8 +288,12 @@ impl LogStore {
                 log_id: *entry.get_log_id(),
             });
             pending.extend_from_slice(&bytes);
+            written.push((entry, bytes.len() as u64));
         }
         inner.write_pending(&mut pending, &mut pending_locs)?;
+        for (entry, len) in written {
+            inner.keep_recent(entry, len, self.shared.recent_bytes_max);
+        }
         match inner.segments.values().next_back() {
             Some(s) => Ok(s.file.clone()),
             None => unreachable_segment(),
@@ -260,6 +327,8 @@ impl LogStore {
             seg.len = at.pos;
         }
         inner.index.split_off(&log_id.index);
+        let cut = inner.recent.split_off(&log_id.index);
+        inner.recent_bytes -= cut.values().map(|(_, len)| len).sum::<u64>();
         Ok(())
     }
 
@@ -268,6 +337,8 @@ impl LogStore {
         let mut inner = self.shared.inner.lock();
         inner.last_purged = Some(log_id);
         inner.index = inner.index.split_off(&(log_id.index + 1));
+        inner.recent = inner.recent.split_off(&(log_id.index + 1));
+        inner.recent_bytes = inner.recent.values().map(|(_, len)| len).sum();
         // A segment can go when the next one starts at or below the first entry kept.
         let firsts: Vec<u64> = inner.segments.keys().copied().collect();
         let mut removed = false;
@@ -300,6 +371,21 @@ impl Inner {
             .next_back()
             .map(|l| l.log_id)
             .or(self.last_purged)
+    }
+
+    /// Keep `entry` (written, its frame `len` bytes) in memory, and forget the oldest kept
+    /// ones beyond [`RECENT_BYTES_MAX`].
+    fn keep_recent(&mut self, entry: Entry, len: u64, max: u64) {
+        if let Some((_, old)) = self.recent.insert(entry.log_id.index, (entry, len)) {
+            self.recent_bytes -= old;
+        }
+        self.recent_bytes += len;
+        while self.recent_bytes > max {
+            match self.recent.pop_first() {
+                Some((_, (_, len))) => self.recent_bytes -= len,
+                None => break,
+            }
+        }
     }
 
     /// Write the frames gathered for the active segment, and index them.
@@ -426,6 +512,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> std::result::Result<Vec<Entry>, StorageError> {
         self.entries(range)
+            .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Read, &e))
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> std::result::Result<Vec<Entry>, StorageError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        self.limited_entries(start, end, APPEND_BYTES_MAX)
             .map_err(|e| storage(ErrorSubject::Logs, ErrorVerb::Read, &e))
     }
 }
@@ -560,6 +658,40 @@ mod tests {
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("opened a damaged log"),
         }
+    }
+
+    #[test]
+    fn entries_kept_in_memory_are_the_ones_on_disk_and_leave_with_a_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogStore::open(dir.path(), 100).unwrap();
+        // Room for about three of these entries in memory: the older ones come from disk.
+        let one = frame::encode(&entry(1), "test").unwrap().len() as u64;
+        Arc::get_mut(&mut log.shared).unwrap().recent_bytes_max = 3 * one;
+        for i in 1..=9 {
+            log.append_now(vec![entry(i)]).unwrap();
+        }
+        {
+            let inner = log.shared.inner.lock();
+            let kept: Vec<u64> = inner.recent.keys().copied().collect();
+            assert!(!kept.is_empty() && kept.len() < 9, "{kept:?}");
+            assert_eq!(kept.last(), Some(&9));
+            assert!(inner.recent_bytes <= 3 * one);
+        }
+        let served = log.entries(..).unwrap();
+        drop(log);
+        let log = LogStore::open(dir.path(), 100).unwrap();
+        assert!(log.shared.inner.lock().recent.is_empty());
+        assert_eq!(log.entries(..).unwrap(), served);
+        // A truncate takes the kept entries with it; what is appended after is served.
+        let other = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), 7),
+            payload: EntryPayload::Blank,
+        };
+        log.append_now(vec![entry(10)]).unwrap();
+        log.truncate_now(entry(7).log_id).unwrap();
+        assert!(log.shared.inner.lock().recent.keys().all(|i| *i < 7));
+        log.append_now(vec![other.clone()]).unwrap();
+        assert_eq!(log.entries(7..).unwrap(), vec![other]);
     }
 
     #[test]

@@ -163,13 +163,13 @@ async fn throughput() {
                 let r = r.clone();
                 async move {
                     let messages = batch_of(w, n).iter().map(MessageData::from).collect();
-                    let batch = Batch {
-                        time_ms: halfmq::clock::now_ms(),
-                        commands: vec![Command::Send {
+                    let batch = Batch::new(
+                        halfmq::clock::now_ms(),
+                        vec![Command::Send {
                             topic: TOPIC.to_owned(),
                             messages,
                         }],
-                    };
+                    );
                     r.client_write(batch).await.expect("committed");
                 }
             })

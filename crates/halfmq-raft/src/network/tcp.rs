@@ -380,8 +380,9 @@ impl TcpLink {
     }
 }
 
-/// Most bytes an append of several entries carries (see `append_entries`).
-const APPEND_BYTES_MAX: usize = 256 << 10;
+/// Bytes an append request carries besides its entries' frames (vote, log ids, lengths),
+/// with room to spare.
+const APPEND_OVERHEAD_BYTES: usize = 4 << 10;
 
 type RpcResult<T> = std::result::Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
@@ -410,9 +411,11 @@ impl RaftNetwork<TypeConfig> for TcpLink {
         // openraft gives an append one heartbeat interval (50 ms) to be sent, written and
         // fsynced by the follower, and answered; one that takes longer is sent again, the
         // same size, for ever (a node catching up never would). So an append of more than
-        // one entry is kept to `APPEND_BYTES_MAX`, and openraft sends fewer entries.
+        // one entry is kept to `log_store::APPEND_BYTES_MAX` (the log reader already gives
+        // openraft no more than that), and openraft sends fewer entries.
+        let most = crate::log_store::APPEND_BYTES_MAX as usize + APPEND_OVERHEAD_BYTES;
         let bytes = match frame::encode(&req, "peer request") {
-            Ok(b) if n > 1 && b.len() > APPEND_BYTES_MAX => None,
+            Ok(b) if n > 1 && b.len() > most => None,
             Ok(b) => Some(b),
             Err(_) if n > 1 => None,
             Err(e) => return Err(NetworkError::new(&e).into()),
