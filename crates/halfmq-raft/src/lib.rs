@@ -26,6 +26,7 @@
 //!   the leader, add and remove members, read its broker; [`status`]: the cluster as a
 //!   node sees it, in the shape `halfmq cluster status --json` prints;
 //! - [`propose`]: a batch proposed through the leader, and why it was not ([`ReplicaError`]);
+//!   [`merge`]: concurrent writes merged into one proposal while others are in flight;
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
 
 #![forbid(unsafe_code)]
@@ -38,6 +39,7 @@ pub mod command;
 pub mod consume;
 pub mod frame;
 pub mod log_store;
+pub mod merge;
 pub mod network;
 pub mod node;
 pub mod propose;

@@ -27,8 +27,9 @@ use tokio::sync::watch;
 use crate::checkback::CheckBack;
 use crate::command::{self, Applied, Command, MessageData};
 use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
+use crate::merge::Proposer;
 pub use crate::propose::ReplicaError;
-use crate::propose::{client_error, entry_runs, propose, unsent};
+use crate::propose::{client_error, entry_runs, unsent};
 use crate::state_machine::{BrokerCell, StateMachine};
 use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
@@ -83,6 +84,8 @@ impl ReplicaConfig {
 pub struct ReplicaNode {
     id: NodeId,
     raft: Raft,
+    /// Proposes writes, merging concurrent ones ([`crate::merge`]).
+    proposer: Proposer,
     broker: BrokerCell,
     /// Queues of a topic created on first send (the broker settings' `default_queues`),
     /// `None` when the settings do not create topics on first use.
@@ -133,6 +136,7 @@ impl ReplicaNode {
         tokio::spawn(check_back.run(stopped));
         Ok(ReplicaNode {
             id,
+            proposer: Proposer::new(raft.clone()),
             raft,
             broker,
             auto_create,
@@ -195,10 +199,11 @@ impl ReplicaNode {
         self.broker.read().clone()
     }
 
-    /// Propose `commands` as one batch and wait until it is committed (fsynced on a
-    /// majority) and applied here: one answer per command.
+    /// Propose `commands` as one batch, or as part of one with other writes made while
+    /// [`crate::merge::IN_FLIGHT_MAX`] proposals are in flight, and wait until it is
+    /// committed (fsynced on a majority) and applied here: one answer per command.
     pub async fn write(&self, commands: Vec<Command>) -> Result<Vec<Applied>, ReplicaError> {
-        propose(&self.raft, commands).await
+        self.proposer.write(commands).await
     }
 
     /// Whether this node leads now, or else [`ReplicaError::NotLeader`] with the leader

@@ -71,15 +71,14 @@ pub(crate) async fn propose(
             addr: None,
         });
     }
-    let batch = Batch {
-        time_ms: now_ms(),
-        commands,
-    };
+    let batch = Batch::new(now_ms(), commands);
     let started = std::time::Instant::now();
     let give_up = std::time::Duration::from_millis(5 * raft.config().election_timeout_max);
     let write = raft.client_write(batch);
     tokio::pin!(write);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    // The first look at the majority after 100 ms: it was just made above.
+    let every = std::time::Duration::from_millis(100);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             done = &mut write => {
