@@ -151,6 +151,15 @@ impl Proc {
         }
     }
 
+    /// Send SIGTERM (a clean stop).
+    pub fn sigterm(&self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -TERM failed");
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -468,11 +477,7 @@ impl BrokerProc {
     }
 
     pub fn send_sigterm(&self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.proc.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill -TERM failed");
+        self.proc.sigterm();
     }
 
     /// SIGTERM; the broker must stop cleanly with exit status 0.

@@ -26,6 +26,8 @@
 //!   the leader, add and remove members, read its broker; [`status`]: the cluster as a
 //!   node sees it, in the shape `halfmq cluster status --json` prints;
 //! - [`propose`]: a batch proposed through the leader, and why it was not ([`ReplicaError`]);
+//! - [`repair`]: a node whose raft log or snapshot journal is damaged moves them aside and
+//!   catches up from its peers, voting again only once it holds what the cluster committed;
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
 
 #![forbid(unsafe_code)]
@@ -41,6 +43,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod propose;
+pub mod repair;
 pub mod snapshot;
 pub mod state_machine;
 pub mod status;
