@@ -140,7 +140,8 @@ impl Cluster {
                     Some(l) => l,
                     None => rebind(&addrs[&id]).await,
                 };
-                let server = PeerServer::start(listener, node.raft().clone(), token.clone());
+                let (raft, gate) = (node.raft().clone(), node.peer_gate());
+                let server = PeerServer::start_gated(listener, raft, gate, token.clone());
                 servers.insert(id, server.expect("the peer server starts"));
                 node
             }
