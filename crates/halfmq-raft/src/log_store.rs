@@ -3,6 +3,7 @@
 //! ```text
 //! <dir>/log/<first index:020>.seg   entries, one frame (crate::frame) each, in index order
 //! <dir>/vote                        the vote, one frame, replaced whole (frame::write_atomic)
+//! <dir>/vote.copy                   the same, written just before it (write_vote, read_vote)
 //! <dir>/purged                      the last purged log id, replaced whole
 //! ```
 //!
@@ -19,8 +20,11 @@
 //! - **Purge** (entries a snapshot covers) records the purged log id first, then deletes
 //!   the segments wholly below it.
 //! - **Open** reads every segment: a frame cut short or failing its CRC at the end of the
-//!   newest segment is a torn append that was never acknowledged, and is cut off; anywhere
-//!   else it is damage, and opening fails with [`Error::Damaged`] naming the file and byte.
+//!   newest segment, with no whole frame after it, is a torn append that was never
+//!   acknowledged, and is cut off; anywhere else it is damage, and opening fails with
+//!   [`Error::Damaged`] naming the file and byte (`crate::repair` then repairs the node
+//!   from its peers). A segment holds consecutive indexes; entries read back are checked
+//!   against their CRC again.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

@@ -112,7 +112,10 @@ async fn a_node_with_a_damaged_log_refuses_votes_until_it_holds_what_was_committ
     let term = m.vote.leader_id().term;
     assert_eq!(m.current_term, term, "{m:?}");
     assert!(
-        !matches!(m.state, openraft::ServerState::Candidate | openraft::ServerState::Leader),
+        !matches!(
+            m.state,
+            openraft::ServerState::Candidate | openraft::ServerState::Leader
+        ),
         "it stood for election alone: {m:?}"
     );
     // A candidate far ahead in term and log: refused, and its term not taken.
@@ -133,7 +136,10 @@ async fn a_node_with_a_damaged_log_refuses_votes_until_it_holds_what_was_committ
     c.caught_up(f, leader).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     while gate.repairing() {
-        assert!(tokio::time::Instant::now() < deadline, "node {f} stays repairing");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {f} stays repairing"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(!c.dir(f).join("repairing").exists(), "the marker stays");
