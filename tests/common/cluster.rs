@@ -274,22 +274,7 @@ impl ClusterProcs {
                     .is_some_and(|n| n.to_string_lossy().starts_with("broker."))
             })
             .expect("a broker directory");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(broker.join("log"))
-            .expect("the log directory")
-            .map(|e| e.expect("a log file").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .map(|p| {
-                let mut b = std::fs::read(p).expect("a segment");
-                let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
-                b.truncate(end);
-                b
-            })
-            .filter(|b| !b.is_empty())
-            .collect()
+        super::segments::log_segments(&broker.join("log"))
     }
 
     /// `halfmq cluster status --json` over every node.

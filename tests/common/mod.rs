@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod load;
 pub mod netns;
+pub mod segments;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
