@@ -252,6 +252,31 @@ impl ClusterProcs {
         p.kill();
     }
 
+    /// Stop node `id` with SIGTERM: it must exit 0 (its broker closed, everything flushed).
+    pub fn stop(&mut self, id: u64) {
+        let mut p = self.nodes.remove(&id).expect("a running node");
+        p.sigterm();
+        let st = p.wait_exit(START);
+        assert!(st.success(), "node {id} exited {st}:\n{}", p.stderr());
+    }
+
+    /// Node `id`'s broker log (`state/broker.<n>/log`), byte for byte: each segment's bytes
+    /// up to its last non-zero one (the rest is preallocated), in order. Equal on two
+    /// stopped nodes that applied the same entries: every node writes the same records at
+    /// the same offsets.
+    pub fn broker_log_bytes(&self, id: u64) -> Vec<Vec<u8>> {
+        let state = self.dir(id).join("state");
+        let broker = std::fs::read_dir(&state)
+            .expect("the state directory")
+            .map(|e| e.expect("an entry").path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("broker."))
+            })
+            .expect("a broker directory");
+        super::segments::log_segments(&broker.join("log"))
+    }
+
     /// `halfmq cluster status --json` over every node.
     pub fn status(&self) -> Value {
         self.status_via(&self.addr_list())
@@ -483,4 +508,29 @@ impl ClusterProcs {
             assert!(there.is_empty(), "node {id} stores {there:?}");
         }
     }
+}
+
+/// Damage the file at `path`, a sequence of raft frames (`len u32 | crc u32 | body`: a raft
+/// log segment, a snapshot journal): 16 bytes in the middle of the body of frame `nth`
+/// (the middle frame when `None`), inverted. Its damaged bytes.
+pub fn damage_frame(path: &std::path::Path, nth: Option<usize>) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).expect("the file to damage");
+    let mut frames = Vec::new();
+    let mut pos = 0usize;
+    while pos + 8 <= bytes.len() {
+        let body = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        if body == 0 || pos + 8 + body > bytes.len() {
+            break;
+        }
+        frames.push((pos, body));
+        pos += 8 + body;
+    }
+    let (at, body) = frames[nth.unwrap_or(frames.len() / 2)];
+    assert!(body >= 16, "a frame of {body} bytes in {}", path.display());
+    let from = at + 8 + body / 2 - 8;
+    for b in &mut bytes[from..from + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(path, &bytes).expect("write the damage");
+    bytes
 }

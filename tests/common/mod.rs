@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod load;
 pub mod netns;
+pub mod segments;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -149,6 +150,15 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Send SIGTERM (a clean stop).
+    pub fn sigterm(&self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -TERM failed");
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -468,11 +478,7 @@ impl BrokerProc {
     }
 
     pub fn send_sigterm(&self) {
-        let st = Command::new("kill")
-            .args(["-TERM", &self.proc.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill -TERM failed");
+        self.proc.sigterm();
     }
 
     /// SIGTERM; the broker must stop cleanly with exit status 0.

@@ -27,6 +27,8 @@
 //!   node sees it, in the shape `halfmq cluster status --json` prints;
 //! - [`propose`]: a batch proposed through the leader, and why it was not ([`ReplicaError`]);
 //!   [`merge`]: concurrent writes merged into one proposal while others are in flight;
+//! - [`repair`]: a node whose raft log or snapshot journal is damaged moves them aside and
+//!   catches up from its peers, voting again only once it holds what the cluster committed;
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
 
 #![forbid(unsafe_code)]
@@ -43,6 +45,7 @@ pub mod merge;
 pub mod network;
 pub mod node;
 pub mod propose;
+pub mod repair;
 pub mod snapshot;
 pub mod state_machine;
 pub mod status;

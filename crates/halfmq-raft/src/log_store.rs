@@ -3,6 +3,7 @@
 //! ```text
 //! <dir>/log/<first index:020>.seg   entries, one frame (crate::frame) each, in index order
 //! <dir>/vote                        the vote, one frame, replaced whole (frame::write_atomic)
+//! <dir>/vote.copy                   the same, written just before it (write_vote, read_vote)
 //! <dir>/purged                      the last purged log id, replaced whole
 //! ```
 //!
@@ -24,8 +25,11 @@
 //!   reads clone a pointer instead of reading, checking and decoding the frame again. Older
 //!   entries (a follower far behind, a restart) are read from their segment.
 //! - **Open** reads every segment: a frame cut short or failing its CRC at the end of the
-//!   newest segment is a torn append that was never acknowledged, and is cut off; anywhere
-//!   else it is damage, and opening fails with [`Error::Damaged`] naming the file and byte.
+//!   newest segment, with no whole frame after it, is a torn append that was never
+//!   acknowledged, and is cut off; anywhere else it is damage, and opening fails with
+//!   [`Error::Damaged`] naming the file and byte (`crate::repair` then repairs the node
+//!   from its peers). A segment holds consecutive indexes; entries read back are checked
+//!   against their CRC again.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -91,6 +95,10 @@ struct Segment {
     file: Arc<File>,
     path: PathBuf,
     len: u64,
+    /// The index the next entry written into it must have: a segment holds consecutive
+    /// indexes (an append after a gap, the entries after a snapshot installed over a log
+    /// that held entries, starts a new segment).
+    next: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -125,7 +133,7 @@ impl LogStore {
         let log_dir = dir.join("log");
         std::fs::create_dir_all(&log_dir).map_err(io_err(&log_dir, "create directory"))?;
         let mut inner = Inner {
-            vote: frame::read_file(&dir.join("vote"), "raft vote")?,
+            vote: read_vote(dir)?,
             last_purged: frame::read_file(&dir.join("purged"), "raft purged log id")?,
             ..Inner::default()
         };
@@ -204,6 +212,12 @@ impl LogStore {
             let path = self.shared.dir.join("log").join(segment_name(l.segment));
             file.read_exact_at(&mut buf, l.pos)
                 .map_err(io_err(&path, "read"))?;
+            // Checked again: bytes damaged since the log was opened are never served (to
+            // the state machine, or to a follower).
+            match frame::scan(&buf) {
+                Scan::Frame { len } if len == buf.len() => {}
+                other => return Err(damaged(&path, l.pos as usize, &format!("{other:?}"))),
+            }
             out.push(frame::decode(&buf, "raft entry")?);
         }
         Ok(out)
@@ -244,12 +258,18 @@ impl LogStore {
         for entry in entries {
             let bytes = frame::encode(&entry, "raft entry")?;
             let index = entry.get_log_id().index;
-            let active_len = inner.segments.values().next_back().map(|s| s.len);
-            let needs_new = match active_len {
+            let active = inner.segments.values().next_back().map(|s| {
+                // The index after the frames gathered, or after the segment's own.
+                let next = pending_locs.last().map_or(s.next, |l| l.log_id.index + 1);
+                (s.len, next)
+            });
+            let needs_new = match active {
                 None => true,
-                Some(len) => {
-                    len + pending.len() as u64 > 0
-                        && len + (pending.len() + bytes.len()) as u64 > self.shared.segment_bytes
+                Some((len, next)) => {
+                    let written = len + pending.len() as u64;
+                    written > 0
+                        && (written + bytes.len() as u64 > self.shared.segment_bytes
+                            || next != index)
                 }
             };
             if needs_new {
@@ -274,6 +294,7 @@ impl LogStore {
                         file: Arc::new(file),
                         path,
                         len: 0,
+                        next: index,
                     },
                 );
             }
@@ -325,6 +346,7 @@ impl LogStore {
                 .map_err(io_err(&seg.path, "truncate"))?;
             seg.file.sync_all().map_err(io_err(&seg.path, "fsync"))?;
             seg.len = at.pos;
+            seg.next = log_id.index;
         }
         inner.index.split_off(&log_id.index);
         let cut = inner.recent.split_off(&log_id.index);
@@ -354,6 +376,39 @@ impl LogStore {
             frame::sync_dir(&self.shared.dir.join("log"))?;
         }
         Ok(())
+    }
+}
+
+/// Write the vote in `dir` whole, twice: `vote.copy` first, then `vote` (each replaced
+/// whole, [`frame::write_atomic`]). A crash between them leaves the copy newer, never older,
+/// than the vote last acknowledged to openraft; damage to one leaves the other.
+pub fn write_vote(dir: &Path, vote: &Vote<NodeId>) -> Result<()> {
+    frame::write_atomic(dir, "vote.copy", vote, "raft vote")?;
+    frame::write_atomic(dir, "vote", vote, "raft vote")
+}
+
+/// The vote in `dir` ([`write_vote`]): the greater of its two copies. A damaged copy is
+/// renamed `<name>.damaged` (kept for inspection) when the other is whole; if neither is,
+/// the vote is lost and this is the error ([`Error::Corrupt`]): a node that does not know
+/// what it voted must not vote again as if it did (ARCHITECTURE.md, "Repair from peers").
+/// A log written before the copy existed has only `vote`.
+pub fn read_vote(dir: &Path) -> Result<Option<Vote<NodeId>>> {
+    let read = |name: &str| frame::read_file::<Vote<NodeId>>(&dir.join(name), "raft vote");
+    match (read("vote"), read("vote.copy")) {
+        (Ok(a), Ok(b)) => Ok(if b > a { b } else { a }),
+        (Ok(Some(v)), Err(e)) | (Err(e), Ok(Some(v))) => {
+            let name = if read("vote").is_err() {
+                "vote"
+            } else {
+                "vote.copy"
+            };
+            tracing::warn!(error = %e, "raft vote: one copy is damaged, the other is used");
+            let (from, to) = (dir.join(name), dir.join(format!("{name}.damaged")));
+            std::fs::rename(&from, &to).map_err(io_err(&from, "rename"))?;
+            write_vote(dir, &v)?;
+            Ok(Some(v))
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e),
     }
 }
 
@@ -400,6 +455,9 @@ impl Inner {
             .write_all_at(pending, seg.len)
             .map_err(io_err(&seg.path, "write"))?;
         seg.len += pending.len() as u64;
+        if let Some(l) = locs.last() {
+            seg.next = l.log_id.index + 1;
+        }
         for l in locs.drain(..) {
             self.index.insert(l.log_id.index, l);
         }
@@ -448,7 +506,7 @@ fn load_segment(
                 pos += len;
             }
             Scan::End if bytes[pos..].iter().all(|b| *b == 0) => break,
-            other if newest => {
+            other if newest && !whole_frame_follows(&bytes[pos..]) => {
                 // A torn append: never acknowledged (the flusher syncs before it tells).
                 tracing::warn!(path = %path.display(), pos, ?other, "raft log: torn tail cut");
                 file.set_len(pos as u64)
@@ -465,9 +523,27 @@ fn load_segment(
             file: Arc::new(file),
             path,
             len: pos as u64,
+            next: expect,
         },
     );
     Ok(())
+}
+
+/// Whether the bad frame at the start of `rest` is followed by a whole frame, which a torn
+/// append cannot be: the flusher syncs before it tells openraft, so only the last write can
+/// be torn, and a bad frame with a good one after it is damage to bytes that were synced
+/// (and may have been acknowledged). It is reported, never cut. A bad frame whose own
+/// length field is damaged cannot be told from a torn tail this way (ARCHITECTURE.md,
+/// "Repair from peers", says what that leaves).
+fn whole_frame_follows(rest: &[u8]) -> bool {
+    if rest.len() < frame::HEADER_BYTES {
+        return false;
+    }
+    let body = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let next = frame::HEADER_BYTES.saturating_add(body);
+    body <= frame::BODY_BYTES_MAX
+        && next < rest.len()
+        && matches!(frame::scan(&rest[next..]), Scan::Frame { .. })
 }
 
 fn damaged(path: &Path, pos: usize, reason: &str) -> Error {
@@ -544,7 +620,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> std::result::Result<(), StorageError> {
-        frame::write_atomic(&self.shared.dir, "vote", vote, "raft vote")
+        write_vote(&self.shared.dir, vote)
             .map_err(|e| storage(ErrorSubject::Vote, ErrorVerb::Write, &e))?;
         self.shared.inner.lock().vote = Some(*vote);
         Ok(())
@@ -692,6 +768,66 @@ mod tests {
         assert!(log.shared.inner.lock().recent.keys().all(|i| *i < 7));
         log.append_now(vec![other.clone()]).unwrap();
         assert_eq!(log.entries(7..).unwrap(), vec![other]);
+    }
+
+    #[test]
+    fn a_bad_frame_in_the_newest_segment_with_a_whole_one_after_it_is_damage_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path(), 1 << 20).unwrap();
+        for i in 1..=5 {
+            log.append_now(vec![entry(i)]).unwrap();
+        }
+        drop(log);
+        let seg = segments(dir.path())[0].clone();
+        let one = frame::encode(&entry(1), "test").unwrap().len();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        // The body of entry 3, synced and followed by entries 4 and 5.
+        bytes[2 * one + frame::HEADER_BYTES + 1] ^= 0x40;
+        std::fs::write(&seg, &bytes).unwrap();
+        match LogStore::open(dir.path(), 1 << 20) {
+            Err(Error::Damaged { path, offset, .. }) => {
+                assert_eq!((path, offset), (seg.clone(), 2 * one as u64))
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("cut synced entries as a torn tail"),
+        }
+        // Nothing was cut.
+        assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+    }
+
+    #[test]
+    fn entries_after_a_gap_start_a_new_segment_and_the_log_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogStore::open(dir.path(), 1 << 20).unwrap();
+        log.append_now((1..=3).map(entry).collect()).unwrap();
+        // A snapshot up to 10 installed over this log: purged, then appends from 11.
+        log.purge_now(entry(10).log_id).unwrap();
+        log.append_now(vec![entry(11), entry(12)]).unwrap();
+        drop(log);
+        assert_eq!(segments(dir.path()).len(), 2);
+        let log = LogStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&log), vec![11, 12]);
+    }
+
+    #[test]
+    fn a_damaged_vote_is_read_from_its_copy_and_both_damaged_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Vote::new_committed(7, 2);
+        write_vote(dir.path(), &v).unwrap();
+        let vote = dir.path().join("vote");
+        let mut bytes = std::fs::read(&vote).unwrap();
+        bytes[frame::HEADER_BYTES] ^= 1;
+        std::fs::write(&vote, &bytes).unwrap();
+        assert_eq!(read_vote(dir.path()).unwrap(), Some(v));
+        assert_eq!(
+            std::fs::read(dir.path().join("vote.damaged")).unwrap(),
+            bytes
+        );
+        // Both whole again; now damage both.
+        for name in ["vote", "vote.copy"] {
+            std::fs::write(dir.path().join(name), &bytes).unwrap();
+        }
+        assert!(matches!(read_vote(dir.path()), Err(Error::Corrupt { .. })));
     }
 
     #[test]

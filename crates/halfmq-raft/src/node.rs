@@ -26,11 +26,12 @@ use tokio::sync::watch;
 
 use crate::checkback::CheckBack;
 use crate::command::{self, Applied, Command, MessageData};
-use crate::log_store::{LogStore, SEGMENT_BYTES_DEFAULT};
+use crate::log_store::SEGMENT_BYTES_DEFAULT;
 use crate::merge::Proposer;
 pub use crate::propose::ReplicaError;
 use crate::propose::{client_error, entry_runs, unsent};
-use crate::state_machine::{BrokerCell, StateMachine};
+use crate::repair::{self, RepairGate};
+use crate::state_machine::BrokerCell;
 use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
 
@@ -94,6 +95,8 @@ pub struct ReplicaNode {
     checkers: Arc<Checkers>,
     /// Stops the check-back loop.
     stop: watch::Sender<bool>,
+    /// Whether this node is repairing from its peers (its peer server answers through it).
+    gate: Arc<RepairGate>,
 }
 
 impl ReplicaNode {
@@ -109,10 +112,12 @@ impl ReplicaNode {
     where
         N: RaftNetworkFactory<TypeConfig>,
     {
-        let log = LogStore::open(&dir.join("raft"), config.segment_bytes)?;
-        let sm = StateMachine::open(&dir.join("state"), config.broker.clone()).await?;
+        let (log, sm, gate) = repair::open(dir, config.segment_bytes, &config.broker).await?;
         let broker = sm.broker_cell();
-        let raft_config = config.raft.validate().map_err(|e| Error::Config {
+        let mut raft_config = config.raft.clone();
+        // A repairing node does not stand for election until it has caught up (crate::repair).
+        raft_config.enable_elect &= !gate.repairing();
+        let raft_config = raft_config.validate().map_err(|e| Error::Config {
             setting: "raft",
             reason: e.to_string(),
         })?;
@@ -133,6 +138,15 @@ impl ReplicaNode {
             txn: b.txn.clone(),
             grace: config.checker_grace,
         };
+        if gate.repairing() {
+            let finish = repair::finish_when_caught_up(
+                raft.clone(),
+                gate.clone(),
+                dir.to_path_buf(),
+                stopped.clone(),
+            );
+            tokio::spawn(finish);
+        }
         tokio::spawn(check_back.run(stopped));
         Ok(ReplicaNode {
             id,
@@ -142,6 +156,7 @@ impl ReplicaNode {
             auto_create,
             checkers,
             stop,
+            gate,
         })
     }
 
@@ -162,6 +177,10 @@ impl ReplicaNode {
     /// call it with the same members: openraft allows that, and they agree on the first
     /// entry. Returns true when it formed the cluster.
     pub async fn form(&self, members: &BTreeMap<NodeId, String>) -> Result<bool, ReplicaError> {
+        if self.gate.repairing() {
+            // Its log was moved aside, not never written: it waits for the leader.
+            return Ok(false);
+        }
         let initialized = self
             .raft
             .is_initialized()
@@ -181,6 +200,12 @@ impl ReplicaNode {
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
             Err(e) => Err(ReplicaError::Raft(e.to_string())),
         }
+    }
+
+    /// The gate its peer server answers votes and appends through: shut while the node
+    /// repairs a damaged log from its peers ([`crate::repair`]).
+    pub fn peer_gate(&self) -> Arc<RepairGate> {
+        self.gate.clone()
     }
 
     /// This node's id.

@@ -209,7 +209,8 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(&peer_addr)
             .await
             .map_err(|e| Error::io(&peer_addr, "listen for peers", e))?;
-        let peers = PeerServer::start(listener, node.raft().clone(), token)?;
+        let peers =
+            PeerServer::start_gated(listener, node.raft().clone(), node.peer_gate(), token)?;
         if !cluster.join {
             node.form(&cluster.peers).await.map_err(replica)?;
         }

@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use halfmq_types::error::{Error, Result};
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::frame;
 use crate::network::SNAPSHOT_CHUNK_BYTES;
+use crate::repair::RepairGate;
 use crate::snapshot::{JournalSnapshot, Meta};
 use crate::{NodeId, Raft, TypeConfig};
 
@@ -97,6 +99,17 @@ pub struct PeerServer {
 impl PeerServer {
     /// Serve `raft` to peers presenting `token` on `listener`.
     pub fn start(listener: TcpListener, raft: Raft, token: String) -> Result<PeerServer> {
+        PeerServer::start_gated(listener, raft, RepairGate::open(), token)
+    }
+
+    /// [`PeerServer::start`], votes and appends answered through `gate` (a node repairing
+    /// from its peers refuses votes, [`crate::repair`]).
+    pub fn start_gated(
+        listener: TcpListener,
+        raft: Raft,
+        gate: Arc<RepairGate>,
+        token: String,
+    ) -> Result<PeerServer> {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("peer listener", "local address", e))?;
@@ -108,10 +121,11 @@ impl PeerServer {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let raft = raft.clone();
+                        let gate = gate.clone();
                         let token = token.clone();
                         let stopped = stopped.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = serve(stream, raft, token, stopped).await {
+                            if let Err(e) = serve(stream, raft, gate, token, stopped).await {
                                 tracing::debug!(error = %e, "peer connection closed");
                             }
                         });
@@ -137,6 +151,7 @@ impl Drop for PeerServer {
 async fn serve(
     mut stream: TcpStream,
     raft: Raft,
+    gate: Arc<RepairGate>,
     token: String,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -164,8 +179,8 @@ async fn serve(
         };
         let resp = match req {
             PeerRequest::Hello { .. } => PeerResponse::Failed("hello twice".to_owned()),
-            PeerRequest::Append(rpc) => PeerResponse::Append(raft.append_entries(rpc).await),
-            PeerRequest::Vote(rpc) => PeerResponse::Vote(raft.vote(rpc).await),
+            PeerRequest::Append(rpc) => PeerResponse::Append(gate.append(&raft, rpc).await),
+            PeerRequest::Vote(rpc) => PeerResponse::Vote(gate.vote(&raft, rpc).await),
             PeerRequest::SnapshotChunk(bytes) => {
                 if receiving.is_none() {
                     match raft.begin_receiving_snapshot().await {

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../../tests/common/segments.rs"]
+mod segments;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -140,7 +143,8 @@ impl Cluster {
                     Some(l) => l,
                     None => rebind(&addrs[&id]).await,
                 };
-                let server = PeerServer::start(listener, node.raft().clone(), token.clone());
+                let (raft, gate) = (node.raft().clone(), node.peer_gate());
+                let server = PeerServer::start_gated(listener, raft, gate, token.clone());
                 servers.insert(id, server.expect("the peer server starts"));
                 node
             }
@@ -254,23 +258,7 @@ impl Cluster {
     pub fn log_bytes(&self, id: NodeId) -> Vec<Vec<u8>> {
         let broker = self.nodes[&id].broker();
         broker.store().sync().expect("sync");
-        let dir = broker.store().dir().join("log");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .expect("the log directory")
-            .map(|e| e.expect("a log file").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .map(|p| {
-                let mut b = std::fs::read(p).expect("a segment");
-                let end = b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
-                b.truncate(end);
-                b
-            })
-            .filter(|b| !b.is_empty())
-            .collect()
+        segments::log_segments(&broker.store().dir().join("log"))
     }
 
     /// Every message of `TOPIC` in node `id`'s broker: (queue, offset, body), in order.
