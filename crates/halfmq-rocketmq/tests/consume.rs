@@ -258,6 +258,28 @@ async fn auto_renew_keeps_the_lease_while_the_client_lives_and_the_first_handle_
     e.stop().await;
 }
 
+/// A client that reconnects under the same id (its new telemetry stream opened while the old
+/// one lingers) is a new session, which may never have seen the old session's receive (its
+/// answer lost with the old connection): renewal stops and the message goes out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_renew_stops_when_the_client_reconnects_under_the_same_id() {
+    let (e, mut c, old, _got) = one_renewed("answer lost").await;
+    assert_eq!(e.renewed(), 1);
+    let _new = session(&mut c, "push-1").await;
+    drop(old);
+    let (s, again) = receive(
+        &mut c,
+        "g",
+        "t",
+        renewed_by("push-1", Duration::from_secs(4)),
+    )
+    .await;
+    assert_eq!((code(&s), again.len()), (Code::Ok, 1), "{}", s.message);
+    assert_eq!(sys(&again[0]).delivery_attempt, Some(2));
+    assert_eq!(again[0].body, b"answer lost".to_vec());
+    e.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_renew_stops_when_the_client_terminates_or_its_session_ends() {
     let (e, mut c) = start_client("t", 1, |c| c).await;
