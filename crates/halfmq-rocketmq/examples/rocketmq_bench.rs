@@ -280,43 +280,35 @@ async fn main() {
         .await
         .expect("starts")
         .expect("native server");
-    let config = halfmq_client::ClientConfig::new(native_server.local_addr().to_string());
-    let native_client = Arc::new(
-        halfmq_client::Client::connect(config)
-            .await
-            .expect("client"),
-    );
-    let native = phase(
-        "halfmq network client",
-        rounds,
-        (native_client.clone(), &body),
-        move |nc, b, i| async move {
-            nc.send("bench", &keyed("native", b, i))
-                .await
-                .expect("send");
-        },
-    )
-    .await;
-    // Like with like: halfmq's own client with its automatic batching off, one request per
+    // halfmq's own client as configured by default (joining concurrent sends into batch
+    // requests), and, like with like, with that automatic batching off: one request per
     // message, as the official producer sends.
-    let mut config = halfmq_client::ClientConfig::new(native_server.local_addr().to_string());
-    config.auto_batch = false;
-    let unbatched_client = Arc::new(
-        halfmq_client::Client::connect(config)
-            .await
-            .expect("client"),
-    );
-    let unbatched = phase(
-        "halfmq client, no auto batch",
-        rounds,
-        (unbatched_client.clone(), &body),
-        move |nc, b, i| async move {
-            nc.send("bench", &keyed("unbatched", b, i))
-                .await
-                .expect("send");
-        },
-    )
-    .await;
+    let native_addr = native_server.local_addr().to_string();
+    let network = |name: &'static str, prefix: &'static str, auto_batch: bool| {
+        let mut config = halfmq_client::ClientConfig::new(native_addr.clone());
+        config.auto_batch = auto_batch;
+        let body = &body;
+        async move {
+            let client = Arc::new(
+                halfmq_client::Client::connect(config)
+                    .await
+                    .expect("client"),
+            );
+            let measured = phase(
+                name,
+                rounds,
+                (client.clone(), body),
+                move |nc, b, i| async move {
+                    nc.send("bench", &keyed(prefix, b, i)).await.expect("send");
+                },
+            )
+            .await;
+            (measured, client)
+        }
+    };
+    let (native, native_client) = network("halfmq network client", "native", true).await;
+    let (unbatched, unbatched_client) =
+        network("halfmq client, no auto batch", "unbatched", false).await;
     let embedded = embedded("embedded send_async", "embedded").await;
     for p in [&rocketmq, &batched, &grpc, &native, &unbatched, &embedded] {
         p.print();
