@@ -1,7 +1,9 @@
 //! Durable sends through the RocketMQ endpoint with the official Rust producer and with a
 //! plain gRPC client of the generated code (one channel, no client-side work beyond
 //! encoding), next to the same sends made with halfmq's own network client (through the
-//! native server, both ends in this process) and with the embedded broker's `send_async`, in
+//! native server, both ends in this process; as configured by default, which joins
+//! concurrent sends into batch requests, and with that automatic batching off, one request per
+//! message as the official producer sends) and with the embedded broker's `send_async`, in
 //! one run on one broker:
 //! throughput, p50/p99 latency, their ratio, and the process's CPU time per message while
 //! each phase ran (client and endpoint together for the RocketMQ phases). The official
@@ -278,28 +280,40 @@ async fn main() {
         .await
         .expect("starts")
         .expect("native server");
-    let config = halfmq_client::ClientConfig::new(native_server.local_addr().to_string());
-    let native_client = Arc::new(
-        halfmq_client::Client::connect(config)
-            .await
-            .expect("client"),
-    );
-    let native = phase(
-        "halfmq network client",
-        rounds,
-        (native_client.clone(), &body),
-        move |nc, b, i| async move {
-            nc.send("bench", &keyed("native", b, i))
-                .await
-                .expect("send");
-        },
-    )
-    .await;
+    // halfmq's own client as configured by default (joining concurrent sends into batch
+    // requests), and, like with like, with that automatic batching off: one request per
+    // message, as the official producer sends.
+    let native_addr = native_server.local_addr().to_string();
+    let network = |name: &'static str, prefix: &'static str, auto_batch: bool| {
+        let mut config = halfmq_client::ClientConfig::new(native_addr.clone());
+        config.auto_batch = auto_batch;
+        let body = &body;
+        async move {
+            let client = Arc::new(
+                halfmq_client::Client::connect(config)
+                    .await
+                    .expect("client"),
+            );
+            let measured = phase(
+                name,
+                rounds,
+                (client.clone(), body),
+                move |nc, b, i| async move {
+                    nc.send("bench", &keyed(prefix, b, i)).await.expect("send");
+                },
+            )
+            .await;
+            (measured, client)
+        }
+    };
+    let (native, native_client) = network("halfmq network client", "native", true).await;
+    let (unbatched, unbatched_client) =
+        network("halfmq client, no auto batch", "unbatched", false).await;
     let embedded = embedded("embedded send_async", "embedded").await;
-    for p in [&rocketmq, &batched, &grpc, &native, &embedded] {
+    for p in [&rocketmq, &batched, &grpc, &native, &unbatched, &embedded] {
         p.print();
     }
-    for base in [&native, &embedded] {
+    for base in [&native, &unbatched, &embedded] {
         println!(
             "official rocketmq / {}: throughput {:.2}, p99 {:.2}",
             base.name,
@@ -313,6 +327,7 @@ async fn main() {
         batched.rate() / native.rate()
     );
     drop(native_client);
+    drop(unbatched_client);
     serving
         .spawn(native_server.shutdown())
         .await

@@ -95,12 +95,21 @@ impl Clients {
         }
     }
 
-    /// Whether `client` is alive: its telemetry stream is open and it was heard from within
-    /// [`HEARTBEAT_LAPSE`].
-    pub(crate) fn alive(&self, client: &str) -> bool {
+    /// The id of `client`'s telemetry stream open now, if any: its session.
+    pub(crate) fn session(&self, client: &str) -> Option<u64> {
+        let all = self.clients.lock();
+        all.get(client)?.telemetry.as_ref().map(|(id, _)| *id)
+    }
+
+    /// Whether `client` is alive in the session `stream` (a [`Clients::session`]): that
+    /// telemetry stream is still its open one, and it was heard from within
+    /// [`HEARTBEAT_LAPSE`]. A client that reconnected under the same id is in a new session.
+    pub(crate) fn alive_in(&self, client: &str, stream: u64) -> bool {
         self.clients.lock().get(client).is_some_and(|c| {
             c.seen.elapsed() < HEARTBEAT_LAPSE
-                && c.telemetry.as_ref().is_some_and(|(_, tx)| !tx.is_closed())
+                && c.telemetry
+                    .as_ref()
+                    .is_some_and(|(id, tx)| *id == stream && !tx.is_closed())
         })
     }
 

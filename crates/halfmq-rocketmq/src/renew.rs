@@ -7,6 +7,9 @@
 //!   ForwardMessageToDeadLetterQueue) with the handle it was given;
 //! - when the client is gone: it sent NotifyClientTermination, its telemetry stream closed,
 //!   or it has sent no heartbeat for [`crate::clients::HEARTBEAT_LAPSE`];
+//! - when the client's session changed: the telemetry stream open at the receive is no
+//!   longer its stream (it reconnected under the same id, so a receive's answer may have been
+//!   lost with the old connection, and the new session may not hold the message);
 //! - after [`RENEW_MAX`] from the receive (the listener is taken to be stuck);
 //! - when the lease cannot be renewed (it ran out, it was settled through halfmq's own
 //!   protocol, the broker restarted);
@@ -46,6 +49,8 @@ struct Renewed {
     current: Receipt,
     /// The client renewed for.
     client: String,
+    /// Its session (telemetry stream) at the receive; renewal ends with it.
+    session: Option<u64>,
     /// The renewing task.
     task: AbortHandle,
 }
@@ -84,6 +89,7 @@ impl Renewals {
                 topic: topic.to_owned(),
                 current: receipt,
                 client: client.to_owned(),
+                session: clients.session(client),
                 task: task.abort_handle(),
             },
         );
@@ -125,7 +131,7 @@ impl Renewals {
         let Some(r) = renewed.get_mut(handle) else {
             return false;
         };
-        if !clients.alive(&r.client) {
+        if !r.session.is_some_and(|id| clients.alive_in(&r.client, id)) {
             tracing::debug!(client = %r.client, "auto-renew: the client is gone; the lease runs out");
             renewed.remove(handle);
             return false;

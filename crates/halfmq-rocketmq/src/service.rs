@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use halfmq::{Broker, CheckAnswer, HalfOptions, TxnId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response};
 
@@ -34,6 +34,9 @@ pub(crate) struct Service {
     /// Where the endpoint listens (the route's address when a client does not say which
     /// address it used).
     pub local_addr: SocketAddr,
+    /// Turns true when the endpoint shuts down: the telemetry streams end then, rather than
+    /// when their clients close them (each holds the broker).
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// The client id of a request (`x-mq-client-id`), if it has a usable one.
@@ -597,14 +600,22 @@ impl MessagingService for Service {
         let (tx, rx) = mpsc::channel(TELEMETRY_QUEUE);
         let stream = self.clients.stream_opened(&client, tx.clone());
         let me = self.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
-            while let Ok(Some(cmd)) = inbound.message().await {
+            loop {
+                let cmd = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stopping.wait_for(|s| *s) => break,
+                };
+                let Ok(Some(cmd)) = cmd else { break };
                 if let Some(reply) = me.on_telemetry(cmd, &client) {
                     if tx.send(Ok(reply)).await.is_err() {
                         break;
                     }
                 }
             }
+            // The stream's answers end once its senders (this one and the one in `clients`)
+            // are gone.
             me.clients.stream_closed(&client, stream);
         });
         answer(ReceiverStream::new(rx))

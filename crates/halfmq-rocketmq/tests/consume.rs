@@ -226,16 +226,15 @@ async fn one_renewed(body: &str) -> (Endpoint, Client, Session, pb::Message) {
     let (e, mut c) = start_client("t", 1, |c| c).await;
     e.broker.send("t", &Message::new(body)).expect("send");
     let session = session(&mut c, "push-1").await;
-    let (s, got) = receive(
-        &mut c,
-        "g",
-        "t",
-        renewed_by("push-1", Duration::from_secs(2)),
-    )
-    .await;
-    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
-    let m = got.into_iter().next().expect("one message");
+    let m = one_renewed_receive(&mut c, Duration::from_secs(2)).await;
     (e, c, session, m)
+}
+
+/// A receive of `push-1` with `auto_renew`, waiting `wait`, is handed one message.
+async fn one_renewed_receive(c: &mut Client, wait: Duration) -> pb::Message {
+    let (s, got) = receive(c, "g", "t", renewed_by("push-1", wait)).await;
+    assert_eq!((code(&s), got.len()), (Code::Ok, 1), "{}", s.message);
+    got.into_iter().next().expect("one message")
 }
 
 /// A receive of `push-1` waiting `wait` is handed nothing.
@@ -255,6 +254,21 @@ async fn auto_renew_keeps_the_lease_while_the_client_lives_and_the_first_handle_
     assert_eq!(code(&s), Code::Ok, "{}", s.message);
     assert_eq!(e.renewed(), 0);
     nothing_within(&mut c, Duration::from_millis(1500)).await;
+    e.stop().await;
+}
+
+/// A client that reconnects under the same id (its new telemetry stream opened while the old
+/// one lingers) is a new session, which may never have seen the old session's receive (its
+/// answer lost with the old connection): renewal stops and the message goes out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_renew_stops_when_the_client_reconnects_under_the_same_id() {
+    let (e, mut c, old, _got) = one_renewed("answer lost").await;
+    assert_eq!(e.renewed(), 1);
+    let _new = session(&mut c, "push-1").await;
+    drop(old);
+    let again = one_renewed_receive(&mut c, Duration::from_secs(4)).await;
+    assert_eq!(sys(&again).delivery_attempt, Some(2));
+    assert_eq!(again.body, b"answer lost".to_vec());
     e.stop().await;
 }
 
