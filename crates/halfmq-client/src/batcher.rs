@@ -27,9 +27,10 @@ use tokio::sync::oneshot;
 
 use crate::config::ClientConfig;
 use crate::connection::Client;
+use halfmq_types::coalesce::{Batch, Queued};
 use halfmq_types::error::{Error, Result};
 use halfmq_types::{Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
-use lanes::{Batch, Lane, OnWire, PER_MESSAGE_BYTES};
+use lanes::{Lane, OnWire, Waiting, PER_MESSAGE_BYTES};
 
 /// (messages, bytes) at which a queue leaves at once.
 fn limits(cfg: &ClientConfig) -> (usize, usize) {
@@ -47,33 +48,19 @@ pub(crate) async fn send(client: &Client, topic: &str, msg: &Message) -> Result<
     let lane = client.batcher().lane(topic);
     let (max_messages, max_bytes) = limits(client.config());
     let cost = msg.payload_bytes() + PER_MESSAGE_BYTES;
-    let mut leave_now = Vec::new();
-    let mut start_flusher = false;
+    let mut queued = Queued::default();
     let rx = {
         let mut st = lane.state.lock();
-        if st.on_wire == 0 && st.queued.msgs.is_empty() {
+        if st.leave_alone() {
             // Nothing ahead of it: it leaves now, alone.
-            st.on_wire += 1;
             None
         } else {
-            if !st.queued.msgs.is_empty() && st.bytes + cost > max_bytes {
-                leave_now.push(st.take());
-            }
             let (tx, rx) = oneshot::channel();
-            st.queued.msgs.push(msg.clone());
-            st.queued.waiting.push(tx);
-            st.bytes += cost;
-            if st.queued.msgs.len() >= max_messages || st.bytes >= max_bytes {
-                leave_now.push(st.take());
-            } else if !st.flusher {
-                st.flusher = true;
-                start_flusher = true;
-            }
-            st.on_wire += leave_now.len();
+            queued = st.queue(msg.clone(), tx, cost, (max_messages, max_bytes));
             Some(rx)
         }
     };
-    for batch in leave_now {
+    for batch in queued.leave_now {
         tokio::spawn(deliver(
             client.clone(),
             OnWire(lane.clone()),
@@ -81,7 +68,7 @@ pub(crate) async fn send(client: &Client, topic: &str, msg: &Message) -> Result<
             batch,
         ));
     }
-    if start_flusher {
+    if queued.start_flusher {
         tokio::spawn(flusher(client.clone(), lane.clone(), topic.to_owned()));
     }
     match rx {
@@ -107,28 +94,19 @@ async fn flusher(client: Client, lane: Arc<Lane>, topic: String) {
         let answered = lane.answered.notified();
         tokio::pin!(answered);
         answered.as_mut().enable();
-        let wait = {
-            let st = lane.state.lock();
-            st.on_wire > 0 && !st.queued.msgs.is_empty()
-        };
+        let wait = lane.state.lock().queued_behind();
         if wait {
             let _ = tokio::time::timeout(linger, answered).await;
         }
     }
-    let batch = {
-        let mut st = lane.state.lock();
-        st.flusher = false;
-        if st.queued.msgs.is_empty() {
-            return;
-        }
-        st.on_wire += 1;
-        st.take()
+    let Some(batch) = lane.state.lock().flush() else {
+        return;
     };
     deliver(client, OnWire(lane), topic, batch).await;
 }
 
 /// Send `batch` (on the wire as `on_wire`) and hand each waiting caller its answer.
-async fn deliver(client: Client, on_wire: OnWire, topic: String, batch: Batch) {
+async fn deliver(client: Client, on_wire: OnWire, topic: String, batch: Batch<Waiting>) {
     let Batch { msgs, waiting } = batch;
     if let ([msg], [_]) = (msgs.as_slice(), waiting.as_slice()) {
         let r = client.send_one(&topic, msg).await;

@@ -14,6 +14,9 @@
 //! its durable write may be); the client's retry carries the same message id, which the
 //! broker deduplicates.
 //!
+//! The queue's bookkeeping ([`SendLane`]) is the one the network client's automatic
+//! batching keeps too.
+//!
 //! The order of concurrent requests is not defined by the protocol; a FIFO producer waits
 //! for each send's answer before the next, so its order is kept.
 
@@ -21,6 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use halfmq::{Broker, Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
+use halfmq_types::coalesce::{Batch, Queued, SendLane};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -40,37 +44,14 @@ pub(crate) struct Coalescer {
     batches: Mutex<Vec<usize>>,
 }
 
+/// Stores under way are a lone send or a batch; bytes are [`Message::payload_bytes`].
 #[derive(Default)]
 struct Lane {
-    state: Mutex<LaneState>,
+    state: Mutex<SendLane<Waiting>>,
 }
 
-#[derive(Default)]
-struct LaneState {
-    /// Stores of this topic under way (a lone send or a batch).
-    under_way: usize,
-    queued: Vec<Message>,
-    waiting: Vec<oneshot::Sender<Answer>>,
-    /// [`Message::payload_bytes`] of the queued messages.
-    bytes: usize,
-    /// A flusher task will take the queue.
-    flusher: bool,
-}
-
-/// Messages that leave together, and the requests waiting for each one's answer.
-type Batch = (Vec<Message>, Vec<oneshot::Sender<Answer>>);
-
-impl LaneState {
-    /// The queue, now under way.
-    fn take(&mut self) -> Batch {
-        self.bytes = 0;
-        self.under_way += 1;
-        (
-            std::mem::take(&mut self.queued),
-            std::mem::take(&mut self.waiting),
-        )
-    }
-}
+/// Who waits for a queued message's answer.
+type Waiting = oneshot::Sender<Answer>;
 
 /// One topic's lane, as a store of it holds it.
 #[derive(Clone)]
@@ -82,13 +63,12 @@ struct LaneRef {
 
 impl LaneRef {
     /// Change the lane's state with `f`, and forget the lane if it is idle after.
-    fn update<T>(&self, f: impl FnOnce(&mut LaneState) -> T) -> T {
+    fn update<T>(&self, f: impl FnOnce(&mut SendLane<Waiting>) -> T) -> T {
         // Lock order: the map, then a lane.
         let mut lanes = self.coalescer.lanes.lock();
         let mut st = self.lane.state.lock();
         let t = f(&mut st);
-        let idle = st.under_way == 0 && st.queued.is_empty() && !st.flusher;
-        if idle
+        if st.is_idle()
             && lanes
                 .get(&self.topic)
                 .is_some_and(|l| Arc::ptr_eq(l, &self.lane))
@@ -104,7 +84,7 @@ struct UnderWay(LaneRef);
 
 impl Drop for UnderWay {
     fn drop(&mut self) {
-        self.0.update(|st| st.under_way -= 1);
+        self.0.update(|st| st.answered());
     }
 }
 
@@ -138,34 +118,22 @@ pub(crate) async fn send(
 ) -> Answer {
     let lane = coalescer.lane(topic);
     let cost = msg.payload_bytes();
-    let mut leave_now = Vec::new();
-    let mut start_flusher = false;
+    let mut queued = Queued::default();
     let rx = {
         let mut st = lane.lane.state.lock();
-        if st.under_way == 0 && st.queued.is_empty() {
-            st.under_way += 1;
+        if st.leave_alone() {
             Err(msg)
         } else {
-            if !st.queued.is_empty() && st.bytes + cost > SEND_BATCH_BYTES_MAX {
-                leave_now.push(st.take());
-            }
             let (tx, rx) = oneshot::channel();
-            st.queued.push(msg);
-            st.waiting.push(tx);
-            st.bytes += cost;
-            if st.queued.len() >= SEND_BATCH_MESSAGES_MAX || st.bytes >= SEND_BATCH_BYTES_MAX {
-                leave_now.push(st.take());
-            } else if !st.flusher {
-                st.flusher = true;
-                start_flusher = true;
-            }
+            let limits = (SEND_BATCH_MESSAGES_MAX, SEND_BATCH_BYTES_MAX);
+            queued = st.queue(msg, tx, cost, limits);
             Ok(rx)
         }
     };
-    for batch in leave_now {
+    for batch in queued.leave_now {
         tokio::spawn(deliver(broker.clone(), UnderWay(lane.clone()), batch));
     }
-    if start_flusher {
+    if queued.start_flusher {
         tokio::spawn(flusher(broker.clone(), lane.clone()));
     }
     match rx {
@@ -189,17 +157,15 @@ pub(crate) async fn send(
 /// Take the lane's queue once the sends ready now have joined it, and store it.
 async fn flusher(broker: Arc<Broker>, lane: LaneRef) {
     tokio::task::yield_now().await;
-    let taken = lane.update(|st| {
-        st.flusher = false;
-        (!st.queued.is_empty()).then(|| st.take())
-    });
+    let taken = lane.update(|st| st.flush());
     if let Some(batch) = taken {
         deliver(broker, UnderWay(lane), batch).await;
     }
 }
 
 /// Store a batch (a lone message as a plain send) and hand each waiting request its answer.
-async fn deliver(broker: Arc<Broker>, under_way: UnderWay, (msgs, waiting): Batch) {
+async fn deliver(broker: Arc<Broker>, under_way: UnderWay, batch: Batch<Waiting>) {
+    let Batch { msgs, waiting } = batch;
     let topic = under_way.0.topic.as_str();
     #[cfg(test)]
     under_way.0.coalescer.batches.lock().push(msgs.len());

@@ -15,6 +15,8 @@
 //! - [`props`]: every reserved property name and internal topic prefix;
 //! - [`clock`]: wall-clock time behind a trait, so tests can move time by hand;
 //! - [`codec`]: the one place bincode is used, always with a size limit;
+//! - [`coalesce`]: the queue of one topic's concurrent sends that leave together (the
+//!   client's automatic batching and the RocketMQ endpoint's coalescing);
 //! - `deliveries` (feature `stream`): a consumer as a `Stream` of deliveries that ack or nack
 //!   themselves, over any `deliveries::Source` of deliveries: the embedded broker's
 //!   consumer and the network client's share it.
@@ -64,6 +66,7 @@ macro_rules! with_setters {
 }
 
 pub mod clock;
+pub mod coalesce;
 pub mod codec;
 #[cfg(feature = "stream")]
 pub mod deliveries;

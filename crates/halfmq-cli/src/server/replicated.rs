@@ -71,13 +71,7 @@ pub(super) async fn route(node: &ReplicaNode, req: Request) -> Routed {
         Request::Send { topic, message } => {
             match node.send(&topic, &[Message::from(message)]).await {
                 Ok(mut each) => match each.pop() {
-                    Some(Ok(s)) => Response::Sent {
-                        topic: s.topic,
-                        queue: s.queue,
-                        offset: s.offset,
-                        log_offset: s.log_offset,
-                        duplicate: s.duplicate,
-                    },
+                    Some(Ok(s)) => Response::from(s),
                     Some(Err(e)) => Response::from_error(&e),
                     None => replica_error(ReplicaError::Raft("a send answered nothing".into())),
                 },

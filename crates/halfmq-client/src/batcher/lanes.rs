@@ -1,5 +1,6 @@
 //! The state of automatic batching (`batcher.rs`), kept by each client: per topic, the
-//! requests on the wire and the queue of sends waiting to leave together.
+//! requests on the wire and the queue of sends waiting to leave together
+//! ([`SendLane`], kept by the RocketMQ endpoint's coalescing too).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,8 +8,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 
+use halfmq_types::coalesce::SendLane;
 use halfmq_types::error::Result;
-use halfmq_types::{Message, SendReceipt};
+use halfmq_types::SendReceipt;
 
 /// Bytes counted per message on top of its payload: its share of the frame (lengths, the
 /// property map's envelope), so that a full batch still fits the frame.
@@ -35,42 +37,22 @@ impl Batcher {
 /// The sends of one topic: how many requests are on the wire, and the queue.
 #[derive(Default)]
 pub(super) struct Lane {
-    pub(super) state: Mutex<LaneState>,
+    /// Requests under way are those on the wire; bytes are counted with
+    /// [`PER_MESSAGE_BYTES`] per message.
+    pub(super) state: Mutex<SendLane<Waiting>>,
     /// Notified whenever a request of the topic is answered (or given up).
     pub(super) answered: Notify,
 }
 
-#[derive(Default)]
-pub(super) struct LaneState {
-    /// Requests of this topic sent and not yet answered.
-    pub(super) on_wire: usize,
-    pub(super) queued: Batch,
-    /// Bytes of the queued messages (see [`PER_MESSAGE_BYTES`]).
-    pub(super) bytes: usize,
-    /// A flusher task will look at the queue.
-    pub(super) flusher: bool,
-}
-
-/// Messages that leave together, and who waits for each one's answer.
-#[derive(Default)]
-pub(super) struct Batch {
-    pub(super) msgs: Vec<Message>,
-    pub(super) waiting: Vec<oneshot::Sender<Result<SendReceipt>>>,
-}
-
-impl LaneState {
-    pub(super) fn take(&mut self) -> Batch {
-        self.bytes = 0;
-        std::mem::take(&mut self.queued)
-    }
-}
+/// Who waits for a queued send's answer.
+pub(super) type Waiting = oneshot::Sender<Result<SendReceipt>>;
 
 /// A request of a lane on the wire; answered (or abandoned) when dropped.
 pub(super) struct OnWire(pub(super) Arc<Lane>);
 
 impl Drop for OnWire {
     fn drop(&mut self) {
-        self.0.state.lock().on_wire -= 1;
+        self.0.state.lock().answered();
         self.0.answered.notify_waiters();
     }
 }

@@ -50,6 +50,19 @@ impl SendResult {
     }
 }
 
+impl From<SendReceipt> for Response {
+    /// The answer to a `Send`: the message's receipt.
+    fn from(s: SendReceipt) -> Response {
+        Response::Sent {
+            topic: s.topic,
+            queue: s.queue,
+            offset: s.offset,
+            log_offset: s.log_offset,
+            duplicate: s.duplicate,
+        }
+    }
+}
+
 impl From<Message> for WireMessage {
     fn from(m: Message) -> WireMessage {
         WireMessage {

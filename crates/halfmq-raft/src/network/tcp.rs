@@ -401,11 +401,26 @@ const APPEND_OVERHEAD_BYTES: usize = 4 << 10;
 
 type RpcResult<T> = std::result::Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
-fn rpc_err(e: LinkError) -> RPCError<NodeId, BasicNode, RaftError<NodeId>> {
+/// A failed call as openraft takes it (`RPCError`, `StreamingError`): a peer that cannot be
+/// reached is unreachable (openraft backs off), any other failure a network error.
+fn link_err<E: From<Unreachable> + From<NetworkError>>(e: LinkError) -> E {
     match e {
         LinkError::Connect(e) => Unreachable::new(&e).into(),
         LinkError::Broken(e) => NetworkError::new(&e).into(),
     }
+}
+
+/// What a call of `$link` returns, of what came of it (`$called`, the peer's answer or the
+/// link's failure) when it expects an answer of kind `$kind`: the result in that answer (the
+/// peer's refusal as its remote error); an answer of another kind is a network error.
+macro_rules! answer_of {
+    ($link:expr, $called:expr, $kind:path) => {
+        match $called {
+            Ok($kind(r)) => r.map_err(|e| RemoteError::new($link.to, e).into()),
+            Ok(other) => Err(NetworkError::new(&unexpected(other)).into()),
+            Err(e) => Err(link_err(e)),
+        }
+    };
 }
 
 fn unexpected(r: PeerResponse) -> Error {
@@ -438,14 +453,8 @@ impl RaftNetwork<TypeConfig> for TcpLink {
         let Some(bytes) = bytes else {
             return Err(PayloadTooLarge::new_entries_hint(n / 2).into());
         };
-        match self
-            .call_encoded(&bytes, option.hard_ttl())
-            .await
-            .map_err(rpc_err)?
-        {
-            PeerResponse::Append(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
-            other => Err(NetworkError::new(&unexpected(other)).into()),
-        }
+        let called = self.call_encoded(&bytes, option.hard_ttl()).await;
+        answer_of!(self, called, PeerResponse::Append)
     }
 
     async fn vote(
@@ -453,14 +462,8 @@ impl RaftNetwork<TypeConfig> for TcpLink {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        match self
-            .call(&PeerRequest::Vote(rpc), option.hard_ttl())
-            .await
-            .map_err(rpc_err)?
-        {
-            PeerResponse::Vote(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
-            other => Err(NetworkError::new(&unexpected(other)).into()),
-        }
+        let called = self.call(&PeerRequest::Vote(rpc), option.hard_ttl()).await;
+        answer_of!(self, called, PeerResponse::Vote)
     }
 
     async fn full_snapshot(
@@ -472,30 +475,19 @@ impl RaftNetwork<TypeConfig> for TcpLink {
     ) -> std::result::Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>>
     {
         let ttl = option.hard_ttl();
-        let stream_err = |e: LinkError| -> StreamingError<TypeConfig, Fatal<NodeId>> {
-            match e {
-                LinkError::Connect(e) => Unreachable::new(&e).into(),
-                LinkError::Broken(e) => NetworkError::new(&e).into(),
-            }
-        };
         for chunk in snapshot.snapshot.chunks(SNAPSHOT_CHUNK_BYTES) {
             let chunk = chunk.map_err(|e| NetworkError::new(&e))?;
-            match self
-                .call(&PeerRequest::SnapshotChunk(chunk), ttl)
-                .await
-                .map_err(stream_err)?
-            {
-                PeerResponse::Chunk => {}
-                other => return Err(NetworkError::new(&unexpected(other)).into()),
+            match self.call(&PeerRequest::SnapshotChunk(chunk), ttl).await {
+                Ok(PeerResponse::Chunk) => {}
+                Ok(other) => return Err(NetworkError::new(&unexpected(other)).into()),
+                Err(e) => return Err(link_err(e)),
             }
         }
         let done = PeerRequest::SnapshotDone {
             vote,
             meta: snapshot.meta,
         };
-        match self.call(&done, ttl).await.map_err(stream_err)? {
-            PeerResponse::Snapshot(r) => r.map_err(|e| RemoteError::new(self.to, e).into()),
-            other => Err(NetworkError::new(&unexpected(other)).into()),
-        }
+        let called = self.call(&done, ttl).await;
+        answer_of!(self, called, PeerResponse::Snapshot)
     }
 }

@@ -91,13 +91,7 @@ pub(super) async fn handle(
         },
         Request::Send { topic, message } => {
             let r = b.send_async(&topic, &Message::from(message)).await;
-            result_response(r, |s| Response::Sent {
-                topic: s.topic,
-                queue: s.queue,
-                offset: s.offset,
-                log_offset: s.log_offset,
-                duplicate: s.duplicate,
-            })
+            result_response(r, Response::from)
         }
         Request::SendBatch { topic, messages } => send_batch(&b, topic, messages).await,
         Request::SendDelayed {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{ms, GroupTopic, LeaseUse, Nack};
+use super::{GroupTopic, LeaseUse, Nack, Settlement};
 use crate::broker::wait::{block_on, blocking_and_async, Async, Blocking, Wait};
 use crate::broker::{validate_group_name, Broker, Topic};
 use crate::delivery::{Lease, HELD};
@@ -192,32 +192,34 @@ impl Broker {
         how: Nack<'_>,
         receipt: Option<&Receipt>,
     ) -> Result<NackOutcome> {
-        validate_group_name(group)?;
-        let t = self.topic_to_read(topic)?;
-        let gt = self.group_topic(group, &t)?;
-        let reason = how.reason();
-        let (lease, d) = self.hold_delivered(group, &t, &gt, (queue, offset), &reason, receipt)?;
+        let (decided, t, gt) = self.decide(group, topic, (queue, offset), how, receipt)?;
+        let lease = decided.back;
         let mut held = HeldLease {
             group: &gt,
             queue,
             offset,
             back: Some(lease.clone()),
         };
-        let failures = lease.failures + 1;
-        if how.dead_letters(failures, d.max_retries) {
-            let dead = Lease {
+        let (failures, at_ms, reason) = match decided.settlement {
+            Settlement::DeadLetter { failures, reason } => {
+                let dead = Lease {
+                    failures,
+                    reason,
+                    ..lease
+                };
+                let dead_letter = self
+                    .move_to_dead_letters(w, group, &t, &gt, queue as usize, offset, dead)
+                    .await?;
+                // Its ack ended the lease.
+                held.back = None;
+                return Ok(NackOutcome::DeadLettered { dead_letter });
+            }
+            Settlement::Retry {
                 failures,
+                due_ms,
                 reason,
-                ..lease
-            };
-            let dead_letter = self
-                .move_to_dead_letters(w, group, &t, &gt, queue as usize, offset, dead)
-                .await?;
-            // Its ack ended the lease.
-            held.back = None;
-            return Ok(NackOutcome::DeadLettered { dead_letter });
-        }
-        let at_ms = self.lease_now() + ms(how.delay().unwrap_or_else(|| d.backoff(failures)));
+            } => (failures, due_ms, reason),
+        };
         let state = RetryState {
             failures,
             due_ms: at_ms,

@@ -15,9 +15,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ms, Nack};
+use parking_lot::Mutex;
+
+use super::{ms, GroupTopic, Nack};
 use crate::broker::wait::{block_on, Blocking};
-use crate::broker::{validate_group_name, Broker};
+use crate::broker::{validate_group_name, Broker, Topic};
 use crate::config::DeliveryConfig;
 use crate::delivery::{Lease, HELD};
 use crate::meta::RetryState;
@@ -64,7 +66,7 @@ pub struct Decided {
     /// What it comes to.
     pub settlement: Settlement,
     /// The lease it had, put back by [`Broker::give_back`].
-    back: Lease,
+    pub(super) back: Lease,
 }
 
 /// What a deciding poll found ([`Broker::poll_deciding`]).
@@ -102,7 +104,7 @@ pub(super) struct Found {
     qi: usize,
     offset: u64,
     settlement: Settlement,
-    back: Lease,
+    pub(super) back: Lease,
 }
 
 impl Found {
@@ -156,7 +158,8 @@ impl Broker {
         delay: Option<Duration>,
         receipt: Option<&Receipt>,
     ) -> Result<Decided> {
-        self.decide(group, topic, (queue, offset), Nack::After(delay), receipt)
+        let how = Nack::After(delay);
+        Ok(self.decide(group, topic, (queue, offset), how, receipt)?.0)
     }
 
     /// Decide the move of a delivered message to the dead-letter queue now, by its receipt
@@ -169,17 +172,22 @@ impl Broker {
         reason: &str,
     ) -> Result<Decided> {
         let at = (receipt.queue, receipt.offset);
-        self.decide(group, topic, at, Nack::DeadLetter(reason), Some(receipt))
+        let how = Nack::DeadLetter(reason);
+        Ok(self.decide(group, topic, at, how, Some(receipt))?.0)
     }
 
-    fn decide(
+    /// The first half of every nack, embedded ([`Broker::nack`]) or decided for the cluster
+    /// ([`Broker::decide_nack`]): the delivered message at `at` is held
+    /// ([`Broker::hold_delivered`]) and what the nack comes to is decided; with the topic and
+    /// the group's state of it, for the embedded nack to record it.
+    pub(super) fn decide(
         &self,
         group: &str,
         topic: &str,
         at: (u32, u64),
         how: Nack<'_>,
         receipt: Option<&Receipt>,
-    ) -> Result<Decided> {
+    ) -> Result<(Decided, Arc<Topic>, Arc<Mutex<GroupTopic>>)> {
         validate_group_name(group)?;
         let t = self.topic_to_read(topic)?;
         let gt = self.group_topic(group, &t)?;
@@ -196,14 +204,15 @@ impl Broker {
                 reason,
             }
         };
-        Ok(Decided {
+        let decided = Decided {
             group: group.to_owned(),
             topic: t.name.clone(),
             queue: at.0,
             offset: at.1,
             settlement,
             back,
-        })
+        };
+        Ok((decided, t, gt))
     }
 
     /// Give back the lease of a decision that was not recorded (its message is with its

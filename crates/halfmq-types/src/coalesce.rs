@@ -1,0 +1,203 @@
+//! The queue of one topic's concurrent sends that leave together, as the network client's
+//! automatic batching (`halfmq-client`) and the RocketMQ endpoint (`halfmq-rocketmq`) both
+//! keep it, like Nagle's algorithm: a send with no other send of its topic under way and
+//! none queued leaves at once, alone, so a lone producer waits for nothing; a send that
+//! arrives while another is under way is queued, and the queue leaves as one batch when it
+//! reaches its limits, or when a flusher takes it.
+//!
+//! [`SendLane`] is the bookkeeping only: who sends a batch, who waits for each message's
+//! answer (`W`, a channel's sending half) and when the flusher runs are the caller's.
+
+use crate::message::Message;
+
+/// One topic's sends: how many are under way, and the queue waiting to leave together.
+#[derive(Debug)]
+pub struct SendLane<W> {
+    /// Sends of the topic under way (a lone message or a batch) and not yet answered.
+    under_way: usize,
+    queued: Batch<W>,
+    /// Bytes of the queued messages, as their senders count them.
+    bytes: usize,
+    /// A flusher will take the queue ([`SendLane::flush`]).
+    flusher: bool,
+}
+
+impl<W> Default for SendLane<W> {
+    fn default() -> Self {
+        SendLane {
+            under_way: 0,
+            queued: Batch::default(),
+            bytes: 0,
+            flusher: false,
+        }
+    }
+}
+
+/// Messages that leave together, and who waits for each one's answer (in the same order).
+#[derive(Debug)]
+pub struct Batch<W> {
+    /// The messages.
+    pub msgs: Vec<Message>,
+    /// Who waits for each one's answer.
+    pub waiting: Vec<W>,
+}
+
+impl<W> Default for Batch<W> {
+    fn default() -> Self {
+        Batch {
+            msgs: Vec::new(),
+            waiting: Vec::new(),
+        }
+    }
+}
+
+/// What queueing a send ([`SendLane::queue`]) calls for.
+#[derive(Debug)]
+#[must_use = "the batches must be sent, and the flusher started"]
+pub struct Queued<W> {
+    /// Batches to send now, already counted under way: the queue the send would have
+    /// overflowed, and the queue it filled.
+    pub leave_now: Vec<Batch<W>>,
+    /// Start a flusher, which calls [`SendLane::flush`] once the sends ready now have
+    /// joined the queue.
+    pub start_flusher: bool,
+}
+
+impl<W> Default for Queued<W> {
+    /// Nothing to send, no flusher to start.
+    fn default() -> Self {
+        Queued {
+            leave_now: Vec::new(),
+            start_flusher: false,
+        }
+    }
+}
+
+impl<W> SendLane<W> {
+    /// Whether a send may leave at once, alone: nothing of the topic is under way and
+    /// nothing queued. It is then counted under way until [`SendLane::answered`].
+    pub fn leave_alone(&mut self) -> bool {
+        let alone = self.under_way == 0 && self.queued.msgs.is_empty();
+        if alone {
+            self.under_way += 1;
+        }
+        alone
+    }
+
+    /// Queue `msg` (`cost` bytes), answered through `waiting`. The queue leaves at once
+    /// before it would pass `max_bytes` with `msg`, and once it holds `max_messages`
+    /// messages or `max_bytes` bytes; otherwise a flusher takes it.
+    pub fn queue(
+        &mut self,
+        msg: Message,
+        waiting: W,
+        cost: usize,
+        (max_messages, max_bytes): (usize, usize),
+    ) -> Queued<W> {
+        let mut leave_now = Vec::new();
+        let mut start_flusher = false;
+        if !self.queued.msgs.is_empty() && self.bytes + cost > max_bytes {
+            leave_now.push(self.take());
+        }
+        self.queued.msgs.push(msg);
+        self.queued.waiting.push(waiting);
+        self.bytes += cost;
+        if self.queued.msgs.len() >= max_messages || self.bytes >= max_bytes {
+            leave_now.push(self.take());
+        } else if !self.flusher {
+            self.flusher = true;
+            start_flusher = true;
+        }
+        Queued {
+            leave_now,
+            start_flusher,
+        }
+    }
+
+    /// The flusher's turn: the queue, counted under way, unless it is empty (it left at its
+    /// limits meanwhile). A later queued send starts a flusher again.
+    pub fn flush(&mut self) -> Option<Batch<W>> {
+        self.flusher = false;
+        (!self.queued.msgs.is_empty()).then(|| self.take())
+    }
+
+    /// A send under way was answered (or given up).
+    pub fn answered(&mut self) {
+        self.under_way -= 1;
+    }
+
+    /// Whether a send is under way while others wait in the queue.
+    pub fn queued_behind(&self) -> bool {
+        self.under_way > 0 && !self.queued.msgs.is_empty()
+    }
+
+    /// Nothing under way, queued or about to be flushed: the lane may be forgotten.
+    pub fn is_idle(&self) -> bool {
+        self.under_way == 0 && self.queued.msgs.is_empty() && !self.flusher
+    }
+
+    /// The queue, now under way.
+    fn take(&mut self) -> Batch<W> {
+        self.bytes = 0;
+        self.under_way += 1;
+        std::mem::take(&mut self.queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes<W>(batches: &[Batch<W>]) -> Vec<usize> {
+        batches.iter().map(|b| b.msgs.len()).collect()
+    }
+
+    #[test]
+    fn a_lone_send_leaves_alone_and_the_others_queue_behind_it() {
+        let mut lane = SendLane::<u32>::default();
+        assert!(lane.leave_alone());
+        assert!(!lane.leave_alone(), "one is under way");
+        let q = lane.queue(Message::new("a"), 1, 10, (3, 100));
+        assert!(q.leave_now.is_empty() && q.start_flusher);
+        let q = lane.queue(Message::new("b"), 2, 10, (3, 100));
+        assert!(q.leave_now.is_empty() && !q.start_flusher, "one flusher");
+        assert!(lane.queued_behind());
+        let b = lane.flush().expect("the queue");
+        assert_eq!((b.msgs.len(), b.waiting), (2, vec![1, 2]));
+        assert!(lane.flush().is_none());
+        lane.answered();
+        assert!(!lane.is_idle(), "the batch is under way");
+        lane.answered();
+        assert!(lane.is_idle());
+        assert!(lane.leave_alone());
+    }
+
+    #[test]
+    fn the_queue_leaves_at_its_limits() {
+        let mut lane = SendLane::<u32>::default();
+        assert!(lane.leave_alone());
+        let _ = lane.queue(Message::new("a"), 1, 10, (2, 25));
+        let q = lane.queue(Message::new("b"), 2, 10, (2, 25));
+        assert_eq!(sizes(&q.leave_now), vec![2], "full at two messages");
+        let _ = lane.queue(Message::new("c"), 3, 10, (5, 25));
+        let _ = lane.queue(Message::new("d"), 4, 10, (5, 25));
+        let q = lane.queue(Message::new("e"), 5, 10, (5, 25));
+        assert_eq!(
+            sizes(&q.leave_now),
+            vec![2],
+            "e would pass 25 bytes: c and d leave"
+        );
+        let q = lane.queue(Message::new("f"), 6, 15, (5, 25));
+        assert_eq!(
+            sizes(&q.leave_now),
+            vec![2],
+            "e and f reach 25 bytes together"
+        );
+        // The flusher started by c finds nothing left.
+        assert!(lane.flush().is_none());
+        for _ in 0..4 {
+            lane.answered();
+        }
+        assert!(lane.is_idle());
+    }
+}
