@@ -19,17 +19,21 @@ use openraft::network::RPCOption;
 use openraft::raft::VoteRequest;
 use openraft::{BasicNode, CommittedLeaderId, LogId, RaftNetwork, RaftNetworkFactory, Vote};
 
+/// Ten sends of two messages each, tagged `tag`, through `c`; what was acknowledged goes to
+/// `acked`.
+async fn send_rounds(c: &Cluster, tag: &str, acked: &mut BTreeSet<String>) {
+    for round in 0..10 {
+        acked.extend(c.send(&bodies(&format!("{tag}{round}"), 2)).await);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_on_tcp_replicate_and_fail_over() {
     let mut c = Cluster::tcp("cluster-token").await;
     let mut acked = BTreeSet::new();
-    for round in 0..10 {
-        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
-    }
+    send_rounds(&c, "a", &mut acked).await;
     let (new, survivors) = kill_the_leader(&mut c).await;
-    for round in 0..10 {
-        acked.extend(c.send(&bodies(&format!("b{round}"), 2)).await);
-    }
+    send_rounds(&c, "b", &mut acked).await;
     each_holds_exactly(&c, &survivors, new, &acked).await;
 }
 
@@ -83,9 +87,7 @@ fn damage_the_raft_log(dir: &std::path::Path) {
 async fn a_node_with_a_damaged_log_refuses_votes_until_it_holds_what_was_committed() {
     let mut c = Cluster::tcp("cluster-token").await;
     let mut acked = BTreeSet::new();
-    for round in 0..10 {
-        acked.extend(c.send(&bodies(&format!("a{round}"), 2)).await);
-    }
+    send_rounds(&c, "a", &mut acked).await;
     let leader = c.leader().await;
     let f = *c.nodes.keys().find(|i| **i != leader).expect("a follower");
     c.kill(f).await;
