@@ -1,4 +1,4 @@
-//! Merging concurrent writes into one raft entry ([`Proposer`]): a group commit for
+//! Merging concurrent writes into one raft entry (`Proposer`): a group commit for
 //! proposals.
 //!
 //! Every raft entry costs each node the same again whatever it carries: openraft's

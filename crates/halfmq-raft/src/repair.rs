@@ -6,7 +6,7 @@
 //! <dir>/damaged.<unix ms>/   raft/ and state/ as they were found (never deleted)
 //! ```
 //!
-//! On start ([`open`]), a `Damaged` or `Corrupt` error under `<dir>/raft` or
+//! On start (`open`), a `Damaged` or `Corrupt` error under `<dir>/raft` or
 //! `<dir>/state/snapshot` (a frame failing its CRC in an older raft segment, or followed by a
 //! whole frame in the newest one; a journal frame; the snapshot meta; the purged log id) is
 //! repaired:
