@@ -204,15 +204,17 @@ impl Client {
             }),
         };
         let start = Instant::now();
+        let mut tried = follow::Tried::default();
         loop {
-            let generation = client.inner.addrs.lock().generation();
+            let (asked, generation) = client.inner.addrs.lock().current()?;
             let e = match client.connection().await {
                 Ok(_) => return Ok(client),
                 Err(e) => e,
             };
+            tried.note(&asked, &e);
             let step = follow::step_after(&e, false, false, client.inner.follows);
             if step == Step::Fail || start.elapsed() >= client.inner.config.failover_timeout {
-                return Err(e);
+                return Err(tried.give_up(e, start.elapsed()));
             }
             client.inner.addrs.lock().step(generation, &step);
         }
@@ -431,6 +433,7 @@ impl Client {
     ) -> Result<Response> {
         let start = Instant::now();
         let timeout = self.inner.config.request_timeout.saturating_add(extra);
+        let mut tried = follow::Tried::default();
         loop {
             let (asked, generation) = self.inner.addrs.lock().current()?;
             let (e, sent) = match self.connection().await {
@@ -438,11 +441,23 @@ impl Client {
                     Ok(r) => return Ok(r),
                     Err(e) => (e, true),
                 },
-                Err(e) => (e, false),
+                Err(e) => {
+                    tried.note(&asked, &e);
+                    (e, false)
+                }
             };
             let step = follow::step_after(&e, sent, resend, self.inner.follows);
+            // Only a request that never left names every address: one sent keeps its own
+            // error (its fate is what the caller must know).
+            let give_up = |e| {
+                if sent {
+                    e
+                } else {
+                    tried.give_up(e, start.elapsed())
+                }
+            };
             let pause = match &step {
-                Step::Fail => return Err(e),
+                Step::Fail => return Err(give_up(e)),
                 // A node naming itself the leader it is not (its view is changing): not at
                 // once again.
                 Step::GoTo(addr) if *addr == asked => follow::ELECTION_PAUSE,
@@ -450,7 +465,7 @@ impl Client {
                 Step::MoveOn { pause } => *pause,
             };
             if start.elapsed() + pause >= self.inner.config.failover_timeout {
-                return Err(e);
+                return Err(give_up(e));
             }
             tracing::debug!(error = %e, ?step, "following the leader");
             self.inner.addrs.lock().step(generation, &step);

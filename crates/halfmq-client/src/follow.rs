@@ -134,6 +134,53 @@ pub(crate) fn step_after(e: &Error, sent: bool, resend: bool, several: bool) -> 
     }
 }
 
+/// The last connection failure at each address asked while following, so that giving up
+/// names every address and what each said, not only the last one asked.
+#[derive(Debug, Default)]
+pub(crate) struct Tried(Vec<(String, String)>);
+
+impl Tried {
+    /// Note that connecting to `addr` failed with `e`.
+    pub(crate) fn note(&mut self, addr: &str, e: &Error) {
+        let why = match e {
+            Error::Disconnected { reason, .. } => reason.clone(),
+            e => e.to_string(),
+        };
+        match self.0.iter_mut().find(|(a, _)| a == addr) {
+            Some(seen) => seen.1 = why,
+            None => self.0.push((addr.to_owned(), why)),
+        }
+    }
+
+    /// The error to give up with after `waited`: `e` itself, unless it is a failure to
+    /// connect and more than one address failed; then one [`Error::Disconnected`] naming
+    /// each address with its last failure.
+    pub(crate) fn give_up(&self, e: Error, waited: Duration) -> Error {
+        if !matches!(e, Error::Disconnected { .. }) || self.0.len() < 2 {
+            return e;
+        }
+        let addr = self
+            .0
+            .iter()
+            .map(|(a, _)| a.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let each = self
+            .0
+            .iter()
+            .map(|(a, why)| format!("{a}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Error::Disconnected {
+            addr,
+            reason: format!(
+                "none of them answered within {:.1} s ({each})",
+                waited.as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// True for an error after which a request may or may not have been carried out, or never
 /// reached a broker: the broker went away, did not answer (or could not get the write
 /// confirmed by a majority), or was shutting down.

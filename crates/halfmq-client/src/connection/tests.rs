@@ -287,6 +287,42 @@ async fn without_a_leader_the_request_waits_within_the_failover_timeout() {
     assert!(matches!(on_leader.lock()[..], [Request::Commit { txn: 3 }]));
 }
 
+/// Giving up on several addresses that all refused, the error names each one and what it
+/// said, not only the last one asked; with one address the error is that address's own.
+#[tokio::test]
+async fn a_client_that_reaches_no_address_names_every_one_it_tried() {
+    // Ports that were free a moment ago: connecting is refused.
+    let mut closed = Vec::new();
+    for _ in 0..3 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        closed.push(l.local_addr().unwrap().to_string());
+    }
+    let config = ClientConfig::new(closed.join(","))
+        .with_failover_timeout(std::time::Duration::from_millis(300));
+    let Err(err) = Client::connect(config).await else {
+        panic!("nothing listens");
+    };
+    let Error::Disconnected { addr, reason } = &err else {
+        panic!("not a disconnection: {err}");
+    };
+    assert_eq!(addr, &closed.join(","), "every address, in the order asked");
+    for a in &closed {
+        assert!(
+            reason.contains(&format!("{a}: ")),
+            "{a} and its failure: {reason}"
+        );
+    }
+
+    let config = ClientConfig::new(closed[0].clone());
+    let Err(err) = Client::connect(config).await else {
+        panic!("nothing listens");
+    };
+    assert!(
+        matches!(&err, Error::Disconnected { addr, .. } if addr == &closed[0]),
+        "{err}"
+    );
+}
+
 /// A scripted leader ([`node`]): it takes `RegisterChecker` and `Stats`.
 async fn scripted_leader() -> (String, Arc<parking_lot::Mutex<Vec<Request>>>) {
     node(|req| match req {
