@@ -459,8 +459,11 @@ impl Shared {
         let syncs = self.progress.syncs.load(Ordering::Relaxed);
         let filled_by = syncs.saturating_sub(w.syncs_at_roll).max(1);
         w.syncs_at_roll = syncs;
+        let now = std::time::Instant::now();
+        let filled_in = now.saturating_duration_since(w.rolled_at);
+        w.rolled_at = now;
         if let Some(p) = &self.preparer {
-            if prepare::worth_it(size / filled_by) {
+            if prepare::worth_it(size / filled_by, filled_in, p.fill_time(size)) {
                 p.prepare(next_base + size);
             }
             if let Some(keep) = self.config.page_cache_segments {

@@ -39,6 +39,9 @@ pub(crate) struct Writer {
     /// Log fsyncs counted at the last roll (or at open): how many syncs filled the active
     /// segment decides whether the next one is zero-filled ahead (see `crate::prepare`).
     pub(crate) syncs_at_roll: u64,
+    /// When the active segment became active (the last roll, or the open): how long it took
+    /// to fill decides too (see `crate::prepare::worth_it`).
+    pub(crate) rolled_at: std::time::Instant,
     /// A round is being written, by the flusher or by a writer leading it
     /// (`flush::lead`): nobody else takes the batch until it is over.
     pub(crate) flushing: bool,

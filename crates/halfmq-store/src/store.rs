@@ -102,6 +102,7 @@ impl Store {
                 gather_target: 1,
                 gather_wait: std::time::Duration::ZERO,
                 syncs_at_roll: 0,
+                rolled_at: std::time::Instant::now(),
                 flushing: false,
                 wake_owed: false,
                 checkpoint_due: false,
