@@ -16,21 +16,49 @@ use halfmq_types::SendReceipt;
 /// property map's envelope), so that a full batch still fits the frame.
 pub(super) const PER_MESSAGE_BYTES: usize = 32;
 
+/// Lanes kept before the first sweep of idle ones (see [`Batcher::lane`]).
+const SWEEP_FROM_LANES: usize = 64;
+
 /// The queues of one client, one per topic sent to.
 #[derive(Default)]
 pub(crate) struct Batcher {
-    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    lanes: Mutex<Lanes>,
+}
+
+#[derive(Default)]
+struct Lanes {
+    by_topic: HashMap<String, Arc<Lane>>,
+    /// Sweep idle lanes when a new one would make this many.
+    sweep_at: usize,
 }
 
 impl Batcher {
+    /// The lane of `topic`, made if there is none. Making one first forgets the idle lanes
+    /// once the map has doubled since the last sweep (at least [`SWEEP_FROM_LANES`]), so a
+    /// client that sends to ever new topics keeps a lane only for those in use: one that
+    /// only the map holds has no sender between [`Batcher::lane`] and its answer, no
+    /// request on the wire ([`OnWire`]) and no flusher (each holds the lane), and nobody
+    /// can take it but through this lock.
     pub(super) fn lane(&self, topic: &str) -> Arc<Lane> {
         let mut lanes = self.lanes.lock();
-        if let Some(l) = lanes.get(topic) {
+        if let Some(l) = lanes.by_topic.get(topic) {
             return l.clone();
         }
+        if lanes.by_topic.len() >= lanes.sweep_at.max(SWEEP_FROM_LANES) {
+            lanes
+                .by_topic
+                .retain(|_, l| Arc::strong_count(l) > 1 || !l.state.lock().is_idle());
+            lanes.sweep_at = lanes.by_topic.len() * 2;
+        }
         let l = Arc::new(Lane::default());
-        lanes.insert(topic.to_owned(), l.clone());
+        lanes.by_topic.insert(topic.to_owned(), l.clone());
         l
+    }
+
+    /// How many lanes are kept now.
+    #[cfg(test)]
+    pub(super) fn lanes_kept(&self) -> usize {
+        self.lanes.lock().by_topic.len()
     }
 }
 

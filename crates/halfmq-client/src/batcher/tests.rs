@@ -171,3 +171,24 @@ async fn without_auto_batch_every_send_is_its_own_frame() {
     }
     assert_eq!(seen.lock().len(), SENDS as usize);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_to_ever_new_topics_keeps_lanes_only_for_those_in_use() {
+    const TOPICS: usize = 1000;
+    let (addr, seen) = scripted_broker(0).await;
+    let client = Client::connect(config(&addr)).await.unwrap();
+    // A lane somebody holds (as a sender, a request on the wire or a flusher would) is in
+    // use: never forgotten.
+    let held = client.batcher().lane("held");
+    for i in 0..TOPICS {
+        let receipt = client
+            .send(&format!("t{i}"), &Message::new(i.to_string()))
+            .await
+            .unwrap();
+        assert_eq!(receipt.offset, i as u64);
+    }
+    assert_eq!(seen.lock().len(), TOPICS, "every send went out");
+    let kept = client.batcher().lanes_kept();
+    assert!(kept <= 2 * 64, "{kept} lanes kept after {TOPICS} topics");
+    assert!(Arc::ptr_eq(&held, &client.batcher().lane("held")));
+}
