@@ -70,6 +70,15 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
             probe.stderr()
         );
         probe.wait_exit(WAIT);
+        if round == 0 {
+            // The dead leader does not pass for a follower in `cluster status`.
+            let st = c.status();
+            for n in st["nodes"].as_array().expect("nodes") {
+                let dead = n["id"] == leader;
+                assert_eq!(n["reachable"], !dead, "{st}");
+                assert_eq!(n["error"].is_string(), dead, "{st}");
+            }
+        }
         probes.insert(format!("{key}-0"));
         failover_ms.push(took.as_millis());
         eprintln!(

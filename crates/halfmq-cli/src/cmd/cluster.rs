@@ -17,9 +17,11 @@ use super::{print_json, println_flush, ConnArgs};
 #[derive(Subcommand)]
 pub enum ClusterCommand {
     /// The members, their roles and how far each has the log, as the leader sees it (or,
-    /// while there is none, a node that answers). With --json one line:
-    /// {"leader": 1, "term": 7, "nodes": [{"id": 1, "addr": "...", "role": "leader",
-    /// "last_log_index": 1234, "matched": 1234}, ...]}; "leader" is null while there is none.
+    /// while there is none, a node that answers), and whether each address asked answered.
+    /// With --json one line: {"leader": 1, "term": 7, "nodes": [{"id": 1, "addr": "...",
+    /// "role": "leader", "last_log_index": 1234, "matched": 1234, "reachable": true}, ...]};
+    /// "leader" is null while there is none; "reachable" is null for a member whose address
+    /// was not in --addr, and false with an "error" for one that did not answer.
     Status(StatusCmd),
     /// Add a node to the members: start it first with `halfmq broker --node-id ID --peers
     /// ... --join` on an empty data directory; the leader sends it the log (or a
@@ -103,18 +105,23 @@ async fn change(conn: &ConnArgs, req: Request, done: &str) -> Result<()> {
 }
 
 /// Ask every address; print the answer of the node that leads (in the highest term), or,
-/// while none does, the answer in the highest term.
+/// while none does, the answer in the highest term. Each member whose address was asked
+/// also shows whether it answered (`reachable`, and `error` when it did not), so that a dead
+/// node does not pass for a follower; members not asked show `reachable: null`.
 async fn status(cmd: StatusCmd) -> Result<()> {
     let mut best: Option<(bool, u64, ClusterStatus)> = None;
     let mut last_err = None;
+    let mut asked: Vec<(String, Option<String>)> = Vec::new();
     for addr in cmd.conn.addrs() {
         let st = match ask_status(&cmd.conn, &addr).await {
             Ok(st) => st,
             Err(e) => {
+                asked.push((addr, Some(e.to_string())));
                 last_err = Some(e);
                 continue;
             }
         };
+        asked.push((addr.clone(), None));
         let leads = st
             .nodes
             .iter()
@@ -130,8 +137,31 @@ async fn status(cmd: StatusCmd) -> Result<()> {
             reason: "no address given".into(),
         }));
     };
+    // Whether the member at `addr` answered: `None` when its address was not asked.
+    let answered = |addr: &str| {
+        asked
+            .iter()
+            .find(|(a, _)| a == addr)
+            .map(|(_, err)| err.as_deref())
+    };
     if cmd.json {
-        print_json(&st);
+        let nodes = st
+            .nodes
+            .iter()
+            .map(|node| {
+                let answer = answered(&node.addr);
+                NodeLine {
+                    node,
+                    reachable: answer.map(|e| e.is_none()),
+                    error: answer.flatten(),
+                }
+            })
+            .collect();
+        print_json(&StatusLine {
+            leader: st.leader,
+            term: st.term,
+            nodes,
+        });
         return Ok(());
     }
     match st.leader {
@@ -139,8 +169,8 @@ async fn status(cmd: StatusCmd) -> Result<()> {
         None => println_flush(&format!("leader: none (term {})", st.term)),
     }
     println_flush(&format!(
-        "{:>4}  {:<22} {:<10} {:>15} {:>15}",
-        "id", "addr", "role", "last_log_index", "matched"
+        "{:>4}  {:<22} {:<10} {:>15} {:>15}  {}",
+        "id", "addr", "role", "last_log_index", "matched", "reachable"
     ));
     let shown = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     for n in &st.nodes {
@@ -148,16 +178,43 @@ async fn status(cmd: StatusCmd) -> Result<()> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
+        let reachable = match answered(&n.addr) {
+            Some(None) => "yes".to_owned(),
+            Some(Some(err)) => format!("NO: {err}"),
+            None => "-".to_owned(),
+        };
         println_flush(&format!(
-            "{:>4}  {:<22} {:<10} {:>15} {:>15}",
+            "{:>4}  {:<22} {:<10} {:>15} {:>15}  {}",
             n.id,
             n.addr,
             role,
             shown(n.last_log_index),
-            shown(n.matched)
+            shown(n.matched),
+            reachable
         ));
     }
     Ok(())
+}
+
+/// `cluster status --json`'s line: the leader's [`ClusterStatus`], each member with whether
+/// it answered.
+#[derive(serde::Serialize)]
+struct StatusLine<'a> {
+    leader: Option<u64>,
+    term: u64,
+    nodes: Vec<NodeLine<'a>>,
+}
+
+/// A member of [`StatusLine`].
+#[derive(serde::Serialize)]
+struct NodeLine<'a> {
+    #[serde(flatten)]
+    node: &'a halfmq_raft::NodeStatus,
+    /// Whether its address answered; null when it was not asked.
+    reachable: Option<bool>,
+    /// What asking it came to, when it did not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 /// The cluster as the node at `addr` sees it.
