@@ -13,25 +13,26 @@
 //! whatever was written.
 //!
 //! **Only when group commits are small, and only when the zeros can be ready in time**
-//! ([`worth_it`]). The saving is per fsync, while the
-//! zeros double the bytes written and cost CPU per byte. Measured with the bench, 64
-//! producers, 1 KiB messages, alternating runs on a quiet machine: one send in flight each
-//! (~33 records, ~36 KiB per fsync): 127k–129k msg/s without, 154k–156k with (+20%);
-//! 16 sends in flight each (~500 KiB per fsync): 751k–783k msg/s without, 456k–464k with,
-//! and p99 4.8 ms against 11 ms. So the store prepares the segment after the active one
-//! when it opens, and after a roll only when the segment just filled took fsyncs of less
-//! than 128 KiB on average.
+//! ([`worth_it`]). The saving is per fsync, while the zeros double the bytes written and
+//! cost CPU per byte, so what decides is the log bytes per fsync. Measured 2026-12-01 with
+//! the embedded bench, 64 producers, 1 KiB messages, alternating runs on a quiet machine:
+//! one send in flight each (~33 records, ~36 KiB per fsync): 127k–129k msg/s without,
+//! 154k–156k with (+20%); 16 sends in flight each (~500 KiB per fsync): 751k–783k msg/s
+//! without, 456k–464k with, and p99 4.8 ms against 11 ms. The threshold was then put at
+//! 128 KiB per fsync. Measured again 2026-12-07 over the network (`halfmq bench --addr`, 3
+//! alternating pairs each, compilers paused, a broker that prepares after a roll against
+//! one that never does): 16 producers × 16 in flight (~100 records, ~110 KiB per fsync,
+//! under the old threshold, a 64 MiB segment filled every ~0.22 s) gained **1.19x, 1.07x,
+//! 1.09x** from not preparing; 64 producers × 1 in flight (~31 KiB per fsync) 1.03x,
+//! 0.98x, 1.04x: no difference; one producer on 8 MiB segments (~1 KiB per fsync, a roll
+//! every ~1.3 s) lost 1.02–1.08x without it. So the store prepares the segment after the
+//! active one when it opens, and after a roll only when the segment just filled took
+//! fsyncs of less than 32 KiB on average,
 //!
-//! And only when the segment just filled took longer to fill than the last preparation
-//! took to write its zeros (its pace is noted, also when cancelled). At 16 producers × 16
-//! in flight (~100 records, ~110 KiB per fsync: small enough) a 64 MiB segment fills in
-//! ~0.22 s and its zeros took longer, so every preparation was cancelled at the roll: the
-//! zeros were written for nothing, beside the log, and the roll waited for the cancel under
-//! the writer lock. Without it (2026-12-07, 3 alternating pairs on a quiet machine,
-//! `halfmq bench --addr` against a broker with and without preparing after a roll):
-//! 1.19x, 1.07x and 1.09x the throughput; 64 producers × 1 in flight, where a segment fills
-//! in ~0.5 s: 1.03x, 0.98x, 1.04x, no difference; one producer on 8 MiB segments (a roll
-//! every ~1.3 s, zeros ready in time): preparing kept 1.02–1.08x.
+//! and only when it took longer to fill than the last preparation took to write its zeros
+//! (its pace is noted, also when cancelled): a preparation not ready at the roll is
+//! cancelled there, its zeros written for nothing, and the roll waits (one chunk at most)
+//! for the cancel under the writer lock.
 //!
 //! A prepared file has the next segment's final name and an all-zero header: until the roll
 //! writes its header it is a *blank* segment, which recovery removes (like a segment whose
@@ -74,7 +75,7 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Below this many log bytes per fsync (on average over the segment just filled), preparing
 /// the next segment pays: see the module docs.
-const PREPARE_BELOW_BYTES_PER_SYNC: u64 = 128 * 1024;
+const PREPARE_BELOW_BYTES_PER_SYNC: u64 = 32 * 1024;
 
 /// Whether to prepare the next segment, given the mean bytes per fsync of the last one, how
 /// long the last one took to fill, and how long zero-filling a segment took the last time
