@@ -369,18 +369,37 @@ async fn main() {
         last[1].name,
         batched.rate() / last[1].rate()
     );
-    let cpu = |i: usize| {
+    let per_msg = |f: &dyn Fn(&Phase) -> f64| {
+        median(each.iter().map(|r| f(&r[0]) * 1e6 / r[0].messages()).collect())
+    };
+    let serving_side = |i: usize| {
         median(
             each.iter()
                 .map(|r| r[i].server_cpu_secs * 1e6 / r[i].messages())
                 .collect(),
         )
     };
+    let whole = |i: usize| {
+        median(
+            each.iter()
+                .map(|r| r[i].cpu_secs * 1e6 / r[i].messages())
+                .collect(),
+        )
+    };
+    let producer_own = per_msg(&|p| p.cpu_secs - p.server_cpu_secs);
     println!(
-        "serving cpu per message (median): endpoint {:.1} us, native server {:.1} us (unbatched {:.1} us)",
-        cpu(0),
-        cpu(1),
-        cpu(2)
+        "cpu per message (medians): endpoint {:.1} us, official producer itself {producer_own:.1} us; native server {:.1} us, halfmq client and server {:.1} us (unbatched {:.1} us, {:.1} us)",
+        serving_side(0),
+        serving_side(1),
+        whole(1),
+        serving_side(2),
+        whole(2)
+    );
+    // While the phases are CPU-bound, throughput follows CPU per message: the ratio an
+    // endpoint costing nothing would reach is halfmq's whole path over the producer's own.
+    println!(
+        "official rocketmq / halfmq network client with an endpoint costing no CPU, if CPU-bound: {:.2}",
+        whole(1) / producer_own
     );
     drop(clients);
     serving
