@@ -369,24 +369,17 @@ async fn main() {
         last[1].name,
         batched.rate() / last[1].rate()
     );
-    let per_msg = |f: &dyn Fn(&Phase) -> f64| {
-        median(each.iter().map(|r| f(&r[0]) * 1e6 / r[0].messages()).collect())
-    };
-    let serving_side = |i: usize| {
+    // The median over the rounds of a figure per message of each round's phase `i`.
+    let per_message = |i: usize, f: &dyn Fn(&Phase) -> f64| {
         median(
             each.iter()
-                .map(|r| r[i].server_cpu_secs * 1e6 / r[i].messages())
+                .map(|r| f(&r[i]) * 1e6 / r[i].messages())
                 .collect(),
         )
     };
-    let whole = |i: usize| {
-        median(
-            each.iter()
-                .map(|r| r[i].cpu_secs * 1e6 / r[i].messages())
-                .collect(),
-        )
-    };
-    let producer_own = per_msg(&|p| p.cpu_secs - p.server_cpu_secs);
+    let serving_side = |i: usize| per_message(i, &|p| p.server_cpu_secs);
+    let whole = |i: usize| per_message(i, &|p| p.cpu_secs);
+    let producer_own = per_message(0, &|p| p.cpu_secs - p.server_cpu_secs);
     println!(
         "cpu per message (medians): endpoint {:.1} us, official producer itself {producer_own:.1} us; native server {:.1} us, halfmq client and server {:.1} us (unbatched {:.1} us, {:.1} us)",
         serving_side(0),

@@ -241,7 +241,11 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
-        assert_eq!(queued(), ids.len(), "every send queued behind the held store");
+        assert_eq!(
+            queued(),
+            ids.len(),
+            "every send queued behind the held store"
+        );
         // However often the flusher runs meanwhile, nothing leaves while the store is held.
         for _ in 0..10 {
             tokio::task::yield_now().await;
