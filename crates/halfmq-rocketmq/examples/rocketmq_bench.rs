@@ -10,7 +10,11 @@
 //! producer also sends in batches of 16 (`batch_send`, one request each; its latency is a
 //! batch's).
 //!
-//! `cargo run --release -p halfmq-rocketmq --example rocketmq_bench -- [TASKS] [PER_TASK] [BODY_BYTES]`
+//! The official producer and halfmq's own client (both ways) run in ROUNDS rounds, one after
+//! the other in each round; the ratios are given per round and as their median, so that a
+//! moment of load from elsewhere on the machine skews one round, not the result.
+//!
+//! `cargo run --release -p halfmq-rocketmq --example rocketmq_bench -- [TASKS] [PER_TASK] [BODY_BYTES] [ROUNDS]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,6 +162,7 @@ async fn main() {
     let tasks = args.first().copied().unwrap_or(16);
     let per_task = args.get(1).copied().unwrap_or(500);
     let body = vec![b'x'; args.get(2).copied().unwrap_or(256)];
+    let rounds_of_three = args.get(3).copied().unwrap_or(3).max(1);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let broker = Broker::open(BrokerConfig::new(dir.path())).expect("broker");
     broker.create_topic("bench", 4).expect("topic");
@@ -208,20 +213,21 @@ async fn main() {
     // Unmeasured: the broker's first-use costs (index tables growing, fresh pages of
     // memory) would otherwise be paid by whichever phase runs first.
     embedded("warm-up", "warm-up").await;
-    let rocketmq = phase(
-        "official rocketmq 5",
-        rounds,
-        (producer.clone(), &body),
-        |p, b, _| async move {
-            let m = MessageBuilder::builder()
-                .set_topic("bench")
-                .set_body(b)
-                .build()
-                .expect("message");
-            p.send(m).await.expect("send");
-        },
-    )
-    .await;
+    let official = || {
+        phase(
+            "official rocketmq 5",
+            rounds,
+            (producer.clone(), &body),
+            |p, b, _| async move {
+                let m = MessageBuilder::builder()
+                    .set_topic("bench")
+                    .set_body(b)
+                    .build()
+                    .expect("message");
+                p.send(m).await.expect("send");
+            },
+        )
+    };
     let batches = (tasks, per_task.div_ceil(BATCH));
     let batched = phase(
         "official rocketmq 5, batch 16",
@@ -284,11 +290,13 @@ async fn main() {
     // requests), and, like with like, with that automatic batching off: one request per
     // message, as the official producer sends.
     let native_addr = native_server.local_addr().to_string();
-    let network = |name: &'static str, prefix: &'static str, auto_batch: bool| {
+    let network = |name: &'static str, prefix: String, auto_batch: bool| {
         let mut config = halfmq_client::ClientConfig::new(native_addr.clone());
         config.auto_batch = auto_batch;
         let body = &body;
         async move {
+            // A few bytes per round, for the life of this run: the sends' tasks need 'static.
+            let prefix: &'static str = Box::leak(prefix.into_boxed_str());
             let client = Arc::new(
                 halfmq_client::Client::connect(config)
                     .await
@@ -306,28 +314,87 @@ async fn main() {
             (measured, client)
         }
     };
-    let (native, native_client) = network("halfmq network client", "native", true).await;
-    let (unbatched, unbatched_client) =
-        network("halfmq client, no auto batch", "unbatched", false).await;
+    let mut clients = Vec::new();
+    // Per round: the official producer, halfmq's client, halfmq's client unbatched.
+    let mut each = Vec::new();
+    for round in 0..rounds_of_three {
+        let rocketmq = official().await;
+        let (native, c) = network("halfmq network client", format!("native-{round}"), true).await;
+        clients.push(c);
+        let (unbatched, c) = network(
+            "halfmq client, no auto batch",
+            format!("unbatched-{round}"),
+            false,
+        )
+        .await;
+        clients.push(c);
+        println!("round {}:", round + 1);
+        for p in [&rocketmq, &native, &unbatched] {
+            p.print();
+        }
+        each.push([rocketmq, native, unbatched]);
+    }
     let embedded = embedded("embedded send_async", "embedded").await;
-    for p in [&rocketmq, &batched, &grpc, &native, &unbatched, &embedded] {
+    for p in [&batched, &grpc, &embedded] {
         p.print();
     }
-    for base in [&native, &unbatched, &embedded] {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for base in [1, 2] {
+        let throughput: Vec<f64> = each.iter().map(|r| r[0].rate() / r[base].rate()).collect();
+        let p99: Vec<f64> = each
+            .iter()
+            .map(|r| r[0].pct(0.99) as f64 / r[base].pct(0.99) as f64)
+            .collect();
+        let shown: Vec<String> = throughput.iter().map(|t| format!("{t:.2}")).collect();
         println!(
-            "official rocketmq / {}: throughput {:.2}, p99 {:.2}",
-            base.name,
-            rocketmq.rate() / base.rate(),
-            rocketmq.pct(0.99) as f64 / base.pct(0.99) as f64
+            "official rocketmq / {}: throughput {:.2} (median of {}), p99 {:.2}",
+            each[0][base].name,
+            median(throughput.clone()),
+            shown.join(" "),
+            median(p99)
         );
     }
+    let last = &each[each.len() - 1];
     println!(
-        "official rocketmq, batch {BATCH} / {}: throughput {:.2}",
-        native.name,
-        batched.rate() / native.rate()
+        "official rocketmq / {}: throughput {:.2}, p99 {:.2} (last round's)",
+        embedded.name,
+        last[0].rate() / embedded.rate(),
+        last[0].pct(0.99) as f64 / embedded.pct(0.99) as f64
     );
-    drop(native_client);
-    drop(unbatched_client);
+    println!(
+        "official rocketmq, batch {BATCH} / {}: throughput {:.2} (last round's)",
+        last[1].name,
+        batched.rate() / last[1].rate()
+    );
+    // The median over the rounds of a figure per message of each round's phase `i`.
+    let per_message = |i: usize, f: &dyn Fn(&Phase) -> f64| {
+        median(
+            each.iter()
+                .map(|r| f(&r[i]) * 1e6 / r[i].messages())
+                .collect(),
+        )
+    };
+    let serving_side = |i: usize| per_message(i, &|p| p.server_cpu_secs);
+    let whole = |i: usize| per_message(i, &|p| p.cpu_secs);
+    let producer_own = per_message(0, &|p| p.cpu_secs - p.server_cpu_secs);
+    println!(
+        "cpu per message (medians): endpoint {:.1} us, official producer itself {producer_own:.1} us; native server {:.1} us, halfmq client and server {:.1} us (unbatched {:.1} us, {:.1} us)",
+        serving_side(0),
+        serving_side(1),
+        whole(1),
+        serving_side(2),
+        whole(2)
+    );
+    // While the phases are CPU-bound, throughput follows CPU per message: the ratio an
+    // endpoint costing nothing would reach is halfmq's whole path over the producer's own.
+    println!(
+        "official rocketmq / halfmq network client with an endpoint costing no CPU, if CPU-bound: {:.2}",
+        whole(1) / producer_own
+    );
+    drop(clients);
     serving
         .spawn(native_server.shutdown())
         .await

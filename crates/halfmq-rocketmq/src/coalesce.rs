@@ -7,9 +7,12 @@
 //! Per topic, like Nagle's algorithm: a send with no other store of its topic under way and
 //! none queued goes to the broker at once, alone, so a lone producer waits for nothing. A
 //! send that arrives while another store of its topic is under way is queued; the queue
-//! leaves as one batch after one pass of the executor (the requests read from the
-//! connections at the same moment join it), or at once when it holds
-//! [`SEND_BATCH_MESSAGES_MAX`] messages or [`SEND_BATCH_BYTES_MAX`] bytes. A queued send
+//! leaves as one batch once a store of the topic under way is answered (durable or
+//! refused), or at once when it holds [`SEND_BATCH_MESSAGES_MAX`] messages or
+//! [`SEND_BATCH_BYTES_MAX`] bytes. A queued message would wait for that durable write
+//! anyway: the store's group commit syncs what arrives during a sync with the next one. So
+//! with many senders, one topic's sends reach the broker as few large batches rather than
+//! many small ones, each store call costing what a batch of one costs. A queued send
 //! whose request is cancelled is still stored (as a send whose request is cancelled during
 //! its durable write may be); the client's retry carries the same message id, which the
 //! broker deduplicates.
@@ -26,7 +29,7 @@ use std::sync::Arc;
 use halfmq::{Broker, Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
 use halfmq_types::coalesce::{Batch, Queued, SendLane};
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::pb::{self, Code};
 use crate::status::{of_error, status};
@@ -48,6 +51,8 @@ pub(crate) struct Coalescer {
 #[derive(Default)]
 struct Lane {
     state: Mutex<SendLane<Waiting>>,
+    /// Notified each time a store of the lane under way is answered.
+    answered: Notify,
 }
 
 /// Who waits for a queued message's answer.
@@ -85,6 +90,7 @@ struct UnderWay(LaneRef);
 impl Drop for UnderWay {
     fn drop(&mut self) {
         self.0.update(|st| st.answered());
+        self.0.lane.answered.notify_waiters();
     }
 }
 
@@ -154,9 +160,19 @@ pub(crate) async fn send(
     }
 }
 
-/// Take the lane's queue once the sends ready now have joined it, and store it.
+/// Take the lane's queue once no store of the lane is under way any more, or one under way
+/// is answered, and store it. Every store under way is answered, or dropped (a cancelled
+/// lone send), and either notifies: the wait ends.
 async fn flusher(broker: Arc<Broker>, lane: LaneRef) {
-    tokio::task::yield_now().await;
+    {
+        let answered = lane.lane.answered.notified();
+        tokio::pin!(answered);
+        // Registered before the check, so that an answer between the two is not missed.
+        answered.as_mut().enable();
+        if lane.lane.state.lock().queued_behind() {
+            answered.await;
+        }
+    }
     let taken = lane.update(|st| st.flush());
     if let Some(batch) = taken {
         deliver(broker, UnderWay(lane), batch).await;
@@ -193,9 +209,10 @@ mod tests {
     use super::*;
     use halfmq::BrokerConfig;
 
-    /// Sends made while another of their topic is under way leave together, as one batch;
-    /// each gets its own receipt, a repeated message id is stored once, and the topic's lane
-    /// is gone once nothing is under way.
+    /// Sends made while another store of their topic is under way wait for it, then leave
+    /// together, as one batch; each gets its own receipt, a repeated message id is stored
+    /// once, and the topic's lane is gone once nothing is under way. Deterministic: the test
+    /// itself holds the store under way, and lets it go once every send is queued.
     #[tokio::test(flavor = "current_thread")]
     async fn sends_arriving_during_a_store_leave_as_one_batch() {
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -204,8 +221,9 @@ mod tests {
         let broker = Broker::open(config).expect("broker");
         broker.create_topic("t", 2).expect("topic");
         let coalescer = Arc::new(Coalescer::default());
-        // On one thread: the first send is under way (waiting for its durable write) when
-        // the others run; they queue, and the flusher takes them all.
+        let held = coalescer.lane("t");
+        assert!(held.update(|st| st.leave_alone()), "a fresh lane is idle");
+        let held = UnderWay(held);
         let ids = ["a", "b", "c", "d", "c", "e"];
         let sends: Vec<_> = ids
             .iter()
@@ -215,17 +233,37 @@ mod tests {
                 tokio::spawn(async move { send(&c, &b, "t", msg).await })
             })
             .collect();
+        let queued = || held.0.lane.state.lock().queued();
+        // The spawned sends run on this one thread whenever this test yields; no clock.
+        for _ in 0..1000 {
+            if queued() == ids.len() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            queued(),
+            ids.len(),
+            "every send queued behind the held store"
+        );
+        // However often the flusher runs meanwhile, nothing leaves while the store is held.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(coalescer.batches.lock().is_empty());
+        assert!(sends.iter().all(|s| !s.is_finished()));
+        drop(held);
         let mut receipts = Vec::new();
         for s in sends {
             receipts.push(s.await.expect("joins").expect("stored"));
         }
-        assert_eq!(*coalescer.batches.lock(), vec![5]);
+        assert_eq!(*coalescer.batches.lock(), vec![ids.len()]);
         // The repeated id answers the first's receipt; the others are stored apart.
         assert_eq!(receipts[2].log_offset, receipts[4].log_offset);
         let mut at: Vec<_> = receipts.iter().map(|r| r.log_offset).collect();
         at.sort_unstable();
         at.dedup();
-        assert_eq!(at.len(), 5);
+        assert_eq!(at.len(), ids.len() - 1);
         assert!(coalescer.lanes.lock().is_empty());
         // A lone send goes alone again.
         let r = send(&coalescer, &broker, "t", Message::new("f")).await;

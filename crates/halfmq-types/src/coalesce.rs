@@ -131,6 +131,11 @@ impl<W> SendLane<W> {
         self.under_way > 0 && !self.queued.msgs.is_empty()
     }
 
+    /// How many messages are queued.
+    pub fn queued(&self) -> usize {
+        self.queued.msgs.len()
+    }
+
     /// Nothing under way, queued or about to be flushed: the lane may be forgotten.
     pub fn is_idle(&self) -> bool {
         self.under_way == 0 && self.queued.msgs.is_empty() && !self.flusher
