@@ -460,7 +460,7 @@ impl Shared {
         let filled_by = syncs.saturating_sub(w.syncs_at_roll).max(1);
         w.syncs_at_roll = syncs;
         if let Some(p) = &self.preparer {
-            if prepare::worth_it(size / filled_by) {
+            if self.config.fsync && prepare::worth_it(size / filled_by) {
                 p.prepare(next_base + size);
             }
             if let Some(keep) = self.config.page_cache_segments {
