@@ -87,6 +87,13 @@ impl JournalSnapshot {
         })
     }
 
+    /// `fdatasync` the file (everything written to it, past `len` too).
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "fdatasync", e))
+    }
+
     /// Add bytes at the end of a snapshot being received.
     pub fn push_chunk(&mut self, bytes: &[u8]) -> Result<()> {
         self.file
@@ -215,6 +222,16 @@ impl Journal {
     /// what a snapshot of everything applied so far is built up to ([`Journal::build`]).
     pub fn end(&self) -> (u64, u64) {
         (self.written, self.installs)
+    }
+
+    /// The journal's file, to sync the batches appended so far without holding the journal
+    /// (see `StateMachine`'s snapshot builder); [`Journal::build`] syncs again.
+    pub fn unsynced(&self) -> JournalSnapshot {
+        JournalSnapshot {
+            file: self.file.clone(),
+            path: self.dir.join("journal"),
+            len: self.written,
+        }
     }
 
     /// Append `items`, batches just applied, in log order, after the ones appended before.

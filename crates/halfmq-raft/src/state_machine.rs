@@ -172,8 +172,18 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> std::result::Result<Snapshot<TypeConfig>, StorageError> {
-        let mut journal = self.journal.clone().lock_owned().await;
         let snap_err = |e: &Error| storage(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+        // The bulk of the sync without the lock, which `apply` takes to append: what is
+        // appended since the last snapshot (up to 10,000 entries) may be much unsynced, and
+        // applying must not wait for it. `Journal::build` syncs again, under the lock,
+        // only what was written since (and nothing at all if a snapshot was installed
+        // meanwhile: it then finds `installs` changed or a newer snapshot).
+        let unsynced = self.journal.lock().await.unsynced();
+        tokio::task::spawn_blocking(move || unsynced.sync())
+            .await
+            .map_err(|e| snap_err(&joined(e)))?
+            .map_err(|e| snap_err(&e))?;
+        let mut journal = self.journal.clone().lock_owned().await;
         let have = journal.meta().and_then(|m| m.last_log_id);
         if have >= self.last_applied {
             // A snapshot installed meanwhile already covers what this one would.
