@@ -11,8 +11,9 @@
 //! ([`Journal::append`], written, not synced: nothing in memory waits for the next
 //! snapshot); building one fsyncs the journal, then replaces `meta` with the length
 //! written up to its last log id: a crash before `meta` is replaced leaves the old
-//! snapshot, and opening cuts the journal back to its length (the batches after it are
-//! applied again from the raft log, which keeps every entry a snapshot does not cover).
+//! snapshot, and opening ignores what is past its length and appends over it (the batches
+//! after it are applied again from the raft log, which keeps every entry a snapshot does
+//! not cover).
 //! Installing one received from the leader checks every frame, fsyncs it, renames it over
 //! the journal and replaces `meta`.
 //!
@@ -24,7 +25,7 @@
 //! the raft log, and its segments as the snapshot).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -136,7 +137,7 @@ fn open_rw(path: &Path, truncate: bool) -> Result<File> {
 }
 
 impl Journal {
-    /// Open the journal in `<dir>/snapshot`, cut back to the current snapshot's length.
+    /// Open the journal in `<dir>/snapshot`, appending from the current snapshot's length.
     pub fn open(dir: &Path) -> Result<Journal> {
         let dir = dir.join("snapshot");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
@@ -155,13 +156,10 @@ impl Journal {
                 reason: format!("snapshot journal shorter than its meta's {len} bytes"),
             });
         }
-        if on_disk > len {
-            // Batches appended since the snapshot (or by a build that did not finish: its
-            // meta was never written): the raft log holds them, and applies them again.
-            file.set_len(len)
-                .map_err(|e| Error::io(&path, "truncate", e))?;
-            file.sync_all().map_err(|e| Error::io(&path, "fsync", e))?;
-        }
+        // Bytes past `len` are batches appended since the snapshot (or by a build whose
+        // meta was never written): the raft log holds them and applies them again, and
+        // they are written over from `len`. They are left as they are, not cut, so that a
+        // repair from peers moves the journal aside as it was found (`crate::repair`).
         Ok(Journal {
             dir,
             file: Arc::new(file),
@@ -194,6 +192,11 @@ impl Journal {
     /// Every batch of the current snapshot, in order.
     pub fn for_each(&self, mut f: impl FnMut(LogId, Batch) -> Result<()>) -> Result<()> {
         let path = self.dir.join("journal");
+        // From the start whatever an earlier read left the file's offset at (this reads
+        // through it; every other read is positional).
+        (&*self.file)
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(&path, "seek", e))?;
         let mut r = BufReader::with_capacity(1 << 20, (&*self.file).take(self.len));
         let mut pos = 0u64;
         let mut buf = Vec::new();
@@ -397,9 +400,10 @@ mod tests {
     }
 
     /// Batches appended as they are applied are in a snapshot only once one is built up to
-    /// them; reopening cuts the ones after the snapshot (the raft log applies them again).
+    /// them; reopening ignores the ones after the snapshot (the raft log applies them
+    /// again) and appends over them.
     #[test]
-    fn a_snapshot_takes_the_batches_appended_up_to_its_end_and_reopening_cuts_the_rest() {
+    fn a_snapshot_takes_the_batches_appended_up_to_its_end_and_reopening_ignores_the_rest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut j = Journal::open(dir.path()).expect("open");
         append(&mut j, &[item(1), item(2)]);
@@ -419,7 +423,16 @@ mod tests {
         drop(j);
         let mut j = Journal::open(dir.path()).expect("reopen");
         assert_eq!(indexes(&j), vec![1, 2]);
-        assert_eq!(j.end().0, upto.0, "batch 3 was cut: it is in no snapshot");
+        assert_eq!(j.end().0, upto.0, "batch 3 is in no snapshot: written over");
+        let on_disk = std::fs::metadata(dir.path().join("snapshot/journal"))
+            .expect("stat")
+            .len();
+        assert!(on_disk > upto.0, "left as found, not cut");
+        append(&mut j, &[item(4)]);
+        let upto = j.end();
+        j.build(upto, Some(item(4).0), StoredMembership::default())
+            .expect("build over the old tail");
+        assert_eq!(indexes(&j), vec![1, 2, 4]);
         // An end taken before an install, or past what was written, builds nothing.
         append(&mut j, &[item(3)]);
         let stale = (j.end().0, j.end().1 + 1);
