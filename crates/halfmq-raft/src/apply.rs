@@ -123,34 +123,37 @@ pub fn apply_batches(
 }
 
 /// Apply `entries` in order, off the async executor: one answer list per entry (empty for
-/// blank and membership entries), and the batches applied, for the snapshot journal.
-pub async fn apply_entries(
+/// blank and membership entries). The batches applied are then handed, in order, to
+/// `applied` (the snapshot journal's append) on the same thread.
+pub async fn apply_entries<F>(
     broker: Arc<Broker>,
     clock: &ManualClock,
     entries: Vec<Entry>,
-) -> Result<(Vec<Vec<Applied>>, Vec<(LogId, Batch)>)> {
+    applied: F,
+) -> Result<Vec<Vec<Applied>>>
+where
+    F: FnOnce(&[(LogId, &Batch)]) -> Result<()> + Send + 'static,
+{
     let clock = clock.clone();
     tokio::task::spawn_blocking(move || {
-        let batches: Vec<&Batch> = entries
+        let batches: Vec<(LogId, &Batch)> = entries
             .iter()
             .filter_map(|e| match &e.payload {
-                EntryPayload::Normal(batch) => Some(batch),
+                EntryPayload::Normal(batch) => Some((e.log_id, batch)),
                 EntryPayload::Blank | EntryPayload::Membership(_) => None,
             })
             .collect();
-        let mut applied_answers = apply_batches(&broker, &clock, &batches)?.into_iter();
+        let only: Vec<&Batch> = batches.iter().map(|(_, b)| *b).collect();
+        let mut applied_answers = apply_batches(&broker, &clock, &only)?.into_iter();
+        applied(&batches)?;
         let mut answers = Vec::with_capacity(entries.len());
-        let mut applied = Vec::new();
-        for e in entries {
+        for e in &entries {
             match e.payload {
-                EntryPayload::Normal(batch) => {
-                    answers.push(applied_answers.next().unwrap_or_default());
-                    applied.push((e.log_id, batch));
-                }
+                EntryPayload::Normal(_) => answers.push(applied_answers.next().unwrap_or_default()),
                 EntryPayload::Blank | EntryPayload::Membership(_) => answers.push(Vec::new()),
             }
         }
-        Ok((answers, applied))
+        Ok(answers)
     })
     .await
     .map_err(|e| Error::Invalid {

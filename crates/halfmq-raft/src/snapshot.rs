@@ -7,11 +7,15 @@
 //! ```
 //!
 //! A snapshot is the journal's first `len` bytes, `len` and the snapshot's last log id and
-//! membership being in `meta`. Building one appends the batches applied since the last
-//! one, fsyncs the journal, then replaces `meta`: a crash before `meta` is replaced leaves
-//! the old snapshot, and opening cuts the journal back to its length. Installing one
-//! received from the leader checks every frame, fsyncs it, renames it over the journal and
-//! replaces `meta`.
+//! membership being in `meta`. Every batch is appended to the journal as it is applied
+//! ([`Journal::append`], written, not synced: nothing in memory waits for the next
+//! snapshot); building one fsyncs the journal, then replaces `meta` with the length
+//! written up to its last log id: a crash before `meta` is replaced leaves the old
+//! snapshot, and opening ignores what is past its length and appends over it (the batches
+//! after it are applied again from the raft log, which keeps every entry a snapshot does
+//! not cover).
+//! Installing one received from the leader checks every frame, fsyncs it, renames it over
+//! the journal and replaces `meta`.
 //!
 //! Why a journal of commands and not a copy of the broker's files: the broker is rebuilt
 //! from it by applying the same batches in the same order on a fresh data directory, which
@@ -21,7 +25,7 @@
 //! the raft log, and its segments as the snapshot).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +88,13 @@ impl JournalSnapshot {
         })
     }
 
+    /// `fdatasync` the file (everything written to it, past `len` too).
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "fdatasync", e))
+    }
+
     /// Add bytes at the end of a snapshot being received.
     pub fn push_chunk(&mut self, bytes: &[u8]) -> Result<()> {
         self.file
@@ -105,6 +116,11 @@ pub struct Journal {
     dir: PathBuf,
     file: Arc<File>,
     len: u64,
+    /// End of the batches appended (at least `len`: those past it are in no snapshot yet).
+    written: u64,
+    /// Snapshots installed by this process: a length taken before an install is a length
+    /// in another file.
+    installs: u64,
     meta: Option<Meta>,
     /// Snapshots built by this process, for unique snapshot ids.
     built: u64,
@@ -121,7 +137,7 @@ fn open_rw(path: &Path, truncate: bool) -> Result<File> {
 }
 
 impl Journal {
-    /// Open the journal in `<dir>/snapshot`, cut back to the current snapshot's length.
+    /// Open the journal in `<dir>/snapshot`, appending from the current snapshot's length.
     pub fn open(dir: &Path) -> Result<Journal> {
         let dir = dir.join("snapshot");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
@@ -140,16 +156,16 @@ impl Journal {
                 reason: format!("snapshot journal shorter than its meta's {len} bytes"),
             });
         }
-        if on_disk > len {
-            // Batches of a build that did not finish: its meta was never written.
-            file.set_len(len)
-                .map_err(|e| Error::io(&path, "truncate", e))?;
-            file.sync_all().map_err(|e| Error::io(&path, "fsync", e))?;
-        }
+        // Bytes past `len` are batches appended since the snapshot (or by a build whose
+        // meta was never written): the raft log holds them and applies them again, and
+        // they are written over from `len`. They are left as they are, not cut, so that a
+        // repair from peers moves the journal aside as it was found (`crate::repair`).
         Ok(Journal {
             dir,
             file: Arc::new(file),
             len,
+            written: len,
+            installs: 0,
             meta: m.map(|m| m.meta),
             built: 0,
         })
@@ -176,6 +192,11 @@ impl Journal {
     /// Every batch of the current snapshot, in order.
     pub fn for_each(&self, mut f: impl FnMut(LogId, Batch) -> Result<()>) -> Result<()> {
         let path = self.dir.join("journal");
+        // From the start whatever an earlier read left the file's offset at (this reads
+        // through it; every other read is positional).
+        (&*self.file)
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(&path, "seek", e))?;
         let mut r = BufReader::with_capacity(1 << 20, (&*self.file).take(self.len));
         let mut pos = 0u64;
         let mut buf = Vec::new();
@@ -200,22 +221,60 @@ impl Journal {
         Ok(())
     }
 
-    /// Append `items` (the batches applied since the current snapshot) and make them, with
-    /// `last_applied` and `membership`, the new current snapshot.
-    pub fn build(
-        &mut self,
-        items: &[(LogId, Batch)],
-        last_applied: Option<LogId>,
-        membership: openraft::StoredMembership<NodeId, BasicNode>,
-    ) -> Result<(Meta, JournalSnapshot)> {
+    /// Where the next appended batch goes, and how many snapshots were installed before:
+    /// what a snapshot of everything applied so far is built up to ([`Journal::build`]).
+    pub fn end(&self) -> (u64, u64) {
+        (self.written, self.installs)
+    }
+
+    /// The journal's file, to sync the batches appended so far without holding the journal
+    /// (see `StateMachine`'s snapshot builder); [`Journal::build`] syncs again.
+    pub fn unsynced(&self) -> JournalSnapshot {
+        JournalSnapshot {
+            file: self.file.clone(),
+            path: self.dir.join("journal"),
+            len: self.written,
+        }
+    }
+
+    /// Append `items`, batches just applied, in log order, after the ones appended before.
+    /// Written, not synced: [`Journal::build`] syncs them when a snapshot takes them in.
+    pub fn append(&mut self, items: &[(LogId, &Batch)]) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
         let mut bytes = Vec::new();
         for item in items {
             bytes.extend_from_slice(&frame::encode(item, "snapshot journal")?);
         }
         let path = self.dir.join("journal");
         self.file
-            .write_all_at(&bytes, self.len)
+            .write_all_at(&bytes, self.written)
             .map_err(|e| Error::io(&path, "write", e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Make the batches appended up to `upto` (an [`Journal::end`], taken when everything up
+    /// to `last_applied` was appended), with `last_applied` and `membership`, the new current
+    /// snapshot.
+    pub fn build(
+        &mut self,
+        (upto, installs): (u64, u64),
+        last_applied: Option<LogId>,
+        membership: openraft::StoredMembership<NodeId, BasicNode>,
+    ) -> Result<(Meta, JournalSnapshot)> {
+        let path = self.dir.join("journal");
+        if installs != self.installs || upto < self.len || upto > self.written {
+            return Err(Error::Invalid {
+                what: "snapshot journal",
+                reason: format!(
+                    "a snapshot up to byte {upto} (after {installs} installs) does not fit the \
+                     journal ({} bytes in the snapshot, {} written, {} installs)",
+                    self.len, self.written, self.installs
+                ),
+            });
+        }
         self.file
             .sync_data()
             .map_err(|e| Error::io(&path, "fdatasync", e))?;
@@ -229,9 +288,8 @@ impl Journal {
             last_membership: membership,
             snapshot_id,
         };
-        let len = self.len + bytes.len() as u64;
-        self.write_meta(&meta, len)?;
-        self.len = len;
+        self.write_meta(&meta, upto)?;
+        self.len = upto;
         self.meta = Some(meta);
         self.current()
             .ok_or_else(|| bad_journal(&path, 0, "no meta right after writing it"))
@@ -291,6 +349,8 @@ impl Journal {
         self.write_meta(meta, snap.len)?;
         self.file = Arc::new(open_rw(&path, false)?);
         self.len = snap.len;
+        self.written = snap.len;
+        self.installs += 1;
         self.meta = Some(meta.clone());
         Ok(())
     }
@@ -309,5 +369,75 @@ fn bad_journal(path: &Path, pos: u64, reason: &str) -> Error {
         path: path.to_path_buf(),
         offset: pos,
         reason: format!("snapshot journal: {reason}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Command;
+    use openraft::{CommittedLeaderId, StoredMembership};
+
+    fn item(index: u64) -> (LogId, Batch) {
+        let topic = format!("t{index}");
+        let batch = Batch::new(index, vec![Command::CreateTopic { topic, queues: 1 }]);
+        (LogId::new(CommittedLeaderId::new(1, 1), index), batch)
+    }
+
+    fn append(j: &mut Journal, items: &[(LogId, Batch)]) {
+        let refs: Vec<(LogId, &Batch)> = items.iter().map(|(l, b)| (*l, b)).collect();
+        j.append(&refs).expect("append");
+    }
+
+    fn indexes(j: &Journal) -> Vec<u64> {
+        let mut seen = Vec::new();
+        j.for_each(|l, _| {
+            seen.push(l.index);
+            Ok(())
+        })
+        .expect("read the journal");
+        seen
+    }
+
+    /// Batches appended as they are applied are in a snapshot only once one is built up to
+    /// them; reopening ignores the ones after the snapshot (the raft log applies them
+    /// again) and appends over them.
+    #[test]
+    fn a_snapshot_takes_the_batches_appended_up_to_its_end_and_reopening_ignores_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::open(dir.path()).expect("open");
+        append(&mut j, &[item(1), item(2)]);
+        let upto = j.end();
+        append(&mut j, &[item(3)]);
+        let last = Some(item(2).0);
+        let (meta, snap) = j
+            .build(upto, last, StoredMembership::default())
+            .expect("build");
+        assert_eq!(meta.last_log_id, last);
+        assert_eq!(snap.len(), upto.0);
+        assert_eq!(
+            indexes(&j),
+            vec![1, 2],
+            "the snapshot holds what was appended before"
+        );
+        drop(j);
+        let mut j = Journal::open(dir.path()).expect("reopen");
+        assert_eq!(indexes(&j), vec![1, 2]);
+        assert_eq!(j.end().0, upto.0, "batch 3 is in no snapshot: written over");
+        let on_disk = std::fs::metadata(dir.path().join("snapshot/journal"))
+            .expect("stat")
+            .len();
+        assert!(on_disk > upto.0, "left as found, not cut");
+        append(&mut j, &[item(4)]);
+        let upto = j.end();
+        j.build(upto, Some(item(4).0), StoredMembership::default())
+            .expect("build over the old tail");
+        assert_eq!(indexes(&j), vec![1, 2, 4]);
+        // An end taken before an install, or past what was written, builds nothing.
+        append(&mut j, &[item(3)]);
+        let stale = (j.end().0, j.end().1 + 1);
+        assert!(j.build(stale, None, StoredMembership::default()).is_err());
+        let beyond = (j.end().0 + 1, j.end().1);
+        assert!(j.build(beyond, None, StoredMembership::default()).is_err());
     }
 }

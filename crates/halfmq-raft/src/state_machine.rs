@@ -9,8 +9,9 @@
 //! openraft's "persistent snapshot" way (its `apply` docs): the snapshot is durable, the
 //! state machine is not relied on.
 //!
-//! The broker's store runs with [`FlushPolicy::Async`]: being rebuilt on every start, it
-//! has nothing to gain from its own fsyncs (the raft log's are what acknowledge).
+//! The broker's store never fsyncs (`StoreConfig::fsync` off, [`FlushPolicy::Sync`] so
+//! that a round's write is visible at once): being rebuilt on every start, it has nothing
+//! to gain from its own fsyncs (the raft log's are what acknowledge).
 //!
 //! Every node's broker runs on a [`ManualClock`] that applying sets to each batch's leader
 //! time, never backwards, and has no check-back thread and no delayed timer (an outcome
@@ -36,7 +37,7 @@ use openraft::{
 use parking_lot::RwLock;
 
 use crate::apply::{apply_entries, set_clock};
-use crate::command::{apply_batch, Applied, Batch};
+use crate::command::{apply_batch, Applied};
 use crate::snapshot::{Journal, JournalSnapshot, Meta};
 use crate::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
@@ -68,15 +69,15 @@ pub struct StateMachine {
     generation: u64,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, BasicNode>,
-    /// Batches applied since the last snapshot was built: the next one appends them.
-    pending: Vec<(LogId, Batch)>,
+    /// Every applied batch is appended to it (`Journal::append`); a snapshot syncs them.
     journal: Arc<tokio::sync::Mutex<Journal>>,
 }
 
 /// Builds a snapshot from what was applied when openraft asked for the builder.
 pub struct Builder {
     journal: Arc<tokio::sync::Mutex<Journal>>,
-    items: Vec<(LogId, Batch)>,
+    /// The journal's end when everything up to `last_applied` was appended (`Journal::end`).
+    upto: (u64, u64),
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, BasicNode>,
 }
@@ -114,10 +115,12 @@ fn rebuild(
     // the log (`ReplicaNode::send` proposes the creation when the broker would have).
     cfg.auto_create_topics = false;
     // Its own fsyncs would buy nothing: it is rebuilt from the journal and the raft log on
-    // every start. (Halves, outcomes and acks still sync; that is the broker's choice.)
-    cfg.store.flush = FlushPolicy::Async {
-        interval: std::time::Duration::from_millis(10),
-    };
+    // every start. So its store never fsyncs (`StoreConfig::fsync`), and a round's write
+    // counts as durable at once: what is applied is visible when its round is written
+    // (under `FlushPolicy::Async` it waited for the next 10 ms sync). (sled still flushes
+    // where the broker asks it to, such as acks; that is the broker's choice.)
+    cfg.store.flush = FlushPolicy::Sync;
+    cfg.store.fsync = false;
     // No group-commit marks, so log offsets do not depend on how applying grouped records
     // into rounds (`crate::apply`); marks serve recovery, which this log never needs.
     cfg.store.marks = false;
@@ -157,7 +160,6 @@ impl StateMachine {
             generation: 0,
             last_applied,
             membership,
-            pending: Vec::new(),
             journal: Arc::new(tokio::sync::Mutex::new(journal)),
         })
     }
@@ -170,8 +172,18 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
     async fn build_snapshot(&mut self) -> std::result::Result<Snapshot<TypeConfig>, StorageError> {
-        let mut journal = self.journal.clone().lock_owned().await;
         let snap_err = |e: &Error| storage(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+        // The bulk of the sync without the lock, which `apply` takes to append: what is
+        // appended since the last snapshot (up to 10,000 entries) may be much unsynced, and
+        // applying must not wait for it. `Journal::build` syncs again, under the lock,
+        // only what was written since (and nothing at all if a snapshot was installed
+        // meanwhile: it then finds `installs` changed or a newer snapshot).
+        let unsynced = self.journal.lock().await.unsynced();
+        tokio::task::spawn_blocking(move || unsynced.sync())
+            .await
+            .map_err(|e| snap_err(&joined(e)))?
+            .map_err(|e| snap_err(&e))?;
+        let mut journal = self.journal.clone().lock_owned().await;
         let have = journal.meta().and_then(|m| m.last_log_id);
         if have >= self.last_applied {
             // A snapshot installed meanwhile already covers what this one would.
@@ -182,11 +194,11 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
                 });
             }
         }
-        let items = std::mem::take(&mut self.items);
+        let upto = self.upto;
         let last = self.last_applied;
         let membership = self.membership.clone();
         let (meta, snapshot) =
-            tokio::task::spawn_blocking(move || journal.build(&items, last, membership))
+            tokio::task::spawn_blocking(move || journal.build(upto, last, membership))
                 .await
                 .map_err(|e| snap_err(&joined(e)))?
                 .map_err(|e| snap_err(&e))?;
@@ -220,10 +232,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let broker = self.broker.read().clone();
-        let (answers, applied) = apply_entries(broker, &self.clock, entries)
-            .await
-            .map_err(|e| sm_err(&e))?;
-        self.pending.extend(applied);
+        let journal = self.journal.clone();
+        // `blocking_lock`: on the blocking thread `apply_entries` runs this on. The lock is
+        // held elsewhere only by a snapshot being built or installed.
+        let answers = apply_entries(broker, &self.clock, entries, move |batches| {
+            journal.blocking_lock().append(batches)
+        })
+        .await
+        .map_err(|e| sm_err(&e))?;
         if last.is_some() {
             self.last_applied = last;
         }
@@ -231,9 +247,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Everything applied is in the journal: `apply` appends before it returns.
+        let upto = self.journal.lock().await.end();
         Builder {
             journal: self.journal.clone(),
-            items: std::mem::take(&mut self.pending),
+            upto,
             last_applied: self.last_applied,
             membership: self.membership.clone(),
         }
@@ -282,7 +300,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         *self.broker.write() = broker;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.pending.clear();
         Ok(())
     }
 

@@ -463,7 +463,9 @@ impl Shared {
         let filled_in = now.saturating_duration_since(w.rolled_at);
         w.rolled_at = now;
         if let Some(p) = &self.preparer {
-            if prepare::worth_it(size / filled_by, filled_in, p.fill_time(size)) {
+            if self.config.fsync
+                && prepare::worth_it(size / filled_by, filled_in, p.fill_time(size))
+            {
                 p.prepare(next_base + size);
             }
             if let Some(keep) = self.config.page_cache_segments {

@@ -106,6 +106,17 @@ pub struct StoreConfig {
     /// so the same records give the same log, byte for byte, whatever the timing. Recovery
     /// of such a log has only the checkpoint to go by.
     pub marks: bool,
+    /// Whether group-commit rounds `fdatasync` the log. Default `true`. `false` only for a
+    /// directory that is rebuilt at every open and is the durable record of nothing, such
+    /// as a replicated node's broker (its raft log and snapshot journal are what a crash
+    /// leaves, and the broker is rebuilt from them on a fresh directory at every start):
+    /// a round's write then counts as durable at once, under either [`FlushPolicy`] (its
+    /// records are visible and their hooks run when the write returns), no round, segment
+    /// roll or sync-forcing hook fsyncs it, and no next segment is zero-filled ahead (that
+    /// only saves fsync time). Checkpoints still sync what they write, and sled (the
+    /// broker's) is unaffected. A `kill -9` loses nothing the process wrote; a power loss
+    /// can take back any of it.
+    pub fsync: bool,
 }
 
 impl Default for StoreConfig {
@@ -121,6 +132,7 @@ impl Default for StoreConfig {
             page_cache_segments: Some(2),
             tasks_may_lead: false,
             marks: true,
+            fsync: true,
         }
     }
 }
@@ -147,6 +159,8 @@ halfmq_types::with_setters! {
         with_tasks_may_lead => tasks_may_lead: bool;
         /// Sets [`StoreConfig::marks`].
         with_marks => marks: bool;
+        /// Sets [`StoreConfig::fsync`].
+        with_fsync => fsync: bool;
     }
 }
 

@@ -246,9 +246,11 @@ fn round(
             .file
             .write_all_at(&batch.bytes[c.start..c.end], c.file_pos)?;
         if c.seal {
-            let t = Instant::now();
-            c.segment.file.sync_data()?;
-            observe_fsync(shared, t.elapsed());
+            if shared.config.fsync {
+                let t = Instant::now();
+                c.segment.file.sync_data()?;
+                observe_fsync(shared, t.elapsed());
+            }
             last_segment = None;
         } else {
             last_segment = Some(c.segment.clone());
@@ -269,16 +271,22 @@ fn round(
     // hooks run, under any flush policy: derived state must never learn of a record a power
     // loss could still take back. (Observing hooks, see `Store::append_observed`, follow the
     // policy like their writers.)
-    let must_sync = match shared.config.flush {
-        FlushPolicy::Sync => true,
-        FlushPolicy::Async { .. } if batch.sync_hooks => true,
-        FlushPolicy::Async { interval } => {
-            force_sync
-                || st.unsynced_bytes >= shared.config.pending_bytes_max
-                || st.last_sync.elapsed() >= interval
-        }
-    };
-    if must_sync && st.written > st.durable {
+    // Without fsync (`StoreConfig::fsync`) every round's write counts as durable at once.
+    let must_sync = !shared.config.fsync
+        || match shared.config.flush {
+            FlushPolicy::Sync => true,
+            FlushPolicy::Async { .. } if batch.sync_hooks => true,
+            FlushPolicy::Async { interval } => {
+                force_sync
+                    || st.unsynced_bytes >= shared.config.pending_bytes_max
+                    || st.last_sync.elapsed() >= interval
+            }
+        };
+    if must_sync && st.written > st.durable && !shared.config.fsync {
+        st.durable = st.written;
+        st.unsynced_bytes = 0;
+        st.last_sync = Instant::now();
+    } else if must_sync && st.written > st.durable {
         let seg = match last_segment {
             Some(s) => s,
             None => shared.writer.lock().active.clone(),

@@ -507,4 +507,35 @@ mod tests {
         let again = async_store(&after);
         assert_eq!(again.queue("t", 0).unwrap().len(), 2);
     }
+
+    /// Without fsync (`StoreConfig::fsync`: a directory rebuilt at every open), a round's
+    /// write counts as durable at once: readers see a record when its append returns, under
+    /// either policy, and no round syncs.
+    #[test]
+    fn without_fsync_a_written_record_is_visible_at_once_and_no_round_syncs() {
+        let async_60s = FlushPolicy::Async {
+            interval: Duration::from_secs(60),
+        };
+        for flush in [FlushPolicy::Sync, async_60s] {
+            let disk = SimStorage::new();
+            let config = StoreConfig::default().with_flush(flush).with_fsync(false);
+            let store = open_store(&disk, config);
+            let q = store.queue("t", 0).unwrap();
+            let syncs = disk.sync_count();
+            for i in 0..10u8 {
+                store.append(Append::message(&q, "", &[i; 100], 1)).unwrap();
+            }
+            assert_eq!(disk.sync_count(), syncs, "{flush:?}: a round synced");
+            let stats = store.log_stats();
+            assert_eq!(stats.durable_offset, stats.written_offset, "{flush:?}");
+            assert_eq!(q.len(), 10, "{flush:?}: written records are not visible");
+        }
+        // With fsync the same append syncs, so the count above can tell.
+        let disk = SimStorage::new();
+        let store = open_store(&disk, StoreConfig::default());
+        let q = store.queue("t", 0).unwrap();
+        let syncs = disk.sync_count();
+        store.append(Append::message(&q, "", b"x", 1)).unwrap();
+        assert!(disk.sync_count() > syncs);
+    }
 }

@@ -75,8 +75,9 @@ impl Store {
         let next_base = rec.active.base + rec.active.size;
         let preparer =
             prepare::Preparer::start(storage.clone(), log_dir.clone(), config.segment_bytes)?;
-        if let Some(p) = &preparer {
-            // Nothing is known yet of the group commits' size: prepare one.
+        if let Some(p) = preparer.as_ref().filter(|_| config.fsync) {
+            // Nothing is known yet of the group commits' size: prepare one (zero-filling
+            // only saves fsync time, so not without fsync).
             p.prepare(next_base);
         }
         let first_base = rec.segments.keys().next().copied().unwrap_or(0);
