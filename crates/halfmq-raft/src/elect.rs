@@ -61,88 +61,11 @@ use std::time::Duration;
 
 use halfmq_types::error::Error;
 use openraft::{ServerState, Vote};
-use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::gate::PeerGate;
+use crate::gate::{Heard, PeerGate};
 use crate::{NodeId, Raft};
-
-/// What the peers' requests told of the leader, kept by the node's [`PeerGate`].
-#[derive(Debug)]
-pub(crate) struct ElectionClock {
-    inner: Mutex<Heard>,
-}
-
-/// The election clock's reading.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Heard {
-    /// When the wait last started again: a leader heard, a vote granted, this node's vote
-    /// changed or it stood.
-    pub at: Instant,
-    /// When this node last accepted a leader's append or snapshot.
-    pub leader_at: Instant,
-    /// Whether a candidate with a longer log asked for this node's vote since it last
-    /// stood.
-    pub longer_log: bool,
-    /// The highest vote of a candidate this node refused whose log is shorter than its own.
-    pub shorter_log: Option<Vote<NodeId>>,
-}
-
-impl Default for ElectionClock {
-    fn default() -> Self {
-        let now = Instant::now();
-        ElectionClock {
-            inner: Mutex::new(Heard {
-                at: now,
-                leader_at: now,
-                longer_log: false,
-                shorter_log: None,
-            }),
-        }
-    }
-}
-
-impl ElectionClock {
-    /// A leader's append or snapshot was accepted now.
-    pub(crate) fn leader(&self) {
-        let mut h = self.inner.lock();
-        h.at = Instant::now();
-        h.leader_at = h.at;
-    }
-
-    /// The wait starts again now: a vote granted, this node's vote changed, or it leads.
-    pub(crate) fn restart(&self) {
-        self.inner.lock().at = Instant::now();
-    }
-
-    /// A candidate with a longer log than this node's asked for its vote.
-    pub(crate) fn longer_log(&self) {
-        self.inner.lock().longer_log = true;
-    }
-
-    /// This node refused its vote to `candidate`, whose log is shorter than its own.
-    pub(crate) fn shorter_log(&self, candidate: Vote<NodeId>) {
-        let mut h = self.inner.lock();
-        if h.shorter_log
-            .is_none_or(|v| candidate.leader_id() > v.leader_id())
-        {
-            h.shorter_log = Some(candidate);
-        }
-    }
-
-    /// This node stood for election now.
-    fn stood(&self) {
-        let mut h = self.inner.lock();
-        h.at = Instant::now();
-        h.longer_log = false;
-    }
-
-    /// The clock's reading.
-    pub(crate) fn read(&self) -> Heard {
-        *self.inner.lock()
-    }
-}
 
 /// The lengths an election wait is made of, from the node's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +228,7 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::ElectionClock;
 
     fn timing() -> Timing {
         let raft = openraft::Config {

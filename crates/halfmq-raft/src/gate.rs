@@ -12,13 +12,15 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use halfmq_types::counted::Counted;
 use openraft::error::Fatal;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::{Snapshot, Vote};
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
-use crate::elect::ElectionClock;
 use crate::{NodeId, Raft, TypeConfig};
 
 type RaftError = openraft::error::RaftError<NodeId>;
@@ -33,25 +35,9 @@ pub struct PeerGate {
     target: AtomicU64,
     /// What the election loop needs to know of the peers' requests.
     clock: ElectionClock,
-    /// Peers' requests being answered now: the election loop does not stand meanwhile.
+    /// Peers' requests being answered now (each counted until answered or given up): the
+    /// election loop does not stand meanwhile.
     busy: AtomicUsize,
-}
-
-/// One peer request being answered ([`PeerGate::busy`]); counted until dropped, also when
-/// the request is given up half-way (its connection closed).
-struct Answering<'a>(&'a AtomicUsize);
-
-impl<'a> Answering<'a> {
-    fn new(busy: &'a AtomicUsize) -> Answering<'a> {
-        busy.fetch_add(1, Ordering::SeqCst);
-        Answering(busy)
-    }
-}
-
-impl Drop for Answering<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl PeerGate {
@@ -115,7 +101,7 @@ impl PeerGate {
             });
         }
         let (candidate, theirs) = (rpc.vote, rpc.last_log_id);
-        let _answering = Answering::new(&self.busy);
+        let _answering = Counted::new(&self.busy);
         let resp = raft.vote(rpc).await;
         if let Ok(r) = &resp {
             if r.vote_granted {
@@ -143,7 +129,7 @@ impl PeerGate {
             .leader_commit
             .filter(|c| c.leader_id.term == rpc.vote.leader_id().term)
             .map(|c| c.index);
-        let _answering = Answering::new(&self.busy);
+        let _answering = Counted::new(&self.busy);
         let resp = raft.append_entries(rpc).await;
         match &resp {
             Ok(AppendEntriesResponse::HigherVote(_)) | Err(_) => {}
@@ -167,11 +153,87 @@ impl PeerGate {
         vote: Vote<NodeId>,
         snapshot: Snapshot<TypeConfig>,
     ) -> Result<SnapshotResponse<NodeId>, Fatal<NodeId>> {
-        let _answering = Answering::new(&self.busy);
+        let _answering = Counted::new(&self.busy);
         let resp = raft.install_full_snapshot(vote, snapshot).await;
         if matches!(&resp, Ok(r) if r.vote == vote) {
             self.clock.leader();
         }
         resp
+    }
+}
+
+/// What the peers' requests told of the leader, for the election loop ([`crate::elect`]).
+#[derive(Debug)]
+pub(crate) struct ElectionClock {
+    inner: Mutex<Heard>,
+}
+
+/// The election clock's reading.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heard {
+    /// When the wait last started again: a leader heard, a vote granted, this node's vote
+    /// changed or it stood.
+    pub at: Instant,
+    /// When this node last accepted a leader's append or snapshot.
+    pub leader_at: Instant,
+    /// Whether a candidate with a longer log asked for this node's vote since it last
+    /// stood.
+    pub longer_log: bool,
+    /// The highest vote of a candidate this node refused whose log is shorter than its own.
+    pub shorter_log: Option<Vote<NodeId>>,
+}
+
+impl Default for ElectionClock {
+    fn default() -> Self {
+        let now = Instant::now();
+        ElectionClock {
+            inner: Mutex::new(Heard {
+                at: now,
+                leader_at: now,
+                longer_log: false,
+                shorter_log: None,
+            }),
+        }
+    }
+}
+
+impl ElectionClock {
+    /// A leader's append or snapshot was accepted now.
+    pub(crate) fn leader(&self) {
+        let mut h = self.inner.lock();
+        h.at = Instant::now();
+        h.leader_at = h.at;
+    }
+
+    /// The wait starts again now: a vote granted, this node's vote changed, or it leads.
+    pub(crate) fn restart(&self) {
+        self.inner.lock().at = Instant::now();
+    }
+
+    /// A candidate with a longer log than this node's asked for its vote.
+    pub(crate) fn longer_log(&self) {
+        self.inner.lock().longer_log = true;
+    }
+
+    /// This node refused its vote to `candidate`, whose log is shorter than its own.
+    pub(crate) fn shorter_log(&self, candidate: Vote<NodeId>) {
+        let mut h = self.inner.lock();
+        if h.shorter_log
+            .is_none_or(|v| candidate.leader_id() > v.leader_id())
+        {
+            h.shorter_log = Some(candidate);
+        }
+    }
+
+    /// This node stood for election now.
+    pub(crate) fn stood(&self) {
+        let mut h = self.inner.lock();
+        h.at = Instant::now();
+        h.longer_log = false;
+    }
+
+    /// The clock's reading.
+    pub(crate) fn read(&self) -> Heard {
+        *self.inner.lock()
     }
 }
