@@ -57,6 +57,11 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
         let (leader, term) = c.leader();
         // Load on this leader for a while.
         std::thread::sleep(Duration::from_millis(500));
+        let logged: BTreeMap<u64, usize> = c
+            .nodes
+            .iter()
+            .map(|(id, p)| (*id, p.stderr().len()))
+            .collect();
         c.kill(leader);
         let killed = Instant::now();
         let key = format!("probe-{round}");
@@ -84,6 +89,25 @@ fn acknowledged_sends_survive_repeated_leader_kills_exactly_once() {
         eprintln!(
             "round {round}: killed leader {leader} (term {term}), writes resumed after {took:?}"
         );
+        // Terms the election took: 1 when the first candidate won, one more per round of
+        // split votes (or of a candidate refused for a shorter log).
+        let survivors: Vec<u64> = c.addrs.keys().copied().filter(|i| *i != leader).collect();
+        let (new, new_term) = c.leader_among(&survivors);
+        eprintln!(
+            "round {round}: node {new} leads in term {new_term}, elected in {} term(s)",
+            new_term.saturating_sub(term)
+        );
+        if new_term > term + 1 {
+            for id in &survivors {
+                let err = c.nodes[id].stderr();
+                for l in err[logged[id]..]
+                    .lines()
+                    .filter(|l| l.contains("vote") || l.contains("stand") || l.contains("elect"))
+                {
+                    eprintln!("  node {id}: {l}");
+                }
+            }
+        }
         c.restart(leader);
     }
     let mut acked = probes.clone();

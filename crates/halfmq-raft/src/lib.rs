@@ -27,6 +27,10 @@
 //!   node sees it, in the shape `halfmq cluster status --json` prints;
 //! - [`propose`]: a batch proposed through the leader, and why it was not ([`ReplicaError`]);
 //!   [`merge`]: concurrent writes merged into one proposal while others are in flight;
+//! - [`elect`]: when a node stands for election, its own loop with a time-out drawn afresh
+//!   for every candidacy (openraft 0.9 draws one per node for its life);
+//! - [`gate`]: the door peers' votes, appends and snapshots come in by (refusing votes while
+//!   repairing, telling the election loop when a leader was heard);
 //! - [`repair`]: a node whose raft log or snapshot journal is damaged moves them aside and
 //!   catches up from its peers, voting again only once it holds what the cluster committed;
 //! - [`frame`]: the CRC-checked length-prefixed frame shared by the files and the socket.
@@ -39,7 +43,9 @@ pub mod apply;
 pub mod checkback;
 pub mod command;
 pub mod consume;
+pub mod elect;
 pub mod frame;
+pub mod gate;
 pub mod log_store;
 pub mod merge;
 pub mod network;

@@ -26,11 +26,13 @@ use tokio::sync::watch;
 
 use crate::checkback::CheckBack;
 use crate::command::{self, Applied, Command, MessageData};
+use crate::elect::{self, Timing};
+use crate::gate::PeerGate;
 use crate::log_store::SEGMENT_BYTES_DEFAULT;
 use crate::merge::Proposer;
 pub use crate::propose::ReplicaError;
 use crate::propose::{client_error, entry_runs, unsent};
-use crate::repair::{self, RepairGate};
+use crate::repair;
 use crate::state_machine::BrokerCell;
 use crate::status::ClusterStatus;
 use crate::{NodeId, Raft, TypeConfig};
@@ -41,8 +43,13 @@ pub struct ReplicaConfig {
     /// The settings of the node's broker (its data directory, clock and check-back are
     /// the state machine's own and are replaced).
     pub broker: BrokerConfig,
-    /// openraft's settings: timeouts, snapshot policy, batch sizes.
+    /// openraft's settings: timeouts, snapshot policy, batch sizes. Its `enable_elect` says
+    /// whether the node stands for election at all; openraft's own election timer is
+    /// always off, the node's election loop ([`crate::elect`]) stands instead.
     pub raft: openraft::Config,
+    /// The range of the random part of each election wait, drawn afresh for every
+    /// candidacy ([`crate::elect`]). Default 300 ms. Zero is refused.
+    pub election_spread: Duration,
     /// Size a raft log segment grows to before the next one starts.
     pub segment_bytes: u64,
     /// After this node becomes leader, how long a due half whose producer group has no
@@ -53,15 +60,15 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    /// The defaults, with `broker` for the broker's own settings: a heartbeat every 50 ms
-    /// and elections after 300 to 600 ms without one. openraft draws each node's election
-    /// time-out once, when the node starts, and its followers refuse votes for one maximum
-    /// election time-out after they last heard a leader (its leader lease), so a dead leader
-    /// is replaced after 0.9 to 1.2 s plus one vote round; a split vote (two survivors
-    /// asking at once) or a survivor that has seen a longer log (openraft then waits two
-    /// maximum time-outs more) adds rounds. Measured: `scripts/failover-drill`. A snapshot
-    /// every 10,000 entries, keeping the last 1,000 in the log for followers a little
-    /// behind.
+    /// The defaults, with `broker` for the broker's own settings: a heartbeat every 50 ms;
+    /// followers refuse votes for 600 ms after they last heard a leader (openraft's leader
+    /// lease, `election_timeout_max`); a follower stands 650 to 950 ms after it last heard
+    /// one (the lease, a heartbeat, and a random part of the 300 ms spread), a candidate
+    /// that did not win again 300 to 600 ms after it stood, each wait drawn afresh
+    /// ([`crate::elect`]). So a dead leader is replaced after 0.65 to 0.95 s plus one vote
+    /// round; when the survivor with the shorter log stands first, the other stands at once
+    /// and wins (a round more). Measured: `scripts/failover-drill`. A snapshot every 10,000
+    /// entries, keeping the last 1,000 in the log for followers a little behind.
     pub fn new(broker: BrokerConfig) -> ReplicaConfig {
         ReplicaConfig {
             broker,
@@ -75,6 +82,7 @@ impl ReplicaConfig {
                 max_payload_entries: 256,
                 ..openraft::Config::default()
             },
+            election_spread: Duration::from_millis(300),
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             checker_grace: Duration::from_secs(10),
         }
@@ -95,8 +103,9 @@ pub struct ReplicaNode {
     checkers: Arc<Checkers>,
     /// Stops the check-back loop.
     stop: watch::Sender<bool>,
-    /// Whether this node is repairing from its peers (its peer server answers through it).
-    gate: Arc<RepairGate>,
+    /// Whether this node is repairing from its peers, and when it last heard a leader (its
+    /// peer server answers through it).
+    gate: Arc<PeerGate>,
 }
 
 impl ReplicaNode {
@@ -115,12 +124,15 @@ impl ReplicaNode {
         let (log, sm, gate) = repair::open(dir, config.segment_bytes, &config.broker).await?;
         let broker = sm.broker_cell();
         let mut raft_config = config.raft.clone();
-        // A repairing node does not stand for election until it has caught up (crate::repair).
-        raft_config.enable_elect &= !gate.repairing();
+        // The node's election loop stands, with a fresh time-out each time (crate::elect);
+        // it asks the gate first (a repairing node does not stand until it has caught up).
+        let stands = raft_config.enable_elect;
+        raft_config.enable_elect = false;
         let raft_config = raft_config.validate().map_err(|e| Error::Config {
             setting: "raft",
             reason: e.to_string(),
         })?;
+        let timing = Timing::new(&raft_config, config.election_spread)?;
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| ReplicaError::Raft(e.to_string()))?;
@@ -147,6 +159,13 @@ impl ReplicaNode {
             );
             tokio::spawn(finish);
         }
+        tokio::spawn(elect::run(
+            raft.clone(),
+            gate.clone(),
+            timing,
+            stands,
+            stopped.clone(),
+        ));
         tokio::spawn(check_back.run(stopped));
         Ok(ReplicaNode {
             id,
@@ -202,9 +221,10 @@ impl ReplicaNode {
         }
     }
 
-    /// The gate its peer server answers votes and appends through: shut while the node
-    /// repairs a damaged log from its peers ([`crate::repair`]).
-    pub fn peer_gate(&self) -> Arc<RepairGate> {
+    /// The gate its peer server answers votes, appends and snapshots through: shut to
+    /// votes while the node repairs a damaged log from its peers ([`crate::repair`]), and
+    /// where its election loop learns when a leader was last heard ([`crate::elect`]).
+    pub fn peer_gate(&self) -> Arc<PeerGate> {
         self.gate.clone()
     }
 

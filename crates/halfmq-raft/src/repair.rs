@@ -21,11 +21,11 @@
 //! A crash after any step starts again where it was: the damage is found again (1–2), or the
 //! marker is there and the vote is put back from it (3–4).
 //!
-//! While the marker is there the node is *repairing* ([`RepairGate`]): it does not stand
-//! for election (openraft's `enable_elect` off) and refuses every vote request, and it never
-//! forms a cluster of its own. Its log may lack entries it acknowledged before the damage,
-//! some of which may have been committed by its acknowledgement: with its vote, a candidate
-//! lacking them could win and lose them. The leader sends it the log (or a snapshot, if the
+//! While the marker is there the node is *repairing* ([`PeerGate`]): it does not stand
+//! for election (its election loop, [`crate::elect`], asks the gate first), its gate refuses
+//! every vote request, and it never forms a cluster of its own. Its log may lack entries it
+//! acknowledged before the damage, some of which may have been committed by its
+//! acknowledgement: with its vote, a candidate lacking them could win and lose them. The leader sends it the log (or a snapshot, if the
 //! log was purged) as to a wiped follower. It is repaired once it has *applied* the leader's
 //! commit index as carried by an append it accepted from a leader whose commit index is of
 //! the leader's own term: such a commit index is at or past every entry committed before the
@@ -35,20 +35,19 @@
 //! the marker is removed and it votes and stands for election again.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use halfmq_types::error::{Error, Result};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::Vote;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::frame;
+use crate::gate::PeerGate;
 use crate::log_store::{self, LogStore};
 use crate::state_machine::StateMachine;
-use crate::{NodeId, Raft, TypeConfig};
+use crate::{NodeId, Raft};
 
 /// The marker file's name in the node's directory.
 pub const MARKER: &str = "repairing";
@@ -64,85 +63,13 @@ struct Marker {
     cause: String,
 }
 
-type RaftError = openraft::error::RaftError<NodeId>;
-
-/// Whether a node is repairing, and what it has seen of the leader's commit index.
-#[derive(Debug, Default)]
-pub struct RepairGate {
-    repairing: AtomicBool,
-    /// 1 + the greatest commit index of the leader's own term carried by an append this node
-    /// accepted while repairing; 0: none yet.
-    target: AtomicU64,
-}
-
-impl RepairGate {
-    /// A gate of a node that is not repairing: it lets everything through.
-    pub fn open() -> Arc<RepairGate> {
-        Arc::new(RepairGate::default())
-    }
-
-    fn repairing_now() -> Arc<RepairGate> {
-        let g = RepairGate::default();
-        g.repairing.store(true, Ordering::SeqCst);
-        Arc::new(g)
-    }
-
-    /// Whether the node is repairing (refusing votes, not standing for election).
-    pub fn repairing(&self) -> bool {
-        self.repairing.load(Ordering::SeqCst)
-    }
-
-    /// A peer's vote request: refused while repairing (the node's log may lack entries its
-    /// acknowledgement committed), else openraft's answer.
-    pub async fn vote(
-        &self,
-        raft: &Raft,
-        rpc: VoteRequest<NodeId>,
-    ) -> std::result::Result<VoteResponse<NodeId>, RaftError> {
-        if !self.repairing() {
-            return raft.vote(rpc).await;
-        }
-        tracing::info!(candidate = %rpc.vote, "repairing: vote refused");
-        let vote = raft.metrics().borrow().vote;
-        Ok(VoteResponse {
-            vote,
-            vote_granted: false,
-            last_log_id: None,
-        })
-    }
-
-    /// A leader's append, through openraft; while repairing, an accepted one's commit index
-    /// is noted when it is of the leader's own term.
-    pub async fn append(
-        &self,
-        raft: &Raft,
-        rpc: AppendEntriesRequest<TypeConfig>,
-    ) -> std::result::Result<AppendEntriesResponse<NodeId>, RaftError> {
-        let own_term = rpc
-            .leader_commit
-            .filter(|c| c.leader_id.term == rpc.vote.leader_id().term)
-            .map(|c| c.index);
-        let resp = raft.append_entries(rpc).await;
-        if let (Some(c), Ok(AppendEntriesResponse::Success)) = (own_term, &resp) {
-            if self.repairing() {
-                self.target.fetch_max(c + 1, Ordering::SeqCst);
-            }
-        }
-        resp
-    }
-
-    fn target(&self) -> Option<u64> {
-        self.target.load(Ordering::SeqCst).checked_sub(1)
-    }
-}
-
 /// The raft log and state machine of the node in `dir`, repaired first if they are damaged,
 /// and its gate (repairing or not).
 pub(crate) async fn open(
     dir: &Path,
     segment_bytes: u64,
     broker: &halfmq::BrokerConfig,
-) -> Result<(LogStore, StateMachine, Arc<RepairGate>)> {
+) -> Result<(LogStore, StateMachine, Arc<PeerGate>)> {
     let marker = read_marker(dir)?;
     if let Some(m) = &marker {
         restore_vote(dir, m)?;
@@ -152,9 +79,9 @@ pub(crate) async fn open(
             let gate = match &marker {
                 Some(m) => {
                     tracing::warn!(aside = %m.aside, cause = %m.cause, "repair from peers continues");
-                    RepairGate::repairing_now()
+                    PeerGate::repairing_now()
                 }
-                None => RepairGate::open(),
+                None => PeerGate::open(),
             };
             return Ok((log, sm, gate));
         }
@@ -164,7 +91,7 @@ pub(crate) async fn open(
     let m = move_aside(dir, &cause, marker.and_then(|m| m.vote))?;
     restore_vote(dir, &m)?;
     let (log, sm) = open_both(dir, segment_bytes, broker).await?;
-    Ok((log, sm, RepairGate::repairing_now()))
+    Ok((log, sm, PeerGate::repairing_now()))
 }
 
 async fn open_both(
@@ -256,7 +183,7 @@ fn restore_vote(dir: &Path, m: &Marker) -> Result<()> {
 /// are on again. Ends early when `stopped` says so.
 pub(crate) async fn finish_when_caught_up(
     raft: Raft,
-    gate: Arc<RepairGate>,
+    gate: Arc<PeerGate>,
     dir: PathBuf,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -281,8 +208,7 @@ pub(crate) async fn finish_when_caught_up(
             tracing::error!(error = %e, "repair done but its marker stays; trying again");
             continue;
         }
-        gate.repairing.store(false, Ordering::SeqCst);
-        raft.runtime_config().elect(true);
+        gate.repaired();
         tracing::warn!(applied = target, "repaired from peers: voting again");
         return;
     }

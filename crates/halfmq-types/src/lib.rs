@@ -17,6 +17,7 @@
 //! - [`codec`]: the one place bincode is used, always with a size limit;
 //! - [`coalesce`]: the queue of one topic's concurrent sends that leave together (the
 //!   client's automatic batching and the RocketMQ endpoint's coalescing);
+//! - [`counted`]: a guard that is one more in a shared count while it lives;
 //! - `deliveries` (feature `stream`): a consumer as a `Stream` of deliveries that ack or nack
 //!   themselves, over any `deliveries::Source` of deliveries: the embedded broker's
 //!   consumer and the network client's share it.
@@ -68,6 +69,7 @@ macro_rules! with_setters {
 pub mod clock;
 pub mod coalesce;
 pub mod codec;
+pub mod counted;
 #[cfg(feature = "stream")]
 pub mod deliveries;
 pub mod error;

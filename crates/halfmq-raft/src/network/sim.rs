@@ -1,7 +1,8 @@
-//! An in-process network for cluster tests ([`SimNetwork`]): every node's `Raft` in one
-//! table, and faults decided by one seeded random generator, so a failing run can be
-//! replayed with its seed (the interleaving of tasks still varies between runs; the faults
-//! each message meets are drawn in the order messages are sent).
+//! An in-process network for cluster tests ([`SimNetwork`]): every node's `Raft` and its
+//! [`PeerGate`] (which every request goes through, as over TCP) in one table, and faults
+//! decided by one seeded random generator, so a failing run can be replayed with its seed
+//! (the interleaving of tasks still varies between runs; the faults each message meets are
+//! drawn in the order messages are sent).
 //!
 //! Faults: a link cut in both directions (partitions, [`SimNetwork::partition`]); a node
 //! gone ([`SimNetwork::remove`]); a request dropped before delivery, or its reply dropped
@@ -25,6 +26,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory, Snapshot, Vote};
 use parking_lot::Mutex;
 
+use crate::gate::PeerGate;
 use crate::network::SNAPSHOT_CHUNK_BYTES;
 use crate::{NodeId, Raft, TypeConfig};
 
@@ -35,8 +37,15 @@ pub struct SimNetwork {
 }
 
 struct Inner {
-    nodes: Mutex<HashMap<NodeId, Raft>>,
+    nodes: Mutex<HashMap<NodeId, Peer>>,
     faults: Mutex<Faults>,
+}
+
+/// A node as its peers reach it.
+#[derive(Clone)]
+struct Peer {
+    raft: Raft,
+    gate: Arc<PeerGate>,
 }
 
 struct Faults {
@@ -75,9 +84,10 @@ impl SimNetwork {
         }
     }
 
-    /// Make `raft` reachable as node `id`.
-    pub fn register(&self, id: NodeId, raft: Raft) {
-        self.inner.nodes.lock().insert(id, raft);
+    /// Make `raft` reachable as node `id`, its peers' requests answered through `gate`
+    /// (the node's own, `ReplicaNode::peer_gate`).
+    pub fn register(&self, id: NodeId, raft: Raft, gate: Arc<PeerGate>) {
+        self.inner.nodes.lock().insert(id, Peer { raft, gate });
     }
 
     /// Node `id` is gone: every message to it or from it is lost.
@@ -146,7 +156,7 @@ impl SimNetwork {
         Ok(())
     }
 
-    async fn deliver(&self, from: NodeId, to: NodeId) -> Result<Raft, Lost> {
+    async fn deliver(&self, from: NodeId, to: NodeId) -> Result<Peer, Lost> {
         let delay = self.route(from, to)?;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -188,18 +198,18 @@ impl RaftNetworkFactory<TypeConfig> for SimFactory {
 type RpcResult<T> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
 impl SimLink {
-    /// Deliver one request to the peer's `Raft`, run `call` on it, and bring the answer
-    /// back, each way through the network's faults.
-    async fn rpc<T, Fut>(&self, call: impl FnOnce(Raft) -> Fut) -> RpcResult<T>
+    /// Deliver one request to the peer, run `call` on it, and bring the answer back, each
+    /// way through the network's faults.
+    async fn rpc<T, Fut>(&self, call: impl FnOnce(Peer) -> Fut) -> RpcResult<T>
     where
         Fut: Future<Output = Result<T, RaftError<NodeId>>>,
     {
-        let raft = self
+        let peer = self
             .net
             .deliver(self.from, self.to)
             .await
             .map_err(|e| Unreachable::new(&e))?;
-        let resp = call(raft).await.map_err(|e| RemoteError::new(self.to, e))?;
+        let resp = call(peer).await.map_err(|e| RemoteError::new(self.to, e))?;
         self.net
             .reply(self.from, self.to)
             .map_err(|e| Unreachable::new(&e))?;
@@ -213,7 +223,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.rpc(|raft| async move { raft.append_entries(rpc).await })
+        self.rpc(|p| async move { p.gate.append(&p.raft, rpc).await })
             .await
     }
 
@@ -222,7 +232,8 @@ impl RaftNetwork<TypeConfig> for SimLink {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        self.rpc(|raft| async move { raft.vote(rpc).await }).await
+        self.rpc(|p| async move { p.gate.vote(&p.raft, rpc).await })
+            .await
     }
 
     async fn full_snapshot(
@@ -232,12 +243,13 @@ impl RaftNetwork<TypeConfig> for SimLink {
         _cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let raft = self
+        let peer = self
             .net
             .deliver(self.from, self.to)
             .await
             .map_err(|e| Unreachable::new(&e))?;
-        let mut recv = raft
+        let mut recv = peer
+            .raft
             .begin_receiving_snapshot()
             .await
             .map_err(|e| NetworkError::new(&e))?;
@@ -249,8 +261,9 @@ impl RaftNetwork<TypeConfig> for SimLink {
             meta: snapshot.meta,
             snapshot: recv,
         };
-        let resp = raft
-            .install_full_snapshot(vote, got)
+        let resp = peer
+            .gate
+            .install_snapshot(&peer.raft, vote, got)
             .await
             .map_err(|e| RemoteError::new(self.to, e))?;
         self.net

@@ -33,8 +33,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::frame;
+use crate::gate::PeerGate;
 use crate::network::SNAPSHOT_CHUNK_BYTES;
-use crate::repair::RepairGate;
 use crate::snapshot::{JournalSnapshot, Meta};
 use crate::{NodeId, Raft, TypeConfig};
 
@@ -97,17 +97,14 @@ pub struct PeerServer {
 }
 
 impl PeerServer {
-    /// Serve `raft` to peers presenting `token` on `listener`.
-    pub fn start(listener: TcpListener, raft: Raft, token: String) -> Result<PeerServer> {
-        PeerServer::start_gated(listener, raft, RepairGate::open(), token)
-    }
-
-    /// [`PeerServer::start`], votes and appends answered through `gate` (a node repairing
-    /// from its peers refuses votes, [`crate::repair`]).
+    /// Serve `raft` to peers presenting `token` on `listener`, every vote, append and
+    /// snapshot answered through `gate`, the node's own (`ReplicaNode::peer_gate`): a node
+    /// repairing from its peers refuses votes ([`crate::repair`]), and the node's election
+    /// loop learns there when it last heard a leader ([`crate::elect`]).
     pub fn start_gated(
         listener: TcpListener,
         raft: Raft,
-        gate: Arc<RepairGate>,
+        gate: Arc<PeerGate>,
         token: String,
     ) -> Result<PeerServer> {
         let addr = listener
@@ -151,7 +148,7 @@ impl Drop for PeerServer {
 async fn serve(
     mut stream: TcpStream,
     raft: Raft,
-    gate: Arc<RepairGate>,
+    gate: Arc<PeerGate>,
     token: String,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<()> {
@@ -214,7 +211,7 @@ async fn serve(
                     meta,
                     snapshot: Box::new(snapshot),
                 };
-                PeerResponse::Snapshot(raft.install_full_snapshot(vote, s).await)
+                PeerResponse::Snapshot(gate.install_snapshot(&raft, vote, s).await)
             }
         };
         let failed = matches!(resp, PeerResponse::Failed(_));

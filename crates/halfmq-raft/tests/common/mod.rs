@@ -127,7 +127,7 @@ impl Cluster {
             Net::Sim(net) => {
                 let node = ReplicaNode::start(id, &dir, config, net.factory(id)).await;
                 let node = node.expect("node starts");
-                net.register(id, node.raft().clone());
+                net.register(id, node.raft().clone(), node.peer_gate());
                 node
             }
             Net::Tcp {

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use halfmq_types::clock::SharedClock;
+use halfmq_types::counted::Counted;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::Notify;
 
@@ -141,22 +142,6 @@ struct Inner {
     chunks: VecDeque<(u64, u64)>,
     next_chunk: u64,
     next_owner: u64,
-}
-
-/// A sender counted in [`DedupIndex::waiting`] while it lives.
-struct Asleep<'a>(&'a AtomicUsize);
-
-impl<'a> Asleep<'a> {
-    fn new(waiting: &'a AtomicUsize) -> Asleep<'a> {
-        waiting.fetch_add(1, Ordering::SeqCst);
-        Asleep(waiting)
-    }
-}
-
-impl Drop for Asleep<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// Window and bounds.
@@ -300,7 +285,7 @@ impl DedupIndex {
                 Step::Owner(owner) => return Claim::Owner(self.reservation(key, owner)),
                 // Counted as waiting before the last look, so a completion pushed after that
                 // look wakes us (see `complete`): look once more, then sleep.
-                Step::Wait if asleep.is_none() => asleep = Some(Asleep::new(&self.waiting)),
+                Step::Wait if asleep.is_none() => asleep = Some(Counted::new(&self.waiting)),
                 Step::Wait => self.changed.wait(&mut g),
             }
         }
@@ -320,7 +305,7 @@ impl DedupIndex {
                 Step::Owner(owner) => return Claim::Owner(self.reservation(key, owner)),
                 // As in `claim`: counted before the last look. The count ends when this
                 // future does, also when it is dropped while waiting.
-                Step::Wait if asleep.is_none() => asleep = Some(Asleep::new(&self.waiting)),
+                Step::Wait if asleep.is_none() => asleep = Some(Counted::new(&self.waiting)),
                 Step::Wait => changed.await,
             }
         }
