@@ -271,34 +271,31 @@ fn round(
     // hooks run, under any flush policy: derived state must never learn of a record a power
     // loss could still take back. (Observing hooks, see `Store::append_observed`, follow the
     // policy like their writers.)
+    let must_sync = match shared.config.flush {
+        FlushPolicy::Sync => true,
+        FlushPolicy::Async { .. } if batch.sync_hooks => true,
+        FlushPolicy::Async { interval } => {
+            force_sync
+                || st.unsynced_bytes >= shared.config.pending_bytes_max
+                || st.last_sync.elapsed() >= interval
+        }
+    };
     // Without fsync (`StoreConfig::fsync`) every round's write counts as durable at once.
-    let must_sync = !shared.config.fsync
-        || match shared.config.flush {
-            FlushPolicy::Sync => true,
-            FlushPolicy::Async { .. } if batch.sync_hooks => true,
-            FlushPolicy::Async { interval } => {
-                force_sync
-                    || st.unsynced_bytes >= shared.config.pending_bytes_max
-                    || st.last_sync.elapsed() >= interval
-            }
-        };
-    if must_sync && st.written > st.durable && !shared.config.fsync {
+    if (must_sync || !shared.config.fsync) && st.written > st.durable {
+        if shared.config.fsync {
+            let seg = match last_segment {
+                Some(s) => s,
+                None => shared.writer.lock().active.clone(),
+            };
+            let t = Instant::now();
+            seg.file.sync_data()?;
+            observe_fsync(shared, t.elapsed());
+            st.last_sync_time = t.elapsed().min(std::time::Duration::from_millis(1));
+            synced = true;
+        }
         st.durable = st.written;
         st.unsynced_bytes = 0;
         st.last_sync = Instant::now();
-    } else if must_sync && st.written > st.durable {
-        let seg = match last_segment {
-            Some(s) => s,
-            None => shared.writer.lock().active.clone(),
-        };
-        let t = Instant::now();
-        seg.file.sync_data()?;
-        observe_fsync(shared, t.elapsed());
-        st.last_sync_time = t.elapsed().min(std::time::Duration::from_millis(1));
-        st.durable = st.written;
-        st.unsynced_bytes = 0;
-        st.last_sync = Instant::now();
-        synced = true;
     }
     // Index the batch's messages before anyone is told they are stored, and only once they
     // are durable: consumers read through the consume queues, so under async flush a
