@@ -12,6 +12,7 @@
 //! Any error on a connection drops it; the next request connects again. A peer that
 //! cannot be reached is reported to openraft as unreachable, which backs off.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -239,6 +240,7 @@ pub struct TcpFactory {
     from: NodeId,
     token: String,
     port_offset: u16,
+    failing: Failing,
 }
 
 impl TcpFactory {
@@ -248,6 +250,7 @@ impl TcpFactory {
             from,
             token,
             port_offset: 0,
+            failing: Failing::default(),
         }
     }
 
@@ -275,7 +278,14 @@ pub struct TcpLink {
     addr: String,
     token: String,
     stream: Option<TcpStream>,
+    /// Which peers are failing, shared with the node's other links (see [`TcpLink::note`]).
+    failing: Failing,
 }
+
+/// Per peer, since when calls to it fail and how many have: openraft makes several links
+/// to one peer (replication, votes, leadership checks), and the peer going down or coming
+/// back is logged once, not once per link.
+type Failing = Arc<parking_lot::Mutex<HashMap<NodeId, (std::time::Instant, u64)>>>;
 
 impl RaftNetworkFactory<TypeConfig> for TcpFactory {
     type Network = TcpLink;
@@ -293,6 +303,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpFactory {
             addr,
             token: self.token.clone(),
             stream: None,
+            failing: self.failing.clone(),
         }
     }
 }
@@ -388,7 +399,44 @@ impl TcpLink {
         if r.is_err() {
             self.stream = None;
         }
+        self.note(&r);
         r
+    }
+
+    /// Log the link going down and coming back, once each: openraft retries a failing
+    /// peer every half second and logs every attempt at warning and error level, which the
+    /// broker's default log filter leaves out (`halfmq` `main.rs`) so that a dead peer does
+    /// not bury everything else.
+    fn note<T>(&mut self, r: &std::result::Result<T, LinkError>) {
+        let mut failing = self.failing.lock();
+        match (r, failing.get_mut(&self.to)) {
+            (Ok(_), None) => {}
+            (Ok(_), Some((since, calls))) => {
+                tracing::info!(
+                    peer = self.to,
+                    addr = %self.addr,
+                    down_ms = since.elapsed().as_millis() as u64,
+                    failed_calls = *calls,
+                    "peer reachable again"
+                );
+                failing.remove(&self.to);
+            }
+            (Err(_), Some((_, calls))) => *calls += 1,
+            (Err(e), None) => {
+                let (how, e) = match e {
+                    LinkError::Connect(e) => ("unreachable", e),
+                    LinkError::Broken(e) => ("failing", e),
+                };
+                tracing::warn!(
+                    peer = self.to,
+                    addr = %self.addr,
+                    error = %e,
+                    "peer {how}: raft retries it in the background (`halfmq cluster status` \
+                     shows each peer's state); logged again when it answers"
+                );
+                failing.insert(self.to, (std::time::Instant::now(), 1));
+            }
+        }
     }
 }
 
@@ -486,5 +534,41 @@ impl RaftNetwork<TypeConfig> for TcpLink {
         };
         let called = self.call(&done, ttl).await;
         answer_of!(self, called, PeerResponse::Snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The links of one node share what they know of a peer: the first failure of any of
+    /// them marks the peer failing, later ones only count, and the first success of any
+    /// clears it (each change logged once).
+    #[test]
+    fn a_peer_goes_down_and_comes_back_once_for_all_the_links_to_it() {
+        let failing = Failing::default();
+        let link = |to: NodeId| TcpLink {
+            from: 1,
+            to,
+            addr: format!("127.0.0.1:{to}"),
+            token: String::new(),
+            stream: None,
+            failing: failing.clone(),
+        };
+        let (mut votes, mut appends, mut other) = (link(2), link(2), link(3));
+        let down: std::result::Result<(), LinkError> = Err(LinkError::Connect(Error::Closed));
+        votes.note(&down);
+        appends.note(&down);
+        appends.note(&Err::<(), _>(LinkError::Broken(Error::Closed)));
+        other.note(&Ok(()));
+        let calls = |to| failing.lock().get(&to).map(|(_, n)| *n);
+        assert_eq!(
+            calls(2),
+            Some(3),
+            "three failed calls to peer 2, from two links"
+        );
+        assert_eq!(calls(3), None, "peer 3 answered");
+        votes.note(&Ok(()));
+        assert_eq!(calls(2), None, "one answer clears it for every link");
     }
 }
