@@ -31,20 +31,39 @@ pub const BODY_BYTES_MAX: usize = codec::DECODE_BYTES_MAX;
 
 /// Encode `value` as one whole frame.
 pub fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>> {
-    let mut out = vec![0u8; HEADER_BYTES];
-    codec::encode_append(value, &mut out, what)?;
-    let body_len = out.len() - HEADER_BYTES;
+    let mut out = Vec::new();
+    encode_into(value, &mut out, what)?;
+    Ok(out)
+}
+
+/// Append one whole frame of `value` to `out` and return its length. Encoding straight into
+/// a buffer the caller keeps spares a fresh buffer per frame, its growth and a copy (the raft
+/// log's appends, the journal's, the peer socket's). On an error `out` is as it was.
+pub fn encode_into<T: Serialize>(
+    value: &T,
+    out: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<usize> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_BYTES]);
+    if let Err(e) = codec::encode_append(value, out, what) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let body = start + HEADER_BYTES;
+    let body_len = out.len() - body;
     if body_len > BODY_BYTES_MAX {
+        out.truncate(start);
         return Err(Error::Invalid {
             what,
             reason: format!("{body_len} bytes encoded, more than a frame's {BODY_BYTES_MAX}"),
         });
     }
-    let crc = crc32fast::hash(&out[HEADER_BYTES..]);
+    let crc = crc32fast::hash(&out[body..]);
     // body_len <= BODY_BYTES_MAX (16 MiB), checked above: it fits in a u32.
-    out[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[start + 4..body].copy_from_slice(&crc.to_le_bytes());
+    Ok(out.len() - start)
 }
 
 /// What the bytes at the start of a buffer are.
@@ -111,6 +130,33 @@ where
     R: tokio::io::AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_into(r, body_max, &mut Vec::new(), what).await
+}
+
+/// [`read`] into `body`, a buffer the caller keeps from one frame to the next (a
+/// connection's requests), so that each frame is not read into fresh memory.
+pub async fn read_with<R, T>(r: &mut R, body: &mut Vec<u8>, what: &'static str) -> Result<Option<T>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    read_into(r, BODY_BYTES_MAX, body, what).await
+}
+
+/// Largest buffer a caller of [`encode_into`] or [`read_with`] keeps for the next frame:
+/// above it (a large snapshot chunk or append), the memory is given back.
+pub const BUF_BYTES_KEEP: usize = 4 << 20;
+
+async fn read_into<R, T>(
+    r: &mut R,
+    body_max: usize,
+    body: &mut Vec<u8>,
+    what: &'static str,
+) -> Result<Option<T>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut head = [0u8; HEADER_BYTES];
     match r.read_exact(&mut head).await {
         Ok(_) => {}
@@ -126,17 +172,18 @@ where
             reason: format!("frame length {body_len} over {max}"),
         });
     }
-    let mut body = vec![0u8; body_len];
-    r.read_exact(&mut body)
+    body.clear();
+    body.resize(body_len, 0);
+    r.read_exact(body)
         .await
         .map_err(|e| Error::io("peer socket", "read", e))?;
-    if crc32fast::hash(&body) != crc {
+    if crc32fast::hash(body) != crc {
         return Err(Error::Decode {
             what,
             reason: "frame CRC mismatch".to_owned(),
         });
     }
-    codec::decode(&body, what).map(Some)
+    codec::decode(body, what).map(Some)
 }
 
 /// Encode `value` and write it as one frame.
@@ -220,6 +267,20 @@ mod tests {
         let mut huge = f;
         huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(scan(&huge), Scan::Bad(_)));
+    }
+
+    #[test]
+    fn frames_encoded_into_one_buffer_are_the_frames_encoded_alone() {
+        let (a, b) = (("abc".to_owned(), 7u64), ("defgh".to_owned(), 1u64 << 40));
+        let mut buf = vec![9u8; 3];
+        let la = encode_into(&a, &mut buf, "test").unwrap();
+        let lb = encode_into(&b, &mut buf, "test").unwrap();
+        let (fa, fb) = (encode(&a, "test").unwrap(), encode(&b, "test").unwrap());
+        assert_eq!((la, lb), (fa.len(), fb.len()));
+        assert_eq!(&buf[..3], &[9, 9, 9]);
+        assert_eq!(&buf[3..3 + la], &fa[..]);
+        assert_eq!(&buf[3 + la..], &fb[..]);
+        assert_eq!(scan(&buf[3..]), Scan::Frame { len: la });
     }
 
     #[test]

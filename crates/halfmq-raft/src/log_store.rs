@@ -89,6 +89,8 @@ struct Inner {
     recent: BTreeMap<u64, (Entry, u64)>,
     /// The frame bytes of `recent`.
     recent_bytes: u64,
+    /// The buffer the last append was encoded into, empty, kept for the next one.
+    scratch: Vec<u8>,
 }
 
 struct Segment {
@@ -252,11 +254,16 @@ impl LogStore {
     fn append_now(&self, entries: Vec<Entry>) -> Result<Arc<File>> {
         let mut inner = self.shared.inner.lock();
         let log_dir = self.shared.dir.join("log");
-        let mut pending: Vec<u8> = Vec::new();
+        // The frames are encoded straight into the buffer written, kept from one append to
+        // the next (up to `frame::BUF_BYTES_KEEP`): a fresh buffer grown to an append's size
+        // was new memory every time, zeroed by the kernel as it was first touched.
+        let mut pending: Vec<u8> = std::mem::take(&mut inner.scratch);
+        pending.clear();
         let mut pending_locs: Vec<Loc> = Vec::new();
         let mut written: Vec<(Entry, u64)> = Vec::with_capacity(entries.len());
         for entry in entries {
-            let bytes = frame::encode(&entry, "raft entry")?;
+            let start = pending.len();
+            let len = frame::encode_into(&entry, &mut pending, "raft entry")? as u64;
             let index = entry.get_log_id().index;
             let active = inner.segments.values().next_back().map(|s| {
                 // The index after the frames gathered, or after the segment's own.
@@ -265,15 +272,17 @@ impl LogStore {
             });
             let needs_new = match active {
                 None => true,
-                Some((len, next)) => {
-                    let written = len + pending.len() as u64;
-                    written > 0
-                        && (written + bytes.len() as u64 > self.shared.segment_bytes
-                            || next != index)
+                Some((seg_len, next)) => {
+                    let written = seg_len + start as u64;
+                    written > 0 && (written + len > self.shared.segment_bytes || next != index)
                 }
             };
             if needs_new {
+                // This entry's frame starts the new segment: the frames before it go first.
+                let this = pending[start..].to_vec();
+                pending.truncate(start);
                 inner.write_pending(&mut pending, &mut pending_locs)?;
+                pending.extend_from_slice(&this);
                 if let Some(seg) = inner.segments.values().next_back() {
                     seg.file
                         .sync_data()
@@ -304,14 +313,16 @@ impl LogStore {
             };
             pending_locs.push(Loc {
                 segment: first,
-                pos: seg_len + pending.len() as u64,
-                len: bytes.len() as u64,
+                pos: seg_len + (pending.len() as u64 - len),
+                len,
                 log_id: *entry.get_log_id(),
             });
-            pending.extend_from_slice(&bytes);
-            written.push((entry, bytes.len() as u64));
+            written.push((entry, len));
         }
         inner.write_pending(&mut pending, &mut pending_locs)?;
+        if pending.capacity() <= frame::BUF_BYTES_KEEP {
+            inner.scratch = pending;
+        }
         for (entry, len) in written {
             inner.keep_recent(entry, len, self.shared.recent_bytes_max);
         }

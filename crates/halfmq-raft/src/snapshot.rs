@@ -124,6 +124,9 @@ pub struct Journal {
     meta: Option<Meta>,
     /// Snapshots built by this process, for unique snapshot ids.
     built: u64,
+    /// The buffer the last append was encoded into, empty, kept for the next one (a fresh
+    /// one per append was new memory the kernel zeroed as it was touched).
+    buf: Vec<u8>,
 }
 
 fn open_rw(path: &Path, truncate: bool) -> Result<File> {
@@ -168,6 +171,7 @@ impl Journal {
             installs: 0,
             meta: m.map(|m| m.meta),
             built: 0,
+            buf: Vec::new(),
         })
     }
 
@@ -243,15 +247,19 @@ impl Journal {
         if items.is_empty() {
             return Ok(());
         }
-        let mut bytes = Vec::new();
+        let mut bytes = std::mem::take(&mut self.buf);
+        bytes.clear();
         for item in items {
-            bytes.extend_from_slice(&frame::encode(item, "snapshot journal")?);
+            frame::encode_into(item, &mut bytes, "snapshot journal")?;
         }
         let path = self.dir.join("journal");
         self.file
             .write_all_at(&bytes, self.written)
             .map_err(|e| Error::io(&path, "write", e))?;
         self.written += bytes.len() as u64;
+        if bytes.capacity() <= frame::BUF_BYTES_KEEP {
+            self.buf = bytes;
+        }
         Ok(())
     }
 

@@ -183,3 +183,25 @@ fn truncate_and_purge_hold_across_a_reopen() {
     assert!(first_kept <= 5, "{first_kept}");
     assert!(segments(dir.path()).len() < 12);
 }
+
+#[test]
+fn one_append_across_several_segments_reads_back_from_each() {
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of two entries each.
+    let seg = 2 * frame::encode(&entry(1), "test").unwrap().len() as u64;
+    let mut log = LogStore::open(dir.path(), seg).unwrap();
+    // Nothing kept decoded: every read goes to the place the append recorded.
+    Arc::get_mut(&mut log.shared).unwrap().recent_bytes_max = 0;
+    log.append_now((1..=5).map(entry).collect()).unwrap();
+    // A second append, whose frames go into the buffer the first one left, across rolls.
+    log.append_now((6..=12).map(entry).collect()).unwrap();
+    assert_eq!(indexes(&log), (1..=12).collect::<Vec<_>>());
+    assert!(log.shared.inner.lock().recent.is_empty());
+    drop(log);
+    assert_eq!(segments(dir.path()).len(), 6, "{:?}", segments(dir.path()));
+    // Reopened: the segments scan as whole frames in sequence.
+    let log = LogStore::open(dir.path(), seg).unwrap();
+    assert_eq!(indexes(&log), (1..=12).collect::<Vec<_>>());
+    log.append_now(vec![entry(13)]).unwrap();
+    assert_eq!(indexes(&log), (1..=13).collect::<Vec<_>>());
+}

@@ -167,10 +167,16 @@ async fn serve(
         }
     }
     let mut receiving: Option<JournalSnapshot> = None;
+    // Each request's body is read into this one buffer (a fresh one per request was new
+    // memory, zeroed by the kernel as it was touched).
+    let mut body = Vec::new();
     loop {
+        if body.capacity() > frame::BUF_BYTES_KEEP {
+            body = Vec::new();
+        }
         let req: PeerRequest = tokio::select! {
             _ = stopped.changed() => return Ok(()),
-            r = frame::read(&mut stream, "peer request") => match r? {
+            r = frame::read_with(&mut stream, &mut body, "peer request") => match r? {
                 Some(r) => r,
                 None => return Ok(()),
             },
@@ -280,6 +286,9 @@ pub struct TcpLink {
     stream: Option<TcpStream>,
     /// Which peers are failing, shared with the node's other links (see [`TcpLink::note`]).
     failing: Failing,
+    /// The buffer the last append was encoded into, kept for the next one (see
+    /// `frame::encode_into`), up to [`frame::BUF_BYTES_KEEP`].
+    buf: Vec<u8>,
 }
 
 /// Per peer, since when calls to it fail and how many have: openraft makes several links
@@ -304,6 +313,7 @@ impl RaftNetworkFactory<TypeConfig> for TcpFactory {
             token: self.token.clone(),
             stream: None,
             failing: self.failing.clone(),
+            buf: Vec::new(),
         }
     }
 }
@@ -489,16 +499,20 @@ impl RaftNetwork<TypeConfig> for TcpLink {
         // one entry is kept to `log_store::APPEND_BYTES_MAX` (the log reader already gives
         // openraft no more than that), and openraft sends fewer entries.
         let most = crate::log_store::APPEND_BYTES_MAX as usize + APPEND_OVERHEAD_BYTES;
-        let bytes = match frame::encode(&req, "peer request") {
-            Ok(b) if n > 1 && b.len() > most => None,
-            Ok(b) => Some(b),
-            Err(_) if n > 1 => None,
+        let mut bytes = std::mem::take(&mut self.buf);
+        bytes.clear();
+        let fits = match frame::encode_into(&req, &mut bytes, "peer request") {
+            Ok(len) => n <= 1 || len <= most,
+            Err(_) if n > 1 => false,
             Err(e) => return Err(NetworkError::new(&e).into()),
         };
-        let Some(bytes) = bytes else {
+        if !fits {
             return Err(PayloadTooLarge::new_entries_hint(n / 2).into());
-        };
+        }
         let called = self.call_encoded(&bytes, option.hard_ttl()).await;
+        if bytes.capacity() <= frame::BUF_BYTES_KEEP {
+            self.buf = bytes;
+        }
         answer_of!(self, called, PeerResponse::Append)
     }
 
@@ -554,6 +568,7 @@ mod tests {
             token: String::new(),
             stream: None,
             failing: failing.clone(),
+            buf: Vec::new(),
         };
         let (mut votes, mut appends, mut other) = (link(2), link(2), link(3));
         let down: std::result::Result<(), LinkError> = Err(LinkError::Connect(Error::Closed));
