@@ -91,13 +91,7 @@ async fn flusher(client: Client, lane: Arc<Lane>, topic: String) {
     tokio::task::yield_now().await;
     let linger = client.config().batch_linger;
     if !linger.is_zero() {
-        let answered = lane.answered.notified();
-        tokio::pin!(answered);
-        answered.as_mut().enable();
-        let wait = lane.state.lock().queued_behind();
-        if wait {
-            let _ = tokio::time::timeout(linger, answered).await;
-        }
+        lane.wait_behind(Some(linger)).await;
     }
     let Some(batch) = lane.state.lock().flush() else {
         return;

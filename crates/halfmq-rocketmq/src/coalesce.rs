@@ -17,8 +17,8 @@
 //! its durable write may be); the client's retry carries the same message id, which the
 //! broker deduplicates.
 //!
-//! The queue's bookkeeping ([`SendLane`]) is the one the network client's automatic
-//! batching keeps too.
+//! The queue's bookkeeping ([`SendLane`]) and its flusher's wait ([`coalesce::Lane`]) are
+//! the ones the network client's automatic batching keeps too.
 //!
 //! The order of concurrent requests is not defined by the protocol; a FIFO producer waits
 //! for each send's answer before the next, so its order is kept.
@@ -27,9 +27,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use halfmq::{Broker, Message, SendReceipt, SEND_BATCH_BYTES_MAX, SEND_BATCH_MESSAGES_MAX};
-use halfmq_types::coalesce::{Batch, Queued, SendLane};
+use halfmq_types::coalesce::{self, Batch, Queued, SendLane};
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use crate::pb::{self, Code};
 use crate::status::{of_error, status};
@@ -47,13 +47,9 @@ pub(crate) struct Coalescer {
     batches: Mutex<Vec<usize>>,
 }
 
-/// Stores under way are a lone send or a batch; bytes are [`Message::payload_bytes`].
-#[derive(Default)]
-struct Lane {
-    state: Mutex<SendLane<Waiting>>,
-    /// Notified each time a store of the lane under way is answered.
-    answered: Notify,
-}
+/// One topic's sends. Stores under way are a lone send or a batch; bytes are
+/// [`Message::payload_bytes`].
+type Lane = coalesce::Lane<Waiting>;
 
 /// Who waits for a queued message's answer.
 type Waiting = oneshot::Sender<Answer>;
@@ -90,7 +86,7 @@ struct UnderWay(LaneRef);
 impl Drop for UnderWay {
     fn drop(&mut self) {
         self.0.update(|st| st.answered());
-        self.0.lane.answered.notify_waiters();
+        self.0.lane.notify_answered();
     }
 }
 
@@ -164,15 +160,7 @@ pub(crate) async fn send(
 /// is answered, and store it. Every store under way is answered, or dropped (a cancelled
 /// lone send), and either notifies: the wait ends.
 async fn flusher(broker: Arc<Broker>, lane: LaneRef) {
-    {
-        let answered = lane.lane.answered.notified();
-        tokio::pin!(answered);
-        // Registered before the check, so that an answer between the two is not missed.
-        answered.as_mut().enable();
-        if lane.lane.state.lock().queued_behind() {
-            answered.await;
-        }
-    }
+    lane.lane.wait_behind(None).await;
     let taken = lane.update(|st| st.flush());
     if let Some(batch) = taken {
         deliver(broker, UnderWay(lane), batch).await;

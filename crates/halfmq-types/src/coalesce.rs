@@ -149,6 +149,53 @@ impl<W> SendLane<W> {
     }
 }
 
+/// One topic's [`SendLane`] as the tasks sending to it share it (feature `lane`), with the
+/// wake-up of a flusher that waits for a send under way to be answered.
+#[cfg(feature = "lane")]
+#[derive(Debug)]
+pub struct Lane<W> {
+    /// The bookkeeping; locked briefly, never across an `.await`.
+    pub state: parking_lot::Mutex<SendLane<W>>,
+    /// Notified whenever a send of the lane under way is answered (or given up).
+    answered: tokio::sync::Notify,
+}
+
+#[cfg(feature = "lane")]
+impl<W> Default for Lane<W> {
+    fn default() -> Self {
+        Lane {
+            state: parking_lot::Mutex::new(SendLane::default()),
+            answered: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+#[cfg(feature = "lane")]
+impl<W> Lane<W> {
+    /// Wake the flushers waiting in [`Lane::wait_behind`]: a send under way was answered
+    /// (or given up), after [`SendLane::answered`] counted it.
+    pub fn notify_answered(&self) {
+        self.answered.notify_waiters();
+    }
+
+    /// If the queue waits behind a send under way ([`SendLane::queued_behind`]), wait until
+    /// a send under way is answered ([`Lane::notify_answered`]), or at most `limit`. The
+    /// wake-up is registered before the check, so an answer between the two is not missed.
+    pub async fn wait_behind(&self, limit: Option<std::time::Duration>) {
+        let mut answered = std::pin::pin!(self.answered.notified());
+        answered.as_mut().enable();
+        if !self.state.lock().queued_behind() {
+            return;
+        }
+        match limit {
+            Some(limit) => {
+                let _ = tokio::time::timeout(limit, answered).await;
+            }
+            None => answered.await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +251,38 @@ mod tests {
             lane.answered();
         }
         assert!(lane.is_idle());
+    }
+
+    /// A flusher waits only when its queue is behind a send under way, and then until that
+    /// send is answered or its limit has passed.
+    #[cfg(feature = "lane")]
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flusher_waits_behind_a_send_until_it_is_answered() {
+        use std::sync::Arc;
+        use std::time::{Duration, Instant};
+        let lane = Arc::new(Lane::<u32>::default());
+        // Nothing under way: no wait, even without a limit.
+        lane.wait_behind(None).await;
+        assert!(lane.state.lock().leave_alone());
+        let q = lane.state.lock().queue(Message::new("a"), 1, 10, (3, 100));
+        assert!(q.start_flusher);
+        let start = Instant::now();
+        lane.wait_behind(Some(Duration::from_millis(20))).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(20),
+            "waited the limit"
+        );
+        // The answering task runs only once the wait below has registered and yielded
+        // (one thread), so it is the notification that ends the wait.
+        let answering = {
+            let lane = lane.clone();
+            tokio::spawn(async move {
+                lane.state.lock().answered();
+                lane.notify_answered();
+            })
+        };
+        lane.wait_behind(None).await;
+        answering.await.expect("joins");
+        assert!(!lane.state.lock().queued_behind());
     }
 }

@@ -16,14 +16,15 @@
 //! - [`clock`]: wall-clock time behind a trait, so tests can move time by hand;
 //! - [`codec`]: the one place bincode is used, always with a size limit;
 //! - [`coalesce`]: the queue of one topic's concurrent sends that leave together (the
-//!   client's automatic batching and the RocketMQ endpoint's coalescing);
+//!   client's automatic batching and the RocketMQ endpoint's coalescing), and with feature
+//!   `lane` the lane its tasks share and its flusher's wait;
 //! - [`counted`]: a guard that is one more in a shared count while it lives;
 //! - `deliveries` (feature `stream`): a consumer as a `Stream` of deliveries that ack or nack
 //!   themselves, over any `deliveries::Source` of deliveries: the embedded broker's
 //!   consumer and the network client's share it.
 //!
 //! It depends on serde, thiserror and bincode only (and, with `stream`, on futures-core and
-//! tokio's `sync` and `time`).
+//! tokio's `sync` and `time`; with `lane`, on parking_lot and tokio's `sync` and `time`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

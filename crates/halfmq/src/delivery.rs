@@ -128,6 +128,15 @@ impl Cursor {
         self.leases.get(&offset)
     }
 
+    /// What a decision about a message starts from: `None` when the group acked it (it was
+    /// settled before), otherwise a copy of its lease (the default one if it has none).
+    pub fn unacked_lease(&self, offset: u64) -> Option<Lease> {
+        if self.is_acked(offset) {
+            return None;
+        }
+        Some(self.lease(offset).cloned().unwrap_or_default())
+    }
+
     /// Put (or replace) the lease of a message.
     pub fn insert(&mut self, offset: u64, lease: Lease) {
         if let Some(old) = self.leases.insert(offset, lease.clone()) {

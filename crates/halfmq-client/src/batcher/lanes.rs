@@ -1,14 +1,13 @@
 //! The state of automatic batching (`batcher.rs`), kept by each client: per topic, the
 //! requests on the wire and the queue of sends waiting to leave together
-//! ([`SendLane`], kept by the RocketMQ endpoint's coalescing too).
+//! ([`halfmq_types::coalesce::Lane`], kept by the RocketMQ endpoint's coalescing too).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
-use halfmq_types::coalesce::SendLane;
 use halfmq_types::error::Result;
 use halfmq_types::SendReceipt;
 
@@ -62,15 +61,10 @@ impl Batcher {
     }
 }
 
-/// The sends of one topic: how many requests are on the wire, and the queue.
-#[derive(Default)]
-pub(super) struct Lane {
-    /// Requests under way are those on the wire; bytes are counted with
-    /// [`PER_MESSAGE_BYTES`] per message.
-    pub(super) state: Mutex<SendLane<Waiting>>,
-    /// Notified whenever a request of the topic is answered (or given up).
-    pub(super) answered: Notify,
-}
+/// The sends of one topic: how many requests are on the wire, and the queue. Requests
+/// under way are those on the wire; bytes are counted with [`PER_MESSAGE_BYTES`] per
+/// message.
+pub(super) type Lane = halfmq_types::coalesce::Lane<Waiting>;
 
 /// Who waits for a queued send's answer.
 pub(super) type Waiting = oneshot::Sender<Result<SendReceipt>>;
@@ -81,6 +75,6 @@ pub(super) struct OnWire(pub(super) Arc<Lane>);
 impl Drop for OnWire {
     fn drop(&mut self) {
         self.0.state.lock().answered();
-        self.0.answered.notify_waiters();
+        self.0.notify_answered();
     }
 }

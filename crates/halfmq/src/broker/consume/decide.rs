@@ -320,10 +320,9 @@ impl Broker {
         let q = self.stored_queue(group, &t, queue, offset)?;
         let fifo = g.delivery.fifo;
         let c = &mut g.cursors[queue as usize];
-        if c.is_acked(offset) {
+        let Some(old) = c.unacked_lease(offset) else {
             return Ok(false);
-        }
-        let old = c.lease(offset).cloned().unwrap_or_default();
+        };
         let state = RetryState {
             failures,
             due_ms,
@@ -440,10 +439,9 @@ impl Broker {
             let mut g = gt.lock();
             self.stored_queue(group, &t, queue, offset)?;
             let c = &mut g.cursors[queue as usize];
-            if c.is_acked(offset) {
+            let Some(old) = c.unacked_lease(offset) else {
                 return Ok(None);
-            }
-            let old = c.lease(offset).cloned().unwrap_or_default();
+            };
             let lease = Lease {
                 failures,
                 reason: reason.to_owned(),
