@@ -32,9 +32,7 @@
 //! and only when it took longer to fill than the last preparation took to write its zeros
 //! (its pace is noted, also when cancelled): a preparation not ready at the roll is
 //! cancelled there, its zeros written for nothing, and the roll waits (one chunk at most)
-//! for the cancel under the writer lock. Larger rounds get their written blocks another way:
-//! the flusher writes zeros ahead of the log in the active segment, within its own rounds
-//! (`flush::zero_ahead`), which costs no `fdatasync` of its own.
+//! for the cancel under the writer lock.
 //!
 //! Tried and not kept (2026-12-07): writing the zeros past the page cache (`O_DIRECT`, one
 //! sync at the end), so that they cost no copy and no write-back, and preparing at every
@@ -86,7 +84,7 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Below this many log bytes per fsync (on average over the segment just filled), preparing
 /// the next segment pays: see the module docs.
-pub(crate) const PREPARE_BELOW_BYTES_PER_SYNC: u64 = 32 * 1024;
+const PREPARE_BELOW_BYTES_PER_SYNC: u64 = 32 * 1024;
 
 /// Whether to prepare the next segment, given the mean bytes per fsync of the last one, how
 /// long the last one took to fill, and how long zero-filling a segment took the last time
