@@ -461,3 +461,67 @@ fn many_producer_groups_are_asked_separately() {
     });
     assert_eq!(visible(&b, "t").len(), 40);
 }
+
+/// A producer group that was gone comes back: the halves whose checks found nobody are asked
+/// at once when its checker registers, not when the backoff next schedules them (an hour
+/// away here). Halves whose producer answered "unknown" keep their schedule.
+#[test]
+fn a_returning_producer_is_asked_at_once_about_halves_that_found_nobody() {
+    let hour = 3_600_000;
+    let (_tmp, b, clock) = fresh_with_clock(|dir| {
+        let mut c = BrokerConfig::new(dir);
+        c.txn = check_back((150, hour, hour), 5, 300);
+        c
+    });
+    let unsure = counting_checker(&b, "unsure");
+    let gone = b
+        .send_half("t", &Message::new("x"), "gone", HalfOptions::default())
+        .unwrap();
+    let doubted = b
+        .send_half("t", &Message::new("y"), "unsure", HalfOptions::default())
+        .unwrap();
+    advance(&b, &clock, 150);
+    let info = |txn: TxnId| {
+        b.transactions(None)
+            .into_iter()
+            .find(|i| i.txn_id == txn.0)
+            .unwrap()
+    };
+    wait_until("both checked once", Duration::from_secs(10), || {
+        info(gone).checks == 1 && info(doubted).checks == 1
+    });
+    assert_eq!(
+        info(gone).last_answer.as_deref(),
+        Some(halfmq::NO_LIVE_PRODUCER)
+    );
+    assert_eq!(info(gone).next_check_ms, info(gone).last_check_ms + hour);
+    assert_eq!(unsure.load(Ordering::SeqCst), 1);
+
+    // Both groups' producers register (again), the clock standing still.
+    let asked = Arc::new(AtomicU32::new(0));
+    let a = asked.clone();
+    b.register_checker(
+        "gone",
+        Arc::new(move |_: &HalfMessage| {
+            a.fetch_add(1, Ordering::SeqCst);
+            CheckAnswer::Commit
+        }),
+    )
+    .unwrap();
+    let unsure_again = counting_checker(&b, "unsure");
+    wait_until(
+        "the returning producer's half committed",
+        Duration::from_secs(10),
+        || b.transaction_state(gone).unwrap() == TxnState::Committed,
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    assert_eq!(visible(&b, "t").len(), 1);
+    // A round later, the half whose producer said "unknown" is still waiting for its hour.
+    b.run_due_now();
+    assert_eq!(b.transaction_state(doubted).unwrap(), TxnState::Pending);
+    assert_eq!(info(doubted).checks, 1);
+    assert_eq!(
+        unsure.load(Ordering::SeqCst) + unsure_again.load(Ordering::SeqCst),
+        1
+    );
+}

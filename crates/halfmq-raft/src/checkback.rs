@@ -34,13 +34,17 @@
 //! due half whose group has no checker registered here waits (is asked as soon as one
 //! registers) instead of counting as "no live producer": the checkers were connected to
 //! the old leader and need that long to find this one. The ordinary "no live producer"
-//! counting resumes after it.
+//! counting resumes after it. And a group whose checker registers here is asked at once
+//! about its halves whose last check found no producer of the group, not at their next
+//! scheduled check (the backoff may have put it minutes away).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use halfmq::{CheckAnswer, Checkers, HalfMessage, TransactionChecker, TxnConfig, TxnId};
+use halfmq::{
+    CheckAnswer, Checkers, HalfMessage, TransactionChecker, TxnConfig, TxnId, NO_LIVE_PRODUCER,
+};
 use halfmq_types::clock::now_ms;
 use openraft::ServerState;
 use tokio::sync::watch;
@@ -147,11 +151,27 @@ impl CheckBack {
             } else {
                 0
             };
-            for info in broker.due_checks(now_ms(), room, |t| in_flight.contains(&t)) {
+            // Groups whose checker just registered are asked at once about their halves
+            // that found no producer, whatever their next check's time.
+            let mut due = Vec::new();
+            for group in self.checkers.take_arrived() {
+                if self.checkers.get(&group).is_some() {
+                    let left = room.saturating_sub(due.len());
+                    due.extend(
+                        broker.waiting_for_producer(&group, left, |t| in_flight.contains(&t)),
+                    );
+                }
+            }
+            let left = room.saturating_sub(due.len());
+            let asked: HashSet<u64> = due.iter().map(|i| i.txn_id).collect();
+            due.extend(broker.due_checks(now_ms(), left, |t| {
+                in_flight.contains(&t) || asked.contains(&t)
+            }));
+            for info in due {
                 let txn = info.txn_id;
                 let Some(checker) = self.checkers.get(&info.producer_group) else {
                     if !graced {
-                        found.push(failed(txn, "no live producer of the group"));
+                        found.push(failed(txn, NO_LIVE_PRODUCER));
                     }
                     continue;
                 };

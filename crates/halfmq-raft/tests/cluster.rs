@@ -493,6 +493,76 @@ async fn check_back_runs_on_the_leader_and_every_node_records_the_same_checks() 
     assert_eq!(asked.load(Ordering::SeqCst), 4);
 }
 
+/// A producer group that was gone registers its checker with the leader again: its half,
+/// whose check found nobody and whose next check the backoff put an hour away, is asked at
+/// once, and the commit it answers is on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_returning_producer_is_asked_at_once_and_every_node_records_the_answer() {
+    let hour = Duration::from_secs(3600);
+    let c = Cluster::sim(0x5eed_0019, |cfg| {
+        cfg.broker.txn = halfmq::TxnConfig::default()
+            .with_timeout(Duration::from_millis(100))
+            .with_check_interval(hour)
+            .with_check_backoff_max(hour)
+            .with_check_max(5);
+        cfg.checker_grace = Duration::ZERO;
+    })
+    .await;
+    let leader = c.leader().await;
+    let msg = Message::new("paid").with_key("paid");
+    let half = Command::send_half(
+        TOPIC,
+        &msg,
+        "payment-service".to_owned(),
+        halfmq::HalfOptions::default(),
+    );
+    let txn = match c.write(vec![half]).await.expect("half").pop() {
+        Some(Ok(Outcome::Half { txn, .. })) => txn,
+        other => panic!("a half answered {other:?}"),
+    };
+    let info_on = |id: NodeId| {
+        c.nodes[&id]
+            .broker()
+            .transactions(None)
+            .into_iter()
+            .find(|i| i.txn_id == txn.0)
+    };
+    wait_for("the half is checked once, finding nobody", || {
+        info_on(leader).is_some_and(|i| i.checks == 1)
+    })
+    .await;
+    let info = info_on(leader).expect("pending");
+    assert_eq!(info.last_answer.as_deref(), Some(halfmq::NO_LIVE_PRODUCER));
+    assert!(
+        info.next_check_ms >= info.last_check_ms + 3_599_000,
+        "{info:?}"
+    );
+
+    let asked = Arc::new(AtomicUsize::new(0));
+    let checker = {
+        let asked = asked.clone();
+        Arc::new(move |_: &halfmq::HalfMessage| {
+            asked.fetch_add(1, Ordering::SeqCst);
+            CheckAnswer::Commit
+        })
+    };
+    c.nodes[&leader]
+        .register_checker("payment-service", checker)
+        .expect("registered with the leader");
+    let state_on = |id: NodeId| c.nodes[&id].broker().transaction_state(txn).expect("known");
+    wait_for("the half is committed", || {
+        state_on(leader) == TxnState::Committed
+    })
+    .await;
+    let acked: BTreeSet<String> = ["paid".to_owned()].into();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        assert_eq!(state_on(id), TxnState::Committed, "node {id}");
+        assert_exactly(&c.messages(id), &acked);
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+}
+
 /// Wait (bounded by `WAIT`) until `f` holds.
 async fn wait_for(what: &str, f: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;

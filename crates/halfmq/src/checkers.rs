@@ -2,14 +2,22 @@
 //! one of a group's checkers in turn. The broker keeps one for its own check-back thread; a
 //! replicated cluster's node keeps one for its leader's check-back loop (it outlives the
 //! node's broker, which a snapshot install replaces).
+//!
+//! It also remembers the groups a checker registered for since the check-back loop last
+//! looked ([`Checkers::take_arrived`]): the loop asks such a group at once about its halves
+//! whose last check found no producer of the group ([`NO_LIVE_PRODUCER`]), instead of
+//! leaving them to their next scheduled check, which the backoff may have put minutes away.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use halfmq_types::TransactionChecker;
+
+/// The answer recorded for a check that found no checker registered for the half's group.
+pub const NO_LIVE_PRODUCER: &str = "no live producer of the group";
 
 /// A registered checker: (registration id, checker).
 type Registered = (u64, Arc<dyn TransactionChecker>);
@@ -17,6 +25,9 @@ type Registered = (u64, Arc<dyn TransactionChecker>);
 /// Checkers by producer group.
 pub struct Checkers {
     by_group: RwLock<HashMap<String, Vec<Registered>>>,
+    /// Groups a checker registered for since the last [`Checkers::take_arrived`] (a set:
+    /// bounded by the number of groups, however often producers reconnect).
+    arrived: Mutex<HashSet<String>>,
     next_id: AtomicU64,
     turn: AtomicUsize,
 }
@@ -25,6 +36,7 @@ impl Default for Checkers {
     fn default() -> Checkers {
         Checkers {
             by_group: RwLock::new(HashMap::new()),
+            arrived: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(1),
             turn: AtomicUsize::new(0),
         }
@@ -41,7 +53,17 @@ impl Checkers {
             .entry(producer_group.to_owned())
             .or_default()
             .push((id, checker));
+        self.arrived.lock().insert(producer_group.to_owned());
         id
+    }
+
+    /// The groups a checker registered for since the last call, each once.
+    pub fn take_arrived(&self) -> Vec<String> {
+        let mut arrived = self.arrived.lock();
+        if arrived.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut *arrived).into_iter().collect()
     }
 
     /// Remove the checker registered as `id` (nothing if there is none).

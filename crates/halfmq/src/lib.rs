@@ -96,7 +96,7 @@ pub use broker::{
     check_batch, dead_letter_topic, Broker, Decided, DeliveredLease, Polled, Settlement,
     StagedSend, DELAY_MAX,
 };
-pub use checkers::Checkers;
+pub use checkers::{Checkers, NO_LIVE_PRODUCER};
 pub use config::{
     BrokerConfig, ClockSetting, DeliveryConfig, RetentionConfig, TxnConfig, QUEUES_MAX,
 };

@@ -274,6 +274,55 @@ impl TxnIndex {
             .collect()
     }
 
+    /// Up to `max` pending transactions of `group` whose last check found no checker of the
+    /// group ([`NO_LIVE_PRODUCER`](crate::NO_LIVE_PRODUCER)), oldest first, neither being
+    /// checked nor resolved, leaving out those `skip` names: to be asked at once, now that a
+    /// checker of the group registered, rather than at their next check, which the backoff
+    /// may have put minutes away. With `mark`, each is taken off the schedule and marked in
+    /// flight, as [`TxnIndex::take_due`] does; without, left as it is (a check-back driven
+    /// from outside, as in [`TxnIndex::due_unmarked`]). Costs in proportion to the number
+    /// pending; it runs once per registration, not per round.
+    pub(crate) fn waiting_for_producer(
+        &self,
+        group: &str,
+        max: usize,
+        skip: impl Fn(u64) -> bool,
+        mark: bool,
+    ) -> Vec<TxnInfo> {
+        let mut g = self.inner.lock();
+        let mut ids: Vec<u64> = g
+            .pending
+            .live
+            .iter()
+            .filter(|(&id, e)| {
+                e.info.state == TxnState::Pending
+                    && !e.in_flight
+                    && e.resolving.is_none()
+                    && e.info.producer_group == group
+                    && e.info.last_answer.as_deref() == Some(crate::NO_LIVE_PRODUCER)
+                    && !skip(id)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(max);
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(e) = g.pending.live.get_mut(&id) else {
+                continue; // listed just above, under the same lock
+            };
+            let at = e.info.next_check_ms;
+            if mark {
+                e.in_flight = true;
+            }
+            out.push(e.info.clone());
+            if mark {
+                g.pending.due.remove(at, id);
+            }
+        }
+        out
+    }
+
     /// When the earliest pending check is due.
     pub(crate) fn next_due_ms(&self) -> Option<u64> {
         self.inner.lock().pending.due.next_due_ms()

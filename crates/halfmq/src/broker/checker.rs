@@ -130,11 +130,32 @@ impl Broker {
             keep
         });
         let room = (cfg.checks_in_flight_max as usize).saturating_sub(in_flight.len());
-        for info in self.txn_index().take_due(self.now(), room) {
+        let mut asks = Vec::new();
+        for group in self.checkers.take_arrived() {
+            if self.checker_for(&group).is_none() {
+                continue; // gone again already: its halves wait for their next check
+            }
+            let waiting = self.txn_index().waiting_for_producer(
+                &group,
+                room.saturating_sub(asks.len()),
+                |_| false,
+                true,
+            );
+            if !waiting.is_empty() {
+                tracing::info!(
+                    group, halves = waiting.len(),
+                    "a checker of the group registered: asking now about its halves that found no producer"
+                );
+            }
+            asks.extend(waiting);
+        }
+        let room = room.saturating_sub(asks.len());
+        asks.extend(self.txn_index().take_due(self.now(), room));
+        for info in asks {
             let txn = info.txn_id;
             let Some(checker) = self.checker_for(&info.producer_group) else {
                 crate::metrics::check_back(CheckOutcome::NoProducer);
-                failed.push((txn, "no live producer of the group"));
+                failed.push((txn, crate::NO_LIVE_PRODUCER));
                 continue;
             };
             let half = match self.read_half(&info) {
@@ -215,6 +236,22 @@ impl Broker {
     /// [`Broker::record_check_failed`].
     pub fn due_checks(&self, now_ms: u64, max: usize, skip: impl Fn(u64) -> bool) -> Vec<TxnInfo> {
         self.txn_index().due_unmarked(now_ms, max, skip)
+    }
+
+    /// Up to `max` pending transactions of `producer_group` whose last check found no
+    /// producer of the group ([`NO_LIVE_PRODUCER`](crate::NO_LIVE_PRODUCER)), oldest first,
+    /// leaving out those `skip` names, whatever their next check's time: for a check-back
+    /// driven from outside the broker to ask at once when a checker of the group registers
+    /// ([`Checkers::take_arrived`](crate::Checkers::take_arrived)). Nothing is marked, as
+    /// with [`Broker::due_checks`].
+    pub fn waiting_for_producer(
+        &self,
+        producer_group: &str,
+        max: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Vec<TxnInfo> {
+        self.txn_index()
+            .waiting_for_producer(producer_group, max, skip, false)
     }
 
     /// The half message of a pending transaction, as its checker is asked about it.

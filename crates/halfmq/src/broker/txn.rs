@@ -373,14 +373,23 @@ impl Broker {
 
     /// Register the checker asked about unfinished transactions of `producer_group`. Several
     /// may be registered per group (one per producer); each check asks one of them, in turn.
-    /// Returns an id for [`Broker::unregister_checker`].
+    /// The group's pending halves whose last check found no producer of the group are asked
+    /// about at once, not at their next scheduled check (as many as `checks_in_flight_max`
+    /// leaves room for; the rest when due). Unresolved ones are left to an operator
+    /// ([`Broker::rearm`]). Returns an id for [`Broker::unregister_checker`].
     pub fn register_checker(
         &self,
         producer_group: &str,
         checker: Arc<dyn TransactionChecker>,
     ) -> Result<u64> {
         validate_group_name(producer_group)?;
-        Ok(self.checkers.register(producer_group, checker))
+        let id = self.checkers.register(producer_group, checker);
+        // The check-back thread asks the group at once about its halves that found no
+        // producer (see `Checkers::take_arrived`).
+        if let Some(t) = self.check_thread.lock().as_ref() {
+            t.send(CheckMsg::Wake);
+        }
+        Ok(id)
     }
 
     /// Remove a checker registered with [`Broker::register_checker`].
