@@ -563,6 +563,101 @@ async fn a_returning_producer_is_asked_at_once_and_every_node_records_the_answer
     assert_eq!(asked.load(Ordering::SeqCst), 1);
 }
 
+/// A FIFO message group across a failover: the leader hands out the group's first message
+/// alone; the new leader, which delivered nothing itself, hands out that same message again
+/// (the attempt counted) and the next one only once it is acked, never the two at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_keeps_a_fifo_message_group_in_order() {
+    use halfmq::PollOptions;
+
+    let mut c = Cluster::sim(0x5eed_001a, |_| {}).await;
+    let set = Command::SetGroup {
+        group: "g".into(),
+        settings: halfmq::GroupSettings::default(),
+        fifo: Some(true),
+    };
+    assert!(matches!(
+        c.write(vec![set]).await.expect("set")[0],
+        Ok(Outcome::Done)
+    ));
+    let send = Command::Send {
+        topic: TOPIC.to_owned(),
+        messages: (0..3)
+            .map(|i| {
+                let body = format!("step-{i}");
+                (&Message::new(body.clone())
+                    .with_key(body)
+                    .with_message_group("order-1"))
+                    .into()
+            })
+            .collect(),
+    };
+    c.write(vec![send]).await.expect("sent");
+    let lease = PollOptions::default().with_lease(Some(halfmq::lease::LEASE_MIN));
+    // (body, attempt) of what `node` hands out now, recorded through the log.
+    async fn poll(c: &Cluster, node: NodeId, opts: &PollOptions) -> Vec<(String, u32, (u32, u64))> {
+        let n = &c.nodes[&node];
+        n.ready_to_deliver().await.expect("the leader delivers");
+        let polled = n
+            .broker()
+            .poll_deciding("g", TOPIC, (10, usize::MAX), opts)
+            .expect("poll");
+        n.settle_poll("g", TOPIC, &polled).await.expect("recorded");
+        polled
+            .deliveries
+            .iter()
+            .map(|d| {
+                let body = String::from_utf8_lossy(&d.body).into_owned();
+                (body, d.attempt, (d.queue, d.offset))
+            })
+            .collect()
+    }
+    let old = c.leader().await;
+    let first = poll(&c, old, &lease).await;
+    assert_eq!(
+        first.len(),
+        1,
+        "FIFO: one message of the group at a time: {first:?}"
+    );
+    assert_eq!((first[0].0.as_str(), first[0].1), ("step-0", 1));
+    assert!(
+        poll(&c, old, &lease).await.is_empty(),
+        "step-1 before step-0 is acked"
+    );
+
+    let (new, _) = kill_the_leader(&mut c).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let again = loop {
+        let got = poll(&c, new, &lease).await;
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "step-0 never handed out again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(
+        (again[0].0.as_str(), again[0].1),
+        ("step-0", 2),
+        "{again:?}"
+    );
+    let ack = Command::Ack {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        acks: vec![again[0].2],
+    };
+    assert!(matches!(
+        c.write(vec![ack]).await.expect("ack")[0],
+        Ok(Outcome::Done)
+    ));
+    let next = poll(&c, new, &lease).await;
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!((next[0].0.as_str(), next[0].1), ("step-1", 1), "{next:?}");
+}
+
 /// Wait (bounded by `WAIT`) until `f` holds.
 async fn wait_for(what: &str, f: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
