@@ -252,7 +252,8 @@ impl Node {
         let token = server_config.token.clone().unwrap_or_default();
         let id = cluster.node_id;
         let dir = resolved.broker.data_dir.clone();
-        let config = ReplicaConfig::new(resolved.broker.clone());
+        let mut config = ReplicaConfig::new(resolved.broker.clone());
+        config.checker_grace = resolved.checker_grace;
         let factory = TcpFactory::new(id, token.clone()).with_port_offset(PEER_PORT_OFFSET);
         let node = ReplicaNode::start(id, &dir, config, factory)
             .await

@@ -179,6 +179,9 @@ pub struct Resolved {
     pub peers: String,
     /// `--join`: wait to be added instead of forming the cluster of `--peers`.
     pub join: bool,
+    /// `--checker-grace-ms`: a new leader's wait for checkers to reconnect before a due
+    /// check-back without one counts "no live producer".
+    pub checker_grace: Duration,
     /// The cluster this broker is a node of (`--node-id` and `--peers`, checked); `None`
     /// for a single broker.
     pub replication: Option<Replication>,
@@ -202,6 +205,7 @@ impl Default for Resolved {
             node_id: None,
             peers: String::new(),
             join: false,
+            checker_grace: halfmq_raft::ReplicaConfig::new(BrokerConfig::default()).checker_grace,
             replication: None,
             sources: BTreeMap::new(),
         }

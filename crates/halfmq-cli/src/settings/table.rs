@@ -104,6 +104,10 @@ settings! {
         /// with an empty log, until a member adds it (`halfmq cluster add-node`). Needs
         /// --peers (this node's own entry at least).
         join: bool = "HALFMQ_JOIN" => join;
+        /// For this long after a node becomes leader, a due check-back whose producer group
+        /// has no checker on it waits for one instead of counting "no live producer" (the
+        /// checkers were connected to the old leader and are reconnecting), ms.
+        checker_grace_ms: u64 = "HALFMQ_CHECKER_GRACE_MS" => checker_grace;
     }
 
     /// The network server and the metrics endpoint.
