@@ -93,23 +93,9 @@ fn no_huge_pages() {
     }
 }
 
-/// The log filter unless `HALFMQ_LOG` sets one. openraft's replication logs every failed
-/// attempt to reach a peer (four lines every half second for as long as a peer is down);
-/// the peer links log the peer going down and coming back once each instead
-/// (`halfmq_raft::network::tcp`). `HALFMQ_LOG=info,openraft=warn` shows them all.
-const LOG_DEFAULT: &str =
-    "info,openraft=warn,openraft::replication=off,openraft::engine::handler::replication_handler=off";
-
 fn main() -> ExitCode {
     no_huge_pages();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HALFMQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(LOG_DEFAULT)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    halfmq_cli::logs::init();
     let matches = cmd::broker::with_defaults_in_help(Cli::command()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let rt = match tokio::runtime::Builder::new_multi_thread()
