@@ -157,9 +157,15 @@ impl CheckBack {
             for group in self.checkers.take_arrived() {
                 if self.checkers.get(&group).is_some() {
                     let left = room.saturating_sub(due.len());
-                    due.extend(
-                        broker.waiting_for_producer(&group, left, |t| in_flight.contains(&t)),
-                    );
+                    let waiting =
+                        broker.waiting_for_producer(&group, left, |t| in_flight.contains(&t));
+                    if !waiting.is_empty() {
+                        tracing::info!(
+                            group, halves = waiting.len(),
+                            "a checker of the group registered: asking now about its halves that found no producer"
+                        );
+                    }
+                    due.extend(waiting);
                 }
             }
             let left = room.saturating_sub(due.len());
