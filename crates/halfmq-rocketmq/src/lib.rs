@@ -19,6 +19,8 @@
 //! - `pb`: the protocol, generated at build time from `proto/` (written in this repository)
 //!   without a system `protoc`;
 //! - `server`: starting and stopping the endpoint ([`RocketMqServer`]);
+//! - `pool`: the serving threads, a single-threaded runtime per core, each connection served
+//!   on one of them by hyper's HTTP/2 server;
 //! - `service`: the calls of producers and sessions (route, heartbeat, telemetry, sends,
 //!   transaction ends) and the answers to what is not supported;
 //! - `consume`: the consumer calls (receive, ack, change invisible duration, dead letters,
@@ -49,6 +51,7 @@ mod coalesce;
 mod consume;
 pub mod convert;
 mod digest;
+mod pool;
 mod renew;
 mod server;
 mod service;

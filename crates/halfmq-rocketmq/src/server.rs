@@ -1,5 +1,5 @@
-//! Starting and stopping the endpoint: a tonic server on its own listener, serving
-//! [`Service`] beside whatever else uses the same [`Broker`].
+//! Starting and stopping the endpoint: its own listener, whose connections the serving
+//! threads (`pool`) serve with [`Service`], beside whatever else uses the same [`Broker`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,12 +11,11 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt as _;
 
 use crate::clients::{Checker, Clients, PRODUCER_GROUP};
 use crate::convert::BODY_BYTES_MAX;
 use crate::pb::messaging_service_server::MessagingServiceServer;
+use crate::pool::Pool;
 use crate::renew::Renewals;
 use crate::service::Service;
 
@@ -35,6 +34,8 @@ pub struct RocketMqServer {
     stopping: watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The threads serving the connections.
+    pool: Pool,
 }
 
 impl RocketMqServer {
@@ -69,23 +70,33 @@ impl RocketMqServer {
             .max_decoding_message_size(REQUEST_BYTES_MAX)
             .max_encoding_message_size(REQUEST_BYTES_MAX);
         let (stop, stopped) = oneshot::channel::<()>();
-        // The builder's `tcp_nodelay` covers only sockets tonic accepts itself: these are
-        // ours. Without it a small answer can wait for the client's delayed ack (~40 ms).
-        let incoming = TcpListenerStream::new(listener).map(|accepted| {
-            let stream = accepted?;
-            stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(stream)
-        });
+        // A serving thread per core; at least one.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (pool, accepting) = Pool::start(threads, &grpc)
+            .map_err(|e| Error::io(addr.to_string(), "start the RocketMQ endpoint's threads", e))?;
+        // Accepting runs on the caller's runtime; the connections are served on the pool's.
         let task = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(grpc)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the RocketMQ endpoint stopped");
+            let accept = async {
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            // Without it a small answer can wait for the client's delayed
+                            // ack (~40 ms).
+                            if stream.set_nodelay(true).is_ok() {
+                                accepting.serve(stream);
+                            }
+                        }
+                        Err(e) => {
+                            // Out of file descriptors, mostly: try again a little later.
+                            tracing::warn!(error = %e, "accepting a RocketMQ connection");
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = accept => {}
+                _ = stopped => {}
             }
         });
         tracing::info!(addr = %local_addr, "RocketMQ 5 endpoint listening");
@@ -98,6 +109,7 @@ impl RocketMqServer {
             stopping,
             stop: Some(stop),
             task: Some(task),
+            pool,
         })
     }
 
@@ -134,9 +146,11 @@ impl RocketMqServer {
                 abort.abort();
             }
         }
+        self.pool.stop(until).await;
         // Every holder of the service (the server's connections, the telemetry tasks) has a
         // receiver of `stopping`: all gone means none holds the broker.
         let _ = tokio::time::timeout_at(until, self.stopping.closed()).await;
+        self.pool.release().await;
     }
 }
 
