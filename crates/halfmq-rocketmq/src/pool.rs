@@ -40,7 +40,8 @@ pub(crate) struct Spread {
     threads: Vec<(mpsc::UnboundedSender<TcpStream>, Arc<AtomicUsize>)>,
 }
 
-/// A connection counted as open by its worker until dropped.
+/// A connection counted as open by its worker until dropped (the count is raised when the
+/// connection is handed over, so that one queued for the thread counts too).
 struct Counted {
     open: Arc<AtomicUsize>,
 }
@@ -164,54 +165,6 @@ fn run(
     runtime.shutdown_background();
 }
 
-/// An accepted connection, counted as open by its worker until dropped.
-struct CountedStream {
-    stream: TcpStream,
-    _counted: Counted,
-}
-
-impl tokio::io::AsyncRead for CountedStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for CountedStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 /// Serve the connections handed over until told to stop, then end them gracefully (GOAWAY,
 /// the calls under way answered) and return once all are closed.
 ///
@@ -241,10 +194,8 @@ async fn serve(
             c = conns.recv() => c,
         };
         let Some(stream) = conn else { break };
-        let stream = CountedStream {
-            stream,
-            _counted: Counted { open: open.clone() },
-        };
+        // Counted open (by `Spread::serve`) until its task ends with the connection.
+        let counted = Counted { open: open.clone() };
         let grpc = grpc.clone();
         let svc = hyper::service::service_fn(move |req| {
             let mut g = grpc.clone();
@@ -253,6 +204,7 @@ async fn serve(
         let served = http2.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
         let mut closing = closing_rx.clone();
         tokio::spawn(async move {
+            let _counted = counted;
             let mut served = std::pin::pin!(served);
             tokio::select! {
                 r = served.as_mut() => {
