@@ -27,8 +27,10 @@ pub trait Storage: Send + Sync + 'static {
     fn sync_dir(&self, dir: &Path) -> Result<()>;
     /// Take an exclusive lock on a data directory, held until the guard is dropped.
     fn lock_dir(&self, dir: &Path) -> Result<Box<dyn std::any::Any + Send + Sync>>;
-    /// Whether writing zeros over the next segment ahead of time makes later writes into it
-    /// cheaper (real file systems with extents: see `crate::prepare`). Default: no.
+    /// Whether writing zeros into a segment ahead of the log makes later writes into it
+    /// cheaper (real file systems with extents: see `crate::prepare`, which zero-fills the
+    /// next segment, and `flush::zero_ahead`, which writes zeros ahead in the active one).
+    /// Default: no.
     fn zero_fill_ahead(&self) -> bool {
         false
     }

@@ -32,7 +32,11 @@
 //! and only when it took longer to fill than the last preparation took to write its zeros
 //! (its pace is noted, also when cancelled): a preparation not ready at the roll is
 //! cancelled there, its zeros written for nothing, and the roll waits (one chunk at most)
-//! for the cancel under the writer lock.
+//! for the cancel under the writer lock. The active segment of such rates gets its written
+//! blocks another way: a round of less than 32 KiB that passes the zeros written before
+//! writes the next 1 MiB of zeros ahead of the log within its own write
+//! (`flush::zero_ahead`), which costs no `fdatasync` of its own; that covers the first
+//! segment of a fresh store and the active one after a restart, which nothing prepared.
 //!
 //! Tried and not kept (2026-12-07): writing the zeros past the page cache (`O_DIRECT`, one
 //! sync at the end), so that they cost no copy and no write-back, and preparing at every
@@ -84,7 +88,7 @@ const CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Below this many log bytes per fsync (on average over the segment just filled), preparing
 /// the next segment pays: see the module docs.
-const PREPARE_BELOW_BYTES_PER_SYNC: u64 = 32 * 1024;
+pub(crate) const PREPARE_BELOW_BYTES_PER_SYNC: u64 = 32 * 1024;
 
 /// Whether to prepare the next segment, given the mean bytes per fsync of the last one, how
 /// long the last one took to fill, and how long zero-filling a segment took the last time

@@ -41,6 +41,10 @@ pub struct Segment {
     pub file: Arc<dyn StorageFile>,
     /// The segment format version its header says.
     pub version: u32,
+    /// Every byte past the header was written (with zeros) and synced before the segment
+    /// took records (a prepared segment, see `crate::prepare`): writes into it convert no
+    /// unwritten extents, so the flusher need not write zeros ahead of them.
+    pub zeroed: bool,
 }
 
 impl std::fmt::Debug for Segment {
@@ -116,6 +120,7 @@ impl Segment {
             size,
             file,
             version: FORMAT_VERSION,
+            zeroed: false,
         })
     }
 
@@ -129,6 +134,7 @@ impl Segment {
             size,
             file,
             version: FORMAT_VERSION,
+            zeroed: true,
         })
     }
 
@@ -186,6 +192,7 @@ impl Segment {
             size,
             file,
             version,
+            zeroed: false,
         }))
     }
 }

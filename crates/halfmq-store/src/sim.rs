@@ -86,6 +86,8 @@ struct SimState {
     crashed: bool,
     faults: Faults,
     syncs: u64,
+    /// What [`Storage::zero_fill_ahead`] answers (see [`SimStorage::set_zero_fill_ahead`]).
+    zero_fill_ahead: bool,
 }
 
 /// An in-memory disk with separate live and durable images; see the module docs.
@@ -140,6 +142,13 @@ impl SimStorage {
     /// Set the faults injected from now on.
     pub fn set_faults(&self, faults: Faults) {
         self.state.lock().faults = faults;
+    }
+
+    /// Make the store treat this disk as one with extents, where zeros written ahead of
+    /// the log pay (`crate::prepare`, `flush::zero_ahead`): off by default, as the
+    /// simulated disk gains nothing from them; on, tests see where those zeros land.
+    pub fn set_zero_fill_ahead(&self, on: bool) {
+        self.state.lock().zero_fill_ahead = on;
     }
 
     /// How many successful `sync_data` calls this disk has seen.
@@ -254,6 +263,10 @@ impl SimStorage {
 }
 
 impl Storage for SimStorage {
+    fn zero_fill_ahead(&self) -> bool {
+        self.state.lock().zero_fill_ahead
+    }
+
     fn create_dir_all(&self, dir: &Path) -> Result<()> {
         let mut st = self.state.lock();
         if st.crashed {

@@ -72,6 +72,9 @@ pub(crate) struct FlusherState {
     pub(crate) checkpoint_seq: u64,
     pub(crate) written: u64,
     pub(crate) durable: u64,
+    /// The segment (its base) and the file position up to which `flush::zero_ahead` has
+    /// written it, data or zeros.
+    pub(crate) zeroed: (u64, u64),
 }
 
 impl FlusherState {
@@ -87,6 +90,7 @@ impl FlusherState {
             checkpoint_seq,
             written: end,
             durable: end,
+            zeroed: (u64::MAX, 0),
         }
     }
 }
