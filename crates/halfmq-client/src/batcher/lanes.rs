@@ -92,6 +92,14 @@ pub(super) type Waiting = oneshot::Sender<Result<SendReceipt>>;
 /// A request of a lane on the wire; answered (or abandoned) when dropped.
 pub(super) struct OnWire(pub(super) Arc<Lane>);
 
+impl OnWire {
+    /// Answered, carrying several messages: the sends their callers make next leave
+    /// together ([`halfmq_types::coalesce::SendLane::answered_batch`]).
+    pub(super) fn answered_batch(self) {
+        self.0.state.lock().answered_batch();
+    }
+}
+
 impl Drop for OnWire {
     fn drop(&mut self) {
         self.0.state.lock().answered();
