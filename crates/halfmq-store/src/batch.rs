@@ -89,8 +89,11 @@ impl Batch {
 #[derive(Default)]
 pub(crate) struct DispatchBuf {
     /// By the queue's address (as a number, so the buffer can move between threads).
-    runs: HashMap<usize, (Arc<ConsumeQueue>, u64, Vec<u8>), BuildHasherDefault<AddrHasher>>,
+    runs: HashMap<usize, Run, BuildHasherDefault<AddrHasher>>,
 }
+
+/// One queue's entries of a batch: the queue, the offset of the first, their encodings.
+type Run = (Arc<ConsumeQueue>, u64, Vec<u8>);
 
 /// The hash of a queue's address in [`DispatchBuf`], looked up once per record by the
 /// flusher: a multiply and a fold of the high bits into the low ones (addresses are aligned,
