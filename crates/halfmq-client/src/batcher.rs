@@ -1,6 +1,8 @@
 //! Automatic batching of [`Client::send`] ([`ClientConfig::auto_batch`]), like Nagle's
 //! algorithm: per topic, a send with no other send of its topic on the wire and none queued
-//! leaves at once, alone, as a `Send` request, so an idle producer pays no added latency.
+//! leaves at once, alone, as a `Send` request, so an idle producer pays no added latency
+//! (unless a batch of the topic was just answered: the sends its callers make next queue
+//! together, see [`SendLane::answered_batch`]).
 //! A send made while another of its topic is on the wire is queued instead, and the queue
 //! leaves as one `SendBatch` request (a lone queued send as a `Send`):
 //! - at once, when it holds [`ClientConfig::batch_messages_max`] messages or
@@ -18,6 +20,7 @@
 //! [`ClientConfig::batch_messages_max`]: crate::ClientConfig::batch_messages_max
 //! [`ClientConfig::batch_bytes_max`]: crate::ClientConfig::batch_bytes_max
 //! [`ClientConfig::batch_linger`]: crate::ClientConfig::batch_linger
+//! [`SendLane::answered_batch`]: halfmq_types::coalesce::SendLane::answered_batch
 
 pub(crate) mod lanes;
 
@@ -111,7 +114,7 @@ async fn deliver(client: Client, on_wire: OnWire, topic: String, batch: Batch<Wa
         return;
     }
     let r = client.send_batch(&topic, &msgs).await;
-    drop(on_wire);
+    on_wire.answered_batch();
     match r {
         Ok(results) => {
             for (tx, r) in waiting.into_iter().zip(results) {

@@ -221,10 +221,18 @@ impl Shared {
 /// Wait on `notify` until `check` has an answer. The next notification is registered for
 /// before every check, so a `notify_waiters` between the check and the await is not lost.
 /// The async twin of `Epoch::wait_for`.
+///
+/// An answer there already is taken without registering: a batch send waits on its
+/// tickets one after the other, and once the first is acknowledged so are the rest (the
+/// same round), so registering for each (the `Notify`'s lock, shared by the round's
+/// writers on every worker, twice: in and out of its waiter list) was work for nothing.
 pub(crate) async fn notified_until<T>(
     notify: &tokio::sync::Notify,
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
+    if let Some(answer) = check() {
+        return answer;
+    }
     loop {
         let changed = notify.notified();
         tokio::pin!(changed);

@@ -20,6 +20,9 @@ pub struct SendLane<W> {
     bytes: usize,
     /// A flusher will take the queue ([`SendLane::flush`]).
     flusher: bool,
+    /// A batch was answered since the queue last left ([`SendLane::answered_batch`]): the
+    /// sends its callers make next queue together, even with nothing under way.
+    after_batch: bool,
 }
 
 impl<W> Default for SendLane<W> {
@@ -29,6 +32,7 @@ impl<W> Default for SendLane<W> {
             queued: Batch::default(),
             bytes: 0,
             flusher: false,
+            after_batch: false,
         }
     }
 }
@@ -74,10 +78,12 @@ impl<W> Default for Queued<W> {
 }
 
 impl<W> SendLane<W> {
-    /// Whether a send may leave at once, alone: nothing of the topic is under way and
-    /// nothing queued. It is then counted under way until [`SendLane::answered`].
+    /// Whether a send may leave at once, alone: nothing of the topic is under way, nothing
+    /// queued, and no batch answered since the queue last left
+    /// ([`SendLane::answered_batch`]). It is then counted under way until
+    /// [`SendLane::answered`].
     pub fn leave_alone(&mut self) -> bool {
-        let alone = self.under_way == 0 && self.queued.msgs.is_empty();
+        let alone = self.under_way == 0 && self.queued.msgs.is_empty() && !self.after_batch;
         if alone {
             self.under_way += 1;
         }
@@ -126,6 +132,17 @@ impl<W> SendLane<W> {
         self.under_way -= 1;
     }
 
+    /// A batch under way is being answered (call before [`SendLane::answered`]): its
+    /// callers are woken together, and what they send next should leave together too. So
+    /// until the queue next leaves, a send queues even with nothing under way, and the
+    /// flusher takes it with the others woken at the same moment. Otherwise the first of
+    /// them found nothing under way and left alone: at 16 producers x 16 in flight, every
+    /// answered batch was followed by a one-message request and then a batch of the rest.
+    /// A lone producer's sends are answered alone and never set this.
+    pub fn answered_batch(&mut self) {
+        self.after_batch = true;
+    }
+
     /// Whether a send is under way while others wait in the queue.
     pub fn queued_behind(&self) -> bool {
         self.under_way > 0 && !self.queued.msgs.is_empty()
@@ -144,6 +161,7 @@ impl<W> SendLane<W> {
     /// The queue, now under way.
     fn take(&mut self) -> Batch<W> {
         self.bytes = 0;
+        self.after_batch = false;
         self.under_way += 1;
         std::mem::take(&mut self.queued)
     }
@@ -222,6 +240,32 @@ mod tests {
         lane.answered();
         assert!(lane.is_idle());
         assert!(lane.leave_alone());
+    }
+
+    #[test]
+    fn after_a_batch_is_answered_the_next_sends_queue_together() {
+        let mut lane = SendLane::<u32>::default();
+        assert!(lane.leave_alone());
+        let _ = lane.queue(Message::new("a"), 1, 10, (9, 100));
+        let _ = lane.queue(Message::new("b"), 2, 10, (9, 100));
+        let batch = lane.flush().expect("the queue");
+        assert_eq!(batch.msgs.len(), 2);
+        lane.answered();
+        lane.answered_batch();
+        lane.answered();
+        // Nothing under way, but the batch's callers send next: they queue, and one
+        // flusher takes them all.
+        assert!(!lane.leave_alone());
+        let q = lane.queue(Message::new("c"), 3, 10, (9, 100));
+        assert!(q.start_flusher);
+        let q = lane.queue(Message::new("d"), 4, 10, (9, 100));
+        assert!(!q.start_flusher);
+        assert_eq!(lane.flush().map(|b| b.waiting), Some(vec![3, 4]));
+        lane.answered();
+        // Answered alone: the next send leaves at once again.
+        assert!(lane.leave_alone());
+        lane.answered();
+        assert!(lane.is_idle());
     }
 
     #[test]

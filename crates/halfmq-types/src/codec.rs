@@ -67,9 +67,13 @@ pub mod bytes {
         s.serialize_bytes(body)
     }
 
-    /// Deserialize bytes, or a sequence of `u8`.
+    /// Deserialize bytes, or a sequence of `u8`. Asked for as borrowed bytes: bincode then
+    /// hands out the input's own slice, copied once into a buffer of exactly its length;
+    /// asked for an owned buffer it zero-fills a new one and then copies into it (a second
+    /// pass over every body decoded). Decoders that cannot lend their input hand over a
+    /// buffer of their own, as before.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_byte_buf(BytesVisitor)
+        d.deserialize_bytes(BytesVisitor)
     }
 
     struct BytesVisitor;
@@ -96,6 +100,38 @@ pub mod bytes {
                 out.push(b);
             }
             Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Body {
+        #[serde(with = "bytes")]
+        body: Vec<u8>,
+        tail: u32,
+    }
+
+    /// Bodies decode to the bytes encoded, from a slice (borrowed) and from a reader (owned),
+    /// and their encoding is that of a plain `Vec<u8>`.
+    #[test]
+    fn bodies_decode_from_slices_and_readers() {
+        for len in [0usize, 1, 250, 251, 1024, 70_000] {
+            let v = Body {
+                body: (0..len).map(|i| (i % 251) as u8).collect(),
+                tail: 7,
+            };
+            let enc = encode(&v, "test").unwrap();
+            assert_eq!(enc, encode(&(&v.body, 7u32), "test").unwrap(), "len {len}");
+            assert_eq!(decode::<Body>(&enc, "test").unwrap(), v, "len {len}");
+            let owned: Body =
+                bincode::serde::decode_from_std_read(&mut enc.as_slice(), config()).unwrap();
+            assert_eq!(owned, v, "len {len}");
+            // A length past the input is an error, not a panic or a huge allocation.
+            assert!(decode::<Body>(&enc[..enc.len() - 2], "test").is_err());
         }
     }
 }

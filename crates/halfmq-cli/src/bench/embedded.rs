@@ -10,7 +10,8 @@ use halfmq::{Broker, BrokerConfig, Error, FlushPolicy, HalfOptions, Message, Res
 
 use super::baseline::{measure_baseline, remove_between_runs, with_baseline};
 use super::load::{
-    check_in_flight, limit_time, monitor, produce_windowed, producers_runtime, Load, Producers,
+    check_in_flight, cores, limit_time, monitor, produce_windowed, producers_runtime, Load,
+    Producers,
 };
 use super::report::{histogram, merged, BenchReport, Measured};
 use super::rounds::alternate_rounds;
@@ -140,7 +141,7 @@ pub(super) fn run_producers(
         }
         Producers::Threads(handles)
     } else {
-        let rt = producers_runtime(opts, &opts.data_dir)?;
+        let rt = producers_runtime(opts, cores(), &opts.data_dir)?;
         let handles = (0..opts.producers)
             .map(|p| {
                 let (broker, load) = (broker.clone(), load.clone());

@@ -32,14 +32,19 @@ pub(super) fn check_in_flight(opts: &BenchOptions) -> Result<()> {
     })
 }
 
-/// The runtime the async producers run on: `opts.runtime_threads` workers, by default one
-/// per core but no more than there are producers. A lone producer on two workers pays
-/// tokio's hand-off between them on every answer (the worker that takes the socket's event
-/// wakes the other, measured at two futex calls and about 10 µs per message here): a cost of
-/// the load generator, which a single-producer application avoids the same way.
-pub(super) fn producers_runtime(opts: &BenchOptions, what: &std::path::Path) -> Result<Runtime> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = opts.runtime_threads.unwrap_or(cores.min(opts.producers));
+/// The runtime the async producers run on: `opts.runtime_threads` workers, by default
+/// `default_workers` but no more than there are producers. A lone producer on two workers
+/// pays tokio's hand-off between them on every answer (the worker that takes the socket's
+/// event wakes the other, measured at two futex calls and about 10 µs per message here): a
+/// cost of the load generator, which a single-producer application avoids the same way.
+pub(super) fn producers_runtime(
+    opts: &BenchOptions,
+    default_workers: usize,
+    what: &std::path::Path,
+) -> Result<Runtime> {
+    let workers = opts
+        .runtime_threads
+        .unwrap_or(default_workers.min(opts.producers));
     if !(1..=1024).contains(&workers) {
         return Err(Error::Config {
             setting: "runtime-threads",
@@ -51,6 +56,12 @@ pub(super) fn producers_runtime(opts: &BenchOptions, what: &std::path::Path) -> 
         .enable_all()
         .build()
         .map_err(|e| Error::io(what, "start runtime", e))
+}
+
+/// One worker per core: the embedded producers' default (their tasks do the broker's work
+/// of a send themselves, up to the store's batch).
+pub(super) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// One producer: keeps up to `in_flight` sends outstanding (issuing the next as soon as one

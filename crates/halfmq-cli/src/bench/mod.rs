@@ -43,8 +43,8 @@ pub struct BenchOptions {
     /// One OS thread per producer calling the blocking `send`, instead of async tasks on a
     /// tokio runtime with one worker per core.
     pub threads: bool,
-    /// Worker threads of the async producers' runtime; `None`: one per core, but no more
-    /// than `producers`.
+    /// Worker threads of the async producers' runtime; `None`: over the network one,
+    /// embedded one per core but no more than `producers`.
     pub runtime_threads: Option<usize>,
     /// Body bytes per message.
     pub size: usize,

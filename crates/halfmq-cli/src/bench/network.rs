@@ -108,7 +108,12 @@ fn run_network_once(
         });
     }
     check_in_flight(opts)?;
-    let rt = producers_runtime(opts, std::path::Path::new(addr))?;
+    // One worker by default, however many producers: the client only frames requests and
+    // routes answers, and on a machine it shares with the broker a second worker costs more
+    // in hand-offs and wake-ups (work stealing, each parking and unparking the other) than
+    // it adds (16 producers x 16 in flight: the client's CPU per message 2.0-2.1 -> 1.6-1.7
+    // µs, ARCHITECTURE.md, "Where the time goes").
+    let rt = producers_runtime(opts, 1, std::path::Path::new(addr))?;
     if batching.explicit == 0 || batching.explicit > halfmq::SEND_BATCH_MESSAGES_MAX {
         return Err(Error::Config {
             setting: "batch",

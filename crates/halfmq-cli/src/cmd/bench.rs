@@ -71,9 +71,10 @@ pub struct BenchArgs {
     /// One OS thread per producer calling the blocking send (default: async tasks).
     #[arg(long)]
     threads: bool,
-    /// Worker threads of the runtime the async producers run on (default: one per core, but
-    /// no more than --producers: one producer on two workers pays a hand-off between them on
-    /// every answer, which is the load generator's cost, not the broker's).
+    /// Worker threads of the runtime the async producers run on (default: with --addr one,
+    /// embedded one per core but no more than --producers: one producer on two workers pays
+    /// a hand-off between them on every answer, which is the load generator's cost, not the
+    /// broker's).
     #[arg(long, conflicts_with = "threads")]
     runtime_threads: Option<usize>,
     /// Transactions: each message is a half message plus a commit; plain sends are measured

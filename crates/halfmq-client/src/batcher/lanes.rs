@@ -29,6 +29,10 @@ struct Lanes {
     by_topic: HashMap<String, Arc<Lane>>,
     /// Sweep idle lanes when a new one would make this many.
     sweep_at: usize,
+    /// The lane asked for last, with its topic: most sends go to the topic of the send
+    /// before, and are found here without hashing the name. Kept by the sweep (it holds
+    /// the lane), so at most one idle lane more is kept.
+    last: Option<(String, Arc<Lane>)>,
 }
 
 impl Batcher {
@@ -40,17 +44,33 @@ impl Batcher {
     /// can take it but through this lock.
     pub(super) fn lane(&self, topic: &str) -> Arc<Lane> {
         let mut lanes = self.lanes.lock();
-        if let Some(l) = lanes.by_topic.get(topic) {
-            return l.clone();
+        if let Some((t, l)) = &lanes.last {
+            if t == topic {
+                return l.clone();
+            }
         }
-        if lanes.by_topic.len() >= lanes.sweep_at.max(SWEEP_FROM_LANES) {
-            lanes
-                .by_topic
-                .retain(|_, l| Arc::strong_count(l) > 1 || !l.state.lock().is_idle());
-            lanes.sweep_at = lanes.by_topic.len() * 2;
+        let l = match lanes.by_topic.get(topic) {
+            Some(l) => l.clone(),
+            None => {
+                if lanes.by_topic.len() >= lanes.sweep_at.max(SWEEP_FROM_LANES) {
+                    lanes
+                        .by_topic
+                        .retain(|_, l| Arc::strong_count(l) > 1 || !l.state.lock().is_idle());
+                    lanes.sweep_at = lanes.by_topic.len() * 2;
+                }
+                let l = Arc::new(Lane::default());
+                lanes.by_topic.insert(topic.to_owned(), l.clone());
+                l
+            }
+        };
+        match &mut lanes.last {
+            Some((t, last)) => {
+                t.clear();
+                t.push_str(topic);
+                *last = l.clone();
+            }
+            None => lanes.last = Some((topic.to_owned(), l.clone())),
         }
-        let l = Arc::new(Lane::default());
-        lanes.by_topic.insert(topic.to_owned(), l.clone());
         l
     }
 
@@ -71,6 +91,14 @@ pub(super) type Waiting = oneshot::Sender<Result<SendReceipt>>;
 
 /// A request of a lane on the wire; answered (or abandoned) when dropped.
 pub(super) struct OnWire(pub(super) Arc<Lane>);
+
+impl OnWire {
+    /// Answered, carrying several messages: the sends their callers make next leave
+    /// together ([`halfmq_types::coalesce::SendLane::answered_batch`]).
+    pub(super) fn answered_batch(self) {
+        self.0.state.lock().answered_batch();
+    }
+}
 
 impl Drop for OnWire {
     fn drop(&mut self) {

@@ -192,3 +192,24 @@ async fn a_client_sending_to_ever_new_topics_keeps_lanes_only_for_those_in_use()
     assert!(kept <= 2 * 64, "{kept} lanes kept after {TOPICS} topics");
     assert!(Arc::ptr_eq(&held, &client.batcher().lane("held")));
 }
+
+/// The lane remembered as the last one asked for is the topic's own: asking again, after
+/// another topic's, or after a sweep, gives the same lane as the first time.
+#[test]
+fn the_last_lane_asked_for_is_the_topics_own() {
+    let b = super::lanes::Batcher::default();
+    let a = b.lane("a");
+    assert!(Arc::ptr_eq(&a, &b.lane("a")));
+    let other = b.lane("b");
+    assert!(!Arc::ptr_eq(&a, &other));
+    assert!(Arc::ptr_eq(&a, &b.lane("a")));
+    assert!(Arc::ptr_eq(&other, &b.lane("b")));
+    assert!(Arc::ptr_eq(&other, &b.lane("b")));
+    // Many topics: sweeps run, and the lanes still held are found again, last or not.
+    for i in 0..300 {
+        let _ = b.lane(&format!("t{i}"));
+    }
+    assert!(Arc::ptr_eq(&a, &b.lane("a")));
+    assert!(Arc::ptr_eq(&other, &b.lane("b")));
+    assert!(b.lanes_kept() <= 2 * 64, "{} lanes kept", b.lanes_kept());
+}
