@@ -173,13 +173,18 @@ fn check_back_commit_and_rollback_answers_resolve() {
 
 /// A checker that counts the checks of its group and answers "unknown".
 fn counting_checker(b: &Broker, group: &str) -> Arc<AtomicU32> {
+    counting_checker_answering(b, group, CheckAnswer::Unknown)
+}
+
+/// A checker that counts the checks of its group and gives them all `answer`.
+fn counting_checker_answering(b: &Broker, group: &str, answer: CheckAnswer) -> Arc<AtomicU32> {
     let asked = Arc::new(AtomicU32::new(0));
     let a = asked.clone();
     b.register_checker(
         group,
         Arc::new(move |_: &HalfMessage| {
             a.fetch_add(1, Ordering::SeqCst);
-            CheckAnswer::Unknown
+            answer
         }),
     )
     .unwrap();
@@ -474,12 +479,11 @@ fn a_returning_producer_is_asked_at_once_about_halves_that_found_nobody() {
         c
     });
     let unsure = counting_checker(&b, "unsure");
-    let gone = b
-        .send_half("t", &Message::new("x"), "gone", HalfOptions::default())
-        .unwrap();
-    let doubted = b
-        .send_half("t", &Message::new("y"), "unsure", HalfOptions::default())
-        .unwrap();
+    let half = |body: &str, group: &str| {
+        b.send_half("t", &Message::new(body), group, HalfOptions::default())
+            .unwrap()
+    };
+    let (gone, doubted) = (half("x", "gone"), half("y", "unsure"));
     advance(&b, &clock, 150);
     let info = |txn: TxnId| {
         b.transactions(None)
@@ -498,16 +502,7 @@ fn a_returning_producer_is_asked_at_once_about_halves_that_found_nobody() {
     assert_eq!(unsure.load(Ordering::SeqCst), 1);
 
     // Both groups' producers register (again), the clock standing still.
-    let asked = Arc::new(AtomicU32::new(0));
-    let a = asked.clone();
-    b.register_checker(
-        "gone",
-        Arc::new(move |_: &HalfMessage| {
-            a.fetch_add(1, Ordering::SeqCst);
-            CheckAnswer::Commit
-        }),
-    )
-    .unwrap();
+    let asked = counting_checker_answering(&b, "gone", CheckAnswer::Commit);
     let unsure_again = counting_checker(&b, "unsure");
     wait_until(
         "the returning producer's half committed",

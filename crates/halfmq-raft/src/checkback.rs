@@ -153,21 +153,8 @@ impl CheckBack {
             };
             // Groups whose checker just registered are asked at once about their halves
             // that found no producer, whatever their next check's time.
-            let mut due = Vec::new();
-            for group in self.checkers.take_arrived() {
-                if self.checkers.get(&group).is_some() {
-                    let left = room.saturating_sub(due.len());
-                    let waiting =
-                        broker.waiting_for_producer(&group, left, |t| in_flight.contains(&t));
-                    if !waiting.is_empty() {
-                        tracing::info!(
-                            group, halves = waiting.len(),
-                            "a checker of the group registered: asking now about its halves that found no producer"
-                        );
-                    }
-                    due.extend(waiting);
-                }
-            }
+            let mut due =
+                broker.waiting_for_arrived(&self.checkers, room, |t| in_flight.contains(&t));
             let left = room.saturating_sub(due.len());
             let asked: HashSet<u64> = due.iter().map(|i| i.txn_id).collect();
             due.extend(broker.due_checks(now_ms(), left, |t| {

@@ -440,17 +440,7 @@ async fn check_back_runs_on_the_leader_and_every_node_records_the_same_checks() 
             "node {id} (leader {leader}) registering a checker: {r:?}"
         );
     }
-    let msg = Message::new("paid").with_key("paid");
-    let half = Command::send_half(
-        TOPIC,
-        &msg,
-        "payment-service".to_owned(),
-        halfmq::HalfOptions::default(),
-    );
-    let txn = match c.write(vec![half]).await.expect("half").pop() {
-        Some(Ok(Outcome::Half { txn, .. })) => txn,
-        other => panic!("a half answered {other:?}"),
-    };
+    let txn = send_paid_half(&c).await;
     let state_on = |id: NodeId| c.nodes[&id].broker().transaction_state(txn).expect("known");
     wait_for("the half is unresolved", || {
         state_on(leader) == TxnState::Unresolved
@@ -480,16 +470,7 @@ async fn check_back_runs_on_the_leader_and_every_node_records_the_same_checks() 
     *answer.lock() = CheckAnswer::Commit;
     let rearmed = c.write(vec![Command::Rearm(txn)]).await.expect("re-armed");
     assert!(matches!(rearmed[0], Ok(Outcome::Done)), "{rearmed:?}");
-    wait_for("the half is committed", || {
-        state_on(leader) == TxnState::Committed
-    })
-    .await;
-    let acked: BTreeSet<String> = ["paid".to_owned()].into();
-    for id in [1, 2, 3] {
-        c.caught_up(id, leader).await;
-        assert_eq!(state_on(id), TxnState::Committed, "node {id}");
-        assert_exactly(&c.messages(id), &acked);
-    }
+    committed_everywhere(&c, leader, txn).await;
     assert_eq!(asked.load(Ordering::SeqCst), 4);
 }
 
@@ -509,17 +490,7 @@ async fn a_returning_producer_is_asked_at_once_and_every_node_records_the_answer
     })
     .await;
     let leader = c.leader().await;
-    let msg = Message::new("paid").with_key("paid");
-    let half = Command::send_half(
-        TOPIC,
-        &msg,
-        "payment-service".to_owned(),
-        halfmq::HalfOptions::default(),
-    );
-    let txn = match c.write(vec![half]).await.expect("half").pop() {
-        Some(Ok(Outcome::Half { txn, .. })) => txn,
-        other => panic!("a half answered {other:?}"),
-    };
+    let txn = send_paid_half(&c).await;
     let info_on = |id: NodeId| {
         c.nodes[&id]
             .broker()
@@ -549,17 +520,7 @@ async fn a_returning_producer_is_asked_at_once_and_every_node_records_the_answer
     c.nodes[&leader]
         .register_checker("payment-service", checker)
         .expect("registered with the leader");
-    let state_on = |id: NodeId| c.nodes[&id].broker().transaction_state(txn).expect("known");
-    wait_for("the half is committed", || {
-        state_on(leader) == TxnState::Committed
-    })
-    .await;
-    let acked: BTreeSet<String> = ["paid".to_owned()].into();
-    for id in [1, 2, 3] {
-        c.caught_up(id, leader).await;
-        assert_eq!(state_on(id), TxnState::Committed, "node {id}");
-        assert_exactly(&c.messages(id), &acked);
-    }
+    committed_everywhere(&c, leader, txn).await;
     assert_eq!(asked.load(Ordering::SeqCst), 1);
 }
 
@@ -656,6 +617,38 @@ async fn a_new_leader_keeps_a_fifo_message_group_in_order() {
     let next = poll(&c, new, &lease).await;
     assert_eq!(next.len(), 1, "{next:?}");
     assert_eq!((next[0].0.as_str(), next[0].1), ("step-1", 1), "{next:?}");
+}
+
+/// Write the half message "paid" (key "paid") of the producer group "payment-service"
+/// through the leader: its transaction.
+async fn send_paid_half(c: &Cluster) -> halfmq::TxnId {
+    let msg = Message::new("paid").with_key("paid");
+    let half = Command::send_half(
+        TOPIC,
+        &msg,
+        "payment-service".to_owned(),
+        halfmq::HalfOptions::default(),
+    );
+    match c.write(vec![half]).await.expect("half").pop() {
+        Some(Ok(Outcome::Half { txn, .. })) => txn,
+        other => panic!("a half answered {other:?}"),
+    }
+}
+
+/// Wait until `txn` ("paid", of [`send_paid_half`]) is committed on `leader`, then check
+/// that every node has it committed and holds its message exactly once.
+async fn committed_everywhere(c: &Cluster, leader: NodeId, txn: halfmq::TxnId) {
+    let state_on = |id: NodeId| c.nodes[&id].broker().transaction_state(txn).expect("known");
+    wait_for("the half is committed", || {
+        state_on(leader) == TxnState::Committed
+    })
+    .await;
+    let acked: BTreeSet<String> = ["paid".to_owned()].into();
+    for id in [1, 2, 3] {
+        c.caught_up(id, leader).await;
+        assert_eq!(state_on(id), TxnState::Committed, "node {id}");
+        assert_exactly(&c.messages(id), &acked);
+    }
 }
 
 /// Wait (bounded by `WAIT`) until `f` holds.

@@ -6,14 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use halfmq::{Broker, BrokerConfig};
-use halfmq_rocketmq::RocketMqServer;
 use parking_lot::Mutex;
-use rocketmq::conf::{ClientOption, ProducerOption};
 use rocketmq::model::message::MessageBuilder;
-use rocketmq::Producer;
+
+mod common;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
@@ -72,10 +69,7 @@ impl<S: tracing::Subscriber> Layer<S> for Counter {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numbers();
     let tasks = args.first().copied().unwrap_or(16);
     let per_task = args.get(1).copied().unwrap_or(200);
     let counts: Counts = Arc::default();
@@ -83,28 +77,8 @@ async fn main() {
         tracing_subscriber::filter::Targets::new().with_target("h2::codec", tracing::Level::DEBUG),
     ));
     tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let broker = Broker::open(BrokerConfig::new(dir.path())).expect("broker");
-    broker.create_topic("bench", 4).expect("topic");
-    let serving = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("server")
-        .enable_all()
-        .build()
-        .expect("the serving runtime");
-    let any = "127.0.0.1:0".parse().expect("an address");
-    let server = serving
-        .spawn(RocketMqServer::start(broker.clone(), any))
-        .await
-        .expect("starts")
-        .expect("endpoint");
-    let mut popt = ProducerOption::default();
-    popt.set_topics(vec!["bench"]);
-    let mut copt = ClientOption::default();
-    copt.set_access_url(server.local_addr().to_string());
-    copt.set_timeout(Duration::from_secs(30));
-    let mut producer = Producer::new(popt, copt).expect("producer");
-    producer.start().await.expect("producer starts");
-    let producer = Arc::new(producer);
+    let served = common::serve("server").await;
+    let producer = &served.producer;
     let send_all = |n: usize| {
         let producer = producer.clone();
         async move {
@@ -135,13 +109,5 @@ async fn main() {
     for (k, v) in counts.lock().iter() {
         println!("{k:<40} {:>8.3}  ({v})", *v as f64 / messages);
     }
-    if let Ok(p) = Arc::try_unwrap(producer) {
-        let _ = p.shutdown().await;
-    }
-    serving
-        .spawn(server.shutdown(Duration::from_secs(2)))
-        .await
-        .expect("stops");
-    serving.shutdown_background();
-    broker.close().expect("close");
+    served.stop().await;
 }

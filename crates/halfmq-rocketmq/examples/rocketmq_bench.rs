@@ -17,15 +17,14 @@
 //! `cargo run --release -p halfmq-rocketmq --example rocketmq_bench -- [TASKS] [PER_TASK] [BODY_BYTES] [ROUNDS]`
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use halfmq::{Broker, BrokerConfig, Message};
+use halfmq::Message;
 use halfmq_rocketmq::pb;
 use halfmq_rocketmq::pb::messaging_service_client::MessagingServiceClient;
-use halfmq_rocketmq::RocketMqServer;
-use rocketmq::conf::{ClientOption, ProducerOption};
 use rocketmq::model::message::MessageBuilder;
-use rocketmq::Producer;
+
+mod common;
 
 /// The allocator of the `halfmq` binary, which serves the endpoint in production
 /// (`halfmq broker --rocketmq-listen`): measured as it runs there.
@@ -155,39 +154,19 @@ const BATCH: usize = 16;
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numbers();
     let tasks = args.first().copied().unwrap_or(16);
     let per_task = args.get(1).copied().unwrap_or(500);
     let body = vec![b'x'; args.get(2).copied().unwrap_or(256)];
     let rounds_of_three = args.get(3).copied().unwrap_or(3).max(1);
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let broker = Broker::open(BrokerConfig::new(dir.path())).expect("broker");
-    broker.create_topic("bench", 4).expect("topic");
+    let served = common::serve(SERVER_THREADS).await;
+    let (broker, serving, server, producer) = (
+        &served.broker,
+        &served.serving,
+        &served.server,
+        &served.producer,
+    );
     let any = "127.0.0.1:0".parse().expect("an address");
-    // The endpoint and the native server run on a runtime of their own, with named threads,
-    // so that the serving side's CPU is counted apart from the clients'.
-    let serving = tokio::runtime::Builder::new_multi_thread()
-        .thread_name(SERVER_THREADS)
-        .enable_all()
-        .build()
-        .expect("the serving runtime");
-    let server = serving
-        .spawn(RocketMqServer::start(broker.clone(), any))
-        .await
-        .expect("starts")
-        .expect("endpoint");
-
-    let mut popt = ProducerOption::default();
-    popt.set_topics(vec!["bench"]);
-    let mut copt = ClientOption::default();
-    copt.set_access_url(server.local_addr().to_string());
-    copt.set_timeout(Duration::from_secs(30));
-    let mut producer = Producer::new(popt, copt).expect("producer");
-    producer.start().await.expect("producer starts");
-    let producer = Arc::new(producer);
 
     println!(
         "{tasks} tasks x {per_task} sends of {} bytes, flush sync",
@@ -399,13 +378,5 @@ async fn main() {
         .spawn(native_server.shutdown())
         .await
         .expect("stops");
-    if let Ok(p) = Arc::try_unwrap(producer) {
-        let _ = p.shutdown().await;
-    }
-    serving
-        .spawn(server.shutdown(Duration::from_secs(2)))
-        .await
-        .expect("stops");
-    serving.shutdown_background();
-    broker.close().expect("close");
+    served.stop().await;
 }

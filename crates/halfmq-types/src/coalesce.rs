@@ -246,8 +246,9 @@ mod tests {
     fn after_a_batch_is_answered_the_next_sends_queue_together() {
         let mut lane = SendLane::<u32>::default();
         assert!(lane.leave_alone());
-        let _ = lane.queue(Message::new("a"), 1, 10, (9, 100));
-        let _ = lane.queue(Message::new("b"), 2, 10, (9, 100));
+        for (waiter, body) in [(1, "a"), (2, "b")] {
+            let _ = lane.queue(Message::new(body), waiter, 10, (9, 100));
+        }
         let batch = lane.flush().expect("the queue");
         assert_eq!(batch.msgs.len(), 2);
         lane.answered();

@@ -130,25 +130,7 @@ impl Broker {
             keep
         });
         let room = (cfg.checks_in_flight_max as usize).saturating_sub(in_flight.len());
-        let mut asks = Vec::new();
-        for group in self.checkers.take_arrived() {
-            if self.checker_for(&group).is_none() {
-                continue; // gone again already: its halves wait for their next check
-            }
-            let waiting = self.txn_index().waiting_for_producer(
-                &group,
-                room.saturating_sub(asks.len()),
-                |_| false,
-                true,
-            );
-            if !waiting.is_empty() {
-                tracing::info!(
-                    group, halves = waiting.len(),
-                    "a checker of the group registered: asking now about its halves that found no producer"
-                );
-            }
-            asks.extend(waiting);
-        }
+        let mut asks = self.arrived_waiting(&self.checkers, room, |_| false, true);
         let room = room.saturating_sub(asks.len());
         asks.extend(self.txn_index().take_due(self.now(), room));
         for info in asks {
@@ -238,20 +220,50 @@ impl Broker {
         self.txn_index().due_unmarked(now_ms, max, skip)
     }
 
-    /// Up to `max` pending transactions of `producer_group` whose last check found no
-    /// producer of the group ([`NO_LIVE_PRODUCER`](crate::NO_LIVE_PRODUCER)), oldest first,
-    /// leaving out those `skip` names, whatever their next check's time: for a check-back
-    /// driven from outside the broker to ask at once when a checker of the group registers
-    /// ([`Checkers::take_arrived`](crate::Checkers::take_arrived)). Nothing is marked, as
-    /// with [`Broker::due_checks`].
-    pub fn waiting_for_producer(
+    /// The pending transactions to ask about at once because a checker of their group
+    /// registered in `checkers` since the last look
+    /// ([`Checkers::take_arrived`](crate::Checkers::take_arrived)): those whose last check
+    /// found no producer of the group ([`NO_LIVE_PRODUCER`](crate::NO_LIVE_PRODUCER)),
+    /// whatever their next check's time, oldest first per group, up to `max`, leaving out
+    /// those `skip` names. For a check-back driven from outside the broker, with its own
+    /// checkers (a replicated cluster's leader); nothing is marked, as with
+    /// [`Broker::due_checks`].
+    pub fn waiting_for_arrived(
         &self,
-        producer_group: &str,
+        checkers: &crate::Checkers,
         max: usize,
         skip: impl Fn(u64) -> bool,
     ) -> Vec<TxnInfo> {
-        self.txn_index()
-            .waiting_for_producer(producer_group, max, skip, false)
+        self.arrived_waiting(checkers, max, skip, false)
+    }
+
+    /// [`Broker::waiting_for_arrived`]; with `mark`, each is taken off the schedule and
+    /// marked in flight (this broker's own check-back thread).
+    fn arrived_waiting(
+        &self,
+        checkers: &crate::Checkers,
+        max: usize,
+        skip: impl Fn(u64) -> bool,
+        mark: bool,
+    ) -> Vec<TxnInfo> {
+        let mut out = Vec::new();
+        for group in checkers.take_arrived() {
+            if checkers.get(&group).is_none() {
+                continue; // gone again already: its halves wait for their next check
+            }
+            let left = max.saturating_sub(out.len());
+            let waiting = self
+                .txn_index()
+                .waiting_for_producer(&group, left, &skip, mark);
+            if !waiting.is_empty() {
+                tracing::info!(
+                    group, halves = waiting.len(),
+                    "a checker of the group registered: asking now about its halves that found no producer"
+                );
+            }
+            out.extend(waiting);
+        }
+        out
     }
 
     /// The half message of a pending transaction, as its checker is asked about it.
