@@ -57,6 +57,12 @@ pub struct ReplicaConfig {
     /// (the checkers were connected to the old leader). Default 10 s. See
     /// [`crate::checkback`].
     pub checker_grace: Duration,
+    /// The node joins a cluster that exists (`halfmq broker --join`): when its directory
+    /// holds no raft state, it votes for nobody and does not stand until it has caught up
+    /// with a leader, as a node repairing from its peers ([`crate::repair`]). A member
+    /// restarted on an empty disk has lost what it acknowledged; with its vote, a follower
+    /// that lacks those entries could be elected and lose them. Default false.
+    pub join: bool,
 }
 
 impl ReplicaConfig {
@@ -85,6 +91,7 @@ impl ReplicaConfig {
             election_spread: Duration::from_millis(300),
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             checker_grace: Duration::from_secs(10),
+            join: false,
         }
     }
 }
@@ -121,7 +128,8 @@ impl ReplicaNode {
     where
         N: RaftNetworkFactory<TypeConfig>,
     {
-        let (log, sm, gate) = repair::open(dir, config.segment_bytes, &config.broker).await?;
+        let (log, sm, gate) =
+            repair::open(dir, config.segment_bytes, &config.broker, config.join).await?;
         let broker = sm.broker_cell();
         let mut raft_config = config.raft.clone();
         // The node's election loop stands, with a fresh time-out each time (crate::elect);

@@ -64,12 +64,26 @@ struct Marker {
 }
 
 /// The raft log and state machine of the node in `dir`, repaired first if they are damaged,
-/// and its gate (repairing or not).
+/// and its gate (repairing or not). A node that `joins` a cluster on a directory without
+/// raft state starts repairing too (a marker without a vote): it may be a member restarted
+/// on an empty disk, which must not vote before it holds again what the cluster committed.
 pub(crate) async fn open(
     dir: &Path,
     segment_bytes: u64,
     broker: &halfmq::BrokerConfig,
+    joins: bool,
 ) -> Result<(LogStore, StateMachine, Arc<PeerGate>)> {
+    if joins && !dir.join("raft").exists() && read_marker(dir)?.is_none() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
+        let marker = Marker {
+            vote: None,
+            aside: String::new(),
+            cause: "joined on an empty directory".to_owned(),
+        };
+        frame::write_atomic(dir, MARKER, &marker, "repair marker")?;
+        frame::sync_dir(dir)?;
+        tracing::info!("joining on an empty directory: no vote until caught up with a leader");
+    }
     let marker = read_marker(dir)?;
     if let Some(m) = &marker {
         restore_vote(dir, m)?;

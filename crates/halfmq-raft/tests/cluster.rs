@@ -619,6 +619,54 @@ async fn a_new_leader_keeps_a_fifo_message_group_in_order() {
     assert_eq!((next[0].0.as_str(), next[0].1), ("step-1", 1), "{next:?}");
 }
 
+/// A member restarted on an empty disk (`--join`, not removed first) holds no vote until it
+/// has caught up: cut off with it, a follower that lacks what the leader and that member
+/// committed cannot be elected; once the partition heals, every acknowledged send is on
+/// every node. (With its vote, the follower won and the sends were lost: the CI failure of
+/// `tests/membership.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_back_on_an_empty_disk_gives_no_vote_to_a_follower_lacking_commits() {
+    let mut c = Cluster::sim(0x5eed_001b, |_| {}).await;
+    let leader = c.leader().await;
+    let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+    let (lagging, acker) = (others[0], others[1]);
+    c.sim_net().partition(&[&[leader, acker], &[lagging]]);
+    let acked: BTreeSet<String> = bodies("committed", 20).into_iter().collect();
+    let cmd = Command::Send {
+        topic: TOPIC.to_owned(),
+        messages: acked
+            .iter()
+            .map(|b| (&Message::new(b.as_bytes()).with_key(b.clone())).into())
+            .collect(),
+    };
+    let answers = c.nodes[&leader]
+        .write(vec![cmd])
+        .await
+        .expect("committed by two");
+    let receipts = halfmq_raft::command::receipts(answers[0].clone()).expect("a send answer");
+    assert!(receipts.iter().all(|r| r.is_ok()), "{receipts:?}");
+
+    c.kill(acker).await;
+    std::fs::remove_dir_all(c.dir(acker)).expect("wipe");
+    c.boot_joining(acker).await;
+    c.sim_net().partition(&[&[leader], &[lagging, acker]]);
+    // Several election rounds: the follower stands, and the empty member refuses it.
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for id in [lagging, acker] {
+            let m = c.nodes[&id].raft().metrics().borrow().clone();
+            assert!(
+                m.state != openraft::ServerState::Leader,
+                "node {id} was elected without the committed entries (term {})",
+                m.current_term
+            );
+        }
+    }
+    c.sim_net().heal();
+    let leader = c.leader().await;
+    each_holds_exactly(&c, &[1, 2, 3], leader, &acked).await;
+}
+
 /// Write the half message "paid" (key "paid") of the producer group "payment-service"
 /// through the leader: its transaction.
 async fn send_paid_half(c: &Cluster) -> halfmq::TxnId {

@@ -254,6 +254,7 @@ impl Node {
         let dir = resolved.broker.data_dir.clone();
         let mut config = ReplicaConfig::new(resolved.broker.clone());
         config.checker_grace = resolved.checker_grace;
+        config.join = cluster.join;
         let factory = TcpFactory::new(id, token.clone()).with_port_offset(PEER_PORT_OFFSET);
         let node = ReplicaNode::start(id, &dir, config, factory)
             .await

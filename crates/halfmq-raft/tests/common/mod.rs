@@ -121,6 +121,14 @@ impl Cluster {
     }
 
     /// Start node `id` on its directory (what is there, or nothing).
+    /// [`Cluster::boot`] as `halfmq broker --join` would (`ReplicaConfig::join`).
+    pub async fn boot_joining(&mut self, id: NodeId) {
+        let before = self.config.join;
+        self.config.join = true;
+        self.boot(id).await;
+        self.config.join = before;
+    }
+
     pub async fn boot(&mut self, id: NodeId) {
         let (dir, config) = (self.dir(id), self.config.clone());
         let node = match &mut self.net {
