@@ -73,18 +73,19 @@ pub(crate) async fn open(
     broker: &halfmq::BrokerConfig,
     joins: bool,
 ) -> Result<(LogStore, StateMachine, Arc<PeerGate>)> {
-    if joins && !dir.join("raft").exists() && read_marker(dir)?.is_none() {
+    let mut marker = read_marker(dir)?;
+    if joins && marker.is_none() && !dir.join("raft").exists() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "create directory", e))?;
-        let marker = Marker {
+        let m = Marker {
             vote: None,
             aside: String::new(),
             cause: "joined on an empty directory".to_owned(),
         };
-        frame::write_atomic(dir, MARKER, &marker, "repair marker")?;
+        frame::write_atomic(dir, MARKER, &m, "repair marker")?;
         frame::sync_dir(dir)?;
         tracing::info!("joining on an empty directory: no vote until caught up with a leader");
+        marker = Some(m);
     }
-    let marker = read_marker(dir)?;
     if let Some(m) = &marker {
         restore_vote(dir, m)?;
     }
